@@ -1,0 +1,3 @@
+"""vmvault: self-hosted backup and recovery for KVM/QEMU virtual machines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,250 @@
+"""Backup of a VM's disks into a vault (docs/format.md for what is written, in which order).
+
+Per disk: the allocation map decides what to read (holes are never read); reads of up to 4 MiB
+go to worker threads that split them into chunks, hash them (keyed BLAKE3), skip chunks equal to
+the previous point's or already in the vault, and compress + encrypt the rest into packs. The
+main thread assembles leaves in disk order; at most a few reads are in flight, so memory stays
+flat whatever the disk size. The manifest is published last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmvault.engine.chunking import Geometry, data_chunk_runs, reads_per_leaf
+from vmvault.engine.probe import probe_disk
+from vmvault.engine.progress import ProgressCallback, ProgressTracker
+from vmvault.errors import Cancelled, InvalidInput
+from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO, NbdReader
+from vmvault.hypervisor.offline import DiskInfo, NbdImageExport
+from vmvault.vault.crypto import ZERO_ID
+from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
+from vmvault.vault.manifest import DiskEntry, RecoveryPointManifest
+from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, encode_body
+from vmvault.vault.store import PackWriter, Vault
+
+WORKERS = max(2, min(4, os.cpu_count() or 2))
+IN_FLIGHT = 2 * WORKERS
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    name: str
+    path: Path
+
+
+@dataclass
+class _Disk:
+    source: DiskSource
+    info: DiskInfo
+    export: NbdImageExport
+    geo: Geometry
+    plan: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    previous: Root | None = None
+
+
+class _Readers:
+    """A pool of NBD connections to one export, one per worker at a time."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._free: queue.SimpleQueue[NbdReader] = queue.SimpleQueue()
+        self._all: list[NbdReader] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[NbdReader]:
+        try:
+            r = self._free.get_nowait()
+        except queue.Empty:
+            r = NbdReader(self._uri)
+            with self._lock:
+                self._all.append(r)
+        try:
+            yield r
+        finally:
+            self._free.put(r)
+
+    def close(self) -> None:
+        for r in self._all:
+            r.close()
+
+
+class BackupRun:
+    def __init__(self, vault: Vault, progress: ProgressTracker, cancel: threading.Event) -> None:
+        self.vault = vault
+        self.progress = progress
+        self.cancel = cancel
+        self.data = PackWriter(vault, TYPE_DATA)
+        self.tree = PackWriter(vault, TYPE_TREE)
+        self._zero = bytes(vault.chunk_size)
+        self.leaves = LeafReader(vault.get_blob)
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the backup was cancelled; no recovery point was created")
+
+    # ---- one read of up to READ_SIZE, in a worker thread ------------------------------------------
+    def process_read(self, readers: _Readers, disk: _Disk, first: int, count: int,
+                     previous: list[bytes] | None) -> tuple[int, list[bytes], int]:
+        self.check_cancel()
+        geo = disk.geo
+        start = first * geo.chunk_size
+        length = min(count * geo.chunk_size, geo.disk_size - start)
+        with readers.reader() as r:
+            buf = r.pread(length, start)
+        ids: list[bytes] = []
+        nonzero = 0
+        written = 0
+        for k in range(count):
+            piece = buf[k * geo.chunk_size : (k + 1) * geo.chunk_size]
+            if piece == self._zero[: len(piece)]:
+                ids.append(ZERO_ID)
+                continue
+            nonzero += len(piece)
+            cid = self.vault.keys.chunk_id(piece)
+            ids.append(cid)
+            if previous is not None and previous[(first + k) % geo.leaf_span] == cid:
+                continue
+            written += self.store_data(cid, piece)
+        self.progress.add(read=length, written=written)
+        return first, ids, nonzero
+
+    def store_data(self, cid: bytes, piece: bytes) -> int:
+        if self.data.pending(cid) or self.vault.index.contains(cid):
+            return 0
+        body, flags = encode_body(piece)
+        return len(body) if self.data.add(cid, body, flags, len(piece)) else 0
+
+    def store_tree(self, plain: bytes) -> bytes:
+        tid = self.vault.keys.chunk_id(plain)
+        if not self.tree.pending(tid) and not self.vault.index.contains(tid):
+            self.tree.add(tid, plain, 0, len(plain))
+        return tid
+
+    # ---- one disk ---------------------------------------------------------------------------
+    def backup_disk(self, pool: ThreadPoolExecutor, disk: _Disk) -> tuple[str, int]:
+        geo = disk.geo
+        readers = _Readers(disk.export.uri)
+        leaf_ids: list[bytes] = []
+        stored = 0
+        window: deque[tuple[int, list[Future[tuple[int, list[bytes], int]]]]] = deque()
+        in_flight = 0
+        try:
+            for leaf in range(geo.leaf_count):
+                self.check_cancel()
+                prev_leaf, prev_id = self._previous_leaf(disk, leaf)
+                prev_ids = prev_leaf.ids if prev_leaf is not None and len(prev_leaf.ids) == len(geo.leaf_chunks(leaf)) else None
+                futures = [pool.submit(self.process_read, readers, disk, f, n, prev_ids) for f, n in disk.plan.get(leaf, [])]
+                window.append((leaf, futures))
+                in_flight += len(futures)
+                while window and (in_flight > IN_FLIGHT or len(window) > 8):
+                    in_flight -= len(window[0][1])
+                    stored += self._finish_leaf(disk, window.popleft(), leaf_ids)
+            while window:
+                stored += self._finish_leaf(disk, window.popleft(), leaf_ids)
+        finally:
+            for _leaf, futures in window:
+                for fut in futures:
+                    fut.cancel()
+            readers.close()
+        root = Root(geo.disk_size, geo.chunk_size, geo.leaf_span, leaf_ids)
+        return self.store_tree(root.encode()).hex(), stored
+
+    def _previous_leaf(self, disk: _Disk, leaf: int) -> tuple[Leaf | None, bytes | None]:
+        prev = disk.previous
+        if prev is None or leaf >= len(prev.leaves):
+            return None, None
+        return self.leaves.read(prev.leaves[leaf]), prev.leaves[leaf]
+
+    def _finish_leaf(self, disk: _Disk, item: tuple[int, list[Future[tuple[int, list[bytes], int]]]],
+                     leaf_ids: list[bytes]) -> int:
+        leaf, futures = item
+        chunks = disk.geo.leaf_chunks(leaf)
+        ids = [ZERO_ID] * len(chunks)
+        stored = 0
+        for fut in futures:
+            first, got, nonzero = fut.result()
+            ids[first - chunks.start : first - chunks.start + len(got)] = got
+            stored += nonzero
+        prev_leaf, prev_id = self._previous_leaf(disk, leaf)
+        leaf_ids.append(self.store_tree(encode_leaf(ids, prev_leaf, prev_id)))
+        self.progress.report()
+        return stored
+
+
+def _allocation_plan(disk: _Disk) -> int:
+    reader = NbdReader(disk.export.uri)
+    try:
+        extents = ((off, min(ln, disk.geo.disk_size - off)) for off, ln, flags in reader.extents()
+                   if not flags & (STATE_HOLE | STATE_ZERO) and off < disk.geo.disk_size)
+        disk.plan = reads_per_leaf(data_chunk_runs(extents, disk.geo), disk.geo)
+    finally:
+        reader.close()
+    return sum(n for reads in disk.plan.values() for _f, n in reads) * disk.geo.chunk_size
+
+
+def _previous_root(vault: Vault, previous: RecoveryPointManifest | None, name: str, geo: Geometry) -> Root | None:
+    if previous is None:
+        return None
+    try:
+        entry = previous.disk(name)
+    except KeyError:
+        return None
+    root = Root.decode(vault.get_blob(bytes.fromhex(entry.index_root)), f"disk {name} of point {previous.rp_id}")
+    # A resized disk or another chunk size only reuses what still lines up.
+    return root if root.chunk_size == geo.chunk_size and root.leaf_span == geo.leaf_span else None
+
+
+def run_backup(vault: Vault, *, vm_name: str, vm_id: str, disks: list[DiskSource],
+               previous: RecoveryPointManifest | None, rp_id: str, time: str, retain_until: str, consistency: str,
+               vm_definition: dict[str, Any], job_id: str, on_progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None) -> RecoveryPointManifest:
+    if not disks:
+        raise InvalidInput(f"VM {vm_name} has no disks to back up")
+    tracker = ProgressTracker(on_progress)
+    run = BackupRun(vault, tracker, cancel or threading.Event())
+    with contextlib.ExitStack() as stack:
+        opened = _open_disks(vault, disks, previous, stack)
+        tracker.state.total_bytes = sum(_allocation_plan(d) for d in opened)
+        tracker.report(force=True)
+        entries = []
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-backup") as pool:
+            for disk in opened:
+                tracker.state.current_disk = disk.source.name
+                root_hex, stored = run.backup_disk(pool, disk)
+                entries.append(DiskEntry(disk.source.name, disk.geo.disk_size, disk.info.format, root_hex, stored,
+                                         str(disk.info.path)))
+        run.data.flush()
+        run.tree.flush()
+    manifest = RecoveryPointManifest(rp_id=rp_id, vm_name=vm_name, vm_id=vm_id, time=time, consistency=consistency,
+                                     retain_until=retain_until, disks=tuple(entries), vm_definition=vm_definition,
+                                     job_id=job_id)
+    run.check_cancel()
+    vault.publish_manifest(manifest)  # last: until here no recovery point exists
+    tracker.report(force=True)
+    return manifest
+
+
+def _open_disks(vault: Vault, disks: list[DiskSource], previous: RecoveryPointManifest | None,
+                stack: contextlib.ExitStack) -> list[_Disk]:
+    """Export every disk at once: the image locks are held for the whole backup."""
+    opened = []
+    for src in disks:
+        info = probe_disk(src.path)
+        export = stack.enter_context(NbdImageExport(info, connections=WORKERS + 1))
+        geo = Geometry(info.virtual_size, vault.chunk_size, vault.leaf_span)
+        opened.append(_Disk(src, info, export, geo, previous=_previous_root(vault, previous, src.name, geo)))
+    return opened
+
+
+ProgressFn = Callable[..., None]

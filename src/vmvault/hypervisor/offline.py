@@ -1,0 +1,133 @@
+"""Stopped VMs: disk images read through QEMU's own tools, holding QEMU's image lock.
+
+`qemu-img info` and a read-only `qemu-nbd` take the same locks as QEMU: while vmvault reads an
+image a VM cannot start on it (it fails to get the write lock), and an image held by a running
+QEMU is refused instead of read torn.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from vmvault.errors import HypervisorError, InvalidInput, NotFound, VmRunning
+
+_RUNNING_HINT = "stop the VM first, or add it as a running VM with --libvirt or --qmp"
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    path: Path
+    format: str  # raw | qcow2
+    virtual_size: int
+    actual_size: int
+
+
+def qemu_img_info(path: Path) -> DiskInfo:
+    path = Path(path).absolute()
+    if not path.exists():
+        raise NotFound(f"disk image {path} does not exist", hint="check the path of --disk")
+    if not path.is_file() and not path.is_block_device():
+        raise InvalidInput(f"{path} is not a disk image (not a file)")
+    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        _raise_for_qemu_error(path, proc.stderr)
+    info = json.loads(proc.stdout)
+    fmt = info.get("format")
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidInput(f"{path} is a {fmt} image; vmvault reads raw and qcow2",
+                           hint=f"convert it: qemu-img convert -O qcow2 {path} {path}.qcow2")
+    if fmt == "raw":
+        _refuse_non_image(path, int(info["virtual-size"]))
+    return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)))
+
+
+def _refuse_non_image(path: Path, size: int) -> None:
+    """Any file is a valid raw image to QEMU; refuse the ones that plainly are not disks."""
+    if size == 0:
+        raise InvalidInput(f"{path} is empty, not a disk image")
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if b"\0" not in head:
+        raise InvalidInput(f"{path} is not a disk image (it looks like a text or data file)",
+                           hint="give the VM's disk image file (raw or qcow2)")
+
+
+def _raise_for_qemu_error(path: Path, stderr: str) -> None:
+    if "lock" in stderr.lower():
+        raise VmRunning(f"VM is running: add it with --libvirt or --qmp (disk {path} is locked by a running QEMU)",
+                        hint=_RUNNING_HINT)
+    raise InvalidInput(f"{path} is not a readable disk image: {stderr.strip().splitlines()[-1] if stderr else ''}")
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: if vmvault is killed, qemu-nbd goes too and releases the image lock.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)
+
+
+class NbdImageExport:
+    """A read-only qemu-nbd export of one image on a private unix socket."""
+
+    def __init__(self, info: DiskInfo, connections: int = 4) -> None:
+        self.info = info
+        self._connections = connections
+        self._dir = Path(tempfile.mkdtemp(prefix="vmv-", dir="/tmp"))
+        self.socket = self._dir / "nbd.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///disk?socket={self.socket}"
+
+    def __enter__(self) -> NbdImageExport:
+        cmd = ["qemu-nbd", "--read-only", "--persistent", f"--shared={self._connections}", f"--socket={self.socket}",
+               f"--format={self.info.format}", "--export-name=disk", "--cache=writeback", str(self.info.path)]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self._proc.poll() is not None:
+                stderr = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                self._cleanup()
+                _raise_for_qemu_error(self.info.path, stderr)
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise HypervisorError(f"qemu-nbd did not start for {self.info.path}")
+            time.sleep(0.005)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._proc is not None and self._proc.stderr:
+            self._proc.stderr.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def convert_to_qcow2(src_raw: Path, dest: Path) -> None:
+    proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src_raw), str(dest)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise HypervisorError(f"qemu-img convert to {dest} failed: {proc.stderr.strip()}")
+
+
+def os_supports_sparse(path: Path) -> bool:
+    return hasattr(os, "SEEK_HOLE")

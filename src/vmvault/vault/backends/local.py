@@ -1,0 +1,97 @@
+"""Local-directory backend: objects are files, written by temp + fsync + rename + dir fsync."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmvault.errors import ObjectNotFound, StorageError
+from vmvault.vault.backends.base import check_name
+
+_TMP_PREFIX = ".tmp-"
+
+
+class LocalBackend:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc.strerror}", hint=_space_hint(exc)) from exc
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(offset)
+                    return f.read()
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
+        _fsync_dir(path.parent)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        base = self.root / check_name(prefix) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for fname in files:
+                if fname.startswith(_TMP_PREFIX):
+                    continue
+                full = Path(dirpath) / fname
+                try:
+                    size = full.stat().st_size
+                except FileNotFoundError:
+                    continue
+                yield full.relative_to(self.root).as_posix(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _space_hint(exc: OSError) -> str | None:
+    if exc.errno == errno.ENOSPC:
+        return "the vault's file system is full: free space or move the vault"
+    return None

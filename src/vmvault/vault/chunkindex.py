@@ -1,0 +1,125 @@
+"""The local chunk index: blob ID -> (pack, offset, length), kept on disk, never all in memory.
+
+It lives under $VMVAULT_HOME/cache/<vault uuid>/ (never in the vault) and is only a cache of the
+vault's pack index files: `sync` ingests index files it has not seen and forgets packs whose
+index file is gone, so it can be deleted at any time and rebuilt.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmvault.vault.packs import BlobRef
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (pid INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL,
+                                  index_name TEXT UNIQUE NOT NULL, salt BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (id BLOB NOT NULL, pid INTEGER NOT NULL, type INTEGER NOT NULL,
+    flags INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, plain INTEGER NOT NULL,
+    PRIMARY KEY (id, pid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pid);
+"""
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str
+    salt: bytes
+    ref: BlobRef
+
+
+class ChunkIndex:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+        self._pack_cache: dict[int, tuple[str, bytes]] = {}
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def known_index_files(self) -> set[str]:
+        return {row[0] for row in self._conn().execute("SELECT index_name FROM packs")}
+
+    def add_pack(self, pack: str, index_name: str, salt: bytes, entries: Iterable[BlobRef]) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO packs (name, index_name, salt) VALUES (?, ?, ?)", (pack, index_name, salt)
+                )
+                if cur.rowcount:
+                    pid = cur.lastrowid
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        ((e.blob_id, pid, e.type, e.flags, e.offset, e.length, e.plain_length) for e in entries),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def forget_index_files(self, index_names: Iterable[str]) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            for name in index_names:
+                row = conn.execute("SELECT pid FROM packs WHERE index_name = ?", (name,)).fetchone()
+                if row:
+                    conn.execute("DELETE FROM blobs WHERE pid = ?", row)
+                    conn.execute("DELETE FROM packs WHERE pid = ?", row)
+                    self._pack_cache.pop(row[0], None)
+
+    def _pack(self, pid: int) -> tuple[str, bytes]:
+        found = self._pack_cache.get(pid)
+        if found is None:
+            row = self._conn().execute("SELECT name, salt FROM packs WHERE pid = ?", (pid,)).fetchone()
+            found = self._pack_cache[pid] = (row[0], row[1])
+        return found
+
+    def contains(self, blob_id: bytes) -> bool:
+        return self._conn().execute("SELECT 1 FROM blobs WHERE id = ? LIMIT 1", (blob_id,)).fetchone() is not None
+
+    def lookup(self, blob_id: bytes) -> Location | None:
+        row = self._conn().execute(
+            "SELECT pid, type, flags, offset, length, plain FROM blobs WHERE id = ? LIMIT 1", (blob_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        name, salt = self._pack(row[0])
+        return Location(name, salt, BlobRef(blob_id, row[1], row[2], row[3], row[4], row[5]))
+
+    def lookup_many(self, blob_ids: list[bytes]) -> dict[bytes, Location]:
+        found: dict[bytes, Location] = {}
+        for i in range(0, len(blob_ids), 500):
+            batch = list(set(blob_ids[i : i + 500]))
+            marks = ",".join("?" * len(batch))
+            rows = self._conn().execute(
+                f"SELECT id, pid, type, flags, offset, length, plain FROM blobs WHERE id IN ({marks})", batch
+            )
+            for row in rows:
+                name, salt = self._pack(row[1])
+                found[row[0]] = Location(name, salt, BlobRef(row[0], row[2], row[3], row[4], row[5], row[6]))
+        return found
+
+    def iter_packs(self) -> Iterator[tuple[str, str]]:
+        yield from self._conn().execute("SELECT name, index_name FROM packs")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,118 @@
+"""The vault's key file (keys/passphrase, in the vault) and the host key (under $VMVAULT_HOME/keys)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vmvault.errors import AuthenticationError, IntegrityError
+from vmvault.vault import crypto
+
+KEYFILE_NAME = "keys/passphrase"
+_WRAP_AAD = b"vmvault/v1/master-key/"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+def canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in doc.items() if k != "mac"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def make_keyfile(master: bytes, vault_uuid: str, passphrase: str) -> bytes:
+    salt = os.urandom(crypto.SALT_LEN)
+    kek = crypto.passphrase_key(passphrase, salt)
+    nonce, wrapped = crypto.wrap_key(kek, master, _WRAP_AAD + vault_uuid.encode())
+    doc: dict[str, Any] = {
+        "version": 1,
+        "vault": vault_uuid,
+        "kdf": {"name": "scrypt", "n": crypto.SCRYPT_N, "r": crypto.SCRYPT_R, "p": crypto.SCRYPT_P, "salt": _b64(salt)},
+        "wrap": {"cipher": "AES-256-GCM", "nonce": _b64(nonce), "key": _b64(wrapped)},
+    }
+    doc["mac"] = crypto.MasterKeys(master).mac(canonical(doc))
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def parse_keyfile(data: bytes) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads(data)
+        _ = doc["kdf"]["salt"], doc["wrap"]["key"], doc["vault"], doc["mac"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"vault file {KEYFILE_NAME} is damaged: not a vmvault key file") from exc
+    return doc
+
+
+def unlock_with_passphrase(data: bytes, passphrase: str) -> bytes:
+    doc = parse_keyfile(data)
+    try:
+        kdf, wrap = doc["kdf"], doc["wrap"]
+        kek = crypto.passphrase_key(passphrase, _unb64(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+        master = crypto.unwrap_key(kek, _unb64(wrap["nonce"]), _unb64(wrap["key"]), _WRAP_AAD + doc["vault"].encode())
+    except AuthenticationError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"vault file {KEYFILE_NAME} is damaged: {exc}") from exc
+    if not crypto.MasterKeys(master).check_mac(canonical(doc), doc["mac"]):
+        raise IntegrityError(f"vault file {KEYFILE_NAME} is damaged: its MAC does not match")
+    return master
+
+
+def check_keyfile(data: bytes, keys: crypto.MasterKeys) -> None:
+    """Verify the key file with the master key (used by `vault verify`, no passphrase needed)."""
+    doc = parse_keyfile(data)
+    if not keys.check_mac(canonical(doc), doc["mac"]):
+        raise IntegrityError(f"vault file {KEYFILE_NAME} is damaged: its MAC does not match")
+
+
+class HostKeys:
+    """Master keys wrapped by this host's key, so the service unlocks vaults unattended.
+
+    Files are mode 0600 under $VMVAULT_HOME/keys; they are never copied into the vault or catalog.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home / "keys"
+
+    def _host_key(self, create: bool) -> bytes | None:
+        path = self.dir / "host.key"
+        if path.exists():
+            return path.read_bytes()
+        if not create:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = os.urandom(crypto.KEY_LEN)
+        _write_private(path, key)
+        return key
+
+    def load(self, vault_uuid: str) -> bytes | None:
+        path = self.dir / f"{vault_uuid}.json"
+        host_key = self._host_key(create=False)
+        if host_key is None or not path.exists():
+            return None
+        doc = json.loads(path.read_bytes())
+        aad = _WRAP_AAD + vault_uuid.encode()
+        return crypto.unwrap_key(host_key, _unb64(doc["nonce"]), _unb64(doc["key"]), aad)
+
+    def store(self, vault_uuid: str, master: bytes) -> None:
+        host_key = self._host_key(create=True)
+        assert host_key is not None
+        nonce, wrapped = crypto.wrap_key(host_key, master, _WRAP_AAD + vault_uuid.encode())
+        _write_private(self.dir / f"{vault_uuid}.json", json.dumps({"nonce": _b64(nonce), "key": _b64(wrapped)}).encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,246 @@
+"""The vault: an encrypted, deduplicated chunk store holding recovery points.
+
+Write order (docs/format.md, "Publishing"): pack (atomic put) -> pack index file -> ... ->
+manifest last. A crash leaves at worst unreferenced packs, which the next backup reuses and
+garbage collection removes; never a partial recovery point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import uuid as uuidlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmvault.errors import AlreadyExists, AuthenticationError, IntegrityError, InvalidInput, NotFound
+from vmvault.vault import crypto, keyfile
+from vmvault.vault.backends.base import Backend
+from vmvault.vault.backends.local import LocalBackend
+from vmvault.vault.chunkindex import ChunkIndex, Location
+from vmvault.vault.manifest import RecoveryPointManifest
+from vmvault.vault.packs import TARGET_PACK_SIZE, TYPE_DATA, TYPE_TREE, BlobRef, PackBuilder, decode_blob
+from vmvault.vault.sealed import seal, unseal
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config"
+DEFAULT_CHUNK_SIZE = 64 * 1024
+LEAF_SPAN = 256  # chunks per disk-index leaf
+_PACK_DIRS = {TYPE_DATA: "data", TYPE_TREE: "tree"}
+
+
+def _index_payload(pack: str, salt: bytes, entries: list[BlobRef]) -> bytes:
+    name = pack.encode()
+    return struct.pack("<H", len(name)) + name + salt + b"".join(e.pack_entry() for e in entries)
+
+
+def parse_index_payload(payload: bytes) -> tuple[str, bytes, list[BlobRef]]:
+    from vmvault.vault.packs import unpack_entries
+
+    (n,) = struct.unpack_from("<H", payload)
+    pack = payload[2 : 2 + n].decode()
+    salt = payload[2 + n : 2 + n + crypto.SALT_LEN]
+    return pack, salt, unpack_entries(payload[2 + n + crypto.SALT_LEN :])
+
+
+class PackWriter:
+    """One open pack per blob type; thread-safe; publishes full packs atomically."""
+
+    def __init__(self, vault: Vault, type_: int) -> None:
+        self._vault = vault
+        self._type = type_
+        self._lock = threading.Lock()
+        self._builder: PackBuilder | None = None
+        self.bytes_written = 0
+        self.packs_published = 0
+
+    def add(self, blob_id: bytes, body: bytes, flags: int, plain_length: int) -> bool:
+        """Queue an encoded blob; False when it is already pending in the open pack."""
+        full = None
+        with self._lock:
+            if self._builder is None:
+                self._builder = PackBuilder(self._vault.keys)
+            if blob_id in self._builder.ids:
+                return False
+            self._builder.add(blob_id, self._type, body, flags, plain_length)
+            if self._builder.size() >= TARGET_PACK_SIZE:
+                full, self._builder = self._builder, None
+        if full is not None:
+            self._publish(full)
+        return True
+
+    def pending(self, blob_id: bytes) -> bool:
+        with self._lock:
+            return self._builder is not None and blob_id in self._builder.ids
+
+    def flush(self) -> None:
+        with self._lock:
+            full, self._builder = self._builder, None
+        if full is not None and full.entries:
+            self._publish(full)
+
+    def _publish(self, builder: PackBuilder) -> None:
+        data = builder.finish()
+        pack_id = os.urandom(16).hex()
+        name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
+        index_name = f"index/{pack_id[:2]}/{pack_id}"
+        self._vault.backend.put(name, data)
+        self._vault.backend.put(index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries)))
+        self._vault.index.add_pack(name, index_name, builder.salt, builder.entries)
+        self.bytes_written += len(data)
+        self.packs_published += 1
+        _test_pause_after_pack(self._type)
+
+
+def _test_pause_after_pack(type_: int) -> None:
+    # Test-only hook (documented in docs/testing.md): lets crash tests kill a backup after a pack
+    # is published without racing it.
+    pause = os.environ.get("VMVAULT_TEST_PAUSE_AFTER_PACK")
+    if pause and type_ == TYPE_DATA:
+        time.sleep(float(pause))
+
+
+class Vault:
+    def __init__(self, backend: Backend, storage_dir: Path, home: Path, keys: crypto.MasterKeys, config: dict[str, Any]):
+        self.backend = backend
+        self.storage_dir = storage_dir
+        self.home = home
+        self.keys = keys
+        self.config = config
+        self.uuid: str = config["uuid"]
+        self.chunk_size: int = config["chunk_size"]
+        self.leaf_span: int = config["leaf_span"]
+        self.redundancy: str = config["redundancy"]
+        self.created: str = config["created"]
+        self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
+        self.sync_index()
+
+    # ---- life cycle -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, storage_dir: Path, home: Path, passphrase: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+        redundancy: str = "LRS",
+    ) -> Vault:
+        storage_dir = Path(storage_dir).absolute()
+        backend = LocalBackend(storage_dir)
+        if backend.exists(CONFIG_NAME):
+            raise AlreadyExists(f"{storage_dir} already holds a vault", hint="use 'vmvault vault import' to register it")
+        if storage_dir.exists() and any(storage_dir.iterdir()):
+            raise InvalidInput(f"{storage_dir} is not empty", hint="choose an empty or new directory for the vault")
+        if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 4 * 1024 * 1024:
+            raise InvalidInput(f"chunk size {chunk_size} is not a power of two between 4 KiB and 4 MiB")
+        master = os.urandom(crypto.KEY_LEN)
+        keys = crypto.MasterKeys(master)
+        config: dict[str, Any] = {
+            "format": "vmvault-vault", "version": FORMAT_VERSION, "uuid": str(uuidlib.uuid4()),
+            "chunk_size": chunk_size, "leaf_span": LEAF_SPAN, "redundancy": redundancy,
+            "chunk_id": "blake3-keyed", "cipher": "AES-256-GCM", "compression": "zstd",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        config["mac"] = keys.mac(keyfile.canonical(config))
+        backend.put(keyfile.KEYFILE_NAME, keyfile.make_keyfile(master, config["uuid"], passphrase))
+        backend.put(CONFIG_NAME, json.dumps(config, indent=1, sort_keys=True).encode())
+        keyfile.HostKeys(home).store(config["uuid"], master)
+        return cls(backend, storage_dir, home, keys, config)
+
+    @classmethod
+    def open(cls, storage_dir: Path, home: Path, passphrase: str | None = None) -> Vault:
+        storage_dir = Path(storage_dir).absolute()
+        backend = LocalBackend(storage_dir)
+        config = _read_config(backend, storage_dir)
+        host = keyfile.HostKeys(home)
+        master = host.load(config["uuid"])
+        if master is None:
+            if not passphrase:
+                raise AuthenticationError(
+                    f"vault at {storage_dir} is not unlocked on this host",
+                    hint="give its passphrase with VMVAULT_PASSPHRASE or --passphrase-file",
+                )
+            try:
+                master = keyfile.unlock_with_passphrase(backend.get(keyfile.KEYFILE_NAME), passphrase)
+            except AuthenticationError as exc:
+                raise AuthenticationError(
+                    f"wrong passphrase for the vault at {storage_dir}",
+                    hint="check the passphrase (VMVAULT_PASSPHRASE or --passphrase-file); nothing was changed",
+                ) from exc
+        keys = crypto.MasterKeys(master)
+        if not keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
+            raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: its MAC does not match")
+        if host.load(config["uuid"]) is None:
+            host.store(config["uuid"], master)
+        return cls(backend, storage_dir, home, keys, config)
+
+    def close(self) -> None:
+        self.index.close()
+
+    # ---- index --------------------------------------------------------------------------------
+    def sync_index(self) -> None:
+        """Bring the local chunk index in line with the vault's pack index files."""
+        present = {name for name, _ in self.backend.list("index")}
+        known = self.index.known_index_files()
+        self.index.forget_index_files(known - present)
+        for name in sorted(present - known):
+            pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
+            self.index.add_pack(pack, name, salt, entries)
+
+    # ---- blobs --------------------------------------------------------------------------------
+    def read_blob(self, loc: Location) -> bytes:
+        stored = self.backend.get(loc.pack, loc.ref.offset, loc.ref.length)
+        return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
+
+    def read_blob_from(self, loc: Location, stored: bytes) -> bytes:
+        """Decode a blob whose stored bytes were already fetched (batched reads on restore)."""
+        return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
+
+    def get_blob(self, blob_id: bytes) -> bytes:
+        loc = self.index.lookup(blob_id)
+        if loc is None:
+            raise IntegrityError(f"chunk {blob_id.hex()} is missing from the vault", hint="run 'vmvault vault verify'")
+        return self.read_blob(loc)
+
+    # ---- manifests ----------------------------------------------------------------------------
+    @staticmethod
+    def manifest_name(rp_id: str) -> str:
+        return f"points/{rp_id}"
+
+    def publish_manifest(self, manifest: RecoveryPointManifest) -> None:
+        name = self.manifest_name(manifest.rp_id)
+        if self.backend.exists(name):
+            raise AlreadyExists(f"recovery point {manifest.rp_id} already exists in vault {self.storage_dir}")
+        self.backend.put(name, seal(self.keys, name, manifest.to_json()))
+
+    def read_manifest(self, rp_id: str) -> RecoveryPointManifest:
+        name = self.manifest_name(rp_id)
+        if not self.backend.exists(name):
+            raise NotFound(f"recovery point {rp_id} is not in the vault at {self.storage_dir}")
+        payload = unseal(self.keys, name, self.backend.get(name))
+        try:
+            return RecoveryPointManifest.from_json(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"vault file {name} is damaged: {exc}") from exc
+
+    def list_recovery_points(self) -> list[str]:
+        return sorted(name.split("/", 1)[1] for name, _ in self.backend.list("points"))
+
+    def delete_manifest(self, rp_id: str) -> None:
+        self.backend.delete(self.manifest_name(rp_id))
+
+
+def _read_config(backend: Backend, storage_dir: Path) -> dict[str, Any]:
+    if not backend.exists(CONFIG_NAME):
+        raise NotFound(f"no vault at {storage_dir}", hint="check the path, or create one with 'vmvault vault create'")
+    try:
+        config: dict[str, Any] = json.loads(backend.get(CONFIG_NAME))
+        if config.get("format") != "vmvault-vault":
+            raise ValueError("not a vmvault config")
+    except ValueError as exc:
+        raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: {exc}") from exc
+    if config.get("version") != FORMAT_VERSION:
+        raise InvalidInput(f"vault at {storage_dir} has format version {config.get('version')}; "
+                           f"this vmvault reads version {FORMAT_VERSION}", hint="upgrade vmvault")
+    return config
+
