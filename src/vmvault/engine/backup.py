@@ -94,8 +94,9 @@ class BackupRun:
             raise Cancelled("the backup was cancelled; no recovery point was created")
 
     # ---- one read of up to READ_SIZE, in a worker thread ------------------------------------------
-    def process_read(self, readers: _Readers, disk: _Disk, first: int, count: int,
-                     previous: list[bytes] | None) -> tuple[int, list[bytes], int]:
+    def process_read(
+        self, readers: _Readers, disk: _Disk, first: int, count: int, previous: list[bytes] | None
+    ) -> tuple[int, list[bytes], int]:
         self.check_cancel()
         geo = disk.geo
         start = first * geo.chunk_size
@@ -142,9 +143,15 @@ class BackupRun:
         try:
             for leaf in range(geo.leaf_count):
                 self.check_cancel()
-                prev_leaf, prev_id = self._previous_leaf(disk, leaf)
-                prev_ids = prev_leaf.ids if prev_leaf is not None and len(prev_leaf.ids) == len(geo.leaf_chunks(leaf)) else None
-                futures = [pool.submit(self.process_read, readers, disk, f, n, prev_ids) for f, n in disk.plan.get(leaf, [])]
+                prev_leaf, _ = self._previous_leaf(disk, leaf)
+                prev_ids = (
+                    prev_leaf.ids
+                    if prev_leaf is not None and len(prev_leaf.ids) == len(geo.leaf_chunks(leaf))
+                    else None
+                )
+                futures = [
+                    pool.submit(self.process_read, readers, disk, f, n, prev_ids) for f, n in disk.plan.get(leaf, [])
+                ]
                 window.append((leaf, futures))
                 in_flight += len(futures)
                 while window and (in_flight > IN_FLIGHT or len(window) > 8):
@@ -166,8 +173,9 @@ class BackupRun:
             return None, None
         return self.leaves.read(prev.leaves[leaf]), prev.leaves[leaf]
 
-    def _finish_leaf(self, disk: _Disk, item: tuple[int, list[Future[tuple[int, list[bytes], int]]]],
-                     leaf_ids: list[bytes]) -> int:
+    def _finish_leaf(
+        self, disk: _Disk, item: tuple[int, list[Future[tuple[int, list[bytes], int]]]], leaf_ids: list[bytes]
+    ) -> int:
         leaf, futures = item
         chunks = disk.geo.leaf_chunks(leaf)
         ids = [ZERO_ID] * len(chunks)
@@ -185,8 +193,11 @@ class BackupRun:
 def _allocation_plan(disk: _Disk) -> int:
     reader = NbdReader(disk.export.uri)
     try:
-        extents = ((off, min(ln, disk.geo.disk_size - off)) for off, ln, flags in reader.extents()
-                   if not flags & (STATE_HOLE | STATE_ZERO) and off < disk.geo.disk_size)
+        extents = (
+            (off, min(ln, disk.geo.disk_size - off))
+            for off, ln, flags in reader.extents()
+            if not flags & (STATE_HOLE | STATE_ZERO) and off < disk.geo.disk_size
+        )
         disk.plan = reads_per_leaf(data_chunk_runs(extents, disk.geo), disk.geo)
     finally:
         reader.close()
@@ -205,10 +216,22 @@ def _previous_root(vault: Vault, previous: RecoveryPointManifest | None, name: s
     return root if root.chunk_size == geo.chunk_size and root.leaf_span == geo.leaf_span else None
 
 
-def run_backup(vault: Vault, *, vm_name: str, vm_id: str, disks: list[DiskSource],
-               previous: RecoveryPointManifest | None, rp_id: str, time: str, retain_until: str, consistency: str,
-               vm_definition: dict[str, Any], job_id: str, on_progress: ProgressCallback | None = None,
-               cancel: threading.Event | None = None) -> RecoveryPointManifest:
+def run_backup(
+    vault: Vault,
+    *,
+    vm_name: str,
+    vm_id: str,
+    disks: list[DiskSource],
+    previous: RecoveryPointManifest | None,
+    rp_id: str,
+    time: str,
+    retain_until: str,
+    consistency: str,
+    vm_definition: dict[str, Any],
+    job_id: str,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> RecoveryPointManifest:
     if not disks:
         raise InvalidInput(f"VM {vm_name} has no disks to back up")
     tracker = ProgressTracker(on_progress)
@@ -222,21 +245,33 @@ def run_backup(vault: Vault, *, vm_name: str, vm_id: str, disks: list[DiskSource
             for disk in opened:
                 tracker.state.current_disk = disk.source.name
                 root_hex, stored = run.backup_disk(pool, disk)
-                entries.append(DiskEntry(disk.source.name, disk.geo.disk_size, disk.info.format, root_hex, stored,
-                                         str(disk.info.path)))
+                entries.append(
+                    DiskEntry(
+                        disk.source.name, disk.geo.disk_size, disk.info.format, root_hex, stored, str(disk.info.path)
+                    )
+                )
         run.data.flush()
         run.tree.flush()
-    manifest = RecoveryPointManifest(rp_id=rp_id, vm_name=vm_name, vm_id=vm_id, time=time, consistency=consistency,
-                                     retain_until=retain_until, disks=tuple(entries), vm_definition=vm_definition,
-                                     job_id=job_id)
+    manifest = RecoveryPointManifest(
+        rp_id=rp_id,
+        vm_name=vm_name,
+        vm_id=vm_id,
+        time=time,
+        consistency=consistency,
+        retain_until=retain_until,
+        disks=tuple(entries),
+        vm_definition=vm_definition,
+        job_id=job_id,
+    )
     run.check_cancel()
     vault.publish_manifest(manifest)  # last: until here no recovery point exists
     tracker.report(force=True)
     return manifest
 
 
-def _open_disks(vault: Vault, disks: list[DiskSource], previous: RecoveryPointManifest | None,
-                stack: contextlib.ExitStack) -> list[_Disk]:
+def _open_disks(
+    vault: Vault, disks: list[DiskSource], previous: RecoveryPointManifest | None, stack: contextlib.ExitStack
+) -> list[_Disk]:
     """Export every disk at once: the image locks are held for the whole backup."""
     opened = []
     for src in disks:

@@ -30,9 +30,17 @@ MAX_GAP = 256 * 1024  # fetch neighbouring blobs of one pack in one read when th
 FORMATS = ("raw", "qcow2")
 
 
-def run_restore(vault: Vault, manifest: RecoveryPointManifest, target_dir: Path, *, fmt: str | None = None,
-                force: bool = False, disks: list[str] | None = None, on_progress: ProgressCallback | None = None,
-                cancel: threading.Event | None = None) -> list[Path]:
+def run_restore(
+    vault: Vault,
+    manifest: RecoveryPointManifest,
+    target_dir: Path,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    disks: list[str] | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> list[Path]:
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format {fmt!r}", hint="use --format raw or --format qcow2")
     chosen = _choose_disks(manifest, disks)
@@ -40,8 +48,10 @@ def run_restore(vault: Vault, manifest: RecoveryPointManifest, target_dir: Path,
     finals = [target_dir / f"{d.name}.{fmt or d.source_format}" for d in chosen]
     existing = [str(p) for p in finals if p.exists()]
     if existing and not force:
-        raise InvalidInput(f"the target already holds {', '.join(existing)}",
-                           hint="choose another --target-dir or add --force to overwrite")
+        raise InvalidInput(
+            f"the target already holds {', '.join(existing)}",
+            hint="choose another --target-dir or add --force to overwrite",
+        )
     target_dir.mkdir(parents=True, exist_ok=True)
     tracker = ProgressTracker(on_progress)
     tracker.state.total_bytes = sum(d.stored_bytes for d in chosen)
@@ -68,13 +78,21 @@ def _choose_disks(manifest: RecoveryPointManifest, names: list[str] | None) -> l
     known = {d.name: d for d in manifest.disks}
     missing = [n for n in names if n not in known]
     if missing:
-        raise InvalidInput(f"recovery point {manifest.rp_id} has no disk {', '.join(missing)}",
-                           hint=f"its disks are {', '.join(known)}")
+        raise InvalidInput(
+            f"recovery point {manifest.rp_id} has no disk {', '.join(missing)}",
+            hint=f"its disks are {', '.join(known)}",
+        )
     return [known[n] for n in names]
 
 
-def _restore_one(vault: Vault, manifest: RecoveryPointManifest, disk: DiskEntry, final: Path,
-                 tracker: ProgressTracker, cancel: threading.Event) -> Path:
+def _restore_one(
+    vault: Vault,
+    manifest: RecoveryPointManifest,
+    disk: DiskEntry,
+    final: Path,
+    tracker: ProgressTracker,
+    cancel: threading.Event,
+) -> Path:
     tag = secrets.token_hex(4)
     raw_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}.raw"
     try:
@@ -95,8 +113,16 @@ def _restore_one(vault: Vault, manifest: RecoveryPointManifest, disk: DiskEntry,
 
 
 class _DiskWriter:
-    def __init__(self, vault: Vault, manifest: RecoveryPointManifest, disk: DiskEntry, fd: int, root: Root,
-                 tracker: ProgressTracker, cancel: threading.Event) -> None:
+    def __init__(
+        self,
+        vault: Vault,
+        manifest: RecoveryPointManifest,
+        disk: DiskEntry,
+        fd: int,
+        root: Root,
+        tracker: ProgressTracker,
+        cancel: threading.Event,
+    ) -> None:
         self.vault, self.manifest, self.disk, self.fd, self.root = vault, manifest, disk, fd, root
         self.tracker, self.cancel = tracker, cancel
 
@@ -115,7 +141,8 @@ class _DiskWriter:
                 raise IntegrityError(
                     f"chunk {cid.hex()} is missing from the vault (disk {self.disk.name}, offset "
                     f"{(first_chunk + i) * self.root.chunk_size}, recovery point {self.manifest.rp_id})",
-                    hint="run 'vmvault vault verify' to list every affected point")
+                    hint="run 'vmvault vault verify' to list every affected point",
+                )
             positions.setdefault(cid, []).append(first_chunk + i)
         for pack, group in _group_by_pack(locations.values()):
             self._write_group(pack, group, positions)
@@ -129,8 +156,10 @@ class _DiskWriter:
             try:
                 plain = self.vault.read_blob_from(loc, stored)
             except IntegrityError as exc:
-                raise IntegrityError(f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
-                                     hint="run 'vmvault vault verify' to list every affected point") from exc
+                raise IntegrityError(
+                    f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
+                    hint="run 'vmvault vault verify' to list every affected point",
+                ) from exc
             for chunk in positions[loc.ref.blob_id]:
                 os.pwrite(self.fd, plain, chunk * self.root.chunk_size)
                 written += len(plain)
@@ -153,8 +182,14 @@ def _group_by_pack(locations: object) -> Iterator[tuple[str, list[Location]]]:
         yield pack, group
 
 
-def _restore_raw(vault: Vault, manifest: RecoveryPointManifest, disk: DiskEntry, path: Path,
-                 tracker: ProgressTracker, cancel: threading.Event) -> None:
+def _restore_raw(
+    vault: Vault,
+    manifest: RecoveryPointManifest,
+    disk: DiskEntry,
+    path: Path,
+    tracker: ProgressTracker,
+    cancel: threading.Event,
+) -> None:
     root = Root.decode(vault.get_blob(bytes.fromhex(disk.index_root)), f"disk {disk.name} of point {manifest.rp_id}")
     if root.disk_size != disk.size:
         raise IntegrityError(f"disk index of {disk.name} in point {manifest.rp_id} does not match the manifest size")

@@ -9,7 +9,7 @@ chunk. With a point ID: its manifest, its disk index and every chunk it referenc
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +61,9 @@ def _walk(root: Path) -> Iterator[tuple[str, int]]:
             yield full.relative_to(root).as_posix(), full.stat().st_size
 
 
-def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tracker: ProgressTracker) -> dict[bytes, str]:
+def _verify_files(
+    vault: Vault, files: dict[str, int], report: VerifyReport, tracker: ProgressTracker
+) -> dict[bytes, str]:
     """Check every file; returns {blob id: problem} for blobs that failed."""
     indexed: dict[str, tuple[bytes, list[BlobRef]]] = {}
     bad: dict[bytes, str] = {}
@@ -72,13 +74,13 @@ def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tra
         elif top not in _KNOWN_TOP or (top == "keys" and name != keyfile.KEYFILE_NAME):
             report.problem(f"unexpected file {name} in the vault directory")
         elif name == CONFIG_NAME:
-            _check(report, name, lambda: _check_config(vault))
+            _check(report, name, _check_config, vault)
         elif name == keyfile.KEYFILE_NAME:
-            _check(report, name, lambda: keyfile.check_keyfile(vault.backend.get(name), vault.keys))
+            _check(report, name, _check_keyfile, vault)
         elif top == "index":
-            _check(report, name, lambda n=name: indexed.__setitem__(*_read_index(vault, n)))  # type: ignore[misc]
+            _check(report, name, _read_index, vault, name, indexed)
         elif top == "points":
-            _check(report, name, lambda n=name: unseal(vault.keys, n, vault.backend.get(n)))  # type: ignore[misc]
+            _check(report, name, vault.read_manifest, name.split("/", 1)[1])
         report.objects_checked += 1
     for name in sorted(n for n in files if n.split("/", 1)[0] in ("data", "tree") and ".tmp-" not in n):
         _verify_pack(vault, name, indexed.pop(name, None), report, bad)
@@ -89,9 +91,9 @@ def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tra
     return bad
 
 
-def _check(report: VerifyReport, name: str, fn: object) -> None:
+def _check(report: VerifyReport, name: str, fn: Callable[..., object], *args: object) -> None:
     try:
-        fn()  # type: ignore[operator]
+        fn(*args)
     except VmvaultError as exc:
         report.problem(f"{name}: {exc.message}")
     except (ValueError, KeyError, TypeError) as exc:
@@ -106,13 +108,18 @@ def _check_config(vault: Vault) -> None:
         raise IntegrityError("the vault config is damaged: its MAC does not match")
 
 
-def _read_index(vault: Vault, name: str) -> tuple[str, tuple[bytes, list[BlobRef]]]:
+def _check_keyfile(vault: Vault) -> None:
+    keyfile.check_keyfile(vault.backend.get(keyfile.KEYFILE_NAME), vault.keys)
+
+
+def _read_index(vault: Vault, name: str, indexed: dict[str, tuple[bytes, list[BlobRef]]]) -> None:
     pack, salt, entries = parse_index_payload(unseal(vault.keys, name, vault.backend.get(name)))
-    return pack, (salt, entries)
+    indexed[pack] = (salt, entries)
 
 
-def _verify_pack(vault: Vault, name: str, index: tuple[bytes, list[BlobRef]] | None, report: VerifyReport,
-                 bad: dict[bytes, str]) -> None:
+def _verify_pack(
+    vault: Vault, name: str, index: tuple[bytes, list[BlobRef]] | None, report: VerifyReport, bad: dict[bytes, str]
+) -> None:
     data = vault.backend.get(name)
     report.bytes_checked += len(data)
     try:
@@ -121,7 +128,9 @@ def _verify_pack(vault: Vault, name: str, index: tuple[bytes, list[BlobRef]] | N
         report.problem(exc.message)
         entries, salt = (index[1], index[0]) if index else ([], b"")
     if index is None:
-        report.notes.append(f"pack {name} has no index file: data of an interrupted backup (garbage collection removes it)")
+        report.notes.append(
+            f"pack {name} has no index file: data of an interrupted backup (garbage collection removes it)"
+        )
     elif (salt, sorted(e.pack_entry() for e in entries)) != (index[0], sorted(e.pack_entry() for e in index[1])):
         report.problem(f"pack {name} does not match its index file")
     for ref in entries:
@@ -134,8 +143,15 @@ def _verify_pack(vault: Vault, name: str, index: tuple[bytes, list[BlobRef]] | N
         report.objects_checked += 1
 
 
-def _verify_point(vault: Vault, rp_id: str, report: VerifyReport, tracker: ProgressTracker, *, deep: bool,
-                  bad_blobs: dict[bytes, str] | None = None) -> None:
+def _verify_point(
+    vault: Vault,
+    rp_id: str,
+    report: VerifyReport,
+    tracker: ProgressTracker,
+    *,
+    deep: bool,
+    bad_blobs: dict[bytes, str] | None = None,
+) -> None:
     try:
         manifest = vault.read_manifest(rp_id)
     except VmvaultError as exc:
@@ -148,8 +164,15 @@ def _verify_point(vault: Vault, rp_id: str, report: VerifyReport, tracker: Progr
             report.problem(f"recovery point {rp_id} disk {disk.name}: {exc.message}")
 
 
-def _verify_disk(vault: Vault, manifest: RecoveryPointManifest, disk_name: str, report: VerifyReport,
-                 tracker: ProgressTracker, deep: bool, bad_blobs: dict[bytes, str]) -> None:
+def _verify_disk(
+    vault: Vault,
+    manifest: RecoveryPointManifest,
+    disk_name: str,
+    report: VerifyReport,
+    tracker: ProgressTracker,
+    deep: bool,
+    bad_blobs: dict[bytes, str],
+) -> None:
     disk = manifest.disk(disk_name)
     root = Root.decode(vault.get_blob(bytes.fromhex(disk.index_root)), f"disk {disk_name} of point {manifest.rp_id}")
     leaves = LeafReader(vault.get_blob)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +23,10 @@ class NbdReader:
 
     def __init__(self, uri: str, meta_contexts: tuple[str, ...] = ("base:allocation",)) -> None:
         if _libnbd is None:
-            raise HypervisorError("the libnbd Python binding is missing",
-                                  hint="apt-get install python3-libnbd and use vmvault's .venv (make run)")
+            raise HypervisorError(
+                "the libnbd Python binding is missing",
+                hint="apt-get install python3-libnbd and use vmvault's .venv (make run)",
+            )
         self._h: Any = _libnbd.NBD()
         for ctx in meta_contexts:
             self._h.add_meta_context(ctx)
@@ -43,7 +46,9 @@ class NbdReader:
         while offset < self.size:
             found: list[tuple[int, int]] = []
 
-            def cb(metacontext: str, _off: int, entries: list[int], _err: Any, found: list[tuple[int, int]] = found) -> int:
+            def cb(
+                metacontext: str, _off: int, entries: list[int], _err: Any, found: list[tuple[int, int]] = found
+            ) -> int:
                 if metacontext == context:
                     found.extend(zip(entries[0::2], entries[1::2], strict=True))
                 return 0
@@ -59,7 +64,5 @@ class NbdReader:
                 offset += length
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._h.shutdown()
-        except Exception:  # noqa: BLE001 - closing a dead connection is not an error
-            pass

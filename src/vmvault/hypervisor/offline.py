@@ -44,8 +44,10 @@ def qemu_img_info(path: Path) -> DiskInfo:
     info = json.loads(proc.stdout)
     fmt = info.get("format")
     if fmt not in ("raw", "qcow2"):
-        raise InvalidInput(f"{path} is a {fmt} image; vmvault reads raw and qcow2",
-                           hint=f"convert it: qemu-img convert -O qcow2 {path} {path}.qcow2")
+        raise InvalidInput(
+            f"{path} is a {fmt} image; vmvault reads raw and qcow2",
+            hint=f"convert it: qemu-img convert -O qcow2 {path} {path}.qcow2",
+        )
     if fmt == "raw":
         _refuse_non_image(path, int(info["virtual-size"]))
     return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)))
@@ -58,14 +60,18 @@ def _refuse_non_image(path: Path, size: int) -> None:
     with open(path, "rb") as f:
         head = f.read(65536)
     if b"\0" not in head:
-        raise InvalidInput(f"{path} is not a disk image (it looks like a text or data file)",
-                           hint="give the VM's disk image file (raw or qcow2)")
+        raise InvalidInput(
+            f"{path} is not a disk image (it looks like a text or data file)",
+            hint="give the VM's disk image file (raw or qcow2)",
+        )
 
 
 def _raise_for_qemu_error(path: Path, stderr: str) -> None:
     if "lock" in stderr.lower():
-        raise VmRunning(f"VM is running: add it with --libvirt or --qmp (disk {path} is locked by a running QEMU)",
-                        hint=_RUNNING_HINT)
+        raise VmRunning(
+            f"VM is running: add it with --libvirt or --qmp (disk {path} is locked by a running QEMU)",
+            hint=_RUNNING_HINT,
+        )
     raise InvalidInput(f"{path} is not a readable disk image: {stderr.strip().splitlines()[-1] if stderr else ''}")
 
 
@@ -90,10 +96,20 @@ class NbdImageExport:
         return f"nbd+unix:///disk?socket={self.socket}"
 
     def __enter__(self) -> NbdImageExport:
-        cmd = ["qemu-nbd", "--read-only", "--persistent", f"--shared={self._connections}", f"--socket={self.socket}",
-               f"--format={self.info.format}", "--export-name=disk", "--cache=writeback", str(self.info.path)]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      preexec_fn=_die_with_parent)
+        cmd = [
+            "qemu-nbd",
+            "--read-only",
+            "--persistent",
+            f"--shared={self._connections}",
+            f"--socket={self.socket}",
+            f"--format={self.info.format}",
+            "--export-name=disk",
+            "--cache=writeback",
+            str(self.info.path),
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if self._proc.poll() is not None:
@@ -123,8 +139,9 @@ class NbdImageExport:
 
 
 def convert_to_qcow2(src_raw: Path, dest: Path) -> None:
-    proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src_raw), str(dest)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src_raw), str(dest)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise HypervisorError(f"qemu-img convert to {dest} failed: {proc.stderr.strip()}")
 

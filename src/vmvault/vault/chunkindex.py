@@ -94,9 +94,11 @@ class ChunkIndex:
         return self._conn().execute("SELECT 1 FROM blobs WHERE id = ? LIMIT 1", (blob_id,)).fetchone() is not None
 
     def lookup(self, blob_id: bytes) -> Location | None:
-        row = self._conn().execute(
-            "SELECT pid, type, flags, offset, length, plain FROM blobs WHERE id = ? LIMIT 1", (blob_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT pid, type, flags, offset, length, plain FROM blobs WHERE id = ? LIMIT 1", (blob_id,))
+            .fetchone()
+        )
         if row is None:
             return None
         name, salt = self._pack(row[0])

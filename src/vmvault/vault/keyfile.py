@@ -105,7 +105,9 @@ class HostKeys:
         host_key = self._host_key(create=True)
         assert host_key is not None
         nonce, wrapped = crypto.wrap_key(host_key, master, _WRAP_AAD + vault_uuid.encode())
-        _write_private(self.dir / f"{vault_uuid}.json", json.dumps({"nonce": _b64(nonce), "key": _b64(wrapped)}).encode())
+        _write_private(
+            self.dir / f"{vault_uuid}.json", json.dumps({"nonce": _b64(nonce), "key": _b64(wrapped)}).encode()
+        )
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -86,7 +86,9 @@ def decode_blob(keys: MasterKeys, salt: bytes, ref: BlobRef, stored: bytes, wher
     try:
         body = keys.pack_cipher(salt).decrypt(nonce_for(ref.offset), stored, _aad(ref.blob_id, ref.type, ref.flags))
     except InvalidTag as exc:
-        raise IntegrityError(f"chunk {ref.blob_id.hex()} in {where} at offset {ref.offset} fails authentication") from exc
+        raise IntegrityError(
+            f"chunk {ref.blob_id.hex()} in {where} at offset {ref.offset} fails authentication"
+        ) from exc
     plain = decompress(body, ref.plain_length) if ref.flags & FLAG_ZSTD else body
     if len(plain) != ref.plain_length or keys.chunk_id(plain) != ref.blob_id:
         raise IntegrityError(f"chunk {ref.blob_id.hex()} in {where} does not match its ID")

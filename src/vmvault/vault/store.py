@@ -89,7 +89,9 @@ class PackWriter:
         name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
         index_name = f"index/{pack_id[:2]}/{pack_id}"
         self._vault.backend.put(name, data)
-        self._vault.backend.put(index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries)))
+        self._vault.backend.put(
+            index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries))
+        )
         self._vault.index.add_pack(name, index_name, builder.salt, builder.entries)
         self.bytes_written += len(data)
         self.packs_published += 1
@@ -105,7 +107,9 @@ def _test_pause_after_pack(type_: int) -> None:
 
 
 class Vault:
-    def __init__(self, backend: Backend, storage_dir: Path, home: Path, keys: crypto.MasterKeys, config: dict[str, Any]):
+    def __init__(
+        self, backend: Backend, storage_dir: Path, home: Path, keys: crypto.MasterKeys, config: dict[str, Any]
+    ):
         self.backend = backend
         self.storage_dir = storage_dir
         self.home = home
@@ -122,13 +126,20 @@ class Vault:
     # ---- life cycle -------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, storage_dir: Path, home: Path, passphrase: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+        cls,
+        storage_dir: Path,
+        home: Path,
+        passphrase: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         redundancy: str = "LRS",
     ) -> Vault:
         storage_dir = Path(storage_dir).absolute()
         backend = LocalBackend(storage_dir)
         if backend.exists(CONFIG_NAME):
-            raise AlreadyExists(f"{storage_dir} already holds a vault", hint="use 'vmvault vault import' to register it")
+            raise AlreadyExists(
+                f"{storage_dir} already holds a vault", hint="use 'vmvault vault import' to register it"
+            )
         if storage_dir.exists() and any(storage_dir.iterdir()):
             raise InvalidInput(f"{storage_dir} is not empty", hint="choose an empty or new directory for the vault")
         if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 4 * 1024 * 1024:
@@ -136,9 +147,15 @@ class Vault:
         master = os.urandom(crypto.KEY_LEN)
         keys = crypto.MasterKeys(master)
         config: dict[str, Any] = {
-            "format": "vmvault-vault", "version": FORMAT_VERSION, "uuid": str(uuidlib.uuid4()),
-            "chunk_size": chunk_size, "leaf_span": LEAF_SPAN, "redundancy": redundancy,
-            "chunk_id": "blake3-keyed", "cipher": "AES-256-GCM", "compression": "zstd",
+            "format": "vmvault-vault",
+            "version": FORMAT_VERSION,
+            "uuid": str(uuidlib.uuid4()),
+            "chunk_size": chunk_size,
+            "leaf_span": LEAF_SPAN,
+            "redundancy": redundancy,
+            "chunk_id": "blake3-keyed",
+            "cipher": "AES-256-GCM",
+            "compression": "zstd",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         config["mac"] = keys.mac(keyfile.canonical(config))
@@ -240,7 +257,9 @@ def _read_config(backend: Backend, storage_dir: Path) -> dict[str, Any]:
     except ValueError as exc:
         raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: {exc}") from exc
     if config.get("version") != FORMAT_VERSION:
-        raise InvalidInput(f"vault at {storage_dir} has format version {config.get('version')}; "
-                           f"this vmvault reads version {FORMAT_VERSION}", hint="upgrade vmvault")
+        raise InvalidInput(
+            f"vault at {storage_dir} has format version {config.get('version')}; "
+            f"this vmvault reads version {FORMAT_VERSION}",
+            hint="upgrade vmvault",
+        )
     return config
-
