@@ -1,0 +1,6 @@
+"""`python -m vmvault`."""
+
+from vmvault.cli.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Global CLI options (-o, --home), pulled out of argv wherever they appear."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmvault.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from vmvault.service.context import Context
+
+OUTPUT_FORMATS = ("table", "json")
+_VALUED = {"-o": "output", "--output": "output", "--home": "home"}
+
+
+@dataclass
+class CliState:
+    output: str = "table"
+    home: str | None = None
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+
+STATE = CliState()
+
+
+def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
+    """Take -o/--output and --home (as `-o json`, `-o=json`, `-ojson`) out of argv, before `--`."""
+    state, rest, i = CliState(), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        flag, eq, value = arg.partition("=")
+        if flag in _VALUED:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise InvalidInput(f"option {flag} needs a value", hint=_hint_for(flag))
+                value, i = argv[i + 1], i + 1
+            setattr(state, _VALUED[flag], value)
+        elif arg.startswith("-o") and not arg.startswith("--") and len(arg) > 2:
+            state.output = arg[2:]
+        else:
+            rest.append(arg)
+        i += 1
+    state.output = _check_output(state.output)
+    return state, rest
+
+
+def _hint_for(flag: str) -> str:
+    return "e.g. -o json" if flag != "--home" else "e.g. --home /var/lib/vmvault"
+
+
+def _check_output(value: str) -> str:
+    lowered = value.lower()
+    if lowered not in OUTPUT_FORMATS:
+        raise InvalidInput(f"unknown output format '{value}'", hint="use -o table or -o json")
+    return lowered
+
+
+@contextmanager
+def service_context() -> Iterator[Context]:
+    """The service context for the global --home (imports the service layer lazily)."""
+    from vmvault.service.context import context
+    from vmvault.settings import load_settings
+
+    with context(load_settings(STATE.home)) as ctx:
+        yield ctx

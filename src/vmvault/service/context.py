@@ -1,0 +1,42 @@
+"""The service context: settings plus an open catalog, shared by every use case."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from vmvault.catalog.db import Catalog
+from vmvault.settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    catalog: Catalog
+
+    def close(self) -> None:
+        self.catalog.close()
+
+
+def open_context(settings: Settings) -> Context:
+    """Open (and if needed migrate) the catalog, then fail jobs whose process died."""
+    from vmvault.service.jobs import reap_dead_jobs
+
+    catalog = Catalog.open(settings.catalog_path)
+    ctx = Context(settings=settings, catalog=catalog)
+    try:
+        reap_dead_jobs(ctx)
+    except BaseException:
+        catalog.close()
+        raise
+    return ctx
+
+
+@contextmanager
+def context(settings: Settings) -> Iterator[Context]:
+    ctx = open_context(settings)
+    try:
+        yield ctx
+    finally:
+        ctx.close()

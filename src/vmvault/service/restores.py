@@ -1,0 +1,122 @@
+"""Restores: write a recovery point's disks as image files (a Restore job)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmvault.catalog import repos
+from vmvault.catalog.models import VaultRow
+from vmvault.errors import InvalidInput, NotFound, StorageError
+from vmvault.service.context import Context
+from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.validate import absolute
+from vmvault.service.vaultio import opened_vault
+
+FORMATS = ("raw", "qcow2")
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    vm_name: str
+    rp_id: str
+    vault: VaultRow
+    target_dir: Path
+    fmt: str | None
+    force: bool
+    disks: list[str] | None
+
+
+def restore_disks(
+    ctx: Context,
+    vm_name: str,
+    rp_id: str,
+    target_dir: str | Path,
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    disks: list[str] | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[list[Path]]:
+    """Restore the disks of a recovery point into target_dir as <disk>.raw|.qcow2; result: the files written."""
+    plan = plan_restore(ctx, vm_name, rp_id, absolute(target_dir), fmt, force, disks)
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
+
+    def work(run: JobRun) -> list[Path]:
+        return _run_restore(ctx, plan, run)
+
+    return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
+
+
+def plan_restore(
+    ctx: Context, vm_name: str, rp_id: str, target: Path, fmt: str | None, force: bool, disks: list[str] | None
+) -> RestorePlan:
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
+    with ctx.catalog.read() as s:
+        vm = repos.get_vm(s, vm_name)
+        point = repos.find_recovery_point(s, rp_id)
+        if point is None or point.vm_id != vm.id:
+            raise NotFound(
+                f"recovery point '{rp_id}' not found for VM '{vm_name}'",
+                hint=f"list them with: vmvault recoverypoint list {vm_name}",
+            )
+        vault = repos.vault_by_id(s, point.vault_id)
+        point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
+    chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
+    _check_target(target, [f"{name}.{fmt or source}" for name, source in chosen], force)
+    return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
+
+
+def _choose_disks(
+    vm_name: str, rp_id: str, point_disks: list[tuple[str, str]], wanted: list[str] | None
+) -> list[tuple[str, str]]:
+    if wanted is None:
+        return point_disks
+    names = [name for name, _ in point_disks]
+    for name in wanted:
+        if name not in names:
+            raise NotFound(
+                f"disk '{name}' not found in recovery point '{rp_id}' of VM '{vm_name}'",
+                hint=f"the point has disks: {', '.join(names)}",
+            )
+    return [d for d in point_disks if d[0] in wanted]
+
+
+def _check_target(target: Path, files: list[str], force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise InvalidInput(f"target {target} is not a directory", hint="pass a directory to --target-dir")
+    existing = [name for name in files if (target / name).exists()]
+    if existing and not force:
+        raise InvalidInput(
+            f"target directory {target} already holds {', '.join(existing)}",
+            hint="choose another --target-dir, or pass --force to overwrite",
+        )
+
+
+def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
+    from vmvault.engine.restore import run_restore
+
+    try:
+        plan.target_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create target directory {plan.target_dir}: {exc.strerror}",
+            hint="pass a --target-dir you can write to",
+        ) from exc
+    with opened_vault(ctx, plan.vault) as vault:
+        manifest: Any = vault.read_manifest(plan.rp_id)
+        paths: list[Path] = run_restore(
+            vault,
+            manifest,
+            plan.target_dir,
+            fmt=plan.fmt,
+            force=plan.force,
+            disks=plan.disks,
+            on_progress=run.progress,
+            cancel=run.cancel,
+        )
+    return [Path(p) for p in paths]

@@ -1,0 +1,38 @@
+"""Opening the vault behind a catalog row, through the engine contract (imported lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vmvault.catalog.models import VaultRow
+from vmvault.errors import IntegrityError, NotFound, ObjectNotFound
+from vmvault.service.context import Context
+
+
+@contextmanager
+def opened_vault(ctx: Context, row: VaultRow, passphrase: str | None = None) -> Iterator[Any]:
+    """The vault of a catalog row, checked to be the same vault (uuid), closed afterwards."""
+    from vmvault.vault.store import Vault
+
+    vault = Vault.open(Path(row.storage_dir), ctx.settings.home, passphrase or ctx.settings.passphrase)
+    try:
+        if vault.uuid != row.uuid:
+            raise IntegrityError(
+                f"the storage of vault '{row.name}' ({row.storage_dir}) holds another vault (uuid {vault.uuid}, "
+                f"expected {row.uuid})",
+                hint="put the vault's own storage back at that path, or register this one with: vmvault vault import",
+            )
+        yield vault
+    finally:
+        vault.close()
+
+
+def read_manifest_or_none(vault: Any, rp_id: str) -> Any:
+    """The manifest of rp_id, or None when the vault no longer has it."""
+    try:
+        return vault.read_manifest(rp_id)
+    except (NotFound, ObjectNotFound, FileNotFoundError):
+        return None

@@ -1,0 +1,265 @@
+"""Vault use cases: create, list, show, verify, import."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import from_iso, now_iso, to_iso
+from vmvault.catalog.models import RecoveryPointRow, VaultRow, VmRow
+from vmvault.errors import AlreadyExists, IntegrityError, InvalidInput, NotFound, VmvaultError
+from vmvault.service.context import Context
+from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.validate import absolute, check_name, check_passphrase
+from vmvault.service.vaultio import opened_vault
+from vmvault.service.views import JsonDict, vault_view
+
+REDUNDANCIES = ("LRS", "GRS")
+GRS_NOT_AVAILABLE = (
+    "GRS redundancy (replication to a second location) is not available yet; create the vault with --redundancy LRS"
+)
+
+
+def _view(s: Session, row: VaultRow) -> JsonDict:
+    return vault_view(
+        row,
+        protected_items=repos.count_protected_items(s, row.id),
+        recovery_points=repos.count_recovery_points(s, row.id),
+    )
+
+
+def check_redundancy(redundancy: str) -> str:
+    value = redundancy.upper()
+    if value not in REDUNDANCIES:
+        raise InvalidInput(f"unknown redundancy '{redundancy}'", hint="use --redundancy LRS")
+    if value == "GRS":
+        raise InvalidInput(GRS_NOT_AVAILABLE, hint="use --redundancy LRS")
+    return value
+
+
+# ---- create / list / show -----------------------------------------------------------------------
+
+
+def create_vault(
+    ctx: Context,
+    name: str,
+    *,
+    storage_dir: str | Path | None = None,
+    redundancy: str = "LRS",
+    passphrase: str | None = None,
+) -> JsonDict:
+    """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it."""
+    from vmvault.vault.store import Vault
+
+    check_name("vault", name)
+    value = check_redundancy(redundancy)
+    _refuse_taken_name(ctx, name)
+    secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
+    storage = absolute(storage_dir) if storage_dir else ctx.settings.vaults_dir / name
+    vault = Vault.create(storage, ctx.settings.home, secret, redundancy=value)
+    try:
+        row = _row_for(name, vault)
+    finally:
+        vault.close()
+    with ctx.catalog.write() as s:
+        _refuse_taken_name_in(s, name)
+        repos.add_vault(s, row)
+        return _view(s, row)
+
+
+def _row_for(name: str, vault: Any) -> VaultRow:
+    return VaultRow(
+        name=name,
+        storage_dir=str(vault.storage_dir),
+        uuid=vault.uuid,
+        redundancy=vault.redundancy,
+        chunk_size=int(vault.chunk_size),
+        created=_iso(str(vault.created)),
+    )
+
+
+def _iso(text: str) -> str:
+    """The vault's creation time in the catalog's format (kept as is if it does not parse)."""
+    try:
+        return to_iso(from_iso(text)) if text else now_iso()
+    except ValueError:
+        return text
+
+
+def _refuse_taken_name(ctx: Context, name: str) -> None:
+    with ctx.catalog.read() as s:
+        _refuse_taken_name_in(s, name)
+
+
+def _refuse_taken_name_in(s: Session, name: str) -> None:
+    if repos.find_vault(s, name) is not None:
+        raise AlreadyExists(
+            f"vault '{name}' already exists", hint=f"choose another name, or see it with: vmvault vault show {name}"
+        )
+
+
+def list_vaults(ctx: Context) -> list[JsonDict]:
+    with ctx.catalog.read() as s:
+        return [_view(s, row) for row in repos.list_vaults(s)]
+
+
+def show_vault(ctx: Context, name: str) -> JsonDict:
+    with ctx.catalog.read() as s:
+        return _view(s, repos.get_vault(s, name))
+
+
+# ---- verify -------------------------------------------------------------------------------------
+
+
+def verify_vault(
+    ctx: Context,
+    name: str,
+    *,
+    rp_id: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[JsonDict]:
+    """Verify a vault (or one recovery point) as a Verify job; result: the verify report as JSON."""
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+        if rp_id is not None:
+            _check_point_in_vault(s, rp_id, row)
+    job = create_job(ctx, Operation.VERIFY, vm=None, vault=name)
+
+    def work(run: JobRun) -> JsonDict:
+        from vmvault.engine.verify import run_verify
+
+        with opened_vault(ctx, row) as vault:
+            report = run_verify(vault, rp_id, on_progress=run.progress)
+        return _report_view(name, rp_id, report, job.id)
+
+    return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
+
+
+def _check_point_in_vault(s: Session, rp_id: str, row: VaultRow) -> None:
+    point = repos.find_recovery_point(s, rp_id)
+    if point is None or point.vault_id != row.id:
+        raise NotFound(
+            f"recovery point '{rp_id}' not found in vault '{row.name}'",
+            hint="list the points of a VM with: vmvault recoverypoint list VM",
+        )
+
+
+def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> JsonDict:
+    return {
+        "vault": name,
+        "recoveryPoint": rp_id,
+        "ok": bool(report.ok),
+        "problems": [str(p) for p in report.problems],
+        "objectsChecked": int(report.objects_checked),
+        "bytesChecked": int(report.bytes_checked),
+        "jobId": job_id,
+    }
+
+
+def _verify_failure(report: JsonDict) -> VmvaultError | None:
+    if report["ok"] and not report["problems"]:
+        return None
+    problems = report["problems"] or ["the verify reported a failure"]
+    count = len(problems)
+    return IntegrityError(
+        f"vault '{report['vault']}' has {count} problem{'s' if count != 1 else ''}; the first: {problems[0]}",
+        hint="recovery points that use the damaged objects cannot be restored in full; "
+        "take new backups of the affected VMs and check the vault's storage",
+    )
+
+
+# ---- import -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Imported:
+    row: VaultRow
+    manifests: list[Any]
+
+
+def import_vault(
+    ctx: Context, storage_dir: str | Path, *, name: str | None = None, passphrase: str | None = None
+) -> JsonDict:
+    """Register an existing vault directory and rebuild its VMs and recovery points from the manifests."""
+    from vmvault.vault.store import Vault
+
+    storage = absolute(storage_dir)
+    vault_name = check_name("vault", name or storage.name)
+    if not storage.is_dir():
+        raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
+    _refuse_taken_name(ctx, vault_name)
+    vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
+    try:
+        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault))
+    finally:
+        vault.close()
+    with ctx.catalog.write() as s:
+        _refuse_taken_name_in(s, vault_name)
+        _refuse_known_uuid(s, imported.row)
+        _insert_imported(s, imported)
+        return _view(s, imported.row)
+
+
+def _all_manifests(vault: Any) -> list[Any]:
+    manifests = [vault.read_manifest(rp_id) for rp_id in vault.list_recovery_points()]
+    return sorted(manifests, key=lambda m: m.time)
+
+
+def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
+    known = repos.find_vault_by_uuid(s, row.uuid)
+    if known is not None:
+        raise AlreadyExists(
+            f"the vault at {row.storage_dir} is already registered as '{known.name}'",
+            hint=f"see it with: vmvault vault show {known.name}",
+        )
+
+
+def _insert_imported(s: Session, imported: _Imported) -> None:
+    repos.add_vault(s, imported.row)
+    latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
+    for manifest in latest_by_vm.values():
+        _ensure_vm(s, manifest)
+    for manifest in imported.manifests:
+        if repos.find_recovery_point(s, manifest.rp_id) is None:
+            repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+
+
+def _ensure_vm(s: Session, manifest: Any) -> None:
+    if repos.find_vm_by_id(s, manifest.vm_id) is not None:
+        return
+    if repos.find_vm(s, manifest.vm_name) is not None:
+        raise AlreadyExists(
+            f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",
+            hint="import into another --home, or remove the other VM from this catalog first",
+        )
+    disks = [{"name": d.name, "path": d.source_path} for d in manifest.disks]
+    row = VmRow(
+        id=manifest.vm_id,
+        name=manifest.vm_name,
+        kind="imported",
+        disks=disks,
+        definition=dict(manifest.vm_definition),
+        created=now_iso(),
+    )
+    repos.add_vm(s, row)
+
+
+def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
+    """The catalog row indexing a manifest."""
+    disks = [{"name": d.name, "size": d.size, "sourceFormat": d.source_format} for d in manifest.disks]
+    return RecoveryPointRow(
+        id=manifest.rp_id,
+        vm_id=manifest.vm_id,
+        vault_id=vault_id,
+        time=manifest.time,
+        consistency=manifest.consistency,
+        retain_until=manifest.retain_until,
+        disks=disks,
+        job_id=manifest.job_id,
+    )

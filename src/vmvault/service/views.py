@@ -1,0 +1,63 @@
+"""Catalog rows as the JSON objects every face of vmvault shows (camelCase keys)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmvault.catalog.clock import seconds_between
+from vmvault.catalog.models import JobRow, ProtectedItemRow, RecoveryPointRow, VaultRow, VmRow
+
+JsonDict = dict[str, Any]
+NOT_PROTECTED = "NotProtected"
+
+
+def empty_progress() -> JsonDict:
+    return {"percent": 0.0, "bytesRead": 0, "bytesWritten": 0}
+
+
+def vault_view(row: VaultRow, *, protected_items: int, recovery_points: int) -> JsonDict:
+    return {
+        "name": row.name,
+        "uuid": row.uuid,
+        "storageDir": row.storage_dir,
+        "redundancy": row.redundancy,
+        "chunkSize": row.chunk_size,
+        "created": row.created,
+        "protectedItems": protected_items,
+        "recoveryPoints": recovery_points,
+    }
+
+
+def vm_view(
+    row: VmRow, item: ProtectedItemRow | None, vault_name: str | None, last_point: RecoveryPointRow | None
+) -> JsonDict:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "kind": row.kind,
+        "disks": [{"name": d["name"], "path": d.get("path") or None} for d in row.disks],
+        "created": row.created,
+        "vault": vault_name,
+        "protectionState": item.protection_state if item else NOT_PROTECTED,
+        "lastRecoveryPoint": last_point.time if last_point else None,
+    }
+
+
+def recovery_point_view(row: RecoveryPointRow) -> JsonDict:
+    return {"id": row.id, "time": row.time, "consistency": row.consistency, "expires": row.retain_until}
+
+
+def job_view(row: JobRow) -> JsonDict:
+    progress = {**empty_progress(), **(row.progress or {})}
+    return {
+        "id": row.id,
+        "operation": row.operation,
+        "status": row.status,
+        "vm": row.vm,
+        "vault": row.vault,
+        "startTime": row.start_time,
+        "endTime": row.end_time,
+        "durationSeconds": seconds_between(row.start_time, row.end_time),
+        "progress": {k: progress[k] for k in ("percent", "bytesRead", "bytesWritten")},
+        "error": row.error or None,
+    }

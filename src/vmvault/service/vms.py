@@ -1,0 +1,84 @@
+"""VM use cases: add (from disk images), list, show."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import now_iso
+from vmvault.catalog.models import VmRow
+from vmvault.errors import AlreadyExists, InvalidInput
+from vmvault.service.context import Context
+from vmvault.service.validate import absolute, check_name
+from vmvault.service.views import JsonDict, vm_view
+
+KIND_DISKS = "disks"
+KIND_IMPORTED = "imported"
+
+
+def add_vm(ctx: Context, name: str, disks: list[str | Path]) -> JsonDict:
+    """Add a VM given by its disk images (disk0..N in order); each is probed first."""
+    from vmvault.engine.probe import probe_disk
+
+    check_name("VM", name)
+    paths = _check_disk_paths(name, disks)
+    _refuse_taken(ctx, name)
+    definitions = [_disk_definition(i, path, probe_disk(path)) for i, path in enumerate(paths)]
+    row = VmRow(
+        id=str(uuid.uuid4()),
+        name=name,
+        kind=KIND_DISKS,
+        disks=[{"name": f"disk{i}", "path": str(p)} for i, p in enumerate(paths)],
+        definition={"disks": definitions},
+        created=now_iso(),
+    )
+    with ctx.catalog.write() as s:
+        _refuse_taken_in(s, name)
+        repos.add_vm(s, row)
+        return _view(s, row)
+
+
+def _check_disk_paths(name: str, disks: list[str | Path]) -> list[Path]:
+    if not disks:
+        raise InvalidInput(f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --disk PATH")
+    paths = [absolute(d) for d in disks]
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")
+    return paths
+
+
+def _disk_definition(index: int, path: Path, info: Any) -> JsonDict:
+    return {"name": f"disk{index}", "path": str(path), "format": info.format, "virtualSize": int(info.virtual_size)}
+
+
+def _refuse_taken(ctx: Context, name: str) -> None:
+    with ctx.catalog.read() as s:
+        _refuse_taken_in(s, name)
+
+
+def _refuse_taken_in(s: Session, name: str) -> None:
+    if repos.find_vm(s, name) is not None:
+        raise AlreadyExists(
+            f"VM '{name}' already exists", hint=f"choose another name, or see it with: vmvault vm show {name}"
+        )
+
+
+def _view(s: Session, row: VmRow) -> JsonDict:
+    item = repos.protected_item(s, row.id)
+    vault_name = repos.vault_by_id(s, item.vault_id).name if item else None
+    return vm_view(row, item, vault_name, repos.latest_recovery_point(s, row.id))
+
+
+def list_vms(ctx: Context) -> list[JsonDict]:
+    with ctx.catalog.read() as s:
+        return [_view(s, row) for row in repos.list_vms(s)]
+
+
+def show_vm(ctx: Context, name: str) -> JsonDict:
+    with ctx.catalog.read() as s:
+        return _view(s, repos.get_vm(s, name))

@@ -1,0 +1,308 @@
+"""The storage backend contract (vmvault.vault.backends.base), run against every backend.
+
+To add a backend, add a BackendKind to BACKENDS: a factory building it on a fresh location, and
+the Python source that builds the same backend in a child process (used by the crash test).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmvault.errors import InvalidInput, ObjectNotFound, VmvaultError
+from vmvault.vault.backends.base import Backend
+from vmvault.vault.backends.local import LocalBackend
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    name: str
+    make: Callable[[Path], Backend]
+    child_source: Callable[[Path], str]  # Python that binds `backend` to the same location
+
+
+BACKENDS = [
+    BackendKind(
+        "local",
+        lambda where: LocalBackend(where / "store"),
+        lambda where: (
+            "from vmvault.vault.backends.local import LocalBackend\n"
+            f"backend = LocalBackend({str(where / 'store')!r})"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
+def kind(request: pytest.FixtureRequest) -> BackendKind:
+    k: BackendKind = request.param
+    return k
+
+
+@pytest.fixture
+def backend(kind: BackendKind, tmp_path: Path) -> Backend:
+    return kind.make(tmp_path)
+
+
+def listing(backend: Backend, prefix: str = "") -> dict[str, int]:
+    items = list(backend.list(prefix))
+    names = [n for n, _ in items]
+    assert len(names) == len(set(names)), f"list({prefix!r}) yielded a name twice: {items}"
+    return dict(items)
+
+
+# ---- put / get ----------------------------------------------------------------------------------
+
+
+def test_put_then_get_returns_the_bytes(backend: Backend) -> None:
+    backend.put("a/b/c", b"hello")
+    assert backend.get("a/b/c") == b"hello"
+
+
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview], ids=["bytes", "bytearray", "memoryview"])
+def test_put_accepts_bytes_like(backend: Backend, wrap: Callable[[bytes], bytes]) -> None:
+    backend.put("x", wrap(b"\x00\x01payload"))
+    assert backend.get("x") == b"\x00\x01payload"
+
+
+def test_empty_object(backend: Backend) -> None:
+    backend.put("empty", b"")
+    assert backend.exists("empty")
+    assert backend.get("empty") == b""
+    assert listing(backend) == {"empty": 0}
+
+
+def test_large_object_round_trips(backend: Backend) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 7)
+    backend.put("data/big", data)
+    assert backend.get("data/big") == data
+    assert listing(backend, "data") == {"data/big": len(data)}
+
+
+def test_overwrite_replaces_the_object(backend: Backend) -> None:
+    backend.put("k", b"old contents")
+    backend.put("k", b"new")
+    assert backend.get("k") == b"new"
+    assert listing(backend) == {"k": 3}
+
+
+def test_get_range(backend: Backend) -> None:
+    backend.put("r", b"0123456789")
+    assert backend.get("r", 0, 4) == b"0123"
+    assert backend.get("r", 3, 4) == b"3456"
+    assert backend.get("r", 7) == b"789"
+    assert backend.get("r", 0, 0) == b""
+
+
+def test_get_range_past_the_end_is_truncated(backend: Backend) -> None:
+    backend.put("r", b"0123456789")
+    assert backend.get("r", 8, 100) == b"89"
+    assert backend.get("r", 10, 5) == b""
+    assert backend.get("r", 50, 5) == b""
+    assert backend.get("r", 50) == b""
+
+
+def test_get_missing_raises_object_not_found(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.get("nope")
+    with pytest.raises(ObjectNotFound):
+        backend.get("dir/nope", 0, 10)
+
+
+def test_a_prefix_is_not_an_object(backend: Backend) -> None:
+    backend.put("dir/yes", b"1")
+    with pytest.raises(ObjectNotFound):
+        backend.get("dir")
+    with pytest.raises(ObjectNotFound):
+        backend.delete("dir")
+    assert backend.get("dir/yes") == b"1"
+
+
+# ---- exists / delete ----------------------------------------------------------------------------
+
+
+def test_exists(backend: Backend) -> None:
+    assert not backend.exists("p/q")
+    backend.put("p/q", b"1")
+    assert backend.exists("p/q")
+    assert not backend.exists("p"), "a prefix is not an object"
+    assert not backend.exists("p/q/r")
+
+
+def test_delete(backend: Backend) -> None:
+    backend.put("d/1", b"1")
+    backend.put("d/2", b"2")
+    backend.delete("d/1")
+    assert not backend.exists("d/1")
+    assert backend.exists("d/2")
+    with pytest.raises(ObjectNotFound):
+        backend.get("d/1")
+    assert listing(backend) == {"d/2": 1}
+
+
+def test_delete_missing_raises_object_not_found(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.delete("never-was")
+    backend.put("once", b"x")
+    backend.delete("once")
+    with pytest.raises(ObjectNotFound):
+        backend.delete("once")
+
+
+def test_object_not_found_is_a_vmvault_error(backend: Backend) -> None:
+    with pytest.raises(VmvaultError) as info:
+        backend.get("missing/object")
+    assert "missing/object" in str(info.value)
+
+
+# ---- list ---------------------------------------------------------------------------------------
+
+
+def test_list_everything_and_by_prefix(backend: Backend) -> None:
+    objects = {
+        "config": b"c",
+        "data/ab/ab01": b"12",
+        "data/cd/cd02": b"345",
+        "index/ab/ab01": b"6789",
+        "points/p1": b"",
+    }
+    for name, data in objects.items():
+        backend.put(name, data)
+    sizes = {name: len(data) for name, data in objects.items()}
+    assert listing(backend) == sizes
+    assert listing(backend, "data") == {"data/ab/ab01": 2, "data/cd/cd02": 3}
+    assert listing(backend, "data/ab") == {"data/ab/ab01": 2}
+    assert listing(backend, "points") == {"points/p1": 0}
+
+
+def test_list_prefix_is_a_path_component(backend: Backend) -> None:
+    backend.put("data/x", b"1")
+    backend.put("database/y", b"2")
+    backend.put("data-old", b"3")
+    assert listing(backend, "data") == {"data/x": 1}
+
+
+def test_list_missing_prefix_is_empty(backend: Backend) -> None:
+    assert listing(backend) == {}
+    assert listing(backend, "nothing") == {}
+    backend.put("something/here", b"1")
+    assert listing(backend, "nothing") == {}
+
+
+def test_list_after_delete(backend: Backend) -> None:
+    for i in range(20):
+        backend.put(f"many/{i:02d}", bytes([i]) * i)
+    for i in range(0, 20, 2):
+        backend.delete(f"many/{i:02d}")
+    assert listing(backend, "many") == {f"many/{i:02d}": i for i in range(1, 20, 2)}
+
+
+# ---- names --------------------------------------------------------------------------------------
+
+BAD_NAMES = ["", "/abs", "a/../b", "..", ".", "a/./b", "a//b", "trailing/", "sp ace", "back\\slash", "nul\x00",
+             "../escape", "ünïcode"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_invalid_names_are_refused(backend: Backend, name: str, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(InvalidInput):
+        backend.put(name, b"x")
+    with pytest.raises(InvalidInput):
+        backend.get(name)
+    with pytest.raises(InvalidInput):
+        backend.exists(name)
+    with pytest.raises(InvalidInput):
+        backend.delete(name)
+    if name:  # "" is the valid "everything" prefix of list()
+        with pytest.raises(InvalidInput):
+            list(backend.list(name))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_valid_name_characters(backend: Backend) -> None:
+    name = "Az09._-/x.y-z_W"
+    backend.put(name, b"ok")
+    assert backend.get(name) == b"ok"
+    assert listing(backend) == {name: 2}
+
+
+# ---- atomicity ----------------------------------------------------------------------------------
+
+
+def test_readers_never_see_a_partial_object(backend: Backend) -> None:
+    """While one thread overwrites an object, readers and list() see the old or the new one whole."""
+    versions = [bytes([65 + i]) * (3 * 1024 * 1024 + i * 4096) for i in range(3)]
+    backend.put("busy/obj", versions[0])
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            backend.put("busy/obj", versions[i % len(versions)])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not errors:
+            data = backend.get("busy/obj")
+            if data not in versions:
+                errors.append(f"get returned {len(data)} bytes, not a whole version")
+            for name, size in backend.list("busy"):
+                if name != "busy/obj" or size not in {len(v) for v in versions}:
+                    errors.append(f"list yielded {name} of {size} bytes")
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+
+
+def test_killed_put_leaves_old_or_nothing(kind: BackendKind, tmp_path: Path) -> None:
+    """kill -9 during put: afterwards the object is absent (or the previous one) and list is clean."""
+    backend = kind.make(tmp_path)
+    backend.put("crash/old", b"previous")
+    child = "\n".join([
+        "import os",
+        kind.child_source(tmp_path),
+        "data = os.urandom(1 << 20) * 64",
+        "print('ready', flush=True)",
+        "while True:",
+        "    backend.put('crash/new', data)",
+        "    backend.put('crash/old', data)",
+        "    backend.delete('crash/new')",
+    ])
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.7)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    after = kind.make(tmp_path)
+    sizes = listing(after)
+    assert set(sizes) <= {"crash/old", "crash/new"}, f"list shows leftovers of the killed put: {sizes}"
+    assert sizes["crash/old"] in (len(b"previous"), 64 << 20)
+    assert len(after.get("crash/old")) == sizes["crash/old"]
+    if "crash/new" in sizes:
+        assert sizes["crash/new"] == 64 << 20
+        assert after.exists("crash/new")
+    else:
+        assert not after.exists("crash/new")
+
+
+def test_describe_names_the_location(backend: Backend) -> None:
+    text = backend.describe()
+    assert isinstance(text, str) and text.strip()

@@ -1,0 +1,312 @@
+"""Test helpers: real disk images, a CLI driver, vault file helpers.
+
+Everything here runs the real product: `.venv/bin/vmvault` as a subprocess, real images built by
+../shared/bench/make_image.py, real qemu-img. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
+MAKE_IMAGE = SHARED_BENCH / "make_image.py"
+MUTATE_IMAGE = SHARED_BENCH / "mutate_image.py"
+CACHE_DIR = Path(os.environ.get("VMVAULT_TEST_CACHE", "/var/tmp/vmvault-test-cache"))
+PASSPHRASE = "correct horse battery staple"
+
+MiB = 1 << 20
+# Not a multiple of 64 KiB (the default chunk size) nor of 512: the last chunk is partial.
+BIG_IMAGE_SIZE = 512 * MiB + 12345
+SMALL_IMAGE_SIZE = 48 * MiB + 12345
+
+
+def _vmvault_exe() -> str:
+    exe = Path(sys.executable).parent / "vmvault"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("vmvault")
+    if found is None:
+        pytest.fail("vmvault is not installed in this environment: run 'make deps'")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def build_image(size: int, seed: int) -> Path:
+    """A realistic raw disk image of exactly `size` bytes, cached across sessions (read-only use).
+
+    make_image.py rounds its --size down to whole MiB; the odd tail is then filled with seeded
+    random bytes so the last, partial chunk holds data too.
+    """
+    if not MAKE_IMAGE.exists():
+        pytest.fail(f"{MAKE_IMAGE} is missing: the tests need ../shared beside the repository")
+    script_hash = hashlib.sha256(MAKE_IMAGE.read_bytes()).hexdigest()[:12]
+    key = f"img-{size}-s{seed}-mkfsd-{script_hash}"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    final = CACHE_DIR / f"{key}.raw"
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists():
+            return final
+        tmp = CACHE_DIR / f"{key}.tmp.raw"
+        mib = size // MiB
+        subprocess.run(
+            [sys.executable, str(MAKE_IMAGE), "--out", str(tmp), "--size", f"{mib}M", "--seed", str(seed),
+             "--method", "mkfs-d", "--no-scan", "--workdir", str(CACHE_DIR)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        tail = size - mib * MiB
+        if tail:
+            with open(tmp, "r+b") as f:
+                f.seek(mib * MiB)
+                f.write(random.Random(seed).randbytes(tail))
+        os.truncate(tmp, size)
+        assert tmp.stat().st_size == size
+        Path(f"{tmp}.json").unlink(missing_ok=True)
+        os.rename(tmp, final)
+        return final
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+def mutate_image(path: Path, seed: int, fraction: float = 0.01) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(MUTATE_IMAGE), str(path), "--seed", str(seed), "--fraction", str(fraction),
+         "--contig", str(4 * MiB)],
+        check=True, capture_output=True, text=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def assert_same_image(restored: Path, expected_raw: Path) -> None:
+    """Byte-identical for raw output; `qemu-img compare -s` (strict) for anything else."""
+    info = qemu_img_info(restored)
+    if info["format"] == "raw":
+        r = subprocess.run(["cmp", str(restored), str(expected_raw)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{restored} differs from {expected_raw}: {r.stdout}{r.stderr}"
+    else:
+        assert info["virtual-size"] == expected_raw.stat().st_size, info
+        r = subprocess.run(["qemu-img", "compare", "-s", "-f", info["format"], "-F", "raw", str(restored),
+                            str(expected_raw)], capture_output=True, text=True)
+        assert r.returncode == 0, f"qemu-img compare {restored} {expected_raw}: {r.stdout}{r.stderr}"
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output", "json", str(path)],
+                         check=True, capture_output=True, text=True)
+    info: dict[str, Any] = json.loads(out.stdout)
+    return info
+
+
+def to_qcow2(src: Path, dst: Path) -> Path:
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(dst)], check=True)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of a directory tree
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def vault_files(storage: Path, kind: str) -> list[Path]:
+    """Complete files of one kind of vault object ('data', 'index', 'tree', 'points', 'keys', 'config')."""
+    if kind == "config":
+        return [storage / "config"] if (storage / "config").is_file() else []
+    return sorted(p for p in (storage / kind).rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.stdout)
+        except ValueError as exc:
+            raise AssertionError(f"not JSON from {' '.join(self.args)}:\n{self}") from exc
+
+    def __str__(self) -> str:
+        cmd = " ".join(self.args)
+        return f"$ {cmd}\n[exit {self.returncode}]\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+@dataclass
+class Cli:
+    """Drives `vmvault --home HOME -o json ...` as a subprocess."""
+
+    home: Path
+    passphrase: str | None = PASSPHRASE
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VMVAULT_")}
+        if self.passphrase is not None:
+            env["VMVAULT_PASSPHRASE"] = self.passphrase
+        env.update(self.extra_env)
+        return env
+
+    def argv(self, *args: str, json_output: bool = True) -> list[str]:
+        base = [_vmvault_exe(), "--home", str(self.home)]
+        if json_output:
+            base += ["-o", "json"]
+        return base + list(args)
+
+    def run(self, *args: str, json_output: bool = True, timeout: float = 600) -> Result:
+        argv = self.argv(*args, json_output=json_output)
+        p = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        return Result(argv, p.returncode, p.stdout, p.stderr)
+
+    def ok(self, *args: str, json_output: bool = True, timeout: float = 600) -> Result:
+        r = self.run(*args, json_output=json_output, timeout=timeout)
+        assert r.ok, f"command failed:\n{r}"
+        return r
+
+    def fails(self, *args: str, json_output: bool = True, timeout: float = 600) -> Result:
+        r = self.run(*args, json_output=json_output, timeout=timeout)
+        assert not r.ok, f"command should have failed:\n{r}"
+        assert "Traceback" not in r.output, f"a failure must be reported without a traceback:\n{r}"
+        return r
+
+    def popen(self, *args: str, json_output: bool = True) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args, json_output=json_output), env=self.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+    # ---- the commands the tests use (one place to follow CLI changes) ---------------------------
+
+    def vault_create(self, name: str, storage: Path) -> Any:
+        return self.ok("vault", "create", name, "--storage", str(storage)).json()
+
+    def vault_import(self, storage: Path, name: str | None = None) -> Result:
+        args = ["vault", "import", str(storage)]
+        if name:
+            args += ["--name", name]
+        return self.run(*args)
+
+    def vault_verify(self, name: str) -> Result:
+        return self.run("vault", "verify", name)
+
+    def vm_add(self, name: str, *disks: Path) -> Result:
+        args = ["vm", "add", name]
+        for d in disks:
+            args += ["--disk", str(d)]
+        return self.run(*args)
+
+    def protection_enable(self, vm: str, vault: str) -> Result:
+        return self.run("protection", "enable", "--vm", vm, "--vault", vault)
+
+    def backup_args(self, vm: str, retain_until: str | None = None) -> list[str]:
+        args = ["backup", "now", "--vm", vm]
+        if retain_until:
+            args += ["--retain-until", retain_until]
+        return args
+
+    def backup_now(self, vm: str, retain_until: str | None = None) -> Result:
+        return self.run(*self.backup_args(vm, retain_until))
+
+    def points(self, vm: str) -> list[dict[str, Any]]:
+        data = self.ok("recoverypoint", "list", "--vm", vm).json()
+        return list(data)
+
+    def point_ids(self, vm: str) -> list[str]:
+        return [rp_id(p) for p in self.points(vm)]
+
+    def restore_disks(self, vm: str, rp: str, target: Path, *, fmt: str | None = None, force: bool = False) -> Result:
+        args = ["restore", "disks", "--vm", vm, "--rp", rp, "--target-dir", str(target)]
+        if fmt:
+            args += ["--format", fmt]
+        if force:
+            args.append("--force")
+        return self.run(*args)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.ok("job", "list").json())
+
+    def vms(self) -> list[dict[str, Any]]:
+        return list(self.ok("vm", "list").json())
+
+
+def rp_id(point: dict[str, Any]) -> str:
+    for key in ("name", "id", "rpId", "rp_id"):
+        if key in point:
+            return str(point[key])
+    raise AssertionError(f"no id in recovery point {point}")
+
+
+@dataclass
+class Protected:
+    """A VM with one disk, protected into a vault, in its own home."""
+
+    cli: Cli
+    vm: str
+    vault: str
+    storage: Path
+    disk: Path
+
+
+def protect(cli: Cli, disk: Path, storage: Path, vm: str = "vm1", vault: str = "v1") -> Protected:
+    cli.vault_create(vault, storage)
+    r = cli.vm_add(vm, disk)
+    assert r.ok, str(r)
+    r = cli.protection_enable(vm, vault)
+    assert r.ok, str(r)
+    return Protected(cli, vm, vault, storage, disk)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,139 @@
+"""One byte flipped in each kind of vault file in turn: verify names it, restore never lies.
+
+Kinds: pack (data/**), pack index (index/**), disk index (tree/**), manifest (points/**),
+passphrase key file (keys/**) and config. For each: `vault verify` exits non-zero and its stderr
+names the damaged object; `restore disks` fails and leaves nothing under the final file names.
+
+Two kinds are allowed to restore correctly instead of failing, because the data they describe is
+intact and authenticated elsewhere:
+- keys/passphrase is only needed to unlock with the passphrase; this home holds a host key. A
+  fresh home that must use the passphrase has to refuse the vault.
+- index/** lists what a pack holds; a home that has already read it keeps that list in its cache.
+In both cases a successful restore must still be byte-identical.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import Cli, Protected, assert_same_image, copy_image, protect, rp_id, tree_digest, vault_files
+
+KINDS = ["data", "index", "tree", "points", "keys", "config"]
+RESTORE_MAY_SUCCEED = {"index", "keys"}
+
+
+@dataclass
+class OnePoint:
+    prot: Protected
+    rp: str
+    expected: Path
+
+
+@pytest.fixture(scope="module")
+def one_point(small_image: Path, tmp_path_factory: pytest.TempPathFactory) -> OnePoint:
+    work = tmp_path_factory.mktemp("corruption")
+    disk = copy_image(small_image, work / "disk.raw")
+    prot = protect(Cli(home=work / "home"), disk, work / "vault")
+    r = prot.cli.backup_now(prot.vm)
+    assert r.ok, str(r)
+    (point,) = prot.cli.points(prot.vm)
+    return OnePoint(prot, rp_id(point), small_image)
+
+
+@dataclass
+class Flip:
+    path: Path
+    rel: str
+    offset: int
+
+
+@pytest.fixture
+def flipped(request: pytest.FixtureRequest, one_point: OnePoint) -> Iterator[Flip]:
+    """Flip one byte of one file of the requested kind; put it back afterwards."""
+    kind: str = request.param
+    storage = one_point.prot.storage
+    files = vault_files(storage, kind)
+    assert files, f"the vault has no {kind} file: {sorted(tree_digest(storage))}"
+    rng = random.Random(f"vmvault-flip-{kind}")
+    if kind in ("data", "tree"):
+        # The largest pack, inside its blobs (not the few header/trailer bytes, which a restore
+        # does not read).
+        path = max(files, key=lambda p: p.stat().st_size)
+        size = path.stat().st_size
+        offset = rng.randint(size * 5 // 100, size * 90 // 100)
+    else:
+        path = rng.choice(files)
+        offset = rng.randrange(path.stat().st_size)
+    data = bytearray(path.read_bytes())
+    original = data[offset]
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        yield Flip(path, path.relative_to(storage).as_posix(), offset)
+    finally:
+        data[offset] = original
+        path.write_bytes(bytes(data))
+
+
+def _names_object(stderr: str, flip: Flip, kind: str) -> bool:
+    if flip.rel in stderr or flip.path.name in stderr:
+        return True
+    # A damaged pack may be reported by the chunk (or blob) whose bytes failed authentication.
+    return kind == "data" and re.search(r"(chunk|blob) [0-9a-f]{16,}", stderr) is not None
+
+
+def _final_files(target: Path) -> list[Path]:
+    if not target.exists():
+        return []
+    return [p for p in target.iterdir() if p.suffix in (".raw", ".qcow2")]
+
+
+def test_healthy_vault_verifies(one_point: OnePoint) -> None:
+    r = one_point.prot.cli.vault_verify(one_point.prot.vault)
+    assert r.ok, str(r)
+
+
+@pytest.mark.parametrize("flipped", KINDS, indirect=True)
+def test_flipped_byte_is_reported_and_never_restored(flipped: Flip, one_point: OnePoint, tmp_path: Path) -> None:
+    kind = flipped.rel.split("/")[0]
+    cli, vault = one_point.prot.cli, one_point.prot.vault
+    where = f"byte {flipped.offset} of {flipped.rel}"
+
+    r = cli.vault_verify(vault)
+    assert not r.ok, f"verify passed with {where} flipped:\n{r}"
+    assert "Traceback" not in r.output, str(r)
+    assert _names_object(r.stderr, flipped, kind), f"verify does not name {flipped.rel} ({where}):\n{r}"
+
+    target = tmp_path / "restore"
+    r = cli.restore_disks(one_point.prot.vm, one_point.rp, target)
+    if r.ok and kind in RESTORE_MAY_SUCCEED:
+        (restored,) = _final_files(target)
+        assert_same_image(restored, one_point.expected)
+    else:
+        assert not r.ok, f"restore succeeded with {where} flipped:\n{r}"
+        assert "Traceback" not in r.output, str(r)
+        assert _final_files(target) == [], f"restore left files under their final names ({where}):\n{r}"
+
+
+@pytest.mark.parametrize("flipped", ["keys"], indirect=True)
+def test_flipped_key_file_refuses_passphrase_unlock(flipped: Flip, one_point: OnePoint, tmp_path: Path) -> None:
+    storage = one_point.prot.storage
+    before = tree_digest(storage)
+    fresh = Cli(home=tmp_path / "home2")
+    r = fresh.vault_import(storage)
+    assert not r.ok, f"a vault with a damaged key file was unlocked with the passphrase:\n{r}"
+    assert "Traceback" not in r.output, str(r)
+    assert flipped.rel in r.output, f"the error does not name {flipped.rel}:\n{r}"
+    assert tree_digest(storage) == before
+
+
+def test_vault_verifies_again_after_repair(one_point: OnePoint) -> None:
+    # Every flip above was put back: the vault (and this home's caches) must be healthy again.
+    r = one_point.prot.cli.vault_verify(one_point.prot.vault)
+    assert r.ok, str(r)
