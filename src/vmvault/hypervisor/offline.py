@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vmvault.errors import HypervisorError, InvalidInput, NotFound, VmRunning
+from vmvault.hypervisor.imagelock import ImageLock
 
 _RUNNING_HINT = "stop the VM first, or add it as a running VM with --libvirt or --qmp"
 
@@ -50,6 +51,9 @@ def qemu_img_info(path: Path) -> DiskInfo:
         )
     if fmt == "raw":
         _refuse_non_image(path, int(info["virtual-size"]))
+    if path.is_file():
+        with ImageLock(path):  # raises VmRunning when a running QEMU writes to the image
+            pass
     return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)))
 
 
@@ -90,12 +94,15 @@ class NbdImageExport:
         self._dir = Path(tempfile.mkdtemp(prefix="vmv-", dir="/tmp"))
         self.socket = self._dir / "nbd.sock"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock: ImageLock | None = None
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///disk?socket={self.socket}"
 
     def __enter__(self) -> NbdImageExport:
+        if self.info.path.is_file():
+            self._lock = ImageLock(self.info.path).__enter__()
         cmd = [
             "qemu-nbd",
             "--read-only",
@@ -133,6 +140,9 @@ class NbdImageExport:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
         if self._proc is not None and self._proc.stderr:
             self._proc.stderr.close()
         shutil.rmtree(self._dir, ignore_errors=True)
