@@ -30,7 +30,8 @@ def _flock(kind: int, byte: int) -> bytes:
 
 def _held_by_other(fd: int, byte: int) -> bool:
     reply = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return struct.unpack(_FLOCK, reply)[0] != fcntl.F_UNLCK
+    lock_type: int = struct.unpack(_FLOCK, reply)[0]
+    return lock_type != fcntl.F_UNLCK
 
 
 class ImageLock:
