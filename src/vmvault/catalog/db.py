@@ -8,6 +8,8 @@ transaction is atomic across processes.
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +23,28 @@ from sqlalchemy.orm import Session
 from vmvault.errors import Busy, StorageError, VmvaultError
 
 BUSY_TIMEOUT_MS = 30_000
-# The newest revision in catalog/migrations/versions; check_single_head() keeps it honest.
-HEAD_REVISION = "0001"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_REVISION_RE = re.compile(r'^(down_revision|revision)\s*(?::[^=]*)?=\s*["\']?([\w-]+|None)["\']?', re.MULTILINE)
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest revision, read from the version files with a regex (no Alembic import on start-up).
+
+    check_single_head() (run by the tests) confirms it against Alembic's own view.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        fields = dict(_REVISION_RE.findall(path.read_text()))
+        if "revision" in fields:
+            revisions.add(fields["revision"])
+            if fields.get("down_revision", "None") != "None":
+                parents.add(fields["down_revision"])
+    heads = sorted(revisions - parents)
+    if len(heads) != 1:
+        raise RuntimeError(f"catalog migrations have {len(heads)} heads ({', '.join(heads)}); merge them")
+    return heads[0]
 _IMMEDIATE = "vmvault_immediate"
 
 
@@ -68,12 +89,12 @@ def alembic_heads() -> list[str]:
 
 
 def check_single_head() -> str:
-    """The single Alembic head; raises if the history forked or HEAD_REVISION is stale."""
+    """The single Alembic head; raises if the history forked or the version files disagree with Alembic."""
     heads = alembic_heads()
     if len(heads) != 1:
         raise RuntimeError(f"catalog migrations have {len(heads)} heads ({', '.join(heads)}); merge them")
-    if heads[0] != HEAD_REVISION:
-        raise RuntimeError(f"catalog head is {heads[0]} but db.HEAD_REVISION is {HEAD_REVISION}; update it")
+    if heads[0] != head_revision():
+        raise RuntimeError(f"Alembic's head is {heads[0]} but the version files say {head_revision()}")
     return heads[0]
 
 
@@ -130,10 +151,10 @@ class Catalog:
     def ensure_schema(self) -> None:
         """Upgrade to head only when the stamped revision differs (checked again under the write lock)."""
         with self.engine.connect() as conn:
-            if current_revision(conn) == HEAD_REVISION:
+            if current_revision(conn) == head_revision():
                 return
         with self._write_engine.begin() as conn:
-            if current_revision(conn) != HEAD_REVISION:
+            if current_revision(conn) != head_revision():
                 _upgrade(conn)
 
     @contextmanager
