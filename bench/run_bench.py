@@ -59,6 +59,7 @@ VAULT_VS_RESTIC = 0.65  # total vault size after both backups, as a fraction of 
 RSS_MAX = 300 * MiB
 SPARSE_SLACK = 1.10  # restored allocation may exceed the source image's allocation by 10 %
 WALL_BUDGET_4G = 15 * 60
+NOISE_SHARE = 0.10  # a phase is noisy when other processes used > 10 % of one CPU during it
 
 
 def log(msg: str) -> None:
@@ -83,11 +84,47 @@ class Measured:
     user_s: float
     sys_s: float
     stdout: str
+    foreign_cpu_s: float = 0.0  # CPU time other processes used meanwhile (a shared machine adds noise)
+    waited_quiet: bool | None = None
 
     def figures(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "max_rss_bytes": self.max_rss,
                 "tree_peak_rss_bytes": self.tree_peak_rss, "user_s": round(self.user_s, 2),
-                "sys_s": round(self.sys_s, 2)}
+                "sys_s": round(self.sys_s, 2), "foreign_cpu_s": round(self.foreign_cpu_s, 2),
+                "started_quiet": self.waited_quiet}
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (not idle, not waiting for I/O) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _HZ
+
+
+QUIET_BUSY = 0.15  # the machine counts as quiet below 15 % of one CPU busy
+
+
+def wait_quiet(limit: float) -> bool | None:
+    """Wait up to `limit` seconds for other processes to leave the CPUs alone; None when not asked."""
+    if limit <= 0:
+        return None
+    deadline = time.monotonic() + limit
+    told = False
+    while True:
+        b0 = busy_cpu_seconds()
+        time.sleep(1.0)
+        if busy_cpu_seconds() - b0 < QUIET_BUSY:
+            return True
+        if time.monotonic() >= deadline:
+            log(f"warning: the machine stayed busy for {limit:.0f}s (other processes); measuring anyway")
+            return False
+        if not told:
+            log("waiting for the machine to be quiet (other processes are using the CPUs)")
+            told = True
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -149,12 +186,14 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
         if use_time:
             full = [str(GNU_TIME), "-v", "-o", tf.name] + full
         before = os.times()
+        busy0 = busy_cpu_seconds()
         t0 = time.monotonic()
         proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         sampler = _Sampler(proc.pid)
         sampler.start()
         out, err = proc.communicate()
         seconds = time.monotonic() - t0
+        busy = busy_cpu_seconds() - busy0
         sampler.stop.set()
         sampler.join()
         after = os.times()
@@ -168,7 +207,8 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path
 
             max_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
             user, sys_ = after.children_user - before.children_user, after.children_system - before.children_system
-    return Measured(seconds, max_rss, sampler.peak, user, sys_, out)
+    own = sum(after[i] - before[i] for i in range(4))  # this process (the RSS sampler) and its children
+    return Measured(seconds, max_rss, sampler.peak, user, sys_, out, foreign_cpu_s=max(0.0, busy - own))
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -180,6 +220,15 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None =
 
 
 _cache_warned = False
+
+
+QUIET_LIMIT = 0.0  # set from --quiet-wait
+
+
+def before_phase() -> bool | None:
+    """Drop the page cache, then wait (bounded) for a quiet machine."""
+    drop_caches()
+    return wait_quiet(QUIET_LIMIT)
 
 
 def drop_caches() -> bool:
@@ -374,9 +423,11 @@ class Vmvault(Tool):
 
     name = "vmvault"
 
-    def __init__(self, ctx: Ctx, mode: str) -> None:
+    def __init__(self, ctx: Ctx, mode: str, fallback: bool = False) -> None:
         super().__init__(ctx)
         self.mode = mode
+        self.fallback = fallback  # auto mode: fall back to the engine API when the CLI fails during set-up
+        self.fallback_reason = ""
         self.exe = VENV_BIN / "vmvault"
         self.home = self.dir / "home"
         self.cache = self.home / "cache"
@@ -407,11 +458,19 @@ class Vmvault(Tool):
         super().setup()
         self.rp_ids = []
         if self.mode == "cli":
-            self._cli("vault", "create", "V", "--storage", str(self.repo))
-            self._cli("vm", "add", "vm", "--disk", str(self.ctx.image))
-            self._cli("protection", "enable", "vm", "--vault", "V")
-        else:
-            run(self._driver("create"), env=self._env())
+            try:
+                self._cli("vault", "create", "V", "--storage", str(self.repo))
+                self._cli("vm", "add", "vm", "--disk", str(self.ctx.image))
+                self._cli("protection", "enable", "vm", "--vault", "V")
+                return
+            except RuntimeError as exc:
+                if not self.fallback:
+                    raise
+                log(f"warning: vmvault CLI set-up failed, using the engine API instead: {str(exc).strip()}")
+                self.fallback_reason = str(exc).strip()
+                self.mode = "api"
+                super().setup()
+        run(self._driver("create"), env=self._env())
 
     def backup(self, label: str) -> Measured:
         if self.mode == "cli":
@@ -465,17 +524,19 @@ def bench_tool(tool: Tool, ctx: Ctx, args: argparse.Namespace) -> tuple[dict[str
     figures: dict[str, Any] = {}
     tool.setup()
     try:
-        drop_caches()
+        quiet = before_phase()
         log(f"{tool.name}: full backup")
         full = tool.backup("full")
+        full.waited_quiet = quiet
         figures["full_backup"] = full.figures()
         figures["size_after_full"] = tool.repo_size()
 
         mutation = mutate(ctx.image, undo, args.fraction, args.mutate_seed)
         try:
-            drop_caches()
+            quiet = before_phase()
             log(f"{tool.name}: incremental backup")
             incr = tool.backup("incremental")
+            incr.waited_quiet = quiet
             figures["incremental_backup"] = incr.figures()
             figures["size_after_incremental"] = tool.repo_size()
             figures["growth_incremental"] = figures["size_after_incremental"]["bytes"] - figures["size_after_full"]["bytes"]
@@ -483,9 +544,10 @@ def bench_tool(tool: Tool, ctx: Ctx, args: argparse.Namespace) -> tuple[dict[str
 
             target = ctx.workdir / f"restore-{tool.name}"
             shutil.rmtree(target, ignore_errors=True)
-            drop_caches()
+            quiet = before_phase()
             log(f"{tool.name}: restore of the incremental point")
             rest, restored = tool.restore(target)
+            rest.waited_quiet = quiet
             figures["restore"] = rest.figures()
             log(f"{tool.name}: checking the restored disk")
             figures["restore_check"] = check_restore(tool.name, restored, reference_raw(ctx.image, ctx.workdir))
@@ -575,6 +637,7 @@ def print_table(tools: dict[str, dict[str, Any]], targets: list[dict[str, Any]])
         ("peak RSS (largest process)", lambda t: max(t[p]["max_rss_bytes"] for p in TIMED), fmt_bytes),
         ("peak RSS (process tree)", lambda t: max(t[p]["tree_peak_rss_bytes"] for p in TIMED), fmt_bytes),
         ("CPU s, full backup", lambda t: t["full_backup"]["user_s"] + t["full_backup"]["sys_s"], lambda x: f"{x:.1f}"),
+        ("CPU s of other processes", lambda t: sum(t[p]["foreign_cpu_s"] for p in TIMED), lambda x: f"{x:.1f}"),
         ("restored allocation", lambda t: t["restore_check"]["allocated_bytes"], fmt_bytes),
     ]
     others = [n for n in names if n != "vmvault"] if "vmvault" in names else []
@@ -620,6 +683,9 @@ def main() -> int:
                     help="drive vmvault by its CLI (preferred) or its engine API; auto: CLI when it works")
     ap.add_argument("--profile-dir", type=Path, default=None,
                     help="run vmvault's phases under py-spy (raw collapsed stacks here); timings are then not comparable")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="before each timed phase wait up to this many seconds for other processes to leave the "
+                         "CPUs idle (default 30; 0: do not wait)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args()
     if args.quick:
@@ -644,6 +710,8 @@ def main() -> int:
         if mode == "api":
             log("warning: the vmvault CLI is not usable yet; falling back to the engine API (vmvault_api_driver.py)")
 
+    global QUIET_LIMIT
+    QUIET_LIMIT = args.quiet_wait
     t_start = time.monotonic()
     base, composition = ensure_image(args.size, args.seed)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -654,7 +722,7 @@ def main() -> int:
     source_allocated = image.stat().st_blocks * 512
     ctx = Ctx(workdir=workdir, image=image, profile_dir=args.profile_dir)
     ctx.env["PATH"] = f"{VENV_BIN}:{ctx.env.get('PATH', '')}"
-    factories: dict[str, Callable[[], Tool]] = {"vmvault": lambda: Vmvault(ctx, mode), "restic": lambda: Restic(ctx),
+    factories: dict[str, Callable[[], Tool]] = {"vmvault": lambda: Vmvault(ctx, mode, fallback=args.vmvault_mode == "auto"), "restic": lambda: Restic(ctx),
                                                "borg": lambda: Borg(ctx)}
     tools = {name: factories[name]() for name in tools_wanted}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in tools}
@@ -668,6 +736,9 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    vmv = tools.get("vmvault")
+    if isinstance(vmv, Vmvault):
+        mode = vmv.mode
     medians = {name: median_figures(r) for name, r in runs.items()}
     targets = evaluate(medians, source_allocated)
     elapsed = time.monotonic() - t_start
@@ -679,6 +750,7 @@ def main() -> int:
         "config": {"size": args.size, "quick": args.quick, "seed": args.seed, "repeat": args.repeat,
                    "fraction": args.fraction, "mutate_seed": args.mutate_seed, "tools": tools_wanted,
                    "vmvault_mode": mode if "vmvault" in tools_wanted else None,
+                   "vmvault_cli_fallback_reason": vmv.fallback_reason if isinstance(vmv, Vmvault) else None,
                    "profiled": args.profile_dir is not None, "page_cache_dropped": not _cache_warned,
                    "peak_rss_source": "GNU time -v" if GNU_TIME.exists() else "getrusage(RUSAGE_CHILDREN)"},
         "versions": {name: tool.version() for name, tool in tools.items()},
@@ -690,6 +762,11 @@ def main() -> int:
         "all_targets_met": all(t["met"] is not False for t in targets),
         "elapsed_seconds": round(elapsed, 1),
     }
+    noisy = [f"{name}/{p}" for name, runs_ in runs.items() for r in runs_ for p in TIMED
+             if r[p]["foreign_cpu_s"] > NOISE_SHARE * r[p]["seconds"]]
+    results["noisy_phases"] = noisy
+    if noisy:
+        log(f"warning: other processes used the CPUs during {', '.join(noisy)}: those timings are pessimistic")
     if parse_size(args.size) == 4 << 30 and elapsed > WALL_BUDGET_4G:
         log(f"warning: the benchmark took {elapsed:.0f}s, over the {WALL_BUDGET_4G}s budget at 4G")
     print_table(medians, targets)

@@ -17,7 +17,8 @@ DISK="$WORK/demo-disk.raw"
 VM=demo
 VAULT=demo-vault
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
+step() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 vv() { printf '$ vmvault %s\n' "$*"; "$VMVAULT" "$@"; }
 json() { "$VMVAULT" -o json "$@"; }
 

@@ -33,7 +33,7 @@ class TwoPoints:
     prot: Protected
     source_format: str
     points: list[str]  # oldest first
-    expected: list[Path]  # raw image content at each point
+    expected: list[Path]  # the source disk as it was at each point (raw or qcow2)
     vault_bytes_after: list[int]
 
 
@@ -46,7 +46,11 @@ def two_points(request: pytest.FixtureRequest, big_image: Path, tmp_path_factory
     fmt: str = request.param
     work = tmp_path_factory.mktemp(f"roundtrip-{fmt}")
     raw = copy_image(big_image, work / "disk.raw")
-    source = raw if fmt == "raw" else to_qcow2(raw, work / "disk.qcow2")
+    if fmt == "raw":
+        source, first = raw, big_image  # the cached image is the disk as it was at the first backup
+    else:
+        source = to_qcow2(raw, work / "disk.qcow2")
+        first = copy_image(source, work / "disk-at-first-point.qcow2")
     prot = protect(Cli(home=work / "home"), source, work / "vault")
     sizes = []
 
@@ -54,6 +58,7 @@ def two_points(request: pytest.FixtureRequest, big_image: Path, tmp_path_factory
     assert r.ok, str(r)
     sizes.append(_dir_bytes(prot.storage))
 
+    # Change ~1% of the disk like a running guest would; a qcow2 source is rewritten from it.
     mutate_image(raw, seed=11)
     if fmt == "qcow2":
         tmp = work / "disk.qcow2.new"
@@ -65,7 +70,7 @@ def two_points(request: pytest.FixtureRequest, big_image: Path, tmp_path_factory
 
     points = prot.cli.points(prot.vm)
     assert len(points) == 2, points
-    return TwoPoints(prot, fmt, [rp_id(p) for p in points], [big_image, raw], sizes)
+    return TwoPoints(prot, fmt, [rp_id(p) for p in points], [first, source], sizes)
 
 
 def _restore_one(tp: TwoPoints, index: int, target: Path, fmt: str | None) -> Path:
@@ -91,6 +96,7 @@ def test_points_are_listed_oldest_first(two_points: TwoPoints) -> None:
 def test_restore_in_source_format_is_identical(two_points: TwoPoints, index: int, tmp_path: Path) -> None:
     restored = _restore_one(two_points, index, tmp_path / "out", None)
     assert_same_image(restored, two_points.expected[index])
+    restored.unlink()  # 512 MiB each: keep pytest's kept temp dirs small
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["first-point", "second-point"])
@@ -98,6 +104,7 @@ def test_restore_in_other_format_is_identical(two_points: TwoPoints, index: int,
     other = "qcow2" if two_points.source_format == "raw" else "raw"
     restored = _restore_one(two_points, index, tmp_path / "out", other)
     assert_same_image(restored, two_points.expected[index])
+    restored.unlink()
 
 
 def test_second_backup_stores_only_changes(two_points: TwoPoints) -> None:
@@ -123,3 +130,4 @@ def test_import_into_empty_home_restores_identically(two_points: TwoPoints, tmp_
         assert r.ok, str(r)
         (restored,) = list(target.iterdir())
         assert_same_image(restored, two_points.expected[index])
+        restored.unlink()

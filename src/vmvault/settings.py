@@ -4,6 +4,14 @@ VMVAULT_HOME        where the catalog, host keys and default vaults live
                     (default /var/lib/vmvault for root, else ~/.local/share/vmvault)
 VMVAULT_PASSPHRASE  the vault passphrase (create/import; a fallback when no host key exists)
 VMVAULT_DEBUG       "1" shows tracebacks of unexpected errors
+VMVAULT_TEST_CLOCK_OFFSET_S
+                    test-only: seconds added to the clock the scheduler reads (and the "next
+                    scheduled backup" it shows), so a test can bring a policy's next slot close;
+                    job and recovery point times stay real
+VMVAULT_FILES_LISTEN
+                    HOST:PORT the file-recovery export listens on for other machines (TLS +
+                    per-script password); default 127.0.0.1:0 (loopback, any free port).
+                    Exposing it (e.g. 0.0.0.0:10809) is this explicit setting
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ class Settings:
     home: Path
     passphrase: str | None = None
     debug: bool = False
+    clock_offset_s: float = 0.0
+    files_listen: str = "127.0.0.1:0"
 
     @property
     def catalog_path(self) -> Path:
@@ -31,6 +41,16 @@ class Settings:
     @property
     def vaults_dir(self) -> Path:
         return self.home / "vaults"
+
+    @property
+    def serve_lock_path(self) -> Path:
+        """Held (flock) by a running `vmvault serve`; it holds the service's pid and address."""
+        return self.home / "serve.lock"
+
+    @property
+    def prices_path(self) -> Path:
+        """Optional JSON object of price overrides for `vault usage` (see domain/usage.py Prices)."""
+        return self.home / "prices.json"
 
 
 def default_home() -> Path:
@@ -49,4 +69,18 @@ def load_settings(home_override: str | None = None) -> Settings:
     raw_home = home_override or os.environ.get("VMVAULT_HOME") or ""
     home = Path(raw_home).expanduser() if raw_home else default_home()
     passphrase = os.environ.get("VMVAULT_PASSPHRASE") or None
-    return Settings(home=Path(os.path.abspath(home)), passphrase=passphrase, debug=debug_enabled())
+    return Settings(
+        home=Path(os.path.abspath(home)),
+        passphrase=passphrase,
+        debug=debug_enabled(),
+        clock_offset_s=_clock_offset(),
+        files_listen=os.environ.get("VMVAULT_FILES_LISTEN") or "127.0.0.1:0",
+    )
+
+
+def _clock_offset() -> float:
+    raw = os.environ.get("VMVAULT_TEST_CLOCK_OFFSET_S", "")
+    try:
+        return float(raw) if raw else 0.0
+    except ValueError:
+        return 0.0

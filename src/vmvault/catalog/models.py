@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -45,8 +45,16 @@ class ProtectedItemRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), unique=True)
     vault_id: Mapped[int] = mapped_column(ForeignKey("vaults.id"))
-    protection_state: Mapped[str] = mapped_column(String(32))  # IRPending | Protected
+    protection_state: Mapped[str] = mapped_column(String(32))  # IRPending | Protected | ProtectionStopped
     created: Mapped[str] = mapped_column(String(32))
+    # 0002: the policy it follows, disks left out of its backups, and the instant after which the
+    # scheduler looks for the next slot (moved to "now" whenever a scheduled backup is queued).
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id"), default=None)
+    excluded_disks: Mapped[list[str]] = mapped_column(JSON, default=list)
+    schedule_anchor: Mapped[str | None] = mapped_column(String(32), default=None)
+    # 0003: soft delete (protection disable --delete-data): the instant after which the retention
+    # job purges the item and its points; None while the item is not soft deleted.
+    deferred_delete_time: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class RecoveryPointRow(Base):
@@ -61,11 +69,30 @@ class RecoveryPointRow(Base):
     retain_until: Mapped[str] = mapped_column(String(32))
     disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, size, sourceFormat}]
     job_id: Mapped[str] = mapped_column(String(64), default="")
+    # 0003: retention (service/retention.py). An on-demand point is kept until retain_until; a
+    # scheduled one (on_demand False) by its item's policy. retention_rules names the rules keeping
+    # it (Daily, Weekly, Monthly, Yearly, RetainUntil, Latest, NoPolicy); expiry_time is the latest
+    # of their expiries (ISO UTC; None: no rule expires it). soft_deleted: its item is soft deleted.
+    on_demand: Mapped[bool] = mapped_column(Boolean, default=True)
+    retention_rules: Mapped[list[str]] = mapped_column(JSON, default=list)
+    expiry_time: Mapped[str | None] = mapped_column(String(32), default=None)
+    soft_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class JobRow(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status", "status"), Index("ix_jobs_start_time", "start_time"))
+    __table_args__ = (
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_start_time", "start_time"),
+        Index("ix_jobs_vm_operation", "vm", "operation", "start_time"),
+        # 0002: one Backup per VM at a time, whoever starts it (CLI, scheduler, worker).
+        Index(
+            "ux_jobs_one_backup_per_vm",
+            "vm",
+            unique=True,
+            sqlite_where=text("status = 'InProgress' AND operation = 'Backup'"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     operation: Mapped[str] = mapped_column(String(32))
@@ -79,3 +106,95 @@ class JobRow(Base):
     owner_pid: Mapped[int] = mapped_column(Integer)
     owner_boot_id: Mapped[str] = mapped_column(String(64))
     heartbeat: Mapped[str] = mapped_column(String(32))
+    # 0002: owner_pid 0 = queued, not claimed by any process yet; a worker claims it by a
+    # conditional update. cancel_requested is polled by whoever runs the job.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class PolicyRow(Base):
+    """A backup policy of a vault; properties are Azure's policy properties (domain.policy)."""
+
+    __tablename__ = "policies"
+    __table_args__ = (UniqueConstraint("vault_id", "name", name="uq_policies_vault_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vault_id: Mapped[int] = mapped_column(ForeignKey("vaults.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created: Mapped[str] = mapped_column(String(32))
+    modified: Mapped[str] = mapped_column(String(32))
+
+
+class NotificationTargetRow(Base):
+    """Where a vault's job notifications go: a webhook URL or an e-mail address (+ SMTP server)."""
+
+    __tablename__ = "notification_targets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vault_id: Mapped[int] = mapped_column(ForeignKey("vaults.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # webhook | email
+    address: Mapped[str] = mapped_column(String)  # URL or e-mail address
+    smtp: Mapped[str | None] = mapped_column(String, default=None)  # HOST:PORT (e-mail)
+    sender: Mapped[str | None] = mapped_column(String, default=None)  # From: (e-mail)
+    events: Mapped[str] = mapped_column(String(16))  # failed | all
+    created: Mapped[str] = mapped_column(String(32))
+
+
+class NotificationRow(Base):
+    """The outbox: one row per (target, ended job), delivered by whoever gets the lease."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_status", "status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_id: Mapped[int] = mapped_column(ForeignKey("notification_targets.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[str | None] = mapped_column(String(32), default=None)
+    last_error: Mapped[str | None] = mapped_column(String, default=None)
+    created: Mapped[str] = mapped_column(String(32))
+    sent: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class FileRecoverySessionRow(Base):
+    """0004: a file-recovery session: one recovery point served (and maybe mounted) until `expires`.
+
+    No foreign keys on purpose: retention may delete the point's row while a session still holds
+    it (a vault pin keeps its data until the session ends).
+    """
+
+    __tablename__ = "file_recovery_sessions"
+    __table_args__ = (Index("ix_file_recovery_sessions_state", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(String(64))
+    vm_name: Mapped[str] = mapped_column(String(128))
+    rp_id: Mapped[str] = mapped_column(String(32), index=True)
+    vault_id: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))  # Starting | Active | Ended
+    mountpoint: Mapped[str | None] = mapped_column(String, default=None)  # None: served, not mounted here
+    created: Mapped[str] = mapped_column(String(32))
+    expires: Mapped[str] = mapped_column(String(32))
+    ended: Mapped[str | None] = mapped_column(String(32), default=None)
+    end_reason: Mapped[str | None] = mapped_column(String(32), default=None)  # Unmounted | Expired | ...
+    owner_pid: Mapped[int] = mapped_column(Integer, default=0)
+    owner_boot_id: Mapped[str] = mapped_column(String(64), default="")
+    run_dir: Mapped[str] = mapped_column(String)
+    tcp_address: Mapped[str | None] = mapped_column(String(128), default=None)  # host:port of the TLS export
+    ca_cert: Mapped[str | None] = mapped_column(String, default=None)  # PEM the clients pin
+    volumes: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # mount.Volume dicts
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # disks, errors, created dirs
+
+
+class FileRecoverySecretRow(Base):
+    """0004: a password minted by `vmvault files script`, kept only as its SHA-256."""
+
+    __tablename__ = "file_recovery_secrets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(String(32), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[str] = mapped_column(String(32))
+    expires: Mapped[str] = mapped_column(String(32))

@@ -5,11 +5,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from vmvault.catalog.clock import now_iso
-from vmvault.catalog.models import JobRow, ProtectedItemRow, RecoveryPointRow, VaultRow, VmRow
+from vmvault.catalog.models import (
+    FileRecoverySecretRow,
+    FileRecoverySessionRow,
+    JobRow,
+    NotificationRow,
+    NotificationTargetRow,
+    PolicyRow,
+    ProtectedItemRow,
+    RecoveryPointRow,
+    VaultRow,
+    VmRow,
+)
 from vmvault.errors import NotFound
 
 IN_PROGRESS = "InProgress"
@@ -156,9 +167,17 @@ def get_job(s: Session, job_id: str) -> JobRow:
 
 
 def list_jobs(
-    s: Session, *, vm: str | None = None, status: str | None = None, operation: str | None = None, limit: int = 0
+    s: Session,
+    *,
+    vm: str | None = None,
+    status: str | None = None,
+    operation: str | None = None,
+    limit: int = 0,
+    since: str | None = None,
 ) -> Sequence[JobRow]:
     query = select(JobRow)
+    if since is not None:
+        query = query.where(JobRow.start_time >= since)
     if vm is not None:
         query = query.where(JobRow.vm == vm)
     if status is not None:
@@ -193,3 +212,254 @@ def finish_job(
     if progress is not None:
         values["progress"] = progress
     s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+# ---- policies (0002) ----------------------------------------------------------------------------
+
+
+def find_policy(s: Session, vault_id: int, name: str) -> PolicyRow | None:
+    return s.scalars(select(PolicyRow).where(PolicyRow.vault_id == vault_id, PolicyRow.name == name)).first()
+
+
+def get_policy(s: Session, vault: VaultRow, name: str) -> PolicyRow:
+    row = find_policy(s, vault.id, name)
+    if row is None:
+        raise NotFound(
+            f"policy '{name}' not found in vault '{vault.name}'",
+            hint=f"list policies with: vmvault policy list --vault {vault.name}",
+        )
+    return row
+
+
+def policy_by_id(s: Session, policy_id: int) -> PolicyRow:
+    return s.get_one(PolicyRow, policy_id)
+
+
+def list_policies(s: Session, vault_id: int) -> Sequence[PolicyRow]:
+    return s.scalars(select(PolicyRow).where(PolicyRow.vault_id == vault_id).order_by(PolicyRow.name)).all()
+
+
+def add_policy(s: Session, row: PolicyRow) -> PolicyRow:
+    s.add(row)
+    s.flush()
+    return row
+
+
+def items_with_policy(s: Session, policy_id: int) -> Sequence[ProtectedItemRow]:
+    return s.scalars(select(ProtectedItemRow).where(ProtectedItemRow.policy_id == policy_id)).all()
+
+
+# ---- protected items (0002) ---------------------------------------------------------------------
+
+
+def list_protected_items(s: Session, vault_id: int | None = None) -> Sequence[ProtectedItemRow]:
+    query = select(ProtectedItemRow)
+    if vault_id is not None:
+        query = query.where(ProtectedItemRow.vault_id == vault_id)
+    return s.scalars(query.order_by(ProtectedItemRow.id)).all()
+
+
+def update_protected_item(s: Session, vm_id: str, **values: Any) -> None:
+    s.execute(update(ProtectedItemRow).where(ProtectedItemRow.vm_id == vm_id).values(**values))
+
+
+def mark_protected_after_backup(s: Session, vm_id: str) -> None:
+    """IRPending -> Protected once a point exists; any other state (stopped, ...) stays."""
+    query = update(ProtectedItemRow).where(
+        ProtectedItemRow.vm_id == vm_id, ProtectedItemRow.protection_state == "IRPending"
+    )
+    s.execute(query.values(protection_state="Protected"))
+
+
+def count_recovery_points_for_vm(s: Session, vm_id: str, vault_id: int) -> int:
+    query = select(func.count()).select_from(RecoveryPointRow)
+    query = query.where(RecoveryPointRow.vm_id == vm_id, RecoveryPointRow.vault_id == vault_id)
+    return int(s.scalar(query) or 0)
+
+
+# ---- job queue (0002): owner_pid 0 = queued, claimed by a conditional update --------------------
+
+
+def queued_jobs(s: Session, operations: Sequence[str]) -> Sequence[JobRow]:
+    """Unclaimed InProgress jobs of these operations, oldest first."""
+    query = select(JobRow).where(
+        JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations))
+    )
+    return s.scalars(query.order_by(JobRow.start_time)).all()
+
+
+def claim_job(s: Session, job_id: str, pid: int, boot_id: str, details: dict[str, Any] | None) -> bool:
+    """Take a queued job for this process; False when someone else took (or ended) it first."""
+    query = update(JobRow).where(JobRow.id == job_id, JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0)
+    result = s.execute(query.values(owner_pid=pid, owner_boot_id=boot_id, heartbeat=now_iso(), details=details))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def request_job_cancel(s: Session, job_id: str) -> None:
+    s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == IN_PROGRESS).values(cancel_requested=True))
+
+
+def job_cancel_requested(s: Session, job_id: str) -> bool:
+    return bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+
+
+def update_job_details(s: Session, job_id: str, details: dict[str, Any]) -> None:
+    s.execute(update(JobRow).where(JobRow.id == job_id).values(details=details))
+
+
+def touch_jobs(s: Session, job_ids: Sequence[str]) -> None:
+    """Heartbeat of jobs this process runs."""
+    query = update(JobRow).where(JobRow.id.in_(list(job_ids)), JobRow.status == IN_PROGRESS)
+    s.execute(query.values(heartbeat=now_iso()))
+
+
+def last_ended_job(s: Session, vm: str, operation: str, vault: str, since: str) -> JobRow | None:
+    query = select(JobRow).where(
+        JobRow.vm == vm,
+        JobRow.operation == operation,
+        JobRow.vault == vault,
+        JobRow.status != IN_PROGRESS,
+        JobRow.start_time >= since,
+    )
+    return s.scalars(query.order_by(JobRow.start_time.desc()).limit(1)).first()
+
+
+# ---- notifications (0002) -----------------------------------------------------------------------
+
+
+def add_notification_target(s: Session, row: NotificationTargetRow) -> NotificationTargetRow:
+    s.add(row)
+    s.flush()
+    return row
+
+
+def notification_targets(s: Session, vault_id: int) -> Sequence[NotificationTargetRow]:
+    query = select(NotificationTargetRow).where(NotificationTargetRow.vault_id == vault_id)
+    return s.scalars(query.order_by(NotificationTargetRow.id)).all()
+
+
+def delete_notification_target(s: Session, target_id: int) -> None:
+    s.execute(delete(NotificationRow).where(NotificationRow.target_id == target_id))
+    s.execute(delete(NotificationTargetRow).where(NotificationTargetRow.id == target_id))
+
+
+def add_notification(s: Session, row: NotificationRow) -> NotificationRow:
+    s.add(row)
+    s.flush()
+    return row
+
+
+def due_notifications(s: Session, now: str, job_id: str | None = None, limit: int = 20) -> Sequence[NotificationRow]:
+    query = select(NotificationRow).where(
+        NotificationRow.status == "pending",
+        (NotificationRow.lease_until.is_(None)) | (NotificationRow.lease_until <= now),
+    )
+    if job_id is not None:
+        query = query.where(NotificationRow.job_id == job_id)
+    return s.scalars(query.order_by(NotificationRow.id).limit(limit)).all()
+
+
+def lease_notification(s: Session, row_id: int, now: str, until: str) -> bool:
+    """Take a pending notification until `until`; False if another process holds it."""
+    query = update(NotificationRow).where(
+        NotificationRow.id == row_id,
+        NotificationRow.status == "pending",
+        (NotificationRow.lease_until.is_(None)) | (NotificationRow.lease_until <= now),
+    )
+    return bool(getattr(s.execute(query.values(lease_until=until)), "rowcount", 0))
+
+
+def update_notification(s: Session, row_id: int, **values: Any) -> None:
+    s.execute(update(NotificationRow).where(NotificationRow.id == row_id).values(**values))
+
+
+# ---- retention and soft delete (0003) -----------------------------------------------------------
+
+
+def recovery_points_of_item(s: Session, vm_id: str, vault_id: int) -> Sequence[RecoveryPointRow]:
+    """A VM's points in one vault (soft deleted or not), oldest first."""
+    query = select(RecoveryPointRow).where(RecoveryPointRow.vm_id == vm_id, RecoveryPointRow.vault_id == vault_id)
+    return s.scalars(query.order_by(RecoveryPointRow.time)).all()
+
+
+def set_point_retention(s: Session, rp_id: str, rules: list[str], expiry_time: str | None) -> None:
+    query = update(RecoveryPointRow).where(RecoveryPointRow.id == rp_id)
+    s.execute(query.values(retention_rules=rules, expiry_time=expiry_time))
+
+
+def delete_recovery_point(s: Session, rp_id: str) -> None:
+    s.execute(delete(RecoveryPointRow).where(RecoveryPointRow.id == rp_id))
+
+
+def set_points_soft_deleted(s: Session, vm_id: str, vault_id: int, soft_deleted: bool) -> int:
+    query = update(RecoveryPointRow).where(RecoveryPointRow.vm_id == vm_id, RecoveryPointRow.vault_id == vault_id)
+    return int(getattr(s.execute(query.values(soft_deleted=soft_deleted)), "rowcount", 0))
+
+
+def soft_deleted_items(s: Session, vault_id: int | None = None) -> Sequence[ProtectedItemRow]:
+    query = select(ProtectedItemRow).where(ProtectedItemRow.deferred_delete_time.is_not(None))
+    if vault_id is not None:
+        query = query.where(ProtectedItemRow.vault_id == vault_id)
+    return s.scalars(query.order_by(ProtectedItemRow.id)).all()
+
+
+def delete_protected_item(s: Session, vm_id: str) -> None:
+    s.execute(delete(ProtectedItemRow).where(ProtectedItemRow.vm_id == vm_id))
+
+
+def recovery_points_in_vault(s: Session, vault_id: int) -> Sequence[RecoveryPointRow]:
+    """Every point of a vault, oldest first."""
+    query = select(RecoveryPointRow).where(RecoveryPointRow.vault_id == vault_id)
+    return s.scalars(query.order_by(RecoveryPointRow.time)).all()
+
+
+# ---- file recovery sessions (0004) ----------------------------------------------------------------
+
+FILE_SESSION_ENDED = "Ended"
+
+
+def find_file_session(s: Session, session_id: str) -> FileRecoverySessionRow | None:
+    return s.get(FileRecoverySessionRow, session_id)
+
+
+def live_file_sessions(
+    s: Session, *, vm_id: str | None = None, rp_id: str | None = None
+) -> Sequence[FileRecoverySessionRow]:
+    """Sessions not Ended, oldest first."""
+    query = select(FileRecoverySessionRow).where(FileRecoverySessionRow.state != FILE_SESSION_ENDED)
+    if vm_id is not None:
+        query = query.where(FileRecoverySessionRow.vm_id == vm_id)
+    if rp_id is not None:
+        query = query.where(FileRecoverySessionRow.rp_id == rp_id)
+    return s.scalars(query.order_by(FileRecoverySessionRow.created)).all()
+
+
+def list_file_sessions(s: Session, *, vm_id: str | None = None, limit: int = 0) -> Sequence[FileRecoverySessionRow]:
+    """Every session (ended ones too), newest first."""
+    query = select(FileRecoverySessionRow)
+    if vm_id is not None:
+        query = query.where(FileRecoverySessionRow.vm_id == vm_id)
+    query = query.order_by(FileRecoverySessionRow.created.desc())
+    return s.scalars(query.limit(limit) if limit else query).all()
+
+
+def add_file_session(s: Session, row: FileRecoverySessionRow) -> FileRecoverySessionRow:
+    s.add(row)
+    s.flush()
+    return row
+
+
+def update_file_session(s: Session, session_id: str, **values: Any) -> None:
+    s.execute(update(FileRecoverySessionRow).where(FileRecoverySessionRow.id == session_id).values(**values))
+
+
+def add_file_secret(s: Session, session_id: str, secret_hash: str, expires: str) -> FileRecoverySecretRow:
+    row = FileRecoverySecretRow(session_id=session_id, secret_hash=secret_hash, created=now_iso(), expires=expires)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def file_secrets(s: Session, session_id: str) -> Sequence[FileRecoverySecretRow]:
+    query = select(FileRecoverySecretRow).where(FileRecoverySecretRow.session_id == session_id)
+    return s.scalars(query).all()

@@ -122,6 +122,9 @@ def vault_create(
     ] = None,
     redundancy: Annotated[Redundancy, typer.Option(case_sensitive=False, help="LRS (GRS: not yet).")] = Redundancy.LRS,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
+    timezone: Annotated[
+        str, typer.Option("--timezone", help="Time zone (IANA) of the vault's DefaultPolicy, e.g. Europe/Berlin.")
+    ] = "UTC",
 ) -> None:
     """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""
     from vmvault.service import vaults
@@ -129,8 +132,24 @@ def vault_create(
     secret = _passphrase(passphrase_file)
     with service_context() as ctx:
         output.print_object(
-            vaults.create_vault(ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret)
+            vaults.create_vault(
+                ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret, time_zone=timezone
+            )
         )
+
+
+@vault_app.command("delete")
+def vault_delete(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    keep_storage: Annotated[
+        bool, typer.Option("--keep-storage", help="Only unregister it; leave its directory as it is.")
+    ] = False,
+) -> None:
+    """Delete an empty vault (refused while it has protected or soft-deleted items, or recovery points)."""
+    from vmvault.service import vaults
+
+    with service_context() as ctx:
+        output.print_object(vaults.delete_vault(ctx, name, keep_storage=keep_storage))
 
 
 @vault_app.command("list")
@@ -198,13 +217,32 @@ def vault_import(
 @vm_app.command("add")
 def vm_add(
     name: Annotated[str, typer.Argument(help="VM name.")],
-    disk: Annotated[list[Path], typer.Option("--disk", help="Disk image (repeat, in order: disk0, disk1, ...).")],
+    disk: Annotated[
+        list[Path] | None, typer.Option("--disk", help="Disk image (repeat, in order: disk0, disk1, ...).")
+    ] = None,
+    qmp: Annotated[
+        Path | None, typer.Option("--qmp", help="A running QEMU's QMP socket, vmvault's own (-qmp unix:PATH,...).")
+    ] = None,
+    guest_agent: Annotated[
+        Path | None, typer.Option("--guest-agent", help="With --qmp: the socket of its guest agent channel.")
+    ] = None,
 ) -> None:
-    """Add a VM given by its disk images (raw or qcow2)."""
+    """Add a VM given by its disk images (raw or qcow2), or a running QEMU VM with --qmp."""
     from vmvault.service import vms
 
+    if qmp is None and guest_agent is not None:
+        raise InvalidInput(
+            "--guest-agent goes with --qmp", hint=f"vmvault vm add {name} --qmp SOCKET --guest-agent SOCKET"
+        )
+    if qmp is not None and disk:
+        raise InvalidInput("give either --disk or --qmp", hint="a running VM's disks come from QEMU itself")
     with service_context() as ctx:
-        output.print_object(vms.add_vm(ctx, name, list(disk)))
+        if qmp is not None:
+            from vmvault.service import running_vms
+
+            output.print_object(running_vms.add_qmp_vm(ctx, name, qmp, guest_agent))
+            return
+        output.print_object(vms.add_vm(ctx, name, list(disk or [])))
 
 
 @vm_app.command("list")
@@ -228,18 +266,78 @@ def vm_show(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
 # ---- protection ---------------------------------------------------------------------------------
 
 
+PolicyOption = Annotated[str | None, typer.Option("--policy", help="Backup policy of the vault (see: policy list).")]
+ExcludeDiskOption = Annotated[
+    list[str] | None, typer.Option("--exclude-disk", help="Leave this disk out of backups (repeat for more).")
+]
+
+
 @protection_app.command("enable")
 def protection_enable(
     vault: Annotated[str, typer.Option("--vault", help="Vault that will hold its backups.")],
     vm: VmArgument = None,
     vm_option: VmOption = None,
+    policy: PolicyOption = None,
+    exclude_disk: ExcludeDiskOption = None,
 ) -> None:
-    """Protect a VM with a vault (a ConfigureBackup job)."""
+    """Protect a VM with a vault and a policy (default DefaultPolicy); a ConfigureBackup job."""
     from vmvault.service import protection
 
     name = _vm_name(vm, vm_option, "protection enable")
     with service_context() as ctx:
-        output.print_object(protection.enable_protection(ctx, name, vault))
+        output.print_object(
+            protection.enable_protection(ctx, name, vault, policy=policy, exclude_disks=list(exclude_disk or []))
+        )
+
+
+@protection_app.command("update")
+def protection_update(
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    policy: PolicyOption = None,
+    exclude_disk: ExcludeDiskOption = None,
+    all_disks: Annotated[bool, typer.Option("--all-disks", help="Exclude no disk any more.")] = False,
+) -> None:
+    """Change a protected VM's policy and/or excluded disks (a ConfigureBackup job)."""
+    from vmvault.service import protection
+
+    name = _vm_name(vm, vm_option, "protection update")
+    if all_disks and exclude_disk:
+        raise InvalidInput("--all-disks and --exclude-disk contradict each other", hint="give one of them")
+    excluded = [] if all_disks else (list(exclude_disk) if exclude_disk else None)
+    with service_context() as ctx:
+        output.print_object(protection.update_protection(ctx, name, policy=policy, exclude_disks=excluded))
+
+
+@protection_app.command("disable")
+def protection_disable(
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    delete_data: Annotated[
+        bool, typer.Option("--delete-data", help="Also soft delete the backup data (purged after 14 days).")
+    ] = False,
+) -> None:
+    """Stop backing a VM up; its points stay and keep expiring by its policy (a DisableBackup job)."""
+    name = _vm_name(vm, vm_option, "protection disable")
+    with service_context() as ctx:
+        if delete_data:
+            from vmvault.service import softdelete
+
+            output.print_object(softdelete.delete_backup_data(ctx, name))
+        else:
+            from vmvault.service import protection
+
+            output.print_object(protection.disable_protection(ctx, name))
+
+
+@protection_app.command("resume")
+def protection_resume(vm: VmArgument = None, vm_option: VmOption = None, policy: PolicyOption = None) -> None:
+    """Start backing up a VM whose protection was stopped (a ConfigureBackup job)."""
+    from vmvault.service import protection
+
+    name = _vm_name(vm, vm_option, "protection resume")
+    with service_context() as ctx:
+        output.print_object(protection.resume_protection(ctx, name, policy=policy))
 
 
 # ---- backup -------------------------------------------------------------------------------------
@@ -252,17 +350,31 @@ def backup_now(
     retain_until: Annotated[
         str | None, typer.Option(help="Keep the point until this date, YYYY-MM-DD (default: 30 days).")
     ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job (always: it runs in this process).")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job (the default).")] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="With vmvault serve running: print the queued job and return.")
+    ] = False,
 ) -> None:
-    """Back a protected VM up now; prints the job and exits non-zero if it failed."""
+    """Back a protected VM up now (queued to vmvault serve when it runs); prints the job, non-zero if it failed."""
     from vmvault.cli.progress import progress_display, run_cancellable
-    from vmvault.service import backups
+    from vmvault.service import backups, jobs
 
     name = _vm_name(vm, vm_option, "backup now")
     with service_context() as ctx, progress_display(f"backup {name}") as show:
         outcome = run_cancellable(
             lambda cancel: backups.backup_now(ctx, name, retain_until=retain_until, on_progress=show, cancel=cancel)
         )
+        if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve
+            output.info(f"queued to vmvault serve as job {outcome.job['id']}")
+            if no_wait:
+                output.print_object(outcome.job)
+                return
+            job = run_cancellable(
+                lambda cancel: jobs.wait_for_job(ctx, outcome.job["id"], on_progress=show, cancel=cancel)
+            )
+            point = jobs.describe_job(ctx, job["id"])["extendedInfo"]["recoveryPoint"]
+            _end_job(jobs.JobOutcome(job=job), [f"recovery point {point}"] if point else [])
+            return
     manifest = outcome.result
     _end_job(outcome, [f"recovery point {manifest.rp_id} at {manifest.time}"] if manifest is not None else [])
 
@@ -270,43 +382,79 @@ def backup_now(
 # ---- job ----------------------------------------------------------------------------------------
 
 
+JobIdArgument = Annotated[str, typer.Argument(help="Job id (or a unique prefix of 8+ characters).", metavar="ID")]
+
+
 @job_app.command("list")
 def job_list(
     vm: Annotated[str | None, typer.Option(help="Only jobs of this VM.")] = None,
+    item: Annotated[str | None, typer.Option("--item", help="Only jobs of this protected item (VM).")] = None,
     status: Annotated[str | None, typer.Option(help="Only jobs with this status (e.g. InProgress).")] = None,
     operation: Annotated[str | None, typer.Option(help="Only this operation (e.g. Backup).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only jobs started at or after this UTC date or time (YYYY-MM-DD[THH:MM]).")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first (0: all).")] = 0,
 ) -> None:
     """List jobs, newest first."""
     from vmvault.service import jobs
 
+    name = _vm_name(vm, item, "job list --item") if vm or item else None
     with service_context() as ctx:
-        rows = jobs.list_jobs(ctx, vm=vm, status=status, operation=operation, limit=limit)
+        rows = jobs.list_jobs(ctx, vm=name, status=status, operation=operation, limit=limit, since=since)
         output.print_list(rows, output.JOB_COLUMNS)
 
 
 @job_app.command("show")
-def job_show(
-    job_id: Annotated[str, typer.Argument(help="Job id (or a unique prefix of 8+ characters).", metavar="ID")],
-) -> None:
-    """Show a job."""
+def job_show(job_id: JobIdArgument) -> None:
+    """Show a job, with its progress per disk, rate and error (extendedInfo)."""
     from vmvault.service import jobs
 
     with service_context() as ctx:
-        output.print_object(jobs.show_job(ctx, job_id))
+        output.print_object(jobs.describe_job(ctx, job_id))
+
+
+@job_app.command("wait")
+def job_wait(
+    job_id: JobIdArgument,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 75).")] = None,
+) -> None:
+    """Wait for a job to end; prints it and exits with its error's code if it did not complete."""
+    from vmvault.cli.progress import progress_display
+    from vmvault.service import jobs
+
+    with service_context() as ctx, progress_display(f"job {job_id[:8]}") as show:
+        job = jobs.wait_for_job(ctx, job_id, timeout=timeout, on_progress=show)
+    _end_job(jobs.JobOutcome(job=job))
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: JobIdArgument) -> None:
+    """Cancel a job: a queued one at once, a running one as soon as it notices (no recovery point is left)."""
+    from vmvault.service import jobs
+
+    with service_context() as ctx:
+        output.print_object(jobs.cancel_job(ctx, job_id))
 
 
 # ---- recoverypoint ------------------------------------------------------------------------------
 
 
 @rp_app.command("list")
-def recoverypoint_list(vm: VmArgument = None, vm_option: VmOption = None) -> None:
+def recoverypoint_list(
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    include_deleted: Annotated[
+        bool, typer.Option("--include-deleted", help="Also list soft-deleted points (see protection disable).")
+    ] = False,
+) -> None:
     """List a VM's recovery points, oldest first."""
     from vmvault.service import backups
 
     name = _vm_name(vm, vm_option, "recoverypoint list")
     with service_context() as ctx:
-        output.print_list(backups.list_recovery_points(ctx, name), output.RP_COLUMNS)
+        rows = backups.list_recovery_points(ctx, name, include_deleted=include_deleted)
+        output.print_list(rows, output.RP_COLUMNS)
 
 
 # ---- restore ------------------------------------------------------------------------------------
@@ -336,3 +484,12 @@ def restore_disks(
             )
         )
     _end_job(outcome, [f"restored {path}" for path in outcome.result or []])
+
+
+# Commands defined in their own modules register themselves on the groups above:
+# vault gc (cli/gc.py); retention run, protection undelete (cli/retention.py).
+from vmvault.cli import gc as _gc, retention as _retention  # noqa: E402, F401, I001
+# policy, item, serve, vault usage, vault notify (cli/policy.py, item.py, serve.py, usage.py, notify.py).
+from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usage as _u  # noqa: E402, F401
+# file recovery: files mount|list|unmount|script|browse|download (cli/files.py).
+from vmvault.cli import files as _files  # noqa: E402, F401, I001

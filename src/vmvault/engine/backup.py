@@ -28,6 +28,7 @@ from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO, NbdReader
 from vmvault.hypervisor.offline import NbdImageExport
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
+from vmvault.vault.lock import holding_shared
 from vmvault.vault.manifest import DiskEntry, RecoveryPointManifest
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, encode_body
 from vmvault.vault.store import PackWriter, Vault
@@ -148,7 +149,10 @@ class BackupRun:
         return first, ids, nonzero
 
     def store_data(self, cid: bytes, piece: bytes) -> int:
-        if self.data.pending(cid) or self.vault.index.contains(cid):
+        if self.data.pending(cid):
+            return 0
+        if self.vault.index.contains(cid):
+            _test_pause_after_dedup(cid)  # test-only hook, a no-op unless its variable is set
             return 0
         body, flags = encode_body(piece)
         return len(body) if self.data.add(cid, body, flags, len(piece)) else 0
@@ -344,6 +348,10 @@ def run_backup(
     return manifest
 
 
+# The vault lock, shared, for the whole backup (vault/lock.py): garbage collection sweeps only
+# under the exclusive lock, so nothing this backup deduplicates against can be deleted before its
+# manifest is published; the chunk index is re-read once the lock is held.
+@holding_shared
 def backup_exported(
     vault: Vault,
     *,
@@ -409,3 +417,30 @@ def _previous_root(vault: Vault, previous: RecoveryPointManifest | None, name: s
 def _prepare(vault: Vault, src: ExportedDisk, previous: RecoveryPointManifest | None) -> _Disk:
     geo = Geometry(src.size, vault.chunk_size, vault.leaf_span)
     return _Disk(src, geo, previous=_previous_root(vault, previous, src.name, geo), stats=DiskStats(src.name))
+
+
+_dedup_pause = threading.Lock()
+_dedup_paused = False
+
+
+def _test_pause_after_dedup(cid: bytes) -> None:
+    """Test-only (tests/test_gc.py): VMVAULT_TEST_PAUSE_AFTER_DEDUP=DIR pauses the first dedup hit.
+
+    The backup has just found chunk `cid` already in the vault and will reference it without
+    storing it. It writes DIR/paused (the chunk ID in hex) and waits until DIR/resume exists
+    (at most 10 minutes), so a test can delete points and collect garbage at exactly that moment.
+    """
+    global _dedup_paused
+    where = os.environ.get("VMVAULT_TEST_PAUSE_AFTER_DEDUP")
+    if not where:
+        return
+    with _dedup_pause:
+        if _dedup_paused:
+            return
+        _dedup_paused = True
+        import time
+
+        (Path(where) / "paused").write_text(cid.hex())
+        deadline = time.monotonic() + 600
+        while not (Path(where) / "resume").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

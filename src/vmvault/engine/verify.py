@@ -18,12 +18,13 @@ from vmvault.errors import IntegrityError, VmvaultError
 from vmvault.vault import keyfile
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
+from vmvault.vault.lock import holding_shared
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.packs import BlobRef, decode_blob, read_trailer
 from vmvault.vault.sealed import unseal
 from vmvault.vault.store import CONFIG_NAME, Vault, parse_index_payload
 
-_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points"}
+_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points", "locks", "pins"}  # vault/lock.py
 
 
 @dataclass
@@ -39,6 +40,7 @@ class VerifyReport:
         self.problems.append(text)
 
 
+@holding_shared  # no garbage collection sweeps while we read (it would look like missing data)
 def run_verify(vault: Vault, rp_id: str | None = None, on_progress: ProgressCallback | None = None) -> VerifyReport:
     report = VerifyReport()
     tracker = ProgressTracker(on_progress)
@@ -58,7 +60,11 @@ def _walk(root: Path) -> Iterator[tuple[str, int]]:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             full = Path(dirpath) / name
-            yield full.relative_to(root).as_posix(), full.stat().st_size
+            try:
+                size = full.stat().st_size
+            except FileNotFoundError:
+                continue  # a pin or a temporary file removed meanwhile (restores run beside verify)
+            yield full.relative_to(root).as_posix(), size
 
 
 def _verify_files(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,17 +15,29 @@ from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
 from vmvault.catalog.clock import later_than
-from vmvault.catalog.models import VaultRow
-from vmvault.errors import InvalidInput
+from vmvault.catalog.models import JobRow, VaultRow
+from vmvault.errors import Cancelled, InvalidInput, VmvaultError
 from vmvault.service.context import Context
-from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.protection import PROTECTED
+from vmvault.service.jobs import (
+    JobOutcome,
+    JobRun,
+    Operation,
+    ProgressCallback,
+    Status,
+    create_job,
+    disk_tasks,
+    end_job,
+    run_job,
+    show_job,
+)
+from vmvault.service.protection import ACTIVE_STATES
 from vmvault.service.validate import parse_retain_until
 from vmvault.service.vaultio import opened_vault, read_manifest_or_none
 from vmvault.service.vaults import recovery_point_row
 from vmvault.service.views import JsonDict, recovery_point_view
 
 CRASH_CONSISTENT = "CrashConsistent"
+ON_DEMAND, SCHEDULED = "OnDemand", "Scheduled"  # job details["trigger"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class BackupPlan:
     disks: list[dict[str, str]]
     definition: dict[str, Any]
     retain_until: str
+    policy_id: int | None = None
 
 
 def new_rp_id() -> str:
@@ -48,22 +64,83 @@ def backup_now(
     retain_until: str | None = None,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    queue: bool | None = None,
 ) -> JobOutcome[Any]:
     """Back up a protected VM into its vault as a Backup job; result: the published manifest.
 
-    Bad input (unknown VM, unprotected VM, bad date) raises before any job is recorded.
+    Bad input (unknown VM, unprotected VM, bad date) raises before any job is recorded. While
+    `vmvault serve` runs (or with queue=True) the job is queued for its workers and returned
+    InProgress at once (follow it with jobs.wait_for_job); otherwise it runs here.
     """
     plan = plan_backup(ctx, vm_name, parse_retain_until(retain_until))
-    job = create_job(ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True)
+    details = backup_details(plan, ON_DEMAND)
+    if queue is None:
+        from vmvault.service.worker import service_info
+
+        queue = service_info(ctx.settings) is not None
+    if queue:
+        job = create_job(
+            ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True, queued=True, details=details
+        )
+        return JobOutcome(job=show_job(ctx, job.id))
+    job = create_job(ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True, details=details)
+    return execute_backup(ctx, job, plan, on_progress=on_progress, cancel=cancel)
+
+
+def backup_details(plan: BackupPlan, trigger: str, **extra: Any) -> dict[str, Any]:
+    """A Backup job's details: why it runs, how long its point is kept, one task per disk."""
+    return {"trigger": trigger, "retainUntil": plan.retain_until, "tasks": disk_tasks([d["name"] for d in plan.disks]),
+            **extra}  # fmt: skip
+
+
+def execute_backup(
+    ctx: Context,
+    job: JobRow,
+    plan: BackupPlan,
+    *,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[Any]:
+    """Run a Backup job this process owns; the point and the item's state are recorded with its end."""
 
     def work(run: JobRun) -> Any:
         return _run_backup(ctx, plan, job.id, run)
 
+    scheduled = (job.details or {}).get("trigger") == SCHEDULED
+
     def record(s: Session, manifest: Any) -> None:
         repos.add_recovery_point(s, recovery_point_row(manifest, plan.vault.id))
-        repos.set_protection_state(s, plan.vm_id, PROTECTED)
+        repos.mark_protected_after_backup(s, plan.vm_id)
+        current = repos.get_job(s, job.id)
+        repos.update_job_details(s, job.id, {**(current.details or {}), "recoveryPoint": manifest.rp_id})
+        _record_retention(ctx, s, manifest.rp_id, scheduled)
 
     return run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
+
+
+def _record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> None:
+    """Let retention (service/retention.py, when this build has it) record the new point's rules and expiry."""
+    try:
+        retention = importlib.import_module("vmvault.service.retention")
+    except ModuleNotFoundError as exc:
+        if exc.name != "vmvault.service.retention":
+            raise
+        return
+    record_new_point = getattr(retention, "record_new_point", None)
+    if record_new_point is not None:
+        record_new_point(s, rp_id, scheduled=scheduled, now=ctx.now())
+
+
+def run_claimed_backup(ctx: Context, job: JobRow, *, cancel: threading.Event | None = None) -> JobOutcome[Any]:
+    """Run a queued Backup job this process has claimed (a worker of `vmvault serve`)."""
+    details = job.details or {}
+    try:
+        plan = plan_backup(ctx, job.vm or "", str(details.get("retainUntil") or ""))
+    except VmvaultError as exc:  # the VM or its protection changed since the job was queued
+        return JobOutcome(job=end_job(ctx, job.id, Status.FAILED, exc), error=exc)
+    if not details.get("tasks"):
+        job.details = {**details, **backup_details(plan, str(details.get("trigger") or ON_DEMAND))}
+    return execute_backup(ctx, job, plan, cancel=cancel)
 
 
 def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
@@ -75,10 +152,19 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
                 f"VM '{vm_name}' is not protected by any vault",
                 hint=f"protect it first: vmvault protection enable {vm_name} --vault NAME",
             )
+        if item.protection_state not in ACTIVE_STATES:
+            raise InvalidInput(
+                f"protection of VM '{vm_name}' is {item.protection_state}: it takes no backups",
+                hint=f"resume it first: vmvault protection resume {vm_name}",
+            )
         vault = repos.vault_by_id(s, item.vault_id)
+        excluded = set(item.excluded_disks or [])
         disks = [{"name": str(d["name"]), "path": str(d.get("path") or "")} for d in vm.disks]
+        disks = [d for d in disks if d["name"] not in excluded]
     _check_disks(vm_name, disks)
-    return BackupPlan(vm.id, vm.name, vault, disks, dict(vm.definition), retain_until)
+    if not retain_until:
+        raise InvalidInput(f"no retain-until date for the backup of VM '{vm_name}'", hint="give --retain-until")
+    return BackupPlan(vm.id, vm.name, vault, disks, dict(vm.definition), retain_until, item.policy_id)
 
 
 def _check_disks(vm_name: str, disks: list[dict[str, str]]) -> None:
@@ -93,7 +179,14 @@ def _check_disks(vm_name: str, disks: list[dict[str, str]]) -> None:
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
     from vmvault.engine.backup import DiskSource, run_backup
 
-    with opened_vault(ctx, plan.vault) as vault:
+    if plan.definition.get("kind") == "qmp":  # a QEMU VM driven over QMP (service/running_vms.py)
+        from vmvault.service import running_vms
+
+        manifest = running_vms.run_qmp_backup(ctx, plan, job_id, run)
+        if manifest is not None:
+            return manifest
+        plan = running_vms.stopped_vm_plan(plan)  # its QEMU is not running: read the images offline below
+    with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name):
         previous = _previous_manifest(ctx, vault, plan)
         return run_backup(
             vault,
@@ -112,6 +205,21 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
         )
 
 
+@contextmanager
+def _cancel_reason(run: JobRun, vm_name: str) -> Iterator[None]:
+    """A cancel that says why (the service stopping) names it in the Cancelled job's error."""
+    try:
+        yield
+    except Cancelled as exc:
+        reason = getattr(run.cancel, "reason", "")
+        if not reason:
+            raise
+        raise Cancelled(
+            f"{reason} while the backup ran; no recovery point was created",
+            hint=f"it runs at the next scheduled time, or now with: vmvault backup now {vm_name}",
+        ) from exc
+
+
 def _previous_manifest(ctx: Context, vault: Any, plan: BackupPlan) -> Any:
     with ctx.catalog.read() as s:
         latest = repos.latest_recovery_point(s, plan.vm_id, plan.vault.id)
@@ -125,8 +233,9 @@ def _next_point_time(ctx: Context, vm_id: str) -> str:
     return later_than(latest.time if latest else None)
 
 
-def list_recovery_points(ctx: Context, vm_name: str) -> list[JsonDict]:
-    """The VM's recovery points, oldest first: id, time, consistency, expires."""
+def list_recovery_points(ctx: Context, vm_name: str, *, include_deleted: bool = False) -> list[JsonDict]:
+    """The VM's recovery points, oldest first: id, time, consistency, expires (soft-deleted ones on request)."""
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
-        return [recovery_point_view(r) for r in repos.recovery_points_for_vm(s, vm.id)]
+        rows = repos.recovery_points_for_vm(s, vm.id)
+        return [recovery_point_view(r) for r in rows if include_deleted or not r.soft_deleted]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from vmvault.catalog.db import Catalog
 from vmvault.settings import Settings
@@ -17,6 +18,12 @@ class Context:
 
     def close(self) -> None:
         self.catalog.close()
+
+    def now(self) -> datetime:
+        """The clock the scheduler reads: UTC now, plus the test-only offset (settings.clock_offset_s)."""
+        from vmvault.catalog.clock import utc_now
+
+        return utc_now() + timedelta(seconds=self.settings.clock_offset_s)
 
 
 def open_context(settings: Settings) -> Context:

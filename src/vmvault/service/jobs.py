@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import JobRow
-from vmvault.errors import Busy, Cancelled, InternalError, VmvaultError
+from vmvault.errors import Busy, Cancelled, InternalError, InvalidInput, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict, empty_progress, job_view
 
@@ -97,12 +97,32 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When pid started (clock ticks since boot, /proc/PID/stat field 22): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def owner_fields() -> JsonDict:
+    """What a job's details record about the process that runs it (besides pid and boot id)."""
+    return {"ownerStart": process_start_ticks(os.getpid())}
+
+
 def owner_is_dead(row: JobRow, current_boot: str) -> bool:
+    if row.owner_pid <= 0:
+        return False  # queued: no process owns it yet (a worker of `vmvault serve` will claim it)
     if row.owner_boot_id and current_boot and row.owner_boot_id != current_boot:
         return True  # the machine rebooted since: the owner cannot be running
     if row.owner_pid == os.getpid():
         return False
-    return not pid_alive(row.owner_pid)
+    if not pid_alive(row.owner_pid):
+        return True
+    started = (row.details or {}).get("ownerStart")
+    now_started = process_start_ticks(row.owner_pid)
+    return started is not None and now_started is not None and started != now_started  # pid reused
 
 
 # ---- dead jobs ----------------------------------------------------------------------------------
@@ -131,8 +151,24 @@ def reap_dead_jobs(ctx: Context) -> int:
         for row in repos.running_jobs(s):
             if owner_is_dead(row, current):
                 repos.finish_job(s, row.id, Status.FAILED, error=dead_job_error(row))
+                _notify_enqueue(s, row.id)
                 reaped += 1
     return reaped
+
+
+def _notify_enqueue(s: Session, job_id: str) -> None:
+    from vmvault.service import notify
+
+    notify.enqueue_for_job(s, job_id)
+
+
+def _notify_deliver(ctx: Context, job_id: str) -> None:
+    from vmvault.service import notify
+
+    try:
+        notify.deliver_pending(ctx, job_id=job_id)
+    except Exception:  # a notification must never change how a job ended; serve retries it
+        log.warning("could not deliver the notifications of job %s", job_id, exc_info=True)
 
 
 # ---- running a job ------------------------------------------------------------------------------
@@ -156,8 +192,21 @@ def as_vmvault_error(exc: Exception) -> VmvaultError:
     )
 
 
-def create_job(ctx: Context, operation: str, *, vm: str | None, vault: str | None, exclusive: bool = False) -> JobRow:
-    """Insert an InProgress job; with exclusive, refuse if one of the same kind runs for this VM."""
+def create_job(
+    ctx: Context,
+    operation: str,
+    *,
+    vm: str | None,
+    vault: str | None,
+    exclusive: bool = False,
+    queued: bool = False,
+    details: JsonDict | None = None,
+) -> JobRow:
+    """Insert an InProgress job; with exclusive, refuse if one of the same kind runs for this VM.
+
+    A queued job has no owner (pid 0) until a worker of `vmvault serve` claims it. One Backup per
+    VM at a time is also enforced by a unique index, whichever process inserts it.
+    """
     now = now_iso()
     row = JobRow(
         id=str(uuid.uuid4()),
@@ -169,23 +218,31 @@ def create_job(ctx: Context, operation: str, *, vm: str | None, vault: str | Non
         end_time=None,
         progress=empty_progress(),
         error=None,
-        owner_pid=os.getpid(),
-        owner_boot_id=boot_id(),
+        owner_pid=0 if queued else os.getpid(),
+        owner_boot_id="" if queued else boot_id(),
         heartbeat=now,
+        cancel_requested=False,
+        details={**(details or {}), **({} if queued else owner_fields())},
     )
-    with ctx.catalog.write() as s:
-        if exclusive and vm is not None:
-            _refuse_if_running(s, operation, vm)
-        repos.add_job(s, row)
+    try:
+        with ctx.catalog.write() as s:
+            if exclusive and vm is not None:
+                _refuse_if_running(s, operation, vm)
+            repos.add_job(s, row)
+    except IntegrityError:  # the unique index: another process inserted its backup first
+        with ctx.catalog.read() as s:
+            _refuse_if_running(s, operation, vm or "")
+        raise
     return row
 
 
 def _refuse_if_running(s: Session, operation: str, vm: str) -> None:
     running = repos.running_job_for_vm(s, vm, operation)
     if running is not None:
+        who = f"pid {running.owner_pid}" if running.owner_pid > 0 else "queued for vmvault serve"
         raise Busy(
-            f"a {operation} job for VM '{vm}' is already running (job {running.id}, pid {running.owner_pid})",
-            hint=f"wait for it to end: vmvault job show {running.id}",
+            f"a {operation} job for VM '{vm}' is already running (job {running.id}, {who})",
+            hint=f"wait for it to end: vmvault job wait {running.id} (or stop it: vmvault job cancel {running.id})",
         )
 
 
@@ -218,6 +275,8 @@ class JobRun:
     on_progress: ProgressCallback | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     last: JsonDict = field(default_factory=empty_progress)
+    details: JsonDict | None = None  # the job row's details; "tasks" (one per disk) follow progress
+    warnings: list[JsonDict] = field(default_factory=list)  # {code, message, recommendedAction}: CompletedWithWarnings
     _written_at: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -226,17 +285,63 @@ class JobRun:
         if self.on_progress is not None:
             self.on_progress(progress)
         with self._lock:
+            previous = self.last
             self.last = progress_dict(progress)
+            self._track_tasks(previous, progress)
             now = time.monotonic()
             if now - self._written_at < PROGRESS_INTERVAL_S:
                 return
             self._written_at = now
             snapshot = dict(self.last)
+            details = _copy_details(self.details)
         try:
             with self.ctx.catalog.write() as s:
                 repos.update_job_progress(s, self.job_id, snapshot)
+                if details is not None:
+                    repos.update_job_details(s, self.job_id, details)
         except DatabaseError:  # a busy catalog must not fail the backup; the next update retries
             log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
+
+    def _track_tasks(self, previous: JsonDict, progress: Any) -> None:
+        """Credit the bytes read since the last report to the disk being read (details["tasks"])."""
+        tasks = (self.details or {}).get("tasks")
+        disk = str(getattr(progress, "current_disk", "") or "")
+        if not tasks or not disk:
+            return
+        now = now_iso()
+        for task in tasks:
+            if task["disk"] == disk:
+                task["status"] = Status.IN_PROGRESS
+                task["startTime"] = task.get("startTime") or now
+                task["bytesRead"] += max(0, self.last["bytesRead"] - previous["bytesRead"])
+                task["bytesWritten"] += max(0, self.last["bytesWritten"] - previous["bytesWritten"])
+            elif task["status"] == Status.IN_PROGRESS:
+                task["status"], task["endTime"] = Status.COMPLETED, now
+
+    def end_tasks(self, status: str) -> None:
+        now = now_iso()
+        for task in (self.details or {}).get("tasks") or []:
+            if task["status"] == Status.IN_PROGRESS or (status == Status.COMPLETED and task["status"] != status):
+                task["status"], task["endTime"] = status, now
+            elif task["status"] == "NotStarted" and status != Status.COMPLETED:
+                task["status"] = Status.CANCELLED if status == Status.CANCELLED else "NotStarted"
+
+
+def _copy_details(details: JsonDict | None) -> JsonDict | None:
+    if details is None:
+        return None
+    copy = dict(details)
+    if "tasks" in copy:
+        copy["tasks"] = [dict(t) for t in copy["tasks"]]
+    return copy
+
+
+def disk_tasks(disks: Sequence[str]) -> list[JsonDict]:
+    """details["tasks"] of a job that reads these disks: one task per disk, progress filled in as it runs."""
+    return [
+        {"disk": d, "status": "NotStarted", "bytesRead": 0, "bytesWritten": 0, "startTime": None, "endTime": None}
+        for d in disks
+    ]
 
 
 @dataclass
@@ -266,9 +371,11 @@ def run_job(
     failure(result) may turn a result into a failure (verify found problems).
     KeyboardInterrupt ends the job Cancelled and is re-raised.
     """
-    run = JobRun(ctx, row.id, on_progress, cancel or threading.Event())
+    run = JobRun(ctx, row.id, on_progress, cancel or threading.Event(), details=_copy_details(row.details))
+    watcher = CancelWatcher(ctx, row.id, run.cancel)
+    watcher.start()
     try:
-        result = work(run)
+        result = _work_watched(work, run, watcher)
     except Cancelled as exc:
         return _end(ctx, run, Status.CANCELLED, exc)
     except VmvaultError as exc:
@@ -287,23 +394,98 @@ def run_job(
     return _complete(ctx, run, result, record)
 
 
+def _work_watched(work: Callable[[JobRun], T], run: JobRun, watcher: CancelWatcher) -> T:
+    try:
+        return work(run)
+    finally:
+        watcher.stop()
+
+
+class CancelWatcher:
+    """Polls the job row's cancel flag (set by `vmvault job cancel` from any process) and beats its heartbeat."""
+
+    POLL_S = 1.0
+    HEARTBEAT_S = 10.0
+
+    def __init__(self, ctx: Context, job_id: str, cancel: threading.Event) -> None:
+        self.ctx, self.job_id, self.cancel = ctx, job_id, cancel
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"vmvault-cancel-{job_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        beat = time.monotonic()
+        while not self._stop.wait(self.POLL_S):
+            try:
+                with self.ctx.catalog.read() as s:
+                    if repos.job_cancel_requested(s, self.job_id):
+                        self.cancel.set()
+                if time.monotonic() - beat >= self.HEARTBEAT_S:
+                    beat = time.monotonic()
+                    with self.ctx.catalog.write() as s:
+                        repos.touch_jobs(s, [self.job_id])
+            except DatabaseError:
+                log.debug("cancel watcher of job %s: catalog busy", self.job_id, exc_info=True)
+
+
 def _complete(ctx: Context, run: JobRun, result: T, record: Callable[[Session, T], None] | None) -> JobOutcome[T]:
     final = {**run.last, "percent": 100.0}
+    run.end_tasks(Status.COMPLETED)
     try:
         with ctx.catalog.write() as s:
             if record is not None:
                 record(s, result)
-            repos.finish_job(s, run.job_id, Status.COMPLETED, progress=final)
+            status = Status.COMPLETED_WITH_WARNINGS if run.warnings else Status.COMPLETED
+            repos.finish_job(s, run.job_id, status, progress=final, error=warnings_error(run.warnings))
+            if run.details is not None:
+                _merge_details(s, run.job_id, run.details)
+            _notify_enqueue(s, run.job_id)
     except Exception as exc:
         log.debug("recording job %s failed", run.job_id, exc_info=True)
         return _end(ctx, run, Status.FAILED, as_vmvault_error(exc))
+    _notify_deliver(ctx, run.job_id)
     return JobOutcome(job=show_job(ctx, run.job_id), result=result)
 
 
+def warnings_error(warnings: list[JsonDict]) -> JsonDict | None:
+    """A CompletedWithWarnings job's `error`: the first warning's code, every message, all the warnings."""
+    if not warnings:
+        return None
+    hint = next((w.get("recommendedAction") for w in warnings if w.get("recommendedAction")), None)
+    message = "; ".join(str(w["message"]) for w in warnings)
+    return {"code": warnings[0]["code"], "message": message, "recommendedAction": hint, "warnings": warnings}
+
+
+def _merge_details(s: Session, job_id: str, details: JsonDict) -> None:
+    """Write the run's details over the row's (keys another writer added in between, e.g. the point id, stay)."""
+    row = repos.find_job(s, job_id)
+    current = dict(row.details or {}) if row is not None else {}
+    repos.update_job_details(s, job_id, {**current, **details})
+
+
 def _end(ctx: Context, run: JobRun, status: str, exc: VmvaultError) -> JobOutcome[Any]:
+    run.end_tasks(status)
     with ctx.catalog.write() as s:
         repos.finish_job(s, run.job_id, status, error=exc.to_dict(), progress=run.last)
+        if run.details is not None:
+            _merge_details(s, run.job_id, run.details)
+        _notify_enqueue(s, run.job_id)
+    _notify_deliver(ctx, run.job_id)
     return JobOutcome(job=show_job(ctx, run.job_id), error=exc)
+
+
+def end_job(ctx: Context, job_id: str, status: str, error: VmvaultError | None = None) -> JsonDict:
+    """End a job that never ran its work (a queued job cancelled, or one whose plan failed); notifies."""
+    with ctx.catalog.write() as s:
+        repos.finish_job(s, job_id, status, error=error.to_dict() if error else None)
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    return show_job(ctx, job_id)
 
 
 # ---- queries ------------------------------------------------------------------------------------
@@ -315,8 +497,169 @@ def show_job(ctx: Context, job_id: str) -> JsonDict:
 
 
 def list_jobs(
-    ctx: Context, *, vm: str | None = None, status: str | None = None, operation: str | None = None, limit: int = 0
+    ctx: Context,
+    *,
+    vm: str | None = None,
+    status: str | None = None,
+    operation: str | None = None,
+    limit: int = 0,
+    since: str | None = None,
 ) -> list[JsonDict]:
+    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant."""
+    status = _known(status, Status.ALL, "status")
+    operation = _known(operation, Operation.ALL, "operation")
+    start = _since(since) if since else None
     with ctx.catalog.read() as s:
-        rows: Sequence[JobRow] = repos.list_jobs(s, vm=vm, status=status, operation=operation, limit=limit)
+        rows: Sequence[JobRow] = repos.list_jobs(
+            s, vm=vm, status=status, operation=operation, limit=limit, since=start
+        )
         return [job_view(r) for r in rows]
+
+
+def _known(value: str | None, allowed: Sequence[str], what: str) -> str | None:
+    """Azure's spelling of a status or operation, matched case-insensitively."""
+    if value is None:
+        return None
+    for known in allowed:
+        if known.lower() == value.lower():
+            return known
+    raise InvalidInput(f"unknown {what} '{value}'", hint=f"use one of: {', '.join(allowed)}")
+
+
+def _since(text: str) -> str:
+    from datetime import UTC, datetime
+
+    from vmvault.catalog.clock import to_iso
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"invalid date '{text}'", hint="give --since YYYY-MM-DD (UTC) or an ISO 8601 time, e.g. 2026-01-31T08:00Z"
+        ) from None
+    return to_iso(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+# ---- job show / wait / cancel (0002) ------------------------------------------------------------
+
+
+def describe_job(ctx: Context, job_id: str) -> JsonDict:
+    """A job as `job show` prints it: the job plus extendedInfo (tasks per disk, rate, owner, trigger)."""
+    with ctx.catalog.read() as s:
+        row = repos.get_job(s, job_id)
+        return {**job_view(row), "extendedInfo": extended_info(row)}
+
+
+def extended_info(row: JobRow) -> JsonDict:
+    from vmvault.catalog.clock import seconds_between
+
+    details = dict(row.details or {})
+    progress = row.progress or {}
+    began = str(details.get("claimedAt") or row.start_time)
+    elapsed = seconds_between(began, row.end_time)
+    bytes_read = int(progress.get("bytesRead", 0))
+    tasks = [
+        {
+            "taskId": f"Transfer data to vault ({t['disk']})",
+            "disk": t["disk"],
+            "status": t["status"],
+            "bytesRead": t["bytesRead"],
+            "bytesWritten": t["bytesWritten"],
+            "startTime": t.get("startTime"),
+            "endTime": t.get("endTime"),
+        }
+        for t in details.get("tasks") or []
+    ]
+    queued = row.status == Status.IN_PROGRESS and row.owner_pid <= 0
+    return {
+        "trigger": details.get("trigger"),
+        "policy": details.get("policy"),
+        "scheduledFor": details.get("scheduledFor"),
+        "retainUntil": details.get("retainUntil"),
+        "recoveryPoint": details.get("recoveryPoint"),
+        "queued": queued,
+        "cancelRequested": bool(row.cancel_requested),
+        "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},
+        "heartbeat": row.heartbeat,
+        "rateBytesPerSecond": int(bytes_read / elapsed) if elapsed > 0 and not queued else 0,
+        "tasksList": tasks,
+    }
+
+
+def wait_for_job(
+    ctx: Context,
+    job_id: str,
+    *,
+    timeout: float | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+    cancel: threading.Event | None = None,
+    poll_s: float = 0.5,
+) -> JsonDict:
+    """Wait until the job ends; returns it. Busy (code "timeout") after timeout seconds.
+
+    A set cancel event asks the job to stop (once) and goes on waiting for it to end. A job
+    whose owner died is failed while waiting (reap_dead_jobs).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    asked = False
+    last_reap = 0.0
+    while True:
+        if time.monotonic() - last_reap >= 2.0:
+            last_reap = time.monotonic()
+            reap_dead_jobs(ctx)
+        if cancel is not None and cancel.is_set() and not asked:
+            asked = True
+            cancel_job(ctx, job_id)
+        with ctx.catalog.read() as s:
+            row = repos.get_job(s, job_id)
+            view = job_view(row)
+        if row.status != Status.IN_PROGRESS:
+            return view
+        if on_progress is not None:
+            on_progress(_progress_of(row))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Busy(
+                f"job {row.id} is still {row.status} after {timeout:g} s",
+                hint=f"wait longer: vmvault job wait {row.id} --timeout SECONDS",
+                code="timeout",
+            )
+        time.sleep(poll_s)
+
+
+@dataclass
+class _JobProgress:
+    """What a progress display reads (like engine.progress.Progress)."""
+
+    total_bytes: int
+    bytes_read: int
+    bytes_written: int
+    current_disk: str
+
+
+def _progress_of(row: JobRow) -> _JobProgress:
+    p = row.progress or {}
+    read, percent = int(p.get("bytesRead", 0)), float(p.get("percent", 0.0))
+    total = int(read * 100 / percent) if percent > 0 else 0
+    current = next((t["disk"] for t in (row.details or {}).get("tasks") or [] if t["status"] == Status.IN_PROGRESS), "")
+    return _JobProgress(total, read, int(p.get("bytesWritten", 0)), current)
+
+
+def cancel_job(ctx: Context, job_id: str) -> JsonDict:
+    """Stop a job: a queued one ends Cancelled at once, a running one is asked to stop (its owner polls the flag)."""
+    with ctx.catalog.write() as s:
+        row = repos.get_job(s, job_id)
+        if row.status != Status.IN_PROGRESS:
+            raise InvalidInput(
+                f"job {row.id} already ended ({row.status})", hint=f"see it with: vmvault job show {row.id}"
+            )
+        queued = row.owner_pid <= 0
+        if queued:
+            error = Cancelled(f"{row.operation} job {row.id} was cancelled before it started")
+            repos.finish_job(s, row.id, Status.CANCELLED, error=error.to_dict())
+            _notify_enqueue(s, row.id)
+        else:
+            repos.request_job_cancel(s, row.id)
+        full_id = row.id
+    if queued:
+        _notify_deliver(ctx, full_id)
+    return describe_job(ctx, full_id)

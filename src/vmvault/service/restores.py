@@ -12,10 +12,12 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import InvalidInput, NotFound, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.softdelete import refuse_soft_deleted_point
 from vmvault.service.validate import absolute
 from vmvault.service.vaultio import opened_vault
 
 FORMATS = ("raw", "qcow2")
+RESTORE_PIN_TTL_S = 24 * 3600.0  # for other hosts; on this host the pin lasts while this process does
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def plan_restore(
                 f"recovery point '{rp_id}' not found for VM '{vm_name}'",
                 hint=f"list them with: vmvault recoverypoint list {vm_name}",
             )
+        refuse_soft_deleted_point(point, vm_name)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
@@ -99,6 +102,7 @@ def _check_target(target: Path, files: list[str], force: bool) -> None:
 
 def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     from vmvault.engine.restore import run_restore
+    from vmvault.vault.lock import pinned, shared
 
     try:
         plan.target_dir.mkdir(parents=True, exist_ok=True)
@@ -107,16 +111,20 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
             f"cannot create target directory {plan.target_dir}: {exc.strerror}",
             hint="pass a --target-dir you can write to",
         ) from exc
-    with opened_vault(ctx, plan.vault) as vault:
+    # The vault lock, shared, while we read: no garbage collection sweeps meanwhile; and a pin, so
+    # retention leaves the point alone until we are done (vault/lock.py, docs/design.md).
+    with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
+        vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
-        paths: list[Path] = run_restore(
-            vault,
-            manifest,
-            plan.target_dir,
-            fmt=plan.fmt,
-            force=plan.force,
-            disks=plan.disks,
-            on_progress=run.progress,
-            cancel=run.cancel,
-        )
+        with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
+            paths: list[Path] = run_restore(
+                vault,
+                manifest,
+                plan.target_dir,
+                fmt=plan.fmt,
+                force=plan.force,
+                disks=plan.disks,
+                on_progress=run.progress,
+                cancel=run.cancel,
+            )
     return [Path(p) for p in paths]

@@ -52,11 +52,18 @@ def create_vault(
     storage_dir: str | Path | None = None,
     redundancy: str = "LRS",
     passphrase: str | None = None,
+    time_zone: str = "UTC",
 ) -> JsonDict:
-    """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it."""
+    """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it.
+
+    The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA name).
+    """
+    from vmvault.domain.policy import check_time_zone
+    from vmvault.service.policies import add_default_policy
     from vmvault.vault.store import Vault
 
     check_name("vault", name)
+    check_time_zone(time_zone, "--timezone")
     value = check_redundancy(redundancy)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
@@ -69,6 +76,7 @@ def create_vault(
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, name)
         repos.add_vault(s, row)
+        add_default_policy(s, row, time_zone)
         return _view(s, row)
 
 
@@ -221,7 +229,10 @@ def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
 
 
 def _insert_imported(s: Session, imported: _Imported) -> None:
+    from vmvault.service.policies import add_default_policy
+
     repos.add_vault(s, imported.row)
+    add_default_policy(s, imported.row)
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
         _ensure_vm(s, manifest)
@@ -252,7 +263,10 @@ def _ensure_vm(s: Session, manifest: Any) -> None:
 
 def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
     """The catalog row indexing a manifest."""
-    disks = [{"name": d.name, "size": d.size, "sourceFormat": d.source_format} for d in manifest.disks]
+    disks = [
+        {"name": d.name, "size": d.size, "sourceFormat": d.source_format, "storedBytes": d.stored_bytes}
+        for d in manifest.disks
+    ]
     return RecoveryPointRow(
         id=manifest.rp_id,
         vm_id=manifest.vm_id,
@@ -263,3 +277,72 @@ def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
         disks=disks,
         job_id=manifest.job_id,
     )
+
+
+# ---- delete -------------------------------------------------------------------------------------
+
+
+def delete_vault(ctx: Context, name: str, *, keep_storage: bool = False) -> JsonDict:
+    """Unregister an empty vault and remove its storage (unless keep_storage).
+
+    Refused while it has protected items (in any state: protected, stopped, soft-deleted),
+    recovery points or running jobs.
+    """
+    with ctx.catalog.write() as s:
+        row = repos.get_vault(s, name)
+        _refuse_in_use(s, row)
+        for target in repos.notification_targets(s, row.id):
+            repos.delete_notification_target(s, target.id)
+        for policy in repos.list_policies(s, row.id):
+            s.delete(policy)
+        s.flush()
+        s.delete(row)
+        view = vault_view(row, protected_items=0, recovery_points=0)
+    view["storageDeleted"] = False if keep_storage else _remove_storage(ctx, row)
+    return view
+
+
+def _refuse_in_use(s: Session, row: VaultRow) -> None:
+    items = repos.list_protected_items(s, row.id)
+    if items:
+        described = ", ".join(f"{_vm_name(s, i.vm_id)} ({i.protection_state})" for i in items)
+        raise InvalidInput(
+            f"vault '{row.name}' still has {len(items)} protected item(s): {described}",
+            hint="stop their protection and delete their data first: vmvault protection disable VM --delete-data "
+            "(soft-deleted items must be purged, which takes 14 days)",
+        )
+    points = repos.count_recovery_points(s, row.id)
+    if points:
+        raise InvalidInput(
+            f"vault '{row.name}' still holds {points} recovery point(s)",
+            hint="see them with: vmvault recoverypoint list VM",
+        )
+    running = [j for j in repos.running_jobs(s) if j.vault == row.name]
+    if running:
+        raise InvalidInput(
+            f"vault '{row.name}' has {len(running)} running job(s), e.g. {running[0].operation} {running[0].id}",
+            hint=f"wait for them: vmvault job wait {running[0].id}",
+        )
+
+
+def _vm_name(s: Session, vm_id: str) -> str:
+    vm = repos.find_vm_by_id(s, vm_id)
+    return vm.name if vm is not None else vm_id
+
+
+def _remove_storage(ctx: Context, row: VaultRow) -> bool:
+    """Remove the vault's directory (only if it still holds this vault) and this host's key and cache of it."""
+    import json
+    import shutil
+
+    storage = Path(row.storage_dir)
+    try:
+        config = json.loads((storage / "config").read_text())
+    except (OSError, ValueError):
+        return False
+    if config.get("uuid") != row.uuid:
+        return False
+    shutil.rmtree(storage, ignore_errors=True)
+    (ctx.settings.home / "keys" / f"{row.uuid}.json").unlink(missing_ok=True)
+    shutil.rmtree(ctx.settings.home / "cache" / row.uuid, ignore_errors=True)
+    return not storage.exists()

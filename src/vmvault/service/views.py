@@ -44,7 +44,17 @@ def vm_view(
 
 
 def recovery_point_view(row: RecoveryPointRow) -> JsonDict:
-    return {"id": row.id, "time": row.time, "consistency": row.consistency, "expires": row.retain_until}
+    # 0003 (service/retention.py): expires = the latest expiry of the rules keeping it (ISO UTC),
+    # or its retain-until date until retention has recorded one; None: no rule expires it.
+    expires = row.expiry_time if (row.expiry_time or row.retention_rules) else row.retain_until
+    return {
+        "id": row.id,
+        "time": row.time,
+        "consistency": row.consistency,
+        "expires": expires,
+        "retentionRules": list(row.retention_rules or []),
+        "isSoftDeleted": bool(row.soft_deleted),
+    }
 
 
 def job_view(row: JobRow) -> JsonDict:

@@ -120,6 +120,21 @@ class ChunkIndex:
     def iter_packs(self) -> Iterator[tuple[str, str]]:
         yield from self._conn().execute("SELECT name, index_name FROM packs")
 
+    # ---- for garbage collection (vault/gc.py) ----------------------------------------------------
+    def has_pack(self, pack: str) -> bool:
+        return self._conn().execute("SELECT 1 FROM packs WHERE name = ?", (pack,)).fetchone() is not None
+
+    def pack_entries(self, pack: str) -> tuple[bytes, list[BlobRef]] | None:
+        """The salt and blob table of an indexed pack, in offset order; None when not indexed."""
+        conn = self._conn()
+        row = conn.execute("SELECT pid, salt FROM packs WHERE name = ?", (pack,)).fetchone()
+        if row is None:
+            return None
+        rows = conn.execute(
+            "SELECT id, type, flags, offset, length, plain FROM blobs WHERE pid = ? ORDER BY offset", (row[0],)
+        )
+        return row[1], [BlobRef(*r) for r in rows]
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

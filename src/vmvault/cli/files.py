@@ -1,0 +1,162 @@
+"""`vmvault files ...`: file recovery (mount a recovery point read-only, browse, script, unmount)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vmvault.cli import output
+from vmvault.cli.app import VmArgument, VmOption, _end_job, _vm_name, app
+from vmvault.cli.state import STATE, service_context
+
+files_app = typer.Typer(
+    help="Mount a recovery point's disks read-only, browse and copy files, unmount.", no_args_is_help=True
+)
+app.add_typer(files_app, name="files")
+
+SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "mountpoint", "expires", "paths")
+RpOption = Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")]
+DurationOption = Annotated[
+    str | None, typer.Option("--duration", help="How long it stays, e.g. 30s, 15m, 12h (default 12h, at most 7d).")
+]
+
+
+@files_app.command("mount")
+def files_mount(
+    rp: RpOption,
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    mountpoint: Annotated[
+        Path | None, typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>).")
+    ] = None,
+    duration: DurationOption = None,
+) -> None:
+    """Mount a recovery point's file systems read-only; returns once mounted, printing the paths.
+
+    Mounting the same point again extends its session. Everything unmounts at expiry, whether or
+    not any vmvault command runs then.
+    """
+    from vmvault.service import files
+
+    name = _vm_name(vm, vm_option, "files mount")
+    with service_context() as ctx:
+        outcome = files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration)
+    session = outcome.result
+    if session is None:
+        _end_job(outcome)
+        return
+    if STATE.json:
+        output.print_json(session)
+    else:
+        _print_session(session)
+
+
+def _print_session(session: dict[str, Any]) -> None:
+    sys.stdout.write(f"session {session['id']}: recovery point {session['recoveryPoint']} of {session['vm']}, "
+                     f"until {session['expires']}\n")
+    for volume in session.get("volumes") or []:
+        where = volume.get("path") or f"not mounted: {volume.get('reason')}"
+        fs = volume.get("fileSystem") or "?"
+        sys.stdout.write(f"  {volume['disk']} partition {volume['partition']} ({fs}): {where}\n")
+
+
+@files_app.command("list")
+def files_list(
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    all_sessions: Annotated[bool, typer.Option("--all", help="Include ended sessions.")] = False,
+) -> None:
+    """List file-recovery sessions: mounts, paths and expiry."""
+    from vmvault.service import files
+
+    name = vm or vm_option
+    with service_context() as ctx:
+        output.print_list(files.list_sessions(ctx, name, include_ended=all_sessions), SESSION_COLUMNS)
+
+
+@files_app.command("unmount")
+def files_unmount(
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    session: Annotated[str | None, typer.Option("--session", help="Only this session.")] = None,
+) -> None:
+    """Unmount a VM's recovery points (or one session) and close their exports."""
+    from vmvault.service import files
+
+    name = _vm_name(vm, vm_option, "files unmount")
+    with service_context() as ctx:
+        outcome = files.unmount(ctx, name, session_id=session)
+    if outcome.failed or outcome.result is None:
+        _end_job(outcome)
+        return
+    output.print_list(outcome.result, SESSION_COLUMNS)
+
+
+@files_app.command("script")
+def files_script(
+    rp: RpOption,
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Where to write it (default ./<vm>-<rp>-recover.sh).")
+    ] = None,
+    duration: DurationOption = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Host name or IP the other machine reaches this host by.")
+    ] = None,
+) -> None:
+    """Write a script that mounts the recovery point on another machine; prints its password once."""
+    from vmvault.service import files
+
+    name = _vm_name(vm, vm_option, "files script")
+    with service_context() as ctx:
+        result = files.make_script(ctx, name, rp, out=file, duration=duration, address=address)
+    if STATE.json:
+        output.print_json(result)
+        return
+    sys.stdout.write(f"script:   {result['script']}\npassword: {result['password']}\n"
+                     f"valid until {result['expires']} (export {result['address']})\n")
+    output.info("the password is shown only now; run the script as root on the machine that needs the files")
+
+
+@files_app.command("browse")
+def files_browse(
+    path: Annotated[str, typer.Argument(help="VOLUME/dir (empty: the mounted volumes).")] = "",
+    vm: Annotated[str | None, typer.Option("--vm", help="VM name.")] = None,
+    rp: Annotated[str | None, typer.Option("--rp", help="The mounted recovery point (when several are).")] = None,
+    session: Annotated[str | None, typer.Option("--session", help="The session (when several are mounted).")] = None,
+) -> None:
+    """List a directory of a mounted recovery point (links are shown, never followed)."""
+    from vmvault.service import files
+
+    name = _vm_name(None, vm, "files browse")
+    with service_context() as ctx:
+        output.print_list(files.browse(ctx, name, path, rp_id=rp, session_id=session), ("name", "type", "size",
+                                                                                         "target"))
+
+
+@files_app.command("download")
+def files_download(
+    path: Annotated[str, typer.Argument(help="VOLUME/dir/file.")],
+    to: Annotated[Path, typer.Option("--to", help="File to write (- for standard output).")],
+    vm: Annotated[str | None, typer.Option("--vm", help="VM name.")] = None,
+    rp: Annotated[str | None, typer.Option("--rp", help="The mounted recovery point (when several are).")] = None,
+    session: Annotated[str | None, typer.Option("--session", help="The session (when several are mounted).")] = None,
+) -> None:
+    """Copy one file out of a mounted recovery point."""
+    from vmvault.service import files
+
+    name = _vm_name(None, vm, "files download")
+    with service_context() as ctx:
+        size, blocks = files.download(ctx, name, path, rp_id=rp, session_id=session)
+        if str(to) == "-":
+            for block in blocks:
+                sys.stdout.buffer.write(block)
+            return
+        with open(to, "wb") as f:
+            for block in blocks:
+                f.write(block)
+    output.info(f"wrote {size} bytes to {to}")

@@ -1,0 +1,35 @@
+"""`vmvault item list|show` (registered on the command tree by cli/app.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vmvault.cli import output
+from vmvault.cli.app import VmArgument, VmOption, _vm_name, app
+from vmvault.cli.state import service_context
+
+item_app = typer.Typer(help="Protected items: protection state, last and next backup.", no_args_is_help=True)
+app.add_typer(item_app, name="item")
+
+
+@item_app.command("list")
+def item_list(
+    vault: Annotated[str | None, typer.Option("--vault", help="Only the items of this vault.")] = None,
+) -> None:
+    """List protected items (as az backup item list)."""
+    from vmvault.service import items
+
+    with service_context() as ctx:
+        output.print_list(items.list_items(ctx, vault), items.ITEM_COLUMNS)
+
+
+@item_app.command("show")
+def item_show(vm: VmArgument = None, vm_option: VmOption = None) -> None:
+    """Show a protected item: state, last backup status and time, last point, policy, next backup."""
+    from vmvault.service import items
+
+    name = _vm_name(vm, vm_option, "item show")
+    with service_context() as ctx:
+        output.print_object(items.show_item(ctx, name))

@@ -1,0 +1,98 @@
+"""Garbage collection of a vault as a GarbageCollect job (the work is vault/gc.py's).
+
+It runs on demand (`vmvault vault gc V`) and after every Retention job that deleted points. The
+mark runs beside backups; the sweep waits for the vault lock exclusive, i.e. for running backups,
+restores and verifies to end (at most lock_timeout), and new ones wait for the sweep.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from vmvault.catalog import repos
+from vmvault.engine.progress import Progress
+from vmvault.service.context import Context
+from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.vaultio import opened_vault
+from vmvault.service.views import JsonDict
+from vmvault.vault.gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_THRESHOLD, GcReport, collect_garbage
+
+DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
+
+
+def garbage_collect(
+    ctx: Context,
+    vault_name: str,
+    *,
+    grace_seconds: float | None = None,
+    repack_threshold: float = DEFAULT_REPACK_THRESHOLD,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT_S,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[JsonDict]:
+    """Collect a vault's garbage as a GarbageCollect job; result: the report (bytes freed, packs, ...)."""
+    from vmvault.errors import InvalidInput
+
+    grace = DEFAULT_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    if grace < 0:
+        raise InvalidInput(f"grace of {grace} seconds is negative", hint="give --grace 0 or more seconds")
+    if not 0 < repack_threshold <= 1:
+        raise InvalidInput(f"repack threshold {repack_threshold} is not in (0, 1]")
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, vault_name)
+    job = create_job(ctx, Operation.GARBAGE_COLLECT, vm=None, vault=vault_name)
+
+    def work(run: JobRun) -> JsonDict:
+        progress = _Progress(run)
+        with opened_vault(ctx, row) as vault:
+            report = collect_garbage(
+                vault,
+                grace_seconds=grace,
+                repack_threshold=repack_threshold,
+                lock_timeout=lock_timeout,
+                on_progress=progress,
+                cancel=run.cancel,
+            )
+        result = report_view(vault_name, grace, report)
+        run.details = {**(run.details or {}), "garbageCollection": result}
+        return result
+
+    return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
+
+
+class _Progress:
+    """vault/gc's (phase, done, total) as the engine's Progress the job machinery records."""
+
+    def __init__(self, run: JobRun) -> None:
+        self.run = run
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        # mark: 0-50 %, sweep: 50-100 % (packs); "bytes" here count points and packs.
+        base = 0 if phase == "mark" else total
+        state: Any = Progress(total_bytes=2 * max(total, 1), bytes_read=base + done, message=phase)
+        self.run.progress(state)
+
+
+def report_view(vault_name: str, grace: float, report: GcReport) -> JsonDict:
+    return {
+        "vault": vault_name,
+        "graceSeconds": grace,
+        "pointsMarked": report.points,
+        "pins": report.pins,
+        "stalePinsRemoved": report.stale_pins_removed,
+        "liveTreeBlobs": report.tree_blobs_live,
+        "liveChunks": report.chunks_live,
+        "packsChecked": report.packs_checked,
+        "packsDeleted": report.packs_deleted,
+        "packsRepacked": report.packs_repacked,
+        "packsWritten": report.packs_written,
+        "packsTooYoung": report.packs_too_young,
+        "orphanPacksDeleted": report.orphan_packs_deleted,
+        "blobsDeleted": report.blobs_deleted,
+        "bytesBefore": report.bytes_before,
+        "bytesAfter": report.bytes_after,
+        "bytesFreed": report.bytes_freed,
+        "lockWaitSeconds": report.lock_wait_seconds,
+        "problems": list(report.problems),
+    }

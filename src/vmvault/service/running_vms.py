@@ -1,0 +1,354 @@
+"""Running QEMU VMs driven over QMP: add them, back them up live, report their guest agent.
+
+A backup of a running VM (docs/running-vms.md):
+  reconcile leftovers -> check fleece space -> plan (which bitmaps to trust) -> pre-script ->
+  freeze -> ONE QMP transaction -> thaw -> post-script -> NBD export -> engine reads changed blocks
+  (or everything + hash comparison when tracking cannot be trusted) -> tear down -> settle bitmaps.
+A VM whose QEMU is not running is read offline (its images, holding QEMU's lock): CrashConsistent.
+
+What vmvault keeps about such a VM lives in the catalog's existing JSON columns: `vms.definition`
+holds the sockets, the last seen definition, the changed-block tracking state ("tracking") and the
+last agent probe ("agent"); neither of the last two goes into recovery points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import now_iso
+from vmvault.catalog.models import VmRow
+from vmvault.errors import Cancelled, InvalidInput
+from vmvault.service.context import Context
+from vmvault.service.validate import absolute, check_name
+from vmvault.service.views import JsonDict
+
+log = logging.getLogger("vmvault")
+
+KIND_QMP = "qmp"
+_INTERNAL = ("tracking", "agent")  # kept in the catalog, never in a recovery point
+_TEST_HOLD_FROZEN = "VMVAULT_TEST_HOLD_FROZEN"  # test-only: seconds to hold the guest frozen after the snapshot
+_TEST_HOLD_SNAPSHOT = "VMVAULT_TEST_HOLD_SNAPSHOT"  # test-only: seconds to wait after the thaw, before reading
+
+
+# ---- vm add --qmp ----------------------------------------------------------------------------------
+
+
+def add_qmp_vm(ctx: Context, name: str, qmp_socket: str | Path, agent_socket: str | Path | None = None) -> JsonDict:
+    """Add a running QEMU VM: its disks and definition come from QMP (the VM must be running)."""
+    from vmvault.hypervisor.qemu_vm import inspect_vm
+    from vmvault.hypervisor.qmp import QmpClient
+    from vmvault.service.vms import _refuse_taken, _refuse_taken_in, _view
+
+    check_name("VM", name)
+    qmp_path = absolute(qmp_socket)
+    agent_path = absolute(agent_socket) if agent_socket else None
+    if agent_path is not None and agent_path == qmp_path:
+        raise InvalidInput("the QMP socket and the guest agent socket are the same file", hint="give each its socket")
+    _refuse_taken(ctx, name)
+    with QmpClient(qmp_path).connect() as qmp:
+        vm = inspect_vm(qmp)
+    if not vm.disks:
+        raise InvalidInput(f"the QEMU behind {qmp_path} has no writable disk to back up")
+    definition: JsonDict = {
+        "kind": KIND_QMP,
+        "qmp": str(qmp_path),
+        "guestAgent": str(agent_path) if agent_path else None,
+        **vm.definition,
+        "agent": _probe_now(str(agent_path) if agent_path else None, vm.running),
+    }
+    row = VmRow(
+        id=str(uuid.uuid4()),
+        name=name,
+        kind=KIND_QMP,
+        disks=[{"name": d.name, "path": d.path} for d in vm.disks],
+        definition=definition,
+        created=now_iso(),
+    )
+    with ctx.catalog.write() as s:
+        _refuse_taken_in(s, name)
+        repos.add_vm(s, row)
+        return _view(s, row)
+
+
+# ---- the guest agent's state (for `item show`) ---------------------------------------------------------
+
+
+def agent_status(ctx: Context, vm_name: str, *, live: bool = False) -> JsonDict:
+    """The VM's guest agent as Azure reports its VM extension: state, version, what it allows, and the fix.
+
+    Without live, the state found by the last backup (or `vm add`); with live, probed now.
+    """
+    from vmvault.engine.consistency import INSTALL_AGENT_HINT
+
+    with ctx.catalog.read() as s:
+        row = repos.get_vm(s, vm_name)
+        definition = dict(row.definition or {})
+    if definition.get("kind") != KIND_QMP:
+        return {"state": "NotApplicable", "message": "the VM is backed up from its disk images (offline)",
+                "recommendedAction": None}  # fmt: skip
+    socket = definition.get("guestAgent")
+    probe = dict(definition.get("agent") or {})
+    if live:
+        probe = _probe_now(socket, running=True)
+        _save_definition(ctx, row.id, {"agent": probe})
+    state = str(probe.get("state") or ("NotConfigured" if not socket else "Unknown"))
+    fixes = {
+        "NotConfigured": INSTALL_AGENT_HINT,
+        "NotReachable": "start qemu-guest-agent in the guest and check the VM's org.qemu.guest_agent.0 port "
+        f"on {socket}",
+        "Limited": "allow guest-exec and guest-fsfreeze-* in the agent's configuration (its --block-rpcs / "
+        "--allow-rpcs options)",
+        "Unknown": f"run a backup, or check now with agent_status(live=True), to probe the agent on {socket}",
+    }
+    return {
+        "state": state,
+        "socket": socket,
+        "version": probe.get("version"),
+        "os": probe.get("os"),
+        "guestExec": probe.get("guestExec"),
+        "fsFreeze": probe.get("fsFreeze"),
+        "lastChecked": probe.get("checked"),
+        "recommendedAction": fixes.get(state),
+    }
+
+
+def _probe_now(socket: str | None, running: bool) -> JsonDict:
+    from vmvault.engine.consistency import probe_agent
+    from vmvault.errors import HypervisorError
+    from vmvault.hypervisor.guest_agent import GuestAgent
+
+    if not socket:
+        return {"state": "NotConfigured", "checked": now_iso()}
+    if not running:
+        return {"state": "Unknown", "checked": now_iso()}
+    try:
+        with GuestAgent(socket).connect() as agent:
+            probe = probe_agent(agent)
+    except HypervisorError:
+        return {"state": "NotReachable", "checked": now_iso()}
+    state = "Ready" if probe.exec_allowed and probe.freeze_allowed else "Limited"
+    return {"state": state, "checked": now_iso(), **probe.to_dict()}
+
+
+# ---- backups -------------------------------------------------------------------------------------------
+
+
+def run_qmp_backup(ctx: Context, plan: Any, job_id: str, run: Any) -> Any:
+    """Back up a running QMP VM; returns the manifest, or None when its QEMU is not running."""
+    from vmvault.hypervisor.qemu_vm import inspect_vm
+    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+
+    try:
+        qmp = QmpClient(plan.definition["qmp"]).connect()
+    except QemuNotRunning:
+        log.info("VM %s: QEMU is not running, reading its images offline", plan.vm_name)
+        return None
+    with qmp:
+        vm = inspect_vm(qmp)
+        return _LiveBackup(ctx, plan, job_id, run, qmp, vm).run()
+
+
+def stopped_vm_plan(plan: Any) -> Any:
+    """The plan for reading a stopped QMP VM's images offline (definition without internal state)."""
+    return replace(plan, definition=manifest_definition(plan.definition))
+
+
+def manifest_definition(definition: JsonDict) -> JsonDict:
+    return {k: v for k, v in definition.items() if k not in _INTERNAL}
+
+
+class _LiveBackup:
+    def __init__(self, ctx: Context, plan: Any, job_id: str, run: Any, qmp: Any, vm: Any) -> None:
+        self.ctx, self.plan, self.job_id, self.job_run, self.qmp, self.vm = ctx, plan, job_id, run, qmp, vm
+        self.warnings: list[Any] = []
+
+    def run(self) -> Any:
+        from vmvault.engine.consistency import Note
+        from vmvault.hypervisor.snapshot import BasePoint, Names, SnapshotSession, Tracking
+        from vmvault.service.backups import _cancel_reason, _next_point_time, _previous_manifest, new_rp_id
+        from vmvault.service.vaultio import opened_vault
+
+        plan, definition = self.plan, self.plan.definition
+        disks = self._disks()
+        tracking = Tracking.from_dict(definition.get("tracking"))
+        session = SnapshotSession(self.qmp, disks, Names(_tag(plan.vm_id)), _run_dir(self.ctx, plan.vm_id),
+                                  self.ctx.settings.home / "fleece" / _tag(plan.vm_id))  # fmt: skip
+        with opened_vault(self.ctx, plan.vault) as vault, _cancel_reason(self.job_run, plan.vm_name):
+            previous = _previous_manifest(self.ctx, vault, plan)
+            base = BasePoint(previous.rp_id, previous.time) if previous is not None else None
+            rp_id, point_time = new_rp_id(), _next_point_time(self.ctx, plan.vm_id)
+            session.reconcile(tracking)
+            session.check_fleece_space()
+            manifest, ok, agent = None, False, None
+            try:
+                for p in session.prepare(tracking, base, self.vm.identity):
+                    if p.reason:
+                        self.warnings.append(Note("cbt_fallback", f"disk {p.disk.name}: changed-block tracking "
+                                                  f"not used ({p.reason}); reading all data and comparing hashes",
+                                                  "nothing to do: the next backup uses the new bitmap"))  # fmt: skip
+                quiesce = self._snapshot(session)
+                agent = quiesce
+                manifest = self._read(vault, session, previous, rp_id, point_time, quiesce.consistency)
+                ok = True
+            finally:
+                new_tracking = self._finish(session, ok, tracking, BasePoint(rp_id, point_time))
+                self._save(new_tracking, agent)
+        for note in session.notes:
+            self.warnings.append(Note("leftovers_reconciled", note))
+        self._report()
+        return manifest
+
+    def _disks(self) -> list[Any]:
+        """The disks QEMU has now, less the ones the protection excludes (plan.disks is what remains)."""
+        known = {str(d.get("name")) for d in self.plan.definition.get("disks") or []}
+        wanted = {d["name"] for d in self.plan.disks}
+        return [d for d in self.vm.disks if d.name in wanted or d.name not in known]
+
+    def _snapshot(self, session: Any) -> Any:
+        from vmvault.engine.consistency import quiesced
+
+        agent = self.plan.definition.get("guestAgent")
+        guest = self.vm.status != "storage-daemon"
+        with quiesced(agent, running=self.vm.running, guest=guest) as quiesce:
+            session.snapshot()
+            _test_hold(_TEST_HOLD_FROZEN)
+        self.warnings.extend(quiesce.notes)
+        _test_hold(_TEST_HOLD_SNAPSHOT)
+        return quiesce
+
+    def _read(self, vault: Any, session: Any, previous: Any, rp_id: str, point_time: str, consistency: str) -> Any:
+        from vmvault.engine.backup import ExportedDisk, backup_exported
+        from vmvault.engine.consistency import Note
+        from vmvault.hypervisor.snapshot import FleeceSpaceError
+
+        exported = [
+            ExportedDisk(d.name, d.uri, d.size, d.format, d.path, changed_extents=d.changed_extents)
+            for d in session.export()
+        ]
+        with _SpaceWatch(session, self.job_run.cancel) as watch:
+            try:
+                manifest, stats = backup_exported(
+                    vault,
+                    vm_name=self.plan.vm_name,
+                    vm_id=self.plan.vm_id,
+                    disks=exported,
+                    previous=previous,
+                    rp_id=rp_id,
+                    time=point_time,
+                    retain_until=self.plan.retain_until,
+                    consistency=consistency,
+                    vm_definition={**manifest_definition(self.plan.definition), **self.vm.definition},
+                    job_id=self.job_id,
+                    on_progress=self.job_run.progress,
+                    cancel=watch.cancel,
+                )
+            except Cancelled as exc:
+                if watch.low:
+                    raise FleeceSpaceError(
+                        f"the backup was stopped: free space for fleece overlays in {session.fleece_dir} fell "
+                        "below 64 MiB (the guest's writes would have failed); no recovery point was created",
+                        hint="free space on that file system, or move vmvault's home",
+                    ) from exc
+                raise
+        for disk in stats:
+            for warning in disk.warnings:
+                self.warnings.append(Note("cbt_fallback", warning, "nothing to do: the next backup uses the bitmap"))
+        return manifest
+
+    def _finish(self, session: Any, ok: bool, tracking: Any, point: Any) -> Any:
+        try:
+            return session.finish(ok, tracking, point, self.vm.identity)
+        except Exception:
+            if ok:
+                raise
+            log.warning("tearing the snapshot of %s down failed", self.plan.vm_name, exc_info=True)
+            return None  # the next backup reconciles the leftovers and starts a new chain
+
+    def _save(self, tracking: Any, quiesce: Any) -> None:
+        updates: JsonDict = {**self.vm.definition, "tracking": tracking.to_dict() if tracking else None}
+        if quiesce is not None:
+            probe = quiesce.probe.to_dict() if quiesce.probe else {}
+            updates["agent"] = {"state": quiesce.agent_state, "checked": now_iso(), **probe}
+        disks = [{"name": d.name, "path": d.path} for d in self.vm.disks]
+        _save_definition(self.ctx, self.plan.vm_id, updates, disks)
+
+    def _report(self) -> None:
+        for note in self.warnings:
+            log.warning("%s", note.message)
+            self.job_run.warnings.append(note.to_dict())
+
+
+class _SpaceWatch:
+    """Stops the read (through its own cancel event) when the fleece file system runs low."""
+
+    def __init__(self, session: Any, outer: threading.Event) -> None:
+        from vmvault.hypervisor.snapshot import FLEECE_LOW_WATER
+
+        self.session, self.outer, self.low_water = session, outer, FLEECE_LOW_WATER
+        self.cancel = threading.Event()
+        self.low = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmvault-fleece-watch", daemon=True)
+
+    def __enter__(self) -> _SpaceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            if self.outer.is_set():
+                self.cancel.set()
+            elif self.session.fleece_free() < self.low_water:
+                self.low = True
+                self.cancel.set()
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def _tag(vm_id: str) -> str:
+    return vm_id.replace("-", "")[:8]
+
+
+def _run_dir(ctx: Context, vm_id: str) -> Path:
+    """A short directory for unix sockets (108-byte limit), private to this home and VM."""
+    key = hashlib.sha256(f"{ctx.settings.home}\0{vm_id}".encode()).hexdigest()[:12]
+    base = (
+        Path("/run/vmvault") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / f"vmvault-{os.getuid()}"
+    )
+    path = base / key
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[dict[str, str]] | None = None) -> None:
+    with ctx.catalog.write() as s:
+        row = repos.find_vm_by_id(s, vm_id)
+        if row is None:
+            return
+        row.definition = {**(row.definition or {}), **updates}  # a new dict: the JSON column sees the change
+        if disks is not None:
+            row.disks = disks
+
+
+def _test_hold(variable: str) -> None:
+    # Test-only hooks (docs/running-vms.md): let a test act at an exact moment of a live backup.
+    seconds = float(os.environ.get(variable) or 0)
+    if seconds > 0:
+        print(f"vmvault-test: {variable}: holding {seconds:g} s", file=sys.stderr, flush=True)
+        time.sleep(seconds)

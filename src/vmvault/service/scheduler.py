@@ -1,0 +1,171 @@
+"""The scheduler: queues each protected item's backup when its policy's next slot comes.
+
+Every item keeps a *schedule anchor* (UTC): the scheduler's next slot for it is the policy's
+first slot after the anchor (domain.schedule.next_run). When that slot is due, one transaction
+(BEGIN IMMEDIATE) moves the anchor to now and queues a Backup job for the workers. So:
+
+- after downtime a missed backup runs once: the first missed slot is due, the anchor jumps to
+  now, and the next slot is the next one in the future;
+- two schedulers (two `serve` on one home are refused, but still) cannot queue one slot twice:
+  the second sees the moved anchor;
+- an item whose backup is already running (on demand, or a slow previous one) gets no second
+  one: the slot is counted as covered (the unique index on running backups backs this up).
+
+The clock is ctx.now(), which honours the test-only VMVAULT_TEST_CLOCK_OFFSET_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import from_iso, now_iso, to_iso
+from vmvault.catalog.models import JobRow, PolicyRow
+from vmvault.domain.policy import WEEKLY, Policy
+from vmvault.domain.schedule import next_run
+from vmvault.service.context import Context
+from vmvault.service.jobs import Operation, Status, disk_tasks
+from vmvault.service.policies import policy_of
+from vmvault.service.protection import ACTIVE_STATES
+from vmvault.service.views import empty_progress
+
+log = logging.getLogger("vmvault")
+
+
+@dataclass(frozen=True)
+class Due:
+    vm_id: str
+    anchor: str | None
+    slot: datetime
+
+
+def provisional_expiry(policy: Policy, slot: datetime) -> str:
+    """retain-until of a scheduled point before retention looks at it: the daily (or weekly) rule's span."""
+    local_day = slot.astimezone(policy.tzinfo).date()
+    ret = policy.retention
+    if policy.schedule.frequency == WEEKLY and ret.weekly is not None:
+        return (local_day + timedelta(weeks=ret.weekly.duration.count)).isoformat()
+    days = ret.daily.duration.count if ret.daily is not None else 30
+    return (local_day + timedelta(days=days)).isoformat()
+
+
+def next_slot(policy: Policy, anchor: str | None, now: datetime) -> datetime:
+    """The next slot the scheduler will act on (it may be in the past: then it is due)."""
+    return next_run(policy, from_iso(anchor) if anchor else now)
+
+
+def due_items(ctx: Context, now: datetime) -> list[Due]:
+    """Active items whose next slot is at or before now."""
+    out: list[Due] = []
+    with ctx.catalog.read() as s:
+        policies: dict[int, Policy] = {}
+        for item in repos.list_protected_items(s):
+            if item.protection_state not in ACTIVE_STATES or item.policy_id is None:
+                continue
+            if item.policy_id not in policies:
+                policies[item.policy_id] = policy_of(repos.policy_by_id(s, item.policy_id))
+            if item.schedule_anchor is None:
+                out.append(Due(item.vm_id, None, now))  # no anchor yet: start counting from now
+                continue
+            slot = next_slot(policies[item.policy_id], item.schedule_anchor, now)
+            if slot <= now:
+                out.append(Due(item.vm_id, item.schedule_anchor, slot))
+    return out
+
+
+def tick(ctx: Context, now: datetime | None = None) -> list[str]:
+    """Queue the backups that are due; returns the ids of the jobs queued."""
+    moment = now or ctx.now()
+    queued: list[str] = []
+    for due in due_items(ctx, moment):
+        job_id = _queue(ctx, due, moment)
+        if job_id is not None:
+            queued.append(job_id)
+    return queued
+
+
+def _queue(ctx: Context, due: Due, now: datetime) -> str | None:
+    with ctx.catalog.write() as s:
+        item = repos.protected_item(s, due.vm_id)
+        if item is None or item.schedule_anchor != due.anchor or item.protection_state not in ACTIVE_STATES:
+            return None  # changed since we looked (another scheduler, protection update)
+        item.schedule_anchor = to_iso(now)
+        if due.anchor is None or item.policy_id is None:
+            return None
+        vm = repos.find_vm_by_id(s, item.vm_id)
+        if vm is None:
+            return None
+        vault = repos.vault_by_id(s, item.vault_id)
+        running = repos.running_job_for_vm(s, vm.name, Operation.BACKUP)
+        if running is not None:
+            log.info("slot %s of VM %s: backup job %s is still running; skipped", to_iso(due.slot), vm.name, running.id)
+            return None
+        policy_row: PolicyRow = repos.policy_by_id(s, item.policy_id)
+        policy = policy_of(policy_row)
+        excluded = set(item.excluded_disks or [])
+        disks = [str(d["name"]) for d in vm.disks if str(d["name"]) not in excluded]
+        job = JobRow(
+            id=str(uuid.uuid4()),
+            operation=Operation.BACKUP,
+            status=Status.IN_PROGRESS,
+            vm=vm.name,
+            vault=vault.name,
+            start_time=now_iso(),
+            end_time=None,
+            progress=empty_progress(),
+            error=None,
+            owner_pid=0,
+            owner_boot_id="",
+            heartbeat=now_iso(),
+            cancel_requested=False,
+            details={
+                "trigger": "Scheduled",
+                "policy": policy_row.name,
+                "scheduledFor": to_iso(due.slot),
+                "retainUntil": provisional_expiry(policy, due.slot),
+                "tasks": disk_tasks(disks),
+            },
+        )
+        repos.add_job(s, job)
+        log.info("queued scheduled backup of VM %s (slot %s, job %s)", vm.name, to_iso(due.slot), job.id)
+        return job.id
+
+
+class Scheduler:
+    """A thread that ticks every `interval` seconds until stopped; also retries notifications and reaps dead jobs."""
+
+    def __init__(self, ctx: Context, interval: float = 1.0) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmvault-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        from vmvault.service import notify
+        from vmvault.service.jobs import reap_dead_jobs
+
+        rounds = 0
+        while not self._stop.is_set():
+            for step in (lambda: tick(self.ctx), lambda: notify.deliver_pending(self.ctx)):
+                try:
+                    step()
+                except Exception:
+                    log.exception("scheduler step failed; retrying next tick")
+            rounds += 1
+            if rounds % max(1, int(30 / self.interval)) == 0:
+                try:
+                    reap_dead_jobs(self.ctx)
+                except Exception:
+                    log.exception("reaping dead jobs failed")
+            self._stop.wait(self.interval)

@@ -1,0 +1,303 @@
+"""`vmvault serve`: the scheduler, a pool of workers and a small status endpoint in one process.
+
+- Workers claim queued jobs (owner_pid 0) by a conditional update in a BEGIN IMMEDIATE
+  transaction, so a job is run by exactly one process; they record their pid, boot id and
+  process start time, and beat the job's heartbeat while it runs.
+- One `serve` per home: it holds an exclusive flock on HOME/serve.lock for its whole life and
+  writes its pid and address there. `backup now` queues to it while the lock is held; a killed
+  service releases the lock with its last file descriptor, and its running jobs are failed by the
+  next process that opens the catalog (jobs.reap_dead_jobs).
+- SIGTERM (or SIGINT): the scheduler stops, no new job is claimed, running jobs are cancelled
+  (they end Cancelled and leave no recovery point), then the process exits 0. Queued jobs
+  stay queued for the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TextIO
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import now_iso
+from vmvault.catalog.models import JobRow
+from vmvault.errors import Busy, InvalidInput
+from vmvault.service.context import Context
+from vmvault.service.jobs import Operation, boot_id, owner_fields
+from vmvault.settings import Settings
+
+log = logging.getLogger("vmvault")
+
+DEFAULT_WORKERS = 2
+DEFAULT_LISTEN = "127.0.0.1:8480"
+POLL_S = 0.5
+QUEUED_OPERATIONS = (Operation.BACKUP,)
+
+
+class StopEvent(threading.Event):
+    """A cancel event that says why it was set (shown in the Cancelled job's error)."""
+
+    reason: str = ""
+
+    def stop(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
+# ---- one service per home -----------------------------------------------------------------------
+
+
+def service_info(settings: Settings) -> dict[str, Any] | None:
+    """The running `vmvault serve` of this home ({pid, listen, ...}), or None."""
+    path = settings.serve_lock_path
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info: dict[str, Any] = json.loads(f.read() or "{}")
+            except ValueError:
+                info = {}
+            return info
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def service_lock(settings: Settings, info: dict[str, Any]) -> Iterator[TextIO]:
+    """Hold HOME/serve.lock for the life of the service; Busy if another service holds it."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    f = open(settings.serve_lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (closed below)
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = service_info(settings) or {}
+            raise Busy(
+                f"vmvault serve is already running for {settings.home} (pid {other.get('pid', '?')})",
+                hint="stop it first (kill -TERM PID), or give this one another --home",
+            ) from None
+        write_lock_info(f, info)
+        yield f
+    finally:
+        f.close()
+
+
+def write_lock_info(f: TextIO, info: dict[str, Any]) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(info))
+    f.flush()
+
+
+# ---- workers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerPool:
+    """N threads, each running one claimed job at a time."""
+
+    ctx: Context
+    workers: int = DEFAULT_WORKERS
+    poll_s: float = POLL_S
+    running: dict[str, StopEvent] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._loop, name=f"vmvault-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, reason: str, timeout: float = 120.0) -> None:
+        """Claim nothing more, cancel what runs, wait for the workers to record how their jobs ended."""
+        self._stopping.set()
+        with self._lock:
+            for event in self.running.values():
+                event.stop(reason)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self.running)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = claim_next(self.ctx)
+            except Exception:
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._stopping.wait(self.poll_s)
+                continue
+            self._run(job)
+
+    def _run(self, job: JobRow) -> None:
+        from vmvault.service import backups
+
+        cancel = StopEvent()
+        with self._lock:
+            self.running[job.id] = cancel
+            if self._stopping.is_set():
+                cancel.stop("the service was stopping")
+        log.info("job %s: %s of %s started", job.id, job.operation, job.vm)
+        try:
+            outcome = backups.run_claimed_backup(self.ctx, job, cancel=cancel)
+            log.info("job %s: %s of %s ended %s", job.id, job.operation, job.vm, outcome.job["status"])
+        except Exception:
+            log.exception("job %s crashed the worker", job.id)
+        finally:
+            with self._lock:
+                self.running.pop(job.id, None)
+
+
+def claim_next(ctx: Context) -> JobRow | None:
+    """Claim the oldest queued job for this process (conditional update); None when there is none."""
+    with ctx.catalog.read() as s:
+        candidates = [j.id for j in repos.queued_jobs(s, QUEUED_OPERATIONS)]
+    for job_id in candidates:
+        with ctx.catalog.write() as s:
+            job = repos.find_job(s, job_id)
+            if job is None:
+                continue
+            details = {**(job.details or {}), **owner_fields(), "claimedAt": now_iso()}
+            if repos.claim_job(s, job_id, os.getpid(), boot_id(), details):
+                s.refresh(job)
+                return job
+    return None
+
+
+# ---- status endpoint ----------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int] | None:
+    """HOST:PORT (PORT 0 = any free port), or "none" for no endpoint."""
+    if listen.lower() in ("none", "off", ""):
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidInput(f"'{listen}' is not HOST:PORT", hint="e.g. --listen 127.0.0.1:8480 (port 0: any free port)")
+    return host or "127.0.0.1", int(port)
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    server: _StatusServer
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") not in ("/healthz", ""):
+            self.send_error(404, "only GET /healthz is served (the API comes later)")
+            return
+        data = json.dumps(self.server.status()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("status endpoint: " + format, *args)
+
+
+class _StatusServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: Service) -> None:
+        super().__init__(address, _StatusHandler)
+        self.service = service
+
+    def status(self) -> dict[str, Any]:
+        return self.service.status()
+
+
+# ---- the service --------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    ctx: Context
+    workers: int = DEFAULT_WORKERS
+    listen: str = DEFAULT_LISTEN
+    tick_s: float = 1.0
+    started: str = field(default_factory=now_iso)
+    address: str | None = None
+    _stop: StopEvent = field(default_factory=StopEvent)
+
+    def status(self) -> dict[str, Any]:
+        with self.ctx.catalog.read() as s:
+            queued = len(repos.queued_jobs(s, QUEUED_OPERATIONS))
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "home": str(self.ctx.settings.home),
+            "started": self.started,
+            "workers": self.workers,
+            "runningJobs": self.pool.running_ids() if hasattr(self, "pool") else [],
+            "queuedJobs": queued,
+        }
+
+    def request_stop(self, reason: str) -> None:
+        self._stop.stop(reason)
+
+    def run(self, on_ready: Any = None) -> int:
+        """Serve until SIGTERM/SIGINT (or request_stop); returns the exit code."""
+        from vmvault.service.scheduler import Scheduler
+
+        if self.workers < 1:
+            raise InvalidInput(f"--workers must be at least 1 (got {self.workers})", hint="e.g. --workers 2")
+        endpoint = parse_listen(self.listen)
+        info = {"pid": os.getpid(), "bootId": boot_id(), "started": self.started, "workers": self.workers}
+        with service_lock(self.ctx.settings, info) as lock_file:
+            http = _StatusServer(endpoint, self) if endpoint else None
+            if http is not None:
+                host, port = http.server_address[:2]
+                self.address = f"http://{host!s}:{port}"
+                threading.Thread(target=http.serve_forever, name="vmvault-status", daemon=True).start()
+            write_lock_info(lock_file, {**info, "listen": self.address})
+            self.pool = WorkerPool(self.ctx, self.workers)
+            scheduler = Scheduler(self.ctx, self.tick_s)
+            previous = self._install_signals()
+            try:
+                self.pool.start()
+                scheduler.start()
+                if on_ready is not None:
+                    on_ready(self)
+                self._stop.wait()
+                log.info("stopping: %s", self._stop.reason)
+                scheduler.stop()
+                self.pool.stop(self._stop.reason)
+            finally:
+                self._restore_signals(previous)
+                if http is not None:
+                    http.shutdown()
+                    http.server_close()
+        return 0
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            name = signal.Signals(sig).name
+            previous[sig] = signal.signal(sig, lambda *_a, n=name: self.request_stop(f"the service was stopped ({n})"))
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

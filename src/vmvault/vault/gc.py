@@ -1,0 +1,375 @@
+"""Garbage collection: delete packed data that no recovery point or pin can reach.
+
+Vault-level (no catalog): the manifests in ``points/`` are the truth, so a point that is soft
+deleted in the catalog still has its manifest and keeps its data, and points written by another
+host sharing the vault are seen too.
+
+**Mark** (no lock, backups keep running): walk every manifest's disk indexes (root -> leaves ->
+delta bases) and every valid pin's roots, recording each reachable tree blob and chunk in an
+SQLite file beside the chunk index cache (never all IDs in memory). A tree blob already marked is
+not read again: points share unchanged leaves, so marking costs the vault's distinct metadata,
+not points x disk size.
+
+**Sweep** (the vault lock held exclusive, see vault/lock.py): re-read the chunk index and mark
+the manifests and pins that appeared while marking (a backup that finished meanwhile), then per
+pack older than the grace window: every blob dead -> delete the index file, then the pack; some
+dead (at least ``repack_threshold`` of its bytes) -> copy the live blobs into new packs, publish
+them with their index files, then delete the old index file, then the old pack. A crash at any
+step leaves either duplicate blobs (collected next time) or a pack without index file (an orphan,
+deleted when older than the grace window), never an index entry without its data.
+
+If any disk index cannot be read the collection stops before deleting anything: what it would
+have referenced is unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
+from vmvault.vault import lock
+from vmvault.vault.crypto import ZERO_ID
+from vmvault.vault.diskindex import ID_LEN, LEAF_DELTA, LEAF_FULL, Root
+from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
+from vmvault.vault.store import PackWriter, Vault
+
+DEFAULT_GRACE_SECONDS = 24 * 3600
+DEFAULT_REPACK_THRESHOLD = 0.2  # repack a pack once a fifth of its bytes is dead
+_LEAF_HEAD = struct.Struct("<BBH")  # docs/format.md, "Disk index"
+_PATCH = struct.Struct("<H32s")
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class GcReport:
+    points: int = 0  # manifests marked
+    pins: int = 0  # valid pins marked
+    stale_pins_removed: int = 0
+    tree_blobs_live: int = 0
+    chunks_live: int = 0
+    packs_checked: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    packs_too_young: int = 0  # inside the grace window: left alone
+    orphan_packs_deleted: int = 0  # packs without an index file (interrupted backups)
+    blobs_deleted: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    lock_wait_seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
+def leaf_references(data: bytes, leaf_id: bytes) -> tuple[list[bytes], bytes | None]:
+    """The chunk IDs a leaf names itself (all of a full leaf, the patches of a delta) and its base."""
+    try:
+        kind, _depth, count = _LEAF_HEAD.unpack_from(data)
+        body = data[_LEAF_HEAD.size :]
+        if kind == LEAF_FULL and len(body) == count * ID_LEN:
+            return [body[i : i + ID_LEN] for i in range(0, len(body), ID_LEN)], None
+        if kind == LEAF_DELTA and len(body) == ID_LEN + count * _PATCH.size:
+            patches = [_PATCH.unpack_from(body, off)[1] for off in range(ID_LEN, len(body), _PATCH.size)]
+            return patches, body[:ID_LEN]
+    except struct.error:
+        pass
+    raise IntegrityError(f"disk index leaf {leaf_id.hex()} is malformed", hint="run 'vmvault vault verify'")
+
+
+class MarkSet:
+    """Reachable blobs, on disk. `owner` records which pack's copy of a blob is kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.executescript(
+            """
+            PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;
+            CREATE TABLE trees (id BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID;
+            CREATE TABLE chunks (id BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID;
+            CREATE TABLE points (rp_id TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE plan (n INTEGER PRIMARY KEY, pack TEXT NOT NULL, index_name TEXT NOT NULL,
+                               action TEXT NOT NULL, dead INTEGER NOT NULL);
+            """
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def has_tree(self, blob_id: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM trees WHERE id = ?", (blob_id,)).fetchone() is not None
+
+    def add_tree(self, blob_id: bytes) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO trees (id) VALUES (?)", (blob_id,))
+
+    def add_chunks(self, ids: Iterable[bytes]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO chunks (id) VALUES (?)", ((i,) for i in ids if i != ZERO_ID))
+
+    def has_point(self, rp_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM points WHERE rp_id = ?", (rp_id,)).fetchone() is not None
+
+    def add_point(self, rp_id: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO points VALUES (?)", (rp_id,))
+
+    def claim(self, ref: BlobRef, owner: int) -> bool:
+        """True when the blob is reachable and this pack's copy is the one kept (first claim wins)."""
+        table = "trees" if ref.type == TYPE_TREE else "chunks"
+        cur = self.conn.execute(f"UPDATE {table} SET owner = ? WHERE id = ? AND owner IS NULL", (owner, ref.blob_id))
+        if cur.rowcount:
+            return True
+        row = self.conn.execute(f"SELECT owner FROM {table} WHERE id = ?", (ref.blob_id,)).fetchone()
+        return row is not None and row[0] == owner
+
+    def counts(self) -> tuple[int, int]:
+        trees = self.conn.execute("SELECT count(*) FROM trees").fetchone()[0]
+        chunks = self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return int(trees), int(chunks)
+
+    def plan(self, action: str) -> Iterator[tuple[int, str, str, int]]:
+        query = "SELECT n, pack, index_name, dead FROM plan WHERE action = ? ORDER BY n"
+        yield from self.conn.execute(query, (action,))
+
+
+class _Collector:
+    def __init__(
+        self,
+        vault: Vault,
+        marks: MarkSet,
+        report: GcReport,
+        progress: ProgressFn | None,
+        cancel: threading.Event,
+    ) -> None:
+        self.vault, self.marks, self.report, self.cancel = vault, marks, report, cancel
+        self._progress = progress
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("garbage collection was cancelled; what it deleted so far was unreferenced")
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(phase, done, total)
+
+    # ---- mark -------------------------------------------------------------------------------------
+    def mark_points(self) -> None:
+        """Mark every manifest not marked yet (all of them the first time, the new ones under the lock)."""
+        todo = [rp for rp in self.vault.list_recovery_points() if not self.marks.has_point(rp)]
+        for n, rp_id in enumerate(todo):
+            self.check_cancel()
+            try:
+                manifest = self.vault.read_manifest(rp_id)
+            except (NotFound, ObjectNotFound):
+                continue  # deleted by retention meanwhile
+            for disk in manifest.disks:
+                self.mark_root(disk.index_root, f"disk {disk.name} of point {rp_id}")
+            self.marks.add_point(rp_id)
+            self.report.points += 1
+            self.progress("mark", n + 1, len(todo))
+
+    def mark_pins(self) -> None:
+        self.report.pins = 0
+        for pin in lock.valid_pins(self.vault):
+            for root in pin.roots:
+                self.mark_root(root, f"a disk pinned by {pin.purpose} (point {pin.rp_id})")
+            self.report.pins += 1
+
+    def mark_root(self, root_hex: str, what: str) -> None:
+        root_id = bytes.fromhex(root_hex)
+        if self.marks.has_tree(root_id):
+            return
+        try:
+            root = Root.decode(self.vault.get_blob(root_id), what)
+            self.marks.add_tree(root_id)
+            for leaf_id in root.leaves:
+                self.mark_leaf(leaf_id)
+        except VmvaultError as exc:
+            raise IntegrityError(
+                f"garbage collection stopped before deleting anything: cannot read the disk index of {what}: "
+                f"{exc.message}",
+                hint="run 'vmvault vault verify' to see what is damaged",
+            ) from exc
+
+    def mark_leaf(self, leaf_id: bytes) -> None:
+        stack = [leaf_id]
+        while stack:
+            current = stack.pop()
+            if self.marks.has_tree(current):
+                continue
+            chunks, base = leaf_references(self.vault.get_blob(current), current)
+            self.marks.add_chunks(chunks)
+            self.marks.add_tree(current)
+            if base is not None:
+                stack.append(base)
+
+    # ---- sweep ------------------------------------------------------------------------------------
+    def classify(self, grace_seconds: float, threshold: float) -> None:
+        """Decide per indexed pack: keep, delete or repack (written to the plan table)."""
+        now = time.time()
+        total = sum(1 for _ in self.vault.index.iter_packs())
+        for n, (pack, index_name) in enumerate(self.vault.index.iter_packs()):  # streamed, not listed
+            self.check_cancel()
+            self.report.packs_checked += 1
+            self.progress("sweep", n + 1, total)
+            age = self._age(pack, index_name, now)
+            found = self.vault.index.pack_entries(pack)
+            if age is None or found is None:
+                continue  # the pack file is missing: verify reports it; nothing to free
+            if age < grace_seconds:
+                self.report.packs_too_young += 1
+                continue
+            _salt, entries = found
+            live = [self.marks.claim(ref, n) for ref in entries]
+            dead_bytes = sum(ref.length for ref, alive in zip(entries, live, strict=True) if not alive)
+            total = sum(ref.length for ref in entries)
+            if not any(live):
+                action = "delete"
+            elif dead_bytes and dead_bytes >= threshold * total:
+                action = "repack"
+            else:
+                continue
+            self.marks.conn.execute(
+                "INSERT INTO plan VALUES (?, ?, ?, ?, ?)", (n, pack, index_name, action, live.count(False))
+            )
+
+    def _age(self, pack: str, index_name: str, now: float) -> float | None:
+        try:
+            newest = max(os.stat(self.vault.storage_dir / name).st_mtime for name in (pack, index_name))
+        except FileNotFoundError:
+            return None
+        return now - newest
+
+    def delete_pack(self, pack: str, index_name: str) -> None:
+        """Index file first, then the pack: an index entry must never name missing data."""
+        with contextlib.suppress(ObjectNotFound):
+            self.vault.backend.delete(index_name)
+        self.vault.index.forget_index_files([index_name])
+        with contextlib.suppress(ObjectNotFound):
+            self.vault.backend.delete(pack)
+
+    def repack(self) -> list[tuple[str, str]]:
+        """Copy each planned pack's kept blobs into new packs; returns the packs now safe to delete."""
+        writers = {TYPE_DATA: PackWriter(self.vault, TYPE_DATA), TYPE_TREE: PackWriter(self.vault, TYPE_TREE)}
+        done: list[tuple[str, str]] = []
+        for n, pack, index_name, dead in list(self.marks.plan("repack")):
+            self.check_cancel()
+            found = self.vault.index.pack_entries(pack)
+            if found is None:
+                continue
+            salt, entries = found
+            try:
+                blobs = self._live_blobs(n, pack, salt, entries)
+            except IntegrityError as exc:
+                self.report.problems.append(f"pack {pack} was not repacked: {exc.message}")
+                continue
+            for ref, plain in blobs:
+                body, flags = encode_body(plain)
+                writers[ref.type].add(ref.blob_id, body, flags, len(plain))
+            done.append((pack, index_name))
+            self.report.blobs_deleted += dead
+        for writer in writers.values():
+            writer.flush()  # new packs and their index files are durable before any old one goes
+            self.report.packs_written += writer.packs_published
+        return done
+
+    def _live_blobs(self, n: int, pack: str, salt: bytes, entries: list[BlobRef]) -> list[tuple[BlobRef, bytes]]:
+        data = self.vault.backend.get(pack)
+        out = []
+        for ref in entries:
+            if self.marks.claim(ref, n):  # already claimed by this pack in classify: True again
+                stored = data[ref.offset : ref.offset + ref.length]
+                out.append((ref, decode_blob(self.vault.keys, salt, ref, stored, f"pack {pack}")))
+        return out
+
+    def delete_orphans(self, grace_seconds: float) -> None:
+        """Packs without an index file (a backup died between the two writes), once old enough."""
+        now = time.time()
+        for top in ("data", "tree"):
+            for name, _size in list(self.vault.backend.list(top)):
+                if self.vault.index.has_pack(name):
+                    continue
+                try:
+                    age = now - os.stat(self.vault.storage_dir / name).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age >= grace_seconds:
+                    with contextlib.suppress(ObjectNotFound):
+                        self.vault.backend.delete(name)
+                    self.report.orphan_packs_deleted += 1
+
+
+def _stored_bytes(vault: Vault) -> int:
+    return sum(size for top in ("data", "tree", "index") for _name, size in vault.backend.list(top))
+
+
+def collect_garbage(
+    vault: Vault,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    repack_threshold: float = DEFAULT_REPACK_THRESHOLD,
+    lock_timeout: float | None = None,
+    on_progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> GcReport:
+    """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it)."""
+    report = GcReport()
+    cancel = cancel or threading.Event()
+    with lock.only_collector(vault):
+        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel)
+
+
+def _collect(
+    vault: Vault,
+    report: GcReport,
+    grace_seconds: float,
+    repack_threshold: float,
+    lock_timeout: float | None,
+    on_progress: ProgressFn | None,
+    cancel: threading.Event,
+) -> GcReport:
+    cache = vault.home / "cache" / vault.uuid
+    cache.mkdir(parents=True, exist_ok=True)
+    marks = MarkSet(cache / f"gc-marks-{os.getpid()}-{secrets.token_hex(4)}.db")
+    gc = _Collector(vault, marks, report, on_progress, cancel)
+    try:
+        vault.sync_index()
+        report.bytes_before = _stored_bytes(vault)
+        gc.mark_points()
+        gc.mark_pins()
+        gc.progress("waiting for the vault lock", 0, 0)
+        started = time.monotonic()
+        with lock.exclusive(vault, timeout=lock_timeout, cancel=cancel):
+            report.lock_wait_seconds = round(time.monotonic() - started, 3)
+            vault.sync_index()  # packs written and deleted since the mark began
+            gc.mark_points()  # manifests published meanwhile (a backup that was running)
+            gc.mark_pins()
+            report.stale_pins_removed = lock.remove_stale_pins(vault)
+            report.tree_blobs_live, report.chunks_live = marks.counts()
+            gc.classify(grace_seconds, repack_threshold)
+            for _n, pack, index_name, dead in list(marks.plan("delete")):
+                gc.check_cancel()
+                gc.delete_pack(pack, index_name)
+                report.packs_deleted += 1
+                report.blobs_deleted += dead
+            for pack, index_name in gc.repack():
+                gc.delete_pack(pack, index_name)
+                report.packs_repacked += 1
+            gc.delete_orphans(grace_seconds)
+        report.bytes_after = _stored_bytes(vault)
+    finally:
+        marks.close()
+    return report

@@ -1,0 +1,108 @@
+"""Scheduling against a hand-written table of UTC instants (the clock is passed in: `after`).
+
+Every expected instant below was worked out by hand from the zone's rules, never by the code:
+- Europe/Berlin 2026: CET (+01) -> CEST (+02) on Sun 29 March at 01:00 UTC (02:00 -> 03:00 local);
+  CEST -> CET on Sun 25 October at 01:00 UTC (03:00 -> 02:00 local, so 02:00-03:00 happens twice).
+- America/New_York 2026: EST (-05) -> EDT (-04) on Sun 8 March at 07:00 UTC (02:00 -> 03:00 local);
+  EDT -> EST on Sun 1 November at 06:00 UTC (02:00 -> 01:00 local, so 01:00-02:00 happens twice).
+- Asia/Kolkata: +05:30 all year.
+Rules: a local time that does not exist runs at the first instant after the gap; a repeated one
+runs once, at its first occurrence.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from vmvault.domain.policy import parse_policy
+from vmvault.domain.schedule import next_run, slots_between
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def policy(tz: str, at: str, days: list[str] | None = None) -> Any:
+    schedule: dict[str, Any] = {"scheduleRunFrequency": "Weekly" if days else "Daily", "scheduleRunTimes": [at]}
+    retention: dict[str, Any]
+    if days:
+        schedule["scheduleRunDays"] = days
+        retention = {"weeklySchedule": {"daysOfTheWeek": days, "retentionDuration": {"count": 4, "durationType": "Weeks"}}}
+    else:
+        retention = {"dailySchedule": {"retentionDuration": {"count": 30, "durationType": "Days"}}}
+    return parse_policy({"schedulePolicy": schedule, "retentionPolicy": retention, "timeZone": tz})
+
+
+# (time zone, local run time, weekly days or None, after, expected next run in UTC, why)
+TABLE = [
+    # Europe/Berlin, spring forward (2026-03-29): 02:30 does not exist -> 03:00 CEST = 01:00 UTC
+    ("Europe/Berlin", "02:30", None, "2026-03-27T12:00:00Z", "2026-03-28T01:30:00Z", "02:30 CET the day before"),
+    ("Europe/Berlin", "02:30", None, "2026-03-28T12:00:00Z", "2026-03-29T01:00:00Z", "gap: first instant after it"),
+    ("Europe/Berlin", "02:30", None, "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z", "02:30 CEST the day after"),
+    ("Europe/Berlin", "02:30", ["Sunday"], "2026-03-23T00:00:00Z", "2026-03-29T01:00:00Z", "weekly, on the gap"),
+    ("Europe/Berlin", "02:30", ["Sunday"], "2026-03-29T01:00:00Z", "2026-04-05T00:30:00Z", "weekly, next Sunday"),
+    ("Europe/Berlin", "20:30", None, "2026-03-29T12:00:00Z", "2026-03-29T18:30:00Z", "evening, already CEST"),
+    # Europe/Berlin, fall back (2026-10-25): 02:30 happens twice -> once, at 02:30 CEST = 00:30 UTC
+    ("Europe/Berlin", "02:30", None, "2026-10-24T12:00:00Z", "2026-10-25T00:30:00Z", "first of the two 02:30s"),
+    ("Europe/Berlin", "02:30", None, "2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z", "not again at 01:30 UTC"),
+    ("Europe/Berlin", "02:30", None, "2026-10-25T00:00:00Z", "2026-10-25T00:30:00Z", "just before the first"),
+    ("Europe/Berlin", "02:30", ["Sunday"], "2026-10-24T00:00:00Z", "2026-10-25T00:30:00Z", "weekly, first 02:30"),
+    ("Europe/Berlin", "02:30", ["Sunday"], "2026-10-25T00:30:00Z", "2026-11-01T01:30:00Z", "weekly, once only"),
+    # America/New_York, spring forward (2026-03-08): 02:30 does not exist -> 03:00 EDT = 07:00 UTC
+    ("America/New_York", "02:30", None, "2026-03-07T12:00:00Z", "2026-03-08T07:00:00Z", "gap: first instant after it"),
+    ("America/New_York", "02:30", None, "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z", "02:30 EDT the day after"),
+    ("America/New_York", "01:30", None, "2026-03-07T12:00:00Z", "2026-03-08T06:30:00Z", "01:30 EST, before the gap"),
+    ("America/New_York", "03:00", None, "2026-03-07T12:00:00Z", "2026-03-08T07:00:00Z", "03:00 EDT, just after"),
+    # America/New_York, fall back (2026-11-01): 01:30 happens twice -> once, at 01:30 EDT = 05:30 UTC
+    ("America/New_York", "01:30", None, "2026-10-31T12:00:00Z", "2026-11-01T05:30:00Z", "first of the two 01:30s"),
+    ("America/New_York", "01:30", None, "2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z", "not again at 06:30 UTC"),
+    ("America/New_York", "02:30", None, "2026-10-31T12:00:00Z", "2026-11-01T07:30:00Z", "02:30 exists once (EST)"),
+    ("America/New_York", "01:30", ["Sunday"], "2026-10-26T00:00:00Z", "2026-11-01T05:30:00Z", "weekly, first 01:30"),
+    ("America/New_York", "01:30", ["Sunday"], "2026-11-01T05:30:00Z", "2026-11-08T06:30:00Z", "weekly, once only"),
+    # Asia/Kolkata, +05:30: the local day starts at 18:30 UTC the day before
+    ("Asia/Kolkata", "20:30", None, "2026-06-01T12:00:00Z", "2026-06-01T15:00:00Z", "20:30 IST = 15:00 UTC"),
+    ("Asia/Kolkata", "20:30", None, "2026-06-01T15:00:00Z", "2026-06-02T15:00:00Z", "strictly after"),
+    ("Asia/Kolkata", "00:00", None, "2026-06-01T12:00:00Z", "2026-06-01T18:30:00Z", "midnight IST"),
+    ("Asia/Kolkata", "05:30", None, "2026-06-01T00:00:00Z", "2026-06-02T00:00:00Z", "05:30 IST = 00:00 UTC"),
+    ("Asia/Kolkata", "02:00", ["Monday"], "2026-06-01T00:00:00Z", "2026-06-07T20:30:00Z", "Mon 02:00 IST = Sun UTC"),
+    # UTC itself: no surprises, including the turn of the year
+    ("UTC", "20:30", None, "2026-12-31T20:30:00Z", "2027-01-01T20:30:00Z", "across the new year"),
+]
+
+
+@pytest.mark.parametrize(("tz", "at", "days", "after", "expected", "why"), TABLE, ids=[f"{r[0]}-{r[3]}" for r in TABLE])
+def test_next_run_matches_the_table(tz: str, at: str, days: list[str] | None, after: str, expected: str, why: str) -> None:
+    got = next_run(policy(tz, at, days), utc(after))
+    assert got == utc(expected), f"{tz} {at} after {after}: {why}"
+    assert got.tzinfo is not None and got.utcoffset() is not None and not got.utcoffset()
+
+
+def test_the_fall_back_day_runs_once_and_the_spring_day_runs_once() -> None:
+    berlin = policy("Europe/Berlin", "02:30")
+    autumn = slots_between(berlin, utc("2026-10-24T12:00:00Z"), utc("2026-10-26T12:00:00Z"))
+    assert autumn == [utc("2026-10-25T00:30:00Z"), utc("2026-10-26T01:30:00Z")]
+    spring = slots_between(berlin, utc("2026-03-28T00:00:00Z"), utc("2026-03-30T12:00:00Z"))
+    assert spring == [utc("2026-03-28T01:30:00Z"), utc("2026-03-29T01:00:00Z"), utc("2026-03-30T00:30:00Z")]
+    new_york = policy("America/New_York", "01:30")
+    autumn_ny = slots_between(new_york, utc("2026-10-31T12:00:00Z"), utc("2026-11-02T12:00:00Z"))
+    assert autumn_ny == [utc("2026-11-01T05:30:00Z"), utc("2026-11-02T06:30:00Z")]
+
+
+def test_weekly_runs_only_on_its_days() -> None:
+    p = policy("UTC", "10:00", ["Tuesday", "Friday"])
+    # 2026-06-01 is a Monday.
+    got = slots_between(p, utc("2026-06-01T00:00:00Z"), utc("2026-06-14T00:00:00Z"))
+    assert got == [
+        utc("2026-06-02T10:00:00Z"),
+        utc("2026-06-05T10:00:00Z"),
+        utc("2026-06-09T10:00:00Z"),
+        utc("2026-06-12T10:00:00Z"),
+    ]
+
+
+def test_naive_after_is_refused() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        next_run(policy("UTC", "10:00"), datetime(2026, 1, 1))
