@@ -1,5 +1,6 @@
 # vmvault developer entry points.
-#   make run    install what is missing, then run the quickstart (examples/quickstart.sh)
+#   make run         install what is missing, then start the service: vmvault serve (examples/serve.sh)
+#   make quickstart  install what is missing, then run the quickstart (examples/quickstart.sh)
 #   make test   install what is missing, then lint, type-check and run the whole test suite
 # Works as root on a fresh Debian 12 machine; reruns skip what is already installed.
 
@@ -10,11 +11,13 @@ VENV  := .venv
 STAMP := $(VENV)/.vmvault-deps.stamp
 
 # Debian packages vmvault and its tests need (qemu-system-x86: a real QEMU for the
-# "image in use by a running VM" tests, and it ships qemu-storage-daemon).
+# "image in use by a running VM" tests, and it ships qemu-storage-daemon; ntfs-3g and fusefat:
+# file recovery's user-space NTFS/FAT drivers; xfsprogs, dosfstools, mtools: its test images).
 APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv gdisk e2fsprogs \
-                fuse3 nbdkit restic borgbackup zstd
+                fuse3 nbdkit restic borgbackup zstd \
+                xfsprogs ntfs-3g dosfstools mtools fusefat
 
-.PHONY: deps apt run test lint typecheck pytest clean
+.PHONY: deps apt run quickstart test lint typecheck pytest clean
 
 deps: apt $(STAMP)
 
@@ -38,6 +41,9 @@ $(STAMP): requirements.lock pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 run: deps
+	bash examples/serve.sh
+
+quickstart: deps
 	bash examples/quickstart.sh
 
 lint: deps

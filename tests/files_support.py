@@ -36,8 +36,13 @@ UNICODE_NAME = "Grüße \u2013 ünïcödé \u2713.txt"  # en dash, check mark
 SHADOW_LINK = "evil"
 
 # disk0 partitions: (number, fs, size MiB, GPT type code, name)
-DISK0 = [(1, "ext4", 24, "8300", "root"), (2, "xfs", 32, "8300", "data"), (3, "ntfs", 16, "0700", "win"),
-         (4, "vfat", 40, "ef00", "esp"), (5, "", 4, "8300", "junk")]
+DISK0 = [
+    (1, "ext4", 24, "8300", "root"),
+    (2, "xfs", 32, "8300", "data"),
+    (3, "ntfs", 16, "0700", "win"),
+    (4, "vfat", 40, "ef00", "esp"),
+    (5, "", 4, "8300", "junk"),
+]
 DISK1_FAT_MIB, DISK1_EXT_MIB = 16, 16
 
 
@@ -110,8 +115,15 @@ def _fs_image(work: Path, fs: str, mib: int, version: int, tag: str = "d0") -> P
         _run("mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-d", str(tree), str(image))
     elif fs == "vfat":
         _run("mkfs.fat", "-F", "32" if mib >= 33 else "16", "-n", "ESP", str(image))
-        _run("mcopy", "-s", "-i", str(image), *[str(p) for p in sorted(tree.iterdir())], "::/",
-             env={"MTOOLS_SKIP_CHECK": "1"})
+        _run(
+            "mcopy",
+            "-s",
+            "-i",
+            str(image),
+            *[str(p) for p in sorted(tree.iterdir())],
+            "::/",
+            env={"MTOOLS_SKIP_CHECK": "1"},
+        )
     elif fs == "xfs":
         small_ok = {"TEST_DIR": "1", "TEST_DEV": "1", "QA_CHECK_FS": "1"}  # allow < 300 MB
         _run("mkfs.xfs", "-q", "-f", "-L", "data", str(image), env=small_ok)
@@ -140,8 +152,16 @@ def _fill_mounted(image: Path, tree: Path | None, mount_argv: list[str], work: P
 
 
 def _copy_into(disk: Path, image: Path, offset: int) -> None:
-    _run("dd", f"if={image}", f"of={disk}", "bs=1M", f"seek={offset}", "oflag=seek_bytes", "conv=notrunc,sparse",
-         "status=none")
+    _run(
+        "dd",
+        f"if={image}",
+        f"of={disk}",
+        "bs=1M",
+        f"seek={offset}",
+        "oflag=seek_bytes",
+        "conv=notrunc,sparse",
+        "status=none",
+    )
 
 
 def _gpt_disk(path: Path, parts: list[tuple[Path, int, str, str]]) -> list[int]:
@@ -300,8 +320,7 @@ def listening(unix_path: str | None, tcp_address: str | None) -> list[str]:
 def session_leftovers(home: Path, session: dict[str, Any]) -> list[str]:
     """Everything a session could leave behind: mounts, loops, FUSE/export processes, sockets."""
     run_dir = home / "run" / "files" / session["id"]
-    left = [f"mount {m[0]}" for root in (Path(session["mountpoint"] or run_dir), run_dir)
-            for m in mounts_under(root)]
+    left = [f"mount {m[0]}" for root in (Path(session["mountpoint"] or run_dir), run_dir) for m in mounts_under(root)]
     left += [f"loop {name}" for name in loops_under(run_dir)]
     needles = [str(run_dir), session["id"]] + ([str(session["mountpoint"])] if session["mountpoint"] else [])
     left += processes_mentioning(*needles)

@@ -8,7 +8,11 @@ runs through the real CLI; the export, FUSE block files, loop devices and mounts
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from files_support import (
     TwoPoints,
     check_volume_files,
     expected_digests,
+    mounts_under,
     processes_mentioning,
     session_leftovers,
     wait_until_clean,
@@ -40,8 +45,14 @@ def _volumes(session: dict[str, object]) -> dict[tuple[str, int], dict[str, obje
     return {(str(v["disk"]), int(v["partition"])): v for v in session["volumes"]}  # type: ignore[attr-defined]
 
 
-EXPECTED_LAYOUT = {("disk0", 1): "ext4", ("disk0", 2): "xfs", ("disk0", 3): "ntfs", ("disk0", 4): "vfat",
-                   ("disk1", 1): "vfat", ("disk1", 5): "ext4"}
+EXPECTED_LAYOUT = {
+    ("disk0", 1): "ext4",
+    ("disk0", 2): "xfs",
+    ("disk0", 3): "ntfs",
+    ("disk0", 4): "vfat",
+    ("disk1", 1): "vfat",
+    ("disk1", 5): "ext4",
+}
 
 
 def test_every_file_reads_back_through_the_mount(vm: TwoPoints) -> None:
@@ -68,10 +79,11 @@ def test_mounts_are_read_only_nosuid_nodev_noexec(vm: TwoPoints) -> None:
         path = Path(str(_volumes(session)[key]["path"]))
         options = set(by_point[str(path)].split(","))
         assert {"ro", "nosuid", "nodev", "noexec"} <= options, (path, options)
-        for attempt in (lambda p=path: open(p / "new-file", "w"), lambda p=path: open(p / "changed.txt", "a")):
+        existing = next(p for p in path.iterdir() if p.name.lower() == "small.txt")
+        for target, flags in ((path / "new-file", os.O_WRONLY | os.O_CREAT), (existing, os.O_WRONLY | os.O_APPEND)):
             with pytest.raises(OSError) as caught:
-                attempt()
-            assert caught.value.errno == errno.EROFS, (path, caught.value)
+                os.close(os.open(target, flags, 0o644))
+            assert caught.value.errno == errno.EROFS, (target, caught.value)
 
 
 def test_two_points_mounted_at_once_show_their_own_versions(vm: TwoPoints) -> None:
@@ -102,28 +114,79 @@ def test_mounting_again_extends_the_session_and_another_mountpoint_is_refused(vm
 
 
 def test_browse_and_download_never_follow_links_out_of_the_volume(vm: TwoPoints) -> None:
+    from vmvault.errors import InvalidInput, NotFound
+    from vmvault.service import files
+    from vmvault.service.context import context
+    from vmvault.settings import load_settings
+
     vm.mount(0)
     rp = vm.points[0]
-    listing = {e["name"]: e for e in vm.cli.ok("files", "browse", "disk0-part1", "--vm", "vm1", "--rp", rp).json()}
-    assert listing[SHADOW_LINK]["type"] == "symlink" and listing[SHADOW_LINK]["target"] == "/etc/shadow"
     host_secret = Path("/etc/shadow").read_bytes() if Path("/etc/shadow").exists() else b"\0never"
+    with context(load_settings(str(vm.home))) as ctx:  # the service functions the API exposes
+        listing = {e["name"]: e for e in files.browse(ctx, "vm1", "disk0-part1", rp_id=rp)}
+        assert listing[SHADOW_LINK]["type"] == "symlink" and listing[SHADOW_LINK]["target"] == "/etc/shadow"
+        for hostile in (
+            f"disk0-part1/{SHADOW_LINK}",
+            "disk0-part1/etclink/shadow",
+            "disk0-part1/a/../../..",
+            "disk0-part1/a/../../../etc/shadow",
+            "disk0-part1/up/etc/shadow",
+            "../../etc/shadow",
+            "disk0-part1/up",
+            "disk0-part1/etclink",
+        ):
+            with pytest.raises((InvalidInput, NotFound)):
+                files.download(ctx, "vm1", hostile, rp_id=rp)
+            try:
+                shown = files.browse(ctx, "vm1", hostile, rp_id=rp)
+            except (InvalidInput, NotFound):
+                continue
+            raise AssertionError(f"browsing {hostile!r} returned {shown}")
+        size, blocks = files.download(ctx, "vm1", "disk0-part1/a/inside.txt", rp_id=rp)
+        assert (size, b"".join(blocks)) == (9, b"inside a\n")
     out = vm.work / "out.bin"
-    for hostile in (f"disk0-part1/{SHADOW_LINK}", "disk0-part1/etclink/shadow", "disk0-part1/a/../../..",
-                    "disk0-part1/a/../../../etc/shadow", "disk0-part1/up/etc/shadow", "../../etc/shadow",
-                    "disk0-part1/up"):
-        r = vm.cli.fails("files", "download", hostile, "--to", str(out), "--vm", "vm1", "--rp", rp)
-        assert "invalid_input" in r.stderr or "not_found" in r.stderr, r
-        assert not out.exists() or host_secret not in out.read_bytes()
-        r = vm.cli.fails("files", "browse", hostile, "--vm", "vm1", "--rp", rp)
-        assert "root:" not in r.stdout
     r = vm.cli.fails("files", "download", f"disk0-part1/{SHADOW_LINK}", "--to", str(out), "--vm", "vm1", "--rp", rp)
     assert "symbolic link" in r.stderr and "/etc/shadow" in r.stderr
+    assert not out.exists() or host_secret not in out.read_bytes()
+    r = vm.cli.fails("files", "browse", "disk0-part1/a/../../..", "--vm", "vm1", "--rp", rp)
+    assert "'..' is not allowed" in r.stderr
     vm.cli.ok("files", "download", "disk0-part1/big.bin", "--to", str(out), "--vm", "vm1", "--rp", rp)
-    import hashlib
-
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected_digests("ext4", 1)["big.bin"]
-    vm.cli.ok("files", "download", "disk0-part1/a/inside.txt", "--to", str(out), "--vm", "vm1", "--rp", rp)
-    assert out.read_bytes() == b"inside a\n"
+
+
+def test_a_mounted_point_is_pinned_for_gc_and_does_not_block_the_next_backup(vm: TwoPoints) -> None:
+    vm.mount(0)
+    pins = [json.loads(p.read_text()) for p in (vm.vault_dir / "pins").glob("*.json")]
+    assert any(pin["rp_id"] == vm.points[0] for pin in pins), pins
+    r = vm.cli.run("backup", "now", "vm1")
+    assert r.ok, f"a backup must run while a point of the VM is mounted:\n{r}"
+
+
+def test_a_killed_session_owner_is_cleaned_up_by_the_next_files_command(vm: TwoPoints) -> None:
+    session = vm.mount(1)
+    owner = [int(line.split(":")[0]) for line in processes_mentioning(f"session owner {vm.home} {session['id']}")]
+    assert len(owner) == 1
+    os.kill(owner[0], signal.SIGKILL)  # leaves the export, nbdfuse, loop devices and mounts behind
+    time.sleep(0.3)
+    assert mounts_under(Path(session["mountpoint"]))
+    listed = vm.cli.ok("files", "list", "--all").json()
+    assert next(s for s in listed if s["id"] == session["id"])["endReason"] == "OwnerDied"
+    wait_until_clean(vm.home, session, timeout=10)
+
+
+def test_a_point_that_cannot_be_served_fails_the_mount_and_leaves_nothing(vm: TwoPoints) -> None:
+    vm.unmount_all()
+    hidden = vm.vault_dir.with_name("vault-hidden")
+    vm.vault_dir.rename(hidden)
+    try:
+        r = vm.cli.fails("files", "mount", "vm1", "--rp", vm.points[0])
+    finally:
+        hidden.rename(vm.vault_dir)
+    assert "could not serve the recovery point" in r.stderr and "no vault" in r.stderr, r
+    ended = vm.cli.ok("files", "list", "--all").json()[0]
+    assert ended["state"] == "Ended" and ended["endReason"] == "StartFailed"
+    wait_until_clean(vm.home, ended, timeout=10)
+    assert not (vm.home / "mounts" / f"vm1-{vm.points[0]}").exists()
 
 
 def test_explicit_unmount_leaves_nothing(vm: TwoPoints) -> None:
@@ -144,7 +207,8 @@ def test_explicit_unmount_leaves_nothing(vm: TwoPoints) -> None:
 
 def test_duration_expiry_unmounts_everything_with_no_vmvault_process_running(vm: TwoPoints) -> None:
     session = vm.mount(0, "--duration", "3s")  # the CLI has exited when this returns
-    assert session["paths"] and not session_leftovers(vm.home, {**session, "id": "-", "mountpoint": None}) == []
+    assert len(session["paths"]) == len(EXPECTED_LAYOUT)
+    assert len(mounts_under(Path(session["mountpoint"]))) == len(EXPECTED_LAYOUT)
     assert not processes_mentioning(" serve", "vmvault serve")  # no service runs in this test
     wait_until_clean(vm.home, session, timeout=30)
     ended = [s for s in vm.cli.ok("files", "list", "--all").json() if s["id"] == session["id"]]

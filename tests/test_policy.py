@@ -252,7 +252,8 @@ def test_policy_commands_and_nothing_stored_on_error(cli: Cli, tmp_path: Path, s
     names = [p["name"] for p in cli.ok("policy", "list", "--vault", "v1").json()]
     assert names == ["Copy", "DefaultPolicy", "Weekly"], "a refused policy must not be stored"
     assert cli.ok("policy", "show", "Copy", "--vault", "v1").json()["properties"] == {
-        **default["properties"], "protectedItemsCount": 0
+        **default["properties"],
+        "protectedItemsCount": 0,
     }, "a refused set must not change the policy"
 
     # set: items follow the new rules; delete: refused while an item uses the policy.

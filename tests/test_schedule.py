@@ -30,7 +30,9 @@ def policy(tz: str, at: str, days: list[str] | None = None) -> Any:
     retention: dict[str, Any]
     if days:
         schedule["scheduleRunDays"] = days
-        retention = {"weeklySchedule": {"daysOfTheWeek": days, "retentionDuration": {"count": 4, "durationType": "Weeks"}}}
+        retention = {
+            "weeklySchedule": {"daysOfTheWeek": days, "retentionDuration": {"count": 4, "durationType": "Weeks"}}
+        }
     else:
         retention = {"dailySchedule": {"retentionDuration": {"count": 30, "durationType": "Days"}}}
     return parse_policy({"schedulePolicy": schedule, "retentionPolicy": retention, "timeZone": tz})
@@ -74,7 +76,9 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("tz", "at", "days", "after", "expected", "why"), TABLE, ids=[f"{r[0]}-{r[3]}" for r in TABLE])
-def test_next_run_matches_the_table(tz: str, at: str, days: list[str] | None, after: str, expected: str, why: str) -> None:
+def test_next_run_matches_the_table(
+    tz: str, at: str, days: list[str] | None, after: str, expected: str, why: str
+) -> None:
     got = next_run(policy(tz, at, days), utc(after))
     assert got == utc(expected), f"{tz} {at} after {after}: {why}"
     assert got.tzinfo is not None and got.utcoffset() is not None and not got.utcoffset()

@@ -369,11 +369,11 @@ def backup_now(
             if no_wait:
                 output.print_object(outcome.job)
                 return
-            job = run_cancellable(
-                lambda cancel: jobs.wait_for_job(ctx, outcome.job["id"], on_progress=show, cancel=cancel)
+            followed = run_cancellable(
+                lambda cancel: backups.follow_backup(ctx, outcome.job["id"], on_progress=show, cancel=cancel)
             )
-            point = jobs.describe_job(ctx, job["id"])["extendedInfo"]["recoveryPoint"]
-            _end_job(jobs.JobOutcome(job=job), [f"recovery point {point}"] if point else [])
+            point = jobs.describe_job(ctx, followed.job["id"])["extendedInfo"]["recoveryPoint"]
+            _end_job(followed, [f"recovery point {point}"] if point else [])
             return
     manifest = outcome.result
     _end_job(outcome, [f"recovery point {manifest.rp_id} at {manifest.time}"] if manifest is not None else [])
@@ -422,8 +422,11 @@ def job_wait(
     """Wait for a job to end; prints it and exits with its error's code if it did not complete."""
     from vmvault.cli.progress import progress_display
     from vmvault.service import jobs
+    from vmvault.service.worker import service_info
 
     with service_context() as ctx, progress_display(f"job {job_id[:8]}") as show:
+        if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and service_info(ctx.settings) is None:
+            output.info(f"job {job_id} is queued and no vmvault serve runs for this home: it starts with the service")
         job = jobs.wait_for_job(ctx, job_id, timeout=timeout, on_progress=show)
     _end_job(jobs.JobOutcome(job=job))
 
@@ -492,4 +495,4 @@ from vmvault.cli import gc as _gc, retention as _retention  # noqa: E402, F401, 
 # policy, item, serve, vault usage, vault notify (cli/policy.py, item.py, serve.py, usage.py, notify.py).
 from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usage as _u  # noqa: E402, F401
 # file recovery: files mount|list|unmount|script|browse|download (cli/files.py).
-from vmvault.cli import files as _files  # noqa: E402, F401, I001
+from vmvault.cli import files as _files  # noqa: E402, F401

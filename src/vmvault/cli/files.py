@@ -55,8 +55,10 @@ def files_mount(
 
 
 def _print_session(session: dict[str, Any]) -> None:
-    sys.stdout.write(f"session {session['id']}: recovery point {session['recoveryPoint']} of {session['vm']}, "
-                     f"until {session['expires']}\n")
+    sys.stdout.write(
+        f"session {session['id']}: recovery point {session['recoveryPoint']} of {session['vm']}, "
+        f"until {session['expires']}\n"
+    )
     for volume in session.get("volumes") or []:
         where = volume.get("path") or f"not mounted: {volume.get('reason')}"
         fs = volume.get("fileSystem") or "?"
@@ -117,8 +119,10 @@ def files_script(
     if STATE.json:
         output.print_json(result)
         return
-    sys.stdout.write(f"script:   {result['script']}\npassword: {result['password']}\n"
-                     f"valid until {result['expires']} (export {result['address']})\n")
+    sys.stdout.write(
+        f"script:   {result['script']}\npassword: {result['password']}\n"
+        f"valid until {result['expires']} (export {result['address']})\n"
+    )
     output.info("the password is shown only now; run the script as root on the machine that needs the files")
 
 
@@ -134,8 +138,9 @@ def files_browse(
 
     name = _vm_name(None, vm, "files browse")
     with service_context() as ctx:
-        output.print_list(files.browse(ctx, name, path, rp_id=rp, session_id=session), ("name", "type", "size",
-                                                                                         "target"))
+        output.print_list(
+            files.browse(ctx, name, path, rp_id=rp, session_id=session), ("name", "type", "size", "target")
+        )
 
 
 @files_app.command("download")

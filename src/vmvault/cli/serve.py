@@ -24,7 +24,7 @@ def serve(
     """Run the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled cleanly)."""
     from vmvault.service.worker import Service
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick)

@@ -285,9 +285,7 @@ def parse_time_of_day(value: Any, path: str) -> time:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00")).time()
         except ValueError:
-            raise PolicyError(
-                path, f"'{value}' is not a datetime; write e.g. {PRINTED_DATE}T20:30:00+00:00"
-            ) from None
+            raise PolicyError(path, f"'{value}' is not a datetime; write e.g. {PRINTED_DATE}T20:30:00+00:00") from None
     if moment.minute not in (0, 30) or moment.second or moment.microsecond:
         raise PolicyError(
             path,

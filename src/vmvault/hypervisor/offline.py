@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -118,7 +119,8 @@ class NbdImageExport:
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
         )
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        # The socket file appears at bind(), a moment before listen(): wait until it accepts.
+        while not _accepts(self.socket):
             if self._proc.poll() is not None:
                 stderr = self._proc.stderr.read().decode() if self._proc.stderr else ""
                 self._cleanup()
@@ -146,6 +148,17 @@ class NbdImageExport:
         if self._proc is not None and self._proc.stderr:
             self._proc.stderr.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _accepts(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def convert_to_qcow2(src_raw: Path, dest: Path) -> None:

@@ -183,8 +183,9 @@ class SnapshotSession:
         return self.run_dir / "nbd.sock"
 
     # ---- before: leftovers, space, plan ------------------------------------------------------------
-    def reconcile(self, tracking: Tracking | None) -> None:
-        """Remove what a killed run left in QEMU and on disk; fold a killed run's bitmaps back."""
+    def clear_leftovers(self) -> None:
+        """Remove what a killed run left in QEMU and on disk (before the disks are listed: a leftover
+        backup job's filter node sits on top of its disk until cancelled)."""
         for export in self.qmp.query_block_exports():
             if str(export.get("id", "")).startswith(PREFIX):
                 self._note(f"removed leftover NBD export {export['id']} of an interrupted backup")
@@ -204,9 +205,9 @@ class SnapshotSession:
             with contextlib.suppress(QmpError):
                 self.qmp.nbd_server_stop()
             self.nbd_socket.unlink(missing_ok=True)
-        self._reconcile_bitmaps(tracking)
 
-    def _reconcile_bitmaps(self, tracking: Tracking | None) -> None:
+    def reconcile_bitmaps(self, tracking: Tracking | None) -> None:
+        """Fold the bitmaps of a run killed after its transaction back into the chain; drop strays."""
         bitmaps = dirty_bitmaps(self.qmp)
         for disk in self.disks:
             ours = {n: b for n, b in bitmaps.get(disk.node, {}).items() if n.startswith(self.names.bitmap_prefix)}

@@ -49,8 +49,10 @@ def split_path(path: str) -> list[str]:
         raise InvalidInput("the path contains a NUL byte")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise InvalidInput(f"'..' is not allowed in a recovery path ({path!r})",
-                           hint="give the path from the volume's root, e.g. disk0-part1/etc/hosts")
+        raise InvalidInput(
+            f"'..' is not allowed in a recovery path ({path!r})",
+            hint="give the path from the volume's root, e.g. disk0-part1/etc/hosts",
+        )
     return parts
 
 

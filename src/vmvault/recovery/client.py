@@ -282,8 +282,12 @@ def _kernel_nbd(state: State, disk: str) -> str:
     for sysdir in sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:] or 0)):
         if (sysdir / "size").read_text().strip() == "0" and not (sysdir / "pid").exists():
             device = f"/dev/{sysdir.name}"
-            r = subprocess.run(["nbd-client", "-unix", str(state.socket), device, "-name", disk, "-readonly"],
-                               capture_output=True, text=True, check=False)
+            r = subprocess.run(
+                ["nbd-client", "-unix", str(state.socket), device, "-name", disk, "-readonly"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if r.returncode != 0:
                 raise OSError(f"nbd-client failed: {r.stderr.strip()}")
             return device
@@ -336,8 +340,9 @@ def main(config: dict[str, Any], argv: list[str]) -> int:
         return 0
     deadline = _expiry(config)
     if deadline <= time.time():
-        return _fail(f"this script expired at {config['expires']}; generate a new one with 'vmvault files script'",
-                     EXIT_REFUSED)
+        return _fail(
+            f"this script expired at {config['expires']}; generate a new one with 'vmvault files script'", EXIT_REFUSED
+        )
     return _mount(config, opts, state, deadline)
 
 
@@ -357,8 +362,9 @@ def _mount(config: dict[str, Any], opts: dict[str, Any], state: State, deadline:
     os.chmod(state.dir, 0o700)
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    state.save({"target": str(target), "created_target": created, "disks": list(config["disks"]),
-                "expires": config["expires"]})
+    state.save(
+        {"target": str(target), "created_target": created, "disks": list(config["disks"]), "expires": config["expires"]}
+    )
     relay_pid = _start_relay(upstream, state, deadline)
     state.save({**state.load(), "relay_pid": relay_pid})
     try:

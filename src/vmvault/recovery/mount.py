@@ -235,11 +235,15 @@ def mount_plans(fstype: str) -> list[tuple[str, list[str]]]:
     if fstype in opts:
         return [("kernel", ["mount", "-t", fstype, "-o", opts[fstype], "{dev}", "{dir}"])]
     if fstype == "ntfs":
-        return [("ntfs-3g", ["ntfs-3g", "-o", BASE_OPTIONS, "{dev}", "{dir}"]),
-                ("kernel", ["mount", "-t", "ntfs3", "-o", BASE_OPTIONS, "{dev}", "{dir}"])]
+        return [
+            ("ntfs-3g", ["ntfs-3g", "-o", BASE_OPTIONS, "{dev}", "{dir}"]),
+            ("kernel", ["mount", "-t", "ntfs3", "-o", BASE_OPTIONS, "{dev}", "{dir}"]),
+        ]
     if fstype == "vfat":
-        plans = [("kernel", ["mount", "-t", "vfat", "-o", f"{BASE_OPTIONS},utf8", "{dev}", "{dir}"]),
-                 ("fusefat", ["fusefat", "-o", BASE_OPTIONS, "{dev}", "{dir}"])]
+        plans = [
+            ("kernel", ["mount", "-t", "vfat", "-o", f"{BASE_OPTIONS},utf8", "{dev}", "{dir}"]),
+            ("fusefat", ["fusefat", "-o", BASE_OPTIONS, "{dev}", "{dir}"]),
+        ]
         return plans if "vfat" in kernel else plans[::-1]
     if fstype == "exfat":
         return [("kernel", ["mount", "-t", "exfat", "-o", BASE_OPTIONS, "{dev}", "{dir}"])]
@@ -251,8 +255,17 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[st
 
 
 def _attach_loop(image: str, part: Partition) -> str:
-    argv = ["losetup", "--read-only", "--find", "--show", "--offset", str(part.start), "--sizelimit", str(part.size),
-            image]
+    argv = [
+        "losetup",
+        "--read-only",
+        "--find",
+        "--show",
+        "--offset",
+        str(part.start),
+        "--sizelimit",
+        str(part.size),
+        image,
+    ]
     r = _run(argv)
     if r.returncode != 0:
         raise OSError(f"losetup failed: {r.stderr.strip()}")
@@ -338,7 +351,10 @@ def start_nbdfuse(uri: str, fuse_dir: Path, log_file: Any, timeout: float = 30) 
     pidfile.unlink(missing_ok=True)
     proc = subprocess.Popen(
         ["nbdfuse", "-r", "-P", str(pidfile), str(fuse_dir / "disk"), uri],
-        stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=log_file,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     while not pidfile.exists():
@@ -422,8 +438,7 @@ def cleanup(mount_roots: list[Path], fuse_roots: list[Path], log: Log) -> Cleanu
 
     # 1. file systems mounted under the mount directories, or from our loop devices, deepest first
     loops = set(loops_backed_by(fuse_roots))
-    targets = [m.mountpoint for m in mounts()
-               if any(_under(m.mountpoint, r) for r in mount_roots) or m.source in loops]
+    targets = [m.mountpoint for m in mounts() if any(_under(m.mountpoint, r) for r in mount_roots) or m.source in loops]
     for path in sorted((p for p in targets if not in_fuse(p)), key=lambda p: p.count("/"), reverse=True):
         _record(done.unmounted, done.problems, path, _umount(path, fuse=False), "umount")
     # 2. loop devices over the FUSE files

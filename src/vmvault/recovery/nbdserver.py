@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.errors import VmvaultError
 from vmvault.recovery import nbdproto
 from vmvault.recovery.nbdproto import Choice, Export
 
@@ -245,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s nbdserver[{os.getpid()}] %(message)s")
     config = json.loads(Path(args[0]).read_text())
+    error_file = Path(config["ready"]).with_suffix(".error")
     try:
         return run(config)
+    except VmvaultError as exc:
+        log.error("the export failed: %s", exc.message)
+        error_file.write_text(json.dumps({"message": exc.message, "hint": exc.hint}))
     except Exception as exc:
         log.error("the export failed: %s", exc, exc_info=True)
-        ready_error = Path(config["ready"]).with_suffix(".error")
-        ready_error.write_text(str(exc))
-        return 1
+        error_file.write_text(json.dumps({"message": f"{type(exc).__name__}: {exc}", "hint": None}))
+    return 1
 
 
 if __name__ == "__main__":
-    time.tzset()
     sys.exit(main())

@@ -105,6 +105,7 @@ class DiskReader:
                 hint="run 'vmvault vault verify' to list every affected point",
             ) from exc
         if len(data) != self._chunk_length(index):
-            raise IntegrityError(f"chunk {chunk_id.hex()} at offset {index * self.chunk_size} of {self._where} "
-                                 "has the wrong length")
+            raise IntegrityError(
+                f"chunk {chunk_id.hex()} at offset {index * self.chunk_size} of {self._where} has the wrong length"
+            )
         return data

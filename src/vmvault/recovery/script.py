@@ -66,11 +66,21 @@ def _source(module: str) -> str:
     return text
 
 
-def render(*, session_id: str, vm: str, rp: str, host: str, port: int, ca_pem: str, disks: list[str],
-           expires: str) -> str:
+def render(
+    *, session_id: str, vm: str, rp: str, host: str, port: int, ca_pem: str, disks: list[str], expires: str
+) -> str:
     name = f"{vm}-{rp}-recover.sh"
-    config = {"session": session_id, "vm": vm, "rp": rp, "host": host, "port": port, "ca_pem": ca_pem,
-              "server_name": tlscert.session_hostname(session_id), "disks": disks, "expires": expires}
+    config = {
+        "session": session_id,
+        "vm": vm,
+        "rp": rp,
+        "host": host,
+        "port": port,
+        "ca_pem": ca_pem,
+        "server_name": tlscert.session_hostname(session_id),
+        "disks": disks,
+        "expires": expires,
+    }
     parts = [
         HEADER.format(vm=vm, rp=rp, session_id=session_id, host=host, port=port, expires=expires, name=name),
         f"VMV_BOOT='{BOOT}'\n",

@@ -44,8 +44,10 @@ def catalog_authorizer(home: Path, session_id: str) -> Authorize:
             return Grant(error="access denied: wrong password for this recovery session")
         expires = from_iso(match.expires)
         if expires <= utc_now():
-            return Grant(error=f"access denied: this password expired at {match.expires}; "
-                         "generate a new script with 'vmvault files script'")
+            return Grant(
+                error=f"access denied: this password expired at {match.expires}; "
+                "generate a new script with 'vmvault files script'"
+            )
         return Grant(deadline=expires.timestamp())
 
     return authorize

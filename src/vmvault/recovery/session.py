@@ -47,7 +47,7 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, now_iso, to_iso, utc_now
 from vmvault.catalog.models import FileRecoverySessionRow
-from vmvault.errors import Busy, InvalidInput, StorageError
+from vmvault.errors import Busy, InvalidInput, StorageError, VmvaultError
 from vmvault.recovery import mount
 
 log = logging.getLogger("vmvault.files")
@@ -220,7 +220,11 @@ def spawn_owner(ctx: Any, row: FileRecoverySessionRow) -> subprocess.Popen[bytes
     with open(paths.log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "vmvault.recovery.session", "owner", str(ctx.settings.home), row.id],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
         )
 
 
@@ -242,14 +246,14 @@ def wait_until_active(ctx: Any, session_id: str, proc: subprocess.Popen[bytes]) 
 
 def _start_failed(ctx: Any, session_id: str, why: str | None = None) -> FileRecoverySessionRow:
     row = get_row(ctx, session_id)
-    reason = why or ((row.details or {}).get("error") if row else None) or "the session owner exited"
-    log_tail = ""
+    details = (row.details or {}) if row is not None else {}
+    reason = why or details.get("error") or "the session owner exited"
+    hint = details.get("errorHint") or "check the vault's storage (vmvault vault verify NAME) and retry"
     if row is not None:
         with contextlib.suppress(OSError):
-            log_tail = Paths(Path(row.run_dir)).log.read_text()[-300:].strip()
+            log.debug("session %s did not start; its log:\n%s", session_id, Paths(Path(row.run_dir)).log.read_text())
         teardown(ctx, row, "StartFailed")
-    raise StorageError(f"could not serve the recovery point: {reason}",
-                       hint=f"the session log ends with: {log_tail}" if log_tail else None)
+    raise StorageError(f"could not serve the recovery point: {reason}", hint=hint)
 
 
 # ---- teardown ------------------------------------------------------------------------------------
@@ -379,7 +383,8 @@ class Owner:
             log.error("session %s could not start: %s", self.id, exc)
             row = get_row(self.ctx, self.id)
             if row is not None:
-                set_fields(self.ctx, self.id, details={**row.details, "error": str(exc)})
+                hint = exc.hint if isinstance(exc, VmvaultError) else None
+                set_fields(self.ctx, self.id, details={**row.details, "error": str(exc), "errorHint": hint})
             return 1
         self._mark_active(tcp_port, disks)
         reason = self._wait()
@@ -389,7 +394,10 @@ class Owner:
         with open(self.paths.log, "ab") as out:
             server = subprocess.Popen(
                 [sys.executable, "-m", "vmvault.recovery.nbdserver", str(self.paths.server_config)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                close_fds=True,
             )
             self.children.append(server)
             ready = self._wait_ready(server)
@@ -408,8 +416,10 @@ class Owner:
                 ready: dict[str, Any] = json.loads(self.paths.ready.read_text())
                 return ready
             if server.poll() is not None:
-                why = error_file.read_text() if error_file.exists() else f"exit code {server.returncode}"
-                raise StorageError(f"the export process failed: {why}")
+                error = {"message": f"exit code {server.returncode}", "hint": None}
+                with contextlib.suppress(OSError, ValueError):
+                    error = json.loads(error_file.read_text())
+                raise StorageError(f"the export process failed: {error['message']}", hint=error.get("hint"))
             time.sleep(0.02)
         raise StorageError("the export process did not become ready")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
-from vmvault.catalog.clock import later_than
+from vmvault.catalog.clock import later_than, now_iso
 from vmvault.catalog.models import JobRow, VaultRow
 from vmvault.errors import Cancelled, InvalidInput, VmvaultError
 from vmvault.service.context import Context
@@ -24,6 +25,7 @@ from vmvault.service.jobs import (
     Operation,
     ProgressCallback,
     Status,
+    boot_id,
     create_job,
     disk_tasks,
     end_job,
@@ -87,6 +89,39 @@ def backup_now(
     return execute_backup(ctx, job, plan, on_progress=on_progress, cancel=cancel)
 
 
+def follow_backup(
+    ctx: Context,
+    job_id: str,
+    *,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[Any]:
+    """Wait for a queued backup to end; if the service went away before running it, run it here.
+
+    The job is then claimed by this process exactly as a worker claims it (conditional update).
+    """
+    from vmvault.errors import Busy
+    from vmvault.service.jobs import owner_fields, wait_for_job
+    from vmvault.service.worker import service_info
+
+    while True:
+        try:
+            return JobOutcome(job=wait_for_job(ctx, job_id, timeout=2.0, on_progress=on_progress, cancel=cancel))
+        except Busy as exc:
+            if exc.code != "timeout":
+                raise
+            if service_info(ctx.settings) is not None:
+                continue  # still queued or running under the service: go on waiting
+        with ctx.catalog.write() as s:
+            row = repos.get_job(s, job_id)
+            details = {**(row.details or {}), **owner_fields(), "claimedAt": now_iso()}
+            claimed = repos.claim_job(s, row.id, os.getpid(), boot_id(), details)
+            if claimed:
+                s.refresh(row)
+        if claimed:
+            return run_claimed_backup(ctx, row, cancel=cancel, on_progress=on_progress)
+
+
 def backup_details(plan: BackupPlan, trigger: str, **extra: Any) -> dict[str, Any]:
     """A Backup job's details: why it runs, how long its point is kept, one task per disk."""
     return {"trigger": trigger, "retainUntil": plan.retain_until, "tasks": disk_tasks([d["name"] for d in plan.disks]),
@@ -131,7 +166,13 @@ def _record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> 
         record_new_point(s, rp_id, scheduled=scheduled, now=ctx.now())
 
 
-def run_claimed_backup(ctx: Context, job: JobRow, *, cancel: threading.Event | None = None) -> JobOutcome[Any]:
+def run_claimed_backup(
+    ctx: Context,
+    job: JobRow,
+    *,
+    cancel: threading.Event | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> JobOutcome[Any]:
     """Run a queued Backup job this process has claimed (a worker of `vmvault serve`)."""
     details = job.details or {}
     try:
@@ -140,7 +181,7 @@ def run_claimed_backup(ctx: Context, job: JobRow, *, cancel: threading.Event | N
         return JobOutcome(job=end_job(ctx, job.id, Status.FAILED, exc), error=exc)
     if not details.get("tasks"):
         job.details = {**details, **backup_details(plan, str(details.get("trigger") or ON_DEMAND))}
-    return execute_backup(ctx, job, plan, cancel=cancel)
+    return execute_backup(ctx, job, plan, cancel=cancel, on_progress=on_progress)
 
 
 def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:

@@ -86,9 +86,15 @@ def session_view(row: FileRecoverySessionRow) -> JsonDict:
 
 
 def _volume_view(v: dict[str, Any]) -> JsonDict:
-    return {"disk": v.get("disk"), "partition": v.get("partition"), "fileSystem": v.get("fstype") or None,
-            "path": v.get("path") or None, "status": v.get("status"), "driver": v.get("driver") or None,
-            "reason": v.get("reason") or None}
+    return {
+        "disk": v.get("disk"),
+        "partition": v.get("partition"),
+        "fileSystem": v.get("fstype") or None,
+        "path": v.get("path") or None,
+        "status": v.get("status"),
+        "driver": v.get("driver") or None,
+        "reason": v.get("reason") or None,
+    }
 
 
 def list_sessions(ctx: Context, vm_name: str | None = None, *, include_ended: bool = False) -> list[JsonDict]:
@@ -187,8 +193,10 @@ def _listen(ctx: Context) -> tuple[str, int]:
     try:
         return host, int(port or 0)
     except ValueError:
-        raise InvalidInput(f"invalid VMVAULT_FILES_LISTEN '{ctx.settings.files_listen}'",
-                           hint="give HOST:PORT, e.g. 127.0.0.1:0 or 0.0.0.0:10809") from None
+        raise InvalidInput(
+            f"invalid VMVAULT_FILES_LISTEN '{ctx.settings.files_listen}'",
+            hint="give HOST:PORT, e.g. 127.0.0.1:0 or 0.0.0.0:10809",
+        ) from None
 
 
 def _start(ctx: Context, target: Target, span: timedelta) -> FileRecoverySessionRow:
@@ -199,13 +207,29 @@ def _start(ctx: Context, target: Target, span: timedelta) -> FileRecoverySession
     run_dir = session.run_root(ctx.settings.home) / sid
     run_dir.mkdir(mode=0o700, parents=True)
     host, port = _listen(ctx)
-    details = {"socket": str(session.socket_path(run_dir, sid)), "listenHost": host, "vaultName": target.vault.name,
-               "disks": target.disks}
+    details = {
+        "socket": str(session.socket_path(run_dir, sid)),
+        "listenHost": host,
+        "vaultName": target.vault.name,
+        "disks": target.disks,
+    }
     ca = tlscert.make_credentials(session.Paths(run_dir).tls_dir, sid, [host], span + timedelta(days=7))
     row = FileRecoverySessionRow(
-        id=sid, vm_id=target.vm_id, vm_name=target.vm_name, rp_id=target.rp_id, vault_id=target.vault.id,
-        state=session.STARTING, mountpoint=None, created=now_iso(), expires=session.to_deadline(span),
-        run_dir=str(run_dir), ca_cert=ca, volumes=[], details=details, owner_pid=0, owner_boot_id="",
+        id=sid,
+        vm_id=target.vm_id,
+        vm_name=target.vm_name,
+        rp_id=target.rp_id,
+        vault_id=target.vault.id,
+        state=session.STARTING,
+        mountpoint=None,
+        created=now_iso(),
+        expires=session.to_deadline(span),
+        run_dir=str(run_dir),
+        ca_cert=ca,
+        volumes=[],
+        details=details,
+        owner_pid=0,
+        owner_boot_id="",
     )
     with ctx.catalog.write() as s:
         repos.add_file_session(s, row)
@@ -221,9 +245,16 @@ def _write_server_config(ctx: Context, row: FileRecoverySessionRow, target: Targ
 
     paths = session.Paths(Path(row.run_dir))
     config = {
-        "home": str(ctx.settings.home), "storage_dir": target.vault.storage_dir, "vault_uuid": target.vault.uuid,
-        "rp_id": row.rp_id, "unix": row.details["socket"], "tcp_host": listen[0], "tcp_port": listen[1],
-        "tls_dir": str(paths.tls_dir), "session": row.id, "ready": str(paths.ready),
+        "home": str(ctx.settings.home),
+        "storage_dir": target.vault.storage_dir,
+        "vault_uuid": target.vault.uuid,
+        "rp_id": row.rp_id,
+        "unix": row.details["socket"],
+        "tcp_host": listen[0],
+        "tcp_port": listen[1],
+        "tls_dir": str(paths.tls_dir),
+        "session": row.id,
+        "ready": str(paths.ready),
         "pin_seconds": (session.MAX_DURATION + timedelta(hours=1)).total_seconds(),
     }
     paths.server_config.write_text(json.dumps(config, indent=1))
@@ -264,8 +295,10 @@ def unmount(ctx: Context, vm_name: str, *, session_id: str | None = None) -> Job
         if session_id is not None:
             rows = [r for r in rows if r.id == session_id]
             if not rows:
-                raise NotFound(f"no live file-recovery session '{session_id}' for VM '{vm_name}'",
-                               hint=f"list them with: vmvault files list {vm_name}")
+                raise NotFound(
+                    f"no live file-recovery session '{session_id}' for VM '{vm_name}'",
+                    hint=f"list them with: vmvault files list {vm_name}",
+                )
         vaults = {r.vault_id: repos.vault_by_id(s, r.vault_id).name for r in rows}
     if not rows:
         raise NotFound(f"VM '{vm_name}' has no mounted recovery point", hint="see: vmvault files list")
@@ -315,15 +348,26 @@ def make_script(
     host = address or _published_host(ctx)
     port = int(str(row.tcp_address).rsplit(":")[-1])
     text = script.render(
-        session_id=row.id, vm=target.vm_name, rp=target.rp_id, host=host, port=port,
-        ca_pem=row.ca_cert or "", disks=list(row.details.get("disks") or []), expires=expires,
+        session_id=row.id,
+        vm=target.vm_name,
+        rp=target.rp_id,
+        host=host,
+        port=port,
+        ca_pem=row.ca_cert or "",
+        disks=list(row.details.get("disks") or []),
+        expires=expires,
     )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o700)
     os.replace(tmp, path)
-    return {"script": str(path), "password": password, "expires": expires, "session": row.id,
-            "address": f"{host}:{port}"}
+    return {
+        "script": str(path),
+        "password": password,
+        "expires": expires,
+        "session": row.id,
+        "address": f"{host}:{port}",
+    }
 
 
 def _serving(ctx: Context, target: Target, span: timedelta) -> FileRecoverySessionRow:
@@ -357,8 +401,9 @@ def _published_host(ctx: Context) -> str:
 # ---- browse and download -------------------------------------------------------------------------
 
 
-def _volume_root(ctx: Context, vm_name: str, parts: list[str], rp_id: str | None, session_id: str | None
-                 ) -> tuple[FileRecoverySessionRow, Path | None]:
+def _volume_root(
+    ctx: Context, vm_name: str, parts: list[str], rp_id: str | None, session_id: str | None
+) -> tuple[FileRecoverySessionRow, Path | None]:
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
         rows = [r for r in repos.live_file_sessions(s, vm_id=vm.id) if r.mountpoint]
@@ -367,12 +412,15 @@ def _volume_root(ctx: Context, vm_name: str, parts: list[str], rp_id: str | None
     if rp_id is not None:
         rows = [r for r in rows if r.rp_id == rp_id]
     if not rows:
-        raise NotFound(f"VM '{vm_name}' has no mounted recovery point"
-                       f"{' matching the given --rp/--session' if rp_id or session_id else ''}",
-                       hint=f"mount one first: vmvault files mount {vm_name} --rp ID")
+        raise NotFound(
+            f"VM '{vm_name}' has no mounted recovery point"
+            f"{' matching the given --rp/--session' if rp_id or session_id else ''}",
+            hint=f"mount one first: vmvault files mount {vm_name} --rp ID",
+        )
     if len(rows) > 1:
-        raise InvalidInput(f"VM '{vm_name}' has {len(rows)} mounted recovery points",
-                           hint="choose one with --rp ID or --session ID")
+        raise InvalidInput(
+            f"VM '{vm_name}' has {len(rows)} mounted recovery points", hint="choose one with --rp ID or --session ID"
+        )
     row = rows[0]
     if not parts:
         return row, None
@@ -383,8 +431,9 @@ def _volume_root(ctx: Context, vm_name: str, parts: list[str], rp_id: str | None
     raise NotFound(f"no mounted volume '{parts[0]}' in session {row.id}", hint=f"volumes: {', '.join(names)}")
 
 
-def browse(ctx: Context, vm_name: str, path: str = "", *, rp_id: str | None = None,
-           session_id: str | None = None) -> list[JsonDict]:
+def browse(
+    ctx: Context, vm_name: str, path: str = "", *, rp_id: str | None = None, session_id: str | None = None
+) -> list[JsonDict]:
     """The entries of a directory: `VOLUME/dir/...`; the empty path lists the mounted volumes."""
     from vmvault.recovery import browse as fs
 
@@ -392,13 +441,17 @@ def browse(ctx: Context, vm_name: str, path: str = "", *, rp_id: str | None = No
     parts = fs.split_path(path)
     row, root = _volume_root(ctx, vm_name, parts, rp_id, session_id)
     if root is None:
-        return [{"name": Path(v["path"]).name, "type": "volume", "fileSystem": v.get("fstype"), "size": v.get("size")}
-                for v in row.volumes or [] if v.get("status") == "mounted"]
+        return [
+            {"name": Path(v["path"]).name, "type": "volume", "fileSystem": v.get("fstype"), "size": v.get("size")}
+            for v in row.volumes or []
+            if v.get("status") == "mounted"
+        ]
     return [e.to_dict() for e in fs.list_dir(root, parts[1:])]
 
 
-def download(ctx: Context, vm_name: str, path: str, *, rp_id: str | None = None,
-             session_id: str | None = None) -> tuple[int, Iterator[bytes]]:
+def download(
+    ctx: Context, vm_name: str, path: str, *, rp_id: str | None = None, session_id: str | None = None
+) -> tuple[int, Iterator[bytes]]:
     """(size, blocks) of one regular file `VOLUME/dir/file` of a mounted point."""
     from vmvault.recovery import browse as fs
 
@@ -406,7 +459,8 @@ def download(ctx: Context, vm_name: str, path: str, *, rp_id: str | None = None,
     parts = fs.split_path(path)
     _row, root = _volume_root(ctx, vm_name, parts, rp_id, session_id)
     if root is None:
-        raise InvalidInput("give the path of a file: VOLUME/dir/file",
-                           hint=f"list volumes: vmvault files browse --vm {vm_name}")
+        raise InvalidInput(
+            "give the path of a file: VOLUME/dir/file", hint=f"list volumes: vmvault files browse --vm {vm_name}"
+        )
     fd, size = fs.open_file(root, parts[1:])
     return size, fs.read_chunks(fd)

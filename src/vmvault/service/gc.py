@@ -88,6 +88,7 @@ def report_view(vault_name: str, grace: float, report: GcReport) -> JsonDict:
         "packsRepacked": report.packs_repacked,
         "packsWritten": report.packs_written,
         "packsTooYoung": report.packs_too_young,
+        "packsPinned": report.packs_pinned,
         "orphanPacksDeleted": report.orphan_packs_deleted,
         "blobsDeleted": report.blobs_deleted,
         "bytesBefore": report.bytes_before,

@@ -7,6 +7,7 @@ recommendedAction}. A job whose owner died is failed the next time anyone opens 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -510,9 +511,7 @@ def list_jobs(
     operation = _known(operation, Operation.ALL, "operation")
     start = _since(since) if since else None
     with ctx.catalog.read() as s:
-        rows: Sequence[JobRow] = repos.list_jobs(
-            s, vm=vm, status=status, operation=operation, limit=limit, since=start
-        )
+        rows: Sequence[JobRow] = repos.list_jobs(s, vm=vm, status=status, operation=operation, limit=limit, since=start)
         return [job_view(r) for r in rows]
 
 
@@ -609,7 +608,8 @@ def wait_for_job(
             reap_dead_jobs(ctx)
         if cancel is not None and cancel.is_set() and not asked:
             asked = True
-            cancel_job(ctx, job_id)
+            with contextlib.suppress(InvalidInput):  # it ended meanwhile
+                cancel_job(ctx, job_id)
         with ctx.catalog.read() as s:
             row = repos.get_job(s, job_id)
             view = job_view(row)

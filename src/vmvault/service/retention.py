@@ -259,4 +259,3 @@ def _purge_item(
     with ctx.catalog.write() as s:
         repos.delete_protected_item(s, item.vm_id)
     out.purged_items.append(vm_name)
-

@@ -148,6 +148,7 @@ def run_qmp_backup(ctx: Context, plan: Any, job_id: str, run: Any) -> Any:
     """Back up a running QMP VM; returns the manifest, or None when its QEMU is not running."""
     from vmvault.hypervisor.qemu_vm import inspect_vm
     from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+    from vmvault.hypervisor.snapshot import Names, SnapshotSession
 
     try:
         qmp = QmpClient(plan.definition["qmp"]).connect()
@@ -155,8 +156,11 @@ def run_qmp_backup(ctx: Context, plan: Any, job_id: str, run: Any) -> Any:
         log.info("VM %s: QEMU is not running, reading its images offline", plan.vm_name)
         return None
     with qmp:
+        tag = _tag(plan.vm_id)
+        session = SnapshotSession(qmp, [], Names(tag), _run_dir(ctx, plan.vm_id), ctx.settings.home / "fleece" / tag)
+        session.clear_leftovers()
         vm = inspect_vm(qmp)
-        return _LiveBackup(ctx, plan, job_id, run, qmp, vm).run()
+        return _LiveBackup(ctx, plan, job_id, run, vm, session).run()
 
 
 def stopped_vm_plan(plan: Any) -> Any:
@@ -169,41 +173,39 @@ def manifest_definition(definition: JsonDict) -> JsonDict:
 
 
 class _LiveBackup:
-    def __init__(self, ctx: Context, plan: Any, job_id: str, run: Any, qmp: Any, vm: Any) -> None:
-        self.ctx, self.plan, self.job_id, self.job_run, self.qmp, self.vm = ctx, plan, job_id, run, qmp, vm
+    def __init__(self, ctx: Context, plan: Any, job_id: str, run: Any, vm: Any, session: Any) -> None:
+        self.ctx, self.plan, self.job_id, self.job_run, self.vm = ctx, plan, job_id, run, vm
+        self.session = session
         self.warnings: list[Any] = []
 
     def run(self) -> Any:
         from vmvault.engine.consistency import Note
-        from vmvault.hypervisor.snapshot import BasePoint, Names, SnapshotSession, Tracking
+        from vmvault.hypervisor.snapshot import BasePoint, Tracking
         from vmvault.service.backups import _cancel_reason, _next_point_time, _previous_manifest, new_rp_id
         from vmvault.service.vaultio import opened_vault
 
-        plan, definition = self.plan, self.plan.definition
-        disks = self._disks()
-        tracking = Tracking.from_dict(definition.get("tracking"))
-        session = SnapshotSession(self.qmp, disks, Names(_tag(plan.vm_id)), _run_dir(self.ctx, plan.vm_id),
-                                  self.ctx.settings.home / "fleece" / _tag(plan.vm_id))  # fmt: skip
+        plan, session = self.plan, self.session
+        session.disks = self._disks()
+        tracking = Tracking.from_dict(plan.definition.get("tracking"))
         with opened_vault(self.ctx, plan.vault) as vault, _cancel_reason(self.job_run, plan.vm_name):
             previous = _previous_manifest(self.ctx, vault, plan)
             base = BasePoint(previous.rp_id, previous.time) if previous is not None else None
             rp_id, point_time = new_rp_id(), _next_point_time(self.ctx, plan.vm_id)
-            session.reconcile(tracking)
+            session.reconcile_bitmaps(tracking)
             session.check_fleece_space()
-            manifest, ok, agent = None, False, None
+            manifest, ok, quiesce = None, False, None
             try:
                 for p in session.prepare(tracking, base, self.vm.identity):
                     if p.reason:
-                        self.warnings.append(Note("cbt_fallback", f"disk {p.disk.name}: changed-block tracking "
-                                                  f"not used ({p.reason}); reading all data and comparing hashes",
-                                                  "nothing to do: the next backup uses the new bitmap"))  # fmt: skip
-                quiesce = self._snapshot(session)
-                agent = quiesce
-                manifest = self._read(vault, session, previous, rp_id, point_time, quiesce.consistency)
+                        message = f"disk {p.disk.name}: changed-block tracking not used ({p.reason}); reading all "
+                        message += "data and comparing hashes"
+                        self.warnings.append(Note("cbt_fallback", message, "none: the next backup uses the new bitmap"))
+                quiesce = self._snapshot()
+                manifest = self._read(vault, previous, rp_id, point_time, quiesce.consistency)
                 ok = True
             finally:
-                new_tracking = self._finish(session, ok, tracking, BasePoint(rp_id, point_time))
-                self._save(new_tracking, agent)
+                new_tracking = self._finish(ok, tracking, BasePoint(rp_id, point_time))
+                self._save(new_tracking, quiesce)
         for note in session.notes:
             self.warnings.append(Note("leftovers_reconciled", note))
         self._report()
@@ -215,28 +217,28 @@ class _LiveBackup:
         wanted = {d["name"] for d in self.plan.disks}
         return [d for d in self.vm.disks if d.name in wanted or d.name not in known]
 
-    def _snapshot(self, session: Any) -> Any:
+    def _snapshot(self) -> Any:
         from vmvault.engine.consistency import quiesced
 
         agent = self.plan.definition.get("guestAgent")
         guest = self.vm.status != "storage-daemon"
         with quiesced(agent, running=self.vm.running, guest=guest) as quiesce:
-            session.snapshot()
+            self.session.snapshot()
             _test_hold(_TEST_HOLD_FROZEN)
         self.warnings.extend(quiesce.notes)
         _test_hold(_TEST_HOLD_SNAPSHOT)
         return quiesce
 
-    def _read(self, vault: Any, session: Any, previous: Any, rp_id: str, point_time: str, consistency: str) -> Any:
+    def _read(self, vault: Any, previous: Any, rp_id: str, point_time: str, consistency: str) -> Any:
         from vmvault.engine.backup import ExportedDisk, backup_exported
         from vmvault.engine.consistency import Note
         from vmvault.hypervisor.snapshot import FleeceSpaceError
 
         exported = [
             ExportedDisk(d.name, d.uri, d.size, d.format, d.path, changed_extents=d.changed_extents)
-            for d in session.export()
+            for d in self.session.export()
         ]
-        with _SpaceWatch(session, self.job_run.cancel) as watch:
+        with _SpaceWatch(self.session, self.job_run.cancel) as watch:
             try:
                 manifest, stats = backup_exported(
                     vault,
@@ -256,7 +258,7 @@ class _LiveBackup:
             except Cancelled as exc:
                 if watch.low:
                     raise FleeceSpaceError(
-                        f"the backup was stopped: free space for fleece overlays in {session.fleece_dir} fell "
+                        f"the backup was stopped: free space for fleece overlays in {self.session.fleece_dir} fell "
                         "below 64 MiB (the guest's writes would have failed); no recovery point was created",
                         hint="free space on that file system, or move vmvault's home",
                     ) from exc
@@ -266,9 +268,9 @@ class _LiveBackup:
                 self.warnings.append(Note("cbt_fallback", warning, "nothing to do: the next backup uses the bitmap"))
         return manifest
 
-    def _finish(self, session: Any, ok: bool, tracking: Any, point: Any) -> Any:
+    def _finish(self, ok: bool, tracking: Any, point: Any) -> Any:
         try:
-            return session.finish(ok, tracking, point, self.vm.identity)
+            return self.session.finish(ok, tracking, point, self.vm.identity)
         except Exception:
             if ok:
                 raise
@@ -290,13 +292,13 @@ class _LiveBackup:
 
 
 class _SpaceWatch:
-    """Stops the read (through its own cancel event) when the fleece file system runs low."""
+    """Stops the read (through `cancel`) when the job is cancelled or the fleece file system runs low."""
 
     def __init__(self, session: Any, outer: threading.Event) -> None:
         from vmvault.hypervisor.snapshot import FLEECE_LOW_WATER
 
-        self.session, self.outer, self.low_water = session, outer, FLEECE_LOW_WATER
-        self.cancel = threading.Event()
+        self.session, self.low_water = session, FLEECE_LOW_WATER
+        self.cancel = _EitherEvent(outer)
         self.low = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-fleece-watch", daemon=True)
@@ -311,11 +313,24 @@ class _SpaceWatch:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
-            if self.outer.is_set():
-                self.cancel.set()
-            elif self.session.fleece_free() < self.low_water:
+            if self.session.fleece_free() < self.low_water:
                 self.low = True
                 self.cancel.set()
+
+
+class _EitherEvent(threading.Event):
+    """Set when itself or `outer` (the job's cancel flag, with its `reason`) is set."""
+
+    def __init__(self, outer: threading.Event) -> None:
+        super().__init__()
+        self.outer = outer
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.outer.is_set()
+
+    @property
+    def reason(self) -> str:
+        return str(getattr(self.outer, "reason", "") or "")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ class ChunkIndex:
         self._write_lock = threading.Lock()
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
-        self._pack_cache: dict[int, tuple[str, bytes]] = {}
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -81,28 +80,21 @@ class ChunkIndex:
                 if row:
                     conn.execute("DELETE FROM blobs WHERE pid = ?", row)
                     conn.execute("DELETE FROM packs WHERE pid = ?", row)
-                    self._pack_cache.pop(row[0], None)
-
-    def _pack(self, pid: int) -> tuple[str, bytes]:
-        found = self._pack_cache.get(pid)
-        if found is None:
-            row = self._conn().execute("SELECT name, salt FROM packs WHERE pid = ?", (pid,)).fetchone()
-            found = self._pack_cache[pid] = (row[0], row[1])
-        return found
 
     def contains(self, blob_id: bytes) -> bool:
         return self._conn().execute("SELECT 1 FROM blobs WHERE id = ? LIMIT 1", (blob_id,)).fetchone() is not None
 
+    # The pack's name comes from the same query (a join), not from a per-process pid cache: since
+    # garbage collection forgets packs, another process may give a deleted pack's pid to a new one.
     def lookup(self, blob_id: bytes) -> Location | None:
-        row = (
-            self._conn()
-            .execute("SELECT pid, type, flags, offset, length, plain FROM blobs WHERE id = ? LIMIT 1", (blob_id,))
-            .fetchone()
+        query = (
+            "SELECT p.name, p.salt, b.type, b.flags, b.offset, b.length, b.plain FROM blobs b "
+            "JOIN packs p ON p.pid = b.pid WHERE b.id = ? LIMIT 1"
         )
+        row = self._conn().execute(query, (blob_id,)).fetchone()
         if row is None:
             return None
-        name, salt = self._pack(row[0])
-        return Location(name, salt, BlobRef(blob_id, row[1], row[2], row[3], row[4], row[5]))
+        return Location(row[0], row[1], BlobRef(blob_id, row[2], row[3], row[4], row[5], row[6]))
 
     def lookup_many(self, blob_ids: list[bytes]) -> dict[bytes, Location]:
         found: dict[bytes, Location] = {}
@@ -110,11 +102,12 @@ class ChunkIndex:
             batch = list(set(blob_ids[i : i + 500]))
             marks = ",".join("?" * len(batch))
             rows = self._conn().execute(
-                f"SELECT id, pid, type, flags, offset, length, plain FROM blobs WHERE id IN ({marks})", batch
+                "SELECT b.id, p.name, p.salt, b.type, b.flags, b.offset, b.length, b.plain FROM blobs b "
+                f"JOIN packs p ON p.pid = b.pid WHERE b.id IN ({marks})",
+                batch,
             )
             for row in rows:
-                name, salt = self._pack(row[1])
-                found[row[0]] = Location(name, salt, BlobRef(row[0], row[2], row[3], row[4], row[5], row[6]))
+                found[row[0]] = Location(row[1], row[2], BlobRef(row[0], row[3], row[4], row[5], row[6], row[7]))
         return found
 
     def iter_packs(self) -> Iterator[tuple[str, str]]:

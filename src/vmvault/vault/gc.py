@@ -4,11 +4,13 @@ Vault-level (no catalog): the manifests in ``points/`` are the truth, so a point
 deleted in the catalog still has its manifest and keeps its data, and points written by another
 host sharing the vault are seen too.
 
-**Mark** (no lock, backups keep running): walk every manifest's disk indexes (root -> leaves ->
-delta bases) and every valid pin's roots, recording each reachable tree blob and chunk in an
-SQLite file beside the chunk index cache (never all IDs in memory). A tree blob already marked is
+**Mark** (no lock, backups keep running): walk every manifest's disk indexes and every valid
+pin's roots: root -> leaves, each leaf resolved over its delta bases (diskindex.LeafReader). Kept:
+the roots, every leaf and base read on the way, and the chunks each leaf reads as, recorded in an
+SQLite file beside the chunk index cache (never all IDs in memory). A leaf already resolved is
 not read again: points share unchanged leaves, so marking costs the vault's distinct metadata,
-not points x disk size.
+not points x disk size. Chunks a base holds but a live delta patched over stay unmarked, so delta
+chains do not keep old versions of rewritten data alive.
 
 **Sweep** (the vault lock held exclusive, see vault/lock.py): re-read the chunk index and mark
 the manifests and pins that appeared while marking (a backup that finished meanwhile), then per
@@ -28,7 +30,6 @@ import contextlib
 import os
 import secrets
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,14 +39,13 @@ from pathlib import Path
 from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
 from vmvault.vault import lock
 from vmvault.vault.crypto import ZERO_ID
-from vmvault.vault.diskindex import ID_LEN, LEAF_DELTA, LEAF_FULL, Root
+from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
 from vmvault.vault.store import PackWriter, Vault
 
 DEFAULT_GRACE_SECONDS = 24 * 3600
 DEFAULT_REPACK_THRESHOLD = 0.2  # repack a pack once a fifth of its bytes is dead
-_LEAF_HEAD = struct.Struct("<BBH")  # docs/format.md, "Disk index"
-_PATCH = struct.Struct("<H32s")
+LEAF_CACHE = 256  # resolved leaves kept while marking (delta chains share their bases)
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -62,6 +62,7 @@ class GcReport:
     packs_repacked: int = 0
     packs_written: int = 0
     packs_too_young: int = 0  # inside the grace window: left alone
+    packs_pinned: int = 0  # holding data a pin reaches: left alone
     orphan_packs_deleted: int = 0  # packs without an index file (interrupted backups)
     blobs_deleted: int = 0
     bytes_before: int = 0
@@ -74,21 +75,6 @@ class GcReport:
         return self.bytes_before - self.bytes_after
 
 
-def leaf_references(data: bytes, leaf_id: bytes) -> tuple[list[bytes], bytes | None]:
-    """The chunk IDs a leaf names itself (all of a full leaf, the patches of a delta) and its base."""
-    try:
-        kind, _depth, count = _LEAF_HEAD.unpack_from(data)
-        body = data[_LEAF_HEAD.size :]
-        if kind == LEAF_FULL and len(body) == count * ID_LEN:
-            return [body[i : i + ID_LEN] for i in range(0, len(body), ID_LEN)], None
-        if kind == LEAF_DELTA and len(body) == ID_LEN + count * _PATCH.size:
-            patches = [_PATCH.unpack_from(body, off)[1] for off in range(ID_LEN, len(body), _PATCH.size)]
-            return patches, body[:ID_LEN]
-    except struct.error:
-        pass
-    raise IntegrityError(f"disk index leaf {leaf_id.hex()} is malformed", hint="run 'vmvault vault verify'")
-
-
 class MarkSet:
     """Reachable blobs, on disk. `owner` records which pack's copy of a blob is kept."""
 
@@ -99,6 +85,9 @@ class MarkSet:
             """
             PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;
             CREATE TABLE trees (id BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID;
+            CREATE TABLE resolved (id BLOB PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE pinned (id BLOB PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE pin_resolved (id BLOB PRIMARY KEY) WITHOUT ROWID;
             CREATE TABLE chunks (id BLOB PRIMARY KEY, owner INTEGER) WITHOUT ROWID;
             CREATE TABLE points (rp_id TEXT PRIMARY KEY) WITHOUT ROWID;
             CREATE TABLE plan (n INTEGER PRIMARY KEY, pack TEXT NOT NULL, index_name TEXT NOT NULL,
@@ -116,6 +105,20 @@ class MarkSet:
 
     def add_tree(self, blob_id: bytes) -> None:
         self.conn.execute("INSERT OR IGNORE INTO trees (id) VALUES (?)", (blob_id,))
+
+    def is_resolved(self, leaf_id: bytes) -> bool:
+        return self.conn.execute("SELECT 1 FROM resolved WHERE id = ?", (leaf_id,)).fetchone() is not None
+
+    def add_resolved(self, leaf_id: bytes) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO resolved VALUES (?)", (leaf_id,))
+
+    def is_pinned(self, blob_id: bytes, *, resolved: bool = False) -> bool:
+        table = "pin_resolved" if resolved else "pinned"
+        return self.conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (blob_id,)).fetchone() is not None
+
+    def add_pinned(self, ids: Iterable[bytes], *, resolved: bool = False) -> None:
+        table = "pin_resolved" if resolved else "pinned"
+        self.conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?)", ((i,) for i in ids if i != ZERO_ID))
 
     def add_chunks(self, ids: Iterable[bytes]) -> None:
         self.conn.executemany("INSERT OR IGNORE INTO chunks (id) VALUES (?)", ((i,) for i in ids if i != ZERO_ID))
@@ -156,6 +159,8 @@ class _Collector:
     ) -> None:
         self.vault, self.marks, self.report, self.cancel = vault, marks, report, cancel
         self._progress = progress
+        self.leaves = LeafReader(self._fetch_tree, cache_size=LEAF_CACHE)
+        self.pin_leaves = LeafReader(self._fetch_pinned, cache_size=LEAF_CACHE)
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -182,11 +187,37 @@ class _Collector:
             self.progress("mark", n + 1, len(todo))
 
     def mark_pins(self) -> None:
+        """Everything a valid pin reaches is live, and also *pinned*: its pack is neither deleted
+        nor repacked, because the pin's reader (a mount) holds no lock and may be reading it now."""
         self.report.pins = 0
         for pin in lock.valid_pins(self.vault):
             for root in pin.roots:
-                self.mark_root(root, f"a disk pinned by {pin.purpose} (point {pin.rp_id})")
+                what = f"a disk pinned by {pin.purpose} (point {pin.rp_id})"
+                self.mark_root(root, what)
+                self.pin_root(root, what)
             self.report.pins += 1
+
+    def pin_root(self, root_hex: str, what: str) -> None:
+        root_id = bytes.fromhex(root_hex)
+        if self.marks.is_pinned(root_id):
+            return
+        try:
+            root = Root.decode(self.vault.get_blob(root_id), what)
+            for leaf_id in root.leaves:
+                if not self.marks.is_pinned(leaf_id, resolved=True):
+                    self.marks.add_pinned(self.pin_leaves.read(leaf_id).ids)
+                    self.marks.add_pinned([leaf_id], resolved=True)
+            self.marks.add_pinned([root_id])
+        except VmvaultError as exc:
+            raise IntegrityError(
+                f"garbage collection stopped before deleting anything: cannot read the disk index of {what}: "
+                f"{exc.message}",
+                hint="run 'vmvault vault verify' to see what is damaged",
+            ) from exc
+
+    def _fetch_pinned(self, blob_id: bytes) -> bytes:
+        self.marks.add_pinned([blob_id])  # a pinned leaf or one of its bases
+        return self.vault.get_blob(blob_id)
 
     def mark_root(self, root_hex: str, what: str) -> None:
         root_id = bytes.fromhex(root_hex)
@@ -205,16 +236,20 @@ class _Collector:
             ) from exc
 
     def mark_leaf(self, leaf_id: bytes) -> None:
-        stack = [leaf_id]
-        while stack:
-            current = stack.pop()
-            if self.marks.has_tree(current):
-                continue
-            chunks, base = leaf_references(self.vault.get_blob(current), current)
-            self.marks.add_chunks(chunks)
-            self.marks.add_tree(current)
-            if base is not None:
-                stack.append(base)
+        """A leaf a root names: its chunks as they read at that point (delta resolved), once.
+
+        Every leaf read on the way (the leaf, its delta bases) is kept: decoding needs them. The
+        chunks a base holds but a live delta patched over are not marked through the delta, so a
+        chain of deltas does not keep old versions of rewritten data alive.
+        """
+        if self.marks.is_resolved(leaf_id):
+            return
+        self.marks.add_chunks(self.leaves.read(leaf_id).ids)
+        self.marks.add_resolved(leaf_id)
+
+    def _fetch_tree(self, blob_id: bytes) -> bytes:
+        self.marks.add_tree(blob_id)  # fetched by the leaf reader: the leaf or one of its bases
+        return self.vault.get_blob(blob_id)
 
     # ---- sweep ------------------------------------------------------------------------------------
     def classify(self, grace_seconds: float, threshold: float) -> None:
@@ -234,11 +269,14 @@ class _Collector:
                 continue
             _salt, entries = found
             live = [self.marks.claim(ref, n) for ref in entries]
+            if any(self.marks.is_pinned(ref.blob_id) for ref in entries):
+                self.report.packs_pinned += 1
+                continue  # a mount may be reading it: not moved, not deleted, while the pin lasts
             dead_bytes = sum(ref.length for ref, alive in zip(entries, live, strict=True) if not alive)
-            total = sum(ref.length for ref in entries)
+            size = sum(ref.length for ref in entries)
             if not any(live):
                 action = "delete"
-            elif dead_bytes and dead_bytes >= threshold * total:
+            elif dead_bytes and dead_bytes >= threshold * size:
                 action = "repack"
             else:
                 continue
@@ -299,7 +337,7 @@ class _Collector:
         """Packs without an index file (a backup died between the two writes), once old enough."""
         now = time.time()
         for top in ("data", "tree"):
-            for name, _size in list(self.vault.backend.list(top)):
+            for name, _size in self.vault.backend.list(top):  # streamed (a directory is listed before use)
                 if self.vault.index.has_pack(name):
                     continue
                 try:
@@ -347,7 +385,6 @@ def _collect(
     gc = _Collector(vault, marks, report, on_progress, cancel)
     try:
         vault.sync_index()
-        report.bytes_before = _stored_bytes(vault)
         gc.mark_points()
         gc.mark_pins()
         gc.progress("waiting for the vault lock", 0, 0)
@@ -355,6 +392,7 @@ def _collect(
         with lock.exclusive(vault, timeout=lock_timeout, cancel=cancel):
             report.lock_wait_seconds = round(time.monotonic() - started, 3)
             vault.sync_index()  # packs written and deleted since the mark began
+            report.bytes_before = _stored_bytes(vault)  # measured under the lock: nobody else writes now
             gc.mark_points()  # manifests published meanwhile (a backup that was running)
             gc.mark_pins()
             report.stale_pins_removed = lock.remove_stale_pins(vault)
@@ -369,7 +407,7 @@ def _collect(
                 gc.delete_pack(pack, index_name)
                 report.packs_repacked += 1
             gc.delete_orphans(grace_seconds)
-        report.bytes_after = _stored_bytes(vault)
+            report.bytes_after = _stored_bytes(vault)
     finally:
         marks.close()
     return report

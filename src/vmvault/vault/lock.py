@@ -17,7 +17,8 @@ shared lock twice in one thread.
 
 **Pins.** ``<vault>/pins/<id>.json`` says "the disk indexes under these roots are in use until
 <expires>": file-recovery sessions and restores take one, and garbage collection keeps everything a
-valid pin reaches even if its recovery point was deleted meanwhile. A pin is valid until it
+valid pin reaches even if its recovery point was deleted meanwhile, in the packs where it is (no
+repacking under a reader that holds no lock). A pin is valid until it
 expires, or, on the host that wrote it, until its process is gone. A pin must be written while
 the pinned point still exists and the taker holds the shared lock (or before the point can be
 deleted); it may then outlive the lock (a mount lasting hours must not block the sweep).

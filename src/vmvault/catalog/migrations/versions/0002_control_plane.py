@@ -101,9 +101,7 @@ def upgrade() -> None:
     )  # fmt: skip
     op.create_index("ix_notifications_status", "notifications", ["status"])
     _data_upgrade()
-    op.create_index(
-        "ux_jobs_one_backup_per_vm", "jobs", ["vm"], unique=True, sqlite_where=sa.text(_ONE_BACKUP_WHERE)
-    )
+    op.create_index("ux_jobs_one_backup_per_vm", "jobs", ["vm"], unique=True, sqlite_where=sa.text(_ONE_BACKUP_WHERE))
 
 
 def _data_upgrade() -> None:
@@ -129,8 +127,11 @@ def _data_upgrade() -> None:
     # keep the newest so the unique index can be built; the reaper fails the rest's owners later.
     conn.execute(
         sa.text(
-            "UPDATE jobs SET status = 'Failed', end_time = :now, error = :err WHERE " + _ONE_BACKUP_WHERE
-            + " AND rowid NOT IN (SELECT MAX(rowid) FROM jobs WHERE " + _ONE_BACKUP_WHERE + " GROUP BY vm)"
+            "UPDATE jobs SET status = 'Failed', end_time = :now, error = :err WHERE "
+            + _ONE_BACKUP_WHERE
+            + " AND rowid NOT IN (SELECT MAX(rowid) FROM jobs WHERE "
+            + _ONE_BACKUP_WHERE
+            + " GROUP BY vm)"
         ),
         {"now": now, "err": json.dumps(_SUPERSEDED)},
     )

@@ -1,0 +1,208 @@
+"""The scheduler: missed slots run once (injected clock), and a real `vmvault serve` runs a backup on time.
+
+The real run uses the documented test-only clock offset VMVAULT_TEST_CLOCK_OFFSET_S: the service
+(and the CLI calls that set the item up) read a clock that is 45 s before a half-hour slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from helpers import PASSPHRASE, Cli, wait_for
+
+MiB = 1 << 20
+
+
+def ext4_image(path: Path, random_mib: int) -> Path:
+    """A 64 MiB raw disk with an ext4 file system holding random_mib MiB of random data."""
+    stage = path.parent / f"{path.stem}-stage"
+    stage.mkdir()
+    (stage / "data.bin").write_bytes(os.urandom(random_mib * MiB))
+    (stage / "notes.txt").write_text("vmvault scheduler test\n" * 100)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(stage), "-F", str(path), "64M"], check=True)
+    return path
+
+
+def policy_file(tmp_path: Path, hhmm: str, tz: str) -> Path:
+    doc = {
+        "properties": {
+            "schedulePolicy": {"scheduleRunFrequency": "Daily", "scheduleRunTimes": [f"2020-01-01T{hhmm}:00Z"]},
+            "retentionPolicy": {"dailySchedule": {"retentionDuration": {"count": 7, "durationType": "Days"}}},
+            "timeZone": tz,
+        }
+    }
+    path = tmp_path / f"policy-{hhmm.replace(':', '')}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+class Serve:
+    """`vmvault serve` as a child process on its own home."""
+
+    def __init__(self, cli: Cli, *extra: str) -> None:
+        self.proc = cli.popen("serve", "--listen", "127.0.0.1:0", "--tick", "0.5", *extra, json_output=False)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, f"serve did not start: {line!r} {self.stderr()}"
+        self.announce = line
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("serve did not stop in time") from None
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return self.proc.returncode
+
+
+# ---- missed slots (in process, injected clock) --------------------------------------------------
+
+
+def test_missed_slots_run_once_and_a_running_backup_covers_its_slot(tmp_path: Path) -> None:
+    from vmvault.catalog import repos
+    from vmvault.service import backups, policies, protection, scheduler, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB) + b"x" * MiB)
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "vm1", [disk])
+        policies.create_policy(
+            ctx, "v1", "Night", json.loads(policy_file(tmp_path, "02:30", "Europe/Berlin").read_text())
+        )
+        protection.enable_protection(ctx, "vm1", "v1", policy="Night")
+        with ctx.catalog.write() as s:  # last looked at on 2026-03-26 12:00 UTC, then the service was down
+            vm = repos.get_vm(s, "vm1")
+            repos.update_protected_item(s, vm.id, schedule_anchor="2026-03-26T12:00:00.000000Z")
+
+        def at(text: str) -> datetime:
+            return datetime.fromisoformat(text).astimezone(UTC)
+
+        # Not due yet: the first slot after the anchor is 2026-03-27 02:30 CET = 01:30 UTC.
+        assert scheduler.tick(ctx, at("2026-03-27T01:29:59+00:00")) == []
+        # Back after three missed slots (27, 28 and 29 March): one backup, not three.
+        queued = scheduler.tick(ctx, at("2026-03-29T09:00:00+00:00"))
+        assert len(queued) == 1
+        assert scheduler.tick(ctx, at("2026-03-29T09:00:01+00:00")) == []
+        (job,) = [j for j in repos_jobs(ctx) if j.id == queued[0]]
+        assert job.owner_pid == 0 and job.details["trigger"] == "Scheduled"
+        assert job.details["scheduledFor"] == "2026-03-27T01:30:00.000000Z"  # the first missed slot
+        assert job.details["retainUntil"] == "2026-04-03"  # 27 March (local) + 7 days
+        # The next slot counts from the restart: 30 March 02:30 CEST = 00:30 UTC. The queued backup
+        # still holds the VM then, so that slot is covered, not queued twice.
+        assert scheduler.tick(ctx, at("2026-03-30T00:29:00+00:00")) == []
+        assert scheduler.tick(ctx, at("2026-03-30T00:30:00+00:00")) == []
+        assert len([j for j in repos_jobs(ctx) if j.operation == "Backup"]) == 1
+        # Once it ran, the following night's slot queues again.
+        claimed = run_queued(ctx, backups)
+        assert claimed == queued[0]
+        assert [p["consistency"] for p in backups.list_recovery_points(ctx, "vm1")] == ["CrashConsistent"]
+        assert len(scheduler.tick(ctx, at("2026-03-31T00:30:00+00:00"))) == 1
+        # A stopped item is never queued.
+        protection.disable_protection(ctx, "vm1")
+        assert scheduler.tick(ctx, at("2026-04-05T00:30:00+00:00")) == []
+
+
+def repos_jobs(ctx: Any) -> list[Any]:
+    from vmvault.catalog import repos
+
+    with ctx.catalog.read() as s:
+        return list(repos.list_jobs(s))
+
+
+def run_queued(ctx: Any, backups: Any) -> str:
+    from vmvault.service.worker import claim_next
+
+    job = claim_next(ctx)
+    assert job is not None and job.owner_pid == os.getpid()
+    outcome = backups.run_claimed_backup(ctx, job)
+    assert outcome.job["status"] == "Completed", outcome.job
+    return str(job.id)
+
+
+# ---- the real service ---------------------------------------------------------------------------
+
+
+def next_half_hour(moment: datetime) -> datetime:
+    base = moment.replace(second=0, microsecond=0)
+    minutes = 30 - base.minute % 30
+    return base + timedelta(minutes=minutes)
+
+
+@pytest.mark.timeout(300)
+def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
+    # The policy runs at a half-hour slot a few hours ahead (in Kolkata time); the service then
+    # reads a clock set 45 s before that slot.
+    slot = next_half_hour(datetime.now(UTC) + timedelta(hours=3))
+    kolkata = slot.astimezone(ZoneInfo("Asia/Kolkata"))
+    setup = Cli(home=tmp_path / "home")
+    disk = ext4_image(tmp_path / "disk.raw", 8)
+    setup.vault_create("v1", tmp_path / "v1")
+    assert setup.vm_add("vm1", disk).ok
+    setup.ok("policy", "create", "Soon", "--vault", "v1", "--file",
+             str(policy_file(tmp_path, kolkata.strftime("%H:%M"), "Asia/Kolkata")))  # fmt: skip
+    setup.ok("protection", "enable", "vm1", "--vault", "v1", "--policy", "Soon")
+
+    offset = (slot - timedelta(seconds=45) - datetime.now(UTC)).total_seconds()
+    due_real = time.time() + 45
+    cli = Cli(home=setup.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": f"{offset:.3f}"})
+    shown = cli.ok("item", "show", "vm1").json()
+    assert shown["nextScheduledBackup"] == kolkata.isoformat(timespec="seconds")
+    assert due_real - time.time() <= 90
+    serve = Serve(cli)
+    try:
+
+        def backups() -> list[dict[str, Any]]:
+            return [j for j in cli.jobs() if j["operation"] == "Backup"]
+
+        wait_for(lambda: bool(backups()), 150, "the scheduled backup to start", interval=0.5)
+        (job,) = backups()
+        started = datetime.fromisoformat(job["startTime"].replace("Z", "+00:00")).timestamp()
+        assert due_real - 1 <= started <= due_real + 15, f"started {started - due_real:+.1f} s from its slot"
+        final = cli.ok("job", "wait", job["id"], "--timeout", "120").json()
+        assert final["status"] == "Completed", final
+        info = cli.ok("job", "show", job["id"]).json()["extendedInfo"]
+        assert info["trigger"] == "Scheduled" and info["policy"] == "Soon"
+        assert info["scheduledFor"] == slot.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        assert info["owner"]["pid"] == serve.proc.pid
+        assert [t["status"] for t in info["tasksList"]] == ["Completed"]
+        (point,) = cli.points("vm1")
+        assert point["id"] == info["recoveryPoint"]
+        after = cli.ok("item", "show", "vm1").json()
+        assert after["lastBackupStatus"] == "Completed" and after["protectionState"] == "Protected"
+        assert after["nextScheduledBackup"] == (kolkata + timedelta(days=1)).isoformat(timespec="seconds")
+
+        # With the service running, `backup now` goes to its queue and waits for the job.
+        r = cli.ok(*cli.backup_args("vm1"))
+        assert "queued to vmvault serve" in r.stderr
+        assert r.json()["status"] == "Completed"
+        assert cli.ok("job", "show", r.json()["id"]).json()["extendedInfo"]["owner"]["pid"] == serve.proc.pid
+        # A second service on the same home is refused.
+        second = cli.run("serve", "--listen", "none")
+        assert second.returncode == 75 and "already running" in second.stderr, second
+    finally:
+        code = serve.stop()
+    assert code == 0

@@ -1,0 +1,83 @@
+"""`kill -9` of `vmvault serve` in the middle of a backup, and SIGTERM: no point, a healthy vault.
+
+The engine's test hook VMVAULT_TEST_PAUSE_AFTER_PACK=<seconds> sleeps after each data pack it
+publishes, so the kill lands while the backup runs, after it wrote data, without racing it.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Cli, vault_files, wait_for
+from test_scheduler import Serve, ext4_image
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_serve_mid_backup_then_sigterm(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    disk = ext4_image(tmp_path / "disk.raw", 40)  # incompressible: three 16 MiB data packs
+    cli.vault_create("v1", tmp_path / "v1")
+    assert cli.vm_add("vm1", disk).ok
+    assert cli.protection_enable("vm1", "v1").ok
+    paused = Cli(home=cli.home, extra_env={"VMVAULT_TEST_PAUSE_AFTER_PACK": "4"})
+
+    serve = Serve(paused)
+    killed = False
+    try:
+        job = cli.ok("backup", "now", "vm1", "--no-wait").json()
+        assert job["status"] == "InProgress"
+
+        def far_enough() -> bool:
+            shown = cli.ok("job", "show", job["id"]).json()
+            return shown["progress"]["percent"] >= 30 and bool(vault_files(tmp_path / "v1", "data"))
+
+        wait_for(far_enough, 120, "the backup to pass 30 % and publish a data pack", interval=0.3)
+        running = cli.ok("job", "show", job["id"]).json()
+        assert running["status"] == "InProgress" and running["extendedInfo"]["owner"]["pid"] == serve.proc.pid
+        serve.proc.send_signal(signal.SIGKILL)
+        killed = True
+        assert serve.stop(timeout=30) == -signal.SIGKILL
+    finally:
+        if not killed:
+            serve.stop(signal.SIGKILL)
+
+    # The next start of the service marks the job Failed, with a message.
+    again = Serve(paused)
+    try:
+        failed = cli.ok("job", "show", job["id"]).json()
+        assert failed["status"] == "Failed", failed
+        assert failed["error"]["code"] == "process_died"
+        assert (
+            f"pid {serve.proc.pid}" in failed["error"]["message"] and "no recovery point" in failed["error"]["message"]
+        )
+        assert failed["error"]["recommendedAction"]
+        assert cli.points("vm1") == []
+        assert cli.ok("item", "show", "vm1").json()["lastBackupStatus"] == "Failed"
+
+        # SIGTERM while the next backup runs: it is cancelled cleanly and the service exits 0.
+        second = cli.ok("backup", "now", "vm1", "--no-wait").json()
+        before = set(vault_files(tmp_path / "v1", "data"))
+
+        def writing() -> bool:
+            shown: dict[str, Any] = cli.ok("job", "show", second["id"]).json()
+            return shown["extendedInfo"]["owner"] is not None and set(vault_files(tmp_path / "v1", "data")) != before
+
+        wait_for(writing, 120, "the second backup to publish a data pack", interval=0.3)
+    finally:
+        code = again.stop(signal.SIGTERM)
+    assert code == 0
+    cancelled = cli.ok("job", "show", second["id"]).json()
+    assert cancelled["status"] == "Cancelled", cancelled
+    assert "SIGTERM" in cancelled["error"]["message"]
+    assert cli.points("vm1") == []
+    r = cli.vault_verify("v1")
+    assert r.ok, f"vault does not verify after a killed and a cancelled backup:\n{r}"
+
+    # And the vault still takes a backup that restores.
+    r = cli.backup_now("vm1")
+    assert r.ok, str(r)
+    assert len(cli.points("vm1")) == 1
