@@ -206,3 +206,26 @@ def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
     finally:
         code = serve.stop()
     assert code == 0
+
+
+def test_the_service_runs_retention_when_it_is_due(tmp_path: Path) -> None:
+    from vmvault.service import scheduler, vaults
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        maintenance = scheduler.Maintenance(ctx, every_s=3600, first_delay_s=0)
+        assert maintenance.due()
+        maintenance.start()
+        try:
+            wait_for(
+                lambda: any(j.operation == "Retention" and j.status != "InProgress" for j in repos_jobs(ctx)),
+                60,
+                "a Retention job to end",
+            )
+            assert not maintenance.due()
+        finally:
+            maintenance.stop()
+        (job,) = [j for j in repos_jobs(ctx) if j.operation == "Retention"]
+        assert job.status == "Completed"

@@ -66,6 +66,8 @@ def test_soft_delete_undelete_and_purge(small_image: Path, tmp_path: Path) -> No
 
     # Delete again and let 15 days pass: the Retention job purges the item and its points.
     cli.ok("protection", "disable", vm, "--delete-data")
+    r = later(cli, 15).fails("protection", "undelete", vm)  # too late: it is being purged
+    assert "cannot be undeleted" in r.stderr, r
     before = vault_bytes(prot.storage)
     result = later(cli, 15).ok("retention", "run", "--no-gc").json()
     (entry,) = result["vaults"]

@@ -20,6 +20,9 @@ def serve(
         str, typer.Option("--listen", help="HOST:PORT of the status endpoint (GET /healthz); port 0: any; none: off.")
     ] = DEFAULT_LISTEN,
     tick: Annotated[float, typer.Option("--tick", help="Seconds between two looks at the schedule.")] = 1.0,
+    retention_every: Annotated[
+        float, typer.Option("--retention-every", help="Hours between two Retention jobs (0: none from the service).")
+    ] = 24.0,
 ) -> None:
     """Run the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled cleanly)."""
     from vmvault.service.worker import Service
@@ -27,7 +30,7 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
-        service = Service(ctx, workers=workers, listen=listen, tick_s=tick)
+        service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 

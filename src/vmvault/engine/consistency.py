@@ -162,7 +162,7 @@ def probe_agent(agent: GuestAgent) -> AgentProbe:
 
 # ---- VSS (Windows) ------------------------------------------------------------------------------
 
-_VSS_WRITER_HRESULTS = re.compile(r"0x800423f[0-6]", re.IGNORECASE)
+_VSS_WRITER_HRESULTS = re.compile(r"800423f[0-6]", re.IGNORECASE)  # VSS_E_WRITERERROR_* and friends
 
 
 def classify_vss_thaw(error: AgentError | None) -> tuple[str, Note | None]:
@@ -170,7 +170,7 @@ def classify_vss_thaw(error: AgentError | None) -> tuple[str, Note | None]:
     if error is None:
         return APP_CONSISTENT, None
     desc = error.desc
-    if "hold writes" in desc.lower() or "0x80042314" in desc.lower():
+    if "hold writes" in desc.lower() or "80042314" in desc:  # VSS_E_HOLD_WRITES_TIMEOUT
         return CRASH_CONSISTENT, Note(
             "vss_hold_writes_timeout",
             f"VSS could not hold writes for the whole snapshot ({desc}); the point is crash-consistent",

@@ -32,7 +32,7 @@ from vmvault.service.jobs import (
     run_job,
     show_job,
 )
-from vmvault.service.protection import ACTIVE_STATES
+from vmvault.service.protection import ACTIVE_STATES, PROTECTION_STOPPED
 from vmvault.service.validate import parse_retain_until
 from vmvault.service.vaultio import opened_vault, read_manifest_or_none
 from vmvault.service.vaults import recovery_point_row
@@ -194,9 +194,12 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
                 hint=f"protect it first: vmvault protection enable {vm_name} --vault NAME",
             )
         if item.protection_state not in ACTIVE_STATES:
+            stopped = item.protection_state == PROTECTION_STOPPED
             raise InvalidInput(
                 f"protection of VM '{vm_name}' is {item.protection_state}: it takes no backups",
-                hint=f"resume it first: vmvault protection resume {vm_name}",
+                hint=f"resume it first: vmvault protection resume {vm_name}"
+                if stopped
+                else f"see it with: vmvault item show {vm_name}",
             )
         vault = repos.vault_by_id(s, item.vault_id)
         excluded = set(item.excluded_disks or [])

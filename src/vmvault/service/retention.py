@@ -245,6 +245,9 @@ def _purge_item(
     ctx: Context, vault: Any, item: ProtectedItemRow, vm_name: str, pinned: set[str], out: VaultRetention
 ) -> None:
     with ctx.catalog.read() as s:
+        current = repos.protected_item(s, item.vm_id)
+        if current is None or current.deferred_delete_time is None:
+            return  # undeleted meanwhile (undelete refuses once the deferred delete time has passed)
         points = list(repos.recovery_points_of_item(s, item.vm_id, item.vault_id))
     held = [p for p in points if p.id in pinned]
     for point in points:

@@ -169,3 +169,52 @@ class Scheduler:
                 except Exception:
                     log.exception("reaping dead jobs failed")
             self._stop.wait(self.interval)
+
+
+class Maintenance:
+    """Runs the Retention job (with garbage collection after it) every `every_s` seconds.
+
+    Due when the newest Retention job of the catalog (whoever ran it) started `every_s` ago or
+    more; the first look comes `first_delay_s` after the service starts. A no-op in a build
+    without service/retention.py.
+    """
+
+    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0) -> None:
+        self.ctx = ctx
+        self.every_s = every_s
+        self.first_delay_s = first_delay_s
+        self.cancel = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmvault-maintenance", daemon=True)
+
+    def start(self) -> None:
+        if self.every_s > 0:
+            self._thread.start()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.cancel.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def due(self) -> bool:
+        from vmvault.catalog.clock import utc_now
+
+        with self.ctx.catalog.read() as s:
+            (last,) = repos.list_jobs(s, operation=Operation.RETENTION, limit=1) or (None,)
+        return last is None or (utc_now() - from_iso(last.start_time)).total_seconds() >= self.every_s
+
+    def _loop(self) -> None:
+        import importlib
+
+        if self.cancel.wait(self.first_delay_s):
+            return
+        while not self.cancel.is_set():
+            try:
+                if self.due():
+                    retention = importlib.import_module("vmvault.service.retention")
+                    outcome = retention.apply_retention(self.ctx, cancel=self.cancel)
+                    log.info("retention job %s ended %s", outcome.job["id"], outcome.job["status"])
+            except ModuleNotFoundError:
+                return
+            except Exception:
+                log.exception("the retention job failed to start; retrying later")
+            self.cancel.wait(60.0)

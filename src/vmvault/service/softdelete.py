@@ -86,6 +86,12 @@ def undelete(ctx: Context, vm_name: str) -> JsonDict:
                 f"VM '{vm_name}' is not soft deleted (its protection is {item.protection_state})",
                 hint=f"see it with: vmvault item show {vm_name}",
             )
+        if item.deferred_delete_time is not None and from_iso(item.deferred_delete_time) <= now:
+            raise InvalidInput(
+                f"the backup data of VM '{vm_name}' was soft deleted more than {SOFT_DELETE_DAYS} days ago "
+                f"({item.deferred_delete_time} has passed): it is being purged and cannot be undeleted",
+                hint="the next Retention job removes it (vmvault retention run)",
+            )
         vault = repos.vault_by_id(s, item.vault_id)
         item.protection_state = PROTECTION_STOPPED
         item.deferred_delete_time = None

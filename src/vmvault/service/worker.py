@@ -7,6 +7,7 @@
   writes its pid and address there. `backup now` queues to it while the lock is held; a killed
   service releases the lock with its last file descriptor, and its running jobs are failed by the
   next process that opens the catalog (jobs.reap_dead_jobs).
+- A maintenance thread runs the Retention job (and garbage collection after it) once a day.
 - SIGTERM (or SIGINT): the scheduler stops, no new job is claimed, running jobs are cancelled
   (they end Cancelled and leave no recovery point), then the process exits 0. Queued jobs
   stay queued for the next start.
@@ -234,8 +235,10 @@ class Service:
     workers: int = DEFAULT_WORKERS
     listen: str = DEFAULT_LISTEN
     tick_s: float = 1.0
+    retention_every_s: float = 24 * 3600.0  # 0: never run the Retention job from the service
     started: str = field(default_factory=now_iso)
     address: str | None = None
+    pool: WorkerPool | None = None
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -247,7 +250,7 @@ class Service:
             "home": str(self.ctx.settings.home),
             "started": self.started,
             "workers": self.workers,
-            "runningJobs": self.pool.running_ids() if hasattr(self, "pool") else [],
+            "runningJobs": self.pool.running_ids() if self.pool is not None else [],
             "queuedJobs": queued,
         }
 
@@ -256,7 +259,7 @@ class Service:
 
     def run(self, on_ready: Any = None) -> int:
         """Serve until SIGTERM/SIGINT (or request_stop); returns the exit code."""
-        from vmvault.service.scheduler import Scheduler
+        from vmvault.service.scheduler import Maintenance, Scheduler
 
         if self.workers < 1:
             raise InvalidInput(f"--workers must be at least 1 (got {self.workers})", hint="e.g. --workers 2")
@@ -269,18 +272,21 @@ class Service:
                 self.address = f"http://{host!s}:{port}"
                 threading.Thread(target=http.serve_forever, name="vmvault-status", daemon=True).start()
             write_lock_info(lock_file, {**info, "listen": self.address})
-            self.pool = WorkerPool(self.ctx, self.workers)
+            pool = self.pool = WorkerPool(self.ctx, self.workers)
             scheduler = Scheduler(self.ctx, self.tick_s)
+            maintenance = Maintenance(self.ctx, self.retention_every_s)
             previous = self._install_signals()
             try:
-                self.pool.start()
+                pool.start()
                 scheduler.start()
+                maintenance.start()
                 if on_ready is not None:
                     on_ready(self)
                 self._stop.wait()
                 log.info("stopping: %s", self._stop.reason)
                 scheduler.stop()
-                self.pool.stop(self._stop.reason)
+                maintenance.stop()
+                pool.stop(self._stop.reason)
             finally:
                 self._restore_signals(previous)
                 if http is not None:

@@ -20,8 +20,9 @@ them with their index files, then delete the old index file, then the old pack. 
 step leaves either duplicate blobs (collected next time) or a pack without index file (an orphan,
 deleted when older than the grace window), never an index entry without its data.
 
-If any disk index cannot be read the collection stops before deleting anything: what it would
-have referenced is unknown.
+If a point's disk index cannot be read the collection stops before deleting anything: what it
+would have referenced is unknown. (A pin whose disk index cannot be read is reported and skipped:
+its reader cannot use it either.)
 """
 
 from __future__ import annotations
@@ -191,10 +192,16 @@ class _Collector:
         nor repacked, because the pin's reader (a mount) holds no lock and may be reading it now."""
         self.report.pins = 0
         for pin in lock.valid_pins(self.vault):
-            for root in pin.roots:
-                what = f"a disk pinned by {pin.purpose} (point {pin.rp_id})"
-                self.mark_root(root, what)
-                self.pin_root(root, what)
+            try:
+                for root in pin.roots:
+                    what = f"a disk pinned by {pin.purpose} (point {pin.rp_id})"
+                    self.mark_root(root, what)
+                    self.pin_root(root, what)
+            except IntegrityError as exc:
+                # What this pin reaches cannot be read, so its reader cannot use it either: note it
+                # and go on (the points' own disk indexes were all read, or we would not be here).
+                self.report.problems.append(f"pin {pin.pin_id}: {exc.message}")
+                continue
             self.report.pins += 1
 
     def pin_root(self, root_hex: str, what: str) -> None:
@@ -381,6 +388,8 @@ def _collect(
 ) -> GcReport:
     cache = vault.home / "cache" / vault.uuid
     cache.mkdir(parents=True, exist_ok=True)
+    for leftover in cache.glob("gc-marks-*"):  # of a collection that died (we hold the GC lock)
+        leftover.unlink(missing_ok=True)
     marks = MarkSet(cache / f"gc-marks-{os.getpid()}-{secrets.token_hex(4)}.db")
     gc = _Collector(vault, marks, report, on_progress, cancel)
     try:
