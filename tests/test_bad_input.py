@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, Protected, copy_image, protect, rp_id, tree_digest
+from helpers import Cli, Protected, assert_same_image, copy_image, protect, rp_id, tree_digest
 
 
 @dataclass
@@ -130,4 +130,4 @@ def test_restore_over_existing_files_needs_force(unchanged: World, tmp_path: Pat
 
     r = cli.restore_disks(unchanged.prot.vm, unchanged.rp, target, force=True)
     assert r.ok, str(r)
-    assert restored.stat().st_size == unchanged.prot.disk.stat().st_size
+    assert_same_image(restored, unchanged.prot.disk)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, Protected, assert_same_image, copy_image, protect, rp_id, tree_digest, vault_files
+from helpers import Cli, Protected, copy_image, protect, rp_id, tree_digest, vault_files
 
 KINDS = ["data", "index", "tree", "points", "keys", "config"]
-RESTORE_MAY_SUCCEED = {"index", "keys"}
+# Three seeded offsets per kind of file: headers, bodies and trailers all get hit over the runs.
+FLIPS = [f"{kind}#{n}" for kind in KINDS for n in range(3)]
 
 
 @dataclass
@@ -56,20 +57,15 @@ class Flip:
 @pytest.fixture
 def flipped(request: pytest.FixtureRequest, one_point: OnePoint) -> Iterator[Flip]:
     """Flip one byte of one file of the requested kind; put it back afterwards."""
-    kind: str = request.param
+    kind = str(request.param).partition("#")[0]
     storage = one_point.prot.storage
     files = vault_files(storage, kind)
     assert files, f"the vault has no {kind} file: {sorted(tree_digest(storage))}"
-    rng = random.Random(f"vmvault-flip-{kind}")
-    if kind in ("data", "tree"):
-        # The largest pack, inside its blobs (not the few header/trailer bytes, which a restore
-        # does not read).
-        path = max(files, key=lambda p: p.stat().st_size)
-        size = path.stat().st_size
-        offset = rng.randint(size * 5 // 100, size * 90 // 100)
-    else:
-        path = rng.choice(files)
-        offset = rng.randrange(path.stat().st_size)
+    rng = random.Random(f"vmvault-flip-{request.param}")
+    # Anywhere in the file, headers and trailers included: with a single point every byte of
+    # every vault file is something that point (or unlocking the vault) depends on.
+    path = rng.choice(files)
+    offset = rng.randrange(path.stat().st_size)
     data = bytearray(path.read_bytes())
     original = data[offset]
     data[offset] ^= 0xFF
@@ -99,7 +95,7 @@ def test_healthy_vault_verifies(one_point: OnePoint) -> None:
     assert r.ok, str(r)
 
 
-@pytest.mark.parametrize("flipped", KINDS, indirect=True)
+@pytest.mark.parametrize("flipped", FLIPS, indirect=True)
 def test_flipped_byte_is_reported_and_never_restored(flipped: Flip, one_point: OnePoint, tmp_path: Path) -> None:
     kind = flipped.rel.split("/")[0]
     cli, vault = one_point.prot.cli, one_point.prot.vault
@@ -112,13 +108,9 @@ def test_flipped_byte_is_reported_and_never_restored(flipped: Flip, one_point: O
 
     target = tmp_path / "restore"
     r = cli.restore_disks(one_point.prot.vm, one_point.rp, target)
-    if r.ok and kind in RESTORE_MAY_SUCCEED:
-        (restored,) = _final_files(target)
-        assert_same_image(restored, one_point.expected)
-    else:
-        assert not r.ok, f"restore succeeded with {where} flipped:\n{r}"
-        assert "Traceback" not in r.output, str(r)
-        assert _final_files(target) == [], f"restore left files under their final names ({where}):\n{r}"
+    assert not r.ok, f"restore succeeded with {where} flipped:\n{r}"
+    assert "Traceback" not in r.output, str(r)
+    assert _final_files(target) == [], f"restore left files under their final names ({where}):\n{r}"
 
 
 @pytest.mark.parametrize("flipped", ["keys"], indirect=True)

@@ -148,6 +148,7 @@ class _DiskWriter:
             self._write_group(pack, group, positions)
 
     def _write_group(self, pack: str, group: list[Location], positions: dict[bytes, list[int]]) -> None:
+        self.vault.authenticate_pack(pack)
         start = group[0].ref.offset
         blob = self.vault.backend.get(pack, start, group[-1].ref.offset + group[-1].ref.length - start)
         written = 0

@@ -13,6 +13,7 @@ last agent probe ("agent"); neither of the last two goes into recovery points.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -190,10 +191,9 @@ class _LiveBackup:
         with opened_vault(self.ctx, plan.vault) as vault, _cancel_reason(self.job_run, plan.vm_name):
             previous = _previous_manifest(self.ctx, vault, plan)
             base = BasePoint(previous.rp_id, previous.time) if previous is not None else None
-            rp_id, point_time = new_rp_id(), _next_point_time(self.ctx, plan.vm_id)
             session.reconcile_bitmaps(tracking)
             session.check_fleece_space()
-            manifest, ok, quiesce = None, False, None
+            manifest, point, quiesce = None, None, None
             try:
                 for p in session.prepare(tracking, base, self.vm.identity):
                     if p.reason:
@@ -201,11 +201,14 @@ class _LiveBackup:
                         message += "data and comparing hashes"
                         self.warnings.append(Note("cbt_fallback", message, "none: the next backup uses the new bitmap"))
                 quiesce = self._snapshot()
-                manifest = self._read(vault, previous, rp_id, point_time, quiesce.consistency)
-                ok = True
+                point = BasePoint(new_rp_id(), _next_point_time(self.ctx, plan.vm_id))  # the instant just taken
+                manifest = self._read(vault, previous, point.rp_id, point.time, quiesce.consistency)
             finally:
-                new_tracking = self._finish(ok, tracking, BasePoint(rp_id, point_time))
-                self._save(new_tracking, quiesce)
+                ok = manifest is not None
+                new_tracking = self._finish(ok, tracking, point)
+                self._save(new_tracking, quiesce, ok)
+                with contextlib.suppress(OSError):
+                    session.run_dir.rmdir()
         for note in session.notes:
             self.warnings.append(Note("leftovers_reconciled", note))
         self._report()
@@ -277,13 +280,19 @@ class _LiveBackup:
             log.warning("tearing the snapshot of %s down failed", self.plan.vm_name, exc_info=True)
             return None  # the next backup reconciles the leftovers and starts a new chain
 
-    def _save(self, tracking: Any, quiesce: Any) -> None:
+    def _save(self, tracking: Any, quiesce: Any, ok: bool) -> None:
+        """Keep the tracking state, the definition and the agent's state (a failure's reason stays the error)."""
         updates: JsonDict = {**self.vm.definition, "tracking": tracking.to_dict() if tracking else None}
         if quiesce is not None:
             probe = quiesce.probe.to_dict() if quiesce.probe else {}
             updates["agent"] = {"state": quiesce.agent_state, "checked": now_iso(), **probe}
         disks = [{"name": d.name, "path": d.path} for d in self.vm.disks]
-        _save_definition(self.ctx, self.plan.vm_id, updates, disks)
+        try:
+            _save_definition(self.ctx, self.plan.vm_id, updates, disks)
+        except Exception:
+            if ok:
+                raise
+            log.warning("could not record the tracking state of %s", self.plan.vm_name, exc_info=True)
 
     def _report(self) -> None:
         for note in self.warnings:
@@ -346,9 +355,7 @@ def _run_dir(ctx: Context, vm_id: str) -> Path:
     base = (
         Path("/run/vmvault") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / f"vmvault-{os.getuid()}"
     )
-    path = base / key
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return base / key  # created by the export, removed again when the backup ends
 
 
 def _save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[dict[str, str]] | None = None) -> None:

@@ -128,6 +128,10 @@ class ChunkIndex:
         )
         return row[1], [BlobRef(*r) for r in rows]
 
+    def index_file_of(self, pack: str) -> str | None:
+        row = self._conn().execute("SELECT index_name FROM packs WHERE name = ?", (pack,)).fetchone()
+        return None if row is None else str(row[0])
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

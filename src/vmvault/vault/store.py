@@ -22,8 +22,20 @@ from vmvault.vault import crypto, keyfile
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
 from vmvault.vault.chunkindex import ChunkIndex, Location
+from vmvault.vault.crypto import TAG_LEN
 from vmvault.vault.manifest import RecoveryPointManifest
-from vmvault.vault.packs import TARGET_PACK_SIZE, TYPE_DATA, TYPE_TREE, BlobRef, PackBuilder, decode_blob
+from vmvault.vault.packs import (
+    ENTRY,
+    HEADER_LEN,
+    PACK_MAGIC,
+    TARGET_PACK_SIZE,
+    TYPE_DATA,
+    TYPE_TREE,
+    BlobRef,
+    PackBuilder,
+    decode_blob,
+    read_trailer,
+)
 from vmvault.vault.sealed import seal, unseal
 
 FORMAT_VERSION = 1
@@ -120,6 +132,8 @@ class Vault:
         self.leaf_span: int = config["leaf_span"]
         self.redundancy: str = config["redundancy"]
         self.created: str = config["created"]
+        self._checked_packs: set[str] = set()
+        self._checked_lock = threading.Lock()
         self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
         self.sync_index()
 
@@ -187,6 +201,9 @@ class Vault:
         keys = crypto.MasterKeys(master)
         if not keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
             raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: its MAC does not match")
+        # The key file is what a new host needs to unlock the vault: a damaged one is reported at
+        # once rather than discovered in a disaster.
+        keyfile.check_keyfile(backend.get(keyfile.KEYFILE_NAME), keys)
         if host.load(config["uuid"]) is None:
             host.store(config["uuid"], master)
         return cls(backend, storage_dir, home, keys, config)
@@ -204,13 +221,41 @@ class Vault:
             pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
             self.index.add_pack(pack, name, salt, entries)
 
+    def authenticate_pack(self, pack: str) -> None:
+        """Check a pack's header, table of contents and index file (once per pack per process).
+
+        Blobs are authenticated on every read anyway; this makes a restore also refuse a pack
+        whose other parts are damaged, so damage anywhere in what a point uses is reported.
+        """
+        with self._checked_lock:
+            if pack in self._checked_packs:
+                return
+        known = self.index.pack_entries(pack)
+        index_name = self.index.index_file_of(pack)
+        if known is None or index_name is None:
+            raise IntegrityError(f"pack {pack} is not in the vault's index", hint="run 'vmvault vault verify'")
+        salt, entries = known
+        header = self.backend.get(pack, 0, HEADER_LEN)
+        if header != PACK_MAGIC + salt:
+            raise IntegrityError(f"pack {pack} is damaged: bad header", hint="run 'vmvault vault verify'")
+        trailer_at = max((e.offset + e.length for e in entries), default=HEADER_LEN)
+        tail = self.backend.get(pack, trailer_at, ENTRY.size * len(entries) + TAG_LEN + 12)
+        _salt, listed = read_trailer(self.keys, pack, header + tail)
+        indexed = parse_index_payload(unseal(self.keys, index_name, self.backend.get(index_name)))
+        if set(listed) != set(entries) or set(indexed[2]) != set(entries) or indexed[1] != salt:
+            raise IntegrityError(f"pack {pack} does not match its index file {index_name}")
+        with self._checked_lock:
+            self._checked_packs.add(pack)
+
     # ---- blobs --------------------------------------------------------------------------------
     def read_blob(self, loc: Location) -> bytes:
+        self.authenticate_pack(loc.pack)
         stored = self.backend.get(loc.pack, loc.ref.offset, loc.ref.length)
         return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
 
     def read_blob_from(self, loc: Location, stored: bytes) -> bytes:
         """Decode a blob whose stored bytes were already fetched (batched reads on restore)."""
+        self.authenticate_pack(loc.pack)
         return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
 
     def get_blob(self, blob_id: bytes) -> bytes:

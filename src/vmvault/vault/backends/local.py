@@ -51,7 +51,7 @@ class LocalBackend:
                     f.seek(offset)
                     return f.read()
                 return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
@@ -63,7 +63,7 @@ class LocalBackend:
         path = self._path(name)
         try:
             path.unlink()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
         _fsync_dir(path.parent)
 
