@@ -29,12 +29,13 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vmvault.vault.diskindex import MAX_DELTA_DEPTH, Leaf, Root, encode_leaf  # noqa: E402
-from vmvault.vault.packs import ENTRY  # noqa: E402
-from vmvault.vault.store import DEFAULT_CHUNK_SIZE, LEAF_SPAN  # noqa: E402
+from vmvault.vault.diskindex import MAX_DELTA_DEPTH, Leaf, Root, encode_leaf
+from vmvault.vault.packs import ENTRY
+from vmvault.vault.store import DEFAULT_CHUNK_SIZE, LEAF_SPAN
 
 GCM_TAG = 16
 # Each stored blob costs a GCM tag in its pack, one entry in the pack's own table and one in the
@@ -128,8 +129,9 @@ class DiskModel:
         return len(Root(disk_size, chunk_size, self.span, self.leaf_ids).encode())
 
 
-def scenario(disk_size: int, chunk_size: int, leaf_span: int, fraction: float, mode: str, run: int,
-             points: int, seed: int) -> dict[str, object]:
+def scenario(
+    disk_size: int, chunk_size: int, leaf_span: int, fraction: float, mode: str, run: int, points: int, seed: int
+) -> dict[str, Any]:
     chunk_count = -(-disk_size // chunk_size)
     model = DiskModel(chunk_count, leaf_span)
     rng = random.Random(seed)
@@ -146,18 +148,26 @@ def scenario(disk_size: int, chunk_size: int, leaf_span: int, fraction: float, m
         root = model.root_bytes(disk_size, chunk_size)
         blobs = stats["leaves_new"] + 1
         encoded = stats["leaf_bytes"] + root
-        per_point.append({
-            "point": n, "chunks_changed": changed_n, **stats, "root_bytes": root,
-            "metadata_bytes": encoded, "stored_bytes": encoded + blobs * PER_BLOB_OVERHEAD,
-            "metadata_per_changed_chunk": round(encoded / changed_n, 1),
-        })
+        per_point.append(
+            {
+                "point": n,
+                "chunks_changed": changed_n,
+                **stats,
+                "root_bytes": root,
+                "metadata_bytes": encoded,
+                "stored_bytes": encoded + blobs * PER_BLOB_OVERHEAD,
+                "metadata_per_changed_chunk": round(encoded / changed_n, 1),
+            }
+        )
     second = per_point[1] if points > 1 else per_point[0]
     later = per_point[1:]
     return {
-        "mode": mode, "run_bytes": run * chunk_size if mode == "runs" else chunk_size,
+        "mode": mode,
+        "run_bytes": run * chunk_size if mode == "runs" else chunk_size,
         "second_point": second,
         "mean_later_point_metadata_bytes": int(sum(p["metadata_bytes"] for p in later) / len(later)) if later else None,
-        "points": per_point, "seconds": round(time.monotonic() - t0, 1),
+        "points": per_point,
+        "seconds": round(time.monotonic() - t0, 1),
     }
 
 
@@ -173,7 +183,9 @@ def main() -> int:
     ap.add_argument("--disk", default="1T", help="disk size (default 1T)")
     ap.add_argument("--changed", type=float, default=0.01, help="fraction of chunks changed per point (0.01)")
     ap.add_argument("--run-size", default="1M", help="length of a changed run in 'runs' mode (default 1M)")
-    ap.add_argument("--points", type=int, default=2, help="recovery points to model (default 2; >8 shows re-based leaves)")
+    ap.add_argument(
+        "--points", type=int, default=2, help="recovery points to model (default 2; >8 shows re-based leaves)"
+    )
     ap.add_argument("--modes", default="runs,random")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -183,13 +195,20 @@ def main() -> int:
     run = max(1, parse_size(a.run_size) // chunk)
     if a.points < 2:
         ap.error("--points must be >= 2 (the second point is the one reported)")
-    results = {
-        "disk_bytes": disk, "chunk_size": chunk, "leaf_span": LEAF_SPAN, "max_delta_depth": MAX_DELTA_DEPTH,
-        "changed_fraction": a.changed, "points": a.points, "per_blob_overhead_bytes": PER_BLOB_OVERHEAD,
+    results: dict[str, Any] = {
+        "disk_bytes": disk,
+        "chunk_size": chunk,
+        "leaf_span": LEAF_SPAN,
+        "max_delta_depth": MAX_DELTA_DEPTH,
+        "changed_fraction": a.changed,
+        "points": a.points,
+        "per_blob_overhead_bytes": PER_BLOB_OVERHEAD,
         "scenarios": {},
     }
-    print(f"disk {fmt(disk)}, chunk {fmt(chunk)}, leaf span {LEAF_SPAN} chunks ({fmt(chunk * LEAF_SPAN)} per leaf), "
-          f"{a.changed:.2%} of chunks changed per point")
+    print(
+        f"disk {fmt(disk)}, chunk {fmt(chunk)}, leaf span {LEAF_SPAN} chunks ({fmt(chunk * LEAF_SPAN)} per leaf), "
+        f"{a.changed:.2%} of chunks changed per point"
+    )
     for mode in [m.strip() for m in a.modes.split(",") if m.strip()]:
         r = scenario(disk, chunk, LEAF_SPAN, a.changed, mode, run, a.points, a.seed)
         results["scenarios"][mode] = r
@@ -198,14 +217,20 @@ def main() -> int:
         label = f"runs of {fmt(r['run_bytes'])}" if mode == "runs" else "single chunks at random positions"
         print(f"\n{mode}: {label}")
         print(f"  point 1 (full):  {first['leaves_new']} leaves, {fmt(first['metadata_bytes'])} of metadata")
-        print(f"  point 2:         {s['chunks_changed']} chunks changed ({fmt(s['chunks_changed'] * chunk)}) "
-              f"in {s['leaves_new']} leaves ({s['delta_leaves']} patches, {s['full_leaves']} full)")
-        print(f"                   new leaves {fmt(s['leaf_bytes'])} + root {fmt(s['root_bytes'])} = "
-              f"{fmt(s['metadata_bytes'])} ({fmt(s['stored_bytes'])} stored), "
-              f"{s['metadata_per_changed_chunk']:.0f} B per changed chunk")
+        print(
+            f"  point 2:         {s['chunks_changed']} chunks changed ({fmt(s['chunks_changed'] * chunk)}) "
+            f"in {s['leaves_new']} leaves ({s['delta_leaves']} patches, {s['full_leaves']} full)"
+        )
+        print(
+            f"                   new leaves {fmt(s['leaf_bytes'])} + root {fmt(s['root_bytes'])} = "
+            f"{fmt(s['metadata_bytes'])} ({fmt(s['stored_bytes'])} stored), "
+            f"{s['metadata_per_changed_chunk']:.0f} B per changed chunk"
+        )
         if a.points > 2:
-            print(f"  points 2..{a.points}: mean {fmt(r['mean_later_point_metadata_bytes'])} per point; "
-                  + ", ".join(fmt(p["metadata_bytes"]) for p in r["points"][1:]))
+            print(
+                f"  points 2..{a.points}: mean {fmt(r['mean_later_point_metadata_bytes'])} per point; "
+                + ", ".join(fmt(p["metadata_bytes"]) for p in r["points"][1:])
+            )
     if a.out:
         a.out.write_text(json.dumps(results, indent=1))
         print(f"\nresults written to {a.out}")

@@ -50,10 +50,21 @@ def main() -> int:
                 previous = max(manifests, key=lambda m: m.time)
             now = datetime.now(UTC)
             rp_id = secrets.token_hex(8)
-            run_backup(vault, vm_name="vm", vm_id="bench-vm", disks=[DiskSource("disk0", a.image)], previous=previous,
-                       rp_id=rp_id, time=now.isoformat(timespec="microseconds"),
-                       retain_until=(now + timedelta(days=30)).date().isoformat(), consistency="CrashConsistent",
-                       vm_definition={}, job_id="bench", on_progress=None, cancel=None)
+            run_backup(
+                vault,
+                vm_name="vm",
+                vm_id="bench-vm",
+                disks=[DiskSource("disk0", a.image)],
+                previous=previous,
+                rp_id=rp_id,
+                time=now.isoformat(timespec="microseconds"),
+                retain_until=(now + timedelta(days=30)).date().isoformat(),
+                consistency="CrashConsistent",
+                vm_definition={},
+                job_id="bench",
+                on_progress=None,
+                cancel=None,
+            )
             print(json.dumps({"rp": rp_id}))
         else:
             from vmvault.engine.restore import run_restore
