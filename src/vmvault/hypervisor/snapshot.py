@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmvault.errors import HypervisorError, InvalidInput
+from vmvault.errors import HypervisorError
 from vmvault.hypervisor.nbd import NbdReader
 from vmvault.hypervisor.qemu_vm import QemuDisk, QemuIdentity, dirty_bitmaps
 from vmvault.hypervisor.qmp import (
@@ -213,11 +213,14 @@ class SnapshotSession:
             ours = {n: b for n, b in bitmaps.get(disk.node, {}).items() if n.startswith(self.names.bitmap_prefix)}
             tracked = tracking.disks.get(disk.name) if tracking else None
             current = ours.pop(tracked.bitmap, None) if tracked else None
-            usable = current is not None and not current.get("inconsistent")
             leftovers = [n for n, b in ours.items() if not b.get("busy")]
-            if current is not None and usable and leftovers and all(not ours[n].get("inconsistent") for n in leftovers):
+            if (
+                tracked is not None
+                and current is not None
+                and leftovers
+                and not any(b.get("inconsistent") for b in (current, *ours.values()))
+            ):
                 # A run was killed after its transaction: current (disabled) + leftovers = all changes since R.
-                assert tracked is not None
                 if not current.get("recording"):
                     self.qmp.block_dirty_bitmap_enable(disk.node, tracked.bitmap)
                 self.qmp.block_dirty_bitmap_merge(disk.node, tracked.bitmap, leftovers)
@@ -459,8 +462,3 @@ def filesystem_type(path: Path) -> str:
     except OSError:
         return ""
     return fstype
-
-
-def check_socket_path(path: Path) -> None:
-    if len(str(path).encode()) >= 108:
-        raise InvalidInput(f"unix socket path {path} is too long (the limit is 107 bytes)")
