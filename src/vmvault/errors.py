@@ -95,3 +95,19 @@ class Cancelled(VmvaultError):
 
 class InternalError(VmvaultError):
     code = "internal_error"
+
+
+class Unauthorized(VmvaultError):
+    """No, a malformed, unknown, expired or revoked API token."""
+
+    code = "unauthorized"
+    exit_code = 77
+    http_status = 401
+
+
+class Forbidden(VmvaultError):
+    """The token's role or vault scope does not allow the operation."""
+
+    code = "forbidden"
+    exit_code = 77
+    http_status = 403

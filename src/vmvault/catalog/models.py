@@ -198,3 +198,23 @@ class FileRecoverySecretRow(Base):
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created: Mapped[str] = mapped_column(String(32))
     expires: Mapped[str] = mapped_column(String(32))
+
+
+class ApiTokenRow(Base):
+    """0005: a bearer token of the REST API, kept only as the SHA-256 of its secret.
+
+    role is one of Owner, BackupContributor, BackupOperator, BackupReader (api/auth.py); vault
+    (a vault name) scopes it to one vault, None: every vault.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(32))
+    vault: Mapped[str | None] = mapped_column(String(64), default=None)
+    created: Mapped[str] = mapped_column(String(32))
+    expires: Mapped[str | None] = mapped_column(String(32), default=None)
+    revoked: Mapped[str | None] = mapped_column(String(32), default=None)
+    last_used: Mapped[str | None] = mapped_column(String(32), default=None)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import (
+    ApiTokenRow,
     FileRecoverySecretRow,
     FileRecoverySessionRow,
     JobRow,
@@ -463,3 +464,35 @@ def add_file_secret(s: Session, session_id: str, secret_hash: str, expires: str)
 def file_secrets(s: Session, session_id: str) -> Sequence[FileRecoverySecretRow]:
     query = select(FileRecoverySecretRow).where(FileRecoverySecretRow.session_id == session_id)
     return s.scalars(query).all()
+
+
+# ---- API tokens (0005) --------------------------------------------------------------------------
+
+
+def add_api_token(s: Session, row: ApiTokenRow) -> ApiTokenRow:
+    s.add(row)
+    s.flush()
+    return row
+
+
+def find_api_token_by_hash(s: Session, token_hash: str) -> ApiTokenRow | None:
+    return s.scalars(select(ApiTokenRow).where(ApiTokenRow.token_hash == token_hash)).first()
+
+
+def find_api_token(s: Session, token_id: str) -> ApiTokenRow | None:
+    return s.get(ApiTokenRow, token_id)
+
+
+def list_api_tokens(s: Session, *, include_revoked: bool = False) -> Sequence[ApiTokenRow]:
+    query = select(ApiTokenRow)
+    if not include_revoked:
+        query = query.where(ApiTokenRow.revoked.is_(None))
+    return s.scalars(query.order_by(ApiTokenRow.created)).all()
+
+
+def count_api_tokens(s: Session) -> int:
+    return int(s.scalar(select(func.count()).select_from(ApiTokenRow)) or 0)
+
+
+def update_api_token(s: Session, token_id: str, **values: Any) -> None:
+    s.execute(update(ApiTokenRow).where(ApiTokenRow.id == token_id).values(**values))

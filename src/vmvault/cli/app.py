@@ -496,3 +496,5 @@ from vmvault.cli import gc as _gc, retention as _retention  # noqa: E402, F401, 
 from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usage as _u  # noqa: E402, F401
 # file recovery: files mount|list|unmount|script|browse|download (cli/files.py).
 from vmvault.cli import files as _files  # noqa: E402, F401
+# API tokens: token create|list|revoke (cli/token.py).
+from vmvault.cli import token as _token  # noqa: E402, F401

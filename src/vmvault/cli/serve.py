@@ -1,4 +1,4 @@
-"""`vmvault serve`: the scheduler and the workers in one process (registered on the tree by cli/app.py)."""
+"""`vmvault serve`: the REST API, the scheduler and the workers in one process (registered by cli/app.py)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,26 @@ from vmvault.service.worker import DEFAULT_LISTEN, DEFAULT_WORKERS
 @app.command("serve")
 def serve(
     workers: Annotated[int, typer.Option("--workers", help="Jobs run in parallel at most.")] = DEFAULT_WORKERS,
+    host: Annotated[str | None, typer.Option("--host", help="Address the API listens on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="API port (default 8080; 0: any free port).")] = None,
     listen: Annotated[
-        str, typer.Option("--listen", help="HOST:PORT of the status endpoint (GET /healthz); port 0: any; none: off.")
+        str, typer.Option("--listen", help="HOST:PORT of the API and GET /healthz (--host/--port win); none: off.")
     ] = DEFAULT_LISTEN,
     tick: Annotated[float, typer.Option("--tick", help="Seconds between two looks at the schedule.")] = 1.0,
     retention_every: Annotated[
         float, typer.Option("--retention-every", help="Hours between two Retention jobs (0: none from the service).")
     ] = 24.0,
 ) -> None:
-    """Run the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled cleanly)."""
-    from vmvault.service.worker import Service
+    """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled)."""
+    from vmvault.service.worker import Service, parse_listen
 
+    if host is not None or port is not None:
+        default_host, default_port = parse_listen(DEFAULT_LISTEN) or ("127.0.0.1", 8080)
+        if port is not None and not 0 <= port <= 65535:
+            from vmvault.errors import InvalidInput
+
+            raise InvalidInput(f"--port {port} is not a port", hint="e.g. --port 8080 (0: any free port)")
+        listen = f"{host or default_host}:{default_port if port is None else port}"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
@@ -36,11 +45,22 @@ def serve(
 
 
 def _announce(service: Any) -> None:
-    where = f"listening on {service.address} (GET /healthz)" if service.address else "no status endpoint"
+    from vmvault.service.tokens import ensure_first_run_token
+
+    where = (
+        f"listening on {service.address} (API {service.address}/api/v1, docs {service.address}/docs, GET /healthz)"
+        if service.address
+        else "no API endpoint"
+    )
     sys.stdout.write(
         f"vmvault serve: {where}; home {service.ctx.settings.home}; {service.workers} worker(s); "
         f"pid {_pid()}; stop with Ctrl-C or SIGTERM\n"
     )
+    token = ensure_first_run_token(service.ctx)
+    if token is not None:
+        sys.stdout.write(
+            f"first-run Owner token (shown once; make others with: vmvault token create --role ROLE): {token}\n"
+        )
     sys.stdout.flush()
 
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -234,7 +234,24 @@ def create_job(
         with ctx.catalog.read() as s:
             _refuse_if_running(s, operation, vm or "")
         raise
+    listener = getattr(_created_listener, "callback", None)
+    if listener is not None:
+        listener(row.id)
     return row
+
+
+_created_listener = threading.local()
+
+
+@contextlib.contextmanager
+def on_job_created(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call callback(job_id) when this thread records a job (the API returns it while the job runs on)."""
+    previous = getattr(_created_listener, "callback", None)
+    _created_listener.callback = callback
+    try:
+        yield
+    finally:
+        _created_listener.callback = previous
 
 
 def _refuse_if_running(s: Session, operation: str, vm: str) -> None:

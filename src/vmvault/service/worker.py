@@ -38,7 +38,7 @@ from vmvault.settings import Settings
 log = logging.getLogger("vmvault")
 
 DEFAULT_WORKERS = 2
-DEFAULT_LISTEN = "127.0.0.1:8480"
+DEFAULT_LISTEN = "127.0.0.1:8080"
 POLL_S = 0.5
 QUEUED_OPERATIONS = (Operation.BACKUP,)
 
@@ -193,7 +193,7 @@ def parse_listen(listen: str) -> tuple[str, int] | None:
         return None
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput(f"'{listen}' is not HOST:PORT", hint="e.g. --listen 127.0.0.1:8480 (port 0: any free port)")
+        raise InvalidInput(f"'{listen}' is not HOST:PORT", hint="e.g. --listen 127.0.0.1:8080 (port 0: any free port)")
     return host or "127.0.0.1", int(port)
 
 
@@ -239,6 +239,7 @@ class Service:
     started: str = field(default_factory=now_iso)
     address: str | None = None
     pool: WorkerPool | None = None
+    api: bool = True  # serve the REST API on the endpoint (else only GET /healthz)
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -254,6 +255,14 @@ class Service:
             "queuedJobs": queued,
         }
 
+    def _http_server(self, endpoint: tuple[str, int]) -> Any:
+        """The REST API (vmvault.api, uvicorn) with GET /healthz; only the status endpoint with api=False."""
+        if not self.api:
+            return _StatusServer(endpoint, self)
+        from vmvault.api.server import ApiServer
+
+        return ApiServer(endpoint, self.ctx, self.status)
+
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
 
@@ -266,11 +275,11 @@ class Service:
         endpoint = parse_listen(self.listen)
         info = {"pid": os.getpid(), "bootId": boot_id(), "started": self.started, "workers": self.workers}
         with service_lock(self.ctx.settings, info) as lock_file:
-            http = _StatusServer(endpoint, self) if endpoint else None
+            http = self._http_server(endpoint) if endpoint else None
             if http is not None:
                 host, port = http.server_address[:2]
                 self.address = f"http://{host!s}:{port}"
-                threading.Thread(target=http.serve_forever, name="vmvault-status", daemon=True).start()
+                threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
             write_lock_info(lock_file, {**info, "listen": self.address})
             pool = self.pool = WorkerPool(self.ctx, self.workers)
             scheduler = Scheduler(self.ctx, self.tick_s)

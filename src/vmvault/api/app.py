@@ -1,0 +1,66 @@
+"""The REST API: create_app(settings) builds the FastAPI app (under /api/v1; /health, /docs public)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from vmvault.api import errors
+from vmvault.api.deps import Background
+from vmvault.api.routes import api_router
+from vmvault.service.context import Context, open_context
+from vmvault.settings import Settings
+
+
+def create_app(
+    settings: Settings,
+    *,
+    ctx: Context | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
+    """The API app; with ctx it shares that service context (vmvault serve), else it opens its own.
+
+    status: what GET /healthz answers (vmvault serve's status); /health answers {"status": "ok"}.
+    """
+    owned = ctx is None
+    context = ctx if ctx is not None else open_context(settings)
+    runner = Background(context)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            runner.stop()
+            if owned:
+                context.close()
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        app_version = version("vmvault")
+    except PackageNotFoundError:
+        app_version = "0"
+    app = FastAPI(
+        title="vmvault",
+        version=app_version,
+        description="Backup and recovery of KVM/QEMU VMs. Every /api/v1 call needs `Authorization: Bearer TOKEN`.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = context
+    app.state.background = runner
+    errors.install(app)
+
+    @app.get("/health", tags=["status"])
+    def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/healthz", tags=["status"], include_in_schema=False)
+    def healthz() -> dict[str, Any]:
+        return status() if status is not None else {"status": "ok"}
+
+    app.include_router(api_router())
+    return app

@@ -1,0 +1,181 @@
+"""Authorisation: every API route declares one permission and how its vault scope is found.
+
+A route declares ``dependencies=[require(Permission.X, Scope.Y)]``. AuthorizedRoute runs that
+check before FastAPI reads or validates the body and before any lookup by the handler, so a
+caller without the permission gets 403 whatever it sent; a route without a declaration is refused
+to everyone (fails closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Iterable
+from enum import StrEnum
+from typing import Any
+
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from vmvault.catalog import repos
+from vmvault.errors import Forbidden, Unauthorized
+from vmvault.service.context import Context
+from vmvault.service.tokens import CONTRIBUTOR, OPERATOR, OWNER, READER, Principal, authenticate
+
+
+class Permission(StrEnum):
+    READ = "read"
+    VAULT_CREATE = "vault.create"
+    VAULT_DELETE = "vault.delete"
+    VAULT_VERIFY = "vault.verify"
+    POLICY_WRITE = "policy.write"
+    VM_WRITE = "vm.write"
+    PROTECTION_ENABLE = "protection.enable"
+    PROTECTION_CHANGE = "protection.change"  # change policy/disks, disable, delete data, undelete
+    BACKUP = "backup.run"
+    RESTORE = "restore.run"
+    FILE_RECOVERY = "files.recover"
+    JOB_CANCEL = "job.cancel"
+    TOKENS = "tokens.manage"
+
+
+class Scope(StrEnum):
+    """Where the vault a route acts on comes from (for vault-scoped tokens)."""
+
+    GLOBAL = "global"  # no one vault: scoped tokens may read (lists are filtered), not write
+    VAULT = "vault"  # the {vault} path parameter
+    VM = "vm"  # the vault protecting the {vm} path parameter
+    JOB = "job"  # the vault of the {job_id} path parameter
+    BODY = "body"  # the vault named in the body: the handler checks it (check_vault)
+
+
+_OPERATOR = {
+    Permission.READ, Permission.PROTECTION_ENABLE, Permission.BACKUP, Permission.RESTORE,
+    Permission.FILE_RECOVERY, Permission.JOB_CANCEL,
+}  # fmt: skip
+_CONTRIBUTOR = set(Permission) - {Permission.VAULT_DELETE, Permission.TOKENS}
+ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
+    OWNER: frozenset(Permission),
+    CONTRIBUTOR: frozenset(_CONTRIBUTOR),
+    OPERATOR: frozenset(_OPERATOR),
+    READER: frozenset({Permission.READ}),
+}
+
+
+def app_ctx(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def authenticate_request(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("this call needs a bearer token", hint="send Authorization: Bearer TOKEN")
+    principal = authenticate(app_ctx(request), token.strip())
+    if principal is None:
+        raise Unauthorized(
+            "the token is unknown, expired or revoked", hint="make a new one with: vmvault token create --role ROLE"
+        )
+    return principal
+
+
+class Authorize:
+    """The dependency a route declares: its permission and its scope."""
+
+    def __init__(self, permission: Permission, scope: Scope) -> None:
+        self.permission = permission
+        self.scope = scope
+
+    def __call__(self, request: Request) -> Principal:
+        cached: Principal | None = getattr(request.state, "principal", None)
+        if cached is not None:
+            return cached
+        principal = authenticate_request(request)
+        if self.permission not in ROLE_PERMISSIONS.get(principal.role, frozenset()):
+            raise Forbidden(
+                f"role {principal.role} may not do this ({self.permission.value})",
+                hint="use a token with a role that allows it",
+            )
+        if principal.vault is not None:
+            self._check_scope(request, principal)
+        request.state.principal = principal
+        return principal
+
+    def _check_scope(self, request: Request, principal: Principal) -> None:
+        params = request.path_params
+        if self.scope is Scope.GLOBAL:
+            if self.permission is not Permission.READ:
+                raise _outside(principal)
+        elif self.scope is Scope.VAULT:
+            check_vault(principal, str(params.get("vault", "")))
+        elif self.scope is Scope.VM:
+            check_vault(principal, _vault_of_vm(app_ctx(request), str(params.get("vm", ""))))
+        elif self.scope is Scope.JOB:
+            check_vault(principal, _vault_of_job(app_ctx(request), str(params.get("job_id", ""))))
+
+
+def _outside(principal: Principal) -> Forbidden:
+    return Forbidden(
+        f"this token is limited to vault '{principal.vault}'",
+        hint="use a token without a vault scope, or one scoped to the vault concerned",
+    )
+
+
+def check_vault(principal: Principal, vault: str | None) -> None:
+    """Forbidden unless the principal may act on this vault (a vault-scoped token: only its own)."""
+    if principal.vault is not None and vault != principal.vault:
+        raise _outside(principal)
+
+
+def visible(principal: Principal, rows: Iterable[dict[str, Any]], key: str = "vault") -> list[dict[str, Any]]:
+    """The rows a vault-scoped token may see (all for an unscoped one)."""
+    return [r for r in rows if principal.vault is None or r.get(key) == principal.vault]
+
+
+def _vault_of_vm(ctx: Context, vm_name: str) -> str | None:
+    with ctx.catalog.read() as s:
+        vm = repos.find_vm(s, vm_name)
+        item = repos.protected_item(s, vm.id) if vm is not None else None
+        return repos.vault_by_id(s, item.vault_id).name if item is not None else None
+
+
+def _vault_of_job(ctx: Context, job_id: str) -> str | None:
+    with ctx.catalog.read() as s:
+        job = repos.find_job(s, job_id)
+        return job.vault if job is not None else None
+
+
+def require(permission: Permission, scope: Scope) -> Any:
+    return Depends(Authorize(permission, scope))
+
+
+def current_principal(request: Request) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # AuthorizedRoute always sets it; refuse rather than guess
+        raise Forbidden("this route declares no permission", hint="report it: every API route must declare one")
+    return principal
+
+
+def route_authorizer(route: APIRoute) -> Authorize | None:
+    for dependency in route.dependencies:
+        if isinstance(dependency.dependency, Authorize):
+            return dependency.dependency
+    return None
+
+
+class AuthorizedRoute(APIRoute):
+    """Checks the declared permission first (before the body is read); no declaration: 403 for all."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        original = super().get_route_handler()
+        authorizer = route_authorizer(self)
+
+        async def handler(request: Request) -> Response:
+            if authorizer is None:
+                await run_in_threadpool(authenticate_request, request)
+                raise Forbidden("this route declares no permission", hint="report it: every API route must declare one")
+            await run_in_threadpool(authorizer, request)
+            return await original(request)
+
+        return handler

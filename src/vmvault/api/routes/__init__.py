@@ -1,0 +1,15 @@
+"""The API's routes, one module per resource; every route declares its permission (api/auth.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from vmvault.api.auth import AuthorizedRoute
+from vmvault.api.routes import files, items, jobs, policies, tokens, vaults, vms
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(prefix="/api/v1", route_class=AuthorizedRoute)
+    for module in (vaults, policies, vms, items, jobs, files, tokens):
+        router.include_router(module.router)
+    return router

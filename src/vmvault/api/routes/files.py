@@ -1,0 +1,63 @@
+"""File recovery: sessions of a VM's recovery points, mount/unmount, browse and download."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+
+from vmvault.api.auth import Permission, Scope, require
+from vmvault.api.deps import Ctx, Jobs
+from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.service import files
+
+router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
+
+
+class Mount(Body):
+    rp: str = Field(max_length=64, description="Recovery point id")
+    duration: str | None = Field(default=None, max_length=16, description="How long it stays mounted (default 12h)")
+
+
+class Unmount(Body):
+    session_id: str | None = Field(default=None, max_length=64, description="Only this session (default: all)")
+
+
+@router.get("/items/{vm}/files/sessions", dependencies=[require(Permission.READ, Scope.VM)])
+def list_sessions(vm: str, ctx: Ctx, include_ended: bool = False) -> list[dict[str, Any]]:
+    return files.list_sessions(ctx, vm, include_ended=include_ended)
+
+
+@router.post("/items/{vm}/files/mount", status_code=202, dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+def mount(vm: str, body: Mount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
+    return jobs.start(lambda _cancel: files.mount_point(ctx, vm, body.rp, duration=body.duration))
+
+
+@router.post("/items/{vm}/files/unmount", status_code=202, dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+def unmount(vm: str, body: Unmount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
+    return jobs.start(lambda _cancel: files.unmount(ctx, vm, session_id=body.session_id))
+
+
+@router.get("/items/{vm}/files/browse", dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+def browse(
+    vm: str, ctx: Ctx, path: str = "", rp: str | None = None, session_id: str | None = None
+) -> list[dict[str, Any]]:
+    return files.browse(ctx, vm, path, rp_id=rp, session_id=session_id)
+
+
+@router.get(
+    "/items/{vm}/files/download",
+    dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download(vm: str, path: str, ctx: Ctx, rp: str | None = None, session_id: str | None = None) -> StreamingResponse:
+    size, blocks = files.download(ctx, vm, path, rp_id=rp, session_id=session_id)
+    name = path.rstrip("/").rsplit("/", 1)[-1] or "download"
+    return StreamingResponse(
+        blocks,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'},
+    )

@@ -1,0 +1,35 @@
+"""VMs vmvault knows (vm list|show|add)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from vmvault.api.auth import Permission, Scope, require, visible
+from vmvault.api.deps import Caller, Ctx
+from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.service import vms
+
+router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
+
+
+class VmAdd(Body):
+    name: str = Field(max_length=128)
+    disks: list[str] = Field(description="Disk image paths on the server, in order: disk0, disk1, ...")
+
+
+@router.get("/vms", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+def list_vms(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
+    return visible(caller, vms.list_vms(ctx))
+
+
+@router.post("/vms", status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])
+def add_vm(body: VmAdd, ctx: Ctx) -> dict[str, Any]:
+    return vms.add_vm(ctx, body.name, list(body.disks))
+
+
+@router.get("/vms/{vm}", dependencies=[require(Permission.READ, Scope.VM)])
+def show_vm(vm: str, ctx: Ctx) -> dict[str, Any]:
+    return vms.show_vm(ctx, vm)

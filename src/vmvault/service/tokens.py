@@ -1,0 +1,161 @@
+"""API tokens: minted once, stored only as the SHA-256 of their secret, with a role and a vault scope.
+
+A token reads ``vmv_<id>_<secret>``: the id finds the row, the secret (32 random bytes) is checked
+against the stored hash in constant time. Roles are Azure's built-in backup roles (see ROLES).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import from_iso, now_iso, to_iso, utc_now
+from vmvault.catalog.models import ApiTokenRow
+from vmvault.errors import InvalidInput, NotFound
+from vmvault.service.context import Context
+from vmvault.service.validate import check_name
+from vmvault.service.views import JsonDict
+
+OWNER, CONTRIBUTOR, OPERATOR, READER = "Owner", "BackupContributor", "BackupOperator", "BackupReader"
+ROLES = (OWNER, CONTRIBUTOR, OPERATOR, READER)
+PREFIX = "vmv_"
+FIRST_RUN_NAME = "first-run"
+_TOKEN_RE = re.compile(r"^vmv_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
+_RELATIVE_RE = re.compile(r"^(\d+)([hdw])$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who calls: the token's id, role and vault scope (None: every vault)."""
+
+    token_id: str
+    name: str
+    role: str
+    vault: str | None
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_role(role: str) -> str:
+    for known in ROLES:
+        if role.lower() == known.lower():
+            return known
+    raise InvalidInput(f"unknown role '{role}'", hint=f"use one of: {', '.join(ROLES)}")
+
+
+def parse_expires(text: str | None, now: datetime | None = None) -> str | None:
+    """'30d', '12h', '2w', or a UTC date/time (YYYY-MM-DD[THH:MM]) in the future; None: never."""
+    if text is None or text.strip().lower() in ("", "never"):
+        return None
+    now = now or utc_now()
+    raw = text.strip()
+    match = _RELATIVE_RE.match(raw)
+    if match:
+        count, unit = int(match.group(1)), match.group(2)
+        if count < 1:
+            raise InvalidInput(f"--expires '{text}' is not in the future", hint="e.g. --expires 30d")
+        span = {"h": timedelta(hours=count), "d": timedelta(days=count), "w": timedelta(weeks=count)}[unit]
+        return to_iso(now + span)
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidInput(
+            f"--expires '{text}' is neither a span nor a date", hint="e.g. --expires 30d, 12h or 2030-01-31"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment <= now:
+        raise InvalidInput(f"--expires '{text}' is not in the future", hint="give a later date, e.g. --expires 30d")
+    return to_iso(moment)
+
+
+def token_view(row: ApiTokenRow) -> JsonDict:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "role": row.role,
+        "vault": row.vault,
+        "created": row.created,
+        "expires": row.expires,
+        "revoked": row.revoked,
+        "lastUsed": row.last_used,
+    }
+
+
+def create_token(
+    ctx: Context, role: str, *, vault: str | None = None, expires: str | None = None, name: str | None = None
+) -> tuple[JsonDict, str]:
+    """Mint a token; returns (its view, the token itself — shown once, never stored)."""
+    known = check_role(role)
+    until = parse_expires(expires)
+    label = name or known
+    if len(label) > 128 or not label.strip():
+        raise InvalidInput("a token name has 1-128 characters", hint="e.g. --name ci")
+    token_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    with ctx.catalog.write() as s:
+        if vault is not None:
+            check_name("vault", vault)
+            repos.get_vault(s, vault)
+        row = ApiTokenRow(
+            id=token_id,
+            name=label,
+            token_hash=hash_secret(secret),
+            role=known,
+            vault=vault,
+            created=now_iso(),
+            expires=until,
+        )
+        repos.add_api_token(s, row)
+        view = token_view(row)
+    return view, f"{PREFIX}{token_id}_{secret}"
+
+
+def list_tokens(ctx: Context, *, include_revoked: bool = False) -> list[JsonDict]:
+    with ctx.catalog.read() as s:
+        return [token_view(row) for row in repos.list_api_tokens(s, include_revoked=include_revoked)]
+
+
+def revoke_token(ctx: Context, token_id: str) -> JsonDict:
+    with ctx.catalog.write() as s:
+        row = repos.find_api_token(s, token_id)
+        if row is None:
+            raise NotFound(f"token '{token_id}' not found", hint="list tokens with: vmvault token list")
+        if row.revoked is None:
+            repos.update_api_token(s, token_id, revoked=now_iso())
+            s.refresh(row)
+        return token_view(row)
+
+
+def authenticate(ctx: Context, token: str) -> Principal | None:
+    """The principal of a valid, unexpired, unrevoked token; None otherwise."""
+    match = _TOKEN_RE.match(token.strip())
+    if match is None:
+        return None
+    token_id, secret = match.group(1), match.group(2)
+    with ctx.catalog.read() as s:
+        row = repos.find_api_token(s, token_id)
+        if row is None:
+            hmac.compare_digest(hash_secret(secret), "0" * 64)  # same work whether or not the id exists
+            return None
+        if not hmac.compare_digest(hash_secret(secret), row.token_hash):
+            return None
+        if row.revoked is not None or (row.expires is not None and from_iso(row.expires) <= utc_now()):
+            return None
+        return Principal(token_id=row.id, name=row.name, role=row.role, vault=row.vault)
+
+
+def ensure_first_run_token(ctx: Context) -> str | None:
+    """On a home where no token was ever made: mint an Owner token and return it (else None)."""
+    with ctx.catalog.read() as s:
+        if repos.count_api_tokens(s) > 0:
+            return None
+    _view, token = create_token(ctx, OWNER, name=FIRST_RUN_NAME)
+    return token

@@ -1,0 +1,199 @@
+"""Roles × every API route × vault scope, enumerated from the app: a route missing from the table fails.
+
+Allowed calls are stopped right after authorisation (the service context dependency answers 418),
+so the table runs without side effects; denied calls must answer 403 whatever the body says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from api_support import Sandbox, make_ext4_image, sandbox
+from fastapi import APIRouter, HTTPException
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from vmvault.api.auth import AuthorizedRoute, Permission, Scope, require, route_authorizer
+from vmvault.api.deps import service_ctx
+from vmvault.catalog import repos
+from vmvault.service import protection, tokens, vaults, vms
+
+# The specification, written out independently of vmvault.api.auth.
+OWNER, CONTRIBUTOR, OPERATOR, READER = "Owner", "BackupContributor", "BackupOperator", "BackupReader"
+ROLES = (OWNER, CONTRIBUTOR, OPERATOR, READER)
+ALL = {OWNER, CONTRIBUTOR, OPERATOR, READER}
+OPERATE = {OWNER, CONTRIBUTOR, OPERATOR}
+CONTRIBUTE = {OWNER, CONTRIBUTOR}
+ONLY_OWNER = {OWNER}
+
+# (method, path) -> (permission, scope, roles allowed)
+TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
+    ("GET", "/api/v1/vaults"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("POST", "/api/v1/vaults"): (Permission.VAULT_CREATE, Scope.GLOBAL, CONTRIBUTE),
+    ("GET", "/api/v1/vaults/{vault}"): (Permission.READ, Scope.VAULT, ALL),
+    ("DELETE", "/api/v1/vaults/{vault}"): (Permission.VAULT_DELETE, Scope.VAULT, ONLY_OWNER),
+    ("POST", "/api/v1/vaults/{vault}/verify"): (Permission.VAULT_VERIFY, Scope.VAULT, CONTRIBUTE),
+    ("GET", "/api/v1/vaults/{vault}/usage"): (Permission.READ, Scope.VAULT, ALL),
+    ("GET", "/api/v1/vaults/{vault}/policies"): (Permission.READ, Scope.VAULT, ALL),
+    ("POST", "/api/v1/vaults/{vault}/policies"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
+    ("GET", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.READ, Scope.VAULT, ALL),
+    ("PUT", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
+    ("DELETE", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
+    ("GET", "/api/v1/vms"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("POST", "/api/v1/vms"): (Permission.VM_WRITE, Scope.GLOBAL, CONTRIBUTE),
+    ("GET", "/api/v1/vms/{vm}"): (Permission.READ, Scope.VM, ALL),
+    ("GET", "/api/v1/items"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("GET", "/api/v1/items/{vm}"): (Permission.READ, Scope.VM, ALL),
+    ("POST", "/api/v1/items/{vm}/enable"): (Permission.PROTECTION_ENABLE, Scope.BODY, OPERATE),
+    ("POST", "/api/v1/items/{vm}/update"): (Permission.PROTECTION_CHANGE, Scope.VM, CONTRIBUTE),
+    ("POST", "/api/v1/items/{vm}/disable"): (Permission.PROTECTION_CHANGE, Scope.VM, CONTRIBUTE),
+    ("POST", "/api/v1/items/{vm}/resume"): (Permission.PROTECTION_ENABLE, Scope.VM, OPERATE),
+    ("POST", "/api/v1/items/{vm}/undelete"): (Permission.PROTECTION_CHANGE, Scope.VM, CONTRIBUTE),
+    ("POST", "/api/v1/items/{vm}/backup"): (Permission.BACKUP, Scope.VM, OPERATE),
+    ("GET", "/api/v1/items/{vm}/recoverypoints"): (Permission.READ, Scope.VM, ALL),
+    ("POST", "/api/v1/items/{vm}/restore"): (Permission.RESTORE, Scope.VM, OPERATE),
+    ("GET", "/api/v1/jobs"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("GET", "/api/v1/jobs/{job_id}"): (Permission.READ, Scope.JOB, ALL),
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): (Permission.JOB_CANCEL, Scope.JOB, OPERATE),
+    ("GET", "/api/v1/items/{vm}/files/sessions"): (Permission.READ, Scope.VM, ALL),
+    ("POST", "/api/v1/items/{vm}/files/mount"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
+    ("POST", "/api/v1/items/{vm}/files/unmount"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
+    ("GET", "/api/v1/items/{vm}/files/browse"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
+    ("GET", "/api/v1/items/{vm}/files/download"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
+    ("GET", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
+    ("POST", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
+    ("DELETE", "/api/v1/tokens/{token_id}"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
+}
+PUBLIC = {("GET", "/health"), ("GET", "/healthz")}
+SCOPES = (None, "v1", "v2")  # unscoped, the vault the objects are in, another vault
+
+
+class Reached(Exception):
+    pass
+
+
+def _reached() -> None:
+    raise HTTPException(status_code=418, detail="authorised")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("api-roles")
+    with sandbox(root / "home") as box:
+        for name in ("v1", "v2"):
+            vaults.create_vault(box.ctx, name)
+        vms.add_vm(box.ctx, "vm1", [make_ext4_image(root / "vm1.raw", 8)])
+        job = protection.enable_protection(box.ctx, "vm1", "v1")
+        values = {"vault": "v1", "vm": "vm1", "policy": "DefaultPolicy", "job_id": job["id"], "token_id": "0" * 16}
+        box.app.dependency_overrides[service_ctx] = _reached
+        try:
+            yield box, values
+        finally:
+            box.app.dependency_overrides.clear()
+
+
+def api_routes(box: Sandbox) -> dict[tuple[str, str], APIRoute]:
+    found: dict[tuple[str, str], APIRoute] = {}
+    for context in iter_route_contexts(box.app.routes):
+        route = context.original_route
+        if isinstance(route, APIRoute):
+            for method in route.methods:
+                found[(method, context.path)] = route
+    return found
+
+
+def test_every_route_is_in_the_table_and_declares_its_permission(world: tuple[Sandbox, dict[str, str]]) -> None:
+    box, _values = world
+    routes = api_routes(box)
+    api = {key for key in routes if key[1].startswith("/api/")}
+    assert api - TABLE.keys() == set(), "routes without an entry in the roles table"
+    assert TABLE.keys() - api == set(), "table entries without a route"
+    assert {key for key in routes if not key[1].startswith("/api/")} == PUBLIC
+    for key in api:
+        authorizer = route_authorizer(routes[key])
+        assert authorizer is not None, f"{key} declares no permission"
+        permission, scope, _roles = TABLE[key]
+        assert (authorizer.permission, authorizer.scope) == (permission, scope), key
+        assert isinstance(routes[key], AuthorizedRoute), key
+
+
+def _expected(permission: Permission, scope: Scope, roles: set[str], role: str, vault: str | None) -> bool:
+    if role not in roles:
+        return False
+    if vault is None or scope is Scope.BODY:  # BODY: the handler checks the vault named in the body
+        return True
+    if scope is Scope.GLOBAL:
+        return permission is Permission.READ
+    return vault == "v1"
+
+
+@pytest.mark.parametrize("vault", SCOPES, ids=lambda v: f"scope-{v or 'all'}")
+@pytest.mark.parametrize("role", ROLES)
+def test_role_on_every_route(world: tuple[Sandbox, dict[str, str]], role: str, vault: str | None) -> None:
+    box, values = world
+    token = box.token(role, vault)
+    failures = []
+    for (method, template), (permission, scope, roles) in sorted(TABLE.items()):
+        path = template.format(**values)
+        body = {"json": {}} if method in ("POST", "PUT") else {}
+        r = box.call(method, path, token, **body)
+        want = 418 if _expected(permission, scope, roles, role, vault) else 403
+        if r.status_code != want:
+            failures.append(f"{method} {path}: {r.status_code} (want {want}) {r.text[:200]}")
+        if want == 403:
+            assert r.json()["code"] == "forbidden"
+    assert not failures, "\n".join(failures)
+
+
+def test_denied_before_the_body_is_read(world: tuple[Sandbox, dict[str, str]]) -> None:
+    box, values = world
+    reader = box.token(READER)
+    for (method, template), (_p, _s, roles) in TABLE.items():
+        if method == "GET" or READER in roles:
+            continue
+        path = template.format(**{**values, "vm": "no-such-vm", "vault": "no-such-vault"})
+        for content in (b"{", b"[1,2", b"not json"):
+            r = box.call(method, path, reader, content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 403, f"{method} {path} {content!r}: {r.status_code} {r.text}"
+
+
+def test_401_without_or_with_a_forged_revoked_or_expired_token(world: tuple[Sandbox, dict[str, str]]) -> None:
+    box, values = world
+    owner = box.token(OWNER)
+    token_id = owner.split("_")[1]
+    forged = f"vmv_{token_id}_{'A' * 43}"
+    revoked_view, revoked = tokens.create_token(box.ctx, OWNER)
+    tokens.revoke_token(box.ctx, revoked_view["id"])
+    expired_view, expired = tokens.create_token(box.ctx, OWNER, expires="1h")
+    with box.ctx.catalog.write() as s:
+        repos.update_api_token(s, expired_view["id"], expires="2000-01-01T00:00:00.000000Z")
+    for method, template in TABLE:
+        path = template.format(**values)
+        for token in (None, forged, "vmv_0123456789abcdef_" + "B" * 43, "garbage", revoked, expired):
+            r = box.call(method, path, token, json={} if method in ("POST", "PUT") else None)
+            assert r.status_code == 401, f"{method} {path} with {token!r}: {r.status_code}"
+            assert r.json()["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+    assert box.call("GET", "/health", None).status_code == 200
+    assert box.call("GET", "/openapi.json", None).status_code == 200
+    assert box.call("GET", "/docs", None).status_code == 200
+
+
+def test_a_route_without_a_declared_permission_is_refused_to_everyone(tmp_path: Path) -> None:
+    with sandbox(tmp_path / "home") as box:
+        router = APIRouter(prefix="/api/v1", route_class=AuthorizedRoute)
+
+        @router.get("/undeclared")
+        def undeclared() -> dict[str, str]:
+            return {"leak": "yes"}
+
+        @router.get("/declared", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+        def declared() -> dict[str, str]:
+            return {"ok": "yes"}
+
+        box.app.include_router(router)
+        owner = box.token(OWNER)
+        assert box.call("GET", "/api/v1/undeclared", owner).status_code == 403
+        assert box.call("GET", "/api/v1/undeclared", None).status_code == 401
+        assert box.call("GET", "/api/v1/declared", owner).json() == {"ok": "yes"}
