@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# Start the vmvault service (scheduler + workers) in the foreground; `make run` runs this.
-# It prints where it listens (its status endpoint, GET /healthz); stop it with Ctrl-C or SIGTERM.
+# Start the vmvault service (REST API + scheduler + workers) in the foreground; `make run` runs this.
+# It prints where the API listens and, on a home's first start, a first-run Owner token (shown once).
+# Stop it with Ctrl-C or SIGTERM.
 #
 # Environment:
 #   VMVAULT_HOME     the vmvault home it serves (default: /var/lib/vmvault for root, else ~/.local/share/vmvault)
-#   VMVAULT_LISTEN   HOST:PORT of the status endpoint (default 127.0.0.1:8480; port 0 = any free port)
+#   VMVAULT_HOST     address of the API (default 127.0.0.1)
+#   VMVAULT_PORT     port of the API (default 8080; 0 = any free port)
 #   VMVAULT_WORKERS  how many jobs run in parallel at most (default 2)
 #   VMVAULT          the vmvault command (default: .venv/bin/vmvault of this checkout)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VMVAULT="${VMVAULT:-$ROOT/.venv/bin/vmvault}"
-LISTEN="${VMVAULT_LISTEN:-127.0.0.1:8480}"
+HOST="${VMVAULT_HOST:-127.0.0.1}"
+PORT="${VMVAULT_PORT:-8080}"
 WORKERS="${VMVAULT_WORKERS:-2}"
 
 cat <<EOT
-Starting vmvault serve. While it runs, in another shell:
-  $VMVAULT item list                      protected VMs, their last and next backup
-  $VMVAULT backup now VM                  queued to this service, waits for the job
-  $VMVAULT job list --status InProgress   what runs now
-  curl ADDRESS/healthz                    the service's status (ADDRESS: printed below)
+Starting vmvault serve. API: http://$HOST:$PORT/api/v1 (interactive docs: http://$HOST:$PORT/docs).
+While it runs, in another shell:
+  curl -H "Authorization: Bearer TOKEN" http://$HOST:$PORT/api/v1/items   protected VMs (TOKEN: printed below)
+  $VMVAULT token create --role BackupReader   another token (roles: Owner, BackupContributor, BackupOperator, BackupReader)
+  $VMVAULT backup now VM                      queued to this service, waits for the job
+  $VMVAULT job list --status InProgress       what runs now
 (Try the whole product first, without the service: make quickstart)
 EOT
-exec "$VMVAULT" serve --listen "$LISTEN" --workers "$WORKERS"
+exec "$VMVAULT" serve --host "$HOST" --port "$PORT" --workers "$WORKERS"

@@ -1,4 +1,4 @@
-"""Roles × every API route × vault scope, enumerated from the app: a route missing from the table fails.
+"""Roles x every API route x vault scope, enumerated from the app: a route missing from the table fails.
 
 Allowed calls are stopped right after authorisation (the service context dependency answers 418),
 so the table runs without side effects; denied calls must answer 403 whatever the body says.
@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from api_support import Sandbox, make_ext4_image, sandbox
 from fastapi import APIRouter, HTTPException
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from api_support import Sandbox, make_ext4_image, sandbox
 from vmvault.api.auth import AuthorizedRoute, Permission, Scope, require, route_authorizer
 from vmvault.api.deps import service_ctx
 from vmvault.catalog import repos
@@ -67,10 +67,6 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
 }
 PUBLIC = {("GET", "/health"), ("GET", "/healthz")}
 SCOPES = (None, "v1", "v2")  # unscoped, the vault the objects are in, another vault
-
-
-class Reached(Exception):
-    pass
 
 
 def _reached() -> None:

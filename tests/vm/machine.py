@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vm.guest import GuestImage, build_guest
-from vmvault.hypervisor.guest_agent import ExecResult, GuestAgent
+from vmvault.hypervisor.guest_agent import ExecResult, GuestAgent, freeze_lock_path
 from vmvault.hypervisor.qmp import QmpClient
 
 MiB = 1 << 20
@@ -210,6 +210,9 @@ class Guest:
 
     def close(self) -> None:
         self.quit()
+        lock = freeze_lock_path(self.agent_socket)  # vmvault's thaw guard lock for this (throw-away) socket
+        lock.unlink(missing_ok=True)
+        lock.with_suffix(".log").unlink(missing_ok=True)
         shutil.rmtree(self.sockets, ignore_errors=True)
 
 

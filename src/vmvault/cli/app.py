@@ -155,7 +155,12 @@ def vault_delete(
 @vault_app.command("list")
 def vault_list() -> None:
     """List vaults."""
+    from vmvault.cli import remote
     from vmvault.service import vaults
+
+    if remote.active():
+        output.print_list(remote.get("/vaults"), output.VAULT_COLUMNS)
+        return
 
     with service_context() as ctx:
         output.print_list(vaults.list_vaults(ctx), output.VAULT_COLUMNS)
@@ -164,7 +169,12 @@ def vault_list() -> None:
 @vault_app.command("show")
 def vault_show(name: Annotated[str, typer.Argument(help="Vault name.")]) -> None:
     """Show a vault."""
+    from vmvault.cli import remote
     from vmvault.service import vaults
+
+    if remote.active():
+        output.print_object(remote.get(f"/vaults/{remote.q(name)}"))
+        return
 
     with service_context() as ctx:
         output.print_object(vaults.show_vault(ctx, name))
@@ -248,7 +258,12 @@ def vm_add(
 @vm_app.command("list")
 def vm_list() -> None:
     """List VMs."""
+    from vmvault.cli import remote
     from vmvault.service import vms
+
+    if remote.active():
+        output.print_list(remote.get("/vms"), output.VM_COLUMNS)
+        return
 
     with service_context() as ctx:
         output.print_list(vms.list_vms(ctx), output.VM_COLUMNS)
@@ -257,7 +272,12 @@ def vm_list() -> None:
 @vm_app.command("show")
 def vm_show(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
     """Show a VM, its disks and its protection."""
+    from vmvault.cli import remote
     from vmvault.service import vms
+
+    if remote.active():
+        output.print_object(remote.get(f"/vms/{remote.q(name)}"))
+        return
 
     with service_context() as ctx:
         output.print_object(vms.show_vm(ctx, name))
@@ -281,9 +301,14 @@ def protection_enable(
     exclude_disk: ExcludeDiskOption = None,
 ) -> None:
     """Protect a VM with a vault and a policy (default DefaultPolicy); a ConfigureBackup job."""
+    from vmvault.cli import remote
     from vmvault.service import protection
 
     name = _vm_name(vm, vm_option, "protection enable")
+    if remote.active():
+        body = {"vault": vault, "policy": policy, "excludeDisks": list(exclude_disk or [])}
+        output.print_object(remote.post(f"/items/{remote.q(name)}/enable", body))
+        return
     with service_context() as ctx:
         output.print_object(
             protection.enable_protection(ctx, name, vault, policy=policy, exclude_disks=list(exclude_disk or []))
@@ -356,10 +381,14 @@ def backup_now(
     ] = False,
 ) -> None:
     """Back a protected VM up now (queued to vmvault serve when it runs); prints the job, non-zero if it failed."""
+    from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import backups, jobs
 
     name = _vm_name(vm, vm_option, "backup now")
+    if remote.active():
+        _remote_backup_now(name, retain_until, no_wait)
+        return
     with service_context() as ctx, progress_display(f"backup {name}") as show:
         outcome = run_cancellable(
             lambda cancel: backups.backup_now(ctx, name, retain_until=retain_until, on_progress=show, cancel=cancel)
@@ -377,6 +406,21 @@ def backup_now(
             return
     manifest = outcome.result
     _end_job(outcome, [f"recovery point {manifest.rp_id} at {manifest.time}"] if manifest is not None else [])
+
+
+def _remote_backup_now(name: str, retain_until: str | None, no_wait: bool) -> None:
+    """backup now --server: the server queues the job (202); follow it by polling, print as locally."""
+    from vmvault.cli import remote
+    from vmvault.service.jobs import JobOutcome
+
+    job = remote.post(f"/items/{remote.q(name)}/backup", {"retainUntil": retain_until})
+    output.info(f"queued to vmvault serve as job {job['id']}")
+    if no_wait:
+        output.print_object(job)
+        return
+    ended = remote.wait_job(job["id"])
+    point = (ended.get("extendedInfo") or {}).get("recoveryPoint")
+    _end_job(JobOutcome(job=remote.job_view(ended)), [f"recovery point {point}"] if point else [])
 
 
 # ---- job ----------------------------------------------------------------------------------------
@@ -397,9 +441,14 @@ def job_list(
     limit: Annotated[int, typer.Option(help="At most this many, newest first (0: all).")] = 0,
 ) -> None:
     """List jobs, newest first."""
+    from vmvault.cli import remote
     from vmvault.service import jobs
 
     name = _vm_name(vm, item, "job list --item") if vm or item else None
+    if remote.active():
+        params = {"vm": name, "status": status, "operation": operation, "limit": limit, "since": since}
+        output.print_list(remote.get("/jobs", **params), output.JOB_COLUMNS)
+        return
     with service_context() as ctx:
         rows = jobs.list_jobs(ctx, vm=name, status=status, operation=operation, limit=limit, since=since)
         output.print_list(rows, output.JOB_COLUMNS)
@@ -408,7 +457,12 @@ def job_list(
 @job_app.command("show")
 def job_show(job_id: JobIdArgument) -> None:
     """Show a job, with its progress per disk, rate and error (extendedInfo)."""
+    from vmvault.cli import remote
     from vmvault.service import jobs
+
+    if remote.active():
+        output.print_object(remote.get(f"/jobs/{remote.q(job_id)}"))
+        return
 
     with service_context() as ctx:
         output.print_object(jobs.describe_job(ctx, job_id))
@@ -420,10 +474,14 @@ def job_wait(
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 75).")] = None,
 ) -> None:
     """Wait for a job to end; prints it and exits with its error's code if it did not complete."""
+    from vmvault.cli import remote
     from vmvault.cli.progress import progress_display
     from vmvault.service import jobs
     from vmvault.service.worker import service_info
 
+    if remote.active():
+        _end_job(jobs.JobOutcome(job=remote.job_view(remote.wait_job(job_id, timeout))))
+        return
     with service_context() as ctx, progress_display(f"job {job_id[:8]}") as show:
         if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and service_info(ctx.settings) is None:
             output.info(f"job {job_id} is queued and no vmvault serve runs for this home: it starts with the service")
@@ -434,7 +492,12 @@ def job_wait(
 @job_app.command("cancel")
 def job_cancel(job_id: JobIdArgument) -> None:
     """Cancel a job: a queued one at once, a running one as soon as it notices (no recovery point is left)."""
+    from vmvault.cli import remote
     from vmvault.service import jobs
+
+    if remote.active():
+        output.print_object(remote.post(f"/jobs/{remote.q(job_id)}/cancel"))
+        return
 
     with service_context() as ctx:
         output.print_object(jobs.cancel_job(ctx, job_id))
@@ -452,9 +515,14 @@ def recoverypoint_list(
     ] = False,
 ) -> None:
     """List a VM's recovery points, oldest first."""
+    from vmvault.cli import remote
     from vmvault.service import backups
 
     name = _vm_name(vm, vm_option, "recoverypoint list")
+    if remote.active():
+        rows = remote.get(f"/items/{remote.q(name)}/recoverypoints", includeDeleted=include_deleted)
+        output.print_list(rows, output.RP_COLUMNS)
+        return
     with service_context() as ctx:
         rows = backups.list_recovery_points(ctx, name, include_deleted=include_deleted)
         output.print_list(rows, output.RP_COLUMNS)

@@ -19,7 +19,12 @@ def item_list(
     vault: Annotated[str | None, typer.Option("--vault", help="Only the items of this vault.")] = None,
 ) -> None:
     """List protected items (as az backup item list)."""
+    from vmvault.cli import remote
     from vmvault.service import items
+
+    if remote.active():
+        output.print_list(remote.get("/items", vault=vault), items.ITEM_COLUMNS)
+        return
 
     with service_context() as ctx:
         output.print_list(items.list_items(ctx, vault), items.ITEM_COLUMNS)
@@ -28,8 +33,12 @@ def item_list(
 @item_app.command("show")
 def item_show(vm: VmArgument = None, vm_option: VmOption = None) -> None:
     """Show a protected item: state, last backup status and time, last point, policy, next backup."""
+    from vmvault.cli import remote
     from vmvault.service import items
 
     name = _vm_name(vm, vm_option, "item show")
+    if remote.active():
+        output.print_object(remote.get(f"/items/{remote.q(name)}"))
+        return
     with service_context() as ctx:
         output.print_object(items.show_item(ctx, name))

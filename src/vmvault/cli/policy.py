@@ -25,10 +25,14 @@ POLICY_COLUMNS = ("name", "frequency", "days", "time", "timeZone", "retention", 
 @policy_app.command("list")
 def policy_list(vault: VaultOption) -> None:
     """List a vault's policies (-o json: each as policy show prints it)."""
+    from vmvault.cli import remote
     from vmvault.service import policies
 
-    with service_context() as ctx:
-        views = policies.list_policies(ctx, vault)
+    if remote.active():
+        views = remote.get(f"/vaults/{remote.q(vault)}/policies")
+    else:
+        with service_context() as ctx:
+            views = policies.list_policies(ctx, vault)
     if STATE.json:
         output.print_json(views)
     else:
@@ -38,8 +42,12 @@ def policy_list(vault: VaultOption) -> None:
 @policy_app.command("show")
 def policy_show(name: NameArgument, vault: VaultOption) -> None:
     """Show a policy as `az backup policy show` does (edit its JSON, then: policy set --file)."""
+    from vmvault.cli import remote
     from vmvault.service import policies
 
+    if remote.active():
+        output.print_object(remote.get(f"/vaults/{remote.q(vault)}/policies/{remote.q(name)}"))
+        return
     with service_context() as ctx:
         output.print_object(policies.show_policy(ctx, vault, name))
 

@@ -13,13 +13,14 @@ if TYPE_CHECKING:
     from vmvault.service.context import Context
 
 OUTPUT_FORMATS = ("table", "json")
-_VALUED = {"-o": "output", "--output": "output", "--home": "home"}
+_VALUED = {"-o": "output", "--output": "output", "--home": "home", "--server": "server"}
 
 
 @dataclass
 class CliState:
     output: str = "table"
     home: str | None = None
+    server: str | None = None  # --server URL: commands with a remote form call its API
 
     @property
     def json(self) -> bool:
@@ -54,7 +55,9 @@ def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
 
 
 def _hint_for(flag: str) -> str:
-    return "e.g. -o json" if flag != "--home" else "e.g. --home /var/lib/vmvault"
+    return {"--home": "e.g. --home /var/lib/vmvault", "--server": "e.g. --server http://127.0.0.1:8080"}.get(
+        flag, "e.g. -o json"
+    )
 
 
 def _check_output(value: str) -> str:
@@ -69,6 +72,12 @@ def service_context() -> Iterator[Context]:
     """The service context for the global --home (imports the service layer lazily)."""
     from vmvault.service.context import context
     from vmvault.settings import load_settings
+
+    if STATE.server is not None:
+        raise InvalidInput(
+            f"this command does not run against a server (--server {STATE.server}) yet",
+            hint="run it on the server itself, or call the API there (docs/api.md)",
+        )
 
     with context(load_settings(STATE.home)) as ctx:
         yield ctx

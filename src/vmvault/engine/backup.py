@@ -24,8 +24,10 @@ from vmvault.engine.chunking import Geometry, data_chunk_runs, reads_per_leaf
 from vmvault.engine.probe import probe_disk
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import Cancelled, InvalidInput
-from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO, NbdReader
+from vmvault.hypervisor.imagelock import ImageLock
+from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.hypervisor.offline import NbdImageExport
+from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
 from vmvault.vault.lock import holding_shared
@@ -83,18 +85,19 @@ class _Disk:
 class _Readers:
     """A pool of NBD connections to one export, one per worker at a time."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, size: int) -> None:
         self._uri = uri
-        self._free: queue.SimpleQueue[NbdReader] = queue.SimpleQueue()
-        self._all: list[NbdReader] = []
+        self._size = size
+        self._free: queue.SimpleQueue[DiskReader] = queue.SimpleQueue()
+        self._all: list[DiskReader] = []
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def reader(self) -> Iterator[NbdReader]:
+    def reader(self) -> Iterator[DiskReader]:
         try:
             r = self._free.get_nowait()
         except queue.Empty:
-            r = NbdReader(self._uri)
+            r = open_reader(self._uri, self._size)
             with self._lock:
                 self._all.append(r)
         try:
@@ -133,29 +136,34 @@ class BackupRun:
             buf = r.pread(length, start)
         ids: list[bytes] = []
         nonzero = 0
-        written = 0
+        candidates: dict[bytes, bytes] = {}  # chunks that differ from the previous point
         for k in range(count):
-            piece = buf[k * geo.chunk_size : (k + 1) * geo.chunk_size]
-            if piece == self._zero[: len(piece)]:
+            piece = bytes(buf[k * geo.chunk_size : (k + 1) * geo.chunk_size])
+            if piece == (self._zero if len(piece) == geo.chunk_size else bytes(len(piece))):
                 ids.append(ZERO_ID)
                 continue
             nonzero += len(piece)
             cid = self.vault.keys.chunk_id(piece)
             ids.append(cid)
-            if previous is not None and previous[(first + k) % geo.leaf_span] == cid:
-                continue
-            written += self.store_data(cid, piece)
+            if previous is None or previous[(first + k) % geo.leaf_span] != cid:
+                candidates[cid] = piece
+        written = self.store_new(candidates)
         self.progress.add(read=length, written=written)
         return first, ids, nonzero
 
-    def store_data(self, cid: bytes, piece: bytes) -> int:
-        if self.data.pending(cid):
-            return 0
-        if self.vault.index.contains(cid):
-            _test_pause_after_dedup(cid)  # test-only hook, a no-op unless its variable is set
-            return 0
-        body, flags = encode_body(piece)
-        return len(body) if self.data.add(cid, body, flags, len(piece)) else 0
+    def store_new(self, candidates: dict[bytes, bytes]) -> int:
+        """Store the chunks the vault does not hold yet (one index query per read)."""
+        present = self.vault.index.contains_many(list(candidates)) if candidates else set()
+        written = 0
+        for cid, piece in candidates.items():
+            if cid in present:
+                _test_pause_after_dedup(cid)  # test-only hook, a no-op unless its variable is set
+                continue
+            if self.data.pending(cid):
+                continue
+            body, flags = encode_body(piece)
+            written += len(body) if self.data.add(cid, body, flags, len(piece)) else 0
+        return written
 
     def store_tree(self, plain: bytes) -> bytes:
         tid = self.vault.keys.chunk_id(plain)
@@ -166,7 +174,7 @@ class BackupRun:
     # ---- one disk ---------------------------------------------------------------------------
     def backup_disk(self, pool: ThreadPoolExecutor, disk: _Disk) -> tuple[str, int]:
         geo = disk.geo
-        readers = _Readers(disk.source.uri)
+        readers = _Readers(disk.source.uri, disk.source.size)
         leaf_ids: list[bytes] = []
         stored = 0
         window: deque[tuple[int, list[Future[tuple[int, list[bytes], int]]]]] = deque()
@@ -230,7 +238,7 @@ class BackupRun:
 
 def _allocation_plan(disk: _Disk) -> None:
     """Full read: every chunk holding allocated data (holes and zero extents are never read)."""
-    reader = NbdReader(disk.source.uri)
+    reader = open_reader(disk.source.uri, disk.source.size)
     try:
         extents = (
             (off, min(ln, disk.geo.disk_size - off))
@@ -288,7 +296,7 @@ def _sample_mismatch(vault: Vault, disk: _Disk) -> str | None:
         dirty_set.update(range(first, end))
     rng = random.Random()
     leaves = LeafReader(vault.get_blob)
-    reader = NbdReader(disk.source.uri)
+    reader = open_reader(disk.source.uri, disk.source.size)
     try:
         for _ in range(SAMPLE_CHUNKS):
             chunk = rng.randrange(geo.chunk_count)
@@ -296,7 +304,7 @@ def _sample_mismatch(vault: Vault, disk: _Disk) -> str | None:
                 continue
             leaf = leaves.read(disk.previous.leaves[chunk // geo.leaf_span])
             start, length = geo.chunk_range(chunk)
-            data = reader.pread(length, start)
+            data = bytes(reader.pread(length, start))
             cid = ZERO_ID if data == bytes(length) else vault.keys.chunk_id(data)
             if cid != leaf.ids[chunk % geo.leaf_span]:
                 return f"chunk at offset {start} changed although the dirty bitmap calls it clean"
@@ -328,8 +336,13 @@ def run_backup(
         exported = []
         for src in disks:
             info = probe_disk(src.path)
-            export = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2))
-            exported.append(ExportedDisk(src.name, export.uri, info.virtual_size, info.format, str(info.path)))
+            if info.format == "raw" and info.path.is_file():
+                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold).
+                stack.enter_context(ImageLock(info.path))
+                uri = file_uri(info.path)
+            else:
+                uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
+            exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))
         manifest, _stats = backup_exported(
             vault,
             vm_name=vm_name,
@@ -375,16 +388,20 @@ def backup_exported(
     tracker.state.total_bytes = sum(_plan_disk(vault, d) for d in opened)
     tracker.report(force=True)
     entries = []
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-backup") as pool:
-        for disk in opened:
-            tracker.state.current_disk = disk.source.name
-            before = tracker.state.bytes_read
-            root_hex, stored = run.backup_disk(pool, disk)
-            disk.stats.bytes_read = tracker.state.bytes_read - before
-            src = disk.source
-            entries.append(DiskEntry(src.name, disk.geo.disk_size, src.format, root_hex, stored, src.source_path))
-    run.data.flush()
-    run.tree.flush()
+    try:
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-backup") as pool:
+            for disk in opened:
+                tracker.state.current_disk = disk.source.name
+                before = tracker.state.bytes_read
+                root_hex, stored = run.backup_disk(pool, disk)
+                disk.stats.bytes_read = tracker.state.bytes_read - before
+                src = disk.source
+                entries.append(DiskEntry(src.name, disk.geo.disk_size, src.format, root_hex, stored, src.source_path))
+        run.data.flush()  # every pack and index file is durable before the manifest names them
+        run.tree.flush()
+    finally:
+        run.data.close()
+        run.tree.close()
     manifest = RecoveryPointManifest(
         rp_id=rp_id,
         vm_name=vm_name,

@@ -26,6 +26,7 @@ ROLES = (OWNER, CONTRIBUTOR, OPERATOR, READER)
 PREFIX = "vmv_"
 FIRST_RUN_NAME = "first-run"
 _TOKEN_RE = re.compile(r"^vmv_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
+LAST_USED_EVERY = timedelta(minutes=1)
 _RELATIVE_RE = re.compile(r"^(\d+)([hdw])$")
 
 
@@ -149,7 +150,12 @@ def authenticate(ctx: Context, token: str) -> Principal | None:
             return None
         if row.revoked is not None or (row.expires is not None and from_iso(row.expires) <= utc_now()):
             return None
-        return Principal(token_id=row.id, name=row.name, role=row.role, vault=row.vault)
+        principal = Principal(token_id=row.id, name=row.name, role=row.role, vault=row.vault)
+        stale = row.last_used is None or from_iso(row.last_used) < utc_now() - LAST_USED_EVERY
+    if stale:  # at most one write a minute per token
+        with ctx.catalog.write() as s:
+            repos.update_api_token(s, principal.token_id, last_used=now_iso())
+    return principal
 
 
 def ensure_first_run_token(ctx: Context) -> str | None:

@@ -328,6 +328,7 @@ class _Collector:
             self.report.blobs_deleted += dead
         for writer in writers.values():
             writer.flush()  # new packs and their index files are durable before any old one goes
+            writer.close()
             self.report.packs_written += writer.packs_published
         return done
 

@@ -69,8 +69,25 @@ def decompress(data: bytes, plain_length: int) -> bytes:
     return result
 
 
+PROBE = 2048
+
+
+def _looks_incompressible(plain: bytes | memoryview) -> bool:
+    """Two 2 KiB samples at zstd's fastest level: random data (encrypted, media) is skipped cheaply."""
+    probe = getattr(_local, "probe", None)
+    if probe is None:
+        probe = _local.probe = zstandard.ZstdCompressor(level=1)
+    middle = len(plain) // 2
+    for sample in (plain[:PROBE], plain[middle : middle + PROBE]):
+        if len(sample) < PROBE or len(probe.compress(sample)) < PROBE - PROBE // 16:
+            return False
+    return True
+
+
 def encode_body(plain: bytes | memoryview) -> tuple[bytes, int]:
     """Compress when it pays; random data is stored as is (no decompression cost on restore)."""
+    if _looks_incompressible(plain):
+        return bytes(plain), 0
     packed = compress(plain)
     if len(packed) < len(plain) - len(plain) // 32:
         return packed, FLAG_ZSTD
@@ -118,11 +135,12 @@ class PackBuilder:
     def size(self) -> int:
         return len(self.buf)
 
-    def finish(self) -> bytes:
+    def finish(self) -> bytearray:
+        """The whole pack (the builder's own buffer: no copy of up to 16 MiB)."""
         table = b"".join(e.pack_entry() for e in self.entries)
         trailer = self._cipher.encrypt(nonce_for(0), table, PACK_MAGIC + self.salt)
         self.buf += trailer + struct.pack("<I", len(trailer)) + PACK_END
-        return bytes(self.buf)
+        return self.buf
 
 
 def read_trailer(keys: MasterKeys, name: str, data: bytes) -> tuple[bytes, list[BlobRef]]:

@@ -13,6 +13,8 @@ import struct
 import threading
 import time
 import uuid as uuidlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,40 +62,76 @@ def parse_index_payload(payload: bytes) -> tuple[str, bytes, list[BlobRef]]:
 
 
 class PackWriter:
-    """One open pack per blob type; thread-safe; publishes full packs atomically."""
+    """One open pack per blob type; thread-safe; publishes full packs atomically.
+
+    Full packs are published by one background thread (write, fsync, index file) while workers
+    keep filling the next pack; at most MAX_PUBLISHING packs wait, which bounds memory. An error
+    in publishing is raised by the next `add` or by `flush`.
+    """
+
+    MAX_PUBLISHING = 1
 
     def __init__(self, vault: Vault, type_: int) -> None:
         self._vault = vault
         self._type = type_
         self._lock = threading.Lock()
         self._builder: PackBuilder | None = None
+        self._publishing: deque[tuple[PackBuilder, Future[None]]] = deque()
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="vmv-publish")
         self.bytes_written = 0
         self.packs_published = 0
 
     def add(self, blob_id: bytes, body: bytes, flags: int, plain_length: int) -> bool:
-        """Queue an encoded blob; False when it is already pending in the open pack."""
-        full = None
+        """Queue an encoded blob; False when it is already pending in an unpublished pack."""
+        wait_for: Future[None] | None = None
         with self._lock:
+            if self._pending_locked(blob_id):
+                return False
             if self._builder is None:
                 self._builder = PackBuilder(self._vault.keys)
-            if blob_id in self._builder.ids:
-                return False
             self._builder.add(blob_id, self._type, body, flags, plain_length)
             if self._builder.size() >= TARGET_PACK_SIZE:
                 full, self._builder = self._builder, None
-        if full is not None:
-            self._publish(full)
+                self._publishing.append((full, self._publisher.submit(self._publish, full)))
+                if len(self._publishing) > self.MAX_PUBLISHING:
+                    wait_for = self._publishing[0][1]
+        if wait_for is not None:
+            wait_for.result()
+        self._reap()
         return True
+
+    def _pending_locked(self, blob_id: bytes) -> bool:
+        if self._builder is not None and blob_id in self._builder.ids:
+            return True
+        return any(blob_id in builder.ids for builder, _ in self._publishing)
 
     def pending(self, blob_id: bytes) -> bool:
         with self._lock:
-            return self._builder is not None and blob_id in self._builder.ids
+            return self._pending_locked(blob_id)
+
+    def _reap(self) -> None:
+        """Forget published packs (their blobs are in the index now); raise a publishing error."""
+        while True:
+            with self._lock:
+                if not self._publishing or not self._publishing[0][1].done():
+                    return
+                _builder, fut = self._publishing.popleft()
+            fut.result()
 
     def flush(self) -> None:
         with self._lock:
             full, self._builder = self._builder, None
-        if full is not None and full.entries:
-            self._publish(full)
+            if full is not None and full.entries:
+                self._publishing.append((full, self._publisher.submit(self._publish, full)))
+            waiting = [fut for _b, fut in self._publishing]
+        try:
+            for fut in waiting:
+                fut.result()
+        finally:
+            self._reap()
+
+    def close(self) -> None:
+        self._publisher.shutdown(wait=True, cancel_futures=True)
 
     def _publish(self, builder: PackBuilder) -> None:
         data = builder.finish()

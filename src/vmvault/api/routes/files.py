@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
@@ -26,7 +26,9 @@ class Unmount(Body):
 
 
 @router.get("/items/{vm}/files/sessions", dependencies=[require(Permission.READ, Scope.VM)])
-def list_sessions(vm: str, ctx: Ctx, include_ended: bool = False) -> list[dict[str, Any]]:
+def list_sessions(
+    vm: str, ctx: Ctx, include_ended: Annotated[bool, Query(alias="includeEnded")] = False
+) -> list[dict[str, Any]]:
     return files.list_sessions(ctx, vm, include_ended=include_ended)
 
 
@@ -42,7 +44,11 @@ def unmount(vm: str, body: Unmount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
 
 @router.get("/items/{vm}/files/browse", dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
 def browse(
-    vm: str, ctx: Ctx, path: str = "", rp: str | None = None, session_id: str | None = None
+    vm: str,
+    ctx: Ctx,
+    path: str = "",
+    rp: str | None = None,
+    session_id: Annotated[str | None, Query(alias="sessionId")] = None,
 ) -> list[dict[str, Any]]:
     return files.browse(ctx, vm, path, rp_id=rp, session_id=session_id)
 
@@ -53,7 +59,13 @@ def browse(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def download(vm: str, path: str, ctx: Ctx, rp: str | None = None, session_id: str | None = None) -> StreamingResponse:
+def download(
+    vm: str,
+    path: str,
+    ctx: Ctx,
+    rp: str | None = None,
+    session_id: Annotated[str | None, Query(alias="sessionId")] = None,
+) -> StreamingResponse:
     size, blocks = files.download(ctx, vm, path, rp_id=rp, session_id=session_id)
     name = path.rstrip("/").rsplit("/", 1)[-1] or "download"
     return StreamingResponse(

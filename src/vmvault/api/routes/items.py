@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, check_vault, require, visible
@@ -90,7 +90,9 @@ def backup_now(vm: str, body: BackupNow, ctx: Ctx, jobs: Jobs) -> dict[str, Any]
 
 
 @router.get("/items/{vm}/recoverypoints", dependencies=[require(Permission.READ, Scope.VM)])
-def list_recovery_points(vm: str, ctx: Ctx, include_deleted: bool = False) -> list[dict[str, Any]]:
+def list_recovery_points(
+    vm: str, ctx: Ctx, include_deleted: Annotated[bool, Query(alias="includeDeleted")] = False
+) -> list[dict[str, Any]]:
     return backups.list_recovery_points(ctx, vm, include_deleted=include_deleted)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require
@@ -23,7 +23,9 @@ class TokenCreate(Body):
 
 
 @router.get("/tokens", dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
-def list_tokens(ctx: Ctx, include_revoked: bool = False) -> list[dict[str, Any]]:
+def list_tokens(
+    ctx: Ctx, include_revoked: Annotated[bool, Query(alias="includeRevoked")] = False
+) -> list[dict[str, Any]]:
     return tokens.list_tokens(ctx, include_revoked=include_revoked)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require, visible
@@ -50,7 +50,9 @@ def show_vault(vault: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @router.delete("/vaults/{vault}", dependencies=[require(Permission.VAULT_DELETE, Scope.VAULT)])
-def delete_vault(vault: str, ctx: Ctx, keep_storage: bool = False) -> dict[str, Any]:
+def delete_vault(
+    vault: str, ctx: Ctx, keep_storage: Annotated[bool, Query(alias="keepStorage")] = False
+) -> dict[str, Any]:
     return vaults.delete_vault(ctx, vault, keep_storage=keep_storage)
 
 

@@ -1,0 +1,224 @@
+"""End-to-end API flows on a sandboxed home (FastAPI's TestClient), and `vmvault serve` serving the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from api_support import PASSPHRASE, Sandbox, make_ext4_image, sandbox
+from helpers import Cli, files_equal
+
+API = "/api/v1"
+
+
+def wait_job(box: Sandbox, token: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = box.call("GET", f"{API}/jobs/{job_id}", token).json()
+        if job["status"] != "InProgress":
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end in {timeout}s")
+
+
+def test_backup_and_restore_through_the_api(tmp_path: Path) -> None:
+    disk = make_ext4_image(tmp_path / "web1.raw", 16, {"hello.txt": b"hello from web1\n" * 100})
+    with sandbox(tmp_path / "home") as box:
+        owner = box.token("Owner")
+        view = box.call("POST", f"{API}/tokens", owner, json={"role": "BackupContributor"})
+        assert view.status_code == 201, view.text
+        contributor = view.json()["token"]
+        reader = box.token("BackupReader")
+
+        r = box.call("POST", f"{API}/vaults", contributor, json={"name": "main", "passphrase": PASSPHRASE})
+        assert r.status_code == 201, r.text
+        operator = box.token("BackupOperator", vault="main")
+        r = box.call("POST", f"{API}/vms", contributor, json={"name": "web1", "disks": [str(disk)]})
+        assert r.status_code == 201, r.text
+        assert r.json()["protectionState"] == "NotProtected"
+
+        # a vault-scoped operator may enable protection into its vault only
+        box.call("POST", f"{API}/vaults", contributor, json={"name": "other", "passphrase": PASSPHRASE})
+        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "other"})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "main"})
+        assert r.status_code == 200, r.text
+        assert r.json()["operation"] == "ConfigureBackup"
+
+        item = box.call("GET", f"{API}/items/web1", reader).json()
+        assert item["vault"] == "main"
+        policies = box.call("GET", f"{API}/vaults/main/policies", reader).json()
+        assert [p["name"] for p in policies] == ["DefaultPolicy"]
+
+        r = box.call("POST", f"{API}/items/web1/backup", operator, json={"retainUntil": "2099-01-31"})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["operation"] == "Backup" and job["vm"] == "web1"
+        done = wait_job(box, reader, job["id"])
+        assert done["status"] == "Completed", done
+
+        points = box.call("GET", f"{API}/items/web1/recoverypoints", reader).json()
+        assert len(points) == 1
+        target = tmp_path / "restored"
+        body = {"rp": points[0]["id"], "targetDir": str(target)}
+        r = box.call("POST", f"{API}/items/web1/restore", operator, json=body)
+        assert r.status_code == 202, r.text
+        restored = wait_job(box, reader, r.json()["id"])
+        assert restored["status"] == "Completed", restored
+        assert restored["operation"] == "Restore"
+        assert files_equal(target / "disk0.raw", disk)
+
+        jobs = box.call("GET", f"{API}/jobs", operator).json()
+        assert {j["operation"] for j in jobs} >= {"Backup", "Restore", "ConfigureBackup"}
+        assert all(j["vault"] == "main" for j in jobs)  # the scoped token sees its vault's jobs only
+        usage = box.call("GET", f"{API}/vaults/main/usage", reader)
+        assert usage.status_code == 200, usage.text
+
+
+def test_errors_are_json_with_code_message_hint(tmp_path: Path) -> None:
+    with sandbox(tmp_path / "home") as box:
+        owner = box.token("Owner")
+        r = box.call("GET", f"{API}/vms/nope", owner)
+        assert r.status_code == 404
+        body = r.json()
+        assert body["code"] == "not_found" and "nope" in body["message"] and body["hint"]
+        r = box.call("POST", f"{API}/vaults", owner, json={"name": "bad name!", "passphrase": PASSPHRASE})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_input"
+        r = box.call("POST", f"{API}/vaults", owner, json={"name": "x", "unknownField": 1})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_input" and r.json()["hint"]
+        box.call("POST", f"{API}/vaults", owner, json={"name": "main", "passphrase": PASSPHRASE})
+        r = box.call("POST", f"{API}/vaults", owner, json={"name": "main", "passphrase": PASSPHRASE})
+        assert r.status_code == 409 and r.json()["code"] == "already_exists"
+        r = box.call("POST", f"{API}/items/nope/backup", owner, json={})
+        assert r.status_code == 404 and r.json()["code"] == "not_found"  # raised before any job is recorded
+        assert box.call("GET", f"{API}/jobs", owner).json() == []
+        r = box.call("POST", f"{API}/tokens", owner, json={"role": "Admin"})
+        assert r.status_code == 422 and "BackupReader" in r.json()["hint"]
+
+
+def test_scoped_tokens_see_only_their_vault(tmp_path: Path) -> None:
+    with sandbox(tmp_path / "home") as box:
+        owner = box.token("Owner")
+        for name in ("a", "b"):
+            box.call("POST", f"{API}/vaults", owner, json={"name": name, "passphrase": PASSPHRASE})
+        scoped = box.token("BackupReader", vault="b")
+        assert [v["name"] for v in box.call("GET", f"{API}/vaults", scoped).json()] == ["b"]
+        assert box.call("GET", f"{API}/vaults/a", scoped).status_code == 403
+        assert box.call("GET", f"{API}/vaults/b", scoped).status_code == 200
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@contextmanager
+def served(cli: Cli) -> Iterator[tuple[str, str]]:
+    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token)."""
+    proc = subprocess.Popen(
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", json_output=False),
+        env=cli.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line
+        address = line.split("listening on ")[1].split()[0]
+        token_line = proc.stdout.readline()
+        assert token_line.startswith("first-run Owner token"), token_line
+        assert _get(f"{address}/healthz")[1]["pid"] == proc.pid
+        yield address, token_line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+    assert proc.returncode == 0
+
+
+def test_serve_serves_the_api_and_prints_a_first_run_owner_token(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    cli.ok("vault", "create", "main")
+    with served(cli) as (address, token):
+        assert _get(f"{address}/health") == (200, {"status": "ok"})
+        assert _get(f"{address}/api/v1/vaults")[0] == 401
+        status, vaults = _get(f"{address}/api/v1/vaults", token)
+        assert status == 200 and [v["name"] for v in vaults] == ["main"]
+
+        listed = cli.ok("token", "list").json()
+        assert [(t["name"], t["role"]) for t in listed] == [("first-run", "Owner")]
+        assert listed[0]["lastUsed"] is not None
+        made = cli.ok("token", "create", "--role", "backupreader", "--vault", "main", "--expires", "2d").json()
+        assert made["role"] == "BackupReader" and made["vault"] == "main" and made["expires"]
+        assert _get(f"{address}/api/v1/vaults/main", made["token"])[0] == 200
+        assert _get(f"{address}/api/v1/tokens", made["token"])[0] == 403
+        cli.ok("token", "revoke", made["id"])
+        assert _get(f"{address}/api/v1/vaults/main", made["token"])[0] == 401
+        assert made["token"] not in (cli.home / "catalog.db").read_bytes().decode("latin-1")
+
+
+def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    disk = make_ext4_image(tmp_path / "web1.raw", 16, {"a.txt": b"remote\n"})
+    cli.ok("vault", "create", "main")
+    cli.ok("vm", "add", "web1", "--disk", str(disk))
+    with served(cli) as (address, token):
+        remote = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+
+        def both(*args: str, json_output: bool = True) -> None:
+            here = cli.ok(*args, json_output=json_output).stdout
+            there = remote.ok("--server", address, *args, json_output=json_output).stdout
+            assert there == here, f"{args}: remote {there!r} != local {here!r}"
+
+        enabled = remote.ok("--server", address, "protection", "enable", "web1", "--vault", "main").json()
+        assert enabled["operation"] == "ConfigureBackup" and enabled["status"] == "Completed"
+        backup = remote.ok("--server", address, "backup", "now", "web1", "--retain-until", "2099-01-01")
+        job = backup.json()
+        assert job["status"] == "Completed" and job["operation"] == "Backup"
+        assert "recovery point" in backup.stderr
+        for args in (("vault", "list"), ("vault", "show", "main"), ("vm", "list"), ("vm", "show", "web1"),
+                     ("item", "list"), ("item", "show", "web1"), ("recoverypoint", "list", "web1"),
+                     ("policy", "list", "--vault", "main"), ("policy", "show", "DefaultPolicy", "--vault", "main"),
+                     ("job", "show", job["id"])):  # fmt: skip
+            both(*args)
+            both(*args, json_output=False)
+        both("job", "list", "--operation", "Backup")
+        assert remote.ok("--server", address, "job", "wait", job["id"]).json()["id"] == job["id"]
+        missing = remote.fails("--server", address, "vm", "show", "nope")
+        assert missing.returncode == 66 and "error [not_found]: VM 'nope' not found" in missing.stderr
+        local_only = remote.fails("--server", address, "vault", "create", "x")
+        assert local_only.returncode == 64 and "does not run against a server" in local_only.stderr
+        forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
+        assert forged.fails("--server", address, "vault", "list").returncode == 77
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_token_cli_refuses_bad_input(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    assert cli.fails("token", "create", "--role", "Admin").returncode == 64
+    assert cli.fails("token", "create", "--role", "Owner", "--vault", "nope").returncode == 66
+    assert cli.fails("token", "create", "--role", "Owner", "--expires", "2000-01-01").returncode == 64
+    assert cli.fails("token", "revoke", "0123456789abcdef").returncode == 66
+    assert cli.ok("token", "list").json() == []
