@@ -84,3 +84,9 @@ def _clock_offset() -> float:
         return float(raw) if raw else 0.0
     except ValueError:
         return 0.0
+
+
+# Service defaults, here (not in service/worker.py) so the CLI can show them without importing
+# the service stack: `vmvault --help` stays fast.
+DEFAULT_WORKERS = 2
+DEFAULT_LISTEN = "127.0.0.1:8080"

@@ -10,7 +10,7 @@ import typer
 
 from vmvault.cli.app import app
 from vmvault.cli.state import service_context
-from vmvault.service.worker import DEFAULT_LISTEN, DEFAULT_WORKERS
+from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS
 
 
 @app.command("serve")

@@ -33,12 +33,10 @@ from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, boot_id, owner_fields
-from vmvault.settings import Settings
+from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
 log = logging.getLogger("vmvault")
 
-DEFAULT_WORKERS = 2
-DEFAULT_LISTEN = "127.0.0.1:8080"
 POLL_S = 0.5
 QUEUED_OPERATIONS = (Operation.BACKUP,)
 
