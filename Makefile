@@ -15,7 +15,8 @@ STAMP := $(VENV)/.vmvault-deps.stamp
 # file recovery's user-space NTFS/FAT drivers; xfsprogs, dosfstools, mtools: its test images).
 APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv gdisk e2fsprogs \
                 fuse3 nbdkit restic borgbackup zstd \
-                xfsprogs ntfs-3g dosfstools mtools fusefat
+                xfsprogs ntfs-3g dosfstools mtools fusefat \
+                libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
 
 .PHONY: deps apt run quickstart test lint typecheck pytest clean
 

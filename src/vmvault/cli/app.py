@@ -236,9 +236,25 @@ def vm_add(
     guest_agent: Annotated[
         Path | None, typer.Option("--guest-agent", help="With --qmp: the socket of its guest agent channel.")
     ] = None,
+    libvirt: Annotated[str | None, typer.Option("--libvirt", help="A libvirt domain's name.")] = None,
+    connect: Annotated[
+        str | None, typer.Option("--connect", help="With --libvirt: libvirt's URI (default qemu:///system).")
+    ] = None,
 ) -> None:
-    """Add a VM given by its disk images (raw or qcow2), or a running QEMU VM with --qmp."""
+    """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.service import vms
+
+    if libvirt is not None:
+        if disk or qmp is not None or guest_agent is not None:
+            raise InvalidInput("--libvirt goes alone (with --connect)", hint="libvirt knows the domain's disks")
+        from vmvault.service import libvirt_vms
+
+        with service_context() as ctx:
+            output.print_object(libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect))
+        return
+    if connect is not None:
+        hint = f"vmvault vm add {name} --libvirt DOMAIN --connect URI"
+        raise InvalidInput("--connect goes with --libvirt", hint=hint)
 
     if qmp is None and guest_agent is not None:
         raise InvalidInput(
@@ -253,6 +269,17 @@ def vm_add(
             output.print_object(running_vms.add_qmp_vm(ctx, name, qmp, guest_agent))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or [])))
+
+
+@vm_app.command("discover")
+def vm_discover(
+    connect: Annotated[str | None, typer.Option("--connect", help="libvirt's URI (default qemu:///system).")] = None,
+) -> None:
+    """List the libvirt domains not yet added."""
+    from vmvault.service import libvirt_vms
+
+    with service_context() as ctx:
+        output.print_list(libvirt_vms.discover(ctx, connect), ["name", "state", "uuid", "connect"])
 
 
 @vm_app.command("list")
@@ -541,8 +568,11 @@ def restore_disks(
     force: Annotated[bool, typer.Option("--force", help="Overwrite files already in the target directory.")] = False,
     vm: VmArgument = None,
     vm_option: VmOption = None,
+    disk: Annotated[
+        list[str] | None, typer.Option("--disk", help="Restore only this disk (repeatable; default: all).")
+    ] = None,
 ) -> None:
-    """Restore a recovery point's disks as image files (a Restore job)."""
+    """Restore a recovery point's disks as image files, plus a template for a plain QEMU VM (a Restore job)."""
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restores
 
@@ -551,10 +581,58 @@ def restore_disks(
     with service_context() as ctx, progress_display(f"restore {name}") as show:
         outcome = run_cancellable(
             lambda cancel: restores.restore_disks(
-                ctx, name, rp, target_dir, fmt=fmt, force=force, on_progress=show, cancel=cancel
+                ctx, name, rp, target_dir, fmt=fmt, force=force, disks=disk or None, on_progress=show, cancel=cancel
             )
         )
     _end_job(outcome, [f"restored {path}" for path in outcome.result or []])
+
+
+@restore_app.command("vm")
+def restore_vm(
+    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")],
+    new_name: Annotated[str, typer.Option("--name", help="Name of the new VM.")],
+    target_dir: Annotated[
+        Path | None, typer.Option(help="Directory for the new VM's disks and files (default: $VMVAULT_HOME/vms/NAME).")
+    ] = None,
+    disk_format: Annotated[
+        DiskFormat | None, typer.Option("--format", case_sensitive=False, help="raw or qcow2 (default: as backed up).")
+    ] = None,
+    start: Annotated[bool, typer.Option("--start", help="Boot the new VM and wait for its guest agent.")] = False,
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+) -> None:
+    """Restore a point of a plain QEMU VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
+    from vmvault.cli.progress import progress_display, run_cancellable
+    from vmvault.service import restore_vm as service
+
+    name = _vm_name(vm, vm_option, "restore vm")
+    fmt = disk_format.value if disk_format else None
+    with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
+        outcome = run_cancellable(
+            lambda cancel: service.restore_vm(
+                ctx, name, rp, new_name, target_dir=target_dir, fmt=fmt, start=start, on_progress=show, cancel=cancel
+            )
+        )
+    result = outcome.result or {}
+    _end_job(outcome, [f"restored VM {result.get('name')}: {result.get('launchScript')}"] if result else [])
+
+
+@restore_app.command("replace-disks")
+def restore_replace_disks(
+    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")],
+    vm: VmArgument = None,
+    vm_option: VmOption = None,
+) -> None:
+    """Overwrite a stopped VM's disks with a recovery point's (a Restore job)."""
+    from vmvault.cli.progress import progress_display, run_cancellable
+    from vmvault.service import restore_vm as service
+
+    name = _vm_name(vm, vm_option, "restore replace-disks")
+    with service_context() as ctx, progress_display(f"replace disks of {name}") as show:
+        outcome = run_cancellable(
+            lambda cancel: service.replace_disks(ctx, name, rp, on_progress=show, cancel=cancel)
+        )
+    _end_job(outcome, [f"replaced {path}" for path in (outcome.result or {}).get("replaced", [])])
 
 
 # Commands defined in their own modules register themselves on the groups above:

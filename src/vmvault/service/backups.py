@@ -230,6 +230,10 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
         if manifest is not None:
             return manifest
         plan = running_vms.stopped_vm_plan(plan)  # its QEMU is not running: read the images offline below
+    if plan.definition.get("kind") == "libvirt":  # a libvirt domain (service/libvirt_vms.py)
+        from vmvault.service import libvirt_vms
+
+        return libvirt_vms.run_libvirt_backup(ctx, plan, job_id, run)
     with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name):
         previous = _previous_manifest(ctx, vault, plan)
         return run_backup(

@@ -69,8 +69,10 @@ def plan_restore(
         refuse_soft_deleted_point(point, vm_name)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
+        templated = vm.kind == "qmp"  # plain QEMU VMs get a template beside their disks (service/restore_vm.py)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
-    _check_target(target, [f"{name}.{fmt or source}" for name, source in chosen], force)
+    files = [f"{name}.{fmt or source}" for name, source in chosen]
+    _check_target(target, files + ([f"{vm_name}-template.json"] if templated else []), force)
     return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
 
 
@@ -102,6 +104,7 @@ def _check_target(target: Path, files: list[str], force: bool) -> None:
 
 def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     from vmvault.engine.restore import run_restore
+    from vmvault.service.restore_vm import write_disks_template
     from vmvault.vault.lock import pinned, shared
 
     try:
@@ -127,4 +130,5 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
                 on_progress=run.progress,
                 cancel=run.cancel,
             )
-    return [Path(p) for p in paths]
+        template = write_disks_template(plan.target_dir, manifest, [Path(p) for p in paths], plan.vm_name, plan.force)
+    return [Path(p) for p in paths] + ([template] if template is not None else [])

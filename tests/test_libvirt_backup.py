@@ -1,0 +1,261 @@
+"""libvirt-managed domains: discover and add, quiesced pull backups, incrementals through checkpoints,
+`virsh destroy` (stale checkpoints dropped, a new chain), on a real libvirt guest (tests/vm/libvirtd.py).
+
+One domain for the module; its finalizer destroys and undefines it with its checkpoint metadata and
+asserts nothing is left (domain, checkpoint metadata, scratch files, backup job).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Cli, files_equal, rp_id
+from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
+from vm.live import backup, ext4_file, fell_back, latest_point, restore_raw, wait_for_line, warning_codes
+from vm.machine import Disk, ext4_disk
+
+MiB = 1 << 20
+VM = "lv1"
+
+
+@dataclass
+class Lab:
+    workdir: Path
+    domain: Domain
+    cli: Cli
+    data: Disk
+
+    def scratch_files(self) -> list[Path]:
+        root = self.cli.home / "scratch"
+        return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+    def assert_clean(self) -> None:
+        """No backup job, no scratch file, and only the latest point's checkpoint."""
+        assert self.domain.job_type() == "None", self.domain.virsh("domjobinfo", self.domain.name).stdout
+        assert not self.scratch_files(), self.scratch_files()
+        assert len(self.domain.checkpoints()) <= 1, self.domain.checkpoints()
+
+    def definition(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The point's manifest vm_definition."""
+        from vmvault.catalog import repos
+        from vmvault.service.context import context
+        from vmvault.service.vaultio import opened_vault
+        from vmvault.settings import load_settings
+
+        with context(load_settings(str(self.cli.home))) as ctx:
+            with ctx.catalog.read() as s:
+                (row,) = repos.list_vaults(s)
+            with opened_vault(ctx, row) as vault:
+                return dict(vault.read_manifest(rp_id(point)).vm_definition)
+
+    def live_image(self, out: Path) -> Path:
+        """The disk as it is now (the domain paused while it is read, when running)."""
+        dom = self.domain.dom()
+        running = dom.isActive()
+        if running:
+            dom.suspend()
+        try:
+            subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(self.data.path), str(out)],
+                           check=True)  # fmt: skip
+        finally:
+            if running:
+                dom.resume()
+        return out
+
+
+@pytest.fixture(scope="module")
+def lab(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:  # noqa: F811
+    workdir = tmp_path_factory.mktemp("libvirt")
+    data = ext4_disk(workdir, "data0", 512 * MiB)
+    domain = Domain(f"vmvtest-{secrets.token_hex(4)}", workdir, [data])
+    domain.define()
+    try:
+        domain.start()
+        yield Lab(workdir, domain, Cli(home=workdir / "home"), data)
+    finally:
+        domain.close()
+
+
+def test_discover_then_add(lab: Lab) -> None:
+    names = [d["name"] for d in lab.cli.ok("vm", "discover").json()]
+    assert lab.domain.name in names
+    vm = lab.cli.ok("vm", "add", VM, "--libvirt", lab.domain.name).json()
+    assert [d["name"] for d in vm["disks"]] == ["vda"], vm
+    assert lab.domain.name not in [d["name"] for d in lab.cli.ok("vm", "discover").json()]
+    lab.cli.vault_create("v1", lab.workdir / "vault")
+    r = lab.cli.protection_enable(VM, "v1")
+    assert r.ok, str(r)
+
+
+def test_a_quiesced_live_backup_holds_what_was_written_before_and_not_after(lab: Lab, tmp_path: Path) -> None:
+    lab.domain.sh("echo before > /mnt/data0/before && sync")
+    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "6"})
+    proc = held.popen(*held.backup_args(VM))
+    try:
+        wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)  # backupBegin done, guest thawed
+        lab.domain.sh("echo after > /mnt/data0/after && sync")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    point = latest_point(lab.cli, VM)
+    assert point["consistency"] == "FileSystemConsistent", (point, out)
+    disks = restore_raw(lab.cli, VM, point, tmp_path / "out")
+    assert ext4_file(disks["vda"], "/before") == b"before\n"
+    assert ext4_file(disks["vda"], "/after") is None, "a file written after the instant is in the point"
+    lab.assert_clean()
+    definition = lab.definition(point)
+    assert f"<name>{lab.domain.name}</name>" in definition["domainXml"], definition
+    assert lab.domain.checkpoints() == [definition["checkpoint"]]
+
+
+def test_with_a_pre_script_the_point_is_app_consistent(lab: Lab) -> None:
+    config = (b'{"pluginName": "ScriptRunner", "preScriptLocation": "/etc/vmvault/pre.sh", '
+              b'"postScriptLocation": "/etc/vmvault/post.sh", "timeoutInSeconds": 30, '
+              b'"continueBackupOnFailure": true, "fsFreezeEnabled": true}')  # fmt: skip
+    lab.domain.write_file("/etc/vmvault/pre.sh", b"#!/bin/sh\necho pre >> /tmp/scripts.log\n", "700")
+    lab.domain.write_file("/etc/vmvault/post.sh", b"#!/bin/sh\necho post >> /tmp/scripts.log\n", "700")
+    lab.domain.write_file("/etc/vmvault/VMSnapshotScriptPluginConfig.json", config, "600")
+    try:
+        job = backup(lab.cli, VM)
+        assert job["status"] == "Completed", job
+        assert latest_point(lab.cli, VM)["consistency"] == "AppConsistent"
+        assert lab.domain.sh("cat /tmp/scripts.log").stdout == "pre\npost\n"
+    finally:
+        lab.domain.sh("rm -rf /etc/vmvault /tmp/scripts.log")
+    lab.assert_clean()
+
+
+def test_an_incremental_reads_only_what_the_guest_wrote(lab: Lab) -> None:
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/big bs=1M count=32 conv=fsync 2>/dev/null")
+    job = backup(lab.cli, VM)
+    assert job["status"] == "Completed" and not fell_back(job), job
+    assert 32 * MiB <= job["progress"]["bytesRead"] <= 40 * MiB, job["progress"]
+    lab.assert_clean()
+
+
+def test_a_killed_backup_leaves_a_job_that_the_next_backup_reconciles(lab: Lab) -> None:
+    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
+    proc = held.popen(*held.backup_args(VM))
+    try:
+        wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)
+        assert lab.domain.job_type() != "None" and lab.scratch_files()
+    finally:
+        proc.kill()  # SIGKILL: no clean-up at all
+        proc.communicate(timeout=60)
+    job = backup(lab.cli, VM)
+    assert "leftovers_reconciled" in warning_codes(job), job
+    assert not fell_back(job), job
+    lab.assert_clean()
+
+
+def test_a_cancelled_backup_deletes_its_checkpoint(lab: Lab) -> None:
+    before, points = lab.domain.checkpoints(), len(lab.cli.points(VM))
+    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "4"})
+    proc = held.popen(*held.backup_args(VM))
+    try:
+        wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)
+        assert len(lab.domain.checkpoints()) == len(before) + 1  # the run's own checkpoint
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the job is cancelled once the read starts
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    statuses = [j["status"] for j in lab.cli.jobs() if j["vm"] == VM]
+    assert statuses.count("Cancelled") == 1, (statuses, out, err)
+    assert len(lab.cli.points(VM)) == points, "a cancelled backup left a point"
+    assert lab.domain.checkpoints() == before
+    lab.assert_clean()
+
+
+def test_after_virsh_destroy_a_crash_consistent_point_then_a_new_chain(lab: Lab, tmp_path: Path) -> None:
+    before = lab.domain.checkpoints()
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/lost bs=64k count=16 conv=fsync 2>/dev/null")
+    lab.domain.virsh("destroy", lab.domain.name)
+
+    job = backup(lab.cli, VM)
+    assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+    assert "vm_stopped" in warning_codes(job), job
+    point = latest_point(lab.cli, VM)
+    assert point["consistency"] == "CrashConsistent", point
+    assert lab.domain.checkpoints() == [], "stale checkpoints were not dropped"
+    assert lab.definition(point)["checkpoint"] is None
+    restored = restore_raw(lab.cli, VM, point, tmp_path / "off")
+    assert files_equal(restored["vda"], lab.live_image(tmp_path / "off.raw")), "the offline point differs"
+
+    lab.domain.start()
+    lab.domain.sh("sync; mount -o remount,ro /mnt/data0")  # nothing writes after the instant
+    try:
+        job = backup(lab.cli, VM)
+        assert job["status"] in ("Completed", "CompletedWithWarnings"), job
+        now = lab.domain.checkpoints()
+        assert len(now) == 1 and now[0] not in before, (before, now)  # a new chain under a fresh name
+        point = latest_point(lab.cli, VM)
+        assert point["consistency"] == "FileSystemConsistent", point
+        restored = restore_raw(lab.cli, VM, point, tmp_path / "live")
+        assert files_equal(restored["vda"], lab.live_image(tmp_path / "live.raw")), "the live point differs"
+    finally:
+        lab.domain.sh("mount -o remount,rw /mnt/data0")
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/next bs=1M count=4 conv=fsync 2>/dev/null")
+    job = backup(lab.cli, VM)  # the new chain works: an incremental again
+    assert job["status"] == "Completed" and not fell_back(job), job
+    assert job["progress"]["bytesRead"] <= 12 * MiB, job["progress"]
+    assert lab.domain.checkpoints() == [lab.definition(latest_point(lab.cli, VM))["checkpoint"]]
+    lab.assert_clean()
+
+
+def test_after_a_clean_shutdown_the_offline_point_keeps_the_chain(lab: Lab, tmp_path: Path) -> None:
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/clean bs=1M count=2 conv=fsync 2>/dev/null")
+    (kept,) = lab.domain.checkpoints()
+    lab.domain.virsh("shutdown", lab.domain.name)
+    _wait_off(lab)
+    job = backup(lab.cli, VM)
+    assert not fell_back(job) and "vm_stopped" in warning_codes(job), job
+    assert latest_point(lab.cli, VM)["consistency"] == "CrashConsistent"
+    assert lab.domain.checkpoints() == [kept]
+    restored = restore_raw(lab.cli, VM, latest_point(lab.cli, VM), tmp_path / "off")
+    assert files_equal(restored["vda"], lab.live_image(tmp_path / "off.raw")), "the offline point differs"
+
+    lab.domain.start()
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/later bs=1M count=4 conv=fsync 2>/dev/null")
+    job = backup(lab.cli, VM)  # an incremental from the checkpoint the offline point carried
+    assert job["status"] == "Completed" and not fell_back(job), job
+    assert job["progress"]["bytesRead"] <= 12 * MiB, job["progress"]
+    lab.assert_clean()
+
+
+def test_after_qemu_is_killed_the_live_backup_starts_a_new_chain(lab: Lab, tmp_path: Path) -> None:
+    before = lab.domain.checkpoints()
+    pid = int(Path(f"/run/libvirt/qemu/{lab.domain.name}.pid").read_text().strip())
+    os.kill(pid, signal.SIGKILL)  # a host crash, as far as QEMU's bitmaps go
+    _wait_off(lab)
+    lab.domain.start()
+    lab.domain.sh("sync; mount -o remount,ro /mnt/data0")
+    try:
+        job = backup(lab.cli, VM)
+        assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+        now = lab.domain.checkpoints()
+        assert len(now) == 1 and now[0] not in before, (before, now)
+        restored = restore_raw(lab.cli, VM, latest_point(lab.cli, VM), tmp_path / "live")
+        assert files_equal(restored["vda"], lab.live_image(tmp_path / "live.raw")), "the live point differs"
+    finally:
+        lab.domain.sh("mount -o remount,rw /mnt/data0")
+    lab.assert_clean()
+
+
+def _wait_off(lab: Lab, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.domain.dom().isActive():
+        assert time.monotonic() < deadline, f"domain {lab.domain.name} did not stop"
+        time.sleep(0.2)
