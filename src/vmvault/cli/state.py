@@ -44,7 +44,10 @@ def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
                 if i + 1 >= len(argv):
                     raise InvalidInput(f"option {flag} needs a value", hint=_hint_for(flag))
                 value, i = argv[i + 1], i + 1
-            setattr(state, _VALUED[flag], value)
+            if flag == "-o" and value.lower() not in OUTPUT_FORMATS and _is_files_script(argv):
+                rest.extend(["--file", value])  # `files script -o FILE`, as the issue words it
+            else:
+                setattr(state, _VALUED[flag], value)
         elif arg.startswith("-o") and not arg.startswith("--") and len(arg) > 2:
             state.output = arg[2:]
         else:
@@ -52,6 +55,11 @@ def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
         i += 1
     state.output = _check_output(state.output)
     return state, rest
+
+
+def _is_files_script(argv: list[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return any(words[i : i + 2] == ["files", "script"] for i in range(len(words)))
 
 
 def _hint_for(flag: str) -> str:
