@@ -81,6 +81,14 @@ class IntegrityError(VmvaultError):
     http_status = 500
 
 
+class PointFailedVerification(VmvaultError):
+    """A recovery point whose last verify failed: refused (409) rather than restored half-broken."""
+
+    code = "point_failed_verification"
+    exit_code = 65
+    http_status = 409
+
+
 class HypervisorError(VmvaultError):
     code = "hypervisor_error"
     exit_code = 69

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -77,6 +77,11 @@ class RecoveryPointRow(Base):
     retention_rules: Mapped[list[str]] = mapped_column(JSON, default=list)
     expiry_time: Mapped[str | None] = mapped_column(String(32), default=None)
     soft_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # 0006: the last `vault verify` that checked this point: "Passed" or "Failed" (None: never
+    # verified), when (ISO UTC) and the first problem found. A Failed point is not restored or mounted.
+    verify_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    verify_time: Mapped[str | None] = mapped_column(String(32), default=None)
+    verify_problem: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class JobRow(Base):

@@ -34,6 +34,9 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     objects_checked: int = 0
     bytes_checked: int = 0
+    # Every point checked -> its first problem (None: it passed), so the catalog can refuse to
+    # restore a point that failed until a later verify passes.
+    points: dict[str, str | None] = field(default_factory=dict)
 
     def problem(self, text: str) -> None:
         self.ok = False
@@ -158,6 +161,16 @@ def _verify_point(
     deep: bool,
     bad_blobs: dict[bytes, str] | None = None,
 ) -> None:
+    before = len(report.problems)
+    try:
+        _verify_point_disks(vault, rp_id, report, tracker, deep, bad_blobs or {})
+    finally:
+        report.points[rp_id] = report.problems[before] if len(report.problems) > before else None
+
+
+def _verify_point_disks(
+    vault: Vault, rp_id: str, report: VerifyReport, tracker: ProgressTracker, deep: bool, bad_blobs: dict[bytes, str]
+) -> None:
     try:
         manifest = vault.read_manifest(rp_id)
     except VmvaultError as exc:
@@ -165,7 +178,7 @@ def _verify_point(
         return
     for disk in manifest.disks:
         try:
-            _verify_disk(vault, manifest, disk.name, report, tracker, deep, bad_blobs or {})
+            _verify_disk(vault, manifest, disk.name, report, tracker, deep, bad_blobs)
         except VmvaultError as exc:
             report.problem(f"recovery point {rp_id} disk {disk.name}: {exc.message}")
 

@@ -28,7 +28,7 @@ from vmvault.catalog.models import VaultRow, VmRow
 from vmvault.errors import HypervisorError, IntegrityError, InvalidInput, NotFound, StorageError, VmRunning
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.softdelete import refuse_soft_deleted_point
+from vmvault.service.softdelete import refuse_unusable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict
 
@@ -137,7 +137,7 @@ def _point(ctx: Context, vm_name: str, rp_id: str) -> tuple[VmRow, Any, VaultRow
                 f"recovery point '{rp_id}' not found for VM '{vm_name}'",
                 hint=f"list them with: vmvault recoverypoint list {vm_name}",
             )
-        refuse_soft_deleted_point(point, vm_name)
+        refuse_unusable_point(point, vm_name)
         vault = repos.vault_by_id(s, point.vault_id)
         s.expunge_all()
     return vm, point, vault

@@ -12,7 +12,7 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import InvalidInput, NotFound, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.softdelete import refuse_soft_deleted_point
+from vmvault.service.softdelete import refuse_unusable_point
 from vmvault.service.validate import absolute
 from vmvault.service.vaultio import opened_vault
 
@@ -66,7 +66,7 @@ def plan_restore(
                 f"recovery point '{rp_id}' not found for VM '{vm_name}'",
                 hint=f"list them with: vmvault recoverypoint list {vm_name}",
             )
-        refuse_soft_deleted_point(point, vm_name)
+        refuse_unusable_point(point, vm_name)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
         templated = vm.kind == "qmp"  # plain QEMU VMs get a template beside their disks (service/restore_vm.py)

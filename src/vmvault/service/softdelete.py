@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, to_iso
 from vmvault.catalog.models import ProtectedItemRow, RecoveryPointRow, VmRow
-from vmvault.errors import Busy, Cancelled, InvalidInput, NotFound
+from vmvault.errors import Busy, Cancelled, InvalidInput, NotFound, PointFailedVerification
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, Status, end_job, record_completed_job
 from vmvault.service.views import JsonDict, job_view
@@ -110,6 +110,18 @@ def due_for_purge(s: Session, vault_id: int, now: datetime) -> list[tuple[Protec
             vm = repos.find_vm_by_id(s, item.vm_id)
             due.append((item, vm.name if vm else item.vm_id))
     return due
+
+
+def refuse_unusable_point(point: RecoveryPointRow, vm_name: str) -> None:
+    """A point that is soft deleted or failed its last verify cannot be restored (nor mounted)."""
+    refuse_soft_deleted_point(point, vm_name)
+    if point.verify_state == "Failed":
+        raise PointFailedVerification(
+            f"recovery point '{point.id}' of VM '{vm_name}' failed verification on {point.verify_time}: "
+            f"{point.verify_problem}",
+            hint=f"restore another point (vmvault recoverypoint list {vm_name}); if the vault's storage was "
+            "repaired, run vmvault vault verify VAULT again to clear this",
+        )
 
 
 def refuse_soft_deleted_point(point: RecoveryPointRow, vm_name: str) -> None:

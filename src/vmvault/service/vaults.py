@@ -144,9 +144,23 @@ def verify_vault(
 
         with opened_vault(ctx, row) as vault:
             report = run_verify(vault, rp_id, on_progress=run.progress)
+        _record_verification(ctx, report.points)
         return _report_view(name, rp_id, report, job.id)
 
     return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
+
+
+def _record_verification(ctx: Context, points: dict[str, str | None]) -> None:
+    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes."""
+    when = now_iso()
+    with ctx.catalog.write() as s:
+        for point_id, problem in points.items():
+            point = repos.find_recovery_point(s, point_id)
+            if point is None:
+                continue  # in the vault but not in this catalog (an imported vault's stale point)
+            point.verify_state = "Failed" if problem else "Passed"
+            point.verify_time = when
+            point.verify_problem = problem
 
 
 def _check_point_in_vault(s: Session, rp_id: str, row: VaultRow) -> None:

@@ -54,6 +54,7 @@ def recovery_point_view(row: RecoveryPointRow) -> JsonDict:
         "expires": expires,
         "retentionRules": list(row.retention_rules or []),
         "isSoftDeleted": bool(row.soft_deleted),
+        "verification": {"state": row.verify_state, "time": row.verify_time, "problem": row.verify_problem},
     }
 
 
