@@ -141,6 +141,57 @@ def inspect(dom: Any) -> DomainInfo:
     return DomainInfo(dom.name(), dom.UUIDString(), domain_state(dom), disks, agent, xml)
 
 
+def persistent_xml(dom: Any) -> str:
+    """The definition the domain boots with next time (for a running domain, not its live XML)."""
+    return str(dom.XMLDesc(_lv().VIR_DOMAIN_XML_INACTIVE))
+
+
+def has_agent_channel(xml: str) -> bool:
+    root = ET.fromstring(xml)
+    return any(t.get("name") == AGENT_CHANNEL for t in root.findall("./devices/channel/target"))
+
+
+def add_agent_channel(dom: Any) -> bool:
+    """Add the guest agent's channel to the persistent definition (False: it is already there).
+
+    defineXML of the inactive XML, so a running domain gets it at its next boot; libvirt picks the
+    socket's path (a unix channel without one).
+    """
+    lv = _lv()
+    xml = persistent_xml(dom)
+    if has_agent_channel(xml):
+        return False
+    root = ET.fromstring(xml)
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    channel = ET.SubElement(devices, "channel", {"type": "unix"})
+    ET.SubElement(channel, "source", {"mode": "bind"})
+    ET.SubElement(channel, "target", {"type": "virtio", "name": AGENT_CHANNEL})
+    try:
+        dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
+    except lv.libvirtError as exc:
+        raise LibvirtError(f"libvirt refused the agent channel for domain {dom.name()}: {exc}") from exc
+    return True
+
+
+def agent_answers(dom: Any, timeout: int = 1) -> bool:
+    """guest-ping through libvirt within timeout seconds."""
+    try:
+        LibvirtAgent(dom, timeout=timeout).execute("guest-ping", timeout=timeout)
+    except (AgentError, HypervisorError):
+        return False
+    return True
+
+
+def domain_named(conn: Any, name: str) -> Any | None:
+    lv = _lv()
+    try:
+        return conn.lookupByName(name)
+    except lv.libvirtError:
+        return None
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 
@@ -387,19 +438,28 @@ class PullBackup:
         self.socket.unlink(missing_ok=True)
 
 
+def leftover_job(dom: Any, work_dir: Path) -> str | None:
+    """Whose the running domain's backup job is: "vmvault" (its scratch files are under work_dir), "other", None."""
+    lv = _lv()
+    if not dom.isActive():
+        return None
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except lv.libvirtError:
+        return None
+    return "vmvault" if str(work_dir) in xml else "other"
+
+
 def abort_leftover_job(dom: Any, work_dir: Path) -> bool:
     """A backup job a killed vmvault left (its scratch files are under work_dir): abort it (True when there was one).
 
     Another tool's backup job is not touched: the backup is refused instead.
     """
     lv = _lv()
-    if not dom.isActive():
+    owner = leftover_job(dom, work_dir)
+    if owner is None:
         return False
-    try:
-        xml = dom.backupGetXMLDesc(0)
-    except lv.libvirtError:
-        return False
-    if str(work_dir) not in xml:
+    if owner == "other":
         raise LibvirtError(
             f"domain {dom.name()} is running another tool's backup job",
             hint="wait for it to end (virsh domjobinfo), then run the backup again",
