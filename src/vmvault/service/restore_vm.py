@@ -53,6 +53,10 @@ def write_disks_template(
     from vmvault.engine.template import DiskTarget, build_template, has_definition
 
     definition = dict(manifest.vm_definition or {})
+    if definition.get("kind") == "libvirt" and definition.get("domainXml"):  # domain XML (service/restore_libvirt.py)
+        from vmvault.service.restore_libvirt import write_domain_template
+
+        return write_domain_template(target_dir, manifest, written, vm_name, force)
     if not has_definition(definition):
         return None
     sizes = {d.name: d.size for d in manifest.disks}
@@ -119,6 +123,11 @@ def restore_vm(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:
     """Restore a point of a plain QEMU VM as a new VM (defined, registered; started with start)."""
+    from vmvault.service import restore_libvirt
+
+    if restore_libvirt.is_libvirt_vm(ctx, vm_name):  # a new libvirt domain (service/restore_libvirt.py)
+        return restore_libvirt.restore_vm(ctx, vm_name, rp_id, new_name, target_dir=target_dir, fmt=fmt, start=start,
+                                          on_progress=on_progress, cancel=cancel)  # fmt: skip
     plan = _plan_vm(ctx, vm_name, rp_id, new_name, target_dir, fmt, start)
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
 

@@ -69,10 +69,11 @@ def plan_restore(
         refuse_unusable_point(point, vm_name)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
-        templated = vm.kind == "qmp"  # plain QEMU VMs get a template beside their disks (service/restore_vm.py)
+        # plain QEMU VMs get a JSON template beside their disks (service/restore_vm.py), libvirt VMs domain XML
+        template = {"qmp": f"{vm_name}-template.json", "libvirt": f"{vm_name}-domain.xml"}.get(vm.kind)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
     files = [f"{name}.{fmt or source}" for name, source in chosen]
-    _check_target(target, files + ([f"{vm_name}-template.json"] if templated else []), force)
+    _check_target(target, files + ([template] if template else []), force)
     return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
 
 
