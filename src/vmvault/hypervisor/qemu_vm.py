@@ -16,6 +16,7 @@ from typing import Any
 
 from vmvault.errors import HypervisorError
 from vmvault.hypervisor.qmp import QmpClient, QmpError
+from vmvault.proc import process_cmdline, process_start_ticks
 
 JsonDict = dict[str, Any]
 MIN_QEMU = (5, 2)  # block-export-add with dirty bitmaps
@@ -73,23 +74,6 @@ class QemuVm:
     definition: JsonDict
 
 
-def process_start(pid: int) -> int | None:
-    """Start time of pid in clock ticks since boot (/proc/PID/stat field 22)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def inspect_vm(qmp: QmpClient) -> QemuVm:
     version = qmp.query_version()
     q = version.get("qemu", {})
@@ -99,7 +83,7 @@ def inspect_vm(qmp: QmpClient) -> QemuVm:
             hint="upgrade QEMU, or stop the VM and back it up offline",
         )
     pid = qmp.peer_pid()
-    identity = QemuIdentity(pid, process_start(pid) if pid else None)
+    identity = QemuIdentity(pid, process_start_ticks(pid) if pid else None)
     running, status = _run_state(qmp)
     disks = list_disks(qmp)
     cmdline = process_cmdline(pid) if pid else []

@@ -48,6 +48,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, now_iso, to_iso, utc_now
 from vmvault.catalog.models import FileRecoverySessionRow
 from vmvault.errors import Busy, InvalidInput, StorageError, VmvaultError
+from vmvault.proc import boot_id, pid_alive, process_cmdline
 from vmvault.recovery import mount
 
 log = logging.getLogger("vmvault.files")
@@ -155,24 +156,9 @@ _held = threading.local()
 # ---- processes -----------------------------------------------------------------------------------
 
 
-def boot_id() -> str:
-    from vmvault.service.jobs import boot_id as _boot_id
-
-    return _boot_id()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def process_matches(pid: int, marker: str) -> bool:
     """pid is alive (not a zombie) and its command line names marker (guards against pid reuse)."""
-    from vmvault.service.jobs import pid_alive
-
-    return pid > 0 and pid_alive(pid) and marker in _cmdline(pid)
+    return pid > 0 and pid_alive(pid) and marker in " ".join(process_cmdline(pid))
 
 
 def owner_alive(row: FileRecoverySessionRow) -> bool:

@@ -24,6 +24,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, Cancelled, InternalError, InvalidInput, VmvaultError
+from vmvault.proc import boot_id, pid_alive, process_start_ticks
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict, empty_progress, job_view
 
@@ -32,7 +33,6 @@ log = logging.getLogger("vmvault")
 T = TypeVar("T")
 ProgressCallback = Callable[[Any], None]  # receives vmvault.engine.progress.Progress
 
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 PROGRESS_INTERVAL_S = 1.0
 
 
@@ -72,39 +72,6 @@ class Status:
 
 
 # ---- process identity ---------------------------------------------------------------------------
-
-
-def boot_id() -> str:
-    try:
-        with open(BOOT_ID_PATH, encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def pid_alive(pid: int) -> bool:
-    """True when pid names a live (non-zombie) process on this boot."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When pid started (clock ticks since boot, /proc/PID/stat field 22): tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def owner_fields() -> JsonDict:

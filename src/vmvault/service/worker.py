@@ -31,8 +31,9 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
+from vmvault.proc import boot_id
 from vmvault.service.context import Context
-from vmvault.service.jobs import Operation, boot_id, owner_fields
+from vmvault.service.jobs import Operation, owner_fields
 from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
 log = logging.getLogger("vmvault")

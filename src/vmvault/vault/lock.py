@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vmvault.errors import Busy, Cancelled, ObjectNotFound, StorageError
+from vmvault.proc import boot_id, pid_alive
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.store import Vault
 
@@ -253,26 +254,8 @@ class Pin:
         if datetime.fromisoformat(self.expires) <= moment:
             return False
         if self.host == socket.gethostname():
-            return self.boot_id == _boot_id() and _pid_alive(self.pid)
+            return self.boot_id == boot_id() and pid_alive(self.pid)
         return True  # another host's process: trust it until it expires
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pin_name(pin_id: str) -> str:
@@ -289,7 +272,7 @@ def add_pin(vault: Vault, manifest: RecoveryPointManifest, purpose: str, ttl_sec
         purpose=purpose,
         host=socket.gethostname(),
         pid=os.getpid(),
-        boot_id=_boot_id(),
+        boot_id=boot_id(),
         created=now.isoformat(timespec="seconds"),
         expires=(now + timedelta(seconds=ttl_seconds)).isoformat(timespec="seconds"),
     )
