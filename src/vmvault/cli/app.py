@@ -293,7 +293,19 @@ def vm_list() -> None:
         return
 
     with service_context() as ctx:
-        output.print_list(vms.list_vms(ctx), output.VM_COLUMNS)
+        output.print_list(vms.list_vms_with_status(ctx), VM_LIST_COLUMNS)
+
+
+VM_LIST_COLUMNS = ("name", "kind", "powerState", "disks", "agent", "protection", "lastRecoveryPoint")
+
+
+@vm_app.command("enable-agent")
+def vm_enable_agent(name: Annotated[str, typer.Argument(help="VM name (a libvirt domain).")]) -> None:
+    """Add the guest agent channel (org.qemu.guest_agent.0) to a libvirt domain's definition, for its next boot."""
+    from vmvault.service import libvirt_vms
+
+    with service_context() as ctx:
+        output.print_object(libvirt_vms.enable_agent(ctx, name))
 
 
 @vm_app.command("show")

@@ -90,4 +90,11 @@ def show_item(ctx: Context, vm_name: str) -> JsonDict:
                 f"VM '{vm_name}' is not a protected item",
                 hint=f"protect it with: vmvault protection enable {vm_name} --vault NAME",
             )
-        return item_view(s, item, vm, repos.vault_by_id(s, item.vault_id), now)
+        view = item_view(s, item, vm, repos.vault_by_id(s, item.vault_id), now)
+        s.expunge(vm)
+    if vm.kind == "libvirt":  # whether the point can be quiesced, and the fix when not (service/libvirt_vms.py)
+        from vmvault.service.libvirt_vms import agent_advice
+
+        advice = agent_advice(vm)
+        view["guestAgent"] = advice["message"] or "org.qemu.guest_agent.0 channel present"
+    return view

@@ -82,3 +82,63 @@ def list_vms(ctx: Context) -> list[JsonDict]:
 def show_vm(ctx: Context, name: str) -> JsonDict:
     with ctx.catalog.read() as s:
         return _view(s, repos.get_vm(s, name))
+
+
+# ---- vm list with live status ---------------------------------------------------------------------------
+
+STATUS_TIMEOUT_S = 1.0  # per socket: vm list stays fast when a QEMU or agent hangs
+
+
+def list_vms_with_status(ctx: Context) -> list[JsonDict]:
+    """list_vms plus, per VM, powerState, agent reachability and protection in words (short timeouts)."""
+    from vmvault.service.libvirt_vms import KIND_LIBVIRT, statuses
+
+    with ctx.catalog.read() as s:
+        rows = list(repos.list_vms(s))
+        views = [_view(s, row) for row in rows]
+        s.expunge_all()
+    libvirt_rows = [r for r in rows if r.kind == KIND_LIBVIRT]
+    live = statuses(libvirt_rows) if libvirt_rows else {}
+    for row, view in zip(rows, views, strict=True):
+        view.update(live.get(row.id) or _qemu_status(row))
+        view["protection"] = protection_words(view["protectionState"], view["vault"])
+    return views
+
+
+def protection_words(state: str, vault: str | None) -> str:
+    words = {
+        "Protected": f"protected in vault {vault}",
+        "IRPending": f"protected in vault {vault} (initial backup pending)",
+        "ProtectionStopped": f"stopped with data in vault {vault}",
+        "SoftDeleted": f"soft deleted in vault {vault}",
+    }
+    return words.get(state, "not protected")
+
+
+def _qemu_status(row: VmRow) -> JsonDict:
+    """A plain QEMU VM: running when its QMP socket answers, else stopped; a disk-only VM: unknown."""
+    from vmvault.errors import HypervisorError
+    from vmvault.hypervisor.guest_agent import GuestAgent
+    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+
+    definition = row.definition or {}
+    qmp = definition.get("qmp")
+    if row.kind != "qmp" or not qmp:
+        return {"powerState": "unknown", "agent": "n/a (disk images)"}
+    try:
+        with QmpClient(str(qmp)).connect(greeting_timeout=STATUS_TIMEOUT_S) as client:
+            status = client.query_status()
+        state = "running" if status.get("running") else str(status.get("status") or "paused")
+    except QemuNotRunning:
+        return {"powerState": "stopped", "agent": "not running" if definition.get("guestAgent") else "no socket"}
+    except (HypervisorError, OSError):
+        state = "unknown (QMP busy)"
+    agent = definition.get("guestAgent")
+    if not agent:
+        return {"powerState": state, "agent": "no socket"}
+    try:
+        with GuestAgent(str(agent), timeout=STATUS_TIMEOUT_S).connect(timeout=STATUS_TIMEOUT_S):
+            reachable = "answers"
+    except (HypervisorError, OSError):
+        reachable = "no answer"
+    return {"powerState": state, "agent": reachable}
