@@ -579,3 +579,11 @@ def _latest_checkpoint(ctx: Context, row: VmRow) -> str | bool | None:
         return False
     name = (manifest.vm_definition or {}).get("checkpoint")
     return str(name) if name else None
+
+
+def reconcile_at_start(ctx: Context) -> None:
+    """reconcile_leftovers for `vmvault serve` start: never keeps the service from starting."""
+    try:
+        reconcile_leftovers(ctx)
+    except Exception:  # logged; the next backup of each domain reconciles again
+        log.warning("reconciling leftovers of libvirt backups failed", exc_info=True)

@@ -285,6 +285,9 @@ class Service:
             maintenance = Maintenance(self.ctx, self.retention_every_s)
             previous = self._install_signals()
             try:
+                from vmvault.service.libvirt_vms import reconcile_at_start
+
+                reconcile_at_start(self.ctx)  # leftovers of a killed vmvault's libvirt backups, before any job runs
                 pool.start()
                 scheduler.start()
                 maintenance.start()
