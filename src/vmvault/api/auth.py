@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
@@ -62,6 +63,11 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
 }
 
 
+# Documents the bearer scheme in /openapi.json (securitySchemes, and security on each operation);
+# the token itself is checked by authenticate_request, which answers vmvault's own 401.
+BEARER = HTTPBearer(auto_error=False, description="An API token: vmvault token create --role ROLE")
+
+
 def app_ctx(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx
@@ -87,7 +93,9 @@ class Authorize:
         self.permission = permission
         self.scope = scope
 
-    def __call__(self, request: Request) -> Principal:
+    def __call__(
+        self, request: Request, _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None
+    ) -> Principal:
         cached: Principal | None = getattr(request.state, "principal", None)
         if cached is not None:
             return cached

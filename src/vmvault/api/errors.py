@@ -25,6 +25,11 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     422: "invalid_input",
 }
+_HTTP_HINTS = {
+    400: "send a JSON body (UTF-8) with Content-Type: application/json",
+    404: "see the API at /docs",
+    405: "see the API at /docs",
+}
 
 
 def error_body(code: str, message: str, hint: str | None, **extra: Any) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        hint = "see the API at /docs" if exc.status_code in (404, 405) else None
+        hint = _HTTP_HINTS.get(exc.status_code)
         return JSONResponse(error_body(code, str(exc.detail), hint), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

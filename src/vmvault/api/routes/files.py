@@ -11,6 +11,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import BrowseEntry, FileSession, Job
 from vmvault.service import files
 
 router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
@@ -25,24 +26,40 @@ class Unmount(Body):
     session_id: str | None = Field(default=None, max_length=64, description="Only this session (default: all)")
 
 
-@router.get("/items/{vm}/files/sessions", dependencies=[require(Permission.READ, Scope.VM)])
+@router.get(
+    "/items/{vm}/files/sessions", response_model=list[FileSession], dependencies=[require(Permission.READ, Scope.VM)]
+)
 def list_sessions(
     vm: str, ctx: Ctx, include_ended: Annotated[bool, Query(alias="includeEnded")] = False
 ) -> list[dict[str, Any]]:
     return files.list_sessions(ctx, vm, include_ended=include_ended)
 
 
-@router.post("/items/{vm}/files/mount", status_code=202, dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+@router.post(
+    "/items/{vm}/files/mount",
+    response_model=Job,
+    status_code=202,
+    dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
+)
 def mount(vm: str, body: Mount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.start(lambda _cancel: files.mount_point(ctx, vm, body.rp, duration=body.duration))
 
 
-@router.post("/items/{vm}/files/unmount", status_code=202, dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+@router.post(
+    "/items/{vm}/files/unmount",
+    response_model=Job,
+    status_code=202,
+    dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
+)
 def unmount(vm: str, body: Unmount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.start(lambda _cancel: files.unmount(ctx, vm, session_id=body.session_id))
 
 
-@router.get("/items/{vm}/files/browse", dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)])
+@router.get(
+    "/items/{vm}/files/browse",
+    response_model=list[BrowseEntry],
+    dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
+)
 def browse(
     vm: str,
     ctx: Ctx,

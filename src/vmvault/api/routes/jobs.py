@@ -9,12 +9,13 @@ from fastapi import APIRouter
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx
 from vmvault.api.routes.common import ROUTE_CLASS
+from vmvault.api.schemas import Job, JobDetails
 from vmvault.service import jobs
 
 router = APIRouter(tags=["jobs"], route_class=ROUTE_CLASS)
 
 
-@router.get("/jobs", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+@router.get("/jobs", response_model=list[Job], dependencies=[require(Permission.READ, Scope.GLOBAL)])
 def list_jobs(
     ctx: Ctx,
     caller: Caller,
@@ -28,11 +29,13 @@ def list_jobs(
     return visible(caller, rows)
 
 
-@router.get("/jobs/{job_id}", dependencies=[require(Permission.READ, Scope.JOB)])
+@router.get("/jobs/{job_id}", response_model=JobDetails, dependencies=[require(Permission.READ, Scope.JOB)])
 def show_job(job_id: str, ctx: Ctx) -> dict[str, Any]:
     return jobs.describe_job(ctx, job_id)
 
 
-@router.post("/jobs/{job_id}/cancel", dependencies=[require(Permission.JOB_CANCEL, Scope.JOB)])
+@router.post(
+    "/jobs/{job_id}/cancel", response_model=JobDetails, dependencies=[require(Permission.JOB_CANCEL, Scope.JOB)]
+)
 def cancel_job(job_id: str, ctx: Ctx) -> dict[str, Any]:
     return jobs.cancel_job(ctx, job_id)

@@ -10,6 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import Policy
 from vmvault.service import policies
 
 router = APIRouter(tags=["policies"], route_class=ROUTE_CLASS)
@@ -24,22 +25,35 @@ class PolicySet(Body):
     policy: dict[str, Any] = Field(description="The new policy document")
 
 
-@router.get("/vaults/{vault}/policies", dependencies=[require(Permission.READ, Scope.VAULT)])
+@router.get(
+    "/vaults/{vault}/policies", response_model=list[Policy], dependencies=[require(Permission.READ, Scope.VAULT)]
+)
 def list_policies(vault: str, ctx: Ctx) -> list[dict[str, Any]]:
     return policies.list_policies(ctx, vault)
 
 
-@router.post("/vaults/{vault}/policies", status_code=201, dependencies=[require(Permission.POLICY_WRITE, Scope.VAULT)])
+@router.post(
+    "/vaults/{vault}/policies",
+    response_model=Policy,
+    status_code=201,
+    dependencies=[require(Permission.POLICY_WRITE, Scope.VAULT)],
+)
 def create_policy(vault: str, body: PolicyCreate, ctx: Ctx) -> dict[str, Any]:
     return policies.create_policy(ctx, vault, body.name, body.policy)
 
 
-@router.get("/vaults/{vault}/policies/{policy}", dependencies=[require(Permission.READ, Scope.VAULT)])
+@router.get(
+    "/vaults/{vault}/policies/{policy}", response_model=Policy, dependencies=[require(Permission.READ, Scope.VAULT)]
+)
 def show_policy(vault: str, policy: str, ctx: Ctx) -> dict[str, Any]:
     return policies.show_policy(ctx, vault, policy)
 
 
-@router.put("/vaults/{vault}/policies/{policy}", dependencies=[require(Permission.POLICY_WRITE, Scope.VAULT)])
+@router.put(
+    "/vaults/{vault}/policies/{policy}",
+    response_model=Policy,
+    dependencies=[require(Permission.POLICY_WRITE, Scope.VAULT)],
+)
 def set_policy(vault: str, policy: str, body: PolicySet, ctx: Ctx) -> dict[str, Any]:
     return policies.set_policy(ctx, vault, policy, body.policy)
 

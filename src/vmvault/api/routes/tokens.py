@@ -10,6 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import NewToken, Token
 from vmvault.service import tokens
 
 router = APIRouter(tags=["tokens"], route_class=ROUTE_CLASS)
@@ -22,19 +23,21 @@ class TokenCreate(Body):
     name: str | None = Field(default=None, max_length=128)
 
 
-@router.get("/tokens", dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
+@router.get("/tokens", response_model=list[Token], dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
 def list_tokens(
     ctx: Ctx, include_revoked: Annotated[bool, Query(alias="includeRevoked")] = False
 ) -> list[dict[str, Any]]:
     return tokens.list_tokens(ctx, include_revoked=include_revoked)
 
 
-@router.post("/tokens", status_code=201, dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
+@router.post(
+    "/tokens", response_model=NewToken, status_code=201, dependencies=[require(Permission.TOKENS, Scope.GLOBAL)]
+)
 def create_token(body: TokenCreate, ctx: Ctx) -> dict[str, Any]:
     view, token = tokens.create_token(ctx, body.role, vault=body.vault, expires=body.expires, name=body.name)
     return {**view, "token": token}
 
 
-@router.delete("/tokens/{token_id}", dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
+@router.delete("/tokens/{token_id}", response_model=Token, dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
 def revoke_token(token_id: str, ctx: Ctx) -> dict[str, Any]:
     return tokens.revoke_token(ctx, token_id)

@@ -10,6 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import DeletedVault, Job, Usage, Vault
 from vmvault.service import usage, vaults
 
 router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
@@ -27,12 +28,14 @@ class VaultVerify(Body):
     rp: str | None = Field(default=None, max_length=64, description="Verify only this recovery point")
 
 
-@router.get("/vaults", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+@router.get("/vaults", response_model=list[Vault], dependencies=[require(Permission.READ, Scope.GLOBAL)])
 def list_vaults(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
     return visible(caller, vaults.list_vaults(ctx), key="name")
 
 
-@router.post("/vaults", status_code=201, dependencies=[require(Permission.VAULT_CREATE, Scope.GLOBAL)])
+@router.post(
+    "/vaults", response_model=Vault, status_code=201, dependencies=[require(Permission.VAULT_CREATE, Scope.GLOBAL)]
+)
 def create_vault(body: VaultCreate, ctx: Ctx) -> dict[str, Any]:
     return vaults.create_vault(
         ctx,
@@ -44,23 +47,30 @@ def create_vault(body: VaultCreate, ctx: Ctx) -> dict[str, Any]:
     )
 
 
-@router.get("/vaults/{vault}", dependencies=[require(Permission.READ, Scope.VAULT)])
+@router.get("/vaults/{vault}", response_model=Vault, dependencies=[require(Permission.READ, Scope.VAULT)])
 def show_vault(vault: str, ctx: Ctx) -> dict[str, Any]:
     return vaults.show_vault(ctx, vault)
 
 
-@router.delete("/vaults/{vault}", dependencies=[require(Permission.VAULT_DELETE, Scope.VAULT)])
+@router.delete(
+    "/vaults/{vault}", response_model=DeletedVault, dependencies=[require(Permission.VAULT_DELETE, Scope.VAULT)]
+)
 def delete_vault(
     vault: str, ctx: Ctx, keep_storage: Annotated[bool, Query(alias="keepStorage")] = False
 ) -> dict[str, Any]:
     return vaults.delete_vault(ctx, vault, keep_storage=keep_storage)
 
 
-@router.post("/vaults/{vault}/verify", status_code=202, dependencies=[require(Permission.VAULT_VERIFY, Scope.VAULT)])
+@router.post(
+    "/vaults/{vault}/verify",
+    response_model=Job,
+    status_code=202,
+    dependencies=[require(Permission.VAULT_VERIFY, Scope.VAULT)],
+)
 def verify_vault(vault: str, body: VaultVerify, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.start(lambda cancel: vaults.verify_vault(ctx, vault, rp_id=body.rp, cancel=cancel))
 
 
-@router.get("/vaults/{vault}/usage", dependencies=[require(Permission.READ, Scope.VAULT)])
+@router.get("/vaults/{vault}/usage", response_model=Usage, dependencies=[require(Permission.READ, Scope.VAULT)])
 def vault_usage(vault: str, ctx: Ctx) -> dict[str, Any]:
     return usage.vault_usage(ctx, vault)

@@ -1,4 +1,4 @@
-"""VMs vmvault knows (vm list|show|add)."""
+"""VMs vmvault knows (vm list|show|add|enable-agent)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import AgentChannel, Vm, VmWithStatus
 from vmvault.service import vms
 
 router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
@@ -20,16 +21,26 @@ class VmAdd(Body):
     disks: list[str] = Field(description="Disk image paths on the server, in order: disk0, disk1, ...")
 
 
-@router.get("/vms", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+@router.get("/vms", response_model=list[VmWithStatus], dependencies=[require(Permission.READ, Scope.GLOBAL)])
 def list_vms(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
-    return visible(caller, vms.list_vms(ctx))
+    return visible(caller, vms.list_vms_with_status(ctx))
 
 
-@router.post("/vms", status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])
+@router.post("/vms", response_model=Vm, status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])
 def add_vm(body: VmAdd, ctx: Ctx) -> dict[str, Any]:
     return vms.add_vm(ctx, body.name, list(body.disks))
 
 
-@router.get("/vms/{vm}", dependencies=[require(Permission.READ, Scope.VM)])
+@router.get("/vms/{vm}", response_model=Vm, dependencies=[require(Permission.READ, Scope.VM)])
 def show_vm(vm: str, ctx: Ctx) -> dict[str, Any]:
     return vms.show_vm(ctx, vm)
+
+
+@router.post(
+    "/vms/{vm}/enable-agent", response_model=AgentChannel, dependencies=[require(Permission.VM_WRITE, Scope.VM)]
+)
+def enable_agent(vm: str, ctx: Ctx) -> dict[str, Any]:
+    """Add the guest agent channel to a libvirt domain's definition, for its next boot."""
+    from vmvault.service import libvirt_vms
+
+    return libvirt_vms.enable_agent(ctx, vm)

@@ -1,0 +1,316 @@
+"""Response models: the JSON the service layer returns, as documented in /openapi.json.
+
+They model what the service returns, not a new shape: camelCase keys (aliases of snake_case
+fields), declared in the order the service writes them (so the serialized JSON is the same text
+the CLI prints locally), and extra keys allowed where a shape varies (a VM's connector details,
+a job's error, a point's verification). Dates are strings (ISO 8601 UTC) so they pass through
+unchanged; numbers that may be ints or floats are `Number` so an int is not turned into a float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Number = int | float
+
+
+class View(BaseModel):
+    """A service view: camelCase keys, extra keys kept as they are."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class ErrorBody(View):
+    """Every error: a stable code, a message naming the object, a hint saying what to do."""
+
+    code: str = Field(description="Stable code, e.g. not_found, forbidden, invalid_input, busy")
+    message: str
+    hint: str | None
+
+
+class Problem(View):
+    location: list[str]
+    message: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """422 from request validation: the first problem in message, all of them in details."""
+
+    details: list[Problem] | None = None
+
+
+# ---- vaults, policies, usage --------------------------------------------------------------------
+
+
+class Vault(View):
+    name: str
+    uuid: str
+    storage_dir: str
+    redundancy: str = Field(description="LRS or GRS")
+    chunk_size: int
+    created: str
+    protected_items: int
+    recovery_points: int
+
+
+class DeletedVault(Vault):
+    storage_deleted: bool = Field(description="False with keepStorage: the directory was left as it is")
+
+
+class Policy(View):
+    """A backup policy in Azure's shape (properties: schedulePolicy, retentionPolicy, timeZone, ...)."""
+
+    id: str
+    name: str
+    type: str
+    vault: str
+    properties: dict[str, Any]
+
+
+class UsageItem(View):
+    name: str
+    protection_state: str
+    last_recovery_point: str | None
+    protected_instance_bytes: int | None
+    protected_instance_g_b: Number | None = Field(alias="protectedInstanceGB")
+    billed: bool
+    tier: str
+    monthly_fee: Number
+
+
+class UsageStorage(View):
+    bytes: int
+    gb: Number
+    price_per_g_b_month: Number = Field(alias="pricePerGBMonth")
+    monthly_fee: Number
+
+
+class UsageTotals(View):
+    protected_instances: int
+    instance_fees: Number
+    storage_fee: Number
+    monthly: Number
+
+
+class Usage(View):
+    """A vault's protected instances and storage, priced like Azure Backup."""
+
+    vault: str
+    redundancy: str
+    currency: str
+    items: list[UsageItem]
+    storage: UsageStorage
+    totals: UsageTotals
+
+
+# ---- VMs, protected items, recovery points ------------------------------------------------------
+
+
+class VmDisk(View):
+    name: str
+    path: str | None
+
+
+class Vm(View):
+    id: str
+    name: str
+    kind: str = Field(description="disks, qmp or libvirt")
+    disks: list[VmDisk]
+    created: str
+    vault: str | None
+    protection_state: str
+    last_recovery_point: str | None
+
+
+class VmWithStatus(Vm):
+    """A VM in the list: its power state and guest agent probed live (short timeouts), protection in words."""
+
+    power_state: str = Field(description="running, stopped, paused, unknown, ... (as QEMU or libvirt says)")
+    agent: str = Field(description="Whether its guest agent answers, e.g. answers, no answer, no socket")
+    protection: str = Field(description="e.g. protected in vault main")
+
+
+class AgentChannel(View):
+    """vm enable-agent: the guest agent channel added to a libvirt domain's definition."""
+
+    vm: str
+    domain: str | None
+    added: bool
+    effect: str
+    note: str
+
+
+class ProtectedItem(View):
+    name: str
+    vault: str
+    policy: str | None
+    protection_state: str = Field(description="IRPending, Protected, ProtectionStopped, SoftDeleted")
+    health_status: str
+    last_backup_status: str
+    last_backup_time: str | None
+    last_backup_job: str | None
+    last_backup_error: dict[str, Any] | None
+    last_recovery_point: str | None
+    recovery_points: int
+    next_scheduled_backup: str | None
+    time_zone: str
+    excluded_disks: list[str]
+    backup_in_progress: str | None
+    protected_since: str
+
+
+class RecoveryPoint(View):
+    id: str
+    time: str
+    consistency: str = Field(description="CrashConsistent, FileSystemConsistent or ApplicationConsistent")
+    expires: str | None
+    retention_rules: list[str]
+    is_soft_deleted: bool
+
+
+# ---- jobs ---------------------------------------------------------------------------------------
+
+
+class JobProgress(View):
+    percent: Number
+    bytes_read: int
+    bytes_written: int
+
+
+class JobError(View):
+    code: str
+    message: str
+
+
+class Job(View):
+    """A job as Azure's jobs list shows it; long operations answer 202 with it."""
+
+    id: str
+    operation: str = Field(description="Backup, Restore, ConfigureBackup, DisableBackup, Verify, Mount, ...")
+    status: str = Field(description="InProgress, Completed, CompletedWithWarnings, Failed or Cancelled")
+    vm: str | None
+    vault: str | None
+    start_time: str
+    end_time: str | None
+    duration_seconds: Number | None
+    progress: JobProgress
+    error: JobError | None
+
+
+class JobOwner(View):
+    pid: int
+    boot_id: str | None
+
+
+class JobTask(View):
+    task_id: str
+    status: str
+
+
+class ExtendedInfo(View):
+    trigger: str | None
+    policy: str | None
+    scheduled_for: str | None
+    retain_until: str | None
+    recovery_point: str | None
+    queued: bool
+    cancel_requested: bool
+    owner: JobOwner | None
+    heartbeat: str | None
+    rate_bytes_per_second: Number
+    tasks_list: list[JobTask]
+
+
+class JobDetails(Job):
+    """A job with its per-disk tasks, rate, owner and recovery point (job show)."""
+
+    extended_info: ExtendedInfo
+
+
+# ---- file recovery ------------------------------------------------------------------------------
+
+
+class SessionVolume(View):
+    disk: str | None
+    partition: Any
+    file_system: str | None
+    path: str | None
+    status: str | None
+    driver: str | None
+    reason: str | None
+
+
+class SessionExport(View):
+    unix_socket: str | None
+    tls_address: str | None
+
+
+class FileSession(View):
+    """A file-recovery session: a point's volumes mounted (or served) until it expires."""
+
+    id: str
+    vm: str
+    recovery_point: str
+    state: str
+    mountpoint: str | None
+    created: str
+    expires: str
+    ended: str | None
+    end_reason: str | None
+    volumes: list[SessionVolume]
+    paths: list[str]
+    export: SessionExport
+
+
+class BrowseEntry(View):
+    """A directory entry (type file, dir, symlink, ...) or, at the top, a mounted volume (type volume)."""
+
+    name: str
+    type: str
+    size: int | None
+
+
+# ---- tokens -------------------------------------------------------------------------------------
+
+
+class Token(View):
+    id: str
+    name: str | None
+    role: str
+    vault: str | None
+    created: str
+    expires: str | None
+    revoked: str | None
+    last_used: str | None
+
+
+class NewToken(Token):
+    token: str = Field(description="The secret, shown once: send it as Authorization: Bearer TOKEN")
+
+
+class Health(View):
+    status: str
+
+
+def _error(description: str, model: type[ErrorBody] = ErrorBody) -> dict[str, Any]:
+    return {"model": model, "description": description}
+
+
+# The statuses vmvault.errors classes map to (api/errors.py), documented on every /api/v1 operation.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("The body could not be read as JSON"),
+    401: _error("No token, or an unknown, expired or revoked one (or a wrong vault passphrase)"),
+    403: _error("The token's role or vault scope does not allow this"),
+    404: _error("No such vault, policy, VM, item, recovery point, job, session or token"),
+    409: _error("Conflicts with the current state (already exists, cancelled, point failed verification)"),
+    422: _error("The request or a value in it is invalid", ValidationErrorBody),
+    423: _error("Busy: a job already runs for this object, or the VM runs"),
+    502: _error("The hypervisor (QEMU, libvirt, guest agent) failed"),
+    503: _error("The vault's storage failed"),
+}
