@@ -16,7 +16,8 @@ STAMP := $(VENV)/.vmvault-deps.stamp
 APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv gdisk e2fsprogs \
                 fuse3 nbdkit restic borgbackup zstd \
                 xfsprogs ntfs-3g dosfstools mtools fusefat \
-                libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt
+                libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt \
+                chromium
 
 .PHONY: deps apt run quickstart test lint typecheck pytest clean
 

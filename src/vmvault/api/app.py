@@ -1,4 +1,4 @@
-"""The REST API: create_app(settings) builds the FastAPI app (under /api/v1; /health, /docs public)."""
+"""The REST API: create_app(settings) builds the FastAPI app (under /api/v1; /health, /docs public; the portal at /)."""
 
 from __future__ import annotations
 
@@ -63,4 +63,7 @@ def create_app(
         return status() if status is not None else {"status": "ok"}
 
     app.include_router(api_router())
+    from vmvault.web import install as install_portal
+
+    install_portal(app)  # the portal's pages at / (after the API's routes: they win on their paths)
     return app

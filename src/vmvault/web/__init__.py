@@ -1,1 +1,52 @@
-"""vmvault.web."""
+"""The web portal: server-rendered pages at / over the same service layer and roles as the API.
+
+The portal is its own small FastAPI app mounted on the API's app at / (so it stays out of the
+API's route table and OpenAPI document). Its mount never claims the API's paths (/api/, /docs,
+/openapi.json, /health...): those keep the API's own 404/405 answers.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.routing import Match, Mount
+from starlette.types import Scope
+
+from vmvault.web.core import HERE, Portal, PortalRoute
+
+API_PATHS = ("/api/", "/api", "/docs", "/redoc", "/openapi.json", "/health", "/healthz")
+
+
+class PortalMount(Mount):
+    """Mount at / that leaves the API's paths to the API."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = str(scope.get("path", ""))
+        if scope.get("type") == "http" and any(path == p or path.startswith(p.rstrip("/") + "/") for p in API_PATHS):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
+def portal_router() -> APIRouter:
+    from vmvault.web import routes_auth, routes_files, routes_jobs, routes_restore, routes_vaults, routes_vms
+
+    router = APIRouter(route_class=PortalRoute, include_in_schema=False)
+    for module in (routes_auth, routes_vms, routes_files, routes_restore, routes_jobs, routes_vaults):
+        router.include_router(module.router)
+    return router
+
+
+def portal_app(api: FastAPI) -> FastAPI:
+    """The portal app, sharing the API app's service context and background job runner."""
+    app = FastAPI(title="vmvault portal", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = api.state.ctx
+    app.state.background = api.state.background
+    app.state.portal = Portal()
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(portal_router())
+    return app
+
+
+def install(api: FastAPI) -> None:
+    """Mount the portal on the API app (call after the API's routes are added)."""
+    api.router.routes.append(PortalMount("/", app=portal_app(api), name="portal"))

@@ -1,0 +1,151 @@
+"""Virtual machines: the list, a VM's Backup page, Enable backup, Backup now, stop/resume protection."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from starlette.responses import Response
+
+from vmvault.api.auth import Permission, Scope, check_vault, visible
+from vmvault.api.deps import Background
+from vmvault.errors import Forbidden, InvalidInput
+from vmvault.service import backups, items, jobs, policies, protection, softdelete, vaults, vms
+from vmvault.service.context import Context
+from vmvault.service.views import NOT_PROTECTED, JsonDict
+from vmvault.web.core import PortalRoute, access, can, ctx_of, principal_of, redirect, render, session_of
+
+router = APIRouter(route_class=PortalRoute, include_in_schema=False)
+NEW_VAULT = "__new__"
+DEFAULT_RETAIN_DAYS = 30
+# What the portal can tell of a VM's power state from the catalog (no hypervisor call per row).
+POWER_STATE = {
+    "disks": "Offline (disk images)",
+    "imported": "Unknown (imported from a vault)",
+    "qmp": "Running (QEMU, QMP)",
+    "libvirt": "Managed by libvirt",
+}
+
+
+def background(request: Request) -> Background:
+    runner: Background = request.app.state.background
+    return runner
+
+
+def policy_summaries(ctx: Context, vault: str) -> list[JsonDict]:
+    return [{**policies.policy_summary(view), "vault": vault} for view in policies.list_policies(ctx, vault)]
+
+
+@router.get("/vms")
+@access(Permission.READ)
+def vm_list(request: Request) -> Response:
+    ctx, principal = ctx_of(request), principal_of(request)
+    rows = visible(principal, vms.list_vms(ctx)) if principal.vault else vms.list_vms(ctx)
+    by_name = {i["name"]: i for i in items.list_items(ctx)}
+    for row in rows:
+        row["powerState"] = POWER_STATE.get(row["kind"], "Unknown")
+        row["item"] = by_name.get(row["name"])
+    return render(request, "vms.html", vms=rows)
+
+
+@router.get("/vms/{vm}")
+@access(Permission.READ, Scope.VM)
+def vm_page(request: Request, vm: str) -> Response:
+    ctx = ctx_of(request)
+    view = vms.show_vm(ctx, vm)
+    view["powerState"] = POWER_STATE.get(view["kind"], "Unknown")
+    item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
+    summary = None
+    if item is not None and item["policy"]:
+        summary = policies.policy_summary(policies.show_policy(ctx, item["vault"], item["policy"]))
+    points = backups.list_recovery_points(ctx, vm, include_deleted=True) if item is not None else []
+    recent = jobs.list_jobs(ctx, vm=vm, limit=5)
+    default_retain = (ctx.now() + timedelta(days=DEFAULT_RETAIN_DAYS)).date().isoformat()
+    tomorrow = (ctx.now() + timedelta(days=1)).date().isoformat()
+    return render(
+        request, "vm.html", vm=view, item=item, summary=summary, points=points, jobs=recent,
+        default_retain=default_retain, tomorrow=tomorrow,
+    )  # fmt: skip
+
+
+@router.get("/vms/{vm}/enable")
+@access(Permission.PROTECTION_ENABLE, Scope.BODY)
+def enable_form(request: Request, vm: str) -> Response:
+    ctx, principal = ctx_of(request), principal_of(request)
+    view = vms.show_vm(ctx, vm)
+    known = visible(principal, vaults.list_vaults(ctx), key="name")
+    options = [p for v in known for p in policy_summaries(ctx, v["name"])]
+    return render(
+        request, "enable.html", vm=view, vaults=known, policies=options,
+        may_create_vault=can(principal, Permission.VAULT_CREATE) and principal.vault is None,
+    )  # fmt: skip
+
+
+@router.post("/vms/{vm}/enable")
+@access(Permission.PROTECTION_ENABLE, Scope.BODY)
+def enable(
+    request: Request,
+    vm: str,
+    vault: Annotated[str, Form()] = "",
+    new_vault: Annotated[str, Form()] = "",
+    policy: Annotated[str, Form()] = "",
+) -> Response:
+    ctx, principal = ctx_of(request), principal_of(request)
+    chosen_policy: str | None = policy.strip() or None
+    if vault == NEW_VAULT:
+        if not can(principal, Permission.VAULT_CREATE) or principal.vault is not None:
+            raise Forbidden(f"role {principal.role} may not create vaults", hint="pick an existing vault")
+        if not new_vault.strip():
+            raise InvalidInput("give the new vault a name", hint="e.g. main")
+        vaults.create_vault(ctx, new_vault.strip())
+        vault, chosen_policy = new_vault.strip(), None  # a new vault has its DefaultPolicy only
+    if not vault:
+        raise InvalidInput("pick a vault", hint="or create one")
+    check_vault(principal, vault)
+    job = protection.enable_protection(ctx, vm, vault, policy=chosen_policy)
+    session_of(request).toast(f"Backup enabled for {vm} in vault {vault}.", job=job.get("id"))
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/backup")
+@access(Permission.BACKUP, Scope.VM)
+def backup_now(request: Request, vm: str, retain_until: Annotated[str, Form()] = "") -> Response:
+    ctx = ctx_of(request)
+    until = retain_until.strip() or None
+    job = background(request).start(lambda cancel: backups.backup_now(ctx, vm, retain_until=until, cancel=cancel))
+    session_of(request).toast(
+        f"Backup of {vm} triggered (kept until {until or 'the default date'}).", job=str(job["id"])
+    )
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/disable")
+@access(Permission.PROTECTION_CHANGE, Scope.VM)
+def disable(request: Request, vm: str, delete_data: Annotated[str, Form()] = "") -> Response:
+    ctx = ctx_of(request)
+    job: dict[str, Any]
+    if delete_data:
+        job = softdelete.delete_backup_data(ctx, vm)
+        message = f"Protection of {vm} stopped; its backup data is soft deleted (purged after 14 days)."
+    else:
+        job = protection.disable_protection(ctx, vm)
+        message = f"Protection of {vm} stopped; its recovery points are kept."
+    session_of(request).toast(message, job=job.get("id"))
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/resume")
+@access(Permission.PROTECTION_ENABLE, Scope.VM)
+def resume(request: Request, vm: str) -> Response:
+    job = protection.resume_protection(ctx_of(request), vm)
+    session_of(request).toast(f"Protection of {vm} resumed.", job=job.get("id"))
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/undelete")
+@access(Permission.PROTECTION_CHANGE, Scope.VM)
+def undelete(request: Request, vm: str) -> Response:
+    job = softdelete.undelete(ctx_of(request), vm)
+    session_of(request).toast(f"Backup data of {vm} undeleted.", job=job.get("id"))
+    return redirect(f"/vms/{vm}")
