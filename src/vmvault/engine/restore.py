@@ -112,6 +112,47 @@ def _restore_one(
         raise
 
 
+class _WriteBehind:
+    """Flushes the restored file while it is being written, so the final fsync finds little left.
+
+    Without it every byte sits in the page cache until the end and the closing fsync alone takes
+    about a fifth of a restore; a thread calling fdatasync each FLUSH_EVERY bytes overlaps the
+    disk writes with the decoding instead.
+    """
+
+    FLUSH_EVERY = 128 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending = 0
+        self._wake = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="vmv-restore-flush", daemon=True)
+        self._thread.start()
+
+    def wrote(self, n: int) -> None:
+        with self._wake:
+            self._pending += n
+            if self._pending >= self.FLUSH_EVERY:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._done and self._pending < self.FLUSH_EVERY:
+                    self._wake.wait()
+                if self._done:
+                    return
+                self._pending = 0
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        with self._wake:
+            self._done = True
+            self._wake.notify()
+        self._thread.join()
+
+
 class _DiskWriter:
     def __init__(
         self,
@@ -122,9 +163,10 @@ class _DiskWriter:
         root: Root,
         tracker: ProgressTracker,
         cancel: threading.Event,
+        flusher: _WriteBehind,
     ) -> None:
         self.vault, self.manifest, self.disk, self.fd, self.root = vault, manifest, disk, fd, root
-        self.tracker, self.cancel = tracker, cancel
+        self.tracker, self.cancel, self.flusher = tracker, cancel, flusher
 
     def write_leaf(self, first_chunk: int, ids: list[bytes]) -> None:
         if self.cancel.is_set():
@@ -164,6 +206,7 @@ class _DiskWriter:
             for chunk in positions[loc.ref.blob_id]:
                 os.pwrite(self.fd, plain, chunk * self.root.chunk_size)
                 written += len(plain)
+        self.flusher.wrote(written)
         self.tracker.add(read=written, written=written)
         self.tracker.report()
 
@@ -198,25 +241,33 @@ def _restore_raw(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, root.disk_size)  # sparse: zero chunks are never written
-        writer = _DiskWriter(vault, manifest, disk, fd, root, tracker, cancel)
-        window: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-restore") as pool:
-            try:
-                for n, leaf_id in enumerate(root.leaves):
-                    ids = leaves.read(leaf_id).ids
-                    window.append(pool.submit(writer.write_leaf, n * root.leaf_span, ids))
-                    while len(window) >= IN_FLIGHT:
-                        window.popleft().result()
-                while window:
-                    window.popleft().result()
-            except BaseException:
-                cancel.set()
-                for fut in window:
-                    fut.cancel()
-                raise
+        flusher = _WriteBehind(fd)
+        try:
+            _write_leaves(_DiskWriter(vault, manifest, disk, fd, root, tracker, cancel, flusher), leaves, cancel)
+        finally:
+            flusher.close()
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_leaves(writer: _DiskWriter, leaves: LeafReader, cancel: threading.Event) -> None:
+    root = writer.root
+    window: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-restore") as pool:
+        try:
+            for n, leaf_id in enumerate(root.leaves):
+                ids = leaves.read(leaf_id).ids
+                window.append(pool.submit(writer.write_leaf, n * root.leaf_span, ids))
+                while len(window) >= IN_FLIGHT:
+                    window.popleft().result()
+            while window:
+                window.popleft().result()
+        except BaseException:
+            cancel.set()
+            for fut in window:
+                fut.cancel()
+            raise
 
 
 def _fsync_dir(path: Path) -> None:
