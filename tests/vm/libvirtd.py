@@ -115,10 +115,21 @@ def leftovers(domain: str) -> Iterator[str]:
 # ---- a test domain: the tiny guest of vm/guest.py under libvirt (TCG) -------------------------------------
 
 
-def domain_xml(name: str, workdir: Path, disks: list[Any], *, agent: bool = True, memory_mib: int = 256) -> str:
+def domain_xml(
+    name: str,
+    workdir: Path,
+    disks: list[Any],
+    *,
+    agent: bool = True,
+    memory_mib: int = 256,
+    image: Any = None,
+    cmdline: str = "",
+    nic: bool = False,
+) -> str:
+    """image: a GuestImage (default build_guest()); cmdline: appended to the kernel's; nic: a user-mode NIC."""
     from vm.guest import build_guest
 
-    image = build_guest()
+    image = image or build_guest()
     devices = []
     for i, d in enumerate(disks):
         devices.append(
@@ -130,6 +141,8 @@ def domain_xml(name: str, workdir: Path, disks: list[Any], *, agent: bool = True
             f"<channel type='unix'><source mode='bind' path='{workdir / 'qga.sock'}'/>"
             "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         )
+    if nic:
+        devices.append("<interface type='user'><mac address='52:54:00:aa:bb:02'/><model type='virtio'/></interface>")
     devices.append(f"<serial type='file'><source path='{workdir / 'console.log'}'/><target port='0'/></serial>")
     devices.append("<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>")
     devices.append("<memballoon model='none'/>")
@@ -138,7 +151,7 @@ def domain_xml(name: str, workdir: Path, disks: list[Any], *, agent: bool = True
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{image.vmlinux}</kernel><initrd>{image.initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+    <cmdline>console=ttyS0 quiet panic=-1 {cmdline}</cmdline></os>
   <features><acpi/></features>
   <cpu mode='maximum'/>
   <on_reboot>destroy</on_reboot>
@@ -154,13 +167,17 @@ class Domain:
     workdir: Path
     disks: list[Any]
     agent: bool = True
+    image: Any = None  # a GuestImage (default: the tiny guest)
+    cmdline: str = ""
+    nic: bool = False
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, check=check, timeout=120)
 
     def define(self) -> Domain:
         xml = self.workdir / f"{self.name}.xml"
-        xml.write_text(domain_xml(self.name, self.workdir, self.disks, agent=self.agent))
+        xml.write_text(domain_xml(self.name, self.workdir, self.disks, agent=self.agent, image=self.image,
+                                  cmdline=self.cmdline, nic=self.nic))  # fmt: skip
         self.virsh("define", str(xml))
         return self
 

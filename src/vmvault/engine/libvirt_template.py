@@ -157,6 +157,8 @@ def _char_devices(devices: ET.Element, target_dir: Path, name: str, copy: Domain
             dev.remove(source)  # /dev/pts/N of the running original
         elif kind == "unix" and source is not None:
             target = dev.find("target")
+            if target is not None:
+                target.attrib.pop("state", None)  # connected/disconnected: the running original's agent
             if dev.tag == "channel" and target is not None and target.get("type") == "virtio":
                 source.attrib.pop("path", None)  # libvirt makes a per-domain path (the agent's too)
             else:

@@ -19,7 +19,7 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VaultRow, VmRow
-from vmvault.errors import AlreadyExists, HypervisorError, IntegrityError, InvalidInput
+from vmvault.errors import AlreadyExists, HypervisorError, InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.validate import absolute, check_name
@@ -108,12 +108,7 @@ def _plan(
         raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
     check_name("VM", new_name)
     _refuse_taken(ctx, new_name)
-    vm, point, vault = _point(ctx, vm_name, rp_id)
-    if getattr(point, "verify_state", None) == "Failed":
-        raise IntegrityError(
-            f"recovery point '{rp_id}' of VM '{vm_name}' failed verification: {point.verify_problem}",
-            hint="restore another point (vmvault recoverypoint list VM)",
-        )
+    vm, point, vault = _point(ctx, vm_name, rp_id)  # refuses soft-deleted points and ones that failed verify
     uri = str((vm.definition or {}).get("connect") or lv.DEFAULT_URI)
     conn = lv.connect(uri)
     try:
