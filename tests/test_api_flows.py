@@ -179,42 +179,6 @@ def test_serve_serves_the_api_and_prints_a_first_run_owner_token(tmp_path: Path)
         assert made["token"] not in (cli.home / "catalog.db").read_bytes().decode("latin-1")
 
 
-def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
-    disk = make_ext4_image(tmp_path / "web1.raw", 16, {"a.txt": b"remote\n"})
-    cli.ok("vault", "create", "main")
-    cli.ok("vm", "add", "web1", "--disk", str(disk))
-    with served(cli) as (address, token):
-        remote = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": token})
-
-        def both(*args: str, json_output: bool = True) -> None:
-            here = cli.ok(*args, json_output=json_output).stdout
-            there = remote.ok("--server", address, *args, json_output=json_output).stdout
-            assert there == here, f"{args}: remote {there!r} != local {here!r}"
-
-        enabled = remote.ok("--server", address, "protection", "enable", "web1", "--vault", "main").json()
-        assert enabled["operation"] == "ConfigureBackup" and enabled["status"] == "Completed"
-        backup = remote.ok("--server", address, "backup", "now", "web1", "--retain-until", "2099-01-01")
-        job = backup.json()
-        assert job["status"] == "Completed" and job["operation"] == "Backup"
-        assert "recovery point" in backup.stderr
-        for args in (("vault", "list"), ("vault", "show", "main"), ("vm", "list"), ("vm", "show", "web1"),
-                     ("item", "list"), ("item", "show", "web1"), ("recoverypoint", "list", "web1"),
-                     ("policy", "list", "--vault", "main"), ("policy", "show", "DefaultPolicy", "--vault", "main"),
-                     ("job", "show", job["id"])):  # fmt: skip
-            both(*args)
-            both(*args, json_output=False)
-        both("job", "list", "--operation", "Backup")
-        assert remote.ok("--server", address, "job", "wait", job["id"]).json()["id"] == job["id"]
-        missing = remote.fails("--server", address, "vm", "show", "nope")
-        assert missing.returncode == 66 and "error [not_found]: VM 'nope' not found" in missing.stderr
-        local_only = remote.fails("--server", address, "vault", "create", "x")
-        assert local_only.returncode == 64 and "does not run against a server" in local_only.stderr
-        forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
-        assert forged.fails("--server", address, "vault", "list").returncode == 77
-    assert not (tmp_path / "elsewhere").exists()
-
-
 def test_token_cli_refuses_bad_input(tmp_path: Path) -> None:
     cli = Cli(home=tmp_path / "home")
     assert cli.fails("token", "create", "--role", "Admin").returncode == 64

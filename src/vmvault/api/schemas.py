@@ -11,16 +11,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 Number = int | float
 
 
 class View(BaseModel):
-    """A service view: camelCase keys, extra keys kept as they are."""
+    """A service view: camelCase keys, extra keys kept as they are, in the order the service wrote them.
+
+    The order is kept so the API answers the very JSON text the service returns (the CLI's
+    --server output equals its local output), whatever order the fields are declared in.
+    """
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    _order: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: ModelWrapValidatorHandler[View]) -> View:
+        model = handler(data)
+        if isinstance(data, dict):
+            model._order = tuple(data)
+        return model
+
+    # No return annotation: pydantic would document it instead of the model's fields.
+    @model_serializer(mode="wrap")
+    def _in_order(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        out = handler(self)
+        if not self._order or not isinstance(out, dict):
+            return out
+        ordered = {key: out[key] for key in self._order if key in out}
+        ordered.update((key, value) for key, value in out.items() if key not in ordered)
+        return ordered
 
 
 # ---- errors -------------------------------------------------------------------------------------

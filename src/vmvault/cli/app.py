@@ -127,9 +127,15 @@ def vault_create(
     ] = "UTC",
 ) -> None:
     """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""
+    from vmvault.cli import remote
     from vmvault.service import vaults
 
     secret = _passphrase(passphrase_file)
+    if remote.active():
+        body = {"name": name, "storageDir": str(storage) if storage else None, "redundancy": redundancy.value,
+                "passphrase": secret, "timeZone": timezone}  # fmt: skip
+        output.print_object(remote.post("/vaults", body))
+        return
     with service_context() as ctx:
         output.print_object(
             vaults.create_vault(
@@ -146,8 +152,12 @@ def vault_delete(
     ] = False,
 ) -> None:
     """Delete an empty vault (refused while it has protected or soft-deleted items, or recovery points)."""
+    from vmvault.cli import remote
     from vmvault.service import vaults
 
+    if remote.active():
+        output.print_object(remote.delete(f"/vaults/{remote.q(name)}", keepStorage=keep_storage))
+        return
     with service_context() as ctx:
         output.print_object(vaults.delete_vault(ctx, name, keep_storage=keep_storage))
 
@@ -186,10 +196,14 @@ def vault_verify(
     rp: Annotated[str | None, typer.Option("--rp", help="Verify only this recovery point.")] = None,
 ) -> None:
     """Check every object of a vault (or one recovery point); exits non-zero when problems are found."""
+    from vmvault.cli import remote
     from vmvault.cli.errors import exit_code_for
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import vaults
 
+    if remote.active():  # the server keeps the report: print the Verify job
+        _end_job(remote.run_job(f"/vaults/{remote.q(name)}/verify", {"rp": rp}))
+        return
     with service_context() as ctx, progress_display(f"verify {name}") as show:
         outcome = run_cancellable(
             lambda cancel: vaults.verify_vault(ctx, name, rp_id=rp, on_progress=show, cancel=cancel)
@@ -242,8 +256,14 @@ def vm_add(
     ] = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
+    from vmvault.cli import remote
     from vmvault.service import vms
 
+    for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect)):
+        remote.refuse_option(flag, value is not None)
+    if remote.active():
+        output.print_object(remote.post("/vms", {"name": name, "disks": [str(d) for d in disk or []]}))
+        return
     if libvirt is not None:
         if disk or qmp is not None or guest_agent is not None:
             raise InvalidInput("--libvirt goes alone (with --connect)", hint="libvirt knows the domain's disks")
@@ -289,7 +309,7 @@ def vm_list() -> None:
     from vmvault.service import vms
 
     if remote.active():
-        output.print_list(remote.get("/vms"), output.VM_COLUMNS)
+        output.print_list(remote.get("/vms"), VM_LIST_COLUMNS)
         return
 
     with service_context() as ctx:
@@ -302,8 +322,12 @@ VM_LIST_COLUMNS = ("name", "kind", "powerState", "disks", "agent", "protection",
 @vm_app.command("enable-agent")
 def vm_enable_agent(name: Annotated[str, typer.Argument(help="VM name (a libvirt domain).")]) -> None:
     """Add the guest agent channel (org.qemu.guest_agent.0) to a libvirt domain's definition, for its next boot."""
+    from vmvault.cli import remote
     from vmvault.service import libvirt_vms
 
+    if remote.active():
+        output.print_object(remote.post(f"/vms/{remote.q(name)}/enable-agent"))
+        return
     with service_context() as ctx:
         output.print_object(libvirt_vms.enable_agent(ctx, name))
 
@@ -363,12 +387,17 @@ def protection_update(
     all_disks: Annotated[bool, typer.Option("--all-disks", help="Exclude no disk any more.")] = False,
 ) -> None:
     """Change a protected VM's policy and/or excluded disks (a ConfigureBackup job)."""
+    from vmvault.cli import remote
     from vmvault.service import protection
 
     name = _vm_name(vm, vm_option, "protection update")
     if all_disks and exclude_disk:
         raise InvalidInput("--all-disks and --exclude-disk contradict each other", hint="give one of them")
     excluded = [] if all_disks else (list(exclude_disk) if exclude_disk else None)
+    if remote.active():
+        body = {"policy": policy, "excludeDisks": excluded}
+        output.print_object(remote.post(f"/items/{remote.q(name)}/update", body))
+        return
     with service_context() as ctx:
         output.print_object(protection.update_protection(ctx, name, policy=policy, exclude_disks=excluded))
 
@@ -382,7 +411,12 @@ def protection_disable(
     ] = False,
 ) -> None:
     """Stop backing a VM up; its points stay and keep expiring by its policy (a DisableBackup job)."""
+    from vmvault.cli import remote
+
     name = _vm_name(vm, vm_option, "protection disable")
+    if remote.active():
+        output.print_object(remote.post(f"/items/{remote.q(name)}/disable", {"deleteData": delete_data}))
+        return
     with service_context() as ctx:
         if delete_data:
             from vmvault.service import softdelete
@@ -397,9 +431,13 @@ def protection_disable(
 @protection_app.command("resume")
 def protection_resume(vm: VmArgument = None, vm_option: VmOption = None, policy: PolicyOption = None) -> None:
     """Start backing up a VM whose protection was stopped (a ConfigureBackup job)."""
+    from vmvault.cli import remote
     from vmvault.service import protection
 
     name = _vm_name(vm, vm_option, "protection resume")
+    if remote.active():
+        output.print_object(remote.post(f"/items/{remote.q(name)}/resume", {"policy": policy}))
+        return
     with service_context() as ctx:
         output.print_object(protection.resume_protection(ctx, name, policy=policy))
 
@@ -585,11 +623,16 @@ def restore_disks(
     ] = None,
 ) -> None:
     """Restore a recovery point's disks as image files, plus a template for a plain QEMU VM (a Restore job)."""
+    from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restores
 
     name = _vm_name(vm, vm_option, "restore disks")
     fmt = disk_format.value if disk_format else None
+    if remote.active():
+        body = {"rp": rp, "targetDir": str(target_dir), "format": fmt, "force": force, "disks": disk or None}
+        _end_job(remote.run_job(f"/items/{remote.q(name)}/restore", body))
+        return
     with service_context() as ctx, progress_display(f"restore {name}") as show:
         outcome = run_cancellable(
             lambda cancel: restores.restore_disks(
@@ -614,11 +657,17 @@ def restore_vm(
     vm_option: VmOption = None,
 ) -> None:
     """Restore a point of a plain QEMU VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
+    from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restore_vm as service
 
     name = _vm_name(vm, vm_option, "restore vm")
     fmt = disk_format.value if disk_format else None
+    if remote.active():
+        body = {"rp": rp, "name": new_name, "targetDir": str(target_dir) if target_dir else None, "format": fmt,
+                "start": start}  # fmt: skip
+        _end_job(remote.run_job(f"/items/{remote.q(name)}/restore/vm", body))
+        return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(
             lambda cancel: service.restore_vm(
@@ -636,10 +685,14 @@ def restore_replace_disks(
     vm_option: VmOption = None,
 ) -> None:
     """Overwrite a stopped VM's disks with a recovery point's (a Restore job)."""
+    from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restore_vm as service
 
     name = _vm_name(vm, vm_option, "restore replace-disks")
+    if remote.active():
+        _end_job(remote.run_job(f"/items/{remote.q(name)}/restore/replace-disks", {"rp": rp}))
+        return
     with service_context() as ctx, progress_display(f"replace disks of {name}") as show:
         outcome = run_cancellable(
             lambda cancel: service.replace_disks(ctx, name, rp, on_progress=show, cancel=cancel)

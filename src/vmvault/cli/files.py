@@ -11,6 +11,7 @@ import typer
 from vmvault.cli import output
 from vmvault.cli.app import VmArgument, VmOption, _end_job, _vm_name, app
 from vmvault.cli.state import STATE, service_context
+from vmvault.errors import InvalidInput
 
 files_app = typer.Typer(
     help="Mount a recovery point's disks read-only, browse and copy files, unmount.", no_args_is_help=True
@@ -39,12 +40,17 @@ def files_mount(
     Mounting the same point again extends its session. Everything unmounts at expiry, whether or
     not any vmvault command runs then.
     """
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = _vm_name(vm, vm_option, "files mount")
-    with service_context() as ctx:
-        outcome = files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration)
-    session = outcome.result
+    if remote.active():
+        remote.refuse_option("--mountpoint", mountpoint is not None)
+        outcome, session = _remote_mount(name, rp, duration)
+    else:
+        with service_context() as ctx:
+            outcome = files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration)
+        session = outcome.result
     if session is None:
         _end_job(outcome)
         return
@@ -52,6 +58,30 @@ def files_mount(
         output.print_json(session)
     else:
         _print_session(session)
+
+
+def _remote_mount(name: str, rp: str, duration: str | None) -> tuple[Any, dict[str, Any] | None]:
+    """files mount --server: the FileRecoveryMount job, then the point's live session."""
+    from vmvault.cli import remote
+
+    outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", {"rp": rp, "duration": duration})
+    if outcome.failed:
+        return outcome, None
+    sessions = remote.get(f"/items/{remote.q(name)}/files/sessions")
+    live = [s for s in sessions if s["recoveryPoint"] == rp]
+    return outcome, (live[-1] if live else None)
+
+
+def _remote_unmount(name: str, session: str | None) -> tuple[Any, list[dict[str, Any]] | None]:
+    """files unmount --server: the FileRecoveryUnmount job, then the sessions it ended."""
+    from vmvault.cli import remote
+
+    path = f"/items/{remote.q(name)}/files/sessions"
+    live = {s["id"] for s in remote.get(path) if session is None or s["id"] == session}
+    outcome = remote.run_job(f"/items/{remote.q(name)}/files/unmount", {"sessionId": session})
+    if outcome.failed:
+        return outcome, None
+    return outcome, [s for s in remote.get(path, includeEnded=True) if s["id"] in live]
 
 
 def _print_session(session: dict[str, Any]) -> None:
@@ -72,9 +102,16 @@ def files_list(
     all_sessions: Annotated[bool, typer.Option("--all", help="Include ended sessions.")] = False,
 ) -> None:
     """List file-recovery sessions: mounts, paths and expiry."""
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = vm or vm_option
+    if remote.active():
+        if name is None:
+            raise InvalidInput("files list --server needs the VM", hint="vmvault files list VM --server URL")
+        output.print_list(remote.get(f"/items/{remote.q(name)}/files/sessions", includeEnded=all_sessions),
+                          SESSION_COLUMNS)  # fmt: skip
+        return
     with service_context() as ctx:
         output.print_list(files.list_sessions(ctx, name, include_ended=all_sessions), SESSION_COLUMNS)
 
@@ -86,15 +123,20 @@ def files_unmount(
     session: Annotated[str | None, typer.Option("--session", help="Only this session.")] = None,
 ) -> None:
     """Unmount a VM's recovery points (or one session) and close their exports."""
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = _vm_name(vm, vm_option, "files unmount")
-    with service_context() as ctx:
-        outcome = files.unmount(ctx, name, session_id=session)
-    if outcome.failed or outcome.result is None:
+    if remote.active():
+        outcome, ended = _remote_unmount(name, session)
+    else:
+        with service_context() as ctx:
+            outcome = files.unmount(ctx, name, session_id=session)
+        ended = outcome.result
+    if outcome.failed or ended is None:
         _end_job(outcome)
         return
-    output.print_list(outcome.result, SESSION_COLUMNS)
+    output.print_list(ended, SESSION_COLUMNS)
 
 
 @files_app.command("script")
@@ -134,9 +176,14 @@ def files_browse(
     session: Annotated[str | None, typer.Option("--session", help="The session (when several are mounted).")] = None,
 ) -> None:
     """List a directory of a mounted recovery point (links are shown, never followed)."""
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = _vm_name(None, vm, "files browse")
+    if remote.active():
+        entries = remote.get(f"/items/{remote.q(name)}/files/browse", path=path, rp=rp, sessionId=session)
+        output.print_list(entries, ("name", "type", "size", "target"))
+        return
     with service_context() as ctx:
         output.print_list(
             files.browse(ctx, name, path, rp_id=rp, session_id=session), ("name", "type", "size", "target")
@@ -152,9 +199,19 @@ def files_download(
     session: Annotated[str | None, typer.Option("--session", help="The session (when several are mounted).")] = None,
 ) -> None:
     """Copy one file out of a mounted recovery point."""
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = _vm_name(None, vm, "files download")
+    if remote.active():
+        where = f"/items/{remote.q(name)}/files/download"
+        if str(to) == "-":
+            remote.download(where, sys.stdout.buffer, path=path, rp=rp, sessionId=session)
+            return
+        with open(to, "wb") as f:
+            size = remote.download(where, f, path=path, rp=rp, sessionId=session)
+        output.info(f"wrote {size} bytes to {to}")
+        return
     with service_context() as ctx:
         size, blocks = files.download(ctx, name, path, rp_id=rp, session_id=session)
         if str(to) == "-":

@@ -55,9 +55,13 @@ def policy_show(name: NameArgument, vault: VaultOption) -> None:
 @policy_app.command("create")
 def policy_create(name: NameArgument, vault: VaultOption, file: FileOption) -> None:
     """Create a policy from a JSON file; an invalid one is refused, naming the field."""
+    from vmvault.cli import remote
     from vmvault.service import policies
 
     document = policies.read_policy_file(file)
+    if remote.active():
+        output.print_object(remote.post(f"/vaults/{remote.q(vault)}/policies", {"name": name, "policy": document}))
+        return
     with service_context() as ctx:
         output.print_object(policies.create_policy(ctx, vault, name, document))
 
@@ -65,9 +69,13 @@ def policy_create(name: NameArgument, vault: VaultOption, file: FileOption) -> N
 @policy_app.command("set")
 def policy_set(name: NameArgument, vault: VaultOption, file: FileOption) -> None:
     """Replace a policy's rules; its items follow them and their points' expiry is recomputed."""
+    from vmvault.cli import remote
     from vmvault.service import policies
 
     document = policies.read_policy_file(file)
+    if remote.active():
+        output.print_object(remote.put(f"/vaults/{remote.q(vault)}/policies/{remote.q(name)}", {"policy": document}))
+        return
     with service_context() as ctx:
         output.print_object(policies.set_policy(ctx, vault, name, document))
 
@@ -75,8 +83,12 @@ def policy_set(name: NameArgument, vault: VaultOption, file: FileOption) -> None
 @policy_app.command("delete")
 def policy_delete(name: NameArgument, vault: VaultOption) -> None:
     """Delete a policy (refused while items use it)."""
+    from vmvault.cli import remote
     from vmvault.service import policies
 
-    with service_context() as ctx:
-        policies.delete_policy(ctx, vault, name)
+    if remote.active():
+        remote.delete(f"/vaults/{remote.q(vault)}/policies/{remote.q(name)}")
+    else:
+        with service_context() as ctx:
+            policies.delete_policy(ctx, vault, name)
     output.info(f"policy '{name}' deleted from vault '{vault}'")

@@ -2,7 +2,9 @@
 
 The API answers with the same JSON the service returns, so the command prints exactly what it
 prints locally; an API error becomes the same VmvaultError (code, message, hint, exit code).
-Commands without a remote form refuse --server (cli/state.service_context).
+Commands without a remote form refuse --server (cli/state.service_context), and so do options
+the API does not take (refuse_option). Long operations answer 202 with their job; the command
+follows it by polling (run_job) and prints it as it does locally.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 from vmvault.cli.state import STATE
 from vmvault.errors import Busy, InvalidInput, VmvaultError
@@ -57,8 +61,16 @@ def _error_class(code: str) -> type[VmvaultError]:
     return VmvaultError
 
 
-def call(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
-    """One API call; returns the decoded JSON (None for 204); raises the error the server reported."""
+def refuse_option(option: str, given: bool) -> None:
+    """An option the API does not take: refuse it with --server rather than ignore it."""
+    if given and active():
+        raise InvalidInput(
+            f"{option} does not run against a server (--server {STATE.server})",
+            hint=f"run the command on the server itself, or leave {option} out",
+        )
+
+
+def _request(method: str, path: str, body: Any, params: dict[str, Any] | None) -> urllib.request.Request:
     base = (STATE.server or "").rstrip("/")
     query = {k: ("true" if v is True else "false" if v is False else v) for k, v in (params or {}).items()}
     query = {k: v for k, v in query.items() if v is not None}
@@ -67,19 +79,41 @@ def call(method: str, path: str, body: Any = None, params: dict[str, Any] | None
     headers = {"Authorization": f"Bearer {_token()}", "Accept": "application/json"}
     if data is not None:
         headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    return urllib.request.Request(url, data=data, method=method, headers=headers)
+
+
+@contextmanager
+def _open(request: urllib.request.Request) -> Iterator[Any]:
+    """The server's response; its error document raised as the VmvaultError it names."""
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            raw = response.read()
+            yield response
     except urllib.error.HTTPError as exc:
         raise _api_error(exc) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
+        base = (STATE.server or "").rstrip("/")
         reason = getattr(exc, "reason", exc)
         raise ServerUnreachable(
             f"cannot reach the vmvault server at {base}: {reason}",
             hint="check --server URL (e.g. http://127.0.0.1:8080) and that vmvault serve runs there",
         ) from None
+
+
+def call(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """One API call; returns the decoded JSON (None for 204); raises the error the server reported."""
+    with _open(_request(method, path, body, params)) as response:
+        raw = response.read()
     return json.loads(raw) if raw else None
+
+
+def download(path: str, sink: BinaryIO, /, **params: Any) -> int:
+    """Stream a GET answer (a file) into sink; returns the bytes written."""
+    written = 0
+    with _open(_request("GET", path, None, params)) as response:
+        while block := response.read(1 << 20):
+            sink.write(block)
+            written += len(block)
+    return written
 
 
 def _api_error(exc: urllib.error.HTTPError) -> VmvaultError:
@@ -93,12 +127,20 @@ def _api_error(exc: urllib.error.HTTPError) -> VmvaultError:
     return cls(message, hint=body.get("hint"), code=code)
 
 
-def get(path: str, **params: Any) -> Any:
+def get(path: str, /, **params: Any) -> Any:
     return call("GET", path, params=params)
 
 
 def post(path: str, body: Any = None) -> Any:
     return call("POST", path, body if body is not None else {})
+
+
+def put(path: str, body: Any) -> Any:
+    return call("PUT", path, body)
+
+
+def delete(path: str, /, **params: Any) -> Any:
+    return call("DELETE", path, params=params)
 
 
 def job_view(job: dict[str, Any]) -> dict[str, Any]:
@@ -120,3 +162,11 @@ def wait_job(job_id: str, timeout: float | None = None) -> dict[str, Any]:
                 code="timeout",
             )
         time.sleep(POLL_S)
+
+
+def run_job(path: str, body: Any = None) -> Any:
+    """Start a long operation (202 + its job), follow it to its end; the JobOutcome the command prints."""
+    from vmvault.service.jobs import JobOutcome
+
+    job = post(path, body)
+    return JobOutcome(job=job_view(wait_job(job["id"])))

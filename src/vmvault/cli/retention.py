@@ -34,8 +34,12 @@ def retention_run(
 @protection_app.command("undelete")
 def protection_undelete(vm: VmArgument = None, vm_option: VmOption = None) -> None:
     """Bring back a VM whose backup data was soft deleted (it is then ProtectionStopped; resume it)."""
+    from vmvault.cli import remote
     from vmvault.service import softdelete
 
     name = _vm_name(vm, vm_option, "protection undelete")
+    if remote.active():
+        output.print_object(remote.post(f"/items/{remote.q(name)}/undelete"))
+        return
     with service_context() as ctx:
         output.print_object(softdelete.undelete(ctx, name))

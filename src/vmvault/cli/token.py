@@ -26,10 +26,16 @@ def token_create(
     name: Annotated[str | None, typer.Option("--name", help="A label (default: the role).")] = None,
 ) -> None:
     """Make a token and print it once (only its hash is kept)."""
+    from vmvault.cli import remote
     from vmvault.service import tokens
 
-    with service_context() as ctx:
-        view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name)
+    if remote.active():
+        made = remote.post("/tokens", {"role": role, "vault": vault, "expires": expires, "name": name})
+        token = made.pop("token")
+        view = made
+    else:
+        with service_context() as ctx:
+            view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name)
     if STATE.json:
         output.print_object({**view, "token": token})
         return
@@ -43,8 +49,12 @@ def token_list(
     include_revoked: Annotated[bool, typer.Option("--include-revoked", help="Also list revoked tokens.")] = False,
 ) -> None:
     """List tokens (never their secrets)."""
+    from vmvault.cli import remote
     from vmvault.service import tokens
 
+    if remote.active():
+        output.print_list(remote.get("/tokens", includeRevoked=include_revoked), TOKEN_COLUMNS)
+        return
     with service_context() as ctx:
         output.print_list(tokens.list_tokens(ctx, include_revoked=include_revoked), TOKEN_COLUMNS)
 
@@ -52,7 +62,11 @@ def token_list(
 @token_app.command("revoke")
 def token_revoke(token_id: Annotated[str, typer.Argument(help="Token id (see: token list).", metavar="ID")]) -> None:
     """Revoke a token: it is refused from now on."""
+    from vmvault.cli import remote
     from vmvault.service import tokens
 
+    if remote.active():
+        output.print_object(remote.delete(f"/tokens/{remote.q(token_id)}"))
+        return
     with service_context() as ctx:
         output.print_object(tokens.revoke_token(ctx, token_id))

@@ -29,6 +29,7 @@ def vault_usage(
     price_grs: Annotated[float | None, _price("--price-grs", "GRS storage (per GB-month)")] = None,
 ) -> None:
     """Protected instances (size of their last backup's data, tier, monthly fee) and storage consumed."""
+    from vmvault.cli import remote
     from vmvault.service import usage
 
     overrides = {
@@ -38,8 +39,12 @@ def vault_usage(
         "storage_lrs": price_lrs,
         "storage_grs": price_grs,
     }
-    with service_context() as ctx:
-        report = usage.vault_usage(ctx, name, overrides)
+    if remote.active():
+        remote.refuse_option("--price-*", any(v is not None for v in overrides.values()))
+        report = remote.get(f"/vaults/{remote.q(name)}/usage")
+    else:
+        with service_context() as ctx:
+            report = usage.vault_usage(ctx, name, overrides)
     if STATE.json:
         output.print_json(report)
         return

@@ -53,6 +53,9 @@ class RestoreVm(Body):
     target_dir: str | None = Field(default=None, description="Directory on the server (default: HOME/vms/NAME)")
     format: Literal["raw", "qcow2"] | None = Field(default=None, description="Default: as backed up")
     start: bool = Field(default=False, description="Boot the new VM and wait for its guest agent")
+    instant: bool = Field(
+        default=False, description="Boot it at once from the vault's export; its disks are copied in the background"
+    )
 
 
 class ReplaceDisks(Body):
@@ -134,7 +137,15 @@ def restore_as_new_vm(vm: str, body: RestoreVm, ctx: Ctx, jobs: Jobs) -> dict[st
     """Restore a point of a plain QEMU VM as a new VM (new name, UUID, MACs and paths)."""
     return jobs.start(
         lambda cancel: restore_vm.restore_vm(
-            ctx, vm, body.rp, body.name, target_dir=body.target_dir, fmt=body.format, start=body.start, cancel=cancel
+            ctx,
+            vm,
+            body.rp,
+            body.name,
+            target_dir=body.target_dir,
+            fmt=body.format,
+            start=body.start,
+            instant=body.instant,
+            cancel=cancel,
         )
     )
 

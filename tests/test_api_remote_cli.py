@@ -1,0 +1,129 @@
+"""`vmvault --server URL`: the CLI driving a real `vmvault serve` (uvicorn) prints what it prints locally.
+
+One server on a sandboxed home; the "remote" CLI runs with another, empty home and only a token,
+so whatever it does can only have gone through the API. Read commands are compared byte for
+byte with the local CLI on the server's home (JSON and table); writes made remotely are checked
+from the local side; errors keep their code, message, hint and exit code; commands and options
+without an API refuse --server clearly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from api_support import make_ext4_image
+from helpers import Cli, Result, files_equal
+from test_api_flows import served
+
+
+def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    disk = make_ext4_image(tmp_path / "web1.raw", 16, {"a.txt": b"remote\n"})
+    cli.ok("vault", "create", "main")
+    with served(cli) as (address, token):
+        remote = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+
+        def there(*args: str, json_output: bool = True) -> Result:
+            return remote.ok("--server", address, *args, json_output=json_output)
+
+        def both(*args: str, json_output: bool = True) -> None:
+            here = cli.ok(*args, json_output=json_output).stdout
+            assert there(*args, json_output=json_output).stdout == here, args
+
+        # writes made through the server
+        assert there("vm", "add", "web1", "--disk", str(disk)).json() == cli.ok("vm", "show", "web1").json()
+        enabled = there("protection", "enable", "web1", "--vault", "main").json()
+        assert enabled["operation"] == "ConfigureBackup" and enabled["status"] == "Completed"
+        backup = there("backup", "now", "web1", "--retain-until", "2099-01-01")
+        job = backup.json()
+        assert job["status"] == "Completed" and job["operation"] == "Backup"
+        assert "recovery point" in backup.stderr
+        rp = cli.ok("recoverypoint", "list", "web1").json()[0]["id"]
+
+        restored = there("restore", "disks", "web1", "--rp", rp, "--target-dir", str(tmp_path / "out")).json()
+        assert (restored["operation"], restored["status"]) == ("Restore", "Completed")
+        assert files_equal(tmp_path / "out" / "disk0.raw", disk)
+
+        _policies(cli, there, tmp_path)
+        _protection(cli, there)
+        there("vault", "create", "spare")
+        assert cli.ok("vault", "show", "spare").json()["name"] == "spare"
+        assert there("vault", "delete", "spare").json()["storageDeleted"] is True
+        assert cli.fails("vault", "show", "spare").returncode == 66
+        verified = there("vault", "verify", "main").json()
+        assert (verified["operation"], verified["status"]) == ("Verify", "Completed")
+
+        # reads: the same bytes, as JSON and as tables
+        for args in (("vault", "list"), ("vault", "show", "main"), ("vm", "list"), ("vm", "show", "web1"),
+                     ("item", "list"), ("item", "show", "web1"), ("recoverypoint", "list", "web1"),
+                     ("policy", "list", "--vault", "main"), ("policy", "show", "DefaultPolicy", "--vault", "main"),
+                     ("job", "show", job["id"]), ("vault", "usage", "main"), ("files", "list", "web1", "--all"),
+                     ("job", "list", "--operation", "Backup")):  # fmt: skip
+            both(*args)
+            both(*args, json_output=False)
+        assert there("job", "wait", job["id"]).json()["id"] == job["id"]
+
+        # errors: the same code, message, hint and exit code
+        failing: list[tuple[str, ...]] = [
+            ("vm", "show", "nope"), ("vm", "enable-agent", "web1"), ("files", "browse", "--vm", "web1"),
+            ("restore", "vm", "web1", "--rp", "0000", "--name", "copy"),
+            ("restore", "replace-disks", "web1", "--rp", "0000"),
+        ]  # fmt: skip
+        for command in failing:
+            here, far = cli.fails(*command), remote.fails("--server", address, *command)
+            assert (far.returncode, far.stderr) == (here.returncode, here.stderr), command
+
+        _tokens(cli, there, token)
+        _refusals(remote, address, rp, tmp_path)
+        forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
+        assert forged.fails("--server", address, "vault", "list").returncode == 77
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _policies(cli: Cli, there: Callable[..., Result], tmp_path: Path) -> None:
+    document = cli.ok("policy", "show", "DefaultPolicy", "--vault", "main").json()
+    document["properties"]["retentionPolicy"]["dailySchedule"]["retentionDuration"]["count"] = 30
+    path = tmp_path / "monthly.json"
+    path.write_text(json.dumps(document))
+    created = there("policy", "create", "Short", "--vault", "main", "--file", str(path)).json()
+    assert created == cli.ok("policy", "show", "Short", "--vault", "main").json()
+    document["properties"]["retentionPolicy"]["dailySchedule"]["retentionDuration"]["count"] = 40
+    path.write_text(json.dumps(document))
+    there("policy", "set", "Short", "--vault", "main", "--file", str(path))
+    shown = cli.ok("policy", "show", "Short", "--vault", "main").json()
+    assert shown["properties"]["retentionPolicy"]["dailySchedule"]["retentionDuration"]["count"] == 40
+    assert "deleted" in there("policy", "delete", "Short", "--vault", "main").stderr
+    assert cli.fails("policy", "show", "Short", "--vault", "main").returncode == 66
+
+
+def _protection(cli: Cli, there: Callable[..., Result]) -> None:
+    def state() -> str:
+        return str(cli.ok("item", "show", "web1").json()["protectionState"])
+
+    assert there("protection", "update", "web1", "--policy", "DefaultPolicy").json()["status"] == "Completed"
+    there("protection", "disable", "web1")
+    assert state() == "ProtectionStopped"
+    there("protection", "resume", "web1")
+    assert state() == "Protected"
+
+
+def _tokens(cli: Cli, there: Callable[..., Result], token: str) -> None:
+    made = there("token", "create", "--role", "BackupReader", "--vault", "main").json()
+    assert made["token"].startswith("vmv_") and made["role"] == "BackupReader"
+    listed = {t["id"]: t for t in cli.ok("token", "list").json()}
+    assert listed[made["id"]]["vault"] == "main"
+    assert there("token", "revoke", made["id"]).json()["revoked"] is not None
+    assert made["id"] not in {t["id"] for t in there("token", "list").json()}
+
+
+def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:
+    local_only: list[tuple[str, ...]] = [
+        ("vault", "import", str(tmp_path / "home")), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"),
+        ("files", "script", "web1", "--rp", rp), ("vault", "usage", "main", "--price-lrs", "1"),
+        ("files", "mount", "web1", "--rp", rp, "--mountpoint", str(tmp_path)), ("retention", "run"),
+    ]  # fmt: skip
+    for args in local_only:
+        refused = remote.fails("--server", address, *args)
+        assert refused.returncode == 64 and "does not run against a server" in refused.stderr, args
