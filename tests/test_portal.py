@@ -53,7 +53,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require_chromium()
     root = tmp_path_factory.mktemp("portal")
     disk = make_ext4_image(root / "web1.raw", 24, {"report.bin": REPORT, "notes.txt": b"portal test\n"})
-    cli = Cli(home=root / "home")
+    # each backup pauses 3 s after publishing a data pack, so its job is seen running in the page
+    cli = Cli(home=root / "home", extra_env={"VMVAULT_TEST_PAUSE_AFTER_PACK": "3"})
     cli.ok("vault", "create", "main")
     cli.ok("vm", "add", "web1", "--disk", str(disk))
     with served(cli) as server, chromium() as browser:
@@ -120,6 +121,8 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     assert toast.is_visible() and toast.locator("a.toast-link").is_visible()
     screenshot(page, "backup-now-toast")
     _follow_toast(page, "Backup of web1 triggered")
+    assert page.inner_text("#job-status") == "InProgress"
+    screenshot(page, "job-running")
     _wait_job_completed(page)
     assert retain in page.inner_text("#job-live")
     screenshot(page, "job")

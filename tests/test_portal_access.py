@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -174,3 +175,18 @@ def test_the_api_keeps_its_own_answers_beside_the_portal(world: tuple[Sandbox, d
     assert box.client.get("/api/v1/vms").status_code == 401
     assert box.client.request("DELETE", "/api/v1/vms").status_code == 405
     assert box.client.get("/api/v1/nothing").json()["code"] == "not_found"
+
+
+def test_enable_backup_into_a_new_vault(world: tuple[Sandbox, dict[str, str]], tmp_path: Path) -> None:
+    box, _values = world
+    vms.add_vm(box.ctx, "vm2", [make_ext4_image(tmp_path / "vm2.raw", 8)])
+    operator, csrf = signed_in(box, box.token("BackupOperator"))
+    r = operator.post("/vms/vm2/enable", data={"csrf": csrf, "vault": "__new__", "new_vault": "fresh"})
+    assert r.status_code == 403 and "may not create vaults" in r.text  # an Operator picks an existing vault
+    client, csrf = signed_in(box, box.token("BackupContributor"))
+    r = client.post("/vms/vm2/enable", data={"csrf": csrf, "vault": "__new__", "new_vault": "fresh"})
+    assert r.status_code == 200 and "Backup enabled for vm2 in vault fresh." in r.text, r.text
+    assert "Warning (Initial backup pending)" in r.text
+    assert [p["name"] for p in vaults.list_vaults(box.ctx) if p["name"] == "fresh"] == ["fresh"]
+    r = client.post("/vms/vm2/enable", data={"csrf": csrf, "vault": "v1"})
+    assert r.status_code == 409 and "already protected by vault" in html.unescape(r.text)  # the service's error, as is
