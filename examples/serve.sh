@@ -18,7 +18,8 @@ PORT="${VMVAULT_PORT:-8080}"
 WORKERS="${VMVAULT_WORKERS:-2}"
 
 cat <<EOT
-Starting vmvault serve. API: http://$HOST:$PORT/api/v1 (interactive docs: http://$HOST:$PORT/docs).
+Starting vmvault serve. Portal: http://$HOST:$PORT/ (sign in with the token printed below).
+API: http://$HOST:$PORT/api/v1 (interactive docs: http://$HOST:$PORT/docs).
 While it runs, in another shell:
   curl -H "Authorization: Bearer TOKEN" http://$HOST:$PORT/api/v1/items   protected VMs (TOKEN: printed below)
   $VMVAULT token create --role BackupReader   another token (roles: Owner, BackupContributor, BackupOperator, BackupReader)
