@@ -46,6 +46,7 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         assert (restored["operation"], restored["status"]) == ("Restore", "Completed")
         assert files_equal(tmp_path / "out" / "disk0.raw", disk)
 
+        _file_recovery(cli, there, rp, tmp_path)
         _policies(cli, there, tmp_path)
         _protection(cli, there)
         there("vault", "create", "spare")
@@ -80,6 +81,26 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
         assert forged.fails("--server", address, "vault", "list").returncode == 77
     assert not (tmp_path / "elsewhere").exists()
+
+
+def _file_recovery(cli: Cli, there: Callable[..., Result], rp: str, tmp_path: Path) -> None:
+    """Mount on the server, browse and download through it, unmount: as the local commands see it."""
+    session = there("files", "mount", "web1", "--rp", rp).json()
+    assert session["recoveryPoint"] == rp and session["state"] == "Active", session
+    assert [s["id"] for s in cli.ok("files", "list", "web1").json()] == [session["id"]]
+    volumes = there("files", "browse", "--vm", "web1").json()
+    assert volumes == cli.ok("files", "browse", "--vm", "web1").json() and len(volumes) == 1
+    volume = volumes[0]["name"]
+    names = {e["name"] for e in there("files", "browse", volume, "--vm", "web1").json()}
+    assert "a.txt" in names, names
+    copied = tmp_path / "a.txt"
+    assert "wrote 7 bytes" in there("files", "download", f"{volume}/a.txt", "--vm", "web1", "--to", str(copied)).stderr
+    assert copied.read_bytes() == b"remote\n"
+    streamed = there("files", "download", f"{volume}/a.txt", "--vm", "web1", "--to", "-", json_output=False)
+    assert streamed.stdout == "remote\n"
+    ended = there("files", "unmount", "web1").json()
+    assert [(s["id"], s["state"]) for s in ended] == [(session["id"], "Ended")], ended
+    assert cli.ok("files", "list", "web1").json() == []
 
 
 def _policies(cli: Cli, there: Callable[..., Result], tmp_path: Path) -> None:
