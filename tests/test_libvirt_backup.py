@@ -160,6 +160,70 @@ def test_a_killed_backup_leaves_a_job_that_the_next_backup_reconciles(lab: Lab) 
     lab.assert_clean()
 
 
+def test_serve_start_reconciles_what_a_killed_backup_left(lab: Lab) -> None:
+    kept = lab.definition(latest_point(lab.cli, VM))["checkpoint"]
+    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
+    proc = held.popen(*held.backup_args(VM))
+    try:
+        wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)
+        assert lab.domain.job_type() != "None" and lab.scratch_files()
+        assert len(lab.domain.checkpoints()) == 2  # the latest point's and the killed run's
+    finally:
+        proc.kill()  # SIGKILL: no clean-up at all
+        proc.communicate(timeout=60)
+    serve = lab.cli.popen("serve", "--listen", "none", json_output=False)
+    try:
+        deadline = time.monotonic() + 120
+        while lab.domain.checkpoints() != [kept] and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # reconciliation's last step: the killed run's checkpoint deleted
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _out, err = serve.communicate(timeout=60)
+    assert serve.returncode == 0, err
+    assert "reconciled: deleted failed checkpoint" in err and "reconciled: aborted the backup job" in err, err
+    assert lab.domain.job_type() == "None", lab.domain.virsh("domjobinfo", lab.domain.name).stdout
+    assert not lab.scratch_files(), lab.scratch_files()
+    assert lab.domain.checkpoints() == [kept]
+    job = backup(lab.cli, VM)  # an incremental from the kept checkpoint, nothing left to reconcile
+    assert job["status"] == "Completed" and not fell_back(job), job
+    assert "leftovers_reconciled" not in warning_codes(job), job
+    lab.assert_clean()
+
+
+def test_vm_list_shows_power_state_disks_agent_and_protection(lab: Lab) -> None:
+    (vm,) = [v for v in lab.cli.ok("vm", "list").json() if v["name"] == VM]
+    assert vm["powerState"] == "running" and vm["agent"] == "answers", vm
+    assert [d["name"] for d in vm["disks"]] == ["vda"]
+    assert vm["protection"] == "protected in vault v1", vm
+    table = lab.cli.ok("vm", "list", json_output=False).stdout
+    (line,) = [x for x in table.splitlines() if x.startswith(f"{VM} ")]
+    assert line.split()[:5] == [VM, "libvirt", "running", "vda", "answers"], table
+
+
+def test_without_an_agent_channel_item_show_gives_the_fix_and_enable_agent_adds_it(lab: Lab) -> None:
+    disk = ext4_disk(lab.workdir, "noagent0", 32 * MiB)
+    other = Domain(f"vmvnoag-{secrets.token_hex(4)}", lab.workdir, [disk], agent=False).define()
+    try:
+        lab.cli.ok("vm", "add", "noagent", "--libvirt", other.name)
+        assert lab.cli.protection_enable("noagent", "v1").ok
+        advice = lab.cli.ok("item", "show", "noagent").json()["guestAgent"]
+        assert "no org.qemu.guest_agent.0 channel" in advice and "vmvault vm enable-agent noagent" in advice, advice
+        assert "effective at next boot" in advice and "CrashConsistent" in advice, advice
+        assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is True
+        assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is False  # idempotent
+        xml = other.virsh("dumpxml", "--inactive", other.name).stdout
+        assert xml.count("org.qemu.guest_agent.0") == 1, xml
+        assert lab.cli.ok("item", "show", "noagent").json()["guestAgent"] == "org.qemu.guest_agent.0 channel present"
+        other.agent = True
+        other.start()  # the channel works at the next boot: the agent answers through libvirt
+        (vm,) = [v for v in lab.cli.ok("vm", "list").json() if v["name"] == "noagent"]
+        assert vm["powerState"] == "running" and vm["agent"] == "answers", vm
+        r = lab.cli.fails("vm", "enable-agent", "nosuchvm")
+        assert "nosuchvm" in r.output
+    finally:
+        other.close()
+
+
 def test_a_cancelled_backup_deletes_its_checkpoint(lab: Lab) -> None:
     before, points = lab.domain.checkpoints(), len(lab.cli.points(VM))
     held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "4"})

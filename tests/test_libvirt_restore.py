@@ -124,7 +124,7 @@ def test_a_restored_domain_boots_from_its_restored_os_disk(lab: Lab) -> None:
         xml = copy.virsh("dumpxml", "--inactive", name).stdout
         for path in lab.original_paths():
             assert path not in xml, f"the copy uses {path} of the original"
-        sources = [s.get("file") for s in ET.fromstring(xml).iter("source") if s.get("file")]
+        sources = [str(s.get("file")) for s in ET.fromstring(xml).iter("source") if s.get("file")]
         assert sorted(sources) == [str(target / "vda.qcow2"), str(target / "vdb.qcow2")], sources
         assert copy.checkpoints() == [], "checkpoint metadata was carried over"
         # vmvault knows it, and vm list sees both running with their agents answering
@@ -170,7 +170,7 @@ def test_restore_disks_writes_domain_xml_that_boots_without_the_original_disks(l
         assert path not in text, f"the template still names {path} of the original domain"
     assert "disk vdb left out: not selected for this restore" in text, text
     root = ET.fromstring(text)
-    sources = [s.get("file") for s in root.iter("source") if s.get("file")]
+    sources = [str(s.get("file")) for s in root.iter("source") if s.get("file")]
     assert sources == [str(target / "vda.qcow2")], sources
     assert not _macs(text) & _macs(lab.domain.virsh("dumpxml", lab.domain.name).stdout)
     # the template boots as it is, with the original's disks out of reach
