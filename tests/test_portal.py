@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 from api_support import make_ext4_image
 from helpers import Cli, files_equal
@@ -224,9 +225,7 @@ def test_jobs_list_updates_live(world: World) -> None:
     retain = (date.today() + timedelta(days=10)).isoformat()
     started = page.request.post(f"{url}/vms/web1/backup", form={"csrf": csrf, "retain_until": retain})
     assert started.ok, started.text()
-    page.wait_for_function(
-        f"document.querySelectorAll('#jobs tbody tr[data-job]').length === {before + 1}", timeout=JOB_TIMEOUT_MS
-    )
+    expect(page.locator("#jobs tbody tr[data-job]")).to_have_count(before + 1, timeout=JOB_TIMEOUT_MS)
     newest = page.locator("#jobs tbody tr[data-job]").first
     newest.locator(".job-status:text-is('Completed')").wait_for(timeout=JOB_TIMEOUT_MS)
     assert page.evaluate("window.__stillSamePage === true"), "the jobs list was reloaded"

@@ -190,3 +190,16 @@ def test_enable_backup_into_a_new_vault(world: tuple[Sandbox, dict[str, str]], t
     assert [p["name"] for p in vaults.list_vaults(box.ctx) if p["name"] == "fresh"] == ["fresh"]
     r = client.post("/vms/vm2/enable", data={"csrf": csrf, "vault": "v1"})
     assert r.status_code == 409 and "already protected by vault" in html.unescape(r.text)  # the service's error, as is
+
+
+def test_portal_pages_are_not_cached_or_framed_and_unknown_pages_are_html(
+    world: tuple[Sandbox, dict[str, str]],
+) -> None:
+    box, _values = world
+    client, _csrf = signed_in(box, box.token("BackupReader"))
+    page = client.get("/vms")
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and "no page /no/such/page" in missing.text
+    assert missing.headers["content-type"].startswith("text/html")

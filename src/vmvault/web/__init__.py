@@ -7,12 +7,15 @@ API's route table and OpenAPI document). Its mount never claims the API's paths 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.routing import Match, Mount
 from starlette.types import Scope
 
-from vmvault.web.core import HERE, Portal, PortalRoute
+from vmvault.errors import NotFound, VmvaultError
+from vmvault.web.core import HERE, Portal, PortalRoute, error_page, with_security_headers
 
 API_PATHS = ("/api/", "/api", "/docs", "/redoc", "/openapi.json", "/health", "/healthz")
 
@@ -44,6 +47,16 @@ def portal_app(api: FastAPI) -> FastAPI:
     app.state.portal = Portal()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(portal_router())
+
+    @app.exception_handler(StarletteHTTPException)
+    def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
+        """Unknown pages (and wrong methods) as the portal's error page, not the API's JSON."""
+        error: VmvaultError = NotFound(f"no page {request.url.path}", hint="start from /vms")
+        if exc.status_code != 404:
+            error = VmvaultError(str(exc.detail), hint="go back and use the page's own buttons")
+            error.http_status = exc.status_code
+        return with_security_headers(error_page(request, error))
+
     return app
 
 

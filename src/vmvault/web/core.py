@@ -171,6 +171,22 @@ async def _guard(request: Request, rule: Access) -> Response | None:
     return None
 
 
+SECURITY_HEADERS = {
+    # pages hold CSRF tokens and, once, a script's password: never cached, never framed
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def with_security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
 class PortalRoute(APIRoute):
     """Checks session, CSRF and permission first; renders VmvaultError as an error page."""
 
@@ -179,6 +195,9 @@ class PortalRoute(APIRoute):
         rule: Access | None = getattr(self.endpoint, "portal_access", None)
 
         async def handler(request: Request) -> Response:
+            return with_security_headers(await guarded(request))
+
+        async def guarded(request: Request) -> Response:
             try:
                 if rule is None:
                     raise Forbidden("this page declares no permission", hint="report it: every page must declare one")
