@@ -70,8 +70,10 @@ ORIGINAL = """<domain type='qemu' id='7'>
     <label>+64055:+994</label><imagelabel>+64055:+994</imagelabel>
   </seclabel>
 </domain>"""
-TPM = ("<tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
-       "<source type='dir' path='/srv/orig/tpm'/></backend></tpm>")
+TPM = (
+    "<tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
+    "<source type='dir' path='/srv/orig/tpm'/></backend></tpm>"
+)
 
 
 def _copy(target: Path, *, tpm: bool) -> object:
