@@ -46,7 +46,10 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         assert (restored["operation"], restored["status"]) == ("Restore", "Completed")
         assert files_equal(tmp_path / "out" / "disk0.raw", disk)
 
-        _file_recovery(cli, there, rp, tmp_path)
+        try:
+            _file_recovery(cli, there, rp, tmp_path)
+        finally:  # a failed check must not leave the point mounted
+            remote.run("--server", address, "files", "unmount", "web1")
         _policies(cli, there, tmp_path)
         _protection(cli, there)
         there("vault", "create", "spare")

@@ -1,10 +1,12 @@
 """Response models: the JSON the service layer returns, as documented in /openapi.json.
 
 They model what the service returns, not a new shape: camelCase keys (aliases of snake_case
-fields), declared in the order the service writes them (so the serialized JSON is the same text
-the CLI prints locally), and extra keys allowed where a shape varies (a VM's connector details,
-a job's error, a point's verification). Dates are strings (ISO 8601 UTC) so they pass through
-unchanged; numbers that may be ints or floats are `Number` so an int is not turned into a float.
+fields), extra keys allowed where a shape varies (a VM's connector details, a job's error, a
+point's verification), and the keys kept in the order the service wrote them (View), so the API
+answers the same JSON text the CLI prints locally. FastAPI validates every answer against its
+model (an answer that does not match is a 500, caught by tests/test_api_schemathesis.py). Dates
+are strings (ISO 8601 UTC) so they pass through unchanged; numbers that may be ints or floats are
+`Number` so an int is not turned into a float.
 """
 
 from __future__ import annotations
