@@ -214,10 +214,22 @@ def test_restore_disks_and_recovery_script(world: World, tmp_path: Path) -> None
     page.context.close()
 
 
-def test_jobs_list_updates_live(world: World) -> None:
+def test_backup_page_and_jobs_list_update_live(world: World) -> None:
     url = world.server.url
     page = _page(world)
     sign_in(page, url, world.server.owner_token)
+    page.goto(f"{url}/vms/web1")
+    points = page.locator("#points tbody tr").count()
+    retain = (date.today() + timedelta(days=20)).isoformat()
+    started = page.request.post(f"{url}/vms/web1/backup", form={"csrf": csrf_of(page), "retain_until": retain})
+    assert started.ok, started.text()
+    page.goto(f"{url}/vms/web1")  # a backup runs: the item's facts and points refresh by themselves
+    assert page.locator("#item-live[data-live]").count() == 1
+    page.evaluate("window.__stillSamePage = true")
+    expect(page.locator("#points tbody tr")).to_have_count(points + 1, timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#last-status")).to_have_text("Completed")
+    assert page.evaluate("window.__stillSamePage === true"), "the Backup page was reloaded"
+
     page.goto(f"{url}/jobs?vm=web1&operation=Backup")
     before = page.locator("#jobs tbody tr[data-job]").count()
     page.evaluate("window.__stillSamePage = true")

@@ -31,6 +31,7 @@ TABLE: dict[tuple[str, str], Access] = {
     ("GET", "/"): Access(P.READ),
     ("GET", "/vms"): Access(P.READ),
     ("GET", "/vms/{vm}"): Access(P.READ, Scope.VM),
+    ("GET", "/vms/{vm}/item"): Access(P.READ, Scope.VM),
     ("GET", "/vms/{vm}/enable"): Access(P.PROTECTION_ENABLE, Scope.BODY),
     ("POST", "/vms/{vm}/enable"): Access(P.PROTECTION_ENABLE, Scope.BODY),
     ("POST", "/vms/{vm}/backup"): Access(P.BACKUP, Scope.VM),

@@ -56,10 +56,7 @@ def vm_page(request: Request, vm: str) -> Response:
     view = vms.show_vm(ctx, vm)
     view["powerState"] = POWER_STATE.get(view["kind"], "Unknown")
     item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
-    summary = None
-    if item is not None and item["policy"]:
-        summary = policies.policy_summary(policies.show_policy(ctx, item["vault"], item["policy"]))
-    points = backups.list_recovery_points(ctx, vm, include_deleted=True) if item is not None else []
+    summary, points = _item_parts(ctx, vm, item)
     recent = jobs.list_jobs(ctx, vm=vm, limit=5)
     default_retain = (ctx.now() + timedelta(days=DEFAULT_RETAIN_DAYS)).date().isoformat()
     tomorrow = (ctx.now() + timedelta(days=1)).date().isoformat()
@@ -67,6 +64,26 @@ def vm_page(request: Request, vm: str) -> Response:
         request, "vm.html", vm=view, item=item, summary=summary, points=points, jobs=recent,
         default_retain=default_retain, tomorrow=tomorrow,
     )  # fmt: skip
+
+
+def _item_parts(ctx: Context, vm: str, item: JsonDict | None) -> tuple[JsonDict | None, list[JsonDict]]:
+    """The item's policy summary and its recovery points (soft-deleted ones too)."""
+    if item is None:
+        return None, []
+    summary = None
+    if item["policy"]:
+        summary = policies.policy_summary(policies.show_policy(ctx, item["vault"], item["policy"]))
+    return summary, backups.list_recovery_points(ctx, vm, include_deleted=True)
+
+
+@router.get("/vms/{vm}/item")
+@access(Permission.READ, Scope.VM)
+def item_live(request: Request, vm: str) -> Response:
+    """The Backup page's item facts and points alone: polled by portal.js while a backup runs."""
+    ctx = ctx_of(request)
+    item = items.show_item(ctx, vm)
+    summary, points = _item_parts(ctx, vm, item)
+    return render(request, "item_live.html", fragment=True, vm={"name": vm}, item=item, summary=summary, points=points)
 
 
 @router.get("/vms/{vm}/enable")
