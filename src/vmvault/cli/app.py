@@ -653,6 +653,10 @@ def restore_vm(
         DiskFormat | None, typer.Option("--format", case_sensitive=False, help="raw or qcow2 (default: as backed up).")
     ] = None,
     start: Annotated[bool, typer.Option("--start", help="Boot the new VM and wait for its guest agent.")] = False,
+    instant: Annotated[
+        bool,
+        typer.Option("--instant", help="Boot it at once from the vault's export; disks copied in the background."),
+    ] = False,
     vm: VmArgument = None,
     vm_option: VmOption = None,
 ) -> None:
@@ -665,17 +669,21 @@ def restore_vm(
     fmt = disk_format.value if disk_format else None
     if remote.active():
         body = {"rp": rp, "name": new_name, "targetDir": str(target_dir) if target_dir else None, "format": fmt,
-                "start": start}  # fmt: skip
+                "start": start, "instant": instant}  # fmt: skip
         _end_job(remote.run_job(f"/items/{remote.q(name)}/restore/vm", body))
         return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(
             lambda cancel: service.restore_vm(
-                ctx, name, rp, new_name, target_dir=target_dir, fmt=fmt, start=start, on_progress=show, cancel=cancel
+                ctx, name, rp, new_name, target_dir=target_dir, fmt=fmt, start=start, instant=instant,
+                on_progress=show, cancel=cancel,
             )
         )
     result = outcome.result or {}
-    _end_job(outcome, [f"restored VM {result.get('name')}: {result.get('launchScript')}"] if result else [])
+    notes = [f"restored VM {result.get('name')}: {result.get('launchScript')}"] if result.get("name") else []
+    if instant and outcome.job["status"] == "InProgress":
+        notes.append(f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['id']}")
+    _end_job(outcome, notes)
 
 
 @restore_app.command("replace-disks")

@@ -560,6 +560,7 @@ def extended_info(row: JobRow) -> JsonDict:
         "scheduledFor": details.get("scheduledFor"),
         "retainUntil": details.get("retainUntil"),
         "recoveryPoint": details.get("recoveryPoint"),
+        "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)
         "queued": queued,
         "cancelRequested": bool(row.cancel_requested),
         "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},

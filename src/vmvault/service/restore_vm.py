@@ -119,12 +119,17 @@ def restore_vm(
     target_dir: str | Path | None = None,
     fmt: str | None = None,
     start: bool = False,
+    instant: bool = False,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:
     """Restore a point of a plain QEMU VM as a new VM (defined, registered; started with start)."""
     from vmvault.service import restore_libvirt
 
+    if instant:  # runs at once on the vault's export, copied in the background (service/instant_restore.py)
+        from vmvault.service.instant_restore import restore_instant
+
+        return restore_instant(ctx, vm_name, rp_id, new_name, target_dir=target_dir, fmt=fmt, cancel=cancel)
     if restore_libvirt.is_libvirt_vm(ctx, vm_name):  # a new libvirt domain (service/restore_libvirt.py)
         return restore_libvirt.restore_vm(ctx, vm_name, rp_id, new_name, target_dir=target_dir, fmt=fmt, start=start,
                                           on_progress=on_progress, cancel=cancel)  # fmt: skip

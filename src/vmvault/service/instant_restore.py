@@ -1,0 +1,498 @@
+"""Instant restore: a new VM that runs at once on the vault's block export, then moves to local disks.
+
+`vmvault restore vm VM --rp ID --name NEW --instant` (docs/restore.md, "Instant restore"). The
+command plans and refuses like a normal restore as a new VM, records a queued Restore job and
+starts the job's **owner**, a detached process (`python -m vmvault.service.instant_restore HOME
+JOB`) that claims the job and drives it to its end, so nothing has to keep running after the
+command returns:
+
+1. it starts the block export of the point (recovery/nbdserver.py, a child of the owner) on a unix
+   socket in the new VM's run directory;
+2. it creates a qcow2 overlay per disk whose backing file is the export (hypervisor/instant.py),
+   defines and registers the VM like restore_vm does (new name, UUID, MACs, paths), with
+   `werror=stop,rerror=stop` on its disk devices, and boots it; the command returns once the
+   guest agent answers, the job still InProgress;
+3. it runs block-stream on every disk and reports bytes copied / total as the job's progress;
+4. when every stream has completed (no disk has a backing file any more) it stops the export and
+   ends the job Completed with the final disk paths (details `restore`, shown by `job show`).
+
+An export that dies pauses the VM on its next read of data not yet copied (status io-error; the
+guest gets no error) and pauses the streams. The job says so (its `error` while InProgress) and the
+owner restarts the export every VMVAULT_INSTANT_RETRY_S seconds (10); once it answers, the VM
+continues and the streams resume. A VM that stops before the copy is complete is finished offline
+(`qemu-img rebase -b ""` against the export). `vmvault job cancel` stops the VM and the export and
+removes the copy (its writes are lost: a copy still needing the vault is useless without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmvault.catalog import repos
+from vmvault.engine.progress import Progress
+from vmvault.errors import Cancelled, HypervisorError, IntegrityError, InvalidInput, StorageError, VmvaultError
+from vmvault.hypervisor import instant
+from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+from vmvault.proc import boot_id
+from vmvault.service.context import Context
+from vmvault.service.jobs import (
+    JobOutcome,
+    JobRun,
+    Operation,
+    ProgressCallback,
+    Status,
+    cancel_job,
+    create_job,
+    end_job,
+    owner_fields,
+    run_job,
+    show_job,
+)
+from vmvault.service.restore_vm import (
+    BOOT_TIMEOUT,
+    VmRestorePlan,
+    _launch_script,
+    _plan_vm,
+    _register,
+    _run_dir,
+    _write_new,
+    start_vm,
+)
+from vmvault.service.views import JsonDict
+
+log = logging.getLogger("vmvault.instant")
+
+RETRY_S = float(os.environ.get("VMVAULT_INSTANT_RETRY_S", "10"))
+STREAM_SPEED = int(os.environ.get("VMVAULT_INSTANT_STREAM_SPEED", "0"))  # bytes/s, 0 = as fast as it goes
+EXPORT_START_TIMEOUT_S = 60.0
+POLL_S = 1.0
+EXPORT_SOCKET = "vault.sock"
+
+
+# ---- the command's side --------------------------------------------------------------------------
+
+
+def restore_instant(
+    ctx: Context,
+    vm_name: str,
+    rp_id: str,
+    new_name: str,
+    *,
+    target_dir: str | Path | None = None,
+    fmt: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[JsonDict]:
+    """Start an instant restore; returns once the new VM runs (the job goes on in its owner process)."""
+    if fmt not in (None, "qcow2"):
+        raise InvalidInput(
+            "an instant restore writes qcow2 disks (an overlay on the vault's export)",
+            hint="leave out --format, or drop --instant to restore raw disks",
+        )
+    from vmvault.service import restore_libvirt
+
+    if restore_libvirt.is_libvirt_vm(ctx, vm_name):
+        raise InvalidInput(
+            f"VM '{vm_name}' is a libvirt domain: instant restore covers plain QEMU VMs (vm add --qmp)",
+            hint=f"restore it without --instant: vmvault restore vm {vm_name} --rp {rp_id} --name {new_name}",
+        )
+    plan = _plan_vm(ctx, vm_name, rp_id, new_name, target_dir, "qcow2", True)
+    details = {"instantPlan": _plan_dict(plan), "restore": {"vm": new_name, "instant": True, "state": "Starting"}}
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name, queued=True, details=details)
+    proc = _spawn_owner(ctx, job.id, plan)
+    return _wait_until_running(ctx, job.id, proc, cancel or threading.Event())
+
+
+def _plan_dict(plan: VmRestorePlan) -> JsonDict:
+    return {"vm": plan.vm_name, "rp": plan.rp_id, "name": plan.new_name, "vault": plan.vault.name,
+            "targetDir": str(plan.target_dir), "disks": [str(p) for p in plan.disk_files],
+            "extra": [str(p) for p in plan.extra_files]}  # fmt: skip
+
+
+def owner_log(target_dir: Path, new_name: str) -> Path:
+    return target_dir / f"{new_name}-instant.log"
+
+
+def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.Popen[bytes]:
+    plan.target_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if ctx.settings.passphrase:
+        env["VMVAULT_PASSPHRASE"] = ctx.settings.passphrase
+    with open(owner_log(plan.target_dir, plan.new_name), "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmvault.service.instant_restore", str(ctx.settings.home), job_id],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True, env=env,
+        )  # fmt: skip
+
+
+def _wait_until_running(
+    ctx: Context, job_id: str, proc: subprocess.Popen[bytes], cancel: threading.Event
+) -> JobOutcome[JsonDict]:
+    """Wait until the owner reports the VM running (or the job ended); the job goes on afterwards."""
+    deadline = time.monotonic() + BOOT_TIMEOUT + 2 * EXPORT_START_TIMEOUT_S
+    asked = False
+    while time.monotonic() < deadline:
+        with ctx.catalog.read() as s:
+            row = repos.get_job(s, job_id)
+            status, owner, state = row.status, row.owner_pid, dict((row.details or {}).get("restore") or {})
+        if status != Status.IN_PROGRESS or state.get("vmRunning"):
+            job = show_job(ctx, job_id)
+            return JobOutcome(job=job, result=state, error=_job_error(job))
+        if owner <= 0 and proc.poll() is not None:  # died before it claimed the job
+            where = owner_log(Path(_plan_of(ctx, job_id)["targetDir"]), str(state.get("vm")))
+            error = StorageError(f"the instant restore's owner process exited ({proc.returncode}) before it started",
+                                 hint=f"see {where}")  # fmt: skip
+            job = end_job(ctx, job_id, Status.FAILED, error)
+            return JobOutcome(job=job, error=error)
+        if cancel.is_set() and not asked:
+            asked = True
+            with contextlib.suppress(InvalidInput):
+                cancel_job(ctx, job_id)
+        time.sleep(0.3)
+    job = show_job(ctx, job_id)
+    return JobOutcome(job=job, result=None, error=_job_error(job))
+
+
+def _job_error(job: JsonDict) -> VmvaultError | None:
+    error = job.get("error") or None
+    if job["status"] not in Status.ENDED_BADLY or not error:
+        return None
+    return VmvaultError(str(error.get("message")), hint=error.get("recommendedAction"), code=error.get("code"))
+
+
+def _plan_of(ctx: Context, job_id: str) -> JsonDict:
+    with ctx.catalog.read() as s:
+        plan: JsonDict = dict((repos.get_job(s, job_id).details or {}).get("instantPlan") or {})
+    return plan
+
+
+# ---- the owner process ----------------------------------------------------------------------------
+
+
+def owner_main(home: str, job_id: str) -> int:
+    from vmvault.service.context import context
+    from vmvault.settings import load_settings
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s instant-restore[{os.getpid()}] %(message)s")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with context(load_settings(home)) as ctx:
+        with ctx.catalog.write() as s:
+            row = repos.get_job(s, job_id)
+            details = {**(row.details or {}), **owner_fields()}
+            if not repos.claim_job(s, job_id, os.getpid(), boot_id(), details):
+                log.error("job %s is not waiting for an owner", job_id)
+                return 1
+        with ctx.catalog.read() as s:
+            row = repos.get_job(s, job_id)
+            s.expunge(row)
+        plan = _plan_from(ctx, dict((row.details or {})["instantPlan"]))
+        outcome = run_job(ctx, row, lambda job: InstantRestore(ctx, plan, job).run())
+        log.info("job %s ended %s", job_id, outcome.job["status"])
+        return 1 if outcome.failed else 0
+
+
+def _plan_from(ctx: Context, d: JsonDict) -> VmRestorePlan:
+    with ctx.catalog.read() as s:
+        vault = repos.get_vault(s, str(d["vault"]))
+        s.expunge(vault)
+    return VmRestorePlan(str(d["vm"]), str(d["rp"]), str(d["name"]), vault, Path(d["targetDir"]), "qcow2", True,
+                         [Path(p) for p in d["disks"]], [Path(p) for p in d["extra"]])  # fmt: skip
+
+
+@dataclass
+class Disk:
+    name: str
+    node: str  # the disk's format node in QEMU (block-stream's device)
+    path: Path  # the overlay, then the final disk
+    size: int
+    done: bool = False
+
+
+@dataclass
+class InstantRestore:
+    """The owner's work: export, overlays, VM, streams, switch-over."""
+
+    ctx: Context
+    plan: VmRestorePlan
+    job: JobRun
+    disks: list[Disk] = field(default_factory=list)
+    template: JsonDict = field(default_factory=dict)
+    export: subprocess.Popen[bytes] | None = None
+    lost_since: float | None = None  # when the export was found dead (retry clock)
+    created: list[Path] = field(default_factory=list)
+    copied: dict[str, int] = field(default_factory=dict)  # bytes streamed so far, by disk
+
+    @property
+    def run_dir(self) -> Path:
+        return _run_dir(self.plan.target_dir, self.plan.new_name)
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / EXPORT_SOCKET
+
+    @property
+    def qmp(self) -> str:
+        return str(self.template["sockets"]["qmp"])
+
+    def run(self) -> JsonDict:
+        try:
+            view = self._start()
+        except BaseException:
+            self._stop_export()
+            self._remove_created()
+            raise
+        self._note(state="Copying", vmRunning=True, **view)
+        try:
+            self._copy()
+        except Cancelled:
+            self._cancel()
+            raise
+        self._stop_export()
+        for leftover in self.run_dir.glob("export.*"):
+            leftover.unlink(missing_ok=True)
+        self._check_local()
+        self._note(state="Completed", exportClosed=True)
+        return view
+
+    # ---- start: export, overlays, VM ------------------------------------------------------------
+    def _start(self) -> JsonDict:
+        from vmvault.engine.template import DiskTarget, build_template, refuse_without_definition
+
+        self.plan.target_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        self._start_export()
+        manifest = self._manifest()
+        refuse_without_definition(manifest.vm_definition, self.plan.vm_name)
+        known = {str(d.get("name")): d for d in manifest.vm_definition.get("disks") or []}
+        for d in manifest.disks:
+            path = self.plan.target_dir / f"{d.name}.qcow2"
+            instant.create_overlay(path, self.socket, d.name, d.size)
+            self.created.append(path)
+            self.disks.append(Disk(d.name, str((known.get(d.name) or {}).get("node") or d.name), path, d.size))
+        targets = [DiskTarget(d.name, d.path, "qcow2", d.size) for d in self.disks]
+        template = build_template(dict(manifest.vm_definition), source_vm=self.plan.vm_name, rp_id=self.plan.rp_id,
+                                  name=self.plan.new_name, disks=targets, excluded=[], run_dir=self.run_dir,
+                                  log_dir=self.plan.target_dir)  # fmt: skip
+        cmdline = instant.stop_on_errors(template["qemu"]["cmdline"], [d.node for d in self.disks])
+        template["qemu"] = {**template["qemu"], "cmdline": cmdline}
+        self.template = template
+        definition, script = self.plan.extra_files[0], self.plan.extra_files[1]
+        _write_new(definition, json.dumps(template, indent=2) + "\n")
+        self.created.append(definition)
+        _write_new(script, _launch_script(template, self.run_dir), mode=0o755)
+        self.created.append(script)
+        row = _register(self.ctx, self.plan, template, definition, script, manifest)
+        self._note(state="Booting", disks=[str(d.path) for d in self.disks], exportSocket=str(self.socket))
+        start_vm(template, script, self.plan.target_dir / f"{self.plan.new_name}-qemu.log")
+        log.info("VM %s runs on the export of point %s", self.plan.new_name, self.plan.rp_id)
+        return {"name": row.name, "id": row.id, "uuid": template["uuid"], "macs": template["macs"],
+                "disks": [str(d.path) for d in self.disks], "definitionFile": str(definition),
+                "launchScript": str(script), "started": True, "instant": True}  # fmt: skip
+
+    def _manifest(self) -> Any:
+        from vmvault.service.vaultio import opened_vault
+
+        with opened_vault(self.ctx, self.plan.vault) as vault:
+            vault.sync_index()
+            return vault.read_manifest(self.plan.rp_id)
+
+    # ---- the export ------------------------------------------------------------------------------
+    def _start_export(self) -> None:
+        config_file, ready = self.run_dir / "export.json", self.run_dir / "export.ready"
+        ready.unlink(missing_ok=True)
+        ready.with_suffix(".error").unlink(missing_ok=True)
+        config = {"home": str(self.ctx.settings.home), "storage_dir": self.plan.vault.storage_dir,
+                  "vault_uuid": self.plan.vault.uuid, "rp_id": self.plan.rp_id, "unix": str(self.socket),
+                  "ready": str(ready), "pin_seconds": 7 * 24 * 3600}  # fmt: skip
+        config_file.write_text(json.dumps(config, indent=1))
+        with open(owner_log(self.plan.target_dir, self.plan.new_name), "ab") as out:
+            command = [sys.executable, "-m", "vmvault.recovery.nbdserver", str(config_file)]
+            self.export = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True)
+        deadline = time.monotonic() + EXPORT_START_TIMEOUT_S
+        while not ready.exists():
+            if self.export.poll() is not None or time.monotonic() > deadline:
+                self._stop_export()
+                why = "did not become ready"
+                with contextlib.suppress(OSError, ValueError):
+                    why = str(json.loads(ready.with_suffix(".error").read_text())["message"])
+                raise StorageError(f"the block export of recovery point {self.plan.rp_id} failed: {why}",
+                                   hint="check the vault's storage (vmvault vault verify NAME) and retry")  # fmt: skip
+            time.sleep(0.05)
+        self._note(exportPid=self.export.pid)
+
+    def _stop_export(self) -> None:
+        proc, self.export = self.export, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self.socket.unlink(missing_ok=True)
+
+    def _watch_export(self) -> bool:
+        """True while the export serves; restarts a dead one every RETRY_S seconds (the job says so)."""
+        if self.export is not None and self.export.poll() is None:
+            return True
+        now = time.monotonic()
+        if self.lost_since is None:
+            code = self.export.returncode if self.export is not None else None
+            self.lost_since = now
+            self._problem(f"the block export of recovery point {self.plan.rp_id} stopped (exit code {code})")
+            return False
+        if now - self.lost_since < RETRY_S:
+            return False
+        try:
+            self._start_export()
+        except StorageError as exc:
+            self.lost_since = now
+            self._problem(exc.message)
+            return False
+        log.info("the export runs again (pid %s)", self.export.pid if self.export else "?")
+        self.lost_since = None
+        self._clear_problem()
+        return True
+
+    def _problem(self, what: str) -> None:
+        """The job's error while it is InProgress: what happened, that nothing is lost, and the fix."""
+        log.warning("%s", what)
+        error = {
+            "code": "export_lost",
+            "message": f"{what}; VM '{self.plan.new_name}' pauses (io-error) when it reads data not copied yet, "
+            "so its guest gets no I/O error, and the copy to local disks waits; nothing written is lost",
+            "recommendedAction": f"vmvault restarts the export every {RETRY_S:g} s by itself and then resumes the "
+            f"VM and the copy; make sure the vault's storage ({self.plan.vault.storage_dir}) is reachable "
+            f"(see {owner_log(self.plan.target_dir, self.plan.new_name)})",
+        }
+        self._set_error(error)
+        self._note(state="ExportLost")
+
+    def _clear_problem(self) -> None:
+        self._set_error(None)
+        self._note(state="Copying")
+
+    def _set_error(self, error: JsonDict | None) -> None:
+        with self.ctx.catalog.write() as s:
+            row = repos.get_job(s, self.job.job_id)
+            row.error = error
+
+    # ---- the copy ----------------------------------------------------------------------------------
+    def _copy(self) -> None:
+        """Stream every disk into its overlay until none has a backing file (or finish offline)."""
+        started: set[str] = set()
+        while not all(d.done for d in self.disks):
+            if self.job.cancel.is_set():
+                raise Cancelled(
+                    f"the instant restore of VM '{self.plan.new_name}' was cancelled: the VM was stopped and removed, "
+                    "with its disks (they still needed the vault's export)"
+                )
+            serving = self._watch_export()
+            try:
+                with QmpClient(self.qmp).connect() as qmp:
+                    self._tick(qmp, started, serving)
+            except QemuNotRunning:
+                if serving:
+                    self._finish_offline()
+            except (OSError, HypervisorError):  # a QMP hiccup: the next tick asks again
+                log.warning("talking to VM %s failed; retrying", self.plan.new_name, exc_info=True)
+            self._report()
+            if not all(d.done for d in self.disks):
+                time.sleep(POLL_S)
+
+    def _tick(self, qmp: QmpClient, started: set[str], serving: bool) -> None:
+        jobs = instant.stream_jobs(qmp)
+        for disk in self.disks:
+            job_id = instant.stream_job_id(disk.node)
+            state = jobs.get(job_id)
+            if disk.done:
+                continue
+            if state is None and serving:
+                instant.start_stream(qmp, disk.node, STREAM_SPEED)  # first start, or again after a failed one
+                started.add(job_id)
+            elif state is not None and state.status == "concluded":
+                log.info("streaming %s ended: %s", disk.name, state)
+                instant.dismiss_job(qmp, job_id)
+                if state.error:
+                    log.warning("streaming %s failed: %s; starting it again", disk.name, state.error)
+                else:
+                    # the image header, not query-named-block-nodes: QEMU 7.2 crashed on that query here
+                    disk.done = instant.image_backing(disk.path) is None
+            elif state is not None:
+                self.copied[disk.name] = state.done
+        if serving:  # after a lost export: the VM first (its retried reads reconnect), then the copy
+            if instant.resume_after_io_error(qmp):
+                log.info("VM %s resumed after the export came back", self.plan.new_name)
+            for job_id in instant.paused_streams(qmp):
+                log.info("resuming %s", job_id)
+                instant.resume_job(qmp, job_id)
+
+    def _finish_offline(self) -> None:
+        """The VM stopped before the copy completed: copy the rest without it, against the export."""
+        log.info("VM %s is not running: copying the rest of its disks offline", self.plan.new_name)
+        for disk in self.disks:
+            if not disk.done and instant.image_backing(disk.path) is not None:
+                instant.drop_backing_offline(disk.path)
+            disk.done = True
+
+    def _report(self) -> None:
+        done = sum(d.size if d.done else self.copied.get(d.name, 0) for d in self.disks)
+        current = next((d.name for d in self.disks if not d.done), "")
+        self.job.progress(Progress(sum(d.size for d in self.disks), done, done, current))
+
+    def _check_local(self) -> None:
+        for disk in self.disks:
+            backing = instant.image_backing(disk.path)
+            if backing is not None:
+                raise IntegrityError(f"the disk {disk.path} still has the backing file {backing} after the copy")
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    def _note(self, **fields: Any) -> None:
+        """Update details.restore now (the command waits for vmRunning; `job show` prints it)."""
+        details = self.job.details if self.job.details is not None else {}
+        details["restore"] = {**(details.get("restore") or {}), **fields}
+        self.job.details = details
+        with self.ctx.catalog.write() as s:
+            repos.update_job_details(s, self.job.job_id, json.loads(json.dumps(details)))
+
+    def _remove_created(self) -> None:
+        for path in self.created:
+            path.unlink(missing_ok=True)
+
+    def _cancel(self) -> None:
+        """Stop the VM and the export, remove the copy: a copy that still needs the vault is no use alone."""
+        with contextlib.suppress(HypervisorError), QmpClient(self.qmp).connect() as qmp:
+            qmp.quit()
+        pid_file = Path(str(self.template.get("pidFile") or ""))
+        deadline = time.monotonic() + 30
+        while pid_file.name and pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._stop_export()
+        self._remove_created()
+        for leftover in (*self.run_dir.glob("*.sock"), *self.run_dir.glob("export.*")):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()
+        self._note(state="Cancelled", vmRunning=False)
+        with self.ctx.catalog.write() as s:
+            row = repos.find_vm(s, self.plan.new_name)
+            if row is not None:
+                s.delete(row)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3:
+        sys.exit(owner_main(sys.argv[1], sys.argv[2]))
+    sys.stderr.write("usage: python -m vmvault.service.instant_restore HOME JOB_ID\n")
+    sys.exit(64)
