@@ -249,14 +249,16 @@ class InstantRestore:
         try:
             view = self._start()
         except BaseException:
-            self._stop_export()
-            self._remove_created()
+            self._teardown("StartFailed")  # nothing of the copy is left behind: the restore can be run again
             raise
         self._note(state="Copying", vmRunning=True, **view)
         try:
             self._copy()
         except Cancelled:
-            self._cancel()
+            self._teardown("Cancelled")
+            raise
+        except BaseException:
+            self._failed_while_copying()
             raise
         self._stop_export()
         for leftover in self.run_dir.glob("export.*"):
@@ -264,6 +266,19 @@ class InstantRestore:
         self._check_local()
         self._note(state="Completed", exportClosed=True)
         return view
+
+    def _failed_while_copying(self) -> None:
+        """A VM that runs on the export keeps it (stopping it would pause the VM for good); else it stops."""
+        try:
+            with QmpClient(self.qmp).connect(greeting_timeout=5):
+                pass
+        except VmvaultError:
+            self._stop_export()
+            self._note(state="Failed", vmRunning=False)
+            return
+        self._note(state="Failed", exportLeftRunning=True)
+        log.error("the copy failed; VM %s still runs on the export (pid %s)", self.plan.new_name,
+                  self.export.pid if self.export else "?")  # fmt: skip
 
     # ---- start: export, overlays, VM ------------------------------------------------------------
     def _start(self) -> JsonDict:
@@ -470,21 +485,25 @@ class InstantRestore:
         for path in self.created:
             path.unlink(missing_ok=True)
 
-    def _cancel(self) -> None:
+    def _teardown(self, state: str) -> None:
         """Stop the VM and the export, remove the copy: a copy that still needs the vault is no use alone."""
-        with contextlib.suppress(HypervisorError), QmpClient(self.qmp).connect() as qmp:
-            qmp.quit()
+        qmp = (self.template.get("sockets") or {}).get("qmp")
+        if qmp:
+            with contextlib.suppress(VmvaultError, OSError), QmpClient(str(qmp)).connect() as client:
+                client.quit()
         pid_file = Path(str(self.template.get("pidFile") or ""))
         deadline = time.monotonic() + 30
         while pid_file.name and pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         self._stop_export()
         self._remove_created()
+        for log_file in self.plan.extra_files[2:]:  # serial log, pid file, QEMU log: in the way of a new attempt
+            log_file.unlink(missing_ok=True)
         for leftover in (*self.run_dir.glob("*.sock"), *self.run_dir.glob("export.*")):
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.run_dir.rmdir()
-        self._note(state="Cancelled", vmRunning=False)
+        self._note(state=state, vmRunning=False)
         with self.ctx.catalog.write() as s:
             row = repos.find_vm(s, self.plan.new_name)
             if row is not None:
