@@ -198,3 +198,44 @@ def test_instant_restore_refuses_a_raw_format_and_changes_nothing(lab: Lab, tmp_
     assert "qcow2" in r.output
     assert not (tmp_path / "x").exists()
     assert "raw1" not in [v["name"] for v in lab.cli.vms()]
+
+
+def test_cancelling_an_instant_restore_stops_the_copy_and_removes_it(lab: Lab) -> None:
+    target = lab.workdir / "gone"
+    r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", "gone", "--target-dir", str(target), "--instant",
+                    timeout=600)  # fmt: skip
+    assert r.ok and r.json()["status"] == "InProgress", str(r)
+    job_id = r.json()["id"]
+    template = json.loads((target / "gone.json").read_text())
+    state = _job(lab.cli, job_id)["extendedInfo"]["restore"]
+    qemu_pid = int(Path(template["pidFile"]).read_text())
+    run_dir = Path(template["sockets"]["qmp"]).parent
+    try:
+        lab.cli.ok("job", "cancel", job_id)
+        done = lab.cli.run("job", "wait", job_id, "--timeout", "120", timeout=200)
+        assert done.json()["status"] == "Cancelled", str(done)
+        assert "stopped and removed" in done.json()["error"]["message"]
+        assert not pid_alive(qemu_pid) and not pid_alive(int(state["exportPid"]))
+        assert "gone" not in [v["name"] for v in lab.cli.vms()]
+        assert not list(target.glob("*.qcow2")) and not (target / "gone.json").exists()
+        assert not (target / "gone.sh").exists() and not run_dir.exists()
+    finally:
+        _stop_copy(lab.cli, job_id, template, run_dir / "qmp.sock")
+
+
+def test_disk_devices_stop_on_errors() -> None:
+    """The guest devices of the restored disks (and only those) get werror=stop,rerror=stop."""
+    from vmvault.hypervisor.instant import stop_on_errors
+
+    blockdev = ["qemu-system-x86_64", "-blockdev", "driver=qcow2,node-name=os0,file=os0-file",
+                "-device", "virtio-blk-pci,drive=os0,id=vd-os0", "-device", "virtio-net-pci,netdev=n0",
+                "-device", "virtio-blk-pci,drive=cd,id=x"]  # fmt: skip
+    out = stop_on_errors(blockdev, ["os0"])
+    assert out[4] == "virtio-blk-pci,drive=os0,id=vd-os0,werror=stop,rerror=stop"
+    assert out[6] == "virtio-net-pci,netdev=n0" and out[8] == "virtio-blk-pci,drive=cd,id=x"
+    drives = ["qemu-system-x86_64", "-drive", "file=/d/os0.qcow2,format=qcow2,if=virtio",
+              "-drive", "file=/d/cd.iso,media=cdrom", "-drive", "file=/d/x.qcow2,if=none,id=x",
+              "-device", "virtio-blk-pci,drive=x"]  # fmt: skip
+    out = stop_on_errors(drives, ["os0", "x"])
+    assert out[2].endswith(",werror=stop,rerror=stop") and out[4] == "file=/d/cd.iso,media=cdrom"
+    assert out[6] == "file=/d/x.qcow2,if=none,id=x" and out[8] == "virtio-blk-pci,drive=x,werror=stop,rerror=stop"
