@@ -348,3 +348,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     502: _error("The hypervisor (QEMU, libvirt, guest agent) failed"),
     503: _error("The vault's storage failed"),
 }
+
+# The answer of a long operation: its job, just recorded.
+ACCEPTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "Accepted: the job (status InProgress); follow it with GET /api/v1/jobs/{id}"}
+}

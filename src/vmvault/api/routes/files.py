@@ -11,7 +11,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import BrowseEntry, FileSession, Job
+from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job
 from vmvault.service import files
 
 router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
@@ -39,6 +39,7 @@ def list_sessions(
     "/items/{vm}/files/mount",
     response_model=Job,
     status_code=202,
+    responses=ACCEPTED,
     dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
 )
 def mount(vm: str, body: Mount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def mount(vm: str, body: Mount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     "/items/{vm}/files/unmount",
     response_model=Job,
     status_code=202,
+    responses=ACCEPTED,
     dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
 )
 def unmount(vm: str, body: Unmount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:

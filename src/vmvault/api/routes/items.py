@@ -10,7 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, check_vault, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import Job, ProtectedItem, RecoveryPoint
+from vmvault.api.schemas import ACCEPTED, Job, ProtectedItem, RecoveryPoint
 from vmvault.service import backups, items, protection, restore_vm, restores, softdelete
 
 router = APIRouter(tags=["items"], route_class=ROUTE_CLASS)
@@ -101,7 +101,11 @@ def undelete(vm: str, ctx: Ctx) -> dict[str, Any]:
 
 
 @router.post(
-    "/items/{vm}/backup", response_model=Job, status_code=202, dependencies=[require(Permission.BACKUP, Scope.VM)]
+    "/items/{vm}/backup",
+    response_model=Job,
+    status_code=202,
+    responses=ACCEPTED,
+    dependencies=[require(Permission.BACKUP, Scope.VM)],
 )
 def backup_now(vm: str, body: BackupNow, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.start(lambda cancel: backups.backup_now(ctx, vm, retain_until=body.retain_until, cancel=cancel))
@@ -117,7 +121,11 @@ def list_recovery_points(
 
 
 @router.post(
-    "/items/{vm}/restore", response_model=Job, status_code=202, dependencies=[require(Permission.RESTORE, Scope.VM)]
+    "/items/{vm}/restore",
+    response_model=Job,
+    status_code=202,
+    responses=ACCEPTED,
+    dependencies=[require(Permission.RESTORE, Scope.VM)],
 )
 def restore_disks(vm: str, body: Restore, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     return jobs.start(
@@ -131,10 +139,11 @@ def restore_disks(vm: str, body: Restore, ctx: Ctx, jobs: Jobs) -> dict[str, Any
     "/items/{vm}/restore/vm",
     response_model=Job,
     status_code=202,
+    responses=ACCEPTED,
     dependencies=[require(Permission.RESTORE, Scope.VM)],
 )
 def restore_as_new_vm(vm: str, body: RestoreVm, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
-    """Restore a point of a plain QEMU VM as a new VM (new name, UUID, MACs and paths)."""
+    """Restore a point as a new VM (plain QEMU or libvirt): new name, UUID, MACs and paths."""
     return jobs.start(
         lambda cancel: restore_vm.restore_vm(
             ctx,
@@ -154,6 +163,7 @@ def restore_as_new_vm(vm: str, body: RestoreVm, ctx: Ctx, jobs: Jobs) -> dict[st
     "/items/{vm}/restore/replace-disks",
     response_model=Job,
     status_code=202,
+    responses=ACCEPTED,
     dependencies=[require(Permission.RESTORE, Scope.VM)],
 )
 def replace_disks(vm: str, body: ReplaceDisks, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:

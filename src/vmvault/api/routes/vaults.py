@@ -10,7 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import DeletedVault, Job, Usage, Vault
+from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Usage, Vault
 from vmvault.service import usage, vaults
 
 router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
@@ -65,6 +65,7 @@ def delete_vault(
     "/vaults/{vault}/verify",
     response_model=Job,
     status_code=202,
+    responses=ACCEPTED,
     dependencies=[require(Permission.VAULT_VERIFY, Scope.VAULT)],
 )
 def verify_vault(vault: str, body: VaultVerify, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
