@@ -18,6 +18,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import later_than, now_iso
 from vmvault.catalog.models import JobRow, VaultRow
 from vmvault.errors import Cancelled, InvalidInput, VmvaultError
+from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import (
     JobOutcome,
@@ -25,7 +26,6 @@ from vmvault.service.jobs import (
     Operation,
     ProgressCallback,
     Status,
-    boot_id,
     create_job,
     disk_tasks,
     end_job,
