@@ -31,7 +31,7 @@ from vmvault.proc import pid_alive
 
 MiB = 1 << 20
 VM = "orig"
-RETRY_S = 6  # the owner restarts a dead export after this long: the test sees the pause before
+RETRY_S = 8  # the owner restarts a dead export after this long: the test sees the pause before
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import Any
 
 from vmvault.catalog import repos
 from vmvault.engine.progress import Progress
-from vmvault.errors import Cancelled, HypervisorError, IntegrityError, InvalidInput, StorageError, VmvaultError
+from vmvault.errors import Busy, Cancelled, HypervisorError, IntegrityError, InvalidInput, StorageError, VmvaultError
 from vmvault.hypervisor import instant
 from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
 from vmvault.proc import boot_id
@@ -420,7 +420,7 @@ class InstantRestore:
             except QemuNotRunning:
                 if serving:
                     self._finish_offline()
-            except (OSError, HypervisorError):  # a QMP hiccup: the next tick asks again
+            except (OSError, HypervisorError, Busy):  # a QMP hiccup or a busy socket: the next tick asks again
                 log.warning("talking to VM %s failed; retrying", self.plan.new_name, exc_info=True)
             self._report()
             if not all(d.done for d in self.disks):
