@@ -27,7 +27,7 @@ try:  # the OS-disk guest builder may move into tests/vm/guest.py
 except ImportError:
     from test_restore_vm import os_disk, os_image
 from vm.libvirtd import URI, Domain, leftovers, libvirtd  # noqa: F401  (the session fixture)
-from vm.live import backup, latest_point
+from vm.live import backup, latest_point, warning_codes
 from vm.machine import ext4_disk
 
 MiB = 1 << 20
@@ -200,3 +200,28 @@ def test_restore_disks_refuses_to_overwrite_the_template(lab: Lab) -> None:
     target = lab.workdir / "disks-os-only"  # the previous test's
     r = lab.cli.fails("restore", "disks", VM, "--rp", lab.rp, "--target-dir", str(target), "--disk", "vda")
     assert f"{VM}-domain.xml" in r.output, r.output
+
+
+# ---- replace disks --------------------------------------------------------------------------------------------
+
+
+def test_replace_disks_brings_the_shut_off_domain_back_to_the_point(lab: Lab) -> None:
+    """Last: replaces the module domain's disks."""
+    assert lab.domain.checkpoints(), "the backup left no checkpoint to reset"
+    r = lab.cli.fails("restore", "replace-disks", VM, "--rp", lab.rp)
+    assert "is running" in r.output and f"virsh shutdown {lab.domain.name}" in r.output, r.output
+    lab.domain.virsh("shutdown", lab.domain.name)
+    deadline = time.monotonic() + 120
+    while lab.domain.dom().isActive():
+        assert time.monotonic() < deadline, "the domain did not shut down"
+        time.sleep(0.5)
+    r = lab.cli.ok("restore", "replace-disks", VM, "--rp", lab.rp)
+    assert r.json()["status"] == "Completed", str(r)
+    assert lab.domain.checkpoints() == [], "checkpoints of the replaced images were kept"
+    lab.domain.start()
+    assert lab.domain.sh("grep ' / ' /proc/mounts").stdout.startswith("/dev/vda / ext4")
+    assert lab.domain.sh("cat /only-on-os-disk").stdout == "before\n"
+    assert not lab.domain.agent_client().run("/bin/sh", ["-c", "cat /written-after"]).ok
+    job = backup(lab.cli, VM)  # a new chain: full read, compared by hash
+    assert "cbt_fallback" in warning_codes(job), job
+    assert len(lab.domain.checkpoints()) == 1

@@ -274,3 +274,39 @@ def start_domain(dom: Any, timeout: float | None = None) -> None:
         f"the restored domain {dom.name()} started, but its guest agent did not answer within {timeout:.0f} s",
         hint="it is still running; is qemu-guest-agent installed and enabled in the guest?",
     )
+
+
+# ---- replace disks of a libvirt VM ---------------------------------------------------------------------------
+
+
+def refuse_running_domain(vm: VmRow) -> None:
+    """restore replace-disks: the domain must be shut off (not running, not paused)."""
+    from vmvault.errors import VmRunning
+    from vmvault.hypervisor import libvirt_vm as lv
+
+    definition = vm.definition or {}
+    conn = lv.connect(str(definition.get("connect") or lv.DEFAULT_URI))
+    try:
+        dom = lv.lookup(conn, str(definition.get("domain")), definition.get("uuid"))
+        active = bool(dom.isActive())
+    finally:
+        conn.close()
+    if active:
+        raise VmRunning(
+            f"VM '{vm.name}' (libvirt domain {definition.get('domain')}) is running: its disks can only be replaced "
+            "while it is shut off",
+            hint=f"virsh shutdown {definition.get('domain')}, then run restore replace-disks again",
+        )
+
+
+def reset_checkpoints(vm_id: str, definition: JsonDict) -> list[str]:
+    """After replace-disks: the new images carry no bitmaps, so vmvault's checkpoints go (metadata only)."""
+    from vmvault.hypervisor import libvirt_vm as lv
+
+    conn = lv.connect(str(definition.get("connect") or lv.DEFAULT_URI))
+    try:
+        dom = lv.lookup(conn, str(definition.get("domain")), definition.get("uuid"))
+        prefix = f"{lv.CHECKPOINT_PREFIX}{vm_id.replace('-', '')[:8]}-"
+        return lv.drop_checkpoints(dom, prefix, metadata_only=True)
+    finally:
+        conn.close()

@@ -398,6 +398,10 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
 def _refuse_running(vm: VmRow) -> None:
     from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
 
+    if vm.kind == "libvirt":  # service/restore_libvirt.py
+        from vmvault.service.restore_libvirt import refuse_running_domain
+
+        return refuse_running_domain(vm)
     socket = (vm.definition or {}).get("qmp") if vm.kind == "qmp" else None
     if not socket:
         return
@@ -481,3 +485,8 @@ def _reset_tracking(ctx: Context, vm_id: str) -> None:
         row = repos.find_vm_by_id(s, vm_id)
         if row is not None and row.definition:
             row.definition = {**row.definition, "tracking": None}
+        libvirt = dict(row.definition or {}) if row is not None and row.kind == "libvirt" else None
+    if libvirt is not None:  # its checkpoints' bitmaps went with the old images (service/restore_libvirt.py)
+        from vmvault.service.restore_libvirt import reset_checkpoints
+
+        reset_checkpoints(vm_id, libvirt)
