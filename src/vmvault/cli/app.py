@@ -670,7 +670,10 @@ def restore_vm(
     if remote.active():
         body = {"rp": rp, "name": new_name, "targetDir": str(target_dir) if target_dir else None, "format": fmt,
                 "start": start, "instant": instant}  # fmt: skip
-        _end_job(remote.run_job(f"/items/{remote.q(name)}/restore/vm", body))
+        until = remote.vm_running if instant else None  # as locally: back once the new VM runs
+        outcome = remote.run_job(f"/items/{remote.q(name)}/restore/vm", body, until=until)
+        note = f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['id']}"
+        _end_job(outcome, [note] if outcome.job["status"] == "InProgress" else [])
         return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(

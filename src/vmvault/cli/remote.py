@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
@@ -148,12 +148,22 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in job.items() if k != "extendedInfo"}
 
 
-def wait_job(job_id: str, timeout: float | None = None) -> dict[str, Any]:
-    """Poll the job until it ends; Busy (code "timeout") after timeout seconds. Returns it with extendedInfo."""
+def vm_running(job: dict[str, Any]) -> bool:
+    """An instant restore's new VM runs (on the vault's export; the job goes on copying its disks)."""
+    return bool(((job.get("extendedInfo") or {}).get("restore") or {}).get("vmRunning"))
+
+
+def wait_job(
+    job_id: str, timeout: float | None = None, until: Callable[[dict[str, Any]], bool] | None = None
+) -> dict[str, Any]:
+    """Poll the job until it ends (or until(job)); Busy (code "timeout") after timeout seconds.
+
+    Returns it with extendedInfo.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         job: dict[str, Any] = get(f"/jobs/{q(job_id)}")
-        if job["status"] in ENDED:
+        if job["status"] in ENDED or (until is not None and until(job)):
             return job
         if deadline is not None and time.monotonic() >= deadline:
             raise Busy(
@@ -164,9 +174,9 @@ def wait_job(job_id: str, timeout: float | None = None) -> dict[str, Any]:
         time.sleep(POLL_S)
 
 
-def run_job(path: str, body: Any = None) -> Any:
-    """Start a long operation (202 + its job), follow it to its end; the JobOutcome the command prints."""
+def run_job(path: str, body: Any = None, until: Callable[[dict[str, Any]], bool] | None = None) -> Any:
+    """Start a long operation (202 + its job), follow it to its end (or until); the JobOutcome to print."""
     from vmvault.service.jobs import JobOutcome
 
     job = post(path, body)
-    return JobOutcome(job=job_view(wait_job(job["id"])))
+    return JobOutcome(job=job_view(wait_job(job["id"], until=until)))
