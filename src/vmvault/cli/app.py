@@ -683,7 +683,8 @@ def restore_vm(
             )
         )
     result = outcome.result or {}
-    notes = [f"restored VM {result.get('name')}: {result.get('launchScript')}"] if result.get("name") else []
+    defined = result.get("launchScript") or result.get("definitionFile")  # plain QEMU: its script; libvirt: its XML
+    notes = [f"restored VM {result.get('name')}: {defined}"] if result.get("name") else []
     if instant and outcome.job["status"] == "InProgress":
         notes.append(f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['id']}")
     _end_job(outcome, notes)
