@@ -174,6 +174,8 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
         assert not pid_alive(int(state["exportPid"])), "the export still runs after the switch-over"
         assert not Path(state["exportSocket"]).exists()
         assert _backing(os0) is None and _backing(data0) is None
+        nodes = _qmp(test_qmp, "query-named-block-nodes", {"flat": True})
+        assert not [n["node-name"] for n in nodes if n.get("backing_file") or n["drv"] == "nbd"], nodes
         assert _qmp(test_qmp, "query-status")["status"] == "running"
         assert _sh(agent, "echo local > /after-switch && sync").ok
         _qmp(test_qmp, "quit")
