@@ -1,6 +1,7 @@
 """The libvirt restore template on a domain XML with everything a real domain may carry (UEFI NVRAM,
 VNC on a fixed port, a TPM, a CD-ROM, pty and file character devices, runtime aliases and labels):
-nothing of the original's identity or files is left, and the real libvirtd accepts the copy."""
+nothing of the original's identity or files is left, and the real libvirtd accepts the copy.
+Also: enable-agent refuses a transient domain (cheap libvirt checks share this module)."""
 
 from __future__ import annotations
 
@@ -125,4 +126,32 @@ def test_libvirt_defines_the_copy(libvirtd: str, tmp_path: Path) -> None:  # noq
     finally:
         with contextlib.suppress(Exception):
             dom.undefineFlags(4 | 16)  # NVRAM | CHECKPOINTS_METADATA
+        conn.close()
+
+
+def test_enable_agent_refuses_a_transient_domain(libvirtd: str, tmp_path: Path) -> None:  # noqa: F811
+    """defineXML would quietly make a transient domain persistent: refused, the domain stays as it was."""
+    import secrets
+    import subprocess
+
+    from helpers import Cli
+    from vmvault.hypervisor.libvirt_vm import connect
+
+    disk = tmp_path / "t.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    name = f"vmvtrans-{secrets.token_hex(3)}"
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>"
+           f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+           "<target dev='vda' bus='virtio'/></disk></devices></domain>")  # fmt: skip
+    conn = connect(libvirtd)
+    dom = conn.createXML(xml, 0)  # transient: it runs, and vanishes when destroyed
+    try:
+        cli = Cli(home=tmp_path / "home")
+        cli.ok("vm", "add", "t1", "--libvirt", name)
+        r = cli.fails("vm", "enable-agent", "t1")
+        assert f"domain {name} is transient" in r.output, r.output
+        assert not dom.isPersistent() and "guest_agent" not in dom.XMLDesc(0)
+    finally:
+        with contextlib.suppress(Exception):
+            dom.destroy()
         conn.close()

@@ -158,6 +158,11 @@ def add_agent_channel(dom: Any) -> bool:
     socket's path (a unix channel without one).
     """
     lv = _lv()
+    if not dom.isPersistent():  # defineXML would turn a transient domain into a persistent one
+        raise LibvirtError(
+            f"domain {dom.name()} is transient: it has no persistent definition to add the channel to",
+            hint="add the channel where the domain is created (its XML), or define it persistently first",
+        )
     xml = persistent_xml(dom)
     if has_agent_channel(xml):
         return False
