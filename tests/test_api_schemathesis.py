@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.config import SchemathesisConfig
 from schemathesis.core.failures import FailureGroup
+from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
 from api_support import make_ext4_image, sandbox
@@ -50,7 +51,9 @@ def test_every_operation_conforms_to_its_schema(tmp_path: Path) -> None:
         known = {"vault": "main", "vm": "vm1", "policy": "DefaultPolicy", "job_id": job["id"]}
         headers = box.headers(box.token("BackupContributor"))
         schema = schemathesis.openapi.from_asgi("/openapi.json", box.app, config=CONFIG)
-        operations = [result.ok() for result in schema.get_all_operations()]
+        results = list(schema.get_all_operations())
+        assert all(isinstance(r, Ok) for r in results), [r for r in results if not isinstance(r, Ok)]
+        operations = [r.ok() for r in results if isinstance(r, Ok)]
         assert len(operations) == OPERATIONS + 1  # + the public GET /health
         scratch = tmp_path / "scratch"
         failures: list[str] = []
@@ -83,3 +86,34 @@ def test_every_operation_conforms_to_its_schema(tmp_path: Path) -> None:
         assert not any(status >= 500 for status in statuses), statuses
         # The success answers were checked too, not only errors: 200s, 201s and 202s (jobs).
         assert {200, 201, 202} <= statuses.keys(), statuses
+
+
+def _named_schema(schema: dict[str, Any]) -> bool:
+    """A $ref to a component (a documented resource), or an array of them."""
+    return "$ref" in schema or "$ref" in schema.get("items", {})
+
+
+def test_every_operation_documents_its_answer_its_errors_and_the_token(tmp_path: Path) -> None:
+    """A route added without a response model (an undocumented bare object) fails here."""
+    with sandbox(tmp_path / "home") as box:
+        document = box.client.get("/openapi.json").json()
+    operations = [
+        (m, p, op) for p, ops in document["paths"].items() if p.startswith("/api/v1/") for m, op in ops.items()
+    ]
+    assert len(operations) == OPERATIONS
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for method, path, op in operations:
+        label = f"{method.upper()} {path}"
+        assert op["security"] == [{"HTTPBearer": []}], label
+        success = [status for status in op["responses"] if status.startswith("2")]
+        assert len(success) == 1, label
+        content = op["responses"][success[0]].get("content", {})
+        if success[0] == "204":
+            assert not content, label
+        elif "application/octet-stream" in content:
+            assert path.endswith("/files/download"), label
+        else:
+            assert _named_schema(content["application/json"]["schema"]), label
+        for status in ("400", "401", "403", "404", "409", "422", "423", "502", "503"):
+            error = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            assert error.rsplit("/", 1)[1] in ("ErrorBody", "ValidationErrorBody"), (label, status)
