@@ -22,10 +22,10 @@ import pytest
 
 from helpers import Cli, rp_id
 
-try:  # the OS-disk guest builder may move into tests/vm/guest.py
-    from vm.guest import os_disk, os_image  # type: ignore[attr-defined]
+try:  # the OS-disk guest builder (moving from tests/test_restore_vm.py into tests/vm/osdisk.py)
+    from vm.osdisk import os_disk, os_image
 except ImportError:
-    from test_restore_vm import os_disk, os_image
+    from test_restore_vm import os_disk, os_image  # type: ignore[no-redef]
 from vm.libvirtd import URI, Domain, leftovers, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import backup, latest_point, warning_codes
 from vm.machine import ext4_disk
