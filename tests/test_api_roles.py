@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import APIRouter, HTTPException
@@ -97,8 +98,8 @@ def api_routes(box: Sandbox) -> dict[tuple[str, str], APIRoute]:
     for context in iter_route_contexts(box.app.routes):
         route = context.original_route
         if isinstance(route, APIRoute):
-            for method in route.methods:
-                found[(method, context.path)] = route
+            for method in route.methods or ():
+                found[(method, str(context.path))] = route
     return found
 
 
@@ -135,7 +136,7 @@ def test_role_on_every_route(world: tuple[Sandbox, dict[str, str]], role: str, v
     failures = []
     for (method, template), (permission, scope, roles) in sorted(TABLE.items()):
         path = template.format(**values)
-        body = {"json": {}} if method in ("POST", "PUT") else {}
+        body: dict[str, Any] = {"json": {}} if method in ("POST", "PUT") else {}
         r = box.call(method, path, token, **body)
         want = 418 if _expected(permission, scope, roles, role, vault) else 403
         if r.status_code != want:
