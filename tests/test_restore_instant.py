@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from helpers import Cli, rp_id
-from test_restore_vm import boot_args, os_disk, os_image
 from vm.live import backup, ext4_file, latest_point, protect_running
 from vm.machine import Guest, ext4_disk
+from vm.osdisk import boot_args, os_disk, os_image
 from vmvault.hypervisor.guest_agent import GuestAgent
 from vmvault.hypervisor.qmp import QmpClient
 from vmvault.proc import pid_alive
