@@ -20,8 +20,9 @@ An export that dies pauses the VM on its next read of data not yet copied (statu
 guest gets no error) and pauses the streams. The job says so (its `error` while InProgress) and the
 owner restarts the export every VMVAULT_INSTANT_RETRY_S seconds (10); once it answers, the VM
 continues and the streams resume. A VM that stops before the copy is complete is finished offline
-(`qemu-img rebase -b ""` against the export). `vmvault job cancel` stops the VM and the export and
-removes the copy (its writes are lost: a copy still needing the vault is useless without it).
+(`qemu-img rebase -b ""` against the export). `vmvault job cancel`, and a start that fails, stop
+the VM and the export and remove the copy (its writes are lost: a copy still needing the vault is
+useless without it), so the restore can simply be run again.
 """
 
 from __future__ import annotations
