@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from api_support import make_ext4_image
@@ -18,10 +19,17 @@ from helpers import Cli, Result, files_equal
 from test_api_flows import served
 
 
+def far_time_zone() -> str:
+    """A time zone where DefaultPolicy's 20:30 is about 12 hours away: no scheduled backup mid-test."""
+    offset = (20 - 12 - datetime.now(UTC).hour) % 24
+    offset = offset - 24 if offset > 12 else offset
+    return f"Etc/GMT{-offset:+d}" if offset else "UTC"
+
+
 def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:
     cli = Cli(home=tmp_path / "home")
     disk = make_ext4_image(tmp_path / "web1.raw", 16, {"a.txt": b"remote\n"})
-    cli.ok("vault", "create", "main")
+    cli.ok("vault", "create", "main", "--timezone", far_time_zone())
     with served(cli) as (address, token):
         remote = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": token})
 
