@@ -91,6 +91,11 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         _refusals(remote, address, rp, tmp_path)
         forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
         assert forged.fails("--server", address, "vault", "list").returncode == 77
+    gone = remote.fails("--server", address, "vault", "list")  # the server has stopped
+    assert (
+        gone.returncode == 69
+        and f"error [server_unreachable]: cannot reach the vmvault server at {address}" in gone.stderr
+    )
     assert not (tmp_path / "elsewhere").exists()
 
 

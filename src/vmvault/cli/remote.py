@@ -9,6 +9,7 @@ follows it by polling (run_job) and prints it as it does locally.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -82,37 +83,57 @@ def _request(method: str, path: str, body: Any, params: dict[str, Any] | None) -
     return urllib.request.Request(url, data=data, method=method, headers=headers)
 
 
+def _unreachable(exc: BaseException) -> ServerUnreachable:
+    base = (STATE.server or "").rstrip("/")
+    reason = getattr(exc, "reason", exc)
+    return ServerUnreachable(
+        f"cannot reach the vmvault server at {base}: {reason}",
+        hint="check --server URL (e.g. http://127.0.0.1:8080) and that vmvault serve runs there",
+    )
+
+
 @contextmanager
 def _open(request: urllib.request.Request) -> Iterator[Any]:
     """The server's response; its error document raised as the VmvaultError it names."""
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            yield response
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
         raise _api_error(exc) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        base = (STATE.server or "").rstrip("/")
-        reason = getattr(exc, "reason", exc)
-        raise ServerUnreachable(
-            f"cannot reach the vmvault server at {base}: {reason}",
-            hint="check --server URL (e.g. http://127.0.0.1:8080) and that vmvault serve runs there",
-        ) from None
+        raise _unreachable(exc) from None
+    with response:
+        yield response
+
+
+def _read(response: Any, size: int = -1) -> bytes:
+    """A read of the answer; a connection lost on the way is the server being unreachable."""
+    try:
+        data: bytes = response.read(size)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _unreachable(exc) from None
+    return data
 
 
 def call(method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
     """One API call; returns the decoded JSON (None for 204); raises the error the server reported."""
     with _open(_request(method, path, body, params)) as response:
-        raw = response.read()
+        raw = _read(response)
     return json.loads(raw) if raw else None
 
 
 def download(path: str, sink: BinaryIO, /, **params: Any) -> int:
-    """Stream a GET answer (a file) into sink; returns the bytes written."""
+    """Stream a GET answer (a file) into sink; returns the bytes written (all of them, or an error)."""
     written = 0
     with _open(_request("GET", path, None, params)) as response:
-        while block := response.read(1 << 20):
+        expected = response.headers.get("Content-Length")
+        while block := _read(response, 1 << 20):
             sink.write(block)
             written += len(block)
+    if expected is not None and written != int(expected):
+        raise ServerUnreachable(
+            f"the download from {STATE.server} ended after {written} of {expected} bytes",
+            hint="run the command again",
+        )
     return written
 
 
