@@ -101,7 +101,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.wait_for_url(f"{url}/vms/web1")  # back where the user was going
     page.goto(f"{url}/vms")
     row = page.locator("table.list tr", has_text="web1")
-    assert "NotProtected" in row.inner_text() and "Offline" in row.inner_text()
+    assert "NotProtected" in row.inner_text() and "unknown" in row.inner_text()
     screenshot(page, "vms")
 
     # Enable backup: pick the vault and a policy shown with its summary

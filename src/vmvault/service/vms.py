@@ -91,12 +91,25 @@ STATUS_TIMEOUT_S = 1.0  # per socket: vm list stays fast when a QEMU or agent ha
 
 def list_vms_with_status(ctx: Context) -> list[JsonDict]:
     """list_vms plus, per VM, powerState, agent reachability and protection in words (short timeouts)."""
-    from vmvault.service.libvirt_vms import KIND_LIBVIRT, statuses
-
     with ctx.catalog.read() as s:
         rows = list(repos.list_vms(s))
         views = [_view(s, row) for row in rows]
         s.expunge_all()
+    return _with_status(rows, views)
+
+
+def show_vm_with_status(ctx: Context, name: str) -> JsonDict:
+    """show_vm plus the live status list_vms_with_status gives."""
+    with ctx.catalog.read() as s:
+        row = repos.get_vm(s, name)
+        view = _view(s, row)
+        s.expunge_all()
+    return _with_status([row], [view])[0]
+
+
+def _with_status(rows: list[VmRow], views: list[JsonDict]) -> list[JsonDict]:
+    from vmvault.service.libvirt_vms import KIND_LIBVIRT, statuses
+
     libvirt_rows = [r for r in rows if r.kind == KIND_LIBVIRT]
     live = statuses(libvirt_rows) if libvirt_rows else {}
     for row, view in zip(rows, views, strict=True):

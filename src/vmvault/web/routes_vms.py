@@ -19,15 +19,6 @@ from vmvault.web.core import PortalRoute, access, can, ctx_of, principal_of, red
 router = APIRouter(route_class=PortalRoute, include_in_schema=False)
 NEW_VAULT = "__new__"
 DEFAULT_RETAIN_DAYS = 30
-# What the portal can tell of a VM's power state from the catalog (no hypervisor call per row).
-POWER_STATE = {
-    "disks": "Offline (disk images)",
-    "imported": "Unknown (imported from a vault)",
-    "qmp": "Running (QEMU, QMP)",
-    "libvirt": "Managed by libvirt",
-}
-
-
 def background(request: Request) -> Background:
     runner: Background = request.app.state.background
     return runner
@@ -41,10 +32,10 @@ def policy_summaries(ctx: Context, vault: str) -> list[JsonDict]:
 @access(Permission.READ)
 def vm_list(request: Request) -> Response:
     ctx, principal = ctx_of(request), principal_of(request)
-    rows = visible(principal, vms.list_vms(ctx)) if principal.vault else vms.list_vms(ctx)
+    listed = vms.list_vms_with_status(ctx)
+    rows = visible(principal, listed) if principal.vault else listed
     by_name = {i["name"]: i for i in items.list_items(ctx)}
     for row in rows:
-        row["powerState"] = POWER_STATE.get(row["kind"], "Unknown")
         row["item"] = by_name.get(row["name"])
     return render(request, "vms.html", vms=rows)
 
@@ -53,8 +44,7 @@ def vm_list(request: Request) -> Response:
 @access(Permission.READ, Scope.VM)
 def vm_page(request: Request, vm: str) -> Response:
     ctx = ctx_of(request)
-    view = vms.show_vm(ctx, vm)
-    view["powerState"] = POWER_STATE.get(view["kind"], "Unknown")
+    view = vms.show_vm_with_status(ctx, vm)
     item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
     summary, points = _item_parts(ctx, vm, item)
     recent = jobs.list_jobs(ctx, vm=vm, limit=5)
