@@ -14,6 +14,9 @@ EXIT_INTERRUPTED = 130
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
+    from vmvault.memory import bound_native_heap
+
+    bound_native_heap()
     sys.exit(run(list(sys.argv[1:] if argv is None else argv)))
 
 

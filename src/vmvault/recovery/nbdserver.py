@@ -243,6 +243,9 @@ def run(config: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vmvault.memory import bound_native_heap
+
+    bound_native_heap()  # a long-lived process serving chunks: keep its heap from fragmenting
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s nbdserver[{os.getpid()}] %(message)s")
     config = json.loads(Path(args[0]).read_text())
