@@ -65,6 +65,7 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("POST", "/api/v1/items/{vm}/files/unmount"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
     ("GET", "/api/v1/items/{vm}/files/browse"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
     ("GET", "/api/v1/items/{vm}/files/download"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
+    ("POST", "/api/v1/items/{vm}/files/script"): (Permission.FILE_RECOVERY, Scope.VM, OPERATE),
     ("GET", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
     ("POST", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
     ("DELETE", "/api/v1/tokens/{token_id}"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),

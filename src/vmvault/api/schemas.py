@@ -310,6 +310,17 @@ class BrowseEntry(View):
     size: int | None
 
 
+class RecoveryScript(View):
+    """files script: the script for another machine (content), and its password, shown only here."""
+
+    script: str = Field(description="Its file name")
+    password: str
+    expires: str
+    session: str
+    address: str = Field(description="HOST:PORT of the point's TLS export")
+    content: str = Field(description="The script (a shell script, run as root on the other machine)")
+
+
 # ---- tokens -------------------------------------------------------------------------------------
 
 

@@ -84,6 +84,21 @@ def _remote_unmount(name: str, session: str | None) -> tuple[Any, list[dict[str,
     return outcome, [s for s in remote.get(path, includeEnded=True) if s["id"] in live]
 
 
+def _remote_script(name: str, rp: str, file: Path | None, duration: str | None, address: str | None) -> dict[str, Any]:
+    """files script --server: the server makes it (its password, once); written here, where it was asked for."""
+    from vmvault.cli import remote
+
+    made = remote.post(f"/items/{remote.q(name)}/files/script", {"rp": rp, "duration": duration, "address": address})
+    path = (file or Path.cwd()).absolute()
+    if file is None or path.is_dir():
+        path = path / made["script"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(made.pop("content"))
+    tmp.chmod(0o700)
+    tmp.replace(path)
+    return {**made, "script": str(path)}
+
+
 def _print_session(session: dict[str, Any]) -> None:
     sys.stdout.write(
         f"session {session['id']}: recovery point {session['recoveryPoint']} of {session['vm']}, "
@@ -153,11 +168,15 @@ def files_script(
     ] = None,
 ) -> None:
     """Write a script that mounts the recovery point on another machine; prints its password once."""
+    from vmvault.cli import remote
     from vmvault.service import files
 
     name = _vm_name(vm, vm_option, "files script")
-    with service_context() as ctx:
-        result = files.make_script(ctx, name, rp, out=file, duration=duration, address=address)
+    if remote.active():
+        result = _remote_script(name, rp, file, duration, address)
+    else:
+        with service_context() as ctx:
+            result = files.make_script(ctx, name, rp, out=file, duration=duration, address=address)
     if STATE.json:
         output.print_json(result)
         return

@@ -1,7 +1,9 @@
-"""File recovery: sessions of a VM's recovery points, mount/unmount, browse and download."""
+"""File recovery: sessions of a VM's recovery points, mount/unmount, browse and download, the script."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -11,7 +13,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job
+from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job, RecoveryScript
 from vmvault.service import files
 
 router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
@@ -20,6 +22,14 @@ router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
 class Mount(Body):
     rp: str = Field(max_length=64, description="Recovery point id")
     duration: str | None = Field(default=None, max_length=16, description="How long it stays mounted (default 12h)")
+
+
+class Script(Body):
+    rp: str = Field(max_length=64, description="Recovery point id")
+    duration: str | None = Field(default=None, max_length=16, description="How long the password works (default 12h)")
+    address: str | None = Field(
+        default=None, max_length=253, description="Host name or IP the other machine reaches this server by"
+    )
 
 
 class Unmount(Body):
@@ -92,3 +102,17 @@ def download(
         media_type="application/octet-stream",
         headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'},
     )
+
+
+@router.post(
+    "/items/{vm}/files/script",
+    response_model=RecoveryScript,
+    status_code=201,
+    dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
+)
+def make_script(vm: str, body: Script, ctx: Ctx) -> dict[str, Any]:
+    """The script that mounts the point on another machine, in the answer; its password, shown once."""
+    with tempfile.TemporaryDirectory(prefix="vmvault-script-") as scratch:  # the script lives in the answer only
+        made = files.make_script(ctx, vm, body.rp, out=scratch, duration=body.duration, address=body.address)
+        path = Path(made["script"])
+        return {**made, "script": path.name, "content": path.read_text()}
