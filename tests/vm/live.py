@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import subprocess
 import time
@@ -78,19 +79,29 @@ def ext4_file(image: Path, path: str) -> bytes | None:
 
 
 def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
-    """Read proc's stderr until a line holds needle (the test hooks announce themselves there)."""
+    """Read proc's stderr until a line holds needle (the test hooks announce themselves there).
+
+    Reads the raw descriptor: select() on a buffered text stream misses lines that are already
+    in its buffer (several lines arriving at once), and the hook then waits for ever.
+    """
     assert proc.stderr is not None
-    seen = []
+    fd = proc.stderr.fileno()
+    seen: list[str] = []
+    pending = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if ready:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            if proc.poll() is not None:
                 break
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            break
+        *lines, pending = (pending + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace") + "\n"
             seen.append(line)
             if needle in line:
                 return line
-        elif proc.poll() is not None:
-            break
     raise AssertionError(f"no {needle!r} from vmvault within {timeout:.0f} s; stderr so far:\n{''.join(seen)}")
