@@ -62,10 +62,13 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
             remote.run("--server", address, "files", "unmount", "web1")
         _policies(cli, there, tmp_path)
         _protection(cli, there)
-        there("vault", "create", "spare")
-        assert cli.ok("vault", "show", "spare").json()["name"] == "spare"
-        assert there("vault", "delete", "spare").json()["storageDeleted"] is True
+        spare = there("vault", "create", "spare").json()
+        assert cli.ok("vault", "show", "spare").json() == spare
+        assert there("vault", "delete", "spare", "--keep-storage").json()["storageDeleted"] is False
         assert cli.fails("vault", "show", "spare").returncode == 66
+        assert there("vault", "import", spare["storageDir"]).json()["uuid"] == spare["uuid"]
+        assert there("vault", "delete", "spare").json()["storageDeleted"] is True
+        assert not Path(spare["storageDir"]).exists()
         verified = there("vault", "verify", "main").json()
         assert (verified["operation"], verified["status"]) == ("Verify", "Completed")
 
@@ -169,7 +172,7 @@ def _tokens(cli: Cli, there: Callable[..., Result], token: str) -> None:
 
 def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:
     local_only: list[tuple[str, ...]] = [
-        ("vault", "import", str(tmp_path / "home")), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"),
+        ("vault", "gc", "main"), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"),
         ("vault", "usage", "main", "--price-lrs", "1"),
         ("files", "mount", "web1", "--rp", rp, "--mountpoint", str(tmp_path)), ("retention", "run"),
     ]  # fmt: skip

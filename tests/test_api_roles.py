@@ -32,6 +32,7 @@ ONLY_OWNER = {OWNER}
 TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("GET", "/api/v1/vaults"): (Permission.READ, Scope.GLOBAL, ALL),
     ("POST", "/api/v1/vaults"): (Permission.VAULT_CREATE, Scope.GLOBAL, CONTRIBUTE),
+    ("POST", "/api/v1/vaults/import"): (Permission.VAULT_CREATE, Scope.GLOBAL, CONTRIBUTE),
     ("GET", "/api/v1/vaults/{vault}"): (Permission.READ, Scope.VAULT, ALL),
     ("DELETE", "/api/v1/vaults/{vault}"): (Permission.VAULT_DELETE, Scope.VAULT, ONLY_OWNER),
     ("POST", "/api/v1/vaults/{vault}/verify"): (Permission.VAULT_VERIFY, Scope.VAULT, CONTRIBUTE),

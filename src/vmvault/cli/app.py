@@ -228,9 +228,14 @@ def vault_import(
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
 ) -> None:
     """Register an existing vault and rebuild its VMs and recovery points from its manifests."""
+    from vmvault.cli import remote
     from vmvault.service import vaults
 
     secret = _passphrase(passphrase_file)
+    if remote.active():
+        body = {"storageDir": str(directory), "name": name, "passphrase": secret}
+        output.print_object(remote.post("/vaults/import", body))
+        return
     with service_context() as ctx:
         output.print_object(vaults.import_vault(ctx, directory, name=name, passphrase=secret))
 

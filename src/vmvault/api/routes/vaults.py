@@ -24,6 +24,14 @@ class VaultCreate(Body):
     time_zone: str = Field(default="UTC", max_length=64)
 
 
+class VaultImport(Body):
+    storage_dir: str = Field(description="The directory on the server that holds the vault")
+    name: str | None = Field(
+        default=None, max_length=64, description="Register it under this name (default: the directory's)"
+    )
+    passphrase: str | None = Field(default=None, description="Default: the server's VMVAULT_PASSPHRASE")
+
+
 class VaultVerify(Body):
     rp: str | None = Field(default=None, max_length=64, description="Verify only this recovery point")
 
@@ -45,6 +53,17 @@ def create_vault(body: VaultCreate, ctx: Ctx) -> dict[str, Any]:
         passphrase=body.passphrase,
         time_zone=body.time_zone,
     )
+
+
+@router.post(
+    "/vaults/import",
+    response_model=Vault,
+    status_code=201,
+    dependencies=[require(Permission.VAULT_CREATE, Scope.GLOBAL)],
+)
+def import_vault(body: VaultImport, ctx: Ctx) -> dict[str, Any]:
+    """Register an existing vault directory; its VMs and recovery points are rebuilt from its manifests."""
+    return vaults.import_vault(ctx, body.storage_dir, name=body.name, passphrase=body.passphrase)
 
 
 @router.get("/vaults/{vault}", response_model=Vault, dependencies=[require(Permission.READ, Scope.VAULT)])
