@@ -92,7 +92,7 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
             here, far = cli.fails(*command), remote.fails("--server", address, *command)
             assert (far.returncode, far.stderr) == (here.returncode, here.stderr), command
 
-        _tokens(cli, there, token)
+        _tokens(cli, there)
         _refusals(remote, address, rp, tmp_path)
         forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
         assert forged.fails("--server", address, "vault", "list").returncode == 77
@@ -161,7 +161,7 @@ def _protection(cli: Cli, there: Callable[..., Result]) -> None:
     assert state() == "Protected"
 
 
-def _tokens(cli: Cli, there: Callable[..., Result], token: str) -> None:
+def _tokens(cli: Cli, there: Callable[..., Result]) -> None:
     made = there("token", "create", "--role", "BackupReader", "--vault", "main").json()
     assert made["token"].startswith("vmv_") and made["role"] == "BackupReader"
     listed = {t["id"]: t for t in cli.ok("token", "list").json()}
