@@ -103,6 +103,11 @@ def test_errors_are_json_with_code_message_hint(tmp_path: Path) -> None:
         assert box.call("GET", f"{API}/jobs", owner).json() == []
         r = box.call("POST", f"{API}/tokens", owner, json={"role": "Admin"})
         assert r.status_code == 422 and "BackupReader" in r.json()["hint"]
+        r = box.call("GET", f"{API}/vaults/main/policies?includedeleted=true", owner)  # a misspelt parameter
+        assert r.status_code == 422 and r.json()["message"] == "unknown query parameter 'includedeleted'", r.text
+        assert r.json()["hint"] == "this call takes no query parameter"
+        r = box.call("GET", f"{API}/jobs?operaton=Backup", owner)
+        assert r.status_code == 422 and "operation" in r.json()["hint"], r.text
 
 
 def test_scoped_tokens_see_only_their_vault(tmp_path: Path) -> None:

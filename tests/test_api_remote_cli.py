@@ -93,6 +93,7 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
             assert (far.returncode, far.stderr) == (here.returncode, here.stderr), command
 
         _tokens(cli, there)
+        _notifications(cli, there, remote, address)
         _refusals(remote, address, rp, tmp_path)
         forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
         assert forged.fails("--server", address, "vault", "list").returncode == 77
@@ -170,9 +171,24 @@ def _tokens(cli: Cli, there: Callable[..., Result]) -> None:
     assert made["id"] not in {t["id"] for t in there("token", "list").json()}
 
 
+def _notifications(cli: Cli, there: Callable[..., Result], remote: Cli, address: str) -> None:
+    target = there("vault", "notify", "add", "main", "--webhook", "http://127.0.0.1:9/hook", "--on", "all").json()
+    assert (target["kind"], target["address"], target["events"]) == ("webhook", "http://127.0.0.1:9/hook", "all")
+    for output in (True, False):
+        assert (
+            there("vault", "notify", "list", "main", json_output=output).stdout
+            == cli.ok("vault", "notify", "list", "main", json_output=output).stdout
+        )
+    bad = ("vault", "notify", "add", "main", "--webhook", "http://x/", "--on", "sometimes")
+    here, far = cli.fails(*bad), remote.fails("--server", address, *bad)
+    assert (far.returncode, far.stderr) == (here.returncode, here.stderr)
+    assert "removed" in there("vault", "notify", "remove", "main", str(target["id"])).stderr
+    assert cli.ok("vault", "notify", "list", "main").json() == []
+
+
 def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:
     local_only: list[tuple[str, ...]] = [
-        ("vault", "gc", "main"), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"),
+        ("vault", "gc", "main"), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"), ("vm", "discover"),
         ("vault", "usage", "main", "--price-lrs", "1"),
         ("files", "mount", "web1", "--rp", rp, "--mountpoint", str(tmp_path)), ("retention", "run"),
     ]  # fmt: skip

@@ -42,6 +42,9 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("GET", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.READ, Scope.VAULT, ALL),
     ("PUT", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
     ("DELETE", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
+    ("GET", "/api/v1/vaults/{vault}/notifications"): (Permission.READ, Scope.VAULT, ALL),
+    ("POST", "/api/v1/vaults/{vault}/notifications"): (Permission.NOTIFY_WRITE, Scope.VAULT, CONTRIBUTE),
+    ("DELETE", "/api/v1/vaults/{vault}/notifications/{target_id}"): (Permission.NOTIFY_WRITE, Scope.VAULT, CONTRIBUTE),
     ("GET", "/api/v1/vms"): (Permission.READ, Scope.GLOBAL, ALL),
     ("POST", "/api/v1/vms"): (Permission.VM_WRITE, Scope.GLOBAL, CONTRIBUTE),
     ("GET", "/api/v1/vms/{vm}"): (Permission.READ, Scope.VM, ALL),
@@ -87,7 +90,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, d
             vaults.create_vault(box.ctx, name)
         vms.add_vm(box.ctx, "vm1", [make_ext4_image(root / "vm1.raw", 8)])
         job = protection.enable_protection(box.ctx, "vm1", "v1")
-        values = {"vault": "v1", "vm": "vm1", "policy": "DefaultPolicy", "job_id": job["id"], "token_id": "0" * 16}
+        values = {
+            "vault": "v1",
+            "vm": "vm1",
+            "policy": "DefaultPolicy",
+            "job_id": job["id"],
+            "token_id": "0" * 16,
+            "target_id": "1",
+        }
         box.app.dependency_overrides[service_ctx] = _reached
         try:
             yield box, values

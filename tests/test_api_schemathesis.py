@@ -24,7 +24,7 @@ from schemathesis.generation import GenerationMode
 from api_support import make_ext4_image, sandbox
 from vmvault.service import backups, protection, vaults, vms
 
-OPERATIONS = 40  # every /api/v1 route (tests/test_api_roles.py TABLE)
+OPERATIONS = 43  # every /api/v1 route (tests/test_api_roles.py TABLE)
 EXAMPLES = 10
 # Schema-valid requests may still be refused by the service's own checks, with the documented
 # 422 (a policy document Azure would refuse, a name with characters vmvault does not allow) or
@@ -36,10 +36,12 @@ PASSES = (("known", GenerationMode.POSITIVE), ("any", GenerationMode.POSITIVE), 
 
 
 def _pin_paths(case: Any, scratch: Path) -> None:
+    """Where the server would write or send: under the sandbox, or a closed local port."""
     if isinstance(case.body, dict):
-        for key in ("storageDir", "targetDir"):
+        for key, value in (("storageDir", str(scratch / "dir")), ("targetDir", str(scratch / "dir")),
+                           ("webhook", "http://127.0.0.1:9/hook"), ("smtp", "127.0.0.1:9")):  # fmt: skip
             if key in case.body:
-                case.body[key] = str(scratch / "dir")
+                case.body[key] = value
 
 
 def test_every_operation_conforms_to_its_schema(tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from vmvault.catalog import repos
-from vmvault.errors import Forbidden, Unauthorized
+from vmvault.errors import Forbidden, InvalidInput, Unauthorized
 from vmvault.service.context import Context
 from vmvault.service.tokens import CONTRIBUTOR, OPERATOR, OWNER, READER, Principal, authenticate
 
@@ -30,6 +31,7 @@ class Permission(StrEnum):
     VAULT_DELETE = "vault.delete"
     VAULT_VERIFY = "vault.verify"
     POLICY_WRITE = "policy.write"
+    NOTIFY_WRITE = "notify.write"  # a vault's notification targets
     VM_WRITE = "vm.write"
     PROTECTION_ENABLE = "protection.enable"
     PROTECTION_CHANGE = "protection.change"  # change policy/disks, disable, delete data, undelete
@@ -178,12 +180,32 @@ class AuthorizedRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         original = super().get_route_handler()
         authorizer = route_authorizer(self)
+        known = frozenset(_query_names(self.dependant))
 
         async def handler(request: Request) -> Response:
             if authorizer is None:
                 await run_in_threadpool(authenticate_request, request)
                 raise Forbidden("this route declares no permission", hint="report it: every API route must declare one")
             await run_in_threadpool(authorizer, request)
+            _refuse_unknown_query(request, known)
             return await original(request)
 
         return handler
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {str(param.alias) for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _refuse_unknown_query(request: Request, known: frozenset[str]) -> None:
+    """A misspelt query parameter is an error, not silently ignored (?includedeleted=true lists no more)."""
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameter '{unknown[0]}'",
+            hint=f"this call takes: {', '.join(sorted(known))}" if known else "this call takes no query parameter",
+        )

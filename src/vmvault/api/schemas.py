@@ -143,6 +143,22 @@ class Usage(View):
     totals: UsageTotals
 
 
+class NotificationTarget(View):
+    """Where a vault's job notifications go, and how their deliveries went."""
+
+    id: int
+    vault: str
+    kind: str = Field(description="webhook or email")
+    address: str
+    smtp: str | None
+    sender: str | None
+    events: str = Field(description="failed or all")
+    created: str
+    delivered: int
+    pending: int
+    failed_deliveries: int
+
+
 # ---- VMs, protected items, recovery points ------------------------------------------------------
 
 

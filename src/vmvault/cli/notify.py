@@ -26,8 +26,13 @@ def notify_add(
     on: Annotated[str, typer.Option("--on", help="failed: failed jobs (default); all: every ended job.")] = "failed",
 ) -> None:
     """Add a notification target to a vault."""
+    from vmvault.cli import remote
     from vmvault.service import notify
 
+    if remote.active():
+        body = {"webhook": webhook, "email": email, "smtp": smtp, "sender": sender, "events": on}
+        output.print_object(remote.post(f"/vaults/{remote.q(vault)}/notifications", body))
+        return
     with service_context() as ctx:
         output.print_object(
             notify.add_target(ctx, vault, webhook=webhook, email=email, smtp=smtp, sender=sender, events=on)
@@ -37,8 +42,12 @@ def notify_add(
 @notify_app.command("list")
 def notify_list(vault: VaultArgument) -> None:
     """List a vault's notification targets and how their deliveries went."""
+    from vmvault.cli import remote
     from vmvault.service import notify
 
+    if remote.active():
+        output.print_list(remote.get(f"/vaults/{remote.q(vault)}/notifications"), TARGET_COLUMNS)
+        return
     with service_context() as ctx:
         output.print_list(notify.list_targets(ctx, vault), TARGET_COLUMNS)
 
@@ -46,8 +55,12 @@ def notify_list(vault: VaultArgument) -> None:
 @notify_app.command("remove")
 def notify_remove(vault: VaultArgument, target_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Remove a notification target."""
+    from vmvault.cli import remote
     from vmvault.service import notify
 
-    with service_context() as ctx:
-        notify.remove_target(ctx, vault, target_id)
+    if remote.active():
+        remote.delete(f"/vaults/{remote.q(vault)}/notifications/{target_id}")
+    else:
+        with service_context() as ctx:
+            notify.remove_target(ctx, vault, target_id)
     output.info(f"notification target {target_id} removed from vault '{vault}'")
