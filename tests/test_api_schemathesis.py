@@ -5,7 +5,7 @@ positive data accepted, negative data rejected, ignored auth, unsupported method
 passes: generated data aimed at the objects that exist (so success answers are checked against
 their schemas too), generated data anywhere, and negative data. Fixed seed, bounded examples,
 sandboxed home. Paths the server would write to (a vault's storageDir, a restore's targetDir) are
-pinned under the sandbox, whatever was generated.
+pinned under the sandbox, and notification targets to a closed local port, whatever was generated.
 """
 
 from __future__ import annotations
