@@ -195,3 +195,5 @@ def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:
     for args in local_only:
         refused = remote.fails("--server", address, *args)
         assert refused.returncode == 64 and "does not run against a server" in refused.stderr, args
+    relative = remote.fails("--server", address, "vm", "add", "x", "--disk", "x.raw")  # read from the server's cwd?
+    assert relative.returncode == 64 and "--disk is a path on the server and must be absolute: x.raw" in relative.stderr

@@ -132,7 +132,7 @@ def vault_create(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"name": name, "storageDir": str(storage) if storage else None, "redundancy": redundancy.value,
+        body = {"name": name, "storageDir": remote.server_path(storage, "--storage"), "redundancy": redundancy.value,
                 "passphrase": secret, "timeZone": timezone}  # fmt: skip
         output.print_object(remote.post("/vaults", body))
         return
@@ -233,7 +233,7 @@ def vault_import(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"storageDir": str(directory), "name": name, "passphrase": secret}
+        body = {"storageDir": remote.server_path(directory, "DIR"), "name": name, "passphrase": secret}
         output.print_object(remote.post("/vaults/import", body))
         return
     with service_context() as ctx:
@@ -267,7 +267,8 @@ def vm_add(
     for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect)):
         remote.refuse_option(flag, value is not None)
     if remote.active():
-        output.print_object(remote.post("/vms", {"name": name, "disks": [str(d) for d in disk or []]}))
+        disks = [remote.server_path(d, "--disk") for d in disk or []]
+        output.print_object(remote.post("/vms", {"name": name, "disks": disks}))
         return
     if libvirt is not None:
         if disk or qmp is not None or guest_agent is not None:
@@ -635,7 +636,8 @@ def restore_disks(
     name = _vm_name(vm, vm_option, "restore disks")
     fmt = disk_format.value if disk_format else None
     if remote.active():
-        body = {"rp": rp, "targetDir": str(target_dir), "format": fmt, "force": force, "disks": disk or None}
+        target = remote.server_path(target_dir, "--target-dir")
+        body = {"rp": rp, "targetDir": target, "format": fmt, "force": force, "disks": disk or None}
         _end_job(remote.run_job(f"/items/{remote.q(name)}/restore", body))
         return
     with service_context() as ctx, progress_display(f"restore {name}") as show:
@@ -673,7 +675,7 @@ def restore_vm(
     name = _vm_name(vm, vm_option, "restore vm")
     fmt = disk_format.value if disk_format else None
     if remote.active():
-        body = {"rp": rp, "name": new_name, "targetDir": str(target_dir) if target_dir else None, "format": fmt,
+        body = {"rp": rp, "name": new_name, "targetDir": remote.server_path(target_dir, "--target-dir"), "format": fmt,
                 "start": start, "instant": instant}  # fmt: skip
         until = remote.vm_running if instant else None  # as locally: back once the new VM runs
         outcome = remote.run_job(f"/items/{remote.q(name)}/restore/vm", body, until=until)

@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmvault.cli.state import STATE
@@ -69,6 +70,18 @@ def refuse_option(option: str, given: bool) -> None:
             f"{option} does not run against a server (--server {STATE.server})",
             hint=f"run the command on the server itself, or leave {option} out",
         )
+
+
+def server_path(path: Path | None, option: str) -> str | None:
+    """A path on the server, for the API: absolute (a relative one would be read from the server's cwd)."""
+    if path is None:
+        return None
+    if not path.is_absolute():
+        raise InvalidInput(
+            f"with --server, {option} is a path on the server and must be absolute: {path}",
+            hint="give it from /, as the server sees it",
+        )
+    return str(path)
 
 
 def _request(method: str, path: str, body: Any, params: dict[str, Any] | None) -> urllib.request.Request:
