@@ -22,7 +22,7 @@ from vmvault.catalog.models import VaultRow, VmRow
 from vmvault.errors import AlreadyExists, HypervisorError, InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.validate import absolute, check_name
+from vmvault.service.validate import absolute
 from vmvault.service.views import JsonDict
 
 KIND_LIBVIRT = "libvirt"
@@ -101,14 +101,9 @@ def _plan(
     ctx: Context, vm_name: str, rp_id: str, new_name: str, target: str | Path | None, fmt: str | None, start: bool
 ) -> LibvirtRestorePlan:
     from vmvault.hypervisor import libvirt_vm as lv
-    from vmvault.service.restore_vm import FORMATS, _check_space, _point
-    from vmvault.service.vms import _refuse_taken
+    from vmvault.service.restore_vm import _check_space, checked_request
 
-    if fmt is not None and fmt not in FORMATS:
-        raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
-    check_name("VM", new_name)
-    _refuse_taken(ctx, new_name)
-    vm, point, vault = _point(ctx, vm_name, rp_id)  # refuses soft-deleted points and ones that failed verify
+    vm, point, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
     uri = str((vm.definition or {}).get("connect") or lv.DEFAULT_URI)
     conn = lv.connect(uri)
     try:

@@ -157,16 +157,24 @@ def _point(ctx: Context, vm_name: str, rp_id: str) -> tuple[VmRow, Any, VaultRow
     return vm, point, vault
 
 
-def _plan_vm(
-    ctx: Context, vm_name: str, rp_id: str, new_name: str, target: str | Path | None, fmt: str | None, start: bool
-) -> VmRestorePlan:
+def checked_request(
+    ctx: Context, vm_name: str, rp_id: str, new_name: str, fmt: str | None
+) -> tuple[VmRow, Any, VaultRow]:
+    """What every restore as a new VM refuses first: a bad format or name, a name taken, a point
+    that is unknown, soft deleted or failed verification."""
     from vmvault.service.vms import _refuse_taken
 
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
     check_name("VM", new_name)
     _refuse_taken(ctx, new_name)
-    vm, point, vault = _point(ctx, vm_name, rp_id)
+    return _point(ctx, vm_name, rp_id)
+
+
+def _plan_vm(
+    ctx: Context, vm_name: str, rp_id: str, new_name: str, target: str | Path | None, fmt: str | None, start: bool
+) -> VmRestorePlan:
+    vm, point, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
     if vm.kind != "qmp":
         raise InvalidInput(
             f"VM '{vm_name}' has no VM definition: use restore disks",
