@@ -48,7 +48,8 @@ def _announce(service: Any) -> None:
     from vmvault.service.tokens import ensure_first_run_token
 
     where = (
-        f"listening on {service.address} (API {service.address}/api/v1, docs {service.address}/docs, GET /healthz)"
+        f"listening on {service.address} (portal {service.address}/, API {service.address}/api/v1, "
+        f"docs {service.address}/docs, GET /healthz)"
         if service.address
         else "no API endpoint"
     )
