@@ -211,3 +211,34 @@ def domain_paths(xml: str) -> list[str]:
     found += [str(n.get("file")) for n in root.iter("log") if n.get("file")]
     found += [str(n.text) for n in root.iter("nvram") if n.text]
     return found
+
+
+def stop_on_errors(xml: str, targets: list[str]) -> str:
+    """The XML with `error_policy='stop' rerror_policy='stop'` on the `<driver>` of these disk targets.
+
+    Instant restore: a disk whose backing (the vault's export) vanishes pauses the domain (paused,
+    I/O error) instead of handing the guest an I/O error.
+    """
+    root = ET.fromstring(xml)
+    for disk in root.iter("disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") not in targets:
+            continue
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", {"name": "qemu"})
+            disk.insert(0, driver)
+        driver.set("error_policy", "stop")
+        driver.set("rerror_policy", "stop")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def without_backing_stores(xml: str) -> str | None:
+    """The XML without any disk's `<backingStore>` (None if it has none): a pulled disk is flat."""
+    root = ET.fromstring(xml)
+    found = False
+    for disk in root.iter("disk"):
+        for node in disk.findall("backingStore"):
+            disk.remove(node)
+            found = True
+    return ET.tostring(root, encoding="unicode") + "\n" if found else None
