@@ -29,6 +29,7 @@ from vm.libvirtd import Domain, leftovers, libvirtd  # noqa: F401  (the session 
 from vm.live import backup, ext4_file, latest_point
 from vm.machine import ext4_disk
 from vm.osdisk import os_disk, os_image
+from vmvault.errors import VmvaultError
 from vmvault.proc import pid_alive
 
 MiB = 1 << 20
@@ -117,6 +118,25 @@ def _disks(xml: str) -> dict[str, ET.Element]:
     return {str(d.find("target").get("dev")): d for d in ET.fromstring(xml).iter("disk")}  # type: ignore[union-attr]
 
 
+def _exec_status(copy: Domain, pid: int) -> dict[str, Any] | None:
+    """guest-exec-status once it exited; None while it runs or the domain is paused (the agent cannot answer)."""
+    try:
+        with copy.agent_client().connect(timeout=5) as ga:
+            status: dict[str, Any] = ga.guest_exec_status(pid)
+    except VmvaultError:  # paused: libvirt refuses agent commands
+        return None
+    return status if status.get("exited") else None
+
+
+def _runs_steadily(copy: Domain, seconds: int = 3) -> bool:
+    for _ in range(seconds):
+        if copy.dom().state()[0] != VIR_DOMAIN_RUNNING:
+            time.sleep(1)
+            return False
+        time.sleep(1)
+    return True
+
+
 def _full_speed_until_done(lab: Lab, copy: Domain, job_id: str, targets: list[str]) -> dict[str, Any]:
     """Lift the throttle of every pull (the owner may start one again) until the job ends."""
     deadline = time.monotonic() + 300
@@ -154,24 +174,6 @@ def test_instant_restore_of_a_libvirt_vm_boots_from_the_vault_and_is_pulled_loca
         assert state["state"] == "Copying" and state["vmRunning"] and pid_alive(export_pid)
         assert _job(lab.cli, job_id)["status"] == "InProgress"
 
-        # the export dies mid-pull: the domain pauses (I/O error) on its next read of data not pulled yet
-        os.kill(export_pid, signal.SIGKILL)
-        agent = copy.agent_client()
-        with agent.connect(timeout=30) as ga:  # not waited for: it blocks while the domain is paused
-            dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
-        paused = [VIR_DOMAIN_PAUSED, VIR_DOMAIN_PAUSED_IOERROR]
-        _wait("the domain to pause on the lost export", lambda: copy.dom().state() == paused)
-        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id).get("error"), 10)
-        assert error["code"] == "export_lost", error
-
-        # the owner restarts the export: the domain goes on and the guest's read succeeds without an I/O error
-        _wait("the domain to resume", lambda: copy.dom().state()[0] == VIR_DOMAIN_RUNNING, RETRY_S + 60)
-        with copy.agent_client().connect(timeout=30) as ga:
-            status = _wait("dd to finish", lambda: (s := ga.guest_exec_status(dd))["exited"] and s, 60)
-        assert status.get("exitcode") == 0, status
-        assert "I/O error" not in copy.sh("dmesg").stdout
-        copy.export_pid = int(_job(lab.cli, job_id)["extendedInfo"]["restore"]["exportPid"])  # type: ignore[attr-defined]
-
         # the pulls finish: job Completed, the export gone, the disks local (image headers and domain XML)
         job = _full_speed_until_done(lab, copy, job_id, ["vda", "vdb"])
         assert job["status"] == "Completed", job
@@ -203,3 +205,50 @@ def test_instant_restore_of_a_libvirt_vm_refuses_a_taken_domain_name(lab: Lab, t
                       str(tmp_path / "x"), "--instant")  # fmt: skip
     assert f"libvirt already has a domain named '{lab.original}'" in r.output, r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_lost_export_pauses_the_domain_and_its_restart_resumes_it_cancel_removes_the_copy(lab: Lab) -> None:
+    """Killing the export mid-pull pauses the domain (I/O error, not the guest's error); the owner's restart
+    resumes it. Ends with job cancel: the domain destroyed and undefined, the copy and the export gone."""
+    name, target = f"vmvlost-{secrets.token_hex(3)}", lab.workdir / "lost"
+    with defined(lab, name) as copy:
+        r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", name, "--target-dir", str(target), "--instant",
+                        timeout=600)  # fmt: skip
+        assert r.ok and r.json()["status"] == "InProgress", str(r)
+        job_id = copy.job_id = r.json()["id"]  # type: ignore[attr-defined]
+        state = _job(lab.cli, job_id)["extendedInfo"]["restore"]
+        copy.export_pid = export_pid = int(state["exportPid"])  # type: ignore[attr-defined]
+        assert copy.sh("cat /only-on-os-disk").stdout == "before\n"
+        copy.sh("echo during > /written-during && sync")
+
+        # the export dies mid-pull: the domain pauses (I/O error) on its next read of data not pulled yet
+        os.kill(export_pid, signal.SIGKILL)
+        agent = copy.agent_client()
+        with agent.connect(timeout=30) as ga:  # not waited for: it blocks while the domain is paused
+            dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
+        paused = [VIR_DOMAIN_PAUSED, VIR_DOMAIN_PAUSED_IOERROR]
+        _wait("the domain to pause on the lost export", lambda: copy.dom().state() == paused)
+        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id).get("error"), 10)
+        assert error["code"] == "export_lost", error
+
+        # the owner restarts the export: the domain goes on and the guest's read succeeds without an I/O error
+        # (it may pause again a few times until QEMU's NBD client, which backs off up to 16 s, has reconnected)
+        status = _wait("dd to finish", lambda: _exec_status(copy, dd), RETRY_S + 60, 1)
+        assert status.get("exitcode") == 0, status
+        _wait("the domain to keep running", lambda: _runs_steadily(copy), 60, 0)
+        assert "I/O error" not in copy.sh("dmesg").stdout
+        assert _job(lab.cli, job_id).get("error") is None
+        copy.export_pid = new_pid = int(_job(lab.cli, job_id)["extendedInfo"]["restore"]["exportPid"])  # type: ignore[attr-defined]
+
+        assert copy.sh("cat /written-during").stdout == "during\n"
+
+        # cancel: the domain destroyed and undefined, the copy, its definition and the export gone
+        lab.cli.ok("job", "cancel", job_id)
+        done = lab.cli.run("job", "wait", job_id, "--timeout", "120", timeout=200)
+        assert done.json()["status"] == "Cancelled", str(done)
+        assert "destroyed and undefined" in done.json()["error"]["message"]
+        assert copy.virsh("dominfo", name, check=False).returncode != 0, "the cancelled copy is still defined"
+        assert not pid_alive(new_pid)
+        assert name not in [v["name"] for v in lab.cli.vms()]
+        assert not list(target.glob("*.qcow2")) and not (target / f"{name}.xml").exists()
+        assert not Path(state["exportSocket"]).parent.exists()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from vmvault.service.restore_vm import VmRestorePlan, _run_dir, _write_new
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault.instant")
+PULL_BACKOFF_S = 3.0
 
 
 def plan_libvirt(
@@ -59,6 +60,8 @@ class LibvirtInstantRestore(InstantRestore):
     uri: str = ""
     conn: Any = None
     dom: Any = None
+    pulling: set[str] = field(default_factory=set)  # disks with a pull started and not seen failed
+    pull_after: float = 0.0  # no pull starts before (monotonic): the NBD client is still reconnecting
 
     def run(self) -> JsonDict:
         try:
@@ -140,23 +143,37 @@ class LibvirtInstantRestore(InstantRestore):
         from vmvault.hypervisor import libvirt_vm as lv
 
         lvmod = lv._lv()
+        now = time.monotonic()
         if serving:  # after a lost export: the domain first (its retried reads reconnect), then the pulls
             state, reason = self.dom.state()
             if state == lvmod.VIR_DOMAIN_PAUSED and reason == lvmod.VIR_DOMAIN_PAUSED_IOERROR:
                 self.dom.resume()
                 log.info("domain %s resumed after the export came back", self.plan.new_name)
+                self.pull_after = now + PULL_BACKOFF_S  # QEMU's NBD client may not have reconnected yet
+        waiting: list[Disk] = []
+        busy = False
         for disk in self.disks:
             if disk.done:
                 continue
             info = self.dom.blockJobInfo(disk.node, 0)
             if info:
+                busy = True
                 end = int(info.get("end") or 0)
                 self.copied[disk.name] = int(disk.size * int(info.get("cur") or 0) / end) if end else 0
             elif instant.image_backing(disk.path) is None:  # the pull completed: QEMU rewrote the header
                 log.info("pulling %s completed", disk.name)
                 disk.done = True
-            elif serving:  # the first start, or again after a pull that failed (libvirt forgets failed jobs)
-                self._start_pull(disk)
+            elif disk.name in self.pulling:  # it failed: libvirt forgets failed jobs; QEMU's NBD client
+                # reconnects with a back-off of its own (up to 16 s): a pull started meanwhile fails at once
+                self.pulling.discard(disk.name)
+                self.pull_after = now + PULL_BACKOFF_S
+                waiting.append(disk)
+            else:
+                waiting.append(disk)
+        # One pull at a time: when a pull completes, libvirt runs query-named-block-nodes, and QEMU 7.2
+        # segfaults in it (bdrv_refresh_filename) if another stream's copy-on-read filter is being dropped
+        if waiting and not busy and serving and now >= self.pull_after:
+            self._start_pull(waiting[0])
 
     def _start_pull(self, disk: Disk) -> None:
         from vmvault.hypervisor import libvirt_vm as lv
@@ -165,6 +182,7 @@ class LibvirtInstantRestore(InstantRestore):
         flags = lvmod.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if STREAM_SPEED > 0 else 0
         try:
             self.dom.blockPull(disk.node, STREAM_SPEED if STREAM_SPEED > 0 else 0, flags)
+            self.pulling.add(disk.name)
             log.info("pulling %s into %s", disk.name, disk.path)
         except lvmod.libvirtError as exc:  # e.g. the export not reconnected yet: the next tick tries again
             log.warning("block pull of %s did not start: %s", disk.name, exc)
