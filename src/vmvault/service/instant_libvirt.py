@@ -159,7 +159,9 @@ class LibvirtInstantRestore(InstantRestore):
             if info:
                 busy = True
                 end = int(info.get("end") or 0)
-                self.copied[disk.name] = int(disk.size * int(info.get("cur") or 0) / end) if end else 0
+                pulled = int(disk.size * int(info.get("cur") or 0) / end) if end else 0
+                # a pull started again counts from 0 (skipping what is local): the job's progress does not go back
+                self.copied[disk.name] = max(pulled, self.copied.get(disk.name, 0))
             elif instant.image_backing(disk.path) is None:  # the pull completed: QEMU rewrote the header
                 log.info("pulling %s completed", disk.name)
                 disk.done = True
