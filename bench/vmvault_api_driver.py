@@ -41,7 +41,7 @@ def main() -> int:
     vault = Vault.open(a.storage, a.home, passphrase)
     try:
         if a.action == "backup":
-            from vmvault.engine.backup import DiskSource, run_backup
+            from vmvault.engine.backup import DiskSource, PointSpec, run_backup
 
             points = vault.list_recovery_points()
             previous = None
@@ -52,16 +52,18 @@ def main() -> int:
             rp_id = secrets.token_hex(8)
             run_backup(
                 vault,
-                vm_name="vm",
-                vm_id="bench-vm",
-                disks=[DiskSource("disk0", a.image)],
-                previous=previous,
-                rp_id=rp_id,
-                time=now.isoformat(timespec="microseconds"),
-                retain_until=(now + timedelta(days=30)).date().isoformat(),
-                consistency="CrashConsistent",
-                vm_definition={},
-                job_id="bench",
+                PointSpec(
+                    vm_name="vm",
+                    vm_id="bench-vm",
+                    rp_id=rp_id,
+                    time=now.isoformat(timespec="microseconds"),
+                    retain_until=(now + timedelta(days=30)).date().isoformat(),
+                    consistency="CrashConsistent",
+                    vm_definition={},
+                    job_id="bench",
+                ),
+                [DiskSource("disk0", a.image)],
+                previous,
                 on_progress=None,
                 cancel=None,
             )

@@ -64,6 +64,20 @@ class ExportedDisk:
     changed_extents: list[tuple[int, int]] | None = None
 
 
+@dataclass(frozen=True)
+class PointSpec:
+    """What a new recovery point records besides its disks (the manifest's other fields)."""
+
+    vm_name: str
+    vm_id: str
+    rp_id: str
+    time: str
+    retain_until: str
+    consistency: str
+    vm_definition: dict[str, Any]
+    job_id: str
+
+
 @dataclass
 class DiskStats:
     name: str
@@ -315,23 +329,16 @@ def _sample_mismatch(vault: Vault, disk: _Disk) -> str | None:
 
 def run_backup(
     vault: Vault,
-    *,
-    vm_name: str,
-    vm_id: str,
+    spec: PointSpec,
     disks: list[DiskSource],
     previous: RecoveryPointManifest | None,
-    rp_id: str,
-    time: str,
-    retain_until: str,
-    consistency: str,
-    vm_definition: dict[str, Any],
-    job_id: str,
+    *,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> RecoveryPointManifest:
     """Back up a stopped VM's images, holding every image's lock for the whole backup."""
     if not disks:
-        raise InvalidInput(f"VM {vm_name} has no disks to back up")
+        raise InvalidInput(f"VM {spec.vm_name} has no disks to back up")
     with contextlib.ExitStack() as stack:
         exported = []
         for src in disks:
@@ -343,21 +350,7 @@ def run_backup(
             else:
                 uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
             exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))
-        manifest, _stats = backup_exported(
-            vault,
-            vm_name=vm_name,
-            vm_id=vm_id,
-            disks=exported,
-            previous=previous,
-            rp_id=rp_id,
-            time=time,
-            retain_until=retain_until,
-            consistency=consistency,
-            vm_definition=vm_definition,
-            job_id=job_id,
-            on_progress=on_progress,
-            cancel=cancel,
-        )
+        manifest, _stats = backup_exported(vault, spec, exported, previous, on_progress=on_progress, cancel=cancel)
     return manifest
 
 
@@ -367,17 +360,10 @@ def run_backup(
 @holding_shared
 def backup_exported(
     vault: Vault,
-    *,
-    vm_name: str,
-    vm_id: str,
+    spec: PointSpec,
     disks: list[ExportedDisk],
     previous: RecoveryPointManifest | None,
-    rp_id: str,
-    time: str,
-    retain_until: str,
-    consistency: str,
-    vm_definition: dict[str, Any],
-    job_id: str,
+    *,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> tuple[RecoveryPointManifest, list[DiskStats]]:
@@ -403,15 +389,15 @@ def backup_exported(
         run.data.close()
         run.tree.close()
     manifest = RecoveryPointManifest(
-        rp_id=rp_id,
-        vm_name=vm_name,
-        vm_id=vm_id,
-        time=time,
-        consistency=consistency,
-        retain_until=retain_until,
+        rp_id=spec.rp_id,
+        vm_name=spec.vm_name,
+        vm_id=spec.vm_id,
+        time=spec.time,
+        consistency=spec.consistency,
+        retain_until=spec.retain_until,
         disks=tuple(entries),
-        vm_definition=vm_definition,
-        job_id=job_id,
+        vm_definition=spec.vm_definition,
+        job_id=spec.job_id,
     )
     run.check_cancel()
     vault.publish_manifest(manifest)  # last: until here no recovery point exists

@@ -221,7 +221,7 @@ def _check_disks(vm_name: str, disks: list[dict[str, str]]) -> None:
 
 
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
-    from vmvault.engine.backup import DiskSource, run_backup
+    from vmvault.engine.backup import DiskSource, PointSpec, run_backup
 
     if plan.definition.get("kind") == "qmp":  # a QEMU VM driven over QMP (service/running_vms.py)
         from vmvault.service import running_vms
@@ -238,16 +238,18 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
         previous = _previous_manifest(ctx, vault, plan)
         return run_backup(
             vault,
-            vm_name=plan.vm_name,
-            vm_id=plan.vm_id,
-            disks=[DiskSource(d["name"], Path(d["path"])) for d in plan.disks],
-            previous=previous,
-            rp_id=new_rp_id(),
-            time=_next_point_time(ctx, plan.vm_id),
-            retain_until=plan.retain_until,
-            consistency=CRASH_CONSISTENT,
-            vm_definition=plan.definition,
-            job_id=job_id,
+            PointSpec(
+                vm_name=plan.vm_name,
+                vm_id=plan.vm_id,
+                rp_id=new_rp_id(),
+                time=_next_point_time(ctx, plan.vm_id),
+                retain_until=plan.retain_until,
+                consistency=CRASH_CONSISTENT,
+                vm_definition=plan.definition,
+                job_id=job_id,
+            ),
+            [DiskSource(d["name"], Path(d["path"])) for d in plan.disks],
+            previous,
             on_progress=run.progress,
             cancel=run.cancel,
         )

@@ -187,7 +187,7 @@ class _Backup:
         self.note("cbt_fallback", message, "none: the next backup uses the new checkpoint")
 
     def _pull(self, vault: Any, previous: Any, incremental: str | None, checkpoint: str | None) -> Any:
-        from vmvault.engine.backup import ExportedDisk, backup_exported
+        from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
         from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import _next_point_time, new_rp_id
         from vmvault.service.running_vms import _TEST_HOLD_SNAPSHOT, _run_dir, _test_hold
@@ -225,16 +225,18 @@ class _Backup:
             ]
             manifest, stats = backup_exported(
                 vault,
-                vm_name=self.plan.vm_name,
-                vm_id=self.plan.vm_id,
-                disks=exported,
-                previous=previous,
-                rp_id=new_rp_id(),
-                time=_next_point_time(self.ctx, self.plan.vm_id),
-                retain_until=self.plan.retain_until,
-                consistency=q.consistency,
-                vm_definition=self.definition(checkpoint),
-                job_id=self.job_id,
+                PointSpec(
+                    vm_name=self.plan.vm_name,
+                    vm_id=self.plan.vm_id,
+                    rp_id=new_rp_id(),
+                    time=_next_point_time(self.ctx, self.plan.vm_id),
+                    retain_until=self.plan.retain_until,
+                    consistency=q.consistency,
+                    vm_definition=self.definition(checkpoint),
+                    job_id=self.job_id,
+                ),
+                exported,
+                previous,
                 on_progress=self.job_run.progress,
                 cancel=self.job_run.cancel,
             )
@@ -261,7 +263,7 @@ class _Backup:
 
     # ---- a stopped domain ----------------------------------------------------------------------------
     def offline(self) -> Any:
-        from vmvault.engine.backup import DiskSource, run_backup
+        from vmvault.engine.backup import DiskSource, PointSpec, run_backup
         from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import (
             CRASH_CONSISTENT,
@@ -291,16 +293,18 @@ class _Backup:
                       "the point is crash-consistent")  # fmt: skip
             return run_backup(
                 vault,
-                vm_name=self.plan.vm_name,
-                vm_id=self.plan.vm_id,
-                disks=[DiskSource(d.name, Path(d.path)) for d in self.disks],
-                previous=previous,
-                rp_id=new_rp_id(),
-                time=_next_point_time(self.ctx, self.plan.vm_id),
-                retain_until=self.plan.retain_until,
-                consistency=CRASH_CONSISTENT,
-                vm_definition=self.definition(carry),
-                job_id=self.job_id,
+                PointSpec(
+                    vm_name=self.plan.vm_name,
+                    vm_id=self.plan.vm_id,
+                    rp_id=new_rp_id(),
+                    time=_next_point_time(self.ctx, self.plan.vm_id),
+                    retain_until=self.plan.retain_until,
+                    consistency=CRASH_CONSISTENT,
+                    vm_definition=self.definition(carry),
+                    job_id=self.job_id,
+                ),
+                [DiskSource(d.name, Path(d.path)) for d in self.disks],
+                previous,
                 on_progress=self.job_run.progress,
                 cancel=self.job_run.cancel,
             )

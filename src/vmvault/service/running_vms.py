@@ -233,7 +233,7 @@ class _LiveBackup:
         return quiesce
 
     def _read(self, vault: Any, previous: Any, rp_id: str, point_time: str, consistency: str) -> Any:
-        from vmvault.engine.backup import ExportedDisk, backup_exported
+        from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
         from vmvault.engine.consistency import Note
         from vmvault.hypervisor.snapshot import FleeceSpaceError
 
@@ -245,16 +245,18 @@ class _LiveBackup:
             try:
                 manifest, stats = backup_exported(
                     vault,
-                    vm_name=self.plan.vm_name,
-                    vm_id=self.plan.vm_id,
-                    disks=exported,
-                    previous=previous,
-                    rp_id=rp_id,
-                    time=point_time,
-                    retain_until=self.plan.retain_until,
-                    consistency=consistency,
-                    vm_definition={**manifest_definition(self.plan.definition), **self.vm.definition},
-                    job_id=self.job_id,
+                    PointSpec(
+                        vm_name=self.plan.vm_name,
+                        vm_id=self.plan.vm_id,
+                        rp_id=rp_id,
+                        time=point_time,
+                        retain_until=self.plan.retain_until,
+                        consistency=consistency,
+                        vm_definition={**manifest_definition(self.plan.definition), **self.vm.definition},
+                        job_id=self.job_id,
+                    ),
+                    exported,
+                    previous,
                     on_progress=self.job_run.progress,
                     cancel=watch.cancel,
                 )
