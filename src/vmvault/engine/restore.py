@@ -193,9 +193,10 @@ class _DiskWriter:
         self.vault.authenticate_pack(pack)
         start = group[0].ref.offset
         blob = self.vault.backend.get(pack, start, group[-1].ref.offset + group[-1].ref.length - start)
+        view = memoryview(blob)  # slices without copying: each blob goes straight to AES-GCM
         written = 0
         for loc in group:
-            stored = blob[loc.ref.offset - start : loc.ref.offset - start + loc.ref.length]
+            stored = view[loc.ref.offset - start : loc.ref.offset - start + loc.ref.length]
             try:
                 plain = self.vault.read_blob_from(loc, stored)
             except IntegrityError as exc:

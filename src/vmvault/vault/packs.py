@@ -98,7 +98,7 @@ def _aad(blob_id: bytes, type_: int, flags: int) -> bytes:
     return blob_id + bytes((type_, flags))
 
 
-def decode_blob(keys: MasterKeys, salt: bytes, ref: BlobRef, stored: bytes, where: str) -> bytes:
+def decode_blob(keys: MasterKeys, salt: bytes, ref: BlobRef, stored: bytes | memoryview, where: str) -> bytes:
     """Decrypt, decompress and re-hash one blob; any mismatch names the blob and its pack."""
     try:
         body = keys.pack_cipher(salt).decrypt(nonce_for(ref.offset), stored, _aad(ref.blob_id, ref.type, ref.flags))

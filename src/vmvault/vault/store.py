@@ -304,7 +304,7 @@ class Vault:
         stored = self.backend.get(loc.pack, loc.ref.offset, loc.ref.length)
         return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
 
-    def read_blob_from(self, loc: Location, stored: bytes) -> bytes:
+    def read_blob_from(self, loc: Location, stored: bytes | memoryview) -> bytes:
         """Decode a blob whose stored bytes were already fetched (batched reads on restore)."""
         self.authenticate_pack(loc.pack)
         return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
