@@ -667,7 +667,7 @@ def restore_vm(
     vm: VmArgument = None,
     vm_option: VmOption = None,
 ) -> None:
-    """Restore a point of a plain QEMU VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
+    """Restore a point of a QEMU or libvirt VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restore_vm as service
