@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmvault.errors import Cancelled, InvalidInput
+from vmvault.errors import InvalidInput
 from vmvault.hypervisor import instant
 from vmvault.service.context import Context
-from vmvault.service.instant_restore import POLL_S, STREAM_SPEED, Disk, InstantRestore
+from vmvault.service.instant_restore import STREAM_SPEED, Disk, InstantRestore
 from vmvault.service.restore_vm import VmRestorePlan, _run_dir, _write_new
 from vmvault.service.views import JsonDict
 
@@ -113,24 +113,19 @@ class LibvirtInstantRestore(InstantRestore):
                 "instant": True}  # fmt: skip
 
     # ---- the copy: block pull ---------------------------------------------------------------------
-    def _copy(self) -> None:
-        while not all(d.done for d in self.disks):
-            if self.job.cancel.is_set():
-                raise Cancelled(
-                    f"the instant restore of VM '{self.plan.new_name}' was cancelled: the domain was destroyed and "
-                    "undefined, with its disks (they still needed the vault's export)"
-                )
-            serving = self._watch_export()
-            try:
-                if self.dom.isActive():
-                    self._pull_tick(serving)
-                elif serving:
-                    self._finish_offline()
-            except self._libvirt_error() as exc:  # a busy or restarting libvirtd: the next tick asks again
-                log.warning("talking to libvirt about %s failed (%s); retrying", self.plan.new_name, exc)
-            self._report()
-            if not all(d.done for d in self.disks):
-                time.sleep(POLL_S)
+    CANCELLED = "the domain was destroyed and undefined, with its disks (they still needed the vault's export)"
+
+    def _copy_tick(self, serving: bool) -> None:
+        """One look at the block pulls through libvirt (never QMP on a libvirt domain)."""
+        try:
+            if self.dom.isActive():
+                self._pull_tick(serving)
+            elif serving:
+                self._finish_offline()
+        except self._libvirt_error() as exc:  # a busy or restarting libvirtd: the next tick asks again
+            log.warning("talking to libvirt about %s failed (%s); retrying", self.plan.new_name, exc)
+
+    def _copied(self) -> None:
         self._flat_persistent_xml()
 
     def _libvirt_error(self) -> type[Exception]:

@@ -417,29 +417,35 @@ class InstantRestore:
             row.error = error
 
     # ---- the copy ----------------------------------------------------------------------------------
+    # What a cancel removed (the libvirt owner words it for a domain).
+    CANCELLED = "the VM was stopped and removed, with its disks (they still needed the vault's export)"
+
     def _copy(self) -> None:
-        """Stream every disk into its overlay until none has a backing file (or finish offline)."""
-        started: set[str] = set()
+        """Copy every disk into its overlay until none has a backing file (or finish offline)."""
         while not all(d.done for d in self.disks):
             if self.job.cancel.is_set():
-                raise Cancelled(
-                    f"the instant restore of VM '{self.plan.new_name}' was cancelled: the VM was stopped and removed, "
-                    "with its disks (they still needed the vault's export)"
-                )
-            serving = self._watch_export()
-            try:
-                with QmpClient(self.qmp).connect() as qmp:
-                    self._tick(qmp, started, serving)
-            except QemuNotRunning:
-                if serving:
-                    self._finish_offline()
-            except (OSError, HypervisorError, Busy):  # a QMP hiccup or a busy socket: the next tick asks again
-                log.warning("talking to VM %s failed; retrying", self.plan.new_name, exc_info=True)
+                raise Cancelled(f"the instant restore of VM '{self.plan.new_name}' was cancelled: {self.CANCELLED}")
+            self._copy_tick(self._watch_export())
             self._report()
             if not all(d.done for d in self.disks):
                 time.sleep(POLL_S)
+        self._copied()
 
-    def _tick(self, qmp: QmpClient, started: set[str], serving: bool) -> None:
+    def _copy_tick(self, serving: bool) -> None:
+        """One look at the streams over QMP: start, dismiss, resume."""
+        try:
+            with QmpClient(self.qmp).connect() as qmp:
+                self._tick(qmp, serving)
+        except QemuNotRunning:
+            if serving:
+                self._finish_offline()
+        except (OSError, HypervisorError, Busy):  # a QMP hiccup or a busy socket: the next tick asks again
+            log.warning("talking to VM %s failed; retrying", self.plan.new_name, exc_info=True)
+
+    def _copied(self) -> None:
+        """Every disk is local now (the libvirt owner also drops the backing from the persistent XML)."""
+
+    def _tick(self, qmp: QmpClient, serving: bool) -> None:
         jobs = instant.stream_jobs(qmp)
         for disk in self.disks:
             job_id = instant.stream_job_id(disk.node)
@@ -448,7 +454,6 @@ class InstantRestore:
                 continue
             if state is None and serving:
                 instant.start_stream(qmp, disk.node, STREAM_SPEED)  # first start, or again after a failed one
-                started.add(job_id)
             elif state is not None and state.status == "concluded":
                 log.info("streaming %s ended: %s", disk.name, state)
                 instant.dismiss_job(qmp, job_id)
