@@ -30,7 +30,7 @@ from vmvault.catalog.models import FileRecoverySessionRow, VaultRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, create_job, run_job
-from vmvault.service.softdelete import refuse_unusable_point
+from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute
 from vmvault.service.views import JsonDict
 
@@ -48,14 +48,7 @@ class Target:
 
 def _target(ctx: Context, vm_name: str, rp_id: str) -> Target:
     with ctx.catalog.read() as s:
-        vm = repos.get_vm(s, vm_name)
-        point = repos.find_recovery_point(s, rp_id)
-        if point is None or point.vm_id != vm.id:
-            raise NotFound(
-                f"recovery point '{rp_id}' not found for VM '{vm_name}'",
-                hint=f"list them with: vmvault recoverypoint list {vm_name}",
-            )
-        refuse_unusable_point(point, vm_name)
+        vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
         return Target(vm.id, vm.name, point.id, vault, [str(d["name"]) for d in point.disks])
 

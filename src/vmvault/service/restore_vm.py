@@ -25,10 +25,10 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VaultRow, VmRow
-from vmvault.errors import HypervisorError, IntegrityError, InvalidInput, NotFound, StorageError, VmRunning
+from vmvault.errors import HypervisorError, IntegrityError, InvalidInput, StorageError, VmRunning
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.softdelete import refuse_unusable_point
+from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict
 
@@ -144,14 +144,7 @@ def restore_vm(
 
 def _point(ctx: Context, vm_name: str, rp_id: str) -> tuple[VmRow, Any, VaultRow]:
     with ctx.catalog.read() as s:
-        vm = repos.get_vm(s, vm_name)
-        point = repos.find_recovery_point(s, rp_id)
-        if point is None or point.vm_id != vm.id:
-            raise NotFound(
-                f"recovery point '{rp_id}' not found for VM '{vm_name}'",
-                hint=f"list them with: vmvault recoverypoint list {vm_name}",
-            )
-        refuse_unusable_point(point, vm_name)
+        vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
         s.expunge_all()
     return vm, point, vault

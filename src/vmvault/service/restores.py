@@ -12,7 +12,7 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import InvalidInput, NotFound, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.softdelete import refuse_unusable_point
+from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute
 from vmvault.service.vaultio import opened_vault
 
@@ -59,14 +59,7 @@ def plan_restore(
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
     with ctx.catalog.read() as s:
-        vm = repos.get_vm(s, vm_name)
-        point = repos.find_recovery_point(s, rp_id)
-        if point is None or point.vm_id != vm.id:
-            raise NotFound(
-                f"recovery point '{rp_id}' not found for VM '{vm_name}'",
-                hint=f"list them with: vmvault recoverypoint list {vm_name}",
-            )
-        refuse_unusable_point(point, vm_name)
+        vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
         # plain QEMU VMs get a JSON template beside their disks (service/restore_vm.py), libvirt VMs domain XML

@@ -112,6 +112,19 @@ def due_for_purge(s: Session, vault_id: int, now: datetime) -> list[tuple[Protec
     return due
 
 
+def usable_point(s: Session, vm_name: str, rp_id: str) -> tuple[VmRow, RecoveryPointRow]:
+    """The VM and its point, for a restore or a mount: unknown, soft-deleted or failed points refused."""
+    vm = repos.get_vm(s, vm_name)
+    point = repos.find_recovery_point(s, rp_id)
+    if point is None or point.vm_id != vm.id:
+        raise NotFound(
+            f"recovery point '{rp_id}' not found for VM '{vm_name}'",
+            hint=f"list them with: vmvault recoverypoint list {vm_name}",
+        )
+    refuse_unusable_point(point, vm_name)
+    return vm, point
+
+
 def refuse_unusable_point(point: RecoveryPointRow, vm_name: str) -> None:
     """A point that is soft deleted or failed its last verify cannot be restored (nor mounted)."""
     refuse_soft_deleted_point(point, vm_name)
