@@ -162,9 +162,20 @@ class NotificationTarget(View):
 # ---- VMs, protected items, recovery points ------------------------------------------------------
 
 
+class BackingFileView(View):
+    path: str
+    format: str
+
+
 class VmDisk(View):
     name: str
     path: str | None
+    format: str | None = Field(
+        None, description="raw or qcow2, recorded at vm add and used for every open; unknown: set it with set-format"
+    )
+    backing_chain: list[BackingFileView] | None = Field(
+        None, description="qcow2: the backing files recorded at vm add (checked before every backup)"
+    )
 
 
 class Vm(View):

@@ -259,6 +259,14 @@ def vm_add(
     connect: Annotated[
         str | None, typer.Option("--connect", help="With --libvirt: libvirt's URI (default qemu:///system).")
     ] = None,
+    fmt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            help="With --disk: raw or qcow2, once for all disks or once per --disk; recorded and used for every "
+            "open (without it, guessed once now and shown).",
+        ),
+    ] = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.cli import remote
@@ -268,8 +276,11 @@ def vm_add(
         remote.refuse_option(flag, value is not None)
     if remote.active():
         disks = [remote.server_path(d, "--disk") for d in disk or []]
-        output.print_object(remote.post("/vms", {"name": name, "disks": disks}))
+        body: dict[str, object] = {"name": name, "disks": disks, **({"formats": fmt} if fmt else {})}
+        output.print_object(remote.post("/vms", body))
         return
+    if fmt and not disk:
+        raise InvalidInput("--format goes with --disk", hint="QEMU or libvirt gives a running VM's formats")
     if libvirt is not None:
         if disk or qmp is not None or guest_agent is not None:
             raise InvalidInput("--libvirt goes alone (with --connect)", hint="libvirt knows the domain's disks")
@@ -294,7 +305,22 @@ def vm_add(
 
             output.print_object(running_vms.add_qmp_vm(ctx, name, qmp, guest_agent))
             return
-        output.print_object(vms.add_vm(ctx, name, list(disk or [])))
+        output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
+
+
+@vm_app.command("set-format")
+def vm_set_format(
+    name: Annotated[str, typer.Argument(help="VM name.")],
+    disk: Annotated[str, typer.Option("--disk", help="The disk's name (disk0, ...; see vm show).")],
+    fmt: Annotated[str, typer.Option("--format", help="raw or qcow2: what the VM really uses.")],
+) -> None:
+    """Record a disk's format (and, for qcow2, its current backing chain, shown): every later open uses it."""
+    from vmvault.cli import remote
+    from vmvault.service import vms
+
+    remote.refuse_option("vm set-format", True)
+    with service_context() as ctx:
+        output.print_object(vms.set_disk_format(ctx, name, disk, fmt))
 
 
 @vm_app.command("discover")

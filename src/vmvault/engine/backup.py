@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.engine.chunking import Geometry, data_chunk_runs, reads_per_leaf
-from vmvault.engine.probe import probe_disk
+from vmvault.engine.probe import disk_info
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import Cancelled, InvalidInput
+from vmvault.hypervisor.diskformat import BackingFile
 from vmvault.hypervisor.imagelock import ImageLock
 from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.hypervisor.offline import NbdImageExport
@@ -41,10 +42,16 @@ IN_FLIGHT = 2 * WORKERS
 
 @dataclass(frozen=True)
 class DiskSource:
-    """A stopped VM's disk image, read offline through qemu-nbd."""
+    """A stopped VM's disk image, read offline through qemu-nbd, opened as its recorded format.
+
+    chain: the qcow2 backing chain recorded at `vm add` (checked before reading); None for disks
+    whose chain is re-read each time under the same rules (libvirt domains: their XML decides).
+    """
 
     name: str
     path: Path
+    format: str
+    chain: list[BackingFile] | None = None
 
 
 @dataclass(frozen=True)
@@ -342,7 +349,7 @@ def run_backup(
     with contextlib.ExitStack() as stack:
         exported = []
         for src in disks:
-            info = probe_disk(src.path)
+            info = disk_info(src.path, src.format, src.chain)
             if info.format == "raw" and info.path.is_file():
                 # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold).
                 stack.enter_context(ImageLock(info.path))

@@ -240,7 +240,8 @@ def drop_checkpoints(dom: Any, prefix: str = CHECKPOINT_PREFIX, *, metadata_only
 
 def image_bitmaps(path: str) -> dict[str, list[str]]:
     """The qcow2 image's persistent bitmaps and their flags (`qemu-img info -U`, read only)."""
-    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True)
+    cmd = ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", path]  # only qcow2 disks get here
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {}
     info = json.loads(proc.stdout)

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vmvault.errors import HypervisorError, InvalidInput, NotFound, VmRunning
+from vmvault.hypervisor.diskformat import FORMATS, BackingFile, blockdev_json, check_chain, read_chain
 from vmvault.hypervisor.imagelock import ImageLock
 
 _RUNNING_HINT = "stop the VM first, or add it as a running VM with --libvirt or --qmp"
@@ -32,30 +33,72 @@ class DiskInfo:
     format: str  # raw | qcow2
     virtual_size: int
     actual_size: int
+    chain: tuple[BackingFile, ...] = ()  # qcow2: the backing files below it, each with its format
+
+    @property
+    def open_name(self) -> str:
+        """What QEMU tools open: a `json:` description naming every node's driver (never probed)."""
+        return blockdev_json(self.path, self.format, list(self.chain))
 
 
-def qemu_img_info(path: Path) -> DiskInfo:
-    path = Path(path).absolute()
-    if not path.exists():
-        raise NotFound(f"disk image {path} does not exist", hint="check the path of --disk")
-    if not path.is_file() and not path.is_block_device():
-        raise InvalidInput(f"{path} is not a disk image (not a file)")
+def probe_format(path: Path) -> str:
+    """Guess an image's format: ONLY at `vm add` without --format, shown to the user and stored.
+
+    `qemu-img info` without --backing-chain opens no backing file; the caller refuses a guessed
+    qcow2 that names one (service/vms.py).
+    """
+    path = _existing(path)
     proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         _raise_for_qemu_error(path, proc.stderr)
-    info = json.loads(proc.stdout)
-    fmt = info.get("format")
-    if fmt not in ("raw", "qcow2"):
+    fmt = json.loads(proc.stdout).get("format")
+    if fmt not in FORMATS:
         raise InvalidInput(
             f"{path} is a {fmt} image; vmvault reads raw and qcow2",
             hint=f"convert it: qemu-img convert -O qcow2 {path} {path}.qcow2",
         )
+    return str(fmt)
+
+
+def disk_info(path: Path, fmt: str, chain: list[BackingFile] | None = None) -> DiskInfo:
+    """Size and chain of an image opened as `fmt` (its recorded format), never guessed from its content.
+
+    chain: the backing chain recorded at `vm add`, checked against the headers (a change is refused,
+    naming the file); None reads the chain from the headers under the same rules (diskformat.py).
+    """
+    path = _existing(path)
+    if fmt not in FORMATS:
+        raise InvalidInput(
+            f"the format of disk {path} is not recorded ({fmt})",
+            hint="record it: vmvault vm set-format VM --disk NAME --format raw|qcow2",
+            code="disk_format_unknown",
+        )
+    if fmt == "qcow2":
+        if chain is None:
+            chain = read_chain(path, fmt)
+        else:
+            check_chain(path, fmt, chain)
+    proc = subprocess.run(
+        ["qemu-img", "info", "--output=json", blockdev_json(path, fmt, chain or [])], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        _raise_for_qemu_error(path, proc.stderr)
+    info = json.loads(proc.stdout)
     if fmt == "raw":
         _refuse_non_image(path, int(info["virtual-size"]))
     if path.is_file():
         with ImageLock(path):  # raises VmRunning when a running QEMU writes to the image
             pass
-    return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)))
+    return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)), tuple(chain or ()))
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    if not path.exists():
+        raise NotFound(f"disk image {path} does not exist", hint="check the path of --disk")
+    if not path.is_file() and not path.is_block_device():
+        raise InvalidInput(f"{path} is not a disk image (not a file)")
+    return path
 
 
 def _refuse_non_image(path: Path, size: int) -> None:
@@ -110,10 +153,9 @@ class NbdImageExport:
             "--persistent",
             f"--shared={self._connections}",
             f"--socket={self.socket}",
-            f"--format={self.info.format}",
             "--export-name=disk",
             "--cache=writeback",
-            str(self.info.path),
+            self.info.open_name,  # every driver named: the image's content chooses nothing
         ]
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import secrets
 import threading
@@ -38,6 +39,8 @@ from vmvault.service.vaultio import opened_vault, read_manifest_or_none
 from vmvault.service.vaults import recovery_point_row
 from vmvault.service.views import JsonDict, recovery_point_view
 
+log = logging.getLogger("vmvault")
+
 CRASH_CONSISTENT = "CrashConsistent"
 ON_DEMAND, SCHEDULED = "OnDemand", "Scheduled"  # job details["trigger"]
 
@@ -49,7 +52,7 @@ class BackupPlan:
     vm_id: str
     vm_name: str
     vault: VaultRow
-    disks: list[dict[str, str]]
+    disks: list[dict[str, Any]]  # name, path, format, chain (vms.disks)
     definition: dict[str, Any]
     retain_until: str
     policy_id: int | None = None
@@ -203,7 +206,7 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
             )
         vault = repos.vault_by_id(s, item.vault_id)
         excluded = set(item.excluded_disks or [])
-        disks = [{"name": str(d["name"]), "path": str(d.get("path") or "")} for d in vm.disks]
+        disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in vm.disks]
         disks = [d for d in disks if d["name"] not in excluded]
     _check_disks(vm_name, disks)
     if not retain_until:
@@ -211,7 +214,7 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
     return BackupPlan(vm.id, vm.name, vault, disks, dict(vm.definition), retain_until, item.policy_id)
 
 
-def _check_disks(vm_name: str, disks: list[dict[str, str]]) -> None:
+def _check_disks(vm_name: str, disks: list[dict[str, Any]]) -> None:
     missing = [d["name"] for d in disks if not d["path"]]
     if not disks or missing:
         raise InvalidInput(
@@ -221,7 +224,7 @@ def _check_disks(vm_name: str, disks: list[dict[str, str]]) -> None:
 
 
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
-    from vmvault.engine.backup import DiskSource, PointSpec, run_backup
+    from vmvault.engine.backup import PointSpec, run_backup
 
     if plan.definition.get("kind") == "qmp":  # a QEMU VM driven over QMP (service/running_vms.py)
         from vmvault.service import running_vms
@@ -234,6 +237,7 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
         from vmvault.service import libvirt_vms
 
         return libvirt_vms.run_libvirt_backup(ctx, plan, job_id, run)
+    sources = [disk_source(ctx, plan.vm_id, plan.vm_name, d) for d in plan.disks]
     with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name):
         previous = _previous_manifest(ctx, vault, plan)
         return run_backup(
@@ -248,11 +252,44 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
                 vm_definition=plan.definition,
                 job_id=job_id,
             ),
-            [DiskSource(d["name"], Path(d["path"])) for d in plan.disks],
+            sources,
             previous,
             on_progress=run.progress,
             cancel=run.cancel,
         )
+
+
+def disk_source(ctx: Context, vm_id: str, vm_name: str, disk: dict[str, Any]) -> Any:
+    """The disk as recorded at `vm add`: its format, and for qcow2 the backing chain checked before reading.
+
+    A qcow2 disk recorded before chains were (catalog migration 0007) gets its chain recorded now
+    when it has no backing file; one that has a backing file is refused until an admin confirms it.
+    """
+    from vmvault.engine.backup import DiskSource
+    from vmvault.hypervisor.diskformat import chain_from_record, read_chain
+
+    name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
+    if fmt != "qcow2" or "chain" in disk:
+        return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
+    chain = read_chain(path, fmt)
+    if chain:
+        raise InvalidInput(
+            f"disk {name} ({path}) of VM '{vm_name}' is a qcow2 image with backing file {chain[0].path}, "
+            "added before vmvault recorded backing chains: confirm that chain before it is read",
+            hint=f"if {path} is a qcow2 image you made: vmvault vm set-format {vm_name} --disk {name} --format qcow2; "
+            f"if the VM uses it as a raw disk: --format raw",
+            code="disk_chain_unconfirmed",
+        )
+    _record_disk(ctx, vm_id, name, {"chain": []})
+    log.warning("disk %s of VM %s: qcow2 without backing file, recorded now (first backup since 0007)", name, vm_name)
+    return DiskSource(name, path, fmt, [])
+
+
+def _record_disk(ctx: Context, vm_id: str, disk_name: str, values: dict[str, Any]) -> None:
+    with ctx.catalog.write() as s:
+        row = repos.find_vm_by_id(s, vm_id)
+        if row is not None:
+            row.disks = [{**d, **values} if d.get("name") == disk_name else d for d in row.disks]
 
 
 @contextmanager

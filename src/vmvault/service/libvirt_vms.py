@@ -67,7 +67,7 @@ def add_libvirt_vm(ctx: Context, name: str, domain: str, uri: str | None = None)
         id=str(uuid.uuid4()),
         name=name,
         kind=KIND_LIBVIRT,
-        disks=[{"name": d.name, "path": d.path} for d in info.disks],
+        disks=[{"name": d.name, "path": d.path, "format": d.format} for d in info.disks],  # the XML's <driver type>
         definition=_definition(uri, info),
         created=now_iso(),
     )
@@ -303,7 +303,7 @@ class _Backup:
                     vm_definition=self.definition(carry),
                     job_id=self.job_id,
                 ),
-                [DiskSource(d.name, Path(d.path)) for d in self.disks],
+                [DiskSource(d.name, Path(d.path), d.format) for d in self.disks],  # the XML's <driver type>
                 previous,
                 on_progress=self.job_run.progress,
                 cancel=self.job_run.cancel,

@@ -235,7 +235,8 @@ def _register(ctx: Context, plan: LibvirtRestorePlan, dom: Any, definition_file:
                   "definitionFile": str(definition_file)}  # fmt: skip
     row = VmRow(
         id=str(uuid.uuid4()), name=plan.new_name, kind=KIND_LIBVIRT,
-        disks=[{"name": d.name, "path": d.path} for d in info.disks], definition=definition, created=now_iso(),
+        disks=[{"name": d.name, "path": d.path, "format": d.format} for d in info.disks], definition=definition,
+        created=now_iso(),
     )  # fmt: skip
     with ctx.catalog.write() as s:
         _refuse_taken_in(s, plan.new_name)

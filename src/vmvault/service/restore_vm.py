@@ -301,7 +301,9 @@ def _register(ctx: Context, plan: VmRestorePlan, template: JsonDict, definition_
     }
     row = VmRow(
         id=str(uuid.uuid4()), name=plan.new_name, kind="qmp",
-        disks=[{"name": d["name"], "path": d["path"]} for d in disks], definition=definition, created=now_iso(),
+        disks=[{"name": d["name"], "path": d["path"], "format": d["format"],
+                **({"chain": []} if d["format"] == "qcow2" else {})} for d in disks],  # written by vmvault
+        definition=definition, created=now_iso(),
     )  # fmt: skip
     with ctx.catalog.write() as s:
         _refuse_taken_in(s, plan.new_name)
@@ -370,7 +372,7 @@ def replace_disks(
 
 
 def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
-    from vmvault.engine.probe import probe_disk
+    from vmvault.service.vms import recorded_format
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
     _refuse_running(vm)
@@ -383,8 +385,9 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
             missing.append(name)
             continue
         path = current[name]
-        info = probe_disk(path)  # VmRunning when a QEMU holds the image
-        chosen.append((name, path, info.format))
+        fmt = recorded_format(vm, name)  # never guessed from the image, whose header the guest wrote
+        _refuse_locked(path)
+        chosen.append((name, path, fmt))
     if missing or not chosen:
         raise InvalidInput(
             f"VM '{vm_name}' has no disk {', '.join(missing) or 'in common with'} of recovery point '{rp_id}'",
@@ -394,6 +397,16 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
         _check_space(path.parent, int(next(int(d.get("storedBytes") or d.get("size") or 0)
                                             for d in point.disks if d["name"] == name)))  # fmt: skip
     return ReplacePlan(vm_name, vm.id, rp_id, vault, chosen)
+
+
+def _refuse_locked(path: Path) -> None:
+    """VmRunning when a QEMU holds the image (it takes QEMU's own lock for a moment)."""
+    from vmvault.hypervisor.imagelock import ImageLock
+    from vmvault.hypervisor.offline import _existing
+
+    if _existing(path).is_file():
+        with ImageLock(path):
+            pass
 
 
 def _refuse_running(vm: VmRow) -> None:
@@ -464,21 +477,23 @@ def _verify_image(path: Path, fmt: str, size: int) -> None:
     if int(info.get("virtual-size", -1)) != size:
         raise IntegrityError(f"the restored disk {path} has size {info.get('virtual-size')}, the point {size}")
     if fmt == "qcow2":
-        check = subprocess.run(["qemu-img", "check", "-q", str(path)], capture_output=True, text=True)
+        check = subprocess.run(["qemu-img", "check", "-q", "-f", fmt, str(path)], capture_output=True, text=True)
         if check.returncode != 0:
             raise IntegrityError(f"qemu-img check of the restored disk {path} failed: {check.stderr.strip()}")
 
 
 def _drop_vmvault_bitmaps(path: Path) -> None:
     """Remove vmvault's bitmaps (vmv-*) from a qcow2: the next backup must not trust them."""
-    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(path)], capture_output=True,
+                          text=True)  # fmt: skip
     if proc.returncode != 0:
         return
     data = ((json.loads(proc.stdout).get("format-specific") or {}).get("data")) or {}
     for bitmap in data.get("bitmaps") or []:
         name = str(bitmap.get("name") or "")
         if name.startswith("vmv-"):
-            subprocess.run(["qemu-img", "bitmap", "--remove", str(path), name], check=True, capture_output=True)
+            subprocess.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(path), name], check=True,
+                           capture_output=True)  # fmt: skip
 
 
 def _reset_tracking(ctx: Context, vm_id: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
-from vmvault.errors import Cancelled, InvalidInput
+from vmvault.errors import Cancelled, InvalidInput, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict
@@ -72,7 +72,7 @@ def add_qmp_vm(ctx: Context, name: str, qmp_socket: str | Path, agent_socket: st
         id=str(uuid.uuid4()),
         name=name,
         kind=KIND_QMP,
-        disks=[{"name": d.name, "path": d.path} for d in vm.disks],
+        disks=[qmp_disk_record(d) for d in vm.disks],
         definition=definition,
         created=now_iso(),
     )
@@ -80,6 +80,21 @@ def add_qmp_vm(ctx: Context, name: str, qmp_socket: str | Path, agent_socket: st
         _refuse_taken_in(s, name)
         repos.add_vm(s, row)
         return _view(s, row)
+
+
+def qmp_disk_record(disk: Any) -> JsonDict:
+    """A running QEMU's disk: the format its QEMU opens it with, and its qcow2 chain when readable.
+
+    Read offline when the QEMU is stopped, with exactly this format (and chain, checked).
+    """
+    from vmvault.hypervisor.diskformat import FORMATS, chain_to_record, read_chain
+
+    fmt = disk.format if disk.format in FORMATS else "raw" if disk.format in ("file", "host_device") else "unknown"
+    record: JsonDict = {"name": disk.name, "path": disk.path, "format": fmt}
+    if fmt == "qcow2":
+        with contextlib.suppress(VmvaultError, OSError):  # left unrecorded: the first offline read asks to confirm
+            record["chain"] = chain_to_record(read_chain(Path(disk.path), fmt))
+    return record
 
 
 # ---- the guest agent's state (for `item show`) ---------------------------------------------------------

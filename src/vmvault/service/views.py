@@ -35,12 +35,18 @@ def vm_view(
         "id": row.id,
         "name": row.name,
         "kind": row.kind,
-        "disks": [{"name": d["name"], "path": d.get("path") or None} for d in row.disks],
+        "disks": [_disk_view(d) for d in row.disks],
         "created": row.created,
         "vault": vault_name,
         "protectionState": item.protection_state if item else NOT_PROTECTED,
         "lastRecoveryPoint": last_point.time if last_point else None,
     }
+
+
+def _disk_view(d: dict[str, Any]) -> JsonDict:
+    """A VM's disk with the format and qcow2 chain recorded at `vm add` (what every backup opens)."""
+    return {"name": d["name"], "path": d.get("path") or None, "format": d.get("format"),
+            "backingChain": d.get("chain")}  # fmt: skip
 
 
 def recovery_point_view(row: RecoveryPointRow) -> JsonDict:

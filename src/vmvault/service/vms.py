@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
-from vmvault.errors import AlreadyExists, InvalidInput
+from vmvault.errors import AlreadyExists, InvalidInput, NotFound
+from vmvault.hypervisor.diskformat import FORMATS
 from vmvault.service.context import Context
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict, vm_view
@@ -20,19 +21,24 @@ KIND_DISKS = "disks"
 KIND_IMPORTED = "imported"
 
 
-def add_vm(ctx: Context, name: str, disks: list[str | Path]) -> JsonDict:
-    """Add a VM given by its disk images (disk0..N in order); each is probed first."""
-    from vmvault.engine.probe import probe_disk
+def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] | None = None) -> JsonDict:
+    """Add a VM given by its disk images (disk0..N in order), each with its format recorded for good.
 
+    formats: none (each guessed once, here, and shown), one for every disk, or one per disk. A
+    guessed qcow2 that names a backing file or data file is refused: its header may be a guest's
+    writing inside a raw disk (hypervisor/diskformat.py).
+    """
     check_name("VM", name)
     paths = _check_disk_paths(name, disks)
+    chosen = _formats(name, paths, formats or [])
     _refuse_taken(ctx, name)
-    definitions = [_disk_definition(i, path, probe_disk(path)) for i, path in enumerate(paths)]
+    infos = [_inspect(path, fmt) for path, fmt in zip(paths, chosen, strict=True)]
+    definitions = [_disk_definition(i, path, info) for i, (path, info) in enumerate(zip(paths, infos, strict=True))]
     row = VmRow(
         id=str(uuid.uuid4()),
         name=name,
         kind=KIND_DISKS,
-        disks=[{"name": f"disk{i}", "path": str(p)} for i, p in enumerate(paths)],
+        disks=[disk_record(f"disk{i}", info) for i, info in enumerate(infos)],
         definition={"disks": definitions},
         created=now_iso(),
     )
@@ -50,6 +56,83 @@ def _check_disk_paths(name: str, disks: list[str | Path]) -> list[Path]:
         if path in paths[:i]:
             raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")
     return paths
+
+
+def _formats(name: str, paths: list[Path], formats: list[str]) -> list[str | None]:
+    if any(f not in FORMATS for f in formats):
+        raise InvalidInput(f"unknown disk format {sorted(set(formats) - set(FORMATS))}", hint="--format raw or qcow2")
+    if len(formats) == 1:
+        return [formats[0]] * len(paths)
+    if formats and len(formats) != len(paths):
+        raise InvalidInput(
+            f"VM '{name}' has {len(paths)} disks and {len(formats)} --format values",
+            hint="give one --format for all disks, or one per --disk in the same order",
+        )
+    return list(formats) or [None] * len(paths)
+
+
+def _inspect(path: Path, fmt: str | None) -> Any:
+    """The disk's info opened as `fmt`; guessed (once, here) when the user gave none."""
+    from vmvault.engine.probe import disk_info, probe_format
+    from vmvault.hypervisor.diskformat import read_qcow2_header
+
+    if fmt is None:
+        fmt = probe_format(path)
+        header = read_qcow2_header(path) if fmt == "qcow2" else None
+        if header is not None and (header.backing_name or header.data_file):
+            named = header.backing_name or "an external data file"
+            raise InvalidInput(
+                f"disk {path} looks like a qcow2 image that names {named!r}; vmvault does not trust a "
+                "guessed format with a backing file (a guest can write such a header into a raw disk)",
+                hint=f"say what it is: --format qcow2 if {path} is a qcow2 image you made, --format raw if the "
+                "VM uses it as a raw disk",
+                code="disk_format_ambiguous",
+            )
+    return disk_info(path, fmt)
+
+
+def disk_record(name: str, info: Any) -> JsonDict:
+    """A disk as the catalog keeps it (vms.disks): its format and qcow2 chain, fixed at `vm add`."""
+    from vmvault.hypervisor.diskformat import chain_to_record
+
+    record: JsonDict = {"name": name, "path": str(info.path), "format": info.format}
+    if info.format == "qcow2":
+        record["chain"] = chain_to_record(list(info.chain))
+    return record
+
+
+def set_disk_format(ctx: Context, vm_name: str, disk_name: str, fmt: str) -> JsonDict:
+    """An admin's word on a disk's format: recorded with its current qcow2 chain (read under diskformat's rules)."""
+    if fmt not in FORMATS:
+        raise InvalidInput(f"unknown disk format '{fmt}'", hint="--format raw or qcow2")
+    with ctx.catalog.read() as s:
+        row = repos.get_vm(s, vm_name)
+        disk = next((d for d in row.disks or [] if d.get("name") == disk_name), None)
+        kind = row.kind
+    if kind not in (KIND_DISKS, "qmp"):
+        raise InvalidInput(f"VM '{vm_name}' is a {kind} VM: its disks' formats come from its definition")
+    if disk is None or not disk.get("path"):
+        raise NotFound(f"VM '{vm_name}' has no disk '{disk_name}'", hint=f"see its disks: vmvault vm show {vm_name}")
+    record = disk_record(disk_name, _inspect(Path(str(disk["path"])), fmt))
+    with ctx.catalog.write() as s:
+        row = repos.get_vm(s, vm_name)
+        row.disks = [record if d.get("name") == disk_name else d for d in row.disks]
+        return _view(s, row)
+
+
+def recorded_format(vm: VmRow, disk_name: str) -> str:
+    """The format recorded for a VM's disk (libvirt: its domain XML's <driver type>); refuses unknown."""
+    disk = next((d for d in vm.disks or [] if d.get("name") == disk_name), {})
+    in_definition = (vm.definition or {}).get("disks") or []
+    defined: dict[str, Any] = next((d for d in in_definition if d.get("name") == disk_name), {})
+    fmt = disk.get("format") or (defined.get("format") if vm.kind == "libvirt" else None)
+    if fmt not in FORMATS:
+        raise InvalidInput(
+            f"the format of disk {disk_name} of VM '{vm.name}' is not recorded",
+            hint=f"record it: vmvault vm set-format {vm.name} --disk {disk_name} --format raw|qcow2",
+            code="disk_format_unknown",
+        )
+    return str(fmt)
 
 
 def _disk_definition(index: int, path: Path, info: Any) -> JsonDict:

@@ -19,6 +19,9 @@ router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
 class VmAdd(Body):
     name: str = Field(max_length=128)
     disks: list[str] = Field(description="Disk image paths on the server, in order: disk0, disk1, ...")
+    formats: list[str] | None = Field(
+        None, description="raw or qcow2, one for all disks or one per disk; without it, guessed once and recorded"
+    )
 
 
 @router.get("/vms", response_model=list[VmWithStatus], dependencies=[require(Permission.READ, Scope.GLOBAL)])
@@ -28,7 +31,7 @@ def list_vms(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
 
 @router.post("/vms", response_model=Vm, status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])
 def add_vm(body: VmAdd, ctx: Ctx) -> dict[str, Any]:
-    return vms.add_vm(ctx, body.name, list(body.disks))
+    return vms.add_vm(ctx, body.name, list(body.disks), body.formats)
 
 
 @router.get("/vms/{vm}", response_model=Vm, dependencies=[require(Permission.READ, Scope.VM)])
