@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,9 +79,9 @@ def disk_info(path: Path, fmt: str, chain: list[BackingFile] | None = None) -> D
             chain = read_chain(path, fmt)
         else:
             check_chain(path, fmt, chain)
-    proc = subprocess.run(
-        ["qemu-img", "info", "--output=json", blockdev_json(path, fmt, chain or [])], capture_output=True, text=True
-    )
+    # Size of the image itself: no backing file is opened (its chain is checked above, in Python).
+    proc = subprocess.run(["qemu-img", "info", "--output=json", blockdev_json(path, fmt, [])], capture_output=True,
+                          text=True)  # fmt: skip
     if proc.returncode != 0:
         _raise_for_qemu_error(path, proc.stderr)
     info = json.loads(proc.stdout)
@@ -115,7 +116,7 @@ def _refuse_non_image(path: Path, size: int) -> None:
 
 
 def _raise_for_qemu_error(path: Path, stderr: str) -> None:
-    if "lock" in stderr.lower():
+    if re.search(r"(?<!b)lock", stderr.lower()):  # "Failed to get shared 'write' lock", not "Block format"
         raise VmRunning(
             f"VM is running: add it with --libvirt or --qmp (disk {path} is locked by a running QEMU)",
             hint=_RUNNING_HINT,
