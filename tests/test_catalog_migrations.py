@@ -26,3 +26,35 @@ def test_new_catalog_is_at_head(tmp_path: Path) -> None:
         catalog.ensure_schema()
     finally:
         catalog.close()
+
+
+def test_0007_records_disk_formats_without_reading_any_image(tmp_path: Path) -> None:
+    """Formats come from what `vm add` stored in the definition, never from the images; else unknown."""
+    import json
+
+    from alembic import command
+
+    path = tmp_path / "catalog.db"
+    engine = db.make_engine(path)
+    with engine.begin() as conn:
+        command.upgrade(db.alembic_config(conn), "0006")
+        for vm_id, disks, definition in [
+            ("a", [{"name": "disk0", "path": "/nonexistent/a.raw"}, {"name": "disk1", "path": "/nonexistent/b"}],
+             {"disks": [{"name": "disk0", "format": "raw"}, {"name": "disk1", "format": "qcow2"}]}),
+            ("b", [{"name": "disk0", "path": "/nonexistent/c"}], {}),
+        ]:  # fmt: skip
+            conn.execute(
+                text("INSERT INTO vms (id, name, kind, disks, definition, created) "
+                     "VALUES (:i, :i, 'disks', :d, :f, '2026-01-01T00:00:00Z')"),
+                {"i": vm_id, "d": json.dumps(disks), "f": json.dumps(definition)},
+            )  # fmt: skip
+    engine.dispose()
+    catalog = db.Catalog.open(path)
+    try:
+        with catalog.engine.connect() as conn:
+            got = {r[0]: json.loads(r[1]) for r in conn.execute(text("SELECT id, disks FROM vms"))}
+    finally:
+        catalog.close()
+    assert [d["format"] for d in got["a"]] == ["raw", "qcow2"]
+    assert "chain" not in got["a"][1]  # recorded (or asked for) at its next backup
+    assert got["b"][0]["format"] == "unknown"
