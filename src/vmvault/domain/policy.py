@@ -275,7 +275,7 @@ def parse_time_of_day(value: Any, path: str) -> time:
     if not isinstance(value, str):
         raise PolicyError(path, f"{value!r} is not a time; write a datetime such as {PRINTED_DATE}T20:30:00+00:00")
     text = value.strip()
-    m = _TIME_RE.match(text)
+    m = _TIME_RE.fullmatch(text)
     if m:
         hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
         if hour > 23 or minute > 59 or second > 59:

@@ -67,7 +67,7 @@ def parse_duration(text: str | None) -> timedelta:
     """'30s', '15m', '12h', '2d' (or plain seconds); default 12 h; at most 7 days."""
     if text is None:
         return DEFAULT_DURATION
-    match = _DURATION_RE.match(text)
+    match = _DURATION_RE.fullmatch(text)
     if not match or int(match.group(1)) <= 0:
         raise InvalidInput(f"invalid duration '{text}'", hint="give a number with s, m, h or d, e.g. --duration 12h")
     value = timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])

@@ -81,7 +81,7 @@ def check_smtp(server: str) -> str:
 
 
 def check_email(address: str, what: str = "e-mail address") -> str:
-    if not _EMAIL_RE.match(address):
+    if not _EMAIL_RE.fullmatch(address):
         raise InvalidInput(f"'{address}' is not an {what}", hint="e.g. --email ops@example.com")
     return address
 

@@ -27,6 +27,7 @@ PREFIX = "vmv_"
 FIRST_RUN_NAME = "first-run"
 _TOKEN_RE = re.compile(r"^vmv_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 LAST_USED_EVERY = timedelta(minutes=1)
+MAX_EXPIRY_DAYS = 100 * 366  # a longer expiry is a typo, not a plan ("never" says never)
 _RELATIVE_RE = re.compile(r"^(\d+)([hdw])$")
 
 
@@ -57,13 +58,15 @@ def parse_expires(text: str | None, now: datetime | None = None) -> str | None:
         return None
     now = now or utc_now()
     raw = text.strip()
-    match = _RELATIVE_RE.match(raw)
+    match = _RELATIVE_RE.fullmatch(raw)
     if match:
         count, unit = int(match.group(1)), match.group(2)
         if count < 1:
             raise InvalidInput(f"--expires '{text}' is not in the future", hint="e.g. --expires 30d")
-        span = {"h": timedelta(hours=count), "d": timedelta(days=count), "w": timedelta(weeks=count)}[unit]
-        return to_iso(now + span)
+        days = count * {"h": 1 / 24, "d": 1, "w": 7}[unit]
+        if days > MAX_EXPIRY_DAYS:  # also keeps timedelta and datetime from overflowing (a 500)
+            raise InvalidInput(f"--expires '{text}' is too far away", hint=f"at most {MAX_EXPIRY_DAYS} days, or never")
+        return to_iso(now + timedelta(days=days))
     try:
         moment = datetime.fromisoformat(raw)
     except ValueError:
@@ -72,8 +75,17 @@ def parse_expires(text: str | None, now: datetime | None = None) -> str | None:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
+    try:
+        return _checked_moment(text, moment, now)
+    except OverflowError:  # year 1 or 9999 with an offset: out of datetime's range
+        raise InvalidInput(f"--expires '{text}' is out of range", hint="e.g. --expires 30d or 2030-01-31") from None
+
+
+def _checked_moment(text: str, moment: datetime, now: datetime) -> str:
     if moment <= now:
         raise InvalidInput(f"--expires '{text}' is not in the future", hint="give a later date, e.g. --expires 30d")
+    if moment - now > timedelta(days=MAX_EXPIRY_DAYS):
+        raise InvalidInput(f"--expires '{text}' is too far away", hint=f"at most {MAX_EXPIRY_DAYS} days, or never")
     return to_iso(moment)
 
 
@@ -137,7 +149,7 @@ def revoke_token(ctx: Context, token_id: str) -> JsonDict:
 
 def authenticate(ctx: Context, token: str) -> Principal | None:
     """The principal of a valid, unexpired, unrevoked token; None otherwise."""
-    match = _TOKEN_RE.match(token.strip())
+    match = _TOKEN_RE.fullmatch(token.strip())
     if match is None:
         return None
     token_id, secret = match.group(1), match.group(2)

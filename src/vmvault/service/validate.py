@@ -17,7 +17,7 @@ MIN_PASSPHRASE_LEN = 8
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid {kind} name '{name}'",
             hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
@@ -34,7 +34,7 @@ def parse_retain_until(text: str | None) -> str:
     if text is None:
         return (today_utc() + timedelta(days=DEFAULT_RETENTION_DAYS)).isoformat()
     try:
-        if not DATE_RE.match(text):
+        if not DATE_RE.fullmatch(text):
             raise ValueError(text)
         day = date.fromisoformat(text)
     except ValueError:

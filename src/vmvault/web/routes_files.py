@@ -10,6 +10,7 @@ from fastapi import APIRouter, Form, Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 
 from vmvault.api.auth import Permission, Scope
+from vmvault.api.headers import content_disposition
 from vmvault.errors import InvalidInput, NotFound
 from vmvault.service import backups, files
 from vmvault.service.context import Context
@@ -70,11 +71,10 @@ def download(request: Request, vm: str, session: str, path: str) -> Response:
     # recovery/browse.py resolves the path inside the volume (no .., no symlinks, same device)
     size, blocks = files.download(ctx_of(request), vm, path, session_id=session)
     name = path.rstrip("/").rsplit("/", 1)[-1] or "download"
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     return StreamingResponse(
         blocks,
         media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{safe}"'},
+        headers={"Content-Length": str(size), "Content-Disposition": content_disposition(name)},
     )
 
 
@@ -95,6 +95,6 @@ def make_script(request: Request, vm: str, rp: Annotated[str, Form()] = "") -> R
 @access(Permission.FILE_RECOVERY, Scope.VM)
 def script_file(request: Request, vm: str, name: str) -> Response:
     path = scripts_dir(ctx_of(request)) / name
-    if not _SCRIPT_RE.match(name) or not name.startswith(f"{vm}-") or not path.is_file():
+    if not _SCRIPT_RE.fullmatch(name) or not name.startswith(f"{vm}-") or not path.is_file():
         raise NotFound(f"no recovery script '{name}' for VM '{vm}'", hint="make one on the File recovery page")
     return FileResponse(path, media_type="text/x-shellscript", filename=name)

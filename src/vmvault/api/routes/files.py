@@ -12,6 +12,7 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx, Jobs
+from vmvault.api.headers import content_disposition
 from vmvault.api.routes.common import ROUTE_CLASS, Body
 from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job, RecoveryScript
 from vmvault.service import files
@@ -100,7 +101,7 @@ def download(
     return StreamingResponse(
         blocks,
         media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}"'},
+        headers={"Content-Length": str(size), "Content-Disposition": content_disposition(name)},
     )
 
 

@@ -28,7 +28,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 def check_name(name: str) -> str:
     """Refuse names that could escape the backend's root."""
-    if not _NAME_RE.match(name) or any(part in (".", "..") for part in name.split("/")):
+    if not _NAME_RE.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise InvalidInput(f"invalid object name {name!r}", hint="object names are relative paths of [A-Za-z0-9._-]")
     return name
 
