@@ -60,7 +60,7 @@ def served(cli: Cli) -> Iterator[Server]:
         assert found, f"serve did not start: {line!r}"
         token_line = proc.stdout.readline()
         assert token_line.startswith("first-run Owner token"), token_line
-        yield Server(found.group(1), token_line.rsplit(" ", 1)[1].strip(), proc)
+        yield Server(found.group(1), _owner_token(token_line), proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -106,3 +106,16 @@ def csrf_of(page: Any) -> str:
 
 def job_ids(cli: Cli) -> set[str]:
     return {j["id"] for j in cli.ok("job", "list").json()}
+
+
+def _owner_token(line: str) -> str:
+    """The first-run Owner token: serve prints only the 0600 file that holds it."""
+    import re as _re
+    import stat as _stat
+    from pathlib import Path as _Path
+
+    found = _re.search(r"first-run Owner token in (\S+) ", line)
+    assert found and "vmv_" not in line, f"the token must not be printed: {line!r}"
+    path = _Path(found.group(1))
+    assert _stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+    return path.read_text().strip()

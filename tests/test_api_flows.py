@@ -149,7 +149,7 @@ def served(cli: Cli) -> Iterator[tuple[str, str]]:
         token_line = proc.stdout.readline()
         assert token_line.startswith("first-run Owner token"), token_line
         assert _get(f"{address}/healthz")[1]["pid"] == proc.pid
-        yield address, token_line.rsplit(" ", 1)[1].strip()
+        yield address, _owner_token(token_line)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -191,3 +191,16 @@ def test_token_cli_refuses_bad_input(tmp_path: Path) -> None:
     assert cli.fails("token", "create", "--role", "Owner", "--expires", "2000-01-01").returncode == 64
     assert cli.fails("token", "revoke", "0123456789abcdef").returncode == 66
     assert cli.ok("token", "list").json() == []
+
+
+def _owner_token(line: str) -> str:
+    """The first-run Owner token: serve prints only the 0600 file that holds it."""
+    import re as _re
+    import stat as _stat
+    from pathlib import Path as _Path
+
+    found = _re.search(r"first-run Owner token in (\S+) ", line)
+    assert found and "vmv_" not in line, f"the token must not be printed: {line!r}"
+    path = _Path(found.group(1))
+    assert _stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+    return path.read_text().strip()

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from vmvault.api import errors
 from vmvault.api.deps import Background
@@ -56,10 +56,15 @@ def create_app(
 
     @app.get("/health", tags=["status"])
     def health() -> dict[str, Any]:
+        """Unauthenticated: up or down, nothing else (no pid, path or jobs for anonymous callers)."""
         return {"status": "ok"}
 
     @app.get("/healthz", tags=["status"], include_in_schema=False)
-    def healthz() -> dict[str, Any]:
+    def healthz(request: Request) -> dict[str, Any]:
+        """Process details (pid, home, running jobs): any valid token."""
+        from vmvault.api.auth import authenticate_request
+
+        authenticate_request(request)
         return status() if status is not None else {"status": "ok"}
 
     app.include_router(api_router())

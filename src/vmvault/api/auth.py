@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from vmvault.api import signin
 from vmvault.catalog import repos
 from vmvault.errors import Forbidden, InvalidInput, Unauthorized
 from vmvault.service.context import Context
@@ -80,11 +81,15 @@ def authenticate_request(request: Request) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("this call needs a bearer token", hint="send Authorization: Bearer TOKEN")
+    client = request.client.host if request.client else "unknown"
+    signin.before_attempt(client)
     principal = authenticate(app_ctx(request), token.strip())
     if principal is None:
+        signin.failed(client, "API")
         raise Unauthorized(
             "the token is unknown, expired or revoked", hint="make a new one with: vmvault token create --role ROLE"
         )
+    signin.succeeded(client)
     return principal
 
 
@@ -120,7 +125,7 @@ class Authorize:
         elif self.scope is Scope.VAULT:
             check_vault(principal, str(params.get("vault", "")))
         elif self.scope is Scope.VM:
-            check_vault(principal, _vault_of_vm(app_ctx(request), str(params.get("vm", ""))))
+            check_vault(principal, vault_of_vm(app_ctx(request), str(params.get("vm", ""))))
         elif self.scope is Scope.JOB:
             check_vault(principal, _vault_of_job(app_ctx(request), str(params.get("job_id", ""))))
 
@@ -143,7 +148,7 @@ def visible(principal: Principal, rows: Iterable[dict[str, Any]], key: str = "va
     return [r for r in rows if principal.vault is None or r.get(key) == principal.vault]
 
 
-def _vault_of_vm(ctx: Context, vm_name: str) -> str | None:
+def vault_of_vm(ctx: Context, vm_name: str) -> str | None:
     with ctx.catalog.read() as s:
         vm = repos.find_vm(s, vm_name)
         item = repos.protected_item(s, vm.id) if vm is not None else None

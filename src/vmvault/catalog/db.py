@@ -9,6 +9,7 @@ transaction is atomic across processes.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -120,6 +121,16 @@ def _upgrade(conn: Connection) -> None:
         ) from exc
 
 
+def _private(db_path: Path) -> None:
+    """The home 0700 and the catalog 0600 (token hashes, paths, jobs): other local users read neither.
+
+    The file is created 0600 before SQLite opens it; its -wal and -shm files take the same mode.
+    """
+    os.chmod(db_path.parent, 0o700)
+    os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    os.chmod(db_path, 0o600)
+
+
 class Catalog:
     """The catalog database of one vmvault home."""
 
@@ -131,7 +142,8 @@ class Catalog:
     @classmethod
     def open(cls, db_path: Path) -> Catalog:
         try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
+            db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _private(db_path)
         except OSError as exc:
             raise StorageError(
                 f"cannot create the vmvault home {db_path.parent}: {exc.strerror}",

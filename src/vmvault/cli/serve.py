@@ -58,11 +58,26 @@ def _announce(service: Any) -> None:
         f"pid {_pid()}; stop with Ctrl-C or SIGTERM\n"
     )
     token = ensure_first_run_token(service.ctx)
-    if token is not None:
+    if token is not None:  # never on stdout: service managers keep stdout in their logs
+        path = _write_owner_token(service.ctx.settings.home, token)
         sys.stdout.write(
-            f"first-run Owner token (shown once; make others with: vmvault token create --role ROLE): {token}\n"
+            f"first-run Owner token in {path} (mode 0600: read it, then delete the file; "
+            "make others with: vmvault token create --role ROLE)\n"
         )
     sys.stdout.flush()
+
+
+def _write_owner_token(home: Any, token: str) -> str:
+    """The token in a file only root can read, created fresh (never through a planted link)."""
+    import os
+    from pathlib import Path
+
+    path = Path(home) / "first-run-owner-token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return str(path)
 
 
 def _pid() -> int:

@@ -205,6 +205,8 @@ def _accepts(path: Path) -> bool:
 
 
 def convert_to_qcow2(src_raw: Path, dest: Path) -> None:
+    # Created 0600 first: qemu-img keeps an existing file's mode, so guest data is never world-readable.
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     proc = subprocess.run(
         ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src_raw), str(dest)], capture_output=True, text=True
     )

@@ -319,7 +319,7 @@ def _mount_volume(image: str, part: Partition, volume: Volume, target: Path, log
     except OSError as exc:
         volume.status, volume.reason = "failed", str(exc)
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     errors = []
     for driver, template in mount_plans(volume.fstype):
         argv = [a.replace("{dev}", volume.device).replace("{dir}", str(directory)) for a in template]

@@ -261,7 +261,8 @@ def _mount_volumes(ctx: Context, row: FileRecoverySessionRow, mountpoint: Path) 
     from vmvault.recovery import mount, session
 
     created = not mountpoint.exists()
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    mountpoint.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(mountpoint, 0o700)  # a mounted volume's root keeps its own mode: this is what keeps others out
     details = {**row.details, "createdMountpoint": created}
     session.set_fields(ctx, row.id, mountpoint=str(mountpoint), details=details)
     paths = session.Paths(Path(row.run_dir))

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
+from vmvault.api import signin as attempts
 from vmvault.api.auth import Permission
 from vmvault.errors import Forbidden
 from vmvault.service.tokens import authenticate
@@ -49,14 +50,18 @@ def signin(
 ) -> Response:
     if not signin_csrf_ok(request.cookies.get(SIGNIN_COOKIE), csrf):
         raise Forbidden("the sign-in form's CSRF token is missing or wrong", hint="reload the sign-in page")
+    client = request.client.host if request.client else "unknown"
+    attempts.before_attempt(client)
     principal = authenticate(ctx_of(request), token.strip())
     if principal is None:
+        attempts.failed(client, "portal")
         return _signin_page(
             request,
             _safe_next(next),
             "The token is unknown, expired or revoked. Make one with: vmvault token create --role ROLE",
             status_code=401,
         )
+    attempts.succeeded(client)
     session = portal_of(request).sessions.create(token.strip())
     response = redirect(_safe_next(next))
     response.set_cookie(

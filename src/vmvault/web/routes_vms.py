@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
-from vmvault.api.auth import Permission, Scope, check_vault, visible
+from vmvault.api.auth import Permission, Scope, check_vault, vault_of_vm, visible
 from vmvault.api.deps import Background
 from vmvault.errors import Forbidden, InvalidInput
 from vmvault.service import backups, items, jobs, policies, protection, softdelete, vaults, vms
@@ -76,10 +76,19 @@ def item_live(request: Request, vm: str) -> Response:
     return render(request, "item_live.html", fragment=True, vm={"name": vm}, item=item, summary=summary, points=points)
 
 
+def _check_vm_scope(request: Request, vm: str) -> None:
+    """A vault-scoped token: as in the API, nothing of a VM another vault protects (403)."""
+    principal = principal_of(request)
+    current = vault_of_vm(ctx_of(request), vm)
+    if current is not None:
+        check_vault(principal, current)
+
+
 @router.get("/vms/{vm}/enable")
 @access(Permission.PROTECTION_ENABLE, Scope.BODY)
 def enable_form(request: Request, vm: str) -> Response:
     ctx, principal = ctx_of(request), principal_of(request)
+    _check_vm_scope(request, vm)
     view = vms.show_vm(ctx, vm)
     known = visible(principal, vaults.list_vaults(ctx), key="name")
     options = [p for v in known for p in policy_summaries(ctx, v["name"])]
@@ -99,6 +108,7 @@ def enable(
     policy: Annotated[str, Form()] = "",
 ) -> Response:
     ctx, principal = ctx_of(request), principal_of(request)
+    _check_vm_scope(request, vm)
     chosen_policy: str | None = policy.strip() or None
     if vault == NEW_VAULT:
         if not can(principal, Permission.VAULT_CREATE) or principal.vault is not None:
