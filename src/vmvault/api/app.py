@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from vmvault.api import errors
 from vmvault.api.deps import Background
 from vmvault.api.routes import api_router
+from vmvault.api.signin import SignInGuard
 from vmvault.service.context import Context, open_context
 from vmvault.settings import Settings
 
@@ -51,6 +52,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = context
+    app.state.signins = SignInGuard()  # failed sign-ins per client (api/signin.py)
     app.state.background = runner
     errors.install(app)
 

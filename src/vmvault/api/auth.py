@@ -81,15 +81,15 @@ def authenticate_request(request: Request) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("this call needs a bearer token", hint="send Authorization: Bearer TOKEN")
-    client = request.client.host if request.client else "unknown"
-    signin.before_attempt(client)
+    guard, client = signin.guard_of(request)
+    guard.before_attempt(client)
     principal = authenticate(app_ctx(request), token.strip())
     if principal is None:
-        signin.failed(client, "API")
+        guard.failed(client, "API")
         raise Unauthorized(
             "the token is unknown, expired or revoked", hint="make a new one with: vmvault token create --role ROLE"
         )
-    signin.succeeded(client)
+    guard.succeeded(client)
     return principal
 
 

@@ -50,18 +50,18 @@ def signin(
 ) -> Response:
     if not signin_csrf_ok(request.cookies.get(SIGNIN_COOKIE), csrf):
         raise Forbidden("the sign-in form's CSRF token is missing or wrong", hint="reload the sign-in page")
-    client = request.client.host if request.client else "unknown"
-    attempts.before_attempt(client)
+    guard, client = attempts.guard_of(request)
+    guard.before_attempt(client)
     principal = authenticate(ctx_of(request), token.strip())
     if principal is None:
-        attempts.failed(client, "portal")
+        guard.failed(client, "portal")
         return _signin_page(
             request,
             _safe_next(next),
             "The token is unknown, expired or revoked. Make one with: vmvault token create --role ROLE",
             status_code=401,
         )
-    attempts.succeeded(client)
+    guard.succeeded(client)
     session = portal_of(request).sessions.create(token.strip())
     response = redirect(_safe_next(next))
     response.set_cookie(
