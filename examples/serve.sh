@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the vmvault service (REST API + scheduler + workers) in the foreground; `make run` runs this.
-# It prints where the API listens and, on a home's first start, a first-run Owner token (shown once).
+# It prints where the API listens and, on a home's first start, the path of a 0600 file holding a
+# first-run Owner token (never the token itself: service managers keep stdout in their logs).
 # Stop it with Ctrl-C or SIGTERM.
 #
 # Environment:
@@ -18,10 +19,10 @@ PORT="${VMVAULT_PORT:-8080}"
 WORKERS="${VMVAULT_WORKERS:-2}"
 
 cat <<EOT
-Starting vmvault serve. Portal: http://$HOST:$PORT/ (sign in with the token printed below).
+Starting vmvault serve. Portal: http://$HOST:$PORT/ (sign in with the token in the file named below).
 API: http://$HOST:$PORT/api/v1 (interactive docs: http://$HOST:$PORT/docs).
 While it runs, in another shell:
-  curl -H "Authorization: Bearer TOKEN" http://$HOST:$PORT/api/v1/items   protected VMs (TOKEN: printed below)
+  curl -H "Authorization: Bearer TOKEN" http://$HOST:$PORT/api/v1/items   protected VMs (TOKEN: in the file named below)
   $VMVAULT token create --role BackupReader   another token (roles: Owner, BackupContributor, BackupOperator, BackupReader)
   $VMVAULT backup now VM                      queued to this service, waits for the job
   $VMVAULT job list --status InProgress       what runs now

@@ -303,7 +303,7 @@ class _LiveBackup:
         if quiesce is not None:
             probe = quiesce.probe.to_dict() if quiesce.probe else {}
             updates["agent"] = {"state": quiesce.agent_state, "checked": now_iso(), **probe}
-        disks = [{"name": d.name, "path": d.path} for d in self.vm.disks]
+        disks = [qmp_disk_record(d) for d in self.vm.disks]  # as QEMU runs them now (its admin's choice)
         try:
             _save_definition(self.ctx, self.plan.vm_id, updates, disks)
         except Exception:
@@ -375,14 +375,15 @@ def _run_dir(ctx: Context, vm_id: str) -> Path:
     return base / key  # created by the export, removed again when the backup ends
 
 
-def _save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[dict[str, str]] | None = None) -> None:
+def _save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[JsonDict] | None = None) -> None:
     with ctx.catalog.write() as s:
         row = repos.find_vm_by_id(s, vm_id)
         if row is None:
             return
         row.definition = {**(row.definition or {}), **updates}  # a new dict: the JSON column sees the change
-        if disks is not None:
-            row.disks = disks
+        if disks is not None:  # a disk still at the same path and format keeps the chain recorded for it
+            kept = {(d.get("name"), d.get("path"), d.get("format")): d for d in row.disks or []}
+            row.disks = [kept.get((d["name"], d["path"], d["format"]), d) for d in disks]
 
 
 def _test_hold(variable: str) -> None:
