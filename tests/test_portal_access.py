@@ -166,6 +166,12 @@ def test_a_vault_scoped_token_sees_only_its_vault(world: tuple[Sandbox, dict[str
     assert "v1" not in re.sub(r"<header.*?</header>", "", client.get("/vaults").text, flags=re.S)
     r = client.post("/vms/vm1/backup", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 403 and "limited to vault 'v2'" in html.unescape(r.text)
+    # the Enable-backup form and its post keep the API's scope too: vm1 is v1's
+    r = client.get("/vms/vm1/enable", follow_redirects=False)
+    assert r.status_code == 403 and "limited to vault 'v2'" in html.unescape(r.text), r.status_code
+    assert "vm1.raw" not in r.text  # nothing of the VM is shown
+    r = client.post("/vms/vm1/enable", data={"csrf": csrf, "vault": "v2"}, follow_redirects=False)
+    assert r.status_code == 403 and "limited to vault 'v2'" in html.unescape(r.text), r.status_code
 
 
 def test_the_api_keeps_its_own_answers_beside_the_portal(world: tuple[Sandbox, dict[str, str]]) -> None:
