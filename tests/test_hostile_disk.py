@@ -185,3 +185,34 @@ def test_changed_qcow2_chain_is_refused_naming_the_file(tmp_path: Path, change: 
     assert expected in r.output, r
     assert cli.points("vm1") == []
     _assert_no_secret(tmp_path / "vault")
+
+
+@pytest.mark.parametrize("kind", ["file", "json"])
+def test_running_vm_whose_guest_writes_a_qcow2_header(tmp_path: Path, kind: str) -> None:
+    """qemu-storage-daemon stands in for a VM running a raw disk (format=raw): the 'guest' writes a
+    qcow2 header through it. The live backup reads through QEMU; once stopped, the offline backup
+    opens the image as the raw format QEMU used, recorded at `vm add --qmp`."""
+    from vm.live import backup, latest_point, protect_running, restore_raw
+    from vm.machine import StorageDaemon, blank_disk
+
+    secret = _secret(tmp_path / "shadow")
+    qsd = StorageDaemon(tmp_path, [blank_disk(tmp_path, "d0", DISK_SIZE, "raw")]).start()
+    cli = Cli(home=tmp_path / "home")
+    try:
+        protect_running(cli, tmp_path / "vault", "qsd", qsd.vmvault_qmp)
+        assert [d["format"] for d in cli.ok("vm", "show", "qsd").json()["disks"]] == ["raw"]
+        header_dir = tmp_path / "hdr"
+        header_dir.mkdir()
+        scratch = _guest_disk(header_dir / "scratch.raw")
+        _write_qcow2_header(scratch, _backing_names(secret)[kind], header_dir)
+        qsd.write(qsd.disks[0], [(0, scratch.read_bytes()[:MiB]), (2 * MiB, os.urandom(MiB))])
+        backup(cli, "qsd")  # live: QEMU's NBD export of its raw node
+        live = restore_raw(cli, "qsd", latest_point(cli, "qsd"), tmp_path / "live")["d0"]
+    finally:
+        qsd.close()
+    disk = qsd.disks[0].path
+    assert files_equal(live, disk), "the live point must be the guest's raw bytes"
+    backup(cli, "qsd")  # stopped: read offline, as the recorded raw format
+    offline = restore_raw(cli, "qsd", latest_point(cli, "qsd"), tmp_path / "offline")["d0"]
+    assert files_equal(offline, disk), "the offline point must be the guest's raw bytes"
+    _assert_no_secret(live, offline, tmp_path / "vault")
