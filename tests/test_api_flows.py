@@ -148,8 +148,10 @@ def served(cli: Cli) -> Iterator[tuple[str, str]]:
         address = line.split("listening on ")[1].split()[0]
         token_line = proc.stdout.readline()
         assert token_line.startswith("first-run Owner token"), token_line
-        assert _get(f"{address}/healthz")[1]["pid"] == proc.pid
-        yield address, _owner_token(token_line)
+        token = _owner_token(token_line)
+        assert _get(f"{address}/healthz")[0] == 401  # pid, home and jobs only for a token
+        assert _get(f"{address}/healthz", token)[1]["pid"] == proc.pid
+        yield address, token
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
