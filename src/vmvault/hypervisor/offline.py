@@ -48,7 +48,7 @@ def probe_format(path: Path) -> str:
     `qemu-img info` without --backing-chain opens no backing file; the caller refuses a guessed
     qcow2 that names one (service/vms.py).
     """
-    path = _existing(path)
+    path = existing_image(path)
     proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         _raise_for_qemu_error(path, proc.stderr)
@@ -67,7 +67,7 @@ def disk_info(path: Path, fmt: str, chain: list[BackingFile] | None = None) -> D
     chain: the backing chain recorded at `vm add`, checked against the headers (a change is refused,
     naming the file); None reads the chain from the headers under the same rules (diskformat.py).
     """
-    path = _existing(path)
+    path = existing_image(path)
     if fmt not in FORMATS:
         raise InvalidInput(
             f"the format of disk {path} is not recorded ({fmt})",
@@ -93,7 +93,7 @@ def disk_info(path: Path, fmt: str, chain: list[BackingFile] | None = None) -> D
     return DiskInfo(path, fmt, int(info["virtual-size"]), int(info.get("actual-size", 0)), tuple(chain or ()))
 
 
-def _existing(path: Path) -> Path:
+def existing_image(path: Path) -> Path:
     path = Path(path).absolute()
     if not path.exists():
         raise NotFound(f"disk image {path} does not exist", hint="check the path of --disk")

@@ -402,9 +402,9 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
 def _refuse_locked(path: Path) -> None:
     """VmRunning when a QEMU holds the image (it takes QEMU's own lock for a moment)."""
     from vmvault.hypervisor.imagelock import ImageLock
-    from vmvault.hypervisor.offline import _existing
+    from vmvault.hypervisor.offline import existing_image
 
-    if _existing(path).is_file():
+    if existing_image(path).is_file():
         with ImageLock(path):
             pass
 
