@@ -183,6 +183,7 @@ def test_401_without_or_with_a_forged_revoked_or_expired_token(world: tuple[Sand
     for method, template in TABLE:
         path = template.format(**values)
         for token in (None, forged, "vmv_0123456789abcdef_" + "B" * 43, "garbage", revoked, expired):
+            box.app.state.signins.succeeded("testclient")  # hundreds of failures: keep them unthrottled here
             r = box.call(method, path, token, json={} if method in ("POST", "PUT") else None)
             assert r.status_code == 401, f"{method} {path} with {token!r}: {r.status_code}"
             assert r.json()["code"] == "unauthorized"
