@@ -216,3 +216,22 @@ def test_running_vm_whose_guest_writes_a_qcow2_header(tmp_path: Path, kind: str)
     offline = restore_raw(cli, "qsd", latest_point(cli, "qsd"), tmp_path / "offline")["d0"]
     assert files_equal(offline, disk), "the offline point must be the guest's raw bytes"
     _assert_no_secret(live, offline, tmp_path / "vault")
+
+
+def test_set_format_records_a_deliberate_rebase(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    base, top = _qcow2_with_chain(tmp_path)
+    cli.vault_create("v1", tmp_path / "vault")
+    cli.ok("vm", "add", "vm1", "--disk", str(top), "--format", "qcow2")
+    cli.ok("protection", "enable", "--vm", "vm1", "--vault", "v1")
+    moved = tmp_path / "base-moved.raw"
+    os.rename(base, moved)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(moved), str(top)], check=True)
+    r = cli.fails("backup", "now", "--vm", "vm1")
+    assert "[disk_chain_changed]" in r.stderr and str(moved) in r.output, r
+
+    shown = cli.ok("vm", "set-format", "vm1", "--disk", "disk0", "--format", "qcow2").json()
+    assert shown["disks"][0]["backingChain"] == [{"path": str(moved.resolve()), "format": "raw"}], shown
+    cli.ok("backup", "now", "--vm", "vm1")
+    r = cli.fails("vm", "set-format", "vm1", "--disk", "disk9", "--format", "qcow2")
+    assert "no disk 'disk9'" in r.output, r

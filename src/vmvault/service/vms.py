@@ -117,6 +117,10 @@ def set_disk_format(ctx: Context, vm_name: str, disk_name: str, fmt: str) -> Jso
     with ctx.catalog.write() as s:
         row = repos.get_vm(s, vm_name)
         row.disks = [record if d.get("name") == disk_name else d for d in row.disks]
+        defined = (row.definition or {}).get("disks") or []
+        if kind == KIND_DISKS and defined:  # what the next points' definitions say, too
+            defined = [{**d, "format": fmt} if d.get("name") == disk_name else d for d in defined]
+            row.definition = {**row.definition, "disks": defined}
         return _view(s, row)
 
 
