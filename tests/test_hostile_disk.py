@@ -235,3 +235,35 @@ def test_set_format_records_a_deliberate_rebase(tmp_path: Path) -> None:
     cli.ok("backup", "now", "--vm", "vm1")
     r = cli.fails("vm", "set-format", "vm1", "--disk", "disk9", "--format", "qcow2")
     assert "no disk 'disk9'" in r.output, r
+
+
+def _forget_chain(home: Path) -> None:
+    """The disk as a catalog migrated by 0007 has it: format from the old definition, no chain."""
+    import sqlite3
+
+    with sqlite3.connect(home / "catalog.db") as db:
+        for vm_id, disks in db.execute("SELECT id, disks FROM vms").fetchall():
+            old = [{k: v for k, v in d.items() if k != "chain"} for d in json.loads(disks)]
+            db.execute("UPDATE vms SET disks = ? WHERE id = ?", (json.dumps(old), vm_id))
+
+
+def test_a_migrated_qcow2_with_a_backing_file_waits_for_the_admin(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    _base, top = _qcow2_with_chain(tmp_path)
+    cli.vault_create("v1", tmp_path / "vault")
+    cli.ok("vm", "add", "vm1", "--disk", str(top), "--format", "qcow2")
+    cli.ok("protection", "enable", "--vm", "vm1", "--vault", "v1")
+    _forget_chain(cli.home)
+    r = cli.fails("backup", "now", "--vm", "vm1")
+    assert "[disk_chain_unconfirmed]" in r.stderr and "vm set-format vm1 --disk disk0" in r.output, r
+    cli.ok("vm", "set-format", "vm1", "--disk", "disk0", "--format", "qcow2")
+    cli.ok("backup", "now", "--vm", "vm1")
+
+    plain = tmp_path / "plain.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), str(DISK_SIZE)], check=True)
+    cli.ok("vm", "add", "vm2", "--disk", str(plain))
+    cli.ok("protection", "enable", "--vm", "vm2", "--vault", "v1")
+    _forget_chain(cli.home)
+    cli.ok("vm", "set-format", "vm1", "--disk", "disk0", "--format", "qcow2")
+    cli.ok("backup", "now", "--vm", "vm2")  # no backing file: its (empty) chain is recorded now
+    assert cli.ok("vm", "show", "vm2").json()["disks"][0]["backingChain"] == []
