@@ -1,4 +1,4 @@
-"""libvirt for the tests: install it and start libvirtd idempotently (../shared/notes/testvm.md §8).
+"""libvirt for the tests: install it and start libvirtd idempotently.
 
 - apt packages (--no-install-recommends) only when one is missing;
 - the build-time `libvirt-qemu` user and group and the directories libvirtd needs;
