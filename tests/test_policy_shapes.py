@@ -254,3 +254,32 @@ def test_each_shape_round_trips_through_the_api(tmp_path: Path) -> None:
             assert status in (400, 422) and kind in json.dumps(error), (status, error)
         status, listed = _call("GET", api, token)
         assert status == 200 and "Other" not in [p["name"] for p in listed]
+
+
+# ---- the portal's policy form (its document goes through the same service as the CLI's) ------------
+
+
+def test_the_portal_form_edits_an_enhanced_policy_and_keeps_what_it_does_not_show() -> None:
+    from vmvault.web.policyform import PolicyForm
+
+    stored = to_properties(parse_policy(load("az-show-enhanced-hourly.json")))
+    form = PolicyForm.of("EveryFourHours", stored)
+    assert (form.frequency, form.time, form.interval, form.window_hours, form.enhanced) == (
+        "Hourly", "22:00", "6", "24", True)  # fmt: skip
+    assert form.time_zone == "Pacific Standard Time"
+    form.time, form.interval, form.window_hours, form.daily_days = "06:00", "8", "16", "10"
+    edited = parse_policy(form.document(stored))
+    assert [t.strftime("%H:%M") for t in edited.schedule.run_times] == ["06:00", "14:00", "22:00"]
+    assert edited.policy_type == "V2" and edited.retention.daily is not None
+    assert edited.retention.daily.duration.count == 10
+    assert edited.extra["tieringPolicy"] == stored["tieringPolicy"], "kept fields survive an edit"
+    # Daily in the form keeps an Enhanced policy Enhanced (Azure does not turn it back into Standard)
+    form.frequency = "Daily"
+    assert parse_policy(form.document(stored)).policy_type == "V2"
+    # A Standard policy becomes Enhanced when the form asks for hourly backups
+    standard = to_properties(parse_policy(load("az-show-standard-daily.json")))
+    upgrade = PolicyForm.of("NightlyPST", standard)
+    assert (upgrade.frequency, upgrade.enhanced) == ("Daily", False)
+    upgrade.frequency = "Hourly"
+    became = parse_policy(upgrade.document(standard))
+    assert (became.policy_type, became.schedule.frequency, became.schedule.interval_hours) == ("V2", "Hourly", 4)
