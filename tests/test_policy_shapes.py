@@ -191,7 +191,9 @@ def test_field_names_match_in_any_case() -> None:
 
 
 def test_each_shape_round_trips_through_the_cli(cli: Cli, tmp_path: Path) -> None:
-    cli.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"))
+    cli.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"), "--timezone", "Tokyo Standard Time")
+    default = cli.ok("policy", "show", "DefaultPolicy", "--vault", "v1").json()
+    assert default["properties"]["timeZone"] == "Tokyo Standard Time" and "Asia/Tokyo" in default["notes"][0]
     for i, name in enumerate(ACCEPTED):
         policy = f"P{i}"
         created = cli.ok("policy", "create", policy, "--vault", "v1", "--file", str(DATA / name)).json()
