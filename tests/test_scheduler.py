@@ -229,3 +229,51 @@ def test_the_service_runs_retention_when_it_is_due(tmp_path: Path) -> None:
             maintenance.stop()
         (job,) = [j for j in repos_jobs(ctx) if j.operation == "Retention"]
         assert job.status == "Completed"
+
+
+def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path) -> None:
+    from vmvault.catalog import repos
+    from vmvault.service import backups, policies, protection, scheduler, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB) + b"h" * MiB)
+    doc = {
+        "properties": {
+            "policyType": "V2",
+            "instantRpRetentionRangeInDays": 2,
+            "schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2", "scheduleRunFrequency": "Hourly",
+                               "hourlySchedule": {"interval": 4, "scheduleWindowStartTime": "2020-01-01T08:00:00Z",
+                                                  "scheduleWindowDuration": 12}},
+            "retentionPolicy": {"dailySchedule": {"retentionDuration": {"count": 7, "durationType": "Days"}}},
+            "timeZone": "Pacific Standard Time",
+        }
+    }  # fmt: skip
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "vm1", [disk])
+        policies.create_policy(ctx, "v1", "Hourly", doc)
+        protection.enable_protection(ctx, "vm1", "v1", policy="Hourly")
+        with ctx.catalog.write() as s:  # 1 June 2026, 07:00 PDT
+            repos.update_protected_item(s, repos.get_vm(s, "vm1").id, schedule_anchor="2026-06-01T14:00:00.000000Z")
+
+        def at(text: str) -> datetime:
+            return datetime.fromisoformat(text).astimezone(UTC)
+
+        # 08:00, 12:00, 16:00 and 20:00 PDT (UTC-7); nothing between them, nothing after 20:00.
+        slots = ["2026-06-01T15:00:00", "2026-06-01T19:00:00", "2026-06-01T23:00:00", "2026-06-02T03:00:00"]
+        queued: list[str] = []
+        for slot in slots:
+            assert scheduler.tick(ctx, at(slot + "+00:00") - timedelta(seconds=1)) == [], slot
+            jobs = scheduler.tick(ctx, at(slot + "+00:00"))
+            assert len(jobs) == 1, slot
+            queued += jobs
+            assert run_queued(ctx, backups) == jobs[0]
+        assert scheduler.tick(ctx, at("2026-06-02T14:59:00+00:00")) == []  # the night: no backup
+        assert len(scheduler.tick(ctx, at("2026-06-02T15:00:00+00:00"))) == 1  # 08:00 PDT the next day
+        details = {j.id: j.details for j in repos_jobs(ctx)}
+        assert [details[j]["scheduledFor"][:16] for j in queued] == [s[:16] for s in slots]
+        # The first backup of the (local) day takes the daily rule (7 days), the others instant-RP days (2).
+        assert [details[j]["retainUntil"] for j in queued] == ["2026-06-08", "2026-06-03", "2026-06-03", "2026-06-03"]
+        assert len(backups.list_recovery_points(ctx, "vm1")) == 4

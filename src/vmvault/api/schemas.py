@@ -105,6 +105,9 @@ class Policy(View):
     type: str
     vault: str
     properties: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list, description="What of the policy vmvault keeps but does not act on (docs/policies.md)"
+    )
 
 
 class UsageItem(View):

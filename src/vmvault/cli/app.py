@@ -123,7 +123,11 @@ def vault_create(
     redundancy: Annotated[Redundancy, typer.Option(case_sensitive=False, help="LRS (GRS: not yet).")] = Redundancy.LRS,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
     timezone: Annotated[
-        str, typer.Option("--timezone", help="Time zone (IANA) of the vault's DefaultPolicy, e.g. Europe/Berlin.")
+        str,
+        typer.Option(
+            "--timezone",
+            help="Time zone of the vault's DefaultPolicy: IANA (Europe/Berlin) or Windows (W. Europe Standard Time).",
+        ),
     ] = "UTC",
 ) -> None:
     """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""

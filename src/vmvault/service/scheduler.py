@@ -47,6 +47,9 @@ def provisional_expiry(policy: Policy, slot: datetime) -> str:
     """retain-until of a scheduled point before retention looks at it: the daily (or weekly) rule's span."""
     local_day = slot.astimezone(policy.tzinfo).date()
     ret = policy.retention
+    if policy.enhanced and slot.astimezone(policy.tzinfo).time() != policy.schedule.run_times[0]:
+        # Not the day's first slot: the daily rule keeps only the first (retention decides for real).
+        return (local_day + timedelta(days=policy.instant_rp_days)).isoformat()
     if policy.schedule.frequency == WEEKLY and ret.weekly is not None:
         return (local_day + timedelta(weeks=ret.weekly.duration.count)).isoformat()
     days = ret.daily.duration.count if ret.daily is not None else 30

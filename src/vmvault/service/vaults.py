@@ -56,7 +56,7 @@ def create_vault(
 ) -> JsonDict:
     """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it.
 
-    The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA name).
+    The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA or a Windows name).
     """
     from vmvault.domain.policy import check_time_zone
     from vmvault.service.policies import add_default_policy
