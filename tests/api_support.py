@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from vmvault.api.app import create_app
 from vmvault.service import tokens
 from vmvault.service.context import Context
+from vmvault.service.paths import build_policy
 from vmvault.settings import Settings
 
 PASSPHRASE = "correct horse battery staple"
@@ -60,8 +61,11 @@ class Sandbox:
 
 
 @contextmanager
-def sandbox(home: Path) -> Iterator[Sandbox]:
+def sandbox(home: Path, roots: list[Path] | None = None) -> Iterator[Sandbox]:
+    """An app on home; API callers may use paths under roots (default: the home's parent, the home
+    itself excluded: service/paths.py), as `vmvault serve --allow-disks/-vaults/-restores` would set."""
     settings = Settings(home=home, passphrase=PASSPHRASE)
-    app = create_app(settings)
+    allow = [str(r) for r in (roots if roots is not None else [home.parent])]
+    app = create_app(settings, paths=build_policy(settings, disks=allow, vaults=allow, restores=allow))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Sandbox(home=home, app=app, client=client)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from api_support import PASSPHRASE, Sandbox, make_ext4_image, sandbox
-from helpers import Cli, files_equal
+from helpers import Cli, allow_args, files_equal
 
 API = "/api/v1"
 
@@ -131,10 +131,14 @@ def _get(url: str, token: str | None = None) -> tuple[int, Any]:
 
 
 @contextmanager
-def served(cli: Cli) -> Iterator[tuple[str, str]]:
-    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token)."""
+def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token).
+
+    API callers may use paths under roots (default: the home's parent, and the home's vaults folder).
+    """
+    allow = allow_args(*(roots if roots is not None else [cli.home.parent, cli.home / "vaults"]))
     proc = subprocess.Popen(
-        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", json_output=False),
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, json_output=False),
         env=cli.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -35,7 +35,9 @@ def serve(
     ] = None,
     allow_restores: Annotated[
         list[str] | None,
-        typer.Option("--allow-restores", help="Folder API/portal callers may restore into (repeatable).", metavar="DIR"),
+        typer.Option(
+            "--allow-restores", help="Folder API/portal callers may restore into (repeatable).", metavar="DIR"
+        ),
     ] = None,
 ) -> None:
     """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled).

@@ -61,7 +61,7 @@ class PathPolicy:
         """The path to use (resolved), or PathNotAllowed naming the path, the rule and the admin's fix."""
         text = str(raw)
         if not text.startswith("/"):
-            raise InvalidInput(f"{_WHAT[rule]} path '{text}' is not absolute", hint="give an absolute path on the server")
+            raise InvalidInput(f"{_WHAT[rule]} path '{text}' is not absolute", hint="give an absolute server path")
         lexical = Path(os.path.normpath(text))
         if rule is Rule.DISKS:
             device = self._device_link(lexical)
@@ -172,13 +172,17 @@ def recheck_dir(ctx: Context, rule: Rule, path: Path) -> None:
         raise ctx.paths._outside(rule, str(path), Path(os.path.realpath(path)))
 
 
-def registered_disks(ctx: Context) -> dict[Path, str]:
-    """Every registered VM's disks (resolved) -> the VM's name."""
+def registered_disks(ctx: Context) -> dict[Path, list[str]]:
+    """Every registered VM's disks (resolved) -> the names of the VMs that have it."""
     from vmvault.catalog import repos
 
     with ctx.catalog.read() as s:
         rows = [(vm.name, [str(d.get("path") or "") for d in vm.disks or []]) for vm in repos.list_vms(s)]
-    return {Path(os.path.realpath(p)): name for name, paths in rows for p in paths if p}
+    owners: dict[Path, list[str]] = {}
+    for name, paths in rows:
+        for p in filter(None, paths):
+            owners.setdefault(Path(os.path.realpath(p)), []).append(name)
+    return owners
 
 
 def refuse_registered(ctx: Context, files: Iterable[Path], *, allow_vm: str | None = None) -> None:
@@ -187,8 +191,9 @@ def refuse_registered(ctx: Context, files: Iterable[Path], *, allow_vm: str | No
     for path in files:
         if not os.path.lexists(path):
             continue
-        owner = disks.get(Path(os.path.realpath(path)))
-        if owner is not None and owner != allow_vm:
+        others = [name for name in disks.get(Path(os.path.realpath(path)), []) if name != allow_vm]
+        if others:
+            owner = others[0]
             raise PathNotAllowed(
                 f"{path} is a disk of VM '{owner}' (rule: a restore never overwrites a registered VM's disk, "
                 "even with force)",
