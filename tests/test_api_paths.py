@@ -336,14 +336,17 @@ def test_serve_flags_and_settings_file_set_the_roots(tmp_path: Path) -> None:
         assert status == 202, body
     assert not (tmp_path / "out").exists()
 
-    (cli.home / "settings.toml").write_text(f'allow-disks = ["{tmp_path / "images"}"]\n')
-    with served(cli, roots=[]) as (address, token):  # no flags: the file's disks, the default other roots
+    # another home (served() reads the first-run token): its settings.toml allows the disks folder only
+    other = Cli(home=tmp_path / "home2")
+    other.ok("vault", "create", "main")
+    (other.home / "settings.toml").write_text(f'allow-disks = ["{tmp_path / "images"}"]\n')
+    with served(other, roots=[]) as (address, token):  # no flags: the file's disk roots, the default others
         status, body = _post(address, "/api/v1/vms", token, {"name": "again", "disks": [str(disk)]})
         assert status == 201, body
-        status, body = _post(
-            address, "/api/v1/items/web1/restore", token, {"rp": rp, "targetDir": str(tmp_path / "restores/b")}
-        )
-        assert (status, body["code"]) == (403, "path_not_allowed") and "/var/lib/vmvault/restores" in body["message"]
+        status, body = _post(address, "/api/v1/vaults", token, {"name": "v2", "storageDir": str(tmp_path / "v2")})
+        assert (status, body["code"]) == (403, "path_not_allowed"), body
+        assert "/var/lib/vmvault/vaults" in body["message"], body
+    assert not (tmp_path / "v2").exists()
 
 
 def test_serve_refuses_roots_that_expose_the_home(tmp_path: Path) -> None:
