@@ -269,32 +269,33 @@ def test_a_vault_recreated_under_the_same_name_is_not_reached_by_old_scoped_toke
     assert box.call("GET", f"{API}/vaults/v5", fresh).status_code == 200
 
 
-def test_a_block_device_link_in_a_dev_root_is_a_disk(world: World, tmp_path: Path) -> None:
+def test_a_block_device_link_in_a_dev_root_is_a_disk(tmp_path: Path) -> None:
     """LVM's /dev/VG/LV are symlinks to /dev/dm-N: accepted inside an allowed root under /dev only."""
     backing = make_ext4_image(tmp_path / "lv.raw", 8)
     loop = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
     if loop.returncode != 0:
         pytest.skip(f"no loop device here: {loop.stderr.strip()}")
     device = loop.stdout.strip()
-    group = Path("/dev") / f"vmvault-test-{secrets.token_hex(4)}"
+    group = Path("/dev") / f"vmvault-test-{secrets.token_hex(4)}"  # stands for a volume group's /dev/vg0
+    images = tmp_path / "images"
     try:
         group.mkdir()
         (group / "lv").symlink_to(device)
-        (world.allowed / "images" / "lv-link").symlink_to(device)
-        settings = Settings(home=world.home, passphrase=PASSPHRASE)
-        policy = build_policy(settings, disks=[str(world.allowed / "images"), str(group)])
-        assert policy.check(policy_rule(), group / "lv") == group / "lv"  # kept as given, like LVM's name
-        with pytest.raises(Exception, match="allow-disks"):
-            policy.check(policy_rule(), world.allowed / "images" / "lv-link")  # not under /dev: resolved, refused
+        images.mkdir()
+        (images / "lv-link").symlink_to(device)
+        home = tmp_path / "home"
+        policy = build_policy(Settings(home=home), disks=[str(images), str(group)])
+        with sandbox(home, paths=policy) as box:
+            contributor = box.token(CONTRIBUTOR)
+            r = box.call("POST", f"{API}/vms", contributor, json={"name": "lvm", "disks": [str(group / "lv")]})
+            assert r.status_code == 201, r.text
+            assert r.json()["disks"][0]["path"] == str(group / "lv")  # kept as given, like LVM's name
+            # the same link outside /dev is resolved like any path: the device is outside the roots
+            r = box.call("POST", f"{API}/vms", contributor, json={"name": "lvm2", "disks": [str(images / "lv-link")]})
+            _refused(r, str(images / "lv-link"), "allow-disks")
     finally:
         shutil.rmtree(group, ignore_errors=True)
         subprocess.run(["losetup", "-d", device], check=False)
-
-
-def policy_rule() -> Any:
-    from vmvault.service.paths import Rule
-
-    return Rule.DISKS
 
 
 def test_the_portal_confines_the_restore_target(world: World) -> None:
