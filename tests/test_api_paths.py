@@ -204,6 +204,19 @@ def test_vault_create_and_import_refuse_storage_outside_the_vault_roots(world: W
     vaults.delete_vault(box.ctx, "v9")
 
 
+def test_a_root_around_the_home_does_not_open_the_home(tmp_path: Path) -> None:
+    """--allow-vaults /srv with the home in /srv/home: /srv/x yes, nothing in /srv/home."""
+    with sandbox(tmp_path / "home") as box:  # roots: the home's parent (api_support.sandbox)
+        contributor = box.token(CONTRIBUTOR)
+        path = str(box.home / "vaults" / "x")
+        r = box.call("POST", f"{API}/vaults", contributor, json={"name": "x", "storageDir": path})
+        _refused(r, path)
+        assert "inside vmvault's home" in r.json()["message"]
+        assert not Path(path).exists()
+        r = box.call("POST", f"{API}/vaults", contributor, json={"name": "y", "storageDir": str(tmp_path / "y")})
+        assert r.status_code == 201, r.text
+
+
 def test_replace_disks_refuses_a_vm_whose_disks_are_outside_the_disk_roots(world: World) -> None:
     box = world.box
     before = (world.outside / "vm3.raw").read_bytes()

@@ -60,6 +60,8 @@ class PathPolicy:
     def check(self, rule: Rule, raw: str | Path) -> Path:
         """The path to use (resolved), or PathNotAllowed naming the path, the rule and the admin's fix."""
         text = str(raw)
+        if "\0" in text:
+            raise InvalidInput(f"{_WHAT[rule]} path {text!r} holds a NUL byte", hint="give a plain absolute path")
         if not text.startswith("/"):
             raise InvalidInput(f"{_WHAT[rule]} path '{text}' is not absolute", hint="give an absolute server path")
         lexical = Path(os.path.normpath(text))
@@ -68,8 +70,14 @@ class PathPolicy:
             if device is not None:
                 return device
         resolved = Path(os.path.realpath(lexical))
-        self._refuse_home(rule, text, resolved)
+        in_home = resolved.is_relative_to(self.home)
+        if in_home and self._is_own(resolved):
+            raise self._home(rule, text, resolved, "vmvault's own home, catalog or host keys", own=True)
         if not any(self._reaches(root, resolved) for root in self.roots[rule]):
+            if in_home and any(resolved.is_relative_to(root) for root in self.roots[rule]):
+                raise self._home(
+                    rule, text, resolved, f"inside vmvault's home {self.home}, which a root around it does not open"
+                )
             raise self._outside(rule, text, resolved)
         return resolved
 
@@ -79,14 +87,19 @@ class PathPolicy:
             return False
         return not path.is_relative_to(self.home) or root.is_relative_to(self.home)
 
-    def _refuse_home(self, rule: Rule, text: str, resolved: Path) -> None:
-        keys = self.home / "keys"
-        if resolved == self.home or resolved.is_relative_to(keys) or resolved in self.protected_files():
-            raise PathNotAllowed(
-                f"{_WHAT[rule]} path {text} resolves to {resolved}, vmvault's own home, catalog or host keys "
-                f"(rule: the home is never an allowed path)",
-                hint=f"use a path under {self._roots_text(rule)}",
-            )
+    def _is_own(self, resolved: Path) -> bool:
+        return (
+            resolved == self.home or resolved.is_relative_to(self.home / "keys") or resolved in self.protected_files()
+        )
+
+    def _home(self, rule: Rule, text: str, resolved: Path, why: str, *, own: bool = False) -> PathNotAllowed:
+        hint = f"use a path under {self._roots_text(rule)}"
+        if not own:
+            hint += f" outside the home, or have the admin allow a folder inside it (e.g. --{rule.value} DIR)"
+        return PathNotAllowed(
+            f"{_WHAT[rule]} path {text} resolves to {resolved}, {why} (rule: the home is never an allowed path)",
+            hint=hint,
+        )
 
     def protected_files(self) -> tuple[Path, ...]:
         return tuple(self.home / name for name in CATALOG_FILES)
