@@ -78,7 +78,7 @@ class PathPolicy:
                 raise self._home(
                     rule, text, resolved, f"inside vmvault's home {self.home}, which a root around it does not open"
                 )
-            raise self._outside(rule, text, resolved)
+            raise self.outside_error(rule, text, resolved)
         return resolved
 
     def _reaches(self, root: Path, path: Path) -> bool:
@@ -116,7 +116,7 @@ class PathPolicy:
             return link
         return None
 
-    def _outside(self, rule: Rule, text: str, resolved: Path) -> PathNotAllowed:
+    def outside_error(self, rule: Rule, text: str, resolved: Path) -> PathNotAllowed:
         shown = text if str(resolved) == text else f"{text} (resolved: {resolved})"
         return PathNotAllowed(
             f"{_WHAT[rule]} path {shown} is outside the allowed {_WHAT[rule]} roots ({self._roots_text(rule)}) "
@@ -182,7 +182,7 @@ def allowed(ctx: Context, rule: Rule, raw: str | Path) -> Path:
 def recheck_dir(ctx: Context, rule: Rule, path: Path) -> None:
     """Just before writing into a checked directory: refuse it if a symlink was swapped in since the check."""
     if ctx.paths is not None and Path(os.path.realpath(path)) != path:
-        raise ctx.paths._outside(rule, str(path), Path(os.path.realpath(path)))
+        raise ctx.paths.outside_error(rule, str(path), Path(os.path.realpath(path)))
 
 
 def registered_disks(ctx: Context) -> dict[Path, list[str]]:
