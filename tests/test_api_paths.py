@@ -124,7 +124,7 @@ def test_restore_routes_refuse_targets_outside_the_restore_roots(world: World) -
     r = box.call("POST", f"{API}/items/vm1/restore", operator, json={"rp": world.rp1, "targetDir": "/etc"})
     _refused(r, "/etc", "allow-restores")
     assert _state(world) == before, "a refused restore wrote something"
-    assert vms.list_vms(box.ctx)[-1]["name"] == "vm3"  # no VM registered by the refused restores as new VMs
+    assert not {"copy1", "copy2"} & {v["name"] for v in vms.list_vms(box.ctx)}  # no VM registered by them
 
 
 def _state(w: World) -> dict[str, str]:
@@ -151,6 +151,24 @@ def _cli_point(cli: Cli, vm: str) -> str:
     cli.ok("backup", "now", vm, "--retain-until", "2099-01-01")
     rp: str = cli.ok("recoverypoint", "list", vm).json()[0]["id"]
     return rp
+
+
+def test_no_role_is_above_the_roots(world: World) -> None:
+    """Owner included: a token is not root on the host; scoped or not, each role allowed the route is refused."""
+    box = world.box
+    secret = str(world.outside / "secret.raw")
+    for role in (OWNER, CONTRIBUTOR, OPERATOR):
+        for scope in (None, "v1"):
+            token = box.token(role, scope)
+            body = {"rp": world.rp1, "targetDir": str(world.outside), "force": True}
+            _refused(box.call("POST", f"{API}/items/vm1/restore", token, json=body), str(world.outside))
+            if role != OPERATOR and scope is None:  # adding VMs, creating vaults: unscoped Contributor or Owner
+                r = box.call("POST", f"{API}/vms", token, json={"name": "thief", "disks": [secret]})
+                _refused(r, secret, "allow-disks")
+                r = box.call("POST", f"{API}/vaults", token, json={"name": "evil", "storageDir": "/etc/evil"})
+                _refused(r, "/etc/evil", "allow-vaults")
+    assert not Path("/etc/evil").exists()
+    assert "thief" not in {v["name"] for v in vms.list_vms(box.ctx)}
 
 
 def test_a_restore_inside_the_roots_works(world: World) -> None:
