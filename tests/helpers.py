@@ -204,6 +204,11 @@ class Result:
         return f"$ {cmd}\n[exit {self.returncode}]\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
+def allow_args(*roots: Path) -> list[str]:
+    """`vmvault serve` flags letting API callers use paths under roots (disks, vaults and restores)."""
+    return [f"--allow-{kind}={root}" for root in roots for kind in ("disks", "vaults", "restores")]
+
+
 @dataclass
 class Cli:
     """Drives `vmvault --home HOME -o json ...` as a subprocess."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from api_support import PASSPHRASE, Sandbox, make_ext4_image, sandbox
-from helpers import Cli, files_equal
+from helpers import Cli, allow_args, files_equal
 
 API = "/api/v1"
 
@@ -46,11 +46,13 @@ def test_backup_and_restore_through_the_api(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         assert r.json()["protectionState"] == "NotProtected"
 
-        # a vault-scoped operator may enable protection into its vault only
+        # a vault-scoped operator acts only on VMs already protected in its vault: it cannot pull an
+        # unprotected VM into its vault (nor into another); an unscoped token protects it
         box.call("POST", f"{API}/vaults", contributor, json={"name": "other", "passphrase": PASSPHRASE})
-        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "other"})
-        assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
-        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "main"})
+        for vault in ("other", "main"):
+            r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": vault})
+            assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+        r = box.call("POST", f"{API}/items/web1/enable", contributor, json={"vault": "main"})
         assert r.status_code == 200, r.text
         assert r.json()["operation"] == "ConfigureBackup"
 
@@ -131,10 +133,14 @@ def _get(url: str, token: str | None = None) -> tuple[int, Any]:
 
 
 @contextmanager
-def served(cli: Cli) -> Iterator[tuple[str, str]]:
-    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token)."""
+def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token).
+
+    API callers may use paths under roots (default: the home's parent, and the home's vaults folder).
+    """
+    allow = allow_args(*(roots if roots is not None else [cli.home.parent, cli.home / "vaults"]))
     proc = subprocess.Popen(
-        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", json_output=False),
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, json_output=False),
         env=cli.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -48,6 +48,11 @@ class Settings:
         return self.home / "serve.lock"
 
     @property
+    def settings_file(self) -> Path:
+        """Optional TOML file of server settings: allowed roots of API paths (see read_settings_file)."""
+        return self.home / "settings.toml"
+
+    @property
     def prices_path(self) -> Path:
         """Optional JSON object of price overrides for `vault usage` (see domain/usage.py Prices)."""
         return self.home / "prices.json"
@@ -84,6 +89,34 @@ def _clock_offset() -> float:
         return float(raw) if raw else 0.0
     except ValueError:
         return 0.0
+
+
+SETTINGS_FILE_KEYS = ("allow-disks", "allow-vaults", "allow-restores")
+
+
+def read_settings_file(path: Path) -> dict[str, list[str]]:
+    """The keys of HOME/settings.toml (each a list of directories); {} when the file is absent.
+
+    Raises ValueError naming the problem (unreadable, not TOML, unknown key, not a list of strings):
+    `vmvault serve` refuses to start rather than guess what the admin meant.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    values: dict[str, list[str]] = {}
+    for key, value in doc.items():
+        if key not in SETTINGS_FILE_KEYS:
+            raise ValueError(f"{path}: unknown key '{key}' (known: {', '.join(SETTINGS_FILE_KEYS)})")
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f'{path}: {key} must be a list of directories, e.g. {key} = ["/srv/dir"]')
+        values[key] = list(value)
+    return values
 
 
 # Service defaults, here (not in service/worker.py) so the CLI can show them without importing

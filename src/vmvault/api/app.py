@@ -12,6 +12,7 @@ from vmvault.api import errors
 from vmvault.api.deps import Background
 from vmvault.api.routes import api_router
 from vmvault.service.context import Context, open_context
+from vmvault.service.paths import PathPolicy, build_policy
 from vmvault.settings import Settings
 
 
@@ -20,12 +21,16 @@ def create_app(
     *,
     ctx: Context | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
+    paths: PathPolicy | None = None,
 ) -> FastAPI:
     """The API app; with ctx it shares that service context (vmvault serve), else it opens its own.
 
     status: what GET /healthz answers (vmvault serve's status); /health answers {"status": "ok"}.
+    paths: the allowed roots of the paths callers send (default: HOME/settings.toml, else the
+    defaults; service/paths.py). The API and the portal always run confined.
     """
     owned = ctx is None
+    policy = paths if paths is not None else build_policy(settings)
     context = ctx if ctx is not None else open_context(settings)
     runner = Background(context)
 
@@ -51,6 +56,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = context
+    app.state.remote_ctx = context.remote(policy)  # what handlers get: caller paths confined
     app.state.background = runner
     errors.install(app)
 

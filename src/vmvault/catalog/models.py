@@ -209,7 +209,8 @@ class ApiTokenRow(Base):
     """0005: a bearer token of the REST API, kept only as the SHA-256 of its secret.
 
     role is one of Owner, BackupContributor, BackupOperator, BackupReader (api/auth.py); vault
-    (a vault name) scopes it to one vault, None: every vault.
+    (a vault name) scopes it to one vault, None: every vault. 0008: vault_uuid binds the scope to
+    that vault's UUID (a vault re-created under the same name is another vault).
     """
 
     __tablename__ = "api_tokens"
@@ -223,3 +224,4 @@ class ApiTokenRow(Base):
     expires: Mapped[str | None] = mapped_column(String(32), default=None)
     revoked: Mapped[str | None] = mapped_column(String(32), default=None)
     last_used: Mapped[str | None] = mapped_column(String(32), default=None)
+    vault_uuid: Mapped[str | None] = mapped_column(String(64), default=None)

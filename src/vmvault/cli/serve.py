@@ -25,8 +25,27 @@ def serve(
     retention_every: Annotated[
         float, typer.Option("--retention-every", help="Hours between two Retention jobs (0: none from the service).")
     ] = 24.0,
+    allow_disks: Annotated[
+        list[str] | None,
+        typer.Option("--allow-disks", help="Folder API/portal callers may name disks in (repeatable).", metavar="DIR"),
+    ] = None,
+    allow_vaults: Annotated[
+        list[str] | None,
+        typer.Option("--allow-vaults", help="Folder API/portal callers may put vaults in (repeatable).", metavar="DIR"),
+    ] = None,
+    allow_restores: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-restores", help="Folder API/portal callers may restore into (repeatable).", metavar="DIR"
+        ),
+    ] = None,
 ) -> None:
-    """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled)."""
+    """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled).
+
+    Paths sent by API and portal callers must lie in the allowed folders (--allow-disks, --allow-vaults,
+    --allow-restores, or the same keys in HOME/settings.toml; see docs/security-paths.md).
+    """
+    from vmvault.service.paths import build_policy
     from vmvault.service.worker import Service, parse_listen
 
     if host is not None or port is not None:
@@ -39,7 +58,10 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
-        service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
+        paths = build_policy(ctx.settings, disks=allow_disks, vaults=allow_vaults, restores=allow_restores)
+        service = Service(
+            ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600, paths=paths
+        )
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 

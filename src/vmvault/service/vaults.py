@@ -15,7 +15,8 @@ from vmvault.catalog.models import RecoveryPointRow, VaultRow, VmRow
 from vmvault.errors import AlreadyExists, IntegrityError, InvalidInput, NotFound, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.validate import absolute, check_name, check_passphrase
+from vmvault.service.paths import Rule, allowed
+from vmvault.service.validate import check_name, check_passphrase
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict, vault_view
 
@@ -67,7 +68,8 @@ def create_vault(
     value = check_redundancy(redundancy)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
-    storage = absolute(storage_dir) if storage_dir else ctx.settings.vaults_dir / name
+    # the default is the server's choice; a caller's folder must be in the allowed vault roots (service/paths.py)
+    storage = allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
     vault = Vault.create(storage, ctx.settings.home, secret, redundancy=value)
     try:
         row = _row_for(name, vault)
@@ -211,7 +213,7 @@ def import_vault(
     """Register an existing vault directory and rebuild its VMs and recovery points from the manifests."""
     from vmvault.vault.store import Vault
 
-    storage = absolute(storage_dir)
+    storage = allowed(ctx, Rule.VAULTS, storage_dir)
     vault_name = check_name("vault", name or storage.name)
     if not storage.is_dir():
         raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")

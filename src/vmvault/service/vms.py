@@ -13,7 +13,8 @@ from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
 from vmvault.errors import AlreadyExists, InvalidInput
 from vmvault.service.context import Context
-from vmvault.service.validate import absolute, check_name
+from vmvault.service.paths import Rule, allowed
+from vmvault.service.validate import check_name
 from vmvault.service.views import JsonDict, vm_view
 
 KIND_DISKS = "disks"
@@ -25,7 +26,7 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path]) -> JsonDict:
     from vmvault.engine.probe import probe_disk
 
     check_name("VM", name)
-    paths = _check_disk_paths(name, disks)
+    paths = _check_disk_paths(ctx, name, disks)
     _refuse_taken(ctx, name)
     definitions = [_disk_definition(i, path, probe_disk(path)) for i, path in enumerate(paths)]
     row = VmRow(
@@ -42,10 +43,10 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path]) -> JsonDict:
         return _view(s, row)
 
 
-def _check_disk_paths(name: str, disks: list[str | Path]) -> list[Path]:
+def _check_disk_paths(ctx: Context, name: str, disks: list[str | Path]) -> list[Path]:
     if not disks:
         raise InvalidInput(f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --disk PATH")
-    paths = [absolute(d) for d in disks]
+    paths = [allowed(ctx, Rule.DISKS, d) for d in disks]  # API callers: in the allowed disk roots (service/paths.py)
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")

@@ -34,6 +34,7 @@ from vmvault.errors import Busy, InvalidInput
 from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
+from vmvault.service.paths import PathPolicy
 from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
 log = logging.getLogger("vmvault")
@@ -239,6 +240,7 @@ class Service:
     address: str | None = None
     pool: WorkerPool | None = None
     api: bool = True  # serve the REST API on the endpoint (else only GET /healthz)
+    paths: PathPolicy | None = None  # allowed roots of API paths (None: HOME/settings.toml or the defaults)
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -260,7 +262,7 @@ class Service:
             return _StatusServer(endpoint, self)
         from vmvault.api.server import ApiServer
 
-        return ApiServer(endpoint, self.ctx, self.status)
+        return ApiServer(endpoint, self.ctx, self.status, self.paths)
 
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
