@@ -35,6 +35,8 @@ from vmvault.service.views import empty_progress
 
 log = logging.getLogger("vmvault")
 
+RPO_CHECK_S = 10.0  # seconds between two looks for missed backups (the first at the start)
+
 
 @dataclass(frozen=True)
 class Due:
@@ -136,7 +138,10 @@ def _queue(ctx: Context, due: Due, now: datetime) -> str | None:
 
 
 class Scheduler:
-    """A thread that ticks every `interval` seconds until stopped; also retries notifications and reaps dead jobs."""
+    """A thread that ticks every `interval` seconds until stopped.
+
+    It also retries notifications, raises and resolves missed-backup alerts, and reaps dead jobs.
+    """
 
     def __init__(self, ctx: Context, interval: float = 1.0) -> None:
         self.ctx = ctx
@@ -154,6 +159,7 @@ class Scheduler:
     def _loop(self) -> None:
         from vmvault.service import notify
         from vmvault.service.jobs import reap_dead_jobs
+        from vmvault.service.rpo import check_alerts
 
         rounds = 0
         while not self._stop.is_set():
@@ -162,6 +168,11 @@ class Scheduler:
                     step()
                 except Exception:
                     log.exception("scheduler step failed; retrying next tick")
+            if rounds % max(1, int(RPO_CHECK_S / self.interval)) == 0:
+                try:
+                    check_alerts(self.ctx)  # missed backups (service/rpo.py): queued here, delivered next tick
+                except Exception:
+                    log.exception("checking RPOs failed; retrying later")
             rounds += 1
             if rounds % max(1, int(30 / self.interval)) == 0:
                 try:
