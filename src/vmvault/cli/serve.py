@@ -25,6 +25,10 @@ def serve(
     retention_every: Annotated[
         float, typer.Option("--retention-every", help="Hours between two Retention jobs (0: none from the service).")
     ] = 24.0,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option("--metrics-address", help="HOST:PORT serving GET /metrics without a token (default: off)."),
+    ] = None,
 ) -> None:
     """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled)."""
     from vmvault.service.worker import Service, parse_listen
@@ -40,6 +44,7 @@ def serve(
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
+        service.metrics_listen = metrics_address
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 
@@ -53,6 +58,8 @@ def _announce(service: Any) -> None:
         if service.address
         else "no API endpoint"
     )
+    if service.metrics_address:
+        where += f"; metrics on {service.metrics_address}/metrics (no token)"
     sys.stdout.write(
         f"vmvault serve: {where}; home {service.ctx.settings.home}; {service.workers} worker(s); "
         f"pid {_pid()}; stop with Ctrl-C or SIGTERM\n"

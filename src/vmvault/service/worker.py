@@ -239,6 +239,8 @@ class Service:
     address: str | None = None
     pool: WorkerPool | None = None
     api: bool = True  # serve the REST API on the endpoint (else only GET /healthz)
+    metrics_listen: str | None = None  # HOST:PORT of an open GET /metrics (serve --metrics-address)
+    metrics_address: str | None = None
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -262,6 +264,26 @@ class Service:
 
         return ApiServer(endpoint, self.ctx, self.status)
 
+    def _metrics_server(self) -> Any:
+        """prometheus_client's own HTTP server on --metrics-address (no token: the admin chose who reaches it)."""
+        endpoint = parse_listen(self.metrics_listen) if self.metrics_listen else None
+        if endpoint is None:
+            return None
+        from prometheus_client import start_http_server
+
+        from vmvault.service.metrics import registry_for
+
+        host, port = endpoint
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=registry_for(self.ctx))
+        except OSError as exc:
+            raise Busy(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror}", hint="choose another --metrics-address"
+            ) from None
+        bound = server.server_address
+        self.metrics_address = f"http://{bound[0]!s}:{bound[1]}"
+        return server
+
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
 
@@ -279,6 +301,7 @@ class Service:
                 host, port = http.server_address[:2]
                 self.address = f"http://{host!s}:{port}"
                 threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
+            metrics_http = self._metrics_server()
             write_lock_info(lock_file, {**info, "listen": self.address})
             pool = self.pool = WorkerPool(self.ctx, self.workers)
             scheduler = Scheduler(self.ctx, self.tick_s)
@@ -303,6 +326,9 @@ class Service:
                 if http is not None:
                     http.shutdown()
                     http.server_close()
+                if metrics_http is not None:
+                    metrics_http.shutdown()
+                    metrics_http.server_close()
         return 0
 
     def _install_signals(self) -> dict[int, Any]:
