@@ -115,11 +115,8 @@ class CatalogCollector(Collector):
     def _vaults(self) -> Iterator[Metric]:
         with self.ctx.catalog.read() as s:
             vaults = [v for v in s.scalars(select(VaultRow)).all() if self.vault is None or v.name == self.vault]
-            points = dict(
-                s.execute(select(RecoveryPointRow.vault_id, func.count()).group_by(RecoveryPointRow.vault_id))
-                .tuples()
-                .all()
-            )
+            query = select(RecoveryPointRow.vault_id, func.count()).group_by(RecoveryPointRow.vault_id)
+            points = {int(vault_id): int(n) for vault_id, n in s.execute(query).all()}
             logical = {v.id: _logical_bytes(s, v.id) for v in vaults}
         families = _VaultFamilies()
         for vault in vaults:

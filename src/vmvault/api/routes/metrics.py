@@ -17,7 +17,8 @@ from vmvault.service import metrics
 
 
 def install(app: FastAPI) -> None:
-    @app.get("/metrics", tags=["status"], response_class=Response, summary="Prometheus metrics (any token)")
+    # Not in the OpenAPI document: text/plain for Prometheus, not a JSON resource (docs/api.md lists it).
+    @app.get("/metrics", include_in_schema=False)
     async def get_metrics(request: Request) -> Response:
         principal = await run_in_threadpool(authenticate_request, request)
         if Permission.READ not in ROLE_PERMISSIONS.get(principal.role, frozenset()):
