@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Annotated, Any
 
@@ -29,6 +28,9 @@ def serve(
         str | None,
         typer.Option("--metrics-address", help="HOST:PORT serving GET /metrics without a token (default: off)."),
     ] = None,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
+    ] = "text",
 ) -> None:
     """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled)."""
     from vmvault.service.worker import Service, parse_listen
@@ -40,8 +42,13 @@ def serve(
 
             raise InvalidInput(f"--port {port} is not a port", hint="e.g. --port 8080 (0: any free port)")
         listen = f"{host or default_host}:{default_port if port is None else port}"
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("vmvault").setLevel(logging.INFO)
+    from vmvault import logs
+
+    if log_format not in logs.FORMATS:
+        from vmvault.errors import InvalidInput
+
+        raise InvalidInput(f"unknown --log-format '{log_format}'", hint="use --log-format text or --log-format json")
+    logs.configure(log_format)
     with service_context() as ctx:
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
         service.metrics_listen = metrics_address

@@ -31,6 +31,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
+from vmvault.logs import job_context
 from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
@@ -148,20 +149,26 @@ class WorkerPool:
                 continue
             self._run(job)
 
-    def _run(self, job: JobRow) -> None:
+    def _run_logged(self, job: JobRow, cancel: StopEvent) -> None:
         from vmvault.service import backups
 
-        cancel = StopEvent()
-        with self._lock:
-            self.running[job.id] = cancel
-            if self._stopping.is_set():
-                cancel.stop("the service was stopping")
         log.info("job %s: %s of %s started", job.id, job.operation, job.vm)
         try:
             outcome = backups.run_claimed_backup(self.ctx, job, cancel=cancel)
             log.info("job %s: %s of %s ended %s", job.id, job.operation, job.vm, outcome.job["status"])
         except Exception:
             log.exception("job %s crashed the worker", job.id)
+
+    def _run(self, job: JobRow) -> None:
+
+        cancel = StopEvent()
+        with self._lock:
+            self.running[job.id] = cancel
+            if self._stopping.is_set():
+                cancel.stop("the service was stopping")
+        try:
+            with job_context(job.id, job.vm):  # every line of the job names it (--log-format json)
+                self._run_logged(job, cancel)
         finally:
             with self._lock:
                 self.running.pop(job.id, None)
