@@ -28,6 +28,10 @@ def serve(
         str | None,
         typer.Option("--metrics-address", help="HOST:PORT serving GET /metrics without a token (default: off)."),
     ] = None,
+    space_alert_below: Annotated[
+        float,
+        typer.Option("--space-alert-below", help="Alert when a vault's file system has less than this % free."),
+    ] = 10.0,
     log_format: Annotated[
         str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
     ] = "text",
@@ -52,6 +56,7 @@ def serve(
     with service_context() as ctx:
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
         service.metrics_listen = metrics_address
+        service.min_free_percent = space_alert_below
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 

@@ -16,7 +16,8 @@ Series (labels in braces):
   vmvault_vault_unique_bytes / vmvault_vault_compressed_bytes: the distinct objects' plain and
   stored sizes (from this host's chunk index cache); vmvault_vault_dedup_ratio = logical / unique,
   vmvault_vault_compression_ratio = unique / compressed; vmvault_vault_objects{vault,type},
-  vmvault_vault_packs, vmvault_vault_recovery_points;
+  vmvault_vault_packs, vmvault_vault_recovery_points; vmvault_vault_free_bytes and
+  vmvault_vault_filesystem_bytes: the file system holding the vault (free-space alerts);
 - vmvault_scheduler_delay_seconds{vm}: how late the newest scheduled backup of a VM was claimed
   after its slot; vmvault_jobs_queued: backups waiting for a worker.
 """
@@ -39,6 +40,7 @@ from vmvault.catalog.clock import from_iso
 from vmvault.catalog.models import JobRow, RecoveryPointRow, VaultRow
 from vmvault.service.context import Context
 from vmvault.service.rpo import item_rpos
+from vmvault.service.space import storage_space
 from vmvault.service.usage import storage_bytes
 
 # Backups of a few seconds (tests, tiny VMs) to a day.
@@ -223,12 +225,22 @@ class _VaultFamilies:
         self.objects = GaugeMetricFamily("vmvault_vault_objects", "Distinct objects", labels=["vault", "type"])
         self.packs = GaugeMetricFamily("vmvault_vault_packs", "Pack files", labels=v)
         self.points = GaugeMetricFamily("vmvault_vault_recovery_points", "Recovery points", labels=v)
+        self.free = GaugeMetricFamily(
+            "vmvault_vault_free_bytes", "Bytes free for vmvault on the vault's file system", labels=v
+        )
+        self.filesystem = GaugeMetricFamily(
+            "vmvault_vault_filesystem_bytes", "Size of the file system holding the vault", labels=v
+        )
 
     def add(self, vault: VaultRow, points: int, logical: int, objects: _Objects | None) -> None:
         name = [vault.name]
         storage = Path(vault.storage_dir)
         if os.path.isdir(storage):  # unreachable storage: no sample (an alert on absent() catches it)
             self.stored.add_metric(name, storage_bytes(storage))
+            space = storage_space(storage)
+            if space is not None:
+                self.free.add_metric(name, space.free)
+                self.filesystem.add_metric(name, space.total)
         self.logical.add_metric(name, logical)
         self.points.add_metric(name, points)
         if objects is None:
@@ -245,7 +257,7 @@ class _VaultFamilies:
 
     def all(self) -> list[Metric]:
         return [self.stored, self.logical, self.unique, self.compressed, self.dedup, self.compression, self.objects,
-                self.packs, self.points]  # fmt: skip
+                self.packs, self.points, self.free, self.filesystem]  # fmt: skip
 
 
 def render(ctx: Context, vault: str | None = None) -> tuple[bytes, str]:

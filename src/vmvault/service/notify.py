@@ -245,12 +245,15 @@ def payload(job: JsonDict) -> JsonDict:
     """The JSON a webhook receives."""
     if "alert" in job:
         alert = job["alert"]
-        event = "RpoResolved" if job["event"] == "resolved" else alert["kind"]  # RpoBreached
+        event = _RESOLVED_EVENT.get(alert["kind"], "AlertResolved") if job["event"] == "resolved" else alert["kind"]
         return {"source": "vmvault", "event": event, "vault": alert["vault"], "alert": alert}
     return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": job}
 
 
 def subject(job: JsonDict) -> str:
+    if "alert" in job and job["alert"]["kind"] == "VaultSpaceLow":
+        state = "space back" if job["event"] == "resolved" else "space low"
+        return f"[vmvault] Vault {state}: {job['alert']['vault']}"
     if "alert" in job:
         state = "resolved" if job["event"] == "resolved" else "breached"
         return f"[vmvault] RPO {state}: {job['alert']['vm']}"
@@ -275,7 +278,29 @@ def body(job: JsonDict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_RESOLVED_EVENT = {"RpoBreached": "RpoResolved", "VaultSpaceLow": "VaultSpaceResolved"}
+
+
+def _space_body(alert: JsonDict, event: str) -> str:
+    now: JsonDict = (alert.get("resolvedWith") or {}) if event == "resolved" else alert
+    free, percent = int(now.get("freeBytes", 0)) >> 20, now.get("freePercent")
+    if event == "resolved":
+        first = f"Vault {alert['vault']} has room again: {free} MiB free ({percent}%)."
+    else:
+        first = (
+            f"Vault {alert['vault']} is running out of space: {free} MiB free ({percent}% of its file system), "
+            f"under the {alert.get('thresholdPercent')}% threshold; backups fail when it is full."
+        )
+    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
+    if event != "resolved":
+        lines.append("recommended action: free space on that file system, or delete what is no longer needed: "
+                     f"vmvault retention run; vmvault vault gc {alert['vault']}")  # fmt: skip
+    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
+
+
 def _alert_body(alert: JsonDict, event: str) -> str:
+    if alert["kind"] == "VaultSpaceLow":
+        return _space_body(alert, event)
     if event == "resolved":
         first = f"VM {alert['vm']} (vault {alert['vault']}) has a good recovery point again: {alert.get('resolvedBy')}."
     else:

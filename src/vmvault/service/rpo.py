@@ -111,9 +111,9 @@ def alert_view(row: AlertRow, vault: str) -> dict[str, object]:
     }
 
 
-def _open_alerts(s: Session) -> dict[str, AlertRow]:
-    query = select(AlertRow).where(AlertRow.kind == RPO_BREACHED, AlertRow.resolved.is_(None))
-    return {row.vm_id: row for row in s.scalars(query).all()}
+def open_alerts(s: Session, kind: str = RPO_BREACHED) -> list[AlertRow]:
+    query = select(AlertRow).where(AlertRow.kind == kind, AlertRow.resolved.is_(None))
+    return list(s.scalars(query).all())
 
 
 def check_alerts(ctx: Context, now: datetime | None = None, grace: timedelta = DEFAULT_GRACE) -> list[int]:
@@ -125,11 +125,11 @@ def check_alerts(ctx: Context, now: datetime | None = None, grace: timedelta = D
     rpos = {r.vm_id: r for r in item_rpos(ctx, moment, grace)}
     touched: list[int] = []
     with ctx.catalog.write() as s:
-        open_alerts = _open_alerts(s)
+        raised = {row.vm_id: row for row in open_alerts(s)}
         for rpo in rpos.values():
-            if rpo.breached and rpo.vm_id not in open_alerts:
+            if rpo.breached and rpo.vm_id not in raised:
                 touched.append(_raise(s, rpo, moment))
-        for vm_id, alert in open_alerts.items():
+        for vm_id, alert in raised.items():
             current = rpos.get(vm_id)
             if current is None or not current.breached:
                 touched.append(_resolve(s, alert, current, moment))

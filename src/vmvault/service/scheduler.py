@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -143,9 +144,10 @@ class Scheduler:
     It also retries notifications, raises and resolves missed-backup alerts, and reaps dead jobs.
     """
 
-    def __init__(self, ctx: Context, interval: float = 1.0) -> None:
+    def __init__(self, ctx: Context, interval: float = 1.0, min_free_percent: float | None = None) -> None:
         self.ctx = ctx
         self.interval = interval
+        self.min_free_percent = min_free_percent  # vault free-space alerts below this (None: the default)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-scheduler", daemon=True)
 
@@ -156,10 +158,25 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def _check_alerts(self) -> None:
+        """Missed backups (service/rpo.py) and vaults short of space (service/space.py): queued, delivered next tick."""
+        from vmvault.service.rpo import check_alerts
+        from vmvault.service.space import DEFAULT_MIN_FREE_PERCENT, check_space_alerts
+
+        threshold = DEFAULT_MIN_FREE_PERCENT if self.min_free_percent is None else self.min_free_percent
+        checks: list[Callable[[], list[int]]] = [
+            lambda: check_alerts(self.ctx),
+            lambda: check_space_alerts(self.ctx, threshold),
+        ]
+        for check in checks:
+            try:
+                check()
+            except Exception:
+                log.exception("checking alerts failed; retrying later")
+
     def _loop(self) -> None:
         from vmvault.service import notify
         from vmvault.service.jobs import reap_dead_jobs
-        from vmvault.service.rpo import check_alerts
 
         rounds = 0
         while not self._stop.is_set():
@@ -169,10 +186,7 @@ class Scheduler:
                 except Exception:
                     log.exception("scheduler step failed; retrying next tick")
             if rounds % max(1, int(RPO_CHECK_S / self.interval)) == 0:
-                try:
-                    check_alerts(self.ctx)  # missed backups (service/rpo.py): queued here, delivered next tick
-                except Exception:
-                    log.exception("checking RPOs failed; retrying later")
+                self._check_alerts()
             rounds += 1
             if rounds % max(1, int(30 / self.interval)) == 0:
                 try:
