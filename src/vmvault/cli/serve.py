@@ -28,6 +28,12 @@ def serve(
         str | None,
         typer.Option("--metrics-address", help="HOST:PORT serving GET /metrics without a token (default: off)."),
     ] = None,
+    verify_every: Annotated[
+        int,
+        typer.Option(
+            "--verify-every", help="Days in which every recovery point is re-verified, a slice a day (0: off)."
+        ),
+    ] = 30,
     space_alert_below: Annotated[
         float,
         typer.Option("--space-alert-below", help="Alert when a vault's file system has less than this % free."),
@@ -57,6 +63,7 @@ def serve(
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
         service.metrics_listen = metrics_address
         service.min_free_percent = space_alert_below
+        service.verify_days = max(0, verify_every)
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 

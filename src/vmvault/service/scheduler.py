@@ -197,22 +197,24 @@ class Scheduler:
 
 
 class Maintenance:
-    """Runs the Retention job (with garbage collection after it) every `every_s` seconds.
+    """Runs the Retention job (with garbage collection after it) every `every_s` seconds, and each
+    day a slice of every vault's scheduled verification (verify_days > 0).
 
     Due when the newest Retention job of the catalog (whoever ran it) started `every_s` ago or
     more; the first look comes `first_delay_s` after the service starts. A no-op in a build
     without service/retention.py.
     """
 
-    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0) -> None:
+    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0, verify_days: int = 0) -> None:
         self.ctx = ctx
         self.every_s = every_s
+        self.verify_days = verify_days  # scheduled verification period (service/verify_schedule.py); 0: off
         self.first_delay_s = first_delay_s
         self.cancel = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-maintenance", daemon=True)
 
     def start(self) -> None:
-        if self.every_s > 0:
+        if self.every_s > 0 or self.verify_days > 0:
             self._thread.start()
 
     def stop(self, timeout: float = 120.0) -> None:
@@ -227,14 +229,25 @@ class Maintenance:
             (last,) = repos.list_jobs(s, operation=Operation.RETENTION, limit=1) or (None,)
         return last is None or (utc_now() - from_iso(last.start_time)).total_seconds() >= self.every_s
 
+    def _verify(self) -> None:
+        if self.verify_days <= 0:
+            return
+        from vmvault.service import verify_schedule
+
+        try:
+            verify_schedule.run_due(self.ctx, self.verify_days, self.cancel)
+        except Exception:
+            log.exception("scheduled verification failed to start; retrying later")
+
     def _loop(self) -> None:
         import importlib
 
         if self.cancel.wait(self.first_delay_s):
             return
         while not self.cancel.is_set():
+            self._verify()
             try:
-                if self.due():
+                if self.every_s > 0 and self.due():
                     retention = importlib.import_module("vmvault.service.retention")
                     outcome = retention.apply_retention(self.ctx, cancel=self.cancel)
                     log.info("retention job %s ended %s", outcome.job["id"], outcome.job["status"])

@@ -248,6 +248,7 @@ class Service:
     api: bool = True  # serve the REST API on the endpoint (else only GET /healthz)
     metrics_listen: str | None = None  # HOST:PORT of an open GET /metrics (serve --metrics-address)
     metrics_address: str | None = None
+    verify_days: int = 0  # scheduled verification period in days (serve --verify-every); 0: off
     min_free_percent: float | None = None  # vault free-space alerts below this % (serve --space-alert-below)
     _stop: StopEvent = field(default_factory=StopEvent)
 
@@ -313,7 +314,7 @@ class Service:
             write_lock_info(lock_file, {**info, "listen": self.address})
             pool = self.pool = WorkerPool(self.ctx, self.workers)
             scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent)
-            maintenance = Maintenance(self.ctx, self.retention_every_s)
+            maintenance = Maintenance(self.ctx, self.retention_every_s, verify_days=self.verify_days)
             previous = self._install_signals()
             try:
                 from vmvault.service.libvirt_vms import reconcile_at_start
