@@ -83,3 +83,56 @@ def test_doctor_names_the_fix_for_a_vm_without_agent_channel(
         assert fixed["status"] == "pass", fixed  # a shut-off domain gets the channel at once
     finally:
         domain.close()
+
+
+def test_doctor_against_a_server_checks_the_clock_skew(cli: Cli, tmp_path: Path) -> None:
+    from test_scheduler import Serve
+
+    serve = Serve(cli, "--retention-every", "0", "--verify-every", "0")
+    try:
+        base = serve.announce.split("listening on ", 1)[1].split(" ", 1)[0]
+        remote = Cli(home=tmp_path / "elsewhere")
+        report = remote.ok("--server", base, "doctor").json()
+        skew = checks(report)["clock skew"]
+        assert skew["status"] == "pass" and base in skew["detail"], skew
+        assert "vault v1 storage" not in checks(report) and report["ok"] is True
+        r = remote.fails("--server", base, "doctor", "--vm", "x")
+        assert "--vm" in r.output, r
+    finally:
+        assert serve.stop() == 0
+
+
+def test_doctor_fails_on_a_server_clock_ten_minutes_off(tmp_path: Path) -> None:
+    """The server's clock cannot be moved here: a local HTTP server answers /health with a Date
+    header ten minutes behind (the only thing doctor reads from it)."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            return format_datetime(datetime.now(UTC) - timedelta(minutes=10), usegmt=True)
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        r = Cli(home=tmp_path / "home").run("--server", url, "doctor")
+        assert r.returncode == 1, r
+        skew = checks(r.json())["clock skew"]
+        assert skew["status"] == "fail" and " s ahead of " in skew["detail"], skew
+        assert 595 <= int(skew["detail"].split("clock is ")[1].split(" s ")[0]) <= 605, skew
+        assert "NTP" in skew["fix"]
+    finally:
+        server.shutdown()
+        server.server_close()

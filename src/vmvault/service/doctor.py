@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,21 @@ class Check:
     fix: str | None = None
 
 
-def run_doctor(ctx: Context, vm: str | None = None) -> JsonDict:
-    """All checks (with vm: that VM's instead of every VM's); ok is False when any check failed."""
+def run_doctor(ctx: Context | None, vm: str | None = None, extra: list[Check] | None = None) -> JsonDict:
+    """All checks (with vm: that VM's instead of every VM's); ok is False when any check failed.
+
+    ctx None: the host's checks only (doctor --server runs on a host without the catalog);
+    extra: checks made by the caller (the clock skew against the server).
+    """
     checks: list[Check] = []
-    with ctx.catalog.read() as s:
-        vms = [repos.get_vm(s, vm)] if vm is not None else list(repos.list_vms(s))
-        vaults = list(s.scalars(select(VaultRow)).all())
-        for row in [*vms, *vaults]:
-            s.expunge(row)
+    vms: list[VmRow] = []
+    vaults: list[VaultRow] = []
+    if ctx is not None:
+        with ctx.catalog.read() as s:
+            vms = [repos.get_vm(s, vm)] if vm is not None else list(repos.list_vms(s))
+            vaults = list(s.scalars(select(VaultRow)).all())
+            for row in [*vms, *vaults]:
+                s.expunge(row)
     for name, group in (("qemu", _tools), ("libnbd", _libnbd), ("fuse", _fuse), ("loop", _loop)):
         checks.extend(_guard(name, group))
     checks.extend(_guard("libvirt", lambda: _libvirt(any(v.kind == "libvirt" for v in vms))))
@@ -62,7 +70,10 @@ def run_doctor(ctx: Context, vm: str | None = None) -> JsonDict:
         checks.extend(_vm(row))
     for vault in vaults:
         checks.extend(_vault(vault))
-    checks.extend(_guard("fleece space", lambda: _fleece(ctx, vms)))
+    if ctx is not None:
+        home = ctx.settings.home
+        checks.extend(_guard("fleece space", lambda: _fleece(home, vms)))
+    checks.extend(extra or [])
     failed = [c.name for c in checks if c.status == FAIL]
     return {"ok": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
 
@@ -381,11 +392,10 @@ def _vault(row: VaultRow) -> Iterator[Check]:
     yield Check(label, PASS, f"{storage} is writable, {free / GiB:.1f} GiB free")
 
 
-def _fleece(ctx: Context, vms: list[VmRow]) -> Iterator[Check]:
+def _fleece(where: Path, vms: list[VmRow]) -> Iterator[Check]:
     """Running QEMU VMs are backed up through fleece overlays under HOME/fleece: they need real disk space."""
     from vmvault.hypervisor.snapshot import FLEECE_MARGIN, filesystem_type
 
-    where = ctx.settings.home
     fs = filesystem_type(where)
     st = os.statvfs(where)
     free = st.f_bavail * st.f_frsize
@@ -414,3 +424,19 @@ def _allocated(disk: dict[str, Any]) -> int:
         return os.stat(str(disk.get("path"))).st_blocks * 512
     except OSError:
         return 0
+
+
+# ---- clock ----------------------------------------------------------------------------------------
+
+MAX_SKEW_S = 60.0  # schedules, job times and token expiry compare this host's clock with the server's
+
+
+def clock_skew_check(server: str, server_date: datetime | None, local: datetime) -> Check:
+    """From the server's HTTP Date header (whole seconds): fail beyond MAX_SKEW_S."""
+    if server_date is None:
+        return Check("clock skew", WARN, f"{server} sent no Date header: skew unknown", "check NTP on both hosts")
+    skew = (local - server_date).total_seconds()
+    detail = f"this host's clock is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} {server}"
+    if abs(skew) > MAX_SKEW_S:
+        return Check("clock skew", FAIL, detail, "synchronise both clocks with NTP (timedatectl set-ntp true; chrony)")
+    return Check("clock skew", PASS, detail)
