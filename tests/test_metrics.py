@@ -129,3 +129,37 @@ def check_values(
     assert get("vmvault_vault_dedup_ratio", vault="v1") == 2.0
     assert 0.9 < get("vmvault_vault_compression_ratio", vault="v1") < 1.1  # random data does not compress
     assert get("vmvault_vault_objects", vault="v1", type="data") >= 1
+
+
+def test_scheduler_delay_and_queue(tmp_path: Path) -> None:
+    """A slot missed while the service was down: queued (vmvault_jobs_queued), then claimed by a worker;
+    the delay is the claim's time minus the slot's (injected scheduler clock, as test_scheduler.py)."""
+    from vmvault.catalog import repos
+    from vmvault.catalog.clock import from_iso
+    from vmvault.service import metrics, protection, scheduler, vaults, vms, worker
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    def values(ctx: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text, _ = metrics.render(ctx)
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text.decode()) for s in f.samples}  # fmt: skip
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB))
+    with context(Settings(home=tmp_path / "home", passphrase="correct horse battery staple")) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "vm1", [disk])
+        protection.enable_protection(ctx, "vm1", "v1")  # DefaultPolicy: 20:30 UTC
+        with ctx.catalog.write() as s:
+            repos.update_protected_item(s, repos.get_vm(s, "vm1").id, schedule_anchor="2026-03-26T12:00:00.000000Z")
+        (queued,) = scheduler.tick(ctx, datetime.fromisoformat("2026-03-29T09:00:00+00:00"))
+        m = values(ctx)
+        assert m[("vmvault_jobs_queued", ())] == 1
+        assert ("vmvault_scheduler_delay_seconds", (("vm", "vm1"),)) not in m  # not started yet
+        job = worker.claim_next(ctx)
+        assert job is not None and job.id == queued
+        m = values(ctx)
+        assert m[("vmvault_jobs_queued", ())] == 0
+        delay = (from_iso(job.details["claimedAt"]) - from_iso("2026-03-26T20:30:00.000000Z")).total_seconds()
+        assert m[("vmvault_scheduler_delay_seconds", (("vm", "vm1"),))] == delay
