@@ -67,6 +67,10 @@ def check_space_alerts(
                 touched.append(_raise(s, vault_id, name, space, min_free_percent, moment))
             elif not low and vault_id in raised:
                 touched.append(_resolve(s, raised[vault_id], space, moment))
+        for vault_id, alert in raised.items():
+            if vault_id not in spaces:  # the vault was deleted (with its targets): close, nobody to tell
+                alert.resolved = moment
+                alert.details = {**alert.details, "reason": "the vault was deleted"}
     return touched
 
 
