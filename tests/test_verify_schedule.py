@@ -73,3 +73,31 @@ def test_a_slice_a_day_then_a_damaged_pack_fails_and_is_notified(
     assert hooks.posts[0]["body"]["job"]["id"] == third
     shown = {p["id"]: p["verification"] for p in cli.points("vm1")}
     assert all(v["state"] == "Failed" and v["problem"] for v in shown.values()), shown
+
+
+def test_a_vault_has_its_own_period(cli: Cli, tmp_path: Path) -> None:
+    from vmvault.service import verify_schedule
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(os.urandom(MiB))
+    cli.vault_create("v1", tmp_path / "v1")
+    cli.vault_create("v2", tmp_path / "v2")
+    assert cli.vm_add("vm1", disk).ok
+    assert cli.protection_enable("vm1", "v1").ok
+    cli.ok(*cli.backup_args("vm1"))
+    assert cli.ok("vault", "verify-schedule", "v1").json()["verifyEveryDays"] is None
+    assert cli.ok("vault", "verify-schedule", "v2", "--every", "0").json()["effect"] == "off"
+    r = cli.fails("vault", "verify-schedule", "v1", "--every", "-3")
+    assert r.returncode == 64 and "--every" in r.output, r
+    assert cli.ok("vault", "verify-schedule", "v1").json()["verifyEveryDays"] is None  # unchanged
+    with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
+        assert verify_schedule.due_vaults(ctx, default_days=30) == ["v1"]  # v2 is off
+        assert verify_schedule.due_vaults(ctx, default_days=0) == []  # the service's period is off
+    assert cli.ok("vault", "verify-schedule", "v1", "--every", "7").json()["verifyEveryDays"] == 7
+    with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
+        assert verify_schedule.due_vaults(ctx, default_days=0) == ["v1"]  # its own period wins
+        (job_id,) = verify_schedule.run_due(ctx, period_days=0)
+    assert cli.ok("job", "show", job_id).json()["status"] == "Completed"
+    assert cli.ok("vault", "verify-schedule", "v1", "--default").json()["verifyEveryDays"] is None

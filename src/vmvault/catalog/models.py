@@ -26,6 +26,8 @@ class VaultRow(Base):
     redundancy: Mapped[str] = mapped_column(String(8))
     chunk_size: Mapped[int] = mapped_column(Integer)
     created: Mapped[str] = mapped_column(String(32))
+    # 0014: days in which scheduled verification re-reads all its points (0: off; None: serve's --verify-every).
+    verify_every_days: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class VmRow(Base):

@@ -730,3 +730,5 @@ from vmvault.cli import files as _files  # noqa: E402, F401
 from vmvault.cli import token as _token  # noqa: E402, F401
 # host checks: doctor (cli/doctor.py).
 from vmvault.cli import doctor as _doctor  # noqa: E402, F401
+# scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).
+from vmvault.cli import verify_schedule as _verify_schedule  # noqa: E402, F401

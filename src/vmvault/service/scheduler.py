@@ -214,8 +214,7 @@ class Maintenance:
         self._thread = threading.Thread(target=self._loop, name="vmvault-maintenance", daemon=True)
 
     def start(self) -> None:
-        if self.every_s > 0 or self.verify_days > 0:
-            self._thread.start()
+        self._thread.start()  # retention (every_s > 0) and scheduled verification (per vault or verify_days)
 
     def stop(self, timeout: float = 120.0) -> None:
         self.cancel.set()
@@ -230,8 +229,7 @@ class Maintenance:
         return last is None or (utc_now() - from_iso(last.start_time)).total_seconds() >= self.every_s
 
     def _verify(self) -> None:
-        if self.verify_days <= 0:
-            return
+        """Vaults with their own period (vault verify-schedule) run even when the service's is 0."""
         from vmvault.service import verify_schedule
 
         try:

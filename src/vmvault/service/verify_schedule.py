@@ -20,7 +20,7 @@ from sqlalchemy import select
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso
 from vmvault.catalog.models import JobRow, RecoveryPointRow, VaultRow
-from vmvault.errors import Cancelled
+from vmvault.errors import Cancelled, InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, create_job, run_job
 from vmvault.service.vaultio import opened_vault
@@ -42,12 +42,46 @@ def next_slice(points: list[tuple[str, str, str | None]], period_days: int) -> l
     return [p[0] for p in ordered[:size]]
 
 
-def due_vaults(ctx: Context, now: datetime | None = None) -> list[str]:
-    """Vaults whose last scheduled Verify job started MIN_GAP ago or more (or never)."""
+def period_of(vault: VaultRow, default_days: int) -> int:
+    """The vault's own period (vault verify-schedule), else the service's."""
+    return default_days if vault.verify_every_days is None else vault.verify_every_days
+
+
+def set_schedule(ctx: Context, vault_name: str, days: int | None) -> JsonDict:
+    """Set a vault's verification period in days (0: off; None: follow serve --verify-every)."""
+    if days is not None and not 0 <= days <= 3650:
+        raise InvalidInput(f"--every {days} is not a number of days from 0 to 3650",
+                           hint="e.g. --every 30 (0: no scheduled verification of this vault)")  # fmt: skip
+    with ctx.catalog.write() as s:
+        vault = repos.get_vault(s, vault_name)
+        vault.verify_every_days = days
+        return schedule_view(vault)
+
+
+def show_schedule(ctx: Context, vault_name: str) -> JsonDict:
+    with ctx.catalog.read() as s:
+        return schedule_view(repos.get_vault(s, vault_name))
+
+
+def schedule_view(vault: VaultRow) -> JsonDict:
+    days = vault.verify_every_days
+    if days is None:
+        effect = "follows vmvault serve --verify-every"
+    elif days == 0:
+        effect = "off"
+    else:
+        effect = f"every point re-verified within {days} day(s), a slice a day"
+    return {"vault": vault.name, "verifyEveryDays": days, "effect": effect}
+
+
+def due_vaults(ctx: Context, now: datetime | None = None, default_days: int = DEFAULT_PERIOD_DAYS) -> list[str]:
+    """Vaults with a period whose last scheduled Verify job started MIN_GAP ago or more (or never)."""
     moment = now or ctx.now()
     out = []
     with ctx.catalog.read() as s:
         for vault in s.scalars(select(VaultRow).order_by(VaultRow.name)).all():
+            if period_of(vault, default_days) <= 0:
+                continue
             query = (
                 select(JobRow.start_time, JobRow.details)
                 .where(JobRow.operation == Operation.VERIFY, JobRow.vault == vault.name)
@@ -108,14 +142,19 @@ def verify_slice(
 
 
 def run_due(
-    ctx: Context, period_days: int, cancel: threading.Event | None = None, now: datetime | None = None
+    ctx: Context,
+    period_days: int = DEFAULT_PERIOD_DAYS,
+    cancel: threading.Event | None = None,
+    now: datetime | None = None,
 ) -> list[str]:
     """One slice of every due vault (the maintenance thread of `vmvault serve`); returns the job ids."""
     ids = []
-    for name in due_vaults(ctx, now):
+    for name in due_vaults(ctx, now, period_days):
         if cancel is not None and cancel.is_set():
             break
-        outcome = verify_slice(ctx, name, period_days, cancel)
+        with ctx.catalog.read() as s:
+            days = period_of(repos.get_vault(s, name), period_days)
+        outcome = verify_slice(ctx, name, days, cancel)
         if outcome is not None:
             log.info("scheduled verification of vault %s: job %s %s", name, outcome.job["id"], outcome.job["status"])
             ids.append(str(outcome.job["id"]))

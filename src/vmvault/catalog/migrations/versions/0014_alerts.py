@@ -1,4 +1,4 @@
-"""Alerts: an item's RPO breach, raised and resolved once each, notified through the outbox
+"""Alerts (an item's RPO breach, a vault short of space) and each vault's verification period
 
 Revision ID: 0014
 Revises: 0006
@@ -32,9 +32,13 @@ def upgrade() -> None:
     with op.batch_alter_table("notifications") as batch:
         batch.add_column(sa.Column("alert_id", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("alert_event", sa.String(16), nullable=True))
+    with op.batch_alter_table("vaults") as batch:
+        batch.add_column(sa.Column("verify_every_days", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("vaults") as batch:
+        batch.drop_column("verify_every_days")
     with op.batch_alter_table("notifications") as batch:
         batch.drop_column("alert_event")
         batch.drop_column("alert_id")
