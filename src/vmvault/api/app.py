@@ -69,6 +69,9 @@ def create_app(
         return status() if status is not None else {"status": "ok"}
 
     app.include_router(api_router())
+    from vmvault.api.routes import metrics as metrics_route
+
+    metrics_route.install(app)  # GET /metrics (Prometheus), any token
     from vmvault.web import install as install_portal
 
     install_portal(app)  # the portal's pages at / (after the API's routes: they win on their paths)

@@ -356,11 +356,14 @@ def run_job(
     failure(result) may turn a result into a failure (verify found problems).
     KeyboardInterrupt ends the job Cancelled and is re-raised.
     """
+    from vmvault.logs import job_context
+
     run = JobRun(ctx, row.id, on_progress, cancel or threading.Event(), details=_copy_details(row.details))
     watcher = CancelWatcher(ctx, row.id, run.cancel)
     watcher.start()
     try:
-        result = _work_watched(work, run, watcher)
+        with job_context(row.id, row.vm):  # every line logged by the job names it (--log-format json)
+            result = _work_watched(work, run, watcher)
     except Cancelled as exc:
         return _end(ctx, run, Status.CANCELLED, exc)
     except VmvaultError as exc:
