@@ -212,8 +212,25 @@ def parse_policy(document: Any) -> Policy:
     schedule = _parse_schedule(_object(props, "schedulePolicy", "schedulePolicy", required=True))
     retention = _parse_retention(_object(props, "retentionPolicy", "retentionPolicy", required=True), schedule)
     instant = _instant_rp_days(props.get("instantRpRetentionRangeInDays"), schedule)
+    _check_snapshot_consistency(props)
     extra = {k: props[k] for k in ("instantRpDetails", "tieringPolicy", "snapshotConsistencyType") if k in props}
     return Policy(schedule, retention, time_zone, instant, extra)
+
+
+SNAPSHOT_CONSISTENCY_TYPES = ("Default", "OnlyCrashConsistent")
+
+
+def only_crash_consistent(properties: Mapping[str, Any]) -> bool:
+    """snapshotConsistencyType: OnlyCrashConsistent (Azure's) makes live backups skip the guest's quiesce."""
+    inner = properties.get("properties")
+    props = inner if isinstance(inner, Mapping) else properties
+    return props.get("snapshotConsistencyType") == "OnlyCrashConsistent"
+
+
+def _check_snapshot_consistency(props: Mapping[str, Any]) -> None:
+    value = props.get("snapshotConsistencyType", "Default")
+    if value not in SNAPSHOT_CONSISTENCY_TYPES:
+        raise PolicyError("snapshotConsistencyType", f"{value!r} is not one of {', '.join(SNAPSHOT_CONSISTENCY_TYPES)}")
 
 
 def check_time_zone(value: Any, path: str) -> str:
