@@ -55,7 +55,7 @@ done
 /usr/sbin/qemu-ga -d -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \\
   -F/etc/qemu/fsfreeze-hook -l /var/log/qemu-ga.log
 su postgres -c "/usr/lib/postgresql/15/bin/pg_ctl -D @PGDATA@ -o '-c config_file=@PGCONF@' \\
-  -l /var/log/pg.log -w -t 600 start" \\
+  -l /var/log/postgresql/pg.log -w -t 600 start" \\
   && echo "vmv: postgres up $(cut -d' ' -f1 /proc/uptime)" > /dev/console \\
   || echo "vmv: postgres failed" > /dev/console
 echo "vmv: sysinit done $(cut -d' ' -f1 /proc/uptime)" > /dev/console
