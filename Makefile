@@ -12,12 +12,13 @@ STAMP := $(VENV)/.vmvault-deps.stamp
 
 # Debian packages vmvault and its tests need (qemu-system-x86: a real QEMU for the
 # "image in use by a running VM" tests, and it ships qemu-storage-daemon; ntfs-3g and fusefat:
-# file recovery's user-space NTFS/FAT drivers; xfsprogs, dosfstools, mtools: its test images).
+# file recovery's user-space NTFS/FAT drivers; xfsprogs, dosfstools, mtools: its test images;
+# debootstrap: the PostgreSQL test guest of tests/vm/pgguest.py).
 APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv gdisk e2fsprogs \
                 fuse3 nbdkit restic borgbackup zstd \
                 xfsprogs ntfs-3g dosfstools mtools fusefat \
                 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt \
-                chromium
+                chromium debootstrap
 
 .PHONY: deps apt run quickstart test lint typecheck pytest clean
 

@@ -33,6 +33,7 @@ from vm.pgguest import PgImage, build_pg_guest, pg_disk
 pytestmark = pytest.mark.slow
 
 VM = "pg1"
+PG_BIN = "/usr/lib/postgresql/15/bin"  # pg_amcheck has no /usr/bin wrapper
 PG_UP_TIMEOUT = 300  # TCG on a shared CPU: PostgreSQL's start (and crash recovery) can be slow
 WORKLOAD = """#!/bin/sh
 # one autocommitted insert after another, as fast as the guest goes
@@ -137,9 +138,8 @@ def test_a_slow_checkpoint_hook_within_the_budget_gives_a_consistent_point_that_
         assert lab.psql(f"select count(*) from t where id <= {max_id}", restored) == str(count), (
             "rows committed before the freeze are missing from the restored database"
         )
-        check = restored.agent_client().run(
-            "/bin/sh", ["-c", "su postgres -c 'pg_amcheck --install-missing --all --heapallindexed' 2>&1"], timeout=600
-        )
+        amcheck = f"{PG_BIN}/pg_amcheck --install-missing --all --heapallindexed"
+        check = restored.agent_client().run("/bin/sh", ["-c", f"su postgres -c '{amcheck}' 2>&1"], timeout=600)
         assert check.ok, f"pg_amcheck found problems: {check.output()}"
     finally:
         restored.close()

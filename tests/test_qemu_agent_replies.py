@@ -287,6 +287,17 @@ def test_a_snapshot_past_the_frozen_window_is_thawed_by_the_guard(
     assert "frozen window" in q.notes[-1].message
 
 
+def test_a_hostile_agents_freeze_reply_is_a_named_warning(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    state = FrozenState(hook_s=0)
+    agent = fake({**state.replies(), "guest-fsfreeze-freeze": {"return": {"frozen": "all"}}})
+    with quiesced(str(agent_path), budget=Budget(freeze_s=5, frozen_s=5)) as q:
+        pass
+    assert q.consistency == CRASH_CONSISTENT and _codes(q) == ["freeze_failed"], q
+    assert "not valid" in q.notes[-1].message and agent.calls.count("guest-fsfreeze-freeze") == 1
+
+
 def test_an_agent_socket_that_closes_mid_command_is_a_named_error(
     fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
 ) -> None:

@@ -329,7 +329,7 @@ def _guard_thaw(target: str, why: str, end: float) -> int:
                 thawed = agent.guest_fsfreeze_thaw()
             _guard_log(target, f"{why}; thawed {thawed} file system(s)")
             return 0
-        except (HypervisorError, OSError, ValueError) as exc:
+        except AGENT_FAILURES as exc:
             if time.monotonic() > end:
                 _guard_log(target, f"{why}; could not thaw: {exc}")
                 return 1
@@ -441,6 +441,9 @@ class Quiesce:
 
 
 AgentFactory = Callable[[], GuestAgent]  # a new, unconnected session with the guest's agent
+# What talking to a guest agent can raise: its replies come from the guest and are untrusted (a
+# hostile agent's `{"return": {}}` to a freeze is a TypeError): each is a named warning, never a crash.
+AGENT_FAILURES = (HypervisorError, OSError, ValueError, TypeError, KeyError, AttributeError)
 
 
 @contextlib.contextmanager
@@ -489,7 +492,7 @@ def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce
     """The agent part of the sequence, for an agent socket or one reached through libvirt (target: ThawGuard's)."""
     try:
         agent = factory().connect()
-    except (HypervisorError, OSError, ValueError) as exc:
+    except AGENT_FAILURES as exc:
         q.agent_state = "NotReachable"
         q.notes.append(Note("agent_not_reachable", f"{_why(exc)}: the point is crash-consistent", INSTALL_AGENT_HINT))
         yield q
@@ -509,7 +512,7 @@ def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce
             pre_ok = _pre_script(agent, cfg, q)
     except PreScriptFailed:
         raise
-    except (HypervisorError, OSError, ValueError) as exc:
+    except AGENT_FAILURES as exc:
         lost = exc
     if lost is not None or q.probe is None:
         q.agent_state = "NotReachable"
@@ -534,7 +537,12 @@ def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce
         if guard is not None:
             thawed = True
             if q.frozen or q.probe.windows:
+                guard_gone = not guard.alive
                 thawed, thaw_found, vss_error = _thaw(factory, q)
+                if guard_gone and thaw_found:  # it ended without thawing (killed?): nobody watched the freeze
+                    q.notes.append(Note("thaw_guard_died", "the thaw guard ended while the guest was frozen; "
+                                        "vmvault thawed the guest itself", "check the host for killed processes "
+                                        "(OOM killer) and the guard's log next to its lock in $TMPDIR"))  # fmt: skip
             guard.release(thawed)
         q.consistency = _consistency(q, cfg, pre_ok, freeze, thaw_found, vss_error, budget)
         if cfg is not None and cfg.post_script:
@@ -575,7 +583,13 @@ def _freeze_with_retry(factory: AgentFactory, target: str, budget: Budget, q: Qu
             q.notes.append(Note("freeze_failed", f"the guest's file systems could not be frozen: {exc.message}",
                                 "check the guest agent's log and its fsfreeze hook"))  # fmt: skip
             return guard
-        except (HypervisorError, OSError, ValueError) as exc:  # no answer within the budget
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a garbled reply: the guest is untrusted
+            guard.release(thawed=_recover(factory, budget))
+            q.notes.append(Note("freeze_failed", f"the guest agent's reply to guest-fsfreeze-freeze is not valid "
+                                f"({type(exc).__name__}: {exc}); vmvault thawed the guest", "check the guest agent "
+                                "(qemu-ga) of the guest: a modified or broken agent"))  # fmt: skip
+            return None
+        except AGENT_FAILURES as exc:  # no answer within the budget
             log.warning("freeze attempt %d of %s gave up after %.0f s: %s", attempt, target, budget.freeze_s, _why(exc))
             answered = _recover(factory, budget)
             guard.release(thawed=answered)
@@ -613,7 +627,7 @@ def _recover(factory: AgentFactory, budget: Budget) -> bool:
                     agent.guest_fsfreeze_thaw()
                 if agent.guest_fsfreeze_status() == "thawed":
                     return True
-        except (HypervisorError, OSError, ValueError):
+        except AGENT_FAILURES:
             pass
         time.sleep(0.5)
     return False
@@ -687,7 +701,7 @@ def _post_script(factory: AgentFactory, cfg: ScriptConfig, q: Quiesce, agent: Gu
             if agent is None:
                 agent = stack.enter_context(factory().connect())
             outcome = _run_script(agent, "post", cfg.post_script, cfg.post_params, cfg)
-    except (HypervisorError, OSError, ValueError) as exc:
+    except AGENT_FAILURES as exc:
         q.notes.append(Note("post_script_failed", f"post-script {cfg.post_script} could not run: {_why(exc)}"))
         return
     if not outcome.ok:
@@ -706,7 +720,7 @@ def _thaw(factory: AgentFactory, q: Quiesce) -> tuple[bool, int | None, AgentErr
         return True, found, None
     except AgentError as exc:
         return True, None, exc
-    except (HypervisorError, OSError, ValueError) as exc:
+    except AGENT_FAILURES as exc:
         q.notes.append(
             Note(
                 "thaw_failed",

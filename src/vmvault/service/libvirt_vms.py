@@ -312,15 +312,20 @@ def _quiesced(b: _Backup) -> Iterator[Any]:
     (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
     from vmvault.engine.consistency import INSTALL_AGENT_HINT, Quiesce, quiesce_agent
-    from vmvault.hypervisor.libvirt_vm import LibvirtAgent, domain_state
+    from vmvault.hypervisor.libvirt_vm import LibvirtAgent, LibvirtError, domain_state
     from vmvault.service.quiesce import budget_for
 
     q = Quiesce()
     budget = budget_for(b.ctx, b.plan)
+    try:
+        state = domain_state(b.dom)
+        target = f"libvirt:{b.dom.connect().getURI()}#{b.dom.UUIDString()}"
+    except Exception as exc:  # libvirt.libvirtError: a named error, not internal_error
+        raise LibvirtError(f"cannot ask libvirt about domain {b.info.name}: {exc}") from exc
     if budget.crash_only:
         q.agent_state = "Skipped"  # the policy asks for crash-consistent points
         yield q
-    elif domain_state(b.dom) != "running":
+    elif state != "running":
         q.notes.append(_note("vm_paused", "the domain is paused: the point is crash-consistent"))
         yield q
     elif not b.info.agent_channel:
@@ -328,7 +333,6 @@ def _quiesced(b: _Backup) -> Iterator[Any]:
         q.notes.append(_note("agent_not_configured", message, INSTALL_AGENT_HINT))
         yield q
     else:
-        target = f"libvirt:{b.dom.connect().getURI()}#{b.dom.UUIDString()}"
         with quiesce_agent(lambda: LibvirtAgent(b.dom), target, budget, q):
             yield q
     b.notes.extend(q.notes)
