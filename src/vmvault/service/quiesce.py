@@ -8,6 +8,7 @@ A policy with `snapshotConsistencyType: OnlyCrashConsistent` skips the quiesce.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vmvault.catalog import repos
@@ -15,6 +16,8 @@ from vmvault.domain.policy import only_crash_consistent
 from vmvault.errors import InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict
+
+log = logging.getLogger("vmvault")
 
 MIN_TIMEOUT_S = 1
 MAX_TIMEOUT_S = 3600
@@ -68,3 +71,4 @@ def record(run: Any, q: Any, snapshot_s: float | None) -> None:
     if run.details is None:
         run.details = {}
     run.details["quiesce"] = report
+    log.info("quiesce: %s", ", ".join(f"{k} {v}" for k, v in report.items()))
