@@ -149,6 +149,7 @@ def build_pg_guest() -> PgImage:
                 for leftover in ("osroot", "osroot.raw", "initrd-switchroot.img", "root", "root.raw"):
                     path = work / leftover
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                work.chmod(0o755)  # mkdtemp's 0700: QEMU may run as another user (libvirt-qemu)
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(work, out)
             finally:
