@@ -20,9 +20,10 @@ APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-ven
 # Only for the tests and the benchmark (make test): gdisk for tools/diskgen.py, file systems for the
 # file-recovery test images, a libvirt daemon to manage test domains, chromium for the portal's
 # browser tests (driven by Playwright from requirements-dev.lock), restic and borg for bench/,
-# prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/.
+# prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/,
+# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py).
 TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvirt-daemon-driver-qemu chromium \
-                     restic borgbackup prometheus systemd
+                     restic borgbackup prometheus systemd debootstrap
 
 .PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
 

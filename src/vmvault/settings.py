@@ -12,6 +12,11 @@ VMVAULT_FILES_LISTEN
                     HOST:PORT the file-recovery export listens on for other machines (TLS +
                     per-script password); default 127.0.0.1:0 (loopback, any free port).
                     Exposing it (e.g. 0.0.0.0:10809) is this explicit setting
+VMVAULT_QUIESCE_TIMEOUT
+                    seconds a running VM's freeze call may take, its guest's fsfreeze hooks
+                    included (default 60, 1-3600); a VM's own `vm update --quiesce-timeout` wins
+VMVAULT_FROZEN_WINDOW
+                    seconds file systems may stay frozen for the snapshot itself (default 10, 1-600)
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class Settings:
     debug: bool = False
     clock_offset_s: float = 0.0
     files_listen: str = "127.0.0.1:0"
+    quiesce_timeout_s: float = 60.0
+    frozen_window_s: float = 10.0
 
     @property
     def catalog_path(self) -> Path:
@@ -80,7 +87,19 @@ def load_settings(home_override: str | None = None) -> Settings:
         debug=debug_enabled(),
         clock_offset_s=_clock_offset(),
         files_listen=os.environ.get("VMVAULT_FILES_LISTEN") or "127.0.0.1:0",
+        quiesce_timeout_s=_seconds("VMVAULT_QUIESCE_TIMEOUT", 60.0, 3600.0),
+        frozen_window_s=_seconds("VMVAULT_FROZEN_WINDOW", 10.0, 600.0),
     )
+
+
+def _seconds(name: str, default: float, highest: float) -> float:
+    """A duration setting; a bad value falls back to the default (settings are read before logging is set up)."""
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        return default
+    return value if 1.0 <= value <= highest else default
 
 
 def _clock_offset() -> float:

@@ -39,6 +39,8 @@ class VmRow(Base):
     disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, path}]
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     created: Mapped[str] = mapped_column(String(32))
+    # 0011: seconds a live backup's freeze call may take (None: the service's setting)
+    quiesce_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ProtectedItemRow(Base):

@@ -247,6 +247,17 @@ def vault_import(
 # ---- vm -----------------------------------------------------------------------------------------
 
 
+QuiesceTimeoutOption = Annotated[
+    int | None,
+    typer.Option(
+        "--quiesce-timeout",
+        help="Seconds a live backup's freeze may take, the guest's fsfreeze hooks included (1-3600; 0: the "
+        "service's VMVAULT_QUIESCE_TIMEOUT, default 60). Past it the guest is thawed, retried once, then the "
+        "point is crash-consistent (warning quiesce_timeout).",
+    ),
+]
+
+
 @vm_app.command("add")
 def vm_add(
     name: Annotated[str, typer.Argument(help="VM name.")],
@@ -263,13 +274,19 @@ def vm_add(
     connect: Annotated[
         str | None, typer.Option("--connect", help="With --libvirt: libvirt's URI (default qemu:///system).")
     ] = None,
+    quiesce_timeout: QuiesceTimeoutOption = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.cli import remote
     from vmvault.service import vms
+    from vmvault.service.quiesce import check_timeout
 
-    for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect)):
+    for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect),
+                        ("--quiesce-timeout", quiesce_timeout)):  # fmt: skip
         remote.refuse_option(flag, value is not None)
+    check_timeout(quiesce_timeout or None)
+    if quiesce_timeout is not None and qmp is None and libvirt is None:
+        raise InvalidInput("--quiesce-timeout goes with --qmp or --libvirt", hint="only running VMs are quiesced")
     if remote.active():
         disks = [remote.server_path(d, "--disk") for d in disk or []]
         output.print_object(remote.post("/vms", {"name": name, "disks": disks}))
@@ -280,7 +297,8 @@ def vm_add(
         from vmvault.service import libvirt_vms
 
         with service_context() as ctx:
-            output.print_object(libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect))
+            added = libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect)
+            output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
         return
     if connect is not None:
         hint = f"vmvault vm add {name} --libvirt DOMAIN --connect URI"
@@ -296,9 +314,34 @@ def vm_add(
         if qmp is not None:
             from vmvault.service import running_vms
 
-            output.print_object(running_vms.add_qmp_vm(ctx, name, qmp, guest_agent))
+            added = running_vms.add_qmp_vm(ctx, name, qmp, guest_agent)
+            output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or [])))
+
+
+def _with_quiesce_timeout(ctx: Any, view: dict[str, Any], name: str, seconds: int | None) -> dict[str, Any]:
+    if not seconds:
+        return view
+    from vmvault.service.quiesce import set_quiesce_timeout
+
+    return {**view, **set_quiesce_timeout(ctx, name, seconds)}
+
+
+@vm_app.command("update")
+def vm_update(
+    name: Annotated[str, typer.Argument(help="VM name.")],
+    quiesce_timeout: QuiesceTimeoutOption = None,
+) -> None:
+    """Change a VM's settings: its quiesce budget (seconds the freeze may take, fsfreeze hooks included)."""
+    from vmvault.cli import remote
+    from vmvault.service.quiesce import set_quiesce_timeout
+
+    remote.refuse_option("--quiesce-timeout", quiesce_timeout is not None)
+    if quiesce_timeout is None:
+        raise InvalidInput("nothing to update", hint=f"vmvault vm update {name} --quiesce-timeout SECONDS")
+    with service_context() as ctx:
+        output.print_object(set_quiesce_timeout(ctx, name, quiesce_timeout))
 
 
 @vm_app.command("discover")

@@ -284,6 +284,21 @@ def parse_policy(document: Any) -> Policy:
     return Policy(schedule, retention, time_zone, instant, policy_type, consistency, extra)
 
 
+
+
+def only_crash_consistent(properties: Mapping[str, Any]) -> bool:
+    """snapshotConsistencyType: OnlyCrashConsistent (Azure's) makes live backups skip the guest's quiesce."""
+    inner = properties.get("properties")
+    props = inner if isinstance(inner, Mapping) else properties
+    # Field names match in any case, as parse_policy reads them.
+    for key, value in props.items():
+        if isinstance(key, str) and key.lower() == "snapshotconsistencytype":
+            return isinstance(value, str) and value.lower() == "onlycrashconsistent"
+    return False
+
+
+
+
 def check_time_zone(value: Any, path: str) -> str:
     """A time zone name: IANA (tzdata) or Windows (CLDR's table); returned as given (stripped)."""
     if not isinstance(value, str) or not value.strip() or len(value) > 64:
