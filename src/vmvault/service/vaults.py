@@ -137,15 +137,19 @@ def verify_vault(
         row = repos.get_vault(s, name)
         if rp_id is not None:
             _check_point_in_vault(s, rp_id, row)
+        listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
     job = create_job(ctx, Operation.VERIFY, vm=None, vault=name)
 
     def work(run: JobRun) -> JsonDict:
         from vmvault.engine.verify import run_verify
 
         with opened_vault(ctx, row) as vault:
-            report = run_verify(vault, rp_id, on_progress=run.progress)
+            report = run_verify(vault, rp_id, on_progress=run.progress, expected_points=listed)
         _record_verification(ctx, report.points)
-        return _report_view(name, rp_id, report, job.id)
+        view = _report_view(name, rp_id, report, job.id)
+        view["damagedObjects"] = damaged_view(report, listed)
+        run.details = {**(run.details or {}), "damagedObjects": view["damagedObjects"]}
+        return view
 
     return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
 
@@ -161,6 +165,25 @@ def _record_verification(ctx: Context, points: dict[str, str | None]) -> None:
             point.verify_state = "Failed" if problem else "Passed"
             point.verify_time = when
             point.verify_problem = problem
+
+
+def damaged_view(report: Any, vm_names: dict[str, str]) -> list[JsonDict]:
+    """Each damaged object with the points (VM, disks, byte ranges [start, end)) that depend on it."""
+    return [
+        {
+            "object": d.name,
+            "problem": d.problem,
+            "affectedPoints": [
+                {
+                    "recoveryPoint": rp,
+                    "vm": a.vm or vm_names.get(rp),
+                    "disks": [{"disk": disk, "ranges": ranges} for disk, ranges in a.disks.items()],
+                }
+                for rp, a in sorted(d.points.items())
+            ],
+        }
+        for d in report.damaged.values()
+    ]
 
 
 def _check_point_in_vault(s: Session, rp_id: str, row: VaultRow) -> None:
