@@ -56,7 +56,7 @@ def test_gc_reindexes_packs_whose_index_file_was_deleted(small_image: Path, tmp_
 
 
 def test_gc_keeps_a_pack_without_index_file_and_with_a_damaged_trailer(small_image: Path, tmp_path: Path) -> None:
-    prot, _points, _images = _two_points(small_image, tmp_path)
+    prot, points, _images = _two_points(small_image, tmp_path)
     pack = max(vault_files(prot.storage, "data"), key=lambda p: p.stat().st_size)
     rel = pack.relative_to(prot.storage).as_posix()
     (prot.storage / "index" / pack.parent.name / pack.name).unlink()
@@ -72,3 +72,8 @@ def test_gc_keeps_a_pack_without_index_file_and_with_a_damaged_trailer(small_ima
 
     r = prot.cli.vault_verify(prot.vault)
     assert not r.ok and rel in r.stderr, str(r)
+    # Nothing says which chunks the pack held: the points' chunks are reported missing.
+    damaged = {d["object"]: d for d in r.json()["damagedObjects"]}
+    assert rel in damaged, str(r)
+    affected = {p["recoveryPoint"] for p in damaged["missing chunks"]["affectedPoints"]}
+    assert affected and affected <= set(points), str(r)
