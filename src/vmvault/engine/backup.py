@@ -28,6 +28,7 @@ from vmvault.hypervisor.imagelock import ImageLock
 from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.hypervisor.offline import NbdImageExport
 from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
+from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
 from vmvault.vault.lock import holding_shared
@@ -401,6 +402,7 @@ def backup_exported(
     )
     run.check_cancel()
     vault.publish_manifest(manifest)  # last: until here no recovery point exists
+    crash_point("backup:manifest-published")
     tracker.report(force=True)
     return manifest, [d.stats for d in opened]
 

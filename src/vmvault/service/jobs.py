@@ -561,6 +561,7 @@ def extended_info(row: JobRow) -> JsonDict:
         "retainUntil": details.get("retainUntil"),
         "recoveryPoint": details.get("recoveryPoint"),
         "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)
+        "reconciled": details.get("reconciled"),  # corrected after its process died (service/reconcile.py)
         "queued": queued,
         "cancelRequested": bool(row.cancel_requested),
         "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},

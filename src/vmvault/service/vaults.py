@@ -137,17 +137,21 @@ def verify_vault(
         row = repos.get_vault(s, name)
         if rp_id is not None:
             _check_point_in_vault(s, rp_id, row)
-        listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
     job = create_job(ctx, Operation.VERIFY, vm=None, vault=name)
 
     def work(run: JobRun) -> JsonDict:
         from vmvault.engine.verify import run_verify
+        from vmvault.service.reconcile import reconcile_vault
 
         with opened_vault(ctx, row) as vault:
+            reconciled = reconcile_vault(ctx, row, vault, f"by verify job {job.id}")
+            with ctx.catalog.read() as s:
+                listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
             report = run_verify(vault, rp_id, on_progress=run.progress, expected_points=listed)
         _record_verification(ctx, report.points)
         view = _report_view(name, rp_id, report, job.id)
         view["damagedObjects"] = damaged_view(report, listed)
+        view.update(reconciled.view())
         run.details = {**(run.details or {}), "damagedObjects": view["damagedObjects"]}
         return view
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.errors import AlreadyExists, AuthenticationError, IntegrityError, InvalidInput, NotFound
+from vmvault.testhooks import crash_point
 from vmvault.vault import crypto, keyfile
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
@@ -161,6 +162,7 @@ class PackWriter:
         name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
         index_name = index_name_for(name)
         self._vault.backend.put(name, data)
+        crash_point("pack:published")
         self._vault.backend.put(
             index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries))
         )
