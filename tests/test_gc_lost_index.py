@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import Cli, Protected, assert_same_image, copy_image, mutate_image, protect, vault_files
+from helpers import Cli, Protected, assert_same_image, copy_image, head_of_image, mutate_image, protect, vault_files
 
 
 def _two_points(small_image: Path, tmp_path: Path) -> tuple[Protected, list[str], list[Path]]:
-    disk = copy_image(small_image, tmp_path / "disk.raw")
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     assert prot.cli.backup_now(prot.vm).ok
     first = copy_image(disk, tmp_path / "first.raw")

@@ -245,19 +245,45 @@ def import_vault(
     _refuse_taken_name(ctx, vault_name)
     vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
     try:
-        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault))
+        manifests, unreadable = _sound_manifests(vault)
+        unreadable += _damaged_index_report(vault)
+        imported = _Imported(_row_for(vault_name, vault), manifests)
     finally:
         vault.close()
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
         _insert_imported(s, imported)
-        return _view(s, imported.row)
+        view = _view(s, imported.row)
+    view["notImported"] = unreadable
+    return view
 
 
-def _all_manifests(vault: Any) -> list[Any]:
-    manifests = [vault.read_manifest(rp_id) for rp_id in vault.list_recovery_points()]
-    return sorted(manifests, key=lambda m: m.time)
+def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
+    """The manifests that authenticate (oldest first), and one entry per one that does not.
+
+    One damaged manifest must not keep the rest of the vault from being imported (after a
+    catalog loss nothing could be restored): the sound points are imported, the others listed.
+    """
+    manifests, bad = [], []
+    for rp_id in vault.list_recovery_points():
+        try:
+            manifests.append(vault.read_manifest(rp_id))
+        except VmvaultError as exc:
+            bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
+    return sorted(manifests, key=lambda m: m.time), bad
+
+
+def _damaged_index_report(vault: Any) -> list[JsonDict]:
+    """Pack index files that could not be read (the points using their packs fail until repaired)."""
+    return [
+        {
+            "object": name,
+            "recoveryPoint": None,
+            "problem": f"{problem}; rebuild it with: vmvault vault repair VAULT --apply, then vmvault vault verify",
+        }
+        for name, problem in sorted(vault.damaged_index_files.items())
+    ]
 
 
 def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
