@@ -58,8 +58,14 @@ class Damaged:
     name: str
     problem: str
     points: dict[str, Affected] = field(default_factory=dict)
+    healed: bool = False  # every blob it held has a good copy elsewhere: nothing depends on it
 
     def summary(self) -> str:
+        if self.healed:
+            return (
+                f"{self.name}: {self.problem}; every blob it held has a good copy in another pack, "
+                "so no point depends on it (garbage collection drops it)"
+            )
         if not self.points:
             return f"{self.name}: {self.problem}; no recovery point uses it"
         described = "; ".join(
@@ -89,7 +95,6 @@ class VerifyReport:
 
     def damage(self, name: str, problem: str) -> Damaged:
         """Record a damaged object (the first problem found in it is the one reported)."""
-        self.ok = False
         if name not in self.damaged:
             self.damaged[name] = Damaged(name, problem)
         return self.damaged[name]
@@ -104,8 +109,13 @@ class VerifyReport:
             self.points[rp_id] = f"{name} is damaged: {problem}"
 
     def finish(self) -> None:
-        """One problem line per damaged object, naming the points that depend on it."""
-        self.problems.extend(d.summary() for d in self.damaged.values())
+        """One problem line per damaged object, naming the points that depend on it (a note for
+        one whose every blob was stored again elsewhere: self-healed)."""
+        for d in self.damaged.values():
+            if d.healed and not d.points:
+                self.notes.append(d.summary())
+            else:
+                self.problem(d.summary())
 
 
 class _Bad(Exception):
@@ -134,6 +144,9 @@ def run_verify(
     files = dict(_walk(vault.storage_dir))
     tracker.state.total_bytes = sum(files.values())
     scan = _verify_files(vault, files, report, tracker)
+    # Remembered in the local chunk index: backups store such data again instead of deduplicating
+    # against the bad copy, and readers prefer a good copy (self-healing).
+    vault.index.replace_bad_copies((blob, pack, problem) for (blob, pack), (_o, problem) in scan.copies.items())
     walker = _Walker(vault, report, tracker, scan, deep=False)
     present = vault.list_recovery_points()
     for point in present:
@@ -141,6 +154,7 @@ def run_verify(
     for point in sorted(set(expected_points) - set(present)):
         name = vault.manifest_name(point)
         report.affects(name, "the manifest is missing from the vault", point, None, None, (0, 0))
+    _mark_healed(vault, report, scan)
     for pack in sorted(scan.unindexed_packs - scan.unindexed_used):
         report.notes.append(
             f"pack {pack} has no index file and no point uses it: data of an interrupted backup "
@@ -171,6 +185,7 @@ class _Scan:
     """What the file pass found, for the point walk."""
 
     bad: BadBlobs = field(default_factory=dict)
+    copies: dict[tuple[bytes, str], tuple[str, str]] = field(default_factory=dict)  # (blob, pack) -> damage
     unindexed: dict[bytes, str] = field(default_factory=dict)  # blob id -> pack with no index file
     unindexed_used: set[str] = field(default_factory=set)  # of those packs, the ones a point uses
     unindexed_packs: set[str] = field(default_factory=set)
@@ -205,7 +220,7 @@ def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tra
         problem = f"the pack is missing from the vault (its index file {index_name_for(pack)} lists it)"
         report.damage(pack, problem)
         for ref in entries:
-            bad[ref.blob_id] = (pack, problem)
+            bad[ref.blob_id] = scan.copies[(ref.blob_id, pack)] = (pack, problem)
     for index_name, problem in bad_index.items():
         report.damage(index_name, problem)  # named even when its pack is gone too
     return scan
@@ -279,7 +294,7 @@ def _verify_pack(
     if whole is not None:
         report.damage(*whole)
         for ref in entries:
-            bad[ref.blob_id] = whole
+            bad[ref.blob_id] = scan.copies[(ref.blob_id, name)] = whole
     for ref in entries:
         stored = data[ref.offset : ref.offset + ref.length]
         try:
@@ -287,6 +302,7 @@ def _verify_pack(
         except IntegrityError as exc:
             report.damage(name, exc.message)
             bad.setdefault(ref.blob_id, (name, exc.message))
+            scan.copies.setdefault((ref.blob_id, name), (name, exc.message))
         report.objects_checked += 1
 
 
@@ -360,9 +376,11 @@ class _Walker:
 
     def check(self, blob_id: bytes) -> Location:
         """The blob's location, or _Bad naming the damaged object it lives in (or MISSING)."""
+        loc = self.vault.index.lookup(blob_id)  # a good copy when there is one
+        if loc is not None and (blob_id, loc.pack) not in self.scan.copies:
+            return loc
         if blob_id in self.scan.bad:
             raise _Bad(*self.scan.bad[blob_id])
-        loc = self.vault.index.lookup(blob_id)
         if loc is not None:
             return loc
         pack = self.scan.unindexed.get(blob_id)
@@ -385,3 +403,16 @@ class _Walker:
     def locate(self, blob_id: bytes, problem: str) -> _Bad:
         loc = self.vault.index.lookup(blob_id)
         return _Bad(loc.pack if loc is not None else MISSING, problem)
+
+
+def _mark_healed(vault: Vault, report: VerifyReport, scan: _Scan) -> None:
+    """A damaged object no point depends on, whose every blob has a good copy elsewhere, is healed."""
+    charged: dict[str, list[bytes]] = {}
+    for (blob, _pack), (name, _problem) in scan.copies.items():
+        charged.setdefault(name, []).append(blob)
+    for name, damaged in report.damaged.items():
+        blobs = charged.get(name)
+        if damaged.points or not blobs:
+            continue
+        found = vault.index.lookup_many(blobs)
+        damaged.healed = all(b in found and (b, found[b].pack) not in scan.copies for b in blobs)

@@ -148,8 +148,9 @@ def verify_vault(
             with ctx.catalog.read() as s:
                 listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
             report = run_verify(vault, rp_id, on_progress=run.progress, expected_points=listed)
-        _record_verification(ctx, report.points)
+        healed = _record_verification(ctx, report.points)
         view = _report_view(name, rp_id, report, job.id)
+        view["healedPoints"] = healed
         view["damagedObjects"] = damaged_view(report, listed)
         view.update(reconciled.view())
         run.details = {**(run.details or {}), "damagedObjects": view["damagedObjects"]}
@@ -158,17 +159,23 @@ def verify_vault(
     return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
 
 
-def _record_verification(ctx: Context, points: dict[str, str | None]) -> None:
-    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes."""
+def _record_verification(ctx: Context, points: dict[str, str | None]) -> list[str]:
+    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes.
+
+    Returns the points that had failed and pass now (healed: repaired or their data stored again)."""
     when = now_iso()
+    healed = []
     with ctx.catalog.write() as s:
         for point_id, problem in points.items():
             point = repos.find_recovery_point(s, point_id)
             if point is None:
                 continue  # in the vault but not in this catalog (an imported vault's stale point)
+            if point.verify_state == "Failed" and not problem:
+                healed.append(point_id)
             point.verify_state = "Failed" if problem else "Passed"
             point.verify_time = when
             point.verify_problem = problem
+    return sorted(healed)
 
 
 def damaged_view(report: Any, vm_names: dict[str, str]) -> list[JsonDict]:
@@ -205,6 +212,7 @@ def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> Json
         "recoveryPoint": rp_id,
         "ok": bool(report.ok),
         "problems": [str(p) for p in report.problems],
+        "notes": [str(n) for n in report.notes],
         "objectsChecked": int(report.objects_checked),
         "bytesChecked": int(report.bytes_checked),
         "jobId": job_id,

@@ -274,7 +274,9 @@ class _Collector:
     def classify(self, grace_seconds: float, threshold: float) -> None:
         """Decide per indexed pack: keep, delete or repack (written to the plan table)."""
         now = time.time()
-        total = sum(1 for _ in self.vault.index.iter_packs())
+        order = {pack: n for n, (pack, _index) in enumerate(self.vault.index.iter_packs())}
+        total = len(order)
+        self.claim_good_copies(order)
         for n, (pack, index_name) in enumerate(self.vault.index.iter_packs()):  # streamed, not listed
             self.check_cancel()
             self.report.packs_checked += 1
@@ -302,6 +304,16 @@ class _Collector:
             self.marks.conn.execute(
                 "INSERT INTO plan VALUES (?, ?, ?, ?, ?)", (n, pack, index_name, action, live.count(False))
             )
+
+    def claim_good_copies(self, order: dict[str, int]) -> None:
+        """A blob verify found bad in one pack and a backup stored again in another: the good copy
+        is the one kept (claimed first), so the bad copy counts as dead and its pack is repacked
+        or deleted. A bad copy with no good one stays claimable: it may be all there is."""
+        index = self.vault.index
+        for blob, bad_pack in index.bad_copies():
+            loc = index.lookup(blob)  # a good copy when there is one
+            if loc is not None and loc.pack != bad_pack and loc.pack in order and not index.is_bad_copy(blob, loc.pack):
+                self.marks.claim(loc.ref, order[loc.pack])
 
     def _age(self, pack: str, index_name: str, now: float) -> float | None:
         # A re-indexed pack's index file is new: its age is the pack's own.
