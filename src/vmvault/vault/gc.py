@@ -277,6 +277,7 @@ class _Collector:
         order = {pack: n for n, (pack, _index) in enumerate(self.vault.index.iter_packs())}
         total = len(order)
         self.claim_good_copies(order)
+        bad_packs = {pack for _blob, pack in self.vault.index.bad_copies()}
         for n, (pack, index_name) in enumerate(self.vault.index.iter_packs()):  # streamed, not listed
             self.check_cancel()
             self.report.packs_checked += 1
@@ -297,8 +298,8 @@ class _Collector:
             size = sum(ref.length for ref in entries)
             if not any(live):
                 action = "delete"
-            elif dead_bytes and dead_bytes >= threshold * size:
-                action = "repack"
+            elif dead_bytes and (dead_bytes >= threshold * size or pack in bad_packs):
+                action = "repack"  # (a bad copy whose data is stored again: dropped whatever its size)
             else:
                 continue
             self.marks.conn.execute(
