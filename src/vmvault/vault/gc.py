@@ -174,6 +174,9 @@ class _Collector:
         self.pin_leaves = LeafReader(self._fetch_pinned, cache_size=LEAF_CACHE)
         self.unreadable: set[str] = set()  # packs kept because nothing says what they hold
         self.reindexed: set[str] = set()  # packs listed again from their trailer by this collection
+        # Whether a pack written at that time (epoch seconds) is exempt from the grace window: the
+        # caller knows its writer has died (service/gc.py); the grace protects running writers.
+        self.exempt: Callable[[float], bool] = lambda _mtime: False
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -286,7 +289,7 @@ class _Collector:
             found = self.vault.index.pack_entries(pack)
             if age is None or found is None:
                 continue  # the pack file is missing: verify reports it; nothing to free
-            if age < grace_seconds:
+            if age < grace_seconds and not self.exempt(now - age):
                 self.report.packs_too_young += 1
                 continue
             _salt, entries = found
@@ -423,12 +426,16 @@ def collect_garbage(
     lock_timeout: float | None = None,
     on_progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    exempt: Callable[[float], bool] | None = None,
 ) -> GcReport:
-    """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it)."""
+    """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it).
+
+    exempt(mtime): True for a pack written when only writers known to have died were writing;
+    such packs are collected (when unreferenced) without waiting for the grace window."""
     report = GcReport()
     cancel = cancel or threading.Event()
     with lock.only_collector(vault):
-        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel)
+        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel, exempt)
 
 
 def _collect(
@@ -439,6 +446,7 @@ def _collect(
     lock_timeout: float | None,
     on_progress: ProgressFn | None,
     cancel: threading.Event,
+    exempt: Callable[[float], bool] | None = None,
 ) -> GcReport:
     cache = vault.home / "cache" / vault.uuid
     cache.mkdir(parents=True, exist_ok=True)
@@ -446,6 +454,8 @@ def _collect(
         leftover.unlink(missing_ok=True)
     marks = MarkSet(cache / f"gc-marks-{os.getpid()}-{secrets.token_hex(4)}.db")
     gc = _Collector(vault, marks, report, on_progress, cancel)
+    if exempt is not None:
+        gc.exempt = exempt
     try:
         vault.sync_index()
         gc.reindex_unindexed()
