@@ -32,7 +32,9 @@ from vmvault.vault.packs import BlobRef, decode_blob, read_trailer
 from vmvault.vault.sealed import unseal
 from vmvault.vault.store import CONFIG_NAME, Vault, index_name_for, parse_index_payload
 
-_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points", "locks", "pins"}  # vault/lock.py
+# locks and pins: vault/lock.py; settings: service/vaultsettings.py
+_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points", "locks", "pins", "settings"}
+SETTINGS = "settings/catalog"  # the vault's configuration (service/vaultsettings.py), sealed
 MISSING = "missing chunks"  # the object named for chunks found in no pack and no index file
 
 
@@ -207,6 +209,10 @@ def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tra
             _check(report, name, _check_config, vault)
         elif name == keyfile.KEYFILE_NAME:
             _check(report, name, _check_keyfile, vault)
+        elif top == "settings" and name != SETTINGS:
+            report.problem(f"unexpected file {name} in the vault directory")
+        elif name == SETTINGS:
+            _check(report, name, _check_settings, vault)
         elif top == "index":
             problem = _read_index(vault, name, indexed)
             if problem is not None:
@@ -241,6 +247,10 @@ def _check_config(vault: Vault) -> None:
     config = json.loads(vault.backend.get(CONFIG_NAME))
     if not vault.keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
         raise IntegrityError("the vault config is damaged: its MAC does not match")
+
+
+def _check_settings(vault: Vault) -> None:
+    unseal(vault.keys, SETTINGS, vault.backend.get(SETTINGS))
 
 
 def _check_keyfile(vault: Vault) -> None:

@@ -153,7 +153,12 @@ def execute_backup(
         repos.update_job_details(s, job.id, {**(current.details or {}), "recoveryPoint": manifest.rp_id})
         record_retention(ctx, s, manifest.rp_id, scheduled)
 
-    return run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
+    outcome = run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
+    if not outcome.failed:
+        from vmvault.service.vaultsettings import save
+
+        save(ctx, plan.vault)  # the VM's definition and retain-until as of this backup
+    return outcome
 
 
 def record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> None:

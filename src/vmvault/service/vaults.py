@@ -238,6 +238,7 @@ def _verify_failure(report: JsonDict) -> VmvaultError | None:
 class _Imported:
     row: VaultRow
     manifests: list[Any]
+    settings: JsonDict | None = None  # the vault's own configuration (service/vaultsettings.py)
 
 
 def import_vault(
@@ -255,13 +256,14 @@ def import_vault(
     try:
         manifests, unreadable = _sound_manifests(vault)
         unreadable += _damaged_index_report(vault)
-        imported = _Imported(_row_for(vault_name, vault), manifests)
+        settings = _vault_settings(vault, unreadable)
+        imported = _Imported(_row_for(vault_name, vault), manifests, settings)
     finally:
         vault.close()
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
-        _insert_imported(s, imported)
+        unreadable += _insert_imported(s, imported)
         view = _view(s, imported.row)
     view["notImported"] = unreadable
     return view
@@ -280,6 +282,17 @@ def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
         except VmvaultError as exc:
             bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
     return sorted(manifests, key=lambda m: m.time), bad
+
+
+def _vault_settings(vault: Any, problems: list[JsonDict]) -> JsonDict | None:
+    """The configuration the vault holds; a damaged one is reported and the import goes on."""
+    from vmvault.service.vaultsettings import NAME, load
+
+    try:
+        return load(vault)
+    except VmvaultError as exc:
+        problems.append({"object": NAME, "recoveryPoint": None, "problem": exc.message})
+        return None
 
 
 def _damaged_index_report(vault: Any) -> list[JsonDict]:
@@ -303,17 +316,21 @@ def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
         )
 
 
-def _insert_imported(s: Session, imported: _Imported) -> None:
+def _insert_imported(s: Session, imported: _Imported) -> list[JsonDict]:
+    """Register the vault, its configuration (policies, VMs, protection) and its points."""
     from vmvault.service.policies import add_default_policy
+    from vmvault.service.vaultsettings import restore
 
     repos.add_vault(s, imported.row)
     add_default_policy(s, imported.row)
+    problems = restore(s, imported.row, imported.settings) if imported.settings else []
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
         _ensure_vm(s, manifest)
     for manifest in imported.manifests:
         if repos.find_recovery_point(s, manifest.rp_id) is None:
             repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+    return problems
 
 
 def _ensure_vm(s: Session, manifest: Any) -> None:
