@@ -227,9 +227,14 @@ def vault_repair(
     apply: Annotated[bool, typer.Option("--apply", help="Change the vault (default: say what would change).")] = False,
 ) -> None:
     """Rebuild lost or damaged pack index files from the packs, drop those of gone packs; list damaged points."""
-    from vmvault.errors import IntegrityError
+    from vmvault.cli import remote
+    from vmvault.errors import IntegrityError, InvalidInput
     from vmvault.service.repair import repair_vault
 
+    if remote.active():
+        raise InvalidInput(
+            "vault repair works on the vault's files directly", hint="run it on the host that holds the vault"
+        )
     with service_context() as ctx:
         report = repair_vault(ctx, name, apply=apply)
     output.print_object(report)

@@ -8,6 +8,7 @@ A process can die between two steps that go to different places:
   note. A manifest of a job unknown here is never adopted, only reported (by `vault verify`).
 - retention between deleting a manifest and deleting its catalog row: the row of an expired
   point (its expiry time has passed) whose manifest is gone is removed, as retention decided.
+- a restore or file-recovery session: its pin stays until it expires; stale pins are removed.
 
 Run at the start of `vmvault serve` (every vault), before each backup (its vault) and by
 `vault verify` (its vault).
@@ -38,9 +39,15 @@ class Reconciled:
     adopted: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm, job}
     dropped: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm}: retention had deleted them
     unlisted: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm, job, reason}: not adopted
+    stale_pins: int = 0
 
     def view(self) -> JsonDict:
-        return {"adoptedPoints": self.adopted, "droppedPoints": self.dropped, "unlistedPoints": self.unlisted}
+        return {
+            "adoptedPoints": self.adopted,
+            "droppedPoints": self.dropped,
+            "unlistedPoints": self.unlisted,
+            "stalePinsRemoved": self.stale_pins,
+        }
 
 
 def reconcile_vault(ctx: Context, row: VaultRow, vault: Any, when: str) -> Reconciled:
@@ -52,6 +59,9 @@ def reconcile_vault(ctx: Context, row: VaultRow, vault: Any, when: str) -> Recon
     for rp_id in sorted(present - set(listed)):
         _adopt(ctx, row, vault, rp_id, when, out)
     _drop_deleted(ctx, [p for p in listed.values() if p.id not in present], out)
+    from vmvault.vault.lock import remove_stale_pins
+
+    out.stale_pins = remove_stale_pins(vault)  # of restores and sessions whose process died
     return out
 
 
