@@ -363,19 +363,20 @@ class _Walker:
             except VmvaultError as exc:
                 charge(self.locate(leaf_id, exc.message), n * span, (n + 1) * span)
                 continue
+            found = self.vault.index.lookup_many([c for c in ids if c != ZERO_ID])  # one query per leaf
             for i, cid in enumerate(ids):
                 if cid == ZERO_ID:
                     continue
                 offset = n * span + i * root.chunk_size
                 try:
-                    self.chunk(cid)
+                    self.chunk(cid, found.get(cid))
                 except _Bad as exc:
                     charge(exc, offset, offset + root.chunk_size)
                 self.report.objects_checked += 1
             self.tracker.report()
 
-    def chunk(self, cid: bytes) -> None:
-        loc = self.check(cid)
+    def chunk(self, cid: bytes, found: Location | None) -> None:
+        loc = self.resolve(cid, found)
         if self.deep:
             try:
                 data = self.vault.read_blob(loc)
@@ -385,8 +386,11 @@ class _Walker:
             self.tracker.add(read=len(data))
 
     def check(self, blob_id: bytes) -> Location:
-        """The blob's location, or _Bad naming the damaged object it lives in (or MISSING)."""
-        loc = self.vault.index.lookup(blob_id)  # a good copy when there is one
+        return self.resolve(blob_id, self.vault.index.lookup(blob_id))
+
+    def resolve(self, blob_id: bytes, loc: Location | None) -> Location:
+        """The blob's location (`loc`: the index's, a good copy when there is one), or _Bad
+        naming the damaged object it lives in (or MISSING)."""
         if loc is not None and (blob_id, loc.pack) not in self.scan.copies:
             return loc
         if blob_id in self.scan.bad:

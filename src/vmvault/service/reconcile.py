@@ -97,6 +97,8 @@ def _adopt(ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: 
         return
     entry = {"recoveryPoint": rp_id, "vm": manifest.vm_name, "job": manifest.job_id}
     with ctx.catalog.write() as s:
+        if repos.find_recovery_point(s, rp_id) is not None:
+            return  # its own job recorded it meanwhile
         reason = _why_not_adopted(s, manifest)
         if reason is not None:
             out.unlisted.append({**entry, "reason": reason})
