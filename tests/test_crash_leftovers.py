@@ -14,7 +14,20 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from helpers import Cli, head_of_image, protect, to_qcow2, vault_files
+from helpers import Cli, head_of_image, protect, to_qcow2, vault_files, wait_for
+
+
+def _processes_using(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (e.g. a qemu-nbd serving its socket)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(cmdline)
+    return found
 
 
 def test_a_killed_restore_leaves_no_partial_file(small_image: Path, tmp_path: Path) -> None:
@@ -50,6 +63,7 @@ def test_a_killed_qcow2_backup_leaves_no_work_dir_and_no_pack(small_image: Path,
     (job,) = [j for j in prot.cli.jobs() if j["operation"] == "Backup"]
     assert job["status"] == "Failed", job
     assert [d for d in work_dirs if d.exists()] == [], "the dead backup's work directory is still there"
+    wait_for(lambda: not _processes_using(work_dirs[0]), 30, "the export's qemu-nbd to end with its parent")
 
     # The default grace (a day) protects running writers; this pack's writer is known dead.
     report = prot.cli.ok("vault", "gc", prot.vault).json()
