@@ -31,7 +31,7 @@ def _processes_using(path: Path) -> list[str]:
 
 
 def test_a_killed_restore_leaves_no_partial_file(small_image: Path, tmp_path: Path) -> None:
-    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     assert prot.cli.backup_now(prot.vm).ok
     (rp,) = prot.cli.point_ids(prot.vm)
@@ -48,7 +48,7 @@ def test_a_killed_restore_leaves_no_partial_file(small_image: Path, tmp_path: Pa
 
 
 def test_a_killed_qcow2_backup_leaves_no_work_dir_and_no_pack(small_image: Path, tmp_path: Path) -> None:
-    raw = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    raw = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     disk = to_qcow2(raw, tmp_path / "disk.qcow2")
     raw.unlink()
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")

@@ -43,7 +43,7 @@ def _new_files(storage: Path, before: set[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def two_vms(small_image: Path, tmp_path_factory: pytest.TempPathFactory) -> TwoVms:
     work = tmp_path_factory.mktemp("damage")
-    disk_a = head_of_image(small_image, work / "a.raw", 16 << 20)
+    disk_a = head_of_image(small_image, work / "a.raw", 8 << 20)
     disk_b = work / "b.raw"
     disk_b.write_bytes(random.Random(18).randbytes(4 << 20))
     prot = protect(Cli(home=work / "home"), disk_a, work / "vault", vm="a")

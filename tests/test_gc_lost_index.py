@@ -12,7 +12,7 @@ from helpers import Cli, Protected, assert_same_image, copy_image, head_of_image
 
 
 def _two_points(small_image: Path, tmp_path: Path) -> tuple[Protected, list[str], list[Path]]:
-    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     assert prot.cli.backup_now(prot.vm).ok
     first = copy_image(disk, tmp_path / "first.raw")

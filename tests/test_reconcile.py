@@ -35,7 +35,7 @@ def _job(cli: Cli, job_id: str) -> dict[str, object]:
 
 @pytest.fixture
 def killed_in_manifest_window(small_image: Path, tmp_path: Path) -> tuple[Protected, str, str]:
-    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     job_id = _killed_backup(prot, "backup:manifest-published")
     (manifest,) = list((prot.storage / "points").iterdir())
@@ -89,7 +89,7 @@ def test_serve_adopts_it_at_start(killed_in_manifest_window: tuple[Protected, st
 
 
 def test_a_point_retention_deleted_before_a_kill_leaves_the_catalog(small_image: Path, tmp_path: Path) -> None:
-    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
     assert prot.cli.backup_now(prot.vm, retain_until=tomorrow).ok

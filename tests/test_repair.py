@@ -26,7 +26,7 @@ def _index_of(pack_rel: str) -> str:
 
 
 def test_import_skips_damaged_files_and_repair_rebuilds_the_index(small_image: Path, tmp_path: Path) -> None:
-    disk_a = head_of_image(small_image, tmp_path / "a.raw", 12 << 20)
+    disk_a = head_of_image(small_image, tmp_path / "a.raw", 8 << 20)
     disk_b = tmp_path / "b.raw"
     disk_b.write_bytes(random.Random(3).randbytes(4 << 20))
     prot = protect(Cli(home=tmp_path / "home"), disk_a, tmp_path / "vault", vm="a")

@@ -12,7 +12,7 @@ from helpers import Cli, assert_same_image, head_of_image, protect, vault_files
 
 
 def test_the_next_backup_stores_a_bad_chunk_again_and_heals_the_old_point(small_image: Path, tmp_path: Path) -> None:
-    disk = head_of_image(small_image, tmp_path / "disk.raw", 12 << 20)
+    disk = head_of_image(small_image, tmp_path / "disk.raw", 8 << 20)
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
     cli = prot.cli
     assert cli.backup_now(prot.vm).ok

@@ -85,8 +85,9 @@ def save(ctx: Context, vault: str | int | VaultRow) -> None:
             document = json.dumps(snapshot(s, row), sort_keys=True).encode()
         with opened_vault(ctx, row) as opened:
             opened.backend.put(NAME, seal(opened.keys, NAME, document))
-    except (VmvaultError, OSError) as exc:
+    except Exception as exc:  # best effort: the catalog change stands; the next change or backup retries
         log.warning("could not write the configuration into vault %s: %s", vault, exc)
+        log.debug("writing the vault configuration failed", exc_info=True)
 
 
 def _vault_row(s: Session, vault: str | int | VaultRow) -> VaultRow:
