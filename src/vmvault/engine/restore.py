@@ -206,6 +206,8 @@ class _DiskWriter:
             try:
                 plain = self.vault.read_blob_from(loc, stored)
             except IntegrityError as exc:
+                # Marked: the next backup stores this data again rather than trusting this copy.
+                self.vault.index.add_bad_copy(loc.ref.blob_id, loc.pack, exc.message)
                 raise IntegrityError(
                     f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
                     hint="run 'vmvault vault verify' to list every affected point",

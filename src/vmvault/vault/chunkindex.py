@@ -140,6 +140,11 @@ class ChunkIndex:
                 conn.execute("ROLLBACK")
                 raise
 
+    def add_bad_copy(self, blob_id: bytes, pack: str, problem: str) -> None:
+        """One bad copy found outside a verify (a restore); the next vault-wide verify decides again."""
+        with self._write_lock:
+            self._conn().execute("INSERT OR IGNORE INTO bad_copies VALUES (?, ?, ?)", (blob_id, pack, problem))
+
     def bad_copies(self) -> list[tuple[bytes, str]]:
         return [(r[0], r[1]) for r in self._conn().execute("SELECT id, pack FROM bad_copies")]
 
