@@ -89,6 +89,14 @@ def copy_image(src: Path, dst: Path) -> Path:
     return dst
 
 
+def head_of_image(src: Path, dst: Path, size: int) -> Path:
+    """The first `size` bytes of a test image (its partition table, file system start and data):
+    for tests that need realistic content but not the whole image, to stay fast."""
+    with src.open("rb") as f:
+        dst.write_bytes(f.read(size))
+    return dst
+
+
 def mutate_image(path: Path, seed: int, fraction: float = 0.01) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, str(DISKGEN), "mutate", str(path), "--seed", str(seed), "--fraction", str(fraction),

@@ -225,6 +225,39 @@ def vault_verify(
         raise typer.Exit(exit_code_for(error.get("code")))
 
 
+@vault_app.command("repair")
+def vault_repair(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    apply: Annotated[bool, typer.Option("--apply", help="Change the vault (default: say what would change).")] = False,
+) -> None:
+    """Rebuild lost or damaged pack index files from the packs, drop those of gone packs; list damaged points."""
+    from vmvault.cli import remote
+    from vmvault.errors import IntegrityError, InvalidInput
+    from vmvault.service.repair import repair_vault
+
+    if remote.active():
+        raise InvalidInput(
+            "vault repair works on the vault's files directly", hint="run it on the host that holds the vault"
+        )
+    with service_context() as ctx:
+        report = repair_vault(ctx, name, apply=apply)
+    output.print_object(report)
+    for act in report["actions"]:
+        verb = ("" if apply else "would ") + ("rebuild" if act["action"] == "rebuild-index" else "drop")
+        output.info(f"{verb} {act['indexFile']}: {act['reason']}")
+    for problem in report["unrepairable"]:
+        output.info(f"cannot repair: {problem}")
+    if not report["ok"]:
+        for damaged in report["damagedObjects"]:
+            points = ", ".join(p["recoveryPoint"] for p in damaged["affectedPoints"]) or "none"
+            output.info(f"damaged: {damaged['object']}: {damaged['problem']} (points: {points})")
+        pending = "" if apply or not report["actions"] else "; run again with --apply"
+        raise IntegrityError(
+            f"vault '{name}' still has {len(report['damagedObjects'])} damaged object(s){pending}",
+            hint="points listed as damaged cannot be restored in full; take new backups of their VMs",
+        )
+
+
 @vault_app.command("import")
 def vault_import(
     directory: Annotated[Path, typer.Argument(help="Directory holding the vault.", metavar="DIR")],
@@ -241,7 +274,10 @@ def vault_import(
         output.print_object(remote.post("/vaults/import", body))
         return
     with service_context() as ctx:
-        output.print_object(vaults.import_vault(ctx, directory, name=name, passphrase=secret))
+        view = vaults.import_vault(ctx, directory, name=name, passphrase=secret)
+    output.print_object(view)
+    for entry in view.get("notImported") or []:  # the sound rest was imported
+        output.info(f"not imported: {entry['object']}: {entry['problem']}")
 
 
 # ---- vm -----------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DatabaseError, IntegrityError
@@ -119,9 +121,31 @@ def reap_dead_jobs(ctx: Context) -> int:
         for row in repos.running_jobs(s):
             if owner_is_dead(row, current):
                 repos.finish_job(s, row.id, Status.FAILED, error=dead_job_error(row))
+                remove_partial_files(row.details)
                 _notify_enqueue(s, row.id)
                 reaped += 1
+    if reaped:
+        from vmvault.hypervisor.offline import remove_dead_work_dirs
+
+        remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
     return reaped
+
+
+def remove_partial_files(details: JsonDict | None) -> int:
+    """The partial files a dead restore recorded (service/restores.record_partial_files)."""
+    where = (details or {}).get("partialFiles")
+    if not isinstance(where, dict):
+        return 0
+    pattern = str(where.get("pattern") or "")
+    # Only the exact shape record_partial_files writes: never a pattern that could match more.
+    if not re.fullmatch(r"\.\*\.vmvault-partial-j[0-9a-f]{1,16}\*", pattern):
+        return 0
+    removed = 0
+    for path in Path(str(where.get("dir") or "/nonexistent")).glob(pattern):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def _notify_enqueue(s: Session, job_id: str) -> None:
@@ -565,6 +589,7 @@ def extended_info(row: JobRow) -> JsonDict:
         "recoveryPoint": details.get("recoveryPoint"),
         "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)
         "quiesce": details.get("quiesce"),  # a live backup: consistency, attempts, freeze/frozen/snapshot/thaw seconds
+        "reconciled": details.get("reconciled"),  # corrected after its process died (service/reconcile.py)
         "queued": queued,
         "cancelRequested": bool(row.cancel_requested),
         "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},

@@ -31,6 +31,7 @@ from vmvault.domain.policy import (
 from vmvault.errors import AlreadyExists, Busy, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.validate import check_name
+from vmvault.service.vaultsettings import saves_settings, vault_argument
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault")
@@ -131,6 +132,7 @@ def show_policy(ctx: Context, vault_name: str, name: str) -> JsonDict:
         return policy_view(s, vault, repos.get_policy(s, vault, name))
 
 
+@saves_settings(vault_argument)
 def create_policy(ctx: Context, vault_name: str, name: str, document: Any) -> JsonDict:
     """Add a policy from its JSON; refused (nothing stored) when invalid or the name is taken."""
     check_name("policy", name)
@@ -149,6 +151,7 @@ def create_policy(ctx: Context, vault_name: str, name: str, document: Any) -> Js
         return policy_view(s, vault, row)
 
 
+@saves_settings(vault_argument)
 def set_policy(ctx: Context, vault_name: str, name: str, document: Any) -> JsonDict:
     """Replace a policy's rules; its items follow them from now on and their points' expiry is recomputed."""
     properties = to_properties(parse_policy(document))
@@ -188,6 +191,7 @@ def recompute_points_expiry(ctx: Context, vault: VaultRow, row: PolicyRow) -> bo
     return True
 
 
+@saves_settings(vault_argument)
 def delete_policy(ctx: Context, vault_name: str, name: str) -> None:
     """Delete a policy no item uses."""
     with ctx.catalog.write() as s:

@@ -115,6 +115,7 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
         vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
+        tag = record_partial_files(ctx, run.job_id, plan.target_dir)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths: list[Path] = run_restore(
                 vault,
@@ -125,6 +126,18 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
                 disks=plan.disks,
                 on_progress=run.progress,
                 cancel=run.cancel,
+                partial_tag=tag,
             )
         template = write_disks_template(plan.target_dir, manifest, [Path(p) for p in paths], plan.vm_name, plan.force)
     return [Path(p) for p in paths] + ([template] if template is not None else [])
+
+
+def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
+    """Record, before writing, where this restore's partial files go: if its process dies, the
+    next command that reaps the job deletes them (jobs.remove_partial_files)."""
+    tag = "j" + job_id.replace("-", "")[:16]
+    with ctx.catalog.write() as s:
+        current = repos.get_job(s, job_id)
+        where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
+        repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
+    return tag

@@ -38,6 +38,7 @@ from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
+from vmvault.testhooks import crash_point
 
 log = logging.getLogger("vmvault")
 
@@ -237,6 +238,7 @@ def delete_point_data(vault: Any, rp_id: str) -> None:
 
 def _delete_point(ctx: Context, vault: Any, point: RecoveryPointRow) -> None:
     delete_point_data(vault, point.id)  # the vault first: a row without manifest is retried next run
+    crash_point("retention:manifest-deleted")
     with ctx.catalog.write() as s:
         repos.delete_recovery_point(s, point.id)
 

@@ -143,26 +143,60 @@ def verify_vault(
 
     def work(run: JobRun) -> JsonDict:
         from vmvault.engine.verify import run_verify
+        from vmvault.service.reconcile import reconcile_vault
 
         with opened_vault(ctx, row) as vault:
-            report = run_verify(vault, rp_id, on_progress=run.progress)
-        _record_verification(ctx, report.points)
-        return _report_view(name, rp_id, report, job.id)
+            reconciled = reconcile_vault(ctx, row, vault, f"by verify job {job.id}")
+            with ctx.catalog.read() as s:
+                listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
+            report = run_verify(vault, rp_id, on_progress=run.progress, expected_points=listed)
+        healed = _record_verification(ctx, report.points)
+        view = _report_view(name, rp_id, report, job.id)
+        view["healedPoints"] = healed
+        view["damagedObjects"] = damaged_view(report, listed)
+        view.update(reconciled.view())
+        run.details = {**(run.details or {}), "damagedObjects": view["damagedObjects"]}
+        return view
 
     return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
 
 
-def _record_verification(ctx: Context, points: dict[str, str | None]) -> None:
-    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes."""
+def _record_verification(ctx: Context, points: dict[str, str | None]) -> list[str]:
+    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes.
+
+    Returns the points that had failed and pass now (healed: repaired or their data stored again)."""
     when = now_iso()
+    healed = []
     with ctx.catalog.write() as s:
         for point_id, problem in points.items():
             point = repos.find_recovery_point(s, point_id)
             if point is None:
                 continue  # in the vault but not in this catalog (an imported vault's stale point)
+            if point.verify_state == "Failed" and not problem:
+                healed.append(point_id)
             point.verify_state = "Failed" if problem else "Passed"
             point.verify_time = when
             point.verify_problem = problem
+    return sorted(healed)
+
+
+def damaged_view(report: Any, vm_names: dict[str, str]) -> list[JsonDict]:
+    """Each damaged object with the points (VM, disks, byte ranges [start, end)) that depend on it."""
+    return [
+        {
+            "object": d.name,
+            "problem": d.problem,
+            "affectedPoints": [
+                {
+                    "recoveryPoint": rp,
+                    "vm": a.vm or vm_names.get(rp),
+                    "disks": [{"disk": disk, "ranges": ranges} for disk, ranges in a.disks.items()],
+                }
+                for rp, a in sorted(d.points.items())
+            ],
+        }
+        for d in report.damaged.values()
+    ]
 
 
 def _check_point_in_vault(s: Session, rp_id: str, row: VaultRow) -> None:
@@ -180,6 +214,7 @@ def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> Json
         "recoveryPoint": rp_id,
         "ok": bool(report.ok),
         "problems": [str(p) for p in report.problems],
+        "notes": [str(n) for n in report.notes],
         "objectsChecked": int(report.objects_checked),
         "bytesChecked": int(report.bytes_checked),
         "jobId": job_id,
@@ -205,6 +240,7 @@ def _verify_failure(report: JsonDict) -> VmvaultError | None:
 class _Imported:
     row: VaultRow
     manifests: list[Any]
+    settings: JsonDict | None = None  # the vault's own configuration (service/vaultsettings.py)
 
 
 def import_vault(
@@ -220,19 +256,57 @@ def import_vault(
     _refuse_taken_name(ctx, vault_name)
     vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
     try:
-        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault))
+        manifests, unreadable = _sound_manifests(vault)
+        unreadable += _damaged_index_report(vault)
+        settings = _vault_settings(vault, unreadable)
+        imported = _Imported(_row_for(vault_name, vault), manifests, settings)
     finally:
         vault.close()
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
-        _insert_imported(s, imported)
-        return _view(s, imported.row)
+        unreadable += _insert_imported(s, imported)
+        view = _view(s, imported.row)
+    view["notImported"] = unreadable
+    return view
 
 
-def _all_manifests(vault: Any) -> list[Any]:
-    manifests = [vault.read_manifest(rp_id) for rp_id in vault.list_recovery_points()]
-    return sorted(manifests, key=lambda m: m.time)
+def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
+    """The manifests that authenticate (oldest first), and one entry per one that does not.
+
+    One damaged manifest must not keep the rest of the vault from being imported (after a
+    catalog loss nothing could be restored): the sound points are imported, the others listed.
+    """
+    manifests, bad = [], []
+    for rp_id in vault.list_recovery_points():
+        try:
+            manifests.append(vault.read_manifest(rp_id))
+        except VmvaultError as exc:
+            bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
+    return sorted(manifests, key=lambda m: m.time), bad
+
+
+def _vault_settings(vault: Any, problems: list[JsonDict]) -> JsonDict | None:
+    """The configuration the vault holds; a damaged one is reported and the import goes on."""
+    from vmvault.service.vaultsettings import NAME, load
+
+    try:
+        return load(vault)
+    except VmvaultError as exc:
+        problems.append({"object": NAME, "recoveryPoint": None, "problem": exc.message})
+        return None
+
+
+def _damaged_index_report(vault: Any) -> list[JsonDict]:
+    """Pack index files that could not be read (the points using their packs fail until repaired)."""
+    return [
+        {
+            "object": name,
+            "recoveryPoint": None,
+            "problem": f"{problem}; rebuild it with: vmvault vault repair VAULT --apply, then vmvault vault verify",
+        }
+        for name, problem in sorted(vault.damaged_index_files.items())
+    ]
 
 
 def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
@@ -244,17 +318,21 @@ def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
         )
 
 
-def _insert_imported(s: Session, imported: _Imported) -> None:
+def _insert_imported(s: Session, imported: _Imported) -> list[JsonDict]:
+    """Register the vault, its configuration (policies, VMs, protection) and its points."""
     from vmvault.service.policies import add_default_policy
+    from vmvault.service.vaultsettings import restore
 
     repos.add_vault(s, imported.row)
     add_default_policy(s, imported.row)
+    problems = restore(s, imported.row, imported.settings) if imported.settings else []
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
         _ensure_vm(s, manifest)
     for manifest in imported.manifests:
         if repos.find_recovery_point(s, manifest.rp_id) is None:
             repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+    return problems
 
 
 def _ensure_vm(s: Session, manifest: Any) -> None:

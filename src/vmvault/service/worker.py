@@ -322,6 +322,9 @@ class Service:
                 from vmvault.service.libvirt_vms import reconcile_at_start
 
                 reconcile_at_start(self.ctx)  # leftovers of a killed vmvault's libvirt backups, before any job runs
+                from vmvault.service.reconcile import reconcile_all
+
+                reconcile_all(self.ctx, "at the start of vmvault serve")  # points and jobs a crash left half-recorded
                 pool.start()
                 scheduler.start()
                 maintenance.start()

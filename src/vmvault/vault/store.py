@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.errors import AlreadyExists, AuthenticationError, IntegrityError, InvalidInput, NotFound
+from vmvault.testhooks import crash_point
 from vmvault.vault import crypto, keyfile
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
@@ -51,6 +52,15 @@ _PACK_DIRS = {TYPE_DATA: "data", TYPE_TREE: "tree"}
 def _index_payload(pack: str, salt: bytes, entries: list[BlobRef]) -> bytes:
     name = pack.encode()
     return struct.pack("<H", len(name)) + name + salt + b"".join(e.pack_entry() for e in entries)
+
+
+def index_name_for(pack: str) -> str:
+    """The index file of a pack: data/ab/abcd... -> index/ab/abcd... (as PackWriter names them)."""
+    return "index/" + pack.split("/", 1)[1]
+
+
+def _is_tmp(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(".tmp-")
 
 
 def parse_index_payload(payload: bytes) -> tuple[str, bytes, list[BlobRef]]:
@@ -150,8 +160,9 @@ class PackWriter:
         data = builder.finish()
         pack_id = os.urandom(16).hex()
         name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
-        index_name = f"index/{pack_id[:2]}/{pack_id}"
+        index_name = index_name_for(name)
         self._vault.backend.put(name, data)
+        crash_point("pack:published")
         self._vault.backend.put(
             index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries))
         )
@@ -185,6 +196,7 @@ class Vault:
         self.created: str = config["created"]
         self._checked_packs: set[str] = set()
         self._checked_lock = threading.Lock()
+        self.damaged_index_files: dict[str, str] = {}  # index file -> problem (see sync_index)
         self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
         self.sync_index()
 
@@ -264,13 +276,54 @@ class Vault:
 
     # ---- index --------------------------------------------------------------------------------
     def sync_index(self) -> None:
-        """Bring the local chunk index in line with the vault's pack index files."""
-        present = {name for name, _ in self.backend.list("index")}
+        """Bring the local chunk index in line with the vault's pack index files.
+
+        A damaged index file is skipped and remembered in `damaged_index_files` (verify names
+        it, `vault repair` rebuilds it from the pack's trailer): one bad file must not make every
+        point of the vault unreadable. The blobs it listed look missing until then, so a backup
+        stores that data again rather than deduplicating against a copy nobody can locate.
+        """
+        present = {name for name, _ in self.backend.list("index") if not _is_tmp(name)}
         known = self.index.known_index_files()
         self.index.forget_index_files(known - present)
         for name in sorted(present - known):
-            pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
+            try:
+                pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
+            except IntegrityError as exc:
+                self.damaged_index_files[name] = exc.message
+                continue
+            except (ValueError, struct.error, UnicodeDecodeError) as exc:
+                self.damaged_index_files[name] = f"vault file {name} is damaged: {exc}"
+                continue
+            self.damaged_index_files.pop(name, None)
             self.index.add_pack(pack, name, salt, entries)
+
+    # ---- packs the index does not list (vault/gc.py, vault repair) --------------------------------
+    def unindexed_packs(self) -> list[str]:
+        """Pack files that no index file (known to the local chunk index) lists."""
+        return sorted(
+            name
+            for top in ("data", "tree")
+            for name, _size in self.backend.list(top)
+            if not _is_tmp(name) and not self.index.has_pack(name)
+        )
+
+    def pack_trailer(self, pack: str) -> tuple[bytes, list[BlobRef]]:
+        """The salt and blob table a pack's own (authenticated) trailer lists."""
+        return read_trailer(self.keys, pack, self.backend.get(pack))
+
+    def reindex_pack(self, pack: str, *, write_index_file: bool) -> tuple[bytes, list[BlobRef]]:
+        """List a pack in the chunk index from its trailer; with write_index_file, also (re)write
+        its index file (the same name a backup gives it, so a backup publishing it meanwhile
+        writes an equivalent file). Raises IntegrityError when the trailer cannot be read."""
+        salt, entries = self.pack_trailer(pack)
+        index_name = index_name_for(pack)
+        if write_index_file:
+            self.backend.put(index_name, seal(self.keys, index_name, _index_payload(pack, salt, entries)))
+            self.damaged_index_files.pop(index_name, None)
+        self.index.forget_index_files([index_name])
+        self.index.add_pack(pack, index_name, salt, entries)
+        return salt, entries
 
     def authenticate_pack(self, pack: str) -> None:
         """Check a pack's header, table of contents and index file (once per pack per process).
