@@ -9,7 +9,14 @@ import typer
 from vmvault.cli import output
 from vmvault.cli.app import VmArgument, VmOption, _vm_name, app
 from vmvault.cli.state import service_context
+from vmvault.service import azure_shape as shape
 
+ITEM_COLUMNS: tuple[output.Column, ...] = (
+    "name", ("vault", "properties.vaultName"), ("policy", "properties.policyName"), "properties.protectionState",
+    ("softDeleted", "properties.isScheduledForDeferredDelete"), "properties.lastBackupStatus",
+    "properties.lastBackupTime", "properties.nextScheduledBackup",
+    ("recoveryPoints", "properties.extendedInfo.recoveryPointCount"),
+)  # fmt: skip
 item_app = typer.Typer(help="Protected items: protection state, last and next backup.", no_args_is_help=True)
 app.add_typer(item_app, name="item")
 
@@ -23,11 +30,11 @@ def item_list(
     from vmvault.service import items
 
     if remote.active():
-        output.print_list(remote.get("/items", vault=vault), items.ITEM_COLUMNS)
+        output.print_list(remote.get_list("/items", vault=vault), ITEM_COLUMNS)
         return
 
     with service_context() as ctx:
-        output.print_list(items.list_items(ctx, vault), items.ITEM_COLUMNS)
+        output.print_list(shape.items(items.list_items(ctx, vault)), ITEM_COLUMNS)
 
 
 @item_app.command("show")
@@ -41,4 +48,4 @@ def item_show(vm: VmArgument = None, vm_option: VmOption = None) -> None:
         output.print_object(remote.get(f"/items/{remote.q(name)}"))
         return
     with service_context() as ctx:
-        output.print_object(items.show_item(ctx, name))
+        output.print_object(shape.item(items.show_item(ctx, name)))

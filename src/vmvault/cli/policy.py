@@ -29,11 +29,11 @@ def policy_list(vault: VaultOption) -> None:
     from vmvault.service import policies
 
     if remote.active():
-        views = remote.get(f"/vaults/{remote.q(vault)}/policies")
+        views = remote.get_list(f"/vaults/{remote.q(vault)}/policies")
     else:
         with service_context() as ctx:
             views = policies.list_policies(ctx, vault)
-    if STATE.json:
+    if STATE.structured:
         output.print_json(views)
     else:
         output.print_list([policies.policy_summary(v) for v in views], POLICY_COLUMNS)

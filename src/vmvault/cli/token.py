@@ -36,7 +36,7 @@ def token_create(
     else:
         with service_context() as ctx:
             view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name)
-    if STATE.json:
+    if STATE.structured:
         output.print_object({**view, "token": token})
         return
     output.print_object(view)
@@ -53,7 +53,7 @@ def token_list(
     from vmvault.service import tokens
 
     if remote.active():
-        output.print_list(remote.get("/tokens", includeRevoked=include_revoked), TOKEN_COLUMNS)
+        output.print_list(remote.get_list("/tokens", includeRevoked=include_revoked), TOKEN_COLUMNS)
         return
     with service_context() as ctx:
         output.print_list(tokens.list_tokens(ctx, include_revoked=include_revoked), TOKEN_COLUMNS)
