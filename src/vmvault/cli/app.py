@@ -82,7 +82,13 @@ def root(
 # ---- helpers ------------------------------------------------------------------------------------
 
 VmArgument = Annotated[str | None, typer.Argument(help="VM name (or --vm NAME).", metavar="VM", show_default=False)]
-VmOption = Annotated[str | None, typer.Option("--vm", help="VM name, instead of the VM argument.", show_default=False)]
+VmOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vm", "--item-name", "--container-name",
+        help="VM name, instead of the VM argument (--item-name, --container-name: as az backup).", show_default=False,
+    ),
+]  # fmt: skip
 
 
 def _vm_name(argument: str | None, option: str | None, command: str) -> str:
@@ -368,7 +374,7 @@ ExcludeDiskOption = Annotated[
 
 @protection_app.command("enable")
 def protection_enable(
-    vault: Annotated[str, typer.Option("--vault", help="Vault that will hold its backups.")],
+    vault: Annotated[str, typer.Option("--vault", "--vault-name", help="Vault that will hold its backups.")],
     vm: VmArgument = None,
     vm_option: VmOption = None,
     policy: PolicyOption = None,

@@ -23,7 +23,7 @@ app.add_typer(item_app, name="item")
 
 @item_app.command("list")
 def item_list(
-    vault: Annotated[str | None, typer.Option("--vault", help="Only the items of this vault.")] = None,
+    vault: Annotated[str | None, typer.Option("--vault", "--vault-name", help="Only the items of this vault.")] = None,
 ) -> None:
     """List protected items (as az backup item list)."""
     from vmvault.cli import remote

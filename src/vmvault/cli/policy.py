@@ -14,7 +14,7 @@ from vmvault.cli.state import STATE, service_context
 policy_app = typer.Typer(help="Backup policies of a vault (Azure's policy JSON).", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
-VaultOption = Annotated[str, typer.Option("--vault", help="Vault of the policy.")]
+VaultOption = Annotated[str, typer.Option("--vault", "--vault-name", help="Vault of the policy.")]
 NameArgument = Annotated[str, typer.Argument(help="Policy name.", metavar="NAME")]
 FileOption = Annotated[
     Path, typer.Option("--file", help='Policy JSON: {"properties": {...}} as policy show prints it, or the properties.')

@@ -18,7 +18,9 @@ app.add_typer(retention_app, name="retention")
 
 @retention_app.command("run")
 def retention_run(
-    vault: Annotated[str | None, typer.Option("--vault", help="Only this vault (default: every vault).")] = None,
+    vault: Annotated[
+        str | None, typer.Option("--vault", "--vault-name", help="Only this vault (default: every vault).")
+    ] = None,
     gc: Annotated[
         bool, typer.Option("--gc/--no-gc", help="Collect garbage afterwards in the vaults that lost points.")
     ] = True,

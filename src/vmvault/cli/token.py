@@ -19,7 +19,7 @@ TOKEN_COLUMNS = ("id", "name", "role", "vault", "created", "expires", "revoked")
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option("--role", help="Owner, BackupContributor, BackupOperator or BackupReader.")],
-    vault: Annotated[str | None, typer.Option("--vault", help="Limit it to this vault.")] = None,
+    vault: Annotated[str | None, typer.Option("--vault", "--vault-name", help="Limit it to this vault.")] = None,
     expires: Annotated[
         str | None, typer.Option("--expires", help="30d, 12h, 2w or a UTC date (YYYY-MM-DD[THH:MM]); default never.")
     ] = None,
