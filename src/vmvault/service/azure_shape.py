@@ -37,6 +37,7 @@ JOB_FIELDS: Fields = (
     ("vault", "properties.vaultName"),
     ("progress", ""),
     ("cancelRequested", ""),
+    ("deferredDeleteTimeInUTC", "properties.deferredDeleteTimeInUTC"),  # DeleteBackupData: when it is purged
     ("extendedInfo", ""),
 )
 # job show's extendedInfo: destinations under properties.extendedInfo.
@@ -97,7 +98,6 @@ VAULT_FIELDS: Fields = (
     ("recoveryPoints", "properties.recoveryPoints"),
     ("storageDeleted", "properties.storageDeleted"),
 )
-POINT_TYPES = {"ApplicationConsistent": "AppConsistent"}  # vmvault's name -> Azure's recoveryPointType
 REDUNDANCY = {"LRS": "LocallyRedundant", "GRS": "GeoRedundant"}
 
 
@@ -277,7 +277,7 @@ def recovery_point(view: JsonDict) -> JsonDict:
         "type": POINT_TYPE,
         "properties": {
             "objectType": "IaasVMRecoveryPoint",
-            "recoveryPointType": POINT_TYPES.get(view.get("consistency") or "", view.get("consistency")),
+            "recoveryPointType": view.get("consistency"),  # AppConsistent, FileSystemConsistent, CrashConsistent
             "recoveryPointTime": view.get("time"),
             "recoveryPointProperties": {"ruleName": rules[0] if rules else None},
             "retentionRules": rules,

@@ -183,6 +183,8 @@ def deliver_pending(ctx: Context, *, job_id: str | None = None) -> int:
 
 
 def _deliver_one(ctx: Context, row_id: int) -> bool:
+    from vmvault.service.jobs import extended_info
+
     now = utc_now()
     with ctx.catalog.write() as s:
         if not repos.lease_notification(s, row_id, to_iso(now), to_iso(now + timedelta(seconds=LEASE_S))):
@@ -190,7 +192,8 @@ def _deliver_one(ctx: Context, row_id: int) -> bool:
         row = s.get_one(NotificationRow, row_id)
         target = s.get_one(NotificationTargetRow, row.target_id)
         job = repos.get_job(s, row.job_id)
-        message = _Message(target.kind, target.address, target.smtp, target.sender, job_view(job))
+        shown = {**job_view(job), "extendedInfo": extended_info(job)}  # as `job show` prints it
+        message = _Message(target.kind, target.address, target.smtp, target.sender, shown)
         attempts = row.attempts + 1
     try:
         message.send()
@@ -214,8 +217,10 @@ def _failed(ctx: Context, row_id: int, attempts: int, error: str) -> None:
 
 
 def payload(job: JsonDict) -> JsonDict:
-    """The JSON a webhook receives."""
-    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": job}
+    """The JSON a webhook receives: the job as `vmvault job show -o json` prints it (Azure's shape)."""
+    from vmvault.service import azure_shape
+
+    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": azure_shape.job(job)}
 
 
 def subject(job: JsonDict) -> str:
@@ -234,7 +239,9 @@ def body(job: JsonDict) -> str:
         lines += [f"error [{error.get('code')}]: {error.get('message')}"]
         if error.get("recommendedAction"):
             lines.append(f"recommended action: {error['recommendedAction']}")
-    lines += ["", "The job as JSON:", json.dumps(job, indent=2)]
+    from vmvault.service import azure_shape
+
+    lines += ["", "The job as JSON:", json.dumps(azure_shape.job(job), indent=2)]
     return "\n".join(lines) + "\n"
 
 

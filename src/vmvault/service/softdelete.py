@@ -75,7 +75,7 @@ def delete_backup_data(ctx: Context, vm_name: str) -> JsonDict:
 
 
 def undelete(ctx: Context, vm_name: str) -> JsonDict:
-    """Bring a soft-deleted item and its points back (ProtectionStopped); returns a ConfigureBackup job."""
+    """Bring a soft-deleted item and its points back (ProtectionStopped); returns an Undelete job."""
     from vmvault.service.retention import refresh_item
 
     now = ctx.now()
