@@ -206,14 +206,15 @@ def test_without_an_agent_channel_item_show_gives_the_fix_and_enable_agent_adds_
     try:
         lab.cli.ok("vm", "add", "noagent", "--libvirt", other.name)
         assert lab.cli.protection_enable("noagent", "v1").ok
-        advice = lab.cli.ok("item", "show", "noagent").json()["guestAgent"]
+        advice = lab.cli.ok("item", "show", "noagent").json()["properties"]["guestAgent"]
         assert "no org.qemu.guest_agent.0 channel" in advice and "vmvault vm enable-agent noagent" in advice, advice
         assert "effective at next boot" in advice and "CrashConsistent" in advice, advice
         assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is True
         assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is False  # idempotent
         xml = other.virsh("dumpxml", "--inactive", other.name).stdout
         assert xml.count("org.qemu.guest_agent.0") == 1, xml
-        assert lab.cli.ok("item", "show", "noagent").json()["guestAgent"] == "org.qemu.guest_agent.0 channel present"
+        shown = lab.cli.ok("item", "show", "noagent").json()["properties"]
+        assert shown["guestAgent"] == "org.qemu.guest_agent.0 channel present"
         other.agent = True
         other.start()  # the channel works at the next boot: the agent answers through libvirt
         (vm,) = [v for v in lab.cli.ok("vm", "list").json() if v["name"] == "noagent"]
