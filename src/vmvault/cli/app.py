@@ -123,6 +123,27 @@ def _end_job(outcome: Any, notes: list[str] | None = None) -> None:
         raise typer.Exit(exit_code_for(error.get("code")))
 
 
+VaultFilter = Annotated[
+    str | None,
+    typer.Option("--vault", "--vault-name", help="The vault it is in (as az backup; a check, not needed).",
+                 show_default=False),
+]  # fmt: skip
+
+
+def in_vault(rows: list[dict[str, Any]], vault: str | None, what: str) -> list[dict[str, Any]]:
+    """The resources of `vault` (all without it); none there is a NotFound naming the vault, as in Azure."""
+    if vault is None:
+        return rows
+    from vmvault.errors import NotFound
+
+    if not rows:
+        return rows
+    kept = [r for r in rows if f"/vaults/{vault}/" in r["id"]]
+    if not kept:
+        raise NotFound(f"{what} has nothing in vault '{vault}'", hint="leave --vault-name out, or name its vault")
+    return kept
+
+
 # ---- vault --------------------------------------------------------------------------------------
 
 
@@ -603,6 +624,7 @@ def job_cancel(job_id: JobIdArgument) -> None:
 def recoverypoint_list(
     vm: VmArgument = None,
     vm_option: VmOption = None,
+    vault: VaultFilter = None,
     include_deleted: Annotated[
         bool, typer.Option("--include-deleted", help="Also list soft-deleted points (see protection disable).")
     ] = False,
@@ -614,11 +636,10 @@ def recoverypoint_list(
     name = _vm_name(vm, vm_option, "recoverypoint list")
     if remote.active():
         rows = remote.get_list(f"/items/{remote.q(name)}/recoverypoints", includeDeleted=include_deleted)
-        output.print_list(rows, output.RP_COLUMNS)
-        return
-    with service_context() as ctx:
-        rows = backups.list_recovery_points(ctx, name, include_deleted=include_deleted)
-    output.print_list(shape.recovery_points(rows), output.RP_COLUMNS)
+    else:
+        with service_context() as ctx:
+            rows = shape.recovery_points(backups.list_recovery_points(ctx, name, include_deleted=include_deleted))
+    output.print_list(in_vault(rows, vault, f"VM '{name}'"), output.RP_COLUMNS)
 
 
 # ---- restore ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from vmvault.cli import output
-from vmvault.cli.app import VmArgument, VmOption, _vm_name, app
+from vmvault.cli.app import VaultFilter, VmArgument, VmOption, _vm_name, app, in_vault
 from vmvault.cli.state import service_context
 from vmvault.service import azure_shape as shape
 
@@ -38,14 +38,16 @@ def item_list(
 
 
 @item_app.command("show")
-def item_show(vm: VmArgument = None, vm_option: VmOption = None) -> None:
+def item_show(vm: VmArgument = None, vm_option: VmOption = None, vault: VaultFilter = None) -> None:
     """Show a protected item: state, last backup status and time, last point, policy, next backup."""
     from vmvault.cli import remote
     from vmvault.service import items
 
     name = _vm_name(vm, vm_option, "item show")
     if remote.active():
-        output.print_object(remote.get(f"/items/{remote.q(name)}"))
-        return
-    with service_context() as ctx:
-        output.print_object(shape.item(items.show_item(ctx, name)))
+        shown = remote.get(f"/items/{remote.q(name)}")
+    else:
+        with service_context() as ctx:
+            shown = shape.item(items.show_item(ctx, name))
+    (shown,) = in_vault([shown], vault, f"protected item '{name}'")
+    output.print_object(shown)
