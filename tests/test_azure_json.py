@@ -11,7 +11,6 @@ from typing import Any
 
 from api_support import PASSPHRASE, sandbox
 from helpers import Cli, assert_same_image, copy_image, protect
-
 from vmvault.service import azure_shape
 
 
@@ -69,7 +68,8 @@ def test_azure_tutorial_commands_give_azures_answers(cli: Cli, tmp_path: Path, s
     assert (p["protectedItemType"], p["friendlyName"], p["protectionState"]) == (
         "Microsoft.Compute/virtualMachines", prot.vm, "Protected"
     )  # fmt: skip
-    assert (p["lastBackupStatus"], p["healthStatus"], p["protectionStatus"]) == ("Failed", "ActionRequired", "Unhealthy")
+    health = (p["lastBackupStatus"], p["healthStatus"], p["protectionStatus"])
+    assert health == ("Failed", "ActionRequired", "Unhealthy")
     assert (p["policyName"], p["policyId"]) == ("DefaultPolicy", f"/vaults/{prot.vault}/backupPolicies/DefaultPolicy")
     assert (p["isScheduledForDeferredDelete"], p["deferredDeleteTimeInUTC"]) == (False, None)
     assert p["extendedInfo"]["recoveryPointCount"] == 2
@@ -92,7 +92,8 @@ def test_azure_tutorial_commands_give_azures_answers(cli: Cli, tmp_path: Path, s
     table = cli.ok("job", "list", "--query", "[].{Operation: properties.operation, Status: properties.status}",
                    "-o", "table", json_output=False).stdout.splitlines()  # fmt: skip
     assert table[0].split() == ["Operation", "Status"] and set(table[1]) <= {"-", " "}
-    assert [line.split() for line in table[2:]] == [[j["properties"]["operation"], j["properties"]["status"]] for j in jobs]
+    rows = [[j["properties"]["operation"], j["properties"]["status"]] for j in jobs]
+    assert [line.split() for line in table[2:]] == rows
     vault = cli.ok("vault", "show", prot.vault).json()
     assert (vault["id"], vault["type"], vault["properties"]["provisioningState"]) == (
         f"/vaults/{prot.vault}", "Microsoft.RecoveryServices/vaults", "Succeeded"

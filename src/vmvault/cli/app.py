@@ -132,12 +132,10 @@ VaultFilter = Annotated[
 
 def in_vault(rows: list[dict[str, Any]], vault: str | None, what: str) -> list[dict[str, Any]]:
     """The resources of `vault` (all without it); none there is a NotFound naming the vault, as in Azure."""
-    if vault is None:
+    if vault is None or not rows:
         return rows
     from vmvault.errors import NotFound
 
-    if not rows:
-        return rows
     kept = [r for r in rows if f"/vaults/{vault}/" in r["id"]]
     if not kept:
         raise NotFound(f"{what} has nothing in vault '{vault}'", hint="leave --vault-name out, or name its vault")
