@@ -46,7 +46,7 @@ def test_kill_9_after_a_pack_leaves_no_point_and_a_failed_job(small_image: Path,
     killed = [j for j in cli.jobs() if j["name"] not in jobs_before and j["properties"]["operation"] == "Backup"]
     assert len(killed) == 1, f"expected the killed backup job in the job list: {killed}"
     assert killed[0]["properties"]["status"] == "Failed", f"the killed job should show as Failed: {killed[0]}"
-    assert killed[0]["error"], f"a Failed job should say why: {killed[0]}"
+    assert killed[0]["properties"]["errorDetails"], f"a Failed job should say why: {killed[0]}"
 
     r = cli.backup_now(prot.vm)
     assert r.ok, str(r)

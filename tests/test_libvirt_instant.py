@@ -243,15 +243,17 @@ def test_a_lost_export_pauses_the_domain_and_its_restart_resumes_it_cancel_remov
             dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
         paused = [VIR_DOMAIN_PAUSED, VIR_DOMAIN_PAUSED_IOERROR]
         _wait("the domain to pause on the lost export", lambda: copy.dom().state() == paused)
-        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id).get("error"), 10)
-        assert error["code"] == "export_lost", error
+        error = _wait(
+            "the job to report the lost export", lambda: _job(lab.cli, job_id)["properties"]["errorDetails"], 10
+        )
+        assert error[0]["errorCode"] == "export_lost", error
 
         # the owner restarts the export: the domain goes on and the guest's read succeeds without an I/O error
         # (it may pause again a few times until QEMU's NBD client, which backs off up to 16 s, has reconnected)
         status = _wait("dd to finish", lambda: _exec_status(copy, dd), RETRY_S + 60, 1)
         assert status.get("exitcode") == 0, status
         assert "I/O error" not in _sh_eventually(copy, "dmesg").stdout
-        assert _job(lab.cli, job_id).get("error") is None
+        assert _job(lab.cli, job_id)["properties"]["errorDetails"] == []
         copy.export_pid = new_pid = int(_job(lab.cli, job_id)["properties"]["extendedInfo"]["restore"]["exportPid"])  # type: ignore[attr-defined]
 
         assert _sh_eventually(copy, "cat /written-during").stdout == "during\n"

@@ -149,9 +149,11 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
             dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
         _wait("the VM to pause on the lost export", lambda: _qmp(test_qmp, "query-status")["status"] == "io-error")
         assert _qmp(test_qmp, "query-status")["running"] is False
-        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id or "").get("error"), 10)
-        assert error["code"] == "export_lost" and "pauses (io-error)" in error["message"], error
-        assert "restarts the export" in error["recommendedAction"]
+        error = _wait(
+            "the job to report the lost export", lambda: _job(lab.cli, job_id or "")["properties"]["errorDetails"], 10
+        )[0]
+        assert error["errorCode"] == "export_lost" and "pauses (io-error)" in error["errorString"], error
+        assert "restarts the export" in error["recommendations"][0]
         assert _job(lab.cli, job_id or "")["properties"]["status"] == "InProgress"
         checked = _check_overlay_alone(os0)
         assert checked.returncode == 0, f"the overlay is damaged while paused: {checked.stdout}{checked.stderr}"
@@ -162,7 +164,7 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
             status = _wait("dd to finish", lambda: (s := ga.guest_exec_status(dd))["exited"] and s, 60)
         assert status.get("exitcode") == 0, status
         assert "I/O error" not in _sh(agent, "dmesg").stdout
-        assert _job(lab.cli, job_id or "").get("error") is None
+        assert _job(lab.cli, job_id or "")["properties"]["errorDetails"] == []
         assert _sh(agent, "cat /written-during").stdout == "during\n"
 
         # the rest of the copy at full speed; the job completes, the export is gone, the disks are local
