@@ -292,8 +292,9 @@ class Cli:
         return self.run(*self.backup_args(vm, retain_until))
 
     def points(self, vm: str) -> list[dict[str, Any]]:
+        """The VM's points, oldest first (`recoverypoint list` prints them newest first, as Azure)."""
         data = self.ok("recoverypoint", "list", "--vm", vm).json()
-        return list(data)
+        return list(reversed(data))
 
     def point_ids(self, vm: str) -> list[str]:
         return [rp_id(p) for p in self.points(vm)]

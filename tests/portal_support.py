@@ -110,4 +110,4 @@ def csrf_of(page: Any) -> str:
 
 
 def job_ids(cli: Cli) -> set[str]:
-    return {j["id"] for j in cli.ok("job", "list").json()}
+    return {j["name"] for j in cli.ok("job", "list").json()}

@@ -270,8 +270,8 @@ def test_policy_commands_and_nothing_stored_on_error(cli: Cli, tmp_path: Path, s
             rule["retentionTimes"] = ["2020-01-01T06:00:00Z"]  # must match the schedule's time (Azure's rule)
     changed["timeZone"] = "Asia/Kolkata"
     cli.ok("policy", "set", "Copy", "--vault", "v1", "--file", str(write(tmp_path, "c.json", changed)))
-    item = cli.ok("item", "show", "vm1").json()
-    assert item["policy"] == "Copy" and item["timeZone"] == "Asia/Kolkata"
+    item = cli.ok("item", "show", "vm1").json()["properties"]
+    assert item["policyName"] == "Copy" and item["timeZone"] == "Asia/Kolkata"
     assert item["nextScheduledBackup"].endswith("T06:00:00+05:30"), item
     r = cli.fails("policy", "delete", "Copy", "--vault", "v1")
     assert "vm1" in r.stderr and r.returncode == 75, r

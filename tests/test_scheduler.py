@@ -169,37 +169,38 @@ def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
     offset = (slot - timedelta(seconds=45) - datetime.now(UTC)).total_seconds()
     due_real = time.time() + 45
     cli = Cli(home=setup.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": f"{offset:.3f}"})
-    shown = cli.ok("item", "show", "vm1").json()
+    shown = cli.ok("item", "show", "vm1").json()["properties"]
     assert shown["nextScheduledBackup"] == kolkata.isoformat(timespec="seconds")
     assert due_real - time.time() <= 90
     serve = Serve(cli)
     try:
 
         def backups() -> list[dict[str, Any]]:
-            return [j for j in cli.jobs() if j["operation"] == "Backup"]
+            return [j for j in cli.jobs() if j["properties"]["operation"] == "Backup"]
 
         wait_for(lambda: bool(backups()), 150, "the scheduled backup to start", interval=0.5)
         (job,) = backups()
-        started = datetime.fromisoformat(job["startTime"].replace("Z", "+00:00")).timestamp()
+        started = datetime.fromisoformat(job["properties"]["startTime"].replace("Z", "+00:00")).timestamp()
         assert due_real - 1 <= started <= due_real + 15, f"started {started - due_real:+.1f} s from its slot"
-        final = cli.ok("job", "wait", job["id"], "--timeout", "120").json()
-        assert final["status"] == "Completed", final
-        info = cli.ok("job", "show", job["id"]).json()["extendedInfo"]
+        final = cli.ok("job", "wait", job["name"], "--timeout", "120").json()
+        assert final["properties"]["status"] == "Completed", final
+        info = cli.ok("job", "show", job["name"]).json()["properties"]["extendedInfo"]
         assert info["trigger"] == "Scheduled" and info["policy"] == "Soon"
         assert info["scheduledFor"] == slot.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
         assert info["owner"]["pid"] == serve.proc.pid
         assert [t["status"] for t in info["tasksList"]] == ["Completed"]
         (point,) = cli.points("vm1")
-        assert point["id"] == info["recoveryPoint"]
-        after = cli.ok("item", "show", "vm1").json()
+        assert point["name"] == info["recoveryPoint"]
+        after = cli.ok("item", "show", "vm1").json()["properties"]
         assert after["lastBackupStatus"] == "Completed" and after["protectionState"] == "Protected"
         assert after["nextScheduledBackup"] == (kolkata + timedelta(days=1)).isoformat(timespec="seconds")
 
         # With the service running, `backup now` goes to its queue and waits for the job.
         r = cli.ok(*cli.backup_args("vm1"))
         assert "queued to vmvault serve" in r.stderr
-        assert r.json()["status"] == "Completed"
-        assert cli.ok("job", "show", r.json()["id"]).json()["extendedInfo"]["owner"]["pid"] == serve.proc.pid
+        assert r.json()["properties"]["status"] == "Completed"
+        shown_job = cli.ok("job", "show", r.json()["name"]).json()
+        assert shown_job["properties"]["extendedInfo"]["owner"]["pid"] == serve.proc.pid
         # A second service on the same home is refused.
         second = cli.run("serve", "--listen", "none")
         assert second.returncode == 75 and "already running" in second.stderr, second

@@ -296,4 +296,6 @@ def list_recovery_points(ctx: Context, vm_name: str, *, include_deleted: bool = 
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
         rows = repos.recovery_points_for_vm(s, vm.id)
-        return [recovery_point_view(r) for r in rows if include_deleted or not r.soft_deleted]
+        names = {r.vault_id: repos.vault_by_id(s, r.vault_id).name for r in rows}
+        kept = [r for r in rows if include_deleted or not r.soft_deleted]
+        return [recovery_point_view(r, vm_name, names[r.vault_id]) for r in kept]

@@ -49,6 +49,7 @@ class Operation:
     RETENTION = "Retention"
     FILE_RECOVERY_MOUNT = "FileRecoveryMount"
     FILE_RECOVERY_UNMOUNT = "FileRecoveryUnmount"
+    UNDELETE = "Undelete"  # Azure's name for undoing a soft delete (before #15: recorded as ConfigureBackup)
     ALL = (
         BACKUP,
         CONFIGURE_BACKUP,
@@ -60,6 +61,7 @@ class Operation:
         RETENTION,
         FILE_RECOVERY_MOUNT,
         FILE_RECOVERY_UNMOUNT,
+        UNDELETE,
     )
 
 
@@ -69,6 +71,7 @@ class Status:
     COMPLETED_WITH_WARNINGS = "CompletedWithWarnings"
     FAILED = "Failed"
     CANCELLED = "Cancelled"
+    CANCELLING = "Cancelling"  # shown, not stored: InProgress with cancel_requested (list_jobs)
     ALL = (IN_PROGRESS, COMPLETED, COMPLETED_WITH_WARNINGS, FAILED, CANCELLED)
     ENDED_BADLY = (FAILED, CANCELLED)
 
@@ -361,7 +364,9 @@ class JobOutcome(Generic[T]):
 
     @property
     def failed(self) -> bool:
-        return self.job["status"] in Status.ENDED_BADLY
+        """Failed or Cancelled; the job may be a service view or (the CLI against a server) a resource."""
+        status = (self.job.get("properties") or self.job)["status"]
+        return status in Status.ENDED_BADLY
 
 
 def run_job(
@@ -517,12 +522,21 @@ def list_jobs(
     limit: int = 0,
     since: str | None = None,
 ) -> list[JsonDict]:
-    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant."""
-    status = _known(status, Status.ALL, "status")
+    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant.
+
+    Cancelling (Azure's status of a job asked to stop and still running) is an InProgress job
+    with its cancel flag set: the catalog keeps InProgress, which the one-backup-per-VM index needs.
+    """
+    status = _known(status, (*Status.ALL, Status.CANCELLING), "status")
     operation = _known(operation, Operation.ALL, "operation")
     start = _since(since) if since else None
+    stored = Status.IN_PROGRESS if status == Status.CANCELLING else status
     with ctx.catalog.read() as s:
-        rows: Sequence[JobRow] = repos.list_jobs(s, vm=vm, status=status, operation=operation, limit=limit, since=start)
+        rows: Sequence[JobRow] = repos.list_jobs(
+            s, vm=vm, status=stored, operation=operation, limit=0 if stored != status else limit, since=start
+        )
+        if stored != status:
+            rows = [r for r in rows if r.cancel_requested][: limit or None]
         return [job_view(r) for r in rows]
 
 

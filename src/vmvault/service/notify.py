@@ -223,7 +223,10 @@ def _deliver_one(ctx: Context, row_id: int) -> bool:
 def _event_of(s: Session, row: NotificationRow) -> JsonDict:
     """What the notification tells: a job (its view), or an alert ({"alert": ..., "event": raised|resolved})."""
     if row.alert_id is None:
-        return job_view(repos.get_job(s, row.job_id))
+        from vmvault.service.jobs import extended_info  # jobs imports this module
+
+        job = repos.get_job(s, row.job_id)
+        return {**job_view(job), "extendedInfo": extended_info(job)}  # as `job show` prints it
     from vmvault.service.rpo import alert_view
 
     alert = s.get_one(AlertRow, row.alert_id)
@@ -242,12 +245,14 @@ def _failed(ctx: Context, row_id: int, attempts: int, error: str) -> None:
 
 
 def payload(job: JsonDict) -> JsonDict:
-    """The JSON a webhook receives."""
+    """The JSON a webhook receives: an alert, or the job as `vmvault job show -o json` prints it (Azure's shape)."""
     if "alert" in job:
         alert = job["alert"]
         event = _RESOLVED_EVENT.get(alert["kind"], "AlertResolved") if job["event"] == "resolved" else alert["kind"]
         return {"source": "vmvault", "event": event, "vault": alert["vault"], "alert": alert}
-    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": job}
+    from vmvault.service import azure_shape
+
+    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": azure_shape.job(job)}
 
 
 def subject(job: JsonDict) -> str:
@@ -274,7 +279,9 @@ def body(job: JsonDict) -> str:
         lines += [f"error [{error.get('code')}]: {error.get('message')}"]
         if error.get("recommendedAction"):
             lines.append(f"recommended action: {error['recommendedAction']}")
-    lines += ["", "The job as JSON:", json.dumps(job, indent=2)]
+    from vmvault.service import azure_shape
+
+    lines += ["", "The job as JSON:", json.dumps(azure_shape.job(job), indent=2)]
     return "\n".join(lines) + "\n"
 
 
