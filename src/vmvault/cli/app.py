@@ -126,7 +126,7 @@ def vault_create(
         str, typer.Option("--timezone", help="Time zone (IANA) of the vault's DefaultPolicy, e.g. Europe/Berlin.")
     ] = "UTC",
 ) -> None:
-    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""
+    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 12+ characters)."""
     from vmvault.cli import remote
     from vmvault.service import vaults
 
@@ -238,6 +238,37 @@ def vault_import(
         return
     with service_context() as ctx:
         output.print_object(vaults.import_vault(ctx, directory, name=name, passphrase=secret))
+
+
+@vault_app.command("check-passphrase")
+def vault_check_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
+) -> None:
+    """Check that a passphrase opens the vault's key file (exit 0; 77: wrong passphrase). Changes nothing."""
+    from vmvault.service import vaults
+
+    secret = _passphrase(passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.check_vault_passphrase(ctx, name, secret))
+
+
+@vault_app.command("change-passphrase")
+def vault_change_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    new_passphrase_file: Annotated[
+        Path, typer.Option(help="File holding the new passphrase (12+ characters, not a common password).")
+    ],
+    passphrase_file: Annotated[
+        Path | None, typer.Option(help="File holding the current passphrase (default VMVAULT_PASSPHRASE).")
+    ] = None,
+) -> None:
+    """Re-wrap the vault's key under a new passphrase (both key file copies; the data is untouched)."""
+    from vmvault.service import vaults
+
+    old, new = _passphrase(passphrase_file), _passphrase(new_passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.change_vault_passphrase(ctx, name, new, old_passphrase=old))
 
 
 # ---- vm -----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -39,6 +40,9 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("vmvault").setLevel(logging.INFO)
     with service_context() as ctx:
+        # serve holds many vaults: the host key opens them; a passphrase that does not match one
+        # is logged, not fatal (the CLI, naming one vault, refuses it).
+        ctx.settings = replace(ctx.settings, strict_passphrase=False)
         service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)

@@ -22,9 +22,9 @@ from vmvault.vault.lock import holding_shared
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.packs import BlobRef, decode_blob, read_trailer
 from vmvault.vault.sealed import unseal
-from vmvault.vault.store import CONFIG_NAME, Vault, parse_index_payload
+from vmvault.vault.store import CONFIG_COPY, CONFIG_NAME, CONFIG_NAMES, Vault, parse_index_payload
 
-_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points", "locks", "pins"}  # vault/lock.py
+_KNOWN_TOP = {"config", "config.2", "keys", "index", "data", "tree", "points", "locks", "pins", "seq"}  # vault/lock.py
 
 
 @dataclass
@@ -55,8 +55,20 @@ def run_verify(vault: Vault, rp_id: str | None = None, on_progress: ProgressCall
     bad_blobs = _verify_files(vault, files, report, tracker)
     for point in vault.list_recovery_points():
         _verify_point(vault, point, report, tracker, deep=False, bad_blobs=bad_blobs)
+    _verify_chain(vault, report)
     tracker.report(force=True)
     return report
+
+
+def _verify_chain(vault: Vault, report: VerifyReport) -> None:
+    """Points deleted or added behind vmvault's back (vault/seqchain.py), and missing copies."""
+    for name in (CONFIG_COPY, keyfile.KEYFILE_COPY):
+        if not vault.backend.exists(name):
+            report.notes.append(f"vault file {name} (second copy) is missing: it is written on the next write")
+    audit = vault.audit_chain()
+    for problem in audit.problems:
+        report.problem(problem)
+    report.notes.extend(audit.notes)
 
 
 def _walk(root: Path) -> Iterator[tuple[str, int]]:
@@ -80,12 +92,14 @@ def _verify_files(
         top = name.split("/", 1)[0]
         if name.rsplit("/", 1)[-1].startswith(".tmp-"):
             report.notes.append(f"leftover temporary file {name} from an interrupted write (harmless)")
-        elif top not in _KNOWN_TOP or (top == "keys" and name != keyfile.KEYFILE_NAME):
+        elif top not in _KNOWN_TOP or (top == "keys" and name not in keyfile.KEYFILE_NAMES):
             report.problem(f"unexpected file {name} in the vault directory")
-        elif name == CONFIG_NAME:
-            _check(report, name, _check_config, vault)
-        elif name == keyfile.KEYFILE_NAME:
-            _check(report, name, _check_keyfile, vault)
+        elif name in CONFIG_NAMES:
+            _check(report, name, _check_config, vault, name)
+        elif name in keyfile.KEYFILE_NAMES:
+            _check(report, name, _check_keyfile, vault, name)
+        elif top == "seq":
+            pass  # the record chain: checked as a whole by _verify_chain
         elif top == "index":
             _check(report, name, _read_index, vault, name, indexed)
         elif top == "points":
@@ -109,16 +123,16 @@ def _check(report: VerifyReport, name: str, fn: Callable[..., object], *args: ob
         report.problem(f"{name}: damaged ({exc})")
 
 
-def _check_config(vault: Vault) -> None:
+def _check_config(vault: Vault, name: str = CONFIG_NAME) -> None:
     import json
 
-    config = json.loads(vault.backend.get(CONFIG_NAME))
+    config = json.loads(vault.backend.get(name))
     if not vault.keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
-        raise IntegrityError("the vault config is damaged: its MAC does not match")
+        raise IntegrityError(f"the vault config is damaged: its MAC does not match ({name})")
 
 
-def _check_keyfile(vault: Vault) -> None:
-    keyfile.check_keyfile(vault.backend.get(keyfile.KEYFILE_NAME), vault.keys)
+def _check_keyfile(vault: Vault, name: str = keyfile.KEYFILE_NAME) -> None:
+    keyfile.check_keyfile(vault.backend.get(name), vault.keys, name)
 
 
 def _read_index(vault: Vault, name: str, indexed: dict[str, tuple[bytes, list[BlobRef]]]) -> None:

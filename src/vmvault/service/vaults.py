@@ -203,6 +203,7 @@ def _verify_failure(report: JsonDict) -> VmvaultError | None:
 class _Imported:
     row: VaultRow
     manifests: list[Any]
+    skipped: list[JsonDict]
 
 
 def import_vault(
@@ -216,20 +217,31 @@ def import_vault(
     if not storage.is_dir():
         raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
     _refuse_taken_name(ctx, vault_name)
-    vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
+    vault = Vault.open(
+        storage,
+        ctx.settings.home,
+        passphrase or ctx.settings.passphrase,
+        strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+    )
     try:
-        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault))
+        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault), [])
     finally:
         vault.close()
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
         _insert_imported(s, imported)
-        return _view(s, imported.row)
+        view = _view(s, imported.row)
+    if imported.skipped:
+        view["skippedPoints"] = imported.skipped
+    return view
 
 
 def _all_manifests(vault: Any) -> list[Any]:
+    """Every manifest, each checked as untrusted input (Vault.read_manifest, manifest.check_names)."""
     manifests = [vault.read_manifest(rp_id) for rp_id in vault.list_recovery_points()]
+    for manifest in manifests:
+        check_name("VM", manifest.vm_name)  # the same rule as user input (read_manifest checked it too)
     return sorted(manifests, key=lambda m: m.time)
 
 
@@ -247,17 +259,33 @@ def _insert_imported(s: Session, imported: _Imported) -> None:
 
     repos.add_vault(s, imported.row)
     add_default_policy(s, imported.row)
+    # A vault's content is evidence, not instructions: its points never join a VM this catalog
+    # already has (a foreign vault must not add a "latest point" to your VM), nor replace a point.
+    foreign = {m.vm_id for m in imported.manifests if repos.find_vm_by_id(s, m.vm_id) is not None}
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
-        _ensure_vm(s, manifest)
+        if manifest.vm_id not in foreign:
+            _ensure_vm(s, manifest)
     for manifest in imported.manifests:
-        if repos.find_recovery_point(s, manifest.rp_id) is None:
-            repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+        if manifest.vm_id in foreign or repos.find_recovery_point(s, manifest.rp_id) is not None:
+            imported.skipped.append(_skipped(s, manifest, manifest.vm_id in foreign))
+            continue
+        repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+
+
+def _skipped(s: Session, manifest: Any, foreign: bool) -> JsonDict:
+    if foreign:
+        vm = repos.find_vm_by_id(s, manifest.vm_id)
+        reason = (
+            f"VM id {manifest.vm_id} is already VM '{vm.name if vm else manifest.vm_id}' here: "
+            "a vault cannot add points to a VM it did not bring"
+        )
+    else:
+        reason = "a recovery point with this id is already in this catalog (in another vault)"
+    return {"id": manifest.rp_id, "vm": manifest.vm_name, "time": manifest.time, "reason": reason}
 
 
 def _ensure_vm(s: Session, manifest: Any) -> None:
-    if repos.find_vm_by_id(s, manifest.vm_id) is not None:
-        return
     if repos.find_vm(s, manifest.vm_name) is not None:
         raise AlreadyExists(
             f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",
@@ -291,6 +319,52 @@ def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
         disks=disks,
         job_id=manifest.job_id,
     )
+
+
+# ---- passphrase ---------------------------------------------------------------------------------
+
+
+def check_vault_passphrase(ctx: Context, name: str, passphrase: str | None = None) -> JsonDict:
+    """Does the passphrase (given, or VMVAULT_PASSPHRASE) open the vault's key file? wrong_passphrase if not.
+
+    Opens nothing else and changes nothing: admins test the passphrase they will need after losing
+    the host (whose key opens the vault today).
+    """
+    from vmvault.errors import AuthenticationError
+    from vmvault.vault import keyfile
+    from vmvault.vault.store import Vault
+
+    secret = passphrase or ctx.settings.passphrase
+    if not secret:
+        raise AuthenticationError(
+            f"no passphrase given to check against vault '{name}'",
+            hint="set VMVAULT_PASSPHRASE or pass --passphrase-file FILE",
+        )
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    if not keyfile.HostKeys(ctx.settings.home).has(row.uuid):
+        with opened_vault(ctx, row, secret):  # a new host: unlocking with it is the check
+            return {"vault": name, "passphrase": "ok"}
+    with opened_vault(ctx, row, host_key_only=True) as vault:
+        assert isinstance(vault, Vault)
+        vault.check_passphrase(secret)  # damaged key files: IntegrityError, not wrong_passphrase
+    return {"vault": name, "passphrase": "ok"}
+
+
+def change_vault_passphrase(
+    ctx: Context, name: str, new_passphrase: str | None, *, old_passphrase: str | None = None
+) -> JsonDict:
+    """Re-wrap the vault's master key under a new passphrase (current KDF), both key file copies.
+
+    The vault must open with this host's key or the old passphrase; data and host keys stay as
+    they are. The new passphrase follows the rules for a new vault's.
+    """
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    secret = check_passphrase(new_passphrase, name)
+    with opened_vault(ctx, row, old_passphrase) as vault:
+        vault.change_passphrase(secret)
+    return {"vault": name, "passphrase": "changed"}
 
 
 # ---- delete -------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _unb64(text: str) -> bytes:
 
 def canonical(doc: dict[str, Any]) -> bytes:
     """The bytes a document's MAC covers: everything but its "mac" and "check" fields."""
-    return json.dumps({k: v for k, v in doc.items() if k not in _UNSIGNED}, sort_keys=True, separators=(",", ":")).encode()
+    signed = {k: v for k, v in doc.items() if k not in _UNSIGNED}
+    return json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
 
 
 def checksum(doc: dict[str, Any]) -> str:
@@ -153,6 +154,9 @@ class HostKeys:
         key = os.urandom(crypto.KEY_LEN)
         _write_private(path, key)
         return key
+
+    def has(self, vault_uuid: str) -> bool:
+        return (self.dir / "host.key").exists() and (self.dir / f"{vault_uuid}.json").exists()
 
     def load(self, vault_uuid: str) -> bytes | None:
         path = self.dir / f"{vault_uuid}.json"

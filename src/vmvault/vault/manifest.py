@@ -76,6 +76,12 @@ class RecoveryPointManifest:
         for disk in self.disks:
             _check_disk(disk)
 
+    def disk(self, name: str) -> DiskEntry:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
 
 def _check_disk(disk: DiskEntry) -> None:
     if not isinstance(disk.name, str) or not _DISK_NAME_RE.fullmatch(disk.name):
@@ -87,9 +93,3 @@ def _check_disk(disk: DiskEntry) -> None:
         raise ValueError(f"disk source path {path!r} is not absolute")
     if not isinstance(disk.size, int) or disk.size < 0 or disk.source_format not in ("raw", "qcow2"):
         raise ValueError(f"disk {disk.name!r}: invalid size or format")
-
-    def disk(self, name: str) -> DiskEntry:
-        for d in self.disks:
-            if d.name == name:
-                return d
-        raise KeyError(name)
