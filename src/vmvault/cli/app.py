@@ -212,7 +212,11 @@ def vault_verify(
     if report is None:
         output.print_object(outcome.job)
     else:
-        output.print_object(report if STATE.json else {**report, "problems": len(report["problems"])})
+        output.print_object(
+            report if STATE.json else {**report, "problems": len(report["problems"]), "notes": len(report["notes"])}
+        )
+        for note in report.get("notes", []):
+            output.info(f"note: {note}")
     if outcome.failed:
         for problem in (report or {}).get("problems", []):
             output.info(f"problem: {problem}")

@@ -178,6 +178,7 @@ def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> Json
         "recoveryPoint": rp_id,
         "ok": bool(report.ok),
         "problems": [str(p) for p in report.problems],
+        "notes": [str(n) for n in report.notes],  # not problems: e.g. an interrupted backup's leftovers
         "objectsChecked": int(report.objects_checked),
         "bytesChecked": int(report.bytes_checked),
         "jobId": job_id,

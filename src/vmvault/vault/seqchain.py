@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,7 +172,7 @@ class Chain:
         if n <= self.known_head():
             return
         self.head_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.head_file.with_name(f".{self.head_file.name}.{os.getpid()}.tmp")
+        tmp = self.head_file.with_name(f".{self.head_file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         tmp.write_text(json.dumps({"head": n}))
         os.replace(tmp, self.head_file)
 
