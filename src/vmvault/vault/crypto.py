@@ -52,7 +52,7 @@ def check_scrypt_params(n: object, r: object, p: object) -> None:
     if n < SCRYPT_MIN_N or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
         raise ValueError(f"scrypt parameters n={n} r={r} p={p} are out of bounds")
     if 128 * n * r > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
-        raise ValueError(f"scrypt parameters n={n} r={r} p={p} ask for more memory or work than allowed")
+        raise ValueError(f"scrypt parameters n={n} r={r} p={p} are out of bounds: more memory or work than allowed")
 
 
 def passphrase_key(passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:

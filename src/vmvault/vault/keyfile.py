@@ -47,7 +47,7 @@ def checksum(doc: dict[str, Any]) -> str:
 
 def make_keyfile(master: bytes, vault_uuid: str, passphrase: str) -> bytes:
     salt = os.urandom(crypto.SALT_LEN)
-    kek = crypto.passphrase_key(passphrase, salt)
+    kek = crypto.passphrase_key(passphrase, salt, crypto.SCRYPT_N, crypto.SCRYPT_R, crypto.SCRYPT_P)
     nonce, wrapped = crypto.wrap_key(kek, master, _WRAP_AAD + vault_uuid.encode())
     doc: dict[str, Any] = {
         "version": 1,
@@ -117,7 +117,9 @@ def unlock_copies(copies: dict[str, bytes | None], passphrase: str) -> bytes:
         if data is None:
             damage.append(f"{name} is missing")
             continue
-        if data in tried:
+        if data in tried:  # the same bytes as a copy tried already: the same outcome
+            if damage and not refused:
+                damage.append(f"vault file {name} is damaged the same way")
             continue
         tried.add(data)
         try:
