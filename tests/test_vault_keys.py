@@ -260,7 +260,8 @@ def test_damaged_key_files_are_damage_not_a_wrong_passphrase(one_vault: OneVault
     assert r.ok, str(r)
     r = Cli(home=tmp_path / "home3", passphrase=NEW).vault_import(prot.storage)
     assert r.ok, str(r)
-    assert prot.cli.vault_verify(prot.vault).ok
+    assert as_user(prot, NEW).vault_verify(prot.vault).ok
+    assert prot.cli.vault_verify(prot.vault).returncode == 77, "the old passphrase must no longer be accepted"
 
 
 def test_one_damaged_key_file_copy_unlocks_and_heals(one_vault: OneVault, tmp_path: Path) -> None:
