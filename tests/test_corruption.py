@@ -123,7 +123,7 @@ def test_flipped_byte_is_reported_and_never_restored(flipped: Flip, one_point: O
 def test_flipped_key_file_copy_still_unlocks_with_passphrase(
     flipped: Flip, one_point: OnePoint, tmp_path: Path
 ) -> None:
-    """One damaged copy of keys/passphrase: a fresh home (no host key) still opens the vault (tests/test_vault_copies.py
+    """One damaged copy of keys/passphrase: a fresh home (no host key) still opens the vault (tests/test_vault_keys.py
     damages both)."""
     storage = one_point.prot.storage
     before = tree_digest(storage)
