@@ -286,8 +286,9 @@ class Vault:
             host.store(config["uuid"], master)
         vault = cls(backend, storage_dir, home, keys, config)
         vault.damaged_copies = damaged
-        for name, problem in damaged.items():
-            log.warning("vault %s: %s (healed on the next write)", storage_dir, problem or f"{name} is missing")
+        for problem in damaged.values():
+            if problem:  # a missing copy (a vault from before the copies) is written quietly
+                log.warning("vault %s: %s (healed on the next write)", storage_dir, problem)
         return vault
 
     def check_passphrase(self, passphrase: str) -> None:
