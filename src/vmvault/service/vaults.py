@@ -292,7 +292,9 @@ def _ensure_vm(s: Session, manifest: Any) -> None:
             f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",
             hint="import into another --home, or remove the other VM from this catalog first",
         )
-    disks = [{"name": d.name, "path": d.source_path} for d in manifest.disks]
+    # Only an absolute file path is kept as the imported VM's disk path (manifest.check_names
+    # already refused control characters and ".."); anything else is no path here.
+    disks = [{"name": d.name, "path": d.source_path if d.source_path.startswith("/") else ""} for d in manifest.disks]
     row = VmRow(
         id=manifest.vm_id,
         name=manifest.vm_name,

@@ -87,9 +87,9 @@ def _check_disk(disk: DiskEntry) -> None:
     if not isinstance(disk.name, str) or not _DISK_NAME_RE.fullmatch(disk.name):
         raise ValueError(f"invalid disk name {disk.name!r}")
     path = disk.source_path
+    # Informational (where the disk was read from; QEMU may name it "json:{...}" or "nbd://..."),
+    # but `vault import` makes it an imported VM's disk path: no control characters, no "..".
     if not isinstance(path, str) or _CONTROL_RE.search(path) or ".." in path.split("/"):
         raise ValueError(f"invalid disk source path {path!r}")
-    if path and not path.startswith("/"):
-        raise ValueError(f"disk source path {path!r} is not absolute")
     if not isinstance(disk.size, int) or disk.size < 0 or disk.source_format not in ("raw", "qcow2"):
         raise ValueError(f"disk {disk.name!r}: invalid size or format")
