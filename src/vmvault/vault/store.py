@@ -288,7 +288,7 @@ class Vault:
         vault.damaged_copies = damaged
         for problem in damaged.values():
             if problem:  # a missing copy (a vault from before the copies) is written quietly
-                log.warning("vault %s: %s (healed on the next write)", storage_dir, problem)
+                log.warning("vault %s: %s (see vmvault vault verify)", storage_dir, problem)
         return vault
 
     def check_passphrase(self, passphrase: str) -> None:
