@@ -290,3 +290,23 @@ def test_old_vault_gains_the_chain_on_first_write(small_image: Path, tmp_path: P
     # From now on, deleting the old point is detected too.
     with moved_aside(prot.storage / "points" / first):
         verify_fails_naming(prot, first)
+
+
+def test_publish_without_its_record_is_a_note_not_tampering(two_points: TwoPoints) -> None:
+    """Killed right after the manifest, before its publish record: the point is recorded as intended."""
+    prot = two_points.prot
+    with opened(prot) as vault:
+        manifest = replace(vault.read_manifest(two_points.points[0]), rp_id="cafecafecafecafe")
+        payload = manifest.to_json()
+        record = vault.chain.append("intent", {manifest.rp_id: seqchain.digest(payload)})
+        name = vault.manifest_name(manifest.rp_id)
+        vault.backend.put(name, seal(vault.keys, name, payload))
+    try:
+        r = prot.cli.vault_verify(prot.vault)
+        assert r.ok, str(r)
+        assert "publish record was not written" in r.output, str(r)
+    finally:
+        (prot.storage / name).unlink()
+        (prot.storage / seqchain.record_name(record.n)).unlink()
+        for head in (prot.cli.home / "cache").rglob("seq-head.json"):
+            head.write_text(json.dumps({"head": record.n - 1}))
