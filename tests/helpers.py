@@ -176,8 +176,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def vault_files(storage: Path, kind: str) -> list[Path]:
     """Complete files of one kind of vault object ('data', 'index', 'tree', 'points', 'keys', 'config')."""
-    if kind == "config":
-        return [storage / "config"] if (storage / "config").is_file() else []
+    if kind == "config":  # both copies (docs/format.md, "Copies")
+        return [p for p in (storage / "config", storage / "config.2") if p.is_file()]
     return sorted(p for p in (storage / kind).rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
 

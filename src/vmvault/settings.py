@@ -3,6 +3,10 @@
 VMVAULT_HOME        where the catalog, host keys and default vaults live
                     (default /var/lib/vmvault for root, else ~/.local/share/vmvault)
 VMVAULT_PASSPHRASE  the vault passphrase (create/import; a fallback when no host key exists)
+VMVAULT_PASSPHRASE_CHECK
+                    "strict" (default, the CLI): a passphrase given must open the key file of the
+                    vault a command names, even when this host's key opens the vault; "lenient"
+                    (set by `serve` for itself and its children): a mismatch is only logged
 VMVAULT_DEBUG       "1" shows tracebacks of unexpected errors
 VMVAULT_TEST_CLOCK_OFFSET_S
                     test-only: seconds added to the clock the scheduler reads (and the "next
@@ -35,6 +39,7 @@ class Settings:
 
     home: Path
     passphrase: str | None = None
+    strict_passphrase: bool = True  # see VMVAULT_PASSPHRASE_CHECK
     debug: bool = False
     clock_offset_s: float = 0.0
     files_listen: str = "127.0.0.1:0"
@@ -84,6 +89,7 @@ def load_settings(home_override: str | None = None) -> Settings:
     return Settings(
         home=Path(os.path.abspath(home)),
         passphrase=passphrase,
+        strict_passphrase=os.environ.get("VMVAULT_PASSPHRASE_CHECK", "strict") != "lenient",
         debug=debug_enabled(),
         clock_offset_s=_clock_offset(),
         files_listen=os.environ.get("VMVAULT_FILES_LISTEN") or "127.0.0.1:0",

@@ -161,7 +161,7 @@ def vault_create(
         ),
     ] = "UTC",
 ) -> None:
-    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""
+    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 12+ characters)."""
     from vmvault.cli import remote
     from vmvault.service import vaults
 
@@ -246,7 +246,13 @@ def vault_verify(
     if report is None:
         output.print_object(shape.job(outcome.job))
     else:
-        output.print_object(report if STATE.structured else {**report, "problems": len(report["problems"])})
+        output.print_object(
+            report
+            if STATE.structured
+            else {**report, "problems": len(report["problems"]), "notes": len(report.get("notes", []))}
+        )
+        for note in report.get("notes", []):
+            output.info(f"note: {note}")
     if outcome.failed:
         for problem in (report or {}).get("problems", []):
             output.info(f"problem: {problem}")
@@ -308,6 +314,37 @@ def vault_import(
     output.print_object(shape.vault(view))
     for entry in view.get("notImported") or []:  # the sound rest was imported
         output.info(f"not imported: {entry['object']}: {entry['problem']}")
+
+
+@vault_app.command("check-passphrase")
+def vault_check_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
+) -> None:
+    """Check that a passphrase opens the vault's key file (exit 0; 77: wrong passphrase). Changes nothing."""
+    from vmvault.service import vaults
+
+    secret = _passphrase(passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.check_vault_passphrase(ctx, name, secret))
+
+
+@vault_app.command("change-passphrase")
+def vault_change_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    new_passphrase_file: Annotated[
+        Path, typer.Option(help="File holding the new passphrase (12+ characters, not a common password).")
+    ],
+    passphrase_file: Annotated[
+        Path | None, typer.Option(help="File holding the current passphrase (default VMVAULT_PASSPHRASE).")
+    ] = None,
+) -> None:
+    """Re-wrap the vault's key under a new passphrase (both key file copies; the data is untouched)."""
+    from vmvault.service import vaults
+
+    old, new = _passphrase(passphrase_file), _passphrase(new_passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.change_vault_passphrase(ctx, name, new, old_passphrase=old))
 
 
 # ---- vm -----------------------------------------------------------------------------------------

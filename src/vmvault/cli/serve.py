@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -79,6 +80,9 @@ def serve(
         raise InvalidInput(f"unknown --log-format '{log_format}'", hint="use --log-format text or --log-format json")
     logs.configure(log_format)
     with service_context() as ctx:
+        # serve holds many vaults: the host key opens them; a passphrase that does not match one
+        # is logged, not fatal (the CLI, naming one vault, refuses it).
+        ctx.settings = replace(ctx.settings, strict_passphrase=False)
         paths = build_policy(ctx.settings, disks=allow_disks, vaults=allow_vaults, restores=allow_restores)
         service = Service(
             ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600, paths=paths

@@ -30,10 +30,10 @@ from vmvault.vault.lock import holding_shared
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.packs import BlobRef, decode_blob, read_trailer
 from vmvault.vault.sealed import unseal
-from vmvault.vault.store import CONFIG_NAME, Vault, index_name_for, parse_index_payload
+from vmvault.vault.store import CONFIG_COPY, CONFIG_NAME, CONFIG_NAMES, Vault, index_name_for, parse_index_payload
 
 # locks and pins: vault/lock.py; settings: service/vaultsettings.py
-_KNOWN_TOP = {"config", "keys", "index", "data", "tree", "points", "locks", "pins", "settings"}
+_KNOWN_TOP = {"config", "config.2", "keys", "index", "data", "tree", "points", "locks", "pins", "settings", "seq"}
 SETTINGS = "settings/catalog"  # the vault's configuration (service/vaultsettings.py), sealed
 MISSING = "missing chunks"  # the object named for chunks found in no pack and no index file
 
@@ -162,9 +162,21 @@ def run_verify(
             f"pack {pack} has no index file and no point uses it: data of an interrupted backup "
             "(garbage collection removes it)"
         )
+    _verify_chain(vault, report)
     report.finish()
     tracker.report(force=True)
     return report
+
+
+def _verify_chain(vault: Vault, report: VerifyReport) -> None:
+    """Points deleted or added behind vmvault's back (vault/seqchain.py), and missing copies."""
+    for name in (CONFIG_COPY, keyfile.KEYFILE_COPY):
+        if not vault.backend.exists(name):
+            report.notes.append(f"vault file {name} (second copy) is missing: it is written on the next write")
+    audit = vault.audit_chain()
+    for problem in audit.problems:
+        report.problem(problem)
+    report.notes.extend(audit.notes)
 
 
 def _walk(root: Path) -> Iterator[tuple[str, int]]:
@@ -203,12 +215,14 @@ def _verify_files(vault: Vault, files: dict[str, int], report: VerifyReport, tra
         top = name.split("/", 1)[0]
         if name.rsplit("/", 1)[-1].startswith(".tmp-"):
             report.notes.append(f"leftover temporary file {name} from an interrupted write (harmless)")
-        elif top not in _KNOWN_TOP or (top == "keys" and name != keyfile.KEYFILE_NAME):
+        elif top not in _KNOWN_TOP or (top == "keys" and name not in keyfile.KEYFILE_NAMES):
             report.problem(f"unexpected file {name} in the vault directory")
-        elif name == CONFIG_NAME:
-            _check(report, name, _check_config, vault)
-        elif name == keyfile.KEYFILE_NAME:
-            _check(report, name, _check_keyfile, vault)
+        elif name in CONFIG_NAMES:
+            _check(report, name, _check_config, vault, name)
+        elif name in keyfile.KEYFILE_NAMES:
+            _check(report, name, _check_keyfile, vault, name)
+        elif top == "seq":
+            pass  # the record chain: checked as a whole by _verify_chain
         elif top == "settings" and name != SETTINGS:
             report.problem(f"unexpected file {name} in the vault directory")
         elif name == SETTINGS:
@@ -241,20 +255,20 @@ def _check(report: VerifyReport, name: str, fn: Callable[..., object], *args: ob
         report.problem(f"{name}: damaged ({exc})")
 
 
-def _check_config(vault: Vault) -> None:
+def _check_config(vault: Vault, name: str = CONFIG_NAME) -> None:
     import json
 
-    config = json.loads(vault.backend.get(CONFIG_NAME))
+    config = json.loads(vault.backend.get(name))
     if not vault.keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
-        raise IntegrityError("the vault config is damaged: its MAC does not match")
+        raise IntegrityError(f"the vault config is damaged: its MAC does not match ({name})")
 
 
 def _check_settings(vault: Vault) -> None:
     unseal(vault.keys, SETTINGS, vault.backend.get(SETTINGS))
 
 
-def _check_keyfile(vault: Vault) -> None:
-    keyfile.check_keyfile(vault.backend.get(keyfile.KEYFILE_NAME), vault.keys)
+def _check_keyfile(vault: Vault, name: str = keyfile.KEYFILE_NAME) -> None:
+    keyfile.check_keyfile(vault.backend.get(name), vault.keys, name)
 
 
 def _read_index(vault: Vault, name: str, indexed: _Indexed) -> str | None:

@@ -48,6 +48,8 @@ def garbage_collect(
     def work(run: JobRun) -> JsonDict:
         progress = _Progress(run)
         with opened_vault(ctx, row) as vault:
+            # Deleting what no manifest references is only safe while the manifests are all there.
+            vault.refuse_if_tampered("garbage collection")
             report = collect_garbage(
                 vault,
                 grace_seconds=grace,

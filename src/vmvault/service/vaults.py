@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> Json
         "recoveryPoint": rp_id,
         "ok": bool(report.ok),
         "problems": [str(p) for p in report.problems],
-        "notes": [str(n) for n in report.notes],
+        "notes": [str(n) for n in report.notes],  # not problems: e.g. an interrupted backup's leftovers
         "objectsChecked": int(report.objects_checked),
         "bytesChecked": int(report.bytes_checked),
         "jobId": job_id,
@@ -241,6 +241,7 @@ class _Imported:
     row: VaultRow
     manifests: list[Any]
     settings: JsonDict | None = None  # the vault's own configuration (service/vaultsettings.py)
+    skipped: list[JsonDict] = field(default_factory=list)  # points not attached (foreign VM, duplicate id)
 
 
 def import_vault(
@@ -254,7 +255,12 @@ def import_vault(
     if not storage.is_dir():
         raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
     _refuse_taken_name(ctx, vault_name)
-    vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
+    vault = Vault.open(
+        storage,
+        ctx.settings.home,
+        passphrase or ctx.settings.passphrase,
+        strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+    )
     try:
         manifests, unreadable = _sound_manifests(vault)
         unreadable += _damaged_index_report(vault)
@@ -268,6 +274,8 @@ def import_vault(
         unreadable += _insert_imported(s, imported)
         view = _view(s, imported.row)
     view["notImported"] = unreadable
+    if imported.skipped:
+        view["skippedPoints"] = imported.skipped
     return view
 
 
@@ -280,7 +288,9 @@ def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
     manifests, bad = [], []
     for rp_id in vault.list_recovery_points():
         try:
-            manifests.append(vault.read_manifest(rp_id))
+            manifest = vault.read_manifest(rp_id)  # checked as untrusted input (manifest.check_names)
+            check_name("VM", manifest.vm_name)  # the same rule as user input
+            manifests.append(manifest)
         except VmvaultError as exc:
             bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
     return sorted(manifests, key=lambda m: m.time), bad
@@ -325,25 +335,44 @@ def _insert_imported(s: Session, imported: _Imported) -> list[JsonDict]:
 
     repos.add_vault(s, imported.row)
     add_default_policy(s, imported.row)
+    # A vault's content is evidence, not instructions: its points never join a VM this catalog
+    # already has (a foreign vault must not add a "latest point" to your VM), nor replace a point.
+    # Decided before the vault's own configuration brings its VMs back.
+    foreign = {m.vm_id for m in imported.manifests if repos.find_vm_by_id(s, m.vm_id) is not None}
     problems = restore(s, imported.row, imported.settings) if imported.settings else []
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
-        _ensure_vm(s, manifest)
+        if manifest.vm_id not in foreign:
+            _ensure_vm(s, manifest)
     for manifest in imported.manifests:
-        if repos.find_recovery_point(s, manifest.rp_id) is None:
-            repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+        if manifest.vm_id in foreign or repos.find_recovery_point(s, manifest.rp_id) is not None:
+            imported.skipped.append(_skipped(s, manifest, manifest.vm_id in foreign))
+            continue
+        repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
     return problems
 
 
+def _skipped(s: Session, manifest: Any, foreign: bool) -> JsonDict:
+    if foreign:
+        vm = repos.find_vm_by_id(s, manifest.vm_id)
+        reason = (
+            f"VM id {manifest.vm_id} is already VM '{vm.name if vm else manifest.vm_id}' here: "
+            "a vault cannot add points to a VM it did not bring"
+        )
+    else:
+        reason = "a recovery point with this id is already in this catalog (in another vault)"
+    return {"id": manifest.rp_id, "vm": manifest.vm_name, "time": manifest.time, "reason": reason}
+
+
 def _ensure_vm(s: Session, manifest: Any) -> None:
-    if repos.find_vm_by_id(s, manifest.vm_id) is not None:
-        return
     if repos.find_vm(s, manifest.vm_name) is not None:
         raise AlreadyExists(
             f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",
             hint="import into another --home, or remove the other VM from this catalog first",
         )
-    disks = [{"name": d.name, "path": d.source_path} for d in manifest.disks]
+    # Only an absolute file path is kept as the imported VM's disk path (manifest.check_names
+    # already refused control characters and ".."); anything else is no path here.
+    disks = [{"name": d.name, "path": d.source_path if d.source_path.startswith("/") else ""} for d in manifest.disks]
     row = VmRow(
         id=manifest.vm_id,
         name=manifest.vm_name,
@@ -371,6 +400,52 @@ def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
         disks=disks,
         job_id=manifest.job_id,
     )
+
+
+# ---- passphrase ---------------------------------------------------------------------------------
+
+
+def check_vault_passphrase(ctx: Context, name: str, passphrase: str | None = None) -> JsonDict:
+    """Does the passphrase (given, or VMVAULT_PASSPHRASE) open the vault's key file? wrong_passphrase if not.
+
+    Opens nothing else and changes nothing: admins test the passphrase they will need after losing
+    the host (whose key opens the vault today).
+    """
+    from vmvault.errors import AuthenticationError
+    from vmvault.vault import keyfile
+    from vmvault.vault.store import Vault
+
+    secret = passphrase or ctx.settings.passphrase
+    if not secret:
+        raise AuthenticationError(
+            f"no passphrase given to check against vault '{name}'",
+            hint="set VMVAULT_PASSPHRASE or pass --passphrase-file FILE",
+        )
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    if not keyfile.HostKeys(ctx.settings.home).has(row.uuid):
+        with opened_vault(ctx, row, secret):  # a new host: unlocking with it is the check
+            return {"vault": name, "passphrase": "ok"}
+    with opened_vault(ctx, row, host_key_only=True) as vault:
+        assert isinstance(vault, Vault)
+        vault.check_passphrase(secret)  # damaged key files: IntegrityError, not wrong_passphrase
+    return {"vault": name, "passphrase": "ok"}
+
+
+def change_vault_passphrase(
+    ctx: Context, name: str, new_passphrase: str | None, *, old_passphrase: str | None = None
+) -> JsonDict:
+    """Re-wrap the vault's master key under a new passphrase (current KDF), both key file copies.
+
+    The vault must open with this host's key or the old passphrase; data and host keys stay as
+    they are. The new passphrase follows the rules for a new vault's.
+    """
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    secret = check_passphrase(new_passphrase, name)
+    with opened_vault(ctx, row, old_passphrase) as vault:
+        vault.change_passphrase(secret)
+    return {"vault": name, "passphrase": "changed"}
 
 
 # ---- delete -------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ class VaultCreate(Body):
     name: str = Field(max_length=64)
     storage_dir: str | None = None
     redundancy: str = "LRS"
-    passphrase: str | None = Field(default=None, description="8+ characters; default: the server's VMVAULT_PASSPHRASE")
+    passphrase: str | None = Field(
+        default=None, description="12+ characters, not a common password; default: the server's VMVAULT_PASSPHRASE"
+    )
     time_zone: str = Field(default="UTC", max_length=64)
 
 
