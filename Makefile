@@ -1,7 +1,8 @@
 # vmvault developer entry points.
 #   make run         install what is missing, then start the service: vmvault serve (examples/serve.sh)
 #   make quickstart  install what is missing, then run the quickstart (examples/quickstart.sh)
-#   make test   install what is missing, then lint, type-check and run the whole test suite
+#   make test   install what is missing (and the test tools), then lint, type-check and run the whole suite
+#   make bench-deps  what bench/ needs (the same as make test); see docs/performance.md
 # Works as root on a fresh Debian 12 machine; reruns skip what is already installed.
 
 SHELL := /bin/bash
@@ -10,18 +11,35 @@ SHELL := /bin/bash
 VENV  := .venv
 STAMP := $(VENV)/.vmvault-deps.stamp
 
-# Debian packages vmvault and its tests need (qemu-system-x86: a real QEMU for the
-# "image in use by a running VM" tests, and it ships qemu-storage-daemon; ntfs-3g and fusefat:
-# file recovery's user-space NTFS/FAT drivers; xfsprogs, dosfstools, mtools: its test images).
-APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv gdisk e2fsprogs \
-                fuse3 nbdkit restic borgbackup zstd \
-                xfsprogs ntfs-3g dosfstools mtools fusefat \
-                libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt \
-                chromium
+# Debian packages the vmvault service needs (make run): QEMU and its tools (qemu-img, qemu-nbd,
+# qemu-storage-daemon), libnbd, FUSE and nbdkit for file recovery, its user-space NTFS/FAT drivers,
+# the libvirt client and Python binding (for libvirt-managed VMs), Debian's Python venv.
+APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-venv e2fsprogs \
+                fuse3 nbdkit ntfs-3g fusefat libvirt-clients python3-libvirt
 
-.PHONY: deps apt run quickstart test lint typecheck pytest clean
+# Only for the tests and the benchmark (make test): gdisk for tools/diskgen.py, file systems for the
+# file-recovery test images, a libvirt daemon to manage test domains, chromium for the portal's
+# browser tests (driven by Playwright from requirements-dev.lock), restic and borg for bench/,
+# prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/,
+# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py).
+TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvirt-daemon-driver-qemu chromium \
+                     restic borgbackup prometheus systemd debootstrap
+
+.PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
+
+DEV_STAMP := $(VENV)/.vmvault-dev-deps.stamp
 
 deps: apt $(STAMP)
+
+test-deps: deps
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(TEST_APT_PACKAGES)"
+	@$(MAKE) --no-print-directory $(DEV_STAMP)
+
+bench-deps: test-deps
+
+# `make -s print-APT_PACKAGES`: a variable's value (tests/test_standalone.py checks the split).
+print-%:
+	@echo $($*)
 
 apt:
 	@missing=""; \
@@ -42,25 +60,29 @@ $(STAMP): requirements.lock pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
+$(DEV_STAMP): requirements-dev.lock requirements.lock | $(STAMP)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.lock
+	touch $@
+
 run: deps
 	bash examples/serve.sh
 
 quickstart: deps
 	bash examples/quickstart.sh
 
-lint: deps
-	$(VENV)/bin/ruff check $(wildcard src tests bench)
+lint: test-deps
+	$(VENV)/bin/ruff check $(wildcard src tests bench tools)
 
-typecheck: deps
+typecheck: test-deps
 	$(VENV)/bin/mypy
 
-pytest: deps
+pytest: test-deps
 	$(VENV)/bin/pytest -q
 
-test: deps
-	$(VENV)/bin/ruff check $(wildcard src tests bench)
+test: test-deps
+	$(VENV)/bin/ruff check $(wildcard src tests bench tools)
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

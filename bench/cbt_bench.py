@@ -7,13 +7,13 @@
 The disk is served by qemu-storage-daemon (the guest-less stand-in for a running VM): vmvault backs
 it up live over QMP (`vm add --qmp`), and the "guest" changes it through the daemon's writable FUSE
 export, so the dirty bitmap sees every write. restic backs up a raw copy of the same bytes, changed
-the same way (mutate_image.py is deterministic per seed and content), in the same run.
+the same way (tools/diskgen.py mutate is deterministic per seed and content), in the same run.
 
   1. full backups: vmvault (live, starts tracking) and restic
   2. rounds, each a 1 % change then an incremental of vmvault and of restic (timed):
-       mutate_image.py's pattern (scattered 4 KiB writes + one 16 MiB run), tracked
+       diskgen's mutation pattern (scattered 4 KiB writes + one 16 MiB run), tracked
        1 MiB runs anywhere (files being written), tracked
-       mutate_image.py's pattern again, with vmvault's bitmap removed (tracking lost, as after a
+       diskgen's mutation pattern again, with vmvault's bitmap removed (tracking lost, as after a
        crash: vmvault reads all data and compares hashes)
   3. vmvault's last point restored and compared byte for byte with the disk
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import MUTATE_IMAGE, PASSPHRASE, drop_caches, ensure_image, log, run
+from run_bench import DISKGEN, PASSPHRASE, drop_caches, ensure_image, log, run
 
 VMVAULT = Path(sys.executable).parent / "vmvault"
 TARGET_VS_RESTIC = 20.0
@@ -102,8 +102,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, subprocess.Comple
 
 
 def mutate(path: Path, seed: int, fraction: float) -> dict[str, Any]:
-    """Scattered 4 KiB writes plus one 16 MiB run in the used area (../shared/bench/mutate_image.py)."""
-    out = run([sys.executable, str(MUTATE_IMAGE), str(path), "--fraction", str(fraction), "--seed", str(seed)]).stdout
+    """Scattered 4 KiB writes plus one 16 MiB run in the used area (tools/diskgen.py mutate)."""
+    out = run([sys.executable, str(DISKGEN), "mutate", str(path), "--fraction", str(fraction),
+               "--seed", str(seed)]).stdout
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -135,7 +136,7 @@ ROUNDS = (  # (name, change, vmvault keeps its tracking)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="4G", help="image size for make_image.py (default 4G)")
+    parser.add_argument("--size", default="4G", help="image size for tools/diskgen.py (default 4G)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fraction", type=float, default=0.01, help="share of the disk changed (default 0.01)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default under /var/tmp)")

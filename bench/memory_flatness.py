@@ -7,8 +7,8 @@
 Every figure is the peak RSS of one `vmvault` command (GNU time's "Maximum resident set size",
 the CLI process; offline reads of raw images need no helper process). Size: a full backup and a
 full restore of a 4 GiB image with the default composition and of a 64 GiB image holding about
-the same amount of data (--sys-frac 0.03 --rand-frac 0.02 of 64 GiB, the rest sparse). Points:
-the first backup, then incrementals after mutate_image.py changes 0.1 % each time, measuring the
+the same amount of data (tools/diskgen.py --fill 0.05: 5 % of 64 GiB, the rest sparse). Points:
+the first backup, then incrementals after tools/diskgen.py mutate changes 0.1 % each time, measuring the
 first and last incremental and the restore of the last point (whose disk index patches over
 the longest chain of leaves). Flat means the later figure stays within 1.25x the first.
 """
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "bench"
+DISKGEN = Path(__file__).resolve().parents[1] / "tools" / "diskgen.py"
 CACHE = Path("/var/tmp/vmvault-bench")
 VMVAULT = Path(sys.executable).parent / "vmvault"
 PASSPHRASE = "vmvault-memory-bench"
@@ -33,10 +33,10 @@ FLAT = 1.25
 
 
 def image(size: str, extra: list[str]) -> Path:
-    path = CACHE / f"image-{size}-seed1{'-sparse' if extra else ''}.raw"
+    path = CACHE / f"diskgen-{size}-seed1{'-sparse' if extra else ''}.raw"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(SHARED / "make_image.py"), "--out", str(path), "--size", size,
+        subprocess.run([sys.executable, str(DISKGEN), "make", "--out", str(path), "--size", size,
                         "--seed", "1", *extra], check=True, stdout=subprocess.DEVNULL)
     return path
 
@@ -90,7 +90,7 @@ def by_points(count: int) -> dict[str, Any]:
         first_full = home.backup()
         incrementals: list[int] = []
         for n in range(1, count):
-            subprocess.run([sys.executable, str(SHARED / "mutate_image.py"), str(disk), "--seed", str(n),
+            subprocess.run([sys.executable, str(DISKGEN), "mutate", str(disk), "--seed", str(n),
                             "--fraction", "0.001"], check=True, stdout=subprocess.DEVNULL)
             incrementals.append(home.backup())
             if n % 10 == 0:
@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     big, count = ("8G", 10) if args.quick else ("64G", 100)
-    result: dict[str, Any] = {"size": by_size([("4G", []), (big, ["--sys-frac", "0.03", "--rand-frac", "0.02"])])}
+    result: dict[str, Any] = {"size": by_size([("4G", []), (big, ["--fill", "0.05"])])}
     result["points"] = by_points(count)
     small, large = result["size"]["4G"], result["size"][big]
     pts = result["points"]

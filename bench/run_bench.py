@@ -7,7 +7,7 @@
 
 Per tool and per repetition, on a private copy of the image and a fresh repository:
   1. full backup of the image                                     (timed, page cache dropped first)
-  2. mutate_image.py changes ~1 % of it like a running VM; incremental backup  (timed)
+  2. tools/diskgen.py mutate changes ~1 % of it like a running VM; incremental backup  (timed)
   3. restore of that latest point                                 (timed)
   4. the restored file is compared byte for byte with the image at that point (cmp), its allocated
      blocks are reported; the mutation is reverted so the next tool starts from the same bytes.
@@ -18,7 +18,7 @@ per phase the run least disturbed by other processes: the CPU time the rest of t
 during each phase is recorded); every figure carries its target and whether it is met. Results go
 to --out as JSON and a ratio table is printed.
 
-The image comes from ../shared/bench/make_image.py (beside the repository root) and is cached
+The image comes from tools/diskgen.py (the project's own generator) and is cached
 under /var/tmp/vmvault-bench/ keyed by size and seed. Needs root (image build, drop_caches).
 """
 
@@ -41,9 +41,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MAKE_IMAGE = SHARED / "bench" / "make_image.py"
-MUTATE_IMAGE = SHARED / "bench" / "mutate_image.py"
+DISKGEN = REPO_ROOT / "tools" / "diskgen.py"
 CACHE_DIR = Path("/var/tmp/vmvault-bench")
 GNU_TIME = Path("/usr/bin/time")
 VENV_BIN = Path(sys.executable).parent
@@ -290,23 +288,22 @@ def tree_size(path: Path) -> dict[str, int]:
 
 
 def ensure_image(size: str, seed: int) -> tuple[Path, dict[str, Any]]:
-    """The cached base image for (size, seed), built with make_image.py when missing."""
+    """The cached base image for (size, seed), built with tools/diskgen.py when missing."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    key = f"image-{size}-seed{seed}"
+    key = f"diskgen-{size}-seed{seed}"
     img = CACHE_DIR / f"{key}.raw"
     meta = CACHE_DIR / f"{key}.raw.json"
     if img.exists() and meta.exists():
         log(f"using cached image {img}")
         return img, json.loads(meta.read_text())
-    if os.geteuid() != 0:
-        sys.exit("building the image needs root (make_image.py loop-mounts it)")
-    for tool in ("sgdisk", "mkfs.ext4", "losetup"):
+    for tool in ("sgdisk", "mkfs.ext4"):
         if shutil.which(tool) is None:
             sys.exit(f"building the image needs {tool} (apt-get install gdisk e2fsprogs)")
-    log(f"building {img} with {MAKE_IMAGE} (size {size}, seed {seed})")
+    log(f"building {img} with {DISKGEN} (size {size}, seed {seed})")
     tmp = CACHE_DIR / f".{key}.building.raw"
     t0 = time.monotonic()
-    run([sys.executable, str(MAKE_IMAGE), "--out", str(tmp), "--size", size, "--seed", str(seed)])
+    run([sys.executable, str(DISKGEN), "make", "--out", str(tmp), "--size", size, "--seed", str(seed),
+         "--workdir", str(CACHE_DIR)])
     summary = json.loads(Path(f"{tmp}.json").read_text())
     summary["image"] = str(img)
     meta.write_text(json.dumps(summary, indent=1))
@@ -580,7 +577,8 @@ def mutate(image: Path, undo: Path, fraction: float, seed: int) -> dict[str, Any
     out = run(
         [
             sys.executable,
-            str(MUTATE_IMAGE),
+            str(DISKGEN),
+            "mutate",
             str(image),
             "--fraction",
             str(fraction),
@@ -595,7 +593,7 @@ def mutate(image: Path, undo: Path, fraction: float, seed: int) -> dict[str, Any
 
 
 def revert(image: Path, undo: Path) -> None:
-    run([sys.executable, str(MUTATE_IMAGE), str(image), "--revert", str(undo)])
+    run([sys.executable, str(DISKGEN), "revert", str(image), "--undo", str(undo)])
     undo.unlink()
 
 
@@ -921,7 +919,7 @@ def main() -> int:
         "image": {
             "base": str(base),
             "allocated_bytes": source_allocated,
-            "composition": composition.get("composition"),
+            "composition": composition.get("written_bytes_by_kind"),
         },
         "mutation": mutation,
         "statistic": args.stat,

@@ -20,7 +20,6 @@ VAULT=demo-vault
 if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
 step() { printf '\n%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
 vv() { printf '$ vmvault %s\n' "$*"; "$VMVAULT" "$@"; }
-json() { "$VMVAULT" -o json "$@"; }
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -65,7 +64,8 @@ cp --sparse=always "$DISK" "$WORK/disk-at-point-2.raw"
 
 step "Recovery points of $VM"
 vv recoverypoint list "$VM"
-mapfile -t POINTS < <(json recoverypoint list "$VM" | python3 -c 'import json,sys; [print(p["id"]) for p in json.load(sys.stdin)]')
+# listed newest first, as Azure; oldest first here, to match the disk copies made at each backup
+mapfile -t POINTS < <("$VMVAULT" recoverypoint list "$VM" --query "reverse([].name)" -o tsv | tr '\t' '\n')
 [ "${#POINTS[@]}" -eq 2 ] || { echo "expected 2 recovery points, got ${#POINTS[@]}" >&2; exit 1; }
 
 step "Restoring both points and comparing them with the disk as it was at each backup"
@@ -88,7 +88,7 @@ vv vault verify "$VAULT"
 step "Jobs"
 vv job list
 
-vault_dir="$(json vault show "$VAULT" | python3 -c 'import json,sys; print(json.load(sys.stdin)["storageDir"])')"
+vault_dir="$("$VMVAULT" vault show "$VAULT" --query properties.storageDir -o tsv)"
 cat <<EOF
 
 Done. Two recovery points of VM '$VM' restored byte-identically.

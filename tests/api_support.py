@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from vmvault.api.app import create_app
 from vmvault.service import tokens
 from vmvault.service.context import Context
+from vmvault.service.paths import PathPolicy, build_policy
 from vmvault.settings import Settings
 
 PASSPHRASE = "correct horse battery staple"
@@ -60,8 +61,12 @@ class Sandbox:
 
 
 @contextmanager
-def sandbox(home: Path) -> Iterator[Sandbox]:
+def sandbox(home: Path, paths: PathPolicy | None = None) -> Iterator[Sandbox]:
+    """An app on home; API callers may use paths under the allowed roots of paths (default: anywhere
+    under the home's parent, the home itself excluded: service/paths.py)."""
     settings = Settings(home=home, passphrase=PASSPHRASE)
-    app = create_app(settings)
+    allow = [str(home.parent)]
+    policy = paths or build_policy(settings, disks=allow, vaults=allow, restores=allow)
+    app = create_app(settings, paths=policy)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Sandbox(home=home, app=app, client=client)

@@ -1,7 +1,7 @@
 """Test helpers: real disk images, a CLI driver, vault file helpers.
 
 Everything here runs the real product: `.venv/bin/vmvault` as a subprocess, real images built by
-../shared/bench/make_image.py, real qemu-img. Nothing is mocked.
+tools/diskgen.py (the project's own generator), real qemu-img. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
-MAKE_IMAGE = SHARED_BENCH / "make_image.py"
-MUTATE_IMAGE = SHARED_BENCH / "mutate_image.py"
+DISKGEN = REPO_ROOT / "tools" / "diskgen.py"
 CACHE_DIR = Path(os.environ.get("VMVAULT_TEST_CACHE", "/var/tmp/vmvault-test-cache"))
 PASSPHRASE = "correct horse battery staple"
 
@@ -35,6 +33,9 @@ SMALL_IMAGE_SIZE = 48 * MiB + 12345
 
 
 def _vmvault_exe() -> str:
+    chosen = os.environ.get("VMVAULT_TEST_EXE")  # another installation (tests/test_standalone.py)
+    if chosen:
+        return chosen
     exe = Path(sys.executable).parent / "vmvault"
     if exe.exists():
         return str(exe)
@@ -52,13 +53,12 @@ def _vmvault_exe() -> str:
 def build_image(size: int, seed: int) -> Path:
     """A realistic raw disk image of exactly `size` bytes, cached across sessions (read-only use).
 
-    make_image.py rounds its --size down to whole MiB; the odd tail is then filled with seeded
-    random bytes so the last, partial chunk holds data too.
+    The image is built in whole MiB by tools/diskgen.py; the odd tail is then filled with seeded
+    random bytes so the last, partial chunk holds data too. The cache key holds a hash of the
+    generator, so a changed recipe builds anew.
     """
-    if not MAKE_IMAGE.exists():
-        pytest.fail(f"{MAKE_IMAGE} is missing: the tests need ../shared beside the repository")
-    script_hash = hashlib.sha256(MAKE_IMAGE.read_bytes()).hexdigest()[:12]
-    key = f"img-{size}-s{seed}-mkfsd-{script_hash}"
+    script_hash = hashlib.sha256(DISKGEN.read_bytes()).hexdigest()[:12]
+    key = f"img-{size}-s{seed}-diskgen-{script_hash}"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     final = CACHE_DIR / f"{key}.raw"
     with open(CACHE_DIR / ".lock", "w") as lock:
@@ -68,8 +68,8 @@ def build_image(size: int, seed: int) -> Path:
         tmp = CACHE_DIR / f"{key}.tmp.raw"
         mib = size // MiB
         subprocess.run(
-            [sys.executable, str(MAKE_IMAGE), "--out", str(tmp), "--size", f"{mib}M", "--seed", str(seed),
-             "--method", "mkfs-d", "--no-scan", "--workdir", str(CACHE_DIR)],
+            [sys.executable, str(DISKGEN), "make", "--out", str(tmp), "--size", f"{mib}M", "--seed", str(seed),
+             "--workdir", str(CACHE_DIR)],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         tail = size - mib * MiB
@@ -89,9 +89,17 @@ def copy_image(src: Path, dst: Path) -> Path:
     return dst
 
 
+def head_of_image(src: Path, dst: Path, size: int) -> Path:
+    """The first `size` bytes of a test image (its partition table, file system start and data):
+    for tests that need realistic content but not the whole image, to stay fast."""
+    with src.open("rb") as f:
+        dst.write_bytes(f.read(size))
+    return dst
+
+
 def mutate_image(path: Path, seed: int, fraction: float = 0.01) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, str(MUTATE_IMAGE), str(path), "--seed", str(seed), "--fraction", str(fraction),
+        [sys.executable, str(DISKGEN), "mutate", str(path), "--seed", str(seed), "--fraction", str(fraction),
          "--contig", str(4 * MiB)],
         check=True, capture_output=True, text=True,
     )
@@ -168,8 +176,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def vault_files(storage: Path, kind: str) -> list[Path]:
     """Complete files of one kind of vault object ('data', 'index', 'tree', 'points', 'keys', 'config')."""
-    if kind == "config":
-        return [storage / "config"] if (storage / "config").is_file() else []
+    if kind == "config":  # both copies (docs/format.md, "Copies")
+        return [p for p in (storage / "config", storage / "config.2") if p.is_file()]
     return sorted(p for p in (storage / kind).rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
 
@@ -202,6 +210,11 @@ class Result:
     def __str__(self) -> str:
         cmd = " ".join(self.args)
         return f"$ {cmd}\n[exit {self.returncode}]\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def allow_args(*roots: Path) -> list[str]:
+    """`vmvault serve` flags letting API callers use paths under roots (disks, vaults and restores)."""
+    return [f"--allow-{kind}={root}" for root in roots for kind in ("disks", "vaults", "restores")]
 
 
 @dataclass
@@ -279,8 +292,9 @@ class Cli:
         return self.run(*self.backup_args(vm, retain_until))
 
     def points(self, vm: str) -> list[dict[str, Any]]:
+        """The VM's points, oldest first (`recoverypoint list` prints them newest first, as Azure)."""
         data = self.ok("recoverypoint", "list", "--vm", vm).json()
-        return list(data)
+        return list(reversed(data))
 
     def point_ids(self, vm: str) -> list[str]:
         return [rp_id(p) for p in self.points(vm)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import REPO_ROOT, Cli
+from helpers import REPO_ROOT, Cli, allow_args
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
@@ -44,9 +44,14 @@ class Server:
 
 @contextmanager
 def served(cli: Cli) -> Iterator[Server]:
-    """`vmvault serve --port 0` (API, portal, scheduler, workers) on the CLI's sandboxed home."""
+    """`vmvault serve --port 0` (API, portal, scheduler, workers) on the CLI's sandboxed home.
+
+    Portal users may use paths anywhere under pytest's base temporary folder (the home excluded),
+    where the tests' own tmp_path folders are.
+    """
+    allow = allow_args(cli.home.parent.parent)
     proc = subprocess.Popen(
-        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", json_output=False),
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, json_output=False),
         env=cli.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -105,7 +110,7 @@ def csrf_of(page: Any) -> str:
 
 
 def job_ids(cli: Cli) -> set[str]:
-    return {j["id"] for j in cli.ok("job", "list").json()}
+    return {j["name"] for j in cli.ok("job", "list").json()}
 
 
 def _owner_token(line: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from api_support import PASSPHRASE, Sandbox, make_ext4_image, sandbox
-from helpers import Cli, files_equal
+from helpers import Cli, allow_args, files_equal
 
 API = "/api/v1"
 
@@ -24,7 +24,7 @@ def wait_job(box: Sandbox, token: str, job_id: str, timeout: float = 300) -> dic
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job: dict[str, Any] = box.call("GET", f"{API}/jobs/{job_id}", token).json()
-        if job["status"] != "InProgress":
+        if job["properties"]["status"] != "InProgress":
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not end in {timeout}s")
@@ -46,40 +46,42 @@ def test_backup_and_restore_through_the_api(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         assert r.json()["protectionState"] == "NotProtected"
 
-        # a vault-scoped operator may enable protection into its vault only
+        # a vault-scoped operator acts only on VMs already protected in its vault: it cannot pull an
+        # unprotected VM into its vault (nor into another); an unscoped token protects it
         box.call("POST", f"{API}/vaults", contributor, json={"name": "other", "passphrase": PASSPHRASE})
-        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "other"})
-        assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
-        r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": "main"})
+        for vault in ("other", "main"):
+            r = box.call("POST", f"{API}/items/web1/enable", operator, json={"vault": vault})
+            assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+        r = box.call("POST", f"{API}/items/web1/enable", contributor, json={"vault": "main"})
         assert r.status_code == 200, r.text
-        assert r.json()["operation"] == "ConfigureBackup"
+        assert r.json()["properties"]["operation"] == "ConfigureBackup"
 
         item = box.call("GET", f"{API}/items/web1", reader).json()
-        assert item["vault"] == "main"
-        policies = box.call("GET", f"{API}/vaults/main/policies", reader).json()
+        assert (item["id"], item["properties"]["vaultName"]) == ("/vaults/main/backupProtectedItems/web1", "main")
+        policies = box.call("GET", f"{API}/vaults/main/policies", reader).json()["value"]
         assert [p["name"] for p in policies] == ["DefaultPolicy"]
 
         r = box.call("POST", f"{API}/items/web1/backup", operator, json={"retainUntil": "2099-01-31"})
         assert r.status_code == 202, r.text
         job = r.json()
-        assert job["operation"] == "Backup" and job["vm"] == "web1"
-        done = wait_job(box, reader, job["id"])
-        assert done["status"] == "Completed", done
+        assert job["properties"]["operation"] == "Backup" and job["properties"]["entityFriendlyName"] == "web1"
+        done = wait_job(box, reader, job["name"])
+        assert done["properties"]["status"] == "Completed", done
 
-        points = box.call("GET", f"{API}/items/web1/recoverypoints", reader).json()
+        points = box.call("GET", f"{API}/items/web1/recoverypoints", reader).json()["value"]
         assert len(points) == 1
         target = tmp_path / "restored"
-        body = {"rp": points[0]["id"], "targetDir": str(target)}
+        body = {"rp": points[0]["name"], "targetDir": str(target)}
         r = box.call("POST", f"{API}/items/web1/restore", operator, json=body)
         assert r.status_code == 202, r.text
-        restored = wait_job(box, reader, r.json()["id"])
-        assert restored["status"] == "Completed", restored
-        assert restored["operation"] == "Restore"
+        restored = wait_job(box, reader, r.json()["name"])
+        assert restored["properties"]["status"] == "Completed", restored
+        assert restored["properties"]["operation"] == "Restore"
         assert files_equal(target / "disk0.raw", disk)
 
-        jobs = box.call("GET", f"{API}/jobs", operator).json()
-        assert {j["operation"] for j in jobs} >= {"Backup", "Restore", "ConfigureBackup"}
-        assert all(j["vault"] == "main" for j in jobs)  # the scoped token sees its vault's jobs only
+        jobs = box.call("GET", f"{API}/jobs", operator).json()["value"]
+        assert {j["properties"]["operation"] for j in jobs} >= {"Backup", "Restore", "ConfigureBackup"}
+        assert all(j["properties"]["vaultName"] == "main" for j in jobs)  # the scoped token sees its vault's jobs only
         usage = box.call("GET", f"{API}/vaults/main/usage", reader)
         assert usage.status_code == 200, usage.text
 
@@ -100,12 +102,14 @@ def test_errors_are_json_with_code_message_hint(tmp_path: Path) -> None:
         assert r.status_code == 409 and r.json()["code"] == "already_exists"
         r = box.call("POST", f"{API}/items/nope/backup", owner, json={})
         assert r.status_code == 404 and r.json()["code"] == "not_found"  # raised before any job is recorded
-        assert box.call("GET", f"{API}/jobs", owner).json() == []
+        assert box.call("GET", f"{API}/jobs", owner).json() == {"value": [], "nextLink": None}
         r = box.call("POST", f"{API}/tokens", owner, json={"role": "Admin"})
         assert r.status_code == 422 and "BackupReader" in r.json()["hint"]
         r = box.call("GET", f"{API}/vaults/main/policies?includedeleted=true", owner)  # a misspelt parameter
         assert r.status_code == 422 and r.json()["message"] == "unknown query parameter 'includedeleted'", r.text
-        assert r.json()["hint"] == "this call takes no query parameter"
+        assert r.json()["hint"] == "this call takes: $skipToken, $top"  # a list's pages (Azure's)
+        r = box.call("GET", f"{API}/vaults/main/policies/DefaultPolicy?includedeleted=true", owner)
+        assert r.status_code == 422 and r.json()["hint"] == "this call takes no query parameter", r.text
         r = box.call("GET", f"{API}/jobs?operaton=Backup", owner)
         assert r.status_code == 422 and "operation" in r.json()["hint"], r.text
 
@@ -116,7 +120,7 @@ def test_scoped_tokens_see_only_their_vault(tmp_path: Path) -> None:
         for name in ("a", "b"):
             box.call("POST", f"{API}/vaults", owner, json={"name": name, "passphrase": PASSPHRASE})
         scoped = box.token("BackupReader", vault="b")
-        assert [v["name"] for v in box.call("GET", f"{API}/vaults", scoped).json()] == ["b"]
+        assert [v["name"] for v in box.call("GET", f"{API}/vaults", scoped).json()["value"]] == ["b"]
         assert box.call("GET", f"{API}/vaults/a", scoped).status_code == 403
         assert box.call("GET", f"{API}/vaults/b", scoped).status_code == 200
 
@@ -131,10 +135,14 @@ def _get(url: str, token: str | None = None) -> tuple[int, Any]:
 
 
 @contextmanager
-def served(cli: Cli) -> Iterator[tuple[str, str]]:
-    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token)."""
+def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token).
+
+    API callers may use paths under roots (default: the home's parent, and the home's vaults folder).
+    """
+    allow = allow_args(*(roots if roots is not None else [cli.home.parent, cli.home / "vaults"]))
     proc = subprocess.Popen(
-        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", json_output=False),
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, json_output=False),
         env=cli.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -172,7 +180,7 @@ def test_serve_serves_the_api_and_prints_a_first_run_owner_token(tmp_path: Path)
         assert _get(f"{address}/health") == (200, {"status": "ok"})
         assert _get(f"{address}/api/v1/vaults")[0] == 401
         status, vaults = _get(f"{address}/api/v1/vaults", token)
-        assert status == 200 and [v["name"] for v in vaults] == ["main"]
+        assert status == 200 and [v["name"] for v in vaults["value"]] == ["main"]
 
         listed = cli.ok("token", "list").json()
         assert [(t["name"], t["role"]) for t in listed] == [("first-run", "Owner")]

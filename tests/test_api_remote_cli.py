@@ -43,15 +43,16 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
 
         # writes made through the server
         assert there("vm", "add", "web1", "--disk", str(disk)).json() == cli.ok("vm", "show", "web1").json()
-        enabled = there("protection", "enable", "web1", "--vault", "main").json()
+        enabled = there("protection", "enable", "web1", "--vault", "main").json()["properties"]
         assert enabled["operation"] == "ConfigureBackup" and enabled["status"] == "Completed"
         backup = there("backup", "now", "web1", "--retain-until", "2099-01-01")
         job = backup.json()
-        assert job["status"] == "Completed" and job["operation"] == "Backup"
+        assert job["properties"]["status"] == "Completed" and job["properties"]["operation"] == "Backup"
         assert "recovery point" in backup.stderr
-        rp = cli.ok("recoverypoint", "list", "web1").json()[0]["id"]
+        rp = cli.ok("recoverypoint", "list", "web1").json()[0]["name"]
 
         restored = there("restore", "disks", "web1", "--rp", rp, "--target-dir", str(tmp_path / "out")).json()
+        restored = restored["properties"]
         assert (restored["operation"], restored["status"]) == ("Restore", "Completed")
         assert files_equal(tmp_path / "out" / "disk0.raw", disk)
 
@@ -64,23 +65,26 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         _protection(cli, there)
         spare = there("vault", "create", "spare").json()
         assert cli.ok("vault", "show", "spare").json() == spare
-        assert there("vault", "delete", "spare", "--keep-storage").json()["storageDeleted"] is False
+        assert there("vault", "delete", "spare", "--keep-storage").json()["properties"]["storageDeleted"] is False
         assert cli.fails("vault", "show", "spare").returncode == 66
-        assert there("vault", "import", spare["storageDir"]).json()["uuid"] == spare["uuid"]
-        assert there("vault", "delete", "spare").json()["storageDeleted"] is True
-        assert not Path(spare["storageDir"]).exists()
-        verified = there("vault", "verify", "main").json()
+        spare_dir = spare["properties"]["storageDir"]
+        assert there("vault", "import", spare_dir).json()["properties"]["uuid"] == spare["properties"]["uuid"]
+        assert there("vault", "delete", "spare").json()["properties"]["storageDeleted"] is True
+        assert not Path(spare_dir).exists()
+        verified = there("vault", "verify", "main").json()["properties"]
         assert (verified["operation"], verified["status"]) == ("Verify", "Completed")
 
         # reads: the same bytes, as JSON and as tables
         for args in (("vault", "list"), ("vault", "show", "main"), ("vm", "list"), ("vm", "show", "web1"),
                      ("item", "list"), ("item", "show", "web1"), ("recoverypoint", "list", "web1"),
                      ("policy", "list", "--vault", "main"), ("policy", "show", "DefaultPolicy", "--vault", "main"),
-                     ("job", "show", job["id"]), ("vault", "usage", "main"), ("files", "list", "web1", "--all"),
+                     ("job", "show", job["name"]), ("vault", "usage", "main"), ("files", "list", "web1", "--all"),
                      ("job", "list", "--operation", "Backup")):  # fmt: skip
             both(*args)
             both(*args, json_output=False)
-        assert there("job", "wait", job["id"]).json()["id"] == job["id"]
+        both("job", "list", "--query", "[?properties.status=='Completed'].name", "-o", "tsv")
+        both("recoverypoint", "list", "--item-name", "web1", "--query", "[0].name", "-o", "tsv")
+        assert there("job", "wait", job["name"]).json()["name"] == job["name"]
 
         # errors: the same code, message, hint and exit code
         failing: list[tuple[str, ...]] = [
@@ -153,9 +157,10 @@ def _policies(cli: Cli, there: Callable[..., Result], tmp_path: Path) -> None:
 
 def _protection(cli: Cli, there: Callable[..., Result]) -> None:
     def state() -> str:
-        return str(cli.ok("item", "show", "web1").json()["protectionState"])
+        return str(cli.ok("item", "show", "web1").json()["properties"]["protectionState"])
 
-    assert there("protection", "update", "web1", "--policy", "DefaultPolicy").json()["status"] == "Completed"
+    updated = there("protection", "update", "web1", "--policy", "DefaultPolicy").json()
+    assert updated["properties"]["status"] == "Completed"
     there("protection", "disable", "web1")
     assert state() == "ProtectionStopped"
     there("protection", "resume", "web1")

@@ -75,6 +75,7 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("DELETE", "/api/v1/tokens/{token_id}"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
 }
 PUBLIC = {("GET", "/health"), ("GET", "/healthz")}
+ANY_TOKEN = {("GET", "/metrics")}  # outside /api/v1; checked by test_metrics_need_any_token
 SCOPES = (None, "v1", "v2")  # unscoped, the vault the objects are in, another vault
 
 
@@ -121,7 +122,7 @@ def test_every_route_is_in_the_table_and_declares_its_permission(world: tuple[Sa
     api = {key for key in routes if key[1].startswith("/api/")}
     assert api - TABLE.keys() == set(), "routes without an entry in the roles table"
     assert TABLE.keys() - api == set(), "table entries without a route"
-    assert {key for key in routes if not key[1].startswith("/api/")} == PUBLIC
+    assert {key for key in routes if not key[1].startswith("/api/")} == PUBLIC | ANY_TOKEN
     for key in api:
         authorizer = route_authorizer(routes[key])
         assert authorizer is not None, f"{key} declares no permission"
@@ -133,8 +134,10 @@ def test_every_route_is_in_the_table_and_declares_its_permission(world: tuple[Sa
 def _expected(permission: Permission, scope: Scope, roles: set[str], role: str, vault: str | None) -> bool:
     if role not in roles:
         return False
-    if vault is None or scope is Scope.BODY:  # BODY: the handler checks the vault named in the body
+    if vault is None:
         return True
+    if scope is Scope.BODY:  # the handler checks the body's vault; the {vm} must be in the token's vault
+        return vault == "v1"
     if scope is Scope.GLOBAL:
         return permission is Permission.READ
     return vault == "v1"
@@ -156,6 +159,19 @@ def test_role_on_every_route(world: tuple[Sandbox, dict[str, str]], role: str, v
         if want == 403:
             assert r.json()["code"] == "forbidden"
     assert not failures, "\n".join(failures)
+
+
+def test_metrics_need_any_token_and_a_scoped_one_sees_its_vault(world: tuple[Sandbox, dict[str, str]]) -> None:
+    box, _values = world
+    for token in (None, "garbage", "vmv_0123456789abcdef_" + "B" * 43):
+        r = box.call("GET", "/metrics", token)
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized", r.text
+    for role in ROLES:
+        r = box.call("GET", "/metrics", box.token(role))
+        assert r.status_code == 200, (role, r.text)
+        assert 'vmvault_vault_recovery_points{vault="v1"}' in r.text and 'vault="v2"' in r.text, role
+    scoped = box.call("GET", "/metrics", box.token(READER, "v1")).text
+    assert 'vault="v1"' in scoped and 'vault="v2"' not in scoped, scoped
 
 
 def test_denied_before_the_body_is_read(world: tuple[Sandbox, dict[str, str]]) -> None:

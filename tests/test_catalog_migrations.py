@@ -58,3 +58,47 @@ def test_0007_records_disk_formats_without_reading_any_image(tmp_path: Path) -> 
     assert [d["format"] for d in got["a"]] == ["raw", "qcow2"]
     assert "chain" not in got["a"][1]  # recorded (or asked for) at its next backup
     assert got["b"][0]["format"] == "unknown"
+
+
+def test_0008_binds_existing_scoped_tokens_to_their_vaults_uuid(tmp_path: Path) -> None:
+    """Tokens made before 0008 were scoped by vault name: the migration binds them to that vault's
+    UUID; a token whose vault no longer exists gets none and is refused (fails closed)."""
+    from alembic import command
+
+    from vmvault.service.context import Context
+    from vmvault.service.tokens import authenticate, hash_secret
+    from vmvault.settings import Settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    engine = db.make_engine(home / "catalog.db")
+    with engine.begin() as conn:
+        command.upgrade(db.alembic_config(conn), "0006")
+        conn.execute(
+            text(
+                "INSERT INTO vaults (name, storage_dir, uuid, redundancy, chunk_size, created) "
+                "VALUES ('main', '/x', 'uuid-main', 'LRS', 1048576, '2026-01-01T00:00:00.000000Z')"
+            )
+        )
+        for token_id, vault in (("a" * 16, "'main'"), ("b" * 16, "'gone'"), ("c" * 16, "NULL")):
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (id, name, token_hash, role, vault, created) "
+                    f"VALUES ('{token_id}', 't', '{hash_secret(token_id * 2)}', 'BackupReader', {vault}, "
+                    "'2026-01-01T00:00:00.000000Z')"
+                )
+            )
+    engine.dispose()
+    catalog = db.Catalog.open(home / "catalog.db")
+    try:
+        with catalog.engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT id, vault_uuid FROM api_tokens")).all())
+        assert rows == {"a" * 16: "uuid-main", "b" * 16: None, "c" * 16: None}
+        ctx = Context(settings=Settings(home=home), catalog=catalog)
+        scoped = authenticate(ctx, f"vmv_{'a' * 16}_{'a' * 32}")
+        assert scoped is not None and scoped.vault == "main"
+        assert authenticate(ctx, f"vmv_{'b' * 16}_{'b' * 32}") is None
+        unscoped = authenticate(ctx, f"vmv_{'c' * 16}_{'c' * 32}")
+        assert unscoped is not None and unscoped.vault is None
+    finally:
+        catalog.close()

@@ -20,7 +20,7 @@ def test_kill_9_after_a_pack_leaves_no_point_and_a_failed_job(small_image: Path,
     assert r.ok, str(r)
     points_before = cli.point_ids(prot.vm)
     assert len(points_before) == 1
-    jobs_before = {j["id"] for j in cli.jobs()}
+    jobs_before = {j["name"] for j in cli.jobs()}
 
     # Change enough (incompressible) data that the next backup writes at least one new pack.
     mutate_image(disk, seed=5, fraction=0.4)
@@ -43,10 +43,10 @@ def test_kill_9_after_a_pack_leaves_no_point_and_a_failed_job(small_image: Path,
     r = cli.vault_verify(prot.vault)
     assert r.ok, f"vault does not verify after a killed backup:\n{r}"
 
-    killed = [j for j in cli.jobs() if j["id"] not in jobs_before and j["operation"] == "Backup"]
+    killed = [j for j in cli.jobs() if j["name"] not in jobs_before and j["properties"]["operation"] == "Backup"]
     assert len(killed) == 1, f"expected the killed backup job in the job list: {killed}"
-    assert killed[0]["status"] == "Failed", f"the killed job should show as Failed: {killed[0]}"
-    assert killed[0]["error"], f"a Failed job should say why: {killed[0]}"
+    assert killed[0]["properties"]["status"] == "Failed", f"the killed job should show as Failed: {killed[0]}"
+    assert killed[0]["properties"]["errorDetails"], f"a Failed job should say why: {killed[0]}"
 
     r = cli.backup_now(prot.vm)
     assert r.ok, str(r)

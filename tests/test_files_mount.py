@@ -201,8 +201,8 @@ def test_explicit_unmount_leaves_nothing(vm: TwoPoints) -> None:
     vm.cli.ok("files", "unmount", "vm1")
     wait_until_clean(vm.home, first, timeout=10)
     assert not Path(str(first["mountpoint"])).exists()
-    jobs = [j for j in vm.cli.jobs() if j["operation"] == "FileRecoveryUnmount"]
-    assert jobs and all(j["status"] == "Completed" for j in jobs)
+    jobs = [j for j in vm.cli.jobs() if j["properties"]["operation"] == "FileRecoveryUnmount"]
+    assert jobs and all(j["properties"]["status"] == "Completed" for j in jobs)
 
 
 def test_duration_expiry_unmounts_everything_with_no_vmvault_process_running(vm: TwoPoints) -> None:
@@ -214,5 +214,5 @@ def test_duration_expiry_unmounts_everything_with_no_vmvault_process_running(vm:
     wait_until_clean(vm.home, session, timeout=30)
     ended = [s for s in vm.cli.ok("files", "list", "--all").json() if s["id"] == session["id"]]
     assert ended[0]["state"] == "Ended" and ended[0]["endReason"] == "Expired"
-    expiry_jobs = [j for j in vm.cli.jobs() if j["operation"] == "FileRecoveryUnmount"]
-    assert expiry_jobs[0]["status"] == "Completed"
+    expiry_jobs = [j for j in vm.cli.jobs() if j["properties"]["operation"] == "FileRecoveryUnmount"]
+    assert expiry_jobs[0]["properties"]["status"] == "Completed"

@@ -91,8 +91,8 @@ def test_gc_frees_the_data_of_deleted_points_and_repacks(small_image: Path, tmp_
     # A second collection finds nothing left to free.
     again = cli.ok("vault", "gc", prot.vault, "--grace", "0").json()
     assert again["bytesFreed"] == 0 and again["packsDeleted"] == again["packsRepacked"] == 0, again
-    job = [j for j in cli.jobs() if j["operation"] == "GarbageCollect"]
-    assert len(job) == 3 and all(j["status"] == "Completed" for j in job), job
+    job = [j for j in cli.jobs() if j["properties"]["operation"] == "GarbageCollect"]
+    assert len(job) == 3 and all(j["properties"]["status"] == "Completed" for j in job), job
 
 
 def test_gc_waits_for_a_backup_that_deduplicated_against_a_deleted_point(small_image: Path, tmp_path: Path) -> None:
@@ -144,7 +144,8 @@ def test_gc_waits_for_a_backup_that_deduplicated_against_a_deleted_point(small_i
                 proc.communicate()
 
     jobs = reversed(cli.jobs())  # oldest first: the last Backup is the paused one
-    ended = {j["operation"]: j["endTime"] for j in jobs if j["operation"] in ("Backup", "GarbageCollect")}
+    props = [j["properties"] for j in jobs]
+    ended = {p["operation"]: p["endTime"] for p in props if p["operation"] in ("Backup", "GarbageCollect")}
     assert ended["GarbageCollect"] > ended["Backup"], ended
     points = cli.points(prot.vm)
     assert len(points) == 2, points
@@ -268,7 +269,7 @@ def test_gc_deletes_nothing_when_a_disk_index_cannot_be_read(small_image: Path, 
 
     r = cli.fails("vault", "gc", prot.vault, "--grace", "0")
     assert "stopped before deleting anything" in r.stderr, r
-    job = [j for j in cli.jobs() if j["operation"] == "GarbageCollect"]
-    assert [j["status"] for j in job] == ["Failed"], job
+    job = [j for j in cli.jobs() if j["properties"]["operation"] == "GarbageCollect"]
+    assert [j["properties"]["status"] for j in job] == ["Failed"], job
     after = tree_digest(prot.storage)
     assert {k: v for k, v in after.items() if not k.startswith("locks/")} == before

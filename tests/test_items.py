@@ -23,13 +23,16 @@ def tiny_disk(path: Path, seed: int) -> Path:
 
 
 def tasks(cli: Cli, job_id: str) -> list[str]:
-    info = cli.ok("job", "show", job_id).json()["extendedInfo"]
+    info = cli.ok("job", "show", job_id).json()["properties"]["extendedInfo"]
     return [t["disk"] for t in info["tasksList"]]
 
 
 def item(cli: Cli, vm: str = "vm1") -> dict[str, Any]:
+    """The item's properties (Azure's shape: id, name, type, properties)."""
     result: dict[str, Any] = cli.ok("item", "show", vm).json()
-    return result
+    assert (result["name"], result["id"]) == (vm, f"/vaults/v1/backupProtectedItems/{vm}"), result
+    properties: dict[str, Any] = result["properties"]
+    return properties
 
 
 def test_item_life_cycle(cli: Cli, tmp_path: Path) -> None:
@@ -45,14 +48,17 @@ def test_item_life_cycle(cli: Cli, tmp_path: Path) -> None:
     assert r.returncode == 66, r
     assert cli.ok("item", "list").json() == [], "refused enables store nothing"
 
-    job = cli.ok("protection", "enable", "vm1", "--vault", "v1", "--exclude-disk", "disk1").json()
+    job = cli.ok("protection", "enable", "vm1", "--vault", "v1", "--exclude-disk", "disk1").json()["properties"]
     assert (job["operation"], job["status"]) == ("ConfigureBackup", "Completed")
     first = item(cli)
     assert first["protectionState"] == "IRPending"
     assert first["lastBackupStatus"] == "Warning (Initial backup pending)"
-    assert first["policy"] == "DefaultPolicy" and first["timeZone"] == "UTC"
+    assert first["policyName"] == "DefaultPolicy" and first["timeZone"] == "UTC"
+    assert first["policyId"] == "/vaults/v1/backupPolicies/DefaultPolicy"
     assert first["nextScheduledBackup"].endswith("T20:30:00+00:00")
-    assert (first["recoveryPoints"], first["lastRecoveryPoint"], first["lastBackupTime"]) == (0, None, None)
+    assert (first["extendedInfo"]["recoveryPointCount"], first["lastRecoveryPoint"], first["lastBackupTime"]) == (
+        0, None, None
+    )  # fmt: skip
     assert first["excludedDisks"] == ["disk1"]
     r = cli.fails("protection", "enable", "vm1", "--vault", "v1", "--policy", "DefaultPolicy", "--exclude-disk",
                   "disk0")  # fmt: skip
@@ -60,18 +66,19 @@ def test_item_life_cycle(cli: Cli, tmp_path: Path) -> None:
 
     # A backup leaves the excluded disk out.
     b1 = cli.ok(*cli.backup_args("vm1")).json()
-    assert tasks(cli, b1["id"]) == ["disk0"]
+    assert tasks(cli, b1["name"]) == ["disk0"]
     (point,) = cli.points("vm1")
     after = item(cli)
     assert (after["protectionState"], after["lastBackupStatus"], after["healthStatus"]) == (
         "Protected", "Completed", "Passed"
     )  # fmt: skip
-    assert after["lastRecoveryPoint"] == point["time"] and after["recoveryPoints"] == 1
-    assert after["lastBackupTime"] == b1["startTime"] and after["lastBackupJob"] == b1["id"]
+    assert after["lastRecoveryPoint"] == point["properties"]["recoveryPointTime"]
+    assert after["extendedInfo"]["recoveryPointCount"] == 1
+    assert after["lastBackupTime"] == b1["properties"]["startTime"] and after["lastBackupJobId"] == b1["name"]
 
     cli.ok("protection", "update", "vm1", "--all-disks")
     b2 = cli.ok(*cli.backup_args("vm1")).json()
-    assert tasks(cli, b2["id"]) == ["disk0", "disk1"]
+    assert tasks(cli, b2["name"]) == ["disk0", "disk1"]
 
     # A failed backup shows as Failed in Azure's words.
     moved = tmp_path / "d0.moved"
@@ -80,14 +87,15 @@ def test_item_life_cycle(cli: Cli, tmp_path: Path) -> None:
     shutil.move(moved, d0)
     bad = item(cli)
     assert (bad["lastBackupStatus"], bad["healthStatus"]) == ("Failed", "ActionRequired"), bad
-    assert bad["lastBackupError"]["code"] == failed.json()["error"]["code"] == "not_found"
+    assert bad["lastBackupError"]["code"] == failed.json()["properties"]["errorDetails"][0]["errorCode"] == "not_found"
+    assert (bad["protectionStatus"], bad["lastBackupJobId"]) == ("Unhealthy", cli.jobs()[0]["name"])
 
     # Disable: no more backups, the data stays.
-    job = cli.ok("protection", "disable", "vm1").json()
+    job = cli.ok("protection", "disable", "vm1").json()["properties"]
     assert (job["operation"], job["status"]) == ("DisableBackup", "Completed")
     stopped = item(cli)
     assert stopped["protectionState"] == "ProtectionStopped" and stopped["nextScheduledBackup"] is None
-    assert stopped["recoveryPoints"] == 2
+    assert stopped["extendedInfo"]["recoveryPointCount"] == 2
     r = cli.fails(*cli.backup_args("vm1"))
     assert r.returncode == 64 and "protection resume" in r.stderr, r
     r = cli.fails("protection", "disable", "vm1")
@@ -102,10 +110,11 @@ def test_item_life_cycle(cli: Cli, tmp_path: Path) -> None:
 
     # Job filters.
     backups = cli.ok("job", "list", "--item", "vm1", "--operation", "backup").json()
-    assert [j["id"] for j in backups][-2:] == [b2["id"], b1["id"]] and len(backups) == 3
-    assert [j["status"] for j in cli.ok("job", "list", "--status", "failed").json()] == ["Failed"]
+    assert [j["name"] for j in backups][-2:] == [b2["name"], b1["name"]] and len(backups) == 3
+    failed_jobs = cli.ok("job", "list", "--status", "failed").json()
+    assert [j["properties"]["status"] for j in failed_jobs] == ["Failed"]
     assert cli.ok("job", "list", "--since", "2999-01-01").json() == []
-    assert len(cli.ok("job", "list", "--since", b2["startTime"], "--operation", "Backup").json()) == 2
+    assert len(cli.ok("job", "list", "--since", b2["properties"]["startTime"], "--operation", "Backup").json()) == 2
     r = cli.fails("job", "list", "--since", "yesterday")
     assert r.returncode == 64, r
     r = cli.fails("job", "list", "--status", "Sleeping")
@@ -118,7 +127,7 @@ def test_vault_delete(cli: Cli, tmp_path: Path) -> None:
     cli.vault_create("empty", tmp_path / "empty")
     cli.ok("vault", "notify", "add", "empty", "--webhook", "http://127.0.0.1:9/x")
     deleted = cli.ok("vault", "delete", "empty").json()
-    assert deleted["name"] == "empty" and deleted["storageDeleted"] is True
+    assert deleted["name"] == "empty" and deleted["properties"]["storageDeleted"] is True
     assert not (tmp_path / "empty").exists()
     assert cli.ok("vault", "list").json() == []
     # The name can be used again at once.

@@ -110,7 +110,7 @@ def test_a_quiesced_live_backup_holds_what_was_written_before_and_not_after(lab:
             proc.kill()
     assert proc.returncode == 0, err
     point = latest_point(lab.cli, VM)
-    assert point["consistency"] == "FileSystemConsistent", (point, out)
+    assert point["properties"]["recoveryPointType"] == "FileSystemConsistent", (point, out)
     disks = restore_raw(lab.cli, VM, point, tmp_path / "out")
     assert ext4_file(disks["vda"], "/before") == b"before\n"
     assert ext4_file(disks["vda"], "/after") is None, "a file written after the instant is in the point"
@@ -129,8 +129,8 @@ def test_with_a_pre_script_the_point_is_app_consistent(lab: Lab) -> None:
     lab.domain.write_file("/etc/vmvault/VMSnapshotScriptPluginConfig.json", config, "600")
     try:
         job = backup(lab.cli, VM)
-        assert job["status"] == "Completed", job
-        assert latest_point(lab.cli, VM)["consistency"] == "AppConsistent"
+        assert job["properties"]["status"] == "Completed", job
+        assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "AppConsistent"
         assert lab.domain.sh("cat /tmp/scripts.log").stdout == "pre\npost\n"
     finally:
         lab.domain.sh("rm -rf /etc/vmvault /tmp/scripts.log")
@@ -140,8 +140,8 @@ def test_with_a_pre_script_the_point_is_app_consistent(lab: Lab) -> None:
 def test_an_incremental_reads_only_what_the_guest_wrote(lab: Lab) -> None:
     lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/big bs=1M count=32 conv=fsync 2>/dev/null")
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert 32 * MiB <= job["progress"]["bytesRead"] <= 40 * MiB, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert 32 * MiB <= job["properties"]["extendedInfo"]["bytesRead"] <= 40 * MiB, job["properties"]["extendedInfo"]
     lab.assert_clean()
 
 
@@ -185,7 +185,7 @@ def test_serve_start_reconciles_what_a_killed_backup_left(lab: Lab) -> None:
     assert not lab.scratch_files(), lab.scratch_files()
     assert lab.domain.checkpoints() == [kept]
     job = backup(lab.cli, VM)  # an incremental from the kept checkpoint, nothing left to reconcile
-    assert job["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
     assert "leftovers_reconciled" not in warning_codes(job), job
     lab.assert_clean()
 
@@ -206,14 +206,15 @@ def test_without_an_agent_channel_item_show_gives_the_fix_and_enable_agent_adds_
     try:
         lab.cli.ok("vm", "add", "noagent", "--libvirt", other.name)
         assert lab.cli.protection_enable("noagent", "v1").ok
-        advice = lab.cli.ok("item", "show", "noagent").json()["guestAgent"]
+        advice = lab.cli.ok("item", "show", "noagent").json()["properties"]["guestAgent"]
         assert "no org.qemu.guest_agent.0 channel" in advice and "vmvault vm enable-agent noagent" in advice, advice
         assert "effective at next boot" in advice and "CrashConsistent" in advice, advice
         assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is True
         assert lab.cli.ok("vm", "enable-agent", "noagent").json()["added"] is False  # idempotent
         xml = other.virsh("dumpxml", "--inactive", other.name).stdout
         assert xml.count("org.qemu.guest_agent.0") == 1, xml
-        assert lab.cli.ok("item", "show", "noagent").json()["guestAgent"] == "org.qemu.guest_agent.0 channel present"
+        shown = lab.cli.ok("item", "show", "noagent").json()["properties"]
+        assert shown["guestAgent"] == "org.qemu.guest_agent.0 channel present"
         other.agent = True
         other.start()  # the channel works at the next boot: the agent answers through libvirt
         (vm,) = [v for v in lab.cli.ok("vm", "list").json() if v["name"] == "noagent"]
@@ -236,7 +237,7 @@ def test_a_cancelled_backup_deletes_its_checkpoint(lab: Lab) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    statuses = [j["status"] for j in lab.cli.jobs() if j["vm"] == VM]
+    statuses = [j["properties"]["status"] for j in lab.cli.jobs() if j["properties"]["entityFriendlyName"] == VM]
     assert statuses.count("Cancelled") == 1, (statuses, out, err)
     assert len(lab.cli.points(VM)) == points, "a cancelled backup left a point"
     assert lab.domain.checkpoints() == before
@@ -249,10 +250,10 @@ def test_after_virsh_destroy_a_crash_consistent_point_then_a_new_chain(lab: Lab,
     lab.domain.virsh("destroy", lab.domain.name)
 
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+    assert job["properties"]["status"] == "CompletedWithWarnings" and fell_back(job), job
     assert "vm_stopped" in warning_codes(job), job
     point = latest_point(lab.cli, VM)
-    assert point["consistency"] == "CrashConsistent", point
+    assert point["properties"]["recoveryPointType"] == "CrashConsistent", point
     assert lab.domain.checkpoints() == [], "stale checkpoints were not dropped"
     assert lab.definition(point)["checkpoint"] is None
     restored = restore_raw(lab.cli, VM, point, tmp_path / "off")
@@ -262,19 +263,19 @@ def test_after_virsh_destroy_a_crash_consistent_point_then_a_new_chain(lab: Lab,
     lab.domain.sh("sync; mount -o remount,ro /mnt/data0")  # nothing writes after the instant
     try:
         job = backup(lab.cli, VM)
-        assert job["status"] in ("Completed", "CompletedWithWarnings"), job
+        assert job["properties"]["status"] in ("Completed", "CompletedWithWarnings"), job
         now = lab.domain.checkpoints()
         assert len(now) == 1 and now[0] not in before, (before, now)  # a new chain under a fresh name
         point = latest_point(lab.cli, VM)
-        assert point["consistency"] == "FileSystemConsistent", point
+        assert point["properties"]["recoveryPointType"] == "FileSystemConsistent", point
         restored = restore_raw(lab.cli, VM, point, tmp_path / "live")
         assert files_equal(restored["vda"], lab.live_image(tmp_path / "live.raw")), "the live point differs"
     finally:
         lab.domain.sh("mount -o remount,rw /mnt/data0")
     lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/next bs=1M count=4 conv=fsync 2>/dev/null")
     job = backup(lab.cli, VM)  # the new chain works: an incremental again
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 12 * MiB, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 12 * MiB, job["properties"]["extendedInfo"]
     assert lab.domain.checkpoints() == [lab.definition(latest_point(lab.cli, VM))["checkpoint"]]
     lab.assert_clean()
 
@@ -286,7 +287,7 @@ def test_after_a_clean_shutdown_the_offline_point_keeps_the_chain(lab: Lab, tmp_
     _wait_off(lab)
     job = backup(lab.cli, VM)
     assert not fell_back(job) and "vm_stopped" in warning_codes(job), job
-    assert latest_point(lab.cli, VM)["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "CrashConsistent"
     assert lab.domain.checkpoints() == [kept]
     restored = restore_raw(lab.cli, VM, latest_point(lab.cli, VM), tmp_path / "off")
     assert files_equal(restored["vda"], lab.live_image(tmp_path / "off.raw")), "the offline point differs"
@@ -294,8 +295,8 @@ def test_after_a_clean_shutdown_the_offline_point_keeps_the_chain(lab: Lab, tmp_
     lab.domain.start()
     lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/later bs=1M count=4 conv=fsync 2>/dev/null")
     job = backup(lab.cli, VM)  # an incremental from the checkpoint the offline point carried
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 12 * MiB, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 12 * MiB, job["properties"]["extendedInfo"]
     lab.assert_clean()
 
 
@@ -308,7 +309,7 @@ def test_after_qemu_is_killed_the_live_backup_starts_a_new_chain(lab: Lab, tmp_p
     lab.domain.sh("sync; mount -o remount,ro /mnt/data0")
     try:
         job = backup(lab.cli, VM)
-        assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+        assert job["properties"]["status"] == "CompletedWithWarnings" and fell_back(job), job
         now = lab.domain.checkpoints()
         assert len(now) == 1 and now[0] not in before, (before, now)
         restored = restore_raw(lab.cli, VM, latest_point(lab.cli, VM), tmp_path / "live")

@@ -79,7 +79,7 @@ def defined(lab: Lab, name: str) -> Iterator[Domain]:
     finally:
         job_id = getattr(dom, "job_id", None)
         export_pid = getattr(dom, "export_pid", None)
-        if job_id and _job(lab.cli, job_id)["status"] == "InProgress":
+        if job_id and _job(lab.cli, job_id)["properties"]["status"] == "InProgress":
             lab.cli.run("job", "cancel", job_id)
             with contextlib.suppress(Exception):
                 lab.cli.run("job", "wait", job_id, "--timeout", "60", timeout=90)
@@ -144,7 +144,7 @@ def _sh_eventually(copy: Domain, script: str, timeout: float = 60) -> Any:
 def _full_speed_until_done(lab: Lab, copy: Domain, job_id: str, targets: list[str]) -> dict[str, Any]:
     """Lift the throttle of every pull (the owner may start one again) until the job ends."""
     deadline = time.monotonic() + 300
-    while (job := _job(lab.cli, job_id))["status"] == "InProgress":
+    while (job := _job(lab.cli, job_id))["properties"]["status"] == "InProgress":
         assert time.monotonic() < deadline, f"the copy did not finish: {job}"
         for dev in targets:
             copy.virsh("blockjob", copy.name, dev, "--bandwidth", "0", check=False)
@@ -159,9 +159,10 @@ def test_instant_restore_of_a_libvirt_vm_boots_from_the_vault_and_is_pulled_loca
         r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", name, "--target-dir", str(target), "--instant",
                         timeout=600)  # fmt: skip
         assert r.ok, str(r)
-        job_id = copy.job_id = r.json()["id"]  # type: ignore[attr-defined]
-        assert r.json()["status"] == "InProgress", "the command returns while the disks are still being pulled"
-        state = _job(lab.cli, job_id)["extendedInfo"]["restore"]
+        job_id = copy.job_id = r.json()["name"]  # type: ignore[attr-defined]
+        status = r.json()["properties"]["status"]
+        assert status == "InProgress", "the command returns while the disks are still being pulled"
+        state = _job(lab.cli, job_id)["properties"]["extendedInfo"]["restore"]
         copy.export_pid = export_pid = int(state["exportPid"])  # type: ignore[attr-defined]
 
         # boots from the vault: overlays on the NBD export, stop on errors, root on it, the backed-up file there
@@ -176,15 +177,18 @@ def test_instant_restore_of_a_libvirt_vm_boots_from_the_vault_and_is_pulled_loca
         assert copy.sh("cat /only-on-os-disk").stdout == "before\n"
         copy.sh("echo during > /written-during && sync")
         assert state["state"] == "Copying" and state["vmRunning"] and pid_alive(export_pid)
-        assert _job(lab.cli, job_id)["status"] == "InProgress"
-        progress = _wait("the pull's progress in the job", lambda: _job(lab.cli, job_id)["progress"]["percent"])
+        assert _job(lab.cli, job_id)["properties"]["status"] == "InProgress"
+        progress = _wait(
+            "the pull's progress in the job",
+            lambda: _job(lab.cli, job_id)["properties"]["extendedInfo"]["progressPercentage"],
+        )
         assert progress < 100
 
         # the pulls finish: job Completed, the export gone, the disks local (image headers and domain XML)
         job = _full_speed_until_done(lab, copy, job_id, ["vda", "vdb"])
-        assert job["status"] == "Completed", job
-        assert job["progress"]["percent"] == 100, job["progress"]
-        state = job["extendedInfo"]["restore"]
+        assert job["properties"]["status"] == "Completed", job
+        assert job["properties"]["extendedInfo"]["progressPercentage"] == 100, job["properties"]["extendedInfo"]
+        state = job["properties"]["extendedInfo"]["restore"]
         assert state["exportClosed"] and state["disks"] == [str(vda), str(vdb)], state
         assert not pid_alive(int(state["exportPid"])) and not Path(state["exportSocket"]).exists()
         assert _backing(vda) is None and _backing(vdb) is None
@@ -225,9 +229,9 @@ def test_a_lost_export_pauses_the_domain_and_its_restart_resumes_it_cancel_remov
     with defined(lab, name) as copy:
         r = cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", name, "--target-dir", str(target), "--instant",
                         timeout=600)  # fmt: skip
-        assert r.ok and r.json()["status"] == "InProgress", str(r)
-        job_id = copy.job_id = r.json()["id"]  # type: ignore[attr-defined]
-        state = _job(lab.cli, job_id)["extendedInfo"]["restore"]
+        assert r.ok and r.json()["properties"]["status"] == "InProgress", str(r)
+        job_id = copy.job_id = r.json()["name"]  # type: ignore[attr-defined]
+        state = _job(lab.cli, job_id)["properties"]["extendedInfo"]["restore"]
         copy.export_pid = export_pid = int(state["exportPid"])  # type: ignore[attr-defined]
         assert copy.sh("cat /only-on-os-disk").stdout == "before\n"
         copy.sh("echo during > /written-during && sync")
@@ -239,24 +243,26 @@ def test_a_lost_export_pauses_the_domain_and_its_restart_resumes_it_cancel_remov
             dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
         paused = [VIR_DOMAIN_PAUSED, VIR_DOMAIN_PAUSED_IOERROR]
         _wait("the domain to pause on the lost export", lambda: copy.dom().state() == paused)
-        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id).get("error"), 10)
-        assert error["code"] == "export_lost", error
+        error = _wait(
+            "the job to report the lost export", lambda: _job(lab.cli, job_id)["properties"]["errorDetails"], 10
+        )
+        assert error[0]["errorCode"] == "export_lost", error
 
         # the owner restarts the export: the domain goes on and the guest's read succeeds without an I/O error
         # (it may pause again a few times until QEMU's NBD client, which backs off up to 16 s, has reconnected)
         status = _wait("dd to finish", lambda: _exec_status(copy, dd), RETRY_S + 60, 1)
         assert status.get("exitcode") == 0, status
         assert "I/O error" not in _sh_eventually(copy, "dmesg").stdout
-        assert _job(lab.cli, job_id).get("error") is None
-        copy.export_pid = new_pid = int(_job(lab.cli, job_id)["extendedInfo"]["restore"]["exportPid"])  # type: ignore[attr-defined]
+        assert _job(lab.cli, job_id)["properties"]["errorDetails"] == []
+        copy.export_pid = new_pid = int(_job(lab.cli, job_id)["properties"]["extendedInfo"]["restore"]["exportPid"])  # type: ignore[attr-defined]
 
         assert _sh_eventually(copy, "cat /written-during").stdout == "during\n"
 
         # cancel: the domain destroyed and undefined, the copy, its definition and the export gone
         lab.cli.ok("job", "cancel", job_id)
         done = lab.cli.run("job", "wait", job_id, "--timeout", "120", timeout=200)
-        assert done.json()["status"] == "Cancelled", str(done)
-        assert "destroyed and undefined" in done.json()["error"]["message"]
+        assert done.json()["properties"]["status"] == "Cancelled", str(done)
+        assert "destroyed and undefined" in done.json()["properties"]["errorDetails"][0]["errorString"]
         assert copy.virsh("dominfo", name, check=False).returncode != 0, "the cancelled copy is still defined"
         assert not pid_alive(new_pid)
         assert name not in [v["name"] for v in lab.cli.vms()]

@@ -43,8 +43,8 @@ def test_a_raw_disk_is_read_whole_and_compared_by_hash(domain: Domain, tmp_path:
     domain.sh("sync; mount -o remount,ro /mnt/data0")
     try:
         job = backup(cli, VM)
-        assert job["status"] == "CompletedWithWarnings" and "cbt_unavailable" in warning_codes(job), job
-        assert latest_point(cli, VM)["consistency"] == "FileSystemConsistent"
+        assert job["properties"]["status"] == "CompletedWithWarnings" and "cbt_unavailable" in warning_codes(job), job
+        assert latest_point(cli, VM)["properties"]["recoveryPointType"] == "FileSystemConsistent"
         restored = restore_raw(cli, VM, latest_point(cli, VM), tmp_path / "out")
         live = tmp_path / "live.raw"
         dom = domain.dom()

@@ -112,7 +112,7 @@ def test_a_restored_domain_boots_from_its_restored_os_disk(lab: Lab) -> None:
     with defined(name) as copy:
         r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", name, "--target-dir", str(target), "--start",
                         timeout=600)  # fmt: skip
-        assert r.ok and r.json()["status"] == "Completed", str(r)
+        assert r.ok and r.json()["properties"]["status"] == "Completed", str(r)
         assert copy.dom().isActive()
         # booted from the restored OS disk, holding what the point held and nothing after
         assert copy.sh("grep ' / ' /proc/mounts").stdout.startswith("/dev/vda / ext4")
@@ -167,7 +167,7 @@ def test_restore_vm_refusals_change_nothing(lab: Lab, tmp_path: Path) -> None:
 def test_restore_disks_writes_domain_xml_that_boots_without_the_original_disks(lab: Lab) -> None:
     target = lab.workdir / "disks-os-only"
     r = lab.cli.ok("restore", "disks", VM, "--rp", lab.rp, "--target-dir", str(target), "--disk", "vda")
-    assert r.json()["status"] == "Completed"
+    assert r.json()["properties"]["status"] == "Completed"
     assert sorted(p.name for p in target.iterdir()) == [f"{VM}-domain.xml", "vda.qcow2"]
     text = (target / f"{VM}-domain.xml").read_text()
     for path in lab.original_paths():
@@ -216,7 +216,7 @@ def test_replace_disks_brings_the_shut_off_domain_back_to_the_point(lab: Lab) ->
         assert time.monotonic() < deadline, "the domain did not shut down"
         time.sleep(0.5)
     r = lab.cli.ok("restore", "replace-disks", VM, "--rp", lab.rp)
-    assert r.json()["status"] == "Completed", str(r)
+    assert r.json()["properties"]["status"] == "Completed", str(r)
     assert lab.domain.checkpoints() == [], "checkpoints of the replaced images were kept"
     lab.domain.start()
     assert lab.domain.sh("grep ' / ' /proc/mounts").stdout.startswith("/dev/vda / ext4")

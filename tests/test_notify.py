@@ -100,22 +100,23 @@ def test_webhook_and_email_arrive(
     post = hooks.posts[0]
     assert post["type"] == "application/json"
     assert post["body"]["event"] == "JobEnded" and post["body"]["vault"] == "v1"
-    assert post["body"]["job"]["id"] == ok_job["id"] and post["body"]["job"]["status"] == "Completed"
+    assert post["body"]["job"]["name"] == ok_job["name"] and post["body"]["job"]["properties"]["status"] == "Completed"
+    assert post["body"]["job"] == cli.ok("job", "show", ok_job["name"]).json(), "the job as job show prints it"
     assert mails == [], "the e-mail target hears of failed jobs only"
 
     disk.unlink()  # the next backup fails
     failed = cli.fails(*cli.backup_args("vm1")).json()
-    assert failed["status"] == "Failed"
+    assert failed["properties"]["status"] == "Failed"
     wait_for(lambda: len(hooks.posts) >= 2 and len(mails) >= 1, 30, "the webhook and the e-mail of the failure")
-    assert hooks.posts[1]["body"]["job"]["id"] == failed["id"]
-    assert hooks.posts[1]["body"]["job"]["error"]["code"] == "not_found"
+    assert hooks.posts[1]["body"]["job"]["name"] == failed["name"]
+    assert hooks.posts[1]["body"]["job"]["properties"]["errorDetails"][0]["errorCode"] == "not_found"
     (envelope,) = mails
     assert envelope.mail_from == "vmvault@backup.example.com"
     assert envelope.rcpt_tos == ["ops@example.com"]
     message = message_from_bytes(envelope.content)
     assert message["Subject"] == "[vmvault] Backup Failed: vm1"
     text = message.get_payload(decode=True).decode()
-    assert failed["id"] in text and "not_found" in text
+    assert failed["name"] in text and "not_found" in text
 
     targets = {t["kind"]: t for t in cli.ok("vault", "notify", "list", "v1").json()}
     assert (targets["webhook"]["delivered"], targets["email"]["delivered"]) == (2, 1)

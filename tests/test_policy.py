@@ -134,7 +134,7 @@ BAD = [
     ("time zone not a name", lambda p: p.update(timeZone="../etc/passwd"), "timeZone", "not a time zone"),
     ("weekly without days", lambda p: p["schedulePolicy"].update(scheduleRunFrequency="Weekly", scheduleRunDays=[]),
      "schedulePolicy.scheduleRunDays", "needs at least one day"),
-    ("daily count too low", lambda p: p["retentionPolicy"]["dailySchedule"].update(retentionDuration=days(6)),
+    ("daily count zero", lambda p: p["retentionPolicy"]["dailySchedule"].update(retentionDuration=days(0)),
      "retentionPolicy.dailySchedule.retentionDuration.count", "out of range"),
     ("daily count too high", lambda p: p["retentionPolicy"]["dailySchedule"].update(retentionDuration=days(10000)),
      "retentionPolicy.dailySchedule.retentionDuration.count", "out of range"),
@@ -162,8 +162,10 @@ BAD = [
      "schedulePolicy.scheduleRunTimes[0]", "not a datetime"),
     ("two run times", lambda p: p["schedulePolicy"].update(scheduleRunTimes=[T, "2020-01-01T10:00:00Z"]),
      "schedulePolicy.scheduleRunTimes", "exactly one time"),
-    ("hourly", lambda p: p["schedulePolicy"].update(scheduleRunFrequency="Hourly"),
-     "schedulePolicy.scheduleRunFrequency", "not Daily or Weekly"),
+    ("hourly in a Standard policy", lambda p: p["schedulePolicy"].update(scheduleRunFrequency="Hourly"),
+     "schedulePolicy.scheduleRunFrequency", "hourly backups need an Enhanced policy"),
+    ("frequency not known", lambda p: p["schedulePolicy"].update(scheduleRunFrequency="Monthly"),
+     "schedulePolicy.scheduleRunFrequency", "not Daily, Weekly or Hourly"),
     ("unknown day", lambda p: p["retentionPolicy"]["weeklySchedule"].update(daysOfTheWeek=["Sundae"]),
      "retentionPolicy.weeklySchedule.daysOfTheWeek[0]", "not one of"),
     ("typo in a field name", lambda p: p["schedulePolicy"].update(scheduleRunTime=[T]),
@@ -244,7 +246,7 @@ def test_policy_commands_and_nothing_stored_on_error(cli: Cli, tmp_path: Path, s
     r = cli.fails("policy", "create", "Bad", "--vault", "v1", "--file", str(write(tmp_path, "bad.json", bad)))
     assert r.returncode == 64 and "timeZone" in r.stderr and "unknown time zone" in r.stderr, r
     bad_set = props()
-    bad_set["retentionPolicy"]["dailySchedule"]["retentionDuration"] = days(3)
+    bad_set["retentionPolicy"]["dailySchedule"]["retentionDuration"] = days(0)
     r = cli.fails("policy", "set", "Copy", "--vault", "v1", "--file", str(write(tmp_path, "bad2.json", bad_set)))
     assert "retentionPolicy.dailySchedule.retentionDuration.count" in r.stderr, r
     r = cli.fails("policy", "create", "Broken", "--vault", "v1", "--file", str(write(tmp_path, "x.json", "{")))
@@ -268,8 +270,8 @@ def test_policy_commands_and_nothing_stored_on_error(cli: Cli, tmp_path: Path, s
             rule["retentionTimes"] = ["2020-01-01T06:00:00Z"]  # must match the schedule's time (Azure's rule)
     changed["timeZone"] = "Asia/Kolkata"
     cli.ok("policy", "set", "Copy", "--vault", "v1", "--file", str(write(tmp_path, "c.json", changed)))
-    item = cli.ok("item", "show", "vm1").json()
-    assert item["policy"] == "Copy" and item["timeZone"] == "Asia/Kolkata"
+    item = cli.ok("item", "show", "vm1").json()["properties"]
+    assert item["policyName"] == "Copy" and item["timeZone"] == "Asia/Kolkata"
     assert item["nextScheduledBackup"].endswith("T06:00:00+05:30"), item
     r = cli.fails("policy", "delete", "Copy", "--vault", "v1")
     assert "vm1" in r.stderr and r.returncode == 75, r

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from vmvault.engine.consistency import (
     APP_CONSISTENT,
     CRASH_CONSISTENT,
     FILE_SYSTEM_CONSISTENT,
+    Budget,
     ScriptConfig,
     classify_vss_thaw,
     quiesced,
@@ -91,7 +93,10 @@ class FakeAgent:
                 reply = self.replies.get(command, {"return": {}})
                 answer = reply(request) if callable(reply) else reply
                 if answer is not None:
-                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                    try:
+                        conn.sendall(json.dumps(answer).encode() + b"\n")
+                    except OSError:  # the client gave up waiting (a reply after its timeout)
+                        return
 
     def close(self) -> None:
         self._server.close()
@@ -201,3 +206,106 @@ def test_script_config_follows_azures_fields() -> None:
     assert defaults.continue_on_failure and defaults.fs_freeze and not defaults.has_scripts
     with pytest.raises(ValueError):
         ScriptConfig.parse(b'{"timeoutInSeconds": 0}')
+
+
+# ---- the quiesce budget (a slow fsfreeze hook: the agent answers nothing until it returns) ----------
+
+LINUX_INFO = {"return": {"version": "7.2.22", "supported_commands": [
+    {"enabled": True, "name": n, "success-response": True}
+    for n in ("guest-ping", "guest-info", "guest-fsfreeze-status", "guest-fsfreeze-freeze",
+              "guest-fsfreeze-thaw", "guest-sync-delimited")]}}  # fmt: skip
+
+
+def _codes(q: Any) -> list[str]:
+    """The notes' codes, less the one this agent always gets (it allows no guest-exec: no scripts)."""
+    return [n.code for n in q.notes if n.code != "guest_exec_not_allowed"]
+
+
+class FrozenState:
+    """A Linux agent whose freeze takes `hook_s` (its fsfreeze hook), counting what it froze and thawed."""
+
+    def __init__(self, hook_s: float) -> None:
+        self.hook_s = hook_s
+        self.frozen = False
+
+    def replies(self) -> dict[str, Reply]:
+        return {"guest-info": LINUX_INFO, "guest-fsfreeze-status": self.status,
+                "guest-fsfreeze-freeze": self.freeze, "guest-fsfreeze-thaw": self.thaw}  # fmt: skip
+
+    def status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"return": "frozen" if self.frozen else "thawed"}
+
+    def freeze(self, _request: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.hook_s)
+        self.frozen = True
+        return {"return": 1}
+
+    def thaw(self, _request: dict[str, Any]) -> dict[str, Any]:
+        was, self.frozen = self.frozen, False
+        return {"return": 1 if was else 0}
+
+
+def test_a_freeze_slower_than_the_frozen_window_but_within_the_budget_is_not_raced(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    state = FrozenState(hook_s=2.5)
+    agent = fake(state.replies())
+    with quiesced(str(agent_path), budget=Budget(freeze_s=10, frozen_s=1)) as q:
+        assert state.frozen, "the snapshot must be taken after the freeze"
+    assert q.consistency == FILE_SYSTEM_CONSISTENT and _codes(q) == [], q
+    assert agent.calls.count("guest-fsfreeze-freeze") == 1 and agent.calls.count("guest-fsfreeze-thaw") == 1
+    assert q.timings["freezeSeconds"] >= 2.5 and q.attempts == 1, q
+
+
+def test_a_freeze_past_its_budget_is_thawed_when_the_agent_answers_retried_once_then_crash_consistent(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    state = FrozenState(hook_s=2.0)
+    agent = fake(state.replies())
+    snapshots = []
+    with quiesced(str(agent_path), budget=Budget(freeze_s=1, frozen_s=5)) as q:
+        snapshots.append(state.frozen)
+    assert snapshots == [False], "the snapshot was taken while a late freeze held the guest"
+    assert q.consistency == CRASH_CONSISTENT and _codes(q) == ["quiesce_timeout"], q
+    (note,) = [n for n in q.notes if n.code == "quiesce_timeout"]
+    assert "1 s quiesce budget" in note.message and "--quiesce-timeout" in (note.hint or "")
+    assert agent.calls.count("guest-fsfreeze-freeze") == 2 and agent.calls.count("guest-fsfreeze-thaw") == 2
+    assert not state.frozen and q.attempts == 2
+
+
+def test_a_snapshot_past_the_frozen_window_is_thawed_by_the_guard(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    state = FrozenState(hook_s=0)
+    fake(state.replies())
+    with quiesced(str(agent_path), budget=Budget(freeze_s=10, frozen_s=1)) as q:
+        deadline = time.monotonic() + 30
+        while state.frozen and time.monotonic() < deadline:  # a snapshot that takes too long
+            time.sleep(0.1)
+    assert not state.frozen
+    assert q.consistency == CRASH_CONSISTENT and _codes(q) == ["quiesce_timeout"], q
+    assert "frozen window" in q.notes[-1].message
+
+
+def test_a_hostile_agents_freeze_reply_is_a_named_warning(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    state = FrozenState(hook_s=0)
+    agent = fake({**state.replies(), "guest-fsfreeze-freeze": {"return": {"frozen": "all"}}})
+    with quiesced(str(agent_path), budget=Budget(freeze_s=5, frozen_s=5)) as q:
+        pass
+    assert q.consistency == CRASH_CONSISTENT and _codes(q) == ["freeze_failed"], q
+    assert "not valid" in q.notes[-1].message and agent.calls.count("guest-fsfreeze-freeze") == 1
+
+
+def test_an_agent_socket_that_closes_mid_command_is_a_named_error(
+    fake: Callable[[dict[str, Reply]], FakeAgent], agent_path: Path
+) -> None:
+    fake({"guest-fsfreeze-status": {"return": "thawed"}})
+    client = GuestAgent(agent_path).connect()
+    assert client._sock is not None
+    client._sock.shutdown(socket.SHUT_WR)
+    with pytest.raises(AgentUnavailable):  # not a BrokenPipeError (the job's internal_error)
+        for _ in range(3):
+            client.execute("guest-ping", timeout=1)
+    client.close()

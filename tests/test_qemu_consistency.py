@@ -78,9 +78,9 @@ def _freezes(lab: Lab) -> int:
 def test_scripts_and_freeze_make_an_app_consistent_point(lab: Lab, tmp_path: Path) -> None:
     lab.configure(pre='echo "pre $1" > /mnt/data0/pre-marker; sync')
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed", job
+    assert job["properties"]["status"] == "Completed", job
     point = latest_point(lab.cli, VM)
-    assert point["consistency"] == "AppConsistent", point
+    assert point["properties"]["recoveryPointType"] == "AppConsistent", point
     disks = restore_raw(lab.cli, VM, point, tmp_path / "out")
     assert ext4_file(disks["data0"], "/pre-marker") == b"pre alpha\n", "the pre-script's marker is not in the point"
     assert ext4_file(disks["data0"], "/post-marker") is None, "the post-script ran before the snapshot"
@@ -98,22 +98,22 @@ def test_scripts_and_freeze_make_an_app_consistent_point(lab: Lab, tmp_path: Pat
 def test_a_failing_pre_script_gives_a_file_system_consistent_point_with_a_warning(lab: Lab) -> None:
     lab.configure(pre="echo 'database is busy' >&2; exit 3")
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings", job
+    assert job["properties"]["status"] == "CompletedWithWarnings", job
     assert "pre_script_failed" in warning_codes(job), job
     (failed,) = [w for w in warnings(job) if w["code"] == "pre_script_failed"]
     assert "exited with code 3" in failed["message"] and "database is busy" in failed["message"], failed
-    assert latest_point(lab.cli, VM)["consistency"] == "FileSystemConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "FileSystemConsistent"
 
 
 def test_a_script_others_can_write_is_not_run(lab: Lab) -> None:
     lab.configure(pre="echo ran > /mnt/data0/unsafe-ran")
     lab.guest.sh(f"chmod 777 {PRE}")
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings", job
+    assert job["properties"]["status"] == "CompletedWithWarnings", job
     (failed,) = [w for w in warnings(job) if w["code"] == "pre_script_failed"]
     assert "writable by group or others" in failed["message"], failed
     assert lab.guest.sh("test -e /mnt/data0/unsafe-ran", check=False).exit_code != 0
-    assert latest_point(lab.cli, VM)["consistency"] == "FileSystemConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "FileSystemConsistent"
 
 
 def test_a_failing_pre_script_fails_the_job_when_told_not_to_continue(lab: Lab) -> None:
@@ -123,8 +123,9 @@ def test_a_failing_pre_script_fails_the_job_when_told_not_to_continue(lab: Lab) 
     r = lab.cli.run(*lab.cli.backup_args(VM), timeout=600)
     assert not r.ok and "Traceback" not in r.output, str(r)
     job = r.json()
-    assert job["status"] == "Failed" and job["error"]["code"] == "pre_script_failed", job
-    assert "exited with code 7" in job["error"]["message"] and "not now" in job["error"]["message"], job
+    (error,) = job["properties"]["errorDetails"]
+    assert job["properties"]["status"] == "Failed" and error["errorCode"] == "pre_script_failed", job
+    assert "exited with code 7" in error["errorString"] and "not now" in error["errorString"], job
     assert lab.cli.point_ids(VM) == points, "a failed job created a recovery point"
     assert _freezes(lab) == freezes, "the guest was frozen although the job failed before the snapshot"
     assert lab.guest.freeze_status() == "thawed"
@@ -136,21 +137,21 @@ def test_a_vm_without_agent_gives_crash_consistent_points(lab: Lab) -> None:
     assert lab.cli.protection_enable("noagent", "v1").ok
     job = backup(lab.cli, "noagent")
     assert "agent_not_configured" in warning_codes(job), job
-    assert latest_point(lab.cli, "noagent")["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, "noagent")["properties"]["recoveryPointType"] == "CrashConsistent"
 
     add_running_vm(lab.cli, "deadagent", lab.guest.vmvault_qmp, lab.guest.sockets / "dead.sock")
     assert lab.cli.protection_enable("deadagent", "v1").ok
     job = backup(lab.cli, "deadagent")
     assert "agent_not_reachable" in warning_codes(job), job
-    assert latest_point(lab.cli, "deadagent")["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, "deadagent")["properties"]["recoveryPointType"] == "CrashConsistent"
 
 
 def test_a_stopped_vm_is_read_offline_as_crash_consistent(lab: Lab, tmp_path: Path) -> None:
     lab.guest.quit()
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed", job
+    assert job["properties"]["status"] == "Completed", job
     point = latest_point(lab.cli, VM)
-    assert point["consistency"] == "CrashConsistent", point
+    assert point["properties"]["recoveryPointType"] == "CrashConsistent", point
     disks = restore_raw(lab.cli, VM, point, tmp_path / "out")
     live = read_live(lab.data, tmp_path / "data0.raw")
     assert files_equal(disks["data0"], live), "the offline point differs from the stopped VM's disk"

@@ -72,7 +72,7 @@ def test_after_kill_9_of_qemu_the_next_backup_falls_back_and_says_so(lab: Lab, t
     lab.guest.sh("dd if=/dev/urandom of=/mnt/data0/two bs=64k count=16 conv=fsync 2>/dev/null")
     lab.read_only()
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+    assert job["properties"]["status"] == "CompletedWithWarnings" and fell_back(job), job
     (why,) = [w["message"] for w in warnings(job) if w["code"] == "cbt_fallback"]
     assert "QEMU was restarted" in why and "reading all data and comparing hashes" in why, why
     lab.assert_point_is_the_disk(tmp_path)
@@ -100,7 +100,7 @@ def test_changes_behind_the_bitmaps_back_are_caught_by_the_sample_check(lab: Lab
     lab.restart()
     lab.read_only()
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings" and fell_back(job), job
+    assert job["properties"]["status"] == "CompletedWithWarnings" and fell_back(job), job
     (why,) = [w["message"] for w in warnings(job) if w["code"] == "cbt_fallback"]
     assert "changed although the dirty bitmap calls it clean" in why, why
     lab.assert_point_is_the_disk(tmp_path)

@@ -64,14 +64,14 @@ def _device(name: str) -> str:
 
 def test_incremental_reads_only_what_the_guest_wrote(lab: Lab) -> None:
     first = backup(lab.cli, VM)
-    assert first["status"] == "Completed", first
-    assert latest_point(lab.cli, VM)["consistency"] == "FileSystemConsistent"
+    assert first["properties"]["status"] == "Completed", first
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "FileSystemConsistent"
 
     lab.guest.sh("dd if=/dev/urandom of=/mnt/data0/big bs=1M count=32 conv=fsync 2>/dev/null")
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 40 * MiB, job["progress"]
-    assert job["progress"]["bytesRead"] >= 32 * MiB, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 40 * MiB, job["properties"]["extendedInfo"]
+    assert job["properties"]["extendedInfo"]["bytesRead"] >= 32 * MiB, job["properties"]["extendedInfo"]
 
 
 def test_a_file_written_after_the_instant_is_absent(lab: Lab, tmp_path: Path) -> None:

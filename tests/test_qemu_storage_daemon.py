@@ -63,19 +63,19 @@ def test_incremental_backups_read_only_changes_and_survive_a_clean_restart(
     daemon: StorageDaemon, cli: Cli, tmp_path: Path
 ) -> None:
     first = backup(cli, VM)
-    assert first["status"] == "Completed", first  # a storage daemon has no guest: no agent warning
+    assert first["properties"]["status"] == "Completed", first  # a storage daemon has no guest: no agent warning
     _scribble(daemon, seed=1, blocks=20)
     job = backup(cli, VM)
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 20 * 64 * 1024, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 20 * 64 * 1024, job["properties"]["extendedInfo"]
     _assert_point_is_the_disk(cli, daemon, tmp_path)
 
     daemon.quit()  # persistent bitmaps are written back at a clean exit...
     daemon.start()
     _scribble(daemon, seed=2, blocks=20)
     job = backup(cli, VM)  # ...and reloaded: tracking goes on across the restart
-    assert job["status"] == "Completed" and not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 20 * 64 * 1024, job["progress"]
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 20 * 64 * 1024, job["properties"]["extendedInfo"]
     _assert_point_is_the_disk(cli, daemon, tmp_path)
 
     # Killed while its bitmap, loaded from the image at start, was in use: it comes back inconsistent.
@@ -97,7 +97,7 @@ def test_a_raw_disk_is_tracked_only_while_its_qemu_runs(daemon: StorageDaemon, c
     _scribble(daemon, seed=1, blocks=10)
     job = backup(cli, VM)
     assert not fell_back(job), job
-    assert job["progress"]["bytesRead"] <= 10 * 64 * 1024, job["progress"]
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 10 * 64 * 1024, job["properties"]["extendedInfo"]
     daemon.quit()
     daemon.start()
     _scribble(daemon, seed=2, blocks=10)
@@ -148,8 +148,9 @@ def test_fleece_space_is_checked_before_anything_starts(daemon: StorageDaemon, c
         r = cli.run(*cli.backup_args(VM))
         assert not r.ok and "Traceback" not in r.output, str(r)
         job = r.json()
-        assert job["status"] == "Failed" and job["error"]["code"] == "fleece_space", job
-        assert "MiB free for fleece overlays" in job["error"]["message"], job
+        (error,) = job["properties"]["errorDetails"]
+        assert job["properties"]["status"] == "Failed" and error["errorCode"] == "fleece_space", job
+        assert "MiB free for fleece overlays" in error["errorString"], job
     finally:
         subprocess.run(["umount", str(fleece)], check=True)
     nodes = daemon.qmp("query-named-block-nodes", {"flat": True})

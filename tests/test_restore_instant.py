@@ -103,7 +103,7 @@ def _check_overlay_alone(path: Path) -> subprocess.CompletedProcess[str]:
 
 def _stop_copy(cli: Cli, job_id: str | None, template: dict[str, Any], test_qmp: Path) -> None:
     """Leave nothing running when the test failed half-way."""
-    if job_id and _job(cli, job_id)["status"] == "InProgress":
+    if job_id and _job(cli, job_id)["properties"]["status"] == "InProgress":
         cli.run("job", "cancel", job_id)
         with contextlib.suppress(Exception):
             cli.run("job", "wait", job_id, "--timeout", "60")
@@ -124,11 +124,12 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
     r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", "fast", "--target-dir", str(target), "--instant",
                     timeout=600)  # fmt: skip
     template = json.loads((target / "fast.json").read_text()) if (target / "fast.json").exists() else {}
-    job_id = r.json().get("id") if r.output.strip().startswith("{") else None
+    job_id = r.json().get("name") if r.output.strip().startswith("{") else None
     test_qmp = Path(template["sockets"]["qmp"]).parent / "qmp.sock" if template else Path("/nonexistent")
     try:
         assert r.ok, str(r)
-        assert r.json()["status"] == "InProgress", "the command returns while the disks are still being copied"
+        status = r.json()["properties"]["status"]
+        assert status == "InProgress", "the command returns while the disks are still being copied"
         agent = template["sockets"]["guestAgent"]
         os0, data0 = target / "os0.qcow2", target / "data0.qcow2"
 
@@ -137,7 +138,7 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
         assert _sh(agent, "grep ' / ' /proc/mounts").stdout.startswith("/dev/vda / ext4")
         assert _sh(agent, "cat /only-on-os-disk").stdout == "before\n"
         assert _sh(agent, "echo during > /written-during && sync").ok
-        state = _job(lab.cli, job_id or "")["extendedInfo"]["restore"]
+        state = _job(lab.cli, job_id or "")["properties"]["extendedInfo"]["restore"]
         assert state["state"] == "Copying" and state["vmRunning"]
         export_pid = int(state["exportPid"])
         assert pid_alive(export_pid)
@@ -148,10 +149,12 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
             dd = ga.guest_exec("/bin/sh", ["-c", "dd if=/dev/vda of=/dev/null bs=1M skip=64 count=32"])
         _wait("the VM to pause on the lost export", lambda: _qmp(test_qmp, "query-status")["status"] == "io-error")
         assert _qmp(test_qmp, "query-status")["running"] is False
-        error = _wait("the job to report the lost export", lambda: _job(lab.cli, job_id or "").get("error"), 10)
-        assert error["code"] == "export_lost" and "pauses (io-error)" in error["message"], error
-        assert "restarts the export" in error["recommendedAction"]
-        assert _job(lab.cli, job_id or "")["status"] == "InProgress"
+        error = _wait(
+            "the job to report the lost export", lambda: _job(lab.cli, job_id or "")["properties"]["errorDetails"], 10
+        )[0]
+        assert error["errorCode"] == "export_lost" and "pauses (io-error)" in error["errorString"], error
+        assert "restarts the export" in error["recommendations"][0]
+        assert _job(lab.cli, job_id or "")["properties"]["status"] == "InProgress"
         checked = _check_overlay_alone(os0)
         assert checked.returncode == 0, f"the overlay is damaged while paused: {checked.stdout}{checked.stderr}"
 
@@ -161,7 +164,7 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
             status = _wait("dd to finish", lambda: (s := ga.guest_exec_status(dd))["exited"] and s, 60)
         assert status.get("exitcode") == 0, status
         assert "I/O error" not in _sh(agent, "dmesg").stdout
-        assert _job(lab.cli, job_id or "").get("error") is None
+        assert _job(lab.cli, job_id or "")["properties"]["errorDetails"] == []
         assert _sh(agent, "cat /written-during").stdout == "during\n"
 
         # the rest of the copy at full speed; the job completes, the export is gone, the disks are local
@@ -171,8 +174,8 @@ def test_instant_restore_runs_from_the_vault_survives_a_lost_export_and_moves_to
             except QmpError as exc:  # the small disk's stream may conclude between the query and this
                 assert "concluded" in str(exc), exc
         done = lab.cli.run("job", "wait", job_id or "", "--timeout", "300", timeout=400)
-        assert done.ok and done.json()["status"] == "Completed", str(done)
-        state = _job(lab.cli, job_id or "")["extendedInfo"]["restore"]
+        assert done.ok and done.json()["properties"]["status"] == "Completed", str(done)
+        state = _job(lab.cli, job_id or "")["properties"]["extendedInfo"]["restore"]
         assert state["disks"] == [str(os0), str(data0)] and state["exportClosed"]
         assert not pid_alive(int(state["exportPid"])), "the export still runs after the switch-over"
         assert not Path(state["exportSocket"]).exists()
@@ -209,17 +212,17 @@ def test_cancelling_an_instant_restore_stops_the_copy_and_removes_it(lab: Lab) -
     target = lab.workdir / "gone"
     r = lab.cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", "gone", "--target-dir", str(target), "--instant",
                     timeout=600)  # fmt: skip
-    assert r.ok and r.json()["status"] == "InProgress", str(r)
-    job_id = r.json()["id"]
+    assert r.ok and r.json()["properties"]["status"] == "InProgress", str(r)
+    job_id = r.json()["name"]
     template = json.loads((target / "gone.json").read_text())
-    state = _job(lab.cli, job_id)["extendedInfo"]["restore"]
+    state = _job(lab.cli, job_id)["properties"]["extendedInfo"]["restore"]
     qemu_pid = int(Path(template["pidFile"]).read_text())
     run_dir = Path(template["sockets"]["qmp"]).parent
     try:
         lab.cli.ok("job", "cancel", job_id)
         done = lab.cli.run("job", "wait", job_id, "--timeout", "120", timeout=200)
-        assert done.json()["status"] == "Cancelled", str(done)
-        assert "stopped and removed" in done.json()["error"]["message"]
+        assert done.json()["properties"]["status"] == "Cancelled", str(done)
+        assert "stopped and removed" in done.json()["properties"]["errorDetails"][0]["errorString"]
         assert not pid_alive(qemu_pid) and not pid_alive(int(state["exportPid"]))
         assert "gone" not in [v["name"] for v in lab.cli.vms()]
         assert not list(target.glob("*.qcow2")) and not (target / "gone.json").exists()

@@ -81,7 +81,7 @@ def test_replace_disks_brings_the_point_back_and_resets_tracking(lab: Lab) -> No
     lab.guest.quit()
     assert any(b.startswith("vmv-") for b in _bitmaps(lab.guest.disks[0].path)), "no tracking bitmap to reset"
     job = lab.cli.ok("restore", "replace-disks", VM, "--rp", lab.rp).json()
-    assert job["status"] == "Completed" and job["operation"] == "Restore", job
+    assert job["properties"]["status"] == "Completed" and job["properties"]["operation"] == "Restore", job
     assert _leftovers(lab) == []
     for d in lab.guest.disks:
         assert not [b for b in _bitmaps(d.path) if b.startswith("vmv-")]
@@ -92,7 +92,7 @@ def test_replace_disks_brings_the_point_back_and_resets_tracking(lab: Lab) -> No
     # the next backup does not trust the old chain, and its point is the disks as they are now
     lab.guest.sh("echo new > /mnt/data1/new && sync")
     job = backup(lab.cli, VM)
-    assert job["status"] in ("Completed", "CompletedWithWarnings"), job
+    assert job["properties"]["status"] in ("Completed", "CompletedWithWarnings"), job
     out = lab.workdir / "check"
     lab.cli.ok("restore", "disks", VM, "--rp", rp_id(latest_point(lab.cli, VM)), "--target-dir", str(out),
                "--format", "raw")  # fmt: skip

@@ -123,7 +123,7 @@ def test_a_restored_vm_boots_from_its_restored_os_disk(lab: Lab) -> None:
                     timeout=600)  # fmt: skip
     template = json.loads((target / "copy1.json").read_text()) if (target / "copy1.json").exists() else {}
     try:
-        assert r.ok and r.json()["status"] == "Completed", str(r)
+        assert r.ok and r.json()["properties"]["status"] == "Completed", str(r)
         agent = template["sockets"]["guestAgent"]
         root = _agent_sh(agent, "grep ' / ' /proc/mounts").stdout
         assert root.startswith("/dev/vda / ext4"), f"the copy did not boot from its OS disk: {root!r}"
@@ -195,7 +195,7 @@ def test_not_enough_free_space_is_refused_first(tmp_path: Path, monkeypatch: pyt
 def test_restore_disks_writes_a_template_pointing_only_inside_the_target(lab: Lab) -> None:
     target = lab.workdir / "disks-only-os"
     r = lab.cli.ok("restore", "disks", VM, "--rp", lab.rp, "--target-dir", str(target), "--disk", "os0")
-    assert r.json()["status"] == "Completed"
+    assert r.json()["properties"]["status"] == "Completed"
     assert sorted(p.name for p in target.iterdir()) == ["orig-template.json", "os0.qcow2"]
     template = json.loads((target / "orig-template.json").read_text())
     assert [d["name"] for d in template["disks"]] == ["os0"]

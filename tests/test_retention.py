@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from vmvault.domain.retention import compute_retention, parse_retention_policy
+from vmvault.domain.retention import RetentionPolicy, compute_retention, parse_retention_policy
 from vmvault.errors import InvalidInput
 
 
@@ -241,3 +241,72 @@ def test_no_policy_keeps_scheduled_points_and_on_demand_ones_expire() -> None:
 def test_bad_retention_names_the_field(policy: dict[str, Any], zone: str, field: str) -> None:
     with pytest.raises(InvalidInput, match=field):
         parse_retention_policy(policy, zone)
+
+
+# ---- Enhanced (V2) policies: several points a day ------------------------------------------------
+
+
+def enhanced_hourly(instant_days: int) -> Any:
+    from vmvault.domain.policy import parse_policy
+
+    return parse_policy({
+        "policyType": "V2",
+        "instantRpRetentionRangeInDays": instant_days,
+        "schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2", "scheduleRunFrequency": "Hourly",
+                           "hourlySchedule": {"interval": 4, "scheduleWindowStartTime": "2020-01-01T08:00:00Z",
+                                              "scheduleWindowDuration": 12}},
+        "retentionPolicy": {
+            "dailySchedule": {"retentionDuration": duration(3, "Days")},
+            "weeklySchedule": {"daysOfTheWeek": ["Sunday"], "retentionDuration": duration(2, "Weeks")},
+        },
+        "timeZone": "UTC",
+    })  # fmt: skip
+
+
+def test_enhanced_daily_rule_keeps_the_first_point_of_a_day_and_the_others_instant_rp_days() -> None:
+    from vmvault.domain.retention import policy_retention
+
+    # 1-5 January 2026 (Thursday to Monday), backups at 08, 12, 16 and 20 UTC
+    points = [p for day in range(1, 6) for p in daily_points(f"2026-01-0{day}T08:00Z", f"2026-01-0{day}T20:00Z", 4)]
+    rules = policy_retention(enhanced_hourly(1))
+    result = compute_retention(points, rules, now=utc("2026-01-05T21:00Z"), keep_latest=False)
+    assert survivors(result) == [
+        "2026-01-03T08:00Z",  # daily: 3 days after 08:00 on the 3rd is 08:00 on the 6th
+        "2026-01-04T08:00Z",  # daily and weekly (a Sunday)
+        "2026-01-05T08:00Z",
+        "2026-01-05T12:00Z", "2026-01-05T16:00Z", "2026-01-05T20:00Z",  # the day's others: 1 day
+    ]  # fmt: skip
+    kept = by_id(result)
+    assert kept["2026-01-04T08:00Z"].rules == ("Daily", "Weekly")
+    assert kept["2026-01-04T08:00Z"].expires == utc("2026-01-18T08:00Z")
+    assert kept["2026-01-05T12:00Z"].rules == ("Hourly",)
+    assert kept["2026-01-05T12:00Z"].expires == utc("2026-01-06T12:00Z")
+    assert kept["2026-01-04T12:00Z"].expires == utc("2026-01-05T12:00Z") and not kept["2026-01-04T12:00Z"].keep
+    # The same rules read as a Standard policy's: every point takes the daily rule (3 days each).
+    standard = compute_retention(points, RetentionPolicy(rules.rules, rules.tz), now=utc("2026-01-05T21:00Z"),
+                                 keep_latest=False)  # fmt: skip
+    assert survivors(standard) == [p for p, _ in points if p >= "2026-01-03"]
+
+
+def test_enhanced_first_point_of_the_day_is_judged_in_the_policy_time_zone() -> None:
+    from vmvault.domain.policy import parse_policy
+    from vmvault.domain.retention import policy_retention
+
+    doc = {
+        "policyType": "V2",
+        "instantRpRetentionRangeInDays": 2,
+        "schedulePolicy": {"scheduleRunFrequency": "Hourly",
+                           "hourlySchedule": {"interval": 6, "scheduleWindowStartTime": "2020-01-01T00:00:00Z",
+                                              "scheduleWindowDuration": 24}},
+        "retentionPolicy": {"dailySchedule": {"retentionDuration": duration(10, "Days")}},
+        "timeZone": "Tokyo Standard Time",  # +09:00: the local day starts at 15:00 UTC
+    }  # fmt: skip
+    points = daily_points("2026-06-01T15:00Z", "2026-06-02T09:00Z", 6)  # 00, 06, 12, 18 JST on 2 June
+    result = by_id(compute_retention(points, policy_retention(parse_policy(doc)), now=utc("2026-06-02T10:00Z"),
+                                     keep_latest=False))  # fmt: skip
+    assert result["2026-06-01T15:00Z"].rules == ("Daily",)  # 00:00 JST: the first of 2 June
+    assert result["2026-06-01T15:00Z"].expires == utc("2026-06-11T15:00Z")
+    assert [result[k].rules for k in ("2026-06-01T21:00Z", "2026-06-02T03:00Z", "2026-06-02T09:00Z")] == [
+        ("Hourly",)
+    ] * 3
+    assert result["2026-06-02T09:00Z"].expires == utc("2026-06-04T09:00Z")

@@ -28,7 +28,8 @@ def iso_plus(text: str, days: int) -> str:
 
 
 def by_id(cli: Cli, vm: str) -> dict[str, dict[str, Any]]:
-    return {rp_id(p): p for p in cli.points(vm)}
+    """Each point's properties by its name (the id --rp takes)."""
+    return {rp_id(p): p["properties"] for p in cli.points(vm)}
 
 
 def in_process(cli: Cli) -> Any:
@@ -54,14 +55,16 @@ def test_points_follow_the_policy_and_policy_set_recomputes(small_image: Path, t
     point = by_id(cli, vm)[first]
     # DefaultPolicy: daily points kept 180 days (UTC).
     assert point["retentionRules"] == ["Daily", "Latest"]
-    assert point["expires"] == iso_plus(point["time"], 180)
+    assert point["recoveryPointProperties"]["expiryTime"] == iso_plus(point["recoveryPointTime"], 180)
+    assert point["recoveryPointProperties"]["ruleName"] == "Daily"
 
     policy = cli.ok("policy", "show", "DefaultPolicy", "--vault", prot.vault).json()
     props = policy.get("properties", policy)
     props["retentionPolicy"]["dailySchedule"]["retentionDuration"]["count"] = 7
     (tmp_path / "policy.json").write_text(json.dumps(policy))
     cli.ok("policy", "set", "DefaultPolicy", "--vault", prot.vault, "--file", str(tmp_path / "policy.json"))
-    assert by_id(cli, vm)[first]["expires"] == iso_plus(point["time"], 7)
+    expiry = by_id(cli, vm)[first]["recoveryPointProperties"]["expiryTime"]
+    assert expiry == iso_plus(point["recoveryPointTime"], 7)
 
     assert cli.backup_now(vm).ok  # on-demand, kept 30 days; it takes the rule Latest
     second = cli.point_ids(vm)[1]

@@ -110,3 +110,84 @@ def test_weekly_runs_only_on_its_days() -> None:
 def test_naive_after_is_refused() -> None:
     with pytest.raises(ValueError, match="aware"):
         next_run(policy("UTC", "10:00"), datetime(2026, 1, 1))
+
+
+# ---- Enhanced (V2) hourly windows: literal instants worked out by hand -----------------------------
+# America/Los_Angeles 2026 ("Pacific Standard Time", CLDR): PDT (-07) -> PST (-08) on Sun 1 November
+# at 09:00 UTC (02:00 PDT -> 01:00 PST, so 01:00-02:00 happens twice).
+
+
+def hourly(tz: str, start: str, interval: int, hours: int) -> Any:
+    return parse_policy({
+        "policyType": "V2",
+        "schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2", "scheduleRunFrequency": "Hourly",
+                           "hourlySchedule": {"interval": interval, "scheduleWindowDuration": hours,
+                                              "scheduleWindowStartTime": f"2020-01-01T{start}:00Z"}},
+        "retentionPolicy": {"dailySchedule": {"retentionDuration": {"count": 7, "durationType": "Days"}}},
+        "timeZone": tz,
+    })  # fmt: skip
+
+
+def iso(slots: list[datetime]) -> list[str]:
+    return [s.strftime("%Y-%m-%dT%H:%MZ") for s in slots]
+
+
+def test_hourly_window_on_berlins_spring_forward_day_keeps_its_wall_times() -> None:
+    # 01:00 CET = 00:00 UTC; then the clock jumps: 05:00 CEST = 03:00 UTC (3 hours later, not 4).
+    p = hourly("Europe/Berlin", "01:00", 4, 24)
+    slots = slots_between(p, utc("2026-03-28T23:00:00Z"), utc("2026-03-29T22:00:00Z"))
+    assert iso(slots) == ["2026-03-29T00:00Z", "2026-03-29T03:00Z", "2026-03-29T07:00Z", "2026-03-29T11:00Z",
+                          "2026-03-29T15:00Z", "2026-03-29T19:00Z"]  # fmt: skip
+
+
+def test_hourly_window_starting_in_berlins_gap_starts_after_it() -> None:
+    # 02:00 does not exist on 29 March: the first backup runs at 03:00 CEST = 01:00 UTC, the next at 06:00 CEST.
+    p = hourly("Europe/Berlin", "02:00", 4, 8)
+    slots = slots_between(p, utc("2026-03-28T23:00:00Z"), utc("2026-03-29T22:00:00Z"))
+    assert iso(slots) == ["2026-03-29T01:00Z", "2026-03-29T04:00Z", "2026-03-29T08:00Z"]
+    # the day before, the same window in CET: 02:00, 06:00, 10:00 = 01:00, 05:00, 09:00 UTC
+    before = slots_between(p, utc("2026-03-27T23:00:00Z"), utc("2026-03-28T22:00:00Z"))
+    assert iso(before) == ["2026-03-28T01:00Z", "2026-03-28T05:00Z", "2026-03-28T09:00Z"]
+
+
+def test_hourly_window_on_the_pacific_fall_back_day_runs_the_repeated_hour_once() -> None:
+    # 01:00 happens at 08:00 UTC (PDT) and again at 09:00 UTC (PST): one backup, at the first.
+    p = hourly("Pacific Standard Time", "01:00", 4, 8)
+    assert p.time_zone == "Pacific Standard Time" and p.iana_zone == "America/Los_Angeles"
+    slots = slots_between(p, utc("2026-11-01T06:00:00Z"), utc("2026-11-02T06:00:00Z"))
+    assert iso(slots) == ["2026-11-01T08:00Z", "2026-11-01T13:00Z", "2026-11-01T17:00Z"]
+    assert next_run(p, utc("2026-11-01T08:00:00Z")) == utc("2026-11-01T13:00:00Z")  # not 09:00 again
+
+
+def test_hourly_window_across_midnight_and_its_end_included() -> None:
+    # 22:00 + 8 hours every 4: 22:00, 02:00 and 06:00 (the window's end is a backup).
+    p = hourly("UTC", "22:00", 4, 8)
+    slots = slots_between(p, utc("2026-01-01T12:00:00Z"), utc("2026-01-02T12:00:00Z"))
+    assert iso(slots) == ["2026-01-01T22:00Z", "2026-01-02T02:00Z", "2026-01-02T06:00Z"]
+    # a 24-hour window every 6 hours from 22:00: four backups, the 22:00 of the next day not doubled
+    whole_day = hourly("UTC", "22:00", 6, 24)
+    assert [t.strftime("%H:%M") for t in whole_day.schedule.run_times] == ["04:00", "10:00", "16:00", "22:00"]
+    # a window shorter than the interval: one backup a day
+    assert [t.strftime("%H:%M") for t in hourly("UTC", "08:30", 12, 4).schedule.run_times] == ["08:30"]
+
+
+DAYS_7 = {"count": 7, "durationType": "Days"}
+WEEKS_4 = {"count": 4, "durationType": "Weeks"}
+
+
+def test_enhanced_daily_and_weekly_forms_run_like_standard_ones() -> None:
+    daily = parse_policy({"schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2",
+                                             "scheduleRunFrequency": "Daily",
+                                             "dailySchedule": {"scheduleRunTimes": ["2020-01-01T02:30:00Z"]}},
+                          "retentionPolicy": {"dailySchedule": {"retentionDuration": DAYS_7}},
+                          "timeZone": "W. Europe Standard Time"})  # fmt: skip
+    assert next_run(daily, utc("2026-03-28T12:00:00Z")) == utc("2026-03-29T01:00:00Z")  # the gap, as V1
+    weekly = parse_policy({"policyType": "V2",
+                           "schedulePolicy": {"scheduleRunFrequency": "Weekly",
+                                              "weeklySchedule": {"scheduleRunDays": ["Sunday"],
+                                                                 "scheduleRunTimes": ["2020-01-01T01:30:00Z"]}},
+                           "retentionPolicy": {"weeklySchedule": {"daysOfTheWeek": ["Sunday"],
+                                                                  "retentionDuration": WEEKS_4}},
+                           "timeZone": "Eastern Standard Time"})  # fmt: skip
+    assert weekly.policy_type == "V2" and weekly.schedule.run_days == (6,)
+    assert next_run(weekly, utc("2026-10-26T00:00:00Z")) == utc("2026-11-01T05:30:00Z")  # first 01:30 EDT

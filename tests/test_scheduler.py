@@ -169,37 +169,38 @@ def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
     offset = (slot - timedelta(seconds=45) - datetime.now(UTC)).total_seconds()
     due_real = time.time() + 45
     cli = Cli(home=setup.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": f"{offset:.3f}"})
-    shown = cli.ok("item", "show", "vm1").json()
+    shown = cli.ok("item", "show", "vm1").json()["properties"]
     assert shown["nextScheduledBackup"] == kolkata.isoformat(timespec="seconds")
     assert due_real - time.time() <= 90
     serve = Serve(cli)
     try:
 
         def backups() -> list[dict[str, Any]]:
-            return [j for j in cli.jobs() if j["operation"] == "Backup"]
+            return [j for j in cli.jobs() if j["properties"]["operation"] == "Backup"]
 
         wait_for(lambda: bool(backups()), 150, "the scheduled backup to start", interval=0.5)
         (job,) = backups()
-        started = datetime.fromisoformat(job["startTime"].replace("Z", "+00:00")).timestamp()
+        started = datetime.fromisoformat(job["properties"]["startTime"].replace("Z", "+00:00")).timestamp()
         assert due_real - 1 <= started <= due_real + 15, f"started {started - due_real:+.1f} s from its slot"
-        final = cli.ok("job", "wait", job["id"], "--timeout", "120").json()
-        assert final["status"] == "Completed", final
-        info = cli.ok("job", "show", job["id"]).json()["extendedInfo"]
+        final = cli.ok("job", "wait", job["name"], "--timeout", "120").json()
+        assert final["properties"]["status"] == "Completed", final
+        info = cli.ok("job", "show", job["name"]).json()["properties"]["extendedInfo"]
         assert info["trigger"] == "Scheduled" and info["policy"] == "Soon"
         assert info["scheduledFor"] == slot.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
         assert info["owner"]["pid"] == serve.proc.pid
         assert [t["status"] for t in info["tasksList"]] == ["Completed"]
         (point,) = cli.points("vm1")
-        assert point["id"] == info["recoveryPoint"]
-        after = cli.ok("item", "show", "vm1").json()
+        assert point["name"] == info["recoveryPoint"]
+        after = cli.ok("item", "show", "vm1").json()["properties"]
         assert after["lastBackupStatus"] == "Completed" and after["protectionState"] == "Protected"
         assert after["nextScheduledBackup"] == (kolkata + timedelta(days=1)).isoformat(timespec="seconds")
 
         # With the service running, `backup now` goes to its queue and waits for the job.
         r = cli.ok(*cli.backup_args("vm1"))
         assert "queued to vmvault serve" in r.stderr
-        assert r.json()["status"] == "Completed"
-        assert cli.ok("job", "show", r.json()["id"]).json()["extendedInfo"]["owner"]["pid"] == serve.proc.pid
+        assert r.json()["properties"]["status"] == "Completed"
+        shown_job = cli.ok("job", "show", r.json()["name"]).json()
+        assert shown_job["properties"]["extendedInfo"]["owner"]["pid"] == serve.proc.pid
         # A second service on the same home is refused.
         second = cli.run("serve", "--listen", "none")
         assert second.returncode == 75 and "already running" in second.stderr, second
@@ -229,3 +230,51 @@ def test_the_service_runs_retention_when_it_is_due(tmp_path: Path) -> None:
             maintenance.stop()
         (job,) = [j for j in repos_jobs(ctx) if j.operation == "Retention"]
         assert job.status == "Completed"
+
+
+def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path) -> None:
+    from vmvault.catalog import repos
+    from vmvault.service import backups, policies, protection, scheduler, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(MiB) + b"h" * MiB)
+    doc = {
+        "properties": {
+            "policyType": "V2",
+            "instantRpRetentionRangeInDays": 2,
+            "schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2", "scheduleRunFrequency": "Hourly",
+                               "hourlySchedule": {"interval": 4, "scheduleWindowStartTime": "2020-01-01T08:00:00Z",
+                                                  "scheduleWindowDuration": 12}},
+            "retentionPolicy": {"dailySchedule": {"retentionDuration": {"count": 7, "durationType": "Days"}}},
+            "timeZone": "Pacific Standard Time",
+        }
+    }  # fmt: skip
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "vm1", [disk])
+        policies.create_policy(ctx, "v1", "Hourly", doc)
+        protection.enable_protection(ctx, "vm1", "v1", policy="Hourly")
+        with ctx.catalog.write() as s:  # 1 June 2026, 07:00 PDT
+            repos.update_protected_item(s, repos.get_vm(s, "vm1").id, schedule_anchor="2026-06-01T14:00:00.000000Z")
+
+        def at(text: str) -> datetime:
+            return datetime.fromisoformat(text).astimezone(UTC)
+
+        # 08:00, 12:00, 16:00 and 20:00 PDT (UTC-7); nothing between them, nothing after 20:00.
+        slots = ["2026-06-01T15:00:00", "2026-06-01T19:00:00", "2026-06-01T23:00:00", "2026-06-02T03:00:00"]
+        queued: list[str] = []
+        for slot in slots:
+            assert scheduler.tick(ctx, at(slot + "+00:00") - timedelta(seconds=1)) == [], slot
+            jobs = scheduler.tick(ctx, at(slot + "+00:00"))
+            assert len(jobs) == 1, slot
+            queued += jobs
+            assert run_queued(ctx, backups) == jobs[0]
+        assert scheduler.tick(ctx, at("2026-06-02T14:59:00+00:00")) == []  # the night: no backup
+        assert len(scheduler.tick(ctx, at("2026-06-02T15:00:00+00:00"))) == 1  # 08:00 PDT the next day
+        details = {j.id: j.details for j in repos_jobs(ctx)}
+        assert [details[j]["scheduledFor"][:16] for j in queued] == [s[:16] for s in slots]
+        # The first backup of the (local) day takes the daily rule (7 days), the others instant-RP days (2).
+        assert [details[j]["retainUntil"] for j in queued] == ["2026-06-08", "2026-06-03", "2026-06-03", "2026-06-03"]
+        assert len(backups.list_recovery_points(ctx, "vm1")) == 4

@@ -29,14 +29,15 @@ def test_kill_9_of_serve_mid_backup_then_sigterm(tmp_path: Path) -> None:
     killed = False
     try:
         job = cli.ok("backup", "now", "vm1", "--no-wait").json()
-        assert job["status"] == "InProgress"
+        assert job["properties"]["status"] == "InProgress"
 
         def far_enough() -> bool:
-            shown = cli.ok("job", "show", job["id"]).json()
-            return shown["progress"]["percent"] >= 30 and bool(vault_files(tmp_path / "v1", "data"))
+            shown = cli.ok("job", "show", job["name"]).json()
+            percent = shown["properties"]["extendedInfo"]["progressPercentage"]
+            return percent >= 30 and bool(vault_files(tmp_path / "v1", "data"))
 
         wait_for(far_enough, 120, "the backup to pass 30 % and publish a data pack", interval=0.3)
-        running = cli.ok("job", "show", job["id"]).json()
+        running = cli.ok("job", "show", job["name"]).json()["properties"]
         assert running["status"] == "InProgress" and running["extendedInfo"]["owner"]["pid"] == serve.proc.pid
         serve.proc.send_signal(signal.SIGKILL)
         killed = True
@@ -48,31 +49,30 @@ def test_kill_9_of_serve_mid_backup_then_sigterm(tmp_path: Path) -> None:
     # The next start of the service marks the job Failed, with a message.
     again = Serve(paused)
     try:
-        failed = cli.ok("job", "show", job["id"]).json()
+        failed = cli.ok("job", "show", job["name"]).json()["properties"]
         assert failed["status"] == "Failed", failed
-        assert failed["error"]["code"] == "process_died"
-        assert (
-            f"pid {serve.proc.pid}" in failed["error"]["message"] and "no recovery point" in failed["error"]["message"]
-        )
-        assert failed["error"]["recommendedAction"]
+        (error,) = failed["errorDetails"]
+        assert error["errorCode"] == "process_died"
+        assert f"pid {serve.proc.pid}" in error["errorString"] and "no recovery point" in error["errorString"]
+        assert error["recommendations"] and error["recommendations"][0]
         assert cli.points("vm1") == []
-        assert cli.ok("item", "show", "vm1").json()["lastBackupStatus"] == "Failed"
+        assert cli.ok("item", "show", "vm1").json()["properties"]["lastBackupStatus"] == "Failed"
 
         # SIGTERM while the next backup runs: it is cancelled cleanly and the service exits 0.
         second = cli.ok("backup", "now", "vm1", "--no-wait").json()
         before = set(vault_files(tmp_path / "v1", "data"))
 
         def writing() -> bool:
-            shown: dict[str, Any] = cli.ok("job", "show", second["id"]).json()
+            shown: dict[str, Any] = cli.ok("job", "show", second["name"]).json()["properties"]
             return shown["extendedInfo"]["owner"] is not None and set(vault_files(tmp_path / "v1", "data")) != before
 
         wait_for(writing, 120, "the second backup to publish a data pack", interval=0.3)
     finally:
         code = again.stop(signal.SIGTERM)
     assert code == 0
-    cancelled = cli.ok("job", "show", second["id"]).json()
+    cancelled = cli.ok("job", "show", second["name"]).json()["properties"]
     assert cancelled["status"] == "Cancelled", cancelled
-    assert "SIGTERM" in cancelled["error"]["message"]
+    assert "SIGTERM" in cancelled["errorDetails"][0]["errorString"]
     assert cli.points("vm1") == []
     r = cli.vault_verify("v1")
     assert r.ok, f"vault does not verify after a killed and a cancelled backup:\n{r}"

@@ -31,15 +31,19 @@ def test_soft_delete_undelete_and_purge(small_image: Path, tmp_path: Path) -> No
     assert cli.backup_now(vm).ok
     (first,) = cli.point_ids(vm)
 
-    job = cli.ok("protection", "disable", vm, "--delete-data").json()
+    job = cli.ok("protection", "disable", vm, "--delete-data").json()["properties"]
     assert (job["operation"], job["status"]) == ("DeleteBackupData", "Completed"), job
     deadline = job["deferredDeleteTimeInUTC"]
     assert deadline[:10] > job["startTime"][:10]
+    # The item as Azure shows a soft-deleted one: stopped, scheduled for deferred delete.
+    item = cli.ok("item", "show", vm).json()["properties"]
+    assert (item["protectionState"], item["isScheduledForDeferredDelete"]) == ("ProtectionStopped", True), item
+    assert item["deferredDeleteTimeInUTC"] == deadline
 
     # Hidden, listed on request, not restorable, no new backups.
     assert listed(cli, vm) == []
     (shown,) = listed(cli, vm, "--include-deleted")
-    assert (rp_id(shown), shown["isSoftDeleted"]) == (first, True)
+    assert (rp_id(shown), shown["properties"]["recoveryPointProperties"]["isSoftDeleted"]) == (first, True)
     r = cli.fails(*["restore", "disks", vm, "--rp", first, "--target-dir", str(tmp_path / "nope")])
     assert "soft deleted" in r.stderr and "protection undelete" in r.stderr, r
     assert not (tmp_path / "nope").exists()
@@ -52,8 +56,11 @@ def test_soft_delete_undelete_and_purge(small_image: Path, tmp_path: Path) -> No
     result = later(cli, 13).ok("retention", "run", "--no-gc").json()
     assert result["vaults"][0]["deletedPoints"] == [] and result["vaults"][0]["purgedItems"] == []
 
-    # Undelete: back, stopped, restorable; resume takes backups again.
-    cli.ok("protection", "undelete", vm)
+    # Undelete (Azure's Undelete operation): back, stopped, restorable; resume takes backups again.
+    undone = cli.ok("protection", "undelete", vm).json()["properties"]
+    assert (undone["operation"], undone["status"]) == ("Undelete", "Completed"), undone
+    item = cli.ok("item", "show", vm).json()["properties"]
+    assert (item["isScheduledForDeferredDelete"], item["deferredDeleteTimeInUTC"]) == (False, None), item
     assert [rp_id(p) for p in listed(cli, vm)] == [first]
     assert cli.ok("vm", "show", vm).json()["protectionState"] == "ProtectionStopped"
     r = cli.restore_disks(vm, first, tmp_path / "out")
@@ -90,7 +97,7 @@ def test_purge_time_is_fourteen_days_after_the_deletion(small_image: Path, tmp_p
 
     disk = whole_mib_disk(small_image, tmp_path / "disk.raw")
     prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
-    job = prot.cli.ok("protection", "disable", prot.vm, "--delete-data").json()
+    job = prot.cli.ok("protection", "disable", prot.vm, "--delete-data").json()["properties"]
     start = datetime.fromisoformat(job["startTime"].replace("Z", "+00:00"))
     deadline = datetime.fromisoformat(job["deferredDeleteTimeInUTC"].replace("Z", "+00:00"))
     assert abs(deadline - start - timedelta(days=14)) < timedelta(minutes=1)

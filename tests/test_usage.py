@@ -83,7 +83,7 @@ def test_vault_usage_reports_the_last_points_nonzero_bytes(cli: Cli, tmp_path: P
     mutate_image(disk, seed=11, fraction=0.05)
     assert cli.backup_now(prot.vm).ok
 
-    chunk = int(cli.ok("vault", "show", prot.vault).json()["chunkSize"])
+    chunk = int(cli.ok("vault", "show", prot.vault).json()["properties"]["chunkSize"])
     expected = nonzero_chunk_bytes(disk, chunk)
     assert 0 < expected < os.path.getsize(disk)
     usage = cli.ok("vault", "usage", prot.vault).json()
@@ -106,3 +106,14 @@ def test_vault_usage_reports_the_last_points_nonzero_bytes(cli: Cli, tmp_path: P
     assert r.returncode == 64, r
     table = cli.ok("vault", "usage", prot.vault, json_output=False)
     assert "monthlyTotal" in table.stdout and prot.vm in table.stdout
+
+    # Soft deleted: no instance fee for its 14 days (Azure's rule); undeleted, it is billed again.
+    cli.ok("protection", "disable", prot.vm, "--delete-data")
+    usage = cli.ok("vault", "usage", prot.vault).json()
+    (line,) = usage["items"]
+    assert (line["protectionState"], line["billed"], line["monthlyFee"]) == ("SoftDeleted", False, 0.0), line
+    assert "soft deleted" in line["tier"]
+    assert (usage["totals"]["protectedInstances"], usage["totals"]["instanceFees"]) == (0, 0.0)
+    cli.ok("protection", "undelete", prot.vm)
+    (line,) = cli.ok("vault", "usage", prot.vault).json()["items"]
+    assert (line["billed"], line["monthlyFee"]) == (True, 4.0), line

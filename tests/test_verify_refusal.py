@@ -26,19 +26,19 @@ def test_a_point_that_failed_verification_is_refused_until_a_verify_passes(
     assert prot.cli.backup_now(prot.vm).ok
     (point,) = prot.cli.points(prot.vm)
     rp = rp_id(point)
-    assert point["verification"]["state"] is None  # never verified yet: restorable
+    assert point["properties"]["verification"]["state"] is None  # never verified yet: restorable
 
     assert prot.cli.vault_verify(prot.vault).ok
     (point,) = prot.cli.points(prot.vm)
-    assert point["verification"]["state"] == "Passed"
+    assert point["properties"]["verification"]["state"] == "Passed"
 
     pack = max(vault_files(prot.storage, "data"), key=lambda p: p.stat().st_size)
     offset = pack.stat().st_size // 2  # inside a chunk's ciphertext
     _flip(pack, offset)
     assert not prot.cli.vault_verify(prot.vault).ok
     (point,) = prot.cli.points(prot.vm)
-    assert point["verification"]["state"] == "Failed"
-    assert point["verification"]["problem"], point
+    assert point["properties"]["verification"]["state"] == "Failed"
+    assert point["properties"]["verification"]["problem"], point
 
     target = tmp_path / "restore"
     r = prot.cli.fails("restore", "disks", "--vm", prot.vm, "--rp", rp, "--target-dir", str(target))
@@ -53,7 +53,7 @@ def test_a_point_that_failed_verification_is_refused_until_a_verify_passes(
     _flip(pack, offset)  # the storage is repaired
     assert prot.cli.vault_verify(prot.vault).ok
     (point,) = prot.cli.points(prot.vm)
-    assert point["verification"]["state"] == "Passed"
+    assert point["properties"]["verification"]["state"] == "Passed"
     r = prot.cli.restore_disks(prot.vm, rp, target)
     assert r.ok, r
     (restored,) = list(target.iterdir())

@@ -119,3 +119,10 @@ class Forbidden(VmvaultError):
     code = "forbidden"
     exit_code = 77
     http_status = 403
+
+
+class PathNotAllowed(Forbidden):
+    """A path from an API or portal caller outside the server's allowed roots (service/paths.py),
+    or a restore that would overwrite a registered VM's disk."""
+
+    code = "path_not_allowed"

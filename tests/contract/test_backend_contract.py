@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vmvault.errors import InvalidInput, ObjectNotFound, VmvaultError
+from vmvault.errors import AlreadyExists, InvalidInput, ObjectNotFound, VmvaultError
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
 
@@ -125,6 +125,57 @@ def test_a_prefix_is_not_an_object(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound):
         backend.delete("dir")
     assert backend.get("dir/yes") == b"1"
+
+
+# ---- put_if_absent --------------------------------------------------------------------------------
+
+
+def test_put_if_absent_creates(backend: Backend) -> None:
+    backend.put_if_absent("seq/000001", b"first")
+    assert backend.get("seq/000001") == b"first"
+    assert listing(backend, "seq") == {"seq/000001": 5}
+
+
+def test_put_if_absent_never_overwrites(backend: Backend) -> None:
+    backend.put("seq/1", b"original")
+    with pytest.raises(AlreadyExists) as info:
+        backend.put_if_absent("seq/1", b"usurper")
+    assert "seq/1" in str(info.value)
+    assert backend.get("seq/1") == b"original"
+    assert listing(backend) == {"seq/1": 8}, "a refused put_if_absent left something behind"
+
+
+def test_put_if_absent_refuses_invalid_names(backend: Backend) -> None:
+    with pytest.raises(InvalidInput):
+        backend.put_if_absent("../escape", b"x")
+
+
+def test_put_if_absent_race_has_one_winner(backend: Backend) -> None:
+    """Eight threads race for each name: exactly one wins, the object is the winner's, whole."""
+    for round_ in range(10):
+        name = f"race/{round_}"
+        wins: list[bytes] = []
+        losses: list[bytes] = []
+        barrier = threading.Barrier(8)
+
+        def contender(i: int, name: str = name, wins: list[bytes] = wins, losses: list[bytes] = losses,
+                      barrier: threading.Barrier = barrier) -> None:
+            data = bytes([i]) * (64 * 1024 + i)
+            barrier.wait()
+            try:
+                backend.put_if_absent(name, data)
+                wins.append(data)
+            except AlreadyExists:
+                losses.append(data)
+
+        threads = [threading.Thread(target=contender, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and len(losses) == 7, (len(wins), len(losses))
+        assert backend.get(name) == wins[0]
+    assert set(listing(backend, "race")) == {f"race/{i}" for i in range(10)}
 
 
 # ---- exists / delete ----------------------------------------------------------------------------

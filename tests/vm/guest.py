@@ -1,4 +1,4 @@
-"""Build the tiny test guest from Debian packages (../shared/notes/testvm.md, section 2).
+"""Build the tiny test guest from Debian packages (see docs/testing.md, "Test guests").
 
 kernel (linux-image-*-amd64) + busybox-static + qemu-guest-agent in a gzip'd initramfs, plus the
 uncompressed vmlinux (QEMU boots it through PVH, skipping the in-guest decompressor under TCG).

@@ -1,4 +1,4 @@
-"""libvirt for the tests: install it and start libvirtd idempotently (../shared/notes/testvm.md §8).
+"""libvirt for the tests: install it and start libvirtd idempotently.
 
 - apt packages (--no-install-recommends) only when one is missing;
 - the build-time `libvirt-qemu` user and group and the directories libvirtd needs;
@@ -170,6 +170,7 @@ class Domain:
     image: Any = None  # a GuestImage (default: the tiny guest)
     cmdline: str = ""
     nic: bool = False
+    memory_mib: int = 256
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, check=check, timeout=120)
@@ -177,7 +178,7 @@ class Domain:
     def define(self) -> Domain:
         xml = self.workdir / f"{self.name}.xml"
         xml.write_text(domain_xml(self.name, self.workdir, self.disks, agent=self.agent, image=self.image,
-                                  cmdline=self.cmdline, nic=self.nic))  # fmt: skip
+                                  cmdline=self.cmdline, nic=self.nic, memory_mib=self.memory_mib))  # fmt: skip
         self.virsh("define", str(xml))
         return self
 

@@ -36,12 +36,14 @@ def backup(cli: Cli, vm: str, *, ok: bool = True) -> dict[str, Any]:
     assert "Traceback" not in r.output, str(r)
     job: dict[str, Any] = r.json()
     if ok:
-        assert r.ok and job["status"] in ("Completed", "CompletedWithWarnings"), str(r)
+        assert r.ok and job["properties"]["status"] in ("Completed", "CompletedWithWarnings"), str(r)
     return job
 
 
 def warnings(job: dict[str, Any]) -> list[dict[str, Any]]:
-    return list((job.get("error") or {}).get("warnings") or [])
+    """The warnings of a job in Azure's shape (its first errorDetails entry carries them)."""
+    details = job["properties"]["errorDetails"]
+    return list(details[0].get("warnings") or []) if details else []
 
 
 def warning_codes(job: dict[str, Any]) -> list[str]:

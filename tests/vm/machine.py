@@ -1,4 +1,4 @@
-"""Real QEMU guests and qemu-storage-daemons for tests (../shared/notes/testvm.md).
+"""Real QEMU guests and qemu-storage-daemons for tests.
 
 Guests boot the tiny image of vm/guest.py under TCG (KVM only where /proc/cpuinfo shows vmx or svm;
 VMVAULT_TEST_ACCEL overrides), with two QMP sockets (one for the test, one for vmvault: QEMU serves

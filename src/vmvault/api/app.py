@@ -13,6 +13,7 @@ from vmvault.api.deps import Background
 from vmvault.api.routes import api_router
 from vmvault.api.signin import SignInGuard
 from vmvault.service.context import Context, open_context
+from vmvault.service.paths import PathPolicy, build_policy
 from vmvault.settings import Settings
 
 
@@ -21,12 +22,16 @@ def create_app(
     *,
     ctx: Context | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
+    paths: PathPolicy | None = None,
 ) -> FastAPI:
     """The API app; with ctx it shares that service context (vmvault serve), else it opens its own.
 
     status: what GET /healthz answers (vmvault serve's status); /health answers {"status": "ok"}.
+    paths: the allowed roots of the paths callers send (default: HOME/settings.toml, else the
+    defaults; service/paths.py). The API and the portal always run confined.
     """
     owned = ctx is None
+    policy = paths if paths is not None else build_policy(settings)
     context = ctx if ctx is not None else open_context(settings)
     runner = Background(context)
 
@@ -53,6 +58,7 @@ def create_app(
     )
     app.state.ctx = context
     app.state.signins = SignInGuard()  # failed sign-ins per client (api/signin.py)
+    app.state.remote_ctx = context.remote(policy)  # what handlers get: caller paths confined
     app.state.background = runner
     errors.install(app)
 
@@ -70,6 +76,9 @@ def create_app(
         return status() if status is not None else {"status": "ok"}
 
     app.include_router(api_router())
+    from vmvault.api.routes import metrics as metrics_route
+
+    metrics_route.install(app)  # GET /metrics (Prometheus), any token
     from vmvault.web import install as install_portal
 
     install_portal(app)  # the portal's pages at / (after the API's routes: they win on their paths)

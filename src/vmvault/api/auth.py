@@ -50,7 +50,8 @@ class Scope(StrEnum):
     VAULT = "vault"  # the {vault} path parameter
     VM = "vm"  # the vault protecting the {vm} path parameter
     JOB = "job"  # the vault of the {job_id} path parameter
-    BODY = "body"  # the vault named in the body: the handler checks it (check_vault)
+    BODY = "body"  # the vault named in the body: the handler checks it (check_vault); with a {vm}
+    # path parameter, a scoped token also needs that VM protected in its vault
 
 
 _OPERATOR = {
@@ -87,7 +88,8 @@ def authenticate_request(request: Request) -> Principal:
     if principal is None:
         guard.failed(client, "API")
         raise Unauthorized(
-            "the token is unknown, expired or revoked", hint="make a new one with: vmvault token create --role ROLE"
+            "the token is unknown, expired or revoked, or the vault it is scoped to was deleted",
+            hint="make a new one with: vmvault token create --role ROLE",
         )
     guard.succeeded(client)
     return principal
@@ -128,6 +130,10 @@ class Authorize:
             check_vault(principal, vault_of_vm(app_ctx(request), str(params.get("vm", ""))))
         elif self.scope is Scope.JOB:
             check_vault(principal, _vault_of_job(app_ctx(request), str(params.get("job_id", ""))))
+        elif self.scope is Scope.BODY and "vm" in params:
+            # the handler checks the body's vault; the VM must already be in the token's vault too:
+            # a scoped token never pulls a VM that is unprotected or in another vault into its own
+            check_vault(principal, vault_of_vm(app_ctx(request), str(params["vm"])))
 
 
 def _outside(principal: Principal) -> Forbidden:

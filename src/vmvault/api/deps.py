@@ -22,8 +22,9 @@ log = logging.getLogger("vmvault")
 
 
 def service_ctx(request: Request) -> Context:
-    """The server's service context (one per process, shared with the scheduler and workers)."""
-    ctx: Context = request.app.state.ctx
+    """The server's service context (one per process, shared with the scheduler and workers), as seen by
+    API callers: the paths they send are confined to the allowed roots (service/paths.py)."""
+    ctx: Context = request.app.state.remote_ctx
     return ctx
 
 

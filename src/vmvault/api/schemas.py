@@ -11,7 +11,8 @@ are strings (ISO 8601 UTC) so they pass through unchanged; numbers that may be i
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from vmvault.service import azure_shape
 
 Number = int | float
 
@@ -57,6 +60,39 @@ class View(BaseModel):
         return ordered
 
 
+T = TypeVar("T")
+
+
+class Resource(View):
+    """An Azure-shaped resource (service/azure_shape.py): a service view given to it is shaped first.
+
+    So a route returns its service view (or a list of them) and the answer is the very JSON
+    `vmvault -o json` prints, built in one place.
+    """
+
+    _shaper: ClassVar[Callable[[Any], Any] | None] = None
+    id: str = Field(description="Azure-style path, e.g. /vaults/V/backupJobs/JOB")
+    name: str = Field(description="What commands and routes take: the job id, point id, VM or vault name")
+    type: str
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler: ModelWrapValidatorHandler[Resource]) -> Resource:  # type: ignore[override]
+        if cls._shaper is not None and isinstance(data, dict):
+            data = cls._shaper(data)
+        model = handler(data)
+        if isinstance(data, dict):
+            model._order = tuple(data)
+        return model
+
+
+class Page(View, Generic[T]):
+    """A list, as Azure answers one: a page of `value`, and the link to the next page (null on the last)."""
+
+    value: list[T]
+    next_link: str | None = Field(description="The next page: this request with $skipToken set")
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
@@ -82,19 +118,43 @@ class ValidationErrorBody(ErrorBody):
 # ---- vaults, policies, usage --------------------------------------------------------------------
 
 
-class Vault(View):
+class RedundancySettings(View):
+    standard_tier_storage_redundancy: str | None = Field(description="LocallyRedundant or GeoRedundant")
+    cross_region_restore: str
+
+
+class VaultSku(View):
     name: str
+    tier: str
+
+
+class VaultProperties(View):
+    provisioning_state: str
+    redundancy_settings: RedundancySettings
+    redundancy: str = Field(description="LRS or GRS")
     uuid: str
     storage_dir: str
-    redundancy: str = Field(description="LRS or GRS")
     chunk_size: int
     created: str
     protected_items: int
     recovery_points: int
 
 
-class DeletedVault(Vault):
+class Vault(Resource):
+    """A vault as a Microsoft.RecoveryServices/vaults resource."""
+
+    _shaper = azure_shape.vault
+    location: str
+    sku: VaultSku
+    properties: VaultProperties
+
+
+class DeletedVaultProperties(VaultProperties):
     storage_deleted: bool = Field(description="False with keepStorage: the directory was left as it is")
+
+
+class DeletedVault(Vault):
+    properties: DeletedVaultProperties
 
 
 class Policy(View):
@@ -105,6 +165,9 @@ class Policy(View):
     type: str
     vault: str
     properties: dict[str, Any]
+    notes: list[str] = Field(
+        default_factory=list, description="What of the policy vmvault keeps but does not act on (docs/policies.md)"
+    )
 
 
 class UsageItem(View):
@@ -207,61 +270,75 @@ class AgentChannel(View):
     note: str
 
 
-class ProtectedItem(View):
-    name: str
-    vault: str
-    policy: str | None
-    protection_state: str = Field(description="IRPending, Protected, ProtectionStopped, SoftDeleted")
-    health_status: str
+class ItemExtendedInfo(View):
+    recovery_point_count: int
+    oldest_recovery_point: str | None
+    policy_inconsistent: bool
+
+
+class ProtectedItemProperties(View):
+    protected_item_type: str = Field(description="Microsoft.Compute/virtualMachines")
+    backup_management_type: str
+    workload_type: str
+    friendly_name: str
+    virtual_machine_id: str
+    source_resource_id: str
+    protection_state: str = Field(description="IRPending, Protected or ProtectionStopped (also when soft deleted)")
+    protection_status: str = Field(description="Healthy or Unhealthy")
+    health_status: str = Field(description="Passed or ActionRequired")
+    policy_id: str | None
+    policy_name: str | None
+    is_scheduled_for_deferred_delete: bool = Field(description="Soft deleted: purged at deferredDeleteTimeInUTC")
+    deferred_delete_time_in_utc: str | None = Field(alias="deferredDeleteTimeInUTC")
+    vault_name: str
     last_backup_status: str
     last_backup_time: str | None
-    last_backup_job: str | None
-    last_backup_error: dict[str, Any] | None
     last_recovery_point: str | None
-    recovery_points: int
+    extended_info: ItemExtendedInfo
+    last_backup_job_id: str | None
+    last_backup_error: dict[str, Any] | None
     next_scheduled_backup: str | None
-    time_zone: str
+    time_zone: str | None
     excluded_disks: list[str]
-    backup_in_progress: str | None
+    backup_in_progress: str | None = Field(description="The id of the Backup job running for it")
     protected_since: str
 
 
-class RecoveryPoint(View):
-    id: str
-    time: str
-    consistency: str = Field(description="CrashConsistent, FileSystemConsistent or ApplicationConsistent")
-    expires: str | None
-    retention_rules: list[str]
+class ProtectedItem(Resource):
+    """A protected item as an AzureIaaSComputeVMProtectedItem resource."""
+
+    _shaper = azure_shape.item
+    properties: ProtectedItemProperties
+
+
+class RecoveryPointProperties(View):
+    expiry_time: str | None
+    rule_name: str | None
     is_soft_deleted: bool
+
+
+class RecoveryPointFields(View):
+    object_type: str = Field(description="IaasVMRecoveryPoint")
+    recovery_point_type: str = Field(description="AppConsistent, FileSystemConsistent or CrashConsistent")
+    recovery_point_time: str
+    recovery_point_properties: RecoveryPointProperties
+    retention_rules: list[str]
+
+
+class RecoveryPoint(Resource):
+    """A recovery point as an IaasVMRecoveryPoint resource; its name is the id restores take (rp)."""
+
+    _shaper = azure_shape.recovery_point
+    properties: RecoveryPointFields
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
 
 
-class JobProgress(View):
-    percent: Number
-    bytes_read: int
-    bytes_written: int
-
-
-class JobError(View):
-    code: str
-    message: str
-
-
-class Job(View):
-    """A job as Azure's jobs list shows it; long operations answer 202 with it."""
-
-    id: str
-    operation: str = Field(description="Backup, Restore, ConfigureBackup, DisableBackup, Verify, Mount, ...")
-    status: str = Field(description="InProgress, Completed, CompletedWithWarnings, Failed or Cancelled")
-    vm: str | None
-    vault: str | None
-    start_time: str
-    end_time: str | None
-    duration_seconds: Number | None
-    progress: JobProgress
-    error: JobError | None
+class JobErrorDetail(View):
+    error_code: str
+    error_string: str
+    recommendations: list[str]
 
 
 class JobOwner(View):
@@ -272,26 +349,59 @@ class JobOwner(View):
 class JobTask(View):
     task_id: str
     status: str
+    duration: str | None
 
 
-class ExtendedInfo(View):
-    trigger: str | None
-    policy: str | None
-    scheduled_for: str | None
-    retain_until: str | None
-    recovery_point: str | None
+class JobExtendedInfo(View):
+    """Azure's progressPercentage and propertyBag, vmvault's bytes; job show adds Azure's tasksList and
+    vmvault's trigger, policy, scheduledFor, retainUntil, recoveryPoint, restore, queued,
+    cancelRequested, owner, heartbeat and rateBytesPerSecond."""
+
+    progress_percentage: Number
+    bytes_read: int
+    bytes_written: int
+    property_bag: dict[str, str]
+
+
+class JobShowExtendedInfo(JobExtendedInfo):
+    tasks_list: list[JobTask]
     queued: bool
     cancel_requested: bool
     owner: JobOwner | None
-    heartbeat: str | None
     rate_bytes_per_second: Number
-    tasks_list: list[JobTask]
+
+
+class JobProperties(View):
+    job_type: str = Field(description="AzureIaaSVMJob")
+    entity_friendly_name: str | None = Field(description="The VM (or, for a vault's own jobs, the vault)")
+    backup_management_type: str
+    operation: str = Field(
+        description="Backup, Restore, ConfigureBackup, DisableBackup, DeleteBackupData, Undelete, Verify, ..."
+    )
+    status: str = Field(description="InProgress, Cancelling, Completed, CompletedWithWarnings, Failed or Cancelled")
+    start_time: str
+    end_time: str | None
+    vault_name: str | None
+    duration: str | None = Field(description="ISO 8601, e.g. PT1M2.5S")
+    error_details: list[JobErrorDetail]
+    extended_info: JobExtendedInfo
+
+
+class Job(Resource):
+    """A job as an AzureIaaSVMJob resource; long operations answer 202 with it."""
+
+    _shaper = azure_shape.job
+    properties: JobProperties
+
+
+class JobShowProperties(JobProperties):
+    extended_info: JobShowExtendedInfo
 
 
 class JobDetails(Job):
-    """A job with its per-disk tasks, rate, owner and recovery point (job show)."""
+    """A job with its per-disk tasks, rate, owner and recovery point in extendedInfo (job show)."""
 
-    extended_info: ExtendedInfo
+    properties: JobShowProperties
 
 
 # ---- file recovery ------------------------------------------------------------------------------

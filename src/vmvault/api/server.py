@@ -10,12 +10,19 @@ from typing import Any
 
 from vmvault.errors import Busy
 from vmvault.service.context import Context
+from vmvault.service.paths import PathPolicy
 
 
 class ApiServer:
     """The socket is bound at once (port 0: any free port; server_address tells which)."""
 
-    def __init__(self, endpoint: tuple[str, int], ctx: Context, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        endpoint: tuple[str, int],
+        ctx: Context,
+        status: Callable[[], dict[str, Any]],
+        paths: PathPolicy | None = None,
+    ) -> None:
         import uvicorn
 
         from vmvault.api.app import create_app
@@ -31,7 +38,7 @@ class ApiServer:
             raise Busy(f"cannot listen on {host}:{port}: {exc.strerror}", hint="choose another --port") from None
         self._sock.listen(128)
         self.server_address: tuple[str, int] = self._sock.getsockname()[:2]
-        app = create_app(ctx.settings, ctx=ctx, status=status)
+        app = create_app(ctx.settings, ctx=ctx, status=status, paths=paths)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
         self._server = uvicorn.Server(config)
         self._done = threading.Event()

@@ -26,6 +26,8 @@ class VaultRow(Base):
     redundancy: Mapped[str] = mapped_column(String(8))
     chunk_size: Mapped[int] = mapped_column(Integer)
     created: Mapped[str] = mapped_column(String(32))
+    # 0014: days in which scheduled verification re-reads all its points (0: off; None: serve's --verify-every).
+    verify_every_days: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class VmRow(Base):
@@ -37,6 +39,8 @@ class VmRow(Base):
     disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, path}]
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     created: Mapped[str] = mapped_column(String(32))
+    # 0011: seconds a live backup's freeze call may take (None: the service's setting)
+    quiesce_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ProtectedItemRow(Base):
@@ -161,6 +165,9 @@ class NotificationRow(Base):
     last_error: Mapped[str | None] = mapped_column(String, default=None)
     created: Mapped[str] = mapped_column(String(32))
     sent: Mapped[str | None] = mapped_column(String(32), default=None)
+    # 0014: a notification about an alert (job_id ""): which alert, and "raised" or "resolved".
+    alert_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    alert_event: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class FileRecoverySessionRow(Base):
@@ -209,7 +216,8 @@ class ApiTokenRow(Base):
     """0005: a bearer token of the REST API, kept only as the SHA-256 of its secret.
 
     role is one of Owner, BackupContributor, BackupOperator, BackupReader (api/auth.py); vault
-    (a vault name) scopes it to one vault, None: every vault.
+    (a vault name) scopes it to one vault, None: every vault. 0008: vault_uuid binds the scope to
+    that vault's UUID (a vault re-created under the same name is another vault).
     """
 
     __tablename__ = "api_tokens"
@@ -223,3 +231,20 @@ class ApiTokenRow(Base):
     expires: Mapped[str | None] = mapped_column(String(32), default=None)
     revoked: Mapped[str | None] = mapped_column(String(32), default=None)
     last_used: Mapped[str | None] = mapped_column(String(32), default=None)
+    vault_uuid: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class AlertRow(Base):
+    """0014: an alert about an item (kind RpoBreached): raised once, resolved once; notified both times."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_open", "kind", "vm_id", "resolved"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    vm_id: Mapped[str] = mapped_column(String(64))
+    vm_name: Mapped[str] = mapped_column(String(128))
+    vault_id: Mapped[int] = mapped_column(Integer)
+    raised: Mapped[str] = mapped_column(String(32))
+    resolved: Mapped[str | None] = mapped_column(String(32), default=None)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # lastGoodPoint, deadline, policy, ...

@@ -11,6 +11,7 @@ import typer
 from vmvault.cli import output
 from vmvault.cli.state import STATE, service_context
 from vmvault.errors import InvalidInput
+from vmvault.service import azure_shape as shape
 
 app = typer.Typer(
     name="vmvault",
@@ -36,6 +37,7 @@ for sub, name in (
 class OutputFormat(StrEnum):
     table = "table"
     json = "json"
+    tsv = "tsv"
 
 
 class Redundancy(StrEnum):
@@ -64,6 +66,9 @@ def root(
     output_format: Annotated[
         OutputFormat, typer.Option("-o", "--output", help="Output format (anywhere on the line).")
     ] = OutputFormat.table,
+    query: Annotated[
+        str | None, typer.Option("--query", help="JMESPath query applied to the JSON, as az (anywhere on the line).")
+    ] = None,
     home: Annotated[
         str | None, typer.Option("--home", help="vmvault home (default $VMVAULT_HOME; anywhere on the line).")
     ] = None,
@@ -77,7 +82,13 @@ def root(
 # ---- helpers ------------------------------------------------------------------------------------
 
 VmArgument = Annotated[str | None, typer.Argument(help="VM name (or --vm NAME).", metavar="VM", show_default=False)]
-VmOption = Annotated[str | None, typer.Option("--vm", help="VM name, instead of the VM argument.", show_default=False)]
+VmOption = Annotated[
+    str | None,
+    typer.Option(
+        "--vm", "--item-name", "--container-name",
+        help="VM name, instead of the VM argument (--item-name, --container-name: as az backup).", show_default=False,
+    ),
+]  # fmt: skip
 
 
 def _vm_name(argument: str | None, option: str | None, command: str) -> str:
@@ -102,13 +113,33 @@ def _end_job(outcome: Any, notes: list[str] | None = None) -> None:
     """Print the job (then notes on stderr); a Failed/Cancelled job prints its error and exits with its code."""
     from vmvault.cli.errors import exit_code_for
 
-    output.print_object(outcome.job)
+    job = shape.job(outcome.job)
+    output.print_object(job)
     for note in notes or []:
         output.info(note)
     if outcome.failed:
-        error = outcome.job.get("error") or {"code": "internal_error", "message": "the job failed"}
+        error = shape.error_of(job) or {"code": "internal_error", "message": "the job failed"}
         output.print_error_dict(error)
         raise typer.Exit(exit_code_for(error.get("code")))
+
+
+VaultFilter = Annotated[
+    str | None,
+    typer.Option("--vault", "--vault-name", help="The vault it is in (as az backup; a check, not needed).",
+                 show_default=False),
+]  # fmt: skip
+
+
+def in_vault(rows: list[dict[str, Any]], vault: str | None, what: str) -> list[dict[str, Any]]:
+    """The resources of `vault` (all without it); none there is a NotFound naming the vault, as in Azure."""
+    if vault is None or not rows:
+        return rows
+    from vmvault.errors import NotFound
+
+    kept = [r for r in rows if f"/vaults/{vault}/" in r["id"]]
+    if not kept:
+        raise NotFound(f"{what} has nothing in vault '{vault}'", hint="leave --vault-name out, or name its vault")
+    return kept
 
 
 # ---- vault --------------------------------------------------------------------------------------
@@ -123,10 +154,14 @@ def vault_create(
     redundancy: Annotated[Redundancy, typer.Option(case_sensitive=False, help="LRS (GRS: not yet).")] = Redundancy.LRS,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
     timezone: Annotated[
-        str, typer.Option("--timezone", help="Time zone (IANA) of the vault's DefaultPolicy, e.g. Europe/Berlin.")
+        str,
+        typer.Option(
+            "--timezone",
+            help="Time zone of the vault's DefaultPolicy: IANA (Europe/Berlin) or Windows (W. Europe Standard Time).",
+        ),
     ] = "UTC",
 ) -> None:
-    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 8+ characters)."""
+    """Create a vault (passphrase from VMVAULT_PASSPHRASE or --passphrase-file, 12+ characters)."""
     from vmvault.cli import remote
     from vmvault.service import vaults
 
@@ -134,14 +169,13 @@ def vault_create(
     if remote.active():
         body = {"name": name, "storageDir": remote.server_path(storage, "--storage"), "redundancy": redundancy.value,
                 "passphrase": secret, "timeZone": timezone}  # fmt: skip
-        output.print_object(remote.post("/vaults", body))
+        output.print_object(shape.vault(remote.post("/vaults", body)))
         return
     with service_context() as ctx:
-        output.print_object(
-            vaults.create_vault(
-                ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret, time_zone=timezone
-            )
+        made = vaults.create_vault(
+            ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret, time_zone=timezone
         )
+    output.print_object(shape.vault(made))
 
 
 @vault_app.command("delete")
@@ -156,10 +190,10 @@ def vault_delete(
     from vmvault.service import vaults
 
     if remote.active():
-        output.print_object(remote.delete(f"/vaults/{remote.q(name)}", keepStorage=keep_storage))
+        output.print_object(shape.vault(remote.delete(f"/vaults/{remote.q(name)}", keepStorage=keep_storage)))
         return
     with service_context() as ctx:
-        output.print_object(vaults.delete_vault(ctx, name, keep_storage=keep_storage))
+        output.print_object(shape.vault(vaults.delete_vault(ctx, name, keep_storage=keep_storage)))
 
 
 @vault_app.command("list")
@@ -169,11 +203,11 @@ def vault_list() -> None:
     from vmvault.service import vaults
 
     if remote.active():
-        output.print_list(remote.get("/vaults"), output.VAULT_COLUMNS)
+        output.print_list(remote.get_list("/vaults"), output.VAULT_COLUMNS)
         return
 
     with service_context() as ctx:
-        output.print_list(vaults.list_vaults(ctx), output.VAULT_COLUMNS)
+        output.print_list(shape.vaults(vaults.list_vaults(ctx)), output.VAULT_COLUMNS)
 
 
 @vault_app.command("show")
@@ -187,7 +221,7 @@ def vault_show(name: Annotated[str, typer.Argument(help="Vault name.")]) -> None
         return
 
     with service_context() as ctx:
-        output.print_object(vaults.show_vault(ctx, name))
+        output.print_object(shape.vault(vaults.show_vault(ctx, name)))
 
 
 @vault_app.command("verify")
@@ -210,15 +244,54 @@ def vault_verify(
         )
     report = outcome.result
     if report is None:
-        output.print_object(outcome.job)
+        output.print_object(shape.job(outcome.job))
     else:
-        output.print_object(report if STATE.json else {**report, "problems": len(report["problems"])})
+        output.print_object(
+            report
+            if STATE.structured
+            else {**report, "problems": len(report["problems"]), "notes": len(report.get("notes", []))}
+        )
+        for note in report.get("notes", []):
+            output.info(f"note: {note}")
     if outcome.failed:
         for problem in (report or {}).get("problems", []):
             output.info(f"problem: {problem}")
-        error = outcome.job["error"] or {}
+        error = shape.error_of(shape.job(outcome.job)) or {}
         output.print_error_dict(error)
         raise typer.Exit(exit_code_for(error.get("code")))
+
+
+@vault_app.command("repair")
+def vault_repair(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    apply: Annotated[bool, typer.Option("--apply", help="Change the vault (default: say what would change).")] = False,
+) -> None:
+    """Rebuild lost or damaged pack index files from the packs, drop those of gone packs; list damaged points."""
+    from vmvault.cli import remote
+    from vmvault.errors import IntegrityError, InvalidInput
+    from vmvault.service.repair import repair_vault
+
+    if remote.active():
+        raise InvalidInput(
+            "vault repair works on the vault's files directly", hint="run it on the host that holds the vault"
+        )
+    with service_context() as ctx:
+        report = repair_vault(ctx, name, apply=apply)
+    output.print_object(report)
+    for act in report["actions"]:
+        verb = ("" if apply else "would ") + ("rebuild" if act["action"] == "rebuild-index" else "drop")
+        output.info(f"{verb} {act['indexFile']}: {act['reason']}")
+    for problem in report["unrepairable"]:
+        output.info(f"cannot repair: {problem}")
+    if not report["ok"]:
+        for damaged in report["damagedObjects"]:
+            points = ", ".join(p["recoveryPoint"] for p in damaged["affectedPoints"]) or "none"
+            output.info(f"damaged: {damaged['object']}: {damaged['problem']} (points: {points})")
+        pending = "" if apply or not report["actions"] else "; run again with --apply"
+        raise IntegrityError(
+            f"vault '{name}' still has {len(report['damagedObjects'])} damaged object(s){pending}",
+            hint="points listed as damaged cannot be restored in full; take new backups of their VMs",
+        )
 
 
 @vault_app.command("import")
@@ -237,10 +310,55 @@ def vault_import(
         output.print_object(remote.post("/vaults/import", body))
         return
     with service_context() as ctx:
-        output.print_object(vaults.import_vault(ctx, directory, name=name, passphrase=secret))
+        view = vaults.import_vault(ctx, directory, name=name, passphrase=secret)
+    output.print_object(shape.vault(view))
+    for entry in view.get("notImported") or []:  # the sound rest was imported
+        output.info(f"not imported: {entry['object']}: {entry['problem']}")
+
+
+@vault_app.command("check-passphrase")
+def vault_check_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
+) -> None:
+    """Check that a passphrase opens the vault's key file (exit 0; 77: wrong passphrase). Changes nothing."""
+    from vmvault.service import vaults
+
+    secret = _passphrase(passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.check_vault_passphrase(ctx, name, secret))
+
+
+@vault_app.command("change-passphrase")
+def vault_change_passphrase(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    new_passphrase_file: Annotated[
+        Path, typer.Option(help="File holding the new passphrase (12+ characters, not a common password).")
+    ],
+    passphrase_file: Annotated[
+        Path | None, typer.Option(help="File holding the current passphrase (default VMVAULT_PASSPHRASE).")
+    ] = None,
+) -> None:
+    """Re-wrap the vault's key under a new passphrase (both key file copies; the data is untouched)."""
+    from vmvault.service import vaults
+
+    old, new = _passphrase(passphrase_file), _passphrase(new_passphrase_file)
+    with service_context() as ctx:
+        output.print_object(vaults.change_vault_passphrase(ctx, name, new, old_passphrase=old))
 
 
 # ---- vm -----------------------------------------------------------------------------------------
+
+
+QuiesceTimeoutOption = Annotated[
+    int | None,
+    typer.Option(
+        "--quiesce-timeout",
+        help="Seconds a live backup's freeze may take, the guest's fsfreeze hooks included (1-3600; 0: the "
+        "service's VMVAULT_QUIESCE_TIMEOUT, default 60). Past it the guest is thawed, retried once, then the "
+        "point is crash-consistent (warning quiesce_timeout).",
+    ),
+]
 
 
 @vm_app.command("add")
@@ -267,13 +385,19 @@ def vm_add(
             "open (without it, guessed once now and shown).",
         ),
     ] = None,
+    quiesce_timeout: QuiesceTimeoutOption = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.cli import remote
     from vmvault.service import vms
+    from vmvault.service.quiesce import check_timeout
 
-    for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect)):
+    for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect),
+                        ("--quiesce-timeout", quiesce_timeout)):  # fmt: skip
         remote.refuse_option(flag, value is not None)
+    check_timeout(quiesce_timeout or None)
+    if quiesce_timeout is not None and qmp is None and libvirt is None:
+        raise InvalidInput("--quiesce-timeout goes with --qmp or --libvirt", hint="only running VMs are quiesced")
     if remote.active():
         disks = [remote.server_path(d, "--disk") for d in disk or []]
         body: dict[str, object] = {"name": name, "disks": disks, **({"formats": fmt} if fmt else {})}
@@ -287,7 +411,8 @@ def vm_add(
         from vmvault.service import libvirt_vms
 
         with service_context() as ctx:
-            output.print_object(libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect))
+            added = libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect)
+            output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
         return
     if connect is not None:
         hint = f"vmvault vm add {name} --libvirt DOMAIN --connect URI"
@@ -303,7 +428,8 @@ def vm_add(
         if qmp is not None:
             from vmvault.service import running_vms
 
-            output.print_object(running_vms.add_qmp_vm(ctx, name, qmp, guest_agent))
+            added = running_vms.add_qmp_vm(ctx, name, qmp, guest_agent)
+            output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
 
@@ -321,6 +447,30 @@ def vm_set_format(
     remote.refuse_option("vm set-format", True)
     with service_context() as ctx:
         output.print_object(vms.set_disk_format(ctx, name, disk, fmt))
+
+
+def _with_quiesce_timeout(ctx: Any, view: dict[str, Any], name: str, seconds: int | None) -> dict[str, Any]:
+    if not seconds:
+        return view
+    from vmvault.service.quiesce import set_quiesce_timeout
+
+    return {**view, **set_quiesce_timeout(ctx, name, seconds)}
+
+
+@vm_app.command("update")
+def vm_update(
+    name: Annotated[str, typer.Argument(help="VM name.")],
+    quiesce_timeout: QuiesceTimeoutOption = None,
+) -> None:
+    """Change a VM's settings: its quiesce budget (seconds the freeze may take, fsfreeze hooks included)."""
+    from vmvault.cli import remote
+    from vmvault.service.quiesce import set_quiesce_timeout
+
+    remote.refuse_option("--quiesce-timeout", quiesce_timeout is not None)
+    if quiesce_timeout is None:
+        raise InvalidInput("nothing to update", hint=f"vmvault vm update {name} --quiesce-timeout SECONDS")
+    with service_context() as ctx:
+        output.print_object(set_quiesce_timeout(ctx, name, quiesce_timeout))
 
 
 @vm_app.command("discover")
@@ -341,7 +491,7 @@ def vm_list() -> None:
     from vmvault.service import vms
 
     if remote.active():
-        output.print_list(remote.get("/vms"), VM_LIST_COLUMNS)
+        output.print_list(remote.get_list("/vms"), VM_LIST_COLUMNS)
         return
 
     with service_context() as ctx:
@@ -389,7 +539,7 @@ ExcludeDiskOption = Annotated[
 
 @protection_app.command("enable")
 def protection_enable(
-    vault: Annotated[str, typer.Option("--vault", help="Vault that will hold its backups.")],
+    vault: Annotated[str, typer.Option("--vault", "--vault-name", help="Vault that will hold its backups.")],
     vm: VmArgument = None,
     vm_option: VmOption = None,
     policy: PolicyOption = None,
@@ -405,9 +555,8 @@ def protection_enable(
         output.print_object(remote.post(f"/items/{remote.q(name)}/enable", body))
         return
     with service_context() as ctx:
-        output.print_object(
-            protection.enable_protection(ctx, name, vault, policy=policy, exclude_disks=list(exclude_disk or []))
-        )
+        job = protection.enable_protection(ctx, name, vault, policy=policy, exclude_disks=list(exclude_disk or []))
+    output.print_object(shape.job(job))
 
 
 @protection_app.command("update")
@@ -431,7 +580,7 @@ def protection_update(
         output.print_object(remote.post(f"/items/{remote.q(name)}/update", body))
         return
     with service_context() as ctx:
-        output.print_object(protection.update_protection(ctx, name, policy=policy, exclude_disks=excluded))
+        output.print_object(shape.job(protection.update_protection(ctx, name, policy=policy, exclude_disks=excluded)))
 
 
 @protection_app.command("disable")
@@ -453,11 +602,11 @@ def protection_disable(
         if delete_data:
             from vmvault.service import softdelete
 
-            output.print_object(softdelete.delete_backup_data(ctx, name))
+            output.print_object(shape.job(softdelete.delete_backup_data(ctx, name)))
         else:
             from vmvault.service import protection
 
-            output.print_object(protection.disable_protection(ctx, name))
+            output.print_object(shape.job(protection.disable_protection(ctx, name)))
 
 
 @protection_app.command("resume")
@@ -471,7 +620,7 @@ def protection_resume(vm: VmArgument = None, vm_option: VmOption = None, policy:
         output.print_object(remote.post(f"/items/{remote.q(name)}/resume", {"policy": policy}))
         return
     with service_context() as ctx:
-        output.print_object(protection.resume_protection(ctx, name, policy=policy))
+        output.print_object(shape.job(protection.resume_protection(ctx, name, policy=policy)))
 
 
 # ---- backup -------------------------------------------------------------------------------------
@@ -505,7 +654,7 @@ def backup_now(
         if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve
             output.info(f"queued to vmvault serve as job {outcome.job['id']}")
             if no_wait:
-                output.print_object(outcome.job)
+                output.print_object(shape.job(outcome.job))
                 return
             followed = run_cancellable(
                 lambda cancel: backups.follow_backup(ctx, outcome.job["id"], on_progress=show, cancel=cancel)
@@ -523,12 +672,12 @@ def _remote_backup_now(name: str, retain_until: str | None, no_wait: bool) -> No
     from vmvault.service.jobs import JobOutcome
 
     job = remote.post(f"/items/{remote.q(name)}/backup", {"retainUntil": retain_until})
-    output.info(f"queued to vmvault serve as job {job['id']}")
+    output.info(f"queued to vmvault serve as job {job['name']}")
     if no_wait:
         output.print_object(job)
         return
-    ended = remote.wait_job(job["id"])
-    point = (ended.get("extendedInfo") or {}).get("recoveryPoint")
+    ended = remote.wait_job(job["name"])
+    point = ended["properties"]["extendedInfo"].get("recoveryPoint")
     _end_job(JobOutcome(job=remote.job_view(ended)), [f"recovery point {point}"] if point else [])
 
 
@@ -556,11 +705,11 @@ def job_list(
     name = _vm_name(vm, item, "job list --item") if vm or item else None
     if remote.active():
         params = {"vm": name, "status": status, "operation": operation, "limit": limit, "since": since}
-        output.print_list(remote.get("/jobs", **params), output.JOB_COLUMNS)
+        output.print_list(remote.get_list("/jobs", **params), output.JOB_COLUMNS)
         return
     with service_context() as ctx:
         rows = jobs.list_jobs(ctx, vm=name, status=status, operation=operation, limit=limit, since=since)
-        output.print_list(rows, output.JOB_COLUMNS)
+    output.print_list(shape.jobs(rows), output.JOB_COLUMNS)
 
 
 @job_app.command("show")
@@ -574,7 +723,7 @@ def job_show(job_id: JobIdArgument) -> None:
         return
 
     with service_context() as ctx:
-        output.print_object(jobs.describe_job(ctx, job_id))
+        output.print_object(shape.job(jobs.describe_job(ctx, job_id)))
 
 
 @job_app.command("wait")
@@ -609,7 +758,7 @@ def job_cancel(job_id: JobIdArgument) -> None:
         return
 
     with service_context() as ctx:
-        output.print_object(jobs.cancel_job(ctx, job_id))
+        output.print_object(shape.job(jobs.cancel_job(ctx, job_id)))
 
 
 # ---- recoverypoint ------------------------------------------------------------------------------
@@ -619,22 +768,22 @@ def job_cancel(job_id: JobIdArgument) -> None:
 def recoverypoint_list(
     vm: VmArgument = None,
     vm_option: VmOption = None,
+    vault: VaultFilter = None,
     include_deleted: Annotated[
         bool, typer.Option("--include-deleted", help="Also list soft-deleted points (see protection disable).")
     ] = False,
 ) -> None:
-    """List a VM's recovery points, oldest first."""
+    """List a VM's recovery points, newest first (as az: --query [0].name is the latest)."""
     from vmvault.cli import remote
     from vmvault.service import backups
 
     name = _vm_name(vm, vm_option, "recoverypoint list")
     if remote.active():
-        rows = remote.get(f"/items/{remote.q(name)}/recoverypoints", includeDeleted=include_deleted)
-        output.print_list(rows, output.RP_COLUMNS)
-        return
-    with service_context() as ctx:
-        rows = backups.list_recovery_points(ctx, name, include_deleted=include_deleted)
-        output.print_list(rows, output.RP_COLUMNS)
+        rows = remote.get_list(f"/items/{remote.q(name)}/recoverypoints", includeDeleted=include_deleted)
+    else:
+        with service_context() as ctx:
+            rows = shape.recovery_points(backups.list_recovery_points(ctx, name, include_deleted=include_deleted))
+    output.print_list(in_vault(rows, vault, f"VM '{name}'"), output.RP_COLUMNS)
 
 
 # ---- restore ------------------------------------------------------------------------------------
@@ -705,8 +854,8 @@ def restore_vm(
                 "start": start, "instant": instant}  # fmt: skip
         until = remote.vm_running if instant else None  # as locally: back once the new VM runs
         outcome = remote.run_job(f"/items/{remote.q(name)}/restore/vm", body, until=until)
-        note = f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['id']}"
-        _end_job(outcome, [note] if outcome.job["status"] == "InProgress" else [])
+        note = f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['name']}"
+        _end_job(outcome, [note] if outcome.job["properties"]["status"] == "InProgress" else [])
         return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(
@@ -754,3 +903,7 @@ from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usa
 from vmvault.cli import files as _files  # noqa: E402, F401
 # API tokens: token create|list|revoke (cli/token.py).
 from vmvault.cli import token as _token  # noqa: E402, F401
+# host checks: doctor (cli/doctor.py).
+from vmvault.cli import doctor as _doctor  # noqa: E402, F401
+# scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).
+from vmvault.cli import verify_schedule as _verify_schedule  # noqa: E402, F401

@@ -54,7 +54,7 @@ def files_mount(
     if session is None:
         _end_job(outcome)
         return
-    if STATE.json:
+    if STATE.structured:
         output.print_json(session)
     else:
         _print_session(session)
@@ -67,7 +67,7 @@ def _remote_mount(name: str, rp: str, duration: str | None) -> tuple[Any, dict[s
     outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", {"rp": rp, "duration": duration})
     if outcome.failed:
         return outcome, None
-    sessions = remote.get(f"/items/{remote.q(name)}/files/sessions")
+    sessions = remote.get_list(f"/items/{remote.q(name)}/files/sessions")
     live = [s for s in sessions if s["recoveryPoint"] == rp]
     return outcome, (live[-1] if live else None)
 
@@ -77,11 +77,11 @@ def _remote_unmount(name: str, session: str | None) -> tuple[Any, list[dict[str,
     from vmvault.cli import remote
 
     path = f"/items/{remote.q(name)}/files/sessions"
-    live = {s["id"] for s in remote.get(path) if session is None or s["id"] == session}
+    live = {s["id"] for s in remote.get_list(path) if session is None or s["id"] == session}
     outcome = remote.run_job(f"/items/{remote.q(name)}/files/unmount", {"sessionId": session})
     if outcome.failed:
         return outcome, None
-    return outcome, [s for s in remote.get(path, includeEnded=True) if s["id"] in live]
+    return outcome, [s for s in remote.get_list(path, includeEnded=True) if s["id"] in live]
 
 
 def _remote_script(name: str, rp: str, file: Path | None, duration: str | None, address: str | None) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def files_list(
     if remote.active():
         if name is None:
             raise InvalidInput("files list --server needs the VM", hint="vmvault files list VM --server URL")
-        output.print_list(remote.get(f"/items/{remote.q(name)}/files/sessions", includeEnded=all_sessions),
+        output.print_list(remote.get_list(f"/items/{remote.q(name)}/files/sessions", includeEnded=all_sessions),
                           SESSION_COLUMNS)  # fmt: skip
         return
     with service_context() as ctx:
@@ -177,7 +177,7 @@ def files_script(
     else:
         with service_context() as ctx:
             result = files.make_script(ctx, name, rp, out=file, duration=duration, address=address)
-    if STATE.json:
+    if STATE.structured:
         output.print_json(result)
         return
     sys.stdout.write(
@@ -200,7 +200,7 @@ def files_browse(
 
     name = _vm_name(None, vm, "files browse")
     if remote.active():
-        entries = remote.get(f"/items/{remote.q(name)}/files/browse", path=path, rp=rp, sessionId=session)
+        entries = remote.get_list(f"/items/{remote.q(name)}/files/browse", path=path, rp=rp, sessionId=session)
         output.print_list(entries, ("name", "type", "size", "target"))
         return
     with service_context() as ctx:

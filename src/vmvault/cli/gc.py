@@ -14,10 +14,12 @@ from vmvault.cli.state import STATE, service_context
 def end_with_result(outcome: Any, summary: Any) -> None:
     """Print the result (or the job when there is none); a failed job prints its error and exits non-zero."""
     from vmvault.cli.errors import exit_code_for
+    from vmvault.service import azure_shape
 
-    output.print_object(summary if summary is not None else outcome.job)
+    job = azure_shape.job(outcome.job)
+    output.print_object(summary if summary is not None else job)
     if outcome.failed:
-        error = outcome.job.get("error") or {"code": "internal_error", "message": "the job failed"}
+        error = azure_shape.error_of(job) or {"code": "internal_error", "message": "the job failed"}
         output.print_error_dict(error)
         raise typer.Exit(exit_code_for(error.get("code")))
 
@@ -45,7 +47,7 @@ def vault_gc(
             )
         )
     report = outcome.result
-    if report is not None and not STATE.json:
+    if report is not None and not STATE.structured:
         report = {k: v for k, v in report.items() if k != "problems"} | {"problems": len(report["problems"])}
         for problem in outcome.result["problems"] if outcome.result else []:
             output.info(f"problem: {problem}")

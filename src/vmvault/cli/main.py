@@ -29,7 +29,7 @@ def run(argv: list[str]) -> int:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
         state, rest = split_globals(argv)
-        STATE.output, STATE.home, STATE.server = state.output, state.home, state.server
+        STATE.output, STATE.home, STATE.server, STATE.query = state.output, state.home, state.server, state.query
         return _invoke(rest)
     except VmvaultError as exc:
         output.print_error(exc)

@@ -46,7 +46,7 @@ def notify_list(vault: VaultArgument) -> None:
     from vmvault.service import notify
 
     if remote.active():
-        output.print_list(remote.get(f"/vaults/{remote.q(vault)}/notifications"), TARGET_COLUMNS)
+        output.print_list(remote.get_list(f"/vaults/{remote.q(vault)}/notifications"), TARGET_COLUMNS)
         return
     with service_context() as ctx:
         output.print_list(notify.list_targets(ctx, vault), TARGET_COLUMNS)

@@ -11,11 +11,37 @@ from vmvault.cli.state import STATE
 from vmvault.errors import VmvaultError
 
 JsonDict = dict[str, Any]
+# Table columns: a key, or a dotted path into the object ("properties.status"), optionally with
+# its header as ("header", "path"); the header of a path is its last part.
+Column = str | tuple[str, str]
 
-VAULT_COLUMNS = ("name", "redundancy", "storageDir", "protectedItems", "recoveryPoints", "created")
+VAULT_COLUMNS: tuple[Column, ...] = (
+    "name", ("redundancy", "properties.redundancy"), ("storageDir", "properties.storageDir"),
+    ("protectedItems", "properties.protectedItems"), ("recoveryPoints", "properties.recoveryPoints"),
+    ("created", "properties.created"),
+)  # fmt: skip
 VM_COLUMNS = ("name", "kind", "disks", "vault", "protectionState", "lastRecoveryPoint")
-JOB_COLUMNS = ("id", "operation", "status", "vm", "vault", "startTime", "durationSeconds")
-RP_COLUMNS = ("id", "time", "consistency", "expires")
+JOB_COLUMNS: tuple[Column, ...] = (
+    ("id", "name"), "properties.operation", "properties.status", ("vm", "properties.entityFriendlyName"),
+    ("vault", "properties.vaultName"), "properties.startTime", "properties.duration",
+)  # fmt: skip
+RP_COLUMNS: tuple[Column, ...] = (
+    ("id", "name"), ("time", "properties.recoveryPointTime"), ("consistency", "properties.recoveryPointType"),
+    ("expires", "properties.recoveryPointProperties.expiryTime"),
+)  # fmt: skip
+
+
+def _header(column: Column) -> str:
+    return column[0] if isinstance(column, tuple) else column.rsplit(".", 1)[-1]
+
+
+def _value(row: Any, column: Column) -> Any:
+    path = column[1] if isinstance(column, tuple) else column
+    for key in path.split("."):
+        if not isinstance(row, dict):
+            return None
+        row = row.get(key)
+    return row
 
 
 def _cell(value: Any) -> str:
@@ -48,12 +74,74 @@ def _width(tty: bool) -> int:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """Data as -o json|tsv|table prints it, after --query (az's rules: see _tsv and _auto_table)."""
+    if STATE.query is not None:
+        import jmespath
+
+        data = jmespath.search(STATE.query, data)
+    if STATE.output == "tsv":
+        sys.stdout.write(_tsv(data if isinstance(data, list) else [data], ordered=STATE.query is not None))
+    elif STATE.output == "table":
+        _auto_table(data if isinstance(data, list) else [data])
+    else:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def print_list(rows: Sequence[JsonDict], columns: Sequence[str]) -> None:
-    """A JSON array with -o json, else a table of the given columns."""
-    if STATE.json:
+def _tsv(rows: list[Any], *, ordered: bool) -> str:
+    """az's -o tsv (knack's _TsvOutput): one line per item, its top-level values tab-separated.
+
+    A dict's values come sorted by key (in their own order after --query, as knack's OrderedDict);
+    a nested list prints its length, a nested object nothing, None "None", a lone bool true/false.
+    """
+
+    def cell(value: Any) -> str:
+        if isinstance(value, list):
+            return str(len(value))
+        return "" if isinstance(value, dict) else str(value)
+
+    lines = []
+    for row in rows:
+        if isinstance(row, dict):
+            values = list(row.values()) if ordered else [v for _, v in sorted(row.items())]
+            lines.append("\t".join(cell(v) for v in values))
+        elif isinstance(row, list):
+            lines.append("\t".join(cell(v) for v in row))
+        elif isinstance(row, bool):
+            lines.append(str(row).lower())
+        else:
+            lines.append(cell(row))
+    return "".join(line + "\n" for line in lines)
+
+
+def _auto_table(rows: list[Any]) -> None:
+    """az's table of a --query result: each object's scalar fields (not id, type, etag), capitalised."""
+    records: list[dict[str, Any]] = []
+    for row in rows:
+        if isinstance(row, dict):
+            skip = ("id", "type", "etag")
+            fields = {k: v for k, v in row.items() if k not in skip and v is not None}
+            fields = {k: v for k, v in fields.items() if not isinstance(v, dict | list)}
+            records.append({(k[:1].upper() + k[1:]): v for k, v in fields.items()})
+        elif isinstance(row, list):
+            records.append({f"Column{i + 1}": v for i, v in enumerate(row)})
+        else:
+            records.append({"Result": row})
+    headers: list[str] = []
+    for record in records:
+        headers.extend(h for h in record if h not in headers)
+    if not headers:
+        return
+    cells = [[_cell(r.get(h)) for h in headers] for r in records]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in lines))
+
+
+def print_list(rows: Sequence[JsonDict], columns: Sequence[Column]) -> None:
+    """A JSON array with -o json (or tsv, or --query's result), else a table of the given columns."""
+    if STATE.structured:
         print_json(list(rows))
         return
     from rich.table import Table
@@ -61,15 +149,15 @@ def print_list(rows: Sequence[JsonDict], columns: Sequence[str]) -> None:
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(_header(column), overflow="fold")
     for row in rows:
-        table.add_row(*(Text(_cell(row.get(c))) for c in columns))
+        table.add_row(*(Text(_cell(_value(row, c))) for c in columns))
     _print_table(table)
 
 
 def print_object(obj: JsonDict) -> None:
-    """A JSON object with -o json, else one `key  value` line per field."""
-    if STATE.json:
+    """A JSON object with -o json (or tsv, or --query's result), else one `key  value` line per field."""
+    if STATE.structured:
         print_json(obj)
         return
     from rich.table import Table

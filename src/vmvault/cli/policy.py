@@ -14,7 +14,7 @@ from vmvault.cli.state import STATE, service_context
 policy_app = typer.Typer(help="Backup policies of a vault (Azure's policy JSON).", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
-VaultOption = Annotated[str, typer.Option("--vault", help="Vault of the policy.")]
+VaultOption = Annotated[str, typer.Option("--vault", "--vault-name", help="Vault of the policy.")]
 NameArgument = Annotated[str, typer.Argument(help="Policy name.", metavar="NAME")]
 FileOption = Annotated[
     Path, typer.Option("--file", help='Policy JSON: {"properties": {...}} as policy show prints it, or the properties.')
@@ -29,11 +29,11 @@ def policy_list(vault: VaultOption) -> None:
     from vmvault.service import policies
 
     if remote.active():
-        views = remote.get(f"/vaults/{remote.q(vault)}/policies")
+        views = remote.get_list(f"/vaults/{remote.q(vault)}/policies")
     else:
         with service_context() as ctx:
             views = policies.list_policies(ctx, vault)
-    if STATE.json:
+    if STATE.structured:
         output.print_json(views)
     else:
         output.print_list([policies.policy_summary(v) for v in views], POLICY_COLUMNS)

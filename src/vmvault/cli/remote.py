@@ -1,7 +1,8 @@
 """`--server URL`: commands that run against a vmvault server's API (token from VMVAULT_TOKEN).
 
-The API answers with the same JSON the service returns, so the command prints exactly what it
-prints locally; an API error becomes the same VmvaultError (code, message, hint, exit code).
+The API answers with the same JSON the CLI prints (service/azure_shape.py for jobs, items,
+points, vaults; lists come in pages, {"value", "nextLink"}, which get_list joins), so the command
+prints exactly what it prints locally; an API error becomes the same VmvaultError (code, message, hint, exit code).
 Commands without a remote form refuse --server (cli/state.service_context), and so do options
 the API does not take (refuse_option). Long operations answer 202 with their job; the command
 follows it by polling (run_job) and prints it as it does locally.
@@ -177,14 +178,37 @@ def delete(path: str, /, **params: Any) -> Any:
     return call("DELETE", path, params=params)
 
 
+def get_list(path: str, /, **params: Any) -> list[Any]:
+    """Every page of a list answer ({"value": [...], "nextLink": URL}), as one list.
+
+    Only the nextLink's $skipToken is taken: the next page is asked of the same server and path
+    (the token is never sent to whatever host a link might name).
+    """
+    page: dict[str, Any] = get(path, **params)
+    rows = list(page["value"])
+    while page.get("nextLink"):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(str(page["nextLink"])).query)
+        tokens = query.get("$skipToken") or []
+        if not tokens:
+            break
+        token = tokens[0]
+        page = get(path, **params, **{"$skipToken": token})
+        rows.extend(page["value"])
+    return rows
+
+
 def job_view(job: dict[str, Any]) -> dict[str, Any]:
-    """A job as `job list` prints it (GET /jobs/{id} adds extendedInfo)."""
-    return {k: v for k, v in job.items() if k != "extendedInfo"}
+    """A job as `job list` prints it (job show's extendedInfo without the details only show has)."""
+    return job
+
+
+def _status(job: dict[str, Any]) -> str:
+    return str(job["properties"]["status"])
 
 
 def vm_running(job: dict[str, Any]) -> bool:
     """An instant restore's new VM runs (on the vault's export; the job goes on copying its disks)."""
-    return bool(((job.get("extendedInfo") or {}).get("restore") or {}).get("vmRunning"))
+    return bool(((job["properties"].get("extendedInfo") or {}).get("restore") or {}).get("vmRunning"))
 
 
 def wait_job(
@@ -197,7 +221,7 @@ def wait_job(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         job: dict[str, Any] = get(f"/jobs/{q(job_id)}")
-        if job["status"] in ENDED or (until is not None and until(job)):
+        if _status(job) in ENDED or (until is not None and until(job)):
             return job
         if deadline is not None and time.monotonic() >= deadline:
             raise Busy(
@@ -213,4 +237,4 @@ def run_job(path: str, body: Any = None, until: Callable[[dict[str, Any]], bool]
     from vmvault.service.jobs import JobOutcome
 
     job = post(path, body)
-    return JobOutcome(job=job_view(wait_job(job["id"], until=until)))
+    return JobOutcome(job=job_view(wait_job(job["name"], until=until)))

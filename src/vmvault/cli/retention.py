@@ -10,6 +10,7 @@ from vmvault.cli import output
 from vmvault.cli.app import VmArgument, VmOption, _vm_name, app, protection_app
 from vmvault.cli.gc import end_with_result
 from vmvault.cli.state import service_context
+from vmvault.service import azure_shape as shape
 
 retention_app = typer.Typer(help="Apply retention: delete expired recovery points.", no_args_is_help=True)
 app.add_typer(retention_app, name="retention")
@@ -17,7 +18,9 @@ app.add_typer(retention_app, name="retention")
 
 @retention_app.command("run")
 def retention_run(
-    vault: Annotated[str | None, typer.Option("--vault", help="Only this vault (default: every vault).")] = None,
+    vault: Annotated[
+        str | None, typer.Option("--vault", "--vault-name", help="Only this vault (default: every vault).")
+    ] = None,
     gc: Annotated[
         bool, typer.Option("--gc/--no-gc", help="Collect garbage afterwards in the vaults that lost points.")
     ] = True,
@@ -42,4 +45,4 @@ def protection_undelete(vm: VmArgument = None, vm_option: VmOption = None) -> No
         output.print_object(remote.post(f"/items/{remote.q(name)}/undelete"))
         return
     with service_context() as ctx:
-        output.print_object(softdelete.undelete(ctx, name))
+        output.print_object(shape.job(softdelete.undelete(ctx, name)))

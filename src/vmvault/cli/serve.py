@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import sys
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -25,8 +25,44 @@ def serve(
     retention_every: Annotated[
         float, typer.Option("--retention-every", help="Hours between two Retention jobs (0: none from the service).")
     ] = 24.0,
+    allow_disks: Annotated[
+        list[str] | None,
+        typer.Option("--allow-disks", help="Folder API/portal callers may name disks in (repeatable).", metavar="DIR"),
+    ] = None,
+    allow_vaults: Annotated[
+        list[str] | None,
+        typer.Option("--allow-vaults", help="Folder API/portal callers may put vaults in (repeatable).", metavar="DIR"),
+    ] = None,
+    allow_restores: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-restores", help="Folder API/portal callers may restore into (repeatable).", metavar="DIR"
+        ),
+    ] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option("--metrics-address", help="HOST:PORT serving GET /metrics without a token (default: off)."),
+    ] = None,
+    verify_every: Annotated[
+        int,
+        typer.Option(
+            "--verify-every", help="Days in which every recovery point is re-verified, a slice a day (0: off)."
+        ),
+    ] = 30,
+    space_alert_below: Annotated[
+        float,
+        typer.Option("--space-alert-below", help="Alert when a vault's file system has less than this % free."),
+    ] = 10.0,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
+    ] = "text",
 ) -> None:
-    """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled)."""
+    """Serve the API, the scheduler and a pool of workers until SIGTERM or Ctrl-C (running jobs are cancelled).
+
+    Paths sent by API and portal callers must lie in the allowed folders (--allow-disks, --allow-vaults,
+    --allow-restores, or the same keys in HOME/settings.toml; see docs/security.md).
+    """
+    from vmvault.service.paths import build_policy
     from vmvault.service.worker import Service, parse_listen
 
     if host is not None or port is not None:
@@ -36,10 +72,24 @@ def serve(
 
             raise InvalidInput(f"--port {port} is not a port", hint="e.g. --port 8080 (0: any free port)")
         listen = f"{host or default_host}:{default_port if port is None else port}"
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("vmvault").setLevel(logging.INFO)
+    from vmvault import logs
+
+    if log_format not in logs.FORMATS:
+        from vmvault.errors import InvalidInput
+
+        raise InvalidInput(f"unknown --log-format '{log_format}'", hint="use --log-format text or --log-format json")
+    logs.configure(log_format)
     with service_context() as ctx:
-        service = Service(ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600)
+        # serve holds many vaults: the host key opens them; a passphrase that does not match one
+        # is logged, not fatal (the CLI, naming one vault, refuses it).
+        ctx.settings = replace(ctx.settings, strict_passphrase=False)
+        paths = build_policy(ctx.settings, disks=allow_disks, vaults=allow_vaults, restores=allow_restores)
+        service = Service(
+            ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600, paths=paths
+        )
+        service.metrics_listen = metrics_address
+        service.min_free_percent = space_alert_below
+        service.verify_days = max(0, verify_every)
         code = service.run(on_ready=_announce)
     raise typer.Exit(code)
 
@@ -53,6 +103,8 @@ def _announce(service: Any) -> None:
         if service.address
         else "no API endpoint"
     )
+    if service.metrics_address:
+        where += f"; metrics on {service.metrics_address}/metrics (no token)"
     sys.stdout.write(
         f"vmvault serve: {where}; home {service.ctx.settings.home}; {service.workers} worker(s); "
         f"pid {_pid()}; stop with Ctrl-C or SIGTERM\n"

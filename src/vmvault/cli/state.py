@@ -1,4 +1,4 @@
-"""Global CLI options (-o, --home), pulled out of argv wherever they appear."""
+"""Global CLI options (-o, --query, --home, --server), pulled out of argv wherever they appear."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from vmvault.errors import InvalidInput
 if TYPE_CHECKING:
     from vmvault.service.context import Context
 
-OUTPUT_FORMATS = ("table", "json")
-_VALUED = {"-o": "output", "--output": "output", "--home": "home", "--server": "server"}
+OUTPUT_FORMATS = ("table", "json", "tsv")
+_VALUED = {"-o": "output", "--output": "output", "--home": "home", "--server": "server", "--query": "query"}
 
 
 @dataclass
@@ -21,10 +21,16 @@ class CliState:
     output: str = "table"
     home: str | None = None
     server: str | None = None  # --server URL: commands with a remote form call its API
+    query: str | None = None  # --query JMESPATH: applied to the JSON before it is printed (as az)
 
     @property
     def json(self) -> bool:
         return self.output == "json"
+
+    @property
+    def structured(self) -> bool:
+        """Print the data itself (JSON, TSV or a --query's result), not vmvault's human table."""
+        return self.output != "table" or self.query is not None
 
 
 STATE = CliState()
@@ -54,7 +60,24 @@ def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
             rest.append(arg)
         i += 1
     state.output = _check_output(state.output)
+    if state.query is not None:
+        _check_query(state.query)
     return state, rest
+
+
+def _check_query(expression: str) -> None:
+    """Refuse a --query that is not JMESPath before anything runs."""
+    import jmespath
+    from jmespath.exceptions import JMESPathError
+
+    try:
+        jmespath.compile(expression)
+    except JMESPathError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(
+            f"--query '{expression}' is not a JMESPath expression: {message}",
+            hint="see https://jmespath.org, e.g. --query \"[?properties.status=='Completed'].name\"",
+        ) from None
 
 
 def _is_files_script(argv: list[str]) -> bool:
@@ -63,15 +86,15 @@ def _is_files_script(argv: list[str]) -> bool:
 
 
 def _hint_for(flag: str) -> str:
-    return {"--home": "e.g. --home /var/lib/vmvault", "--server": "e.g. --server http://127.0.0.1:8080"}.get(
-        flag, "e.g. -o json"
-    )
+    hints = {"--home": "e.g. --home /var/lib/vmvault", "--server": "e.g. --server http://127.0.0.1:8080",
+             "--query": "e.g. --query [0].name"}  # fmt: skip
+    return hints.get(flag, "e.g. -o json")
 
 
 def _check_output(value: str) -> str:
     lowered = value.lower()
     if lowered not in OUTPUT_FORMATS:
-        raise InvalidInput(f"unknown output format '{value}'", hint="use -o table or -o json")
+        raise InvalidInput(f"unknown output format '{value}'", hint="use -o table, -o json or -o tsv")
     return lowered
 
 

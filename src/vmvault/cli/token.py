@@ -19,7 +19,7 @@ TOKEN_COLUMNS = ("id", "name", "role", "vault", "created", "expires", "revoked")
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option("--role", help="Owner, BackupContributor, BackupOperator or BackupReader.")],
-    vault: Annotated[str | None, typer.Option("--vault", help="Limit it to this vault.")] = None,
+    vault: Annotated[str | None, typer.Option("--vault", "--vault-name", help="Limit it to this vault.")] = None,
     expires: Annotated[
         str | None, typer.Option("--expires", help="30d, 12h, 2w or a UTC date (YYYY-MM-DD[THH:MM]); default never.")
     ] = None,
@@ -36,7 +36,7 @@ def token_create(
     else:
         with service_context() as ctx:
             view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name)
-    if STATE.json:
+    if STATE.structured:
         output.print_object({**view, "token": token})
         return
     output.print_object(view)
@@ -53,7 +53,7 @@ def token_list(
     from vmvault.service import tokens
 
     if remote.active():
-        output.print_list(remote.get("/tokens", includeRevoked=include_revoked), TOKEN_COLUMNS)
+        output.print_list(remote.get_list("/tokens", includeRevoked=include_revoked), TOKEN_COLUMNS)
         return
     with service_context() as ctx:
         output.print_list(tokens.list_tokens(ctx, include_revoked=include_revoked), TOKEN_COLUMNS)

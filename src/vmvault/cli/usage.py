@@ -45,7 +45,7 @@ def vault_usage(
     else:
         with service_context() as ctx:
             report = usage.vault_usage(ctx, name, overrides)
-    if STATE.json:
+    if STATE.structured:
         output.print_json(report)
         return
     output.print_list(report["items"], USAGE_COLUMNS)

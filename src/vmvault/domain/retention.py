@@ -2,7 +2,10 @@
 
 The rules are Azure's LongTermRetentionPolicy (`retentionPolicy` of a backup policy):
 
-- ``dailySchedule``: every scheduled point is kept ``retentionDuration`` after its time.
+- ``dailySchedule``: every scheduled point is kept ``retentionDuration`` after its time; in an
+  Enhanced (V2) policy, which may back up several times a day, only the first point of each day
+  (Azure: "the first successful backup of the day"), and the day's other points are kept
+  ``instantRpRetentionRangeInDays`` (rule ``Hourly``; Azure keeps them as snapshots that long).
 - ``weeklySchedule`` ``{daysOfTheWeek}``: the first point of each selected weekday.
 - ``monthlySchedule`` / ``yearlySchedule`` (``monthsOfYear``): the first point of each selected
   day, chosen by ``retentionScheduleFormatType`` ``Daily`` (``retentionScheduleDaily.daysOfTheMonth``:
@@ -24,17 +27,20 @@ from __future__ import annotations
 
 import calendar
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
+from vmvault.domain.policy import Policy, to_properties
+from vmvault.domain.timezones import UnknownTimeZone, zone
 from vmvault.errors import InvalidInput
 
 DAILY = "Daily"
 WEEKLY = "Weekly"
 MONTHLY = "Monthly"
 YEARLY = "Yearly"
+HOURLY = "Hourly"  # the points of an Enhanced policy's day after its first
 RETAIN_UNTIL = "RetainUntil"
 LATEST = "Latest"
 NO_POLICY = "NoPolicy"  # a scheduled point of an item without a policy: nothing expires it
@@ -111,6 +117,8 @@ class Rule:
 class RetentionPolicy:
     rules: tuple[Rule, ...]
     tz: ZoneInfo
+    first_of_day_daily: bool = False  # Enhanced: the daily rule keeps only the first point of a day
+    others_days: int | None = None  # Enhanced: the day's other points are kept this many days
 
 
 @dataclass(frozen=True)
@@ -129,11 +137,20 @@ def parse_time_zone(name: object, field: str = "timeZone") -> ZoneInfo:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"{field}: a time zone name is required", hint="use an IANA name such as Europe/Berlin")
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+        return zone(name)
+    except UnknownTimeZone:
         raise InvalidInput(
-            f"{field}: unknown time zone '{name}'", hint="use an IANA name such as UTC or Europe/Berlin"
+            f"{field}: unknown time zone '{name}'",
+            hint="use an IANA name such as UTC or Europe/Berlin, or a Windows name such as Pacific Standard Time",
         ) from None
+
+
+def policy_retention(policy: Policy) -> RetentionPolicy:
+    """The retention rules of a parsed policy (Enhanced ones judge a day by its first point)."""
+    rules = parse_retention_policy(to_properties(policy)["retentionPolicy"], policy.time_zone)
+    if not policy.enhanced:
+        return rules
+    return replace(rules, first_of_day_daily=True, others_days=policy.instant_rp_days)
 
 
 def parse_retention_policy(retention: Mapping[str, Any] | None, time_zone: str = "UTC") -> RetentionPolicy:
@@ -263,9 +280,13 @@ def _apply_rules(
             first_of_day.add(rp_id)
     for t, rp_id in scheduled:
         day = t.astimezone(policy.tz).date()
+        first = rp_id in first_of_day
         for rule in policy.rules:
-            if (rule.name == DAILY or rp_id in first_of_day) and rule.selects(day):
+            every_point = rule.name == DAILY and not policy.first_of_day_daily
+            if (every_point or first) and rule.selects(day):
                 out[rp_id].append((rule.name, rule.duration.after(t, policy.tz)))
+        if not first and policy.others_days is not None:
+            out[rp_id].append((HOURLY, Duration(policy.others_days, "Days").after(t, policy.tz)))
 
 
 def _decide(

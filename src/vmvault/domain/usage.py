@@ -63,6 +63,15 @@ class InstanceFee:
     fee: Decimal
 
 
+SOFT_DELETED_STATE = "SoftDeleted"
+SOFT_DELETED_TIER = "not billed (soft deleted: free for its 14 days)"
+
+
+def is_billed(protection_state: str, has_point: bool) -> bool:
+    """Billed from the first backup on while data is kept, except soft deleted (Azure: free for 14 days)."""
+    return has_point and protection_state != SOFT_DELETED_STATE
+
+
 def instance_fee(size_bytes: int, prices: Prices | None = None) -> InstanceFee:
     """The monthly protected-instance fee for an instance of size_bytes."""
     p = prices or Prices()

@@ -29,6 +29,7 @@ from vmvault.hypervisor.imagelock import ImageLock
 from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.hypervisor.offline import NbdImageExport
 from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
+from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
 from vmvault.vault.lock import holding_shared
@@ -140,6 +141,9 @@ class BackupRun:
         self.tree = PackWriter(vault, TYPE_TREE)
         self._zero = bytes(vault.chunk_size)
         self.leaves = LeafReader(vault.get_blob)
+        # Chunks verify found bad with no good copy: stored again even where the previous point
+        # has them (self-healing), instead of trusting the bad copy through the previous leaf.
+        self.bad = vault.index.unhealed_bad_ids()
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -166,7 +170,7 @@ class BackupRun:
             nonzero += len(piece)
             cid = self.vault.keys.chunk_id(piece)
             ids.append(cid)
-            if previous is None or previous[(first + k) % geo.leaf_span] != cid:
+            if previous is None or previous[(first + k) % geo.leaf_span] != cid or cid in self.bad:
                 candidates[cid] = piece
         written = self.store_new(candidates)
         self.progress.add(read=length, written=written)
@@ -279,6 +283,8 @@ def _plan_disk(vault: Vault, disk: _Disk) -> int:
         if reason is None:
             reason = _sample_mismatch(vault, disk)
         if reason is None:
+            reason = _bad_chunks_reason(vault, disk)
+        if reason is None:
             disk.tracked = True
             stats.mode = "changed-blocks"
             disk.plan = reads_per_leaf(data_chunk_runs(sorted(src.changed_extents), disk.geo), disk.geo)
@@ -297,6 +303,18 @@ def _untrusted_reason(disk: _Disk) -> str | None:
         return "no previous point of this disk"
     if prev.disk_size != disk.geo.disk_size:
         return f"the disk was resized from {prev.disk_size} to {disk.geo.disk_size} bytes"
+    return None
+
+
+def _bad_chunks_reason(vault: Vault, disk: _Disk) -> str | None:
+    """Changed blocks alone would keep chunks verify found bad (never re-read): read it all then."""
+    bad = vault.index.unhealed_bad_ids()
+    if not bad or disk.previous is None:
+        return None
+    leaves = LeafReader(vault.get_blob)
+    for leaf_id in disk.previous.leaves:
+        if bad.intersection(leaves.read(leaf_id).ids):
+            return "the previous point uses chunks that verify found damaged; they are stored again"
     return None
 
 
@@ -408,6 +426,7 @@ def backup_exported(
     )
     run.check_cancel()
     vault.publish_manifest(manifest)  # last: until here no recovery point exists
+    crash_point("backup:manifest-published")
     tracker.report(force=True)
     return manifest, [d.stats for d in opened]
 

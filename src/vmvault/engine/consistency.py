@@ -23,25 +23,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.guest_agent import AgentError, AgentUnavailable, ExecResult, GuestAgent, freeze_lock_path
+from vmvault.hypervisor.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
+
+log = logging.getLogger("vmvault")
 
 APP_CONSISTENT = "AppConsistent"
 FILE_SYSTEM_CONSISTENT = "FileSystemConsistent"
 CRASH_CONSISTENT = "CrashConsistent"
 
 CONFIG_PATH = "/etc/vmvault/VMSnapshotScriptPluginConfig.json"
-FREEZE_DEADLINE_S = 10.0  # sized for TCG guests; VSS itself holds writes at most 10 s
+DEFAULT_FREEZE_BUDGET_S = 60.0  # the freeze call with the guest's fsfreeze hooks (a database checkpoints)
+DEFAULT_FROZEN_WINDOW_S = 10.0  # frozen file systems: the snapshot only (VSS itself holds writes at most 10 s)
+RECOVER_EXTRA_S = 60.0  # after a freeze timed out: how much longer than the budget to wait for the agent
 GUARD_START_TIMEOUT_S = 15.0
 SCRIPT_GRACE_S = 15.0  # host-side wait beyond the guest's own `timeout`
 INSTALL_AGENT_HINT = (
@@ -189,24 +194,53 @@ def classify_vss_thaw(error: AgentError | None) -> tuple[str, Note | None]:
     )
 
 
+# ---- budgets --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a quiesce may take (docs/running-vms.md, "Quiesce budget").
+
+    freeze_s: the guest-fsfreeze-freeze call, the guest's fsfreeze hooks included (a database's
+    checkpoint takes tens of seconds); frozen_s: how long file systems stay frozen, which is the
+    snapshot (QMP transaction / backupBegin) only; recover_s: after a freeze call timed out, how long
+    vmvault waits for the agent to answer again to thaw the late freeze.
+    """
+
+    freeze_s: float = DEFAULT_FREEZE_BUDGET_S
+    frozen_s: float = DEFAULT_FROZEN_WINDOW_S
+    crash_only: bool = False  # the policy says OnlyCrashConsistent: no quiesce at all
+
+    @property
+    def recover_s(self) -> float:
+        return self.freeze_s + RECOVER_EXTRA_S
+
+
 # ---- the thaw guard -------------------------------------------------------------------------------
+#
+# Protocol on its pipe: b"F" = the freeze returned, the frozen window starts (deadline frozen_s);
+# b"D" = vmvault thawed (or gave up and thawed itself): exit quietly; EOF = vmvault died or gave up
+# without thawing: thaw as soon as the agent answers. Before b"F" the guard never thaws on a timer
+# of its own shorter than the freeze budget plus the recovery wait: vmvault is still in its freeze
+# call, and the guard must not race a working quiesce.
 
 
 class ThawGuard:
-    """A detached process that thaws the guest when vmvault dies or the deadline passes."""
+    """A detached process that thaws the guest when vmvault abandons it frozen."""
 
     def __init__(self, proc: subprocess.Popen[bytes], done_fd: int) -> None:
         self._proc = proc
         self._done_fd: int | None = done_fd
 
     @classmethod
-    def start(cls, agent_socket: str, deadline_s: float = FREEZE_DEADLINE_S) -> ThawGuard:
+    def start(cls, target: str, budget: Budget) -> ThawGuard:
+        """target: an agent socket path, or `libvirt:URI#UUID` (the agent reached through libvirt)."""
         done_r, done_w = os.pipe()
         ready_r, ready_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "vmvault.engine.consistency", "--thaw-guard", agent_socket,
-                 str(deadline_s), str(done_r), str(ready_w)],
+                [sys.executable, "-m", "vmvault.engine.consistency", "--thaw-guard", target,
+                 str(budget.freeze_s + budget.recover_s), str(budget.frozen_s), str(done_r), str(ready_w)],
                 pass_fds=(done_r, ready_w),
                 start_new_session=True,  # survives a kill of vmvault's process group
                 stdin=subprocess.DEVNULL,
@@ -229,17 +263,27 @@ class ThawGuard:
             os.close(ready_r)
         return guard
 
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def frozen(self) -> None:
+        """The freeze returned: the frozen window's deadline starts now."""
+        if self._done_fd is not None:
+            with contextlib.suppress(OSError):  # a dead guard: noticed at release
+                os.write(self._done_fd, b"F")
+
     def release(self, thawed: bool = True) -> None:
         """thawed: the guest is thawed, the guard exits quietly; else it thaws the guest itself now."""
         if self._done_fd is None:
             return
         if thawed:
-            with contextlib.suppress(OSError):
-                os.write(self._done_fd, b"done")
-        os.close(self._done_fd)  # without "done", EOF: the guard thaws
+            with contextlib.suppress(OSError):  # the guard may be gone (it thawed at its deadline)
+                os.write(self._done_fd, b"D")
+        os.close(self._done_fd)  # without "D", EOF: the guard thaws
         self._done_fd = None
         if not thawed:
-            return  # let it work on its own (it retries for a minute)
+            return  # let it work on its own (it retries until the agent answers)
         try:
             self._proc.wait(GUARD_START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -247,37 +291,66 @@ class ThawGuard:
             self._proc.wait()
 
 
-def _guard_main(agent_socket: str, deadline_s: float, done_fd: int, ready_fd: int) -> int:
+def guard_lock_key(target: str) -> str:
+    return target
+
+
+def _guard_main(target: str, wait_s: float, window_s: float, done_fd: int, ready_fd: int) -> int:
     import fcntl
 
-    lock = open(freeze_lock_path(agent_socket), "a+")  # noqa: SIM115 - held for the process's life
+    lock = open(freeze_lock_path(guard_lock_key(target)), "a+")  # noqa: SIM115 - held for the process's life
     with contextlib.suppress(OSError):
         os.chmod(lock.name, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
     os.write(ready_fd, b"ready")
     os.close(ready_fd)
-    ready, _, _ = select.select([done_fd], [], [], deadline_s)
-    if ready and os.read(done_fd, 16) == b"done":
-        return 0
-    why = "vmvault exited without thawing" if ready else f"the {deadline_s:.0f} s freeze deadline passed"
-    end = time.monotonic() + 60
+    deadline = time.monotonic() + wait_s
+    frozen = False
+    why = ""
+    while not why:
+        ready, _, _ = select.select([done_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            why = f"the {window_s:.0f} s frozen window passed" if frozen else "vmvault's freeze call did not end"
+            break
+        data = os.read(done_fd, 1)
+        if data == b"D":
+            return 0
+        if data == b"F":
+            deadline, frozen = time.monotonic() + window_s, True
+        elif not data:
+            why = "vmvault exited or gave up without thawing"
+    return _guard_thaw(target, why, time.monotonic() + max(60.0, wait_s))
+
+
+def _guard_thaw(target: str, why: str, end: float) -> int:
     while True:
         try:
-            with GuestAgent(agent_socket, timeout=20).connect(timeout=10, check_frozen=False) as agent:
+            with guard_agent(target) as agent:
                 thawed = agent.guest_fsfreeze_thaw()
-            _guard_log(agent_socket, f"{why}; thawed {thawed} file system(s)")
+            _guard_log(target, f"{why}; thawed {thawed} file system(s)")
             return 0
-        except HypervisorError as exc:
+        except AGENT_FAILURES as exc:
             if time.monotonic() > end:
-                _guard_log(agent_socket, f"{why}; could not thaw: {exc}")
+                _guard_log(target, f"{why}; could not thaw: {exc}")
                 return 1
             time.sleep(0.5)
 
 
-def _guard_log(agent_socket: str, message: str) -> None:
+def guard_agent(target: str) -> GuestAgent:
+    """A connected agent session for a guard target (an agent socket, or libvirt:URI#UUID)."""
+    if target.startswith("libvirt:"):
+        from vmvault.hypervisor import libvirt_vm as lv
+
+        uri, _, uuid = target[len("libvirt:") :].rpartition("#")
+        dom = lv.connect(uri).lookupByUUIDString(uuid)
+        return lv.LibvirtAgent(dom, timeout=20).connect(timeout=10, check_frozen=False)
+    return GuestAgent(target, timeout=20).connect(timeout=10, check_frozen=False)
+
+
+def _guard_log(target: str, message: str) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with contextlib.suppress(OSError), open(freeze_lock_path(agent_socket).with_suffix(".log"), "a") as f:
-        f.write(f"{stamp} vmvault thaw guard for {agent_socket}: {message}\n")
+    with contextlib.suppress(OSError), open(freeze_lock_path(guard_lock_key(target)).with_suffix(".log"), "a") as f:
+        f.write(f"{stamp} vmvault thaw guard for {target}: {message}\n")
 
 
 # ---- scripts ------------------------------------------------------------------------------------
@@ -355,22 +428,41 @@ class Quiesce:
     consistency: str = CRASH_CONSISTENT
     notes: list[Note] = field(default_factory=list)
     probe: AgentProbe | None = None
-    agent_state: str = "NotConfigured"  # NotConfigured | NotReachable | Ready | Limited
+    agent_state: str = "NotConfigured"  # NotConfigured | NotReachable | Ready | Limited | NotApplicable | Skipped
     frozen: int = 0
+    attempts: int = 0  # freeze attempts (a timed-out one is retried once)
+    timings: dict[str, float] = field(default_factory=dict)  # freezeSeconds, frozenSeconds, thawSeconds
+    frozen_at: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        """For the job's details: what the quiesce did and how long each step took."""
+        return {"consistency": self.consistency, "agent": self.agent_state, "attempts": self.attempts,
+                "frozenFileSystems": self.frozen, **self.timings}  # fmt: skip
+
+
+AgentFactory = Callable[[], GuestAgent]  # a new, unconnected session with the guest's agent
+# What talking to a guest agent can raise: its replies come from the guest and are untrusted (a
+# hostile agent's `{"return": {}}` to a freeze is a TypeError): each is a named warning, never a crash.
+AGENT_FAILURES = (HypervisorError, OSError, ValueError, TypeError, KeyError, AttributeError)
 
 
 @contextlib.contextmanager
 def quiesced(
-    agent_socket: str | None, *, running: bool = True, guest: bool = True, deadline_s: float = FREEZE_DEADLINE_S
+    agent_socket: str | None, *, running: bool = True, guest: bool = True, budget: Budget | None = None
 ) -> Iterator[Quiesce]:
     """Run pre-script and freeze, yield (the caller snapshots), thaw and run the post-script.
 
     Raises PreScriptFailed before anything is frozen when a pre-script fails and the guest's
     configuration says not to continue. guest=False (a qemu-storage-daemon): nothing to quiesce.
     """
+    budget = budget or Budget()
     q = Quiesce()
     if not guest:
         q.agent_state = "NotApplicable"
+        yield q
+        return
+    if budget.crash_only:
+        q.agent_state = "Skipped"  # the policy asks for crash-consistent points: not a warning
         yield q
         return
     if not running:
@@ -390,14 +482,24 @@ def quiesced(
         )
         yield q
         return
+    socket_path = agent_socket
+    with quiesce_agent(lambda: GuestAgent(socket_path), socket_path, budget, q):
+        yield q
+
+
+@contextlib.contextmanager
+def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce) -> Iterator[Quiesce]:
+    """The agent part of the sequence, for an agent socket or one reached through libvirt (target: ThawGuard's)."""
     try:
-        agent = GuestAgent(agent_socket).connect()
-    except AgentUnavailable as exc:
+        agent = factory().connect()
+    except AGENT_FAILURES as exc:
         q.agent_state = "NotReachable"
-        q.notes.append(Note("agent_not_reachable", f"{exc.message}: the point is crash-consistent", INSTALL_AGENT_HINT))
+        q.notes.append(Note("agent_not_reachable", f"{_why(exc)}: the point is crash-consistent", INSTALL_AGENT_HINT))
         yield q
         return
-    lost: HypervisorError | None = None
+    lost: Exception | None = None
+    cfg: ScriptConfig | None = None
+    pre_ok = True
     try:
         with agent:
             q.probe = probe_agent(agent)
@@ -410,11 +512,11 @@ def quiesced(
             pre_ok = _pre_script(agent, cfg, q)
     except PreScriptFailed:
         raise
-    except HypervisorError as exc:
+    except AGENT_FAILURES as exc:
         lost = exc
     if lost is not None or q.probe is None:
         q.agent_state = "NotReachable"
-        q.notes.append(Note("agent_not_reachable", f"{lost}: the point is crash-consistent", INSTALL_AGENT_HINT))
+        q.notes.append(Note("agent_not_reachable", f"{_why(lost)}: the point is crash-consistent", INSTALL_AGENT_HINT))
         yield q
         return
     freeze = q.probe.freeze_allowed and (cfg is None or cfg.fs_freeze)
@@ -428,29 +530,107 @@ def quiesced(
         )
     vss_error: AgentError | None = None
     thaw_found: int | None = None
-    guard: ThawGuard | None = None
-    if freeze:
+    guard = _freeze_with_retry(factory, target, budget, q) if freeze else None
+    try:
+        yield q
+    finally:
+        if guard is not None:
+            thawed = True
+            if q.frozen or q.probe.windows:
+                guard_gone = not guard.alive
+                thawed, thaw_found, vss_error = _thaw(factory, q)
+                if guard_gone and thaw_found:  # it ended without thawing (killed?): nobody watched the freeze
+                    q.notes.append(Note("thaw_guard_died", "the thaw guard ended while the guest was frozen; "
+                                        "vmvault thawed the guest itself", "check the host for killed processes "
+                                        "(OOM killer) and the guard's log next to its lock in $TMPDIR"))  # fmt: skip
+            guard.release(thawed)
+        q.consistency = _consistency(q, cfg, pre_ok, freeze, thaw_found, vss_error, budget)
+        if cfg is not None and cfg.post_script:
+            _post_script(factory, cfg, q)
+
+
+def _why(exc: BaseException | None) -> str:
+    if isinstance(exc, HypervisorError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "the guest agent did not answer"
+
+
+def _budget_hint() -> str:
+    return (
+        "give the VM a larger quiesce budget (vmvault vm update NAME --quiesce-timeout SECONDS) or make the "
+        "guest's fsfreeze hooks (/etc/qemu/fsfreeze-hook.d) faster; check the guest agent's log"
+    )
+
+
+def _freeze_with_retry(factory: AgentFactory, target: str, budget: Budget, q: Quiesce) -> ThawGuard | None:
+    """Freeze within the budget; a timed-out attempt is thawed (when the agent answers again) and retried once.
+
+    Returns the guard of a successful freeze (or of one the agent refused, which a Windows guest
+    still thaws), None when nothing is frozen and nothing is to thaw.
+    """
+    for attempt in (1, 2):
+        q.attempts = attempt
         try:
-            guard = ThawGuard.start(agent_socket, deadline_s)
+            guard = ThawGuard.start(target, budget)
         except (OSError, HypervisorError) as exc:
             q.notes.append(Note("thaw_guard_failed", f"the thaw guard did not start ({exc}): the guest was not frozen"))
-            freeze = False
-    try:
-        if guard is not None:
-            try:
-                q.frozen = _freeze(agent_socket, q)
-                yield q
-            finally:
-                thawed = True
-                if q.frozen or q.probe.windows:
-                    thawed, thaw_found, vss_error = _thaw(agent_socket, q)
-                guard.release(thawed)
-        else:
-            yield q
-    finally:
-        q.consistency = _consistency(q, cfg, pre_ok, freeze, thaw_found, vss_error)
-        if cfg is not None and cfg.post_script:
-            _post_script(agent_socket, cfg, q)
+            return None
+        started = time.monotonic()
+        try:
+            with factory().connect(check_frozen=False) as agent:
+                q.frozen = agent.guest_fsfreeze_freeze(timeout=budget.freeze_s)
+        except AgentError as exc:  # the agent answered: a hook failed, VSS refused...
+            q.notes.append(Note("freeze_failed", f"the guest's file systems could not be frozen: {exc.message}",
+                                "check the guest agent's log and its fsfreeze hook"))  # fmt: skip
+            return guard
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a garbled reply: the guest is untrusted
+            guard.release(thawed=_recover(factory, budget))
+            q.notes.append(Note("freeze_failed", f"the guest agent's reply to guest-fsfreeze-freeze is not valid "
+                                f"({type(exc).__name__}: {exc}); vmvault thawed the guest", "check the guest agent "
+                                "(qemu-ga) of the guest: a modified or broken agent"))  # fmt: skip
+            return None
+        except AGENT_FAILURES as exc:  # no answer within the budget
+            log.warning("freeze attempt %d of %s gave up after %.0f s: %s", attempt, target, budget.freeze_s, _why(exc))
+            answered = _recover(factory, budget)
+            guard.release(thawed=answered)
+            if not answered:
+                q.notes.append(Note(
+                    "quiesce_timeout",
+                    f"the guest's freeze did not return within the {budget.freeze_s:.0f} s quiesce budget and its "
+                    f"agent did not answer again within {budget.recover_s:.0f} s (the thaw guard keeps trying to "
+                    "thaw it): the point is crash-consistent",
+                    _budget_hint(),
+                ))  # fmt: skip
+                return None
+            continue
+        q.timings["freezeSeconds"] = round(time.monotonic() - started, 3)
+        q.frozen_at = time.monotonic()
+        guard.frozen()
+        return guard
+    q.notes.append(Note(
+        "quiesce_timeout",
+        f"the guest's freeze (its fsfreeze hooks included) did not return within the {budget.freeze_s:.0f} s "
+        "quiesce budget, twice; vmvault thawed the guest each time: the point is crash-consistent",
+        _budget_hint(),
+    ))  # fmt: skip
+    return None
+
+
+def _recover(factory: AgentFactory, budget: Budget) -> bool:
+    """After a timed-out freeze: once the agent answers again (guest-ping), thaw the late freeze; True when thawed."""
+    end = time.monotonic() + budget.recover_s
+    while time.monotonic() < end:
+        try:
+            with factory().connect(timeout=min(10.0, max(1.0, end - time.monotonic())), check_frozen=False) as agent:
+                agent.guest_ping()
+                if agent.guest_fsfreeze_status() == "frozen":
+                    agent.guest_fsfreeze_thaw()
+                if agent.guest_fsfreeze_status() == "thawed":
+                    return True
+        except AGENT_FAILURES:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def _load_config(agent: GuestAgent, q: Quiesce) -> ScriptConfig | None:
@@ -500,7 +680,7 @@ def _pre_script(agent: GuestAgent, cfg: ScriptConfig | None, q: Quiesce) -> bool
         return True
     if not cfg.continue_on_failure:
         if cfg.post_script:
-            _post_script(agent.path, cfg, q, agent)
+            _post_script(lambda: agent, cfg, q, agent)
         raise PreScriptFailed(
             f"{outcome.describe()}; continueBackupOnFailure is false, so no snapshot was taken",
             hint=f"fix the pre-script, or set continueBackupOnFailure to true in {CONFIG_PATH}",
@@ -515,43 +695,39 @@ def _pre_script(agent: GuestAgent, cfg: ScriptConfig | None, q: Quiesce) -> bool
     return False
 
 
-def _post_script(agent_socket: str, cfg: ScriptConfig, q: Quiesce, agent: GuestAgent | None = None) -> None:
+def _post_script(factory: AgentFactory, cfg: ScriptConfig, q: Quiesce, agent: GuestAgent | None = None) -> None:
     try:
         with contextlib.ExitStack() as stack:
             if agent is None:
-                agent = stack.enter_context(GuestAgent(agent_socket).connect())
+                agent = stack.enter_context(factory().connect())
             outcome = _run_script(agent, "post", cfg.post_script, cfg.post_params, cfg)
-    except HypervisorError as exc:
-        q.notes.append(Note("post_script_failed", f"post-script {cfg.post_script} could not run: {exc.message}"))
+    except AGENT_FAILURES as exc:
+        q.notes.append(Note("post_script_failed", f"post-script {cfg.post_script} could not run: {_why(exc)}"))
         return
     if not outcome.ok:
         q.notes.append(Note("post_script_failed", outcome.describe(), "fix the post-script"))
 
 
-def _freeze(agent_socket: str, q: Quiesce) -> int:
-    try:
-        with GuestAgent(agent_socket).connect(check_frozen=False) as agent:
-            return agent.guest_fsfreeze_freeze()
-    except HypervisorError as exc:
-        q.notes.append(
-            Note(
-                "freeze_failed",
-                f"the guest's file systems could not be frozen: {exc.message}",
-                "check the guest agent's log and its fsfreeze hook",
-            )
-        )
-        return 0
-
-
-def _thaw(agent_socket: str, q: Quiesce) -> tuple[bool, int | None, AgentError | None]:
+def _thaw(factory: AgentFactory, q: Quiesce) -> tuple[bool, int | None, AgentError | None]:
     """(reached the agent, file systems thawed, the agent's error)."""
+    if q.frozen_at:
+        q.timings["frozenSeconds"] = round(time.monotonic() - q.frozen_at, 3)
+    started = time.monotonic()
     try:
-        with GuestAgent(agent_socket).connect(check_frozen=False) as agent:
-            return True, agent.guest_fsfreeze_thaw(), None
+        with factory().connect(check_frozen=False) as agent:
+            found = agent.guest_fsfreeze_thaw()
+        q.timings["thawSeconds"] = round(time.monotonic() - started, 3)
+        return True, found, None
     except AgentError as exc:
         return True, None, exc
-    except HypervisorError as exc:
-        q.notes.append(Note("thaw_failed", f"vmvault could not thaw the guest ({exc.message}); its thaw guard does"))
+    except AGENT_FAILURES as exc:
+        q.notes.append(
+            Note(
+                "thaw_failed",
+                f"vmvault could not thaw the guest ({_why(exc)}); its thaw guard does",
+                "check the guest agent's log; the guest is thawed by the guard once its agent answers",
+            )
+        )
         return False, None, None
 
 
@@ -562,6 +738,7 @@ def _consistency(
     freeze: bool,
     thaw_found: int | None,
     vss_error: AgentError | None,
+    budget: Budget,
 ) -> str:
     assert q.probe is not None
     if q.probe.windows:
@@ -576,9 +753,10 @@ def _consistency(
     if freeze and thaw_found == 0:
         q.notes.append(
             Note(
-                "thawed_early",
-                "the guest was thawed before vmvault's thaw (the thaw guard's deadline "
-                "passed): the point is crash-consistent",
+                "quiesce_timeout",
+                f"the snapshot took longer than the {budget.frozen_s:.0f} s frozen window: the thaw guard thawed "
+                "the guest before vmvault's thaw, so the point is crash-consistent",
+                "check the host's load during backups (the frozen window covers only the snapshot)",
             )
         )
         return CRASH_CONSISTENT
@@ -588,5 +766,5 @@ def _consistency(
     return APP_CONSISTENT if scripts and pre_ok else CRASH_CONSISTENT
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--thaw-guard":
-    sys.exit(_guard_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--thaw-guard":
+    sys.exit(_guard_main(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])))

@@ -18,6 +18,7 @@ from pathlib import Path
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import Cancelled, IntegrityError, InvalidInput
 from vmvault.hypervisor.offline import convert_to_qcow2
+from vmvault.testhooks import crash_point
 from vmvault.vault.chunkindex import Location
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
@@ -40,7 +41,10 @@ def run_restore(
     disks: list[str] | None = None,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    partial_tag: str | None = None,
 ) -> list[Path]:
+    """Restore into target_dir; partial files are named `.<final>.vmvault-partial-<tag>*` (the tag a
+    caller gives is recorded in its job, so a killed restore's partial files can be found and removed)."""
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format {fmt!r}", hint="use --format raw or --format qcow2")
     chosen = _choose_disks(manifest, disks)
@@ -60,7 +64,7 @@ def run_restore(
     try:
         for disk, final in zip(chosen, finals, strict=True):
             tracker.state.current_disk = disk.name
-            temps.append(_restore_one(vault, manifest, disk, final, tracker, cancel))
+            temps.append(_restore_one(vault, manifest, disk, final, tracker, cancel, partial_tag))
         for tmp, final in zip(temps, finals, strict=True):
             os.replace(tmp, final)
         _fsync_dir(target_dir)
@@ -92,11 +96,13 @@ def _restore_one(
     final: Path,
     tracker: ProgressTracker,
     cancel: threading.Event,
+    partial_tag: str | None = None,
 ) -> Path:
-    tag = secrets.token_hex(4)
+    tag = partial_tag or secrets.token_hex(4)
     raw_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}.raw"
     try:
         _restore_raw(vault, manifest, disk, raw_tmp, tracker, cancel)
+        crash_point("restore:partial-written")
         if final.suffix == ".qcow2":
             qcow_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}"
             try:
@@ -200,6 +206,8 @@ class _DiskWriter:
             try:
                 plain = self.vault.read_blob_from(loc, stored)
             except IntegrityError as exc:
+                # Marked: the next backup stores this data again rather than trusting this copy.
+                self.vault.index.add_bad_copy(loc.ref.blob_id, loc.pack, exc.message)
                 raise IntegrityError(
                     f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
                     hint="run 'vmvault vault verify' to list every affected point",

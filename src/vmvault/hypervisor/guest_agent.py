@@ -148,7 +148,7 @@ class GuestAgent:
         while True:
             sync_id = random.randrange(1, 1 << 31)
             request = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
-            self._sock.sendall(DELIMITER + json.dumps(request).encode() + b"\n")
+            self._send(DELIMITER + json.dumps(request).encode() + b"\n")
             try_until = min(deadline, time.monotonic() + SYNC_TRY_S)
             while True:
                 try:
@@ -172,6 +172,14 @@ class GuestAgent:
         self.thawed_stale_freeze = True
 
     # ---- wire ------------------------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:  # QEMU closed the chardev (the VM stopped): a named error, not a crash
+            self._dirty = True
+            raise AgentUnavailable(f"the guest agent socket {self.path} was closed: {exc.strerror or exc}") from exc
+
     def _read_line(self, deadline: float, *, delimited: bool = False) -> JsonDict:
         assert self._sock is not None
         while True:
@@ -192,7 +200,10 @@ class GuestAgent:
             ready, _, _ = select.select([self._sock], [], [], left)
             if not ready:
                 continue
-            data = self._sock.recv(65536)
+            try:
+                data = self._sock.recv(65536)
+            except OSError as exc:
+                raise AgentUnavailable(f"the guest agent socket {self.path} failed: {exc.strerror or exc}") from exc
             if not data:
                 raise AgentUnavailable(f"the guest agent closed its socket {self.path}")
             self._buf += data
@@ -205,7 +216,7 @@ class GuestAgent:
         request: JsonDict = {"execute": command}
         if arguments:
             request["arguments"] = arguments
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        self._send(json.dumps(request).encode() + b"\n")
         if command in ("guest-shutdown",):
             return None  # no reply by design
         deadline = time.monotonic() + (timeout or self.timeout)

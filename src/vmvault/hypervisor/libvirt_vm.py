@@ -28,15 +28,6 @@ JsonDict = dict[str, Any]
 DEFAULT_URI = "qemu:///system"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CHECKPOINT_PREFIX = "vmv-"
-BACKUP_BEGIN_QUIESCE = 1 << 1  # VIR_DOMAIN_BACKUP_BEGIN_QUIESCE (newer libvirt; 9.0 refuses it: "unsupported flags")
-THAW_DEADLINE_S = 10.0  # sized for TCG guests, like engine/consistency.py's
-_quiesce_flag_supported: bool | None = None
-
-
-def _remember_quiesce_flag(supported: bool) -> None:
-    global _quiesce_flag_supported
-    _quiesce_flag_supported = supported
-
 
 try:  # Debian's python3-libvirt, visible in vmvault's venv (system site-packages)
     import libvirt as _libvirt
@@ -314,7 +305,8 @@ class LibvirtAgent(GuestAgent):
         if arguments:
             request["arguments"] = arguments
         try:
-            reply = _libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), int(timeout or self.timeout), 0)
+            wait = max(1, int(timeout or self.timeout))
+            reply = _libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), wait, 0)
         except lv.libvirtError as exc:
             code = exc.get_error_code()
             if code in (lv.VIR_ERR_AGENT_UNRESPONSIVE, lv.VIR_ERR_OPERATION_INVALID, lv.VIR_ERR_ARGUMENT_UNSUPPORTED,
@@ -323,7 +315,10 @@ class LibvirtAgent(GuestAgent):
             raise AgentError(command, str(code), str(exc)) from exc
         if reply is None:
             return None
-        message = json.loads(reply)
+        try:
+            message = json.loads(reply)
+        except ValueError as exc:
+            raise AgentUnavailable(f"the guest agent of {self.dom.name()} sent a garbled reply to {command}") from exc
         if "error" in message:
             err = message["error"]
             raise AgentError(command, str(err.get("class", "")), str(err.get("desc", "")))
@@ -349,7 +344,6 @@ class PullBackup:
     def __init__(self, dom: Any, disks: list[DomainDisk], work_dir: Path, socket_path: Path) -> None:
         self.dom, self.disks, self.work_dir, self.socket = dom, disks, work_dir, socket_path
         self.started = False
-        self.thawed_early = False
 
     def scratch(self, disk: DomainDisk) -> Path:
         return self.work_dir / f"scratch-{disk.name}.qcow2"
@@ -371,40 +365,20 @@ class PullBackup:
         )
         return f"<domaincheckpoint><name>{name}</name><disks>{parts}</disks></domaincheckpoint>"
 
-    def begin(self, incremental: str | None, checkpoint_xml: str | None, quiesce: bool) -> None:
-        """backupBegin; quiesce: with the QUIESCE flag, or where libvirt lacks it (9.0) between fsFreeze and fsThaw."""
+    def begin(self, incremental: str | None, checkpoint_xml: str | None) -> None:
+        """backupBegin; a quiesce is vmvault's (engine/consistency.py: its budgets and thaw guard) around it.
+
+        Not libvirt's QUIESCE flag: 9.0 refuses it, and its freeze call has no budget of ours.
+        """
         lv = _lv()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
-        xml = self.backup_xml(incremental)
         try:
-            if quiesce and _quiesce_flag_supported is not False:
-                try:
-                    self.dom.backupBegin(xml, checkpoint_xml, BACKUP_BEGIN_QUIESCE)
-                    _remember_quiesce_flag(True)
-                except lv.libvirtError as exc:
-                    if exc.get_error_code() != lv.VIR_ERR_INVALID_ARG or "flags" not in str(exc):
-                        raise
-                    _remember_quiesce_flag(False)
-                    self._begin_frozen(xml, checkpoint_xml)
-            elif quiesce:
-                self._begin_frozen(xml, checkpoint_xml)
-            else:
-                self.dom.backupBegin(xml, checkpoint_xml, 0)
+            self.dom.backupBegin(self.backup_xml(incremental), checkpoint_xml, 0)
         except lv.libvirtError as exc:
             self.cleanup_files()
             raise LibvirtError(f"libvirt refused the backup of {self.dom.name()}: {exc}") from exc
         self.started = True
-
-    def _begin_frozen(self, xml: str, checkpoint_xml: str | None) -> None:
-        """fsFreeze (through the agent), backupBegin, fsThaw; a guard process thaws if vmvault dies in between."""
-        with ThawGuard(self.dom):
-            if self.dom.fsFreeze() < 1:
-                raise LibvirtError(f"the guest agent of {self.dom.name()} froze no file system")
-            try:
-                self.dom.backupBegin(xml, checkpoint_xml, 0)
-            finally:
-                self.thawed_early = self.dom.fsThaw() == 0  # the guard's deadline passed first
 
     def export(self, incremental: bool) -> list[ExportedLibvirtDisk]:
         root = ET.fromstring(self.dom.backupGetXMLDesc(0))
@@ -475,69 +449,3 @@ def abort_leftover_job(dom: Any, work_dir: Path) -> bool:
     except lv.libvirtError:
         return False
     return True
-
-
-# ---- never a frozen guest ----------------------------------------------------------------------------------
-
-
-class ThawGuard:
-    """A child process that thaws the domain if vmvault dies while it is frozen, or after THAW_DEADLINE_S.
-
-    `python -m vmvault.hypervisor.libvirt_vm --thaw-guard URI UUID SECONDS FD`: it waits for EOF on FD
-    (vmvault closes its end on release, and the kernel does when vmvault dies), and thaws only when
-    the deadline passed or vmvault did not release it.
-    """
-
-    def __init__(self, dom: Any, deadline_s: float = THAW_DEADLINE_S) -> None:
-        self.dom, self.deadline_s = dom, deadline_s
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.write_fd = -1
-
-    def __enter__(self) -> ThawGuard:
-        import os
-        import sys
-
-        read_fd, self.write_fd = os.pipe()
-        uri = self.dom.connect().getURI()
-        args = [sys.executable, "-m", "vmvault.hypervisor.libvirt_vm", "--thaw-guard", uri, self.dom.UUIDString(),
-                str(self.deadline_s), str(read_fd)]  # fmt: skip
-        self.proc = subprocess.Popen(args, pass_fds=(read_fd,), start_new_session=True,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
-        os.close(read_fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        os.write(self.write_fd, b"released")
-        os.close(self.write_fd)
-        if self.proc is not None:
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _guard_main(uri: str, uuid: str, deadline_s: float, fd: int) -> int:
-    import os
-    import select
-
-    ready, _, _ = select.select([fd], [], [], deadline_s)
-    released = bool(ready) and os.read(fd, 64) == b"released"
-    if released:
-        return 0
-    lv = _lv()
-    lv.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        lv.open(uri).lookupByUUIDString(uuid).fsThaw()
-    except lv.libvirtError:
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) == 6 and sys.argv[1] == "--thaw-guard":
-        sys.exit(_guard_main(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])))

@@ -130,13 +130,31 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)
 
 
+WORK_ROOT = "/tmp"
+WORK_PREFIX = "vmv-"
+
+
+def remove_dead_work_dirs() -> int:
+    """Work directories (an export's socket) of vmvault processes that died: /tmp/vmv-<pid>-*."""
+    from vmvault.proc import pid_alive
+
+    removed = 0
+    for path in Path(WORK_ROOT).glob(f"{WORK_PREFIX}*-*"):
+        pid = path.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and path.is_dir() and not path.is_symlink() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class NbdImageExport:
     """A read-only qemu-nbd export of one image on a private unix socket."""
 
     def __init__(self, info: DiskInfo, connections: int = 4) -> None:
         self.info = info
         self._connections = connections
-        self._dir = Path(tempfile.mkdtemp(prefix="vmv-", dir="/tmp"))
+        # Named after this process: a killed one's directory is found and removed (remove_dead_work_dirs).
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=WORK_ROOT))
         self.socket = self._dir / "nbd.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock: ImageLock | None = None

@@ -142,6 +142,9 @@ def execute_backup(
     """Run a Backup job this process owns; the point and the item's state are recorded with its end."""
 
     def work(run: JobRun) -> Any:
+        from vmvault.service.reconcile import reconcile_named
+
+        reconcile_named(ctx, plan.vault, f"before backup job {job.id} of VM {plan.vm_name}")
         return _run_backup(ctx, plan, job.id, run)
 
     scheduled = (job.details or {}).get("trigger") == SCHEDULED
@@ -151,12 +154,17 @@ def execute_backup(
         repos.mark_protected_after_backup(s, plan.vm_id)
         current = repos.get_job(s, job.id)
         repos.update_job_details(s, job.id, {**(current.details or {}), "recoveryPoint": manifest.rp_id})
-        _record_retention(ctx, s, manifest.rp_id, scheduled)
+        record_retention(ctx, s, manifest.rp_id, scheduled)
 
-    return run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
+    outcome = run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
+    if not outcome.failed:
+        from vmvault.service.vaultsettings import save
+
+        save(ctx, plan.vault)  # the VM's definition and retain-until as of this backup
+    return outcome
 
 
-def _record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> None:
+def record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> None:
     """Let retention (service/retention.py, when this build has it) record the new point's rules and expiry."""
     try:
         retention = importlib.import_module("vmvault.service.retention")
@@ -325,4 +333,6 @@ def list_recovery_points(ctx: Context, vm_name: str, *, include_deleted: bool = 
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
         rows = repos.recovery_points_for_vm(s, vm.id)
-        return [recovery_point_view(r) for r in rows if include_deleted or not r.soft_deleted]
+        names = {r.vault_id: repos.vault_by_id(s, r.vault_id).name for r in rows}
+        kept = [r for r in rows if include_deleted or not r.soft_deleted]
+        return [recovery_point_view(r, vm_name, names[r.vault_id]) for r in kept]

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from vmvault.catalog.db import Catalog
 from vmvault.settings import Settings
+
+if TYPE_CHECKING:
+    from vmvault.service.paths import PathPolicy
 
 
 @dataclass
 class Context:
     settings: Settings
     catalog: Catalog
+    # The allowed roots of paths sent by API and portal callers (service/paths.py): the API and
+    # the portal use a copy of the server's context with it set (remote()); None: the local CLI,
+    # not restricted.
+    paths: PathPolicy | None = None
+
+    def remote(self, paths: PathPolicy) -> Context:
+        """This context (same catalog) for API/portal callers: their paths are confined to the roots."""
+        return replace(self, paths=paths)
 
     def close(self) -> None:
         self.catalog.close()

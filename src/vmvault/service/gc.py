@@ -8,9 +8,11 @@ restores and verifies to end (at most lock_timeout), and new ones wait for the s
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vmvault.catalog import repos
+from vmvault.catalog.clock import to_iso
 from vmvault.engine.progress import Progress
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
@@ -46,6 +48,8 @@ def garbage_collect(
     def work(run: JobRun) -> JsonDict:
         progress = _Progress(run)
         with opened_vault(ctx, row) as vault:
+            # Deleting what no manifest references is only safe while the manifests are all there.
+            vault.refuse_if_tampered("garbage collection")
             report = collect_garbage(
                 vault,
                 grace_seconds=grace,
@@ -53,6 +57,7 @@ def garbage_collect(
                 lock_timeout=lock_timeout,
                 on_progress=progress,
                 cancel=run.cancel,
+                exempt=dead_writer_windows(ctx, vault_name, grace),
             )
         result = report_view(vault_name, grace, report)
         run.details = {**(run.details or {}), "garbageCollection": result}
@@ -90,6 +95,9 @@ def report_view(vault_name: str, grace: float, report: GcReport) -> JsonDict:
         "packsTooYoung": report.packs_too_young,
         "packsPinned": report.packs_pinned,
         "orphanPacksDeleted": report.orphan_packs_deleted,
+        "packsReindexed": report.packs_reindexed,
+        "packsUnreadableKept": report.packs_unreadable_kept,
+        "temporariesDeleted": report.temporaries_deleted,
         "blobsDeleted": report.blobs_deleted,
         "bytesBefore": report.bytes_before,
         "bytesAfter": report.bytes_after,
@@ -97,3 +105,37 @@ def report_view(vault_name: str, grace: float, report: GcReport) -> JsonDict:
         "lockWaitSeconds": report.lock_wait_seconds,
         "problems": list(report.problems),
     }
+
+
+WRITERS = ("Backup", "GarbageCollect")  # the jobs that write packs into a vault
+
+
+def dead_writer_windows(ctx: Context, vault_name: str, grace: float) -> Callable[[float], bool]:
+    """exempt(mtime) for collect_garbage: a pack written while a backup of this vault that has
+    ended Failed or Cancelled (its process died, or it gave up, e.g. on a full disk) was running,
+    and no other writer of this vault was, belongs to that dead job: unreferenced, it need not
+    wait for the grace window (which protects *running* writers). Only this catalog's jobs are
+    known, and every other writer's window counts as live, so in doubt the grace applies."""
+    from datetime import timedelta
+
+    from vmvault.catalog.clock import from_iso
+
+    since = to_iso(ctx.now() - timedelta(seconds=grace + 3600))
+    dead: list[tuple[float, float]] = []
+    live: list[tuple[float, float]] = []
+    with ctx.catalog.read() as s:
+        for job in repos.list_jobs(s, since=since):
+            if job.vault != vault_name or job.operation not in WRITERS:
+                continue
+            start = from_iso(job.start_time).timestamp()
+            end = from_iso(job.end_time).timestamp() if job.end_time else float("inf")
+            ended_badly = job.operation == "Backup" and job.status in ("Failed", "Cancelled")
+            (dead if ended_badly else live).append((start, end))
+
+    def exempt(mtime: float) -> bool:
+        def within(windows: list[tuple[float, float]]) -> bool:
+            return any(start <= mtime <= end for start, end in windows)
+
+        return within(dead) and not within(live)
+
+    return exempt

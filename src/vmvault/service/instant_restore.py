@@ -133,6 +133,7 @@ def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.P
     env = dict(os.environ)
     if ctx.settings.passphrase:
         env["VMVAULT_PASSPHRASE"] = ctx.settings.passphrase
+    env["VMVAULT_PASSPHRASE_CHECK"] = "strict" if ctx.settings.strict_passphrase else "lenient"
     with open(owner_log(plan.target_dir, plan.new_name), "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "vmvault.service.instant_restore", str(ctx.settings.home), job_id],

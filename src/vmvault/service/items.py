@@ -65,7 +65,14 @@ def item_view(s: Session, item: ProtectedItemRow, vm: VmRow, vault: VaultRow, no
         "excludedDisks": list(item.excluded_disks or []),
         "backupInProgress": running.id if running is not None else None,
         "protectedSince": item.created,
+        "deferredDeleteTime": item.deferred_delete_time,
+        "oldestRecoveryPoint": _oldest_point_time(s, vm.id, vault.id),
     }
+
+
+def _oldest_point_time(s: Session, vm_id: str, vault_id: int) -> str | None:
+    points = [p for p in repos.recovery_points_for_vm(s, vm_id) if p.vault_id == vault_id and not p.soft_deleted]
+    return points[0].time if points else None
 
 
 def list_items(ctx: Context, vault_name: str | None = None) -> list[JsonDict]:

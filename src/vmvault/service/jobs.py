@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DatabaseError, IntegrityError
@@ -47,6 +49,7 @@ class Operation:
     RETENTION = "Retention"
     FILE_RECOVERY_MOUNT = "FileRecoveryMount"
     FILE_RECOVERY_UNMOUNT = "FileRecoveryUnmount"
+    UNDELETE = "Undelete"  # Azure's name for undoing a soft delete (before #15: recorded as ConfigureBackup)
     ALL = (
         BACKUP,
         CONFIGURE_BACKUP,
@@ -58,6 +61,7 @@ class Operation:
         RETENTION,
         FILE_RECOVERY_MOUNT,
         FILE_RECOVERY_UNMOUNT,
+        UNDELETE,
     )
 
 
@@ -67,6 +71,7 @@ class Status:
     COMPLETED_WITH_WARNINGS = "CompletedWithWarnings"
     FAILED = "Failed"
     CANCELLED = "Cancelled"
+    CANCELLING = "Cancelling"  # shown, not stored: InProgress with cancel_requested (list_jobs)
     ALL = (IN_PROGRESS, COMPLETED, COMPLETED_WITH_WARNINGS, FAILED, CANCELLED)
     ENDED_BADLY = (FAILED, CANCELLED)
 
@@ -119,9 +124,31 @@ def reap_dead_jobs(ctx: Context) -> int:
         for row in repos.running_jobs(s):
             if owner_is_dead(row, current):
                 repos.finish_job(s, row.id, Status.FAILED, error=dead_job_error(row))
+                remove_partial_files(row.details)
                 _notify_enqueue(s, row.id)
                 reaped += 1
+    if reaped:
+        from vmvault.hypervisor.offline import remove_dead_work_dirs
+
+        remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
     return reaped
+
+
+def remove_partial_files(details: JsonDict | None) -> int:
+    """The partial files a dead restore recorded (service/restores.record_partial_files)."""
+    where = (details or {}).get("partialFiles")
+    if not isinstance(where, dict):
+        return 0
+    pattern = str(where.get("pattern") or "")
+    # Only the exact shape record_partial_files writes: never a pattern that could match more.
+    if not re.fullmatch(r"\.\*\.vmvault-partial-j[0-9a-f]{1,16}\*", pattern):
+        return 0
+    removed = 0
+    for path in Path(str(where.get("dir") or "/nonexistent")).glob(pattern):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 def _notify_enqueue(s: Session, job_id: str) -> None:
@@ -337,7 +364,9 @@ class JobOutcome(Generic[T]):
 
     @property
     def failed(self) -> bool:
-        return self.job["status"] in Status.ENDED_BADLY
+        """Failed or Cancelled; the job may be a service view or (the CLI against a server) a resource."""
+        status = (self.job.get("properties") or self.job)["status"]
+        return status in Status.ENDED_BADLY
 
 
 def run_job(
@@ -356,11 +385,14 @@ def run_job(
     failure(result) may turn a result into a failure (verify found problems).
     KeyboardInterrupt ends the job Cancelled and is re-raised.
     """
+    from vmvault.logs import job_context
+
     run = JobRun(ctx, row.id, on_progress, cancel or threading.Event(), details=_copy_details(row.details))
     watcher = CancelWatcher(ctx, row.id, run.cancel)
     watcher.start()
     try:
-        result = _work_watched(work, run, watcher)
+        with job_context(row.id, row.vm):  # every line logged by the job names it (--log-format json)
+            result = _work_watched(work, run, watcher)
     except Cancelled as exc:
         return _end(ctx, run, Status.CANCELLED, exc)
     except VmvaultError as exc:
@@ -490,12 +522,21 @@ def list_jobs(
     limit: int = 0,
     since: str | None = None,
 ) -> list[JsonDict]:
-    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant."""
-    status = _known(status, Status.ALL, "status")
+    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant.
+
+    Cancelling (Azure's status of a job asked to stop and still running) is an InProgress job
+    with its cancel flag set: the catalog keeps InProgress, which the one-backup-per-VM index needs.
+    """
+    status = _known(status, (*Status.ALL, Status.CANCELLING), "status")
     operation = _known(operation, Operation.ALL, "operation")
     start = _since(since) if since else None
+    stored = Status.IN_PROGRESS if status == Status.CANCELLING else status
     with ctx.catalog.read() as s:
-        rows: Sequence[JobRow] = repos.list_jobs(s, vm=vm, status=status, operation=operation, limit=limit, since=start)
+        rows: Sequence[JobRow] = repos.list_jobs(
+            s, vm=vm, status=stored, operation=operation, limit=0 if stored != status else limit, since=start
+        )
+        if stored != status:
+            rows = [r for r in rows if r.cancel_requested][: limit or None]
         return [job_view(r) for r in rows]
 
 
@@ -561,6 +602,8 @@ def extended_info(row: JobRow) -> JsonDict:
         "retainUntil": details.get("retainUntil"),
         "recoveryPoint": details.get("recoveryPoint"),
         "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)
+        "quiesce": details.get("quiesce"),  # a live backup: consistency, attempts, freeze/frozen/snapshot/thaw seconds
+        "reconciled": details.get("reconciled"),  # corrected after its process died (service/reconcile.py)
         "queued": queued,
         "cancelRequested": bool(row.cancel_requested),
         "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},

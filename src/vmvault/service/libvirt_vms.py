@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +192,7 @@ class _Backup:
         from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
         from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import _next_point_time, new_rp_id
+        from vmvault.service.quiesce import record
         from vmvault.service.running_vms import _TEST_HOLD_SNAPSHOT, _run_dir, _test_hold
 
         work = self.ctx.settings.home / "scratch" / self.tag
@@ -197,27 +200,18 @@ class _Backup:
         cp_xml = lv.PullBackup.checkpoint_xml(checkpoint, self.disks, self.info.disks) if checkpoint else None
         manifest = None
         try:
-            with _Quiesce(self) as q:
+            with _quiesced(self) as q:
+                started = time.monotonic()
                 try:
-                    pull.begin(incremental, cp_xml, q.freeze)
-                    q.frozen = q.freeze
+                    pull.begin(incremental, cp_xml)
                 except lv.LibvirtError as exc:
-                    if incremental:
-                        self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
-                        incremental = None
-                    elif q.freeze:
-                        self.note("freeze_failed", f"the quiesced backup failed ({exc.message}): the point is "
-                                  "crash-consistent", "check the guest agent's log and its fsfreeze hook")  # fmt: skip
-                        q.freeze = False
-                    else:
+                    if not incremental:
                         raise
-                    pull.begin(incremental, cp_xml, q.freeze)
-                    q.frozen = q.freeze
-                if pull.thawed_early:
-                    q.frozen = False
-                    message = "the guest was thawed before the backup began (the thaw guard's deadline passed)"
-                    self.note("thawed_early", f"{message}: the point is crash-consistent")
-            self.notes.extend(q.notes)
+                    self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
+                    incremental = None
+                    pull.begin(incremental, cp_xml)
+                snapshot_s = time.monotonic() - started
+            record(self.job_run, q, snapshot_s)
             _test_hold(_TEST_HOLD_SNAPSHOT)  # test-only hook (docs/running-vms.md): after the instant, before reading
             exported = [
                 ExportedDisk(d.name, d.uri, d.size, d.format, d.path, changed_extents=d.changed_extents)
@@ -310,66 +304,38 @@ class _Backup:
             )
 
 
-class _Quiesce:
-    """Pre-script, then the caller's backupBegin (QUIESCE when `freeze`), then the post-script.
+@contextlib.contextmanager
+def _quiesced(b: _Backup) -> Iterator[Any]:
+    """Pre-script, freeze (within the VM's budget), yield (the caller's backupBegin), thaw, post-script.
 
-    The same rules and consistency names as engine/consistency.py; libvirt freezes, snapshots and
-    thaws in its one backupBegin call, and the agent is reached through libvirt.
+    engine/consistency.py's sequence, budgets and thaw guard, with the agent reached through libvirt
+    (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
+    from vmvault.engine.consistency import INSTALL_AGENT_HINT, Quiesce, quiesce_agent
+    from vmvault.hypervisor.libvirt_vm import LibvirtAgent, LibvirtError, domain_state
+    from vmvault.service.quiesce import budget_for
 
-    def __init__(self, backup: _Backup) -> None:
-        from vmvault.engine.consistency import CRASH_CONSISTENT, Quiesce
-
-        self.backup = backup
-        self.q = Quiesce()
-        self.consistency = CRASH_CONSISTENT
-        self.notes = self.q.notes
-        self.freeze = False
-        self.frozen = False
-        self.cfg: Any = None
-        self.pre_ok = True
-        self.agent: Any = None
-
-    def __enter__(self) -> _Quiesce:
-        from vmvault.engine.consistency import INSTALL_AGENT_HINT, _load_config, _pre_script, probe_agent
-        from vmvault.errors import HypervisorError
-        from vmvault.hypervisor.libvirt_vm import LibvirtAgent, domain_state
-
-        b = self.backup
-        if domain_state(b.dom) != "running":
-            self.notes.append(_note("vm_paused", "the domain is paused: the point is crash-consistent"))
-            return self
-        if not b.info.agent_channel:
-            message = f"domain {b.info.name} has no {AGENT_CHANNEL_NAME} channel: the point is crash-consistent"
-            self.notes.append(_note("agent_not_configured", message, INSTALL_AGENT_HINT))
-            return self
-        try:
-            self.agent = LibvirtAgent(b.dom).connect()
-            self.q.probe = probe_agent(self.agent)
-            self.cfg = _load_config(self.agent, self.q)
-            self.pre_ok = _pre_script(self.agent, self.cfg, self.q)
-        except HypervisorError as exc:
-            from vmvault.engine.consistency import PreScriptFailed
-
-            if isinstance(exc, PreScriptFailed):
-                raise
-            self.agent = None
-            self.notes.append(_note("agent_not_reachable", f"{exc.message}: the point is crash-consistent",
-                                    INSTALL_AGENT_HINT))  # fmt: skip
-            return self
-        self.freeze = self.q.probe.freeze_allowed and (self.cfg is None or self.cfg.fs_freeze)
-        return self
-
-    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-        from vmvault.engine.consistency import APP_CONSISTENT, CRASH_CONSISTENT, FILE_SYSTEM_CONSISTENT, _post_script
-
-        scripts = self.cfg is not None and bool(self.cfg.pre_script)
-        if self.frozen:
-            self.consistency = APP_CONSISTENT if scripts and self.pre_ok else FILE_SYSTEM_CONSISTENT
-        else:
-            self.consistency = APP_CONSISTENT if scripts and self.pre_ok else CRASH_CONSISTENT
-        if self.agent is not None and self.cfg is not None and self.cfg.post_script:
-            _post_script(self.agent.path, self.cfg, self.q, self.agent)
+    q = Quiesce()
+    budget = budget_for(b.ctx, b.plan)
+    try:
+        state = domain_state(b.dom)
+        target = f"libvirt:{b.dom.connect().getURI()}#{b.dom.UUIDString()}"
+    except Exception as exc:  # libvirt.libvirtError: a named error, not internal_error
+        raise LibvirtError(f"cannot ask libvirt about domain {b.info.name}: {exc}") from exc
+    if budget.crash_only:
+        q.agent_state = "Skipped"  # the policy asks for crash-consistent points
+        yield q
+    elif state != "running":
+        q.notes.append(_note("vm_paused", "the domain is paused: the point is crash-consistent"))
+        yield q
+    elif not b.info.agent_channel:
+        message = f"domain {b.info.name} has no {AGENT_CHANNEL_NAME} channel: the point is crash-consistent"
+        q.notes.append(_note("agent_not_configured", message, INSTALL_AGENT_HINT))
+        yield q
+    else:
+        with quiesce_agent(lambda: LibvirtAgent(b.dom), target, budget, q):
+            yield q
+    b.notes.extend(q.notes)
 
 
 AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"

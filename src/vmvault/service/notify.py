@@ -1,5 +1,8 @@
 """Notifications: tell a vault's targets (webhook, e-mail) when its jobs end.
 
+Alerts (service/rpo.py: an item's missed backup, raised and resolved) go to every target of
+the item's vault through the same outbox (rows with alert_id instead of a job).
+
 Each vault has targets; a target hears of Failed jobs (events "failed", the default) or of every
 ended job (events "all"). Delivery goes through an outbox so nothing is lost to a crash:
 
@@ -29,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso, to_iso, utc_now
-from vmvault.catalog.models import NotificationRow, NotificationTargetRow
+from vmvault.catalog.models import AlertRow, NotificationRow, NotificationTargetRow
 from vmvault.errors import InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict, job_view
@@ -175,6 +178,22 @@ def enqueue_for_job(s: Session, job_id: str) -> int:
     return added
 
 
+def enqueue_for_alert(s: Session, alert: AlertRow, event: str) -> int:
+    """Inside the transaction that raised or resolved an alert: one notification per target of its vault.
+
+    Every target hears of alerts, whatever its events: a missed backup is a failure.
+    """
+    added = 0
+    for target in repos.notification_targets(s, alert.vault_id):
+        row = NotificationRow(
+            target_id=target.id, job_id="", alert_id=alert.id, alert_event=event, status="pending", attempts=0,
+            created=now_iso(),
+        )  # fmt: skip
+        repos.add_notification(s, row)
+        added += 1
+    return added
+
+
 def deliver_pending(ctx: Context, *, job_id: str | None = None) -> int:
     """Send what is due (only this job's, if given); returns how many were delivered."""
     with ctx.catalog.read() as s:
@@ -189,8 +208,7 @@ def _deliver_one(ctx: Context, row_id: int) -> bool:
             return False
         row = s.get_one(NotificationRow, row_id)
         target = s.get_one(NotificationTargetRow, row.target_id)
-        job = repos.get_job(s, row.job_id)
-        message = _Message(target.kind, target.address, target.smtp, target.sender, job_view(job))
+        message = _Message(target.kind, target.address, target.smtp, target.sender, _event_of(s, row))
         attempts = row.attempts + 1
     try:
         message.send()
@@ -200,6 +218,19 @@ def _deliver_one(ctx: Context, row_id: int) -> bool:
     with ctx.catalog.write() as s:
         repos.update_notification(s, row_id, status="sent", attempts=attempts, sent=now_iso(), last_error=None)
     return True
+
+
+def _event_of(s: Session, row: NotificationRow) -> JsonDict:
+    """What the notification tells: a job (its view), or an alert ({"alert": ..., "event": raised|resolved})."""
+    if row.alert_id is None:
+        from vmvault.service.jobs import extended_info  # jobs imports this module
+
+        job = repos.get_job(s, row.job_id)
+        return {**job_view(job), "extendedInfo": extended_info(job)}  # as `job show` prints it
+    from vmvault.service.rpo import alert_view
+
+    alert = s.get_one(AlertRow, row.alert_id)
+    return {"alert": alert_view(alert, repos.vault_by_id(s, alert.vault_id).name), "event": row.alert_event}
 
 
 def _failed(ctx: Context, row_id: int, attempts: int, error: str) -> None:
@@ -214,16 +245,30 @@ def _failed(ctx: Context, row_id: int, attempts: int, error: str) -> None:
 
 
 def payload(job: JsonDict) -> JsonDict:
-    """The JSON a webhook receives."""
-    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": job}
+    """The JSON a webhook receives: an alert, or the job as `vmvault job show -o json` prints it (Azure's shape)."""
+    if "alert" in job:
+        alert = job["alert"]
+        event = _RESOLVED_EVENT.get(alert["kind"], "AlertResolved") if job["event"] == "resolved" else alert["kind"]
+        return {"source": "vmvault", "event": event, "vault": alert["vault"], "alert": alert}
+    from vmvault.service import azure_shape
+
+    return {"source": "vmvault", "event": "JobEnded", "vault": job.get("vault"), "job": azure_shape.job(job)}
 
 
 def subject(job: JsonDict) -> str:
+    if "alert" in job and job["alert"]["kind"] == "VaultSpaceLow":
+        state = "space back" if job["event"] == "resolved" else "space low"
+        return f"[vmvault] Vault {state}: {job['alert']['vault']}"
+    if "alert" in job:
+        state = "resolved" if job["event"] == "resolved" else "breached"
+        return f"[vmvault] RPO {state}: {job['alert']['vm']}"
     about = job.get("vm") or job.get("vault") or ""
     return f"[vmvault] {job['operation']} {job['status']}: {about}".rstrip(": ")
 
 
 def body(job: JsonDict) -> str:
+    if "alert" in job:
+        return _alert_body(job["alert"], job["event"])
     lines = [
         f"{job['operation']} job {job['id']} ended {job['status']}.",
         f"VM: {job.get('vm') or '-'}   vault: {job.get('vault') or '-'}",
@@ -234,8 +279,48 @@ def body(job: JsonDict) -> str:
         lines += [f"error [{error.get('code')}]: {error.get('message')}"]
         if error.get("recommendedAction"):
             lines.append(f"recommended action: {error['recommendedAction']}")
-    lines += ["", "The job as JSON:", json.dumps(job, indent=2)]
+    from vmvault.service import azure_shape
+
+    lines += ["", "The job as JSON:", json.dumps(azure_shape.job(job), indent=2)]
     return "\n".join(lines) + "\n"
+
+
+_RESOLVED_EVENT = {"RpoBreached": "RpoResolved", "VaultSpaceLow": "VaultSpaceResolved"}
+
+
+def _space_body(alert: JsonDict, event: str) -> str:
+    now: JsonDict = (alert.get("resolvedWith") or {}) if event == "resolved" else alert
+    free, percent = int(now.get("freeBytes", 0)) >> 20, now.get("freePercent")
+    if event == "resolved":
+        first = f"Vault {alert['vault']} has room again: {free} MiB free ({percent}%)."
+    else:
+        first = (
+            f"Vault {alert['vault']} is running out of space: {free} MiB free ({percent}% of its file system), "
+            f"under the {alert.get('thresholdPercent')}% threshold; backups fail when it is full."
+        )
+    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
+    if event != "resolved":
+        lines.append("recommended action: free space on that file system, or delete what is no longer needed: "
+                     f"vmvault retention run; vmvault vault gc {alert['vault']}")  # fmt: skip
+    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
+
+
+def _alert_body(alert: JsonDict, event: str) -> str:
+    if alert["kind"] == "VaultSpaceLow":
+        return _space_body(alert, event)
+    if event == "resolved":
+        first = f"VM {alert['vm']} (vault {alert['vault']}) has a good recovery point again: {alert.get('resolvedBy')}."
+    else:
+        first = (
+            f"VM {alert['vm']} (vault {alert['vault']}) missed its backup: its newest good recovery point "
+            f"({alert.get('lastGoodTime') or 'none yet'}) is older than policy {alert.get('policy')} allows "
+            f"(deadline {alert.get('deadline')})."
+        )
+    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
+    if event != "resolved":
+        lines.append(f"recommended action: see why with: vmvault job list --vm {alert['vm']}; "
+                     f"then run: vmvault backup now --vm {alert['vm']}")  # fmt: skip
+    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
 
 
 class _Message:

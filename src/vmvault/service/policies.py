@@ -1,7 +1,9 @@
 """Backup policies of a vault: list, show (as `az backup policy show`), create, set, delete.
 
-A policy is stored as its canonical Azure properties (domain.policy.to_properties); items
-reference it by id, so `policy set` moves every item to the new rules at once.
+A policy is stored as its canonical Azure properties (domain.policy.to_properties: the time
+zone as the user named it, kept fields as given); items reference it by id, so `policy set`
+moves every item to the new rules at once. `policy show` adds ``notes``: what of the policy
+vmvault keeps without acting on it (domain.policy.policy_notes; docs/policies.md).
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import PolicyRow, VaultRow
-from vmvault.domain.policy import DEFAULT_POLICY_NAME, Policy, default_policy, parse_policy, to_properties
+from vmvault.domain.policy import (
+    DEFAULT_POLICY_NAME,
+    WEEKDAYS,
+    Policy,
+    default_policy,
+    parse_policy,
+    policy_notes,
+    to_properties,
+)
 from vmvault.errors import AlreadyExists, Busy, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.validate import check_name
+from vmvault.service.vaultsettings import saves_settings, vault_argument
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault")
@@ -42,16 +53,18 @@ def policy_view(s: Session, vault: VaultRow, row: PolicyRow) -> JsonDict:
         "type": POLICY_TYPE,
         "vault": vault.name,
         "properties": properties,
+        "notes": policy_notes(policy_of(row)),
     }
 
 
 def policy_summary(view: JsonDict) -> JsonDict:
     """One table row of `policy list`."""
     props = view["properties"]
-    schedule = props["schedulePolicy"]
+    policy = parse_policy(props)
     retention = props["retentionPolicy"]
-    times = ", ".join(t[11:16] for t in schedule["scheduleRunTimes"])
-    days = ", ".join(schedule["scheduleRunDays"] or [])
+    sched = policy.schedule
+    times = ", ".join(t.strftime("%H:%M") for t in sched.run_times)
+    days = ", ".join(WEEKDAYS[d] for d in sched.run_days)
     rules = []
     for key, label in (("dailySchedule", "daily"), ("weeklySchedule", "weekly"), ("monthlySchedule", "monthly"),
                        ("yearlySchedule", "yearly")):  # fmt: skip
@@ -61,7 +74,7 @@ def policy_summary(view: JsonDict) -> JsonDict:
             rules.append(f"{label} {d['count']} {d['durationType'].lower()}")
     return {
         "name": view["name"],
-        "frequency": schedule["scheduleRunFrequency"],
+        "frequency": sched.frequency,
         "days": days,
         "time": times,
         "timeZone": props["timeZone"],
@@ -119,6 +132,7 @@ def show_policy(ctx: Context, vault_name: str, name: str) -> JsonDict:
         return policy_view(s, vault, repos.get_policy(s, vault, name))
 
 
+@saves_settings(vault_argument)
 def create_policy(ctx: Context, vault_name: str, name: str, document: Any) -> JsonDict:
     """Add a policy from its JSON; refused (nothing stored) when invalid or the name is taken."""
     check_name("policy", name)
@@ -137,6 +151,7 @@ def create_policy(ctx: Context, vault_name: str, name: str, document: Any) -> Js
         return policy_view(s, vault, row)
 
 
+@saves_settings(vault_argument)
 def set_policy(ctx: Context, vault_name: str, name: str, document: Any) -> JsonDict:
     """Replace a policy's rules; its items follow them from now on and their points' expiry is recomputed."""
     properties = to_properties(parse_policy(document))
@@ -176,6 +191,7 @@ def recompute_points_expiry(ctx: Context, vault: VaultRow, row: PolicyRow) -> bo
     return True
 
 
+@saves_settings(vault_argument)
 def delete_policy(ctx: Context, vault_name: str, name: str) -> None:
     """Delete a policy no item uses."""
     with ctx.catalog.write() as s:

@@ -18,6 +18,7 @@ from vmvault.catalog.models import ProtectedItemRow, VmRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, record_completed_job
+from vmvault.service.vaultsettings import saves_settings, vault_of_job
 from vmvault.service.views import JsonDict, job_view
 
 IR_PENDING = "IRPending"  # protected, no recovery point yet
@@ -26,6 +27,7 @@ PROTECTION_STOPPED = "ProtectionStopped"  # disabled, data kept
 ACTIVE_STATES = (IR_PENDING, PROTECTED)
 
 
+@saves_settings(vault_of_job)
 def enable_protection(
     ctx: Context,
     vm_name: str,
@@ -108,6 +110,7 @@ def _item(s: Session, vm_name: str) -> tuple[VmRow, ProtectedItemRow]:
     return vm, item
 
 
+@saves_settings(vault_of_job)
 def update_protection(
     ctx: Context,
     vm_name: str,
@@ -135,6 +138,7 @@ def update_protection(
         return job_view(record_completed_job(s, Operation.CONFIGURE_BACKUP, vm=vm_name, vault=vault.name))
 
 
+@saves_settings(vault_of_job)
 def disable_protection(ctx: Context, vm_name: str) -> JsonDict:
     """Stop backups and keep the data (ProtectionStopped); queued backups of the VM are cancelled.
 
@@ -160,6 +164,7 @@ def disable_protection(ctx: Context, vm_name: str) -> JsonDict:
     return job_view(job)
 
 
+@saves_settings(vault_of_job)
 def resume_protection(ctx: Context, vm_name: str, *, policy: str | None = None) -> JsonDict:
     """Start backing a stopped item up again (optionally with another policy)."""
     from vmvault.service.policies import resolve_policy

@@ -28,6 +28,7 @@ from vmvault.catalog.models import VaultRow, VmRow
 from vmvault.errors import HypervisorError, IntegrityError, InvalidInput, StorageError, VmRunning
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict
@@ -126,6 +127,8 @@ def restore_vm(
     """Restore a point of a plain QEMU VM as a new VM (defined, registered; started with start)."""
     from vmvault.service import restore_libvirt
 
+    if target_dir is not None:  # API/portal callers: inside the allowed restore roots, resolved (service/paths.py)
+        target_dir = allowed(ctx, Rule.RESTORES, target_dir)
     if instant:  # runs at once on the vault's export, copied in the background (service/instant_restore.py)
         from vmvault.service.instant_restore import restore_instant
 
@@ -213,6 +216,7 @@ def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
     made_dir = not plan.target_dir.exists()
     try:
         plan.target_dir.mkdir(parents=True, exist_ok=True)
+        recheck_dir(ctx, Rule.RESTORES, plan.target_dir)
 
         def check(m: Any) -> None:
             refuse_without_definition(m.vm_definition, plan.vm_name)
@@ -376,7 +380,7 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
     _refuse_running(vm)
-    current = {str(d["name"]): Path(str(d["path"])) for d in vm.disks or []}
+    current = {str(d["name"]): _replaceable(ctx, vm.name, Path(str(d["path"]))) for d in vm.disks or []}
     chosen: list[tuple[str, Path, str]] = []
     missing = []
     for d in point.disks:
@@ -407,6 +411,14 @@ def _refuse_locked(path: Path) -> None:
     if existing_image(path).is_file():
         with ImageLock(path):
             pass
+
+
+def _replaceable(ctx: Context, vm_name: str, path: Path) -> Path:
+    """A disk replace-disks may overwrite: not another VM's too; for API callers, in the allowed disk roots."""
+    refuse_registered(ctx, [path], allow_vm=vm_name)
+    if ctx.paths is not None:
+        ctx.paths.check(Rule.DISKS, path)
+    return path
 
 
 def _refuse_running(vm: VmRow) -> None:

@@ -12,8 +12,8 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import InvalidInput, NotFound, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import usable_point
-from vmvault.service.validate import absolute
 from vmvault.service.vaultio import opened_vault
 
 FORMATS = ("raw", "qcow2")
@@ -44,7 +44,7 @@ def restore_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[list[Path]]:
     """Restore the disks of a recovery point into target_dir as <disk>.raw|.qcow2; result: the files written."""
-    plan = plan_restore(ctx, vm_name, rp_id, absolute(target_dir), fmt, force, disks)
+    plan = plan_restore(ctx, vm_name, rp_id, allowed(ctx, Rule.RESTORES, target_dir), fmt, force, disks)
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
 
     def work(run: JobRun) -> list[Path]:
@@ -66,7 +66,7 @@ def plan_restore(
         template = {"qmp": f"{vm_name}-template.json", "libvirt": f"{vm_name}-domain.xml"}.get(vm.kind)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
     files = [f"{name}.{fmt or source}" for name, source in chosen]
-    _check_target(target, files + ([template] if template else []), force)
+    _check_target(ctx, target, files + ([template] if template else []), force)
     return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
 
 
@@ -85,9 +85,10 @@ def _choose_disks(
     return [d for d in point_disks if d[0] in wanted]
 
 
-def _check_target(target: Path, files: list[str], force: bool) -> None:
+def _check_target(ctx: Context, target: Path, files: list[str], force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise InvalidInput(f"target {target} is not a directory", hint="pass a directory to --target-dir")
+    refuse_registered(ctx, [target / name for name in files])
     existing = [name for name in files if (target / name).exists()]
     if existing and not force:
         raise InvalidInput(
@@ -108,11 +109,13 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
             f"cannot create target directory {plan.target_dir}: {exc.strerror}",
             hint="pass a --target-dir you can write to",
         ) from exc
+    recheck_dir(ctx, Rule.RESTORES, plan.target_dir)
     # The vault lock, shared, while we read: no garbage collection sweeps meanwhile; and a pin, so
     # retention leaves the point alone until we are done (vault/lock.py, docs/design.md).
     with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
         vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
+        tag = record_partial_files(ctx, run.job_id, plan.target_dir)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths: list[Path] = run_restore(
                 vault,
@@ -123,6 +126,18 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
                 disks=plan.disks,
                 on_progress=run.progress,
                 cancel=run.cancel,
+                partial_tag=tag,
             )
         template = write_disks_template(plan.target_dir, manifest, [Path(p) for p in paths], plan.vm_name, plan.force)
     return [Path(p) for p in paths] + ([template] if template is not None else [])
+
+
+def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
+    """Record, before writing, where this restore's partial files go: if its process dies, the
+    next command that reaps the job deletes them (jobs.remove_partial_files)."""
+    tag = "j" + job_id.replace("-", "")[:16]
+    with ctx.catalog.write() as s:
+        current = repos.get_job(s, job_id)
+        where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
+        repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
+    return tag

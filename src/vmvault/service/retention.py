@@ -31,12 +31,14 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, to_iso
 from vmvault.catalog.models import PolicyRow, ProtectedItemRow, RecoveryPointRow, VaultRow
-from vmvault.domain.retention import PointRetention, RetentionPolicy, compute_retention, parse_retention_policy
+from vmvault.domain.policy import parse_policy
+from vmvault.domain.retention import PointRetention, RetentionPolicy, compute_retention, policy_retention
 from vmvault.errors import NotFound, ObjectNotFound
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
+from vmvault.testhooks import crash_point
 
 log = logging.getLogger("vmvault")
 
@@ -52,9 +54,8 @@ def item_policy(s: Session, item: ProtectedItemRow | None) -> RetentionPolicy | 
 
 
 def policy_rules(row: PolicyRow) -> RetentionPolicy:
-    props: dict[str, Any] = dict(row.properties or {})
-    props = dict(props.get("properties") or props)  # stored bare; accept the az wrapper too
-    return parse_retention_policy(props.get("retentionPolicy"), str(props.get("timeZone") or "UTC"))
+    """The rules of a stored policy (stored rows are canonical: domain.policy parses them)."""
+    return policy_retention(parse_policy(row.properties))
 
 
 def _retain_until(row: RecoveryPointRow) -> date | None:
@@ -237,6 +238,7 @@ def delete_point_data(vault: Any, rp_id: str) -> None:
 
 def _delete_point(ctx: Context, vault: Any, point: RecoveryPointRow) -> None:
     delete_point_data(vault, point.id)  # the vault first: a row without manifest is retried next run
+    crash_point("retention:manifest-deleted")
     with ctx.catalog.write() as s:
         repos.delete_recovery_point(s, point.id)
 

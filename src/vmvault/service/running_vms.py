@@ -237,12 +237,17 @@ class _LiveBackup:
 
     def _snapshot(self) -> Any:
         from vmvault.engine.consistency import quiesced
+        from vmvault.service.quiesce import budget_for, record
 
         agent = self.plan.definition.get("guestAgent")
         guest = self.vm.status != "storage-daemon"
-        with quiesced(agent, running=self.vm.running, guest=guest) as quiesce:
+        budget = budget_for(self.ctx, self.plan)
+        with quiesced(agent, running=self.vm.running, guest=guest, budget=budget) as quiesce:
+            started = time.monotonic()
             self.session.snapshot()
+            snapshot_s = time.monotonic() - started
             _test_hold(_TEST_HOLD_FROZEN)
+        record(self.job_run, quiesce, snapshot_s)
         self.warnings.extend(quiesce.notes)
         _test_hold(_TEST_HOLD_SNAPSHOT)
         return quiesce

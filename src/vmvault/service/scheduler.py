@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,6 +36,8 @@ from vmvault.service.views import empty_progress
 
 log = logging.getLogger("vmvault")
 
+RPO_CHECK_S = 10.0  # seconds between two looks for missed backups (the first at the start)
+
 
 @dataclass(frozen=True)
 class Due:
@@ -47,6 +50,9 @@ def provisional_expiry(policy: Policy, slot: datetime) -> str:
     """retain-until of a scheduled point before retention looks at it: the daily (or weekly) rule's span."""
     local_day = slot.astimezone(policy.tzinfo).date()
     ret = policy.retention
+    if policy.enhanced and slot.astimezone(policy.tzinfo).time() != policy.schedule.run_times[0]:
+        # Not the day's first slot: the daily rule keeps only the first (retention decides for real).
+        return (local_day + timedelta(days=policy.instant_rp_days)).isoformat()
     if policy.schedule.frequency == WEEKLY and ret.weekly is not None:
         return (local_day + timedelta(weeks=ret.weekly.duration.count)).isoformat()
     days = ret.daily.duration.count if ret.daily is not None else 30
@@ -136,11 +142,15 @@ def _queue(ctx: Context, due: Due, now: datetime) -> str | None:
 
 
 class Scheduler:
-    """A thread that ticks every `interval` seconds until stopped; also retries notifications and reaps dead jobs."""
+    """A thread that ticks every `interval` seconds until stopped.
 
-    def __init__(self, ctx: Context, interval: float = 1.0) -> None:
+    It also retries notifications, raises and resolves missed-backup alerts, and reaps dead jobs.
+    """
+
+    def __init__(self, ctx: Context, interval: float = 1.0, min_free_percent: float | None = None) -> None:
         self.ctx = ctx
         self.interval = interval
+        self.min_free_percent = min_free_percent  # vault free-space alerts below this (None: the default)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-scheduler", daemon=True)
 
@@ -150,6 +160,22 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def _check_alerts(self) -> None:
+        """Missed backups (service/rpo.py) and vaults short of space (service/space.py): queued, delivered next tick."""
+        from vmvault.service.rpo import check_alerts
+        from vmvault.service.space import DEFAULT_MIN_FREE_PERCENT, check_space_alerts
+
+        threshold = DEFAULT_MIN_FREE_PERCENT if self.min_free_percent is None else self.min_free_percent
+        checks: list[Callable[[], list[int]]] = [
+            lambda: check_alerts(self.ctx),
+            lambda: check_space_alerts(self.ctx, threshold),
+        ]
+        for check in checks:
+            try:
+                check()
+            except Exception:
+                log.exception("checking alerts failed; retrying later")
 
     def _loop(self) -> None:
         from vmvault.service import notify
@@ -162,6 +188,8 @@ class Scheduler:
                     step()
                 except Exception:
                     log.exception("scheduler step failed; retrying next tick")
+            if rounds % max(1, int(RPO_CHECK_S / self.interval)) == 0:
+                self._check_alerts()
             rounds += 1
             if rounds % max(1, int(30 / self.interval)) == 0:
                 try:
@@ -172,23 +200,24 @@ class Scheduler:
 
 
 class Maintenance:
-    """Runs the Retention job (with garbage collection after it) every `every_s` seconds.
+    """Runs the Retention job (with garbage collection after it) every `every_s` seconds, and each
+    day a slice of every vault's scheduled verification (verify_days > 0).
 
     Due when the newest Retention job of the catalog (whoever ran it) started `every_s` ago or
     more; the first look comes `first_delay_s` after the service starts. A no-op in a build
     without service/retention.py.
     """
 
-    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0) -> None:
+    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0, verify_days: int = 0) -> None:
         self.ctx = ctx
         self.every_s = every_s
+        self.verify_days = verify_days  # scheduled verification period (service/verify_schedule.py); 0: off
         self.first_delay_s = first_delay_s
         self.cancel = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-maintenance", daemon=True)
 
     def start(self) -> None:
-        if self.every_s > 0:
-            self._thread.start()
+        self._thread.start()  # retention (every_s > 0) and scheduled verification (per vault or verify_days)
 
     def stop(self, timeout: float = 120.0) -> None:
         self.cancel.set()
@@ -202,14 +231,24 @@ class Maintenance:
             (last,) = repos.list_jobs(s, operation=Operation.RETENTION, limit=1) or (None,)
         return last is None or (utc_now() - from_iso(last.start_time)).total_seconds() >= self.every_s
 
+    def _verify(self) -> None:
+        """Vaults with their own period (vault verify-schedule) run even when the service's is 0."""
+        from vmvault.service import verify_schedule
+
+        try:
+            verify_schedule.run_due(self.ctx, self.verify_days, self.cancel)
+        except Exception:
+            log.exception("scheduled verification failed to start; retrying later")
+
     def _loop(self) -> None:
         import importlib
 
         if self.cancel.wait(self.first_delay_s):
             return
         while not self.cancel.is_set():
+            self._verify()
             try:
-                if self.due():
+                if self.every_s > 0 and self.due():
                     retention = importlib.import_module("vmvault.service.retention")
                     outcome = retention.apply_retention(self.ctx, cancel=self.cancel)
                     log.info("retention job %s ended %s", outcome.job["id"], outcome.job["status"])

@@ -75,7 +75,7 @@ def delete_backup_data(ctx: Context, vm_name: str) -> JsonDict:
 
 
 def undelete(ctx: Context, vm_name: str) -> JsonDict:
-    """Bring a soft-deleted item and its points back (ProtectionStopped); returns a ConfigureBackup job."""
+    """Bring a soft-deleted item and its points back (ProtectionStopped); returns an Undelete job."""
     from vmvault.service.retention import refresh_item
 
     now = ctx.now()
@@ -98,7 +98,7 @@ def undelete(ctx: Context, vm_name: str) -> JsonDict:
         repos.set_points_soft_deleted(s, item.vm_id, item.vault_id, False)
         s.flush()
         refresh_item(s, item.vm_id, item.vault_id, now)
-        job = record_completed_job(s, Operation.CONFIGURE_BACKUP, vm=vm_name, vault=vault.name)
+        job = record_completed_job(s, Operation.UNDELETE, vm=vm_name, vault=vault.name)
         return job_view(job)
 
 

@@ -12,6 +12,9 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, now_iso, to_iso, utc_now
@@ -114,15 +117,17 @@ def create_token(
     token_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     with ctx.catalog.write() as s:
+        vault_uuid = None
         if vault is not None:
             check_name("vault", vault)
-            repos.get_vault(s, vault)
+            vault_uuid = repos.get_vault(s, vault).uuid  # the scope is this vault, whatever its name later
         row = ApiTokenRow(
             id=token_id,
             name=label,
             token_hash=hash_secret(secret),
             role=known,
             vault=vault,
+            vault_uuid=vault_uuid,
             created=now_iso(),
             expires=until,
         )
@@ -162,12 +167,26 @@ def authenticate(ctx: Context, token: str) -> Principal | None:
             return None
         if row.revoked is not None or (row.expires is not None and from_iso(row.expires) <= utc_now()):
             return None
-        principal = Principal(token_id=row.id, name=row.name, role=row.role, vault=row.vault)
+        scope = _scope_of(s, row)
+        if scope is False:
+            return None
+        principal = Principal(token_id=row.id, name=row.name, role=row.role, vault=scope)
         stale = row.last_used is None or from_iso(row.last_used) < utc_now() - LAST_USED_EVERY
     if stale:  # at most one write a minute per token
         with ctx.catalog.write() as s:
             repos.update_api_token(s, principal.token_id, last_used=now_iso())
     return principal
+
+
+def _scope_of(s: Session, row: ApiTokenRow) -> str | Literal[False] | None:
+    """The current name of the token's vault (None: unscoped); False when that vault is gone.
+
+    A vault deleted and re-created under the same name has another UUID: its old tokens are refused.
+    """
+    if row.vault is None:
+        return None
+    vault = repos.find_vault_by_uuid(s, row.vault_uuid) if row.vault_uuid else None
+    return vault.name if vault is not None else False
 
 
 def ensure_first_run_token(ctx: Context) -> str | None:

@@ -4,6 +4,7 @@
   (manifest DiskEntry.stored_bytes, indexed in the catalog as disks[].storedBytes), not the
   provisioned size. An item is billed from its first backup on, while any of its data is kept
   (also when protection is stopped); a VM whose points remain without an item is billed too.
+  A soft-deleted item is not billed during its 14 days (Azure's rule; domain.usage.is_billed).
 - Storage consumed: the bytes of the vault's files (after dedup and compression).
 - Prices: domain.usage.Prices, overridden by HOME/prices.json (a JSON object of Prices fields)
   and then by the caller's overrides (`vault usage --price-...`).
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
 from vmvault.catalog.models import RecoveryPointRow, VaultRow
-from vmvault.domain.usage import GB, Prices, instance_fee, money, storage_fee
+from vmvault.domain.usage import GB, SOFT_DELETED_TIER, Prices, instance_fee, is_billed, money, storage_fee
 from vmvault.errors import InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.vaultio import opened_vault, read_manifest_or_none
@@ -138,9 +139,10 @@ def _fill_missing_sizes(ctx: Context, vault: VaultRow, entries: list[dict[str, A
 
 
 def _item_line(entry: dict[str, Any], prices: Prices) -> dict[str, Any]:
-    billed = entry["point"] is not None
+    billed = is_billed(entry["state"], entry["point"] is not None)
     size = int(entry["size"] or 0)
     fee = instance_fee(size, prices) if billed else None
+    unbilled = SOFT_DELETED_TIER if entry["point"] is not None else NOT_BILLED
     return {
         "name": entry["name"],
         "protectionState": entry["state"],
@@ -148,7 +150,7 @@ def _item_line(entry: dict[str, Any], prices: Prices) -> dict[str, Any]:
         "protectedInstanceBytes": size,
         "protectedInstanceGB": round(size / GB, 6),
         "billed": billed,
-        "tier": fee.tier if fee is not None else NOT_BILLED,
+        "tier": fee.tier if fee is not None else unbilled,
         "monthlyFee": money(fee.fee) if fee is not None else 0.0,
         "_fee": fee.fee if fee is not None else Decimal(0),
     }

@@ -13,7 +13,7 @@ from vmvault.errors import InvalidInput, NotFound
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 DEFAULT_RETENTION_DAYS = 30
-MIN_PASSPHRASE_LEN = 8
+MIN_PASSPHRASE_LEN = 12
 
 
 def check_name(kind: str, name: str) -> str:
@@ -50,6 +50,7 @@ def parse_retain_until(text: str | None) -> str:
 
 
 def check_passphrase(passphrase: str | None, vault_name: str) -> str:
+    """A new passphrase: 12+ characters, not a common password (the stolen-vault attacker tries those first)."""
     if not passphrase:
         raise InvalidInput(
             f"a passphrase is required to create vault '{vault_name}'",
@@ -58,9 +59,34 @@ def check_passphrase(passphrase: str | None, vault_name: str) -> str:
     if len(passphrase) < MIN_PASSPHRASE_LEN:
         raise InvalidInput(
             f"the passphrase for vault '{vault_name}' is too short ({len(passphrase)} characters)",
-            hint=f"use at least {MIN_PASSPHRASE_LEN} characters",
+            hint=f"use at least {MIN_PASSPHRASE_LEN} characters, e.g. four or five random words",
+        )
+    if _is_common_password(passphrase):
+        raise InvalidInput(
+            f"the passphrase for vault '{vault_name}' is in a list of common passwords",
+            hint="an attacker with a copy of the vault tries those first: choose one that is not, "
+            "e.g. four or five random words",
         )
     return passphrase
+
+
+def _is_common_password(passphrase: str) -> bool:
+    """In zxcvbn's list of the 30,000 most common passwords (case and spaces ignored)."""
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # large: imported only when needed
+
+    common = _common_passwords(FREQUENCY_LISTS)
+    folded = passphrase.lower()
+    return folded in common or "".join(folded.split()) in common
+
+
+_COMMON: frozenset[str] | None = None
+
+
+def _common_passwords(lists: dict[str, list[str]]) -> frozenset[str]:
+    global _COMMON
+    if _COMMON is None:
+        _COMMON = frozenset(lists["passwords"])
+    return _COMMON
 
 
 def read_passphrase_file(path: str | Path) -> str:

@@ -13,11 +13,23 @@ from vmvault.service.context import Context
 
 
 @contextmanager
-def opened_vault(ctx: Context, row: VaultRow, passphrase: str | None = None) -> Iterator[Any]:
-    """The vault of a catalog row, checked to be the same vault (uuid), closed afterwards."""
+def opened_vault(
+    ctx: Context, row: VaultRow, passphrase: str | None = None, *, host_key_only: bool = False
+) -> Iterator[Any]:
+    """The vault of a catalog row, checked to be the same vault (uuid), closed afterwards.
+
+    A passphrase given for this vault (or the CLI's VMVAULT_PASSPHRASE) must open its key file
+    even when the host key opens the vault (wrong_passphrase otherwise); under `serve` a
+    mismatch of the service-wide passphrase is logged (Vault.open, strict_passphrase).
+    """
     from vmvault.vault.store import Vault
 
-    vault = Vault.open(Path(row.storage_dir), ctx.settings.home, passphrase or ctx.settings.passphrase)
+    vault = Vault.open(
+        Path(row.storage_dir),
+        ctx.settings.home,
+        None if host_key_only else passphrase or ctx.settings.passphrase,
+        strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+    )
     try:
         if vault.uuid != row.uuid:
             raise IntegrityError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ from vmvault.catalog.models import RecoveryPointRow, VaultRow, VmRow
 from vmvault.errors import AlreadyExists, IntegrityError, InvalidInput, NotFound, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.validate import absolute, check_name, check_passphrase
+from vmvault.service.paths import Rule, allowed
+from vmvault.service.validate import check_name, check_passphrase
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict, vault_view
 
@@ -56,7 +57,7 @@ def create_vault(
 ) -> JsonDict:
     """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it.
 
-    The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA name).
+    The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA or a Windows name).
     """
     from vmvault.domain.policy import check_time_zone
     from vmvault.service.policies import add_default_policy
@@ -67,7 +68,8 @@ def create_vault(
     value = check_redundancy(redundancy)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
-    storage = absolute(storage_dir) if storage_dir else ctx.settings.vaults_dir / name
+    # the default is the server's choice; a caller's folder must be in the allowed vault roots (service/paths.py)
+    storage = allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
     vault = Vault.create(storage, ctx.settings.home, secret, redundancy=value)
     try:
         row = _row_for(name, vault)
@@ -141,26 +143,60 @@ def verify_vault(
 
     def work(run: JobRun) -> JsonDict:
         from vmvault.engine.verify import run_verify
+        from vmvault.service.reconcile import reconcile_vault
 
         with opened_vault(ctx, row) as vault:
-            report = run_verify(vault, rp_id, on_progress=run.progress)
-        _record_verification(ctx, report.points)
-        return _report_view(name, rp_id, report, job.id)
+            reconciled = reconcile_vault(ctx, row, vault, f"by verify job {job.id}")
+            with ctx.catalog.read() as s:
+                listed = {p.id: _vm_name(s, p.vm_id) for p in repos.recovery_points_in_vault(s, row.id)}
+            report = run_verify(vault, rp_id, on_progress=run.progress, expected_points=listed)
+        healed = _record_verification(ctx, report.points)
+        view = _report_view(name, rp_id, report, job.id)
+        view["healedPoints"] = healed
+        view["damagedObjects"] = damaged_view(report, listed)
+        view.update(reconciled.view())
+        run.details = {**(run.details or {}), "damagedObjects": view["damagedObjects"]}
+        return view
 
     return run_job(ctx, job, work, failure=_verify_failure, on_progress=on_progress, cancel=cancel)
 
 
-def _record_verification(ctx: Context, points: dict[str, str | None]) -> None:
-    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes."""
+def _record_verification(ctx: Context, points: dict[str, str | None]) -> list[str]:
+    """Remember each checked point's outcome: restores refuse a Failed point until a verify passes.
+
+    Returns the points that had failed and pass now (healed: repaired or their data stored again)."""
     when = now_iso()
+    healed = []
     with ctx.catalog.write() as s:
         for point_id, problem in points.items():
             point = repos.find_recovery_point(s, point_id)
             if point is None:
                 continue  # in the vault but not in this catalog (an imported vault's stale point)
+            if point.verify_state == "Failed" and not problem:
+                healed.append(point_id)
             point.verify_state = "Failed" if problem else "Passed"
             point.verify_time = when
             point.verify_problem = problem
+    return sorted(healed)
+
+
+def damaged_view(report: Any, vm_names: dict[str, str]) -> list[JsonDict]:
+    """Each damaged object with the points (VM, disks, byte ranges [start, end)) that depend on it."""
+    return [
+        {
+            "object": d.name,
+            "problem": d.problem,
+            "affectedPoints": [
+                {
+                    "recoveryPoint": rp,
+                    "vm": a.vm or vm_names.get(rp),
+                    "disks": [{"disk": disk, "ranges": ranges} for disk, ranges in a.disks.items()],
+                }
+                for rp, a in sorted(d.points.items())
+            ],
+        }
+        for d in report.damaged.values()
+    ]
 
 
 def _check_point_in_vault(s: Session, rp_id: str, row: VaultRow) -> None:
@@ -178,6 +214,7 @@ def _report_view(name: str, rp_id: str | None, report: Any, job_id: str) -> Json
         "recoveryPoint": rp_id,
         "ok": bool(report.ok),
         "problems": [str(p) for p in report.problems],
+        "notes": [str(n) for n in report.notes],  # not problems: e.g. an interrupted backup's leftovers
         "objectsChecked": int(report.objects_checked),
         "bytesChecked": int(report.bytes_checked),
         "jobId": job_id,
@@ -203,6 +240,8 @@ def _verify_failure(report: JsonDict) -> VmvaultError | None:
 class _Imported:
     row: VaultRow
     manifests: list[Any]
+    settings: JsonDict | None = None  # the vault's own configuration (service/vaultsettings.py)
+    skipped: list[JsonDict] = field(default_factory=list)  # points not attached (foreign VM, duplicate id)
 
 
 def import_vault(
@@ -211,26 +250,73 @@ def import_vault(
     """Register an existing vault directory and rebuild its VMs and recovery points from the manifests."""
     from vmvault.vault.store import Vault
 
-    storage = absolute(storage_dir)
+    storage = allowed(ctx, Rule.VAULTS, storage_dir)
     vault_name = check_name("vault", name or storage.name)
     if not storage.is_dir():
         raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
     _refuse_taken_name(ctx, vault_name)
-    vault = Vault.open(storage, ctx.settings.home, passphrase or ctx.settings.passphrase)
+    vault = Vault.open(
+        storage,
+        ctx.settings.home,
+        passphrase or ctx.settings.passphrase,
+        strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+    )
     try:
-        imported = _Imported(_row_for(vault_name, vault), _all_manifests(vault))
+        manifests, unreadable = _sound_manifests(vault)
+        unreadable += _damaged_index_report(vault)
+        settings = _vault_settings(vault, unreadable)
+        imported = _Imported(_row_for(vault_name, vault), manifests, settings)
     finally:
         vault.close()
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
-        _insert_imported(s, imported)
-        return _view(s, imported.row)
+        unreadable += _insert_imported(s, imported)
+        view = _view(s, imported.row)
+    view["notImported"] = unreadable
+    if imported.skipped:
+        view["skippedPoints"] = imported.skipped
+    return view
 
 
-def _all_manifests(vault: Any) -> list[Any]:
-    manifests = [vault.read_manifest(rp_id) for rp_id in vault.list_recovery_points()]
-    return sorted(manifests, key=lambda m: m.time)
+def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
+    """The manifests that authenticate (oldest first), and one entry per one that does not.
+
+    One damaged manifest must not keep the rest of the vault from being imported (after a
+    catalog loss nothing could be restored): the sound points are imported, the others listed.
+    """
+    manifests, bad = [], []
+    for rp_id in vault.list_recovery_points():
+        try:
+            manifest = vault.read_manifest(rp_id)  # checked as untrusted input (manifest.check_names)
+            check_name("VM", manifest.vm_name)  # the same rule as user input
+            manifests.append(manifest)
+        except VmvaultError as exc:
+            bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
+    return sorted(manifests, key=lambda m: m.time), bad
+
+
+def _vault_settings(vault: Any, problems: list[JsonDict]) -> JsonDict | None:
+    """The configuration the vault holds; a damaged one is reported and the import goes on."""
+    from vmvault.service.vaultsettings import NAME, load
+
+    try:
+        return load(vault)
+    except VmvaultError as exc:
+        problems.append({"object": NAME, "recoveryPoint": None, "problem": exc.message})
+        return None
+
+
+def _damaged_index_report(vault: Any) -> list[JsonDict]:
+    """Pack index files that could not be read (the points using their packs fail until repaired)."""
+    return [
+        {
+            "object": name,
+            "recoveryPoint": None,
+            "problem": f"{problem}; rebuild it with: vmvault vault repair VAULT --apply, then vmvault vault verify",
+        }
+        for name, problem in sorted(vault.damaged_index_files.items())
+    ]
 
 
 def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
@@ -242,28 +328,51 @@ def _refuse_known_uuid(s: Session, row: VaultRow) -> None:
         )
 
 
-def _insert_imported(s: Session, imported: _Imported) -> None:
+def _insert_imported(s: Session, imported: _Imported) -> list[JsonDict]:
+    """Register the vault, its configuration (policies, VMs, protection) and its points."""
     from vmvault.service.policies import add_default_policy
+    from vmvault.service.vaultsettings import restore
 
     repos.add_vault(s, imported.row)
     add_default_policy(s, imported.row)
+    # A vault's content is evidence, not instructions: its points never join a VM this catalog
+    # already has (a foreign vault must not add a "latest point" to your VM), nor replace a point.
+    # Decided before the vault's own configuration brings its VMs back.
+    foreign = {m.vm_id for m in imported.manifests if repos.find_vm_by_id(s, m.vm_id) is not None}
+    problems = restore(s, imported.row, imported.settings) if imported.settings else []
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
-        _ensure_vm(s, manifest)
+        if manifest.vm_id not in foreign:
+            _ensure_vm(s, manifest)
     for manifest in imported.manifests:
-        if repos.find_recovery_point(s, manifest.rp_id) is None:
-            repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+        if manifest.vm_id in foreign or repos.find_recovery_point(s, manifest.rp_id) is not None:
+            imported.skipped.append(_skipped(s, manifest, manifest.vm_id in foreign))
+            continue
+        repos.add_recovery_point(s, recovery_point_row(manifest, imported.row.id))
+    return problems
+
+
+def _skipped(s: Session, manifest: Any, foreign: bool) -> JsonDict:
+    if foreign:
+        vm = repos.find_vm_by_id(s, manifest.vm_id)
+        reason = (
+            f"VM id {manifest.vm_id} is already VM '{vm.name if vm else manifest.vm_id}' here: "
+            "a vault cannot add points to a VM it did not bring"
+        )
+    else:
+        reason = "a recovery point with this id is already in this catalog (in another vault)"
+    return {"id": manifest.rp_id, "vm": manifest.vm_name, "time": manifest.time, "reason": reason}
 
 
 def _ensure_vm(s: Session, manifest: Any) -> None:
-    if repos.find_vm_by_id(s, manifest.vm_id) is not None:
-        return
     if repos.find_vm(s, manifest.vm_name) is not None:
         raise AlreadyExists(
             f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",
             hint="import into another --home, or remove the other VM from this catalog first",
         )
-    disks = [{"name": d.name, "path": d.source_path} for d in manifest.disks]
+    # Only an absolute file path is kept as the imported VM's disk path (manifest.check_names
+    # already refused control characters and ".."); anything else is no path here.
+    disks = [{"name": d.name, "path": d.source_path if d.source_path.startswith("/") else ""} for d in manifest.disks]
     row = VmRow(
         id=manifest.vm_id,
         name=manifest.vm_name,
@@ -291,6 +400,52 @@ def recovery_point_row(manifest: Any, vault_id: int) -> RecoveryPointRow:
         disks=disks,
         job_id=manifest.job_id,
     )
+
+
+# ---- passphrase ---------------------------------------------------------------------------------
+
+
+def check_vault_passphrase(ctx: Context, name: str, passphrase: str | None = None) -> JsonDict:
+    """Does the passphrase (given, or VMVAULT_PASSPHRASE) open the vault's key file? wrong_passphrase if not.
+
+    Opens nothing else and changes nothing: admins test the passphrase they will need after losing
+    the host (whose key opens the vault today).
+    """
+    from vmvault.errors import AuthenticationError
+    from vmvault.vault import keyfile
+    from vmvault.vault.store import Vault
+
+    secret = passphrase or ctx.settings.passphrase
+    if not secret:
+        raise AuthenticationError(
+            f"no passphrase given to check against vault '{name}'",
+            hint="set VMVAULT_PASSPHRASE or pass --passphrase-file FILE",
+        )
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    if not keyfile.HostKeys(ctx.settings.home).has(row.uuid):
+        with opened_vault(ctx, row, secret):  # a new host: unlocking with it is the check
+            return {"vault": name, "passphrase": "ok"}
+    with opened_vault(ctx, row, host_key_only=True) as vault:
+        assert isinstance(vault, Vault)
+        vault.check_passphrase(secret)  # damaged key files: IntegrityError, not wrong_passphrase
+    return {"vault": name, "passphrase": "ok"}
+
+
+def change_vault_passphrase(
+    ctx: Context, name: str, new_passphrase: str | None, *, old_passphrase: str | None = None
+) -> JsonDict:
+    """Re-wrap the vault's master key under a new passphrase (current KDF), both key file copies.
+
+    The vault must open with this host's key or the old passphrase; data and host keys stay as
+    they are. The new passphrase follows the rules for a new vault's.
+    """
+    with ctx.catalog.read() as s:
+        row = repos.get_vault(s, name)
+    secret = check_passphrase(new_passphrase, name)
+    with opened_vault(ctx, row, old_passphrase) as vault:
+        vault.change_passphrase(secret)
+    return {"vault": name, "passphrase": "changed"}
 
 
 # ---- delete -------------------------------------------------------------------------------------

@@ -49,12 +49,14 @@ def _disk_view(d: dict[str, Any]) -> JsonDict:
             "backingChain": d.get("chain")}  # fmt: skip
 
 
-def recovery_point_view(row: RecoveryPointRow) -> JsonDict:
+def recovery_point_view(row: RecoveryPointRow, vm: str | None = None, vault: str | None = None) -> JsonDict:
     # 0003 (service/retention.py): expires = the latest expiry of the rules keeping it (ISO UTC),
     # or its retain-until date until retention has recorded one; None: no rule expires it.
     expires = row.expiry_time if (row.expiry_time or row.retention_rules) else row.retain_until
     return {
         "id": row.id,
+        "vm": vm,
+        "vault": vault,
         "time": row.time,
         "consistency": row.consistency,
         "expires": expires,
@@ -77,4 +79,5 @@ def job_view(row: JobRow) -> JsonDict:
         "durationSeconds": seconds_between(row.start_time, row.end_time),
         "progress": {k: progress[k] for k in ("percent", "bytesRead", "bytesWritten")},
         "error": row.error or None,
+        "cancelRequested": bool(row.cancel_requested),
     }

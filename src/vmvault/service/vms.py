@@ -14,7 +14,8 @@ from vmvault.catalog.models import VmRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
 from vmvault.hypervisor.diskformat import FORMATS
 from vmvault.service.context import Context
-from vmvault.service.validate import absolute, check_name
+from vmvault.service.paths import Rule, allowed
+from vmvault.service.validate import check_name
 from vmvault.service.views import JsonDict, vm_view
 
 KIND_DISKS = "disks"
@@ -29,7 +30,7 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] 
     writing inside a raw disk (hypervisor/diskformat.py).
     """
     check_name("VM", name)
-    paths = _check_disk_paths(name, disks)
+    paths = _check_disk_paths(ctx, name, disks)
     chosen = _formats(name, paths, formats or [])
     _refuse_taken(ctx, name)
     infos = [_inspect(path, fmt) for path, fmt in zip(paths, chosen, strict=True)]
@@ -48,10 +49,10 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] 
         return _view(s, row)
 
 
-def _check_disk_paths(name: str, disks: list[str | Path]) -> list[Path]:
+def _check_disk_paths(ctx: Context, name: str, disks: list[str | Path]) -> list[Path]:
     if not disks:
         raise InvalidInput(f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --disk PATH")
-    paths = [absolute(d) for d in disks]
+    paths = [allowed(ctx, Rule.DISKS, d) for d in disks]  # API callers: in the allowed disk roots (service/paths.py)
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")

@@ -31,9 +31,11 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
+from vmvault.logs import job_context
 from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
+from vmvault.service.paths import PathPolicy
 from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
 log = logging.getLogger("vmvault")
@@ -148,20 +150,26 @@ class WorkerPool:
                 continue
             self._run(job)
 
-    def _run(self, job: JobRow) -> None:
+    def _run_logged(self, job: JobRow, cancel: StopEvent) -> None:
         from vmvault.service import backups
 
-        cancel = StopEvent()
-        with self._lock:
-            self.running[job.id] = cancel
-            if self._stopping.is_set():
-                cancel.stop("the service was stopping")
         log.info("job %s: %s of %s started", job.id, job.operation, job.vm)
         try:
             outcome = backups.run_claimed_backup(self.ctx, job, cancel=cancel)
             log.info("job %s: %s of %s ended %s", job.id, job.operation, job.vm, outcome.job["status"])
         except Exception:
             log.exception("job %s crashed the worker", job.id)
+
+    def _run(self, job: JobRow) -> None:
+
+        cancel = StopEvent()
+        with self._lock:
+            self.running[job.id] = cancel
+            if self._stopping.is_set():
+                cancel.stop("the service was stopping")
+        try:
+            with job_context(job.id, job.vm):  # every line of the job names it (--log-format json)
+                self._run_logged(job, cancel)
         finally:
             with self._lock:
                 self.running.pop(job.id, None)
@@ -239,6 +247,11 @@ class Service:
     address: str | None = None
     pool: WorkerPool | None = None
     api: bool = True  # serve the REST API on the endpoint (else only GET /healthz)
+    paths: PathPolicy | None = None  # allowed roots of API paths (None: HOME/settings.toml or the defaults)
+    metrics_listen: str | None = None  # HOST:PORT of an open GET /metrics (serve --metrics-address)
+    metrics_address: str | None = None
+    verify_days: int = 0  # scheduled verification period in days (serve --verify-every); 0: off
+    min_free_percent: float | None = None  # vault free-space alerts below this % (serve --space-alert-below)
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -260,7 +273,27 @@ class Service:
             return _StatusServer(endpoint, self)
         from vmvault.api.server import ApiServer
 
-        return ApiServer(endpoint, self.ctx, self.status)
+        return ApiServer(endpoint, self.ctx, self.status, self.paths)
+
+    def _metrics_server(self) -> Any:
+        """prometheus_client's own HTTP server on --metrics-address (no token: the admin chose who reaches it)."""
+        endpoint = parse_listen(self.metrics_listen) if self.metrics_listen else None
+        if endpoint is None:
+            return None
+        from prometheus_client import start_http_server
+
+        from vmvault.service.metrics import registry_for
+
+        host, port = endpoint
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=registry_for(self.ctx))
+        except OSError as exc:
+            raise Busy(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror}", hint="choose another --metrics-address"
+            ) from None
+        bound = server.server_address
+        self.metrics_address = f"http://{bound[0]!s}:{bound[1]}"
+        return server
 
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
@@ -279,15 +312,19 @@ class Service:
                 host, port = http.server_address[:2]
                 self.address = f"http://{host!s}:{port}"
                 threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
+            metrics_http = self._metrics_server()
             write_lock_info(lock_file, {**info, "listen": self.address})
             pool = self.pool = WorkerPool(self.ctx, self.workers)
-            scheduler = Scheduler(self.ctx, self.tick_s)
-            maintenance = Maintenance(self.ctx, self.retention_every_s)
+            scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent)
+            maintenance = Maintenance(self.ctx, self.retention_every_s, verify_days=self.verify_days)
             previous = self._install_signals()
             try:
                 from vmvault.service.libvirt_vms import reconcile_at_start
 
                 reconcile_at_start(self.ctx)  # leftovers of a killed vmvault's libvirt backups, before any job runs
+                from vmvault.service.reconcile import reconcile_all
+
+                reconcile_all(self.ctx, "at the start of vmvault serve")  # points and jobs a crash left half-recorded
                 pool.start()
                 scheduler.start()
                 maintenance.start()
@@ -303,6 +340,9 @@ class Service:
                 if http is not None:
                     http.shutdown()
                     http.server_close()
+                if metrics_http is not None:
+                    metrics_http.shutdown()
+                    metrics_http.server_close()
         return 0
 
     def _install_signals(self) -> dict[int, Any]:

@@ -22,7 +22,12 @@ CREATE TABLE IF NOT EXISTS blobs (id BLOB NOT NULL, pid INTEGER NOT NULL, type I
     flags INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, plain INTEGER NOT NULL,
     PRIMARY KEY (id, pid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pid);
+CREATE TABLE IF NOT EXISTS bad_copies (id BLOB NOT NULL, pack TEXT NOT NULL, problem TEXT NOT NULL,
+    PRIMARY KEY (id, pack)) WITHOUT ROWID;
 """
+# A copy of a blob is usable unless verify found it bad (self-healing, issue 18): a backup does
+# not deduplicate against a bad copy, so it stores the data again; readers prefer a good copy.
+_GOOD = "NOT EXISTS (SELECT 1 FROM bad_copies x WHERE x.id = b.id AND x.pack = p.name)"
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,9 @@ class ChunkIndex:
                     conn.execute("DELETE FROM packs WHERE pid = ?", row)
 
     def contains(self, blob_id: bytes) -> bool:
-        return self._conn().execute("SELECT 1 FROM blobs WHERE id = ? LIMIT 1", (blob_id,)).fetchone() is not None
+        """True when the vault holds a copy of the blob not known to be bad."""
+        query = f"SELECT 1 FROM blobs b JOIN packs p ON p.pid = b.pid WHERE b.id = ? AND {_GOOD} LIMIT 1"
+        return self._conn().execute(query, (blob_id,)).fetchone() is not None
 
     # The pack's name comes from the same query (a join), not from a per-process pid cache: since
     # garbage collection forgets packs, another process may give a deleted pack's pid to a new one.
@@ -92,13 +99,14 @@ class ChunkIndex:
         for i in range(0, len(blob_ids), 500):
             batch = blob_ids[i : i + 500]
             marks = ",".join("?" * len(batch))
-            found.update(row[0] for row in self._conn().execute(f"SELECT id FROM blobs WHERE id IN ({marks})", batch))
+            query = f"SELECT b.id FROM blobs b JOIN packs p ON p.pid = b.pid WHERE b.id IN ({marks}) AND {_GOOD}"
+            found.update(row[0] for row in self._conn().execute(query, batch))
         return found
 
     def lookup(self, blob_id: bytes) -> Location | None:
         query = (
             "SELECT p.name, p.salt, b.type, b.flags, b.offset, b.length, b.plain FROM blobs b "
-            "JOIN packs p ON p.pid = b.pid WHERE b.id = ? LIMIT 1"
+            f"JOIN packs p ON p.pid = b.pid WHERE b.id = ? ORDER BY {_GOOD} DESC LIMIT 1"
         )
         row = self._conn().execute(query, (blob_id,)).fetchone()
         if row is None:
@@ -110,17 +118,47 @@ class ChunkIndex:
         for i in range(0, len(blob_ids), 500):
             batch = list(set(blob_ids[i : i + 500]))
             marks = ",".join("?" * len(batch))
-            rows = self._conn().execute(
+            rows = self._conn().execute(  # bad copies first: a good one, listed later, wins
                 "SELECT b.id, p.name, p.salt, b.type, b.flags, b.offset, b.length, b.plain FROM blobs b "
-                f"JOIN packs p ON p.pid = b.pid WHERE b.id IN ({marks})",
+                f"JOIN packs p ON p.pid = b.pid WHERE b.id IN ({marks}) ORDER BY {_GOOD}",
                 batch,
             )
             for row in rows:
                 found[row[0]] = Location(row[1], row[2], BlobRef(row[0], row[3], row[4], row[5], row[6], row[7]))
         return found
 
+    def replace_bad_copies(self, copies: Iterable[tuple[bytes, str, str]]) -> None:
+        """The copies (blob id, pack, problem) a vault-wide verify found bad: the whole set."""
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM bad_copies")
+                conn.executemany("INSERT OR IGNORE INTO bad_copies VALUES (?, ?, ?)", copies)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def add_bad_copy(self, blob_id: bytes, pack: str, problem: str) -> None:
+        """One bad copy found outside a verify (a restore); the next vault-wide verify decides again."""
+        with self._write_lock:
+            self._conn().execute("INSERT OR IGNORE INTO bad_copies VALUES (?, ?, ?)", (blob_id, pack, problem))
+
+    def bad_copies(self) -> list[tuple[bytes, str]]:
+        return [(r[0], r[1]) for r in self._conn().execute("SELECT id, pack FROM bad_copies")]
+
+    def unhealed_bad_ids(self) -> set[bytes]:
+        """Blobs verify found bad of which the vault holds no good copy (small: damage is rare)."""
+        ids = list({blob for blob, _pack in self.bad_copies()})
+        return set(ids) - self.contains_many(ids) if ids else set()
+
+    def is_bad_copy(self, blob_id: bytes, pack: str) -> bool:
+        query = "SELECT 1 FROM bad_copies WHERE id = ? AND pack = ?"
+        return self._conn().execute(query, (blob_id, pack)).fetchone() is not None
+
     def iter_packs(self) -> Iterator[tuple[str, str]]:
-        yield from self._conn().execute("SELECT name, index_name FROM packs")
+        yield from self._conn().execute("SELECT name, index_name FROM packs ORDER BY pid")
 
     # ---- for garbage collection (vault/gc.py) ----------------------------------------------------
     def has_pack(self, pack: str) -> bool:

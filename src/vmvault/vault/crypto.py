@@ -28,16 +28,35 @@ NONCE_LEN = 12
 TAG_LEN = 16
 ZERO_ID = bytes(32)  # the ID of an all-zero chunk: never stored, restored as a hole
 
-SCRYPT_N = 2**15
+# New key files: scrypt at N=2^17, r=8 (128 MiB, ~0.35 s on one core of the test machine). Key
+# files written before 2026-12 use N=2^15 and keep working; `vault change-passphrase` re-wraps.
+SCRYPT_N = 2**17
 SCRYPT_R = 8
 SCRYPT_P = 1
+# Bounds for parameters read back from a key file (a hostile vault chooses them): at most 1 GiB
+# of memory and 16x the default's work; at least 2^14 (weaker ones are not ours).
+SCRYPT_MIN_N = 2**14
+SCRYPT_MAX_MEMORY = 1 << 30
+SCRYPT_MAX_WORK = 16 * SCRYPT_N * SCRYPT_R * SCRYPT_P
 
 
 def hkdf(key: bytes, info: bytes, salt: bytes | None = None, length: int = KEY_LEN) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(key)
 
 
+def check_scrypt_params(n: object, r: object, p: object) -> None:
+    """Raise ValueError unless (n, r, p) are sane scrypt parameters within our bounds."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, r, p)):
+        raise ValueError("scrypt parameters are not integers")
+    assert isinstance(n, int) and isinstance(r, int) and isinstance(p, int)
+    if n < SCRYPT_MIN_N or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError(f"scrypt parameters n={n} r={r} p={p} are out of bounds")
+    if 128 * n * r > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
+        raise ValueError(f"scrypt parameters n={n} r={r} p={p} are out of bounds: more memory or work than allowed")
+
+
 def passphrase_key(passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+    check_scrypt_params(n, r, p)
     return Scrypt(salt=salt, length=KEY_LEN, n=n, r=r, p=p).derive(passphrase.encode())
 
 

@@ -17,8 +17,15 @@ the manifests and pins that appeared while marking (a backup that finished meanw
 pack older than the grace window: every blob dead -> delete the index file, then the pack; some
 dead (at least ``repack_threshold`` of its bytes) -> copy the live blobs into new packs, publish
 them with their index files, then delete the old index file, then the old pack. A crash at any
-step leaves either duplicate blobs (collected next time) or a pack without index file (an orphan,
-deleted when older than the grace window), never an index entry without its data.
+step leaves either duplicate blobs (collected next time) or a pack without index file, never an
+index entry without its data.
+
+**Packs without a readable index file** (a backup that died between the two writes, or an index
+file lost or damaged) are never deleted for that alone: before marking, each is listed again
+from its own authenticated trailer (its index file rewritten when missing) and then swept like
+any other pack, i.e. deleted only when no point or pin references its blobs. One whose trailer
+cannot be read either is kept and reported. `.tmp-*` files of writes that died are deleted once
+older than the grace window.
 
 If a point's disk index cannot be read the collection stops before deleting anything: what it
 would have referenced is unknown. (A pin whose disk index cannot be read is reported and skipped:
@@ -42,7 +49,7 @@ from vmvault.vault import lock
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
-from vmvault.vault.store import PackWriter, Vault
+from vmvault.vault.store import PackWriter, Vault, index_name_for
 
 DEFAULT_GRACE_SECONDS = 24 * 3600
 DEFAULT_REPACK_THRESHOLD = 0.2  # repack a pack once a fifth of its bytes is dead
@@ -64,7 +71,10 @@ class GcReport:
     packs_written: int = 0
     packs_too_young: int = 0  # inside the grace window: left alone
     packs_pinned: int = 0  # holding data a pin reaches: left alone
-    orphan_packs_deleted: int = 0  # packs without an index file (interrupted backups)
+    orphan_packs_deleted: int = 0  # re-indexed packs (no index file) then deleted as unreferenced
+    packs_reindexed: int = 0  # packs without a readable index file, listed again from their trailer
+    packs_unreadable_kept: int = 0  # no readable index file nor trailer: kept, reported in problems
+    temporaries_deleted: int = 0  # .tmp-* files of writes that died
     blobs_deleted: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
@@ -162,6 +172,11 @@ class _Collector:
         self._progress = progress
         self.leaves = LeafReader(self._fetch_tree, cache_size=LEAF_CACHE)
         self.pin_leaves = LeafReader(self._fetch_pinned, cache_size=LEAF_CACHE)
+        self.unreadable: set[str] = set()  # packs kept because nothing says what they hold
+        self.reindexed: set[str] = set()  # packs listed again from their trailer by this collection
+        # Whether a pack written at that time (epoch seconds) is exempt from the grace window: the
+        # caller knows its writer has died (service/gc.py); the grace protects running writers.
+        self.exempt: Callable[[float], bool] = lambda _mtime: False
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -262,7 +277,10 @@ class _Collector:
     def classify(self, grace_seconds: float, threshold: float) -> None:
         """Decide per indexed pack: keep, delete or repack (written to the plan table)."""
         now = time.time()
-        total = sum(1 for _ in self.vault.index.iter_packs())
+        order = {pack: n for n, (pack, _index) in enumerate(self.vault.index.iter_packs())}
+        total = len(order)
+        self.claim_good_copies(order)
+        bad_packs = {pack for _blob, pack in self.vault.index.bad_copies()}
         for n, (pack, index_name) in enumerate(self.vault.index.iter_packs()):  # streamed, not listed
             self.check_cancel()
             self.report.packs_checked += 1
@@ -271,7 +289,7 @@ class _Collector:
             found = self.vault.index.pack_entries(pack)
             if age is None or found is None:
                 continue  # the pack file is missing: verify reports it; nothing to free
-            if age < grace_seconds:
+            if age < grace_seconds and not self.exempt(now - age):
                 self.report.packs_too_young += 1
                 continue
             _salt, entries = found
@@ -283,17 +301,29 @@ class _Collector:
             size = sum(ref.length for ref in entries)
             if not any(live):
                 action = "delete"
-            elif dead_bytes and dead_bytes >= threshold * size:
-                action = "repack"
+            elif dead_bytes and (dead_bytes >= threshold * size or pack in bad_packs):
+                action = "repack"  # (a bad copy whose data is stored again: dropped whatever its size)
             else:
                 continue
             self.marks.conn.execute(
                 "INSERT INTO plan VALUES (?, ?, ?, ?, ?)", (n, pack, index_name, action, live.count(False))
             )
 
+    def claim_good_copies(self, order: dict[str, int]) -> None:
+        """A blob verify found bad in one pack and a backup stored again in another: the good copy
+        is the one kept (claimed first), so the bad copy counts as dead and its pack is repacked
+        or deleted. A bad copy with no good one stays claimable: it may be all there is."""
+        index = self.vault.index
+        for blob, bad_pack in index.bad_copies():
+            loc = index.lookup(blob)  # a good copy when there is one
+            if loc is not None and loc.pack != bad_pack and loc.pack in order and not index.is_bad_copy(blob, loc.pack):
+                self.marks.claim(loc.ref, order[loc.pack])
+
     def _age(self, pack: str, index_name: str, now: float) -> float | None:
+        # A re-indexed pack's index file is new: its age is the pack's own.
+        names = (pack,) if pack in self.reindexed else (pack, index_name)
         try:
-            newest = max(os.stat(self.vault.storage_dir / name).st_mtime for name in (pack, index_name))
+            newest = max(os.stat(self.vault.storage_dir / name).st_mtime for name in names)
         except FileNotFoundError:
             return None
         return now - newest
@@ -341,21 +371,47 @@ class _Collector:
                 out.append((ref, decode_blob(self.vault.keys, salt, ref, stored, f"pack {pack}")))
         return out
 
-    def delete_orphans(self, grace_seconds: float) -> None:
-        """Packs without an index file (a backup died between the two writes), once old enough."""
+    def reindex_unindexed(self) -> None:
+        """Packs that no index file lists, re-indexed from their own trailer before anything is
+        marked or swept: a lost or damaged index file must never make an intact pack look like
+        garbage (issue 18: GC deleted such packs and the points using them were lost).
+
+        A pack whose index file is missing gets it rewritten (same name, so a backup publishing
+        it meanwhile writes an equivalent file); one whose index file exists but is damaged is
+        listed locally only, so `vault verify` still names the damaged file until `vault repair
+        --apply` rewrites it. From then on the sweep treats the pack like any other: deleted or
+        repacked only when no point or pin references its blobs. A pack whose trailer cannot be
+        read either is kept untouched (what it holds is unknown) and reported.
+        """
+        for pack in self.vault.unindexed_packs():
+            self.check_cancel()
+            index_name = index_name_for(pack)
+            rewrite = not self.vault.backend.exists(index_name)
+            try:
+                self.vault.reindex_pack(pack, write_index_file=rewrite)
+            except IntegrityError as exc:
+                self.unreadable.add(pack)
+                self.report.problems.append(
+                    f"pack {pack} was kept: it has no readable index file and {exc.message}; "
+                    "run 'vmvault vault verify' to see the points that use it"
+                )
+                continue
+            self.reindexed.add(pack)
+            self.report.packs_reindexed += 1
+
+    def delete_temporaries(self, grace_seconds: float) -> None:
+        """`.tmp-*` files of writes that died before their rename, once older than the grace
+        window (a younger one may be a write in progress of another process)."""
         now = time.time()
-        for top in ("data", "tree"):
-            for name, _size in self.vault.backend.list(top):  # streamed (a directory is listed before use)
-                if self.vault.index.has_pack(name):
+        for dirpath, _dirs, names in os.walk(self.vault.storage_dir):
+            for name in names:
+                if not name.startswith(".tmp-"):
                     continue
-                try:
-                    age = now - os.stat(self.vault.storage_dir / name).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age >= grace_seconds:
-                    with contextlib.suppress(ObjectNotFound):
-                        self.vault.backend.delete(name)
-                    self.report.orphan_packs_deleted += 1
+                path = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):
+                    if now - path.stat().st_mtime >= grace_seconds:
+                        path.unlink()
+                        self.report.temporaries_deleted += 1
 
 
 def _stored_bytes(vault: Vault) -> int:
@@ -370,12 +426,16 @@ def collect_garbage(
     lock_timeout: float | None = None,
     on_progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    exempt: Callable[[float], bool] | None = None,
 ) -> GcReport:
-    """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it)."""
+    """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it).
+
+    exempt(mtime): True for a pack written when only writers known to have died were writing;
+    such packs are collected (when unreferenced) without waiting for the grace window."""
     report = GcReport()
     cancel = cancel or threading.Event()
     with lock.only_collector(vault):
-        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel)
+        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel, exempt)
 
 
 def _collect(
@@ -386,6 +446,7 @@ def _collect(
     lock_timeout: float | None,
     on_progress: ProgressFn | None,
     cancel: threading.Event,
+    exempt: Callable[[float], bool] | None = None,
 ) -> GcReport:
     cache = vault.home / "cache" / vault.uuid
     cache.mkdir(parents=True, exist_ok=True)
@@ -393,8 +454,11 @@ def _collect(
         leftover.unlink(missing_ok=True)
     marks = MarkSet(cache / f"gc-marks-{os.getpid()}-{secrets.token_hex(4)}.db")
     gc = _Collector(vault, marks, report, on_progress, cancel)
+    if exempt is not None:
+        gc.exempt = exempt
     try:
         vault.sync_index()
+        gc.reindex_unindexed()
         gc.mark_points()
         gc.mark_pins()
         gc.progress("waiting for the vault lock", 0, 0)
@@ -402,6 +466,7 @@ def _collect(
         with lock.exclusive(vault, timeout=lock_timeout, cancel=cancel):
             report.lock_wait_seconds = round(time.monotonic() - started, 3)
             vault.sync_index()  # packs written and deleted since the mark began
+            gc.reindex_unindexed()  # e.g. a pack whose backup died before its index file
             report.bytes_before = _stored_bytes(vault)  # measured under the lock: nobody else writes now
             gc.mark_points()  # manifests published meanwhile (a backup that was running)
             gc.mark_pins()
@@ -412,11 +477,13 @@ def _collect(
                 gc.check_cancel()
                 gc.delete_pack(pack, index_name)
                 report.packs_deleted += 1
+                report.orphan_packs_deleted += pack in gc.reindexed
                 report.blobs_deleted += dead
             for pack, index_name in gc.repack():
                 gc.delete_pack(pack, index_name)
                 report.packs_repacked += 1
-            gc.delete_orphans(grace_seconds)
+            gc.delete_temporaries(grace_seconds)
+            report.packs_unreadable_kept = len(gc.unreadable)
             report.bytes_after = _stored_bytes(vault)
     finally:
         marks.close()

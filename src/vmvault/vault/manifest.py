@@ -7,10 +7,20 @@ index of these; `vault import` rebuilds it from them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MANIFEST_VERSION = 1
+
+# A manifest is evidence, not instructions (docs/security.md): an imported vault's author
+# chooses every byte of it. Names become catalog names and file names under a restore's target
+# directory, so they are checked here, on every read, with the rule user input follows
+# (service/validate.py NAME_RE for VM names).
+VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DISK_NAME_RE = re.compile(r"^[A-Za-z0-9_][^/\\\x00-\x1f\x7f]{0,127}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,39 @@ class RecoveryPointManifest:
         if raw.get("version") != MANIFEST_VERSION:
             raise ValueError(f"unsupported manifest version {raw.get('version')!r}")
         raw["disks"] = tuple(DiskEntry(**d) for d in raw["disks"])
-        return cls(**raw)
+        manifest = cls(**raw)
+        manifest.check_names()
+        return manifest
+
+    def check_names(self) -> None:
+        """Raise ValueError naming the first name or path that user input could not have given."""
+        if not isinstance(self.vm_name, str) or not VM_NAME_RE.fullmatch(self.vm_name):
+            raise ValueError(f"invalid VM name {self.vm_name!r}")
+        for label, value in (("point id", self.rp_id), ("VM id", self.vm_id)):
+            if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+                raise ValueError(f"invalid {label} {value!r}")
+        if not isinstance(self.job_id, str) or (self.job_id and not _ID_RE.fullmatch(self.job_id)):
+            raise ValueError(f"invalid job id {self.job_id!r}")
+        names = [d.name for d in self.disks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"disk names repeat: {names!r}")
+        for disk in self.disks:
+            _check_disk(disk)
 
     def disk(self, name: str) -> DiskEntry:
         for d in self.disks:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+
+def _check_disk(disk: DiskEntry) -> None:
+    if not isinstance(disk.name, str) or not _DISK_NAME_RE.fullmatch(disk.name):
+        raise ValueError(f"invalid disk name {disk.name!r}")
+    path = disk.source_path
+    # Informational (where the disk was read from; QEMU may name it "json:{...}" or "nbd://..."),
+    # but `vault import` makes it an imported VM's disk path: no control characters, no "..".
+    if not isinstance(path, str) or _CONTROL_RE.search(path) or ".." in path.split("/"):
+        raise ValueError(f"invalid disk source path {path!r}")
+    if not isinstance(disk.size, int) or disk.size < 0 or disk.source_format not in ("raw", "qcow2"):
+        raise ValueError(f"disk {disk.name!r}: invalid size or format")

@@ -7,7 +7,9 @@ garbage collection removes; never a partial recovery point.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
 import threading
@@ -20,8 +22,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmvault.errors import AlreadyExists, AuthenticationError, IntegrityError, InvalidInput, NotFound
-from vmvault.vault import crypto, keyfile
+from vmvault.errors import (
+    AlreadyExists,
+    AuthenticationError,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    ObjectNotFound,
+)
+from vmvault.testhooks import crash_point
+from vmvault.vault import crypto, keyfile, seqchain
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
 from vmvault.vault.chunkindex import ChunkIndex, Location
@@ -43,6 +53,11 @@ from vmvault.vault.sealed import seal, unseal
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config"
+CONFIG_COPY = "config.2"
+CONFIG_NAMES = (CONFIG_NAME, CONFIG_COPY)
+# Capabilities of the vault (docs/format.md, "Features"): a vault without one gains it on first write.
+FEATURES = (seqchain.FEATURE, "two-copies-v1")
+log = logging.getLogger("vmvault")
 DEFAULT_CHUNK_SIZE = 64 * 1024
 LEAF_SPAN = 256  # chunks per disk-index leaf
 _PACK_DIRS = {TYPE_DATA: "data", TYPE_TREE: "tree"}
@@ -51,6 +66,15 @@ _PACK_DIRS = {TYPE_DATA: "data", TYPE_TREE: "tree"}
 def _index_payload(pack: str, salt: bytes, entries: list[BlobRef]) -> bytes:
     name = pack.encode()
     return struct.pack("<H", len(name)) + name + salt + b"".join(e.pack_entry() for e in entries)
+
+
+def index_name_for(pack: str) -> str:
+    """The index file of a pack: data/ab/abcd... -> index/ab/abcd... (as PackWriter names them)."""
+    return "index/" + pack.split("/", 1)[1]
+
+
+def _is_tmp(name: str) -> bool:
+    return name.rsplit("/", 1)[-1].startswith(".tmp-")
 
 
 def parse_index_payload(payload: bytes) -> tuple[str, bytes, list[BlobRef]]:
@@ -150,8 +174,9 @@ class PackWriter:
         data = builder.finish()
         pack_id = os.urandom(16).hex()
         name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
-        index_name = f"index/{pack_id[:2]}/{pack_id}"
+        index_name = index_name_for(name)
         self._vault.backend.put(name, data)
+        crash_point("pack:published")
         self._vault.backend.put(
             index_name, seal(self._vault.keys, index_name, _index_payload(name, builder.salt, builder.entries))
         )
@@ -185,8 +210,19 @@ class Vault:
         self.created: str = config["created"]
         self._checked_packs: set[str] = set()
         self._checked_lock = threading.Lock()
+        self.damaged_index_files: dict[str, str] = {}  # index file -> problem (see sync_index)
+        self._write_lock = threading.Lock()
+        self._write_ready = False
+        # Copies of config / keys/passphrase found damaged or missing at open (healed on the next write).
+        self.damaged_copies: dict[str, str] = {}
+        self.chain = seqchain.Chain(backend, self.keys, self.uuid, home / "cache" / self.uuid / "seq-head.json")
         self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
         self.sync_index()
+
+    @property
+    def features(self) -> list[str]:
+        value = self.config.get("features") or []
+        return [str(f) for f in value] if isinstance(value, list) else []
 
     # ---- life cycle -------------------------------------------------------------------------
     @classmethod
@@ -222,55 +258,169 @@ class Vault:
             "cipher": "AES-256-GCM",
             "compression": "zstd",
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "features": list(FEATURES),
         }
         config["mac"] = keys.mac(keyfile.canonical(config))
-        backend.put(keyfile.KEYFILE_NAME, keyfile.make_keyfile(master, config["uuid"], passphrase))
-        backend.put(CONFIG_NAME, json.dumps(config, indent=1, sort_keys=True).encode())
+        _put_copies(backend, keyfile.KEYFILE_NAMES, keyfile.make_keyfile(master, config["uuid"], passphrase))
         keyfile.HostKeys(home).store(config["uuid"], master)
+        seqchain.Chain(backend, keys, config["uuid"], home / "cache" / config["uuid"] / "seq-head.json").genesis({})
+        _put_copies(backend, CONFIG_NAMES, _config_bytes(config))  # last: until here there is no vault
         return cls(backend, storage_dir, home, keys, config)
 
     @classmethod
-    def open(cls, storage_dir: Path, home: Path, passphrase: str | None = None) -> Vault:
+    def open(
+        cls, storage_dir: Path, home: Path, passphrase: str | None = None, *, strict_passphrase: bool = False
+    ) -> Vault:
+        """Open with this host's key, else the passphrase.
+
+        strict_passphrase: a passphrase given for this one vault must open its key file even when
+        the host key opens the vault (AuthenticationError, nothing changed); otherwise a mismatch
+        is only logged. Checked at most once per process per vault (the KDF is slow on purpose).
+        """
         storage_dir = Path(storage_dir).absolute()
         backend = LocalBackend(storage_dir)
-        config = _read_config(backend, storage_dir)
+        configs = _read_configs(backend, storage_dir)
         host = keyfile.HostKeys(home)
-        master = host.load(config["uuid"])
+        uuid, master = _host_master(host, configs)
         if master is None:
             if not passphrase:
                 raise AuthenticationError(
                     f"vault at {storage_dir} is not unlocked on this host",
                     hint="give its passphrase with VMVAULT_PASSPHRASE or --passphrase-file",
                 )
-            try:
-                master = keyfile.unlock_with_passphrase(backend.get(keyfile.KEYFILE_NAME), passphrase)
-            except AuthenticationError as exc:
-                raise AuthenticationError(
-                    f"wrong passphrase for the vault at {storage_dir}",
-                    hint="check the passphrase (VMVAULT_PASSPHRASE or --passphrase-file); nothing was changed",
-                ) from exc
+            master = _unlock(backend, storage_dir, passphrase)
+        elif passphrase:
+            _check_passphrase_once(backend, storage_dir, uuid, master, passphrase, strict=strict_passphrase)
         keys = crypto.MasterKeys(master)
-        if not keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
-            raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: its MAC does not match")
-        # The key file is what a new host needs to unlock the vault: a damaged one is reported at
-        # once rather than discovered in a disaster.
-        keyfile.check_keyfile(backend.get(keyfile.KEYFILE_NAME), keys)
+        config, damaged = _choose_config(configs, keys, storage_dir)
+        damaged.update(_check_keyfiles(backend, keys))
         if host.load(config["uuid"]) is None:
             host.store(config["uuid"], master)
-        return cls(backend, storage_dir, home, keys, config)
+        vault = cls(backend, storage_dir, home, keys, config)
+        vault.damaged_copies = damaged
+        for problem in damaged.values():
+            if problem:  # a missing copy (a vault from before the copies) is written quietly
+                log.warning("vault %s: %s (see vmvault vault verify)", storage_dir, problem)
+        return vault
+
+    def check_passphrase(self, passphrase: str) -> None:
+        """AuthenticationError unless the passphrase opens a copy of this vault's key file."""
+        master = _unlock(self.backend, self.storage_dir, passphrase)
+        if master != self.keys.master:
+            raise AuthenticationError(f"the key file of the vault at {self.storage_dir} is not this vault's")
+
+    def change_passphrase(self, new_passphrase: str) -> None:
+        """Re-wrap the master key under a new passphrase (current KDF), both copies; data is untouched."""
+        data = keyfile.make_keyfile(self.keys.master, self.uuid, new_passphrase)
+        _put_copies(self.backend, keyfile.KEYFILE_NAMES, data)
+        for name in keyfile.KEYFILE_NAMES:
+            self.damaged_copies.pop(name, None)
+        _forget_checks(self.uuid)
+
+    # ---- writing: heal copies, start the record chain ------------------------------------------
+    def prepare_write(self) -> None:
+        """Before this process first changes the vault: heal damaged copies, gain missing features."""
+        with self._write_lock:
+            if self._write_ready:
+                return
+            self._heal_copies()
+            if seqchain.FEATURE not in self.features:
+                # An older vault: start its chain with the points present now (docs/format.md).
+                if not self.chain.exists():
+                    self.chain.genesis({k: v or "" for k, v in seqchain.manifest_digests(self).items()})
+                self._write_config({**self.config, "features": sorted({*self.features, *FEATURES})})
+            self._write_ready = True
+
+    def _heal_copies(self) -> None:
+        if any(name in CONFIG_NAMES for name in self.damaged_copies):
+            self._write_config(self.config)
+        bad_keys = [n for n in keyfile.KEYFILE_NAMES if n in self.damaged_copies]
+        good = [n for n in keyfile.KEYFILE_NAMES if n not in self.damaged_copies]
+        if bad_keys and good:
+            data = self.backend.get(good[0])
+            _put_copies(self.backend, bad_keys, data)
+            for name in bad_keys:
+                self.damaged_copies.pop(name, None)
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        doc = {k: v for k, v in config.items() if k != "mac"}
+        doc["mac"] = self.keys.mac(keyfile.canonical(doc))
+        _put_copies(self.backend, CONFIG_NAMES, _config_bytes(doc))
+        self.config = doc
+        for name in CONFIG_NAMES:
+            self.damaged_copies.pop(name, None)
+
+    def audit_chain(self) -> seqchain.Audit:
+        """The record chain against the manifests present (problems: signs of tampering)."""
+        if seqchain.FEATURE not in self.features and not self.chain.exists():
+            out = seqchain.Audit()
+            out.notes.append("the vault has no record chain yet: it starts with the next backup or deletion")
+            return out
+        return self.chain.audit(seqchain.manifest_digests(self))
+
+    def refuse_if_tampered(self, action: str) -> None:
+        audit = self.audit_chain()
+        if audit.problems:
+            more = f" (and {len(audit.problems) - 1} more)" if len(audit.problems) > 1 else ""
+            raise IntegrityError(
+                f"{action} refused: the vault at {self.storage_dir} was changed outside vmvault: "
+                f"{audit.problems[0]}{more}",
+                hint="run 'vmvault vault verify' for the full list; check who has write access to the storage",
+            )
 
     def close(self) -> None:
         self.index.close()
 
     # ---- index --------------------------------------------------------------------------------
     def sync_index(self) -> None:
-        """Bring the local chunk index in line with the vault's pack index files."""
-        present = {name for name, _ in self.backend.list("index")}
+        """Bring the local chunk index in line with the vault's pack index files.
+
+        A damaged index file is skipped and remembered in `damaged_index_files` (verify names
+        it, `vault repair` rebuilds it from the pack's trailer): one bad file must not make every
+        point of the vault unreadable. The blobs it listed look missing until then, so a backup
+        stores that data again rather than deduplicating against a copy nobody can locate.
+        """
+        present = {name for name, _ in self.backend.list("index") if not _is_tmp(name)}
         known = self.index.known_index_files()
         self.index.forget_index_files(known - present)
         for name in sorted(present - known):
-            pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
+            try:
+                pack, salt, entries = parse_index_payload(unseal(self.keys, name, self.backend.get(name)))
+            except IntegrityError as exc:
+                self.damaged_index_files[name] = exc.message
+                continue
+            except (ValueError, struct.error, UnicodeDecodeError) as exc:
+                self.damaged_index_files[name] = f"vault file {name} is damaged: {exc}"
+                continue
+            self.damaged_index_files.pop(name, None)
             self.index.add_pack(pack, name, salt, entries)
+
+    # ---- packs the index does not list (vault/gc.py, vault repair) --------------------------------
+    def unindexed_packs(self) -> list[str]:
+        """Pack files that no index file (known to the local chunk index) lists."""
+        return sorted(
+            name
+            for top in ("data", "tree")
+            for name, _size in self.backend.list(top)
+            if not _is_tmp(name) and not self.index.has_pack(name)
+        )
+
+    def pack_trailer(self, pack: str) -> tuple[bytes, list[BlobRef]]:
+        """The salt and blob table a pack's own (authenticated) trailer lists."""
+        return read_trailer(self.keys, pack, self.backend.get(pack))
+
+    def reindex_pack(self, pack: str, *, write_index_file: bool) -> tuple[bytes, list[BlobRef]]:
+        """List a pack in the chunk index from its trailer; with write_index_file, also (re)write
+        its index file (the same name a backup gives it, so a backup publishing it meanwhile
+        writes an equivalent file). Raises IntegrityError when the trailer cannot be read."""
+        salt, entries = self.pack_trailer(pack)
+        index_name = index_name_for(pack)
+        if write_index_file:
+            self.backend.put(index_name, seal(self.keys, index_name, _index_payload(pack, salt, entries)))
+            self.damaged_index_files.pop(index_name, None)
+        self.index.forget_index_files([index_name])
+        self.index.add_pack(pack, index_name, salt, entries)
+        return salt, entries
 
     def authenticate_pack(self, pack: str) -> None:
         """Check a pack's header, table of contents and index file (once per pack per process).
@@ -321,10 +471,16 @@ class Vault:
         return f"points/{rp_id}"
 
     def publish_manifest(self, manifest: RecoveryPointManifest) -> None:
+        """Intent record, manifest (create-only), publish record (docs/format.md, "Record chain")."""
         name = self.manifest_name(manifest.rp_id)
         if self.backend.exists(name):
             raise AlreadyExists(f"recovery point {manifest.rp_id} already exists in vault {self.storage_dir}")
-        self.backend.put(name, seal(self.keys, name, manifest.to_json()))
+        self.prepare_write()
+        payload = manifest.to_json()
+        points = {manifest.rp_id: seqchain.digest(payload)}
+        self.chain.append("intent", points)
+        self.backend.put_if_absent(name, seal(self.keys, name, payload))
+        self.chain.append("publish", points)
 
     def read_manifest(self, rp_id: str) -> RecoveryPointManifest:
         name = self.manifest_name(rp_id)
@@ -339,23 +495,167 @@ class Vault:
     def list_recovery_points(self) -> list[str]:
         return sorted(name.split("/", 1)[1] for name, _ in self.backend.list("points"))
 
-    def delete_manifest(self, rp_id: str) -> None:
-        self.backend.delete(self.manifest_name(rp_id))
+    def delete_manifest(self, rp_id: str, reason: str = "retention") -> None:
+        """Deletion record, then the manifest; a manifest already gone is not recorded (NotFound)."""
+        name = self.manifest_name(rp_id)
+        if not self.backend.exists(name):
+            # Never record the deletion of what is already missing: that would hide tampering.
+            raise NotFound(f"recovery point {rp_id} is not in the vault at {self.storage_dir}")
+        self.prepare_write()
+        self.chain.append("delete", {rp_id: ""}, reason)
+        self.backend.delete(name)
 
 
-def _read_config(backend: Backend, storage_dir: Path) -> dict[str, Any]:
-    if not backend.exists(CONFIG_NAME):
-        raise NotFound(f"no vault at {storage_dir}", hint="check the path, or create one with 'vmvault vault create'")
-    try:
-        config: dict[str, Any] = json.loads(backend.get(CONFIG_NAME))
-        if config.get("format") != "vmvault-vault":
-            raise ValueError("not a vmvault config")
-    except ValueError as exc:
-        raise IntegrityError(f"vault file {CONFIG_NAME} in {storage_dir} is damaged: {exc}") from exc
-    if config.get("version") != FORMAT_VERSION:
-        raise InvalidInput(
-            f"vault at {storage_dir} has format version {config.get('version')}; "
-            f"this vmvault reads version {FORMAT_VERSION}",
-            hint="upgrade vmvault",
+# ---- the two copies of config and keys/passphrase (docs/format.md, "Copies") -------------------
+
+
+def _config_bytes(config: dict[str, Any]) -> bytes:
+    return json.dumps(config, indent=1, sort_keys=True).encode()
+
+
+def _put_copies(backend: Backend, names: tuple[str, ...] | list[str], data: bytes) -> None:
+    for name in names:
+        backend.put(name, data)
+
+
+def _read_configs(backend: Backend, storage_dir: Path) -> dict[str, dict[str, Any] | str]:
+    """Each copy of the config: its document, or why it cannot be used (not yet authenticated)."""
+    found: dict[str, dict[str, Any] | str] = {}
+    for name in CONFIG_NAMES:
+        try:
+            config = json.loads(backend.get(name))
+            if not isinstance(config, dict) or config.get("format") != "vmvault-vault":
+                raise ValueError("not a vmvault config")
+            if not isinstance(config.get("uuid"), str):
+                raise ValueError("no vault uuid")
+            found[name] = config
+        except ObjectNotFound:
+            found[name] = ""
+        except ValueError as exc:
+            found[name] = f"vault file {name} in {storage_dir} is damaged: {exc}"
+    usable = [c for c in found.values() if isinstance(c, dict)]
+    if not usable:
+        if not any(found.values()):
+            raise NotFound(
+                f"no vault at {storage_dir}", hint="check the path, or create one with 'vmvault vault create'"
+            )
+        raise IntegrityError("; ".join(str(v) for v in found.values() if v))
+    for config in usable:
+        if config.get("version") != FORMAT_VERSION:
+            raise InvalidInput(
+                f"vault at {storage_dir} has format version {config.get('version')}; "
+                f"this vmvault reads version {FORMAT_VERSION}",
+                hint="upgrade vmvault",
+            )
+    return found
+
+
+def _host_master(host: keyfile.HostKeys, configs: dict[str, dict[str, Any] | str]) -> tuple[str, bytes | None]:
+    """(uuid, master key) from this host's keys, trying each copy's uuid (one may be damaged)."""
+    uuids = [str(c["uuid"]) for c in configs.values() if isinstance(c, dict)]
+    for uuid in dict.fromkeys(uuids):
+        master = host.load(uuid)
+        if master is not None:
+            return uuid, master
+    return uuids[0], None
+
+
+def _choose_config(
+    configs: dict[str, dict[str, Any] | str], keys: crypto.MasterKeys, storage_dir: Path
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The first copy whose MAC the master key confirms; the others are reported as damaged."""
+    chosen: dict[str, Any] | None = None
+    damaged: dict[str, str] = {}
+    for name, config in configs.items():
+        if isinstance(config, dict) and keys.check_mac(keyfile.canonical(config), str(config.get("mac", ""))):
+            if chosen is None:
+                chosen = config
+            continue
+        damaged[name] = config if isinstance(config, str) else (
+            f"vault file {name} in {storage_dir} is damaged: its MAC does not match"
         )
-    return config
+    if chosen is None:
+        raise IntegrityError(
+            f"vault file {CONFIG_NAME} in {storage_dir} is damaged: its MAC does not match "
+            f"(and so does {CONFIG_COPY})",
+            hint="both copies of the vault's config are damaged: restore them from a copy of the vault",
+        )
+    for name in CONFIG_NAMES:  # a sound copy that differs from the chosen one (an older config)
+        other = configs.get(name)
+        if isinstance(other, dict) and name not in damaged and other != chosen:
+            damaged[name] = f"vault file {name} in {storage_dir} differs from its other copy"
+    return chosen, damaged
+
+
+def _check_keyfiles(backend: Backend, keys: crypto.MasterKeys) -> dict[str, str]:
+    """Damaged or missing copies of the key file (the host key opened the vault: none is fatal)."""
+    damaged: dict[str, str] = {}
+    for name in keyfile.KEYFILE_NAMES:
+        try:
+            keyfile.check_keyfile(backend.get(name), keys, name)
+        except ObjectNotFound:
+            damaged[name] = ""
+        except IntegrityError as exc:
+            damaged[name] = exc.message
+    return damaged
+
+
+def _key_copies(backend: Backend) -> dict[str, bytes | None]:
+    copies: dict[str, bytes | None] = {}
+    for name in keyfile.KEYFILE_NAMES:
+        try:
+            copies[name] = backend.get(name)
+        except ObjectNotFound:
+            copies[name] = None
+    return copies
+
+
+def _unlock(backend: Backend, storage_dir: Path, passphrase: str) -> bytes:
+    try:
+        return keyfile.unlock_copies(_key_copies(backend), passphrase)
+    except AuthenticationError as exc:
+        raise AuthenticationError(
+            f"wrong passphrase for the vault at {storage_dir}",
+            hint="check the passphrase (VMVAULT_PASSPHRASE or --passphrase-file); nothing was changed",
+        ) from exc
+
+
+# Passphrases already checked against a vault in this process: {vault uuid: {sha256(passphrase): ok}}.
+# Only digests are kept (never the passphrase), and only for the process's lifetime.
+_CHECKED: dict[str, dict[str, bool]] = {}
+_CHECKED_LOCK = threading.Lock()
+
+
+def _forget_checks(vault_uuid: str) -> None:
+    with _CHECKED_LOCK:
+        _CHECKED.pop(vault_uuid, None)
+
+
+def _check_passphrase_once(
+    backend: Backend, storage_dir: Path, uuid: str, master: bytes, passphrase: str, *, strict: bool
+) -> None:
+    """The host key opened the vault; does the given passphrase open its key file too?"""
+    key = hashlib.sha256(passphrase.encode()).hexdigest()
+    with _CHECKED_LOCK:
+        known = _CHECKED.get(uuid, {}).get(key)
+    if known is None:
+        try:
+            known = keyfile.unlock_copies(_key_copies(backend), passphrase) == master
+        except AuthenticationError:
+            known = False
+        except IntegrityError as exc:
+            # A damaged key file is not a wrong passphrase: the host key opens the vault, verify names it.
+            log.warning("vault %s: cannot check the passphrase: %s", storage_dir, exc.message)
+            return
+        with _CHECKED_LOCK:
+            _CHECKED.setdefault(uuid, {})[key] = known
+    if known:
+        return
+    if strict:
+        raise AuthenticationError(
+            f"wrong passphrase for the vault at {storage_dir}: it does not open the vault's key file",
+            hint="this host's key opens the vault, but the passphrase given (VMVAULT_PASSPHRASE or "
+            "--passphrase-file) is not the one you will need without it; give the right one, or change it "
+            "with 'vmvault vault change-passphrase'; nothing was changed",
+        )
+    log.warning("vault %s: the passphrase given does not open its key file (the host key is used)", storage_dir)

@@ -42,7 +42,7 @@ def portal_router() -> APIRouter:
 def portal_app(api: FastAPI) -> FastAPI:
     """The portal app, sharing the API app's service context and background job runner."""
     app = FastAPI(title="vmvault portal", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = api.state.ctx
+    app.state.ctx = api.state.remote_ctx  # the API's confined context: caller paths in the allowed roots
     app.state.background = api.state.background
     app.state.portal = Portal()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

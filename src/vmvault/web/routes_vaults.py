@@ -47,9 +47,10 @@ def vault_page(request: Request, vault: str) -> Response:
 
 
 def _policy_form(request: Request, vault: str, form: PolicyForm, *, new: bool, error: InvalidInput | None) -> Response:
+    view = None if new else policies.show_policy(ctx_of(request), vault, form.name)
     return render(
         request, "policy.html", status_code=422 if error else 200, vault=vault, form=form, new=new, error=error,
-        summary=None if new else policies.policy_summary(policies.show_policy(ctx_of(request), vault, form.name)),
+        summary=policies.policy_summary(view) if view else None, notes=view["notes"] if view else [],
     )  # fmt: skip
 
 
@@ -61,9 +62,12 @@ def policy_new(request: Request, vault: str) -> Response:
 
 
 def _form(
-    name: str, frequency: str, time: str, days: list[str], time_zone: str, daily_days: str, weekly_weeks: str
-) -> PolicyForm:
-    return PolicyForm(name.strip(), frequency, time.strip(), days, time_zone, daily_days, weekly_weeks)
+    name: str, frequency: str, time: str, days: list[str], time_zone: str, daily_days: str, weekly_weeks: str,
+    interval: str = "4", window_hours: str = "12",
+) -> PolicyForm:  # fmt: skip
+    return PolicyForm(
+        name.strip(), frequency, time.strip(), days, time_zone, daily_days, weekly_weeks, interval, window_hours
+    )
 
 
 @router.post("/vaults/{vault}/policies/new")
@@ -78,8 +82,10 @@ def policy_create(
     time_zone: Annotated[str, Form()] = "UTC",
     daily_days: Annotated[str, Form()] = "",
     weekly_weeks: Annotated[str, Form()] = "",
+    interval: Annotated[str, Form()] = "4",
+    window_hours: Annotated[str, Form()] = "12",
 ) -> Response:
-    form = _form(name, frequency, time, days or [], time_zone, daily_days, weekly_weeks)
+    form = _form(name, frequency, time, days or [], time_zone, daily_days, weekly_weeks, interval, window_hours)
     try:
         policies.create_policy(ctx_of(request), vault, form.name, form.document())
     except InvalidInput as exc:  # shown beside the form, which keeps what was typed
@@ -107,10 +113,12 @@ def policy_set(
     time_zone: Annotated[str, Form()] = "UTC",
     daily_days: Annotated[str, Form()] = "",
     weekly_weeks: Annotated[str, Form()] = "",
+    interval: Annotated[str, Form()] = "4",
+    window_hours: Annotated[str, Form()] = "12",
 ) -> Response:
     ctx = ctx_of(request)
     current = policies.show_policy(ctx, vault, policy)
-    form = _form(policy, frequency, time, days or [], time_zone, daily_days, weekly_weeks)
+    form = _form(policy, frequency, time, days or [], time_zone, daily_days, weekly_weeks, interval, window_hours)
     try:
         policies.set_policy(ctx, vault, policy, form.document(current["properties"]))
     except InvalidInput as exc:

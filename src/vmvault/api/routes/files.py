@@ -13,8 +13,8 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx, Jobs
 from vmvault.api.headers import content_disposition
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job, RecoveryScript
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import ACCEPTED, BrowseEntry, FileSession, Job, Page, RecoveryScript
 from vmvault.service import files
 
 router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
@@ -38,12 +38,12 @@ class Unmount(Body):
 
 
 @router.get(
-    "/items/{vm}/files/sessions", response_model=list[FileSession], dependencies=[require(Permission.READ, Scope.VM)]
+    "/items/{vm}/files/sessions", response_model=Page[FileSession], dependencies=[require(Permission.READ, Scope.VM)]
 )
 def list_sessions(
-    vm: str, ctx: Ctx, include_ended: Annotated[bool, Query(alias="includeEnded")] = False
-) -> list[dict[str, Any]]:
-    return files.list_sessions(ctx, vm, include_ended=include_ended)
+    vm: str, ctx: Ctx, pages: Pages, include_ended: Annotated[bool, Query(alias="includeEnded")] = False
+) -> dict[str, Any]:
+    return pages.page(files.list_sessions(ctx, vm, include_ended=include_ended))
 
 
 @router.post(
@@ -70,7 +70,7 @@ def unmount(vm: str, body: Unmount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
 
 @router.get(
     "/items/{vm}/files/browse",
-    response_model=list[BrowseEntry],
+    response_model=Page[BrowseEntry],
     dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
 )
 def browse(
@@ -79,8 +79,10 @@ def browse(
     path: str = "",
     rp: str | None = None,
     session_id: Annotated[str | None, Query(alias="sessionId")] = None,
-) -> list[dict[str, Any]]:
-    return files.browse(ctx, vm, path, rp_id=rp, session_id=session_id)
+    *,
+    pages: Pages,
+) -> dict[str, Any]:
+    return pages.page(files.browse(ctx, vm, path, rp_id=rp, session_id=session_id))
 
 
 @router.get(

@@ -9,9 +9,9 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, check_vault, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import ACCEPTED, Job, ProtectedItem, RecoveryPoint
-from vmvault.service import backups, items, protection, restore_vm, restores, softdelete
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import ACCEPTED, Job, Page, ProtectedItem, RecoveryPoint
+from vmvault.service import azure_shape, backups, items, protection, restore_vm, restores, softdelete
 
 router = APIRouter(tags=["items"], route_class=ROUTE_CLASS)
 
@@ -62,9 +62,9 @@ class ReplaceDisks(Body):
     rp: str = Field(max_length=64, description="Recovery point id")
 
 
-@router.get("/items", response_model=list[ProtectedItem], dependencies=[require(Permission.READ, Scope.GLOBAL)])
-def list_items(ctx: Ctx, caller: Caller, vault: str | None = None) -> list[dict[str, Any]]:
-    return visible(caller, items.list_items(ctx, vault))
+@router.get("/items", response_model=Page[ProtectedItem], dependencies=[require(Permission.READ, Scope.GLOBAL)])
+def list_items(ctx: Ctx, caller: Caller, pages: Pages, vault: str | None = None) -> dict[str, Any]:
+    return pages.page(visible(caller, items.list_items(ctx, vault)))
 
 
 @router.get("/items/{vm}", response_model=ProtectedItem, dependencies=[require(Permission.READ, Scope.VM)])
@@ -112,12 +112,14 @@ def backup_now(vm: str, body: BackupNow, ctx: Ctx, jobs: Jobs) -> dict[str, Any]
 
 
 @router.get(
-    "/items/{vm}/recoverypoints", response_model=list[RecoveryPoint], dependencies=[require(Permission.READ, Scope.VM)]
+    "/items/{vm}/recoverypoints", response_model=Page[RecoveryPoint], dependencies=[require(Permission.READ, Scope.VM)]
 )
 def list_recovery_points(
-    vm: str, ctx: Ctx, include_deleted: Annotated[bool, Query(alias="includeDeleted")] = False
-) -> list[dict[str, Any]]:
-    return backups.list_recovery_points(ctx, vm, include_deleted=include_deleted)
+    vm: str, ctx: Ctx, pages: Pages, include_deleted: Annotated[bool, Query(alias="includeDeleted")] = False
+) -> dict[str, Any]:
+    """Newest first, as Azure lists them."""
+    points = backups.list_recovery_points(ctx, vm, include_deleted=include_deleted)
+    return pages.page(azure_shape.recovery_points(points))
 
 
 @router.post(

@@ -8,14 +8,14 @@ from fastapi import APIRouter
 
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx
-from vmvault.api.routes.common import ROUTE_CLASS
-from vmvault.api.schemas import Job, JobDetails
+from vmvault.api.routes.common import ROUTE_CLASS, Pages
+from vmvault.api.schemas import Job, JobDetails, Page
 from vmvault.service import jobs
 
 router = APIRouter(tags=["jobs"], route_class=ROUTE_CLASS)
 
 
-@router.get("/jobs", response_model=list[Job], dependencies=[require(Permission.READ, Scope.GLOBAL)])
+@router.get("/jobs", response_model=Page[Job], dependencies=[require(Permission.READ, Scope.GLOBAL)])
 def list_jobs(
     ctx: Ctx,
     caller: Caller,
@@ -24,9 +24,11 @@ def list_jobs(
     operation: str | None = None,
     since: str | None = None,
     limit: int = 0,
-) -> list[dict[str, Any]]:
+    *,
+    pages: Pages,
+) -> dict[str, Any]:
     rows = jobs.list_jobs(ctx, vm=vm, status=status, operation=operation, limit=max(limit, 0), since=since)
-    return visible(caller, rows)
+    return pages.page(visible(caller, rows))
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetails, dependencies=[require(Permission.READ, Scope.JOB)])

@@ -9,8 +9,8 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import NotificationTarget
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import NotificationTarget, Page
 from vmvault.service import notify
 
 router = APIRouter(tags=["notifications"], route_class=ROUTE_CLASS)
@@ -26,11 +26,11 @@ class TargetAdd(Body):
 
 @router.get(
     "/vaults/{vault}/notifications",
-    response_model=list[NotificationTarget],
+    response_model=Page[NotificationTarget],
     dependencies=[require(Permission.READ, Scope.VAULT)],
 )
-def list_targets(vault: str, ctx: Ctx) -> list[dict[str, Any]]:
-    return notify.list_targets(ctx, vault)
+def list_targets(vault: str, ctx: Ctx, pages: Pages) -> dict[str, Any]:
+    return pages.page(notify.list_targets(ctx, vault))
 
 
 @router.post(

@@ -9,8 +9,8 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import Policy
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import Page, Policy
 from vmvault.service import policies
 
 router = APIRouter(tags=["policies"], route_class=ROUTE_CLASS)
@@ -26,10 +26,10 @@ class PolicySet(Body):
 
 
 @router.get(
-    "/vaults/{vault}/policies", response_model=list[Policy], dependencies=[require(Permission.READ, Scope.VAULT)]
+    "/vaults/{vault}/policies", response_model=Page[Policy], dependencies=[require(Permission.READ, Scope.VAULT)]
 )
-def list_policies(vault: str, ctx: Ctx) -> list[dict[str, Any]]:
-    return policies.list_policies(ctx, vault)
+def list_policies(vault: str, ctx: Ctx, pages: Pages) -> dict[str, Any]:
+    return pages.page(policies.list_policies(ctx, vault))
 
 
 @router.post(

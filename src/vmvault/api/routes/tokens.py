@@ -9,8 +9,8 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import NewToken, Token
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import NewToken, Page, Token
 from vmvault.service import tokens
 
 router = APIRouter(tags=["tokens"], route_class=ROUTE_CLASS)
@@ -23,11 +23,11 @@ class TokenCreate(Body):
     name: str | None = Field(default=None, max_length=128)
 
 
-@router.get("/tokens", response_model=list[Token], dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
+@router.get("/tokens", response_model=Page[Token], dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
 def list_tokens(
-    ctx: Ctx, include_revoked: Annotated[bool, Query(alias="includeRevoked")] = False
-) -> list[dict[str, Any]]:
-    return tokens.list_tokens(ctx, include_revoked=include_revoked)
+    ctx: Ctx, pages: Pages, include_revoked: Annotated[bool, Query(alias="includeRevoked")] = False
+) -> dict[str, Any]:
+    return pages.page(tokens.list_tokens(ctx, include_revoked=include_revoked))
 
 
 @router.post(

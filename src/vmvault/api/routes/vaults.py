@@ -9,8 +9,8 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Usage, Vault
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Page, Usage, Vault
 from vmvault.service import usage, vaults
 
 router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
@@ -20,7 +20,9 @@ class VaultCreate(Body):
     name: str = Field(max_length=64)
     storage_dir: str | None = None
     redundancy: str = "LRS"
-    passphrase: str | None = Field(default=None, description="8+ characters; default: the server's VMVAULT_PASSPHRASE")
+    passphrase: str | None = Field(
+        default=None, description="12+ characters, not a common password; default: the server's VMVAULT_PASSPHRASE"
+    )
     time_zone: str = Field(default="UTC", max_length=64)
 
 
@@ -36,9 +38,9 @@ class VaultVerify(Body):
     rp: str | None = Field(default=None, max_length=64, description="Verify only this recovery point")
 
 
-@router.get("/vaults", response_model=list[Vault], dependencies=[require(Permission.READ, Scope.GLOBAL)])
-def list_vaults(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
-    return visible(caller, vaults.list_vaults(ctx), key="name")
+@router.get("/vaults", response_model=Page[Vault], dependencies=[require(Permission.READ, Scope.GLOBAL)])
+def list_vaults(ctx: Ctx, caller: Caller, pages: Pages) -> dict[str, Any]:
+    return pages.page(visible(caller, vaults.list_vaults(ctx), key="name"))
 
 
 @router.post(

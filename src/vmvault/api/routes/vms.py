@@ -9,8 +9,8 @@ from pydantic import Field
 
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx
-from vmvault.api.routes.common import ROUTE_CLASS, Body
-from vmvault.api.schemas import AgentChannel, Vm, VmWithStatus
+from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
+from vmvault.api.schemas import AgentChannel, Page, Vm, VmWithStatus
 from vmvault.service import vms
 
 router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
@@ -24,9 +24,9 @@ class VmAdd(Body):
     )
 
 
-@router.get("/vms", response_model=list[VmWithStatus], dependencies=[require(Permission.READ, Scope.GLOBAL)])
-def list_vms(ctx: Ctx, caller: Caller) -> list[dict[str, Any]]:
-    return visible(caller, vms.list_vms_with_status(ctx))
+@router.get("/vms", response_model=Page[VmWithStatus], dependencies=[require(Permission.READ, Scope.GLOBAL)])
+def list_vms(ctx: Ctx, caller: Caller, pages: Pages) -> dict[str, Any]:
+    return pages.page(visible(caller, vms.list_vms_with_status(ctx)))
 
 
 @router.post("/vms", response_model=Vm, status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])

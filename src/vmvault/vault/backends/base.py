@@ -6,6 +6,10 @@ Semantics every backend must honour (tests/contract runs them against each backe
 - ``put(name, data)`` is atomic and durable: after it returns, ``get`` returns exactly ``data``
   even after a crash; during or after a crash in ``put`` a reader sees either the old object
   (or none) or the complete new one, never a partial one. Overwriting an existing name is allowed.
+- ``put_if_absent(name, data)`` is ``put`` that only creates: when ``name`` already exists it
+  raises AlreadyExists and leaves the object as it was. Of two concurrent calls for one name
+  exactly one succeeds (local disk: link() of a complete temporary file; object stores:
+  ``If-None-Match: *``). Append-only records (docs/format.md, "Record chain") rely on it.
 - ``get(name, offset, length)`` returns ``length`` bytes from ``offset`` (all to the end when
   ``length`` is None); a range past the end is truncated; a missing object raises ObjectNotFound.
 - ``exists(name)`` is True only for complete objects.
@@ -37,6 +41,8 @@ class Backend(Protocol):
     """A flat, durable object store (local directory, Azure Blob, S3)."""
 
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+
+    def put_if_absent(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
 

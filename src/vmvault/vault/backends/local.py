@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmvault.errors import ObjectNotFound, StorageError
+from vmvault.errors import AlreadyExists, ObjectNotFound, StorageError
 from vmvault.vault.backends.base import check_name
 
 _TMP_PREFIX = ".tmp-"
@@ -26,9 +26,33 @@ class LocalBackend:
 
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(path, data)
+        try:
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc.strerror}", hint=_space_hint(exc)) from exc
+
+    def put_if_absent(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Create-only put: link() the complete temporary file, which fails if the name exists."""
+        path = self._path(name)
+        tmp = self._write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExists(f"vault object {name} already exists in {self.root}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}", hint=_space_hint(exc)) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
+        """A complete, fsynced temporary file beside path (invisible to list())."""
         tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
@@ -37,11 +61,10 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {path}: {exc.strerror}", hint=_space_hint(exc)) from exc
+        return tmp
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)

@@ -9,7 +9,7 @@ A qcow2 disk gets no `chain` here: its first backup records an empty chain, or r
 with a backing file until an admin confirms it (service/backups.py disk_source).
 
 Revision ID: 0007
-Revises: 0006
+Revises: 0011
 Create Date: 2026-12-06
 """
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0006"
+down_revision: str | None = "0011"
 branch_labels: str | None = None
 depends_on: str | None = None
 

@@ -1,0 +1,147 @@
+"""Reconcile the catalog with a vault after a crash (issue 18, docs/operations.md).
+
+A process can die between two steps that go to different places:
+- a backup between publishing its manifest and recording the point in the catalog: the vault
+  holds a point the catalog does not list and the job was reaped as Failed ("no recovery point
+  was created"). Every manifest that authenticates and whose Backup job this catalog knows (and
+  no longer runs) is adopted: the point is recorded and the job corrected to Completed with a
+  note. A manifest of a job unknown here is never adopted, only reported (by `vault verify`).
+- retention between deleting a manifest and deleting its catalog row: the row of an expired
+  point (its expiry time has passed) whose manifest is gone is removed, as retention decided.
+- a restore or file-recovery session: its pin stays until it expires; stale pins are removed.
+
+Run at the start of `vmvault serve` (every vault), before each backup (its vault) and by
+`vault verify` (its vault).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import from_iso, now_iso
+from vmvault.catalog.models import VaultRow
+from vmvault.errors import NotFound, ObjectNotFound, VmvaultError
+from vmvault.service.context import Context
+from vmvault.service.jobs import Operation, Status
+from vmvault.service.vaultio import opened_vault
+from vmvault.service.views import JsonDict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reconciled:
+    adopted: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm, job}
+    dropped: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm}: retention had deleted them
+    unlisted: list[JsonDict] = field(default_factory=list)  # {recoveryPoint, vm, job, reason}: not adopted
+    stale_pins: int = 0
+
+    def view(self) -> JsonDict:
+        return {
+            "adoptedPoints": self.adopted,
+            "droppedPoints": self.dropped,
+            "unlistedPoints": self.unlisted,
+            "stalePinsRemoved": self.stale_pins,
+        }
+
+
+def reconcile_vault(ctx: Context, row: VaultRow, vault: Any, when: str) -> Reconciled:
+    """Bring the catalog in line with an opened vault; `when` says what ran it (for the job note)."""
+    out = Reconciled()
+    present = set(vault.list_recovery_points())
+    with ctx.catalog.read() as s:
+        listed = {p.id: p for p in repos.recovery_points_in_vault(s, row.id)}
+    for rp_id in sorted(present - set(listed)):
+        _adopt(ctx, row, vault, rp_id, when, out)
+    _drop_deleted(ctx, [p for p in listed.values() if p.id not in present], out)
+    from vmvault.vault.lock import remove_stale_pins
+
+    out.stale_pins = remove_stale_pins(vault)  # of restores and sessions whose process died
+    return out
+
+
+def reconcile_named(ctx: Context, row: VaultRow, when: str) -> Reconciled | None:
+    """Open the vault and reconcile it; a vault that cannot be opened is logged, not raised."""
+    try:
+        with opened_vault(ctx, row) as vault:
+            return reconcile_vault(ctx, row, vault, when)
+    except VmvaultError as exc:
+        log.warning("reconciling vault %s after a crash: %s", row.name, exc.message)
+        return None
+
+
+def reconcile_all(ctx: Context, when: str) -> None:
+    from vmvault.hypervisor.offline import remove_dead_work_dirs
+
+    remove_dead_work_dirs()  # sockets of exports whose vmvault was killed
+    with ctx.catalog.read() as s:
+        rows = list(repos.list_vaults(s))
+    for row in rows:
+        result = reconcile_named(ctx, row, when)
+        if result is not None and (result.adopted or result.dropped):
+            log.info("vault %s reconciled after a crash: %s", row.name, result.view())
+
+
+def _adopt(ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: Reconciled) -> None:
+    try:
+        manifest = vault.read_manifest(rp_id)  # authenticated, or it raises
+    except (NotFound, ObjectNotFound):
+        return  # deleted meanwhile
+    except VmvaultError as exc:
+        out.unlisted.append({"recoveryPoint": rp_id, "vm": None, "job": None, "reason": exc.message})
+        return
+    entry = {"recoveryPoint": rp_id, "vm": manifest.vm_name, "job": manifest.job_id}
+    with ctx.catalog.write() as s:
+        if repos.find_recovery_point(s, rp_id) is not None:
+            return  # its own job recorded it meanwhile
+        reason = _why_not_adopted(s, manifest)
+        if reason is not None:
+            out.unlisted.append({**entry, "reason": reason})
+            return
+        _record(ctx, s, row, manifest, when)
+    out.adopted.append(entry)
+
+
+def _why_not_adopted(s: Session, manifest: Any) -> str | None:
+    job = repos.find_job(s, manifest.job_id) if manifest.job_id else None
+    if job is None or job.operation != Operation.BACKUP:
+        return "its backup job is not known to this catalog: not adopted (see docs/operations.md)"
+    if job.status == Status.IN_PROGRESS:
+        return "its backup job is still running"
+    if repos.find_vm_by_id(s, manifest.vm_id) is None:
+        return f"its VM (id {manifest.vm_id}) is not in this catalog"
+    return None
+
+
+def _record(ctx: Context, s: Session, row: VaultRow, manifest: Any, when: str) -> None:
+    from vmvault.service.backups import record_retention
+    from vmvault.service.vaults import recovery_point_row
+
+    job = repos.get_job(s, manifest.job_id)
+    repos.add_recovery_point(s, recovery_point_row(manifest, row.id))
+    repos.mark_protected_after_backup(s, manifest.vm_id)
+    record_retention(ctx, s, manifest.rp_id, (job.details or {}).get("trigger") == "Scheduled")
+    note = (
+        f"the process running this job died after the recovery point was written; "
+        f"reconciled after the crash ({when}, {now_iso()})"
+    )
+    repos.finish_job(s, job.id, Status.COMPLETED)
+    repos.update_job_details(s, job.id, {**(job.details or {}), "recoveryPoint": manifest.rp_id, "reconciled": note})
+
+
+def _drop_deleted(ctx: Context, missing: list[Any], out: Reconciled) -> None:
+    """Rows whose manifest is gone: removed when retention had expired them (else verify reports them)."""
+    now = ctx.now()
+    with ctx.catalog.write() as s:
+        for point in missing:
+            current = repos.find_recovery_point(s, point.id)
+            if current is None or not current.expiry_time or from_iso(current.expiry_time) > now:
+                continue
+            vm = repos.find_vm_by_id(s, current.vm_id)
+            repos.delete_recovery_point(s, current.id)
+            out.dropped.append({"recoveryPoint": current.id, "vm": vm.name if vm else current.vm_id})
