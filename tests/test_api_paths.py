@@ -149,7 +149,7 @@ def _post(address: str, path: str, token: str, body: dict[str, Any]) -> tuple[in
 
 def _cli_point(cli: Cli, vm: str) -> str:
     cli.ok("backup", "now", vm, "--retain-until", "2099-01-01")
-    rp: str = cli.ok("recoverypoint", "list", vm).json()[0]["id"]
+    rp: str = cli.ok("recoverypoint", "list", vm).json()[0]["name"]
     return rp
 
 
@@ -177,7 +177,7 @@ def test_a_restore_inside_the_roots_works(world: World) -> None:
     target = world.allowed / "restores" / "ok"
     r = box.call("POST", f"{API}/items/vm1/restore", operator, json={"rp": world.rp1, "targetDir": str(target)})
     assert r.status_code == 202, r.text
-    assert wait_job(box, operator, r.json()["id"])["status"] == "Completed"
+    assert wait_job(box, operator, r.json()["name"])["properties"]["status"] == "Completed"
     assert files_equal(target / "disk0.raw", world.allowed / "images/vm1/disk0.raw")
 
 
