@@ -255,7 +255,7 @@ def test_each_shape_round_trips_through_the_api(tmp_path: Path) -> None:
             status, error = _call("POST", api, token, {"name": "Other", "policy": load(name)})
             assert status in (400, 422) and kind in json.dumps(error), (status, error)
         status, listed = _call("GET", api, token)
-        assert status == 200 and "Other" not in [p["name"] for p in listed]
+        assert status == 200 and "Other" not in [p["name"] for p in listed["value"]]
 
 
 # ---- the portal's policy form (its document goes through the same service as the CLI's) ------------
