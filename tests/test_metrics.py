@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import Cli
+from portal_support import _owner_token
 from test_scheduler import Serve
 
 MiB = 1 << 20
@@ -62,7 +63,8 @@ def test_metrics_match_the_jobs_run(cli: Cli, tmp_path: Path) -> None:
     second = cli.ok(*cli.backup_args("vm1")).json()  # the same data again: all deduplicated
     disk.unlink()
     failed = cli.fails(*cli.backup_args("vm1")).json()
-    assert (first["status"], second["status"], failed["status"]) == ("Completed", "Completed", "Failed")
+    statuses = (first["properties"]["status"], second["properties"]["status"], failed["properties"]["status"])
+    assert statuses == ("Completed", "Completed", "Failed")
     jobs = cli.jobs()
     points = cli.points("vm1")
     assert len(points) == 2
@@ -73,7 +75,7 @@ def test_metrics_match_the_jobs_run(cli: Cli, tmp_path: Path) -> None:
         base = serve.announce.split("listening on ", 1)[1].split(" ", 1)[0]
         assert f"metrics on http://127.0.0.1:{port}/metrics" in serve.announce, serve.announce
         token_line = serve.proc.stdout.readline() if serve.proc.stdout else ""
-        token = token_line.rsplit(": ", 1)[1].strip()
+        token = _owner_token(token_line)  # serve names the 0600 file holding it
         assert status_of(f"{base}/metrics", None) == 401
         assert status_of(f"{base}/metrics", "not-a-token") == 401
         reader = cli.ok("token", "create", "--role", "BackupReader", "--name", "prom").json()
@@ -104,13 +106,14 @@ def check_values(
 
     by_kind: dict[tuple[str, str], int] = {}
     for job in jobs:
-        by_kind[(job["operation"], job["status"])] = by_kind.get((job["operation"], job["status"]), 0) + 1
+        kind = (job["properties"]["operation"], job["properties"]["status"])
+        by_kind[kind] = by_kind.get(kind, 0) + 1
     assert by_kind[("Backup", "Completed")] == 2 and by_kind[("Backup", "Failed")] == 1, by_kind
     for (operation, status), n in by_kind.items():
         assert get("vmvault_jobs_total", operation=operation, status=status) == n, (operation, status)
     assert get("vmvault_job_duration_seconds_count", operation="Backup") == 3
     assert get("vmvault_job_duration_seconds_bucket", operation="Backup", le="+Inf") == 3
-    read = sum(j["progress"]["bytesRead"] for j in jobs if j["operation"] == "Backup")
+    read = sum(j["properties"]["extendedInfo"]["bytesRead"] for j in jobs if j["properties"]["operation"] == "Backup")
     assert read > 0 and get("vmvault_job_read_bytes_total", operation="Backup") == read
 
     times = [point_time(p) for p in points]
