@@ -42,7 +42,8 @@ def test_a_killed_restore_leaves_no_partial_file(small_image: Path, tmp_path: Pa
     partial = [p.name for p in target.iterdir()]
     assert partial and all(".vmvault-partial-" in n for n in partial), partial
 
-    (job,) = [j for j in prot.cli.jobs() if j["operation"] == "Restore"]  # this command reaps it
+    # this command reaps it
+    (job,) = [j["properties"] for j in prot.cli.jobs() if j["properties"]["operation"] == "Restore"]
     assert job["status"] == "Failed", job
     assert list(target.iterdir()) == [], "the killed restore's partial files are still there"
 
@@ -60,7 +61,7 @@ def test_a_killed_qcow2_backup_leaves_no_work_dir_and_no_pack(small_image: Path,
     assert work_dirs, "the killed backup had no export work directory to leave behind"
     assert vault_files(prot.storage, "data") and not vault_files(prot.storage, "index")
 
-    (job,) = [j for j in prot.cli.jobs() if j["operation"] == "Backup"]
+    (job,) = [j["properties"] for j in prot.cli.jobs() if j["properties"]["operation"] == "Backup"]
     assert job["status"] == "Failed", job
     assert [d for d in work_dirs if d.exists()] == [], "the dead backup's work directory is still there"
     wait_for(lambda: not _processes_using(work_dirs[0]), 30, "the export's qemu-nbd to end with its parent")

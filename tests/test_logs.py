@@ -63,9 +63,9 @@ def test_serve_logs_json_with_the_job_on_each_of_its_lines(cli: Cli, tmp_path: P
         assert serve.stop() == 0
     lines = [line for line in stderr.splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
-    of_job = [e for e in entries if job["id"] in e["message"]]
+    of_job = [e for e in entries if job["name"] in e["message"]]
     assert len(of_job) >= 2, entries  # started, ended
     for entry in of_job:
-        assert (entry["jobId"], entry["vm"]) == (job["id"], "vm1"), entry
+        assert (entry["jobId"], entry["vm"]) == (job["name"], "vm1"), entry
         assert {"time", "level", "logger", "message"} <= entry.keys()
     assert any(e["message"].endswith("ended Completed") for e in of_job), of_job

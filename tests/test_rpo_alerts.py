@@ -61,7 +61,7 @@ def setup_item(cli: Cli, tmp_path: Path, url: str, server: str | None) -> Path:
 def newest_point(cli: Cli) -> tuple[str, datetime]:
     from vmvault.catalog.clock import from_iso
 
-    points = [(p["id"], from_iso(p["time"])) for p in cli.points("vm1")]
+    points = [(p["name"], from_iso(p["properties"]["recoveryPointTime"])) for p in cli.points("vm1")]
     return max(points, key=lambda p: p[1])
 
 

@@ -42,7 +42,7 @@ def test_a_slice_a_day_then_a_damaged_pack_fails_and_is_notified(
             assert cli.vm_add("vm1", disk).ok
             assert cli.protection_enable("vm1", "v1").ok
         cli.ok(*cli.backup_args("vm1"))
-    points = {p["id"] for p in cli.points("vm1")}
+    points = {p["name"] for p in cli.points("vm1")}
     assert len(points) == 3
 
     with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
@@ -52,11 +52,11 @@ def test_a_slice_a_day_then_a_damaged_pack_fails_and_is_notified(
         tomorrow = ctx.now() + timedelta(days=1)
         assert verify_schedule.due_vaults(ctx, tomorrow) == ["v1"]
         (second,) = verify_schedule.run_due(ctx, period_days=2, now=tomorrow)
-    jobs = {j["id"]: j for j in cli.jobs()}
+    jobs = {j["name"]: j["properties"] for j in cli.jobs()}
     assert jobs[first]["status"] == jobs[second]["status"] == "Completed"
-    shown = {p["id"]: p["verification"] for p in cli.points("vm1")}
+    shown = {p["name"]: p["properties"]["verification"] for p in cli.points("vm1")}
     assert all(v["state"] == "Passed" for v in shown.values()), shown  # all three within two days
-    details = [cli.ok("job", "show", job_id).json() for job_id in (first, second)]
+    details = [cli.ok("job", "show", job_id).json()["properties"] for job_id in (first, second)]
     assert [d["extendedInfo"]["trigger"] for d in details] == ["Scheduled", "Scheduled"]
     assert [d["operation"] for d in details] == ["Verify", "Verify"]
     assert hooks.posts == []
@@ -67,11 +67,11 @@ def test_a_slice_a_day_then_a_damaged_pack_fails_and_is_notified(
         pack.write_bytes(bytes(data))
     with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
         (third,) = verify_schedule.run_due(ctx, period_days=1, now=ctx.now() + timedelta(days=2))
-    failed = cli.ok("job", "show", third).json()
-    assert failed["status"] == "Failed" and failed["error"]["code"] == "integrity_error", failed
+    failed = cli.ok("job", "show", third).json()["properties"]
+    assert failed["status"] == "Failed" and failed["errorDetails"][0]["errorCode"] == "integrity_error", failed
     wait_for(lambda: len(hooks.posts) >= 1, 30, "the failure notification")
-    assert hooks.posts[0]["body"]["job"]["id"] == third
-    shown = {p["id"]: p["verification"] for p in cli.points("vm1")}
+    assert hooks.posts[0]["body"]["job"]["name"] == third
+    shown = {p["name"]: p["properties"]["verification"] for p in cli.points("vm1")}
     assert all(v["state"] == "Failed" and v["problem"] for v in shown.values()), shown
 
 
@@ -99,5 +99,5 @@ def test_a_vault_has_its_own_period(cli: Cli, tmp_path: Path) -> None:
     with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
         assert verify_schedule.due_vaults(ctx, default_days=0) == ["v1"]  # its own period wins
         (job_id,) = verify_schedule.run_due(ctx, period_days=0)
-    assert cli.ok("job", "show", job_id).json()["status"] == "Completed"
+    assert cli.ok("job", "show", job_id).json()["properties"]["status"] == "Completed"
     assert cli.ok("vault", "verify-schedule", "v1", "--default").json()["verifyEveryDays"] is None
