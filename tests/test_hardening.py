@@ -62,7 +62,7 @@ def test_names_are_matched_in_full(tmp_path: Path, name: str) -> None:
         assert r.status_code == 422 and "invalid VM name" in r.json()["message"], r.text
         r = box.call("POST", f"{API}/vaults", owner, json={"name": name, "passphrase": PASSPHRASE})
         assert r.status_code == 422, r.text
-        assert box.call("GET", f"{API}/vms", owner).json() == []
+        assert box.call("GET", f"{API}/vms", owner).json()["value"] == []
 
 
 @pytest.mark.parametrize("expires", ["99999999999d", "999999999w", "9999-12-31T23:59:59-23:59", "5000000h"])
@@ -117,7 +117,7 @@ def test_download_names_are_rfc6266_encoded(tmp_path: Path) -> None:
         try:
             mountpoint = Path(str(outcome.result["mountpoint"]))
             assert _mode(mountpoint) == 0o700
-            (volume,) = box.call("GET", f"{API}/items/vm1/files/browse", operator).json()
+            (volume,) = box.call("GET", f"{API}/items/vm1/files/browse", operator).json()["value"]
             for name, data in names.items():
                 r = box.call("GET", f"{API}/items/vm1/files/download", operator,
                              params={"path": f"{volume['name']}/{name}"})  # fmt: skip
@@ -135,4 +135,4 @@ def test_download_names_are_rfc6266_encoded(tmp_path: Path) -> None:
 
 def _latest(box: object, token: str) -> str:
     points = box.call("GET", f"{API}/items/vm1/recoverypoints", token).json()  # type: ignore[attr-defined]
-    return str(points[0]["id"])
+    return str(points["value"][0]["name"])  # newest first; its name is what --rp takes
