@@ -108,9 +108,10 @@ def test_verify_names_the_damaged_file_and_exactly_the_points_that_use_it(
     assert damaged.rel in r.stderr and two_vms.points[hit] in r.stderr, str(r)
 
     (point,) = cli.points(hit)
-    assert point["verification"]["state"] == "Failed" and damaged.rel in point["verification"]["problem"], point
+    verification = point["properties"]["verification"]
+    assert verification["state"] == "Failed" and damaged.rel in verification["problem"], point
     (other,) = cli.points(spared)
-    assert other["verification"]["state"] == "Passed", other
+    assert other["properties"]["verification"]["state"] == "Passed", other
 
     target = tmp_path / "refused"
     r = cli.fails("restore", "disks", "--vm", hit, "--rp", two_vms.points[hit], "--target-dir", str(target))

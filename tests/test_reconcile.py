@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,16 +22,17 @@ from helpers import Cli, Protected, assert_same_image, head_of_image, protect
 
 def _killed_backup(prot: Protected, step: str) -> str:
     """Run a backup that SIGKILLs itself at `step`; returns its job id."""
-    before = {j["id"] for j in prot.cli.jobs()}
+    before = {j["name"] for j in prot.cli.jobs()}
     doomed = Cli(home=prot.cli.home, extra_env={"VMVAULT_TEST_KILL_AT": step})
     r = doomed.backup_now(prot.vm)
     assert r.returncode == -signal.SIGKILL, str(r)
-    (job,) = [j for j in prot.cli.jobs() if j["id"] not in before]
-    return str(job["id"])
+    (job,) = [j for j in prot.cli.jobs() if j["name"] not in before]
+    return str(job["name"])
 
 
-def _job(cli: Cli, job_id: str) -> dict[str, object]:
-    return dict(cli.ok("job", "show", job_id).json())
+def _job(cli: Cli, job_id: str) -> dict[str, Any]:
+    """The job's properties (Azure shape)."""
+    return dict(cli.ok("job", "show", job_id).json()["properties"])
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def killed_in_manifest_window(small_image: Path, tmp_path: Path) -> tuple[Protec
 def _assert_adopted(prot: Protected, job_id: str, rp: str, tmp_path: Path) -> None:
     assert rp in prot.cli.point_ids(prot.vm)
     job = _job(prot.cli, job_id)
-    assert job["status"] == "Completed" and job["error"] is None, job
+    assert job["status"] == "Completed" and job["errorDetails"] == [], job
     info = job["extendedInfo"]
     assert isinstance(info, dict) and info["recoveryPoint"] == rp and "reconciled" in str(info["reconciled"]), job
     r = prot.cli.restore_disks(prot.vm, rp, tmp_path / "out")

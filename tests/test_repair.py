@@ -52,7 +52,7 @@ def test_import_skips_damaged_files_and_repair_rebuilds_the_index(small_image: P
     fresh = Cli(home=tmp_path / "home2")
     r = fresh.vault_import(storage, name="v1")
     assert r.ok, str(r)
-    skipped = {e["object"] for e in r.json()["notImported"]}
+    skipped = {e["object"] for e in r.json()["properties"]["notImported"]}
     assert skipped == {f"points/{rp_b}", _index_of(tree_a)}, str(r)
     assert f"points/{rp_b}" in r.stderr, str(r)
     assert fresh.point_ids("a") == [rp_a]

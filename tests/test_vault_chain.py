@@ -137,6 +137,8 @@ def test_manifest_from_another_copy_of_the_vault_is_named(two_points: TwoPoints)
     path = prot.storage / name
     try:
         verify_fails_naming(prot, "points/f0f0f0f0f0f0f0f0", "no publish record")
+        # Sealed with the vault's keys and naming a known job, but unrecorded: never adopted.
+        assert "f0f0f0f0f0f0f0f0" not in prot.cli.point_ids(prot.vm)
         gc_refuses(prot)
     finally:
         path.unlink()

@@ -3,9 +3,12 @@
 A process can die between two steps that go to different places:
 - a backup between publishing its manifest and recording the point in the catalog: the vault
   holds a point the catalog does not list and the job was reaped as Failed ("no recovery point
-  was created"). Every manifest that authenticates and whose Backup job this catalog knows (and
-  no longer runs) is adopted: the point is recorded and the job corrected to Completed with a
-  note. A manifest of a job unknown here is never adopted, only reported (by `vault verify`).
+  was created"). Every manifest that authenticates, that the vault's record chain records (its
+  intent record, written before the manifest, names it with this content: vault/seqchain.py) and
+  whose Backup job this catalog knows (no longer running, no other point recorded) is adopted:
+  the point is recorded and the job corrected to Completed with a note. Any other manifest (a job
+  unknown here, one added or replaced outside vmvault) is never adopted, only reported (by
+  `vault verify`, whose chain audit names the tampering).
 - retention between deleting a manifest and deleting its catalog row: the row of an expired
   point (its expiry time has passed) whose manifest is gone is removed, as retention decided.
 - a restore or file-recovery session: its pin stays until it expires; stale pins are removed.
@@ -30,6 +33,7 @@ from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, Status
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
+from vmvault.vault.seqchain import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,10 @@ def reconcile_vault(ctx: Context, row: VaultRow, vault: Any, when: str) -> Recon
     present = set(vault.list_recovery_points())
     with ctx.catalog.read() as s:
         listed = {p.id: p for p in repos.recovery_points_in_vault(s, row.id)}
-    for rp_id in sorted(present - set(listed)):
-        _adopt(ctx, row, vault, rp_id, when, out)
+    candidates = sorted(present - set(listed))
+    recorded = vault.recorded_points() if candidates else None  # None too for a vault without a chain
+    for rp_id in candidates:
+        _adopt(ctx, row, vault, rp_id, when, out, recorded)
     _drop_deleted(ctx, [p for p in listed.values() if p.id not in present], out)
     from vmvault.vault.lock import remove_stale_pins
 
@@ -87,15 +93,21 @@ def reconcile_all(ctx: Context, when: str) -> None:
             log.info("vault %s reconciled after a crash: %s", row.name, result.view())
 
 
-def _adopt(ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: Reconciled) -> None:
+def _adopt(
+    ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: Reconciled, recorded: Recorded | None
+) -> None:
     try:
         manifest = vault.read_manifest(rp_id)  # authenticated, or it raises
+        unrecorded = recorded.unrecorded(rp_id, vault.manifest_digest(rp_id)) if recorded is not None else None
     except (NotFound, ObjectNotFound):
         return  # deleted meanwhile
     except VmvaultError as exc:
         out.unlisted.append({"recoveryPoint": rp_id, "vm": None, "job": None, "reason": exc.message})
         return
     entry = {"recoveryPoint": rp_id, "vm": manifest.vm_name, "job": manifest.job_id}
+    if unrecorded is not None:  # sealed with the vault's keys, but not written by a backup of this vault
+        out.unlisted.append({**entry, "reason": f"{unrecorded}: not adopted"})
+        return
     with ctx.catalog.write() as s:
         if repos.find_recovery_point(s, rp_id) is not None:
             return  # its own job recorded it meanwhile
@@ -113,6 +125,9 @@ def _why_not_adopted(s: Session, manifest: Any) -> str | None:
         return "its backup job is not known to this catalog: not adopted (see docs/operations.md)"
     if job.status == Status.IN_PROGRESS:
         return "its backup job is still running"
+    other = (job.details or {}).get("recoveryPoint")
+    if other and other != manifest.rp_id:  # one job writes one point
+        return f"its backup job recorded another point ({other})"
     if repos.find_vm_by_id(s, manifest.vm_id) is None:
         return f"its VM (id {manifest.vm_id}) is not in this catalog"
     return None

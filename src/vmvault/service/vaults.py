@@ -365,6 +365,10 @@ def _skipped(s: Session, manifest: Any, foreign: bool) -> JsonDict:
 
 
 def _ensure_vm(s: Session, manifest: Any) -> None:
+    # Called only for VMs this catalog did not have before the import (not `foreign`): one with
+    # this id now was brought back by the vault's own configuration (vaultsettings.restore).
+    if repos.find_vm_by_id(s, manifest.vm_id) is not None:
+        return
     if repos.find_vm(s, manifest.vm_name) is not None:
         raise AlreadyExists(
             f"VM '{manifest.vm_name}' in the vault (id {manifest.vm_id}) clashes with another VM of that name here",

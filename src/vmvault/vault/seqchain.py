@@ -176,6 +176,17 @@ class Chain:
         tmp.write_text(json.dumps({"head": n}))
         os.replace(tmp, self.head_file)
 
+    # ---- what the chain records of each point ---------------------------------------------------
+    def recorded(self) -> Recorded:
+        """The points the readable records name (a damaged or missing record is the audit's to report)."""
+        records = []
+        for n in self.numbers():
+            try:
+                records.append(self.read(n))
+            except VmvaultError:
+                continue
+        return Recorded(_replay(records))
+
     # ---- audit --------------------------------------------------------------------------------
     def audit(self, manifests: dict[str, str | None]) -> Audit:
         """Compare the chain with the manifests present ({rp_id: payload SHA-256, None if unreadable})."""
@@ -241,6 +252,32 @@ class _State:
     intents: dict[str, int] = field(default_factory=dict)
     published: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The chain's account of the points, for deciding whether a manifest is one vmvault wrote here."""
+
+    state: _State
+
+    def unrecorded(self, rp_id: str, found: str) -> str | None:
+        """Why the manifest of `rp_id` (its payload's SHA-256: `found`) is not one this vault recorded.
+
+        None when an intent (or genesis) record names it with that digest and no deletion record
+        does: a backup that wrote its intent record, then its manifest, then died (before its
+        publish record, or before the catalog) left a legitimate point.
+        """
+        name = f"points/{rp_id}"
+        if rp_id not in self.state.recorded:
+            return (
+                f"{name} has no record in the vault's record chain: it was added outside vmvault "
+                "(or copied from another vault or an older copy of this one)"
+            )
+        if self.state.recorded[rp_id] != found:
+            return f"{name} is not the manifest recorded for that point: it was replaced"
+        if rp_id in self.state.deleted:
+            return f"{name} is recorded as deleted ({record_name(self.state.deleted[rp_id])})"
+        return None
 
 
 def _replay(records: list[Record]) -> _State:

@@ -358,6 +358,17 @@ class Vault:
             return out
         return self.chain.audit(seqchain.manifest_digests(self))
 
+    def recorded_points(self) -> seqchain.Recorded | None:
+        """What the record chain says of each point; None for an older vault that has no chain yet."""
+        if seqchain.FEATURE not in self.features and not self.chain.exists():
+            return None
+        return self.chain.recorded()
+
+    def manifest_digest(self, rp_id: str) -> str:
+        """SHA-256 of the manifest's authenticated payload (what the record chain records)."""
+        name = self.manifest_name(rp_id)
+        return seqchain.digest(unseal(self.keys, name, self.backend.get(name)))
+
     def refuse_if_tampered(self, action: str) -> None:
         audit = self.audit_chain()
         if audit.problems:
