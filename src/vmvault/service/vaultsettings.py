@@ -255,9 +255,7 @@ def _restore_vm(s: Session, entry: JsonDict) -> str:
     return vm_id
 
 
-def _restore_item(
-    s: Session, vault: VaultRow, entry: JsonDict, policy_ids: dict[str, int], brought: set[str]
-) -> None:
+def _restore_item(s: Session, vault: VaultRow, entry: JsonDict, policy_ids: dict[str, int], brought: set[str]) -> None:
     vm_id = str(entry["vmId"])
     if vm_id not in brought:  # never protect a VM this catalog had (or one the vault's VMs did not bring)
         vm = repos.find_vm_by_id(s, vm_id)
@@ -310,9 +308,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def saves_settings(vault_of: Callable[[tuple[Any, ...], dict[str, Any], Any], str | None]) -> Callable[
-    [Callable[P, R]], Callable[P, R]
-]:
+def saves_settings(
+    vault_of: Callable[[tuple[Any, ...], dict[str, Any], Any], str | None],
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a service function (ctx first) that changes a vault's configuration: afterwards
     the vault `vault_of(args, kwargs, result)` names gets its settings/catalog rewritten."""
 
