@@ -94,9 +94,92 @@ def test_foreign_points_never_join_an_existing_vm(small_image: Path, tmp_path: P
 
     r = mine.cli.vault_import(tmp_path / "evil")
     assert r.ok, str(r)
-    skipped = r.json().get("skippedPoints")
+    skipped = r.json()["properties"].get("skippedPoints")  # a vault resource (docs/api.md): extras in properties
     assert [p["id"] for p in skipped] == ["ffffffff00000001"], r.stdout
     assert "vm1" in skipped[0]["reason"], r.stdout
     assert mine.cli.point_ids(mine.vm) == [my_point], "a foreign vault added a point to my VM"
     vms = mine.cli.vms()
     assert [vm["name"] for vm in vms] == ["vm1"], vms
+
+
+def write_settings(storage: Path, home: Path, document: dict[str, Any]) -> None:
+    """What the vault's author can write: a sealed settings/catalog (service/vaultsettings.py)."""
+    import json
+
+    from vmvault.service.vaultsettings import NAME, VERSION
+    from vmvault.vault.sealed import seal
+
+    vault = Vault.open(storage, home)
+    try:
+        body = {"version": VERSION, "vault": vault.uuid, "written": "2099-01-01T00:00:00.000000Z", **document}
+        vault.backend.put(NAME, seal(vault.keys, NAME, json.dumps(body).encode()))
+    finally:
+        vault.close()
+
+
+def test_vault_settings_never_attach_or_protect_a_vm_this_catalog_has(small_image: Path, tmp_path: Path) -> None:
+    """Vault B's configuration claims my unprotected VM (its id) and my protected VM's disk: neither happens."""
+    mine = protect(Cli(home=tmp_path / "home"), copy_image(small_image, tmp_path / "d.raw"), tmp_path / "v1")
+    assert mine.cli.vm_add("spare", copy_image(small_image, tmp_path / "spare.raw")).ok
+    before = {vm["name"]: vm for vm in mine.cli.vms()}
+
+    stranger = Cli(home=tmp_path / "stranger")
+    stranger.vault_create("evil", tmp_path / "evil")
+    thief = "0123abcd-0000-4000-8000-000000000001"
+    write_settings(
+        tmp_path / "evil",
+        stranger.home,
+        {
+            "policies": [],
+            "vms": [
+                {"id": before["spare"]["id"], "name": "spare", "kind": "disks", "disks": [], "definition": {}},
+                {
+                    "id": thief,
+                    "name": "thief",
+                    "kind": "disks",
+                    "definition": {},
+                    "disks": [{"name": "disk0", "path": str(mine.disk), "format": "raw"}],
+                },
+            ],
+            "items": [
+                {"vmId": before["spare"]["id"], "state": "Protected", "policy": "DefaultPolicy"},
+                {"vmId": thief, "state": "Protected", "policy": "DefaultPolicy"},
+            ],
+            "notifications": [],
+        },
+    )
+
+    r = mine.cli.vault_import(tmp_path / "evil")
+    assert r.ok, str(r)  # names are sound: the entries that do not fit are listed, the rest imported
+    listed = " ".join(f"{e.get('entry')}: {e['problem']}" for e in r.json()["properties"]["notImported"])
+    assert "spare" in listed and "thief" in listed and str(mine.disk) in listed, r.stdout
+    after = {vm["name"]: vm for vm in mine.cli.vms()}
+    assert sorted(after) == ["spare", "vm1"], after
+    assert after["spare"]["protectionState"] == before["spare"]["protectionState"], after["spare"]
+    assert after["vm1"]["vault"] == "v1", after["vm1"]
+
+
+def test_hostile_names_in_vault_settings_refuse_the_vault(small_image: Path, tmp_path: Path) -> None:
+    stranger = Cli(home=tmp_path / "stranger")
+    stranger.vault_create("evil", tmp_path / "evil")
+    write_settings(
+        tmp_path / "evil",
+        stranger.home,
+        {
+            "vms": [
+                {
+                    "id": "0123abcd-0000-4000-8000-000000000002",
+                    "name": "ok",
+                    "kind": "disks",
+                    "definition": {},
+                    "disks": [{"name": "../../escape", "path": "/images/x.raw"}],
+                }
+            ],
+        },
+    )
+    victim = Cli(home=tmp_path / "victim")
+    r = victim.vault_import(tmp_path / "evil")
+    assert not r.ok and "Traceback" not in r.output, str(r)
+    assert "settings/catalog" in r.stderr and "invalid disk name" in r.stderr, str(r)
+    assert victim.ok("vault", "list").json() == []
+    assert victim.ok("vm", "list").json() == []

@@ -81,6 +81,13 @@ class IntegrityError(VmvaultError):
     http_status = 500
 
 
+class HostileContent(IntegrityError):
+    """An authenticated vault file holding a name or path user input could not have given.
+
+    Not accidental damage (that fails authentication): whoever holds the vault's keys wrote it.
+    `vault import` refuses such a vault whole (service/vaults.py); the code stays integrity_error."""
+
+
 class PointFailedVerification(VmvaultError):
     """A recovery point whose last verify failed: refused (409) rather than restored half-broken."""
 

@@ -313,7 +313,10 @@ def vault_import(
         view = vaults.import_vault(ctx, directory, name=name, passphrase=secret)
     output.print_object(shape.vault(view))
     for entry in view.get("notImported") or []:  # the sound rest was imported
-        output.info(f"not imported: {entry['object']}: {entry['problem']}")
+        what = f" ({entry['entry']})" if entry.get("entry") else ""
+        output.info(f"not imported: {entry['object']}{what}: {entry['problem']}")
+    for point in view.get("skippedPoints") or []:  # a vault's points never join a VM this catalog has
+        output.info(f"point not attached: {point['id']} of VM {point['vm']}: {point['reason']}")
 
 
 @vault_app.command("check-passphrase")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, now_iso, to_iso
 from vmvault.catalog.models import RecoveryPointRow, VaultRow, VmRow
-from vmvault.errors import AlreadyExists, IntegrityError, InvalidInput, NotFound, VmvaultError
+from vmvault.errors import AlreadyExists, HostileContent, IntegrityError, InvalidInput, NotFound, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.paths import Rule, allowed
@@ -262,12 +262,15 @@ def import_vault(
         strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
     )
     try:
-        manifests, unreadable = _sound_manifests(vault)
+        hostile: list[JsonDict] = []
+        manifests, unreadable = _sound_manifests(vault, hostile)
         unreadable += _damaged_index_report(vault)
-        settings = _vault_settings(vault, unreadable)
+        settings = _vault_settings(vault, unreadable, hostile)
         imported = _Imported(_row_for(vault_name, vault), manifests, settings)
     finally:
         vault.close()
+    if hostile:
+        raise _hostile_vault(storage, hostile)
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
@@ -279,11 +282,13 @@ def import_vault(
     return view
 
 
-def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
+def _sound_manifests(vault: Any, hostile: list[JsonDict]) -> tuple[list[Any], list[JsonDict]]:
     """The manifests that authenticate (oldest first), and one entry per one that does not.
 
     One damaged manifest must not keep the rest of the vault from being imported (after a
     catalog loss nothing could be restored): the sound points are imported, the others listed.
+    A manifest that authenticates but holds a name user input could not have given is not
+    damage: it goes to `hostile`, and the vault is not imported at all (_hostile_vault).
     """
     manifests, bad = [], []
     for rp_id in vault.list_recovery_points():
@@ -291,20 +296,37 @@ def _sound_manifests(vault: Any) -> tuple[list[Any], list[JsonDict]]:
             manifest = vault.read_manifest(rp_id)  # checked as untrusted input (manifest.check_names)
             check_name("VM", manifest.vm_name)  # the same rule as user input
             manifests.append(manifest)
+        except (HostileContent, InvalidInput) as exc:
+            hostile.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
         except VmvaultError as exc:
             bad.append({"object": vault.manifest_name(rp_id), "recoveryPoint": rp_id, "problem": exc.message})
     return sorted(manifests, key=lambda m: m.time), bad
 
 
-def _vault_settings(vault: Any, problems: list[JsonDict]) -> JsonDict | None:
+def _hostile_vault(storage: Path, hostile: list[JsonDict]) -> HostileContent:
+    """Refuse the whole vault: its author (who holds its keys) wrote names no vmvault writes.
+
+    Damage is an accident and the sound rest is imported; this is not, so nothing of it is."""
+    listed = "; ".join(f"{h['object']}: {h['problem']}" for h in hostile)
+    return HostileContent(
+        f"the vault at {storage} was not imported: {len(hostile)} authenticated file(s) hold names or paths "
+        f"user input could not have given (written by whoever holds the vault's keys): {listed}",
+        hint="nothing was registered; do not trust this vault's content (docs/security.md)",
+    )
+
+
+def _vault_settings(vault: Any, problems: list[JsonDict], hostile: list[JsonDict]) -> JsonDict | None:
     """The configuration the vault holds; a damaged one is reported and the import goes on."""
-    from vmvault.service.vaultsettings import NAME, load
+    from vmvault.service.vaultsettings import NAME, check_untrusted, load
 
     try:
-        return load(vault)
+        document = load(vault)
     except VmvaultError as exc:
         problems.append({"object": NAME, "recoveryPoint": None, "problem": exc.message})
         return None
+    if document is not None:
+        hostile += [{"object": NAME, "recoveryPoint": None, "problem": p} for p in check_untrusted(document)]
+    return document
 
 
 def _damaged_index_report(vault: Any) -> list[JsonDict]:
@@ -342,8 +364,8 @@ def _insert_imported(s: Session, imported: _Imported) -> list[JsonDict]:
     problems = restore(s, imported.row, imported.settings) if imported.settings else []
     latest_by_vm: dict[str, Any] = {m.vm_id: m for m in imported.manifests}  # sorted by time: last wins
     for manifest in latest_by_vm.values():
-        if manifest.vm_id not in foreign:
-            _ensure_vm(s, manifest)
+        if manifest.vm_id not in foreign and repos.find_vm_by_id(s, manifest.vm_id) is None:
+            _ensure_vm(s, manifest)  # not in the vault's configuration (e.g. protection stopped, data kept)
     for manifest in imported.manifests:
         if manifest.vm_id in foreign or repos.find_recovery_point(s, manifest.rp_id) is not None:
             imported.skipped.append(_skipped(s, manifest, manifest.vm_id in foreign))

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import NotificationTargetRow, PolicyRow, ProtectedItemRow, VaultRow, VmRow
-from vmvault.errors import IntegrityError, VmvaultError
+from vmvault.errors import AlreadyExists, IntegrityError, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict
 
@@ -113,17 +113,44 @@ def load(vault: Any) -> JsonDict | None:
     return document
 
 
+def check_untrusted(document: JsonDict) -> list[str]:
+    """Names and paths in the (authenticated) document that user input could not have given.
+
+    Not damage: whoever holds the vault's keys wrote them, and `vault import` refuses the vault
+    whole if there is any (as for manifests, vault/manifest.py)."""
+    from vmvault.vault.manifest import VM_NAME_RE, UntrustedName, check_disk_name, check_disk_path
+
+    found = []
+    for entry in _list(document, "vms"):
+        name = entry.get("name")
+        if not isinstance(name, str) or not VM_NAME_RE.fullmatch(name):
+            found.append(f"vm entry: invalid VM name {name!r}")
+            continue
+        disks = entry.get("disks")
+        for disk in disks if isinstance(disks, list) else []:
+            try:
+                if isinstance(disk, dict):
+                    check_disk_name(disk.get("name"))
+                    check_disk_path(disk.get("path") or "")
+            except UntrustedName as exc:
+                found.append(f"vm {name}: {exc}")
+    return found
+
+
 def restore(s: Session, vault: VaultRow, document: JsonDict) -> list[JsonDict]:
     """Recreate policies, VMs, protected items and notification targets from `document`.
 
     Authenticated by the vault key, but still checked entry by entry: an entry that does not fit
-    (a name taken here, a malformed value) is skipped and returned as a problem."""
+    (a name taken here, a malformed value) is skipped and returned as a problem. A vault's
+    configuration is evidence, not instructions: it never changes, protects or attaches a VM this
+    catalog already has (same id, same disk, same libvirt domain), only the VMs it brings."""
     problems: list[JsonDict] = []
     policy_ids = _restore_policies(s, vault, _list(document, "policies"), problems)
+    brought: set[str] = set()
     for entry in _list(document, "vms"):
-        _guard(problems, "vm", entry, lambda e=entry: _restore_vm(s, e))
+        _guard(problems, "vm", entry, lambda e=entry: brought.add(_restore_vm(s, e)))
     for entry in _list(document, "items"):
-        _guard(problems, "protected item", entry, lambda e=entry: _restore_item(s, vault, e, policy_ids))
+        _guard(problems, "protected item", entry, lambda e=entry: _restore_item(s, vault, e, policy_ids, brought))
     known = {(t.kind, t.address) for t in repos.notification_targets(s, vault.id)}
     for entry in _list(document, "notifications"):
         _guard(problems, "notification target", entry, lambda e=entry: _restore_target(s, vault, e, known))
@@ -178,34 +205,66 @@ def _restore_policies(s: Session, vault: VaultRow, entries: list[JsonDict], prob
     return ids
 
 
-def _restore_vm(s: Session, entry: JsonDict) -> None:
-    from vmvault.errors import AlreadyExists
+KINDS = ("disks", "imported", "qmp", "libvirt")
+
+
+def _restore_vm(s: Session, entry: JsonDict) -> str:
+    """Add the entry's VM; its id. Refused if this catalog has it already (id, a disk, its libvirt domain)."""
+    import os
+
     from vmvault.service.validate import check_name
 
-    vm_id, name = str(entry["id"]), check_name("VM", str(entry["name"]))
-    if repos.find_vm_by_id(s, vm_id) is not None:
-        return
+    vm_id, name, kind = str(entry["id"]), check_name("VM", str(entry["name"])), str(entry["kind"])
+    existing = repos.find_vm_by_id(s, vm_id)
+    if existing is not None:
+        raise AlreadyExists(
+            f"VM id {vm_id} is already VM '{existing.name}' here: a vault cannot change a VM it did not bring"
+        )
     if repos.find_vm(s, name) is not None:
         raise AlreadyExists(f"VM '{name}' of the vault clashes with another VM of that name here")
+    if kind not in KINDS:
+        raise ValueError(f"unknown VM kind {kind!r}")
     disks, definition = entry["disks"], entry["definition"]
     if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks) or not isinstance(definition, dict):
         raise ValueError("disks or definition malformed")
+    # as for manifests (service/vaults.py _ensure_vm): only an absolute path is kept as a disk path
+    disks = [{**d, "path": d["path"] if str(d.get("path") or "").startswith("/") else ""} for d in disks]
+    mine = {os.path.realpath(str(d["path"])) for d in disks if d["path"]}
+    domain = definition.get("uuid") if kind == "libvirt" else None
+    for other in repos.list_vms(s):
+        theirs = {os.path.realpath(str(d.get("path"))) for d in other.disks or [] if d.get("path")}
+        if mine & theirs:
+            raise AlreadyExists(
+                f"disk {sorted(mine & theirs)[0]} is VM '{other.name}''s disk here: a vault cannot attach a VM "
+                "this catalog already has"
+            )
+        if domain and other.kind == "libvirt" and (other.definition or {}).get("uuid") == domain:
+            raise AlreadyExists(f"libvirt domain {domain} is VM '{other.name}' here")
     repos.add_vm(
         s,
         VmRow(
             id=vm_id,
             name=name,
-            kind=str(entry["kind"]),
+            kind=kind,
             disks=disks,
             definition=definition,
             created=str(entry.get("created") or now_iso()),
         ),
     )
+    s.flush()
+    return vm_id
 
 
-def _restore_item(s: Session, vault: VaultRow, entry: JsonDict, policy_ids: dict[str, int]) -> None:
+def _restore_item(s: Session, vault: VaultRow, entry: JsonDict, policy_ids: dict[str, int], brought: set[str]) -> None:
     vm_id = str(entry["vmId"])
-    if repos.find_vm_by_id(s, vm_id) is None or repos.protected_item(s, vm_id) is not None:
+    if vm_id not in brought:  # never protect a VM this catalog had (or one the vault's VMs did not bring)
+        vm = repos.find_vm_by_id(s, vm_id)
+        if vm is None:
+            return  # its VM entry was not restored: reported there
+        raise AlreadyExists(
+            f"VM id {vm_id} is already VM '{vm.name}' here: a vault cannot protect a VM it did not bring"
+        )
+    if repos.protected_item(s, vm_id) is not None:
         return
     excluded = entry.get("excludedDisks") or []
     if not isinstance(excluded, list):
@@ -249,9 +308,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def saves_settings(vault_of: Callable[[tuple[Any, ...], dict[str, Any], Any], str | None]) -> Callable[
-    [Callable[P, R]], Callable[P, R]
-]:
+def saves_settings(
+    vault_of: Callable[[tuple[Any, ...], dict[str, Any], Any], str | None],
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a service function (ctx first) that changes a vault's configuration: afterwards
     the vault `vault_of(args, kwargs, result)` names gets its settings/catalog rewritten."""
 

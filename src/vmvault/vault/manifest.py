@@ -23,6 +23,12 @@ _DISK_NAME_RE = re.compile(r"^[A-Za-z0-9_][^/\\\x00-\x1f\x7f]{0,127}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
+class UntrustedName(ValueError):
+    """A name or path in an authenticated document that user input could not have given.
+
+    Not damage (the document authenticates): whoever holds the vault's keys wrote it so."""
+
+
 @dataclass(frozen=True)
 class DiskEntry:
     """One disk of a recovery point."""
@@ -62,17 +68,17 @@ class RecoveryPointManifest:
         return manifest
 
     def check_names(self) -> None:
-        """Raise ValueError naming the first name or path that user input could not have given."""
+        """Raise UntrustedName naming the first name or path that user input could not have given."""
         if not isinstance(self.vm_name, str) or not VM_NAME_RE.fullmatch(self.vm_name):
-            raise ValueError(f"invalid VM name {self.vm_name!r}")
+            raise UntrustedName(f"invalid VM name {self.vm_name!r}")
         for label, value in (("point id", self.rp_id), ("VM id", self.vm_id)):
             if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-                raise ValueError(f"invalid {label} {value!r}")
+                raise UntrustedName(f"invalid {label} {value!r}")
         if not isinstance(self.job_id, str) or (self.job_id and not _ID_RE.fullmatch(self.job_id)):
-            raise ValueError(f"invalid job id {self.job_id!r}")
+            raise UntrustedName(f"invalid job id {self.job_id!r}")
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):
-            raise ValueError(f"disk names repeat: {names!r}")
+            raise UntrustedName(f"disk names repeat: {names!r}")
         for disk in self.disks:
             _check_disk(disk)
 
@@ -84,12 +90,23 @@ class RecoveryPointManifest:
 
 
 def _check_disk(disk: DiskEntry) -> None:
-    if not isinstance(disk.name, str) or not _DISK_NAME_RE.fullmatch(disk.name):
-        raise ValueError(f"invalid disk name {disk.name!r}")
-    path = disk.source_path
+    check_disk_name(disk.name)
     # Informational (where the disk was read from; QEMU may name it "json:{...}" or "nbd://..."),
     # but `vault import` makes it an imported VM's disk path: no control characters, no "..".
-    if not isinstance(path, str) or _CONTROL_RE.search(path) or ".." in path.split("/"):
-        raise ValueError(f"invalid disk source path {path!r}")
+    check_disk_path(disk.source_path, "disk source path")
     if not isinstance(disk.size, int) or disk.size < 0 or disk.source_format not in ("raw", "qcow2"):
-        raise ValueError(f"disk {disk.name!r}: invalid size or format")
+        raise ValueError(f"disk {disk.name!r}: invalid size or format")  # damage or a newer format: not a name
+
+
+def check_disk_name(name: Any) -> str:
+    """A disk name as a file name under a restore's target: no '/', '\\', control characters, no leading '.'."""
+    if not isinstance(name, str) or not _DISK_NAME_RE.fullmatch(name):
+        raise UntrustedName(f"invalid disk name {name!r}")
+    return name
+
+
+def check_disk_path(path: Any, label: str = "disk path") -> str:
+    """A disk path read from a vault: no control characters, no '..' component."""
+    if not isinstance(path, str) or _CONTROL_RE.search(path) or ".." in path.split("/"):
+        raise UntrustedName(f"invalid {label} {path!r}")
+    return path

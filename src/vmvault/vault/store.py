@@ -25,6 +25,7 @@ from typing import Any
 from vmvault.errors import (
     AlreadyExists,
     AuthenticationError,
+    HostileContent,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -36,7 +37,7 @@ from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
 from vmvault.vault.chunkindex import ChunkIndex, Location
 from vmvault.vault.crypto import TAG_LEN
-from vmvault.vault.manifest import RecoveryPointManifest
+from vmvault.vault.manifest import RecoveryPointManifest, UntrustedName
 from vmvault.vault.packs import (
     ENTRY,
     HEADER_LEN,
@@ -500,6 +501,11 @@ class Vault:
         payload = unseal(self.keys, name, self.backend.get(name))
         try:
             return RecoveryPointManifest.from_json(payload)
+        except UntrustedName as exc:  # authentic, so not damage: its author wrote it so
+            raise HostileContent(
+                f"vault file {name} holds a name user input could not have given: {exc}",
+                hint="a vault's author chooses every byte of it: do not trust this vault",
+            ) from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"vault file {name} is damaged: {exc}") from exc
 
