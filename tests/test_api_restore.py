@@ -65,9 +65,9 @@ def test_restore_as_a_new_vm_and_replace_disks(tmp_path: Path, paused_guest: Gue
             assert denied.status_code == 403 and denied.json()["code"] == "forbidden", denied.text
 
         r = box.call("POST", f"{API}/items/orig/restore/vm", operator, json=body)
-        assert r.status_code == 202 and r.json()["operation"] == "Restore", r.text
-        job = wait_job(box, reader, r.json()["id"])
-        assert job["status"] == "Completed", job
+        assert r.status_code == 202 and r.json()["properties"]["operation"] == "Restore", r.text
+        job = wait_job(box, reader, r.json()["name"])
+        assert job["properties"]["status"] == "Completed", job
         copy = box.call("GET", f"{API}/vms/copy", reader).json()
         assert copy["kind"] == "qmp" and [d["name"] for d in copy["disks"]] == ["data"], copy
         assert files_equal(Path(copy["disks"][0]["path"]), original)
@@ -80,6 +80,6 @@ def test_restore_as_a_new_vm_and_replace_disks(tmp_path: Path, paused_guest: Gue
             f.write(b"\xff" * MiB)
         r = box.call("POST", f"{API}/items/orig/restore/replace-disks", operator, json={"rp": rp})
         assert r.status_code == 202, r.text
-        job = wait_job(box, reader, r.json()["id"])
-        assert job["status"] == "Completed", job
+        job = wait_job(box, reader, r.json()["name"])
+        assert job["properties"]["status"] == "Completed", job
         assert files_equal(disk, original)

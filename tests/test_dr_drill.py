@@ -60,7 +60,7 @@ def test_a_lost_server_is_rebuilt_from_its_vaults(small_image: Path, tmp_path: P
     new = Cli(home=tmp_path / "new-home")
     for vault, storage in stores.items():
         r = new.vault_import(storage, name=vault)
-        assert r.ok and r.json()["notImported"] == [], str(r)
+        assert r.ok and r.json()["properties"]["notImported"] == [], str(r)
     assert _items(new) == before
     assert new.ok("policy", "show", "nightly", "--vault", "v1").json()["properties"] == nightly
     assert {v["name"]: v["kind"] for v in new.vms()} == {"vm1": "disks", "vm2": "disks", "vm3": "disks"}

@@ -114,7 +114,8 @@ def _wait_rows_grow(lab: Lab, timeout: float = 120) -> None:
 
 
 def _quiesce(lab: Lab, job: dict[str, Any]) -> dict[str, Any]:
-    info: dict[str, Any] = lab.cli.ok("job", "show", str(job["id"])).json()["extendedInfo"]["quiesce"]
+    shown = lab.cli.ok("job", "show", str(job["name"])).json()
+    info: dict[str, Any] = shown["properties"]["extendedInfo"]["quiesce"]
     return info
 
 
@@ -122,9 +123,9 @@ def test_a_slow_checkpoint_hook_within_the_budget_gives_a_consistent_point_that_
     _wait_rows_grow(lab)
     lab.hook_sleeps(HOOK_SLEEP_S)
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed", job
+    assert job["properties"]["status"] == "Completed", job
     point = latest_point(lab.cli, VM)
-    assert point["consistency"] == "FileSystemConsistent", point
+    assert point["properties"]["recoveryPointType"] == "FileSystemConsistent", point
     assert lab.hook_log() == ["freeze", "freeze-done", "thaw"], lab.hook_log()
     figures = _quiesce(lab, job)
     print(f"\nPostgreSQL guest quiesce figures: {figures}", file=sys.stderr)
@@ -153,10 +154,10 @@ def test_a_hook_twice_the_budget_ends_crash_consistent_with_a_warning_and_the_wo
     lab.cli.ok("vm", "update", VM, "--quiesce-timeout", "10")
     lab.hook_sleeps(HOOK_SLEEP_S)  # with its CHECKPOINT and psql calls: about 20 s, twice the budget
     job = backup(lab.cli, VM)
-    assert job["status"] == "CompletedWithWarnings", job
+    assert job["properties"]["status"] == "CompletedWithWarnings", job
     assert warning_codes(job) == ["quiesce_timeout"], job
     assert "10 s quiesce budget" in warnings(job)[0]["message"], job
-    assert latest_point(lab.cli, VM)["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "CrashConsistent"
     assert lab.hook_log() == ["freeze", "freeze-done", "thaw"] * 2, lab.hook_log()
     assert lab.domain.agent_client().guest_fsfreeze_status() == "thawed"
     assert _quiesce(lab, job)["attempts"] == 2

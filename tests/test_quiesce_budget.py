@@ -65,8 +65,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def _quiesce_details(lab: Lab, job: dict[str, object]) -> dict[str, float]:
-    shown = lab.cli.ok("job", "show", str(job["id"])).json()
-    details: dict[str, float] = shown["extendedInfo"]["quiesce"] or {}
+    shown = lab.cli.ok("job", "show", str(job["name"])).json()
+    details: dict[str, float] = shown["properties"]["extendedInfo"]["quiesce"] or {}
     return details
 
 
@@ -74,8 +74,8 @@ def test_a_freeze_hook_slower_than_the_old_10_s_deadline_still_gives_a_consisten
     lab.budget(30)
     lab.hook_sleeps(11)  # the old thaw guard gave up after 10 s and the job died of a BrokenPipeError
     job = backup(lab.cli, VM)
-    assert job["status"] == "Completed", job
-    assert latest_point(lab.cli, VM)["consistency"] == "FileSystemConsistent"
+    assert job["properties"]["status"] == "Completed", job
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "FileSystemConsistent"
     assert lab.hook_log() == ["freeze", "thaw"], "one freeze, one thaw"
     assert lab.guest.freeze_status() == "thawed"
     figures = _quiesce_details(lab, job)
@@ -89,11 +89,11 @@ def test_a_freeze_past_the_budget_is_thawed_retried_once_and_gives_a_crash_consi
     started = time.monotonic()
     job = backup(lab.cli, VM)
     took = time.monotonic() - started
-    assert job["status"] == "CompletedWithWarnings", job
+    assert job["properties"]["status"] == "CompletedWithWarnings", job
     assert warning_codes(job) == ["quiesce_timeout"], job
     (note,) = warnings(job)
     assert "4 s quiesce budget" in note["message"] and "--quiesce-timeout" in note["recommendedAction"], note
-    assert latest_point(lab.cli, VM)["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "CrashConsistent"
     # Each late freeze was thawed as soon as the agent answered again; the retry came after that.
     assert lab.hook_log() == ["freeze", "thaw", "freeze", "thaw"], lab.hook_log()
     assert lab.guest.freeze_status() == "thawed"
@@ -140,7 +140,7 @@ def test_an_only_crash_consistent_policy_skips_the_quiesce(lab: Lab, tmp_path: P
     job = backup(lab.cli, VM)
     # (a killed run before this one leaves QEMU leftovers: leftovers_reconciled is fine here)
     assert set(warning_codes(job)) <= {"leftovers_reconciled"}, job
-    assert latest_point(lab.cli, VM)["consistency"] == "CrashConsistent"
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "CrashConsistent"
     assert lab.hook_log() == [], "the guest was quiesced although the policy says OnlyCrashConsistent"
     props["snapshotConsistencyType"] = "Sometimes"
     path.write_text(json.dumps(props))
