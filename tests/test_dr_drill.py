@@ -18,8 +18,10 @@ from helpers import Cli, assert_same_image, head_of_image
 
 
 def _items(cli: Cli) -> list[dict[str, Any]]:
-    keys = ("name", "vault", "policy", "protectionState", "excludedDisks", "timeZone", "nextScheduledBackup")
-    return sorted(({k: i[k] for k in keys} for i in cli.ok("item", "list").json()), key=lambda i: i["name"])
+    """Each item's name and, in Azure's shape, what protection it has."""
+    keys = ("vaultName", "policyName", "protectionState", "excludedDisks", "timeZone", "nextScheduledBackup")
+    shown = ({"name": i["name"], **{k: i["properties"][k] for k in keys}} for i in cli.ok("item", "list").json())
+    return sorted(shown, key=lambda i: i["name"])
 
 
 def _vault_bytes(storage: Path) -> int:
