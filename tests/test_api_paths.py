@@ -405,3 +405,34 @@ def test_cli_restore_with_force_never_overwrites_a_registered_disk(tmp_path: Pat
     assert disk.read_bytes() == before
     cli.ok("restore", "disks", "web1", "--rp", rp, "--target-dir", str(tmp_path / "elsewhere"))
     assert files_equal(tmp_path / "elsewhere" / "disk0.raw", disk)
+
+
+def test_an_imported_vault_cannot_point_a_vm_outside_the_disk_roots(tmp_path: Path) -> None:
+    """A vault's own manifests and settings say where its VMs' disks are: for an API caller that is
+    untrusted too (scheduled backups would read that path), so such a path is dropped and reported."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "vaults").mkdir(parents=True)
+    (allowed / "images").mkdir()
+    outside.mkdir()
+    secret = make_ext4_image(outside / "host-secret.raw", 8, {"a": b"host data\n"})
+    inside = make_ext4_image(allowed / "images" / "ok.raw", 8, {"a": b"fine\n"})
+    author = Cli(home=tmp_path / "author")  # whoever wrote the vault (root elsewhere)
+    author.ok("vault", "create", "src", "--storage", str(allowed / "vaults" / "src"))
+    for vm, disk in (("far", secret), ("near", inside)):
+        author.ok("vm", "add", vm, "--disk", str(disk))
+        author.ok("protection", "enable", vm, "--vault", "src")
+        author.ok("backup", "now", vm)
+    policy = build_policy(Settings(home=tmp_path / "home", passphrase=PASSPHRASE),
+                          disks=[str(allowed / "images")], vaults=[str(allowed / "vaults")], restores=[])  # fmt: skip
+    with sandbox(tmp_path / "home", paths=policy) as box:
+        owner = box.token(OWNER)
+        r = box.call("POST", f"{API}/vaults/import", owner,
+                     json={"storageDir": str(allowed / "vaults" / "src"), "passphrase": PASSPHRASE})  # fmt: skip
+        assert r.status_code == 201, r.text
+        dropped = r.json()["properties"]["notImported"]
+        assert [d["object"] for d in dropped] == ["VM far disk disk0"], dropped
+        assert "allow-disks" in dropped[0]["problem"], dropped
+        far = box.call("GET", f"{API}/vms/far", owner).json()
+        near = box.call("GET", f"{API}/vms/near", owner).json()
+        assert [d["path"] for d in far["disks"]] in ([None], [""]), far
+        assert [d["path"] for d in near["disks"]] == [str(inside)], near

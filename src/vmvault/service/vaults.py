@@ -274,12 +274,41 @@ def import_vault(
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
+        known = {vm.id for vm in repos.list_vms(s)}
         unreadable += _insert_imported(s, imported)
+        unreadable += _confine_imported_disks(ctx, s, known)
         view = _view(s, imported.row)
     view["notImported"] = unreadable
     if imported.skipped:
         view["skippedPoints"] = imported.skipped
     return view
+
+
+def _confine_imported_disks(ctx: Context, s: Session, known: set[str]) -> list[JsonDict]:
+    """API and portal callers: a disk path the vault brought must lie in the allowed disk roots.
+
+    The vault's manifests and settings say where the VM's disks were; for a caller who is not root
+    on this host that is still untrusted (it would make scheduled backups read that path), so a
+    path outside the roots is dropped from the imported VM and reported.
+    """
+    if ctx.paths is None:
+        return []
+    dropped: list[JsonDict] = []
+    for vm in repos.list_vms(s):
+        if vm.id in known:
+            continue
+        disks = [dict(d) for d in vm.disks or []]
+        for disk in disks:
+            if not disk.get("path"):
+                continue
+            try:
+                ctx.paths.check(Rule.DISKS, disk["path"])
+            except VmvaultError as exc:
+                dropped.append({"object": f"VM {vm.name} disk {disk.get('name')}", "recoveryPoint": None,
+                                "problem": f"{exc.message}; the disk path was not kept"})  # fmt: skip
+                disk["path"] = ""
+        vm.disks = disks
+    return dropped
 
 
 def _sound_manifests(vault: Any, hostile: list[JsonDict]) -> tuple[list[Any], list[JsonDict]]:
