@@ -348,3 +348,16 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def first_run_owner_token(line: str) -> str:
+    """The first-run Owner token from `vmvault serve`'s banner line: serve prints only the path of
+    the 0600 file that holds it, never the token."""
+    import re
+    import stat
+
+    found = re.search(r"first-run Owner token in (\S+) ", line)
+    assert found and "vmv_" not in line, f"the token must not be printed: {line!r}"
+    path = Path(found.group(1))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
+    return path.read_text().strip()

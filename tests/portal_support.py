@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from helpers import REPO_ROOT, Cli, allow_args
+from helpers import first_run_owner_token as _owner_token
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
@@ -112,15 +113,3 @@ def csrf_of(page: Any) -> str:
 def job_ids(cli: Cli) -> set[str]:
     return {j["name"] for j in cli.ok("job", "list").json()}
 
-
-def _owner_token(line: str) -> str:
-    """The first-run Owner token: serve prints only the 0600 file that holds it."""
-    import re as _re
-    import stat as _stat
-    from pathlib import Path as _Path
-
-    found = _re.search(r"first-run Owner token in (\S+) ", line)
-    assert found and "vmv_" not in line, f"the token must not be printed: {line!r}"
-    path = _Path(found.group(1))
-    assert _stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
-    return path.read_text().strip()

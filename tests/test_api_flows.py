@@ -16,6 +16,7 @@ from typing import Any
 
 from api_support import PASSPHRASE, Sandbox, make_ext4_image, sandbox
 from helpers import Cli, allow_args, files_equal
+from helpers import first_run_owner_token as _owner_token
 
 API = "/api/v1"
 
@@ -202,15 +203,3 @@ def test_token_cli_refuses_bad_input(tmp_path: Path) -> None:
     assert cli.fails("token", "revoke", "0123456789abcdef").returncode == 66
     assert cli.ok("token", "list").json() == []
 
-
-def _owner_token(line: str) -> str:
-    """The first-run Owner token: serve prints only the 0600 file that holds it."""
-    import re as _re
-    import stat as _stat
-    from pathlib import Path as _Path
-
-    found = _re.search(r"first-run Owner token in (\S+) ", line)
-    assert found and "vmv_" not in line, f"the token must not be printed: {line!r}"
-    path = _Path(found.group(1))
-    assert _stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
-    return path.read_text().strip()
