@@ -85,11 +85,12 @@ def _restore_one(tp: TwoPoints, index: int, target: Path, fmt: str | None) -> Pa
     return files[0]
 
 
-def test_points_are_listed_oldest_first(two_points: TwoPoints) -> None:
-    points = two_points.prot.cli.points(two_points.prot.vm)
-    times = [p.get("time") for p in points]
-    assert all(times), points
-    assert times == sorted(times), points
+def test_points_are_listed_newest_first_as_azure_does(two_points: TwoPoints) -> None:
+    listed = two_points.prot.cli.ok("recoverypoint", "list", "--vm", two_points.prot.vm).json()
+    times = [p["properties"].get("recoveryPointTime") for p in listed]
+    assert all(times), listed
+    assert times == sorted(times, reverse=True), listed
+    assert [p["name"] for p in listed] == list(reversed(two_points.points)), listed
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["first-point", "second-point"])
