@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,3 +363,15 @@ def first_run_owner_token(line: str) -> str:
     path = Path(found.group(1))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
     return path.read_text().strip()
+
+
+@contextmanager
+def opened_vault(prot: Protected) -> Iterator[Any]:
+    """The protected VM's vault, opened in this process with the home's host key (closed after)."""
+    from vmvault.vault.store import Vault
+
+    vault = Vault.open(prot.storage, prot.cli.home)
+    try:
+        yield vault
+    finally:
+        vault.close()

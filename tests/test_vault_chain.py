@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Cli, Protected, copy_image, protect, tree_digest
+from helpers import opened_vault as opened
 from vmvault.vault import seqchain
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.sealed import seal
@@ -58,15 +59,6 @@ def moved_aside(*paths: Path) -> Iterator[None]:
     finally:
         for path, aside in keep:
             aside.rename(path)
-
-
-@contextmanager
-def opened(prot: Protected) -> Iterator[Vault]:
-    vault = Vault.open(prot.storage, prot.cli.home)
-    try:
-        yield vault
-    finally:
-        vault.close()
 
 
 def records(storage: Path) -> list[Path]:

@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from helpers import PASSPHRASE, Cli, Protected, assert_same_image, copy_image, protect, tree_digest
+from helpers import opened_vault as opened
 from vmvault.vault import crypto, keyfile
-from vmvault.vault.store import Vault
 
 WRONG = "not the passphrase of this vault"
 NEW = "a different long passphrase for tests"
@@ -45,15 +43,6 @@ def one_vault(small_image: Path, tmp_path: Path) -> OneVault:
     assert r.ok, str(r)
     (point,) = prot.cli.point_ids(prot.vm)
     return OneVault(prot, point, small_image)
-
-
-@contextmanager
-def opened(prot: Protected) -> Iterator[Vault]:
-    vault = Vault.open(prot.storage, prot.cli.home)
-    try:
-        yield vault
-    finally:
-        vault.close()
 
 
 def as_user(prot: Protected, passphrase: str | None) -> Cli:
