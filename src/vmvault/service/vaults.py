@@ -274,7 +274,7 @@ def import_vault(
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, vault_name)
         _refuse_known_uuid(s, imported.row)
-        known = {vm.id for vm in repos.list_vms(s)}
+        known = {vm.id for vm in repos.list_vms(s)} if ctx.paths is not None else set()
         unreadable += _insert_imported(s, imported)
         unreadable += _confine_imported_disks(ctx, s, known)
         view = _view(s, imported.row)
