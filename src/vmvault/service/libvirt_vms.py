@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,6 +189,7 @@ class _Backup:
 
     def _pull(self, vault: Any, previous: Any, incremental: str | None, checkpoint: str | None) -> Any:
         from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
+        from vmvault.engine.consistency import snapshot_in_window
         from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import _next_point_time, new_rp_id
         from vmvault.service.quiesce import record
@@ -199,18 +199,26 @@ class _Backup:
         pull = lv.PullBackup(self.dom, self.disks, work, _run_dir(self.ctx, self.plan.vm_id) / "backup.sock")
         cp_xml = lv.PullBackup.checkpoint_xml(checkpoint, self.disks, self.info.disks) if checkpoint else None
         manifest = None
+
+        def take() -> None:
+            nonlocal incremental
+            try:
+                pull.begin(incremental, cp_xml)
+            except lv.LibvirtError as exc:
+                if not incremental:
+                    raise
+                self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
+                incremental = None
+                pull.begin(incremental, cp_xml)
+
+        def undo() -> None:  # the attempt outlasted the frozen window: its job and checkpoint go before the retry
+            pull.abort()
+            if checkpoint and lv.has_checkpoint(self.dom, checkpoint):
+                lv.delete_checkpoint(self.dom, checkpoint)  # its bitmap is merged back into its parent's
+
         try:
-            with _quiesced(self) as q:
-                started = time.monotonic()
-                try:
-                    pull.begin(incremental, cp_xml)
-                except lv.LibvirtError as exc:
-                    if not incremental:
-                        raise
-                    self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
-                    incremental = None
-                    pull.begin(incremental, cp_xml)
-                snapshot_s = time.monotonic() - started
+            q, snapshot_s = snapshot_in_window(lambda: _quiesced(self), take, undo)
+            self.notes.extend(q.notes)
             record(self.job_run, q, snapshot_s)
             _test_hold(_TEST_HOLD_SNAPSHOT)  # test-only hook (docs/running-vms.md): after the instant, before reading
             exported = [
@@ -308,6 +316,8 @@ class _Backup:
 def _quiesced(b: _Backup) -> Iterator[Any]:
     """Pre-script, freeze (within the VM's budget), yield (the caller's backupBegin), thaw, post-script.
 
+    The caller reports q.notes (after snapshot_in_window's retry, so the notes of an undone attempt are not doubled).
+
     engine/consistency.py's sequence, budgets and thaw guard, with the agent reached through libvirt
     (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
@@ -335,7 +345,6 @@ def _quiesced(b: _Backup) -> Iterator[Any]:
     else:
         with quiesce_agent(lambda: LibvirtAgent(b.dom), target, budget, q):
             yield q
-    b.notes.extend(q.notes)
 
 
 AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"

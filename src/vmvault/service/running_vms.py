@@ -236,17 +236,20 @@ class _LiveBackup:
         return [d for d in self.vm.disks if d.name in wanted or d.name not in known]
 
     def _snapshot(self) -> Any:
-        from vmvault.engine.consistency import quiesced
+        from vmvault.engine.consistency import quiesced, snapshot_in_window
         from vmvault.service.quiesce import budget_for, record
 
         agent = self.plan.definition.get("guestAgent")
         guest = self.vm.status != "storage-daemon"
         budget = budget_for(self.ctx, self.plan)
-        with quiesced(agent, running=self.vm.running, guest=guest, budget=budget) as quiesce:
-            started = time.monotonic()
+
+        def take() -> None:
             self.session.snapshot()
-            snapshot_s = time.monotonic() - started
             _test_hold(_TEST_HOLD_FROZEN)
+
+        running = self.vm.running
+        attempt = lambda: quiesced(agent, running=running, guest=guest, budget=budget)  # noqa: E731
+        quiesce, snapshot_s = snapshot_in_window(attempt, take, self.session.undo_snapshot)
         record(self.job_run, quiesce, snapshot_s)
         self.warnings.extend(quiesce.notes)
         _test_hold(_TEST_HOLD_SNAPSHOT)
