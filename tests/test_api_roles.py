@@ -48,6 +48,7 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("GET", "/api/v1/vms"): (Permission.READ, Scope.GLOBAL, ALL),
     ("POST", "/api/v1/vms"): (Permission.VM_WRITE, Scope.GLOBAL, CONTRIBUTE),
     ("GET", "/api/v1/vms/{vm}"): (Permission.READ, Scope.VM, ALL),
+    ("POST", "/api/v1/vms/{vm}/update"): (Permission.VM_WRITE, Scope.VM, CONTRIBUTE),
     ("POST", "/api/v1/vms/{vm}/enable-agent"): (Permission.VM_WRITE, Scope.VM, CONTRIBUTE),
     ("GET", "/api/v1/items"): (Permission.READ, Scope.GLOBAL, ALL),
     ("GET", "/api/v1/items/{vm}"): (Permission.READ, Scope.VM, ALL),

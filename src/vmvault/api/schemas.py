@@ -250,6 +250,9 @@ class Vm(View):
     vault: str | None
     protection_state: str
     last_recovery_point: str | None
+    quiesce_timeout_seconds: int | None = Field(
+        None, description="A live backup's quiesce budget in seconds (vm update); null: the service's setting"
+    )
 
 
 class VmWithStatus(Vm):
