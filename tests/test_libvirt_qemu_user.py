@@ -89,7 +89,9 @@ def test_restored_domains_start_with_qemu_as_libvirt_qemu(uri: str, tmp_path: Pa
             with _copy(uri, cli, name):
                 flags = ["--start"] if how == "full" else ["--instant"]
                 r = cli.run("restore", "vm", "orig", "--rp", rp, "--name", name, *flags, timeout=600)
-                assert r.ok, str(r)  # old layout: "Could not open '<home>/vms/...': Permission denied"
+                # old layout: "Cannot access storage file '<home>/vms/NAME/vda.qcow2' (as uid:999, gid:995):
+                # Permission denied"
+                assert r.ok, str(r)
                 assert " /mnt/data0 ext4 " in _agent_and_disk(uri, name), f"{how}: the restored disk is not mounted"
                 target = RESTORES / name
                 mode = target.stat().st_mode
