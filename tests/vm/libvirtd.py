@@ -283,3 +283,4 @@ def debian_default_libvirtd(base: Path) -> Iterator[str]:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int((base / "virtlogd.pid").read_text()), 15)
         log.close()
+        shutil.rmtree(base, ignore_errors=True)
