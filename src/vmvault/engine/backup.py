@@ -27,7 +27,7 @@ from vmvault.errors import Cancelled, InvalidInput
 from vmvault.hypervisor.diskformat import BackingFile
 from vmvault.hypervisor.imagelock import ImageLock
 from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
-from vmvault.hypervisor.offline import NbdImageExport
+from vmvault.hypervisor.offline import NbdImageExport, check_registered_disk
 from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
 from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
@@ -367,11 +367,15 @@ def run_backup(
     with contextlib.ExitStack() as stack:
         exported = []
         for src in disks:
+            registered = src.chain is not None  # recorded at `vm add` (libvirt domains: their XML decides)
+            if registered:
+                check_registered_disk(src.path)
             info = disk_info(src.path, src.format, src.chain)
             if info.format == "raw" and info.path.is_file():
-                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold).
-                stack.enter_context(ImageLock(info.path))
-                uri = file_uri(info.path)
+                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold), through
+                # the lock's own descriptor: a registered disk swapped for a symlink after the check is not read.
+                lock = stack.enter_context(ImageLock(info.path, nofollow=registered))
+                uri = file_uri(lock.fd_path if registered else info.path)
             else:
                 uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
             exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))

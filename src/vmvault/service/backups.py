@@ -275,8 +275,10 @@ def disk_source(ctx: Context, vm_id: str, vm_name: str, disk: dict[str, Any]) ->
     """
     from vmvault.engine.backup import DiskSource
     from vmvault.hypervisor.diskformat import chain_from_record, read_chain
+    from vmvault.hypervisor.offline import check_registered_disk
 
     name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
+    check_registered_disk(path)  # not a symlink swapped in since `vm add`
     if fmt != "qcow2" or "chain" in disk:
         return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
     chain = read_chain(path, fmt)

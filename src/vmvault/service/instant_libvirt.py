@@ -27,6 +27,7 @@ from typing import Any
 
 from vmvault.errors import InvalidInput
 from vmvault.hypervisor import instant
+from vmvault.hypervisor.qemu_user import open_dir_to_qemu, open_to_qemu
 from vmvault.service.context import Context
 from vmvault.service.instant_restore import STREAM_SPEED, Disk, InstantRestore
 from vmvault.service.restore_vm import VmRestorePlan, _run_dir, _write_new
@@ -77,8 +78,11 @@ class LibvirtInstantRestore(InstantRestore):
         from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service import restore_libvirt as rl
 
-        self.plan.target_dir.mkdir(parents=True, exist_ok=True)
+        if not self.plan.target_dir.exists():
+            self.plan.target_dir.mkdir(parents=True)
+            open_dir_to_qemu(self.plan.target_dir)  # QEMU runs as libvirt-qemu (hypervisor/qemu_user.py)
         self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        open_dir_to_qemu(self.run_dir)  # QEMU connects to the export's socket in it
         manifest = self._manifest()
         xml = str((manifest.vm_definition or {}).get("domainXml") or "")
         if not xml:
@@ -111,6 +115,10 @@ class LibvirtInstantRestore(InstantRestore):
         return {"name": row.name, "id": row.id, "domain": self.plan.new_name, "uuid": copy.uuid, "macs": copy.macs,
                 "disks": [str(d.path) for d in self.disks], "definitionFile": str(definition), "started": True,
                 "instant": True}  # fmt: skip
+
+    def _start_export(self) -> None:
+        super()._start_export()
+        open_to_qemu(self.socket, 0o660)  # QEMU, as libvirt-qemu, connects to it (and reconnects after a restart)
 
     # ---- the copy: block pull ---------------------------------------------------------------------
     CANCELLED = "the domain was destroyed and undefined, with its disks (they still needed the vault's export)"

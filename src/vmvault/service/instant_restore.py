@@ -129,7 +129,11 @@ def owner_log(target_dir: Path, new_name: str) -> Path:
 
 
 def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.Popen[bytes]:
-    plan.target_dir.mkdir(parents=True, exist_ok=True)
+    from vmvault.hypervisor.qemu_user import open_dir_to_qemu
+
+    if not plan.target_dir.exists():
+        plan.target_dir.mkdir(parents=True)
+        open_dir_to_qemu(plan.target_dir)  # a libvirt domain's QEMU (libvirt-qemu) opens the overlays in it
     env = dict(os.environ)
     if ctx.settings.passphrase:
         env["VMVAULT_PASSPHRASE"] = ctx.settings.passphrase

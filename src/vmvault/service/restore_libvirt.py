@@ -22,6 +22,7 @@ from vmvault.catalog.models import VaultRow, VmRow
 from vmvault.errors import AlreadyExists, HypervisorError, InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.paths import DEFAULT_RESTORES
 from vmvault.service.validate import absolute
 from vmvault.service.views import JsonDict
 
@@ -113,7 +114,8 @@ def _plan(
             )
     finally:
         conn.close()
-    target_dir = absolute(target) if target is not None else ctx.settings.home / "vms" / new_name
+    # Never inside the home (0700): QEMU opens these files as libvirt-qemu (hypervisor/qemu_user.py).
+    target_dir = absolute(target) if target is not None else Path(DEFAULT_RESTORES[0]) / "vms" / new_name
     if target_dir.exists() and not target_dir.is_dir():
         raise InvalidInput(f"target {target_dir} is not a directory", hint="pass a directory to --target-dir")
     files = [target_dir / f"{d['name']}.{fmt or d.get('sourceFormat') or 'raw'}" for d in point.disks]
@@ -145,6 +147,7 @@ def _refuse_in_the_way(new_name: str, files: list[Path]) -> None:
 def _run(ctx: Context, plan: LibvirtRestorePlan, run: JobRun) -> JsonDict:
     from vmvault.engine.libvirt_template import RestoredFile, copy_domain_xml
     from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.hypervisor.qemu_user import open_dir_to_qemu
     from vmvault.service.restore_vm import _restore_point_disks, _write_new
 
     created: list[Path] = []
@@ -153,6 +156,8 @@ def _run(ctx: Context, plan: LibvirtRestorePlan, run: JobRun) -> JsonDict:
     dom: Any = None
     try:
         plan.target_dir.mkdir(parents=True, exist_ok=True)
+        if made_dir:  # QEMU (libvirt-qemu) must reach the disks libvirt hands it (hypervisor/qemu_user.py)
+            open_dir_to_qemu(plan.target_dir)
 
         def check(manifest: Any) -> None:  # before any disk is written
             xml = str((manifest.vm_definition or {}).get("domainXml") or "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,18 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] 
 def _check_disk_paths(ctx: Context, name: str, disks: list[str | Path]) -> list[Path]:
     if not disks:
         raise InvalidInput(f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --disk PATH")
-    paths = [allowed(ctx, Rule.DISKS, d) for d in disks]  # API callers: in the allowed disk roots (service/paths.py)
+    paths = [_recorded_path(allowed(ctx, Rule.DISKS, d)) for d in disks]  # API: in the allowed roots (paths.py)
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")
     return paths
+
+
+def _recorded_path(path: Path) -> Path:
+    """The path recorded for good: a symlink is resolved to its image file here, once, because each
+    backup refuses to follow one (offline.check_registered_disk); LVM's links onto block devices stay."""
+    real = Path(os.path.realpath(path))
+    return path if not path.is_symlink() or real.is_block_device() else real
 
 
 def _formats(name: str, paths: list[Path], formats: list[str]) -> list[str | None]:
