@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from helpers import Cli, head_of_image, protect, to_qcow2, vault_files, wait_for
+from helpers import Cli, assert_same_image, head_of_image, protect, to_qcow2, vault_files, wait_for
 
 
 def _processes_using(path: Path) -> list[str]:
@@ -71,3 +71,44 @@ def test_a_killed_qcow2_backup_leaves_no_work_dir_and_no_pack(small_image: Path,
     assert report["packsReindexed"] >= 1 and report["orphanPacksDeleted"] >= 1, report
     assert vault_files(prot.storage, "data") == [] and vault_files(prot.storage, "index") == []
     assert prot.cli.vault_verify(prot.vault).ok
+
+
+def test_gc_collects_a_dead_jobs_pack_but_not_an_overlapping_live_jobs(small_image: Path, tmp_path: Path) -> None:
+    """Two backups of one vault overlap: `live` publishes its data pack and pauses, `dead` is
+    killed right after publishing its own, then `live` completes. The dead job's pack journal names
+    its pack, so GC collects it at once; `live`'s packs (young, of a job that succeeded) wait for
+    the grace window. Judged from job timing windows (before), the dead pack fell inside the live
+    job's window and was kept for a day."""
+    cli = Cli(home=tmp_path / "home")
+    prot = protect(cli, head_of_image(small_image, tmp_path / "live.raw", 8 << 20), tmp_path / "vault", vm="live")
+    other = head_of_image(small_image, tmp_path / "dead.raw", 12 << 20)
+    with open(other, "r+b") as f:  # different data: the dead job's pack holds blobs of its own
+        f.write(bytes(range(256)) * 4096)
+    assert cli.vm_add("dead", other).ok and cli.protection_enable("dead", prot.vault).ok
+
+    paused = Cli(home=cli.home, extra_env={"VMVAULT_TEST_PAUSE_AFTER_PACK": "8"})
+    live = paused.popen(*cli.backup_args("live"))
+    try:
+        wait_for(lambda: vault_files(prot.storage, "index") or live.poll() is not None, 120, "live's first pack")
+        assert live.poll() is None, f"the live backup ended before the overlap: {live.communicate()}"
+        before = set(vault_files(prot.storage, "data"))
+        doomed = Cli(home=cli.home, extra_env={"VMVAULT_TEST_KILL_AT": "pack:published"})
+        r = doomed.backup_now("dead")
+        assert r.returncode == -signal.SIGKILL, str(r)
+        (dead_pack,) = set(vault_files(prot.storage, "data")) - before
+    finally:
+        _out, err = live.communicate(timeout=300)
+    assert live.returncode == 0, err
+    statuses = {j["properties"]["entityFriendlyName"]: j["properties"]["status"] for j in cli.jobs()
+                if j["properties"]["operation"] == "Backup"}
+    assert statuses == {"live": "Completed", "dead": "Failed"}, statuses
+    live_packs = len(vault_files(prot.storage, "data")) + len(vault_files(prot.storage, "tree")) - 1
+
+    report = cli.ok("vault", "gc", prot.vault).json()  # the default grace: a day
+    assert not dead_pack.exists(), f"the dead job's pack was kept: {report}"
+    assert report["orphanPacksDeleted"] == 1 and report["packsTooYoung"] == live_packs, report
+    (rp,) = cli.point_ids("live")
+    assert cli.restore_disks("live", rp, tmp_path / "out").ok
+    (restored,) = (tmp_path / "out").iterdir()
+    assert_same_image(restored, prot.disk)
+    assert cli.vault_verify(prot.vault).ok
