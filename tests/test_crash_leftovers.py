@@ -11,6 +11,7 @@ Kills land at the product's own steps (VMVAULT_TEST_KILL_AT, src/vmvault/testhoo
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -112,3 +113,32 @@ def test_gc_collects_a_dead_jobs_pack_but_not_an_overlapping_live_jobs(small_ima
     (restored,) = (tmp_path / "out").iterdir()
     assert_same_image(restored, prot.disk)
     assert cli.vault_verify(prot.vault).ok
+
+
+def test_gc_deletes_the_temporaries_of_dead_writers_at_once(tmp_path: Path) -> None:
+    """A `.tmp-` file names its writer (pid and boot): one whose writer died in this boot goes at
+    the next `vault gc` without waiting for the grace window; a live writer's, and one naming no
+    writer of this boot (another host's, an older vmvault's), stay until the grace has passed."""
+    import subprocess
+
+    from vmvault.vault.backends.local import writer_tag
+
+    cli = Cli(home=tmp_path / "home")
+    storage = tmp_path / "vault"
+    cli.vault_create("v1", storage)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid of this boot that names no process now
+    live_tag = writer_tag()
+    dead_tag = live_tag.replace(f"w{os.getpid()}-", f"w{gone.pid}-")
+    assert live_tag and dead_tag != live_tag
+    (storage / "data" / "ab").mkdir(parents=True, exist_ok=True)
+    dead = storage / "data" / "ab" / f".tmp-ab{'0' * 30}.{dead_tag}0a0b0c0d"
+    live = storage / "data" / "ab" / f".tmp-ab{'1' * 30}.{live_tag}0a0b0c0d"
+    unknown = storage / "points" / ".tmp-0123456789abcdef.0a0b0c0d"
+    for path in (dead, live, unknown):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a write")
+
+    report = cli.ok("vault", "gc", "v1").json()  # the default grace: a day
+    assert report["temporariesDeleted"] == 1, report
+    assert not dead.exists() and live.exists() and unknown.exists()

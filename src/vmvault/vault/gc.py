@@ -46,6 +46,7 @@ from pathlib import Path
 
 from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
 from vmvault.vault import lock
+from vmvault.vault.backends.local import dead_writer
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
@@ -402,7 +403,8 @@ class _Collector:
     def delete_temporaries(self, grace_seconds: float) -> None:
         """`.tmp-*` files of writes that died before their rename, once older than the grace
         window (a younger one may be a write in progress of another process), or at once when
-        they are the write of a dead job's pack or its index file (`.tmp-<pack id>.<random>`)."""
+        they are the write of a dead job's pack or its index file (`.tmp-<pack id>.<random>`) or
+        their writer, a process of this boot, is gone (backends/local.py names it)."""
         now = time.time()
         dead_ids = {pack.rsplit("/", 1)[-1] for pack in self.dead_packs}
         for dirpath, _dirs, names in os.walk(self.vault.storage_dir):
@@ -410,7 +412,7 @@ class _Collector:
                 if not name.startswith(".tmp-"):
                     continue
                 path = Path(dirpath) / name
-                dead = name.removeprefix(".tmp-").split(".", 1)[0] in dead_ids
+                dead = name.removeprefix(".tmp-").split(".", 1)[0] in dead_ids or dead_writer(name)
                 with contextlib.suppress(FileNotFoundError):
                     if dead or now - path.stat().st_mtime >= grace_seconds:
                         path.unlink()
