@@ -110,10 +110,11 @@ class Sweep:
             tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
             return self.cli, self.cli.backup_args(vm, retain_until=tomorrow)
         if op == "restore":
-            listed = [(vm, rp) for vm in sorted(self.disks) for rp in self.later().point_ids(vm)]
+            vm = self.rng.choice(sorted(self.disks))
+            listed = self.later().point_ids(vm)
             if not listed:
                 return self.cli, None
-            vm, rp = self.rng.choice(listed)
+            rp = self.rng.choice(listed)
             return self.later(), ["restore", "disks", "--vm", vm, "--rp", rp, "--target-dir", str(self.target(n))]
         if op == "retention":
             return self.later(), ["retention", "run", "--vault", self.vault]
@@ -178,6 +179,10 @@ def test_twenty_random_kills_then_one_reconciliation(small_image: Path, tmp_path
     prot = protect(Cli(home=tmp_path / "home"), raw, tmp_path / "vault", vm="a")
     assert prot.cli.vm_add("b", qcow).ok and prot.cli.protection_enable("b", prot.vault).ok
     sweep = Sweep(prot.cli, prot.vault, prot.storage, {"a": raw, "b": qcow}, tmp_path, random.Random(seed))
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    for vm in sweep.disks:  # a point each to restore, and for retention to expire
+        sweep.change_disk(vm)
+        assert sweep.cli.backup_now(vm, retain_until=tomorrow).ok
     started = time.monotonic()
     for n in range(ROUNDS):
         sweep.round(n)
