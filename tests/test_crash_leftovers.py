@@ -142,3 +142,39 @@ def test_gc_deletes_the_temporaries_of_dead_writers_at_once(tmp_path: Path) -> N
     report = cli.ok("vault", "gc", "v1").json()  # the default grace: a day
     assert report["temporariesDeleted"] == 1, report
     assert not dead.exists() and live.exists() and unknown.exists()
+
+
+def test_only_journals_of_this_vaults_dead_backups_exempt_packs(tmp_path: Path) -> None:
+    """The per-job rule itself, on a real catalog and vault: the packs a job's journal names are
+    exempt from the grace window only when it is a Backup of this vault that ended Failed or
+    Cancelled; a running job's, a completed job's, another vault's and an unknown job's are not.
+    After a sweep only the running job's journal is kept."""
+    from vmvault.catalog import repos
+    from vmvault.service.context import context
+    from vmvault.service.gc import dead_job_packs, forget_journals
+    from vmvault.service.jobs import Operation, Status, create_job
+    from vmvault.service.vaultio import opened_vault
+    from vmvault.settings import load_settings
+    from vmvault.vault.journal import PackJournal, read_journals
+
+    cli = Cli(home=tmp_path / "home")
+    cli.vault_create("v1", tmp_path / "vault")
+    with context(load_settings(str(cli.home))) as ctx:
+        with ctx.catalog.read() as s:
+            (row,) = repos.list_vaults(s)
+        ended = {"running": None, "failed": Status.FAILED, "cancelled": Status.CANCELLED,
+                 "completed": Status.COMPLETED, "other-vault": Status.FAILED}
+        packs: dict[str, str] = {}
+        with opened_vault(ctx, row) as vault:
+            for n, (vm, status) in enumerate(ended.items()):
+                job = create_job(ctx, Operation.BACKUP, vm=vm, vault="v2" if vm == "other-vault" else "v1")
+                if status is not None:
+                    with ctx.catalog.write() as s:
+                        repos.finish_job(s, job.id, status)
+                packs[vm] = f"data/{n:02x}/{n:02x}{'0' * 30}"
+                PackJournal(vault, job.id).record(packs[vm])
+            PackJournal(vault, "not-a-job-of-this-catalog").record(f"data/ff/ff{'0' * 30}")
+
+            assert dead_job_packs(ctx, vault, "v1") == {packs["failed"], packs["cancelled"]}
+            forget_journals(ctx, vault)
+            assert [set(p) for p in read_journals(vault).values()] == [{packs["running"]}]
