@@ -85,7 +85,7 @@ class Sweep:
     def round(self, n: int) -> None:
         op = self.rng.choices(list(STEPS), weights=(5, 3, 2, 2))[0]
         step = self.rng.choice(STEPS[op]) if STEPS[op] and self.rng.random() < 0.35 else None
-        delay = round(self.rng.uniform(0.3, 4.0), 2)
+        delay = round(self.rng.uniform(0.8, 4.0), 2)  # vmvault needs ~0.5 s to start
         cli, args = self.command(op, n)
         if args is None:
             op, cli, args = "gc", self.later(), ["vault", "gc", self.vault, "--grace", "0"]
