@@ -14,21 +14,26 @@ from vmvault.proc import boot_id, pid_alive
 from vmvault.vault.backends.base import check_name
 
 _TMP_PREFIX = ".tmp-"
-# `.tmp-<name>.w<pid>-<boot id, 8 hex>-<random>`: a temporary file names its writer, so garbage
+# `.tmp-<name>.w<pid>-<boot id, 32 hex>-<random>`: a temporary file names its writer, so garbage
 # collection can delete the temporaries of a process of this boot that died without waiting for
 # the grace window (vault/gc.py). Another host's (or an older boot's) wait for the grace window.
-_WRITER = re.compile(r"\.w(\d{1,10})-([0-9a-f]{8})-[0-9a-f]+$")
+_WRITER = re.compile(r"\.w(\d{1,10})-([0-9a-f]{32})-[0-9a-f]+$")
 
 
 def writer_tag() -> str:
-    boot = boot_id().replace("-", "")[:8]
-    return f"w{os.getpid()}-{boot}-" if re.fullmatch(r"[0-9a-f]{8}", boot) else ""
+    boot = _boot()
+    return f"w{os.getpid()}-{boot}-" if boot else ""
+
+
+def _boot() -> str:
+    boot = boot_id().replace("-", "").lower()
+    return boot if re.fullmatch(r"[0-9a-f]{32}", boot) else ""
 
 
 def dead_writer(name: str) -> bool:
     """True when the temporary file `name` was written by a process of this boot that is gone."""
     found = _WRITER.search(name)
-    if found is None or found.group(2) != boot_id().replace("-", "")[:8]:
+    if found is None or found.group(2) != _boot():
         return False
     return not pid_alive(int(found.group(1)))
 
