@@ -206,8 +206,10 @@ def _check_points(sweep: Sweep, later: Cli, report: str) -> None:
     """Every listed point has its manifest; a sample restores to a state its VM's disk was in."""
     listed = [(vm, rp) for vm in sorted(sweep.disks) for rp in later.point_ids(vm)]
     assert listed, report
-    missing = [rp for _vm, rp in listed if not (sweep.storage / "points" / rp).is_file()]
-    assert not missing, f"{report}\nlisted points without a manifest: {missing}"
+    in_vault = {p.name for p in (sweep.storage / "points").iterdir() if not p.name.startswith(".")}
+    assert {rp for _vm, rp in listed} == in_vault, f"{report}\nlisted points and manifests differ: {listed} {in_vault}"
+    running = [j["name"] for j in later.jobs() if j["properties"]["status"] == "InProgress"]
+    assert not running, f"{report}\njobs of killed processes still InProgress: {running}"
     sample = sweep.rng.sample(listed, min(3, len(listed)))
     for n, (vm, rp) in enumerate(sample):
         target = sweep.tmp / "check" / str(n)
