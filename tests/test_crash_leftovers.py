@@ -178,3 +178,29 @@ def test_only_journals_of_this_vaults_dead_backups_exempt_packs(tmp_path: Path) 
             assert dead_job_packs(ctx, vault, "v1") == {packs["failed"], packs["cancelled"]}
             forget_journals(ctx, vault)
             assert [set(p) for p in read_journals(vault).values()] == [{packs["running"]}]
+
+
+def test_a_progress_report_keeps_what_another_writer_recorded_in_the_job(tmp_path: Path) -> None:
+    """A job's progress reports write its details back; a key recorded meanwhile by another
+    writer (a restore's partialFiles, written straight to the row) must survive them. Before, the
+    first report after the record erased it, and a restore killed later left its partial files
+    (found by the kill sweep, tests/test_kill_sweep.py)."""
+    from vmvault.catalog import repos
+    from vmvault.engine.progress import Progress
+    from vmvault.service.context import context
+    from vmvault.service.jobs import JobRun, Operation, create_job
+    from vmvault.settings import load_settings
+
+    cli = Cli(home=tmp_path / "home")
+    cli.ok("vm", "list")  # creates the home and its catalog
+    with context(load_settings(str(cli.home))) as ctx:
+        job = create_job(ctx, Operation.RESTORE, vm="vm1", vault="v1", details={"trigger": "OnDemand"})
+        run = JobRun(ctx, job.id, details={"trigger": "OnDemand"})
+        where = {"dir": str(tmp_path), "pattern": ".*.vmvault-partial-j0123*"}
+        with ctx.catalog.write() as s:
+            repos.update_job_details(s, job.id, {"trigger": "OnDemand", "partialFiles": where})
+        run._written_at = 0.0  # the next report is written, not throttled
+        run.progress(Progress(total_bytes=100, bytes_read=50))
+        with ctx.catalog.read() as s:
+            details = repos.get_job(s, job.id).details
+    assert details == {"trigger": "OnDemand", "partialFiles": where}, details
