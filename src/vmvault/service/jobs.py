@@ -309,8 +309,8 @@ class JobRun:
         try:
             with self.ctx.catalog.write() as s:
                 repos.update_job_progress(s, self.job_id, snapshot)
-                if details is not None:
-                    repos.update_job_details(s, self.job_id, details)
+                if details is not None:  # merged: a key another writer added (partialFiles) stays
+                    _merge_details(s, self.job_id, details)
         except DatabaseError:  # a busy catalog must not fail the backup; the next update retries
             log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
 

@@ -259,6 +259,7 @@ def _restore_point_disks(
     run: JobRun, check: Any = None,
 ) -> tuple[Any, list[Path]]:  # fmt: skip
     from vmvault.engine.restore import run_restore
+    from vmvault.service.restores import record_partial_files
     from vmvault.service.vaultio import opened_vault
     from vmvault.vault.lock import pinned, shared
 
@@ -267,9 +268,10 @@ def _restore_point_disks(
         manifest: Any = vault.read_manifest(rp_id)
         if check is not None:
             check(manifest)
+        tag = record_partial_files(ctx, run, target)  # a killed restore's partial files are found again
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths = run_restore(vault, manifest, target, fmt=fmt, disks=disks, on_progress=run.progress,
-                                cancel=run.cancel)  # fmt: skip
+                                cancel=run.cancel, partial_tag=tag)  # fmt: skip
     return manifest, [Path(p) for p in paths]
 
 

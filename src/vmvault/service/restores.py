@@ -115,7 +115,7 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
         vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
-        tag = record_partial_files(ctx, run.job_id, plan.target_dir)
+        tag = record_partial_files(ctx, run, plan.target_dir)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths: list[Path] = run_restore(
                 vault,
@@ -132,12 +132,15 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     return [Path(p) for p in paths] + ([template] if template is not None else [])
 
 
-def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
+def record_partial_files(ctx: Context, run: JobRun, target_dir: Path) -> str:
     """Record, before writing, where this restore's partial files go: if its process dies, the
-    next command that reaps the job deletes them (jobs.remove_partial_files)."""
-    tag = "j" + job_id.replace("-", "")[:16]
+    next command that reaps the job deletes them (jobs.remove_partial_files). Also in the run's
+    own copy of the details, which its progress reports write back: else the first report erased
+    the record and a restore killed after it left its partial files (issue 18 kill sweep)."""
+    tag = "j" + run.job_id.replace("-", "")[:16]
+    where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
     with ctx.catalog.write() as s:
-        current = repos.get_job(s, job_id)
-        where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
-        repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
+        current = repos.get_job(s, run.job_id)
+        repos.update_job_details(s, run.job_id, {**(current.details or {}), "partialFiles": where})
+        run.details = {**(run.details or current.details or {}), "partialFiles": where}
     return tag
