@@ -848,7 +848,7 @@ def restore_vm(
     """Restore a point of a QEMU or libvirt VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
-    from vmvault.service import restore_vm as service
+    from vmvault.service import restores
 
     name = _vm_name(vm, vm_option, "restore vm")
     fmt = disk_format.value if disk_format else None
@@ -862,8 +862,9 @@ def restore_vm(
         return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(
-            lambda cancel: service.restore_vm(
-                ctx, name, rp, new_name, target_dir=target_dir, fmt=fmt, start=start, instant=instant,
+            lambda cancel: restores.restore_as_new_vm(
+                ctx, name, rp, new_name, target_dir=str(target_dir) if target_dir else None, fmt=fmt, start=start,
+                instant=instant,
                 on_progress=show, cancel=cancel,
             )
         )

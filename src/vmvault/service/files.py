@@ -148,7 +148,10 @@ def mount_point(
     if wanted is None:
         wanted = Path(current.mountpoint) if current and current.mountpoint else default_mountpoint(ctx, target)
     _check_mountpoint(ctx, target, wanted)
-    job = create_job(ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name)
+    record = {"mode": "files", "recoveryPoint": target.rp_id, "mountpoint": str(wanted)}
+    job = create_job(
+        ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name, details={"restore": record}
+    )
 
     def work(_run: JobRun) -> JsonDict:
         return session_view(_mount(ctx, target, wanted, span))
@@ -378,7 +381,10 @@ def _serving(ctx: Context, target: Target, span: timedelta) -> FileRecoverySessi
             found = session.get_row(ctx, row.id)
             assert found is not None
             return found
-        job = create_job(ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name)
+        record = {"mode": "files", "recoveryPoint": target.rp_id}
+        job = create_job(
+            ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name, details={"restore": record}
+        )
         outcome = run_job(ctx, job, lambda _run: session_view(_start(ctx, target, span)))
         if outcome.error is not None:
             raise outcome.error

@@ -78,9 +78,3 @@ def signout(request: Request) -> Response:
     response = redirect("/signin")
     response.delete_cookie(COOKIE, path="/")
     return response
-
-
-@router.get("/")
-@access(Permission.READ)
-def home(request: Request) -> Response:
-    return redirect("/vms")

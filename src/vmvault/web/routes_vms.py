@@ -48,11 +48,12 @@ def vm_page(request: Request, vm: str) -> Response:
     item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
     summary, points = _item_parts(ctx, vm, item)
     recent = jobs.list_jobs(ctx, vm=vm, limit=5)
+    choices = policy_summaries(ctx, item["vault"]) if item is not None else []
     default_retain = (ctx.now() + timedelta(days=DEFAULT_RETAIN_DAYS)).date().isoformat()
     tomorrow = (ctx.now() + timedelta(days=1)).date().isoformat()
     return render(
         request, "vm.html", vm=view, item=item, summary=summary, points=points, jobs=recent,
-        default_retain=default_retain, tomorrow=tomorrow,
+        default_retain=default_retain, tomorrow=tomorrow, policies=choices,
     )  # fmt: skip
 
 
@@ -149,6 +150,16 @@ def disable(request: Request, vm: str, delete_data: Annotated[str, Form()] = "")
         job = protection.disable_protection(ctx, vm)
         message = f"Protection of {vm} stopped; its recovery points are kept."
     session_of(request).toast(message, job=job.get("id"))
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/policy")
+@access(Permission.PROTECTION_CHANGE, Scope.VM)
+def change_policy(request: Request, vm: str, policy: Annotated[str, Form()] = "") -> Response:
+    if not policy:
+        raise InvalidInput("pick a policy", hint="choose one in the list")
+    job = protection.update_protection(ctx_of(request), vm, policy=policy)
+    session_of(request).toast(f"{vm} now follows policy {policy}.", job=job.get("id"))
     return redirect(f"/vms/{vm}")
 
 
