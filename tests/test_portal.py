@@ -101,7 +101,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.wait_for_url(f"{url}/vms/web1")  # back where the user was going
     page.goto(f"{url}/vms")
     row = page.locator("table.list tr", has_text="web1")
-    assert "NotProtected" in row.inner_text() and "unknown" in row.inner_text()
+    assert "Not protected" in row.inner_text() and "unknown" in row.inner_text()
     screenshot(page, "vms")
 
     # Enable backup: pick the vault and a policy shown with its summary
@@ -114,7 +114,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.click("#enable-form button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1")
     assert page.locator(".toast", has_text="Backup enabled for web1").is_visible()
-    assert page.inner_text("#last-status") == "Warning (Initial backup pending)"
+    assert page.inner_text("#last-status") == "Initial backup pending"
     assert "No recovery points yet" in page.inner_text("main")
 
     # Backup now with a retain-until date from the calendar input
@@ -126,7 +126,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     assert toast.is_visible() and toast.locator("a.toast-link").is_visible()
     screenshot(page, "backup-now-toast")
     _follow_toast(page, "Backup of web1 triggered")
-    assert page.inner_text("#job-status") == "InProgress"
+    assert page.inner_text("#job-status") == "In progress"
     screenshot(page, "job-running")
     _wait_job_completed(page)
     assert retain in page.inner_text("#job-live")

@@ -15,7 +15,7 @@ from starlette.routing import Match, Mount
 from starlette.types import Scope
 
 from vmvault.errors import NotFound, VmvaultError
-from vmvault.web.core import HERE, Portal, PortalRoute, error_page, with_security_headers
+from vmvault.web.core import HERE, Portal, PortalRoute, _signed_in, error_page, with_security_headers
 
 API_PATHS = ("/api/", "/api", "/docs", "/redoc", "/openapi.json", "/health", "/healthz")
 
@@ -61,7 +61,11 @@ def portal_app(api: FastAPI) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
-        """Unknown pages (and wrong methods) as the portal's error page, not the API's JSON."""
+        """Unknown pages (and wrong methods) as the portal's error page, not the API's JSON: inside
+        the layout (menu included) when the browser is signed in."""
+        found = _signed_in(request)
+        if found is not None:
+            request.state.portal_session, request.state.principal = found
         error: VmvaultError = NotFound(f"no page {request.url.path}", hint="start again from the Overview")
         if exc.status_code != 404:
             error = VmvaultError(str(exc.detail), hint="go back and use the page's own buttons")

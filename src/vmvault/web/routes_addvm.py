@@ -43,9 +43,7 @@ def _added(request: Request, view: dict[str, object]) -> Response:
 
 @router.post("/vms/add/disks")
 @access(Permission.VM_WRITE)
-def add_disks(
-    request: Request, name: Annotated[str, Form()] = "", disks: Annotated[str, Form()] = ""
-) -> Response:
+def add_disks(request: Request, name: Annotated[str, Form()] = "", disks: Annotated[str, Form()] = "") -> Response:
     paths: list[str] = [line.strip() for line in disks.splitlines() if line.strip()]
     try:
         view = vms.add_vm(ctx_of(request), name.strip(), list(paths))
@@ -71,9 +69,7 @@ def add_qemu(
 
 @router.post("/vms/add/libvirt")
 @access(Permission.VM_WRITE)
-def add_libvirt(
-    request: Request, domain: Annotated[str, Form()] = "", name: Annotated[str, Form()] = ""
-) -> Response:
+def add_libvirt(request: Request, domain: Annotated[str, Form()] = "", name: Annotated[str, Form()] = "") -> Response:
     try:
         view = vms.add_discovered_domain(ctx_of(request), name.strip() or domain, domain)
     except VmvaultError as exc:

@@ -14,18 +14,18 @@ from typing import Any
 
 # CLI commands (the start of the command line) -> what the portal user does instead
 _COMMANDS: tuple[tuple[str, str], ...] = (
-    (r"vmvault job (wait|show|cancel|list)\b[^,;()]*", "open the job on the Backup jobs page"),
-    (r"vmvault vault (show|list|verify)\b[^,;()]*", "open the vault on the Vaults page"),
-    (r"vmvault vault import\b[^,;()]*", "import the vault on the server (see docs/operations.md)"),
-    (r"vmvault recoverypoint list\b[^,;()]*", "see the recovery points on the VM's Backup page"),
-    (r"vmvault protection enable\b[^,;()]*", "use Enable backup on the VM's page"),
-    (r"vmvault protection resume\b[^,;()]*", "use Resume backup on the VM's page"),
-    (r"vmvault protection (disable|update)\b[^,;()]*", "use the VM's Backup page"),
-    (r"vmvault backup now\b[^,;()]*", "use Backup now on the VM's page"),
-    (r"vmvault restore disks\b[^,;()]*", "use Restore VM, mode Restore disks"),
-    (r"vmvault files (list|mount|browse)\b[^,;()]*", "use File recovery on the VM's page"),
-    (r"vmvault (vm|policy|token|notify)\b[^,;()]*", "use the portal page of that object"),
-    (r"vmvault\b[^,;()]*", "use the matching page of the portal"),
+    (r"vmvault job (wait|show|cancel|list)\b(?: [^\s,;()]+)*", "open the job on the Backup jobs page"),
+    (r"vmvault vault (show|list|verify)\b(?: [^\s,;()]+)*", "open the vault on the Vaults page"),
+    (r"vmvault vault import\b(?: [^\s,;()]+)*", "import the vault on the server (see docs/operations.md)"),
+    (r"vmvault recoverypoint list\b(?: [^\s,;()]+)*", "see the recovery points on the VM's Backup page"),
+    (r"vmvault protection enable\b(?: [^\s,;()]+)*", "use Enable backup on the VM's page"),
+    (r"vmvault protection resume\b(?: [^\s,;()]+)*", "use Resume backup on the VM's page"),
+    (r"vmvault protection (disable|update)\b(?: [^\s,;()]+)*", "use the VM's Backup page"),
+    (r"vmvault backup now\b(?: [^\s,;()]+)*", "use Backup now on the VM's page"),
+    (r"vmvault restore disks\b(?: [^\s,;()]+)*", "use Restore VM, mode Restore disks"),
+    (r"vmvault files (list|mount|browse)\b(?: [^\s,;()]+)*", "use File recovery on the VM's page"),
+    (r"vmvault (vm|policy|token|notify)\b(?: [^\s,;()]+)*", "use the portal page of that object"),
+    (r"vmvault\b(?: [^\s,;()]+)*", "use the matching page of the portal"),
 )
 
 # CLI flags (with the verb before them) -> the portal field or control that sets the same thing
