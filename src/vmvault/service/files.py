@@ -30,7 +30,7 @@ from vmvault.catalog.models import FileRecoverySessionRow, VaultRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, create_job, run_job
-from vmvault.service.softdelete import usable_point
+from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute
 from vmvault.service.views import JsonDict
 
@@ -141,7 +141,7 @@ def mount_point(
     from vmvault.recovery.session import parse_duration
 
     reap(ctx)
-    target = _target(ctx, vm_name, rp_id)
+    target = _target(ctx, vm_name, resolve_point(ctx, vm_name, rp_id))
     span = parse_duration(duration)
     current = _live_for_point(ctx, rp_id)
     wanted = absolute(mountpoint) if mountpoint else None

@@ -23,7 +23,7 @@ from vmvault.service.jobs import (
     run_job,
 )
 from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
-from vmvault.service.softdelete import usable_point
+from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
 
@@ -55,6 +55,7 @@ def restore_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[list[Path]]:
     """Restore the disks of a recovery point into target_dir as <disk>.raw|.qcow2; result: the files written."""
+    rp_id = resolve_point(ctx, vm_name, rp_id)
     plan = plan_restore(ctx, vm_name, rp_id, allowed(ctx, Rule.RESTORES, target_dir), fmt, force, disks)
     record = {"mode": "disks", "recoveryPoint": rp_id, "targetDir": str(plan.target_dir), "disks": disks,
               "format": fmt, "overwrite": force}  # fmt: skip
@@ -84,6 +85,7 @@ def restore_as_new_vm(
     """restore_vm.restore_vm, with its job recording the request and, once done, the new VM's files."""
     from vmvault.service import restore_vm
 
+    rp_id = resolve_point(ctx, vm_name, rp_id)
     record = {"mode": "vm", "recoveryPoint": rp_id, "newVm": new_name, "targetDir": target_dir, "format": fmt,
               "start": start, "instant": instant}  # fmt: skip
     with recording_restore(record):
