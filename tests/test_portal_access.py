@@ -68,6 +68,8 @@ TABLE: dict[tuple[str, str], Access] = {
     ("POST", "/vms/add/libvirt"): Access(P.VM_WRITE),
     ("POST", "/vms/{vm}/policy"): Access(P.PROTECTION_CHANGE, Scope.VM),
     ("GET", "/reports"): Access(P.READ),
+    ("GET", "/vms/{vm}/jobs"): Access(P.READ, Scope.VM),
+    ("GET", "/vms/{vm}/files/sessions"): Access(P.READ, Scope.VM),
     ("GET", "/reports.csv"): Access(P.READ),
     ("GET", "/tokens"): Access(P.TOKENS),
     ("POST", "/tokens"): Access(P.TOKENS),

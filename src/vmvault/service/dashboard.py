@@ -19,14 +19,16 @@ BUCKETS = ("healthy", "warning", "failed", "never")
 
 
 def backup_bucket(item: JsonDict) -> str:
+    """healthy (last backup completed), warning (completed with warnings), failed (failed or cancelled),
+    never (no backup yet); a backup running now leaves the item where its previous one put it."""
     status = str(item.get("lastBackupStatus") or "")
-    if status == "Completed":
-        return "healthy"
     if status in ("Failed", "Cancelled"):
         return "failed"
-    if (not item.get("lastRecoveryPoint") and status in ("", "InProgress")) or status.startswith("Warning"):
-        return "never" if not item.get("lastRecoveryPoint") else "warning"
-    return "warning"
+    if not item.get("lastRecoveryPoint"):
+        return "never"
+    if status == "CompletedWithWarnings" or status.startswith("Warning"):
+        return "warning"
+    return "healthy"
 
 
 def overview(ctx: Context) -> JsonDict:

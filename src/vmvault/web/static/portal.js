@@ -13,6 +13,7 @@ function startLive(el) {
       const response = await fetch(url, { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } });
       if (response.redirected || !response.ok) return; // signed out or gone: keep what is shown
       el.innerHTML = await response.text();
+      el.querySelectorAll("form[data-confirm]").forEach(guardForm); // new forms ask before acting too
       if (el.querySelector("[data-live-stop]")) clearInterval(timer);
     } catch (e) {
       // the server restarting: try again on the next tick
