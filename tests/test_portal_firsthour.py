@@ -11,6 +11,7 @@ no console error. Screenshots go to docs/screenshots/.
 from __future__ import annotations
 
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 from api_support import make_ext4_image
 from helpers import Cli
 from portal_support import VIEWPORT, chromium, require_chromium, screenshot, served, sign_in
+from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
+from vm.machine import ext4_disk
 
 PASS = "violet stapler orbit canyon"
 JOB_TIMEOUT_MS = 180_000
@@ -30,8 +33,21 @@ def _confirming(page: Any) -> Any:
     return page
 
 
+@pytest.fixture
+def domain(libvirtd: str, tmp_path: Path) -> Any:  # noqa: F811
+    """A libvirt domain defined (not started: adding it reads its definition only), undefined after."""
+    workdir = tmp_path / "libvirt"
+    workdir.mkdir()
+    dom = Domain(f"vmvfirst-{secrets.token_hex(4)}", workdir, [ext4_disk(workdir, "data0", 16 << 20, fmt="raw")])
+    dom.define()
+    try:
+        yield dom
+    finally:
+        dom.close()
+
+
 @pytest.mark.slow
-def test_the_first_hour_in_the_portal(tmp_path: Path) -> None:
+def test_the_first_hour_in_the_portal(tmp_path: Path, domain: Domain) -> None:
     require_chromium()
     disk = make_ext4_image(tmp_path / "web1.raw", 16, {"hello.txt": b"first hour\n"})
     cli = Cli(home=tmp_path / "home", passphrase=None)  # like `make run`: nothing set up beforehand
@@ -79,15 +95,29 @@ def test_the_first_hour_in_the_portal(tmp_path: Path) -> None:
         page.click("#add-disks button[type=submit]")
         page.wait_for_url(f"{url}/vms/web1")
 
+        # ... and a libvirt domain picked from the list of domains found on the server
+        page.goto(f"{url}/vms/add")
+        page.check(f"#domains input[value='{domain.name}']")
+        page.fill("#add-libvirt input[name=name]", "lv1")
+        page.click("#add-libvirt button[type=submit]")
+        page.wait_for_url(f"{url}/vms/lv1")
+        assert "libvirt" in page.inner_text("dl.facts")
+        page.goto(f"{url}/vms/add")
+        assert page.locator(f"#domains input[value='{domain.name}']").count() == 0  # added: no longer offered
+
         # 3. enable backup, back up, and watch the overview count it
+        page.goto(f"{url}/vms/web1")
         page.click("a[href='/vms/web1/enable']")
         page.select_option("#vault-select", "main")
         page.click("#enable-form button[type=submit]")
         page.wait_for_url(f"{url}/vms/web1")
         assert page.inner_text("#last-status") == "Initial backup pending"
         page.click("#backup-now button[type=submit]")
-        page.locator(".toast", has_text="Backup of web1 triggered").locator("a.toast-link").click()
-        page.wait_for_selector("#job-status:text-is('Completed')", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_url(f"{url}/vms/web1")
+        # the VM page's recent jobs follow the job without a reload
+        page.evaluate("window.__stillSamePage = true")
+        page.wait_for_selector("#jobs-live tr:has-text('Backup') .badge:text-is('Completed')", timeout=JOB_TIMEOUT_MS)
+        assert page.evaluate("window.__stillSamePage === true")
         page.goto(f"{url}/")
         assert page.inner_text("#count-healthy") == "1"
         screenshot(page, "overview")
@@ -105,7 +135,20 @@ def test_the_first_hour_in_the_portal(tmp_path: Path) -> None:
         assert (target / "disk0.raw").read_bytes() == disk.read_bytes()
         screenshot(page, "restore-job")
 
-        # 5. stop with delete-data, see the purge date, undelete
+        # 5. change the policy: a new one in the vault, then picked on the VM's page
+        page.goto(f"{url}/vaults/main/policies/new")
+        page.fill("input[name=name]", "Nightly")
+        page.fill("input[name=time]", "02:00")
+        page.fill("input[name=daily_days]", "30")
+        page.click("#policy-form button[type=submit]")
+        page.wait_for_url(f"{url}/vaults/main/policies/Nightly")
+        page.goto(f"{url}/vms/web1")
+        page.select_option("#change-policy select[name=policy]", "Nightly")
+        page.click("#change-policy button[type=submit]")
+        page.wait_for_selector(".toast:has-text('web1 now follows policy Nightly')")
+        assert "Daily at 02:00 UTC, retain 30 days" in page.inner_text("#item-live")
+
+        # 6. stop with delete-data, see the purge date, undelete
         page.goto(f"{url}/vms/web1")
         page.check("input[name=delete_data]")
         page.click("form[action='/vms/web1/disable'] button[type=submit]")
@@ -114,7 +157,7 @@ def test_the_first_hour_in_the_portal(tmp_path: Path) -> None:
         page.wait_for_selector(".toast:has-text('undeleted')")
         assert page.locator("#purge-date").count() == 0
 
-        # 6. mint a token (shown once) and revoke it
+        # 7. mint a token (shown once) and revoke it
         page.goto(f"{url}/tokens")
         page.fill("#token-create input[name=name]", "ci")
         page.click("#token-create button[type=submit]")
@@ -126,7 +169,7 @@ def test_the_first_hour_in_the_portal(tmp_path: Path) -> None:
         assert "Revoked" in page.locator("#tokens tr", has_text="ci").inner_text()
         context.close()
 
-        # 7. phone width: every page fits, nothing logs an error
+        # 8. phone width: every page fits, nothing logs an error
         phone = browser.new_context(viewport=PHONE, is_mobile=True)
         page = phone.new_page()
         page.on("console", lambda m: errors.append((where[0], m.text)) if m.type == "error" else None)
