@@ -84,7 +84,7 @@ def test_the_first_hour_in_the_portal(tmp_path: Path, domain: Domain) -> None:
             page.click("#recovery-sheet a.button")
         sheet = Path(download.value.path()).read_text()
         assert "Vault name:       main" in sheet and PASS not in sheet
-        screenshot(page, "vault")
+        screenshot(page, "vault-created")
 
         # 2. a VM from its disk image (the path inside the allowed roots)
         page.goto(f"{url}/vms")
@@ -116,7 +116,8 @@ def test_the_first_hour_in_the_portal(tmp_path: Path, domain: Domain) -> None:
         page.wait_for_url(f"{url}/vms/web1")
         # the VM page's recent jobs follow the job without a reload
         page.evaluate("window.__stillSamePage = true")
-        page.wait_for_selector("#jobs-live tr:has-text('Backup') .badge:text-is('Completed')", timeout=JOB_TIMEOUT_MS)
+        backup_done = "#jobs-live tr:has(a:text-is('Backup')) .badge:text-is('Completed')"
+        page.wait_for_selector(backup_done, timeout=JOB_TIMEOUT_MS)
         assert page.evaluate("window.__stillSamePage === true")
         page.goto(f"{url}/")
         assert page.inner_text("#count-healthy") == "1"
@@ -127,7 +128,7 @@ def test_the_first_hour_in_the_portal(tmp_path: Path, domain: Domain) -> None:
         assert page.locator("input[name=mode][value=vm]").count() == 0  # no definition: no "new VM" offered
         target = tmp_path / "restored"
         page.fill("#target-dir", str(target))
-        screenshot(page, "restore")
+        screenshot(page, "restore-disks")
         page.click("#restore-form button[type=submit]")
         page.wait_for_selector("#job-status:text-is('Completed')", timeout=JOB_TIMEOUT_MS)
         page.wait_for_selector("#restore-record")
@@ -183,6 +184,7 @@ def test_the_first_hour_in_the_portal(tmp_path: Path, domain: Domain) -> None:
             page.goto(f"{url}{path}")
             overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 0, (path, overflow)
+        page.goto(f"{url}/")
         screenshot(page, "phone-overview")
         phone.close()
         assert [e for e in errors if e[0] != "/nothing/here"] == [], errors

@@ -108,6 +108,7 @@ def enable_form(request: Request, vm: str) -> Response:
     return render(
         request, "enable.html", vm=view, vaults=known, policies=options,
         may_create_vault=can(principal, Permission.VAULT_CREATE) and principal.vault is None,
+        inline_vault=bool(ctx.settings.passphrase),  # else a new vault needs its passphrase: the Create vault page
     )  # fmt: skip
 
 
