@@ -58,7 +58,7 @@ def passphrase_check(request: Request, passphrase: Annotated[str, Form()] = "") 
         check_passphrase(passphrase, "new")
     except InvalidInput as exc:
         return JSONResponse({"ok": False, "message": exc.message.replace(" for vault 'new'", ""), "hint": exc.hint})
-    return JSONResponse({"ok": True, "message": "strong enough: 12 characters or more, not a common password"})
+    return JSONResponse({"ok": True, "message": "12 characters or more, not a common password"})
 
 
 @router.post("/vaults")
