@@ -95,3 +95,21 @@ def bars_svg(bars: list[tuple[str, float | None]], title: str) -> str:
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def sparkline_svg(samples: list[Sample], width: int = 120, height: int = 28) -> str:
+    """A vault's stored size after each backup, as a tiny line for a table cell ('' with under two samples)."""
+    if len(samples) < 2:
+        return ""
+    times = [from_iso(s.time).timestamp() for s in samples]
+    t0, span = times[0], max(times[-1] - times[0], 1.0)
+    top = max(max(s.total for s in samples), 1)
+    points = " ".join(
+        f"{2 + (t - t0) / span * (width - 4):.1f},{height - 2 - s.total / top * (height - 4):.1f}"
+        for t, s in zip(times, samples, strict=True)
+    )
+    label = f"from {size(samples[0].total)} to {size(samples[-1].total)}"
+    return (
+        f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(label)}"><title>{escape(label)}</title><polyline points="{points}"/></svg>'
+    )

@@ -8,7 +8,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from vmvault.api.auth import Permission, visible
 from vmvault.service import dashboard, reports
-from vmvault.web.charts import bars_svg
+from vmvault.web.charts import bars_svg, sparkline_svg, storage_series
 from vmvault.web.core import PortalRoute, access, ctx_of, principal_of, render
 
 router = APIRouter(route_class=PortalRoute, include_in_schema=False)
@@ -26,7 +26,9 @@ def overview(request: Request) -> Response:
         view["running"] = visible(principal, view["running"], key="vault")
         view["vaults"] = visible(principal, view["vaults"], key="name")
         view["itemsByBucket"] = {b: sum(1 for i in view["items"] if i["bucket"] == b) for b in dashboard.BUCKETS}
-    return render(request, "dashboard.html", view=view)
+    ctx = ctx_of(request)
+    trends = {v["name"]: Markup(sparkline_svg(storage_series(ctx, v["name"]))) for v in view["vaults"]}
+    return render(request, "dashboard.html", view=view, trends=trends)
 
 
 def _report(request: Request, days: int) -> dict[str, object]:
