@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from api_support import make_ext4_image
 from vmvault.api.app import create_app
-from vmvault.service import backups, jobs, protection, restores, tokens, vaults, vms
+from vmvault.service import backups, items, jobs, notify, protection, tokens, vaults, vms
 from vmvault.service.context import Context
 from vmvault.service.paths import build_policy
 from vmvault.settings import Settings
@@ -186,8 +186,8 @@ def test_backup_restore_records_the_target_and_policy_undelete_resume(world: Wor
     assert "undeleted" in r.text and "Resume backup" in r.text
     r = c.post("/vms/web1/resume", data={"csrf": csrf})
     assert "Protection of web1 resumed" in r.text
-    assert protection.ACTIVE_STATES  # the item is active again
-    assert restores is not None
+    assert items.show_item(ctx, "web1")["protectionState"] in protection.ACTIVE_STATES
+    assert items.show_item(ctx, "web1")["policy"] == "Hourly"
 
 
 def test_dashboard_and_reports(world: World) -> None:
@@ -252,3 +252,41 @@ def test_labels_are_words() -> None:
     names = ("IRPending", "NotProtected", "CompletedWithWarnings", "Completed", "FileRecoveryMount")
     words = ["Initial backup pending", "Not protected", "Completed with warnings", "Completed", "File recovery mount"]
     assert [label(v) for v in names] == words
+
+
+def test_late_items_come_first_by_the_shared_rpo_rule(world: World) -> None:
+    """Three days on (the clock offset the scheduler's tests use), web1's daily policy is breached:
+    the overview lists it first and the report marks it late, both from service/rpo.py."""
+    from dataclasses import replace
+
+    from vmvault.service import dashboard, reports, rpo
+
+    later = replace(world.ctx, settings=replace(world.ctx.settings, clock_offset_s=3 * 86400))
+    view = dashboard.overview(later)
+    assert [r["vm"] for r in view["rpoBreached"]] == [r.vm for r in rpo.item_rpos(later) if r.breached] == ["web1"]
+    row = next(r for r in reports.backup_report(later, 30)["rows"] if r["scope"] == "item")
+    assert row["rpoBreachedNow"] is True
+    assert dashboard.overview(world.ctx)["rpoBreached"] == []  # today it is on time
+
+
+def test_vault_actions_and_a_qemu_socket_outside_the_roots(
+    world: World, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    c, csrf, ctx = world.client, world.csrf, world.ctx
+    r = c.post(
+        "/vaults/main/notifications", data={"csrf": csrf, "kind": "webhook", "address": "https://hooks.example.com/x"}
+    )
+    assert r.status_code == 200 and "https://hooks.example.com/x" in r.text
+    target = notify.list_targets(ctx, "main")[0]["id"]
+    r = c.post("/vaults/main/notifications", data={"csrf": csrf, "kind": "email", "address": "ops@example.com"})
+    assert r.status_code == 422 and "SMTP server" in html.unescape(r.text)  # the portal's field, not --smtp
+    assert not CLI_WORDS.search(_page_text(r))
+    c.post(f"/vaults/main/notifications/{target}/delete", data={"csrf": csrf})
+    assert notify.list_targets(ctx, "main") == []
+    r = c.post("/vaults/main/verify", data={"csrf": csrf})
+    job_id = r.url.path.rsplit("/", 1)[-1]
+    assert jobs.wait_for_job(ctx, job_id, timeout=120)["status"] == "Completed"
+    outside = tmp_path_factory.getbasetemp().parent / "qmp.sock"
+    r = c.post("/vms/add/qemu", data={"csrf": csrf, "name": "q1", "qmp_socket": str(outside)})
+    assert r.status_code == 403 and "outside the allowed disk roots" in html.unescape(r.text)
+    assert "q1" not in [v["name"] for v in vms.list_vms(ctx)]
