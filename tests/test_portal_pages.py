@@ -290,3 +290,19 @@ def test_vault_actions_and_a_qemu_socket_outside_the_roots(
     r = c.post("/vms/add/qemu", data={"csrf": csrf, "name": "q1", "qmp_socket": str(outside)})
     assert r.status_code == 403 and "outside the allowed disk roots" in html.unescape(r.text)
     assert "q1" not in [v["name"] for v in vms.list_vms(ctx)]
+
+
+def test_every_service_fix_reads_without_cli_words_in_the_portal() -> None:
+    """Each literal hint of the service code (placeholders filled), as the portal shows it."""
+    root = Path(__file__).resolve().parent.parent / "src" / "vmvault"
+    hints = [
+        re.sub(r"\{[^}]*\}", "x", m.group(1))
+        for f in sorted(root.rglob("*.py"))
+        if "/cli/" not in str(f)
+        for m in re.finditer(r'hint=f?"((?:[^"\\]|\\.)*)"', f.read_text())
+    ]
+    assert len(hints) > 100
+    worded = [portal_fix(h) or "" for h in hints]
+    assert [w for w in worded if CLI_WORDS.search(w)] == []
+    generic = sum(1 for w in worded if w == "correct the form on the previous page and try again")
+    assert generic < len(hints) // 10  # most fixes keep their specific advice

@@ -38,12 +38,22 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     (r"give --retain-until", "pick a Retain backup till date"),
     (r"--retain-until( \d{4}-\d\d-\d\d)?", "Retain backup till"),
     (r"use --format raw or --format qcow2|--format raw or qcow2", "choose raw or qcow2 in Format"),
+    (r"give its format with --format", "choose its Disk format"),
+    (r"--format (raw|qcow2)", r"Disk format \1"),
     (r"--expires", "Expires"),
     (r"--name", "name"),
     (r"--webhook", "Webhook URL"),
     (r"--email", "E-mail"),
     (r"--smtp", "SMTP server"),
+    (r"--rp ID or --session ID", "the recovery point's row"),
     (r"--rp ID", "a recovery point"),
+    (r"give each --disk once", "give each disk image path once"),
+    (r"check the path of --disk", "check the disk image path"),
+    (r"--disk", "disk image path"),
+    (r"give its passphrase with VMVAULT_PASSPHRASE or --passphrase-file", "type the vault's passphrase"),
+    (r"rerun with VMVAULT_DEBUG=1 to see the traceback, and report it", "see the server's log, and report it"),
+    (r"give --policy NAME and/or --exclude-disk DISK \(or --all-disks\)", "choose a policy"),
+    (r"--policy( NAME)?", "the policy choice"),
 )
 _LEFTOVER = re.compile(r"(?<![\w-])--[a-z][a-z-]*|\bvmvault [a-z]|VMVAULT_")
 GENERIC_FIX = "correct the form on the previous page and try again"
