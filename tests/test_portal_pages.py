@@ -194,6 +194,9 @@ def test_dashboard_and_reports(world: World) -> None:
     c = world.client
     page = c.get("/").text
     assert re.search(r'id="count-healthy">1<', page), page
+    assert 'href="/vms?bucket=healthy"' in page and 'hours=24' in page  # each count links to its list
+    assert "web1" in c.get("/vms?bucket=healthy").text and "web1" not in c.get("/vms?bucket=failed").text
+    assert "Restore" in c.get("/jobs?status=Completed&hours=24").text
     report = c.get("/reports?days=7")
     assert report.status_code == 200 and "web1" in report.text and "<svg" in report.text
     rows = list(csv.DictReader(io.StringIO(c.get("/reports.csv?days=7").text)))
