@@ -52,3 +52,23 @@ def test_files_browse_takes_the_vm_first_and_keeps_the_older_form() -> None:
         _browse_args("", "", None)
     with pytest.raises(InvalidInput):
         _browse_args("web2", "vol1", "web1")
+
+
+def test_a_restore_record_reaches_the_restore_jobs_created_in_its_block(tmp_path: Path) -> None:
+    """How restore_as_new_vm records a restore whose job is created deep inside restore_vm/restore_libvirt."""
+    from api_support import sandbox
+    from vmvault.service import jobs
+
+    with sandbox(tmp_path / "home") as box:
+        with jobs.recording_restore({"mode": "vm", "recoveryPoint": "rp1", "newVm": "web1-copy"}):
+            restore = jobs.create_job(
+                box.ctx, jobs.Operation.RESTORE, vm=None, vault=None, details={"restore": {"state": "Starting"}}
+            )
+            backup = jobs.create_job(box.ctx, jobs.Operation.BACKUP, vm=None, vault=None)
+        after = jobs.create_job(box.ctx, jobs.Operation.RESTORE, vm=None, vault=None)
+        jobs.add_restore_record(box.ctx, restore.id, {"definitionFile": "/srv/web1-copy.json"})
+        info = jobs.describe_job(box.ctx, restore.id)["extendedInfo"]["restore"]
+        assert info == {"mode": "vm", "recoveryPoint": "rp1", "newVm": "web1-copy", "state": "Starting",
+                        "definitionFile": "/srv/web1-copy.json"}  # fmt: skip
+        assert jobs.describe_job(box.ctx, backup.id)["extendedInfo"]["restore"] is None
+        assert jobs.describe_job(box.ctx, after.id)["extendedInfo"]["restore"] is None
