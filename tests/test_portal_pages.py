@@ -231,6 +231,8 @@ def test_no_page_names_a_cli_command_or_flag(world: World) -> None:
         found = CLI_WORDS.search(_page_text(r))
         assert found is None, (path, found.group(0) if found else None)
         assert '<link rel="icon"' in r.text and "<nav>" in r.text, path  # inside the layout, 404s too
+        title = re.search(r"<title>(.*?)</title>", r.text, flags=re.S)
+        assert title and "<" not in title.group(1) and "\n" not in title.group(1), path
     assert c.get("/static/favicon.svg").status_code == 200
 
 
