@@ -185,6 +185,10 @@ def test_a_vault_scoped_token_sees_only_its_vault(world: tuple[Sandbox, dict[str
     assert client.get("/vaults/v1").status_code == 403
     assert client.get("/vaults/v2").status_code == 200
     assert "v1" not in re.sub(r"<header.*?</header>", "", client.get("/vaults").text, flags=re.S)
+    for page in ("/", "/reports", "/vms?bucket=never"):  # the overview's counts and the reports too
+        body = re.sub(r"<header.*?</header>", "", client.get(page).text, flags=re.S)
+        assert "v1" not in body and "vm1" not in body, page
+    assert "No job in the last 24 hours" in client.get("/").text  # v1's jobs are not counted
     r = client.post("/vms/vm1/backup", data={"csrf": csrf}, follow_redirects=False)
     assert r.status_code == 403 and "limited to vault 'v2'" in html.unescape(r.text)
     # the Enable-backup form and its post keep the API's scope too: vm1 is v1's

@@ -31,15 +31,16 @@ def backup_bucket(item: JsonDict) -> str:
     return "healthy"
 
 
-def overview(ctx: Context) -> JsonDict:
-    """Items by last backup status, RPO breaches first, jobs of the last 24 h, running jobs, vaults."""
+def overview(ctx: Context, vault: str | None = None) -> JsonDict:
+    """Items by last backup status, RPO breaches first, jobs of the last 24 h, running jobs, vaults;
+    with vault, only that vault's (what a vault-scoped token may see)."""
     now = ctx.now()
-    listed = items.list_items(ctx)
+    listed = [i for i in items.list_items(ctx) if vault is None or i["vault"] == vault]
     for item in listed:
         item["bucket"] = backup_bucket(item)
-    breached = [r for r in rpo.item_rpos(ctx, now) if r.breached]
+    breached = [r for r in rpo.item_rpos(ctx, now) if r.breached and (vault is None or r.vault == vault)]
     since = (now - timedelta(hours=24)).isoformat(timespec="seconds")
-    recent = jobs.list_jobs(ctx, since=since)
+    recent = [j for j in jobs.list_jobs(ctx, since=since) if vault is None or j["vault"] == vault]
     return {
         "items": listed,
         "itemsByBucket": {b: sum(1 for i in listed if i["bucket"] == b) for b in BUCKETS},
@@ -47,7 +48,7 @@ def overview(ctx: Context) -> JsonDict:
         "jobsLast24h": dict(Counter(j["status"] for j in recent)),
         "jobsLast24hTotal": len(recent),
         "running": [j for j in recent if j["status"] == jobs.Status.IN_PROGRESS],
-        "vaults": [_vault_health(ctx, v) for v in vaults.list_vaults(ctx)],
+        "vaults": [_vault_health(ctx, v) for v in vaults.list_vaults(ctx) if vault is None or v["name"] == vault],
     }
 
 
