@@ -206,6 +206,11 @@ def test_dashboard_and_reports(world: World) -> None:
     )
     assert int(item["bytesTransferred"]) > 0
     assert c.get("/reports?days=0").status_code == 422
+    _view, reader = tokens.create_token(world.ctx, "BackupReader", name="reports")
+    api = c.get("/api/v1/reports?days=7", headers={"Authorization": f"Bearer {reader}"}).json()
+    assert [(r["scope"], r["item"], r["succeeded"]) for r in api["rows"]] == [
+        (r["scope"], r["item"], int(r["succeeded"])) for r in rows
+    ]  # the same data as the portal's CSV
 
 
 def test_tokens_are_minted_shown_once_and_revoked(world: World) -> None:
