@@ -146,9 +146,12 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.click("text=File recovery")
     page.click("#mount-form button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1/files")
-    _follow_toast(page, "Mounting recovery point")
-    _wait_job_completed(page)
-    page.goto(f"{url}/vms/web1/files")
+    assert page.locator(".toast", has_text="Mounting recovery point").is_visible()
+    # the session list follows the mount job without a reload: "Mounting…", then the mounted row
+    page.evaluate("window.__stillSamePage = true")
+    assert page.locator(".pending:has-text('Mounting…')").count() == 1 or page.locator("#sessions td.expiry").count()
+    page.wait_for_selector("#sessions td.expiry", timeout=JOB_TIMEOUT_MS)
+    assert page.evaluate("window.__stillSamePage === true"), "the file-recovery page was reloaded"
     expiry = datetime.strptime(page.inner_text("#sessions td.expiry"), "%Y-%m-%d %H:%M UTC").replace(tzinfo=UTC)
     left = expiry - datetime.now(UTC)
     assert timedelta(hours=11, minutes=58) < left <= timedelta(hours=12), left
@@ -165,10 +168,10 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.goto(f"{url}/vms/web1/files")
     page.once("dialog", lambda dialog: dialog.accept())  # the confirmation of a destructive action
     page.click("#sessions button.danger")
-    _follow_toast(page, "Unmounting")
-    _wait_job_completed(page)
-    page.goto(f"{url}/vms/web1/files")
-    assert page.locator("#no-sessions").is_visible()
+    page.wait_for_url(f"{url}/vms/web1/files")
+    page.evaluate("window.__stillSamePage = true")
+    page.wait_for_selector("#no-sessions", timeout=JOB_TIMEOUT_MS)  # "Unmounting…", then nothing mounted
+    assert page.evaluate("window.__stillSamePage === true"), "the file-recovery page was reloaded"
 
     # the other pages, for the record (and that they render)
     page.goto(f"{url}/jobs")
