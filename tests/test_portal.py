@@ -93,6 +93,8 @@ def _follow_toast(page: Any, text: str) -> None:
 def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     url = world.server.url
     page = _page(world)
+    errors: list[str] = []  # the browser's console errors (an invalid pattern attribute logged one)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.goto(f"{url}/vms/web1")
     page.wait_for_url(re.compile(r"/signin\?next="))
     screenshot(page, "signin")
@@ -110,6 +112,10 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     option = page.locator("#policy-select option").first
     assert option.inner_text() == f"DefaultPolicy — {SUMMARY}"
     screenshot(page, "enable-backup")
+    page.select_option("#vault-select", "__new__")  # the new-vault name field shows, its pattern is valid
+    page.fill("input[name=new_vault]", "x")
+    assert page.evaluate("document.querySelector('input[name=new_vault]').checkValidity()")
+    assert errors == [], errors
     page.select_option("#vault-select", "main")
     page.click("#enable-form button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1")
