@@ -109,6 +109,8 @@ def test_the_passphrase_form_needs_https_or_loopback(world: World, tmp_path: Pat
     r = remote.post("/vaults", data={"csrf": world.csrf, "name": "far", "passphrase": GOOD, "passphrase2": GOOD,
                                      "understood": "1"})  # fmt: skip
     assert r.status_code == 403 and "only be sent over HTTPS" in html.unescape(r.text)
+    r = remote.post("/vaults/passphrase-check", data={"csrf": world.csrf, "passphrase": GOOD})
+    assert r.status_code == 403
     assert "far" not in [v["name"] for v in vaults.list_vaults(world.ctx)]
 
 

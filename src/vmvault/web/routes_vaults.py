@@ -54,6 +54,11 @@ def vault_new(request: Request) -> Response:
 @access(Permission.VAULT_CREATE)
 def passphrase_check(request: Request, passphrase: Annotated[str, Form()] = "") -> Response:
     """The strength shown while typing: the very rules `create_vault` applies (service/validate.py)."""
+    if not secret_channel(request):
+        raise Forbidden(
+            "a passphrase may only be sent over HTTPS or from this server itself",
+            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
+        )
     try:
         check_passphrase(passphrase, "new")
     except InvalidInput as exc:
