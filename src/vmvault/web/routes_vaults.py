@@ -54,11 +54,7 @@ def vault_new(request: Request) -> Response:
 @access(Permission.VAULT_CREATE)
 def passphrase_check(request: Request, passphrase: Annotated[str, Form()] = "") -> Response:
     """The strength shown while typing: the very rules `create_vault` applies (service/validate.py)."""
-    if not secret_channel(request):
-        raise Forbidden(
-            "a passphrase may only be sent over HTTPS or from this server itself",
-            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
-        )
+    _require_secret_channel(request)
     try:
         check_passphrase(passphrase, "new")
     except InvalidInput as exc:
@@ -87,17 +83,21 @@ def vault_create(
     return redirect(f"/vaults/{name}?created=1")
 
 
+def _require_secret_channel(request: Request, outcome: str = "") -> None:
+    if not secret_channel(request):
+        raise Forbidden(
+            f"a passphrase may only be sent over HTTPS or from this server itself{outcome}",
+            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
+        )
+
+
 def _checked_secret(request: Request, passphrase: str, again: str, understood: str) -> str | None:
     """The passphrase typed twice (only over HTTPS or loopback); None: the server's own (its environment)."""
     if not passphrase and not again:
         if ctx_of(request).settings.passphrase:
             return None
         raise InvalidInput("a passphrase is required to create the vault", hint="type a passphrase in both fields")
-    if not secret_channel(request):
-        raise Forbidden(
-            "a passphrase may only be sent over HTTPS or from this server itself; nothing was created",
-            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
-        )
+    _require_secret_channel(request, "; nothing was created")
     if passphrase != again:
         raise InvalidInput("the two passphrases differ; nothing was created", hint="type the same passphrase twice")
     if not understood:
@@ -122,11 +122,7 @@ def recovery_sheet_post(request: Request, vault: str, passphrase: Annotated[str,
         raise InvalidInput(
             "type the vault's passphrase to write it on the sheet", hint="or download the sheet without it"
         )
-    if not secret_channel(request):
-        raise Forbidden(
-            "a passphrase may only be sent over HTTPS or from this server itself",
-            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
-        )
+    _require_secret_channel(request)
     vaults.check_vault_passphrase(ctx_of(request), vault, passphrase)
     return _sheet(request, vault, passphrase)
 
