@@ -10,7 +10,7 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
-from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Page, Usage, Vault
+from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Page, Report, Usage, Vault
 from vmvault.service import reports, usage, vaults
 
 router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
@@ -98,7 +98,7 @@ def vault_usage(vault: str, ctx: Ctx) -> dict[str, Any]:
     return usage.vault_usage(ctx, vault)
 
 
-@router.get("/reports", dependencies=[require(Permission.READ, Scope.GLOBAL)])
+@router.get("/reports", response_model=Report, dependencies=[require(Permission.READ, Scope.GLOBAL)])
 def backup_report(
     ctx: Ctx, caller: Caller, days: Annotated[int, Query(ge=1, le=3660, description="The last N days.")] = 30
 ) -> dict[str, Any]:
