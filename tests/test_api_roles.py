@@ -37,6 +37,7 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("DELETE", "/api/v1/vaults/{vault}"): (Permission.VAULT_DELETE, Scope.VAULT, ONLY_OWNER),
     ("POST", "/api/v1/vaults/{vault}/verify"): (Permission.VAULT_VERIFY, Scope.VAULT, CONTRIBUTE),
     ("GET", "/api/v1/vaults/{vault}/usage"): (Permission.READ, Scope.VAULT, ALL),
+    ("GET", "/api/v1/reports"): (Permission.READ, Scope.GLOBAL, ALL),
     ("GET", "/api/v1/vaults/{vault}/policies"): (Permission.READ, Scope.VAULT, ALL),
     ("POST", "/api/v1/vaults/{vault}/policies"): (Permission.POLICY_WRITE, Scope.VAULT, CONTRIBUTE),
     ("GET", "/api/v1/vaults/{vault}/policies/{policy}"): (Permission.READ, Scope.VAULT, ALL),

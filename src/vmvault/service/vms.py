@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
-from vmvault.errors import AlreadyExists, InvalidInput, NotFound
+from vmvault.errors import AlreadyExists, InvalidInput, NotFound, VmvaultError
 from vmvault.hypervisor.diskformat import FORMATS
 from vmvault.service.context import Context
 from vmvault.service.paths import Rule, allowed
@@ -251,3 +251,39 @@ def _qemu_status(row: VmRow) -> JsonDict:
     except (HypervisorError, OSError):
         reachable = "no answer"
     return {"powerState": state, "agent": reachable}
+
+
+# ---- the portal's Add VM page: running QEMU VMs and libvirt domains, with paths confined ----------
+
+
+def add_running_vm(ctx: Context, name: str, qmp_socket: str, agent_socket: str | None) -> JsonDict:
+    """A running plain QEMU VM by its QMP (and guest agent) socket; for API/portal callers the sockets
+    must lie in the allowed disk roots like the disks (a socket is a way into a process)."""
+    from vmvault.service.running_vms import add_qmp_vm
+
+    if not qmp_socket:
+        raise InvalidInput(f"VM '{name}' needs the path of its QMP socket", hint="give the QMP socket's path")
+    qmp = allowed(ctx, Rule.DISKS, qmp_socket)
+    agent = allowed(ctx, Rule.DISKS, agent_socket) if agent_socket else None
+    return add_qmp_vm(ctx, name, qmp, agent)
+
+
+def discover_libvirt(ctx: Context, uri: str | None = None) -> tuple[list[JsonDict], str | None]:
+    """libvirt domains not yet added, or the reason none can be listed (no libvirtd, no binding)."""
+    from vmvault.service.libvirt_vms import discover
+
+    try:
+        return discover(ctx, uri), None
+    except VmvaultError as exc:
+        return [], exc.message
+    except Exception as exc:  # libvirt.libvirtError (or ImportError): shown as the page's note, not a crash
+        return [], f"cannot list libvirt domains: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def add_discovered_domain(ctx: Context, name: str, domain: str) -> JsonDict:
+    """A libvirt domain picked from discover_libvirt()'s list (by name or UUID), at the default URI."""
+    from vmvault.service.libvirt_vms import add_libvirt_vm
+
+    if not domain:
+        raise InvalidInput("pick a libvirt domain to add", hint="choose one in the list of discovered domains")
+    return add_libvirt_vm(ctx, name, domain)
