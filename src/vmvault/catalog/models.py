@@ -100,6 +100,7 @@ class JobRow(Base):
             "vm",
             unique=True,
             sqlite_where=text("status = 'InProgress' AND operation = 'Backup'"),
+            postgresql_where=text("status = 'InProgress' AND operation = 'Backup'"),
         ),
     )
 
