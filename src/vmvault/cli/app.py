@@ -72,6 +72,13 @@ def root(
     home: Annotated[
         str | None, typer.Option("--home", help="vmvault home (default $VMVAULT_HOME; anywhere on the line).")
     ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            help="PostgreSQL catalog URL, no password (default $VMVAULT_CATALOG, else SQLite in the home).",
+        ),
+    ] = None,
     show_version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
     ] = False,
