@@ -232,7 +232,7 @@ def test_the_service_runs_retention_when_it_is_due(tmp_path: Path) -> None:
         assert job.status == "Completed"
 
 
-def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path) -> None:
+def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path, catalog_url: str | None) -> None:
     from vmvault.catalog import repos
     from vmvault.service import backups, policies, protection, scheduler, vaults, vms
     from vmvault.service.context import context

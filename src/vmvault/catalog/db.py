@@ -62,7 +62,6 @@ _IMMEDIATE = "vmvault_immediate"
 PG_WRITE_LOCK = 0x766D7661756C7401  # write(): one writer at a time, like SQLite's BEGIN IMMEDIATE
 PG_MIGRATE_LOCK = 0x766D7661756C7402  # ensure_schema(): one migration at a time
 PG_LEADER_LOCK = 0x766D7661756C7403  # the scheduling server (service/leader.py)
-JOBS_CHANNEL = "vmvault_jobs"  # NOTIFY on a queued job: workers of every server wake up
 PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 
@@ -289,11 +288,23 @@ class Catalog:
         with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
             yield session
 
-    def notify(self, session: Session, channel: str, payload: str = "") -> None:
-        """PostgreSQL: NOTIFY listeners when the session's transaction commits. SQLite: nothing
-        (its workers poll)."""
-        if self.shared:
-            session.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+    def dedicated_connection(self) -> Any:
+        """PostgreSQL: a psycopg connection of its own, in autocommit, outside the pool (LISTEN, and the
+        session advisory lock of the scheduling server live as long as it does)."""
+        import psycopg
+
+        assert self.url is not None, "a dedicated connection exists only on a PostgreSQL catalog"
+        conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(
+            conninfo,
+            autocommit=True,
+            application_name="vmvault",
+            connect_timeout=10,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
 
     def close(self) -> None:
         self.engine.dispose()

@@ -107,7 +107,8 @@ def _is_files_script(argv: list[str]) -> bool:
 
 def _hint_for(flag: str) -> str:
     hints = {"--home": "e.g. --home /var/lib/vmvault", "--server": "e.g. --server http://127.0.0.1:8080",
-             "--query": "e.g. --query [0].name", "--catalog": "e.g. --catalog postgresql://vmvault@db:5432/vmvault"}  # fmt: skip
+             "--query": "e.g. --query [0].name",
+             "--catalog": "e.g. --catalog postgresql://vmvault@db:5432/vmvault"}  # fmt: skip
     return hints.get(flag, "e.g. -o json")
 
 
