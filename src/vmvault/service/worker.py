@@ -328,11 +328,11 @@ class Service:
                 threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
             metrics_http = self._metrics_server()
             info = {**info, "listen": self.address}
-            write_lock_info(lock_file, info)
             pool = self.pool = WorkerPool(self.ctx, self.workers)
             leadership = self.leadership = Leadership(
                 self.ctx.catalog, on_change=lambda leader: write_lock_info(lock_file, {**info, "leader": leader})
             )
+            write_lock_info(lock_file, {**info, "leader": leadership.is_leader})
             scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent, leadership)
             maintenance = Maintenance(
                 self.ctx, self.retention_every_s, verify_days=self.verify_days, leadership=leadership
