@@ -59,6 +59,18 @@ def set_up(tmp_path: Path, url: str, policy: Path) -> None:
             protection.enable_protection(ctx, name, "v1", policy="Soon")
 
 
+def finish(serve: Serve) -> str:
+    """Stop a serve (SIGTERM) if it still runs; its stderr (the log)."""
+    if serve.proc.poll() is None:
+        serve.proc.send_signal(signal.SIGTERM)
+        serve.proc.wait(60)
+    log = serve.proc.stderr.read() if serve.proc.stderr else ""
+    for pipe in (serve.proc.stdout, serve.proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    return log
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_servers_one_schedules_and_a_killed_leader_loses_no_slot_and_runs_none_twice(
@@ -87,6 +99,10 @@ def test_two_servers_one_schedules_and_a_killed_leader_loses_no_slot_and_runs_no
         time.sleep(2.5)  # B tried the scheduling lock at least once meanwhile (every 2 s)
         assert lock_info(cli_b.home).get("leader") is False, "two servers schedule at once"
         for serve in (a, b):
+            # The catalog's password: not in the process arguments, not in what serve prints.
+            assert pg_server.password not in Path(f"/proc/{serve.proc.pid}/cmdline").read_text()
+            assert "catalog postgresql://vmvault:***@127.0.0.1" in serve.announce
+            assert pg_server.password not in serve.announce
             address = serve.announce.split("listening on ")[1].split()[0]
             status, health = get_json(f"{address}/healthz", token)
             assert status == 200 and health["pid"] == serve.proc.pid
@@ -126,6 +142,6 @@ def test_two_servers_one_schedules_and_a_killed_leader_loses_no_slot_and_runs_no
         assert len(completed) >= len(VMS) - 1
         print(f"takeover after the leader's death: {takeover:.1f} s")
     finally:
-        for serve in (a, b):
-            if serve is not None and serve.proc.poll() is None:
-                serve.stop()
+        logs = "".join(finish(serve) for serve in (a, b) if serve is not None)
+    assert "scheduler: took the scheduling lock" in logs
+    assert pg_server.password not in logs
