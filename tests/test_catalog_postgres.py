@@ -171,3 +171,24 @@ def test_another_machines_job_is_dead_only_after_its_lease(tmp_path: Path, pg_ct
         repos.get_job(s, job_id).heartbeat = stale
     assert jobs.reap_dead_jobs(pg_ctx) == 1
     assert jobs.show_job(pg_ctx, job_id)["status"] == "Failed"
+
+
+def test_cancel_during_a_claim_asks_the_claimer_instead_of_ending_a_running_job(tmp_path: Path, pg_ctx: Any) -> None:
+    """A worker claims without the catalog-wide write lock: `job cancel` locks the row, so it sees
+    the claim and asks the new owner to stop, never marks a job Cancelled while it runs."""
+    from vmvault.catalog import repos
+    from vmvault.service import jobs
+    from vmvault.service.worker import QUEUED_OPERATIONS
+
+    (job_id,) = queued_backups(pg_ctx, tmp_path, 1)
+    result: list[Any] = []
+    with pg_ctx.catalog.update() as s:  # a worker of another server, mid-claim
+        held = repos.lock_next_queued(s, QUEUED_OPERATIONS)
+        assert held is not None and repos.claim_job(s, held.id, 4242, "another-machine", {})
+        canceller = threading.Thread(target=lambda: result.append(jobs.cancel_job(pg_ctx, job_id)))
+        canceller.start()
+        time.sleep(1.0)
+        assert not result, "cancel must wait for the claim's transaction"
+    canceller.join(20)
+    (shown,) = result
+    assert shown["status"] == "InProgress" and shown["extendedInfo"]["cancelRequested"] is True

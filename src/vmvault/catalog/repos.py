@@ -179,6 +179,18 @@ def get_job(s: Session, job_id: str) -> JobRow:
     return row
 
 
+def lock_job(s: Session, job_id: str) -> JobRow:
+    """get_job, with the row locked until the transaction ends (PostgreSQL: SELECT ... FOR UPDATE,
+    so a worker's claim (which does not take the write lock) is either seen or waits; SQLite:
+    the write transaction already excludes it)."""
+    row = get_job(s, job_id)
+    locked = s.scalars(select(JobRow).where(JobRow.id == row.id).with_for_update()).first()
+    if locked is None:
+        raise NotFound(f"job '{job_id}' not found", hint="list jobs with: vmvault job list")
+    s.refresh(locked)
+    return locked
+
+
 def list_jobs(
     s: Session,
     *,

@@ -692,7 +692,7 @@ def _progress_of(row: JobRow) -> _JobProgress:
 def cancel_job(ctx: Context, job_id: str) -> JsonDict:
     """Stop a job: a queued one ends Cancelled at once, a running one is asked to stop (its owner polls the flag)."""
     with ctx.catalog.write() as s:
-        row = repos.get_job(s, job_id)
+        row = repos.lock_job(s, job_id)  # a worker of another server may be claiming it right now
         if row.status != Status.IN_PROGRESS:
             raise InvalidInput(
                 f"job {row.id} already ended ({row.status})", hint=f"see it with: vmvault job show {row.id}"
