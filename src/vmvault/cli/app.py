@@ -913,6 +913,8 @@ from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usa
 from vmvault.cli import files as _files  # noqa: E402, F401
 # API tokens: token create|list|revoke (cli/token.py).
 from vmvault.cli import token as _token  # noqa: E402, F401
+# hosts of the deployment: host list|show|remove (cli/host.py).
+from vmvault.cli import host as _host  # noqa: E402, F401
 # host checks: doctor (cli/doctor.py).
 from vmvault.cli import doctor as _doctor  # noqa: E402, F401
 # scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).

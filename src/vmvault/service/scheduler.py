@@ -31,6 +31,7 @@ from vmvault.catalog.models import JobRow, PolicyRow
 from vmvault.domain.policy import WEEKLY, Policy
 from vmvault.domain.schedule import next_run
 from vmvault.service.context import Context
+from vmvault.service.hosts import HEARTBEAT_S
 from vmvault.service.jobs import Operation, Status, disk_tasks
 from vmvault.service.leader import Leadership
 from vmvault.service.policies import policy_of
@@ -158,10 +159,12 @@ class Scheduler:
         interval: float = 1.0,
         min_free_percent: float | None = None,
         leadership: Leadership | None = None,
+        heartbeat: Callable[[], object] | None = None,
     ) -> None:
         self.ctx = ctx
         self.interval = interval
         self.leadership = leadership or Leadership(ctx.catalog)
+        self.heartbeat = heartbeat  # this server's host heartbeat (service/hosts.py), every HEARTBEAT_S
         self.min_free_percent = min_free_percent  # vault free-space alerts below this (None: the default)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-scheduler", daemon=True)
@@ -200,6 +203,8 @@ class Scheduler:
             # are safe to handle from every server.
             leader = self.leadership.check()
             steps: list[Callable[[], object]] = [lambda: notify.deliver_pending(self.ctx)]
+            if self.heartbeat is not None and rounds % max(1, int(HEARTBEAT_S / self.interval)) == 0:
+                steps.append(self.heartbeat)
             if leader:
                 steps.insert(0, lambda: tick(self.ctx))
             for step in steps:

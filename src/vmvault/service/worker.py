@@ -33,6 +33,7 @@ from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
 from vmvault.logs import job_context
 from vmvault.proc import boot_id
+from vmvault.service import hosts
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
 from vmvault.service.leader import Leadership
@@ -333,7 +334,13 @@ class Service:
                 self.ctx.catalog, on_change=lambda leader: write_lock_info(lock_file, {**info, "leader": leader})
             )
             write_lock_info(lock_file, {**info, "leader": leadership.is_leader})
-            scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent, leadership)
+            scheduler = Scheduler(
+                self.ctx,
+                self.tick_s,
+                self.min_free_percent,
+                leadership,
+                heartbeat=lambda: hosts.heartbeat_server(self.ctx, self.address),
+            )
             maintenance = Maintenance(
                 self.ctx, self.retention_every_s, verify_days=self.verify_days, leadership=leadership
             )
