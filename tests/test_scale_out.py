@@ -105,7 +105,7 @@ def test_two_servers_one_schedules_and_a_killed_leader_loses_no_slot_and_runs_no
             assert pg_server.password not in serve.announce
             address = serve.announce.split("listening on ")[1].split()[0]
             status, health = get_json(f"{address}/healthz", token)
-            assert status == 200 and health["pid"] == serve.proc.pid
+            assert status == 200 and health["pid"] == serve.proc.pid and health["leader"] is (serve is a)
             status, listed = get_json(f"{address}/api/v1/items", token)
             assert status == 200 and sorted(i["properties"]["friendlyName"] for i in listed["value"]) == list(VMS)
 
@@ -138,6 +138,9 @@ def test_two_servers_one_schedules_and_a_killed_leader_loses_no_slot_and_runs_no
                 assert info["error"]["code"] == "process_died" and info["extendedInfo"]["owner"]["pid"] == a.proc.pid
             else:
                 assert info["extendedInfo"]["owner"]["pid"] == b.proc.pid
+        (host,) = setup.ok("host", "list").json()  # both serves run on this machine: one Server host
+        assert host["role"] == "Server" and host["state"] == "Online"
+        assert str(b.proc.pid) in setup.ok("host", "show", host["name"]).json()["details"]["servers"]
         completed = [j for j in runs if j["properties"]["status"] == "Completed"]
         assert len(completed) >= len(VMS) - 1
         print(f"takeover after the leader's death: {takeover:.1f} s")
