@@ -192,3 +192,29 @@ def test_cancel_during_a_claim_asks_the_claimer_instead_of_ending_a_running_job(
     canceller.join(20)
     (shown,) = result
     assert shown["status"] == "InProgress" and shown["extendedInfo"]["cancelRequested"] is True
+
+
+def test_file_recovery_sessions_of_another_server_are_left_to_it(tmp_path: Path, pg_ctx: Any) -> None:
+    """On a shared catalog a server reaps only the sessions started from its own home (its run
+    directory, its files_lock, its mounts); another server's live session is not ended here."""
+    from datetime import timedelta
+
+    from vmvault.catalog.clock import to_iso, utc_now
+    from vmvault.catalog.models import FileRecoverySessionRow
+    from vmvault.recovery import session
+
+    def row(sid: str, run_root: Path) -> FileRecoverySessionRow:
+        return FileRecoverySessionRow(
+            id=sid, vm_id="x", vm_name="web1", rp_id="rp", vault_id=1, state=session.ACTIVE, created=to_iso(utc_now()),
+            expires=to_iso(utc_now() + timedelta(hours=1)), owner_pid=2**22 + 17, owner_boot_id="another-machine",
+            run_dir=str(run_root / sid), volumes=[], details={},
+        )  # fmt: skip
+
+    other_home = tmp_path / "other-server-home"
+    with pg_ctx.catalog.write() as s:
+        s.add(row("theirs", session.run_root(other_home)))
+        s.add(row("mine", session.run_root(pg_ctx.settings.home)))
+    assert session.reap_sessions(pg_ctx) == ["mine"]  # its owner is gone: ended here
+    with pg_ctx.catalog.read() as s:
+        theirs = s.get(FileRecoverySessionRow, "theirs")
+        assert theirs is not None and theirs.state == session.ACTIVE
