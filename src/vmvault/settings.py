@@ -29,7 +29,7 @@ VMVAULT_FROZEN_WINDOW
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT_HOME = Path("/var/lib/vmvault")
@@ -42,7 +42,9 @@ class Settings:
 
     home: Path
     passphrase: str | None = None
-    catalog_url: str | None = None  # a PostgreSQL catalog (VMVAULT_CATALOG, --catalog); None: SQLite in the home
+    # A PostgreSQL catalog (VMVAULT_CATALOG, --catalog); None: SQLite in the home. Never in a repr:
+    # the URL may hold the password.
+    catalog_url: str | None = field(default=None, repr=False)
     strict_passphrase: bool = True  # see VMVAULT_PASSPHRASE_CHECK
     debug: bool = False
     clock_offset_s: float = 0.0

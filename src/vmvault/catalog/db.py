@@ -214,6 +214,9 @@ class Catalog:
             self.engine = make_engine(db_path)
             self._write_engine = self.engine.execution_options(**{_IMMEDIATE: True})
 
+    def __repr__(self) -> str:
+        return f"Catalog({self.where})"  # never the password
+
     @property
     def shared(self) -> bool:
         """A PostgreSQL catalog: other servers (other hosts) may use it at the same time."""
