@@ -67,10 +67,10 @@ def test_catalog_url_password_never_in_arguments_nor_output(tmp_path: Path, pg_s
     passfile.write_text(f"127.0.0.1:{pg_server.port}:*:vmvault:{secret}\n")
     passfile.chmod(0o600)
     with_file = Cli(home=tmp_path / "home", extra_env={"PGPASSFILE": str(passfile)})
-    with_file.ok("--catalog", bare, "vault", "create", "v1", "--storage", str(tmp_path / "v1"))
+    made = with_file.ok("--catalog", bare, "token", "create", "--role", "BackupReader", "--name", "pgpass").json()
     # VMVAULT_CATALOG (the whole URL, password included) opens the same catalog.
     from_env = Cli(home=tmp_path / "other-home", extra_env={"VMVAULT_CATALOG": url})
-    assert [v["name"] for v in from_env.ok("vault", "list").json()] == ["v1"]
+    assert [t["id"] for t in from_env.ok("token", "list").json()] == [made["id"]]
     # A wrong password or an unreachable server: a clear error naming the catalog, never the password.
     wrong = url.replace(secret, "not-the-password")
     r = Cli(home=tmp_path / "h3", extra_env={"VMVAULT_CATALOG": wrong}).fails("vault", "list")
@@ -81,6 +81,16 @@ def test_catalog_url_password_never_in_arguments_nor_output(tmp_path: Path, pg_s
     assert ":1/" in r.stderr and secret not in r.output, r
     r = Cli(home=tmp_path / "h5", extra_env={"VMVAULT_CATALOG": "mysql://x@y/z"}).fails("vault", "list")
     assert r.returncode == 64 and "unsupported catalog URL scheme 'mysql'" in r.stderr, r
+    # Nor in what a log line or a traceback would print of the settings or the catalog.
+    from vmvault.catalog.db import Catalog
+    from vmvault.settings import Settings
+
+    catalog = Catalog(url=url)
+    try:
+        printed = repr(Settings(home=tmp_path, catalog_url=url)) + repr(catalog) + catalog.where
+    finally:
+        catalog.close()
+    assert secret not in printed and "vmvault:***@127.0.0.1" in printed
 
 
 # ---- claiming, waking, leading, leases --------------------------------------------------------------
