@@ -62,6 +62,8 @@ class Leadership:
             return self._leader
 
     def release(self) -> None:
+        if not self.catalog.shared:
+            return  # SQLite: the home's serve.lock decides, released with the process
         with self._lock:
             self._close()
             if self._leader:

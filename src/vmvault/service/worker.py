@@ -1,13 +1,16 @@
 """`vmvault serve`: the scheduler, a pool of workers and a small status endpoint in one process.
 
 - Workers claim queued jobs (owner_pid 0) by a conditional update in a BEGIN IMMEDIATE
-  transaction, so a job is run by exactly one process; they record their pid, boot id and
+  transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, and LISTEN/NOTIFY wakes them:
+  service/wakeup.py), so a job is run by exactly one process; they record their pid, boot id and
   process start time, and beat the job's heartbeat while it runs.
 - One `serve` per home: it holds an exclusive flock on HOME/serve.lock for its whole life and
   writes its pid and address there. `backup now` queues to it while the lock is held; a killed
   service releases the lock with its last file descriptor, and its running jobs are failed by the
   next process that opens the catalog (jobs.reap_dead_jobs).
 - A maintenance thread runs the Retention job (and garbage collection after it) once a day.
+- Several serves on one PostgreSQL catalog: only the leader (service/leader.py) schedules and
+  runs maintenance; all serve the API and run jobs.
 - SIGTERM (or SIGINT): the scheduler stops, no new job is claimed, running jobs are cancelled
   (they end Cancelled and leave no recovery point), then the process exits 0. Queued jobs
   stay queued for the next start.
@@ -189,10 +192,14 @@ class WorkerPool:
 def claim_next(ctx: Context) -> JobRow | None:
     """Claim the oldest queued job for this process; None when there is none.
 
-    One short transaction: lock the oldest queued row (PostgreSQL: FOR UPDATE SKIP LOCKED, so the
-    workers of several servers never wait for or take the same job; SQLite: BEGIN IMMEDIATE), then
-    record this process as its owner. catalog.update() does not take the catalog-wide write lock.
+    A read first (idle workers take no write lock), then one short transaction: lock the oldest
+    queued row (PostgreSQL: FOR UPDATE SKIP LOCKED, so the workers of several servers never wait
+    for or take the same job; SQLite: BEGIN IMMEDIATE), then record this process as its owner.
+    catalog.update() does not take the catalog-wide write lock.
     """
+    with ctx.catalog.read() as s:  # idle workers look without taking SQLite's write lock
+        if not repos.queued_jobs(s, QUEUED_OPERATIONS):
+            return None
     with ctx.catalog.update() as s:
         job = repos.lock_next_queued(s, QUEUED_OPERATIONS)
         if job is None:
