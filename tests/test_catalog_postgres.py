@@ -228,3 +228,20 @@ def test_file_recovery_sessions_of_another_server_are_left_to_it(tmp_path: Path,
     with pg_ctx.catalog.read() as s:
         theirs = s.get(FileRecoverySessionRow, "theirs")
         assert theirs is not None and theirs.state == session.ACTIVE
+
+
+def test_backup_now_queues_to_an_online_server_of_the_shared_catalog(tmp_path: Path, pg_ctx: Any) -> None:
+    """Without a serve in this home, `backup now` runs here; once a server of the shared catalog
+    is Online (its host's heartbeat), it queues the job for that server's workers instead."""
+    from vmvault.service import backups, hosts, jobs, protection, vaults, vms
+
+    vaults.create_vault(pg_ctx, "v1", storage_dir=tmp_path / "v1")
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(os.urandom(MiB))
+    vms.add_vm(pg_ctx, "vm1", [disk])
+    protection.enable_protection(pg_ctx, "vm1", "v1")
+    assert backups.backup_now(pg_ctx, "vm1").job["status"] == "Completed"  # no server anywhere: run here
+    hosts.heartbeat_server(pg_ctx, "http://127.0.0.1:8080")  # a serve (any home, any machine) beats
+    queued = backups.backup_now(pg_ctx, "vm1").job
+    assert queued["status"] == "InProgress"
+    assert jobs.describe_job(pg_ctx, queued["id"])["extendedInfo"]["queued"] is True

@@ -745,13 +745,13 @@ def job_wait(
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display
     from vmvault.service import jobs
-    from vmvault.service.worker import service_info
+    from vmvault.service.worker import service_running
 
     if remote.active():
         _end_job(jobs.JobOutcome(job=remote.job_view(remote.wait_job(job_id, timeout))))
         return
     with service_context() as ctx, progress_display(f"job {job_id[:8]}") as show:
-        if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and service_info(ctx.settings) is None:
+        if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and not service_running(ctx):
             output.info(f"job {job_id} is queued and no vmvault serve runs for this home: it starts with the service")
         job = jobs.wait_for_job(ctx, job_id, timeout=timeout, on_progress=show)
     _end_job(jobs.JobOutcome(job=job))

@@ -58,6 +58,13 @@ def heartbeat_server(ctx: Context, address: str | None) -> None:
         row.details = {**(row.details or {}), "servers": {**pids, str(os.getpid()): address}}
 
 
+def server_online(ctx: Context) -> bool:
+    """Some Server host beat its heartbeat within the lease (its serves run queued jobs)."""
+    with ctx.catalog.read() as s:
+        rows = s.scalars(select(HostRow).where(HostRow.role == SERVER)).all()
+        return any(state_of(r) == ONLINE for r in rows)
+
+
 def state_of(row: HostRow) -> str:
     return ONLINE if seconds_between(row.last_heartbeat, now_iso()) <= HOST_LEASE_S else OFFLINE
 

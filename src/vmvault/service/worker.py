@@ -83,6 +83,14 @@ def service_info(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def service_running(ctx: Context) -> bool:
+    """A `vmvault serve` will run queued jobs: this home's (serve.lock), or on a shared PostgreSQL
+    catalog any Online server host (service/hosts.py), wherever it runs."""
+    if service_info(ctx.settings) is not None:
+        return True
+    return ctx.catalog.shared and hosts.server_online(ctx)
+
+
 @contextlib.contextmanager
 def service_lock(settings: Settings, info: dict[str, Any]) -> Iterator[TextIO]:
     """Hold HOME/serve.lock for the life of the service; Busy if another service holds it."""
