@@ -21,9 +21,10 @@ APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-ven
 # file-recovery test images, a libvirt daemon to manage test domains, chromium for the portal's
 # browser tests (driven by Playwright from requirements-dev.lock), restic and borg for bench/,
 # prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/,
-# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py).
+# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py), postgresql (15) for the PostgreSQL
+# catalog tests (tests/pgserver.py runs its own initdb; the product only needs psycopg from requirements.lock).
 TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvirt-daemon-driver-qemu chromium \
-                     restic borgbackup prometheus systemd debootstrap
+                     restic borgbackup prometheus systemd debootstrap postgresql
 
 .PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
 

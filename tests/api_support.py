@@ -61,10 +61,11 @@ class Sandbox:
 
 
 @contextmanager
-def sandbox(home: Path, paths: PathPolicy | None = None) -> Iterator[Sandbox]:
+def sandbox(home: Path, paths: PathPolicy | None = None, catalog_url: str | None = None) -> Iterator[Sandbox]:
     """An app on home; API callers may use paths under the allowed roots of paths (default: anywhere
-    under the home's parent, the home itself excluded: service/paths.py)."""
-    settings = Settings(home=home, passphrase=PASSPHRASE)
+    under the home's parent, the home itself excluded: service/paths.py). catalog_url: a PostgreSQL
+    catalog (the catalog_url fixture) instead of SQLite in the home."""
+    settings = Settings(home=home, passphrase=PASSPHRASE, catalog_url=catalog_url)
     allow = [str(home.parent)]
     policy = paths or build_policy(settings, disks=allow, vaults=allow, restores=allow)
     app = create_app(settings, paths=policy)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import pgserver
 from helpers import BIG_IMAGE_SIZE, SMALL_IMAGE_SIZE, Cli, build_image
+from pgserver import PgServer
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +28,36 @@ def small_image() -> Path:
 def cli(tmp_path: Path) -> Cli:
     """A CLI driver on an empty home of its own."""
     return Cli(home=tmp_path / "home")
+
+
+# ---- catalogs: SQLite (the default) and a real PostgreSQL 15 --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL 15 for the session (initdb into a temporary directory; stopped at the end)."""
+    why = pgserver.available()
+    if why is not None:
+        pytest.fail(why)
+    server = PgServer().start()
+    try:
+        server.migrate_template()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest) -> str | None:
+    """Run the test on both catalogs: None (SQLite in the home) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.new_database()
+
+
+@pytest.fixture
+def catalog_cli(tmp_path: Path, catalog_url: str | None) -> Cli:
+    """A CLI driver on an empty home, once on SQLite and once on PostgreSQL (URL in VMVAULT_CATALOG)."""
+    env = {"VMVAULT_CATALOG": catalog_url} if catalog_url else {}
+    return Cli(home=tmp_path / "home", extra_env=env)

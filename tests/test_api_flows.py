@@ -31,9 +31,9 @@ def wait_job(box: Sandbox, token: str, job_id: str, timeout: float = 300) -> dic
     raise AssertionError(f"job {job_id} did not end in {timeout}s")
 
 
-def test_backup_and_restore_through_the_api(tmp_path: Path) -> None:
+def test_backup_and_restore_through_the_api(tmp_path: Path, catalog_url: str | None) -> None:
     disk = make_ext4_image(tmp_path / "web1.raw", 16, {"hello.txt": b"hello from web1\n" * 100})
-    with sandbox(tmp_path / "home") as box:
+    with sandbox(tmp_path / "home", catalog_url=catalog_url) as box:
         owner = box.token("Owner")
         view = box.call("POST", f"{API}/tokens", owner, json={"role": "BackupContributor"})
         assert view.status_code == 201, view.text
@@ -87,8 +87,8 @@ def test_backup_and_restore_through_the_api(tmp_path: Path) -> None:
         assert usage.status_code == 200, usage.text
 
 
-def test_errors_are_json_with_code_message_hint(tmp_path: Path) -> None:
-    with sandbox(tmp_path / "home") as box:
+def test_errors_are_json_with_code_message_hint(tmp_path: Path, catalog_url: str | None) -> None:
+    with sandbox(tmp_path / "home", catalog_url=catalog_url) as box:
         owner = box.token("Owner")
         r = box.call("GET", f"{API}/vms/nope", owner)
         assert r.status_code == 404
@@ -145,8 +145,8 @@ def test_a_vms_quiesce_budget_is_set_through_the_api_by_a_contributor_only(tmp_p
         assert r.status_code == 200 and budget() is None, r.text
 
 
-def test_scoped_tokens_see_only_their_vault(tmp_path: Path) -> None:
-    with sandbox(tmp_path / "home") as box:
+def test_scoped_tokens_see_only_their_vault(tmp_path: Path, catalog_url: str | None) -> None:
+    with sandbox(tmp_path / "home", catalog_url=catalog_url) as box:
         owner = box.token("Owner")
         for name in ("a", "b"):
             box.call("POST", f"{API}/vaults", owner, json={"name": name, "passphrase": PASSPHRASE})

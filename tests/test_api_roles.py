@@ -85,10 +85,14 @@ def _reached() -> None:
     raise HTTPException(status_code=418, detail="authorised")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Sandbox, dict[str, str]]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Sandbox, dict[str, str]]]:
+    """Every role test runs on both catalogs (tokens, their scopes and the objects they reach)."""
     root = tmp_path_factory.mktemp("api-roles")
-    with sandbox(root / "home") as box:
+    url = request.getfixturevalue("pg_server").new_database() if request.param == "postgresql" else None
+    with sandbox(root / "home", catalog_url=url) as box:
         for name in ("v1", "v2"):
             vaults.create_vault(box.ctx, name)
         vms.add_vm(box.ctx, "vm1", [make_ext4_image(root / "vm1.raw", 8)])

@@ -137,7 +137,7 @@ def test_vault_delete(cli: Cli, tmp_path: Path) -> None:
     assert r.returncode == 66, r
 
 
-def test_queued_backup_cancel_and_one_backup_per_vm(tmp_path: Path) -> None:
+def test_queued_backup_cancel_and_one_backup_per_vm(tmp_path: Path, catalog_url: str | None) -> None:
     """In-process: a queued job is cancelled at once; a second backup of the VM is refused by the catalog."""
     import pytest
     from sqlalchemy.exc import IntegrityError
@@ -148,7 +148,7 @@ def test_queued_backup_cancel_and_one_backup_per_vm(tmp_path: Path) -> None:
     from vmvault.service.context import context
     from vmvault.settings import Settings
 
-    settings = Settings(home=tmp_path / "home", passphrase="correct horse battery staple")
+    settings = Settings(home=tmp_path / "home", passphrase="correct horse battery staple", catalog_url=catalog_url)
     with context(settings) as ctx:
         vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
         vms.add_vm(ctx, "vm1", [tiny_disk(tmp_path / "d.raw", 3)])

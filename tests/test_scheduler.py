@@ -79,7 +79,7 @@ class Serve:
 # ---- missed slots (in process, injected clock) --------------------------------------------------
 
 
-def test_missed_slots_run_once_and_a_running_backup_covers_its_slot(tmp_path: Path) -> None:
+def test_missed_slots_run_once_and_a_running_backup_covers_its_slot(tmp_path: Path, catalog_url: str | None) -> None:
     from vmvault.catalog import repos
     from vmvault.service import backups, policies, protection, scheduler, vaults, vms
     from vmvault.service.context import context
@@ -87,7 +87,7 @@ def test_missed_slots_run_once_and_a_running_backup_covers_its_slot(tmp_path: Pa
 
     disk = tmp_path / "d.raw"
     disk.write_bytes(bytes(MiB) + b"x" * MiB)
-    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE, catalog_url=catalog_url)) as ctx:
         vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
         vms.add_vm(ctx, "vm1", [disk])
         policies.create_policy(
@@ -232,7 +232,7 @@ def test_the_service_runs_retention_when_it_is_due(tmp_path: Path) -> None:
         assert job.status == "Completed"
 
 
-def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path) -> None:
+def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Path, catalog_url: str | None) -> None:
     from vmvault.catalog import repos
     from vmvault.service import backups, policies, protection, scheduler, vaults, vms
     from vmvault.service.context import context
@@ -251,7 +251,7 @@ def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Pa
             "timeZone": "Pacific Standard Time",
         }
     }  # fmt: skip
-    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE, catalog_url=catalog_url)) as ctx:
         vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
         vms.add_vm(ctx, "vm1", [disk])
         policies.create_policy(ctx, "v1", "Hourly", doc)

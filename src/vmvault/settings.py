@@ -2,6 +2,9 @@
 
 VMVAULT_HOME        where the catalog, host keys and default vaults live
                     (default /var/lib/vmvault for root, else ~/.local/share/vmvault)
+VMVAULT_CATALOG     the catalog: a PostgreSQL URL (postgresql://USER[:PASSWORD]@HOST:PORT/DB) shared by
+                    several servers; unset: SQLite in the home (HOME/catalog.db). The global
+                    --catalog URL wins (without a password: PGPASSFILE or ~/.pgpass gives it)
 VMVAULT_PASSPHRASE  the vault passphrase (create/import; a fallback when no host key exists)
 VMVAULT_PASSPHRASE_CHECK
                     "strict" (default, the CLI): a passphrase given must open the key file of the
@@ -26,7 +29,7 @@ VMVAULT_FROZEN_WINDOW
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT_HOME = Path("/var/lib/vmvault")
@@ -39,6 +42,9 @@ class Settings:
 
     home: Path
     passphrase: str | None = None
+    # A PostgreSQL catalog (VMVAULT_CATALOG, --catalog); None: SQLite in the home. Never in a repr:
+    # the URL may hold the password.
+    catalog_url: str | None = field(default=None, repr=False)
     strict_passphrase: bool = True  # see VMVAULT_PASSPHRASE_CHECK
     debug: bool = False
     clock_offset_s: float = 0.0
@@ -81,6 +87,11 @@ def debug_enabled() -> bool:
     return os.environ.get("VMVAULT_DEBUG", "") not in ("", "0")
 
 
+def catalog_url_from_env() -> str | None:
+    """VMVAULT_CATALOG (the CLI puts --catalog there too, so child processes open the same catalog)."""
+    return os.environ.get("VMVAULT_CATALOG") or None
+
+
 def load_settings(home_override: str | None = None) -> Settings:
     """Build the settings: --home beats VMVAULT_HOME beats the default."""
     raw_home = home_override or os.environ.get("VMVAULT_HOME") or ""
@@ -89,6 +100,7 @@ def load_settings(home_override: str | None = None) -> Settings:
     return Settings(
         home=Path(os.path.abspath(home)),
         passphrase=passphrase,
+        catalog_url=catalog_url_from_env(),
         strict_passphrase=os.environ.get("VMVAULT_PASSPHRASE_CHECK", "strict") != "lenient",
         debug=debug_enabled(),
         clock_offset_s=_clock_offset(),

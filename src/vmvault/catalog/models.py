@@ -41,6 +41,8 @@ class VmRow(Base):
     created: Mapped[str] = mapped_column(String(32))
     # 0011: seconds a live backup's freeze call may take (None: the service's setting)
     quiesce_timeout_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    # 0030: the host (hosts.name) whose disks these are and that runs its jobs; None: the servers' own
+    host: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
 
 
 class ProtectedItemRow(Base):
@@ -100,6 +102,7 @@ class JobRow(Base):
             "vm",
             unique=True,
             sqlite_where=text("status = 'InProgress' AND operation = 'Backup'"),
+            postgresql_where=text("status = 'InProgress' AND operation = 'Backup'"),
         ),
     )
 
@@ -248,3 +251,23 @@ class AlertRow(Base):
     raised: Mapped[str] = mapped_column(String(32))
     resolved: Mapped[str | None] = mapped_column(String(32), default=None)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # lastGoodPoint, deadline, policy, ...
+
+
+class HostRow(Base):
+    """0030: a machine of the deployment, with its heartbeat: a server (each `vmvault serve`
+    registers the machine it runs on) or, later, an agent on a hypervisor host.
+
+    Online while last_heartbeat is younger than the lease (service/hosts.py); boot_id ties the
+    jobs its processes own (jobs.owner_boot_id) to it.
+    """
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # Server | Agent
+    version: Mapped[str] = mapped_column(String(32))
+    boot_id: Mapped[str] = mapped_column(String(64), default="")
+    address: Mapped[str | None] = mapped_column(String(255), default=None)  # a server's API URL
+    registered: Mapped[str] = mapped_column(String(32))
+    last_heartbeat: Mapped[str] = mapped_column(String(32))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # pids, hypervisors found, ...

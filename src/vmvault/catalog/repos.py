@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from vmvault.catalog.clock import now_iso
@@ -146,10 +146,22 @@ def add_recovery_point(s: Session, row: RecoveryPointRow) -> RecoveryPointRow:
 # ---- jobs ---------------------------------------------------------------------------------------
 
 
+JOBS_CHANNEL = "vmvault_jobs"  # PostgreSQL: NOTIFY'd when a job is queued (workers LISTEN; service/wakeup.py)
+
+
 def add_job(s: Session, row: JobRow) -> JobRow:
     s.add(row)
     s.flush()
+    if row.owner_pid == 0 and row.status == IN_PROGRESS:
+        notify_queued(s, row.id)
     return row
+
+
+def notify_queued(s: Session, job_id: str) -> None:
+    """PostgreSQL: wake the workers of every server when this transaction commits (NOTIFY is
+    transactional: a rolled-back queueing wakes nobody). SQLite: nothing, its workers poll."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_notify(:channel, :job)"), {"channel": JOBS_CHANNEL, "job": job_id})
 
 
 def find_job(s: Session, job_id: str) -> JobRow | None:
@@ -165,6 +177,18 @@ def get_job(s: Session, job_id: str) -> JobRow:
     if row is None:
         raise NotFound(f"job '{job_id}' not found", hint="list jobs with: vmvault job list")
     return row
+
+
+def lock_job(s: Session, job_id: str) -> JobRow:
+    """get_job, with the row locked until the transaction ends (PostgreSQL: SELECT ... FOR UPDATE,
+    so a worker's claim (which does not take the write lock) is either seen or waits; SQLite:
+    the write transaction already excludes it)."""
+    row = get_job(s, job_id)
+    locked = s.scalars(select(JobRow).where(JobRow.id == row.id).with_for_update()).first()
+    if locked is None:
+        raise NotFound(f"job '{job_id}' not found", hint="list jobs with: vmvault job list")
+    s.refresh(locked)
+    return locked
 
 
 def list_jobs(
@@ -287,6 +311,23 @@ def queued_jobs(s: Session, operations: Sequence[str]) -> Sequence[JobRow]:
         JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations))
     )
     return s.scalars(query.order_by(JobRow.start_time)).all()
+
+
+def lock_next_queued(s: Session, operations: Sequence[str]) -> JobRow | None:
+    """The oldest queued job of these operations, row-locked for this transaction.
+
+    PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, so workers of several servers each lock a
+    different job without waiting for each other. SQLite: the clause is not rendered; the caller's
+    write transaction (BEGIN IMMEDIATE) is already the only writer.
+    """
+    query = (
+        select(JobRow)
+        .where(JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations)))
+        .order_by(JobRow.start_time)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return s.scalars(query).first()
 
 
 def claim_job(s: Session, job_id: str, pid: int, boot_id: str, details: dict[str, Any] | None) -> bool:

@@ -73,6 +73,13 @@ def root(
     home: Annotated[
         str | None, typer.Option("--home", help="vmvault home (default $VMVAULT_HOME; anywhere on the line).")
     ] = None,
+    catalog: Annotated[
+        str | None,
+        typer.Option(
+            "--catalog",
+            help="PostgreSQL catalog URL, no password (default $VMVAULT_CATALOG, else SQLite in the home).",
+        ),
+    ] = None,
     show_version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
     ] = False,
@@ -739,13 +746,13 @@ def job_wait(
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display
     from vmvault.service import jobs
-    from vmvault.service.worker import service_info
+    from vmvault.service.worker import service_running
 
     if remote.active():
         _end_job(jobs.JobOutcome(job=remote.job_view(remote.wait_job(job_id, timeout))))
         return
     with service_context() as ctx, progress_display(f"job {job_id[:8]}") as show:
-        if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and service_info(ctx.settings) is None:
+        if jobs.describe_job(ctx, job_id)["extendedInfo"]["queued"] and not service_running(ctx):
             output.info(f"job {job_id} is queued and no vmvault serve runs for this home: it starts with the service")
         job = jobs.wait_for_job(ctx, job_id, timeout=timeout, on_progress=show)
     _end_job(jobs.JobOutcome(job=job))
@@ -912,6 +919,8 @@ from vmvault.cli import report as _report  # noqa: E402, F401  (vmvault report)
 from vmvault.cli import files as _files  # noqa: E402, F401
 # API tokens: token create|list|revoke (cli/token.py).
 from vmvault.cli import token as _token  # noqa: E402, F401
+# hosts of the deployment: host list|show|remove (cli/host.py).
+from vmvault.cli import host as _host  # noqa: E402, F401
 # host checks: doctor (cli/doctor.py).
 from vmvault.cli import doctor as _doctor  # noqa: E402, F401
 # scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).

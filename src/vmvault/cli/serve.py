@@ -106,7 +106,7 @@ def _announce(service: Any) -> None:
     if service.metrics_address:
         where += f"; metrics on {service.metrics_address}/metrics (no token)"
     sys.stdout.write(
-        f"vmvault serve: {where}; home {service.ctx.settings.home}; {service.workers} worker(s); "
+        f"vmvault serve: {where}; home {service.ctx.settings.home}; {_catalog(service)}{service.workers} worker(s); "
         f"pid {_pid()}; stop with Ctrl-C or SIGTERM\n"
     )
     token = ensure_first_run_token(service.ctx)
@@ -117,6 +117,12 @@ def _announce(service: Any) -> None:
             "make others with: vmvault token create --role ROLE)\n"
         )
     sys.stdout.flush()
+
+
+def _catalog(service: Any) -> str:
+    """A PostgreSQL catalog, named without its password (the SQLite one is in the home)."""
+    catalog = service.ctx.catalog
+    return f"catalog {catalog.where}; " if catalog.shared else ""
 
 
 def _write_owner_token(home: Any, token: str) -> str:

@@ -13,7 +13,14 @@ if TYPE_CHECKING:
     from vmvault.service.context import Context
 
 OUTPUT_FORMATS = ("table", "json", "tsv", "csv")
-_VALUED = {"-o": "output", "--output": "output", "--home": "home", "--server": "server", "--query": "query"}
+_VALUED = {
+    "-o": "output",
+    "--output": "output",
+    "--home": "home",
+    "--server": "server",
+    "--query": "query",
+    "--catalog": "catalog",
+}
 
 
 @dataclass
@@ -22,6 +29,7 @@ class CliState:
     home: str | None = None
     server: str | None = None  # --server URL: commands with a remote form call its API
     query: str | None = None  # --query JMESPATH: applied to the JSON before it is printed (as az)
+    catalog: str | None = None  # --catalog URL: a PostgreSQL catalog (never with a password: ps shows it)
 
     @property
     def json(self) -> bool:
@@ -62,7 +70,19 @@ def split_globals(argv: list[str]) -> tuple[CliState, list[str]]:
     state.output = _check_output(state.output)
     if state.query is not None:
         _check_query(state.query)
+    if state.catalog is not None:
+        _use_catalog(state.catalog)
     return state, rest
+
+
+def _use_catalog(url: str) -> None:
+    """Check --catalog (no password in an argument) and hand it on through VMVAULT_CATALOG, so the
+    settings and every child process (file-recovery export, thaw guard) open the same catalog."""
+    import os
+
+    from vmvault.catalog.db import check_catalog_url
+
+    os.environ["VMVAULT_CATALOG"] = check_catalog_url(url, from_argument=True)
 
 
 def _check_query(expression: str) -> None:
@@ -87,7 +107,8 @@ def _is_files_script(argv: list[str]) -> bool:
 
 def _hint_for(flag: str) -> str:
     hints = {"--home": "e.g. --home /var/lib/vmvault", "--server": "e.g. --server http://127.0.0.1:8080",
-             "--query": "e.g. --query [0].name"}  # fmt: skip
+             "--query": "e.g. --query [0].name",
+             "--catalog": "e.g. --catalog postgresql://vmvault@db:5432/vmvault"}  # fmt: skip
     return hints.get(flag, "e.g. -o json")
 
 

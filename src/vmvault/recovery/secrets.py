@@ -32,8 +32,11 @@ def catalog_authorizer(home: Path, session_id: str) -> Authorize:
     """Check a password against the session's stored hashes and their expiry, in the catalog."""
     from vmvault.catalog import repos
     from vmvault.catalog.db import Catalog
+    from vmvault.settings import catalog_url_from_env
 
-    catalog = Catalog(home / "catalog.db")  # the owner opened (and migrated) it already
+    # The owner opened (and migrated) it already; a PostgreSQL URL comes through the environment.
+    url = catalog_url_from_env()
+    catalog = Catalog(url=url) if url else Catalog(home / "catalog.db")
 
     def authorize(password: str) -> Grant:
         digest = hash_password(password)

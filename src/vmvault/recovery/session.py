@@ -305,6 +305,8 @@ def reap_sessions(ctx: Any) -> list[str]:
     """
     ended = []
     for row in live_rows(ctx):
+        if not _of_this_home(ctx, row) and not _stuck(row):
+            continue  # a shared catalog: another server's session (its files_lock, its mounts): it reaps it
         if owner_alive(row) and not _stuck(row):
             continue
         with files_lock(ctx.settings.home):
@@ -317,6 +319,12 @@ def reap_sessions(ctx: Any) -> list[str]:
                 ended.append(row.id)
     _clear_orphan_dirs(ctx)
     return ended
+
+
+def _of_this_home(ctx: Any, row: FileRecoverySessionRow) -> bool:
+    """The session was started from this home (its run directory is here). Always so on SQLite
+    (one home per catalog); on a PostgreSQL catalog, other servers' sessions are theirs to reap."""
+    return Path(row.run_dir).parent == run_root(ctx.settings.home)
 
 
 def _stuck(row: FileRecoverySessionRow) -> bool:

@@ -80,9 +80,9 @@ def backup_now(
     plan = plan_backup(ctx, vm_name, parse_retain_until(retain_until))
     details = backup_details(plan, ON_DEMAND)
     if queue is None:
-        from vmvault.service.worker import service_info
+        from vmvault.service.worker import service_running
 
-        queue = service_info(ctx.settings) is not None
+        queue = service_running(ctx)
     if queue:
         job = create_job(
             ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True, queued=True, details=details
@@ -105,7 +105,7 @@ def follow_backup(
     """
     from vmvault.errors import Busy
     from vmvault.service.jobs import owner_fields, wait_for_job
-    from vmvault.service.worker import service_info
+    from vmvault.service.worker import service_running
 
     while True:
         try:
@@ -113,7 +113,7 @@ def follow_backup(
         except Busy as exc:
             if exc.code != "timeout":
                 raise
-            if service_info(ctx.settings) is not None:
+            if service_running(ctx):
                 continue  # still queued or running under the service: go on waiting
         with ctx.catalog.write() as s:
             row = repos.get_job(s, job_id)

@@ -42,7 +42,10 @@ def open_context(settings: Settings) -> Context:
     """Open (and if needed migrate) the catalog, then fail jobs whose process died."""
     from vmvault.service.jobs import reap_dead_jobs
 
-    catalog = Catalog.open(settings.catalog_path)
+    if settings.catalog_url is not None:
+        catalog = Catalog.open_url(settings.catalog_url)
+    else:
+        catalog = Catalog.open(settings.catalog_path)
     ctx = Context(settings=settings, catalog=catalog)
     try:
         reap_dead_jobs(ctx)

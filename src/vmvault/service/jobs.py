@@ -37,6 +37,9 @@ T = TypeVar("T")
 ProgressCallback = Callable[[Any], None]  # receives vmvault.engine.progress.Progress
 
 PROGRESS_INTERVAL_S = 1.0
+# A shared (PostgreSQL) catalog: a job owned by a process of another machine is dead when its
+# heartbeat (beaten every CancelWatcher.HEARTBEAT_S) is older than this lease.
+JOB_LEASE_S = 60.0
 
 
 class Operation:
@@ -85,10 +88,14 @@ def owner_fields() -> JsonDict:
     return {"ownerStart": process_start_ticks(os.getpid())}
 
 
-def owner_is_dead(row: JobRow, current_boot: str) -> bool:
+def owner_is_dead(row: JobRow, current_boot: str, lease_s: float | None = None) -> bool:
+    """lease_s None: SQLite, one machine. Else the catalog is shared: another boot id is another
+    machine (or this one before a reboot), judged by its heartbeat lease."""
     if row.owner_pid <= 0:
         return False  # queued: no process owns it yet (a worker of `vmvault serve` will claim it)
     if row.owner_boot_id and current_boot and row.owner_boot_id != current_boot:
+        if lease_s is not None:
+            return heartbeat_age(row) > lease_s
         return True  # the machine rebooted since: the owner cannot be running
     if row.owner_pid == os.getpid():
         return False
@@ -97,6 +104,15 @@ def owner_is_dead(row: JobRow, current_boot: str) -> bool:
     started = (row.details or {}).get("ownerStart")
     now_started = process_start_ticks(row.owner_pid)
     return started is not None and now_started is not None and started != now_started  # pid reused
+
+
+def heartbeat_age(row: JobRow) -> float:
+    from vmvault.catalog.clock import from_iso, utc_now
+
+    try:
+        return (utc_now() - from_iso(row.heartbeat)).total_seconds()
+    except ValueError:
+        return float("inf")
 
 
 # ---- dead jobs ----------------------------------------------------------------------------------
@@ -117,13 +133,14 @@ def dead_job_error(row: JobRow) -> JsonDict:
 def reap_dead_jobs(ctx: Context) -> int:
     """Mark Failed every InProgress job whose owner process is gone; cheap when there are none."""
     current = boot_id()
+    lease = JOB_LEASE_S if ctx.catalog.shared else None
     with ctx.catalog.read() as s:
-        if not any(owner_is_dead(r, current) for r in repos.running_jobs(s)):
+        if not any(owner_is_dead(r, current, lease) for r in repos.running_jobs(s)):
             return 0
     reaped = 0
     with ctx.catalog.write() as s:
         for row in repos.running_jobs(s):
-            if owner_is_dead(row, current):
+            if owner_is_dead(row, current, lease):
                 repos.finish_job(s, row.id, Status.FAILED, error=dead_job_error(row))
                 remove_partial_files(row.details)
                 _notify_enqueue(s, row.id)
@@ -344,7 +361,7 @@ class JobRun:
             snapshot = dict(self.last)
             details = _copy_details(self.details)
         try:
-            with self.ctx.catalog.write() as s:
+            with self.ctx.catalog.update() as s:  # its own row only: no catalog-wide write lock
                 repos.update_job_progress(s, self.job_id, snapshot)
                 if details is not None:  # merged: a key another writer added (partialFiles) stays
                     _merge_details(s, self.job_id, details)
@@ -481,7 +498,7 @@ class CancelWatcher:
                         self.cancel.set()
                 if time.monotonic() - beat >= self.HEARTBEAT_S:
                     beat = time.monotonic()
-                    with self.ctx.catalog.write() as s:
+                    with self.ctx.catalog.update() as s:
                         repos.touch_jobs(s, [self.job_id])
             except DatabaseError:
                 log.debug("cancel watcher of job %s: catalog busy", self.job_id, exc_info=True)
@@ -712,7 +729,7 @@ def _progress_of(row: JobRow) -> _JobProgress:
 def cancel_job(ctx: Context, job_id: str) -> JsonDict:
     """Stop a job: a queued one ends Cancelled at once, a running one is asked to stop (its owner polls the flag)."""
     with ctx.catalog.write() as s:
-        row = repos.get_job(s, job_id)
+        row = repos.lock_job(s, job_id)  # a worker of another server may be claiming it right now
         if row.status != Status.IN_PROGRESS:
             raise InvalidInput(
                 f"job {row.id} already ended ({row.status})", hint=f"see it with: vmvault job show {row.id}"

@@ -9,7 +9,9 @@ first slot after the anchor (domain.schedule.next_run). When that slot is due, o
 - two schedulers (two `serve` on one home are refused, but still) cannot queue one slot twice:
   the second sees the moved anchor;
 - an item whose backup is already running (on demand, or a slow previous one) gets no second
-  one: the slot is counted as covered (the unique index on running backups backs this up).
+  one: the slot is counted as covered (the unique index on running backups backs this up);
+- several `serve` on one PostgreSQL catalog: only the leader (service/leader.py) ticks; the
+  compare-and-set of the anchor still holds if two ever do.
 
 The clock is ctx.now(), which honours the test-only VMVAULT_TEST_CLOCK_OFFSET_S.
 """
@@ -29,10 +31,13 @@ from vmvault.catalog.models import JobRow, PolicyRow
 from vmvault.domain.policy import WEEKLY, Policy
 from vmvault.domain.schedule import next_run
 from vmvault.service.context import Context
+from vmvault.service.hosts import HEARTBEAT_S
 from vmvault.service.jobs import Operation, Status, disk_tasks
+from vmvault.service.leader import Leadership
 from vmvault.service.policies import policy_of
 from vmvault.service.protection import ACTIVE_STATES
 from vmvault.service.views import empty_progress
+from vmvault.testhooks import crash_point
 
 log = logging.getLogger("vmvault")
 
@@ -91,6 +96,7 @@ def tick(ctx: Context, now: datetime | None = None) -> list[str]:
         job_id = _queue(ctx, due, moment)
         if job_id is not None:
             queued.append(job_id)
+            crash_point("schedule:queued")  # test-only: the scheduling server dies mid-slot
     return queued
 
 
@@ -147,9 +153,18 @@ class Scheduler:
     It also retries notifications, raises and resolves missed-backup alerts, and reaps dead jobs.
     """
 
-    def __init__(self, ctx: Context, interval: float = 1.0, min_free_percent: float | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        interval: float = 1.0,
+        min_free_percent: float | None = None,
+        leadership: Leadership | None = None,
+        heartbeat: Callable[[], object] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.interval = interval
+        self.leadership = leadership or Leadership(ctx.catalog)
+        self.heartbeat = heartbeat  # this server's host heartbeat (service/hosts.py), every HEARTBEAT_S
         self.min_free_percent = min_free_percent  # vault free-space alerts below this (None: the default)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="vmvault-scheduler", daemon=True)
@@ -160,6 +175,7 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        self.leadership.release()
 
     def _check_alerts(self) -> None:
         """Missed backups (service/rpo.py) and vaults short of space (service/space.py): queued, delivered next tick."""
@@ -183,12 +199,20 @@ class Scheduler:
 
         rounds = 0
         while not self._stop.is_set():
-            for step in (lambda: tick(self.ctx), lambda: notify.deliver_pending(self.ctx)):
+            # Only the leader queues slots and raises alerts; notifications (leased) and dead jobs
+            # are safe to handle from every server.
+            leader = self.leadership.check()
+            steps: list[Callable[[], object]] = [lambda: notify.deliver_pending(self.ctx)]
+            if self.heartbeat is not None and rounds % max(1, int(HEARTBEAT_S / self.interval)) == 0:
+                steps.append(self.heartbeat)
+            if leader:
+                steps.insert(0, lambda: tick(self.ctx))
+            for step in steps:
                 try:
                     step()
                 except Exception:
                     log.exception("scheduler step failed; retrying next tick")
-            if rounds % max(1, int(RPO_CHECK_S / self.interval)) == 0:
+            if leader and rounds % max(1, int(RPO_CHECK_S / self.interval)) == 0:
                 self._check_alerts()
             rounds += 1
             if rounds % max(1, int(30 / self.interval)) == 0:
@@ -208,8 +232,16 @@ class Maintenance:
     without service/retention.py.
     """
 
-    def __init__(self, ctx: Context, every_s: float, first_delay_s: float = 600.0, verify_days: int = 0) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        every_s: float,
+        first_delay_s: float = 600.0,
+        verify_days: int = 0,
+        leadership: Leadership | None = None,
+    ) -> None:
         self.ctx = ctx
+        self.leadership = leadership  # several servers: only the leader runs maintenance
         self.every_s = every_s
         self.verify_days = verify_days  # scheduled verification period (service/verify_schedule.py); 0: off
         self.first_delay_s = first_delay_s
@@ -246,6 +278,9 @@ class Maintenance:
         if self.cancel.wait(self.first_delay_s):
             return
         while not self.cancel.is_set():
+            if self.leadership is not None and not self.leadership.is_leader:
+                self.cancel.wait(60.0)
+                continue
             self._verify()
             try:
                 if self.every_s > 0 and self.due():

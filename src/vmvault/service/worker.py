@@ -1,13 +1,16 @@
 """`vmvault serve`: the scheduler, a pool of workers and a small status endpoint in one process.
 
 - Workers claim queued jobs (owner_pid 0) by a conditional update in a BEGIN IMMEDIATE
-  transaction, so a job is run by exactly one process; they record their pid, boot id and
+  transaction (PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, and LISTEN/NOTIFY wakes them:
+  service/wakeup.py), so a job is run by exactly one process; they record their pid, boot id and
   process start time, and beat the job's heartbeat while it runs.
 - One `serve` per home: it holds an exclusive flock on HOME/serve.lock for its whole life and
   writes its pid and address there. `backup now` queues to it while the lock is held; a killed
   service releases the lock with its last file descriptor, and its running jobs are failed by the
   next process that opens the catalog (jobs.reap_dead_jobs).
 - A maintenance thread runs the Retention job (and garbage collection after it) once a day.
+- Several serves on one PostgreSQL catalog: only the leader (service/leader.py) schedules and
+  runs maintenance; all serve the API and run jobs.
 - SIGTERM (or SIGINT): the scheduler stops, no new job is claimed, running jobs are cancelled
   (they end Cancelled and leave no recovery point), then the process exits 0. Queued jobs
   stay queued for the next start.
@@ -33,9 +36,12 @@ from vmvault.catalog.models import JobRow
 from vmvault.errors import Busy, InvalidInput
 from vmvault.logs import job_context
 from vmvault.proc import boot_id
+from vmvault.service import hosts
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
+from vmvault.service.leader import Leadership
 from vmvault.service.paths import PathPolicy
+from vmvault.service.wakeup import Wakeup
 from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
 log = logging.getLogger("vmvault")
@@ -75,6 +81,14 @@ def service_info(settings: Settings) -> dict[str, Any] | None:
             return info
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
+
+
+def service_running(ctx: Context) -> bool:
+    """A `vmvault serve` will run queued jobs: this home's (serve.lock), or on a shared PostgreSQL
+    catalog any Online server host (service/hosts.py), wherever it runs."""
+    if service_info(ctx.settings) is not None:
+        return True
+    return ctx.catalog.shared and hosts.server_online(ctx)
 
 
 @contextlib.contextmanager
@@ -118,8 +132,11 @@ class WorkerPool:
     _stopping: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    wakeup: Wakeup | None = None
 
     def start(self) -> None:
+        self.wakeup = Wakeup(self.ctx.catalog, self.poll_s)
+        self.wakeup.start()
         for i in range(self.workers):
             thread = threading.Thread(target=self._loop, name=f"vmvault-worker-{i}", daemon=True)
             thread.start()
@@ -131,6 +148,8 @@ class WorkerPool:
         with self._lock:
             for event in self.running.values():
                 event.stop(reason)
+        if self.wakeup is not None:
+            self.wakeup.stop()
         for thread in self._threads:
             thread.join(timeout)
 
@@ -146,7 +165,10 @@ class WorkerPool:
                 log.exception("claiming a job failed")
                 job = None
             if job is None:
-                self._stopping.wait(self.poll_s)
+                if self.wakeup is not None:
+                    self.wakeup.wait(self._stopping)
+                else:
+                    self._stopping.wait(self.poll_s)
                 continue
             self._run(job)
 
@@ -176,19 +198,25 @@ class WorkerPool:
 
 
 def claim_next(ctx: Context) -> JobRow | None:
-    """Claim the oldest queued job for this process (conditional update); None when there is none."""
-    with ctx.catalog.read() as s:
-        candidates = [j.id for j in repos.queued_jobs(s, QUEUED_OPERATIONS)]
-    for job_id in candidates:
-        with ctx.catalog.write() as s:
-            job = repos.find_job(s, job_id)
-            if job is None:
-                continue
-            details = {**(job.details or {}), **owner_fields(), "claimedAt": now_iso()}
-            if repos.claim_job(s, job_id, os.getpid(), boot_id(), details):
-                s.refresh(job)
-                return job
-    return None
+    """Claim the oldest queued job for this process; None when there is none.
+
+    A read first (idle workers take no write lock), then one short transaction: lock the oldest
+    queued row (PostgreSQL: FOR UPDATE SKIP LOCKED, so the workers of several servers never wait
+    for or take the same job; SQLite: BEGIN IMMEDIATE), then record this process as its owner.
+    catalog.update() does not take the catalog-wide write lock.
+    """
+    with ctx.catalog.read() as s:  # idle workers look without taking SQLite's write lock
+        if not repos.queued_jobs(s, QUEUED_OPERATIONS):
+            return None
+    with ctx.catalog.update() as s:
+        job = repos.lock_next_queued(s, QUEUED_OPERATIONS)
+        if job is None:
+            return None
+        details = {**(job.details or {}), **owner_fields(), "claimedAt": now_iso()}
+        if not repos.claim_job(s, job.id, os.getpid(), boot_id(), details):
+            return None  # ended (cancelled) between the two statements: try again next round
+        s.refresh(job)
+        return job
 
 
 # ---- status endpoint ----------------------------------------------------------------------------
@@ -252,6 +280,7 @@ class Service:
     metrics_address: str | None = None
     verify_days: int = 0  # scheduled verification period in days (serve --verify-every); 0: off
     min_free_percent: float | None = None  # vault free-space alerts below this % (serve --space-alert-below)
+    leadership: Leadership | None = None  # who schedules (service/leader.py); set by run()
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -263,6 +292,7 @@ class Service:
             "home": str(self.ctx.settings.home),
             "started": self.started,
             "workers": self.workers,
+            "leader": self.leadership.is_leader if self.leadership is not None else False,
             "runningJobs": self.pool.running_ids() if self.pool is not None else [],
             "queuedJobs": queued,
         }
@@ -313,10 +343,22 @@ class Service:
                 self.address = f"http://{host!s}:{port}"
                 threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
             metrics_http = self._metrics_server()
-            write_lock_info(lock_file, {**info, "listen": self.address})
+            info = {**info, "listen": self.address}
             pool = self.pool = WorkerPool(self.ctx, self.workers)
-            scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent)
-            maintenance = Maintenance(self.ctx, self.retention_every_s, verify_days=self.verify_days)
+            leadership = self.leadership = Leadership(
+                self.ctx.catalog, on_change=lambda leader: write_lock_info(lock_file, {**info, "leader": leader})
+            )
+            write_lock_info(lock_file, {**info, "leader": leadership.is_leader})
+            scheduler = Scheduler(
+                self.ctx,
+                self.tick_s,
+                self.min_free_percent,
+                leadership,
+                heartbeat=lambda: hosts.heartbeat_server(self.ctx, self.address),
+            )
+            maintenance = Maintenance(
+                self.ctx, self.retention_every_s, verify_days=self.verify_days, leadership=leadership
+            )
             previous = self._install_signals()
             try:
                 from vmvault.service.libvirt_vms import reconcile_at_start

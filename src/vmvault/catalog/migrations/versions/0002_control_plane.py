@@ -101,7 +101,10 @@ def upgrade() -> None:
     )  # fmt: skip
     op.create_index("ix_notifications_status", "notifications", ["status"])
     _data_upgrade()
-    op.create_index("ux_jobs_one_backup_per_vm", "jobs", ["vm"], unique=True, sqlite_where=sa.text(_ONE_BACKUP_WHERE))
+    op.create_index(
+        "ux_jobs_one_backup_per_vm", "jobs", ["vm"], unique=True,
+        sqlite_where=sa.text(_ONE_BACKUP_WHERE), postgresql_where=sa.text(_ONE_BACKUP_WHERE),
+    )
 
 
 def _data_upgrade() -> None:
@@ -125,6 +128,9 @@ def _data_upgrade() -> None:
     )
     # Older catalogs could hold two InProgress backups of one VM (a dead one not yet reaped):
     # keep the newest so the unique index can be built; the reaper fails the rest's owners later.
+    # Only SQLite catalogs predate this revision (a PostgreSQL catalog starts empty at 0001).
+    if conn.dialect.name != "sqlite":
+        return
     conn.execute(
         sa.text(
             "UPDATE jobs SET status = 'Failed', end_time = :now, error = :err WHERE "

@@ -29,6 +29,9 @@ def upgrade() -> None:
     with op.batch_alter_table("protected_items") as batch:
         batch.add_column(sa.Column("deferred_delete_time", sa.String(32), nullable=True))
     # retain_until is a UTC date kept through its end: the expiry is the next midnight UTC.
+    # Only SQLite catalogs predate this revision (a PostgreSQL catalog starts empty at 0001).
+    if op.get_bind().dialect.name != "sqlite":
+        return
     op.execute(
         "UPDATE recovery_points SET expiry_time = strftime('%Y-%m-%dT%H:%M:%S.000000Z', date(retain_until, '+1 day')), "
         "retention_rules = '[\"RetainUntil\"]' WHERE retain_until GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'"

@@ -41,12 +41,19 @@ def _with_formats(disks: list[dict[str, Any]], definition: dict[str, Any]) -> li
     return out
 
 
+def _decoded(value: Any, empty: Any) -> Any:
+    """A JSON column read by raw SQL: text on SQLite, already decoded by psycopg on PostgreSQL."""
+    if not value:
+        return empty
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
 def upgrade() -> None:
     conn = op.get_bind()
     rows = conn.execute(sa.text("SELECT id, disks, definition FROM vms")).fetchall()
     for vm_id, disks_text, definition_text in rows:
-        disks = json.loads(disks_text) if disks_text else []
-        definition = json.loads(definition_text) if definition_text else {}
+        disks = _decoded(disks_text, [])
+        definition = _decoded(definition_text, {})
         if not isinstance(disks, list) or not isinstance(definition, dict):
             continue
         updated = _with_formats(disks, definition)
