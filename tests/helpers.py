@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +341,22 @@ def protect(cli: Cli, disk: Path, storage: Path, vm: str = "vm1", vault: str = "
     r = cli.protection_enable(vm, vault)
     assert r.ok, str(r)
     return Protected(cli, vm, vault, storage, disk)
+
+
+def protect_host_key_only(cli: Cli, disk: Path, storage: Path, vm: str = "vm1", vault: str = "v1") -> Protected:
+    """protect(), with a CLI driver that gives the passphrase to `vault create` only.
+
+    This host's key opens the vault from then on; a passphrase given to a later command that names
+    the vault is checked against its key file (scrypt: about 0.35 s of CPU per command). For tests
+    that are not about passphrases (tests/test_vault_keys.py is).
+    """
+    cli.vault_create(vault, storage)
+    quick = replace(cli, passphrase=None)
+    r = quick.vm_add(vm, disk)
+    assert r.ok, str(r)
+    r = quick.protection_enable(vm, vault)
+    assert r.ok, str(r)
+    return Protected(quick, vm, vault, storage, disk)
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from helpers import Cli, assert_same_image, copy_image, mutate_image, protect, rp_id, vault_files, wait_for
+from helpers import Cli, assert_same_image, copy_image, mutate_image, rp_id, vault_files, wait_for
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 
 
 def test_kill_9_after_a_pack_leaves_no_point_and_a_failed_job(small_image: Path, tmp_path: Path) -> None:

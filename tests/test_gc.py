@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli, Protected, assert_same_image, copy_image, mutate_image, protect, rp_id, wait_for
+from helpers import Cli, Protected, assert_same_image, copy_image, mutate_image, rp_id, wait_for
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 
 THREE_DAYS = str(3 * 24 * 3600)
 MiB = 1 << 20
@@ -39,7 +40,8 @@ def vault_bytes(storage: Path) -> int:
 
 
 def expire_short_points(prot: Protected) -> Any:
-    later = Cli(home=prot.cli.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": THREE_DAYS})
+    offset = {"VMVAULT_TEST_CLOCK_OFFSET_S": THREE_DAYS}
+    later = Cli(home=prot.cli.home, passphrase=prot.cli.passphrase, extra_env=offset)
     return later.ok("retention", "run", "--vault", prot.vault, "--no-gc").json()
 
 

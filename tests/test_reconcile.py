@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, Protected, assert_same_image, head_of_image, protect
+from helpers import Cli, Protected, assert_same_image, head_of_image
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 
 
 def _killed_backup(prot: Protected, step: str) -> str:

@@ -12,7 +12,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli, protect, rp_id
+from helpers import Cli, rp_id
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 from test_gc import whole_mib_disk
 
 DAY = 24 * 3600

@@ -10,14 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli, assert_same_image, protect, rp_id
+from helpers import Cli, assert_same_image, rp_id
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 from test_gc import vault_bytes, whole_mib_disk
 
 DAY = 24 * 3600
 
 
 def later(cli: Cli, days: float) -> Cli:
-    return Cli(home=cli.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": str(int(days * DAY))})
+    offset = {"VMVAULT_TEST_CLOCK_OFFSET_S": str(int(days * DAY))}
+    return Cli(home=cli.home, passphrase=cli.passphrase, extra_env=offset)
 
 
 def listed(cli: Cli, vm: str, *extra: str) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, copy_image, mutate_image, protect
+from helpers import Cli, copy_image, mutate_image
+from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 from vmvault.domain.usage import Prices, instance_fee, storage_fee
 
 GB = 1_000_000_000
