@@ -21,9 +21,12 @@ APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-ven
 # file-recovery test images, a libvirt daemon to manage test domains, chromium for the portal's
 # browser tests (driven by Playwright from requirements-dev.lock), restic and borg for bench/,
 # prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/,
-# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py).
+# debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py), nodejs and npm for Azurite (the Azure
+# Blob emulator of tests/objstores.py, installed from npm under .venv/node; moto, the S3 server, is in
+# requirements-dev.lock).
 TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvirt-daemon-driver-qemu chromium \
-                     restic borgbackup prometheus systemd debootstrap
+                     restic borgbackup prometheus systemd debootstrap nodejs npm
+AZURITE_VERSION := 3.37.0
 
 .PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
 
@@ -60,8 +63,9 @@ $(STAMP): requirements.lock pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-$(DEV_STAMP): requirements-dev.lock requirements.lock | $(STAMP)
+$(DEV_STAMP): requirements-dev.lock requirements.lock Makefile | $(STAMP)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.lock
+	npm install -q --prefix $(VENV)/node --no-audit --no-fund azurite@$(AZURITE_VERSION)
 	touch $@
 
 run: deps

@@ -1,7 +1,7 @@
 """The vault lock: shared holders exclude the sweep across processes and threads, and back.
 
 Another process is a real `python -c` child trying the lock with a short timeout; the lock only
-needs the vault's directory, so a stand-in object with `storage_dir` is enough here.
+needs the vault's backend, so a stand-in object with `storage_dir` and `backend` is enough here.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import pytest
 
 from vmvault.errors import Busy
 from vmvault.vault import lock
+from vmvault.vault.backends.local import LocalBackend
 
 TRY = textwrap.dedent(
     """
     import sys, types
     from vmvault.errors import Busy
     from vmvault.vault import lock
-    vault = types.SimpleNamespace(storage_dir=sys.argv[1])
+    from vmvault.vault.backends.local import LocalBackend
+    vault = types.SimpleNamespace(storage_dir=sys.argv[1], backend=LocalBackend(sys.argv[1]))
     take = lock.exclusive if sys.argv[2] == "exclusive" else lock.shared
     try:
         with take(vault, timeout=float(sys.argv[3])):
@@ -44,7 +46,7 @@ def other_process(storage: Path, mode: str, timeout: float = 0.3) -> str:
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Any:
-    return SimpleNamespace(storage_dir=tmp_path / "vault")
+    return SimpleNamespace(storage_dir=tmp_path / "vault", backend=LocalBackend(tmp_path / "vault"))
 
 
 def test_shared_excludes_exclusive_in_another_process_and_back(vault: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.models import VaultRow
@@ -25,7 +24,7 @@ def opened_vault(
     from vmvault.vault.store import Vault
 
     vault = Vault.open(
-        Path(row.storage_dir),
+        row.storage_dir,  # a directory or an azure:// / s3:// URL (vault/backends)
         ctx.settings.home,
         None if host_key_only else passphrase or ctx.settings.passphrase,
         strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from vmvault.service.paths import Rule, allowed
 from vmvault.service.validate import check_name, check_passphrase
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict, vault_view
+from vmvault.vault.backends import is_url, normalize_location
 
 REDUNDANCIES = ("LRS", "GRS")
 GRS_NOT_AVAILABLE = (
@@ -69,8 +71,7 @@ def create_vault(
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
     # the default is the server's choice; a caller's folder must be in the allowed vault roots (service/paths.py)
-    storage = allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
-    vault = Vault.create(storage, ctx.settings.home, secret, redundancy=value)
+    vault = Vault.create(_storage_for(ctx, name, storage_dir), ctx.settings.home, secret, redundancy=value)
     try:
         row = _row_for(name, vault)
     finally:
@@ -80,6 +81,15 @@ def create_vault(
         repos.add_vault(s, row)
         add_default_policy(s, row, time_zone)
         return _view(s, row)
+
+
+def _storage_for(ctx: Context, name: str, storage_dir: str | Path | None) -> str | Path:
+    """A new vault's location: an object-store URL as given (credentials come from the
+    environment, never from the URL), else a directory, which a caller's choice must place in
+    the allowed vault roots (service/paths.py); the default is the server's choice."""
+    if storage_dir is not None and is_url(storage_dir):
+        return normalize_location(storage_dir)
+    return allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
 
 
 def _row_for(name: str, vault: Any) -> VaultRow:
@@ -250,10 +260,15 @@ def import_vault(
     """Register an existing vault directory and rebuild its VMs and recovery points from the manifests."""
     from vmvault.vault.store import Vault
 
-    storage = allowed(ctx, Rule.VAULTS, storage_dir)
-    vault_name = check_name("vault", name or storage.name)
-    if not storage.is_dir():
-        raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
+    storage: str | Path
+    if is_url(storage_dir):
+        storage = normalize_location(storage_dir)
+        vault_name = check_name("vault", name or storage.rstrip("/").rsplit("/", 1)[-1])
+    else:
+        storage = allowed(ctx, Rule.VAULTS, storage_dir)
+        vault_name = check_name("vault", name or storage.name)
+        if not storage.is_dir():
+            raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
     _refuse_taken_name(ctx, vault_name)
     vault = Vault.open(
         storage,
@@ -332,7 +347,7 @@ def _sound_manifests(vault: Any, hostile: list[JsonDict]) -> tuple[list[Any], li
     return sorted(manifests, key=lambda m: m.time), bad
 
 
-def _hostile_vault(storage: Path, hostile: list[JsonDict]) -> HostileContent:
+def _hostile_vault(storage: str | Path, hostile: list[JsonDict]) -> HostileContent:
     """Refuse the whole vault: its author (who holds its keys) wrote names no vmvault writes.
 
     Damage is an accident and the sound rest is imported; this is not, so nothing of it is."""
@@ -554,11 +569,34 @@ def _vm_name(s: Session, vm_id: str) -> str:
     return vm.name if vm is not None else vm_id
 
 
+def _remove_object_storage(ctx: Context, row: VaultRow) -> bool:
+    """Delete every object of the vault (only if its location still holds this vault)."""
+    import json
+    import shutil
+
+    from vmvault.vault.backends import open_backend
+
+    backend = open_backend(row.storage_dir)
+    try:
+        if json.loads(backend.get("config")).get("uuid") != row.uuid:
+            return False
+    except (VmvaultError, ValueError, AttributeError):
+        return False
+    for info in list(backend.list()):
+        with contextlib.suppress(VmvaultError):
+            backend.delete(info.name)
+    (ctx.settings.home / "keys" / f"{row.uuid}.json").unlink(missing_ok=True)
+    shutil.rmtree(ctx.settings.home / "cache" / row.uuid, ignore_errors=True)
+    return not any(True for _ in backend.list())
+
+
 def _remove_storage(ctx: Context, row: VaultRow) -> bool:
     """Remove the vault's directory (only if it still holds this vault) and this host's key and cache of it."""
     import json
     import shutil
 
+    if is_url(row.storage_dir):
+        return _remove_object_storage(ctx, row)
     storage = Path(row.storage_dir)
     try:
         config = json.loads((storage / "config").read_text())

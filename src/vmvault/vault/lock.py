@@ -166,8 +166,11 @@ _registry_lock = threading.Lock()
 
 
 def _process_lock(vault: Vault, name: str = LOCK_NAME) -> _ProcessLock:
+    local = vault.backend.lock_path(name)
+    if local is None:
+        raise StorageError(f"the storage of the vault at {vault.storage_dir} has no POSIX locks")
     # One object per file, whatever path names it: two descriptors would drop each other's lock.
-    path = Path(os.path.realpath(Path(vault.storage_dir) / name))
+    path = Path(os.path.realpath(local))
     with _registry_lock:
         lock = _registry.get(str(path))
         if lock is None:
@@ -308,9 +311,9 @@ def pinned(
 def list_pins(vault: Vault) -> list[Pin]:
     """Every readable pin, valid or not (unreadable ones are skipped: they pin nothing)."""
     pins = []
-    for name, _size in vault.backend.list(PINS_DIR):
+    for info in vault.backend.list(PINS_DIR):
         try:
-            raw: dict[str, Any] = json.loads(vault.backend.get(name))
+            raw: dict[str, Any] = json.loads(vault.backend.get(info.name))
             pins.append(Pin(**raw))
         except (ObjectNotFound, ValueError, TypeError):
             continue
