@@ -47,3 +47,18 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objstores.Serv
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["local", "azure", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh vault location on each backend: a directory, an Azurite container, a moto bucket.
+
+    The object stores' credentials are set in this process's environment (children inherit
+    them); Cli subprocesses get them through objstores.cli_env(location)."""
+    kind = str(request.param)
+    if kind == "local":
+        return str(tmp_path / "vault")
+    server: objstores.Server = request.getfixturevalue("azurite" if kind == "azure" else "moto_s3")
+    for var, value in server.env.items():
+        monkeypatch.setenv(var, value)
+    return objstores.fresh_azure_url() if kind == "azure" else objstores.fresh_s3_url()

@@ -149,7 +149,12 @@ def in_vault(rows: list[dict[str, Any]], vault: str | None, what: str) -> list[d
 def vault_create(
     name: Annotated[str, typer.Argument(help="Vault name.")],
     storage: Annotated[
-        Path | None, typer.Option(help="Directory of the vault (default $VMVAULT_HOME/vaults/NAME).")
+        str | None,
+        typer.Option(
+            help="Where the vault lives: a directory (default $VMVAULT_HOME/vaults/NAME), "
+            "azure://ACCOUNT/CONTAINER[/PREFIX] (connection string in VMVAULT_AZURE_<ACCOUNT>) or "
+            "s3://BUCKET[/PREFIX] (the standard AWS variables).",
+        ),
     ] = None,
     redundancy: Annotated[Redundancy, typer.Option(case_sensitive=False, help="LRS (GRS: not yet).")] = Redundancy.LRS,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
@@ -167,8 +172,8 @@ def vault_create(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"name": name, "storageDir": remote.server_path(storage, "--storage"), "redundancy": redundancy.value,
-                "passphrase": secret, "timeZone": timezone}  # fmt: skip
+        body = {"name": name, "storageDir": remote.storage_location(storage, "--storage"),
+                "redundancy": redundancy.value, "passphrase": secret, "timeZone": timezone}  # fmt: skip
         output.print_object(shape.vault(remote.post("/vaults", body)))
         return
     with service_context() as ctx:
@@ -296,7 +301,9 @@ def vault_repair(
 
 @vault_app.command("import")
 def vault_import(
-    directory: Annotated[Path, typer.Argument(help="Directory holding the vault.", metavar="DIR")],
+    directory: Annotated[
+        str, typer.Argument(help="Directory holding the vault, or its azure:// or s3:// URL.", metavar="DIR")
+    ],
     name: Annotated[str | None, typer.Option(help="Name to register it under (default: the directory's name).")] = None,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
 ) -> None:
@@ -306,7 +313,7 @@ def vault_import(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"storageDir": remote.server_path(directory, "DIR"), "name": name, "passphrase": secret}
+        body = {"storageDir": remote.storage_location(directory, "DIR"), "name": name, "passphrase": secret}
         output.print_object(remote.post("/vaults/import", body))
         return
     with service_context() as ctx:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
-from vmvault.vault import lock
+from vmvault.vault import lock, objlock
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
@@ -332,6 +332,7 @@ class _Collector:
 
     def delete_pack(self, pack: str, index_name: str) -> None:
         """Index file first, then the pack: an index entry must never name missing data."""
+        objlock.check_held(self.vault.storage_dir)  # object storage: still the only sweeper
         with contextlib.suppress(ObjectNotFound):
             self.vault.backend.delete(index_name)
         self.vault.index.forget_index_files([index_name])

@@ -32,7 +32,7 @@ from vmvault.errors import (
     ObjectNotFound,
 )
 from vmvault.testhooks import crash_point
-from vmvault.vault import crypto, keyfile, seqchain
+from vmvault.vault import crypto, keyfile, objlock, seqchain
 from vmvault.vault.backends import open_backend
 from vmvault.vault.backends.base import Backend
 from vmvault.vault.chunkindex import ChunkIndex, Location
@@ -500,6 +500,7 @@ class Vault:
         payload = manifest.to_json()
         points = {manifest.rp_id: seqchain.digest(payload)}
         self.chain.append("intent", points)
+        objlock.check_held(self.storage_dir)  # a lost lease (object storage): a sweep may be running
         self.backend.put_if_absent(name, seal(self.keys, name, payload))
         self.chain.append("publish", points)
 
