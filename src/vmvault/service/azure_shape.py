@@ -54,6 +54,7 @@ JOB_EXTENDED_FIELDS: Fields = (
     ("owner", "owner"),
     ("heartbeat", "heartbeat"),
     ("rateBytesPerSecond", "rateBytesPerSecond"),
+    ("storageRetries", "storageRetries"),
 )
 ITEM_FIELDS: Fields = (
     ("name", ""),
