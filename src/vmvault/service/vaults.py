@@ -88,8 +88,28 @@ def _storage_for(ctx: Context, name: str, storage_dir: str | Path | None) -> str
     environment, never from the URL), else a directory, which a caller's choice must place in
     the allowed vault roots (service/paths.py); the default is the server's choice."""
     if storage_dir is not None and is_url(storage_dir):
-        return normalize_location(storage_dir)
+        return _allowed_url(ctx, storage_dir)
     return allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
+
+
+def _allowed_url(ctx: Context, url: str | Path) -> str:
+    """An object-store location; from an API or portal caller only under a prefix the server's
+    admin listed in VMVAULT_ALLOWED_STORAGE (comma-separated URLs): the server's credentials
+    would otherwise reach every container or bucket they can write."""
+    import os
+
+    from vmvault.errors import PathNotAllowed
+
+    location = normalize_location(url)
+    if ctx.paths is None:
+        return location
+    prefixes = [p.strip().rstrip("/") for p in os.environ.get("VMVAULT_ALLOWED_STORAGE", "").split(",") if p.strip()]
+    if not any(location == p or location.startswith(p + "/") for p in prefixes):
+        raise PathNotAllowed(
+            f"storage {location} is not allowed for API callers",
+            hint="the server's admin lists allowed object-storage prefixes in VMVAULT_ALLOWED_STORAGE",
+        )
+    return location
 
 
 def _row_for(name: str, vault: Any) -> VaultRow:
@@ -262,7 +282,7 @@ def import_vault(
 
     storage: str | Path
     if is_url(storage_dir):
-        storage = normalize_location(storage_dir)
+        storage = _allowed_url(ctx, storage_dir)
         vault_name = check_name("vault", name or storage.rstrip("/").rsplit("/", 1)[-1])
     else:
         storage = allowed(ctx, Rule.VAULTS, storage_dir)
