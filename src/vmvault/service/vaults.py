@@ -23,9 +23,7 @@ from vmvault.service.views import JsonDict, vault_view
 from vmvault.vault.backends import is_url, normalize_location
 
 REDUNDANCIES = ("LRS", "GRS")
-GRS_NOT_AVAILABLE = (
-    "GRS redundancy (replication to a second location) is not available yet; create the vault with --redundancy LRS"
-)
+GRS_NEEDS_SECONDARY = "GRS redundancy replicates the vault to a second location: give it with --secondary"
 
 
 def _view(s: Session, row: VaultRow) -> JsonDict:
@@ -36,12 +34,15 @@ def _view(s: Session, row: VaultRow) -> JsonDict:
     )
 
 
-def check_redundancy(redundancy: str) -> str:
+def check_redundancy(redundancy: str, secondary: str | Path | None = None) -> str:
+    """LRS, or GRS with a secondary location (and a secondary only with GRS)."""
     value = redundancy.upper()
     if value not in REDUNDANCIES:
-        raise InvalidInput(f"unknown redundancy '{redundancy}'", hint="use --redundancy LRS")
-    if value == "GRS":
-        raise InvalidInput(GRS_NOT_AVAILABLE, hint="use --redundancy LRS")
+        raise InvalidInput(f"unknown redundancy '{redundancy}'", hint="use --redundancy LRS or GRS")
+    if value == "GRS" and not secondary:
+        raise InvalidInput(GRS_NEEDS_SECONDARY, hint="e.g. --redundancy GRS --secondary azure://ACCOUNT2/CONTAINER")
+    if value == "LRS" and secondary:
+        raise InvalidInput("--secondary is for GRS vaults", hint="add --redundancy GRS, or drop --secondary")
     return value
 
 
@@ -56,8 +57,12 @@ def create_vault(
     redundancy: str = "LRS",
     passphrase: str | None = None,
     time_zone: str = "UTC",
+    secondary: str | Path | None = None,
 ) -> JsonDict:
     """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it.
+
+    GRS (redundancy "GRS" with a secondary location, any backend): the secondary must be empty;
+    `vault replicate` (or the service) copies the vault there (vault/replicate.py).
 
     The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA or a Windows name).
     """
@@ -67,20 +72,38 @@ def create_vault(
 
     check_name("vault", name)
     check_time_zone(time_zone, "--timezone")
-    value = check_redundancy(redundancy)
+    value = check_redundancy(redundancy, secondary)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
+    second = _empty_secondary(ctx, name, secondary) if secondary else None
     # the default is the server's choice; a caller's folder must be in the allowed vault roots (service/paths.py)
     vault = Vault.create(_storage_for(ctx, name, storage_dir), ctx.settings.home, secret, redundancy=value)
     try:
         row = _row_for(name, vault)
     finally:
         vault.close()
+    if second is not None:
+        row.secondary_storage = second
+        row.replication = {"state": "NotStarted", "lastReplicatedPoint": None, "lagSeconds": 0.0, "lagBytes": 0,
+                           "lastError": None}  # fmt: skip
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, name)
         repos.add_vault(s, row)
         add_default_policy(s, row, time_zone)
         return _view(s, row)
+
+
+def _empty_secondary(ctx: Context, name: str, secondary: str | Path) -> str:
+    """The GRS secondary's location, reachable and empty (checked before anything is created)."""
+    from vmvault.vault.backends import open_backend
+
+    location = _storage_for(ctx, f"{name}-secondary", secondary)
+    backend = open_backend(location)
+    backend.ensure_container()
+    if any(True for _ in backend.inventory()):
+        raise InvalidInput(f"the secondary {backend.location} is not empty",
+                           hint="choose an empty or new location for the vault's secondary copy")  # fmt: skip
+    return backend.location
 
 
 def _storage_for(ctx: Context, name: str, storage_dir: str | Path | None) -> str | Path:

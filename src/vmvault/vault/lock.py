@@ -240,6 +240,26 @@ def exclusive(vault: Vault, timeout: float | None = None, cancel: threading.Even
         lock.release_exclusive()
 
 
+REPLICATOR_LOCK_NAME = "locks/replicator.lock"  # one GRS replicator per vault (vault/replicate.py)
+
+
+@contextlib.contextmanager
+def only_replicator(vault: Vault) -> Iterator[None]:
+    """The replication lock (a lease on object storage), without waiting: Busy when one runs."""
+    lock = _process_lock(vault, REPLICATOR_LOCK_NAME)
+    try:
+        lock.acquire_exclusive(time.monotonic(), None)
+    except Busy:
+        raise Busy(
+            f"a replication of the vault at {vault.storage_dir} is already running",
+            hint="it catches up on its own; wait for it (vmvault vault show gives the lag)",
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release_exclusive()
+
+
 @contextlib.contextmanager
 def only_collector(vault: Vault) -> Iterator[None]:
     """The garbage-collection lock, without waiting: Busy when another collection runs."""

@@ -196,7 +196,9 @@ def _test_pause_after_pack(type_: int) -> None:
 
 
 class Vault:
-    def __init__(self, backend: Backend, home: Path, keys: crypto.MasterKeys, config: dict[str, Any]):
+    def __init__(
+        self, backend: Backend, home: Path, keys: crypto.MasterKeys, config: dict[str, Any], cache_name: str = ""
+    ):
         self.backend = backend
         # Where the vault is, as the catalog stores it: a directory or an azure:// or s3:// URL.
         self.storage_dir: str = backend.location
@@ -215,8 +217,10 @@ class Vault:
         self._write_ready = False
         # Copies of config / keys/passphrase found damaged or missing at open (healed on the next write).
         self.damaged_copies: dict[str, str] = {}
-        self.chain = seqchain.Chain(backend, self.keys, self.uuid, home / "cache" / self.uuid / "seq-head.json")
-        self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
+        # The host's caches of this copy of the vault: a GRS secondary (which lags) has its own.
+        self.cache_name = cache_name or self.uuid
+        self.chain = seqchain.Chain(backend, self.keys, self.uuid, home / "cache" / self.cache_name / "seq-head.json")
+        self.index = ChunkIndex(home / "cache" / self.cache_name / "chunks.db")
         self.sync_index()
 
     @property
@@ -280,6 +284,7 @@ class Vault:
         *,
         strict_passphrase: bool = False,
         backend: Backend | None = None,
+        cache_name: str = "",
     ) -> Vault:
         """Open with this host's key, else the passphrase.
 
@@ -306,7 +311,7 @@ class Vault:
         damaged.update(_check_keyfiles(backend, keys))
         if host.load(config["uuid"]) is None:
             host.store(config["uuid"], master)
-        vault = cls(backend, home, keys, config)
+        vault = cls(backend, home, keys, config, cache_name)
         vault.damaged_copies = damaged
         for problem in damaged.values():
             if problem:  # a missing copy (a vault from before the copies) is written quietly

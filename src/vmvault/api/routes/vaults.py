@@ -24,6 +24,7 @@ class VaultCreate(Body):
         default=None, description="12+ characters, not a common password; default: the server's VMVAULT_PASSPHRASE"
     )
     time_zone: str = Field(default="UTC", max_length=64)
+    secondary_storage: str | None = Field(default=None, description="GRS: the secondary location")
 
 
 class VaultImport(Body):
@@ -54,6 +55,7 @@ def create_vault(body: VaultCreate, ctx: Ctx) -> dict[str, Any]:
         redundancy=body.redundancy,
         passphrase=body.passphrase,
         time_zone=body.time_zone,
+        secondary=body.secondary_storage,
     )
 
 

@@ -8,6 +8,7 @@ retried attempts is kept per backend (``Retrier.retries``) and a job reports it
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -20,6 +21,14 @@ T = TypeVar("T")
 log = logging.getLogger("vmvault")
 
 ATTEMPTS = 10  # first try + 9 retries: with the backoff below, about 30 s of a throttling store
+
+
+def attempts() -> int:
+    """ATTEMPTS, or VMVAULT_STORAGE_ATTEMPTS (1..50) for stores that throttle longer (or tests)."""
+    try:
+        return min(max(int(os.environ.get("VMVAULT_STORAGE_ATTEMPTS", ATTEMPTS)), 1), 50)
+    except ValueError:
+        return ATTEMPTS
 BASE_S = 0.1
 CAP_S = 8.0
 
@@ -33,15 +42,16 @@ class Retrier:
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn() until it succeeds or fails for good; transient errors back off (full jitter)."""
-        for attempt in range(1, ATTEMPTS + 1):
+        limit = attempts()
+        for attempt in range(1, limit + 1):
             try:
                 return fn()
             except Exception as exc:
                 if not self._transient(exc):
                     raise
-                if attempt == ATTEMPTS:
+                if attempt == limit:
                     raise StorageError(
-                        f"{what} in {self._describe} failed {ATTEMPTS} times: {_short(exc)}",
+                        f"{what} in {self._describe} failed {limit} times: {_short(exc)}",
                         hint="the store is unreachable or throttling; check its endpoint and the network, then retry",
                     ) from exc
                 with self._lock:
