@@ -119,3 +119,68 @@ def fresh_azure_url(account: str = DEV_ACCOUNT) -> str:
 
 def fresh_s3_url() -> str:
     return f"s3://t{uuid.uuid4().hex[:24]}/vault"
+
+
+class ThrottlingProxy:
+    """A small HTTP proxy in front of a store that answers 503 (Azure's "server busy", S3's
+    SlowDown) or 429 to a share of requests, at random, without forwarding them: what a throttling
+    store does. The others are forwarded as they are (a real server answers them)."""
+
+    def __init__(self, upstream_port: int, share: float, seed: int = 1) -> None:
+        import http.client
+        import http.server
+        import random
+        import threading
+
+        rng = random.Random(seed)
+        lock = threading.Lock()
+        proxy = self
+        self.throttled = 0
+        self.forwarded = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with lock:
+                    throttle = rng.random() < share
+                    if throttle:
+                        proxy.throttled += 1
+                    else:
+                        proxy.forwarded += 1
+                if throttle:
+                    status = 503 if rng.random() < 0.7 else 429
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status, reply.reason)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815 (http.server names)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -47,8 +47,9 @@ def _tag(where: Path) -> str:
 
 BACKENDS = [
     BackendKind("local", lambda where: str(where / "store")),
-    BackendKind("azure", lambda where: f"azure://{objstores.DEV_ACCOUNT}/{_tag(where)}/vault", "azurite"),
-    BackendKind("s3", lambda where: f"s3://{_tag(where)}/vault", "moto_s3"),
+    # one container / bucket for the suite, a prefix per test (making a bucket per test is slow)
+    BackendKind("azure", lambda where: f"azure://{objstores.DEV_ACCOUNT}/contract/{_tag(where)}", "azurite"),
+    BackendKind("s3", lambda where: f"s3://contract/{_tag(where)}", "moto_s3"),
 ]
 
 

@@ -18,7 +18,9 @@ How each operation meets the contract (vault/backends/base.py):
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
@@ -65,6 +67,26 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError) and not isinstance(exc, NoCredentialsError)
 
 
+_CLIENTS: dict[tuple[str, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE")  # fmt: skip
+
+
+def _client() -> Any:
+    """One S3 client per process and environment: making one loads botocore's models (slow), and a
+    client is thread-safe. Keyed by the AWS variables, kept only in memory."""
+    key = tuple(os.environ.get(v, "") for v in _ENV)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            config = Config(retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=16,
+                            connect_timeout=10, read_timeout=60)  # fmt: skip
+            client = _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+        return client
+
+
 class S3Backend:
     def __init__(self, url: str, client: Any, bucket: str, prefix: str) -> None:
         self._url = url
@@ -76,10 +98,7 @@ class S3Backend:
     @classmethod
     def from_url(cls, url: str) -> S3Backend:
         bucket, prefix = parse_url(url)
-        config = Config(retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=16,
-                        connect_timeout=10, read_timeout=60)  # fmt: skip
-        client = boto3.session.Session().client("s3", config=config)
-        return cls(url.rstrip("/"), client, bucket, prefix)
+        return cls(url.rstrip("/"), _client(), bucket, prefix)
 
     @property
     def location(self) -> str:
