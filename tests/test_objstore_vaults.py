@@ -97,3 +97,9 @@ def test_backup_restore_and_kill_9_on_object_storage(
     assert leaked == [], f"credentials written to {leaked}"
     everything = b"".join(open_backend(url).get(i.name) for i in open_backend(url).list())
     assert not any(s.encode() in everything for s in secrets)
+
+    # Another host imports the vault from its URL (credentials from its own environment).
+    other = Cli(home=tmp_path / "home2", extra_env=env)
+    imported = other.vault_import(url, "v9")  # type: ignore[arg-type]
+    assert imported.ok, str(imported)
+    assert other.point_ids(prot.vm) == cli.point_ids(prot.vm)
