@@ -157,8 +157,13 @@ def vault_create(
         ),
     ] = None,
     redundancy: Annotated[
-        Redundancy, typer.Option(case_sensitive=False, help="LRS, or GRS (replicated to --secondary).")
-    ] = Redundancy.LRS,
+        Redundancy | None,
+        typer.Option(
+            case_sensitive=False,
+            help="LRS, or GRS (replicated to --secondary). "
+            "Default: GRS when VMVAULT_DEFAULT_SECONDARY is set, else LRS.",
+        ),
+    ] = None,
     secondary: Annotated[
         str | None,
         typer.Option(help="GRS: the secondary location (a directory, azure:// or s3:// URL), empty or new."),
@@ -179,13 +184,14 @@ def vault_create(
     secret = _passphrase(passphrase_file)
     if remote.active():
         body = {"name": name, "storageDir": remote.storage_location(storage, "--storage"),
-                "redundancy": redundancy.value, "passphrase": secret, "timeZone": timezone,
+                "redundancy": redundancy.value if redundancy else None, "passphrase": secret, "timeZone": timezone,
                 "secondaryStorage": remote.storage_location(secondary, "--secondary")}  # fmt: skip
         output.print_object(shape.vault(remote.post("/vaults", body)))
         return
     with service_context() as ctx:
         made = vaults.create_vault(
-            ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret, time_zone=timezone,
+            ctx, name, storage_dir=storage, redundancy=redundancy.value if redundancy else None, passphrase=secret,
+            time_zone=timezone,
             secondary=secondary,
         )
     output.print_object(shape.vault(made))

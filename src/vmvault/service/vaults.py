@@ -54,7 +54,7 @@ def create_vault(
     name: str,
     *,
     storage_dir: str | Path | None = None,
-    redundancy: str = "LRS",
+    redundancy: str | None = None,
     passphrase: str | None = None,
     time_zone: str = "UTC",
     secondary: str | Path | None = None,
@@ -72,6 +72,7 @@ def create_vault(
 
     check_name("vault", name)
     check_time_zone(time_zone, "--timezone")
+    redundancy, secondary = _default_redundancy(ctx, name, redundancy, secondary)
     value = check_redundancy(redundancy, secondary)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
@@ -91,6 +92,19 @@ def create_vault(
         repos.add_vault(s, row)
         add_default_policy(s, row, time_zone)
         return _view(s, row)
+
+
+def _default_redundancy(
+    ctx: Context, name: str, redundancy: str | None, secondary: str | Path | None
+) -> tuple[str, str | Path | None]:
+    """Without --redundancy: GRS when a default secondary is configured (VMVAULT_DEFAULT_SECONDARY,
+    the vault's secondary then being DEFAULT/NAME) or --secondary is given, else LRS."""
+    default = ctx.settings.default_secondary
+    if redundancy is None:
+        redundancy = "GRS" if (secondary or default) else "LRS"
+    if redundancy.upper() == "GRS" and not secondary and default:
+        secondary = f"{default}/{name}"
+    return redundancy, secondary
 
 
 def _empty_secondary(ctx: Context, name: str, secondary: str | Path) -> str:

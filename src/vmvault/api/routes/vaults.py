@@ -19,7 +19,9 @@ router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
 class VaultCreate(Body):
     name: str = Field(max_length=64)
     storage_dir: str | None = None
-    redundancy: str = "LRS"
+    redundancy: str | None = Field(
+        default=None, description="LRS or GRS; default: GRS when the server has a default secondary, else LRS"
+    )
     passphrase: str | None = Field(
         default=None, description="12+ characters, not a common password; default: the server's VMVAULT_PASSPHRASE"
     )
