@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -92,3 +93,57 @@ def _record(ctx: Context, name: str, state: dict[str, Any]) -> None:
     with ctx.catalog.write() as s:
         row = repos.get_vault(s, name)
         row.replication = {**(row.replication or {}), **state}
+
+
+def interval_seconds() -> float:
+    """How often `vmvault serve` replicates each GRS vault (VMVAULT_GRS_INTERVAL, default 300 s)."""
+    try:
+        return max(1.0, float(os.environ.get("VMVAULT_GRS_INTERVAL", 300)))
+    except ValueError:
+        return 300.0
+
+
+def replicate_all(ctx: Context, cancel: threading.Event | None = None) -> list[str]:
+    """One pass over every GRS vault; returns the names replicated. A vault whose replication
+    another process (an agent, `vault replicate`) is running is skipped; a failure is recorded
+    in the vault's replication state (lastError) and the next vault goes on."""
+    from vmvault.errors import Busy
+
+    with ctx.catalog.read() as s:
+        names = [row.name for row in s.scalars(select(VaultRow)).all() if row.secondary_storage]
+    done = []
+    for name in names:
+        if cancel is not None and cancel.is_set():
+            break
+        try:
+            replicate(ctx, name)
+            done.append(name)
+        except Busy:
+            continue
+        except VmvaultError as exc:
+            log.warning("replication of vault %s failed: %s", name, exc.message)
+        except Exception:
+            log.exception("replication of vault %s failed", name)
+    return done
+
+
+class Replicator:
+    """`vmvault serve`'s replicator: every interval_seconds(), a pass over the GRS vaults."""
+
+    def __init__(self, ctx: Context, every_s: float | None = None) -> None:
+        self.ctx = ctx
+        self.every_s = every_s or interval_seconds()
+        self.cancel = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vmvault-replicator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.cancel.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self.cancel.wait(self.every_s):
+            replicate_all(self.ctx, self.cancel)

@@ -300,6 +300,7 @@ class Service:
 
     def run(self, on_ready: Any = None) -> int:
         """Serve until SIGTERM/SIGINT (or request_stop); returns the exit code."""
+        from vmvault.service.replication import Replicator
         from vmvault.service.scheduler import Maintenance, Scheduler
 
         if self.workers < 1:
@@ -317,6 +318,7 @@ class Service:
             pool = self.pool = WorkerPool(self.ctx, self.workers)
             scheduler = Scheduler(self.ctx, self.tick_s, self.min_free_percent)
             maintenance = Maintenance(self.ctx, self.retention_every_s, verify_days=self.verify_days)
+            replicator = Replicator(self.ctx)  # GRS vaults, every VMVAULT_GRS_INTERVAL seconds
             previous = self._install_signals()
             try:
                 from vmvault.service.libvirt_vms import reconcile_at_start
@@ -328,12 +330,14 @@ class Service:
                 pool.start()
                 scheduler.start()
                 maintenance.start()
+                replicator.start()
                 if on_ready is not None:
                     on_ready(self)
                 self._stop.wait()
                 log.info("stopping: %s", self._stop.reason)
                 scheduler.stop()
                 maintenance.stop()
+                replicator.stop()
                 pool.stop(self._stop.reason)
             finally:
                 self._restore_signals(previous)
