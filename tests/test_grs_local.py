@@ -8,6 +8,7 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from helpers import PASSPHRASE, Cli, assert_same_image
@@ -78,3 +79,33 @@ def test_default_secondary_makes_grs_and_the_secondary_alone_restores(tmp_path: 
                          "--from-secondary")  # fmt: skip
     assert "has no secondary (LRS)" in lrs_only.output, lrs_only.output
     assert not list((tmp_path / "o3").glob("*")) if (tmp_path / "o3").exists() else True
+
+
+def test_deletions_reach_the_secondary_only_after_the_delay_and_copies_are_checked(tmp_path: Path) -> None:
+    """A pack GC deleted on the primary stays on the secondary for the delay (a mistake can be
+    undone from there), then goes; a damaged copy is caught on read-back."""
+    from vmvault.errors import IntegrityError
+    from vmvault.vault.backends.local import LocalBackend
+    from vmvault.vault.replicate import replicate_once
+    from vmvault.vault.store import Vault
+
+    vault = Vault.create(tmp_path / "primary", tmp_path / "home", PASSPHRASE)
+    secondary = LocalBackend(tmp_path / "secondary")
+    note = tmp_path / "home" / "missing.json"
+    try:
+        pack = "data/ab/ffff" + "0" * 28  # not one of the packs read back whole (1 in 8)
+        vault.backend.put(pack, b"pack bytes")
+        first = replicate_once(vault, secondary, note, delete_delay=3600)
+        assert secondary.get(pack) == b"pack bytes" and secondary.exists("config") and first.copied >= 4
+        vault.backend.delete(pack)
+        kept = replicate_once(vault, secondary, note, delete_delay=3600)
+        assert secondary.exists(pack) and kept.pending_deletes == 1 and kept.deleted == 0
+        gone = replicate_once(vault, secondary, note, delete_delay=0)
+        assert not secondary.exists(pack) and gone.deleted == 1 and gone.pending_deletes == 0
+
+        # A record that does not authenticate (damaged on the primary, or in transit) is refused.
+        vault.backend.put("seq/999999999999", b"not sealed")
+        with pytest.raises(IntegrityError):
+            replicate_once(vault, secondary, note, delete_delay=0)
+    finally:
+        vault.close()
