@@ -22,9 +22,15 @@ APT_PACKAGES := qemu-utils qemu-system-x86 libnbd-bin python3-libnbd python3-ven
 # browser tests (driven by Playwright from requirements-dev.lock), restic and borg for bench/,
 # prometheus (promtool) and systemd (systemd-analyze) for tests/test_deploy.py's checks of deploy/,
 # debootstrap for the PostgreSQL test guest (tests/vm/pgguest.py), postgresql (15) for the PostgreSQL
-# catalog tests (tests/pgserver.py runs its own initdb; the product only needs psycopg from requirements.lock).
+# catalog tests (tests/pgserver.py runs its own initdb; the product only needs psycopg from requirements.lock),
+# Azurite (the Azure Blob emulator of tests/objstores.py) is installed from npm under .venv/node;
+# moto, the S3 server, is in requirements-dev.lock.
 TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvirt-daemon-driver-qemu chromium \
                      restic borgbackup prometheus systemd debootstrap postgresql
+# Node.js and npm for Azurite, from Debian only when no `npm` is on the PATH: a host that has
+# Node.js from elsewhere (NodeSource's nodejs bundles npm and conflicts with Debian's npm) keeps it.
+NODE_APT_PACKAGES := nodejs npm
+AZURITE_VERSION := 3.37.0
 
 .PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
 
@@ -34,6 +40,7 @@ deps: apt $(STAMP)
 
 test-deps: deps
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(TEST_APT_PACKAGES)"
+	@command -v npm >/dev/null 2>&1 || $(MAKE) --no-print-directory apt APT_PACKAGES="$(NODE_APT_PACKAGES)"
 	@$(MAKE) --no-print-directory $(DEV_STAMP)
 
 bench-deps: test-deps
@@ -61,8 +68,9 @@ $(STAMP): requirements.lock pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-$(DEV_STAMP): requirements-dev.lock requirements.lock | $(STAMP)
+$(DEV_STAMP): requirements-dev.lock requirements.lock Makefile | $(STAMP)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.lock
+	npm install -q --prefix $(VENV)/node --no-audit --no-fund azurite@$(AZURITE_VERSION)
 	touch $@
 
 run: deps

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import objstores
 import pgserver
 from helpers import BIG_IMAGE_SIZE, SMALL_IMAGE_SIZE, Cli, build_image
 from pgserver import PgServer
@@ -47,6 +48,16 @@ def pg_server() -> Iterator[PgServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objstores.Server]:
+    """One Azurite blob service for the session (tests use fresh containers in it)."""
+    server = objstores.start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request: pytest.FixtureRequest) -> str | None:
     """Run the test on both catalogs: None (SQLite in the home) or the URL of a fresh PostgreSQL database."""
@@ -61,3 +72,28 @@ def catalog_cli(tmp_path: Path, catalog_url: str | None) -> Cli:
     """A CLI driver on an empty home, once on SQLite and once on PostgreSQL (URL in VMVAULT_CATALOG)."""
     env = {"VMVAULT_CATALOG": catalog_url} if catalog_url else {}
     return Cli(home=tmp_path / "home", extra_env=env)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objstores.Server]:
+    """One moto S3 server for the session (tests use fresh buckets in it)."""
+    server = objstores.start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "azure", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh vault location on each backend: a directory, an Azurite container, a moto bucket.
+
+    The object stores' credentials are set in this process's environment (children inherit
+    them); Cli subprocesses get them through objstores.cli_env(location)."""
+    kind = str(request.param)
+    if kind == "local":
+        return str(tmp_path / "vault")
+    server: objstores.Server = request.getfixturevalue("azurite" if kind == "azure" else "moto_s3")
+    for var, value in server.env.items():
+        monkeypatch.setenv(var, value)
+    return objstores.fresh_azure_url() if kind == "azure" else objstores.fresh_s3_url()

@@ -214,6 +214,13 @@ def test_vault_create_and_import_refuse_storage_outside_the_vault_roots(world: W
     for path in (str(world.outside / "spare"), str(world.home / "vaults" / "v1")):
         r = box.call("POST", f"{API}/vaults/import", contributor, json={"storageDir": path, "name": "spare"})
         _refused(r, path, "allow-vaults")
+    # object storage: only under a prefix the admin allowed (VMVAULT_ALLOWED_STORAGE, unset here),
+    # refused before any request reaches a store (none runs here)
+    for url in ("s3://any-bucket/x", "azure://acct/container/x"):
+        for route, body in (("/vaults", {"name": "cloud", "storageDir": url}), ("/vaults/import", {"storageDir": url})):
+            r = box.call("POST", f"{API}{route}", contributor, json=body)
+            assert r.status_code == 403 and r.json()["code"] == "path_not_allowed", r.text
+            assert "VMVAULT_ALLOWED_STORAGE" in r.json()["hint"]
     assert [v["name"] for v in vaults.list_vaults(box.ctx)] == ["v1", "v2"]
     r = box.call(
         "POST", f"{API}/vaults", contributor, json={"name": "v9", "storageDir": str(world.allowed / "vaults/v9")}

@@ -1,7 +1,8 @@
 """The vault lock: shared holders exclude the sweep across processes and threads, and back.
 
 Another process is a real `python -c` child trying the lock with a short timeout; the lock only
-needs the vault's directory, so a stand-in object with `storage_dir` is enough here.
+needs the vault's backend, so a stand-in object with `storage_dir` and `backend` is enough here.
+Each test runs on every backend (a directory's POSIX locks, lease objects in Azurite and moto).
 """
 
 from __future__ import annotations
@@ -11,21 +12,22 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from vmvault.errors import Busy
-from vmvault.vault import lock
+from vmvault.vault import lock, objlock
+from vmvault.vault.backends import open_backend
 
 TRY = textwrap.dedent(
     """
     import sys, types
     from vmvault.errors import Busy
     from vmvault.vault import lock
-    vault = types.SimpleNamespace(storage_dir=sys.argv[1])
+    from vmvault.vault.backends import open_backend
+    vault = types.SimpleNamespace(storage_dir=sys.argv[1], backend=open_backend(sys.argv[1]))
     take = lock.exclusive if sys.argv[2] == "exclusive" else lock.shared
     try:
         with take(vault, timeout=float(sys.argv[3])):
@@ -36,15 +38,18 @@ TRY = textwrap.dedent(
 )
 
 
-def other_process(storage: Path, mode: str, timeout: float = 0.3) -> str:
+def other_process(storage: str, mode: str, timeout: float = 0.3) -> str:
     out = subprocess.run([sys.executable, "-c", TRY, str(storage), mode, str(timeout)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return out.stdout.strip()
 
 
 @pytest.fixture
-def vault(tmp_path: Path) -> Any:
-    return SimpleNamespace(storage_dir=tmp_path / "vault")
+def vault(any_storage: str) -> Any:
+    """On every backend: POSIX locks on a directory, lease objects on Azure Blob and S3."""
+    backend = open_backend(any_storage)
+    backend.ensure_container()
+    return SimpleNamespace(storage_dir=backend.location, backend=backend)
 
 
 def test_shared_excludes_exclusive_in_another_process_and_back(vault: Any) -> None:
@@ -104,3 +109,61 @@ def test_one_garbage_collection_at_a_time(vault: Any) -> None:
         pass
     with lock.only_collector(vault):
         pass
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time, types
+    from vmvault.vault import lock
+    from vmvault.vault.backends import open_backend
+    vault = types.SimpleNamespace(storage_dir=sys.argv[1], backend=open_backend(sys.argv[1]))
+    with lock.exclusive(vault):
+        print("holding", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_the_lease_of_a_killed_holder_runs_out_by_the_stores_clock(vault: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of an exclusive holder on object storage: its lease object stays, and is broken
+    once its lease (by the store's timestamps) has run out; until then it excludes."""
+    if vault.backend.lock_path("locks/vault.lock") is not None:
+        pytest.skip("a directory's POSIX lock dies with its process (test_crash covers it)")
+    monkeypatch.setenv("VMVAULT_LOCK_LEASE_SECONDS", "4")
+    child = subprocess.Popen([sys.executable, "-c", HOLD, vault.storage_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+    finally:
+        child.kill()
+        child.wait()
+    started = time.monotonic()
+    assert [i.name for i in vault.backend.list("locks/vault")] == ["locks/vault/exclusive"]
+    with pytest.raises(Busy, match="garbage collection"), lock.shared(vault, timeout=0.5):
+        pass
+    with lock.shared(vault, timeout=30):
+        waited = time.monotonic() - started
+        assert [i.name for i in vault.backend.list("locks/vault/shared")], "the shared holder has no lease object"
+    assert 1.0 <= waited <= 20, waited
+    assert list(vault.backend.list("locks/vault")) == [], "released leases must leave no object"
+
+
+def test_a_lost_lease_stops_publishing(vault: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another host broke our lease (we paused past it): the next check before publishing refuses."""
+    if vault.backend.lock_path("locks/vault.lock") is not None:
+        pytest.skip("POSIX locks cannot be broken by another host")
+    monkeypatch.setenv("VMVAULT_LOCK_LEASE_SECONDS", "2")
+    objlock.check_held(vault.storage_dir)
+    with lock.shared(vault):
+        (mine,) = [i.name for i in vault.backend.list("locks/vault/shared")]
+        vault.backend.delete(mine)  # what a breaker on another host does to an expired lease
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                objlock.check_held(vault.storage_dir)
+            except Busy as exc:
+                assert "was lost" in exc.message and vault.storage_dir in exc.message
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a lost lease was not noticed")
+    objlock.check_held(vault.storage_dir)  # released: nothing held, nothing lost

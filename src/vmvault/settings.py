@@ -51,6 +51,9 @@ class Settings:
     files_listen: str = "127.0.0.1:0"
     quiesce_timeout_s: float = 60.0
     frozen_window_s: float = 10.0
+    # GRS by default (as Azure): each new vault's secondary is DEFAULT_SECONDARY/<vault name>
+    # (a directory or an azure:// / s3:// prefix); None: new vaults are LRS unless told otherwise.
+    default_secondary: str | None = None
 
     @property
     def catalog_path(self) -> Path:
@@ -107,6 +110,7 @@ def load_settings(home_override: str | None = None) -> Settings:
         files_listen=os.environ.get("VMVAULT_FILES_LISTEN") or "127.0.0.1:0",
         quiesce_timeout_s=_seconds("VMVAULT_QUIESCE_TIMEOUT", 60.0, 3600.0),
         frozen_window_s=_seconds("VMVAULT_FROZEN_WINDOW", 10.0, 600.0),
+        default_secondary=(os.environ.get("VMVAULT_DEFAULT_SECONDARY") or "").rstrip("/") or None,
     )
 
 

@@ -138,6 +138,10 @@ class VaultProperties(View):
     created: str
     protected_items: int
     recovery_points: int
+    secondary_storage: str | None = Field(default=None, description="GRS: the secondary location")
+    replication: dict[str, Any] | None = Field(
+        default=None, description="GRS: state, lastReplicatedPoint, lagSeconds, lagBytes, lastError"
+    )
 
 
 class Vault(Resource):

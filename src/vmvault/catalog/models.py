@@ -28,6 +28,10 @@ class VaultRow(Base):
     created: Mapped[str] = mapped_column(String(32))
     # 0014: days in which scheduled verification re-reads all its points (0: off; None: serve's --verify-every).
     verify_every_days: Mapped[int | None] = mapped_column(Integer, default=None)
+    # 0032: GRS. The secondary's location (a directory or URL; no credentials) and the replication
+    # state vault show reports ({state, lastReplicatedPoint, lagSeconds, lagBytes, lastError, ...}).
+    secondary_storage: Mapped[str | None] = mapped_column(String, default=None)
+    replication: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class VmRow(Base):

@@ -157,9 +157,25 @@ def in_vault(rows: list[dict[str, Any]], vault: str | None, what: str) -> list[d
 def vault_create(
     name: Annotated[str, typer.Argument(help="Vault name.")],
     storage: Annotated[
-        Path | None, typer.Option(help="Directory of the vault (default $VMVAULT_HOME/vaults/NAME).")
+        str | None,
+        typer.Option(
+            help="Where the vault lives: a directory (default $VMVAULT_HOME/vaults/NAME), "
+            "azure://ACCOUNT/CONTAINER[/PREFIX] (connection string in VMVAULT_AZURE_<ACCOUNT>) or "
+            "s3://BUCKET[/PREFIX] (the standard AWS variables).",
+        ),
     ] = None,
-    redundancy: Annotated[Redundancy, typer.Option(case_sensitive=False, help="LRS (GRS: not yet).")] = Redundancy.LRS,
+    redundancy: Annotated[
+        Redundancy | None,
+        typer.Option(
+            case_sensitive=False,
+            help="LRS, or GRS (replicated to --secondary). "
+            "Default: GRS when VMVAULT_DEFAULT_SECONDARY is set, else LRS.",
+        ),
+    ] = None,
+    secondary: Annotated[
+        str | None,
+        typer.Option(help="GRS: the secondary location (a directory, azure:// or s3:// URL), empty or new."),
+    ] = None,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
     timezone: Annotated[
         str,
@@ -175,13 +191,16 @@ def vault_create(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"name": name, "storageDir": remote.server_path(storage, "--storage"), "redundancy": redundancy.value,
-                "passphrase": secret, "timeZone": timezone}  # fmt: skip
+        body = {"name": name, "storageDir": remote.storage_location(storage, "--storage"),
+                "redundancy": redundancy.value if redundancy else None, "passphrase": secret, "timeZone": timezone,
+                "secondaryStorage": remote.storage_location(secondary, "--secondary")}  # fmt: skip
         output.print_object(shape.vault(remote.post("/vaults", body)))
         return
     with service_context() as ctx:
         made = vaults.create_vault(
-            ctx, name, storage_dir=storage, redundancy=redundancy.value, passphrase=secret, time_zone=timezone
+            ctx, name, storage_dir=storage, redundancy=redundancy.value if redundancy else None, passphrase=secret,
+            time_zone=timezone,
+            secondary=secondary,
         )
     output.print_object(shape.vault(made))
 
@@ -232,10 +251,25 @@ def vault_show(name: Annotated[str, typer.Argument(help="Vault name.")]) -> None
         output.print_object(shape.vault(vaults.show_vault(ctx, name)))
 
 
+@vault_app.command("replicate")
+def vault_replicate(
+    name: Annotated[str, typer.Argument(help="Vault name.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Return when the secondary has every published point.")] = False,
+) -> None:
+    """GRS: copy what the secondary lacks now, in this process; prints the replication state."""
+    from vmvault.cli import remote
+    from vmvault.service import replication
+
+    remote.refuse_option("vault replicate", True)
+    with service_context() as ctx:
+        output.print_object(replication.replicate(ctx, name, wait=wait))
+
+
 @vault_app.command("verify")
 def vault_verify(
     name: Annotated[str, typer.Argument(help="Vault name.")],
     rp: Annotated[str | None, typer.Option("--rp", help="Verify only this recovery point.")] = None,
+    secondary: Annotated[bool, typer.Option("--secondary", help="GRS: verify the secondary copy instead.")] = False,
 ) -> None:
     """Check every object of a vault (or one recovery point); exits non-zero when problems are found."""
     from vmvault.cli import remote
@@ -243,9 +277,11 @@ def vault_verify(
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import vaults
 
+    remote.refuse_option("--secondary", secondary)
     if remote.active():  # the server keeps the report: print the Verify job
         _end_job(remote.run_job(f"/vaults/{remote.q(name)}/verify", {"rp": rp}))
         return
+    _from_secondary(secondary)
     with service_context() as ctx, progress_display(f"verify {name}") as show:
         outcome = run_cancellable(
             lambda cancel: vaults.verify_vault(ctx, name, rp_id=rp, on_progress=show, cancel=cancel)
@@ -304,7 +340,9 @@ def vault_repair(
 
 @vault_app.command("import")
 def vault_import(
-    directory: Annotated[Path, typer.Argument(help="Directory holding the vault.", metavar="DIR")],
+    directory: Annotated[
+        str, typer.Argument(help="Directory holding the vault, or its azure:// or s3:// URL.", metavar="DIR")
+    ],
     name: Annotated[str | None, typer.Option(help="Name to register it under (default: the directory's name).")] = None,
     passphrase_file: Annotated[Path | None, typer.Option(help="File holding the passphrase.")] = None,
 ) -> None:
@@ -314,7 +352,7 @@ def vault_import(
 
     secret = _passphrase(passphrase_file)
     if remote.active():
-        body = {"storageDir": remote.server_path(directory, "DIR"), "name": name, "passphrase": secret}
+        body = {"storageDir": remote.storage_location(directory, "DIR"), "name": name, "passphrase": secret}
         output.print_object(remote.post("/vaults/import", body))
         return
     with service_context() as ctx:
@@ -800,6 +838,20 @@ def recoverypoint_list(
 # ---- restore ------------------------------------------------------------------------------------
 
 
+FromSecondaryOption = Annotated[
+    bool,
+    typer.Option("--from-secondary", help="GRS: read only the vault's secondary copy (cross-region restore)."),
+]
+
+
+def _from_secondary(given: bool) -> None:
+    """--from-secondary: this process reads every vault from its GRS secondary, never the primary."""
+    if given:
+        from vmvault.service.vaultio import read_from_secondary
+
+        read_from_secondary()
+
+
 @restore_app.command("disks")
 def restore_disks(
     rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")],
@@ -813,6 +865,7 @@ def restore_disks(
     disk: Annotated[
         list[str] | None, typer.Option("--disk", help="Restore only this disk (repeatable; default: all).")
     ] = None,
+    from_secondary: FromSecondaryOption = False,
 ) -> None:
     """Restore a recovery point's disks as image files, plus a template for a plain QEMU VM (a Restore job)."""
     from vmvault.cli import remote
@@ -820,6 +873,8 @@ def restore_disks(
     from vmvault.service import restores
 
     name = _vm_name(vm, vm_option, "restore disks")
+    remote.refuse_option("--from-secondary", from_secondary)
+    _from_secondary(from_secondary)
     fmt = disk_format.value if disk_format else None
     if remote.active():
         target = remote.server_path(target_dir, "--target-dir")
@@ -852,6 +907,7 @@ def restore_vm(
     ] = False,
     vm: VmArgument = None,
     vm_option: VmOption = None,
+    from_secondary: FromSecondaryOption = False,
 ) -> None:
     """Restore a point of a QEMU or libvirt VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
     from vmvault.cli import remote
@@ -859,6 +915,8 @@ def restore_vm(
     from vmvault.service import restores
 
     name = _vm_name(vm, vm_option, "restore vm")
+    remote.refuse_option("--from-secondary", from_secondary)
+    _from_secondary(from_secondary)
     fmt = disk_format.value if disk_format else None
     if remote.active():
         body = {"rp": rp, "name": new_name, "targetDir": remote.server_path(target_dir, "--target-dir"), "format": fmt,

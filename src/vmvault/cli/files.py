@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from vmvault.cli import output
-from vmvault.cli.app import VmArgument, VmOption, _end_job, _vm_name, app
+from vmvault.cli.app import FromSecondaryOption, VmArgument, VmOption, _end_job, _from_secondary, _vm_name, app
 from vmvault.cli.state import STATE, service_context
 from vmvault.errors import InvalidInput
 
@@ -36,6 +36,7 @@ def files_mount(
         Path | None, typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>).")
     ] = None,
     duration: DurationOption = None,
+    from_secondary: FromSecondaryOption = False,
 ) -> None:
     """Mount a recovery point's file systems read-only; returns once mounted, printing the paths.
 
@@ -46,6 +47,8 @@ def files_mount(
     from vmvault.service import files
 
     name = _vm_name(vm, vm_option, "files mount")
+    remote.refuse_option("--from-secondary", from_secondary)
+    _from_secondary(from_secondary)
     if remote.active():
         remote.refuse_option("--mountpoint", mountpoint is not None)
         outcome, session = _remote_mount(name, rp, duration)

@@ -73,6 +73,15 @@ def refuse_option(option: str, given: bool) -> None:
         )
 
 
+def storage_location(location: str | None, option: str) -> str | None:
+    """A vault location for the API: an object-store URL as given, else a path on the server."""
+    from vmvault.vault.backends import is_url
+
+    if location is None or is_url(location):
+        return location
+    return server_path(Path(location), option)
+
+
 def server_path(path: Path | None, option: str) -> str | None:
     """A path on the server, for the API: absolute (a relative one would be read from the server's cwd)."""
     if path is None:

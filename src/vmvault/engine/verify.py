@@ -15,10 +15,8 @@ references, each read and authenticated.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import IntegrityError, VmvaultError
@@ -143,7 +141,7 @@ def run_verify(
         _Walker(vault, report, tracker, _Scan(), deep=True).point(rp_id)
         report.finish()
         return report
-    files = dict(_walk(vault.storage_dir))
+    files = {info.name: info.size for info in vault.backend.inventory()}
     tracker.state.total_bytes = sum(files.values())
     scan = _verify_files(vault, files, report, tracker)
     # Remembered in the local chunk index: backups store such data again instead of deduplicating
@@ -177,17 +175,6 @@ def _verify_chain(vault: Vault, report: VerifyReport) -> None:
     for problem in audit.problems:
         report.problem(problem)
     report.notes.extend(audit.notes)
-
-
-def _walk(root: Path) -> Iterator[tuple[str, int]]:
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            full = Path(dirpath) / name
-            try:
-                size = full.stat().st_size
-            except FileNotFoundError:
-                continue  # a pin or a temporary file removed meanwhile (restores run beside verify)
-            yield full.relative_to(root).as_posix(), size
 
 
 _Indexed = dict[str, tuple[bytes, list[BlobRef]]]

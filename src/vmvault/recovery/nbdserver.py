@@ -193,7 +193,7 @@ def _open_exports(config: dict[str, Any]) -> tuple[Any, dict[str, Export], _Pin]
     from vmvault.vault import lock
     from vmvault.vault.store import Vault
 
-    vault = Vault.open(Path(config["storage_dir"]), Path(config["home"]))
+    vault = Vault.open(str(config["storage_dir"]), Path(config["home"]), cache_name=str(config.get("cache_name") or ""))
     try:
         if vault.uuid != config["vault_uuid"]:
             raise IntegrityError(f"the vault at {config['storage_dir']} is not vault {config['vault_uuid']}")

@@ -54,6 +54,7 @@ JOB_EXTENDED_FIELDS: Fields = (
     ("owner", "owner"),
     ("heartbeat", "heartbeat"),
     ("rateBytesPerSecond", "rateBytesPerSecond"),
+    ("storageRetries", "storageRetries"),
 )
 ITEM_FIELDS: Fields = (
     ("name", ""),
@@ -92,6 +93,8 @@ VAULT_FIELDS: Fields = (
     ("redundancy", ""),
     ("uuid", "properties.uuid"),
     ("storageDir", "properties.storageDir"),
+    ("secondaryStorage", "properties.secondaryStorage"),
+    ("replication", "properties.replication"),
     ("chunkSize", "properties.chunkSize"),
     ("created", "properties.created"),
     ("protectedItems", "properties.protectedItems"),
@@ -311,7 +314,7 @@ def vault(view: JsonDict) -> JsonDict:
             "provisioningState": "Succeeded",
             "redundancySettings": {
                 "standardTierStorageRedundancy": REDUNDANCY.get(redundancy or "", redundancy),
-                "crossRegionRestore": "Disabled",
+                "crossRegionRestore": "Enabled" if view.get("secondaryStorage") else "Disabled",
             },
             "redundancy": redundancy,
         },

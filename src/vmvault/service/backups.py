@@ -246,7 +246,7 @@ def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any
 
         return libvirt_vms.run_libvirt_backup(ctx, plan, job_id, run)
     sources = [disk_source(ctx, plan.vm_id, plan.vm_name, d) for d in plan.disks]
-    with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name):
+    with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name), _count_retries(run, vault):
         previous = _previous_manifest(ctx, vault, plan)
         return run_backup(
             vault,
@@ -300,6 +300,17 @@ def _record_disk(ctx: Context, vm_id: str, disk_name: str, values: dict[str, Any
         row = repos.find_vm_by_id(s, vm_id)
         if row is not None:
             row.disks = [{**d, **values} if d.get("name") == disk_name else d for d in row.disks]
+
+
+@contextmanager
+def _count_retries(run: JobRun, vault: Any) -> Iterator[None]:
+    """The job's details record how many storage requests were retried (throttling), even when it fails."""
+    before = int(vault.backend.retries)
+    try:
+        yield
+    finally:
+        if run.details is not None:
+            run.details["storageRetries"] = int(vault.backend.retries) - before
 
 
 @contextmanager

@@ -353,8 +353,28 @@ def _agent_check(row: VmRow, dom: Any, info: Any, fix: str) -> Check:
 # ---- vaults and local space ---------------------------------------------------------------------
 
 
+def _object_vault(row: VaultRow, label: str) -> Iterator[Check]:
+    """An azure:// or s3:// vault: its credentials, its config object, a create and delete of a probe."""
+    from vmvault.errors import VmvaultError
+    from vmvault.vault.backends import open_backend
+
+    probe = f"locks/doctor-{uuid.uuid4().hex}"  # under locks/: verify expects nothing else there
+    try:
+        backend = open_backend(row.storage_dir)
+        backend.stat("config")
+        backend.put_if_absent(probe, b"vmvault doctor\n")
+        backend.delete(probe)
+    except VmvaultError as exc:
+        yield Check(label, FAIL, f"{row.storage_dir}: {exc.message}", exc.hint or "check the store and its credentials")
+        return
+    yield Check(label, PASS, f"{row.storage_dir} is reachable and writable")
+
+
 def _vault(row: VaultRow) -> Iterator[Check]:
     label = f"vault {row.name} storage"
+    if "://" in row.storage_dir:
+        yield from _object_vault(row, label)
+        return
     storage = Path(row.storage_dir)
     if not storage.is_dir():
         yield Check(

@@ -242,9 +242,13 @@ def _write_server_config(ctx: Context, row: FileRecoverySessionRow, target: Targ
     from vmvault.recovery import session
 
     paths = session.Paths(Path(row.run_dir))
+    from vmvault.service.vaultio import location_of
+
+    storage, cache = location_of(target.vault)  # --from-secondary: the GRS secondary, its own caches
     config = {
         "home": str(ctx.settings.home),
-        "storage_dir": target.vault.storage_dir,
+        "storage_dir": storage,
+        "cache_name": cache,
         "vault_uuid": target.vault.uuid,
         "rp_id": row.rp_id,
         "unix": row.details["socket"],

@@ -658,6 +658,8 @@ def extended_info(row: JobRow) -> JsonDict:
         "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)
         "quiesce": details.get("quiesce"),  # a live backup: consistency, attempts, freeze/frozen/snapshot/thaw seconds
         "reconciled": details.get("reconciled"),  # corrected after its process died (service/reconcile.py)
+        # Object storage: attempts repeated after throttling or transient errors (vault/backends/retry.py).
+        "storageRetries": details.get("storageRetries"),
         "queued": queued,
         "cancelRequested": bool(row.cancel_requested),
         "owner": None if row.owner_pid <= 0 else {"pid": row.owner_pid, "bootId": row.owner_boot_id},

@@ -24,6 +24,7 @@ Series (labels in braces):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections import defaultdict
@@ -38,10 +39,12 @@ from sqlalchemy import func, select
 
 from vmvault.catalog.clock import from_iso
 from vmvault.catalog.models import JobRow, RecoveryPointRow, VaultRow
+from vmvault.errors import VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.rpo import item_rpos
 from vmvault.service.space import storage_space
 from vmvault.service.usage import storage_bytes
+from vmvault.vault.backends import is_url, open_backend
 
 # Backups of a few seconds (tests, tiny VMs) to a day.
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
@@ -231,11 +234,21 @@ class _VaultFamilies:
         self.filesystem = GaugeMetricFamily(
             "vmvault_vault_filesystem_bytes", "Size of the file system holding the vault", labels=v
         )
+        # GRS (service/replication.py), from the catalog: alert on lag_seconds > your RPO for the secondary.
+        self.lag_seconds = GaugeMetricFamily(
+            "vmvault_vault_replication_lag_seconds", "Age of the oldest point not yet on the secondary", labels=v
+        )
+        self.lag_bytes = GaugeMetricFamily(
+            "vmvault_vault_replication_lag_bytes", "Bytes the secondary still lacks (at the last pass)", labels=v
+        )
 
     def add(self, vault: VaultRow, points: int, logical: int, objects: _Objects | None) -> None:
         name = [vault.name]
         storage = Path(vault.storage_dir)
-        if os.path.isdir(storage):  # unreachable storage: no sample (an alert on absent() catches it)
+        if is_url(vault.storage_dir):  # object storage: a listing (no file system to measure)
+            with contextlib.suppress(VmvaultError):  # unreachable: no sample, as for a directory
+                self.stored.add_metric(name, sum(i.size for i in open_backend(vault.storage_dir).inventory()))
+        elif os.path.isdir(storage):  # unreachable storage: no sample (an alert on absent() catches it)
             self.stored.add_metric(name, storage_bytes(storage))
             space = storage_space(storage)
             if space is not None:
@@ -243,6 +256,9 @@ class _VaultFamilies:
                 self.filesystem.add_metric(name, space.total)
         self.logical.add_metric(name, logical)
         self.points.add_metric(name, points)
+        if vault.secondary_storage and vault.replication:
+            self.lag_seconds.add_metric(name, float(vault.replication.get("lagSeconds") or 0))
+            self.lag_bytes.add_metric(name, float(vault.replication.get("lagBytes") or 0))
         if objects is None:
             return
         self.unique.add_metric(name, objects.unique)
@@ -257,7 +273,7 @@ class _VaultFamilies:
 
     def all(self) -> list[Metric]:
         return [self.stored, self.logical, self.unique, self.compressed, self.dedup, self.compression, self.objects,
-                self.packs, self.points, self.free, self.filesystem]  # fmt: skip
+                self.packs, self.points, self.free, self.filesystem, self.lag_seconds, self.lag_bytes]  # fmt: skip
 
 
 def render(ctx: Context, vault: str | None = None) -> tuple[bytes, str]:

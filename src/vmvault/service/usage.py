@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.models import RecoveryPointRow, VaultRow
 from vmvault.domain.usage import GB, SOFT_DELETED_TIER, Prices, instance_fee, is_billed, money, storage_fee
-from vmvault.errors import InvalidInput
+from vmvault.errors import InvalidInput, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.vaultio import opened_vault, read_manifest_or_none
 from vmvault.service.views import NOT_PROTECTED, JsonDict
@@ -54,8 +54,15 @@ def load_prices(ctx: Context, overrides: dict[str, Any] | None = None) -> Prices
         raise InvalidInput(str(exc), hint="prices are numbers >= 0, e.g. --price-lrs 0.02") from None
 
 
-def storage_bytes(storage_dir: Path) -> int:
-    """Bytes of the files under the vault's directory."""
+def storage_bytes(storage_dir: Path | str) -> int:
+    """Bytes of the files under the vault's directory (of its objects, for an azure:// or s3:// vault)."""
+    from vmvault.vault.backends import is_url, open_backend
+
+    if is_url(storage_dir):
+        try:
+            return sum(info.size for info in open_backend(storage_dir).inventory())
+        except VmvaultError:
+            return 0  # unreachable: usage reports the catalog's side anyway
     total = 0
     for root, _dirs, files in os.walk(storage_dir):
         for name in files:
@@ -73,7 +80,7 @@ def vault_usage(ctx: Context, vault_name: str, overrides: dict[str, Any] | None 
         entries = _instances(s, vault)
     _fill_missing_sizes(ctx, vault, entries)
     items = [_item_line(e, prices) for e in entries]
-    stored = storage_bytes(Path(vault.storage_dir))
+    stored = storage_bytes(vault.storage_dir)
     rate = prices.storage_rate(vault.redundancy)
     storage_cost = storage_fee(stored, vault.redundancy, prices)
     instance_total = sum((e["_fee"] for e in items), start=Decimal(0))

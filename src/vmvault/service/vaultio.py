@@ -4,12 +4,38 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.models import VaultRow
-from vmvault.errors import IntegrityError, NotFound, ObjectNotFound
+from vmvault.errors import IntegrityError, InvalidInput, NotFound, ObjectNotFound
 from vmvault.service.context import Context
+
+# Cross-region restore (`--from-secondary`): every vault this CLI process opens is read from its
+# GRS secondary, never from the primary (which may be unreachable). Process-wide on purpose: the
+# CLI runs one command, and a restore's work may run on other threads.
+_FROM_SECONDARY = False
+
+
+def read_from_secondary() -> None:
+    global _FROM_SECONDARY
+    _FROM_SECONDARY = True
+
+
+def secondary_location(row: VaultRow) -> str:
+    if not row.secondary_storage:
+        raise InvalidInput(
+            f"vault '{row.name}' has no secondary ({row.redundancy})",
+            hint="--from-secondary needs a GRS vault (vault create --redundancy GRS --secondary ...)",
+        )
+    return row.secondary_storage
+
+
+def location_of(row: VaultRow) -> tuple[str, str]:
+    """(where to read the vault, the name of this host's cache of it): the primary (a directory or
+    an azure:// / s3:// URL), or with --from-secondary the GRS secondary and its own cache."""
+    if _FROM_SECONDARY:
+        return secondary_location(row), f"{row.uuid}-secondary"
+    return row.storage_dir, ""
 
 
 @contextmanager
@@ -24,11 +50,13 @@ def opened_vault(
     """
     from vmvault.vault.store import Vault
 
+    location, cache = location_of(row)
     vault = Vault.open(
-        Path(row.storage_dir),
+        location,
         ctx.settings.home,
         None if host_key_only else passphrase or ctx.settings.passphrase,
         strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+        cache_name=cache,
     )
     try:
         if vault.uuid != row.uuid:

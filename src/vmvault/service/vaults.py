@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,13 @@ from vmvault.service.paths import Rule, allowed
 from vmvault.service.validate import check_name, check_passphrase
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict, vault_view
+from vmvault.vault.backends import is_url, normalize_location
 
 REDUNDANCIES = ("LRS", "GRS")
-OFFERED_REDUNDANCIES = ("LRS",)  # what create_vault accepts on this server (faces offer only these)
-GRS_NOT_AVAILABLE = (
-    "GRS redundancy (replication to a second location) is not available yet; create the vault with --redundancy LRS"
-)
+# What the portal's create form offers: it has no field for a secondary location, so GRS vaults are
+# created from the CLI or the API (`--secondary`), or get the configured default secondary later.
+OFFERED_REDUNDANCIES = ("LRS",)
+GRS_NEEDS_SECONDARY = "GRS redundancy replicates the vault to a second location: give it with --secondary"
 
 
 def _view(s: Session, row: VaultRow) -> JsonDict:
@@ -35,12 +37,15 @@ def _view(s: Session, row: VaultRow) -> JsonDict:
     )
 
 
-def check_redundancy(redundancy: str) -> str:
+def check_redundancy(redundancy: str, secondary: str | Path | None = None) -> str:
+    """LRS, or GRS with a secondary location (and a secondary only with GRS)."""
     value = redundancy.upper()
     if value not in REDUNDANCIES:
-        raise InvalidInput(f"unknown redundancy '{redundancy}'", hint="use --redundancy LRS")
-    if value == "GRS":
-        raise InvalidInput(GRS_NOT_AVAILABLE, hint="use --redundancy LRS")
+        raise InvalidInput(f"unknown redundancy '{redundancy}'", hint="use --redundancy LRS or GRS")
+    if value == "GRS" and not secondary:
+        raise InvalidInput(GRS_NEEDS_SECONDARY, hint="e.g. --redundancy GRS --secondary azure://ACCOUNT2/CONTAINER")
+    if value == "LRS" and secondary:
+        raise InvalidInput("--secondary is for GRS vaults", hint="add --redundancy GRS, or drop --secondary")
     return value
 
 
@@ -52,11 +57,15 @@ def create_vault(
     name: str,
     *,
     storage_dir: str | Path | None = None,
-    redundancy: str = "LRS",
+    redundancy: str | None = None,
     passphrase: str | None = None,
     time_zone: str = "UTC",
+    secondary: str | Path | None = None,
 ) -> JsonDict:
     """Create a vault (default storage $VMVAULT_HOME/vaults/NAME) and register it.
+
+    GRS (redundancy "GRS" with a secondary location, any backend): the secondary must be empty;
+    `vault replicate` (or the service) copies the vault there (vault/replicate.py).
 
     The vault gets its DefaultPolicy (daily 20:30, 180 days) in time_zone (an IANA or a Windows name).
     """
@@ -66,21 +75,81 @@ def create_vault(
 
     check_name("vault", name)
     check_time_zone(time_zone, "--timezone")
-    value = check_redundancy(redundancy)
+    redundancy, secondary = _default_redundancy(ctx, name, redundancy, secondary)
+    value = check_redundancy(redundancy, secondary)
     _refuse_taken_name(ctx, name)
     secret = check_passphrase(passphrase or ctx.settings.passphrase, name)
+    second = _empty_secondary(ctx, name, secondary) if secondary else None
     # the default is the server's choice; a caller's folder must be in the allowed vault roots (service/paths.py)
-    storage = allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
-    vault = Vault.create(storage, ctx.settings.home, secret, redundancy=value)
+    vault = Vault.create(_storage_for(ctx, name, storage_dir), ctx.settings.home, secret, redundancy=value)
     try:
         row = _row_for(name, vault)
     finally:
         vault.close()
+    if second is not None:
+        row.secondary_storage = second
+        row.replication = {"state": "NotStarted", "lastReplicatedPoint": None, "lagSeconds": 0.0, "lagBytes": 0,
+                           "lastError": None}  # fmt: skip
     with ctx.catalog.write() as s:
         _refuse_taken_name_in(s, name)
         repos.add_vault(s, row)
         add_default_policy(s, row, time_zone)
         return _view(s, row)
+
+
+def _default_redundancy(
+    ctx: Context, name: str, redundancy: str | None, secondary: str | Path | None
+) -> tuple[str, str | Path | None]:
+    """Without --redundancy: GRS when a default secondary is configured (VMVAULT_DEFAULT_SECONDARY,
+    the vault's secondary then being DEFAULT/NAME) or --secondary is given, else LRS."""
+    default = ctx.settings.default_secondary
+    if redundancy is None:
+        redundancy = "GRS" if (secondary or default) else "LRS"
+    if redundancy.upper() == "GRS" and not secondary and default:
+        secondary = f"{default}/{name}"
+    return redundancy, secondary
+
+
+def _empty_secondary(ctx: Context, name: str, secondary: str | Path) -> str:
+    """The GRS secondary's location, reachable and empty (checked before anything is created)."""
+    from vmvault.vault.backends import open_backend
+
+    location = _storage_for(ctx, f"{name}-secondary", secondary)
+    backend = open_backend(location)
+    backend.ensure_container()
+    if any(True for _ in backend.inventory()):
+        raise InvalidInput(f"the secondary {backend.location} is not empty",
+                           hint="choose an empty or new location for the vault's secondary copy")  # fmt: skip
+    return backend.location
+
+
+def _storage_for(ctx: Context, name: str, storage_dir: str | Path | None) -> str | Path:
+    """A new vault's location: an object-store URL as given (credentials come from the
+    environment, never from the URL), else a directory, which a caller's choice must place in
+    the allowed vault roots (service/paths.py); the default is the server's choice."""
+    if storage_dir is not None and is_url(storage_dir):
+        return _allowed_url(ctx, storage_dir)
+    return allowed(ctx, Rule.VAULTS, storage_dir) if storage_dir else ctx.settings.vaults_dir / name
+
+
+def _allowed_url(ctx: Context, url: str | Path) -> str:
+    """An object-store location; from an API or portal caller only under a prefix the server's
+    admin listed in VMVAULT_ALLOWED_STORAGE (comma-separated URLs): the server's credentials
+    would otherwise reach every container or bucket they can write."""
+    import os
+
+    from vmvault.errors import PathNotAllowed
+
+    location = normalize_location(url)
+    if ctx.paths is None:
+        return location
+    prefixes = [p.strip().rstrip("/") for p in os.environ.get("VMVAULT_ALLOWED_STORAGE", "").split(",") if p.strip()]
+    if not any(location == p or location.startswith(p + "/") for p in prefixes):
+        raise PathNotAllowed(
+            f"storage {location} is not allowed for API callers",
+            hint="the server's admin lists allowed object-storage prefixes in VMVAULT_ALLOWED_STORAGE",
+        )
+    return location
 
 
 def _row_for(name: str, vault: Any) -> VaultRow:
@@ -251,10 +320,15 @@ def import_vault(
     """Register an existing vault directory and rebuild its VMs and recovery points from the manifests."""
     from vmvault.vault.store import Vault
 
-    storage = allowed(ctx, Rule.VAULTS, storage_dir)
-    vault_name = check_name("vault", name or storage.name)
-    if not storage.is_dir():
-        raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
+    storage: str | Path
+    if is_url(storage_dir):
+        storage = _allowed_url(ctx, storage_dir)
+        vault_name = check_name("vault", name or storage.rstrip("/").rsplit("/", 1)[-1])
+    else:
+        storage = allowed(ctx, Rule.VAULTS, storage_dir)
+        vault_name = check_name("vault", name or storage.name)
+        if not storage.is_dir():
+            raise NotFound(f"vault directory {storage} not found", hint="pass the directory that holds the vault")
     _refuse_taken_name(ctx, vault_name)
     vault = Vault.open(
         storage,
@@ -333,7 +407,7 @@ def _sound_manifests(vault: Any, hostile: list[JsonDict]) -> tuple[list[Any], li
     return sorted(manifests, key=lambda m: m.time), bad
 
 
-def _hostile_vault(storage: Path, hostile: list[JsonDict]) -> HostileContent:
+def _hostile_vault(storage: str | Path, hostile: list[JsonDict]) -> HostileContent:
     """Refuse the whole vault: its author (who holds its keys) wrote names no vmvault writes.
 
     Damage is an accident and the sound rest is imported; this is not, so nothing of it is."""
@@ -555,11 +629,34 @@ def _vm_name(s: Session, vm_id: str) -> str:
     return vm.name if vm is not None else vm_id
 
 
+def _remove_object_storage(ctx: Context, row: VaultRow) -> bool:
+    """Delete every object of the vault (only if its location still holds this vault)."""
+    import json
+    import shutil
+
+    from vmvault.vault.backends import open_backend
+
+    backend = open_backend(row.storage_dir)
+    try:
+        if json.loads(backend.get("config")).get("uuid") != row.uuid:
+            return False
+    except (VmvaultError, ValueError, AttributeError):
+        return False
+    for info in list(backend.list()):
+        with contextlib.suppress(VmvaultError):
+            backend.delete(info.name)
+    (ctx.settings.home / "keys" / f"{row.uuid}.json").unlink(missing_ok=True)
+    shutil.rmtree(ctx.settings.home / "cache" / row.uuid, ignore_errors=True)
+    return not any(True for _ in backend.list())
+
+
 def _remove_storage(ctx: Context, row: VaultRow) -> bool:
     """Remove the vault's directory (only if it still holds this vault) and this host's key and cache of it."""
     import json
     import shutil
 
+    if is_url(row.storage_dir):
+        return _remove_object_storage(ctx, row)
     storage = Path(row.storage_dir)
     try:
         config = json.loads((storage / "config").read_text())

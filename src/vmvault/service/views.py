@@ -25,6 +25,9 @@ def vault_view(row: VaultRow, *, protected_items: int, recovery_points: int) -> 
         "created": row.created,
         "protectedItems": protected_items,
         "recoveryPoints": recovery_points,
+        # GRS: where the copy is and how far behind (from the catalog: showing never touches storage)
+        "secondaryStorage": row.secondary_storage,
+        "replication": row.replication if row.secondary_storage else None,
     }
 
 

@@ -330,6 +330,7 @@ class Service:
 
     def run(self, on_ready: Any = None) -> int:
         """Serve until SIGTERM/SIGINT (or request_stop); returns the exit code."""
+        from vmvault.service.replication import Replicator
         from vmvault.service.scheduler import Maintenance, Scheduler
 
         if self.workers < 1:
@@ -359,6 +360,9 @@ class Service:
             maintenance = Maintenance(
                 self.ctx, self.retention_every_s, verify_days=self.verify_days, leadership=leadership
             )
+            # GRS vaults, every VMVAULT_GRS_INTERVAL seconds; each vault under its own lease, so
+            # several servers on one catalog never replicate a vault twice at once.
+            replicator = Replicator(self.ctx)
             previous = self._install_signals()
             try:
                 from vmvault.service.libvirt_vms import reconcile_at_start
@@ -370,12 +374,14 @@ class Service:
                 pool.start()
                 scheduler.start()
                 maintenance.start()
+                replicator.start()
                 if on_ready is not None:
                     on_ready(self)
                 self._stop.wait()
                 log.info("stopping: %s", self._stop.reason)
                 scheduler.stop()
                 maintenance.stop()
+                replicator.stop()
                 pool.stop(self._stop.reason)
             finally:
                 self._restore_signals(previous)

@@ -45,8 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
-from vmvault.vault import lock
-from vmvault.vault.backends.local import dead_writer
+from vmvault.vault import lock, objlock
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
@@ -277,7 +276,9 @@ class _Collector:
     # ---- sweep ------------------------------------------------------------------------------------
     def classify(self, grace_seconds: float, threshold: float) -> None:
         """Decide per indexed pack: keep, delete or repack (written to the plan table)."""
-        now = time.time()
+        now = self.vault.backend.now()  # ages by the store's clock: other hosts write too
+        # One listing, not a stat per pack (a request each on object storage).
+        mtimes = {info.name: info.mtime for top in ("data", "tree", "index") for info in self.vault.backend.list(top)}
         order = {pack: n for n, (pack, _index) in enumerate(self.vault.index.iter_packs())}
         total = len(order)
         self.claim_good_copies(order)
@@ -286,7 +287,7 @@ class _Collector:
             self.check_cancel()
             self.report.packs_checked += 1
             self.progress("sweep", n + 1, total)
-            age = self._age(pack, index_name, now)
+            age = self._age(pack, index_name, now, mtimes)
             found = self.vault.index.pack_entries(pack)
             if age is None or found is None:
                 continue  # the pack file is missing: verify reports it; nothing to free
@@ -320,17 +321,18 @@ class _Collector:
             if loc is not None and loc.pack != bad_pack and loc.pack in order and not index.is_bad_copy(blob, loc.pack):
                 self.marks.claim(loc.ref, order[loc.pack])
 
-    def _age(self, pack: str, index_name: str, now: float) -> float | None:
+    def _age(self, pack: str, index_name: str, now: float, mtimes: dict[str, float]) -> float | None:
         # A re-indexed pack's index file is new: its age is the pack's own.
         names = (pack,) if pack in self.reindexed else (pack, index_name)
         try:
-            newest = max(os.stat(self.vault.storage_dir / name).st_mtime for name in names)
-        except FileNotFoundError:
+            newest = max(mtimes[name] for name in names)
+        except KeyError:
             return None
         return now - newest
 
     def delete_pack(self, pack: str, index_name: str) -> None:
         """Index file first, then the pack: an index entry must never name missing data."""
+        objlock.check_held(self.vault.storage_dir)  # object storage: still the only sweeper
         with contextlib.suppress(ObjectNotFound):
             self.vault.backend.delete(index_name)
         self.vault.index.forget_index_files([index_name])
@@ -401,26 +403,16 @@ class _Collector:
             self.report.packs_reindexed += 1
 
     def delete_temporaries(self, grace_seconds: float) -> None:
-        """`.tmp-*` files of writes that died before their rename, once older than the grace
-        window (a younger one may be a write in progress of another process), or at once when
-        they are the write of a dead job's pack or its index file (`.tmp-<pack id>.<random>`) or
-        their writer, a process of this boot, is gone (backends/local.py names it)."""
-        now = time.time()
-        dead_ids = {pack.rsplit("/", 1)[-1] for pack in self.dead_packs}
-        for dirpath, _dirs, names in os.walk(self.vault.storage_dir):
-            for name in names:
-                if not name.startswith(".tmp-"):
-                    continue
-                path = Path(dirpath) / name
-                dead = name.removeprefix(".tmp-").split(".", 1)[0] in dead_ids or dead_writer(name)
-                with contextlib.suppress(FileNotFoundError):
-                    if dead or now - path.stat().st_mtime >= grace_seconds:
-                        path.unlink()
-                        self.report.temporaries_deleted += 1
+        """Leftovers of writes that died (`.tmp-*` files, unfinished uploads), once older than the
+        grace window (a younger one may be a write in progress of another process), or at once when
+        they are the write of a dead job's pack or its index file, or their writer, a process of this
+        boot, is gone (backends/local.py names it)."""
+        dead_ids = frozenset(pack.rsplit("/", 1)[-1] for pack in self.dead_packs)
+        self.report.temporaries_deleted += self.vault.backend.delete_temporaries(grace_seconds, dead_ids)
 
 
 def _stored_bytes(vault: Vault) -> int:
-    return sum(size for top in ("data", "tree", "index") for _name, size in vault.backend.list(top))
+    return sum(info.size for top in ("data", "tree", "index") for info in vault.backend.list(top))
 
 
 def collect_garbage(

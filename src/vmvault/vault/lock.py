@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -45,6 +46,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vmvault.errors import Busy, Cancelled, ObjectNotFound, StorageError
 from vmvault.proc import boot_id, pid_alive
+from vmvault.vault import objlock
+from vmvault.vault.backends.base import Backend
 from vmvault.vault.manifest import RecoveryPointManifest
 from vmvault.vault.store import Vault
 
@@ -62,7 +65,7 @@ R = TypeVar("R")
 class _ProcessLock:
     """This process's side of one vault lock file: in-process reader/writer counts + the OS lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
         self.cond = threading.Condition()
         self.readers = 0
@@ -73,7 +76,7 @@ class _ProcessLock:
     # ---- the OS lock (called with self.cond held) ---------------------------------------------
     def _open(self, exclusive: bool) -> int | None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             if exclusive or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -153,7 +156,7 @@ class _ProcessLock:
             self.cond.notify_all()
 
 
-def _check_wait(path: Path, exclusive: bool, deadline: float | None, cancel: threading.Event | None) -> None:
+def _check_wait(path: Path | str, exclusive: bool, deadline: float | None, cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled while waiting for the vault lock")
     if deadline is not None and time.monotonic() >= deadline:
@@ -161,13 +164,49 @@ def _check_wait(path: Path, exclusive: bool, deadline: float | None, cancel: thr
         raise Busy(f"the vault is in use by {who} (lock {path})", hint="retry when they have finished")
 
 
+class _LeaseLock(_ProcessLock):
+    """The same in-process bookkeeping over lease objects in object storage (vault/objlock.py)."""
+
+    def __init__(self, backend: Backend, base: str) -> None:
+        super().__init__(f"{backend.location}/{base}")
+        self.backend = backend
+        self.base = base
+        self.lease: objlock.Lease | None = None
+
+    def _os_lock(self, exclusive: bool, deadline: float | None, cancel: threading.Event | None) -> None:
+        lease = objlock.Lease(self.backend, self.base)
+        wait = _POLL_S[0]
+        try:
+            while not (lease.try_exclusive() if exclusive else lease.try_shared()):
+                _check_wait(self.path, exclusive, deadline, cancel)
+                time.sleep(wait * random.uniform(0.5, 1.5))  # jitter: hosts polling in step would collide
+                wait = min(wait * 2, _POLL_S[1])
+        except BaseException:
+            lease.release()
+            raise
+        self.lease = lease
+
+    def _os_unlock(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
 _registry: dict[str, _ProcessLock] = {}
 _registry_lock = threading.Lock()
 
 
 def _process_lock(vault: Vault, name: str = LOCK_NAME) -> _ProcessLock:
+    local = vault.backend.lock_path(name)
+    if local is None:  # object storage: lease objects under locks/<name>/
+        key = f"{vault.backend.location}/{name}"
+        with _registry_lock:
+            found = _registry.get(key)
+            if found is None:
+                found = _registry[key] = _LeaseLock(vault.backend, name.removesuffix(".lock"))
+            return found
     # One object per file, whatever path names it: two descriptors would drop each other's lock.
-    path = Path(os.path.realpath(Path(vault.storage_dir) / name))
+    path = Path(os.path.realpath(local))
     with _registry_lock:
         lock = _registry.get(str(path))
         if lock is None:
@@ -195,6 +234,26 @@ def exclusive(vault: Vault, timeout: float | None = None, cancel: threading.Even
     """Hold the vault exclusive: no backup or restore runs meanwhile. Waits for the running ones."""
     lock = _process_lock(vault)
     lock.acquire_exclusive(_deadline(timeout), cancel)
+    try:
+        yield
+    finally:
+        lock.release_exclusive()
+
+
+REPLICATOR_LOCK_NAME = "locks/replicator.lock"  # one GRS replicator per vault (vault/replicate.py)
+
+
+@contextlib.contextmanager
+def only_replicator(vault: Vault) -> Iterator[None]:
+    """The replication lock (a lease on object storage), without waiting: Busy when one runs."""
+    lock = _process_lock(vault, REPLICATOR_LOCK_NAME)
+    try:
+        lock.acquire_exclusive(time.monotonic(), None)
+    except Busy:
+        raise Busy(
+            f"a replication of the vault at {vault.storage_dir} is already running",
+            hint="it catches up on its own; wait for it (vmvault vault show gives the lag)",
+        ) from None
     try:
         yield
     finally:
@@ -308,9 +367,9 @@ def pinned(
 def list_pins(vault: Vault) -> list[Pin]:
     """Every readable pin, valid or not (unreadable ones are skipped: they pin nothing)."""
     pins = []
-    for name, _size in vault.backend.list(PINS_DIR):
+    for info in vault.backend.list(PINS_DIR):
         try:
-            raw: dict[str, Any] = json.loads(vault.backend.get(name))
+            raw: dict[str, Any] = json.loads(vault.backend.get(info.name))
             pins.append(Pin(**raw))
         except (ObjectNotFound, ValueError, TypeError):
             continue

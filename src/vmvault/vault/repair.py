@@ -51,7 +51,7 @@ def repair_index(vault: Vault, *, apply: bool, lock_timeout: float | None = 600.
 def _damaged_index_files(vault: Vault) -> dict[str, str]:
     """Every index file read afresh (the local cache may hold one that was damaged since)."""
     out: dict[str, str] = {}
-    for name, _size in vault.backend.list("index"):
+    for name, _size, _mtime in vault.backend.list("index"):
         try:
             pack, _salt, _entries = parse_index_payload(unseal(vault.keys, name, vault.backend.get(name)))
         except VmvaultError as exc:

@@ -79,7 +79,7 @@ class Chain:
 
     def numbers(self) -> list[int]:
         found = []
-        for name, _size in self.backend.list(PREFIX):
+        for name, _size, _mtime in self.backend.list(PREFIX):
             tail = name.split("/", 1)[1]
             if tail.isdigit():
                 found.append(int(tail))

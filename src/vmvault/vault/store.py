@@ -32,9 +32,9 @@ from vmvault.errors import (
     ObjectNotFound,
 )
 from vmvault.testhooks import crash_point
-from vmvault.vault import crypto, keyfile, seqchain
+from vmvault.vault import crypto, keyfile, objlock, seqchain
+from vmvault.vault.backends import open_backend
 from vmvault.vault.backends.base import Backend
-from vmvault.vault.backends.local import LocalBackend
 from vmvault.vault.chunkindex import ChunkIndex, Location
 from vmvault.vault.crypto import TAG_LEN
 from vmvault.vault.journal import PackJournal
@@ -201,10 +201,11 @@ def _test_pause_after_pack(type_: int) -> None:
 
 class Vault:
     def __init__(
-        self, backend: Backend, storage_dir: Path, home: Path, keys: crypto.MasterKeys, config: dict[str, Any]
+        self, backend: Backend, home: Path, keys: crypto.MasterKeys, config: dict[str, Any], cache_name: str = ""
     ):
         self.backend = backend
-        self.storage_dir = storage_dir
+        # Where the vault is, as the catalog stores it: a directory or an azure:// or s3:// URL.
+        self.storage_dir: str = backend.location
         self.home = home
         self.keys = keys
         self.config = config
@@ -220,8 +221,10 @@ class Vault:
         self._write_ready = False
         # Copies of config / keys/passphrase found damaged or missing at open (healed on the next write).
         self.damaged_copies: dict[str, str] = {}
-        self.chain = seqchain.Chain(backend, self.keys, self.uuid, home / "cache" / self.uuid / "seq-head.json")
-        self.index = ChunkIndex(home / "cache" / self.uuid / "chunks.db")
+        # The host's caches of this copy of the vault: a GRS secondary (which lags) has its own.
+        self.cache_name = cache_name or self.uuid
+        self.chain = seqchain.Chain(backend, self.keys, self.uuid, home / "cache" / self.cache_name / "seq-head.json")
+        self.index = ChunkIndex(home / "cache" / self.cache_name / "chunks.db")
         self.sync_index()
 
     @property
@@ -233,23 +236,27 @@ class Vault:
     @classmethod
     def create(
         cls,
-        storage_dir: Path,
+        storage_dir: Path | str,
         home: Path,
         passphrase: str,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         redundancy: str = "LRS",
+        backend: Backend | None = None,
     ) -> Vault:
-        storage_dir = Path(storage_dir).absolute()
-        backend = LocalBackend(storage_dir)
+        backend = backend or open_backend(storage_dir)
+        storage_dir = backend.location
         if backend.exists(CONFIG_NAME):
             raise AlreadyExists(
                 f"{storage_dir} already holds a vault", hint="use 'vmvault vault import' to register it"
             )
-        if storage_dir.exists() and any(storage_dir.iterdir()):
-            raise InvalidInput(f"{storage_dir} is not empty", hint="choose an empty or new directory for the vault")
+        if any(True for _ in backend.inventory()):
+            raise InvalidInput(
+                f"{storage_dir} is not empty", hint="choose an empty or new location (directory, container, prefix)"
+            )
         if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > 4 * 1024 * 1024:
             raise InvalidInput(f"chunk size {chunk_size} is not a power of two between 4 KiB and 4 MiB")
+        backend.ensure_container()
         master = os.urandom(crypto.KEY_LEN)
         keys = crypto.MasterKeys(master)
         config: dict[str, Any] = {
@@ -270,11 +277,18 @@ class Vault:
         keyfile.HostKeys(home).store(config["uuid"], master)
         seqchain.Chain(backend, keys, config["uuid"], home / "cache" / config["uuid"] / "seq-head.json").genesis({})
         _put_copies(backend, CONFIG_NAMES, _config_bytes(config))  # last: until here there is no vault
-        return cls(backend, storage_dir, home, keys, config)
+        return cls(backend, home, keys, config)
 
     @classmethod
     def open(
-        cls, storage_dir: Path, home: Path, passphrase: str | None = None, *, strict_passphrase: bool = False
+        cls,
+        storage_dir: Path | str,
+        home: Path,
+        passphrase: str | None = None,
+        *,
+        strict_passphrase: bool = False,
+        backend: Backend | None = None,
+        cache_name: str = "",
     ) -> Vault:
         """Open with this host's key, else the passphrase.
 
@@ -282,8 +296,8 @@ class Vault:
         the host key opens the vault (AuthenticationError, nothing changed); otherwise a mismatch
         is only logged. Checked at most once per process per vault (the KDF is slow on purpose).
         """
-        storage_dir = Path(storage_dir).absolute()
-        backend = LocalBackend(storage_dir)
+        backend = backend or open_backend(storage_dir)
+        storage_dir = backend.location
         configs = _read_configs(backend, storage_dir)
         host = keyfile.HostKeys(home)
         uuid, master = _host_master(host, configs)
@@ -301,7 +315,7 @@ class Vault:
         damaged.update(_check_keyfiles(backend, keys))
         if host.load(config["uuid"]) is None:
             host.store(config["uuid"], master)
-        vault = cls(backend, storage_dir, home, keys, config)
+        vault = cls(backend, home, keys, config, cache_name)
         vault.damaged_copies = damaged
         for problem in damaged.values():
             if problem:  # a missing copy (a vault from before the copies) is written quietly
@@ -396,7 +410,7 @@ class Vault:
         point of the vault unreadable. The blobs it listed look missing until then, so a backup
         stores that data again rather than deduplicating against a copy nobody can locate.
         """
-        present = {name for name, _ in self.backend.list("index") if not _is_tmp(name)}
+        present = {info.name for info in self.backend.list("index") if not _is_tmp(info.name)}
         known = self.index.known_index_files()
         self.index.forget_index_files(known - present)
         for name in sorted(present - known):
@@ -415,10 +429,10 @@ class Vault:
     def unindexed_packs(self) -> list[str]:
         """Pack files that no index file (known to the local chunk index) lists."""
         return sorted(
-            name
+            info.name
             for top in ("data", "tree")
-            for name, _size in self.backend.list(top)
-            if not _is_tmp(name) and not self.index.has_pack(name)
+            for info in self.backend.list(top)
+            if not _is_tmp(info.name) and not self.index.has_pack(info.name)
         )
 
     def pack_trailer(self, pack: str) -> tuple[bytes, list[BlobRef]]:
@@ -495,6 +509,7 @@ class Vault:
         payload = manifest.to_json()
         points = {manifest.rp_id: seqchain.digest(payload)}
         self.chain.append("intent", points)
+        objlock.check_held(self.storage_dir)  # a lost lease (object storage): a sweep may be running
         self.backend.put_if_absent(name, seal(self.keys, name, payload))
         self.chain.append("publish", points)
 
@@ -514,7 +529,7 @@ class Vault:
             raise IntegrityError(f"vault file {name} is damaged: {exc}") from exc
 
     def list_recovery_points(self) -> list[str]:
-        return sorted(name.split("/", 1)[1] for name, _ in self.backend.list("points"))
+        return sorted(info.name.split("/", 1)[1] for info in self.backend.list("points"))
 
     def delete_manifest(self, rp_id: str, reason: str = "retention") -> None:
         """Deletion record, then the manifest; a manifest already gone is not recorded (NotFound)."""
@@ -539,7 +554,7 @@ def _put_copies(backend: Backend, names: tuple[str, ...] | list[str], data: byte
         backend.put(name, data)
 
 
-def _read_configs(backend: Backend, storage_dir: Path) -> dict[str, dict[str, Any] | str]:
+def _read_configs(backend: Backend, storage_dir: str) -> dict[str, dict[str, Any] | str]:
     """Each copy of the config: its document, or why it cannot be used (not yet authenticated)."""
     found: dict[str, dict[str, Any] | str] = {}
     for name in CONFIG_NAMES:
@@ -582,7 +597,7 @@ def _host_master(host: keyfile.HostKeys, configs: dict[str, dict[str, Any] | str
 
 
 def _choose_config(
-    configs: dict[str, dict[str, Any] | str], keys: crypto.MasterKeys, storage_dir: Path
+    configs: dict[str, dict[str, Any] | str], keys: crypto.MasterKeys, storage_dir: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The first copy whose MAC the master key confirms; the others are reported as damaged."""
     chosen: dict[str, Any] | None = None
@@ -631,7 +646,7 @@ def _key_copies(backend: Backend) -> dict[str, bytes | None]:
     return copies
 
 
-def _unlock(backend: Backend, storage_dir: Path, passphrase: str) -> bytes:
+def _unlock(backend: Backend, storage_dir: str, passphrase: str) -> bytes:
     try:
         return keyfile.unlock_copies(_key_copies(backend), passphrase)
     except AuthenticationError as exc:
@@ -653,7 +668,7 @@ def _forget_checks(vault_uuid: str) -> None:
 
 
 def _check_passphrase_once(
-    backend: Backend, storage_dir: Path, uuid: str, master: bytes, passphrase: str, *, strict: bool
+    backend: Backend, storage_dir: str, uuid: str, master: bytes, passphrase: str, *, strict: bool
 ) -> None:
     """The host key opened the vault; does the given passphrase open its key file too?"""
     key = hashlib.sha256(passphrase.encode()).hexdigest()

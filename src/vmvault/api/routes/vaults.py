@@ -19,11 +19,14 @@ router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
 class VaultCreate(Body):
     name: str = Field(max_length=64)
     storage_dir: str | None = None
-    redundancy: str = "LRS"
+    redundancy: str | None = Field(
+        default=None, description="LRS or GRS; default: GRS when the server has a default secondary, else LRS"
+    )
     passphrase: str | None = Field(
         default=None, description="12+ characters, not a common password; default: the server's VMVAULT_PASSPHRASE"
     )
     time_zone: str = Field(default="UTC", max_length=64)
+    secondary_storage: str | None = Field(default=None, description="GRS: the secondary location")
 
 
 class VaultImport(Body):
@@ -54,6 +57,7 @@ def create_vault(body: VaultCreate, ctx: Ctx) -> dict[str, Any]:
         redundancy=body.redundancy,
         passphrase=body.passphrase,
         time_zone=body.time_zone,
+        secondary=body.secondary_storage,
     )
 
 

@@ -14,16 +14,32 @@ Semantics every backend must honour (tests/contract runs them against each backe
   ``length`` is None); a range past the end is truncated; a missing object raises ObjectNotFound.
 - ``exists(name)`` is True only for complete objects.
 - ``delete(name)`` removes an object; deleting a missing object raises ObjectNotFound.
-- ``list(prefix)`` yields (name, size) for every complete object whose name starts with
-  ``prefix`` + '/' (or every object for prefix ""), in no particular order; it never yields
-  temporary files of an unfinished ``put``.
+- ``list(prefix)`` yields an ObjectInfo (name, size, mtime) for every complete object whose name
+  starts with ``prefix`` + '/' (or every object for prefix ""), in no particular order; it never
+  yields temporary files of an unfinished ``put``. ``mtime`` is the store's own clock (seconds
+  since the epoch) at the object's last write.
+- ``stat(name)`` is the ObjectInfo of one object (ObjectNotFound when missing).
+- ``now()`` is the store's clock, comparable with ``mtime``: ages (GC's grace window, lock
+  leases) are judged by it, never by the host's clock, as several hosts may write one vault.
+- ``inventory()`` lists everything under the location, also leftovers ``list`` hides
+  (temporary files, names vmvault never writes), for ``vault verify``; unlike ``list`` it may
+  yield names that ``check_name`` refuses.
+- ``delete_temporaries(older_than)`` removes leftovers of writes that died (local temporary
+  files, unfinished multipart uploads) older than ``older_than`` seconds; returns how many.
+- ``lock_path(name)`` is the local file to lock with POSIX locks for lock ``name``, or None when
+  the store has no POSIX locks (object stores: vault/objlock.py leases instead).
+- ``retries`` counts the attempts repeated after transient errors (throttling) since the
+  backend was made; jobs report it.
+- ``location`` is the vault's location as the user gave it (a directory or a URL), with no
+  secret in it: the catalog stores it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Protocol
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from vmvault.errors import InvalidInput
 
@@ -37,8 +53,20 @@ def check_name(name: str) -> str:
     return name
 
 
+class ObjectInfo(NamedTuple):
+    name: str
+    size: int
+    mtime: float  # seconds since the epoch, by the store's clock
+
+
 class Backend(Protocol):
     """A flat, durable object store (local directory, Azure Blob, S3)."""
+
+    @property
+    def location(self) -> str: ...
+
+    @property
+    def retries(self) -> int: ...
 
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -50,7 +78,21 @@ class Backend(Protocol):
 
     def delete(self, name: str) -> None: ...
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def stat(self, name: str) -> ObjectInfo: ...
+
+    def now(self) -> float: ...
+
+    def inventory(self) -> Iterator[ObjectInfo]: ...
+
+    def delete_temporaries(self, older_than: float, dead_objects: frozenset[str] = frozenset()) -> int: ...
+
+    def lock_path(self, name: str) -> Path | None: ...
+
+    def ensure_container(self) -> None:
+        """Create the container (bucket, directory) if missing: vault create calls it."""
+        ...
 
     def describe(self) -> str:
         """A human-readable location for messages, e.g. the directory path."""

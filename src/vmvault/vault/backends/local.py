@@ -6,12 +6,13 @@ import errno
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vmvault.errors import AlreadyExists, ObjectNotFound, StorageError
 from vmvault.proc import boot_id, pid_alive
-from vmvault.vault.backends.base import check_name
+from vmvault.vault.backends.base import ObjectInfo, check_name
 
 _TMP_PREFIX = ".tmp-"
 # `.tmp-<name>.w<pid>-<boot id, 32 hex>-<random>`: a temporary file names its writer, so garbage
@@ -39,11 +40,28 @@ def dead_writer(name: str) -> bool:
 
 
 class LocalBackend:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     def describe(self) -> str:
         return str(self.root)
+
+    @property
+    def retries(self) -> int:
+        return 0  # a local file system is not retried: its errors are final
+
+    def ensure_container(self) -> None:
+        pass  # directories are made on the first write
+
+    def lock_path(self, name: str) -> Path | None:
+        return self.root / check_name(name)
+
+    def now(self) -> float:
+        return time.time()  # the file system's timestamps come from this host's clock
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -114,20 +132,53 @@ class LocalBackend:
             raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
         _fsync_dir(path.parent)
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+    def stat(self, name: str) -> ObjectInfo:
+        path = self._path(name)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ObjectNotFound(f"vault object {name} is missing from {self.root}") from exc
+        if not path.is_file():
+            raise ObjectNotFound(f"vault object {name} is missing from {self.root}")
+        return ObjectInfo(name, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self.root / check_name(prefix) if prefix else self.root
+        return (info for info in self._walk(base) if not info.name.rsplit("/", 1)[-1].startswith(_TMP_PREFIX))
+
+    def inventory(self) -> Iterator[ObjectInfo]:
+        return self._walk(self.root)
+
+    def delete_temporaries(self, older_than: float, dead_objects: frozenset[str] = frozenset()) -> int:
+        """`.tmp-*` files of writes that died before their rename, once older than older_than
+        (a younger one may be a write in progress of another process), or at once when they are
+        the write of one of dead_objects (`.tmp-<object>.<...>`) or their writer, a process of this
+        boot, is gone (writer_tag names it)."""
+        now, deleted = self.now(), 0
+        for info in self._walk(self.root):
+            fname = info.name.rsplit("/", 1)[-1]
+            if not fname.startswith(_TMP_PREFIX):
+                continue
+            dead = fname.removeprefix(_TMP_PREFIX).split(".", 1)[0] in dead_objects or dead_writer(fname)
+            if dead or now - info.mtime >= older_than:
+                try:
+                    (self.root / info.name).unlink()
+                except FileNotFoundError:
+                    continue
+                deleted += 1
+        return deleted
+
+    def _walk(self, base: Path) -> Iterator[ObjectInfo]:
         if not base.is_dir():
             return
         for dirpath, _dirs, files in os.walk(base):
             for fname in files:
-                if fname.startswith(_TMP_PREFIX):
-                    continue
                 full = Path(dirpath) / fname
                 try:
-                    size = full.stat().st_size
+                    st = full.stat()
                 except FileNotFoundError:
-                    continue
-                yield full.relative_to(self.root).as_posix(), size
+                    continue  # removed meanwhile (a pin, a temporary file)
+                yield ObjectInfo(full.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
 
 
 def _fsync_dir(path: Path) -> None:
