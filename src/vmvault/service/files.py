@@ -32,6 +32,7 @@ from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, create_job, run_job
 from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute
+from vmvault.service.vaultio import check_readable
 from vmvault.service.views import JsonDict
 
 
@@ -50,6 +51,7 @@ def _target(ctx: Context, vm_name: str, rp_id: str) -> Target:
     with ctx.catalog.read() as s:
         vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
+        check_readable(vault)  # --from-secondary on an LRS vault: refused before any job or mountpoint
         return Target(vm.id, vm.name, point.id, vault, [str(d["name"]) for d in point.disks])
 
 

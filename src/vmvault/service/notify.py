@@ -1,7 +1,8 @@
 """Notifications: tell a vault's targets (webhook, e-mail) when its jobs end.
 
-Alerts (service/rpo.py: an item's missed backup, raised and resolved) go to every target of
-the item's vault through the same outbox (rows with alert_id instead of a job).
+Alerts (service/rpo.py: an item's missed backup; service/space.py: a vault short of space;
+service/replication.py: a GRS vault whose replication lags; raised and resolved) go to every target of
+the vault through the same outbox (rows with alert_id instead of a job).
 
 Each vault has targets; a target hears of Failed jobs (events "failed", the default) or of every
 ended job (events "all"). Delivery goes through an outbox so nothing is lost to a crash:
@@ -256,6 +257,9 @@ def payload(job: JsonDict) -> JsonDict:
 
 
 def subject(job: JsonDict) -> str:
+    if "alert" in job and job["alert"]["kind"] == "ReplicationLagging":
+        state = "caught up" if job["event"] == "resolved" else "lagging"
+        return f"[vmvault] Replication {state}: {job['alert']['vault']}"
     if "alert" in job and job["alert"]["kind"] == "VaultSpaceLow":
         state = "space back" if job["event"] == "resolved" else "space low"
         return f"[vmvault] Vault {state}: {job['alert']['vault']}"
@@ -285,7 +289,25 @@ def body(job: JsonDict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_RESOLVED_EVENT = {"RpoBreached": "RpoResolved", "VaultSpaceLow": "VaultSpaceResolved"}
+_RESOLVED_EVENT = {"RpoBreached": "RpoResolved", "VaultSpaceLow": "VaultSpaceResolved",
+                   "ReplicationLagging": "ReplicationCaughtUp"}  # fmt: skip
+
+
+def _lag_body(alert: JsonDict, event: str) -> str:
+    if event == "resolved":
+        now: JsonDict = alert.get("resolvedWith") or {}
+        first = f"Vault {alert['vault']}'s secondary copy has caught up (lag {now.get('lagSeconds')} s)."
+    else:
+        first = (
+            f"Vault {alert['vault']}'s secondary copy lags {alert.get('lagSeconds')} s behind the primary "
+            f"(threshold {alert.get('thresholdSeconds')} s): a restore from the secondary would miss the newest "
+            f"points. Last error: {alert.get('lastError') or 'none'}."
+        )
+    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
+    if event != "resolved":
+        lines.append(f"recommended action: check the secondary is reachable, then run: "
+                     f"vmvault vault replicate {alert['vault']} --wait")  # fmt: skip
+    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
 
 
 def _space_body(alert: JsonDict, event: str) -> str:
@@ -308,6 +330,8 @@ def _space_body(alert: JsonDict, event: str) -> str:
 def _alert_body(alert: JsonDict, event: str) -> str:
     if alert["kind"] == "VaultSpaceLow":
         return _space_body(alert, event)
+    if alert["kind"] == "ReplicationLagging":
+        return _lag_body(alert, event)
     if event == "resolved":
         first = f"VM {alert['vm']} (vault {alert['vault']}) has a good recovery point again: {alert.get('resolvedBy')}."
     else:

@@ -11,20 +11,31 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vmvault.catalog import repos
-from vmvault.catalog.clock import from_iso, now_iso
-from vmvault.catalog.models import RecoveryPointRow, VaultRow
+from vmvault.catalog.clock import from_iso, now_iso, to_iso
+from vmvault.catalog.models import AlertRow, RecoveryPointRow, VaultRow
 from vmvault.errors import InvalidInput, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault")
-LAG_ALERT_SECONDS = 3600.0  # lagSeconds above this: the state is Lagging (a metric and doctor say so)
+LAG_ALERT_SECONDS = 3600.0  # default lag_alert_seconds(): above it, Lagging (metric, alert, dashboard)
+REPLICATION_LAGGING = "ReplicationLagging"  # the alert's kind (catalog table alerts)
+
+
+def lag_alert_seconds() -> float:
+    """lagSeconds above this: the vault is Lagging, an alert is raised (VMVAULT_GRS_LAG_ALERT, seconds)."""
+    try:
+        return max(0.0, float(os.environ.get("VMVAULT_GRS_LAG_ALERT", LAG_ALERT_SECONDS)))
+    except ValueError:
+        return LAG_ALERT_SECONDS
 
 
 def delete_delay() -> float:
@@ -80,13 +91,99 @@ def _state(ctx: Context, row: VaultRow, on_secondary: list[str], lag_bytes: int)
     lag = max(0.0, time.time() - from_iso(waiting[0]).timestamp()) if waiting else 0.0
     healthy = "Healthy" if not waiting and not lag_bytes else "CatchingUp"
     return {
-        "state": "Lagging" if lag > LAG_ALERT_SECONDS else healthy,
+        "state": "Lagging" if lag > lag_alert_seconds() else healthy,
         "lastReplicatedPoint": replicated[-1][1] if replicated else None,
         "lagSeconds": round(lag, 1),
         "lagBytes": int(lag_bytes),
         "lastError": None,
         "lastRun": now_iso(),
     }
+
+
+def current_lag(s: Session, row: VaultRow, now: datetime) -> JsonDict:
+    """A GRS vault's replication state from the catalog alone, aged to now (no storage touched).
+
+    The state recorded by the last pass is stale as soon as a backup publishes a point after it:
+    a point newer than lastReplicatedPoint is not on the secondary yet, so the lag is at least its
+    age; a lag recorded by the last pass keeps growing until the next one. Read by the lag
+    alerts (check_lag_alerts) and the dashboard, so both flag the same vaults.
+    """
+    recorded = row.replication or {}
+    threshold = lag_alert_seconds()
+    last_run = recorded.get("lastRun")
+    lag = float(recorded.get("lagSeconds") or 0)
+    if lag and last_run:
+        lag += max(0.0, (now - from_iso(str(last_run))).total_seconds())
+    since = _replicated_until(s, row.id, recorded.get("lastReplicatedPoint"), last_run)
+    query = select(RecoveryPointRow.time).where(RecoveryPointRow.vault_id == row.id)
+    if since is not None:
+        query = query.where(RecoveryPointRow.time > since)
+    oldest = s.scalars(query.order_by(RecoveryPointRow.time).limit(1)).first()
+    if oldest is not None:
+        lag = max(lag, (now - from_iso(oldest)).total_seconds())
+    state = str(recorded.get("state") or "NotStarted")
+    if lag > threshold:
+        state = "Lagging"
+    elif state == "Lagging" or (oldest is not None and state == "Healthy"):
+        state = "CatchingUp"
+    return {**recorded, "state": state, "lagSeconds": round(lag, 1), "lagging": lag > threshold,
+            "thresholdSeconds": threshold}  # fmt: skip
+
+
+def _replicated_until(s: Session, vault_id: int, point_id: object, last_run: object) -> str | None:
+    """The time of the newest point on the secondary (every older one is there too, as of the last
+    pass); the last pass's own time if retention deleted that point; None: nothing replicated yet."""
+    if point_id:
+        found = s.scalars(
+            select(RecoveryPointRow.time).where(RecoveryPointRow.vault_id == vault_id, RecoveryPointRow.id == point_id)
+        ).first()
+        if found is not None:
+            return str(found)
+        return str(last_run) if last_run else None
+    return None
+
+
+def check_lag_alerts(ctx: Context, now: datetime | None = None) -> list[int]:
+    """Raise an alert (one notification per target of the vault) for each GRS vault whose lag
+    passed lag_alert_seconds(), resolve it when the vault catches up; returns the alert ids touched.
+    The open alert lives in the catalog (as the RPO and space alerts), so it is raised once."""
+    from vmvault.service.notify import enqueue_for_alert
+    from vmvault.service.rpo import open_alerts
+
+    moment = now or ctx.now()
+    touched: list[int] = []
+    with ctx.catalog.write() as s:
+        raised = {row.vault_id: row for row in open_alerts(s, REPLICATION_LAGGING)}
+        grs = {v.id: v for v in s.scalars(select(VaultRow)).all() if v.secondary_storage}
+        for vault_id, vault in grs.items():
+            lag = current_lag(s, vault, moment)
+            if lag["lagging"] and vault_id not in raised:
+                alert = AlertRow(kind=REPLICATION_LAGGING, vm_id="", vm_name="", vault_id=vault_id,
+                                 raised=to_iso(moment), details=_lag_details(lag))  # fmt: skip
+                s.add(alert)
+                s.flush()
+                log.warning("vault %s: replication lags %.0f s behind (threshold %s s)", vault.name,
+                            lag["lagSeconds"], lag["thresholdSeconds"])  # fmt: skip
+                enqueue_for_alert(s, alert, "raised")
+                touched.append(alert.id)
+            elif not lag["lagging"] and vault_id in raised:
+                alert = raised[vault_id]
+                alert.resolved = to_iso(moment)
+                alert.details = {**alert.details, "resolvedWith": _lag_details(lag)}
+                s.flush()
+                enqueue_for_alert(s, alert, "resolved")
+                touched.append(alert.id)
+        for vault_id, alert in raised.items():
+            if vault_id not in grs:  # the vault was deleted (with its targets): close, nobody to tell
+                alert.resolved = to_iso(moment)
+                alert.details = {**alert.details, "reason": "the vault was deleted"}
+    return touched
+
+
+def _lag_details(lag: JsonDict) -> JsonDict:
+    return {"lagSeconds": lag["lagSeconds"], "lagBytes": int(lag.get("lagBytes") or 0),
+            "thresholdSeconds": lag["thresholdSeconds"], "lastReplicatedPoint": lag.get("lastReplicatedPoint"),
+            "lastError": lag.get("lastError")}  # fmt: skip
 
 
 def _record(ctx: Context, name: str, state: dict[str, Any]) -> None:

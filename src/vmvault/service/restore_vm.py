@@ -31,6 +31,7 @@ from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback
 from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute, check_name
+from vmvault.service.vaultio import check_readable
 from vmvault.service.views import JsonDict
 
 FORMATS = ("raw", "qcow2")
@@ -149,6 +150,7 @@ def _point(ctx: Context, vm_name: str, rp_id: str) -> tuple[VmRow, Any, VaultRow
     with ctx.catalog.read() as s:
         vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
+        check_readable(vault)  # --from-secondary on an LRS vault: refused before any job or directory
         s.expunge_all()
     return vm, point, vault
 

@@ -24,7 +24,7 @@ from vmvault.service.jobs import (
 )
 from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import resolve_point, usable_point
-from vmvault.service.vaultio import opened_vault
+from vmvault.service.vaultio import check_readable, opened_vault
 from vmvault.service.views import JsonDict
 
 FORMATS = ("raw", "qcow2")
@@ -110,6 +110,7 @@ def plan_restore(
     with ctx.catalog.read() as s:
         vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
+        check_readable(vault)  # --from-secondary on an LRS vault: refused before any job or directory
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
         # plain QEMU VMs get a JSON template beside their disks (service/restore_vm.py), libvirt VMs domain XML
         template = {"qmp": f"{vm_name}-template.json", "libvirt": f"{vm_name}-domain.xml"}.get(vm.kind)

@@ -178,7 +178,9 @@ class Scheduler:
         self.leadership.release()
 
     def _check_alerts(self) -> None:
-        """Missed backups (service/rpo.py) and vaults short of space (service/space.py): queued, delivered next tick."""
+        """Missed backups (service/rpo.py), vaults short of space (service/space.py) and GRS vaults whose
+        replication lags (service/replication.py): queued, delivered next tick."""
+        from vmvault.service.replication import check_lag_alerts
         from vmvault.service.rpo import check_alerts
         from vmvault.service.space import DEFAULT_MIN_FREE_PERCENT, check_space_alerts
 
@@ -186,6 +188,7 @@ class Scheduler:
         checks: list[Callable[[], list[int]]] = [
             lambda: check_alerts(self.ctx),
             lambda: check_space_alerts(self.ctx, threshold),
+            lambda: check_lag_alerts(self.ctx),
         ]
         for check in checks:
             try:

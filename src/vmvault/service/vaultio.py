@@ -30,6 +30,12 @@ def secondary_location(row: VaultRow) -> str:
     return row.secondary_storage
 
 
+def check_readable(row: VaultRow) -> None:
+    """Before a restore or mount creates a job or a directory: with --from-secondary, refuse a
+    vault that has no secondary (an LRS vault) up front, naming it."""
+    location_of(row)
+
+
 def location_of(row: VaultRow) -> tuple[str, str]:
     """(where to read the vault, the name of this host's cache of it): the primary (a directory or
     an azure:// / s3:// URL), or with --from-secondary the GRS secondary and its own cache."""
