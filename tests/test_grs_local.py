@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from helpers import PASSPHRASE, Cli, assert_same_image
+from test_notify import Hooks, webhook  # noqa: F401 (fixture: a real local HTTP server)
 from vmvault.catalog.db import Catalog
 from vmvault.catalog.models import VaultRow
 from vmvault.service.context import Context
@@ -75,10 +78,12 @@ def test_default_secondary_makes_grs_and_the_secondary_alone_restores(tmp_path: 
     cli.ok("protection", "enable", "--vm", "vm2", "--vault", "v2")
     assert cli.backup_now("vm2").ok
     (rp2,) = cli.point_ids("vm2")
+    jobs_before = cli.ok("job", "list").json()
     lrs_only = cli.fails("restore", "disks", "vm2", "--rp", rp2, "--target-dir", str(tmp_path / "o3"),
                          "--from-secondary")  # fmt: skip
-    assert "has no secondary (LRS)" in lrs_only.output, lrs_only.output
-    assert not list((tmp_path / "o3").glob("*")) if (tmp_path / "o3").exists() else True
+    assert "vault 'v2' has no secondary (LRS)" in lrs_only.output, lrs_only.output
+    assert not (tmp_path / "o3").exists(), "refused up front: no target directory created"
+    assert cli.ok("job", "list").json() == jobs_before, "refused up front: no Restore job recorded"
 
 
 def test_deletions_reach_the_secondary_only_after_the_delay_and_copies_are_checked(tmp_path: Path) -> None:
@@ -109,3 +114,43 @@ def test_deletions_reach_the_secondary_only_after_the_delay_and_copies_are_check
             replicate_once(vault, secondary, note, delete_delay=0)
     finally:
         vault.close()
+
+
+def test_a_lagging_secondary_raises_one_alert_and_resolves_when_caught_up(
+    tmp_path: Path, webhook: tuple[str, Hooks], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A point backed up and not replicated: once older than the threshold (VMVAULT_GRS_LAG_ALERT,
+    here 10 s), one alert to the vault's real webhook; `vault replicate --wait` resolves it."""
+    from vmvault.service import notify
+    from vmvault.service.context import context
+    from vmvault.service.replication import check_lag_alerts
+
+    url, hooks = webhook
+    cli = Cli(home=tmp_path / "home")
+    cli.ok("vault", "create", "v1", "--storage", str(tmp_path / "r1"), "--redundancy", "GRS",
+           "--secondary", str(tmp_path / "r2"))  # fmt: skip
+    cli.ok("vault", "notify", "add", "v1", "--webhook", url)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(random.Random(7).randbytes(1 << 20))
+    assert cli.vm_add("vm1", disk).ok and cli.protection_enable("vm1", "v1").ok and cli.backup_now("vm1").ok
+    monkeypatch.setenv("VMVAULT_GRS_LAG_ALERT", "10")
+    with context(Settings(home=cli.home, passphrase=PASSPHRASE)) as ctx:
+        assert check_lag_alerts(ctx, now=ctx.now() + timedelta(seconds=5)) == [], "under the threshold"
+        late = ctx.now() + timedelta(seconds=30)
+        (alert_id,) = check_lag_alerts(ctx, now=late)
+        assert check_lag_alerts(ctx, now=late + timedelta(seconds=30)) == [], "raised once"
+        assert notify.deliver_pending(ctx) == 1
+        post: dict[str, Any] = hooks.posts[0]["body"]
+        assert post["event"] == "ReplicationLagging" and post["vault"] == "v1", post
+        assert post["alert"]["id"] == alert_id and post["alert"]["thresholdSeconds"] == 10.0
+        assert post["alert"]["lagSeconds"] >= 30 and post["alert"]["lastReplicatedPoint"] is None, post
+        assert notify.subject({"alert": {**post["alert"], "kind": "ReplicationLagging"}, "event": "raised"}) == (
+            "[vmvault] Replication lagging: v1"
+        )
+
+        state = cli.ok("vault", "replicate", "v1", "--wait").json()
+        assert state["state"] == "Healthy", state
+        assert check_lag_alerts(ctx, now=late + timedelta(seconds=60)) == [alert_id]
+        assert notify.deliver_pending(ctx) == 1
+        assert hooks.posts[1]["body"]["event"] == "ReplicationCaughtUp"
+        assert check_lag_alerts(ctx, now=late + timedelta(seconds=90)) == []
