@@ -318,3 +318,33 @@ def test_every_service_fix_reads_without_cli_words_in_the_portal() -> None:
     assert [w for w in worded if CLI_WORDS.search(w)] == []
     generic = sum(1 for w in worded if w == "correct the form on the previous page and try again")
     assert generic < len(hints) // 10  # most fixes keep their specific advice
+
+
+def test_a_lagging_grs_vault_is_flagged_until_replicated(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GRS vault with a point not yet on its secondary (threshold lowered to 0 s) is listed under the
+    vault problems, linked to its page; after what `vault replicate --wait` runs it is not; LRS says LRS."""
+    from vmvault.service import replication
+
+    c, ctx, root = world.client, world.ctx, world.root
+    monkeypatch.setenv("VMVAULT_GRS_LAG_ALERT", "0")
+    vaults.create_vault(ctx, "geo", storage_dir=root / "geo-r1", redundancy="GRS", secondary=root / "geo-r2",
+                        passphrase=GOOD)  # fmt: skip
+    vaults.create_vault(ctx, "near", storage_dir=root / "near", redundancy="LRS", passphrase=GOOD)
+    vms.add_vm(ctx, "geo1", [make_ext4_image(root / "geo1.raw", 8)])
+    protection.enable_protection(ctx, "geo1", "geo")
+    assert backups.backup_now(ctx, "geo1").error is None
+    page = c.get("/").text
+    problems = re.search(r'<section class="card danger" id="vault-problems">(.*?)</section>', page, flags=re.S)
+    assert problems and '<a href="/vaults/geo">geo</a>' in problems.group(1), page
+    assert "Replication lagging" in problems.group(1) and "near" not in problems.group(1)
+    row = re.search(r'<a href="/vaults/geo">geo</a>.*?</tr>', page.split('id="vaults-tile"')[1], flags=re.S)
+    assert row and "Lagging" in row.group(0), page
+    lrs = re.search(r'<a href="/vaults/near">near</a>.*?</tr>', page, flags=re.S)
+    assert lrs and "LRS" in lrs.group(0) and "Lagging" not in lrs.group(0), page
+    assert not CLI_WORDS.search(_page_text(c.get("/")))
+
+    assert replication.replicate(ctx, "geo", wait=True)["state"] == "Healthy"  # what `vault replicate --wait` runs
+    page = c.get("/").text
+    assert 'id="vault-problems"' not in page and "Lagging" not in page, page
+    row = re.search(r'<a href="/vaults/geo">geo</a>.*?</tr>', page, flags=re.S)
+    assert row and "Healthy" in row.group(0), page

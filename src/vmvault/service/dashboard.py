@@ -8,7 +8,7 @@ the alerts, the metrics and the reports.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from vmvault.service import items, jobs, rpo, vaults
 from vmvault.service.context import Context
@@ -32,7 +32,8 @@ def backup_bucket(item: JsonDict) -> str:
 
 
 def overview(ctx: Context, vault: str | None = None) -> JsonDict:
-    """Items by last backup status, RPO breaches first, jobs of the last 24 h, running jobs, vaults;
+    """Items by last backup status, RPO breaches first, jobs of the last 24 h, running jobs, vaults
+    (with replication lag and verify problems);
     with vault, only that vault's (what a vault-scoped token may see)."""
     now = ctx.now()
     listed = [i for i in items.list_items(ctx) if vault is None or i["vault"] == vault]
@@ -41,6 +42,7 @@ def overview(ctx: Context, vault: str | None = None) -> JsonDict:
     breached = [r for r in rpo.item_rpos(ctx, now) if r.breached and (vault is None or r.vault == vault)]
     since = (now - timedelta(hours=24)).isoformat(timespec="seconds")
     recent = [j for j in jobs.list_jobs(ctx, since=since) if vault is None or j["vault"] == vault]
+    health = [_vault_health(ctx, v, now) for v in vaults.list_vaults(ctx) if vault is None or v["name"] == vault]
     return {
         "items": listed,
         "itemsByBucket": {b: sum(1 for i in listed if i["bucket"] == b) for b in BUCKETS},
@@ -48,7 +50,11 @@ def overview(ctx: Context, vault: str | None = None) -> JsonDict:
         "jobsLast24h": dict(Counter(j["status"] for j in recent)),
         "jobsLast24hTotal": len(recent),
         "running": [j for j in recent if j["status"] == jobs.Status.IN_PROGRESS],
-        "vaults": [_vault_health(ctx, v) for v in vaults.list_vaults(ctx) if vault is None or v["name"] == vault],
+        "vaults": health,
+        # vaults with replication lag or verify problems: listed first on the overview, each linked
+        "vaultProblems": [
+            v["name"] for v in health if v["failedVerification"] or (v["replication"] or {}).get("lagging")
+        ],
     }
 
 
@@ -58,12 +64,16 @@ def _late(r: rpo.ItemRpo) -> JsonDict:
             "lastGood": last}  # fmt: skip
 
 
-def _vault_health(ctx: Context, vault: JsonDict) -> JsonDict:
+def _vault_health(ctx: Context, vault: JsonDict, now: datetime) -> JsonDict:
+    """Verification failures and, for a GRS vault, its replication state aged to now (catalog only:
+    replication.current_lag, the rule of the lag alerts); replication None: an LRS vault."""
     from vmvault.catalog import repos
+    from vmvault.service.replication import current_lag
 
     with ctx.catalog.read() as s:
         row = repos.get_vault(s, vault["name"])
         points = repos.recovery_points_in_vault(s, row.id)
         failed = sum(1 for p in points if p.verify_state == "Failed")
         stored = sum(int(d.get("storedBytes") or 0) for p in points for d in p.disks)
-    return {**vault, "failedVerification": failed, "storedBytes": stored}
+        replication = current_lag(s, row, now) if row.secondary_storage else None
+    return {**vault, "failedVerification": failed, "storedBytes": stored, "replication": replication}
