@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from helpers import PASSPHRASE, Cli, assert_same_image
 from test_notify import Hooks, webhook  # noqa: F401 (fixture: a real local HTTP server)
+from test_space_alerts import metric
 from vmvault.catalog.db import Catalog
 from vmvault.catalog.models import VaultRow
 from vmvault.service.context import Context
@@ -148,8 +149,12 @@ def test_a_lagging_secondary_raises_one_alert_and_resolves_when_caught_up(
             "[vmvault] Replication lagging: v1"
         )
 
+        lag_metric = "vmvault_vault_replication_lag_seconds"
+        assert metric(ctx, lag_metric) > 0, "the metric sees the point waiting, with no replication pass yet"
+
         state = cli.ok("vault", "replicate", "v1", "--wait").json()
         assert state["state"] == "Healthy", state
+        assert metric(ctx, lag_metric) == 0
         assert check_lag_alerts(ctx, now=late + timedelta(seconds=60)) == [alert_id]
         assert notify.deliver_pending(ctx) == 1
         assert hooks.posts[1]["body"]["event"] == "ReplicationCaughtUp"

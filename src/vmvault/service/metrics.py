@@ -41,6 +41,7 @@ from vmvault.catalog.clock import from_iso
 from vmvault.catalog.models import JobRow, RecoveryPointRow, VaultRow
 from vmvault.errors import VmvaultError
 from vmvault.service.context import Context
+from vmvault.service.replication import current_lag
 from vmvault.service.rpo import item_rpos
 from vmvault.service.space import storage_space
 from vmvault.service.usage import storage_bytes
@@ -123,9 +124,12 @@ class CatalogCollector(Collector):
             query = select(RecoveryPointRow.vault_id, func.count()).group_by(RecoveryPointRow.vault_id)
             points = {int(vault_id): int(n) for vault_id, n in s.execute(query).all()}
             logical = {v.id: _logical_bytes(s, v.id) for v in vaults}
+            now = self.ctx.now()  # the lag aged to now, the rule of the lag alerts (replication.current_lag)
+            lags = {v.id: float(current_lag(s, v, now)["lagSeconds"]) for v in vaults if v.secondary_storage}
         families = _VaultFamilies()
         for vault in vaults:
-            families.add(vault, int(points.get(vault.id, 0)), logical[vault.id], self._objects(vault))
+            objects = self._objects(vault)
+            families.add(vault, int(points.get(vault.id, 0)), logical[vault.id], objects, lags.get(vault.id))
         yield from families.all()
 
     def _objects(self, vault: VaultRow) -> _Objects | None:
@@ -242,7 +246,9 @@ class _VaultFamilies:
             "vmvault_vault_replication_lag_bytes", "Bytes the secondary still lacks (at the last pass)", labels=v
         )
 
-    def add(self, vault: VaultRow, points: int, logical: int, objects: _Objects | None) -> None:
+    def add(
+        self, vault: VaultRow, points: int, logical: int, objects: _Objects | None, lag: float | None = None
+    ) -> None:
         name = [vault.name]
         storage = Path(vault.storage_dir)
         if is_url(vault.storage_dir):  # object storage: a listing (no file system to measure)
@@ -256,9 +262,9 @@ class _VaultFamilies:
                 self.filesystem.add_metric(name, space.total)
         self.logical.add_metric(name, logical)
         self.points.add_metric(name, points)
-        if vault.secondary_storage and vault.replication:
-            self.lag_seconds.add_metric(name, float(vault.replication.get("lagSeconds") or 0))
-            self.lag_bytes.add_metric(name, float(vault.replication.get("lagBytes") or 0))
+        if vault.secondary_storage and lag is not None:
+            self.lag_seconds.add_metric(name, lag)
+            self.lag_bytes.add_metric(name, float((vault.replication or {}).get("lagBytes") or 0))
         if objects is None:
             return
         self.unique.add_metric(name, objects.unique)
