@@ -84,7 +84,12 @@ def test_default_secondary_makes_grs_and_the_secondary_alone_restores(tmp_path: 
                          "--from-secondary")  # fmt: skip
     assert "vault 'v2' has no secondary (LRS)" in lrs_only.output, lrs_only.output
     assert not (tmp_path / "o3").exists(), "refused up front: no target directory created"
-    assert cli.ok("job", "list").json() == jobs_before, "refused up front: no Restore job recorded"
+    as_vm = cli.fails("restore", "vm", "vm2", "--rp", rp2, "--name", "vm2b", "--from-secondary")
+    mount = cli.fails("files", "mount", "vm2", "--rp", rp2, "--mountpoint", str(tmp_path / "m"), "--from-secondary")
+    for refused in (as_vm, mount):
+        assert "vault 'v2' has no secondary (LRS)" in refused.output, refused.output
+    assert not (tmp_path / "m").exists() and not (cli.home / "vms" / "vm2b").exists()
+    assert cli.ok("job", "list").json() == jobs_before, "refused up front: no Restore or mount job recorded"
 
 
 def test_deletions_reach_the_secondary_only_after_the_delay_and_copies_are_checked(tmp_path: Path) -> None:
