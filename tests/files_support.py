@@ -361,14 +361,14 @@ class TwoPoints:
     """vm1 (disk0 GPT, disk1 MBR) in vault v1: point 1 has disk0 version 1, point 2 version 2."""
 
     def __init__(self, work: Path) -> None:
-        from helpers import Cli, copy_image
+        from helpers import HostKeyCli, copy_image
 
         disks = build_disks()
         self.work = work
         self.disk0 = copy_image(disks["disk0_v1"], work / "disk0.raw")
         self.disk1 = copy_image(disks["disk1"], work / "disk1.raw")
         self.vault_dir = work / "vault"
-        self.cli = Cli(home=work / "home")
+        self.cli = HostKeyCli(home=work / "home")  # not about passphrases: skip their check (scrypt)
         self.home = self.cli.home
         self.cli.vault_create("v1", self.vault_dir)
         self.cli.ok("vm", "add", "vm1", "--disk", str(self.disk0), "--disk", str(self.disk1))

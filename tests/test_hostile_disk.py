@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, files_equal, rp_id
+from helpers import Cli, HostKeyCli, files_equal, rp_id  # HostKeyCli: not about passphrases (no scrypt)
 
 MiB = 1024 * 1024
 DISK_SIZE = 8 * MiB
@@ -76,7 +76,7 @@ def _assert_no_secret(*roots: Path) -> None:
 @pytest.mark.parametrize("kind", ["file", "json"])
 def test_guest_written_qcow2_header_is_backed_up_as_raw_bytes(tmp_path: Path, kind: str) -> None:
     """The classic attack: added as raw, then the guest writes a qcow2 header naming a host file."""
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     secret = _secret(tmp_path / "shadow")
     disk = _guest_disk(tmp_path / "disk.raw")
     cli.vault_create("v1", tmp_path / "vault")
@@ -95,7 +95,7 @@ def test_guest_written_qcow2_header_is_backed_up_as_raw_bytes(tmp_path: Path, ki
 @pytest.mark.parametrize("kind", ["file", "json"])
 def test_guessed_qcow2_with_backing_file_is_refused_at_vm_add(tmp_path: Path, kind: str) -> None:
     """A disk that already carries such a header at `vm add` gets no chain recorded from a guess."""
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     secret = _secret(tmp_path / "shadow")
     disk = _guest_disk(tmp_path / "disk.raw")
     _write_qcow2_header(disk, _backing_names(secret)[kind], tmp_path)
@@ -123,7 +123,7 @@ def test_guessed_qcow2_with_backing_file_is_refused_at_vm_add(tmp_path: Path, ki
 
 def test_replace_disks_writes_the_recorded_format(tmp_path: Path) -> None:
     """replace-disks restores a raw disk as raw even when the guest made it look like a qcow2 image."""
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     secret = _secret(tmp_path / "shadow")
     disk = _guest_disk(tmp_path / "disk.raw")
     original = tmp_path / "original.raw"
@@ -148,7 +148,7 @@ def _qcow2_with_chain(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_qcow2_chain_is_recorded_and_read_through_its_recorded_files(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     base, top = _qcow2_with_chain(tmp_path)
     cli.vault_create("v1", tmp_path / "vault")
     added = cli.ok("vm", "add", "vm1", "--disk", str(top), "--format", "qcow2").json()
@@ -166,7 +166,7 @@ def test_qcow2_chain_is_recorded_and_read_through_its_recorded_files(tmp_path: P
 
 @pytest.mark.parametrize("change", ["rebased", "json", "data-file"])
 def test_changed_qcow2_chain_is_refused_naming_the_file(tmp_path: Path, change: str) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     secret = _secret(tmp_path / "shadow")
     _base, top = _qcow2_with_chain(tmp_path)
     cli.vault_create("v1", tmp_path / "vault")
@@ -197,7 +197,7 @@ def test_running_vm_whose_guest_writes_a_qcow2_header(tmp_path: Path, kind: str)
 
     secret = _secret(tmp_path / "shadow")
     qsd = StorageDaemon(tmp_path, [blank_disk(tmp_path, "d0", DISK_SIZE, "raw")]).start()
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     try:
         protect_running(cli, tmp_path / "vault", "qsd", qsd.vmvault_qmp)
         assert [d["format"] for d in cli.ok("vm", "show", "qsd").json()["disks"]] == ["raw"]
@@ -219,7 +219,7 @@ def test_running_vm_whose_guest_writes_a_qcow2_header(tmp_path: Path, kind: str)
 
 
 def test_set_format_records_a_deliberate_rebase(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     base, top = _qcow2_with_chain(tmp_path)
     cli.vault_create("v1", tmp_path / "vault")
     cli.ok("vm", "add", "vm1", "--disk", str(top), "--format", "qcow2")
@@ -248,7 +248,7 @@ def _forget_chain(home: Path) -> None:
 
 
 def test_a_migrated_qcow2_with_a_backing_file_waits_for_the_admin(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     _base, top = _qcow2_with_chain(tmp_path)
     cli.vault_create("v1", tmp_path / "vault")
     cli.ok("vm", "add", "vm1", "--disk", str(top), "--format", "qcow2")
@@ -272,7 +272,7 @@ def test_a_migrated_qcow2_with_a_backing_file_waits_for_the_admin(tmp_path: Path
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_disk_swapped_for_a_symlink_after_vm_add_is_refused(tmp_path: Path, fmt: str) -> None:
     """Whoever can write the disk's folder replaces the image by a symlink to a host secret: not followed."""
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     secret = tmp_path / "host-key"  # binary, so it would pass for a raw disk
     secret.write_bytes((MARKER + bytes(64)) * 4096)
     disk = _guest_disk(tmp_path / "disk.raw")

@@ -7,9 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli
+import pytest
+
+from helpers import Cli, HostKeyCli
 
 MiB = 1 << 20
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    """Not about passphrases: only `vault create` gets one; the host key opens the vault (no scrypt)."""
+    return HostKeyCli(home=tmp_path / "home")
 
 
 def tiny_disk(path: Path, seed: int) -> Path:

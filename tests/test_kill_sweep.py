@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, head_of_image, protect, to_qcow2
+from helpers import Cli, HostKeyCli, head_of_image, protect, to_qcow2  # HostKeyCli: no scrypt
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ class Sweep:
     log: list[str] = field(default_factory=list)
 
     def later(self) -> Cli:
-        return Cli(home=self.cli.home, extra_env=LATER)
+        return HostKeyCli(home=self.cli.home, extra_env=LATER)
 
     def change_disk(self, vm: str) -> None:
         """A few random 64 KiB runs of the VM's disk rewritten, as a guest would between backups."""
@@ -91,7 +91,7 @@ class Sweep:
         if args is None:
             op, cli, args = "gc", self.later(), ["vault", "gc", self.vault, "--grace", "0"]
         env = {**cli.extra_env, **({"VMVAULT_TEST_KILL_AT": step} if step else {})}
-        proc = Cli(home=cli.home, extra_env=env).popen(*args)
+        proc = HostKeyCli(home=cli.home, extra_env=env).popen(*args)
         self.pids.append(proc.pid)
         try:
             proc.wait(timeout=120 if step else delay)
@@ -177,7 +177,7 @@ def test_twenty_random_kills_then_one_reconciliation(small_image: Path, tmp_path
     raw = head_of_image(small_image, tmp_path / "a.raw", 8 << 20)
     qcow = to_qcow2(head_of_image(small_image, tmp_path / "b.src", 8 << 20), tmp_path / "b.qcow2")
     (tmp_path / "b.src").unlink()
-    prot = protect(Cli(home=tmp_path / "home"), raw, tmp_path / "vault", vm="a")
+    prot = protect(HostKeyCli(home=tmp_path / "home"), raw, tmp_path / "vault", vm="a")
     assert prot.cli.vm_add("b", qcow).ok and prot.cli.protection_enable("b", prot.vault).ok
     sweep = Sweep(prot.cli, prot.vault, prot.storage, {"a": raw, "b": qcow}, tmp_path, random.Random(seed))
     tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, files_equal
+from helpers import HostKeyCli, files_equal  # HostKeyCli: not about passphrases (no scrypt)
 from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import backup, latest_point, restore_raw, warning_codes
 from vm.machine import ext4_disk
@@ -31,7 +31,7 @@ def domain(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def test_a_raw_disk_is_read_whole_and_compared_by_hash(domain: Domain, tmp_path: Path) -> None:
-    cli = Cli(home=domain.workdir / "home")
+    cli = HostKeyCli(home=domain.workdir / "home")
     cli.ok("vm", "add", VM, "--libvirt", domain.name)
     cli.vault_create("v1", domain.workdir / "vault")
     assert cli.protection_enable(VM, "v1").ok

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id  # HostKeyCli: not about passphrases (no scrypt)
 
 try:  # the OS-disk guest builder (moving from tests/test_restore_vm.py into tests/vm/osdisk.py)
     from vm.osdisk import os_disk, os_image
@@ -60,7 +60,7 @@ def lab(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
         # /run on tmpfs as in any distribution: qemu-ga's "frozen" marker (written to its state dir while the
         # backup freezes the guest) must not land on the OS disk, or a copy's agent starts out frozen
         domain.sh("mount -t tmpfs -o mode=755 tmpfs /run")
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         cli.ok("vm", "add", VM, "--libvirt", domain.name)
         cli.vault_create("v1", workdir / "vault")
         assert cli.protection_enable(VM, "v1").ok

@@ -134,7 +134,7 @@ def test_enable_agent_refuses_a_transient_domain(libvirtd: str, tmp_path: Path) 
     import secrets
     import subprocess
 
-    from helpers import Cli
+    from helpers import HostKeyCli  # not about passphrases (no scrypt)
     from vmvault.hypervisor.libvirt_vm import connect
 
     disk = tmp_path / "t.qcow2"
@@ -146,7 +146,7 @@ def test_enable_agent_refuses_a_transient_domain(libvirtd: str, tmp_path: Path) 
     conn = connect(libvirtd)
     dom = conn.createXML(xml, 0)  # transient: it runs, and vanishes when destroyed
     try:
-        cli = Cli(home=tmp_path / "home")
+        cli = HostKeyCli(home=tmp_path / "home")
         cli.ok("vm", "add", "t1", "--libvirt", name)
         r = cli.fails("vm", "enable-agent", "t1")
         assert f"domain {name} is transient" in r.output, r.output

@@ -18,13 +18,19 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli
+from helpers import Cli, HostKeyCli
 from test_api_flows import served
 from vmvault.domain.policy import PolicyError, parse_policy, policy_notes, to_properties
 
 DATA = Path(__file__).parent / "data" / "policies"
 ACCEPTED = sorted(p.name for p in DATA.glob("*.json") if not p.name.startswith("refused-"))
 REFUSED = {"refused-azure-storage.json": "AzureStorage", "refused-azure-workload.json": "AzureWorkload"}
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    """Not about passphrases: only `vault create` gets one; the host key opens the vault (no scrypt)."""
+    return HostKeyCli(home=tmp_path / "home")
 
 
 def load(name: str) -> Any:

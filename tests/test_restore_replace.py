@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id  # HostKeyCli: not about passphrases (no scrypt)
 from vm.live import backup, latest_point, protect_running
 from vm.machine import Guest, ext4_disk
 
@@ -33,7 +33,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     disks = [ext4_disk(workdir, "data0", 32 * MiB), ext4_disk(workdir, "data1", 32 * MiB)]
     guest = Guest(workdir, disks).start()
     try:
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         protect_running(cli, workdir / "vault", VM, guest.vmvault_qmp, guest.agent_socket)
         guest.sh("echo a > /mnt/data0/a && echo b > /mnt/data1/b && sync")
         backup(cli, VM)
@@ -68,7 +68,7 @@ def test_refused_while_the_vm_runs(lab: Lab) -> None:
 def test_a_failure_after_the_first_swap_puts_every_original_back(lab: Lab) -> None:
     lab.guest.quit()
     originals = [_digest(d.path) for d in lab.guest.disks]
-    failing = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_FAIL_AFTER_SWAP": "1"})
+    failing = HostKeyCli(home=lab.cli.home, extra_env={"VMVAULT_TEST_FAIL_AFTER_SWAP": "1"})
     r = failing.fails("restore", "replace-disks", VM, "--rp", lab.rp)
     assert "injected failure after the first swap" in r.output
     assert [_digest(d.path) for d in lab.guest.disks] == originals

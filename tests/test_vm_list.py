@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli
+from helpers import Cli, HostKeyCli  # HostKeyCli: not about passphrases (no scrypt)
 from vm.live import backup, protect_running
 from vm.machine import Guest, ext4_disk
 
@@ -21,7 +21,7 @@ def _listed(cli: Cli) -> dict[str, dict[str, Any]]:
 
 
 def test_vm_list_follows_a_qemu_vm_and_its_protection(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     guest = Guest(tmp_path, [ext4_disk(tmp_path, "data0", 16 * MiB)]).start()
     try:
         protect_running(cli, tmp_path / "vault", "q1", guest.vmvault_qmp, guest.agent_socket)
