@@ -21,7 +21,7 @@ from api_support import Sandbox, sandbox
 from helpers import files_equal
 from test_api_flows import API, wait_job
 from vm.machine import Guest, ext4_disk
-from vmvault.hypervisor.qmp import QmpClient
+from vmvault.connectors.qemu.qmp import QmpClient
 from vmvault.service import backups, protection, running_vms, vaults
 
 MiB = 1 << 20

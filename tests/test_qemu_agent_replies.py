@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from vmvault.connectors.guest_agent import AgentError, AgentUnavailable, GuestAgent
 from vmvault.engine.consistency import (
     APP_CONSISTENT,
     CRASH_CONSISTENT,
@@ -26,7 +27,6 @@ from vmvault.engine.consistency import (
     classify_vss_thaw,
     quiesced,
 )
-from vmvault.hypervisor.guest_agent import AgentError, AgentUnavailable, GuestAgent
 
 Reply = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any] | None]
 

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.diskimage.diskformat import BackingFile
+from vmvault.connectors.diskimage.imagelock import ImageLock
+from vmvault.connectors.diskimage.images import NbdImageExport, disk_info
 from vmvault.engine.chunking import Geometry, data_chunk_runs, reads_per_leaf
-from vmvault.engine.probe import disk_info
+from vmvault.engine.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
+from vmvault.engine.rawfile import DiskReader, file_uri, open_reader
 from vmvault.errors import Cancelled, InvalidInput
-from vmvault.hypervisor.diskformat import BackingFile
-from vmvault.hypervisor.imagelock import ImageLock
-from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
-from vmvault.hypervisor.offline import NbdImageExport
-from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
 from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault.connectors.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
 
 log = logging.getLogger("vmvault")
 
@@ -339,7 +339,7 @@ def _guard_thaw(target: str, why: str, end: float) -> int:
 def guard_agent(target: str) -> GuestAgent:
     """A connected agent session for a guard target (an agent socket, or libvirt:URI#UUID)."""
     if target.startswith("libvirt:"):
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         uri, _, uuid = target[len("libvirt:") :].rpartition("#")
         dom = lv.connect(uri).lookupByUUIDString(uuid)

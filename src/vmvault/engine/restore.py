@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from vmvault.connectors.diskimage.images import convert_to_qcow2
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import Cancelled, IntegrityError, InvalidInput
-from vmvault.hypervisor.offline import convert_to_qcow2
 from vmvault.testhooks import crash_point
 from vmvault.vault.chunkindex import Location
 from vmvault.vault.crypto import ZERO_ID

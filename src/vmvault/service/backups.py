@@ -273,8 +273,8 @@ def disk_source(ctx: Context, vm_id: str, vm_name: str, disk: dict[str, Any]) ->
     A qcow2 disk recorded before chains were (catalog migration 0007) gets its chain recorded now
     when it has no backing file; one that has a backing file is refused until an admin confirms it.
     """
+    from vmvault.connectors.diskimage.diskformat import chain_from_record, read_chain
     from vmvault.engine.backup import DiskSource
-    from vmvault.hypervisor.diskformat import chain_from_record, read_chain
 
     name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
     if fmt != "qcow2" or "chain" in disk:

@@ -180,7 +180,7 @@ def _loop() -> Iterator[Check]:
 
 def _libvirt(needed: bool) -> Iterator[Check]:
     """Reachable, and what its version can do; only a failure when a libvirt VM is to be checked."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     status_if_down = FAIL if needed else WARN
     try:
@@ -240,9 +240,9 @@ def _vm(row: VmRow) -> list[Check]:
 
 
 def _disks(row: VmRow) -> Iterator[Check]:
+    from vmvault.connectors.diskimage.diskformat import chain_from_record
+    from vmvault.connectors.diskimage.images import disk_info
     from vmvault.errors import VmvaultError
-    from vmvault.hypervisor.diskformat import chain_from_record
-    from vmvault.hypervisor.offline import disk_info
 
     for disk in row.disks:
         label = f"vm {row.name} disk {disk.get('name')}"
@@ -258,9 +258,9 @@ def _disks(row: VmRow) -> Iterator[Check]:
 
 
 def _qmp_vm(row: VmRow) -> Iterator[Check]:
+    from vmvault.connectors.guest_agent import GuestAgent
+    from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
     from vmvault.errors import HypervisorError
-    from vmvault.hypervisor.guest_agent import GuestAgent
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
 
     definition = row.definition or {}
     try:
@@ -300,7 +300,7 @@ def _qmp_vm(row: VmRow) -> Iterator[Check]:
 
 
 def _libvirt_vm(row: VmRow) -> Iterator[Check]:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.libvirt_vms import AGENT_FIX
 
     definition = row.definition or {}
@@ -320,7 +320,7 @@ def _libvirt_vm(row: VmRow) -> Iterator[Check]:
 
 
 def _agent_check(row: VmRow, dom: Any, info: Any, fix: str) -> Check:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     label = f"vm {row.name} guest agent"
     if not info.agent_channel:
@@ -397,7 +397,7 @@ def _vault(row: VaultRow) -> Iterator[Check]:
 
 def _fleece(where: Path, vms: list[VmRow]) -> Iterator[Check]:
     """Running QEMU VMs are backed up through fleece overlays under HOME/fleece: they need real disk space."""
-    from vmvault.hypervisor.snapshot import FLEECE_MARGIN, filesystem_type
+    from vmvault.connectors.qemu.snapshot import FLEECE_MARGIN, filesystem_type
 
     fs = filesystem_type(where)
     st = os.statvfs(where)

@@ -5,7 +5,7 @@ command and the owner process are those of instant_restore.py; only what touches
 and nothing here speaks QMP to the domain (libvirt owns its monitor):
 
 - the new domain is the point's stored domain XML rewritten like `restore vm` does
-  (engine/libvirt_template.py: new name, UUID, MACs, paths), its disks the local qcow2 overlays
+  (connectors/libvirt/template.py: new name, UUID, MACs, paths), its disks the local qcow2 overlays
   whose header names the NBD export (nbd+unix) as backing: libvirt 9.0 reads that chain from the
   header itself (a network `<backingStore>`, protocol nbd, unix transport, in the live XML);
   every `<driver>` gets `error_policy='stop' rerror_policy='stop'`;
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.qemu import instant
 from vmvault.errors import InvalidInput
-from vmvault.hypervisor import instant
 from vmvault.service.context import Context
 from vmvault.service.instant_restore import STREAM_SPEED, Disk, InstantRestore
 from vmvault.service.restore_vm import VmRestorePlan, _run_dir, _write_new
@@ -73,8 +73,8 @@ class LibvirtInstantRestore(InstantRestore):
 
     # ---- start: export, overlays, domain ----------------------------------------------------------
     def _start(self) -> JsonDict:
-        from vmvault.engine.libvirt_template import RestoredFile, copy_domain_xml, stop_on_errors
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
+        from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml, stop_on_errors
         from vmvault.service import restore_libvirt as rl
 
         self.plan.target_dir.mkdir(parents=True, exist_ok=True)
@@ -129,13 +129,13 @@ class LibvirtInstantRestore(InstantRestore):
         self._flat_persistent_xml()
 
     def _libvirt_error(self) -> type[Exception]:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         error: type[Exception] = lv._lv().libvirtError
         return error
 
     def _pull_tick(self, serving: bool) -> None:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         lvmod = lv._lv()
         now = time.monotonic()
@@ -173,7 +173,7 @@ class LibvirtInstantRestore(InstantRestore):
             self._start_pull(waiting[0])
 
     def _start_pull(self, disk: Disk) -> None:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         lvmod = lv._lv()
         flags = lvmod.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES if STREAM_SPEED > 0 else 0
@@ -186,8 +186,8 @@ class LibvirtInstantRestore(InstantRestore):
 
     def _flat_persistent_xml(self) -> None:
         """The persistent definition must not name the export: redefine it without a backingStore if it does."""
-        from vmvault.engine.libvirt_template import without_backing_stores
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
+        from vmvault.connectors.libvirt.template import without_backing_stores
 
         flat = without_backing_stores(lv.persistent_xml(self.dom))
         if flat is not None:

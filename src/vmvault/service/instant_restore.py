@@ -8,7 +8,7 @@ command returns:
 
 1. it starts the block export of the point (recovery/nbdserver.py, a child of the owner) on a unix
    socket in the new VM's run directory;
-2. it creates a qcow2 overlay per disk whose backing file is the export (hypervisor/instant.py),
+2. it creates a qcow2 overlay per disk whose backing file is the export (connectors/qemu/instant.py),
    defines and registers the VM like restore_vm does (new name, UUID, MACs, paths), with
    `werror=stop,rerror=stop` on its disk devices, and boots it; the command returns once the
    guest agent answers, the job still InProgress;
@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.catalog import repos
+from vmvault.connectors.qemu import instant
+from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
 from vmvault.engine.progress import Progress
 from vmvault.errors import Busy, Cancelled, HypervisorError, IntegrityError, InvalidInput, StorageError, VmvaultError
-from vmvault.hypervisor import instant
-from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
 from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import (
@@ -296,7 +296,7 @@ class InstantRestore:
 
     # ---- start: export, overlays, VM ------------------------------------------------------------
     def _start(self) -> JsonDict:
-        from vmvault.engine.template import DiskTarget, build_template, refuse_without_definition
+        from vmvault.connectors.qemu.template import DiskTarget, build_template, refuse_without_definition
 
         self.plan.target_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)

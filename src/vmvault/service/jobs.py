@@ -128,7 +128,7 @@ def reap_dead_jobs(ctx: Context) -> int:
                 _notify_enqueue(s, row.id)
                 reaped += 1
     if reaped:
-        from vmvault.hypervisor.offline import remove_dead_work_dirs
+        from vmvault.connectors.diskimage.images import remove_dead_work_dirs
 
         remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
     return reaped

@@ -38,7 +38,7 @@ KIND_LIBVIRT = "libvirt"
 
 def discover(ctx: Context, uri: str | None = None) -> list[JsonDict]:
     """The domains at uri that no VM of this catalog is yet."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     uri = uri or lv.DEFAULT_URI
     with ctx.catalog.read() as s:
@@ -52,7 +52,7 @@ def discover(ctx: Context, uri: str | None = None) -> list[JsonDict]:
 
 
 def add_libvirt_vm(ctx: Context, name: str, domain: str, uri: str | None = None) -> JsonDict:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.vms import _refuse_taken, _refuse_taken_in, _view
 
     check_name("VM", name)
@@ -97,7 +97,7 @@ def _definition(uri: str, info: Any) -> JsonDict:
 
 
 def run_libvirt_backup(ctx: Context, plan: Any, job_id: str, run: Any) -> Any:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     conn = lv.connect(str(plan.definition.get("connect") or lv.DEFAULT_URI))
     try:
@@ -140,7 +140,7 @@ class _Backup:
 
     # ---- a running domain ----------------------------------------------------------------------------
     def live(self) -> Any:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
         from vmvault.service.backups import _cancel_reason, _previous_manifest
         from vmvault.service.vaultio import opened_vault
 
@@ -163,12 +163,12 @@ class _Backup:
             return self._pull(vault, previous, incremental, checkpoint=None if raw else self._new_name())
 
     def _new_name(self) -> str:
-        from vmvault.hypervisor.libvirt_vm import CHECKPOINT_PREFIX
+        from vmvault.connectors.libvirt.domain import CHECKPOINT_PREFIX
 
         return f"{CHECKPOINT_PREFIX}{self.tag}-{secrets.token_hex(4)}"
 
     def _trusted_checkpoint(self, previous: Any) -> str | None:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         name = (previous.vm_definition or {}).get("checkpoint") if previous is not None else None
         if not name:
@@ -179,7 +179,7 @@ class _Backup:
         return None
 
     def _fall_back(self, why: str, *, stale: bool = True) -> None:
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         dropped = lv.drop_checkpoints(self.dom, f"{lv.CHECKPOINT_PREFIX}{self.tag}-", metadata_only=stale)
         message = f"changed-block tracking not used ({why}); reading all data and comparing hashes, a new chain starts"
@@ -189,8 +189,8 @@ class _Backup:
         self.note("cbt_fallback", message, "none: the next backup uses the new checkpoint")
 
     def _pull(self, vault: Any, previous: Any, incremental: str | None, checkpoint: str | None) -> Any:
+        from vmvault.connectors.libvirt import domain as lv
         from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
-        from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import _next_point_time, new_rp_id
         from vmvault.service.quiesce import record
         from vmvault.service.running_vms import _TEST_HOLD_SNAPSHOT, _run_dir, _test_hold
@@ -257,8 +257,8 @@ class _Backup:
 
     # ---- a stopped domain ----------------------------------------------------------------------------
     def offline(self) -> Any:
+        from vmvault.connectors.libvirt import domain as lv
         from vmvault.engine.backup import DiskSource, PointSpec, run_backup
-        from vmvault.hypervisor import libvirt_vm as lv
         from vmvault.service.backups import (
             CRASH_CONSISTENT,
             _cancel_reason,
@@ -311,8 +311,8 @@ def _quiesced(b: _Backup) -> Iterator[Any]:
     engine/consistency.py's sequence, budgets and thaw guard, with the agent reached through libvirt
     (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
+    from vmvault.connectors.libvirt.domain import LibvirtAgent, LibvirtError, domain_state
     from vmvault.engine.consistency import INSTALL_AGENT_HINT, Quiesce, quiesce_agent
-    from vmvault.hypervisor.libvirt_vm import LibvirtAgent, LibvirtError, domain_state
     from vmvault.service.quiesce import budget_for
 
     q = Quiesce()
@@ -355,7 +355,7 @@ STATUS_TIMEOUT_S = 1  # vm list stays fast: one guest-ping per running domain, t
 
 def statuses(rows: list[VmRow]) -> dict[str, JsonDict]:
     """Power state, disks (targets) and agent reachability of libvirt VMs, by VM id (one connection per URI)."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     out: dict[str, JsonDict] = {}
     by_uri: dict[str, list[VmRow]] = {}
@@ -377,7 +377,7 @@ def statuses(rows: list[VmRow]) -> dict[str, JsonDict]:
 
 
 def _status(conn: Any, row: VmRow) -> JsonDict:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     definition = row.definition or {}
     try:
@@ -390,7 +390,7 @@ def _status(conn: Any, row: VmRow) -> JsonDict:
 
 
 def _agent_state(dom: Any, info: Any) -> str:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     if not info.agent_channel:
         pending = info.running and lv.has_agent_channel(lv.persistent_xml(dom))
@@ -402,7 +402,7 @@ def _agent_state(dom: Any, info: Any) -> str:
 
 def agent_advice(row: VmRow) -> JsonDict:
     """What item show says about a libvirt VM's guest agent: channel present, and the fix when not."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     definition = row.definition or {}
     try:
@@ -429,7 +429,7 @@ def agent_advice(row: VmRow) -> JsonDict:
 
 def enable_agent(ctx: Context, name: str) -> JsonDict:
     """Add the guest agent channel to a libvirt VM's persistent definition (idempotent)."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     with ctx.catalog.read() as s:
         row = repos.get_vm(s, name)
@@ -470,7 +470,7 @@ def reconcile_leftovers(ctx: Context) -> list[str]:
     cannot be opened the checkpoints are left to the next backup, which merges them away).
     Returns what was done, one line each.
     """
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.jobs import Operation
 
     with ctx.catalog.read() as s:  # a VM with a live Backup job (another process's) is that job's business
@@ -498,7 +498,7 @@ def reconcile_leftovers(ctx: Context) -> list[str]:
 
 
 def _reconcile(ctx: Context, row: VmRow, dom: Any) -> list[str]:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.running_vms import _run_dir
 
     tag = row.id.replace("-", "")[:8]

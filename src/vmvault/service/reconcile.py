@@ -82,7 +82,7 @@ def reconcile_named(ctx: Context, row: VaultRow, when: str) -> Reconciled | None
 
 
 def reconcile_all(ctx: Context, when: str) -> None:
-    from vmvault.hypervisor.offline import remove_dead_work_dirs
+    from vmvault.connectors.diskimage.images import remove_dead_work_dirs
 
     remove_dead_work_dirs()  # sockets of exports whose vmvault was killed
     with ctx.catalog.read() as s:

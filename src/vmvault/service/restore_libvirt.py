@@ -1,6 +1,6 @@
 """Restore a libvirt VM's point as a NEW libvirt domain, and the domain XML template of `restore disks`.
 
-docs/restore.md (libvirt). The point's stored domain XML is rewritten by engine/libvirt_template.py
+docs/restore.md (libvirt). The point's stored domain XML is rewritten by connectors/libvirt/template.py
 (new name, UUID, MACs, paths inside the target directory, no runtime state) and defined with
 defineXML; `--start` boots it and waits for its guest agent (through libvirt). Everything refused
 is refused before the job starts; a failed job removes what it wrote and undefines what it defined.
@@ -43,7 +43,7 @@ def is_libvirt_vm(ctx: Context, vm_name: str) -> bool:
 
 def write_domain_template(target_dir: Path, manifest: Any, written: list[Path], vm_name: str, force: bool) -> Path:
     """<vm>-domain.xml in target_dir: the point's domain pointing only at the restored disks (others left out)."""
-    from vmvault.engine.libvirt_template import RestoredFile, copy_domain_xml
+    from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml
     from vmvault.service.restore_vm import _write_new
 
     xml = str((manifest.vm_definition or {}).get("domainXml") or "")
@@ -100,7 +100,7 @@ def restore_vm(
 def _plan(
     ctx: Context, vm_name: str, rp_id: str, new_name: str, target: str | Path | None, fmt: str | None, start: bool
 ) -> LibvirtRestorePlan:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.restore_vm import _check_space, checked_request
 
     vm, point, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
@@ -125,7 +125,7 @@ def _plan(
 
 def _predicted_files(vm: VmRow, new_name: str, target_dir: Path) -> list[Path]:
     """The logs and NVRAM the copy will use, as the VM's current XML says (the point's is checked again)."""
-    from vmvault.engine.libvirt_template import copy_domain_xml
+    from vmvault.connectors.libvirt.template import copy_domain_xml
 
     xml = str((vm.definition or {}).get("domainXml") or "")
     if not xml:
@@ -143,8 +143,8 @@ def _refuse_in_the_way(new_name: str, files: list[Path]) -> None:
 
 
 def _run(ctx: Context, plan: LibvirtRestorePlan, run: JobRun) -> JsonDict:
-    from vmvault.engine.libvirt_template import RestoredFile, copy_domain_xml
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
+    from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml
     from vmvault.service.restore_vm import _restore_point_disks, _write_new
 
     created: list[Path] = []
@@ -201,7 +201,7 @@ def _run(ctx: Context, plan: LibvirtRestorePlan, run: JobRun) -> JsonDict:
 
 
 def _define(conn: Any, name: str, xml: str) -> Any:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     lvmod = lv._lv()
     if lv.domain_named(conn, name) is not None:  # defined by someone else while the disks were written
@@ -214,7 +214,7 @@ def _define(conn: Any, name: str, xml: str) -> Any:
 
 
 def _undefine(dom: Any) -> None:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     lvmod = lv._lv()
     with contextlib.suppress(lvmod.libvirtError):
@@ -226,7 +226,7 @@ def _undefine(dom: Any) -> None:
 
 
 def _register(ctx: Context, plan: LibvirtRestorePlan, dom: Any, definition_file: Path) -> VmRow:
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.libvirt_vms import _definition
     from vmvault.service.vms import _refuse_taken_in
 
@@ -246,7 +246,7 @@ def _register(ctx: Context, plan: LibvirtRestorePlan, dom: Any, definition_file:
 
 def start_domain(dom: Any, timeout: float | None = None) -> None:
     """Boot the domain and wait until its guest agent answers (through libvirt)."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.service.restore_vm import BOOT_TIMEOUT
 
     timeout = BOOT_TIMEOUT if timeout is None else timeout
@@ -277,8 +277,8 @@ def start_domain(dom: Any, timeout: float | None = None) -> None:
 
 def refuse_running_domain(vm: VmRow) -> None:
     """restore replace-disks: the domain must be shut off (not running, not paused)."""
+    from vmvault.connectors.libvirt import domain as lv
     from vmvault.errors import VmRunning
-    from vmvault.hypervisor import libvirt_vm as lv
 
     definition = vm.definition or {}
     conn = lv.connect(str(definition.get("connect") or lv.DEFAULT_URI))
@@ -297,7 +297,7 @@ def refuse_running_domain(vm: VmRow) -> None:
 
 def reset_checkpoints(vm_id: str, definition: JsonDict) -> list[str]:
     """After replace-disks: the new images carry no bitmaps, so vmvault's checkpoints go (metadata only)."""
-    from vmvault.hypervisor import libvirt_vm as lv
+    from vmvault.connectors.libvirt import domain as lv
 
     conn = lv.connect(str(definition.get("connect") or lv.DEFAULT_URI))
     try:

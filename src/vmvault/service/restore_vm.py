@@ -51,7 +51,7 @@ def write_disks_template(
     target_dir: Path, manifest: Any, written: list[Path], vm_name: str, force: bool = False
 ) -> Path | None:
     """Write <vm>-template.json in target_dir for a plain QEMU VM's point (None: a disk-only VM, no template)."""
-    from vmvault.engine.template import DiskTarget, build_template, has_definition
+    from vmvault.connectors.qemu.template import DiskTarget, build_template, has_definition
 
     definition = dict(manifest.vm_definition or {})
     if definition.get("kind") == "libvirt" and definition.get("domainXml"):  # domain XML (service/restore_libvirt.py)
@@ -210,7 +210,7 @@ def _check_space(target_dir: Path, needed: int) -> None:
 
 
 def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
-    from vmvault.engine.template import DiskTarget, build_template, refuse_without_definition
+    from vmvault.connectors.qemu.template import DiskTarget, build_template, refuse_without_definition
 
     created: list[Path] = []
     made_dir = not plan.target_dir.exists()
@@ -317,8 +317,8 @@ def _register(ctx: Context, plan: VmRestorePlan, template: JsonDict, definition_
 
 def start_vm(template: JsonDict, script: Path, log: Path, timeout: float = BOOT_TIMEOUT) -> None:
     """Run the launch script detached and wait until the guest agent answers (or QMP says running)."""
-    from vmvault.hypervisor.guest_agent import GuestAgent
-    from vmvault.hypervisor.qmp import QmpClient
+    from vmvault.connectors.guest_agent import GuestAgent
+    from vmvault.connectors.qemu.qmp import QmpClient
 
     with open(log, "ab") as out:
         proc = subprocess.Popen(["/bin/sh", str(script)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -405,8 +405,8 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
 
 def _refuse_locked(path: Path) -> None:
     """VmRunning when a QEMU holds the image (it takes QEMU's own lock for a moment)."""
-    from vmvault.hypervisor.imagelock import ImageLock
-    from vmvault.hypervisor.offline import existing_image
+    from vmvault.connectors.diskimage.imagelock import ImageLock
+    from vmvault.connectors.diskimage.images import existing_image
 
     if existing_image(path).is_file():
         with ImageLock(path):
@@ -422,7 +422,7 @@ def _replaceable(ctx: Context, vm_name: str, path: Path) -> Path:
 
 
 def _refuse_running(vm: VmRow) -> None:
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+    from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
 
     if vm.kind == "libvirt":  # service/restore_libvirt.py
         from vmvault.service.restore_libvirt import refuse_running_domain

@@ -47,8 +47,8 @@ _TEST_HOLD_SNAPSHOT = "VMVAULT_TEST_HOLD_SNAPSHOT"  # test-only: seconds to wait
 
 def add_qmp_vm(ctx: Context, name: str, qmp_socket: str | Path, agent_socket: str | Path | None = None) -> JsonDict:
     """Add a running QEMU VM: its disks and definition come from QMP (the VM must be running)."""
-    from vmvault.hypervisor.qemu_vm import inspect_vm
-    from vmvault.hypervisor.qmp import QmpClient
+    from vmvault.connectors.qemu.qmp import QmpClient
+    from vmvault.connectors.qemu.vm import inspect_vm
     from vmvault.service.vms import _refuse_taken, _refuse_taken_in, _view
 
     check_name("VM", name)
@@ -87,7 +87,7 @@ def qmp_disk_record(disk: Any) -> JsonDict:
 
     Read offline when the QEMU is stopped, with exactly this format (and chain, checked).
     """
-    from vmvault.hypervisor.diskformat import FORMATS, chain_to_record, read_chain
+    from vmvault.connectors.diskimage.diskformat import FORMATS, chain_to_record, read_chain
 
     fmt = disk.format if disk.format in FORMATS else "raw" if disk.format in ("file", "host_device") else "unknown"
     record: JsonDict = {"name": disk.name, "path": disk.path, "format": fmt}
@@ -140,9 +140,9 @@ def agent_status(ctx: Context, vm_name: str, *, live: bool = False) -> JsonDict:
 
 
 def _probe_now(socket: str | None, running: bool) -> JsonDict:
+    from vmvault.connectors.guest_agent import GuestAgent
     from vmvault.engine.consistency import probe_agent
     from vmvault.errors import HypervisorError
-    from vmvault.hypervisor.guest_agent import GuestAgent
 
     if not socket:
         return {"state": "NotConfigured", "checked": now_iso()}
@@ -162,9 +162,9 @@ def _probe_now(socket: str | None, running: bool) -> JsonDict:
 
 def run_qmp_backup(ctx: Context, plan: Any, job_id: str, run: Any) -> Any:
     """Back up a running QMP VM; returns the manifest, or None when its QEMU is not running."""
-    from vmvault.hypervisor.qemu_vm import inspect_vm
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
-    from vmvault.hypervisor.snapshot import Names, SnapshotSession
+    from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
+    from vmvault.connectors.qemu.snapshot import Names, SnapshotSession
+    from vmvault.connectors.qemu.vm import inspect_vm
 
     try:
         qmp = QmpClient(plan.definition["qmp"]).connect()
@@ -195,8 +195,8 @@ class _LiveBackup:
         self.warnings: list[Any] = []
 
     def run(self) -> Any:
+        from vmvault.connectors.qemu.snapshot import BasePoint, Tracking
         from vmvault.engine.consistency import Note
-        from vmvault.hypervisor.snapshot import BasePoint, Tracking
         from vmvault.service.backups import _cancel_reason, _next_point_time, _previous_manifest, new_rp_id
         from vmvault.service.vaultio import opened_vault
 
@@ -253,9 +253,9 @@ class _LiveBackup:
         return quiesce
 
     def _read(self, vault: Any, previous: Any, rp_id: str, point_time: str, consistency: str) -> Any:
+        from vmvault.connectors.qemu.snapshot import FleeceSpaceError
         from vmvault.engine.backup import ExportedDisk, PointSpec, backup_exported
         from vmvault.engine.consistency import Note
-        from vmvault.hypervisor.snapshot import FleeceSpaceError
 
         exported = [
             ExportedDisk(d.name, d.uri, d.size, d.format, d.path, changed_extents=d.changed_extents)
@@ -326,7 +326,7 @@ class _SpaceWatch:
     """Stops the read (through `cancel`) when the job is cancelled or the fleece file system runs low."""
 
     def __init__(self, session: Any, outer: threading.Event) -> None:
-        from vmvault.hypervisor.snapshot import FLEECE_LOW_WATER
+        from vmvault.connectors.qemu.snapshot import FLEECE_LOW_WATER
 
         self.session, self.low_water = session, FLEECE_LOW_WATER
         self.cancel = _EitherEvent(outer)

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
+from vmvault.connectors.diskimage.diskformat import FORMATS
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
-from vmvault.hypervisor.diskformat import FORMATS
 from vmvault.service.context import Context
 from vmvault.service.paths import Rule, allowed
 from vmvault.service.validate import check_name
@@ -27,7 +27,7 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] 
 
     formats: none (each guessed once, here, and shown), one for every disk, or one per disk. A
     guessed qcow2 that names a backing file or data file is refused: its header may be a guest's
-    writing inside a raw disk (hypervisor/diskformat.py).
+    writing inside a raw disk (connectors/diskimage/diskformat.py).
     """
     check_name("VM", name)
     paths = _check_disk_paths(ctx, name, disks)
@@ -74,8 +74,8 @@ def _formats(name: str, paths: list[Path], formats: list[str]) -> list[str | Non
 
 def _inspect(path: Path, fmt: str | None) -> Any:
     """The disk's info opened as `fmt`; guessed (once, here) when the user gave none."""
-    from vmvault.engine.probe import disk_info, probe_format
-    from vmvault.hypervisor.diskformat import read_qcow2_header
+    from vmvault.connectors.diskimage.diskformat import read_qcow2_header
+    from vmvault.connectors.diskimage.images import disk_info, probe_format
 
     if fmt is None:
         fmt = probe_format(path)
@@ -94,7 +94,7 @@ def _inspect(path: Path, fmt: str | None) -> Any:
 
 def disk_record(name: str, info: Any) -> JsonDict:
     """A disk as the catalog keeps it (vms.disks): its format and qcow2 chain, fixed at `vm add`."""
-    from vmvault.hypervisor.diskformat import chain_to_record
+    from vmvault.connectors.diskimage.diskformat import chain_to_record
 
     record: JsonDict = {"name": name, "path": str(info.path), "format": info.format}
     if info.format == "qcow2":
@@ -218,9 +218,9 @@ def protection_words(state: str, vault: str | None) -> str:
 
 def _qemu_status(row: VmRow) -> JsonDict:
     """A plain QEMU VM: running when its QMP socket answers, else stopped; a disk-only VM: unknown."""
+    from vmvault.connectors.guest_agent import GuestAgent
+    from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
     from vmvault.errors import HypervisorError
-    from vmvault.hypervisor.guest_agent import GuestAgent
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
 
     definition = row.definition or {}
     qmp = definition.get("qmp")

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from vmvault.connectors.diskimage.diskformat import FORMATS, BackingFile, blockdev_json, check_chain, read_chain
+from vmvault.connectors.diskimage.imagelock import ImageLock
 from vmvault.errors import HypervisorError, InvalidInput, NotFound, VmRunning
-from vmvault.hypervisor.diskformat import FORMATS, BackingFile, blockdev_json, check_chain, read_chain
-from vmvault.hypervisor.imagelock import ImageLock
 
 _RUNNING_HINT = "stop the VM first, or add it as a running VM with --libvirt or --qmp"
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.qemu.qmp import QmpClient, QmpError
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.qmp import QmpClient, QmpError
 
 JsonDict = dict[str, Any]
 STREAM_JOB_PREFIX = "vmv-stream-"

@@ -14,8 +14,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from vmvault.connectors.qemu.qmp import QmpClient, QmpError
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.qmp import QmpClient, QmpError
 from vmvault.proc import process_cmdline, process_start_ticks
 
 JsonDict = dict[str, Any]

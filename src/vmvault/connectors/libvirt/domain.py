@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.guest_agent import AgentError, AgentUnavailable, GuestAgent
+from vmvault.engine.nbd import NbdReader
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.guest_agent import AgentError, AgentUnavailable, GuestAgent
-from vmvault.hypervisor.nbd import NbdReader
 
 log = logging.getLogger("vmvault")
 
