@@ -227,7 +227,7 @@ def _undefine(dom: Any) -> None:
 
 def _register(ctx: Context, plan: LibvirtRestorePlan, dom: Any, definition_file: Path) -> VmRow:
     from vmvault.connectors.libvirt import domain as lv
-    from vmvault.service.libvirt_vms import _definition
+    from vmvault.connectors.libvirt.connector import definition_of as _definition
     from vmvault.service.vms import _refuse_taken_in
 
     info = lv.inspect(dom)

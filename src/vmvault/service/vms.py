@@ -196,7 +196,8 @@ def show_vm_with_status(ctx: Context, name: str) -> JsonDict:
 
 
 def _with_status(rows: list[VmRow], views: list[JsonDict]) -> list[JsonDict]:
-    from vmvault.service.libvirt_vms import KIND_LIBVIRT, statuses
+    from vmvault.connectors.libvirt.connector import KIND_LIBVIRT
+    from vmvault.service.libvirt_vms import statuses
 
     libvirt_rows = [r for r in rows if r.kind == KIND_LIBVIRT]
     live = statuses(libvirt_rows) if libvirt_rows else {}
@@ -243,3 +244,15 @@ def _qemu_status(row: VmRow) -> JsonDict:
     except (HypervisorError, OSError):
         reachable = "no answer"
     return {"powerState": state, "agent": reachable}
+
+
+def save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[JsonDict] | None = None) -> None:
+    """Keys merged into a VM's catalog definition and, when given, its disk records (a connector's bookkeeping)."""
+    with ctx.catalog.write() as s:
+        row = repos.find_vm_by_id(s, vm_id)
+        if row is None:
+            return
+        row.definition = {**(row.definition or {}), **updates}  # a new dict: the JSON column sees the change
+        if disks is not None:  # a disk still at the same path and format keeps the chain recorded for it
+            kept = {(d.get("name"), d.get("path"), d.get("format")): d for d in row.disks or []}
+            row.disks = [kept.get((d["name"], d["path"], d["format"]), d) for d in disks]

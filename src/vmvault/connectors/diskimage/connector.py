@@ -1,0 +1,106 @@
+"""The disk-image connector: a stopped VM's images, read offline through qemu-nbd under QEMU's image lock.
+
+A point of such a VM is CrashConsistent (nothing runs to quiesce) and has no changed-block
+tracking: the engine reads everything allocated and compares hashes with the previous point.
+The other connectors use `exported_images` for their own stopped VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmvault.connectors.contract import (
+    CRASH_CONSISTENT,
+    BackupPort,
+    BackupRequest,
+    Capabilities,
+    JsonDict,
+    OpenPoint,
+)
+from vmvault.connectors.diskimage.diskformat import BackingFile, chain_from_record, read_chain
+from vmvault.connectors.diskimage.imagelock import ImageLock
+from vmvault.connectors.diskimage.images import NbdImageExport, disk_info
+from vmvault.engine.backup import WORKERS, ExportedDisk
+from vmvault.engine.rawfile import file_uri
+from vmvault.errors import InvalidInput
+
+log = logging.getLogger("vmvault")
+
+KIND_DISKS = "disks"
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    """A stopped VM's disk image, read offline through qemu-nbd, opened as its recorded format.
+
+    chain: the qcow2 backing chain recorded at `vm add` (checked before reading); None for disks
+    whose chain is re-read each time under the same rules (libvirt domains: their XML decides).
+    """
+
+    name: str
+    path: Path
+    format: str
+    chain: list[BackingFile] | None = None
+
+
+class DiskImageConnector:
+    kind = KIND_DISKS
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.kind, changed_blocks="none", backup_api="offline", quiesce=False, live_restore=False)
+
+    def discover(self, where: str | None = None) -> list[JsonDict]:
+        return []  # images are named by their paths at `vm add`: there is nothing to list
+
+    @contextlib.contextmanager
+    def open_point(self, request: BackupRequest, port: BackupPort) -> Iterator[OpenPoint]:
+        sources = [disk_source(request.vm_name, d, port) for d in request.disks]
+        rp_id, time = port.new_point()
+        with exported_images(request.vm_name, sources) as disks:
+            yield OpenPoint(rp_id, time, CRASH_CONSISTENT, request.definition, disks, port.cancel)
+
+
+def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:
+    """The disk as recorded at `vm add`: its format, and for qcow2 the backing chain checked before reading.
+
+    A qcow2 disk recorded before chains were (catalog migration 0007) gets its chain recorded now
+    when it has no backing file; one that has a backing file is refused until an admin confirms it.
+    """
+    name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
+    if fmt != "qcow2" or "chain" in disk:
+        return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
+    chain = read_chain(path, fmt)
+    if chain:
+        raise InvalidInput(
+            f"disk {name} ({path}) of VM '{vm_name}' is a qcow2 image with backing file {chain[0].path}, "
+            "added before vmvault recorded backing chains: confirm that chain before it is read",
+            hint=f"if {path} is a qcow2 image you made: vmvault vm set-format {vm_name} --disk {name} --format qcow2; "
+            f"if the VM uses it as a raw disk: --format raw",
+            code="disk_chain_unconfirmed",
+        )
+    port.save_disk(name, {"chain": []})
+    log.warning("disk %s of VM %s: qcow2 without backing file, recorded now (first backup since 0007)", name, vm_name)
+    return DiskSource(name, path, fmt, [])
+
+
+@contextlib.contextmanager
+def exported_images(vm_name: str, disks: list[DiskSource]) -> Iterator[list[ExportedDisk]]:
+    """Export a stopped VM's images for reading, holding every image's lock until the block ends."""
+    if not disks:
+        raise InvalidInput(f"VM {vm_name} has no disks to back up")
+    with contextlib.ExitStack() as stack:
+        exported = []
+        for src in disks:
+            info = disk_info(src.path, src.format, src.chain)
+            if info.format == "raw" and info.path.is_file():
+                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold).
+                stack.enter_context(ImageLock(info.path))
+                uri = file_uri(info.path)
+            else:
+                uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
+            exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))
+        yield exported

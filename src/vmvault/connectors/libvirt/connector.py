@@ -1,0 +1,250 @@
+"""The libvirt connector: domains, checkpoints and the backup API (docs/libvirt.md).
+
+A point of a running domain:
+  abort a leftover job -> pre-script (agent through libvirt) -> backupBegin (pull, scratch per disk,
+  a new checkpoint, QUIESCE when the agent allows freezing) -> post-script -> [the engine reads the
+  NBD exports: changed extents from `qemu:dirty-bitmap:backup-<disk>` for an incremental] -> abortJob.
+A stopped domain's images are read offline holding their lock: CrashConsistent. Stale checkpoints
+(after `virsh destroy` or a host crash) are dropped (metadata only) and a new chain starts.
+Every point's manifest holds the domain XML and the point's checkpoint (`vm_definition`), the
+bookkeeping the next backup reads back from the previous point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmvault.connectors.contract import (
+    CRASH_CONSISTENT,
+    BackupPort,
+    BackupRequest,
+    Capabilities,
+    JsonDict,
+    OpenPoint,
+)
+from vmvault.connectors.diskimage.connector import DiskSource, exported_images
+from vmvault.connectors.libvirt import domain as lv
+from vmvault.connectors.workfiles import TEST_HOLD_SNAPSHOT, run_dir, tag, test_hold
+from vmvault.engine.backup import ExportedDisk
+from vmvault.engine.consistency import INSTALL_AGENT_HINT, Note, Quiesce, quiesce_agent
+from vmvault.errors import InvalidInput
+
+log = logging.getLogger("vmvault")
+
+KIND_LIBVIRT = "libvirt"
+AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
+READ_HINT = "nothing to do: the next backup uses the checkpoint"
+
+
+class LibvirtConnector:
+    kind = KIND_LIBVIRT
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.kind, changed_blocks="checkpoints", backup_api="libvirt-pull", quiesce=True,
+                            live_restore=True)  # fmt: skip
+
+    def discover(self, where: str | None = None) -> list[JsonDict]:
+        """The domains at `where` (a libvirt URI), as `vm discover` lists them."""
+        uri = where or lv.DEFAULT_URI
+        conn = lv.connect(uri)
+        try:
+            found = [lv.inspect(d) for d in conn.listAllDomains(0)]
+        finally:
+            conn.close()
+        return [{**d.to_dict(), "connect": uri} for d in sorted(found, key=lambda d: d.name)]
+
+    @contextlib.contextmanager
+    def open_point(self, request: BackupRequest, port: BackupPort) -> Iterator[OpenPoint]:
+        conn = lv.connect(str(request.definition.get("connect") or lv.DEFAULT_URI))
+        try:
+            dom = lv.lookup(conn, str(request.definition["domain"]), request.definition.get("uuid"))
+            info = lv.inspect(dom)
+            wanted = {d["name"] for d in request.disks}
+            disks = [d for d in info.disks if d.name in wanted]
+            if not disks:
+                raise InvalidInput(f"domain '{info.name}' no longer has disk(s) {', '.join(sorted(wanted))}")
+            point = _Point(request, port, dom, info, disks)
+            with point.live() if dom.isActive() else point.offline() as opened:
+                yield opened
+        finally:
+            conn.close()
+
+
+def definition_of(uri: str, info: Any) -> JsonDict:
+    """A domain's catalog definition: where libvirt is, the domain, its disks and its XML."""
+    return {
+        "kind": KIND_LIBVIRT,
+        "connect": uri,
+        "domain": info.name,
+        "uuid": info.uuid,
+        "disks": [{"name": d.name, "path": d.path, "format": d.format} for d in info.disks],
+        "agentChannel": info.agent_channel,
+        "domainXml": info.xml,
+    }
+
+
+class _Point:
+    def __init__(self, request: BackupRequest, port: BackupPort, dom: Any, info: Any, disks: list[Any]) -> None:
+        self.request, self.port = request, port
+        self.dom, self.info, self.disks = dom, info, disks
+        self.tag = tag(request.vm_id)
+        self.scratch = Path(request.home) / "scratch" / self.tag
+
+    def note(self, code: str, message: str, hint: str | None = None) -> None:
+        self.port.warn(Note(code, message, hint))
+
+    def definition(self, checkpoint: str | None) -> JsonDict:
+        return {**definition_of(str(self.request.definition.get("connect")), self.info), "checkpoint": checkpoint}
+
+    def _raw_disks(self) -> list[str]:
+        return [d.name for d in self.disks if d.format != "qcow2"]
+
+    def _previous_checkpoint(self) -> Any:
+        previous = self.request.previous
+        return previous.definition.get("checkpoint") if previous is not None else None
+
+    # ---- a running domain ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def live(self) -> Iterator[OpenPoint]:
+        if lv.abort_leftover_job(self.dom, self.scratch):
+            self.note("leftovers_reconciled", f"a backup job left on domain {self.info.name} was aborted")
+        leftover = sorted(self.scratch.glob("scratch-*.qcow2"))
+        for path in leftover:  # a killed vmvault's scratch files (its job is aborted above)
+            path.unlink(missing_ok=True)
+        if leftover:
+            self.note("leftovers_reconciled", f"removed scratch files of a killed backup: {len(leftover)}")
+        raw = self._raw_disks()
+        incremental: str | None = None
+        if raw:
+            self.note("cbt_unavailable", f"disk(s) {', '.join(raw)} are raw and cannot carry checkpoints: "
+                      "reading all data and comparing hashes", "convert the disks to qcow2")  # fmt: skip
+        else:
+            incremental = self._trusted_checkpoint()
+        with self._pull(incremental, checkpoint=None if raw else self._new_name()) as point:
+            yield point
+
+    def _new_name(self) -> str:
+        return f"{lv.CHECKPOINT_PREFIX}{self.tag}-{secrets.token_hex(4)}"
+
+    def _trusted_checkpoint(self) -> str | None:
+        name = self._previous_checkpoint()
+        if not name:
+            return None
+        if lv.has_checkpoint(self.dom, str(name)):
+            return str(name)
+        self._fall_back(f"checkpoint {name} of the latest point is gone", stale=False)
+        return None
+
+    def _fall_back(self, why: str, *, stale: bool = True) -> None:
+        dropped = lv.drop_checkpoints(self.dom, f"{lv.CHECKPOINT_PREFIX}{self.tag}-", metadata_only=stale)
+        message = f"changed-block tracking not used ({why}); reading all data and comparing hashes, a new chain starts"
+        if dropped:
+            what = "stale checkpoint metadata" if stale else "checkpoints"
+            message += f" (dropped {what}: {', '.join(dropped)})"
+        self.note("cbt_fallback", message, "none: the next backup uses the new checkpoint")
+
+    @contextlib.contextmanager
+    def _pull(self, incremental: str | None, checkpoint: str | None) -> Iterator[OpenPoint]:
+        work = self.scratch
+        pull = lv.PullBackup(self.dom, self.disks, work, run_dir(self.request.home, self.request.vm_id) / "backup.sock")
+        cp_xml = lv.PullBackup.checkpoint_xml(checkpoint, self.disks, self.info.disks) if checkpoint else None
+        ok = False
+        try:
+            with _quiesced(self) as q:
+                started = time.monotonic()
+                try:
+                    pull.begin(incremental, cp_xml)
+                except lv.LibvirtError as exc:
+                    if not incremental:
+                        raise
+                    self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
+                    incremental = None
+                    pull.begin(incremental, cp_xml)
+                snapshot_s = time.monotonic() - started
+            self.port.quiesced(q, snapshot_s)
+            test_hold(TEST_HOLD_SNAPSHOT)  # test-only hook (docs/running-vms.md): after the instant, before reading
+            exported = [
+                ExportedDisk(d.name, d.uri, d.size, d.format, d.path, changed_extents=d.changed_extents)
+                for d in pull.export(incremental is not None)
+            ]
+            rp_id, point_time = self.port.new_point()
+            definition = self.definition(checkpoint)
+            yield OpenPoint(rp_id, point_time, q.consistency, definition, exported, self.port.cancel, READ_HINT)
+            ok = True
+        finally:
+            pull.abort()
+            with contextlib.suppress(OSError):
+                pull.socket.parent.rmdir()
+            with contextlib.suppress(OSError):
+                work.rmdir()
+            if not ok and checkpoint and lv.has_checkpoint(self.dom, checkpoint):
+                try:
+                    lv.delete_checkpoint(self.dom, checkpoint)  # a failed run's checkpoint: merged into its parent
+                except lv.LibvirtError:
+                    log.warning("could not delete checkpoint %s of %s", checkpoint, self.info.name, exc_info=True)
+        if checkpoint:  # the older checkpoints are no longer needed: merge them away
+            for name in lv.checkpoint_names(self.dom):
+                if name.startswith(f"{lv.CHECKPOINT_PREFIX}{self.tag}-") and name != checkpoint:
+                    with contextlib.suppress(lv.LibvirtError):
+                        lv.delete_checkpoint(self.dom, name)
+
+    # ---- a stopped domain ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def offline(self) -> Iterator[OpenPoint]:
+        carry: str | None = None
+        name = self._previous_checkpoint()
+        raw = self._raw_disks()
+        if raw:
+            self.note("cbt_unavailable", f"disk(s) {', '.join(raw)} are raw and cannot carry checkpoints: "
+                      "reading all data and comparing hashes", "convert the disks to qcow2")  # fmt: skip
+        elif name:
+            if not lv.has_checkpoint(self.dom, str(name)):
+                self._fall_back(f"checkpoint {name} of the latest point is gone")
+            elif (why := lv.stale_reason(self.dom, self.disks, str(name))) is not None:
+                self._fall_back(why)
+            else:
+                carry = str(name)  # the domain is off: the bitmap still covers everything since that point
+        self.note("vm_stopped", f"domain {self.info.name} is not running: its images were read offline, "
+                  "the point is crash-consistent")  # fmt: skip
+        rp_id, point_time = self.port.new_point()
+        sources = [DiskSource(d.name, Path(d.path), d.format) for d in self.disks]  # the XML's <driver type>
+        with exported_images(self.request.vm_name, sources) as exported:
+            yield OpenPoint(rp_id, point_time, CRASH_CONSISTENT, self.definition(carry), exported, self.port.cancel,
+                            READ_HINT)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiesced(p: _Point) -> Iterator[Quiesce]:
+    """Pre-script, freeze (within the VM's budget), yield (the caller's backupBegin), thaw, post-script.
+
+    engine/consistency.py's sequence, budgets and thaw guard, with the agent reached through libvirt
+    (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
+    """
+    q = Quiesce()
+    budget = p.request.budget
+    try:
+        state = lv.domain_state(p.dom)
+        target = f"libvirt:{p.dom.connect().getURI()}#{p.dom.UUIDString()}"
+    except Exception as exc:  # libvirt.libvirtError: a named error, not internal_error
+        raise lv.LibvirtError(f"cannot ask libvirt about domain {p.info.name}: {exc}") from exc
+    if budget.crash_only:
+        q.agent_state = "Skipped"  # the policy asks for crash-consistent points
+        yield q
+    elif state != "running":
+        q.notes.append(Note("vm_paused", "the domain is paused: the point is crash-consistent"))
+        yield q
+    elif not p.info.agent_channel:
+        message = f"domain {p.info.name} has no {AGENT_CHANNEL_NAME} channel: the point is crash-consistent"
+        q.notes.append(Note("agent_not_configured", message, INSTALL_AGENT_HINT))
+        yield q
+    else:
+        with quiesce_agent(lambda: lv.LibvirtAgent(p.dom), target, budget, q):
+            yield q
+    for note in q.notes:
+        p.port.warn(note)
