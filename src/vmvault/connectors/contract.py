@@ -86,6 +86,85 @@ class Capabilities:
     live_restore: bool  # can run a VM from an export (instant restore)
 
 
+@dataclass(frozen=True)
+class NewVmRequest:
+    """A restore as a new VM: the source VM (its catalog definition), the point, the new name and directory."""
+
+    source_vm: str
+    rp_id: str
+    new_name: str
+    target_dir: str
+    source_definition: JsonDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WrittenDisk:
+    """A disk the engine restored from the point (a qcow2 overlay on the vault's export, for an instant restore)."""
+
+    name: str
+    path: str
+    format: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class NewVm:
+    """A VM a connector defined from a point: what the catalog records of it, and how to reach it again.
+
+    files: what the connector wrote (removed again if the restore fails); view: what `restore vm`
+    reports besides the catalog's name and id; handle: what start_new_vm and remove_new_vm need.
+    """
+
+    kind: str
+    disks: list[JsonDict]
+    definition: JsonDict
+    files: list[str]
+    view: JsonDict
+    handle: JsonDict
+
+
+@dataclass
+class CopyDisk:
+    """A disk of an instant restore: a local qcow2 overlay on the vault's export, copied local while the VM runs.
+
+    node: the name the hypervisor copies it by (QEMU's format node, libvirt's target).
+    """
+
+    name: str
+    node: str
+    path: str  # the overlay, then the final disk
+    size: int
+    done: bool = False
+
+
+class LiveCopy(Protocol):
+    """A VM of an instant restore, running on its overlays: the copy to local disks, as the owner drives it."""
+
+    cancelled: str  # what a cancel removed, in the job's error
+
+    def tick(self, disks: list[CopyDisk], copied: dict[str, int], serving: bool) -> None:
+        """One look at the copy: start, resume or restart it (`serving`: the export answers); mark disks done."""
+        ...
+
+    def finished(self, disks: list[CopyDisk]) -> None:
+        """Every disk is local: nothing of the VM's definition may name the export any more."""
+        ...
+
+    def check_local(self, disks: list[CopyDisk]) -> None:
+        """IntegrityError when a disk still has a backing file."""
+        ...
+
+    def active(self) -> bool:
+        """Whether the VM runs (a failed copy leaves the export up for a VM that still needs it)."""
+        ...
+
+    def stop(self) -> None:
+        """Stop the VM and remove its definition: a copy that still needs the export is no use alone."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class BackupPort(Protocol):
     """How a connector reports a backup's effects; the service writes them to the catalog and the job."""
 
@@ -130,5 +209,56 @@ class Connector(Protocol):
         Leaving the block normally finishes the point (bookkeeping saved through the port);
         leaving it with an exception aborts it (nothing kept that the next backup would trust).
         """
+        ...
+
+    # ---- restore as a new VM, replace disks -----------------------------------------------------------
+    def refuse_new_vm(self, request: NewVmRequest) -> None:
+        """Refuse before the job when this kind cannot make the copy (no definition, a name the hypervisor has)."""
+        ...
+
+    def in_the_way(self, request: NewVmRequest) -> list[str]:
+        """The files of the copy besides its disks that exist already (a restore never overwrites)."""
+        ...
+
+    def check_point(self, request: NewVmRequest, definition: JsonDict) -> None:
+        """Refuse the point's definition (read from the vault) before any disk is written."""
+        ...
+
+    def create_new_vm(
+        self, request: NewVmRequest, definition: JsonDict, in_point: list[str], disks: list[WrittenDisk],
+        *, instant: bool = False,
+    ) -> NewVm:  # fmt: skip
+        """Define the copy: new name, UUID, MACs, paths in the target directory (instant: stop on I/O errors)."""
+        ...
+
+    def start_new_vm(self, vm: NewVm) -> None:
+        """Boot the copy and wait until its guest agent answers."""
+        ...
+
+    def remove_new_vm(self, vm: NewVm) -> None:
+        """Undo create_new_vm (a restore that failed after it)."""
+        ...
+
+    def disks_template(
+        self, target_dir: str, definition: JsonDict, source_vm: str, rp_id: str, in_point: list[str],
+        written: list[WrittenDisk], *, force: bool = False,
+    ) -> str | None:  # fmt: skip
+        """`restore disks`: the file beside the disks from which the VM can be defined again (None: no such file)."""
+        ...
+
+    def overlay(self, definition: JsonDict, name: str, size: int, path: str, export_socket: str) -> CopyDisk:
+        """Instant restore: a qcow2 overlay at `path` on the disk `name` of the vault's export."""
+        ...
+
+    def live_copy(self, vm: NewVm) -> LiveCopy:
+        """Instant restore: the running copy `vm` (created with instant=True and started)."""
+        ...
+
+    def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
+        """`restore replace-disks`: VmRunning unless the VM is stopped."""
+        ...
+
+    def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
+        """After replace-disks: the new images carry no tracking (bitmaps, checkpoints): forget it."""
         ...
 

@@ -18,8 +18,13 @@ from vmvault.connectors.contract import (
     BackupPort,
     BackupRequest,
     Capabilities,
+    CopyDisk,
     JsonDict,
+    LiveCopy,
+    NewVm,
+    NewVmRequest,
     OpenPoint,
+    WrittenDisk,
 )
 from vmvault.connectors.diskimage.diskformat import BackingFile, chain_from_record, read_chain
 from vmvault.connectors.diskimage.imagelock import ImageLock
@@ -62,6 +67,51 @@ class DiskImageConnector:
         rp_id, time = port.new_point()
         with exported_images(request.vm_name, sources) as disks:
             yield OpenPoint(rp_id, time, CRASH_CONSISTENT, request.definition, disks, port.cancel)
+
+
+    # ---- restore as a new VM, replace disks (connectors/contract.py) ----------------------------------
+    def refuse_new_vm(self, request: NewVmRequest) -> None:
+        raise InvalidInput(
+            f"VM '{request.source_vm}' has no VM definition: use restore disks",
+            hint=f"vmvault restore disks {request.source_vm} --rp {request.rp_id} --target-dir DIR",
+        )
+
+    def in_the_way(self, request: NewVmRequest) -> list[str]:
+        return []
+
+    def check_point(self, request: NewVmRequest, definition: JsonDict) -> None:
+        self.refuse_new_vm(request)
+
+    def create_new_vm(
+        self, request: NewVmRequest, definition: JsonDict, in_point: list[str], disks: list[WrittenDisk],
+        *, instant: bool = False,
+    ) -> NewVm:  # fmt: skip
+        self.refuse_new_vm(request)
+        raise AssertionError("unreachable")
+
+    def start_new_vm(self, vm: NewVm) -> None:
+        pass
+
+    def remove_new_vm(self, vm: NewVm) -> None:
+        pass
+
+    def disks_template(
+        self, target_dir: str, definition: JsonDict, source_vm: str, rp_id: str, in_point: list[str],
+        written: list[WrittenDisk], *, force: bool = False,
+    ) -> str | None:  # fmt: skip
+        return None  # the disks are all there is: nothing to define a VM from
+
+    def overlay(self, definition: JsonDict, name: str, size: int, path: str, export_socket: str) -> CopyDisk:
+        raise AssertionError("a VM of disk images is never created (refuse_new_vm)")
+
+    def live_copy(self, vm: NewVm) -> LiveCopy:
+        raise AssertionError("a VM of disk images is never created (refuse_new_vm)")
+
+    def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
+        pass  # an image a running QEMU holds is refused by its lock (refuse_locked)
+
+    def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
+        pass
 
 
 def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:

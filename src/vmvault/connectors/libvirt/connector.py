@@ -25,8 +25,13 @@ from vmvault.connectors.contract import (
     BackupPort,
     BackupRequest,
     Capabilities,
+    CopyDisk,
     JsonDict,
+    LiveCopy,
+    NewVm,
+    NewVmRequest,
     OpenPoint,
+    WrittenDisk,
 )
 from vmvault.connectors.diskimage.connector import DiskSource, exported_images
 from vmvault.connectors.libvirt import domain as lv
@@ -74,6 +79,72 @@ class LibvirtConnector:
                 yield opened
         finally:
             conn.close()
+
+
+    # ---- restore as a new VM, replace disks (connectors/contract.py) ----------------------------------
+    def refuse_new_vm(self, request: NewVmRequest) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        restoring.refuse_new_vm(request)
+
+    def in_the_way(self, request: NewVmRequest) -> list[str]:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        return restoring.in_the_way(request)
+
+    def check_point(self, request: NewVmRequest, definition: JsonDict) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        restoring.check_point(request, definition)
+
+    def create_new_vm(
+        self, request: NewVmRequest, definition: JsonDict, in_point: list[str], disks: list[WrittenDisk],
+        *, instant: bool = False,
+    ) -> NewVm:  # fmt: skip
+        from vmvault.connectors.libvirt import restore as restoring
+
+        return restoring.create_new_vm(request, definition, in_point, disks, instant=instant)
+
+    def start_new_vm(self, vm: NewVm) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        with restoring.domain_of(vm) as dom:
+            restoring.start_domain(dom)
+
+    def remove_new_vm(self, vm: NewVm) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        with restoring.domain_of(vm) as dom:
+            restoring.undefine(dom)
+
+    def disks_template(
+        self, target_dir: str, definition: JsonDict, source_vm: str, rp_id: str, in_point: list[str],
+        written: list[WrittenDisk], *, force: bool = False,
+    ) -> str | None:  # fmt: skip
+        from vmvault.connectors.libvirt import restore as restoring
+
+        out = restoring.disks_template(Path(target_dir), definition, source_vm, rp_id, in_point, written, force)
+        return str(out) if out is not None else None
+
+    def overlay(self, definition: JsonDict, name: str, size: int, path: str, export_socket: str) -> CopyDisk:
+        from vmvault.connectors.libvirt.live_copy import overlay
+
+        return overlay(definition, name, size, path, export_socket)
+
+    def live_copy(self, vm: NewVm) -> LiveCopy:
+        from vmvault.connectors.libvirt.live_copy import LibvirtLiveCopy
+
+        return LibvirtLiveCopy(vm)
+
+    def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        restoring.refuse_running(vm_name, definition)
+
+    def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        restoring.reset_checkpoints(vm_id, definition)  # its checkpoints' bitmaps went with the old images
 
 
 def definition_of(uri: str, info: Any) -> JsonDict:

@@ -23,8 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.clock import now_iso
-from vmvault.connectors.contract import BackupPort, BackupRequest, Capabilities, JsonDict, OpenPoint
+from vmvault.connectors.contract import (
+    BackupPort,
+    BackupRequest,
+    Capabilities,
+    CopyDisk,
+    JsonDict,
+    LiveCopy,
+    NewVm,
+    NewVmRequest,
+    OpenPoint,
+    WrittenDisk,
+)
 from vmvault.connectors.diskimage.connector import DiskImageConnector
+from vmvault.connectors.qemu import restore as restoring
 from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
 from vmvault.connectors.qemu.snapshot import (
     FLEECE_LOW_WATER,
@@ -73,6 +85,52 @@ class QemuConnector:
             vm = inspect_vm(qmp)
             with _LivePoint(request, port, vm, session).open() as point:
                 yield point
+
+
+    # ---- restore as a new VM, replace disks (connectors/contract.py) ----------------------------------
+    def refuse_new_vm(self, request: NewVmRequest) -> None:
+        restoring.refuse_new_vm(request, request.source_definition.get("kind"))
+
+    def in_the_way(self, request: NewVmRequest) -> list[str]:
+        return restoring.in_the_way(request)
+
+    def check_point(self, request: NewVmRequest, definition: JsonDict) -> None:
+        restoring.check_point(request, definition)
+
+    def create_new_vm(
+        self, request: NewVmRequest, definition: JsonDict, in_point: list[str], disks: list[WrittenDisk],
+        *, instant: bool = False,
+    ) -> NewVm:  # fmt: skip
+        return restoring.create_new_vm(request, definition, disks, instant_copy=instant)
+
+    def start_new_vm(self, vm: NewVm) -> None:
+        restoring.start_vm(vm.handle["template"], Path(vm.handle["script"]), Path(vm.handle["log"]))
+
+    def remove_new_vm(self, vm: NewVm) -> None:
+        pass  # nothing runs and nothing is defined outside its files (removed by the service)
+
+    def disks_template(
+        self, target_dir: str, definition: JsonDict, source_vm: str, rp_id: str, in_point: list[str],
+        written: list[WrittenDisk], *, force: bool = False,
+    ) -> str | None:  # fmt: skip
+        out = restoring.disks_template(Path(target_dir), definition, source_vm, rp_id, in_point, written, force)
+        return str(out) if out is not None else None
+
+    def overlay(self, definition: JsonDict, name: str, size: int, path: str, export_socket: str) -> CopyDisk:
+        from vmvault.connectors.qemu.live_copy import overlay
+
+        return overlay(definition, name, size, path, export_socket)
+
+    def live_copy(self, vm: NewVm) -> LiveCopy:
+        from vmvault.connectors.qemu.live_copy import QemuLiveCopy
+
+        return QemuLiveCopy(vm)
+
+    def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
+        restoring.refuse_running(vm_name, definition)
+
+    def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
+        pass  # the tracking state goes with the catalog's definition; the images' vmv-* bitmaps are dropped
 
 
 def manifest_definition(definition: JsonDict) -> JsonDict:
