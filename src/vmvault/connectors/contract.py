@@ -25,6 +25,20 @@ from vmvault.engine.consistency import Budget, Note, Quiesce
 
 JsonDict = dict[str, Any]
 CRASH_CONSISTENT = "CrashConsistent"
+# agent_status where vmvault does not track a guest agent's state (its words since `vm add --qmp` came)
+NOT_APPLICABLE: JsonDict = {"state": "NotApplicable", "message": "the VM is backed up from its disk images (offline)",
+                            "recommendedAction": None}  # fmt: skip
+
+
+def no_channel(vm_name: str) -> Exception:
+    """enable_agent where vmvault cannot add a channel: the QEMU process is the admin's."""
+    from vmvault.errors import InvalidInput
+
+    return InvalidInput(
+        f"VM '{vm_name}' is not a libvirt domain: vmvault cannot add a guest agent channel to it",
+        hint="give the QEMU process a virtserialport named org.qemu.guest_agent.0 and add the VM with "
+        "--guest-agent SOCKET (docs/running-vms.md)",
+    )
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,21 @@ class LiveCopy(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class LeftoverVm:
+    """A VM whose leftovers of a killed vmvault are to be reconciled (service start).
+
+    latest: the bookkeeping of its latest point (None: no point); latest_known False: that point
+    could not be read (its vault did not open), so nothing it would keep may be removed.
+    """
+
+    vm_id: str
+    name: str
+    definition: JsonDict
+    latest: PreviousPoint | None
+    latest_known: bool = True
+
+
 class BackupPort(Protocol):
     """How a connector reports a backup's effects; the service writes them to the catalog and the job."""
 
@@ -192,6 +221,28 @@ class BackupPort(Protocol):
         ...
 
 
+class ImageTools(Protocol):
+    """What every kind's disk images share (connectors/diskimage): opened, checked and converted by QEMU's tools."""
+
+    def refuse_locked(self, path: str) -> None:
+        """VmRunning when a QEMU holds the image."""
+        ...
+
+    def check_restored(self, path: str, fmt: str, size: int) -> None:
+        """IntegrityError unless a restored image opens as fmt, with the point's size, and checks clean."""
+        ...
+
+    def drop_tracking(self, path: str) -> None:
+        """Remove vmvault's changed-block bitmaps from a restored qcow2 (the next backup must not trust them)."""
+        ...
+
+    def convert_to_qcow2(self, raw: str, dest: str) -> None: ...
+
+    def remove_dead_work_dirs(self) -> int:
+        """Work directories of exports whose vmvault was killed."""
+        ...
+
+
 class Connector(Protocol):
     """One kind of VM. Registered in connectors/__init__.py under the kind the catalog records."""
 
@@ -201,6 +252,41 @@ class Connector(Protocol):
 
     def discover(self, where: str | None = None) -> list[JsonDict]:
         """VMs this host can see that could be added (empty where the kind has no inventory)."""
+        ...
+
+    def describe(self, where: JsonDict, known: list[JsonDict]) -> tuple[list[JsonDict], JsonDict]:
+        """`vm add`: the VM `where` names (sockets, a domain, image paths) as the catalog keeps it.
+
+        Returns its disk records and definition; known: the definitions of this kind's VMs already added.
+        """
+        ...
+
+    def status(self, definitions: list[JsonDict]) -> list[JsonDict]:
+        """`vm list`: power state and guest agent reachability, one dict per definition (fast: short timeouts)."""
+        ...
+
+    def agent_status(self, definition: JsonDict, *, live: bool) -> tuple[JsonDict, JsonDict | None]:
+        """The guest agent's state (Azure's words); with live, probed now: also the probe to keep (else None)."""
+        ...
+
+    def agent_advice(self, vm_name: str, definition: JsonDict) -> JsonDict | None:
+        """`item show`: whether a point can be quiesced, and the fix when not (None: nothing to say)."""
+        ...
+
+    def enable_agent(self, vm_name: str, definition: JsonDict) -> JsonDict:
+        """Give the VM a guest agent channel (InvalidInput where vmvault cannot)."""
+        ...
+
+    def reconcile(self, home: str, vms: list[LeftoverVm]) -> list[str]:
+        """Service start: undo what a killed vmvault left on this kind's VMs; one line per thing done."""
+        ...
+
+    def doctor_host(self, home: str | None, disks: list[JsonDict], needed: bool) -> list[JsonDict]:
+        """`doctor`: what this host offers the kind; disks: the records of its VMs (needed: it has some)."""
+        ...
+
+    def doctor_vm(self, vm_name: str, definition: JsonDict, disks: list[JsonDict]) -> list[JsonDict]:
+        """`doctor`: one VM of the kind, reachable and able to be backed up."""
         ...
 
     def open_point(self, request: BackupRequest, port: BackupPort) -> AbstractContextManager[OpenPoint]:

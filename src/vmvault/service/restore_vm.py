@@ -223,6 +223,7 @@ def _restore_point_disks(
     run: JobRun, check: Any = None,
 ) -> tuple[Any, list[Path]]:  # fmt: skip
     from vmvault.engine.restore import run_restore
+    from vmvault.service.restores import convert_image
     from vmvault.service.vaultio import opened_vault
     from vmvault.vault.lock import pinned, shared
 
@@ -233,7 +234,7 @@ def _restore_point_disks(
             check(manifest)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths = run_restore(vault, manifest, target, fmt=fmt, disks=disks, on_progress=run.progress,
-                                cancel=run.cancel)  # fmt: skip
+                                cancel=run.cancel, convert=convert_image)  # fmt: skip
     return manifest, [Path(p) for p in paths]
 
 
@@ -280,7 +281,7 @@ def replace_disks(
 
 
 def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
-    from vmvault.connectors.diskimage.images import refuse_locked
+    from vmvault.connectors.registry import images
     from vmvault.service.vms import recorded_format
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
@@ -295,7 +296,7 @@ def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
             continue
         path = current[name]
         fmt = recorded_format(vm, name)  # never guessed from the image, whose header the guest wrote
-        refuse_locked(path)
+        images().refuse_locked(str(path))
         chosen.append((name, path, fmt))
     if missing or not chosen:
         raise InvalidInput(
@@ -323,7 +324,7 @@ def _refuse_running(vm: VmRow) -> None:
 
 
 def _run_replace(ctx: Context, plan: ReplacePlan, run: JobRun) -> JsonDict:
-    from vmvault.connectors.diskimage.images import drop_vmvault_bitmaps, verify_image
+    from vmvault.connectors.registry import images
 
     tag = secrets.token_hex(4)
     staged: list[tuple[str, Path, Path]] = []  # (name, current, new)
@@ -337,8 +338,8 @@ def _run_replace(ctx: Context, plan: ReplacePlan, run: JobRun) -> JsonDict:
                 stages.append(stage)
             manifest, (new,) = _restore_point_disks(ctx, plan.vault, plan.rp_id, stage, fmt, [name], run)
             size = next(d.size for d in manifest.disks if d.name == name)
-            verify_image(new, fmt, size)
-            drop_vmvault_bitmaps(new)
+            images().check_restored(str(new), fmt, size)
+            images().drop_tracking(str(new))
             staged.append((name, path, new))
         for i, (_name, path, new) in enumerate(staged):
             kept = path.parent / f".{path.name}.vmvault-original-{tag}"

@@ -127,6 +127,7 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
                 on_progress=run.progress,
                 cancel=run.cancel,
                 partial_tag=tag,
+                convert=convert_image,
             )
         template = write_disks_template(plan.target_dir, manifest, [Path(p) for p in paths], plan.vm_name, plan.force)
     return [Path(p) for p in paths] + ([template] if template is not None else [])
@@ -141,3 +142,10 @@ def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
         where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
         repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
     return tag
+
+
+def convert_image(raw: Path, dest: Path) -> None:
+    """A restored raw image as qcow2, by the disk-image connector's tools."""
+    from vmvault.connectors.registry import images
+
+    images().convert_to_qcow2(str(raw), str(dest))

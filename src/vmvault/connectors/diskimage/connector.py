@@ -15,16 +15,19 @@ from pathlib import Path
 
 from vmvault.connectors.contract import (
     CRASH_CONSISTENT,
+    NOT_APPLICABLE,
     BackupPort,
     BackupRequest,
     Capabilities,
     CopyDisk,
     JsonDict,
+    LeftoverVm,
     LiveCopy,
     NewVm,
     NewVmRequest,
     OpenPoint,
     WrittenDisk,
+    no_channel,
 )
 from vmvault.connectors.diskimage.diskformat import BackingFile, chain_from_record, read_chain
 from vmvault.connectors.diskimage.imagelock import ImageLock
@@ -112,6 +115,61 @@ class DiskImageConnector:
 
     def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
         pass
+
+    # ---- inventory: vm add, vm list, item show, doctor, service start (connectors/contract.py) ---------
+    def describe(self, where: JsonDict, known: list[JsonDict]) -> tuple[list[JsonDict], JsonDict]:
+        from vmvault.connectors.diskimage import inventory
+
+        return inventory.describe(where)
+
+    def status(self, definitions: list[JsonDict]) -> list[JsonDict]:
+        return [{"powerState": "unknown", "agent": "n/a (disk images)"} for _ in definitions]
+
+    def agent_status(self, definition: JsonDict, *, live: bool) -> tuple[JsonDict, JsonDict | None]:
+        return NOT_APPLICABLE, None
+
+    def agent_advice(self, vm_name: str, definition: JsonDict) -> JsonDict | None:
+        return None
+
+    def enable_agent(self, vm_name: str, definition: JsonDict) -> JsonDict:
+        raise no_channel(vm_name)
+
+    def reconcile(self, home: str, vms: list[LeftoverVm]) -> list[str]:
+        return []  # qemu-nbd work directories of killed exports: ImageTools.remove_dead_work_dirs
+
+    def doctor_host(self, home: str | None, disks: list[JsonDict], needed: bool) -> list[JsonDict]:
+        return []  # qemu-img, qemu-nbd: doctor's tools checks
+
+    def doctor_vm(self, vm_name: str, definition: JsonDict, disks: list[JsonDict]) -> list[JsonDict]:
+        from vmvault.connectors.diskimage import inventory
+
+        return inventory.doctor_vm(vm_name, disks)
+
+    # ---- image tools (connectors/contract.py ImageTools) ----------------------------------------------
+    def refuse_locked(self, path: str) -> None:
+        from vmvault.connectors.diskimage.images import refuse_locked
+
+        refuse_locked(Path(path))
+
+    def check_restored(self, path: str, fmt: str, size: int) -> None:
+        from vmvault.connectors.diskimage.images import verify_image
+
+        verify_image(Path(path), fmt, size)
+
+    def drop_tracking(self, path: str) -> None:
+        from vmvault.connectors.diskimage.images import drop_vmvault_bitmaps
+
+        drop_vmvault_bitmaps(Path(path))
+
+    def convert_to_qcow2(self, raw: str, dest: str) -> None:
+        from vmvault.connectors.diskimage.images import convert_to_qcow2
+
+        convert_to_qcow2(Path(raw), Path(dest))
+
+    def remove_dead_work_dirs(self) -> int:
+        from vmvault.connectors.diskimage.images import remove_dead_work_dirs
+
+        return remove_dead_work_dirs()
 
 
 def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:

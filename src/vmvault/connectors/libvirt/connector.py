@@ -22,11 +22,13 @@ from typing import Any
 
 from vmvault.connectors.contract import (
     CRASH_CONSISTENT,
+    NOT_APPLICABLE,
     BackupPort,
     BackupRequest,
     Capabilities,
     CopyDisk,
     JsonDict,
+    LeftoverVm,
     LiveCopy,
     NewVm,
     NewVmRequest,
@@ -145,6 +147,45 @@ class LibvirtConnector:
         from vmvault.connectors.libvirt import restore as restoring
 
         restoring.reset_checkpoints(vm_id, definition)  # its checkpoints' bitmaps went with the old images
+
+    # ---- inventory: vm add, vm list, item show, doctor, service start (connectors/contract.py) ---------
+    def describe(self, where: JsonDict, known: list[JsonDict]) -> tuple[list[JsonDict], JsonDict]:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.describe(where, known)
+
+    def status(self, definitions: list[JsonDict]) -> list[JsonDict]:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.statuses(definitions)
+
+    def agent_status(self, definition: JsonDict, *, live: bool) -> tuple[JsonDict, JsonDict | None]:
+        return NOT_APPLICABLE, None  # item show asks agent_advice instead
+
+    def agent_advice(self, vm_name: str, definition: JsonDict) -> JsonDict | None:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.agent_advice(vm_name, definition)
+
+    def enable_agent(self, vm_name: str, definition: JsonDict) -> JsonDict:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.enable_agent(vm_name, definition)
+
+    def reconcile(self, home: str, vms: list[LeftoverVm]) -> list[str]:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.reconcile(home, vms)
+
+    def doctor_host(self, home: str | None, disks: list[JsonDict], needed: bool) -> list[JsonDict]:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.doctor_host(needed)
+
+    def doctor_vm(self, vm_name: str, definition: JsonDict, disks: list[JsonDict]) -> list[JsonDict]:
+        from vmvault.connectors.libvirt import inventory
+
+        return inventory.doctor_vm(vm_name, definition)
 
 
 def definition_of(uri: str, info: Any) -> JsonDict:

@@ -29,11 +29,13 @@ from vmvault.connectors.contract import (
     Capabilities,
     CopyDisk,
     JsonDict,
+    LeftoverVm,
     LiveCopy,
     NewVm,
     NewVmRequest,
     OpenPoint,
     WrittenDisk,
+    no_channel,
 )
 from vmvault.connectors.diskimage.connector import DiskImageConnector
 from vmvault.connectors.qemu import restore as restoring
@@ -131,6 +133,41 @@ class QemuConnector:
 
     def disks_replaced(self, vm_id: str, definition: JsonDict) -> None:
         pass  # the tracking state goes with the catalog's definition; the images' vmv-* bitmaps are dropped
+
+    # ---- inventory: vm add, vm list, item show, doctor, service start (connectors/contract.py) ---------
+    def describe(self, where: JsonDict, known: list[JsonDict]) -> tuple[list[JsonDict], JsonDict]:
+        from vmvault.connectors.qemu import inventory
+
+        return inventory.describe(where)
+
+    def status(self, definitions: list[JsonDict]) -> list[JsonDict]:
+        from vmvault.connectors.qemu import inventory
+
+        return [inventory.status(d) for d in definitions]
+
+    def agent_status(self, definition: JsonDict, *, live: bool) -> tuple[JsonDict, JsonDict | None]:
+        from vmvault.connectors.qemu import inventory
+
+        return inventory.agent_status(definition, live=live)
+
+    def agent_advice(self, vm_name: str, definition: JsonDict) -> JsonDict | None:
+        return None  # item show reports the agent's state from the last backup (agent_status)
+
+    def enable_agent(self, vm_name: str, definition: JsonDict) -> JsonDict:
+        raise no_channel(vm_name)
+
+    def reconcile(self, home: str, vms: list[LeftoverVm]) -> list[str]:
+        return []  # each backup reconciles its own leftovers first (SnapshotSession.clear_leftovers)
+
+    def doctor_host(self, home: str | None, disks: list[JsonDict], needed: bool) -> list[JsonDict]:
+        from vmvault.connectors.qemu import inventory
+
+        return inventory.fleece_space(Path(home), disks) if home is not None else []
+
+    def doctor_vm(self, vm_name: str, definition: JsonDict, disks: list[JsonDict]) -> list[JsonDict]:
+        from vmvault.connectors.qemu import inventory
+
+        return inventory.doctor_vm(vm_name, definition)
 
 
 def manifest_definition(definition: JsonDict) -> JsonDict:
