@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+BOOT_TIMEOUT = float(os.environ.get("VMVAULT_RESTORE_BOOT_TIMEOUT", "300"))  # a restored VM's agent answers
 TEST_HOLD_FROZEN = "VMVAULT_TEST_HOLD_FROZEN"  # test-only: seconds to hold the guest frozen after the snapshot
 TEST_HOLD_SNAPSHOT = "VMVAULT_TEST_HOLD_SNAPSHOT"  # test-only: seconds to wait after the thaw, before reading
 

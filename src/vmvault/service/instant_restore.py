@@ -43,9 +43,8 @@ from typing import Any
 
 from vmvault.catalog import repos
 from vmvault.connectors.contract import CopyDisk, LiveCopy, NewVm
-from vmvault.connectors.qemu.restore import BOOT_TIMEOUT
 from vmvault.connectors.registry import connector_for
-from vmvault.connectors.workfiles import copy_run_dir
+from vmvault.connectors.workfiles import BOOT_TIMEOUT, copy_run_dir
 from vmvault.engine.progress import Progress
 from vmvault.errors import Cancelled, InvalidInput, StorageError, VmvaultError
 from vmvault.proc import boot_id

@@ -128,9 +128,9 @@ def reap_dead_jobs(ctx: Context) -> int:
                 _notify_enqueue(s, row.id)
                 reaped += 1
     if reaped:
-        from vmvault.connectors.diskimage.images import remove_dead_work_dirs
+        from vmvault.connectors.registry import images
 
-        remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
+        images().remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
     return reaped
 
 

@@ -15,8 +15,7 @@ from typing import Any
 from vmvault.connectors.contract import JsonDict, NewVm, NewVmRequest, WrittenDisk
 from vmvault.connectors.libvirt import domain as lv
 from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml, stop_on_errors
-from vmvault.connectors.qemu.restore import BOOT_TIMEOUT
-from vmvault.connectors.workfiles import write_new
+from vmvault.connectors.workfiles import BOOT_TIMEOUT, write_new
 from vmvault.errors import AlreadyExists, HypervisorError, InvalidInput, VmRunning
 
 

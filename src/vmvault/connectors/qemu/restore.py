@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import subprocess
 import time
@@ -19,10 +18,8 @@ from vmvault.connectors.guest_agent import GuestAgent
 from vmvault.connectors.qemu import instant
 from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
 from vmvault.connectors.qemu.template import DiskTarget, build_template, has_definition, refuse_without_definition
-from vmvault.connectors.workfiles import copy_run_dir, write_new
+from vmvault.connectors.workfiles import BOOT_TIMEOUT, copy_run_dir, write_new
 from vmvault.errors import HypervisorError, InvalidInput, VmRunning
-
-BOOT_TIMEOUT = float(os.environ.get("VMVAULT_RESTORE_BOOT_TIMEOUT", "300"))
 
 
 def template_file(target_dir: Path, vm_name: str) -> Path:
