@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 
 from vmvault.catalog import repos
 from vmvault.catalog.models import VaultRow, VmRow
+from vmvault.connectors.registry import CONNECTORS
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict
 
@@ -63,13 +65,12 @@ def run_doctor(ctx: Context | None, vm: str | None = None, extra: list[Check] | 
     for name, group in (("qemu", _tools), ("libnbd", _libnbd), ("fuse", _fuse), ("loop", _loop)):
         checks.extend(_guard(name, group))
     home = str(ctx.settings.home) if ctx is not None else None
-    checks.extend(_guard("libvirt", lambda: _host("libvirt", None, vms)))  # reachable, and its backup API
+    for kind in CONNECTORS:  # libvirt reachable with its backup API; space for QEMU's fleece overlays (with a home)
+        checks.extend(_guard(kind, partial(_host, kind, home, vms)))
     for row in vms:
         checks.extend(_vm(row))
     for vault in vaults:
         checks.extend(_vault(vault))
-    if home is not None:
-        checks.extend(_guard("fleece space", lambda: _host("qmp", home, vms)))  # live backups' overlays
     checks.extend(extra or [])
     failed = [c.name for c in checks if c.status == FAIL]
     return {"ok": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
