@@ -340,6 +340,10 @@ class Connector(Protocol):
         """Instant restore: the running copy `vm` (created with instant=True and started)."""
         ...
 
+    def template_name(self, source_vm: str) -> str | None:
+        """The name of the file disks_template writes (None: this kind writes none)."""
+        ...
+
     def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
         """`restore replace-disks`: VmRunning unless the VM is stopped."""
         ...

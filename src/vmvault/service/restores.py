@@ -56,14 +56,16 @@ def restore_disks(
 def plan_restore(
     ctx: Context, vm_name: str, rp_id: str, target: Path, fmt: str | None, force: bool, disks: list[str] | None
 ) -> RestorePlan:
+    from vmvault.connectors.registry import connector_for
+
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
     with ctx.catalog.read() as s:
         vm, point = usable_point(s, vm_name, rp_id)
         vault = repos.vault_by_id(s, point.vault_id)
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
-        # plain QEMU VMs get a JSON template beside their disks (service/restore_vm.py), libvirt VMs domain XML
-        template = {"qmp": f"{vm_name}-template.json", "libvirt": f"{vm_name}-domain.xml"}.get(vm.kind)
+        # the file from which the VM can be defined again, beside its disks (its kind's: restore_vm.py)
+        template = connector_for(vm.kind).template_name(vm_name)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
     files = [f"{name}.{fmt or source}" for name, source in chosen]
     _check_target(ctx, target, files + ([template] if template else []), force)

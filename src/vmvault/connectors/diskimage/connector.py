@@ -110,6 +110,9 @@ class DiskImageConnector:
     def live_copy(self, vm: NewVm) -> LiveCopy:
         raise AssertionError("a VM of disk images is never created (refuse_new_vm)")
 
+    def template_name(self, source_vm: str) -> str | None:
+        return None
+
     def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
         pass  # an image a running QEMU holds is refused by its lock (refuse_locked)
 

@@ -138,6 +138,11 @@ class LibvirtConnector:
 
         return LibvirtLiveCopy(vm)
 
+    def template_name(self, source_vm: str) -> str | None:
+        from vmvault.connectors.libvirt import restore as restoring
+
+        return restoring.template_name(source_vm)
+
     def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
         from vmvault.connectors.libvirt import restore as restoring
 

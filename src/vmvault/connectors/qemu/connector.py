@@ -128,6 +128,9 @@ class QemuConnector:
 
         return QemuLiveCopy(vm)
 
+    def template_name(self, source_vm: str) -> str | None:
+        return restoring.template_file(Path("."), source_vm).name
+
     def refuse_running(self, vm_name: str, definition: JsonDict) -> None:
         restoring.refuse_running(vm_name, definition)
 
