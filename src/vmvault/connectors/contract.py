@@ -21,10 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmvault.engine.backup import ExportedDisk
-from vmvault.engine.consistency import Budget, Note, Quiesce
 
 JsonDict = dict[str, Any]
+
+# A point's consistency, in Azure's words (what counts as which: connectors/consistency.py)
+APP_CONSISTENT = "AppConsistent"
+FILE_SYSTEM_CONSISTENT = "FileSystemConsistent"
 CRASH_CONSISTENT = "CrashConsistent"
+DEFAULT_FREEZE_BUDGET_S = 60.0  # the freeze call with the guest's fsfreeze hooks (a database checkpoints)
+DEFAULT_FROZEN_WINDOW_S = 10.0  # frozen file systems: the snapshot only (VSS itself holds writes at most 10 s)
+RECOVER_EXTRA_S = 60.0  # after a freeze timed out: how much longer than the budget to wait for the agent
 # agent_status where vmvault does not track a guest agent's state (its words since `vm add --qmp` came)
 NOT_APPLICABLE: JsonDict = {"state": "NotApplicable", "message": "the VM is backed up from its disk images (offline)",
                             "recommendedAction": None}  # fmt: skip
@@ -39,6 +45,37 @@ def no_channel(vm_name: str) -> Exception:
         hint="give the QEMU process a virtserialport named org.qemu.guest_agent.0 and add the VM with "
         "--guest-agent SOCKET (docs/running-vms.md)",
     )
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the job reports as a warning: a stable code, a message, and the fix."""
+
+    code: str
+    message: str
+    hint: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"code": self.code, "message": self.message, "recommendedAction": self.hint}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a quiesce may take (docs/running-vms.md, "Quiesce budget").
+
+    freeze_s: the guest-fsfreeze-freeze call, the guest's fsfreeze hooks included (a database's
+    checkpoint takes tens of seconds); frozen_s: how long file systems stay frozen, which is the
+    snapshot (QMP transaction / backupBegin) only; recover_s: after a freeze call timed out, how long
+    vmvault waits for the agent to answer again to thaw the late freeze.
+    """
+
+    freeze_s: float = DEFAULT_FREEZE_BUDGET_S
+    frozen_s: float = DEFAULT_FROZEN_WINDOW_S
+    crash_only: bool = False  # the policy says OnlyCrashConsistent: no quiesce at all
+
+    @property
+    def recover_s(self) -> float:
+        return self.freeze_s + RECOVER_EXTRA_S
 
 
 @dataclass(frozen=True)
@@ -208,8 +245,8 @@ class BackupPort(Protocol):
         """A job warning (reported when the point is published)."""
         ...
 
-    def quiesced(self, q: Quiesce, snapshot_s: float | None) -> None:
-        """The quiesce's outcome and figures (the job's `quiesce` details)."""
+    def quiesced(self, q: Any, snapshot_s: float | None) -> None:
+        """The quiesce's outcome and figures (the job's `quiesce` details): a connectors.consistency.Quiesce."""
         ...
 
     def save_vm(self, updates: JsonDict, disks: list[JsonDict] | None = None) -> None:

@@ -231,10 +231,9 @@ def _check_disks(vm_name: str, disks: list[dict[str, Any]]) -> None:
 
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
     """One backup over the VM's connector: it opens the point in time, the engine reads it into the vault."""
-    from vmvault.connectors.contract import BackupRequest
+    from vmvault.connectors.contract import BackupRequest, Note
     from vmvault.connectors.registry import connector_for
     from vmvault.engine.backup import PointSpec, backup_exported
-    from vmvault.engine.consistency import Note
     from vmvault.service.quiesce import budget_for
 
     connector = connector_for(plan.definition.get("kind"))

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.consistency import INSTALL_AGENT_HINT, Guest, Quiesce, quiesced
 from vmvault.connectors.contract import (
     CRASH_CONSISTENT,
     NOT_APPLICABLE,
@@ -32,6 +33,7 @@ from vmvault.connectors.contract import (
     LiveCopy,
     NewVm,
     NewVmRequest,
+    Note,
     OpenPoint,
     WrittenDisk,
 )
@@ -39,7 +41,6 @@ from vmvault.connectors.diskimage.connector import DiskSource, exported_images
 from vmvault.connectors.libvirt import domain as lv
 from vmvault.connectors.workfiles import TEST_HOLD_SNAPSHOT, run_dir, tag, test_hold
 from vmvault.engine.backup import ExportedDisk
-from vmvault.engine.consistency import INSTALL_AGENT_HINT, Note, Quiesce, quiesce_agent
 from vmvault.errors import InvalidInput
 
 log = logging.getLogger("vmvault")
@@ -340,28 +341,24 @@ class _Point:
 def _quiesced(p: _Point) -> Iterator[Quiesce]:
     """Pre-script, freeze (within the VM's budget), yield (the caller's backupBegin), thaw, post-script.
 
-    engine/consistency.py's sequence, budgets and thaw guard, with the agent reached through libvirt
-    (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
+    The policy's sequence, budgets and thaw guard (connectors/consistency.py), with the agent reached
+    through libvirt (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
-    q = Quiesce()
-    budget = p.request.budget
     try:
         state = lv.domain_state(p.dom)
         target = f"libvirt:{p.dom.connect().getURI()}#{p.dom.UUIDString()}"
     except Exception as exc:  # libvirt.libvirtError: a named error, not internal_error
         raise lv.LibvirtError(f"cannot ask libvirt about domain {p.info.name}: {exc}") from exc
-    if budget.crash_only:
-        q.agent_state = "Skipped"  # the policy asks for crash-consistent points
+    dom = p.dom
+    missing = f"domain {p.info.name} has no {AGENT_CHANNEL_NAME} channel: the point is crash-consistent"
+    guest = Guest(
+        (lambda: lv.LibvirtAgent(dom)) if p.info.agent_channel else None,
+        target,
+        running=state == "running",
+        paused=Note("vm_paused", "the domain is paused: the point is crash-consistent"),
+        no_agent=Note("agent_not_configured", missing, INSTALL_AGENT_HINT),
+    )
+    with quiesced(guest, p.request.budget) as q:
         yield q
-    elif state != "running":
-        q.notes.append(Note("vm_paused", "the domain is paused: the point is crash-consistent"))
-        yield q
-    elif not p.info.agent_channel:
-        message = f"domain {p.info.name} has no {AGENT_CHANNEL_NAME} channel: the point is crash-consistent"
-        q.notes.append(Note("agent_not_configured", message, INSTALL_AGENT_HINT))
-        yield q
-    else:
-        with quiesce_agent(lambda: lv.LibvirtAgent(p.dom), target, budget, q):
-            yield q
     for note in q.notes:
         p.port.warn(note)

@@ -366,7 +366,7 @@ class PullBackup:
         return f"<domaincheckpoint><name>{name}</name><disks>{parts}</disks></domaincheckpoint>"
 
     def begin(self, incremental: str | None, checkpoint_xml: str | None) -> None:
-        """backupBegin; a quiesce is vmvault's (engine/consistency.py: its budgets and thaw guard) around it.
+        """backupBegin; a quiesce is vmvault's (connectors/consistency.py: its budgets and thaw guard) around it.
 
         Not libvirt's QUIESCE flag: 9.0 refuses it, and its freeze call has no budget of ours.
         """

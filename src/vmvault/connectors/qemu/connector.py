@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.clock import now_iso
+from vmvault.connectors.consistency import Quiesce
 from vmvault.connectors.contract import (
     BackupPort,
     BackupRequest,
@@ -33,6 +34,7 @@ from vmvault.connectors.contract import (
     LiveCopy,
     NewVm,
     NewVmRequest,
+    Note,
     OpenPoint,
     WrittenDisk,
     no_channel,
@@ -40,6 +42,7 @@ from vmvault.connectors.contract import (
 from vmvault.connectors.diskimage.connector import DiskImageConnector
 from vmvault.connectors.qemu import restore as restoring
 from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
+from vmvault.connectors.qemu.quiesce import quiesced
 from vmvault.connectors.qemu.snapshot import (
     FLEECE_LOW_WATER,
     BasePoint,
@@ -51,7 +54,6 @@ from vmvault.connectors.qemu.snapshot import (
 from vmvault.connectors.qemu.vm import QemuVm, inspect_vm
 from vmvault.connectors.workfiles import TEST_HOLD_FROZEN, TEST_HOLD_SNAPSHOT, run_dir, tag, test_hold
 from vmvault.engine.backup import ExportedDisk
-from vmvault.engine.consistency import Note, Quiesce, quiesced
 from vmvault.errors import Cancelled, VmvaultError
 
 log = logging.getLogger("vmvault")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmvault.catalog.clock import now_iso
+from vmvault.connectors.consistency import INSTALL_AGENT_HINT, probe_agent
 from vmvault.connectors.contract import JsonDict
 from vmvault.connectors.guest_agent import GuestAgent
 from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
 from vmvault.connectors.qemu.vm import inspect_vm
-from vmvault.engine.consistency import INSTALL_AGENT_HINT, probe_agent
 from vmvault.errors import HypervisorError, InvalidInput
 
 KIND_QMP = "qmp"
