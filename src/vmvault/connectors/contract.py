@@ -280,8 +280,8 @@ class ImageTools(Protocol):
         ...
 
 
-class Connector(Protocol):
-    """One kind of VM. Registered in connectors/__init__.py under the kind the catalog records."""
+class Inventory(Protocol):
+    """What vmvault knows of a kind's VMs outside a backup or a restore: add, list, agent, doctor, leftovers."""
 
     kind: str
 
@@ -326,6 +326,11 @@ class Connector(Protocol):
         """`doctor`: one VM of the kind, reachable and able to be backed up."""
         ...
 
+
+
+class PointInTime(Protocol):
+    """A backup's side of the hypervisor."""
+
     def open_point(self, request: BackupRequest, port: BackupPort) -> AbstractContextManager[OpenPoint]:
         """Quiesce as the policy and guest allow, take the point in time, export each disk.
 
@@ -334,7 +339,11 @@ class Connector(Protocol):
         """
         ...
 
-    # ---- restore as a new VM, replace disks -----------------------------------------------------------
+
+
+class NewVms(Protocol):
+    """A restore's side of the hypervisor: a point as a new VM (instant too), a VM's disks replaced."""
+
     def refuse_new_vm(self, request: NewVmRequest) -> None:
         """Refuse before the job when this kind cannot make the copy (no definition, a name the hypervisor has)."""
         ...
@@ -389,3 +398,6 @@ class Connector(Protocol):
         """After replace-disks: the new images carry no tracking (bitmaps, checkpoints): forget it."""
         ...
 
+
+class Connector(Inventory, PointInTime, NewVms, Protocol):
+    """One kind of VM, registered in connectors/registry.py under the kind the catalog records."""
