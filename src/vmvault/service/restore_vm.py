@@ -58,6 +58,13 @@ def write_disks_template(
     return Path(out) if out is not None else None
 
 
+def convert_image(raw: Path, dest: Path) -> None:
+    """A restored raw image as qcow2, by the disk-image connector's tools (the engine writes raw)."""
+    from vmvault.connectors.registry import images
+
+    images().convert_to_qcow2(str(raw), str(dest))
+
+
 def _written(manifest: Any, paths: list[Path]) -> list[Any]:
     """The restored disks as a connector reads them: name, path, format and the point's size."""
     from vmvault.connectors.contract import WrittenDisk
@@ -223,7 +230,6 @@ def _restore_point_disks(
     run: JobRun, check: Any = None,
 ) -> tuple[Any, list[Path]]:  # fmt: skip
     from vmvault.engine.restore import run_restore
-    from vmvault.service.restores import convert_image
     from vmvault.service.vaultio import opened_vault
     from vmvault.vault.lock import pinned, shared
 

@@ -101,7 +101,7 @@ def _check_target(ctx: Context, target: Path, files: list[str], force: bool) -> 
 
 def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     from vmvault.engine.restore import run_restore
-    from vmvault.service.restore_vm import write_disks_template
+    from vmvault.service.restore_vm import convert_image, write_disks_template
     from vmvault.vault.lock import pinned, shared
 
     try:
@@ -144,10 +144,3 @@ def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
         where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
         repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
     return tag
-
-
-def convert_image(raw: Path, dest: Path) -> None:
-    """A restored raw image as qcow2, by the disk-image connector's tools."""
-    from vmvault.connectors.registry import images
-
-    images().convert_to_qcow2(str(raw), str(dest))

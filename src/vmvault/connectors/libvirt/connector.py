@@ -39,13 +39,13 @@ from vmvault.connectors.contract import (
 )
 from vmvault.connectors.diskimage.connector import DiskSource, exported_images
 from vmvault.connectors.libvirt import domain as lv
+from vmvault.connectors.libvirt.domain import KIND_LIBVIRT, definition_of
 from vmvault.connectors.workfiles import TEST_HOLD_SNAPSHOT, run_dir, tag, test_hold
 from vmvault.engine.backup import ExportedDisk
 from vmvault.errors import InvalidInput
 
 log = logging.getLogger("vmvault")
 
-KIND_LIBVIRT = "libvirt"
 AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
 READ_HINT = "nothing to do: the next backup uses the checkpoint"
 
@@ -192,19 +192,6 @@ class LibvirtConnector:
         from vmvault.connectors.libvirt import inventory
 
         return inventory.doctor_vm(vm_name, definition)
-
-
-def definition_of(uri: str, info: Any) -> JsonDict:
-    """A domain's catalog definition: where libvirt is, the domain, its disks and its XML."""
-    return {
-        "kind": KIND_LIBVIRT,
-        "connect": uri,
-        "domain": info.name,
-        "uuid": info.uuid,
-        "disks": [{"name": d.name, "path": d.path, "format": d.format} for d in info.disks],
-        "agentChannel": info.agent_channel,
-        "domainXml": info.xml,
-    }
 
 
 class _Point:

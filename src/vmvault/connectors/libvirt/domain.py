@@ -449,3 +449,19 @@ def abort_leftover_job(dom: Any, work_dir: Path) -> bool:
     except lv.libvirtError:
         return False
     return True
+
+
+KIND_LIBVIRT = "libvirt"  # the catalog's kind of a libvirt domain
+
+
+def definition_of(uri: str, info: DomainInfo) -> JsonDict:
+    """A domain's catalog definition: where libvirt is, the domain, its disks and its XML."""
+    return {
+        "kind": KIND_LIBVIRT,
+        "connect": uri,
+        "domain": info.name,
+        "uuid": info.uuid,
+        "disks": [{"name": d.name, "path": d.path, "format": d.format} for d in info.disks],
+        "agentChannel": info.agent_channel,
+        "domainXml": info.xml,
+    }

@@ -10,6 +10,7 @@ from typing import Any
 
 from vmvault.connectors.contract import JsonDict, LeftoverVm
 from vmvault.connectors.libvirt import domain as lv
+from vmvault.connectors.libvirt.domain import definition_of
 from vmvault.connectors.workfiles import run_dir, tag
 from vmvault.errors import InvalidInput
 
@@ -28,8 +29,6 @@ def uri_of(definition: JsonDict) -> str:
 
 def describe(where: JsonDict, known: list[JsonDict]) -> tuple[list[JsonDict], JsonDict]:
     """The domain where["domain"] at where["connect"]: its disk records (the XML's <driver type>) and definition."""
-    from vmvault.connectors.libvirt.connector import definition_of
-
     uri, domain = uri_of(where), str(where["domain"])
     conn = lv.connect(uri)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from vmvault.connectors.contract import JsonDict, NewVm, NewVmRequest, WrittenDisk
 from vmvault.connectors.libvirt import domain as lv
+from vmvault.connectors.libvirt.domain import KIND_LIBVIRT, definition_of
 from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml, stop_on_errors
 from vmvault.connectors.workfiles import BOOT_TIMEOUT, write_new
 from vmvault.errors import AlreadyExists, HypervisorError, InvalidInput, VmRunning
@@ -77,8 +78,6 @@ def create_new_vm(
     request: NewVmRequest, definition: JsonDict, in_point: list[str], disks: list[WrittenDisk], *, instant: bool
 ) -> NewVm:
     """Define the new domain from the point's XML; undefined again if anything after defineXML fails."""
-    from vmvault.connectors.libvirt.connector import KIND_LIBVIRT, definition_of
-
     target_dir, name = Path(request.target_dir), request.new_name
     what = "instant restore of" if instant else "restored from"
     copy = copy_domain_xml(

@@ -51,15 +51,13 @@ from vmvault.connectors.qemu.snapshot import (
     SnapshotSession,
     Tracking,
 )
-from vmvault.connectors.qemu.vm import QemuVm, inspect_vm
+from vmvault.connectors.qemu.vm import KIND_QMP, QemuVm, inspect_vm, manifest_definition, qmp_disk_record
 from vmvault.connectors.workfiles import TEST_HOLD_FROZEN, TEST_HOLD_SNAPSHOT, run_dir, tag, test_hold
 from vmvault.engine.backup import ExportedDisk
-from vmvault.errors import Cancelled, VmvaultError
+from vmvault.errors import Cancelled
 
 log = logging.getLogger("vmvault")
 
-KIND_QMP = "qmp"
-INTERNAL = ("tracking", "agent")  # kept in the catalog, never in a recovery point
 
 
 class QemuConnector:
@@ -175,11 +173,6 @@ class QemuConnector:
         return inventory.doctor_vm(vm_name, definition)
 
 
-def manifest_definition(definition: JsonDict) -> JsonDict:
-    """The VM's definition as a recovery point keeps it: without the connector's internal state."""
-    return {k: v for k, v in definition.items() if k not in INTERNAL}
-
-
 class _LivePoint:
     def __init__(self, request: BackupRequest, port: BackupPort, vm: QemuVm, session: SnapshotSession) -> None:
         self.request, self.port, self.vm, self.session = request, port, vm, session
@@ -270,21 +263,6 @@ class _LivePoint:
             if ok:
                 raise
             log.warning("could not record the tracking state of %s", self.request.vm_name, exc_info=True)
-
-
-def qmp_disk_record(disk: Any) -> JsonDict:
-    """A running QEMU's disk: the format its QEMU opens it with, and its qcow2 chain when readable.
-
-    Read offline when the QEMU is stopped, with exactly this format (and chain, checked).
-    """
-    from vmvault.connectors.diskimage.diskformat import FORMATS, chain_to_record, read_chain
-
-    fmt = disk.format if disk.format in FORMATS else "raw" if disk.format in ("file", "host_device") else "unknown"
-    record: JsonDict = {"name": disk.name, "path": disk.path, "format": fmt}
-    if fmt == "qcow2":
-        with contextlib.suppress(VmvaultError, OSError):  # left unrecorded: the first offline read asks to confirm
-            record["chain"] = chain_to_record(read_chain(Path(disk.path), fmt))
-    return record
 
 
 class _SpaceWatch:

@@ -9,10 +9,9 @@ from vmvault.connectors.consistency import INSTALL_AGENT_HINT, probe_agent
 from vmvault.connectors.contract import JsonDict
 from vmvault.connectors.guest_agent import GuestAgent
 from vmvault.connectors.qemu.qmp import QemuNotRunning, QmpClient
-from vmvault.connectors.qemu.vm import inspect_vm
+from vmvault.connectors.qemu.vm import KIND_QMP, inspect_vm, qmp_disk_record
 from vmvault.errors import HypervisorError, InvalidInput
 
-KIND_QMP = "qmp"
 STATUS_TIMEOUT_S = 1.0  # per socket: vm list stays fast when a QEMU or agent hangs
 AGENT_TIMEOUT_S = 3  # doctor
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -20,8 +19,6 @@ PASS, WARN, FAIL = "pass", "warn", "fail"
 
 def describe(where: JsonDict) -> tuple[list[JsonDict], JsonDict]:
     """The running QEMU behind where["qmp"]: its disk records and definition (the VM must be running)."""
-    from vmvault.connectors.qemu.connector import qmp_disk_record
-
     qmp_path, agent = Path(str(where["qmp"])), where.get("guestAgent")
     with QmpClient(qmp_path).connect() as qmp:
         vm = inspect_vm(qmp)
