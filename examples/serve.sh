@@ -20,6 +20,10 @@ WORKERS="${VMVAULT_WORKERS:-2}"
 
 cat <<EOT
 Starting vmvault serve. Portal: http://$HOST:$PORT/ (sign in with the token in the file named below).
+What it needs: that token to sign in; a vault passphrase, chosen in the portal when you create the first
+vault (Vaults > Create vault: offered over HTTPS or from a browser on this machine, http://localhost:$PORT/);
+disk images under /var/lib/libvirt/images or /var/lib/vmvault/images, restores under /var/lib/vmvault/restores
+(more folders: vmvault serve --allow-disks/--allow-restores DIR).
 API: http://$HOST:$PORT/api/v1 (interactive docs: http://$HOST:$PORT/docs).
 While it runs, in another shell:
   curl -H "Authorization: Bearer TOKEN" http://$HOST:$PORT/api/v1/items   protected VMs (TOKEN: in the file named below)

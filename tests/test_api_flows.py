@@ -115,6 +115,36 @@ def test_errors_are_json_with_code_message_hint(tmp_path: Path) -> None:
         assert r.status_code == 422 and "operation" in r.json()["hint"], r.text
 
 
+def test_a_vms_quiesce_budget_is_set_through_the_api_by_a_contributor_only(tmp_path: Path) -> None:
+    disk = make_ext4_image(tmp_path / "db1.raw", 16)
+    with sandbox(tmp_path / "home") as box:
+        contributor, operator = box.token("BackupContributor"), box.token("BackupOperator")
+        r = box.call("POST", f"{API}/vms", contributor, json={"name": "db1", "disks": [str(disk)]})
+        assert r.status_code == 201, r.text
+
+        def budget() -> object:
+            return box.call("GET", f"{API}/vms/db1", operator).json()["quiesceTimeoutSeconds"]
+
+        assert budget() is None  # the service's VMVAULT_QUIESCE_TIMEOUT
+        r = box.call("POST", f"{API}/vms/db1/update", contributor, json={"quiesceTimeoutSeconds": 120})
+        assert r.status_code == 200 and r.json()["quiesceTimeoutSeconds"] == 120 and r.json()["name"] == "db1", r.text
+        assert budget() == 120
+        r = box.call("POST", f"{API}/vms/db1/update", operator, json={"quiesceTimeoutSeconds": 5})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+        # The CLI's bounds (1-3600, 0: the setting); a body from the network is untrusted: no coercion.
+        for bad in (3601, -1, 10**30, "30", 30.5, True, None):
+            r = box.call("POST", f"{API}/vms/db1/update", contributor, json={"quiesceTimeoutSeconds": bad})
+            assert r.status_code == 422 and r.json()["code"] == "invalid_input", (bad, r.text)
+        for body in ({}, {"quiesceTimeoutSeconds": 30, "frozenWindowSeconds": 1}):
+            r = box.call("POST", f"{API}/vms/db1/update", contributor, json=body)
+            assert r.status_code == 422 and r.json()["code"] == "invalid_input", (body, r.text)
+        assert budget() == 120, "a refused update changed the VM"
+        r = box.call("POST", f"{API}/vms/nope/update", contributor, json={"quiesceTimeoutSeconds": 30})
+        assert r.status_code == 404 and "nope" in r.json()["message"], r.text
+        r = box.call("POST", f"{API}/vms/db1/update", contributor, json={"quiesceTimeoutSeconds": 0})
+        assert r.status_code == 200 and budget() is None, r.text
+
+
 def test_scoped_tokens_see_only_their_vault(tmp_path: Path) -> None:
     with sandbox(tmp_path / "home") as box:
         owner = box.token("Owner")

@@ -119,6 +119,7 @@ def _file_recovery(cli: Cli, there: Callable[..., Result], rp: str, tmp_path: Pa
     volume = volumes[0]["name"]
     names = {e["name"] for e in there("files", "browse", volume, "--vm", "web1").json()}
     assert "a.txt" in names, names
+    assert {e["name"] for e in there("files", "browse", "web1", volume).json()} == names  # VM first, as elsewhere
     copied = tmp_path / "a.txt"
     assert "wrote 7 bytes" in there("files", "download", f"{volume}/a.txt", "--vm", "web1", "--to", str(copied)).stderr
     assert copied.read_bytes() == b"remote\n"

@@ -267,3 +267,31 @@ def test_a_migrated_qcow2_with_a_backing_file_waits_for_the_admin(tmp_path: Path
     cli.ok("vm", "set-format", "vm1", "--disk", "disk0", "--format", "qcow2")
     cli.ok("backup", "now", "--vm", "vm2")  # no backing file: its (empty) chain is recorded now
     assert cli.ok("vm", "show", "vm2").json()["disks"][0]["backingChain"] == []
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_disk_swapped_for_a_symlink_after_vm_add_is_refused(tmp_path: Path, fmt: str) -> None:
+    """Whoever can write the disk's folder replaces the image by a symlink to a host secret: not followed."""
+    cli = Cli(home=tmp_path / "home")
+    secret = tmp_path / "host-key"  # binary, so it would pass for a raw disk
+    secret.write_bytes((MARKER + bytes(64)) * 4096)
+    disk = _guest_disk(tmp_path / "disk.raw")
+    if fmt == "qcow2":
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(tmp_path / "d.qcow2")],
+                       check=True)  # fmt: skip
+        disk.unlink()
+        disk = tmp_path / "d.qcow2"
+    link = tmp_path / "link.img"
+    link.symlink_to(disk)
+    cli.vault_create("v1", tmp_path / "vault")
+    added = cli.ok("vm", "add", "vm1", "--disk", str(link), "--format", fmt).json()
+    assert added["disks"][0]["path"] == str(disk), "a symlink given at `vm add` is resolved once, there"
+    cli.ok("protection", "enable", "--vm", "vm1", "--vault", "v1")
+    cli.ok("backup", "now", "--vm", "vm1")
+
+    disk.unlink()
+    disk.symlink_to(secret)
+    r = cli.fails("backup", "now", "--vm", "vm1")
+    assert f"disk {disk} has become a symlink" in r.output and "re-add the VM" in r.output, r
+    assert len(cli.points("vm1")) == 1
+    _assert_no_secret(tmp_path / "vault")

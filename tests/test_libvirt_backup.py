@@ -145,6 +145,23 @@ def test_an_incremental_reads_only_what_the_guest_wrote(lab: Lab) -> None:
     lab.assert_clean()
 
 
+def test_a_backup_begin_past_the_frozen_window_is_undone_and_retried_once(lab: Lab, tmp_path: Path) -> None:
+    # testhooks.py: the first attempt holds the guest frozen 6 s past backupBegin, twice the 3 s window.
+    lab.domain.sh("echo between > /mnt/data0/between && sync")
+    env = {"VMVAULT_FROZEN_WINDOW": "3", "VMVAULT_TEST_SLOW_SNAPSHOT": "6:1"}
+    job = backup(Cli(home=lab.cli.home, extra_env=env), VM)
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    point = latest_point(lab.cli, VM)
+    assert point["properties"]["recoveryPointType"] == "FileSystemConsistent", point
+    shown = lab.cli.ok("job", "show", str(job["name"])).json()
+    assert shown["properties"]["extendedInfo"]["quiesce"]["snapshotAttempts"] == 2, shown
+    with lab.domain.agent_client().connect(timeout=30) as agent:
+        assert agent.guest_fsfreeze_status() == "thawed"
+    lab.assert_clean()  # the undone attempt's backup job, scratch files and checkpoint are gone
+    # The undone checkpoint was merged back: the retried incremental holds what was written before it.
+    assert ext4_file(restore_raw(lab.cli, VM, point, tmp_path / "out")["vda"], "/between") == b"between\n"
+
+
 def test_a_killed_backup_leaves_a_job_that_the_next_backup_reconciles(lab: Lab) -> None:
     held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
     proc = held.popen(*held.backup_args(VM))

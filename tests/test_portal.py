@@ -93,6 +93,8 @@ def _follow_toast(page: Any, text: str) -> None:
 def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     url = world.server.url
     page = _page(world)
+    errors: list[str] = []  # the browser's console errors (an invalid pattern attribute logged one)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.goto(f"{url}/vms/web1")
     page.wait_for_url(re.compile(r"/signin\?next="))
     screenshot(page, "signin")
@@ -101,7 +103,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.wait_for_url(f"{url}/vms/web1")  # back where the user was going
     page.goto(f"{url}/vms")
     row = page.locator("table.list tr", has_text="web1")
-    assert "NotProtected" in row.inner_text() and "unknown" in row.inner_text()
+    assert "Not protected" in row.inner_text() and "unknown" in row.inner_text()
     screenshot(page, "vms")
 
     # Enable backup: pick the vault and a policy shown with its summary
@@ -110,11 +112,15 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     option = page.locator("#policy-select option").first
     assert option.inner_text() == f"DefaultPolicy — {SUMMARY}"
     screenshot(page, "enable-backup")
+    page.select_option("#vault-select", "__new__")  # the new-vault name field shows, its pattern is valid
+    page.fill("input[name=new_vault]", "x")
+    assert page.evaluate("document.querySelector('input[name=new_vault]').checkValidity()")
+    assert errors == [], errors
     page.select_option("#vault-select", "main")
     page.click("#enable-form button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1")
     assert page.locator(".toast", has_text="Backup enabled for web1").is_visible()
-    assert page.inner_text("#last-status") == "Warning (Initial backup pending)"
+    assert page.inner_text("#last-status") == "Initial backup pending"
     assert "No recovery points yet" in page.inner_text("main")
 
     # Backup now with a retain-until date from the calendar input
@@ -126,7 +132,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     assert toast.is_visible() and toast.locator("a.toast-link").is_visible()
     screenshot(page, "backup-now-toast")
     _follow_toast(page, "Backup of web1 triggered")
-    assert page.inner_text("#job-status") == "InProgress"
+    assert page.inner_text("#job-status") == "In progress"
     screenshot(page, "job-running")
     _wait_job_completed(page)
     assert retain in page.inner_text("#job-live")
@@ -146,9 +152,12 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.click("text=File recovery")
     page.click("#mount-form button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1/files")
-    _follow_toast(page, "Mounting recovery point")
-    _wait_job_completed(page)
-    page.goto(f"{url}/vms/web1/files")
+    assert page.locator(".toast", has_text="Mounting recovery point").is_visible()
+    # the session list follows the mount job without a reload: "Mounting…", then the mounted row
+    page.evaluate("window.__stillSamePage = true")
+    assert page.locator(".pending:has-text('Mounting…')").count() == 1 or page.locator("#sessions td.expiry").count()
+    page.wait_for_selector("#sessions td.expiry", timeout=JOB_TIMEOUT_MS)
+    assert page.evaluate("window.__stillSamePage === true"), "the file-recovery page was reloaded"
     expiry = datetime.strptime(page.inner_text("#sessions td.expiry"), "%Y-%m-%d %H:%M UTC").replace(tzinfo=UTC)
     left = expiry - datetime.now(UTC)
     assert timedelta(hours=11, minutes=58) < left <= timedelta(hours=12), left
@@ -165,10 +174,10 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.goto(f"{url}/vms/web1/files")
     page.once("dialog", lambda dialog: dialog.accept())  # the confirmation of a destructive action
     page.click("#sessions button.danger")
-    _follow_toast(page, "Unmounting")
-    _wait_job_completed(page)
-    page.goto(f"{url}/vms/web1/files")
-    assert page.locator("#no-sessions").is_visible()
+    page.wait_for_url(f"{url}/vms/web1/files")
+    page.evaluate("window.__stillSamePage = true")
+    page.wait_for_selector("#no-sessions", timeout=JOB_TIMEOUT_MS)  # "Unmounting…", then nothing mounted
+    assert page.evaluate("window.__stillSamePage === true"), "the file-recovery page was reloaded"
 
     # the other pages, for the record (and that they render)
     page.goto(f"{url}/jobs")

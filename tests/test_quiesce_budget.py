@@ -18,7 +18,7 @@ import pytest
 
 from helpers import Cli
 from test_policy import weekly_props
-from vm.live import backup, latest_point, protect_running, warning_codes, warnings
+from vm.live import backup, ext4_file, fell_back, latest_point, protect_running, restore_raw, warning_codes, warnings
 from vm.machine import Disk, Guest, ext4_disk
 
 pytestmark = pytest.mark.slow
@@ -100,6 +100,57 @@ def test_a_freeze_past_the_budget_is_thawed_retried_once_and_gives_a_crash_consi
     assert took >= 16, f"two attempts of an 8 s hook took only {took:.0f} s"
     lab.guest.sh("echo resumed > /mnt/data0/after; sync")  # the guest writes again
     assert _quiesce_details(lab, job)["attempts"] == 2
+
+
+def _slow_snapshots(lab: Lab, hold: str) -> Cli:
+    """A 3 s frozen window, and snapshots held frozen longer (testhooks.py: "6" every attempt, "6:1" the first)."""
+    env = {"VMVAULT_FROZEN_WINDOW": "3", "VMVAULT_TEST_SLOW_SNAPSHOT": hold}
+    return Cli(home=lab.cli.home, extra_env=env)
+
+
+def _assert_nothing_left_behind(lab: Lab) -> None:
+    """No fleece node, block job or export in QEMU; at most one vmvault bitmap per disk (the chain's)."""
+    nodes = lab.guest.qmp("query-named-block-nodes", {"flat": True})
+    assert not [n["node-name"] for n in nodes if n["node-name"].startswith("vmv-")], nodes
+    assert not lab.guest.qmp("query-block-jobs") and not lab.guest.qmp("query-block-exports")
+    ours = {n["node-name"]: [b["name"] for b in n.get("dirty-bitmaps", []) if b.get("name", "").startswith("vmv-")]
+            for n in nodes}  # fmt: skip
+    assert all(len(names) <= 1 for names in ours.values()) and any(ours.values()), ours
+    assert lab.guest.freeze_status() == "thawed"
+    assert not list((lab.cli.home / "fleece").rglob("*.qcow2")), "a fleece overlay file was left behind"
+
+
+def test_a_snapshot_past_the_frozen_window_once_is_undone_and_retried_into_a_consistent_point(
+    lab: Lab, tmp_path: Path
+) -> None:
+    lab.budget(30)
+    lab.hook_sleeps(0)
+    lab.guest.sh("echo between > /mnt/data0/between; sync")
+    job = backup(_slow_snapshots(lab, "6:1"), VM)
+    assert job["properties"]["status"] == "Completed" and not fell_back(job), job
+    point = latest_point(lab.cli, VM)
+    assert point["properties"]["recoveryPointType"] == "FileSystemConsistent"
+    # The undone attempt's bitmaps were folded back: the retried incremental holds what was written before it.
+    assert ext4_file(restore_raw(lab.cli, VM, point, tmp_path / "out")["data0"], "/between") == b"between\n"
+    figures = _quiesce_details(lab, job)
+    assert figures["snapshotAttempts"] == 2 and "3 s frozen window" in str(figures["snapshotRetryReason"]), figures
+    assert lab.hook_log().count("freeze") == 2, lab.hook_log()
+    _assert_nothing_left_behind(lab)
+    assert not fell_back(backup(lab.cli, VM)), "the next backup is no longer incremental"
+
+
+def test_a_snapshot_past_the_frozen_window_twice_gives_a_crash_consistent_point_and_leaves_nothing(lab: Lab) -> None:
+    lab.budget(30)
+    lab.hook_sleeps(0)
+    job = backup(_slow_snapshots(lab, "6"), VM)
+    assert job["properties"]["status"] == "CompletedWithWarnings", job
+    assert warning_codes(job) == ["quiesce_timeout"], job
+    (note,) = warnings(job)
+    assert "3 s frozen window twice" in note["message"] and "VMVAULT_FROZEN_WINDOW" in note["recommendedAction"], note
+    assert latest_point(lab.cli, VM)["properties"]["recoveryPointType"] == "CrashConsistent"
+    assert _quiesce_details(lab, job)["snapshotAttempts"] == 2
+    assert lab.hook_log().count("freeze") == 2, lab.hook_log()
+    _assert_nothing_left_behind(lab)
 
 
 def test_a_vm_killed_during_its_freeze_is_thawed_by_the_guard_when_the_agent_answers(lab: Lab) -> None:

@@ -146,6 +146,10 @@ def test_a_restored_vm_boots_from_its_restored_os_disk(lab: Lab) -> None:
         # registered as a vmvault VM
         vm = lab.cli.ok("vm", "show", "copy1").json()
         assert vm["name"] == "copy1"
+        # the job says what it restored (issue 22: extendedInfo.restore)
+        record = lab.cli.ok("job", "show", r.json()["name"]).json()["properties"]["extendedInfo"]["restore"]
+        assert (record["mode"], record["recoveryPoint"], record["newVm"]) == ("vm", lab.rp, "copy1")
+        assert record["definitionFile"] == str(target / "copy1.json") and record["started"] is True
     finally:
         if template:
             _stop(template)

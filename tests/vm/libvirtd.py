@@ -239,3 +239,48 @@ class Domain:
         self.virsh("undefine", self.name, "--checkpoints-metadata", check=False)
         left = list(leftovers(self.name))
         assert not left, f"left behind: {left}"
+
+
+# ---- a second libvirtd with Debian's default qemu.conf: QEMU runs as libvirt-qemu ----------------------
+
+_PRIVATE_DIRS = ("/run/libvirt", "/etc/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/log/libvirt")
+_START_DEFAULT = """set -e
+mount --make-rprivate /
+{binds}
+mkdir -p /var/log/libvirt/qemu
+virtlogd -d -p {base}/virtlogd.pid
+exec libvirtd -p {base}/libvirtd.pid
+"""
+
+
+@contextlib.contextmanager
+def debian_default_libvirtd(base: Path) -> Iterator[str]:
+    """libvirtd + virtlogd with an all-default qemu.conf (Debian ships it fully commented out: QEMU as
+    libvirt-qemu, dynamic_ownership=1), in a private mount namespace so the shared libvirtd and its
+    domains are untouched; yields its URI. The daemons end with the context."""
+    ensure_libvirtd()  # packages and the libvirt-qemu user
+    base.mkdir(parents=True, exist_ok=True)
+    binds = []
+    for i, d in enumerate(_PRIVATE_DIRS):
+        (base / f"d{i}").mkdir(exist_ok=True)
+        binds.append(f"mount --bind {base}/d{i} {d}")
+    (base / "qemu.conf").write_text("# Debian's default: every setting commented out\n")
+    binds.append(f"mount --bind {base}/qemu.conf {QEMU_CONF}")
+    script = base / "start.sh"
+    script.write_text(_START_DEFAULT.format(binds="\n".join(binds), base=base))
+    log = open(base / "libvirtd.out", "wb")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(["unshare", "-m", "sh", str(script)], stdout=log, stderr=log, start_new_session=True)
+    uri = f"qemu:///system?socket={base}/d0/libvirt-sock"
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["virsh", "-c", uri, "version"], capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "libvirtd.out").read_text()
+            time.sleep(0.3)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((base / "virtlogd.pid").read_text()), 15)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)

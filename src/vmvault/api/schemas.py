@@ -195,6 +195,33 @@ class UsageTotals(View):
     monthly: Number
 
 
+class ReportRow(View):
+    """One item (scope "item") or one vault (scope "vault", item "") over the report's period."""
+
+    scope: str
+    vault: str
+    item: str
+    backups: int
+    succeeded: int
+    failed: int
+    success_rate: Number | None
+    bytes_transferred: int
+    stored_growth_bytes: int
+    average_duration_seconds: Number | None
+    longest_duration_seconds: Number | None
+    rpo_breaches: int
+    rpo_breached_now: bool | int  # an item: late now; a vault: how many of its items are
+
+
+class Report(View):
+    """Backup report over the last `days` days (service/reports.py)."""
+
+    from_: str = Field(alias="from")
+    to: str
+    days: int
+    rows: list[ReportRow]
+
+
 class Usage(View):
     """A vault's protected instances and storage, priced like Azure Backup."""
 
@@ -250,6 +277,9 @@ class Vm(View):
     vault: str | None
     protection_state: str
     last_recovery_point: str | None
+    quiesce_timeout_seconds: int | None = Field(
+        None, description="A live backup's quiesce budget in seconds (vm update); null: the service's setting"
+    )
 
 
 class VmWithStatus(Vm):

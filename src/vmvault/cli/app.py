@@ -38,6 +38,7 @@ class OutputFormat(StrEnum):
     table = "table"
     json = "json"
     tsv = "tsv"
+    csv = "csv"
 
 
 class Redundancy(StrEnum):
@@ -790,7 +791,7 @@ def recoverypoint_list(
 
 @restore_app.command("disks")
 def restore_disks(
-    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")],
+    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")],
     target_dir: Annotated[Path, typer.Option(help="Directory to write <disk>.raw|.qcow2 into.")],
     disk_format: Annotated[
         DiskFormat | None, typer.Option("--format", case_sensitive=False, help="raw or qcow2 (default: as backed up).")
@@ -825,7 +826,7 @@ def restore_disks(
 
 @restore_app.command("vm")
 def restore_vm(
-    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")],
+    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")],
     new_name: Annotated[str, typer.Option("--name", help="Name of the new VM.")],
     target_dir: Annotated[
         Path | None, typer.Option(help="Directory for the new VM's disks and files (default: $VMVAULT_HOME/vms/NAME).")
@@ -844,7 +845,7 @@ def restore_vm(
     """Restore a point of a QEMU or libvirt VM as a new VM: new name, UUID, MACs and paths (a Restore job)."""
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
-    from vmvault.service import restore_vm as service
+    from vmvault.service import restores
 
     name = _vm_name(vm, vm_option, "restore vm")
     fmt = disk_format.value if disk_format else None
@@ -858,8 +859,9 @@ def restore_vm(
         return
     with service_context() as ctx, progress_display(f"restore {name} as {new_name}") as show:
         outcome = run_cancellable(
-            lambda cancel: service.restore_vm(
-                ctx, name, rp, new_name, target_dir=target_dir, fmt=fmt, start=start, instant=instant,
+            lambda cancel: restores.restore_as_new_vm(
+                ctx, name, rp, new_name, target_dir=str(target_dir) if target_dir else None, fmt=fmt, start=start,
+                instant=instant,
                 on_progress=show, cancel=cancel,
             )
         )
@@ -873,7 +875,7 @@ def restore_vm(
 
 @restore_app.command("replace-disks")
 def restore_replace_disks(
-    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")],
+    rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")],
     vm: VmArgument = None,
     vm_option: VmOption = None,
 ) -> None:
@@ -881,6 +883,7 @@ def restore_replace_disks(
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restore_vm as service
+    from vmvault.service.softdelete import resolve_point
 
     name = _vm_name(vm, vm_option, "restore replace-disks")
     if remote.active():
@@ -888,7 +891,9 @@ def restore_replace_disks(
         return
     with service_context() as ctx, progress_display(f"replace disks of {name}") as show:
         outcome = run_cancellable(
-            lambda cancel: service.replace_disks(ctx, name, rp, on_progress=show, cancel=cancel)
+            lambda cancel: service.replace_disks(
+                ctx, name, resolve_point(ctx, name, rp), on_progress=show, cancel=cancel
+            )
         )
     _end_job(outcome, [f"replaced {path}" for path in (outcome.result or {}).get("replaced", [])])
 
@@ -898,6 +903,7 @@ def restore_replace_disks(
 from vmvault.cli import gc as _gc, retention as _retention  # noqa: E402, F401, I001
 # policy, item, serve, vault usage, vault notify (cli/policy.py, item.py, serve.py, usage.py, notify.py).
 from vmvault.cli import item as _i, notify as _n, policy as _p, serve as _s, usage as _u  # noqa: E402, F401
+from vmvault.cli import report as _report  # noqa: E402, F401  (vmvault report)
 # file recovery: files mount|list|unmount|script|browse|download (cli/files.py).
 from vmvault.cli import files as _files  # noqa: E402, F401
 # API tokens: token create|list|revoke (cli/token.py).

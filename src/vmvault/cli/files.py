@@ -19,7 +19,9 @@ files_app = typer.Typer(
 app.add_typer(files_app, name="files")
 
 SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "mountpoint", "expires", "paths")
-RpOption = Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM).")]
+RpOption = Annotated[
+    str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")
+]
 DurationOption = Annotated[
     str | None, typer.Option("--duration", help="How long it stays, e.g. 30s, 15m, 12h (default 12h, at most 7d).")
 ]
@@ -189,16 +191,17 @@ def files_script(
 
 @files_app.command("browse")
 def files_browse(
-    path: Annotated[str, typer.Argument(help="VOLUME/dir (empty: the mounted volumes).")] = "",
-    vm: Annotated[str | None, typer.Option("--vm", help="VM name.")] = None,
+    first: Annotated[str, typer.Argument(help="VM name (or, with --vm, the path).", metavar="VM")] = "",
+    path: Annotated[str, typer.Argument(help="VOLUME/dir (empty: the mounted volumes).", metavar="[PATH]")] = "",
+    vm: Annotated[str | None, typer.Option("--vm", help="VM name (the older form: files browse PATH --vm VM).")] = None,
     rp: Annotated[str | None, typer.Option("--rp", help="The mounted recovery point (when several are).")] = None,
     session: Annotated[str | None, typer.Option("--session", help="The session (when several are mounted).")] = None,
 ) -> None:
-    """List a directory of a mounted recovery point (links are shown, never followed)."""
+    """List a directory of a mounted recovery point: files browse VM [PATH] (links shown, never followed)."""
     from vmvault.cli import remote
     from vmvault.service import files
 
-    name = _vm_name(None, vm, "files browse")
+    name, path = _browse_args(first, path, vm)
     if remote.active():
         entries = remote.get_list(f"/items/{remote.q(name)}/files/browse", path=path, rp=rp, sessionId=session)
         output.print_list(entries, ("name", "type", "size", "target"))
@@ -207,6 +210,15 @@ def files_browse(
         output.print_list(
             files.browse(ctx, name, path, rp_id=rp, session_id=session), ("name", "type", "size", "target")
         )
+
+
+def _browse_args(first: str, second: str, vm: str | None) -> tuple[str, str]:
+    """(VM, PATH) from `files browse VM [PATH]`, or the older `files browse [PATH] --vm VM`."""
+    if vm is None:
+        return _vm_name(first or None, None, "files browse"), second
+    if second:  # files browse VM PATH --vm VM: the same VM twice is fine
+        return _vm_name(first or None, vm, "files browse"), second
+    return vm, first
 
 
 @files_app.command("download")

@@ -81,10 +81,48 @@ def print_json(data: Any) -> None:
         data = jmespath.search(STATE.query, data)
     if STATE.output == "tsv":
         sys.stdout.write(_tsv(data if isinstance(data, list) else [data], ordered=STATE.query is not None))
+    elif STATE.output == "csv":
+        sys.stdout.write(_csv(data if isinstance(data, list) else [data]))
     elif STATE.output == "table":
         _auto_table(data if isinstance(data, list) else [data])
     else:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _csv(rows: list[Any]) -> str:
+    """-o csv: a header of the rows' top-level keys, one line per row (nested values as JSON); a cell
+    that a spreadsheet would take for a formula (=, +, -, @) is prefixed with ' so it stays text."""
+    import csv
+    import io
+
+    records = [r if isinstance(r, dict) else {"value": r} for r in rows]
+    keys: list[str] = []
+    for record in records:
+        keys += [k for k in record if k not in keys]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(keys)
+    for record in records:
+        writer.writerow([_csv_cell(record.get(k)) for k in keys])
+    return out.getvalue()
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value)
+    else:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") and not _is_number(text) else text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _tsv(rows: list[Any], *, ordered: bool) -> str:

@@ -12,7 +12,7 @@ from vmvault.errors import InvalidInput
 if TYPE_CHECKING:
     from vmvault.service.context import Context
 
-OUTPUT_FORMATS = ("table", "json", "tsv")
+OUTPUT_FORMATS = ("table", "json", "tsv", "csv")
 _VALUED = {"-o": "output", "--output": "output", "--home": "home", "--server": "server", "--query": "query"}
 
 
@@ -94,7 +94,7 @@ def _hint_for(flag: str) -> str:
 def _check_output(value: str) -> str:
     lowered = value.lower()
     if lowered not in OUTPUT_FORMATS:
-        raise InvalidInput(f"unknown output format '{value}'", hint="use -o table, -o json or -o tsv")
+        raise InvalidInput(f"unknown output format '{value}'", hint="use -o table, -o json, -o tsv or -o csv")
     return lowered
 
 

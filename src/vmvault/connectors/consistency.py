@@ -34,9 +34,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.connectors.contract import APP_CONSISTENT, CRASH_CONSISTENT, FILE_SYSTEM_CONSISTENT, Budget, Note
+from vmvault.connectors.contract import (
+    APP_CONSISTENT,
+    CRASH_CONSISTENT,
+    DEFAULT_FROZEN_WINDOW_S,
+    FILE_SYSTEM_CONSISTENT,
+    Budget,
+    Note,
+)
 from vmvault.connectors.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
 from vmvault.errors import HypervisorError
+from vmvault.testhooks import slow_snapshot
 
 log = logging.getLogger("vmvault")
 
@@ -397,11 +405,18 @@ class Quiesce:
     attempts: int = 0  # freeze attempts (a timed-out one is retried once)
     timings: dict[str, float] = field(default_factory=dict)  # freezeSeconds, frozenSeconds, thawSeconds
     frozen_at: float = 0.0
+    window_s: float = DEFAULT_FROZEN_WINDOW_S
+    window_missed: bool = False  # the snapshot outlasted the frozen window: the guard thawed before vmvault
+    thawed_after_miss: bool = False  # ... and the guest was then seen thawed (fsfreeze-status), so a retry is safe
+    snapshot_attempts: int = 1  # a snapshot that outlasted the frozen window is undone and retried once
+    retried: str = ""  # why the first snapshot attempt was undone
 
     def report(self) -> dict[str, Any]:
         """For the job's details: what the quiesce did and how long each step took."""
+        extra = {"snapshotRetryReason": self.retried} if self.retried else {}
         return {"consistency": self.consistency, "agent": self.agent_state, "attempts": self.attempts,
-                "frozenFileSystems": self.frozen, **self.timings}  # fmt: skip
+                "snapshotAttempts": self.snapshot_attempts, "frozenFileSystems": self.frozen, **extra,
+                **self.timings}  # fmt: skip
 
 
 AgentFactory = Callable[[], GuestAgent]  # a new, unconnected session with the guest's agent
@@ -469,6 +484,7 @@ def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce
         q.notes.append(Note("agent_not_reachable", f"{_why(exc)}: the point is crash-consistent", INSTALL_AGENT_HINT))
         yield q
         return
+    q.window_s = budget.frozen_s
     lost: Exception | None = None
     cfg: ScriptConfig | None = None
     pre_ok = True
@@ -516,6 +532,8 @@ def quiesce_agent(factory: AgentFactory, target: str, budget: Budget, q: Quiesce
                                         "vmvault thawed the guest itself", "check the host for killed processes "
                                         "(OOM killer) and the guard's log next to its lock in $TMPDIR"))  # fmt: skip
             guard.release(thawed)
+            if q.frozen and not q.probe.windows and thaw_found == 0:  # the guard thawed first: see it thawed
+                q.window_missed, q.thawed_after_miss = True, _recover(factory, budget)
         q.consistency = _consistency(q, cfg, pre_ok, freeze, thaw_found, vss_error, budget)
         if cfg is not None and cfg.post_script:
             _post_script(factory, cfg, q)
@@ -586,6 +604,49 @@ def _freeze_with_retry(factory: AgentFactory, target: str, budget: Budget, q: Qu
         _budget_hint(),
     ))  # fmt: skip
     return None
+
+
+def _window_note(window_s: float, *, retried: bool) -> Note:
+    how = "twice (vmvault undid the first snapshot, saw the guest thawed and retried once)" if retried else "once"
+    return Note(
+        "quiesce_timeout",
+        f"the snapshot took longer than the {window_s:g} s frozen window {how}: the thaw guard thawed the guest "
+        "before vmvault's thaw, so the point is crash-consistent",
+        "check the host's load during backups (the frozen window covers only the snapshot), or give a longer "
+        "window (VMVAULT_FROZEN_WINDOW, seconds, default 10) if the guest's applications tolerate it",
+    )
+
+
+Attempt = Callable[[], contextlib.AbstractContextManager[Quiesce]]  # one quiesce: pre-script ... post-script
+
+
+def snapshot_in_window(attempt: Attempt, take: Callable[[], None], undo: Callable[[], None]) -> tuple[Quiesce, float]:
+    """Quiesce, take the snapshot (take: QMP transaction / backupBegin) and thaw; returns (quiesce, snapshot s).
+
+    A snapshot that outlasted the frozen window is not consistent (the guard thawed the guest during
+    it): like a freeze past its budget, it is undone (undo: whatever take set up, so nothing of it is
+    left), and once the guest is seen thawed the whole attempt is retried once. A second miss keeps
+    its snapshot as a crash-consistent point with the quiesce_timeout warning.
+    """
+    first: Quiesce | None = None
+    for n in (1, 2):
+        with attempt() as q:
+            started = time.monotonic()
+            take()
+            took = time.monotonic() - started
+            slow_snapshot(n)  # test-only (testhooks.py): inert unless VMVAULT_TEST_SLOW_SNAPSHOT is set
+        if n == 2 or not (q.window_missed and q.thawed_after_miss):
+            break
+        log.warning("the snapshot outlasted the %g s frozen window: undoing it and retrying once", q.window_s)
+        undo()
+        first = q
+    if first is not None:
+        q.snapshot_attempts = 2
+        q.retried = f"the first snapshot outlasted the {first.window_s:g} s frozen window; it was undone and retried"
+        kept = [n for n in first.notes if n.code != "quiesce_timeout" and n not in q.notes]
+        q.notes = kept + [_window_note(q.window_s, retried=True) if n.code == "quiesce_timeout" and q.window_missed
+                          else n for n in q.notes]  # fmt: skip
+    return q, took
 
 
 def _recover(factory: AgentFactory, budget: Budget) -> bool:
@@ -723,14 +784,7 @@ def _consistency(
     if freeze and not q.frozen:
         return CRASH_CONSISTENT  # freeze_failed was noted
     if freeze and thaw_found == 0:
-        q.notes.append(
-            Note(
-                "quiesce_timeout",
-                f"the snapshot took longer than the {budget.frozen_s:.0f} s frozen window: the thaw guard thawed "
-                "the guest before vmvault's thaw, so the point is crash-consistent",
-                "check the host's load during backups (the frozen window covers only the snapshot)",
-            )
-        )
+        q.notes.append(_window_note(budget.frozen_s, retried=False))
         return CRASH_CONSISTENT
     scripts = cfg is not None and bool(cfg.pre_script)
     if freeze:

@@ -135,6 +135,7 @@ class Capabilities:
     backup_api: str  # how a running VM's point is taken: "fleecing", "libvirt-pull" or "offline"
     quiesce: bool  # can freeze the guest through its agent
     live_restore: bool  # can run a VM from an export (instant restore)
+    shared_target: bool = False  # its VMs' files are opened by another user than vmvault's: restored outside the home
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,10 @@ class NewVms(Protocol):
         *, instant: bool = False,
     ) -> NewVm:  # fmt: skip
         """Define the copy: new name, UUID, MACs, paths in the target directory (instant: stop on I/O errors)."""
+        ...
+
+    def share_with_vm(self, path: str, mode: int) -> None:
+        """Open a directory or socket vmvault made for a new VM to the hypervisor's processes (its user's group)."""
         ...
 
     def start_new_vm(self, vm: NewVm) -> None:

@@ -28,6 +28,7 @@ from vmvault.errors import Cancelled
 from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
+from vmvault.vault.journal import PackJournal
 from vmvault.vault.lock import holding_shared
 from vmvault.vault.manifest import DiskEntry, RecoveryPointManifest
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, encode_body
@@ -115,12 +116,14 @@ class _Readers:
 
 
 class BackupRun:
-    def __init__(self, vault: Vault, progress: ProgressTracker, cancel: threading.Event) -> None:
+    def __init__(self, vault: Vault, progress: ProgressTracker, cancel: threading.Event, job_id: str = "") -> None:
         self.vault = vault
         self.progress = progress
         self.cancel = cancel
-        self.data = PackWriter(vault, TYPE_DATA)
-        self.tree = PackWriter(vault, TYPE_TREE)
+        # The job's pack journal (vault/journal.py): if this job dies, GC knows which packs were its.
+        self.journal = PackJournal(vault, job_id) if job_id else None
+        self.data = PackWriter(vault, TYPE_DATA, self.journal)
+        self.tree = PackWriter(vault, TYPE_TREE, self.journal)
         self._zero = bytes(vault.chunk_size)
         self.leaves = LeafReader(vault.get_blob)
         # Chunks verify found bad with no good copy: stored again even where the previous point
@@ -349,7 +352,7 @@ def backup_exported(
 ) -> tuple[RecoveryPointManifest, list[DiskStats]]:
     """Back up disks exported at one point in time; publishes the manifest last."""
     tracker = ProgressTracker(on_progress)
-    run = BackupRun(vault, tracker, cancel or threading.Event())
+    run = BackupRun(vault, tracker, cancel or threading.Event(), spec.job_id)
     opened = [_prepare(vault, d, previous) for d in disks]
     tracker.state.total_bytes = sum(_plan_disk(vault, d) for d in opened)
     tracker.report(force=True)
@@ -382,6 +385,8 @@ def backup_exported(
     run.check_cancel()
     vault.publish_manifest(manifest)  # last: until here no recovery point exists
     crash_point("backup:manifest-published")
+    if run.journal is not None:
+        run.journal.discard()  # the manifest names what this job wrote and kept
     tracker.report(force=True)
     return manifest, [d.stats for d in opened]
 

@@ -30,7 +30,7 @@ from vmvault.catalog.models import FileRecoverySessionRow, VaultRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, create_job, run_job
-from vmvault.service.softdelete import usable_point
+from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute
 from vmvault.service.views import JsonDict
 
@@ -141,14 +141,17 @@ def mount_point(
     from vmvault.recovery.session import parse_duration
 
     reap(ctx)
-    target = _target(ctx, vm_name, rp_id)
+    target = _target(ctx, vm_name, resolve_point(ctx, vm_name, rp_id))
     span = parse_duration(duration)
     current = _live_for_point(ctx, rp_id)
     wanted = absolute(mountpoint) if mountpoint else None
     if wanted is None:
         wanted = Path(current.mountpoint) if current and current.mountpoint else default_mountpoint(ctx, target)
     _check_mountpoint(ctx, target, wanted)
-    job = create_job(ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name)
+    record = {"mode": "files", "recoveryPoint": target.rp_id, "mountpoint": str(wanted)}
+    job = create_job(
+        ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name, details={"restore": record}
+    )
 
     def work(_run: JobRun) -> JsonDict:
         return session_view(_mount(ctx, target, wanted, span))
@@ -378,7 +381,10 @@ def _serving(ctx: Context, target: Target, span: timedelta) -> FileRecoverySessi
             found = session.get_row(ctx, row.id)
             assert found is not None
             return found
-        job = create_job(ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name)
+        record = {"mode": "files", "recoveryPoint": target.rp_id}
+        job = create_job(
+            ctx, Operation.FILE_RECOVERY_MOUNT, vm=target.vm_name, vault=target.vault.name, details={"restore": record}
+        )
         outcome = run_job(ctx, job, lambda _run: session_view(_start(ctx, target, span)))
         if outcome.error is not None:
             raise outcome.error

@@ -8,17 +8,16 @@ restores and verifies to end (at most lock_timeout), and new ones wait for the s
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from vmvault.catalog import repos
-from vmvault.catalog.clock import to_iso
 from vmvault.engine.progress import Progress
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict
 from vmvault.vault.gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_THRESHOLD, GcReport, collect_garbage
+from vmvault.vault.journal import discard_journal, read_journals
 
 DEFAULT_LOCK_TIMEOUT_S = 6 * 3600.0
 
@@ -57,8 +56,9 @@ def garbage_collect(
                 lock_timeout=lock_timeout,
                 on_progress=progress,
                 cancel=run.cancel,
-                exempt=dead_writer_windows(ctx, vault_name, grace),
+                dead_packs=dead_job_packs(ctx, vault, vault_name),
             )
+            forget_journals(ctx, vault)
         result = report_view(vault_name, grace, report)
         run.details = {**(run.details or {}), "garbageCollection": result}
         return result
@@ -107,35 +107,35 @@ def report_view(vault_name: str, grace: float, report: GcReport) -> JsonDict:
     }
 
 
-WRITERS = ("Backup", "GarbageCollect")  # the jobs that write packs into a vault
-
-
-def dead_writer_windows(ctx: Context, vault_name: str, grace: float) -> Callable[[float], bool]:
-    """exempt(mtime) for collect_garbage: a pack written while a backup of this vault that has
-    ended Failed or Cancelled (its process died, or it gave up, e.g. on a full disk) was running,
-    and no other writer of this vault was, belongs to that dead job: unreferenced, it need not
-    wait for the grace window (which protects *running* writers). Only this catalog's jobs are
-    known, and every other writer's window counts as live, so in doubt the grace applies."""
-    from datetime import timedelta
-
-    from vmvault.catalog.clock import from_iso
-
-    since = to_iso(ctx.now() - timedelta(seconds=grace + 3600))
-    dead: list[tuple[float, float]] = []
-    live: list[tuple[float, float]] = []
+def dead_job_packs(ctx: Context, vault: Any, vault_name: str) -> set[str]:
+    """The packs of this vault's backup jobs that ended Failed or Cancelled (their process died,
+    or they gave up, e.g. on a full disk), as each job's pack journal names them (vault/journal.py,
+    written before each pack): unreferenced, they need not wait for the grace window, which
+    protects *running* writers. A pack of a running job, of a job that succeeded, of a job this
+    catalog does not know (another host's) or of no journal at all is not in the set."""
+    dead: set[str] = set()
+    journals = read_journals(vault)
     with ctx.catalog.read() as s:
-        for job in repos.list_jobs(s, since=since):
-            if job.vault != vault_name or job.operation not in WRITERS:
-                continue
-            start = from_iso(job.start_time).timestamp()
-            end = from_iso(job.end_time).timestamp() if job.end_time else float("inf")
-            ended_badly = job.operation == "Backup" and job.status in ("Failed", "Cancelled")
-            (dead if ended_badly else live).append((start, end))
+        for job_id, packs in journals.items():
+            job = repos.find_job(s, job_id)
+            if job is not None and _ended_badly(job, vault_name):
+                dead |= packs
+    return dead
 
-    def exempt(mtime: float) -> bool:
-        def within(windows: list[tuple[float, float]]) -> bool:
-            return any(start <= mtime <= end for start, end in windows)
 
-        return within(dead) and not within(live)
+def _ended_badly(job: Any, vault_name: str) -> bool:
+    return job.operation == "Backup" and job.vault == vault_name and job.status in ("Failed", "Cancelled")
 
-    return exempt
+
+def forget_journals(ctx: Context, vault: Any) -> None:
+    """After a sweep: the journals of finished jobs are not needed any more (a dead job's
+    unreferenced packs are gone; what a later point references ages as usual), nor those of jobs
+    this catalog does not know (never exempted). Journals of running jobs stay."""
+    with ctx.catalog.read() as s:
+        finished = [
+            job_id
+            for job_id in read_journals(vault)
+            if (job := repos.find_job(s, job_id)) is None or job.end_time is not None
+        ]
+    for job_id in finished:
+        discard_journal(vault, job_id)

@@ -117,7 +117,9 @@ def owner_log(target_dir: Path, new_name: str) -> Path:
 
 
 def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.Popen[bytes]:
-    plan.target_dir.mkdir(parents=True, exist_ok=True)
+    if not plan.target_dir.exists():
+        plan.target_dir.mkdir(parents=True)
+        connector_for(plan.kind).share_with_vm(str(plan.target_dir), 0o710)  # the VM's QEMU opens the overlays
     env = dict(os.environ)
     if ctx.settings.passphrase:
         env["VMVAULT_PASSPHRASE"] = ctx.settings.passphrase
@@ -277,8 +279,11 @@ class InstantRestore:
     # ---- start: export, overlays, VM ------------------------------------------------------------
     def _start(self) -> JsonDict:
         connector, request = self.connector, self.plan.request()
-        self.plan.target_dir.mkdir(parents=True, exist_ok=True)
+        if not self.plan.target_dir.exists():
+            self.plan.target_dir.mkdir(parents=True)
+            connector.share_with_vm(str(self.plan.target_dir), 0o710)
         self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        connector.share_with_vm(str(self.run_dir), 0o710)  # the VM's QEMU connects to the export's socket in it
         manifest = self._manifest()
         definition = dict(manifest.vm_definition or {})
         connector.check_point(request, definition)
@@ -330,6 +335,7 @@ class InstantRestore:
                                    hint="check the vault's storage (vmvault vault verify NAME) and retry")  # fmt: skip
             time.sleep(0.05)
         self._note(exportPid=self.export.pid)
+        self.connector.share_with_vm(str(self.socket), 0o660)  # the VM's QEMU connects (again after a restart)
 
     def _stop_export(self) -> None:
         proc, self.export = self.export, None

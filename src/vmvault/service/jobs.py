@@ -8,6 +8,7 @@ recommendedAction}. A job whose owner died is failed the next time anyone opens 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -203,6 +204,7 @@ def create_job(
     VM at a time is also enforced by a unique index, whichever process inserts it.
     """
     now = now_iso()
+    details = _with_restore_record(operation, details)
     row = JobRow(
         id=str(uuid.uuid4()),
         operation=operation,
@@ -235,6 +237,41 @@ def create_job(
 
 
 _created_listener = threading.local()
+
+
+# ---- what a restore did (extendedInfo.restore) ---------------------------------------------------
+# The restore and file-recovery use cases create their job deep inside (restore_vm,
+# instant restore, files.mount); the caller that knows the request says what to record around the call.
+
+_RESTORE_RECORD: contextvars.ContextVar[JsonDict | None] = contextvars.ContextVar("restore_record", default=None)
+RECORDED_OPERATIONS = (Operation.RESTORE, Operation.FILE_RECOVERY_MOUNT)
+
+
+@contextlib.contextmanager
+def recording_restore(fields: JsonDict) -> Iterator[None]:
+    """Jobs of RECORDED_OPERATIONS created in this block get details["restore"] = fields (plus their own)."""
+    token = _RESTORE_RECORD.set(fields)
+    try:
+        yield
+    finally:
+        _RESTORE_RECORD.reset(token)
+
+
+def _with_restore_record(operation: str, details: JsonDict | None) -> JsonDict | None:
+    record = _RESTORE_RECORD.get()
+    if record is None or operation not in RECORDED_OPERATIONS:
+        return details
+    own = (details or {}).get("restore") or {}
+    return {**(details or {}), "restore": {**record, **own}}
+
+
+def add_restore_record(ctx: Context, job_id: str, fields: JsonDict) -> None:
+    """Add what the restore produced (files, the new VM) to its job's details["restore"]."""
+    with ctx.catalog.write() as s:
+        row = repos.get_job(s, job_id)
+        details = dict(row.details or {})
+        details["restore"] = {**(details.get("restore") or {}), **fields}
+        repos.update_job_details(s, job_id, details)
 
 
 @contextlib.contextmanager
@@ -309,8 +346,8 @@ class JobRun:
         try:
             with self.ctx.catalog.write() as s:
                 repos.update_job_progress(s, self.job_id, snapshot)
-                if details is not None:
-                    repos.update_job_details(s, self.job_id, details)
+                if details is not None:  # merged: a key another writer added (partialFiles) stays
+                    _merge_details(s, self.job_id, details)
         except DatabaseError:  # a busy catalog must not fail the backup; the next update retries
             log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
 

@@ -22,7 +22,7 @@ from vmvault.catalog.models import VaultRow, VmRow
 from vmvault.errors import InvalidInput, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
+from vmvault.service.paths import DEFAULT_RESTORES, Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict
@@ -153,12 +153,14 @@ def plan_new_vm(
     from vmvault.connectors.registry import connector_for
 
     vm, point, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
-    target_dir = absolute(target) if target is not None else ctx.settings.home / "vms" / new_name
+    connector = connector_for(vm.kind)
+    # A kind whose VMs' files another user opens (libvirt's QEMU) restores outside the home (0700).
+    default = Path(DEFAULT_RESTORES[0]) if connector.capabilities().shared_target else ctx.settings.home
+    target_dir = absolute(target) if target is not None else default / "vms" / new_name
     disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
     disk_files = [target_dir / f"{name}.{fmt or source}" for name, source in disks]
     plan = VmRestorePlan(vm_name, rp_id, new_name, vault, target_dir, fmt, start, disk_files, vm.kind,
                          dict(vm.definition or {}))  # fmt: skip
-    connector = connector_for(vm.kind)
     connector.refuse_new_vm(plan.request())
     if target_dir.exists() and not target_dir.is_dir():
         raise InvalidInput(f"target {target_dir} is not a directory", hint="pass a directory to --target-dir")
@@ -196,6 +198,8 @@ def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
     new_vm = None
     try:
         plan.target_dir.mkdir(parents=True, exist_ok=True)
+        if made_dir:  # the VM's hypervisor must reach the disks it is handed (libvirt's QEMU user)
+            connector.share_with_vm(str(plan.target_dir), 0o710)
         recheck_dir(ctx, Rule.RESTORES, plan.target_dir)
 
         def check(m: Any) -> None:  # before any disk is written
@@ -230,6 +234,7 @@ def _restore_point_disks(
     run: JobRun, check: Any = None,
 ) -> tuple[Any, list[Path]]:  # fmt: skip
     from vmvault.engine.restore import run_restore
+    from vmvault.service.restores import record_partial_files
     from vmvault.service.vaultio import opened_vault
     from vmvault.vault.lock import pinned, shared
 
@@ -238,9 +243,10 @@ def _restore_point_disks(
         manifest: Any = vault.read_manifest(rp_id)
         if check is not None:
             check(manifest)
+        tag = record_partial_files(ctx, run, target)  # a killed restore's partial files are found again
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths = run_restore(vault, manifest, target, fmt=fmt, disks=disks, on_progress=run.progress,
-                                cancel=run.cancel, convert=convert_image)  # fmt: skip
+                                cancel=run.cancel, partial_tag=tag, convert=convert_image)  # fmt: skip
     return manifest, [Path(p) for p in paths]
 
 

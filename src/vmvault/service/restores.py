@@ -1,4 +1,5 @@
-"""Restores: write a recovery point's disks as image files (a Restore job)."""
+"""Restores: write a recovery point's disks as image files (a Restore job); a new VM through restore_vm,
+with the job recording what was asked and what was written (extendedInfo.restore)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ from vmvault.catalog import repos
 from vmvault.catalog.models import VaultRow
 from vmvault.errors import InvalidInput, NotFound, StorageError
 from vmvault.service.context import Context
-from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
+from vmvault.service.jobs import (
+    JobOutcome,
+    JobRun,
+    Operation,
+    ProgressCallback,
+    add_restore_record,
+    create_job,
+    recording_restore,
+    run_job,
+)
 from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
-from vmvault.service.softdelete import usable_point
+from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.vaultio import opened_vault
+from vmvault.service.views import JsonDict
 
 FORMATS = ("raw", "qcow2")
 RESTORE_PIN_TTL_S = 24 * 3600.0  # for other hosts; on this host the pin lasts while this process does
@@ -44,13 +55,51 @@ def restore_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[list[Path]]:
     """Restore the disks of a recovery point into target_dir as <disk>.raw|.qcow2; result: the files written."""
+    rp_id = resolve_point(ctx, vm_name, rp_id)
     plan = plan_restore(ctx, vm_name, rp_id, allowed(ctx, Rule.RESTORES, target_dir), fmt, force, disks)
-    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
+    record = {"mode": "disks", "recoveryPoint": rp_id, "targetDir": str(plan.target_dir), "disks": disks,
+              "format": fmt, "overwrite": force}  # fmt: skip
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name, details={"restore": record})
 
     def work(run: JobRun) -> list[Path]:
-        return _run_restore(ctx, plan, run)
+        paths = _run_restore(ctx, plan, run)
+        run.details = {**(run.details or {}), "restore": {**record, "files": [str(p) for p in paths]}}
+        return paths
 
     return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
+
+
+def restore_as_new_vm(
+    ctx: Context,
+    vm_name: str,
+    rp_id: str,
+    new_name: str,
+    *,
+    target_dir: str | None = None,
+    fmt: str | None = None,
+    start: bool = False,
+    instant: bool = False,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> JobOutcome[Any]:
+    """restore_vm.restore_vm, with its job recording the request and, once done, the new VM's files."""
+    from vmvault.service import restore_vm
+
+    rp_id = resolve_point(ctx, vm_name, rp_id)
+    record = {"mode": "vm", "recoveryPoint": rp_id, "newVm": new_name, "targetDir": target_dir, "format": fmt,
+              "start": start, "instant": instant}  # fmt: skip
+    with recording_restore(record):
+        outcome = restore_vm.restore_vm(
+            ctx, vm_name, rp_id, new_name, target_dir=target_dir, fmt=fmt, start=start, instant=instant,
+            on_progress=on_progress, cancel=cancel,
+        )  # fmt: skip
+    result = outcome.result if isinstance(outcome.result, dict) else {}
+    kept = ("disks", "definitionFile", "launchScript", "started", "uuid")
+    produced: JsonDict = {k: result[k] for k in kept if k in result}
+    job_id = outcome.job.get("id")
+    if produced and job_id:
+        add_restore_record(ctx, str(job_id), produced)
+    return outcome
 
 
 def plan_restore(
@@ -117,7 +166,7 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
         vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
-        tag = record_partial_files(ctx, run.job_id, plan.target_dir)
+        tag = record_partial_files(ctx, run, plan.target_dir)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths: list[Path] = run_restore(
                 vault,
@@ -135,12 +184,15 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     return [Path(p) for p in paths] + ([template] if template is not None else [])
 
 
-def record_partial_files(ctx: Context, job_id: str, target_dir: Path) -> str:
+def record_partial_files(ctx: Context, run: JobRun, target_dir: Path) -> str:
     """Record, before writing, where this restore's partial files go: if its process dies, the
-    next command that reaps the job deletes them (jobs.remove_partial_files)."""
-    tag = "j" + job_id.replace("-", "")[:16]
+    next command that reaps the job deletes them (jobs.remove_partial_files). Also in the run's
+    own copy of the details, which its progress reports write back: else the first report erased
+    the record and a restore killed after it left its partial files (issue 18 kill sweep)."""
+    tag = "j" + run.job_id.replace("-", "")[:16]
+    where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
     with ctx.catalog.write() as s:
-        current = repos.get_job(s, job_id)
-        where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
-        repos.update_job_details(s, job_id, {**(current.details or {}), "partialFiles": where})
+        current = repos.get_job(s, run.job_id)
+        repos.update_job_details(s, run.job_id, {**(current.details or {}), "partialFiles": where})
+        run.details = {**(run.details or current.details or {}), "partialFiles": where}
     return tag

@@ -112,6 +112,27 @@ def due_for_purge(s: Session, vault_id: int, now: datetime) -> list[tuple[Protec
     return due
 
 
+LATEST = "latest"
+
+
+def resolve_point(ctx: Context, vm_name: str, rp_id: str) -> str:
+    """rp_id as given, or for "latest" the id of the VM's newest point that can be restored (not soft
+    deleted, not failed verification): every face accepts `--rp latest` / "rp": "latest"."""
+    if rp_id.strip().lower() != LATEST:
+        return rp_id
+    with ctx.catalog.read() as s:
+        vm = repos.get_vm(s, vm_name)
+        usable = [
+            p for p in repos.recovery_points_for_vm(s, vm.id) if not p.soft_deleted and p.verify_state != "Failed"
+        ]
+    if not usable:
+        raise NotFound(
+            f"VM '{vm_name}' has no recovery point to restore (none, or all soft deleted or failed verification)",
+            hint=f"back it up first: vmvault backup now {vm_name}",
+        )
+    return usable[-1].id  # oldest first
+
+
 def usable_point(s: Session, vm_name: str, rp_id: str) -> tuple[VmRow, RecoveryPointRow]:
     """The VM and its point, for a restore or a mount: unknown, soft-deleted or failed points refused."""
     vm = repos.get_vm(s, vm_name)

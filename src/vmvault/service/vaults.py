@@ -21,6 +21,7 @@ from vmvault.service.vaultio import opened_vault
 from vmvault.service.views import JsonDict, vault_view
 
 REDUNDANCIES = ("LRS", "GRS")
+OFFERED_REDUNDANCIES = ("LRS",)  # what create_vault accepts on this server (faces offer only these)
 GRS_NOT_AVAILABLE = (
     "GRS redundancy (replication to a second location) is not available yet; create the vault with --redundancy LRS"
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
-from vmvault.errors import AlreadyExists, InvalidInput, NotFound
+from vmvault.errors import AlreadyExists, InvalidInput, NotFound, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.paths import Rule, allowed
 from vmvault.service.validate import absolute, check_name
@@ -83,11 +84,18 @@ def discover(ctx: Context, uri: str | None = None) -> list[JsonDict]:
 def _check_disk_paths(ctx: Context, name: str, disks: list[str | Path]) -> list[Path]:
     if not disks:
         raise InvalidInput(f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --disk PATH")
-    paths = [allowed(ctx, Rule.DISKS, d) for d in disks]  # API callers: in the allowed disk roots (service/paths.py)
+    paths = [_recorded_path(allowed(ctx, Rule.DISKS, d)) for d in disks]  # API: in the allowed roots (paths.py)
     for i, path in enumerate(paths):
         if path in paths[:i]:
             raise InvalidInput(f"disk {path} is given twice for VM '{name}'", hint="give each --disk once")
     return paths
+
+
+def _recorded_path(path: Path) -> Path:
+    """The path recorded for good: a symlink is resolved to its image file here, once, because each
+    backup refuses to follow one (offline.check_registered_disk); LVM's links onto block devices stay."""
+    real = Path(os.path.realpath(path))
+    return path if not path.is_symlink() or real.is_block_device() else real
 
 
 def _formats(name: str, paths: list[Path], formats: list[str]) -> list[str | None]:
@@ -227,3 +235,33 @@ def save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[Jso
         if disks is not None:  # a disk still at the same path and format keeps the chain recorded for it
             kept = {(d.get("name"), d.get("path"), d.get("format")): d for d in row.disks or []}
             row.disks = [kept.get((d["name"], d["path"], d["format"]), d) for d in disks]
+
+
+# ---- the portal's Add VM page: running QEMU VMs and libvirt domains, with paths confined ----------
+
+
+def add_running_vm(ctx: Context, name: str, qmp_socket: str, agent_socket: str | None) -> JsonDict:
+    """A running plain QEMU VM by its QMP (and guest agent) socket; for API/portal callers the sockets
+    must lie in the allowed disk roots like the disks (a socket is a way into a process)."""
+    if not qmp_socket:
+        raise InvalidInput(f"VM '{name}' needs the path of its QMP socket", hint="give the QMP socket's path")
+    qmp = allowed(ctx, Rule.DISKS, qmp_socket)
+    agent = allowed(ctx, Rule.DISKS, agent_socket) if agent_socket else None
+    return add_qmp_vm(ctx, name, qmp, agent)
+
+
+def discover_libvirt(ctx: Context, uri: str | None = None) -> tuple[list[JsonDict], str | None]:
+    """libvirt domains not yet added, or the reason none can be listed (no libvirtd, no binding)."""
+    try:
+        return discover(ctx, uri), None
+    except VmvaultError as exc:
+        return [], exc.message
+    except Exception as exc:  # libvirt.libvirtError (or ImportError): shown as the page's note, not a crash
+        return [], f"cannot list libvirt domains: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def add_discovered_domain(ctx: Context, name: str, domain: str) -> JsonDict:
+    """A libvirt domain picked from discover_libvirt()'s list (by name or UUID), at the default URI."""
+    if not domain:
+        raise InvalidInput("pick a libvirt domain to add", hint="choose one in the list of discovered domains")
+    return add_libvirt_vm(ctx, name, domain)

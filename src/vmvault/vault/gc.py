@@ -40,12 +40,13 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmvault.errors import Cancelled, IntegrityError, NotFound, ObjectNotFound, VmvaultError
 from vmvault.vault import lock
+from vmvault.vault.backends.local import dead_writer
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.packs import TYPE_DATA, TYPE_TREE, BlobRef, decode_blob, encode_body
@@ -174,9 +175,9 @@ class _Collector:
         self.pin_leaves = LeafReader(self._fetch_pinned, cache_size=LEAF_CACHE)
         self.unreadable: set[str] = set()  # packs kept because nothing says what they hold
         self.reindexed: set[str] = set()  # packs listed again from their trailer by this collection
-        # Whether a pack written at that time (epoch seconds) is exempt from the grace window: the
-        # caller knows its writer has died (service/gc.py); the grace protects running writers.
-        self.exempt: Callable[[float], bool] = lambda _mtime: False
+        # Packs whose writer is known to have died (service/gc.py, from the jobs' pack journals):
+        # exempt from the grace window, which protects running writers.
+        self.dead_packs: frozenset[str] = frozenset()
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -289,7 +290,7 @@ class _Collector:
             found = self.vault.index.pack_entries(pack)
             if age is None or found is None:
                 continue  # the pack file is missing: verify reports it; nothing to free
-            if age < grace_seconds and not self.exempt(now - age):
+            if age < grace_seconds and pack not in self.dead_packs:
                 self.report.packs_too_young += 1
                 continue
             _salt, entries = found
@@ -401,15 +402,19 @@ class _Collector:
 
     def delete_temporaries(self, grace_seconds: float) -> None:
         """`.tmp-*` files of writes that died before their rename, once older than the grace
-        window (a younger one may be a write in progress of another process)."""
+        window (a younger one may be a write in progress of another process), or at once when
+        they are the write of a dead job's pack or its index file (`.tmp-<pack id>.<random>`) or
+        their writer, a process of this boot, is gone (backends/local.py names it)."""
         now = time.time()
+        dead_ids = {pack.rsplit("/", 1)[-1] for pack in self.dead_packs}
         for dirpath, _dirs, names in os.walk(self.vault.storage_dir):
             for name in names:
                 if not name.startswith(".tmp-"):
                     continue
                 path = Path(dirpath) / name
+                dead = name.removeprefix(".tmp-").split(".", 1)[0] in dead_ids or dead_writer(name)
                 with contextlib.suppress(FileNotFoundError):
-                    if now - path.stat().st_mtime >= grace_seconds:
+                    if dead or now - path.stat().st_mtime >= grace_seconds:
                         path.unlink()
                         self.report.temporaries_deleted += 1
 
@@ -426,16 +431,17 @@ def collect_garbage(
     lock_timeout: float | None = None,
     on_progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
-    exempt: Callable[[float], bool] | None = None,
+    dead_packs: Collection[str] = (),
 ) -> GcReport:
     """Mark, then sweep under the exclusive vault lock (waiting up to lock_timeout for it).
 
-    exempt(mtime): True for a pack written when only writers known to have died were writing;
-    such packs are collected (when unreferenced) without waiting for the grace window."""
+    dead_packs: packs written by jobs known to have died (their pack journals, vault/journal.py);
+    they, and the `.tmp-` files of their writes, are collected (when unreferenced) without waiting
+    for the grace window."""
     report = GcReport()
     cancel = cancel or threading.Event()
     with lock.only_collector(vault):
-        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel, exempt)
+        return _collect(vault, report, grace_seconds, repack_threshold, lock_timeout, on_progress, cancel, dead_packs)
 
 
 def _collect(
@@ -446,7 +452,7 @@ def _collect(
     lock_timeout: float | None,
     on_progress: ProgressFn | None,
     cancel: threading.Event,
-    exempt: Callable[[float], bool] | None = None,
+    dead_packs: Collection[str] = (),
 ) -> GcReport:
     cache = vault.home / "cache" / vault.uuid
     cache.mkdir(parents=True, exist_ok=True)
@@ -454,8 +460,7 @@ def _collect(
         leftover.unlink(missing_ok=True)
     marks = MarkSet(cache / f"gc-marks-{os.getpid()}-{secrets.token_hex(4)}.db")
     gc = _Collector(vault, marks, report, on_progress, cancel)
-    if exempt is not None:
-        gc.exempt = exempt
+    gc.dead_packs = frozenset(dead_packs)
     try:
         vault.sync_index()
         gc.reindex_unindexed()

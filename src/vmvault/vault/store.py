@@ -37,6 +37,7 @@ from vmvault.vault.backends.base import Backend
 from vmvault.vault.backends.local import LocalBackend
 from vmvault.vault.chunkindex import ChunkIndex, Location
 from vmvault.vault.crypto import TAG_LEN
+from vmvault.vault.journal import PackJournal
 from vmvault.vault.manifest import RecoveryPointManifest, UntrustedName
 from vmvault.vault.packs import (
     ENTRY,
@@ -97,9 +98,10 @@ class PackWriter:
 
     MAX_PUBLISHING = 1
 
-    def __init__(self, vault: Vault, type_: int) -> None:
+    def __init__(self, vault: Vault, type_: int, journal: PackJournal | None = None) -> None:
         self._vault = vault
         self._type = type_
+        self._journal = journal  # a backup job's: each pack is named there before it is written
         self._lock = threading.Lock()
         self._builder: PackBuilder | None = None
         self._publishing: deque[tuple[PackBuilder, Future[None]]] = deque()
@@ -176,6 +178,8 @@ class PackWriter:
         pack_id = os.urandom(16).hex()
         name = f"{_PACK_DIRS[self._type]}/{pack_id[:2]}/{pack_id}"
         index_name = index_name_for(name)
+        if self._journal is not None:
+            self._journal.record(name)
         self._vault.backend.put(name, data)
         crash_point("pack:published")
         self._vault.backend.put(

@@ -15,7 +15,7 @@ from starlette.routing import Match, Mount
 from starlette.types import Scope
 
 from vmvault.errors import NotFound, VmvaultError
-from vmvault.web.core import HERE, Portal, PortalRoute, error_page, with_security_headers
+from vmvault.web.core import HERE, Portal, PortalRoute, _signed_in, error_page, with_security_headers
 
 API_PATHS = ("/api/", "/api", "/docs", "/redoc", "/openapi.json", "/health", "/healthz")
 
@@ -31,10 +31,21 @@ class PortalMount(Mount):
 
 
 def portal_router() -> APIRouter:
-    from vmvault.web import routes_auth, routes_files, routes_jobs, routes_restore, routes_vaults, routes_vms
+    from vmvault.web import (
+        routes_addvm,
+        routes_auth,
+        routes_dashboard,
+        routes_files,
+        routes_jobs,
+        routes_restore,
+        routes_tokens,
+        routes_vaults,
+        routes_vms,
+    )
 
     router = APIRouter(route_class=PortalRoute, include_in_schema=False)
-    for module in (routes_auth, routes_vms, routes_files, routes_restore, routes_jobs, routes_vaults):
+    modules = (routes_auth, routes_dashboard, routes_addvm, routes_vms, routes_files, routes_restore, routes_jobs)
+    for module in (*modules, routes_vaults, routes_tokens):
         router.include_router(module.router)
     return router
 
@@ -50,8 +61,12 @@ def portal_app(api: FastAPI) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
-        """Unknown pages (and wrong methods) as the portal's error page, not the API's JSON."""
-        error: VmvaultError = NotFound(f"no page {request.url.path}", hint="start from /vms")
+        """Unknown pages (and wrong methods) as the portal's error page, not the API's JSON: inside
+        the layout (menu included) when the browser is signed in."""
+        found = _signed_in(request)
+        if found is not None:
+            request.state.portal_session, request.state.principal = found
+        error: VmvaultError = NotFound(f"no page {request.url.path}", hint="start again from the Overview")
         if exc.status_code != 404:
             error = VmvaultError(str(exc.detail), hint="go back and use the page's own buttons")
             error.http_status = exc.status_code

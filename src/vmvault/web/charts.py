@@ -74,3 +74,42 @@ def storage_svg(samples: list[Sample]) -> str:
         f'<text x="{WIDTH - PAD_RIGHT}" y="{HEIGHT - 8}" text-anchor="end">{escape(when(samples[-1].time))}</text>'
         f'<polyline points="{" ".join(path)}"/>{dots}</svg>'
     )
+
+
+def bars_svg(bars: list[tuple[str, float | None]], title: str) -> str:
+    """Horizontal bars of rates 0..1 (an item with no backup yet: an empty bar, 'no backups')."""
+    if not bars:
+        return ""
+    row, label_w, bar_w = 22, 220, WIDTH - 220 - 60
+    height = row * len(bars) + 8
+    parts = [f'<svg class="chart bars" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{escape(title)}">']
+    for i, (name, rate) in enumerate(bars):
+        y = 4 + i * row
+        shown = "no backups" if rate is None else f"{rate * 100:.0f}%"
+        width = 0.0 if rate is None else max(0.0, min(1.0, rate)) * bar_w
+        tone = "ok" if rate is not None and rate >= 0.99 else "bad" if rate is not None and rate < 0.9 else "warn"
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{escape(name[:34])}</text>'
+            f'<rect class="{tone}" x="{label_w}" y="{y + 3}" width="{width:.1f}" height="{row - 8}"/>'
+            f'<text x="{label_w + width + 6:.1f}" y="{y + 14}">{escape(shown)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def sparkline_svg(samples: list[Sample], width: int = 120, height: int = 28) -> str:
+    """A vault's stored size after each backup, as a tiny line for a table cell ('' with under two samples)."""
+    if len(samples) < 2:
+        return ""
+    times = [from_iso(s.time).timestamp() for s in samples]
+    t0, span = times[0], max(times[-1] - times[0], 1.0)
+    top = max(max(s.total for s in samples), 1)
+    points = " ".join(
+        f"{2 + (t - t0) / span * (width - 4):.1f},{height - 2 - s.total / top * (height - 4):.1f}"
+        for t, s in zip(times, samples, strict=True)
+    )
+    label = f"from {size(samples[0].total)} to {size(samples[-1].total)}"
+    return (
+        f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(label)}"><title>{escape(label)}</title><polyline points="{points}"/></svg>'
+    )

@@ -14,6 +14,7 @@ with the error class's HTTP status. A route without a declaration is refused (fa
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -112,6 +113,18 @@ def render(
     return portal_of(request).templates.TemplateResponse(
         request, template, {**base, **context}, status_code=status_code
     )
+
+
+def secret_channel(request: Request) -> bool:
+    """May this request carry a secret (a passphrase)? Over HTTPS, or from a loopback address
+    (the browser runs on the server itself, so nothing crosses a network in clear)."""
+    if request.url.scheme == "https":
+        return True
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "testclient"  # Starlette's in-process TestClient: no network at all
 
 
 def redirect(url: str) -> RedirectResponse:

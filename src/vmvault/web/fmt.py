@@ -8,6 +8,7 @@ from typing import Any
 from jinja2 import Environment
 
 from vmvault.catalog.clock import from_iso
+from vmvault.web.wording import label, portal_fix, portal_message
 
 _STATUS_CLASS = {
     "Completed": "ok",
@@ -66,7 +67,7 @@ def policy_text(summary: dict[str, Any]) -> str:
 
 def status_class(value: Any) -> str:
     text = str(value or "")
-    if text.startswith("Warning"):
+    if text.startswith("Warning") or text == "Initial backup pending":
         return "warn"
     return _STATUS_CLASS.get(text, "muted")
 
@@ -76,3 +77,6 @@ def install_filters(env: Environment) -> None:
     env.filters["size"] = size
     env.filters["policy_text"] = policy_text
     env.filters["status_class"] = status_class
+    env.filters["label"] = label
+    env.filters["fix"] = portal_fix
+    env.filters["portal_message"] = portal_message

@@ -22,7 +22,7 @@ def _safe_next(target: str) -> str:
     """Only a path of this site (never //host or a scheme): no open redirect after sign-in."""
     if target.startswith("/") and not target.startswith("//") and "\\" not in target:
         return target
-    return "/vms"
+    return "/"
 
 
 def _signin_page(request: Request, next_url: str, error: str | None = None, status_code: int = 200) -> Response:
@@ -36,7 +36,7 @@ def _signin_page(request: Request, next_url: str, error: str | None = None, stat
 
 @router.get("/signin")
 @access(None)
-def signin_form(request: Request, next: str = "/vms") -> Response:
+def signin_form(request: Request, next: str = "/") -> Response:
     return _signin_page(request, _safe_next(next))
 
 
@@ -46,7 +46,7 @@ def signin(
     request: Request,
     token: Annotated[str, Form()] = "",
     csrf: Annotated[str, Form()] = "",
-    next: Annotated[str, Form()] = "/vms",
+    next: Annotated[str, Form()] = "/",
 ) -> Response:
     if not signin_csrf_ok(request.cookies.get(SIGNIN_COOKIE), csrf):
         raise Forbidden("the sign-in form's CSRF token is missing or wrong", hint="reload the sign-in page")
@@ -78,9 +78,3 @@ def signout(request: Request) -> Response:
     response = redirect("/signin")
     response.delete_cookie(COOKIE, path="/")
     return response
-
-
-@router.get("/")
-@access(Permission.READ)
-def home(request: Request) -> Response:
-    return redirect("/vms")

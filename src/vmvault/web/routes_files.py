@@ -12,7 +12,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from vmvault.api.auth import Permission, Scope
 from vmvault.api.headers import content_disposition
 from vmvault.errors import InvalidInput, NotFound
-from vmvault.service import backups, files
+from vmvault.service import backups, files, jobs
 from vmvault.service.context import Context
 from vmvault.web.core import PortalRoute, access, ctx_of, redirect, render, session_of
 from vmvault.web.routes_vms import background
@@ -32,7 +32,22 @@ def files_page(request: Request, vm: str) -> Response:
     ctx = ctx_of(request)
     points = [p for p in backups.list_recovery_points(ctx, vm) if not p["isSoftDeleted"]]
     sessions = files.list_sessions(ctx, vm)
-    return render(request, "files.html", vm=vm, points=points, sessions=sessions)
+    return render(request, "files.html", vm=vm, points=points, sessions=sessions, pending=_pending(ctx, vm))
+
+
+def _pending(ctx: Context, vm: str) -> list[dict[str, object]]:
+    """Mounts and unmounts of this VM still running: shown as "Mounting…" / "Unmounting…"."""
+    kinds = (jobs.Operation.FILE_RECOVERY_MOUNT, jobs.Operation.FILE_RECOVERY_UNMOUNT)
+    return [j for j in jobs.list_jobs(ctx, vm=vm, status=jobs.Status.IN_PROGRESS) if j["operation"] in kinds]
+
+
+@router.get("/vms/{vm}/files/sessions")
+@access(Permission.READ, Scope.VM)
+def sessions_live(request: Request, vm: str) -> Response:
+    """The session list alone: polled while a mount or unmount runs, so it is never stale."""
+    ctx = ctx_of(request)
+    sessions = files.list_sessions(ctx, vm)
+    return render(request, "files_sessions.html", fragment=True, vm=vm, sessions=sessions, pending=_pending(ctx, vm))
 
 
 @router.post("/vms/{vm}/files/mount")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
@@ -16,29 +17,39 @@ router = APIRouter(route_class=PortalRoute, include_in_schema=False)
 LIST_LIMIT = 200
 
 
-def _rows(request: Request, vm: str, status: str, operation: str) -> list[dict[str, object]]:
+def _since(request: Request, hours: str) -> str | None:
+    """?hours=24: jobs started in the last N hours (the overview's counts link here)."""
+    if not hours.isdigit() or not 0 < int(hours) <= 24 * 366:
+        return None
+    return (ctx_of(request).now() - timedelta(hours=int(hours))).isoformat(timespec="seconds")
+
+
+def _rows(request: Request, vm: str, status: str, operation: str, hours: str = "") -> list[dict[str, object]]:
     rows = jobs.list_jobs(
-        ctx_of(request), vm=vm or None, status=status or None, operation=operation or None, limit=LIST_LIMIT
+        ctx_of(request), vm=vm or None, status=status or None, operation=operation or None, limit=LIST_LIMIT,
+        since=_since(request, hours),
     )
     return visible(principal_of(request), rows)
 
 
 @router.get("/jobs")
 @access(Permission.READ)
-def job_list(request: Request, vm: str = "", status: str = "", operation: str = "") -> Response:
-    rows = _rows(request, vm, status, operation)
-    query = urlencode({k: v for k, v in (("vm", vm), ("status", status), ("operation", operation)) if v})
+def job_list(request: Request, vm: str = "", status: str = "", operation: str = "", hours: str = "") -> Response:
+    rows = _rows(request, vm, status, operation, hours)
+    hours = hours if _since(request, hours) else ""
+    fields = (("vm", vm), ("status", status), ("operation", operation), ("hours", hours))
+    query = urlencode({k: v for k, v in fields if v})
     return render(
-        request, "jobs.html", jobs=rows, vm=vm, status=status, operation=operation,
+        request, "jobs.html", jobs=rows, vm=vm, status=status, operation=operation, hours=hours,
         statuses=Status.ALL, operations=Operation.ALL, live_url=f"/jobs/rows?{query}",
     )  # fmt: skip
 
 
 @router.get("/jobs/rows")
 @access(Permission.READ)
-def job_rows(request: Request, vm: str = "", status: str = "", operation: str = "") -> Response:
+def job_rows(request: Request, vm: str = "", status: str = "", operation: str = "", hours: str = "") -> Response:
     """The list's rows alone: portal.js fetches them every second (live progress, no reload)."""
-    return render(request, "jobs_rows.html", fragment=True, jobs=_rows(request, vm, status, operation))
+    return render(request, "jobs_rows.html", fragment=True, jobs=_rows(request, vm, status, operation, hours))
 
 
 @router.get("/jobs/{job_id}")

@@ -6,14 +6,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from markupsafe import Markup
-from starlette.responses import Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from vmvault.api.auth import Permission, Scope, visible
-from vmvault.errors import InvalidInput
-from vmvault.service import policies, usage, vaults
+from vmvault.errors import Forbidden, InvalidInput, VmvaultError
+from vmvault.service import gc, notify, policies, usage, vaults
+from vmvault.service.validate import check_passphrase
 from vmvault.web.charts import storage_series, storage_svg
-from vmvault.web.core import PortalRoute, access, ctx_of, principal_of, redirect, render, session_of
+from vmvault.web.core import (
+    PortalRoute,
+    access,
+    ctx_of,
+    principal_of,
+    redirect,
+    render,
+    secret_channel,
+    session_of,
+)
 from vmvault.web.policyform import PolicyForm
+from vmvault.web.routes_vms import background
+from vmvault.web.wording import recovery_sheet
 
 router = APIRouter(route_class=PortalRoute, include_in_schema=False)
 
@@ -25,14 +37,101 @@ def vault_list(request: Request) -> Response:
     return render(request, "vaults.html", vaults=rows)
 
 
+def _create_page(request: Request, error: VmvaultError | None = None, **typed: str) -> Response:
+    return render(
+        request, "vault_new.html", status_code=error.http_status if error else 200, error=error,
+        secure=secret_channel(request), redundancies=vaults.OFFERED_REDUNDANCIES, typed=typed,
+    )  # fmt: skip
+
+
+@router.get("/vaults/new")
+@access(Permission.VAULT_CREATE)
+def vault_new(request: Request) -> Response:
+    return _create_page(request)
+
+
+@router.post("/vaults/passphrase-check")
+@access(Permission.VAULT_CREATE)
+def passphrase_check(request: Request, passphrase: Annotated[str, Form()] = "") -> Response:
+    """The strength shown while typing: the very rules `create_vault` applies (service/validate.py)."""
+    _require_secret_channel(request)
+    try:
+        check_passphrase(passphrase, "new")
+    except InvalidInput as exc:
+        return JSONResponse({"ok": False, "message": exc.message.replace(" for vault 'new'", ""), "hint": exc.hint})
+    return JSONResponse({"ok": True, "message": "12 characters or more, not a common password"})
+
+
 @router.post("/vaults")
 @access(Permission.VAULT_CREATE)
 def vault_create(
-    request: Request, name: Annotated[str, Form()] = "", redundancy: Annotated[str, Form()] = "LRS"
+    request: Request,
+    name: Annotated[str, Form()] = "",
+    redundancy: Annotated[str, Form()] = "LRS",
+    passphrase: Annotated[str, Form()] = "",
+    passphrase2: Annotated[str, Form()] = "",
+    understood: Annotated[str, Form()] = "",
 ) -> Response:
-    vaults.create_vault(ctx_of(request), name.strip(), redundancy=redundancy)
-    session_of(request).toast(f"Vault {name.strip()} created with its DefaultPolicy.")
-    return redirect(f"/vaults/{name.strip()}")
+    name = name.strip()
+    typed = {"name": name, "redundancy": redundancy}
+    try:
+        secret = _checked_secret(request, passphrase, passphrase2, understood)
+        vaults.create_vault(ctx_of(request), name, redundancy=redundancy, passphrase=secret)
+    except (InvalidInput, Forbidden) as exc:  # shown beside the form, which keeps the name
+        return _create_page(request, exc, **typed)
+    session_of(request).toast(f"Vault {name} created with its DefaultPolicy. Download its recovery sheet now.")
+    return redirect(f"/vaults/{name}?created=1")
+
+
+def _require_secret_channel(request: Request, outcome: str = "") -> None:
+    if not secret_channel(request):
+        raise Forbidden(
+            f"a passphrase may only be sent over HTTPS or from this server itself{outcome}",
+            hint="open the portal over HTTPS, or from a browser on the server (localhost)",
+        )
+
+
+def _checked_secret(request: Request, passphrase: str, again: str, understood: str) -> str | None:
+    """The passphrase typed twice (only over HTTPS or loopback); None: the server's own (its environment)."""
+    if not passphrase and not again:
+        if ctx_of(request).settings.passphrase:
+            return None
+        raise InvalidInput("a passphrase is required to create the vault", hint="type a passphrase in both fields")
+    _require_secret_channel(request, "; nothing was created")
+    if passphrase != again:
+        raise InvalidInput("the two passphrases differ; nothing was created", hint="type the same passphrase twice")
+    if not understood:
+        raise InvalidInput(
+            "confirm that you keep the passphrase safe: without it the backups are lost with this server",
+            hint="tick the box under the passphrase",
+        )
+    return passphrase
+
+
+@router.get("/vaults/{vault}/recovery-sheet")
+@access(Permission.READ, Scope.VAULT)
+def recovery_sheet_get(request: Request, vault: str) -> Response:
+    return _sheet(request, vault, None)
+
+
+@router.post("/vaults/{vault}/recovery-sheet")
+@access(Permission.VAULT_CREATE, Scope.VAULT)
+def recovery_sheet_post(request: Request, vault: str, passphrase: Annotated[str, Form()] = "") -> Response:
+    """The sheet with the passphrase written on it, when the user asks: only after it opens the vault."""
+    if not passphrase:
+        raise InvalidInput(
+            "type the vault's passphrase to write it on the sheet", hint="or download the sheet without it"
+        )
+    _require_secret_channel(request)
+    vaults.check_vault_passphrase(ctx_of(request), vault, passphrase)
+    return _sheet(request, vault, passphrase)
+
+
+def _sheet(request: Request, vault: str, passphrase: str | None) -> Response:
+    view = vaults.show_vault(ctx_of(request), vault)
+    text = recovery_sheet(view, ctx_of(request).now().strftime("%Y-%m-%d %H:%M UTC"), passphrase)
+    headers = {"Content-Disposition": f'attachment; filename="vmvault-recovery-sheet-{vault}.txt"'}
+    return PlainTextResponse(text, headers=headers)
 
 
 @router.get("/vaults/{vault}")
@@ -43,7 +142,12 @@ def vault_page(request: Request, vault: str) -> Response:
     rows = [policies.policy_summary(p) for p in policies.list_policies(ctx, vault)]
     bill = usage.vault_usage(ctx, vault)
     chart = Markup(storage_svg(storage_series(ctx, vault)))  # built from numbers and escaped text only
-    return render(request, "vault.html", vault=view, policies=rows, usage=bill, chart=chart)
+    created = request.query_params.get("created") == "1"
+    targets = notify.list_targets(ctx, vault)
+    return render(
+        request, "vault.html", vault=view, policies=rows, usage=bill, chart=chart, created=created, targets=targets,
+        secure=secret_channel(request),
+    )  # fmt: skip
 
 
 def _policy_form(request: Request, vault: str, form: PolicyForm, *, new: bool, error: InvalidInput | None) -> Response:
@@ -133,3 +237,53 @@ def policy_delete(request: Request, vault: str, policy: str) -> Response:
     policies.delete_policy(ctx_of(request), vault, policy)
     session_of(request).toast(f"Policy {policy} deleted.")
     return redirect(f"/vaults/{vault}")
+
+
+# ---- vault actions: verify, garbage collection, notification targets ----------------------------
+
+
+@router.post("/vaults/{vault}/verify")
+@access(Permission.VAULT_VERIFY, Scope.VAULT)
+def vault_verify(request: Request, vault: str) -> Response:
+    ctx = ctx_of(request)
+    vaults.show_vault(ctx, vault)  # 404 before a job starts
+    job = background(request).start(lambda cancel: vaults.verify_vault(ctx, vault, cancel=cancel))
+    session_of(request).toast(f"Verification of vault {vault} started.", job=str(job["id"]))
+    return redirect(f"/jobs/{job['id']}")
+
+
+@router.post("/vaults/{vault}/gc")
+@access(Permission.VAULT_VERIFY, Scope.VAULT)
+def vault_gc(request: Request, vault: str) -> Response:
+    ctx = ctx_of(request)
+    vaults.show_vault(ctx, vault)
+    job = background(request).start(lambda cancel: gc.garbage_collect(ctx, vault, cancel=cancel))
+    session_of(request).toast(f"Garbage collection of vault {vault} started.", job=str(job["id"]))
+    return redirect(f"/jobs/{job['id']}")
+
+
+@router.post("/vaults/{vault}/notifications")
+@access(Permission.NOTIFY_WRITE, Scope.VAULT)
+def notify_add(
+    request: Request,
+    vault: str,
+    kind: Annotated[str, Form()] = "webhook",
+    address: Annotated[str, Form()] = "",
+    smtp: Annotated[str, Form()] = "",
+    events: Annotated[str, Form()] = "failed",
+) -> Response:
+    ctx, address = ctx_of(request), address.strip()
+    if kind == "email":
+        notify.add_target(ctx, vault, email=address, smtp=smtp.strip() or None, events=events)
+    else:
+        notify.add_target(ctx, vault, webhook=address, events=events)
+    session_of(request).toast(f"Notifications of vault {vault} now go to {address}.")
+    return redirect(f"/vaults/{vault}#notifications")
+
+
+@router.post("/vaults/{vault}/notifications/{target_id}/delete")
+@access(Permission.NOTIFY_WRITE, Scope.VAULT)
+def notify_remove(request: Request, vault: str, target_id: int) -> Response:
+    notify.remove_target(ctx_of(request), vault, target_id)
+    session_of(request).toast(f"Notification target {target_id} removed from vault {vault}.")
+    return redirect(f"/vaults/{vault}#notifications")

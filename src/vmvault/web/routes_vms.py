@@ -11,7 +11,7 @@ from starlette.responses import Response
 from vmvault.api.auth import Permission, Scope, check_vault, vault_of_vm, visible
 from vmvault.api.deps import Background
 from vmvault.errors import Forbidden, InvalidInput
-from vmvault.service import backups, items, jobs, policies, protection, softdelete, vaults, vms
+from vmvault.service import backups, dashboard, items, jobs, policies, protection, softdelete, vaults, vms
 from vmvault.service.context import Context
 from vmvault.service.views import NOT_PROTECTED, JsonDict
 from vmvault.web.core import PortalRoute, access, can, ctx_of, principal_of, redirect, render, session_of
@@ -30,14 +30,18 @@ def policy_summaries(ctx: Context, vault: str) -> list[JsonDict]:
 
 @router.get("/vms")
 @access(Permission.READ)
-def vm_list(request: Request) -> Response:
+def vm_list(request: Request, bucket: str = "") -> Response:
+    """The VMs; ?bucket=healthy|warning|failed|never: the protected ones the overview counted so."""
     ctx, principal = ctx_of(request), principal_of(request)
     listed = vms.list_vms_with_status(ctx)
     rows = visible(principal, listed) if principal.vault else listed
     by_name = {i["name"]: i for i in items.list_items(ctx)}
     for row in rows:
         row["item"] = by_name.get(row["name"])
-    return render(request, "vms.html", vms=rows)
+    chosen = bucket if bucket in dashboard.BUCKETS else ""
+    if chosen:
+        rows = [r for r in rows if r["item"] is not None and dashboard.backup_bucket(r["item"]) == chosen]
+    return render(request, "vms.html", vms=rows, bucket=chosen)
 
 
 @router.get("/vms/{vm}")
@@ -48,11 +52,12 @@ def vm_page(request: Request, vm: str) -> Response:
     item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
     summary, points = _item_parts(ctx, vm, item)
     recent = jobs.list_jobs(ctx, vm=vm, limit=5)
+    choices = policy_summaries(ctx, item["vault"]) if item is not None else []
     default_retain = (ctx.now() + timedelta(days=DEFAULT_RETAIN_DAYS)).date().isoformat()
     tomorrow = (ctx.now() + timedelta(days=1)).date().isoformat()
     return render(
         request, "vm.html", vm=view, item=item, summary=summary, points=points, jobs=recent,
-        default_retain=default_retain, tomorrow=tomorrow,
+        default_retain=default_retain, tomorrow=tomorrow, policies=choices,
     )  # fmt: skip
 
 
@@ -76,6 +81,14 @@ def item_live(request: Request, vm: str) -> Response:
     return render(request, "item_live.html", fragment=True, vm={"name": vm}, item=item, summary=summary, points=points)
 
 
+@router.get("/vms/{vm}/jobs")
+@access(Permission.READ, Scope.VM)
+def recent_jobs(request: Request, vm: str) -> Response:
+    """The Backup page's recent jobs alone: polled all the time the page is open (jobs start anywhere)."""
+    rows = jobs.list_jobs(ctx_of(request), vm=vm, limit=5)
+    return render(request, "vm_jobs.html", fragment=True, vm={"name": vm}, jobs=rows)
+
+
 def _check_vm_scope(request: Request, vm: str) -> None:
     """A vault-scoped token: as in the API, nothing of a VM another vault protects (403)."""
     principal = principal_of(request)
@@ -95,6 +108,7 @@ def enable_form(request: Request, vm: str) -> Response:
     return render(
         request, "enable.html", vm=view, vaults=known, policies=options,
         may_create_vault=can(principal, Permission.VAULT_CREATE) and principal.vault is None,
+        inline_vault=bool(ctx.settings.passphrase),  # else a new vault needs its passphrase: the Create vault page
     )  # fmt: skip
 
 
@@ -149,6 +163,16 @@ def disable(request: Request, vm: str, delete_data: Annotated[str, Form()] = "")
         job = protection.disable_protection(ctx, vm)
         message = f"Protection of {vm} stopped; its recovery points are kept."
     session_of(request).toast(message, job=job.get("id"))
+    return redirect(f"/vms/{vm}")
+
+
+@router.post("/vms/{vm}/policy")
+@access(Permission.PROTECTION_CHANGE, Scope.VM)
+def change_policy(request: Request, vm: str, policy: Annotated[str, Form()] = "") -> Response:
+    if not policy:
+        raise InvalidInput("pick a policy", hint="choose one in the list")
+    job = protection.update_protection(ctx_of(request), vm, policy=policy)
+    session_of(request).toast(f"{vm} now follows policy {policy}.", job=job.get("id"))
     return redirect(f"/vms/{vm}")
 
 

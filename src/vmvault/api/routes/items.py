@@ -147,7 +147,7 @@ def restore_disks(vm: str, body: Restore, ctx: Ctx, jobs: Jobs) -> dict[str, Any
 def restore_as_new_vm(vm: str, body: RestoreVm, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
     """Restore a point as a new VM (plain QEMU or libvirt): new name, UUID, MACs and paths."""
     return jobs.start(
-        lambda cancel: restore_vm.restore_vm(
+        lambda cancel: restores.restore_as_new_vm(
             ctx,
             vm,
             body.rp,

@@ -10,8 +10,8 @@ from pydantic import Field
 from vmvault.api.auth import Permission, Scope, require, visible
 from vmvault.api.deps import Caller, Ctx, Jobs
 from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
-from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Page, Usage, Vault
-from vmvault.service import usage, vaults
+from vmvault.api.schemas import ACCEPTED, DeletedVault, Job, Page, Report, Usage, Vault
+from vmvault.service import reports, usage, vaults
 
 router = APIRouter(tags=["vaults"], route_class=ROUTE_CLASS)
 
@@ -96,3 +96,14 @@ def verify_vault(vault: str, body: VaultVerify, ctx: Ctx, jobs: Jobs) -> dict[st
 @router.get("/vaults/{vault}/usage", response_model=Usage, dependencies=[require(Permission.READ, Scope.VAULT)])
 def vault_usage(vault: str, ctx: Ctx) -> dict[str, Any]:
     return usage.vault_usage(ctx, vault)
+
+
+@router.get("/reports", response_model=Report, dependencies=[require(Permission.READ, Scope.GLOBAL)])
+def backup_report(
+    ctx: Ctx, caller: Caller, days: Annotated[int, Query(ge=1, le=3660, description="The last N days.")] = 30
+) -> dict[str, Any]:
+    """Per protected item and per vault: success rate, data transferred, growth, durations, RPO breaches
+    (the data of the portal's Reports page and of `vmvault report`); a vault-scoped token sees its vault."""
+    report = reports.backup_report(ctx, days)
+    report["rows"] = visible(caller, report["rows"], key="vault")
+    return report

@@ -1,4 +1,4 @@
-"""VMs vmvault knows (vm list|show|add|enable-agent)."""
+"""VMs vmvault knows (vm list|show|add|update|enable-agent)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from vmvault.api.deps import Caller, Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Body, Pages
 from vmvault.api.schemas import AgentChannel, Page, Vm, VmWithStatus
 from vmvault.service import vms
+from vmvault.service.quiesce import MAX_TIMEOUT_S, set_quiesce_timeout
 
 router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
 
@@ -21,6 +22,16 @@ class VmAdd(Body):
     disks: list[str] = Field(description="Disk image paths on the server, in order: disk0, disk1, ...")
     formats: list[str] | None = Field(
         None, description="raw or qcow2, one for all disks or one per disk; without it, guessed once and recorded"
+    )
+
+
+class VmUpdate(Body):
+    quiesce_timeout_seconds: int = Field(
+        strict=True,
+        ge=0,
+        le=MAX_TIMEOUT_S,
+        description="Seconds a live backup's freeze may take, the guest's fsfreeze hooks included (1-3600; "
+        "0: the service's VMVAULT_QUIESCE_TIMEOUT, default 60)",
     )
 
 
@@ -36,6 +47,13 @@ def add_vm(body: VmAdd, ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/vms/{vm}", response_model=Vm, dependencies=[require(Permission.READ, Scope.VM)])
 def show_vm(vm: str, ctx: Ctx) -> dict[str, Any]:
+    return vms.show_vm(ctx, vm)
+
+
+@router.post("/vms/{vm}/update", response_model=Vm, dependencies=[require(Permission.VM_WRITE, Scope.VM)])
+def update_vm(vm: str, body: VmUpdate, ctx: Ctx) -> dict[str, Any]:
+    """Change a VM's settings (as `vmvault vm update`): its quiesce budget."""
+    set_quiesce_timeout(ctx, vm, body.quiesce_timeout_seconds)
     return vms.show_vm(ctx, vm)
 
 

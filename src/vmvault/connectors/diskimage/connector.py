@@ -31,7 +31,7 @@ from vmvault.connectors.contract import (
 )
 from vmvault.connectors.diskimage.diskformat import BackingFile, chain_from_record, read_chain
 from vmvault.connectors.diskimage.imagelock import ImageLock
-from vmvault.connectors.diskimage.images import NbdImageExport, disk_info
+from vmvault.connectors.diskimage.images import NbdImageExport, check_registered_disk, disk_info
 from vmvault.engine.backup import WORKERS, ExportedDisk
 from vmvault.engine.rawfile import file_uri
 from vmvault.errors import InvalidInput
@@ -91,6 +91,9 @@ class DiskImageConnector:
     ) -> NewVm:  # fmt: skip
         self.refuse_new_vm(request)
         raise AssertionError("unreachable")
+
+    def share_with_vm(self, path: str, mode: int) -> None:
+        pass
 
     def start_new_vm(self, vm: NewVm) -> None:
         pass
@@ -182,6 +185,7 @@ def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:
     when it has no backing file; one that has a backing file is refused until an admin confirms it.
     """
     name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
+    check_registered_disk(path)  # not a symlink swapped in since `vm add`
     if fmt != "qcow2" or "chain" in disk:
         return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
     chain = read_chain(path, fmt)
@@ -206,11 +210,15 @@ def exported_images(vm_name: str, disks: list[DiskSource]) -> Iterator[list[Expo
     with contextlib.ExitStack() as stack:
         exported = []
         for src in disks:
+            registered = src.chain is not None  # recorded at `vm add` (libvirt domains: their XML decides)
+            if registered:
+                check_registered_disk(src.path)
             info = disk_info(src.path, src.format, src.chain)
             if info.format == "raw" and info.path.is_file():
-                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold).
-                stack.enter_context(ImageLock(info.path))
-                uri = file_uri(info.path)
+                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold), through
+                # the lock's own descriptor: a registered disk swapped for a symlink after the check is not read.
+                lock = stack.enter_context(ImageLock(info.path, nofollow=registered))
+                uri = file_uri(lock.fd_path if registered else info.path)
             else:
                 uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
             exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))

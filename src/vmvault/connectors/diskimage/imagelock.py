@@ -37,12 +37,20 @@ def _held_by_other(fd: int, byte: int) -> bool:
 class ImageLock:
     """Refuses an image a running QEMU writes to, and keeps writers out while held."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, nofollow: bool = False) -> None:
+        """nofollow: the path must be the image itself, not a symlink (registered disks, engine/backup.py)."""
         self.path = Path(path)
+        self._flags = os.O_RDONLY | (os.O_NOFOLLOW if nofollow else 0)
         self._fd: int | None = None
 
+    @property
+    def fd_path(self) -> Path:
+        """/proc/self/fd/N: the very file this lock holds, even if its path is swapped afterwards."""
+        assert self._fd is not None, "only while the lock is held"
+        return Path(f"/proc/self/fd/{self._fd}")
+
     def __enter__(self) -> ImageLock:
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = os.open(self.path, self._flags)
         try:
             if _held_by_other(fd, _LOCK_PERM_BASE + _PERM_WRITE_BIT):
                 raise VmRunning(

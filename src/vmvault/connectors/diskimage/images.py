@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -100,6 +101,40 @@ def existing_image(path: Path) -> Path:
     if not path.is_file() and not path.is_block_device():
         raise InvalidInput(f"{path} is not a disk image (not a file)")
     return path
+
+
+def check_registered_disk(path: Path) -> None:
+    """A disk recorded at `vm add`, checked again before each backup reads it.
+
+    Its path was a regular file or a block device when it was added; if it has since become a
+    symlink to something else (a host secret swapped in by whoever can write the disk's folder),
+    vmvault must not follow it. A symlink is accepted only onto a block device (LVM's /dev/VG/LV
+    links point at /dev/dm-N); the node is opened with O_NOFOLLOW to check its type.
+    """
+    path = Path(path).absolute()
+    if path.is_symlink():
+        if Path(os.path.realpath(path)).is_block_device():
+            return
+        raise InvalidInput(
+            f"disk {path} has become a symlink (to {os.readlink(path)}) since the VM was added; "
+            "vmvault does not follow it",
+            hint=f"put the disk image itself at {path}, or re-add the VM with the image's real path",
+            code="disk_path_changed",
+        )
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotFound(f"disk image {path} does not exist", hint="check the VM's disk path") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode) and not stat.S_ISBLK(mode):
+        raise InvalidInput(
+            f"disk {path} is no longer a regular file or block device",
+            hint=f"put the disk image itself at {path}, or re-add the VM with the image's real path",
+            code="disk_path_changed",
+        )
 
 
 def _refuse_non_image(path: Path, size: int) -> None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vmvault.connectors.consistency import INSTALL_AGENT_HINT, Guest, Quiesce, quiesced
+from vmvault.connectors.consistency import INSTALL_AGENT_HINT, Guest, Quiesce, quiesced, snapshot_in_window
 from vmvault.connectors.contract import (
     CRASH_CONSISTENT,
     NOT_APPLICABLE,
@@ -55,7 +54,7 @@ class LibvirtConnector:
 
     def capabilities(self) -> Capabilities:
         return Capabilities(self.kind, changed_blocks="checkpoints", backup_api="libvirt-pull", quiesce=True,
-                            live_restore=True)  # fmt: skip
+                            live_restore=True, shared_target=True)  # fmt: skip
 
     def discover(self, where: str | None = None) -> list[JsonDict]:
         """The domains at `where` (a libvirt URI), as `vm discover` lists them."""
@@ -107,6 +106,11 @@ class LibvirtConnector:
         from vmvault.connectors.libvirt import restore as restoring
 
         return restoring.create_new_vm(request, definition, in_point, disks, instant=instant)
+
+    def share_with_vm(self, path: str, mode: int) -> None:
+        from vmvault.connectors.libvirt.qemu_user import open_to_qemu
+
+        open_to_qemu(Path(path), mode)  # QEMU runs as libvirt-qemu (connectors/libvirt/qemu_user.py)
 
     def start_new_vm(self, vm: NewVm) -> None:
         from vmvault.connectors.libvirt import restore as restoring
@@ -260,18 +264,27 @@ class _Point:
         pull = lv.PullBackup(self.dom, self.disks, work, run_dir(self.request.home, self.request.vm_id) / "backup.sock")
         cp_xml = lv.PullBackup.checkpoint_xml(checkpoint, self.disks, self.info.disks) if checkpoint else None
         ok = False
+
+        def take() -> None:
+            nonlocal incremental
+            try:
+                pull.begin(incremental, cp_xml)
+            except lv.LibvirtError as exc:
+                if not incremental:
+                    raise
+                self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
+                incremental = None
+                pull.begin(incremental, cp_xml)
+
+        def undo() -> None:  # the attempt outlasted the frozen window: its job and checkpoint go before the retry
+            pull.abort()
+            if checkpoint and lv.has_checkpoint(self.dom, checkpoint):
+                lv.delete_checkpoint(self.dom, checkpoint)  # its bitmap is merged back into its parent's
+
         try:
-            with _quiesced(self) as q:
-                started = time.monotonic()
-                try:
-                    pull.begin(incremental, cp_xml)
-                except lv.LibvirtError as exc:
-                    if not incremental:
-                        raise
-                    self._fall_back(f"libvirt refused an incremental from checkpoint {incremental}: {exc.message}")
-                    incremental = None
-                    pull.begin(incremental, cp_xml)
-                snapshot_s = time.monotonic() - started
+            q, snapshot_s = snapshot_in_window(lambda: _quiesced(self), take, undo)
+            for note in q.notes:  # after the retry: an undone attempt's notes are not doubled
+                self.port.warn(note)
             self.port.quiesced(q, snapshot_s)
             test_hold(TEST_HOLD_SNAPSHOT)  # test-only hook (docs/running-vms.md): after the instant, before reading
             exported = [
@@ -328,6 +341,8 @@ class _Point:
 def _quiesced(p: _Point) -> Iterator[Quiesce]:
     """Pre-script, freeze (within the VM's budget), yield (the caller's backupBegin), thaw, post-script.
 
+    The caller reports q.notes (after snapshot_in_window's retry, so the notes of an undone attempt are not doubled).
+
     The policy's sequence, budgets and thaw guard (connectors/consistency.py), with the agent reached
     through libvirt (virDomainQemuAgentCommand) and the guard thawing through libvirt too.
     """
@@ -347,5 +362,3 @@ def _quiesced(p: _Point) -> Iterator[Quiesce]:
     )
     with quiesced(guest, p.request.budget) as q:
         yield q
-    for note in q.notes:
-        p.port.warn(note)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.clock import now_iso
-from vmvault.connectors.consistency import Quiesce
+from vmvault.connectors.consistency import Quiesce, snapshot_in_window
 from vmvault.connectors.contract import (
     BackupPort,
     BackupRequest,
@@ -104,6 +103,9 @@ class QemuConnector:
         *, instant: bool = False,
     ) -> NewVm:  # fmt: skip
         return restoring.create_new_vm(request, definition, disks, instant_copy=instant)
+
+    def share_with_vm(self, path: str, mode: int) -> None:
+        pass  # vmvault starts the copy's QEMU itself, as its own user
 
     def start_new_vm(self, vm: NewVm) -> None:
         restoring.start_vm(vm.handle["template"], Path(vm.handle["script"]), Path(vm.handle["log"]))
@@ -228,13 +230,19 @@ class _LivePoint:
         return [d for d in self.vm.disks if d.name in wanted or d.name not in known]
 
     def _snapshot(self) -> Quiesce:
+        """Quiesce and take the instant; one that outlasted the frozen window is undone and retried once."""
         agent = self.request.definition.get("guestAgent")
         guest = self.vm.status != "storage-daemon"
-        with quiesced(agent, running=self.vm.running, guest=guest, budget=self.request.budget) as quiesce:
-            started = time.monotonic()
+        running, budget = self.vm.running, self.request.budget
+
+        def take() -> None:
             self.session.snapshot()
-            snapshot_s = time.monotonic() - started
             test_hold(TEST_HOLD_FROZEN)
+
+        def attempt() -> contextlib.AbstractContextManager[Quiesce]:
+            return quiesced(agent, running=running, guest=guest, budget=budget)
+
+        quiesce, snapshot_s = snapshot_in_window(attempt, take, self.session.undo_snapshot)
         self.port.quiesced(quiesce, snapshot_s)
         for note in quiesce.notes:
             self.port.warn(note)

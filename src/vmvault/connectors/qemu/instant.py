@@ -11,6 +11,7 @@ here is one QMP command (or one qemu-img call) named after what it does.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ def nbd_backing(socket: Path, export: str) -> str:
 
 def create_overlay(path: Path, socket: Path, export: str, size: int) -> None:
     """A qcow2 overlay of `size` bytes on the export (-u: the size is known, the export need not answer)."""
+    # 0600 before qemu-img writes it (it keeps an existing file's mode): guest data, never readable by others
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    os.chmod(path, 0o600)
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", nbd_backing(socket, export),
            str(path), str(size)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)

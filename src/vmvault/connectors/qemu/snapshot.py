@@ -308,6 +308,20 @@ class SnapshotSession:
         self.snapshotted = True
         self._jobs = [self.names.job(p.index) for p in self.plans]
 
+    def undo_snapshot(self) -> None:
+        """Undo the instant before a retry (it outlasted the frozen window): cancel the backup jobs, drop the
+        fleece overlays, put each disk's bitmaps back as they were (the new one folded into the old), new overlays."""
+        self.teardown()
+        for plan in self.plans:
+            node = plan.disk.node
+            if plan.old_bitmap:
+                self.qmp.block_dirty_bitmap_enable(node, plan.old_bitmap)
+                self.qmp.block_dirty_bitmap_merge(node, plan.old_bitmap, [plan.new_bitmap])
+            self.qmp.block_dirty_bitmap_remove(node, plan.new_bitmap)
+        self.snapshotted = False
+        for plan in self.plans:
+            self._add_fleece(plan)
+
     # ---- reading -----------------------------------------------------------------------------------
     def export(self) -> list[SnapshotDisk]:
         """NBD exports of the frozen views; changed extents from the trusted bitmaps."""

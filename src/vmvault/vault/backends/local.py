@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 from vmvault.errors import AlreadyExists, ObjectNotFound, StorageError
+from vmvault.proc import boot_id, pid_alive
 from vmvault.vault.backends.base import check_name
 
 _TMP_PREFIX = ".tmp-"
+# `.tmp-<name>.w<pid>-<boot id, 32 hex>-<random>`: a temporary file names its writer, so garbage
+# collection can delete the temporaries of a process of this boot that died without waiting for
+# the grace window (vault/gc.py). Another host's (or an older boot's) wait for the grace window.
+_WRITER = re.compile(r"\.w(\d{1,10})-([0-9a-f]{32})-[0-9a-f]+$")
+
+
+def writer_tag() -> str:
+    boot = _boot()
+    return f"w{os.getpid()}-{boot}-" if boot else ""
+
+
+def _boot() -> str:
+    boot = boot_id().replace("-", "").lower()
+    return boot if re.fullmatch(r"[0-9a-f]{32}", boot) else ""
+
+
+def dead_writer(name: str) -> bool:
+    """True when the temporary file `name` was written by a process of this boot that is gone."""
+    found = _WRITER.search(name)
+    if found is None or found.group(2) != _boot():
+        return False
+    return not pid_alive(int(found.group(1)))
 
 
 class LocalBackend:
@@ -50,7 +74,7 @@ class LocalBackend:
 
     def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
         """A complete, fsynced temporary file beside path (invisible to list())."""
-        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+        tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{writer_tag()}{secrets.token_hex(4)}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
