@@ -78,7 +78,7 @@ class Daemon:
             time.sleep(0.05)
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        from vmvault.hypervisor.qmp import QmpClient
+        from vmvault.connectors.qemu.qmp import QmpClient
 
         with QmpClient(self.qmp).connect() as qmp:
             return qmp.execute(command, arguments)

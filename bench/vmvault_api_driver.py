@@ -41,7 +41,8 @@ def main() -> int:
     vault = Vault.open(a.storage, a.home, passphrase)
     try:
         if a.action == "backup":
-            from vmvault.engine.backup import DiskSource, PointSpec, run_backup
+            from vmvault.connectors.diskimage.connector import DiskSource, exported_images
+            from vmvault.engine.backup import PointSpec, backup_exported
 
             points = vault.list_recovery_points()
             previous = None
@@ -50,23 +51,24 @@ def main() -> int:
                 previous = max(manifests, key=lambda m: m.time)
             now = datetime.now(UTC)
             rp_id = secrets.token_hex(8)
-            run_backup(
-                vault,
-                PointSpec(
-                    vm_name="vm",
-                    vm_id="bench-vm",
-                    rp_id=rp_id,
-                    time=now.isoformat(timespec="microseconds"),
-                    retain_until=(now + timedelta(days=30)).date().isoformat(),
-                    consistency="CrashConsistent",
-                    vm_definition={},
-                    job_id="bench",
-                ),
-                [DiskSource("disk0", a.image)],
-                previous,
-                on_progress=None,
-                cancel=None,
-            )
+            with exported_images("vm", [DiskSource("disk0", a.image, "raw")]) as disks:
+                backup_exported(
+                    vault,
+                    PointSpec(
+                        vm_name="vm",
+                        vm_id="bench-vm",
+                        rp_id=rp_id,
+                        time=now.isoformat(timespec="microseconds"),
+                        retain_until=(now + timedelta(days=30)).date().isoformat(),
+                        consistency="CrashConsistent",
+                        vm_definition={},
+                        job_id="bench",
+                    ),
+                    disks,
+                    previous,
+                    on_progress=None,
+                    cancel=None,
+                )
             print(json.dumps({"rp": rp_id}))
         else:
             from vmvault.engine.restore import run_restore

@@ -21,8 +21,8 @@ from api_support import Sandbox, sandbox
 from helpers import files_equal
 from test_api_flows import API, wait_job
 from vm.machine import Guest, ext4_disk
-from vmvault.hypervisor.qmp import QmpClient
-from vmvault.service import backups, protection, running_vms, vaults
+from vmvault.connectors.qemu.qmp import QmpClient
+from vmvault.service import backups, protection, vaults, vms
 
 MiB = 1 << 20
 
@@ -45,7 +45,7 @@ def paused_guest(tmp_path: Path) -> Iterator[Guest]:
 
 def _point(box: Sandbox, guest: Guest) -> str:
     vaults.create_vault(box.ctx, "main")
-    running_vms.add_qmp_vm(box.ctx, "orig", guest.vmvault_qmp)
+    vms.add_qmp_vm(box.ctx, "orig", guest.vmvault_qmp)
     protection.enable_protection(box.ctx, "orig", "main")
     manifest = backups.backup_now(box.ctx, "orig").result
     assert manifest is not None

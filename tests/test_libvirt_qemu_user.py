@@ -59,7 +59,7 @@ def _copy(uri: str, cli: Cli, name: str) -> Iterator[None]:
 
 def _agent_and_disk(uri: str, name: str) -> str:
     """Waits for the copy's guest agent; returns the guest's mounts (its restored disk must be there)."""
-    from vmvault.hypervisor.libvirt_vm import LibvirtAgent, connect
+    from vmvault.connectors.libvirt.domain import LibvirtAgent, connect
 
     deadline = time.monotonic() + 240
     while True:

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from vm.libvirtd import libvirtd  # noqa: F401  (the session fixture)
-from vmvault.engine.libvirt_template import RestoredFile, copy_domain_xml
+from vmvault.connectors.libvirt.template import RestoredFile, copy_domain_xml
 
 ORIGINAL = """<domain type='qemu' id='7'>
   <name>vmvtpl-orig</name>
@@ -109,7 +109,7 @@ def test_the_copy_keeps_nothing_of_the_original(tmp_path: Path) -> None:
 
 
 def test_libvirt_defines_the_copy(libvirtd: str, tmp_path: Path) -> None:  # noqa: F811
-    from vmvault.hypervisor.libvirt_vm import connect
+    from vmvault.connectors.libvirt.domain import connect
 
     copy = _copy(tmp_path, tpm=False)  # (no swtpm on the test machines: libvirt refuses a TPM at define)
     conn = connect(libvirtd)
@@ -135,7 +135,7 @@ def test_enable_agent_refuses_a_transient_domain(libvirtd: str, tmp_path: Path) 
     import subprocess
 
     from helpers import HostKeyCli  # not about passphrases (no scrypt)
-    from vmvault.hypervisor.libvirt_vm import connect
+    from vmvault.connectors.libvirt.domain import connect
 
     disk = tmp_path / "t.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)

@@ -17,16 +17,10 @@ from typing import Any
 
 import pytest
 
-from vmvault.engine.consistency import (
-    APP_CONSISTENT,
-    CRASH_CONSISTENT,
-    FILE_SYSTEM_CONSISTENT,
-    Budget,
-    ScriptConfig,
-    classify_vss_thaw,
-    quiesced,
-)
-from vmvault.hypervisor.guest_agent import AgentError, AgentUnavailable, GuestAgent
+from vmvault.connectors.consistency import ScriptConfig, classify_vss_thaw
+from vmvault.connectors.contract import APP_CONSISTENT, CRASH_CONSISTENT, FILE_SYSTEM_CONSISTENT, Budget
+from vmvault.connectors.guest_agent import AgentError, AgentUnavailable, GuestAgent
+from vmvault.connectors.qemu.quiesce import quiesced
 
 Reply = dict[str, Any] | Callable[[dict[str, Any]], dict[str, Any] | None]
 

@@ -86,8 +86,8 @@ def test_scripts_and_freeze_make_an_app_consistent_point(lab: Lab, tmp_path: Pat
     assert ext4_file(disks["data0"], "/post-marker") is None, "the post-script ran before the snapshot"
     assert lab.guest.sh("cat /mnt/data0/post-marker").stdout == "post\n", "the post-script did not run"
 
+    from vmvault.service.agents import agent_status
     from vmvault.service.context import context
-    from vmvault.service.running_vms import agent_status
     from vmvault.settings import load_settings
 
     with context(load_settings(str(lab.cli.home))) as ctx:

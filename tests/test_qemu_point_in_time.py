@@ -162,7 +162,7 @@ def test_kill_9_between_freeze_and_thaw_thaws_the_guest_within_15_s(lab: Lab, tm
 
 
 def _start_in_guest(guest: Guest, script: str) -> int:
-    from vmvault.hypervisor.guest_agent import GuestAgent
+    from vmvault.connectors.guest_agent import GuestAgent
 
     with GuestAgent(guest.agent_socket).connect(timeout=30) as agent:
         return agent.guest_exec("/bin/sh", ["-c", script])

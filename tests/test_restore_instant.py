@@ -25,8 +25,8 @@ from helpers import Cli, rp_id
 from vm.live import backup, ext4_file, latest_point, protect_running
 from vm.machine import Guest, ext4_disk
 from vm.osdisk import boot_args, os_disk, os_image
-from vmvault.hypervisor.guest_agent import GuestAgent
-from vmvault.hypervisor.qmp import QmpClient, QmpError
+from vmvault.connectors.guest_agent import GuestAgent
+from vmvault.connectors.qemu.qmp import QmpClient, QmpError
 from vmvault.proc import pid_alive
 
 MiB = 1 << 20
@@ -233,7 +233,7 @@ def test_cancelling_an_instant_restore_stops_the_copy_and_removes_it(lab: Lab) -
 
 def test_disk_devices_stop_on_errors() -> None:
     """The guest devices of the restored disks (and only those) get werror=stop,rerror=stop."""
-    from vmvault.hypervisor.instant import stop_on_errors
+    from vmvault.connectors.qemu.instant import stop_on_errors
 
     blockdev = ["qemu-system-x86_64", "-blockdev", "driver=qcow2,node-name=os0,file=os0-file",
                 "-device", "virtio-blk-pci,drive=os0,id=vd-os0", "-device", "virtio-net-pci,netdev=n0",

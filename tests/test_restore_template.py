@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vmvault.engine.template import DiskTarget, build_template, has_definition, refuse_without_definition
+from vmvault.connectors.qemu.cmdline import CopyIdentity, RestoredDisk, rewrite
+from vmvault.connectors.qemu.template import DiskTarget, build_template, has_definition, refuse_without_definition
 from vmvault.errors import InvalidInput
-from vmvault.hypervisor.qemu_template import CopyIdentity, RestoredDisk, rewrite
 
 CMDLINE = [
     "qemu-system-x86_64", "-name", "guest=web1,debug-threads=on", "-nodefaults", "-m", "256",

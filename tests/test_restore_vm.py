@@ -28,9 +28,9 @@ from vm.osdisk import OsImage as OsImage
 from vm.osdisk import boot_args as boot_args
 from vm.osdisk import os_disk as os_disk
 from vm.osdisk import os_image as os_image
+from vmvault.connectors.guest_agent import GuestAgent
+from vmvault.connectors.qemu.qmp import QmpClient
 from vmvault.errors import StorageError
-from vmvault.hypervisor.guest_agent import GuestAgent
-from vmvault.hypervisor.qmp import QmpClient
 
 MiB = 1 << 20
 VM = "orig"

@@ -9,7 +9,7 @@ product's own publishing steps instead of racing them with sleeps. Steps:
 
 `slow_snapshot(attempt)` makes a live backup's snapshot outlast the frozen window: with
 VMVAULT_TEST_SLOW_SNAPSHOT=SECONDS every snapshot attempt holds the guest frozen that much longer,
-with SECONDS:N only the first N attempts (engine/consistency.py snapshot_in_window).
+with SECONDS:N only the first N attempts (connectors/consistency.py snapshot_in_window).
 """
 
 from __future__ import annotations

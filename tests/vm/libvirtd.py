@@ -189,12 +189,12 @@ class Domain:
         return self
 
     def dom(self) -> Any:
-        from vmvault.hypervisor.libvirt_vm import connect
+        from vmvault.connectors.libvirt.domain import connect
 
         return connect(URI).lookupByName(self.name)
 
     def agent_client(self) -> Any:
-        from vmvault.hypervisor.libvirt_vm import LibvirtAgent
+        from vmvault.connectors.libvirt.domain import LibvirtAgent
 
         return LibvirtAgent(self.dom())
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vm.guest import GuestImage, build_guest
-from vmvault.hypervisor.guest_agent import ExecResult, GuestAgent, freeze_lock_path
-from vmvault.hypervisor.qmp import QmpClient
+from vmvault.connectors.guest_agent import ExecResult, GuestAgent, freeze_lock_path
+from vmvault.connectors.qemu.qmp import QmpClient
 
 MiB = 1 << 20
 BOOT_TIMEOUT = float(os.environ.get("VMVAULT_TEST_BOOT_TIMEOUT", "180"))

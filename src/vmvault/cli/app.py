@@ -457,10 +457,8 @@ def vm_add(
     if libvirt is not None:
         if disk or qmp is not None or guest_agent is not None:
             raise InvalidInput("--libvirt goes alone (with --connect)", hint="libvirt knows the domain's disks")
-        from vmvault.service import libvirt_vms
-
         with service_context() as ctx:
-            added = libvirt_vms.add_libvirt_vm(ctx, name, libvirt, connect)
+            added = vms.add_libvirt_vm(ctx, name, libvirt, connect)
             output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
         return
     if connect is not None:
@@ -475,9 +473,7 @@ def vm_add(
         raise InvalidInput("give either --disk or --qmp", hint="a running VM's disks come from QEMU itself")
     with service_context() as ctx:
         if qmp is not None:
-            from vmvault.service import running_vms
-
-            added = running_vms.add_qmp_vm(ctx, name, qmp, guest_agent)
+            added = vms.add_qmp_vm(ctx, name, qmp, guest_agent)
             output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
@@ -527,10 +523,10 @@ def vm_discover(
     connect: Annotated[str | None, typer.Option("--connect", help="libvirt's URI (default qemu:///system).")] = None,
 ) -> None:
     """List the libvirt domains not yet added."""
-    from vmvault.service import libvirt_vms
+    from vmvault.service import vms
 
     with service_context() as ctx:
-        output.print_list(libvirt_vms.discover(ctx, connect), ["name", "state", "uuid", "connect"])
+        output.print_list(vms.discover(ctx, connect), ["name", "state", "uuid", "connect"])
 
 
 @vm_app.command("list")
@@ -554,13 +550,13 @@ VM_LIST_COLUMNS = ("name", "kind", "powerState", "disks", "agent", "protection",
 def vm_enable_agent(name: Annotated[str, typer.Argument(help="VM name (a libvirt domain).")]) -> None:
     """Add the guest agent channel (org.qemu.guest_agent.0) to a libvirt domain's definition, for its next boot."""
     from vmvault.cli import remote
-    from vmvault.service import libvirt_vms
+    from vmvault.service import agents
 
     if remote.active():
         output.print_object(remote.post(f"/vms/{remote.q(name)}/enable-agent"))
         return
     with service_context() as ctx:
-        output.print_object(libvirt_vms.enable_agent(ctx, name))
+        output.print_object(agents.enable_agent(ctx, name))
 
 
 @vm_app.command("show")

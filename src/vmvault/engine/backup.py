@@ -21,14 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.engine.chunking import Geometry, data_chunk_runs, reads_per_leaf
-from vmvault.engine.probe import disk_info
+from vmvault.engine.nbd import STATE_HOLE, STATE_ZERO
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
-from vmvault.errors import Cancelled, InvalidInput
-from vmvault.hypervisor.diskformat import BackingFile
-from vmvault.hypervisor.imagelock import ImageLock
-from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
-from vmvault.hypervisor.offline import NbdImageExport, check_registered_disk
-from vmvault.hypervisor.rawfile import DiskReader, file_uri, open_reader
+from vmvault.engine.rawfile import DiskReader, open_reader
+from vmvault.errors import Cancelled
 from vmvault.testhooks import crash_point
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import Leaf, LeafReader, Root, encode_leaf
@@ -40,20 +36,6 @@ from vmvault.vault.store import PackWriter, Vault
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 IN_FLIGHT = 2 * WORKERS
-
-
-@dataclass(frozen=True)
-class DiskSource:
-    """A stopped VM's disk image, read offline through qemu-nbd, opened as its recorded format.
-
-    chain: the qcow2 backing chain recorded at `vm add` (checked before reading); None for disks
-    whose chain is re-read each time under the same rules (libvirt domains: their XML decides).
-    """
-
-    name: str
-    path: Path
-    format: str
-    chain: list[BackingFile] | None = None
 
 
 @dataclass(frozen=True)
@@ -353,37 +335,6 @@ def _sample_mismatch(vault: Vault, disk: _Disk) -> str | None:
     finally:
         reader.close()
     return None
-
-
-def run_backup(
-    vault: Vault,
-    spec: PointSpec,
-    disks: list[DiskSource],
-    previous: RecoveryPointManifest | None,
-    *,
-    on_progress: ProgressCallback | None = None,
-    cancel: threading.Event | None = None,
-) -> RecoveryPointManifest:
-    """Back up a stopped VM's images, holding every image's lock for the whole backup."""
-    if not disks:
-        raise InvalidInput(f"VM {spec.vm_name} has no disks to back up")
-    with contextlib.ExitStack() as stack:
-        exported = []
-        for src in disks:
-            registered = src.chain is not None  # recorded at `vm add` (libvirt domains: their XML decides)
-            if registered:
-                check_registered_disk(src.path)
-            info = disk_info(src.path, src.format, src.chain)
-            if info.format == "raw" and info.path.is_file():
-                # Raw files are read directly, under QEMU's image lock (what qemu-nbd would hold), through
-                # the lock's own descriptor: a registered disk swapped for a symlink after the check is not read.
-                lock = stack.enter_context(ImageLock(info.path, nofollow=registered))
-                uri = file_uri(lock.fd_path if registered else info.path)
-            else:
-                uri = stack.enter_context(NbdImageExport(info, connections=WORKERS + 2)).uri
-            exported.append(ExportedDisk(src.name, uri, info.virtual_size, info.format, str(info.path)))
-        manifest, _stats = backup_exported(vault, spec, exported, previous, on_progress=on_progress, cancel=cancel)
-    return manifest
 
 
 # The vault lock, shared, for the whole backup (vault/lock.py): garbage collection sweeps only

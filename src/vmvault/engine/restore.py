@@ -11,13 +11,12 @@ import os
 import secrets
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.errors import Cancelled, IntegrityError, InvalidInput
-from vmvault.hypervisor.offline import convert_to_qcow2
 from vmvault.testhooks import crash_point
 from vmvault.vault.chunkindex import Location
 from vmvault.vault.crypto import ZERO_ID
@@ -29,6 +28,7 @@ WORKERS = 6
 IN_FLIGHT = 16
 MAX_GAP = 256 * 1024  # fetch neighbouring blobs of one pack in one read when the gap is small
 FORMATS = ("raw", "qcow2")
+Converter = Callable[[Path, Path], None]  # raw image -> qcow2 image
 
 
 def run_restore(
@@ -42,14 +42,20 @@ def run_restore(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     partial_tag: str | None = None,
+    convert: Converter | None = None,
 ) -> list[Path]:
     """Restore into target_dir; partial files are named `.<final>.vmvault-partial-<tag>*` (the tag a
-    caller gives is recorded in its job, so a killed restore's partial files can be found and removed)."""
+    caller gives is recorded in its job, so a killed restore's partial files can be found and removed).
+
+    The engine writes raw images; a qcow2 one is `convert`ed from it (the disk-image connector's
+    qemu-img convert, connectors/registry.py images()), which every qcow2 target needs."""
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format {fmt!r}", hint="use --format raw or --format qcow2")
     chosen = _choose_disks(manifest, disks)
     target_dir = Path(target_dir).absolute()
     finals = [target_dir / f"{d.name}.{fmt or d.source_format}" for d in chosen]
+    if convert is None and any(f.suffix == ".qcow2" for f in finals):
+        raise InvalidInput("a qcow2 disk is to be restored and no converter was given", hint="pass convert=")
     existing = [str(p) for p in finals if p.exists()]
     if existing and not force:
         raise InvalidInput(
@@ -64,7 +70,7 @@ def run_restore(
     try:
         for disk, final in zip(chosen, finals, strict=True):
             tracker.state.current_disk = disk.name
-            temps.append(_restore_one(vault, manifest, disk, final, tracker, cancel, partial_tag))
+            temps.append(_restore_one(vault, manifest, disk, final, tracker, cancel, partial_tag, convert))
         for tmp, final in zip(temps, finals, strict=True):
             os.replace(tmp, final)
         _fsync_dir(target_dir)
@@ -97,6 +103,7 @@ def _restore_one(
     tracker: ProgressTracker,
     cancel: threading.Event,
     partial_tag: str | None = None,
+    convert: Converter | None = None,
 ) -> Path:
     tag = partial_tag or secrets.token_hex(4)
     raw_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}.raw"
@@ -106,7 +113,8 @@ def _restore_one(
         if final.suffix == ".qcow2":
             qcow_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}"
             try:
-                convert_to_qcow2(raw_tmp, qcow_tmp)
+                assert convert is not None  # checked by run_restore
+                convert(raw_tmp, qcow_tmp)
             except BaseException:
                 qcow_tmp.unlink(missing_ok=True)
                 raise

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -41,7 +40,6 @@ from vmvault.service.views import JsonDict, recovery_point_view
 
 log = logging.getLogger("vmvault")
 
-CRASH_CONSISTENT = "CrashConsistent"
 ON_DEMAND, SCHEDULED = "OnDemand", "Scheduled"  # job details["trigger"]
 
 
@@ -232,74 +230,86 @@ def _check_disks(vm_name: str, disks: list[dict[str, Any]]) -> None:
 
 
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
-    from vmvault.engine.backup import PointSpec, run_backup
+    """One backup over the VM's connector: it opens the point in time, the engine reads it into the vault."""
+    from vmvault.connectors.contract import BackupRequest, Note
+    from vmvault.connectors.registry import connector_for
+    from vmvault.engine.backup import PointSpec, backup_exported
+    from vmvault.service.quiesce import budget_for
 
-    if plan.definition.get("kind") == "qmp":  # a QEMU VM driven over QMP (service/running_vms.py)
-        from vmvault.service import running_vms
-
-        manifest = running_vms.run_qmp_backup(ctx, plan, job_id, run)
-        if manifest is not None:
-            return manifest
-        plan = running_vms.stopped_vm_plan(plan)  # its QEMU is not running: read the images offline below
-    if plan.definition.get("kind") == "libvirt":  # a libvirt domain (service/libvirt_vms.py)
-        from vmvault.service import libvirt_vms
-
-        return libvirt_vms.run_libvirt_backup(ctx, plan, job_id, run)
-    sources = [disk_source(ctx, plan.vm_id, plan.vm_name, d) for d in plan.disks]
+    connector = connector_for(plan.definition.get("kind"))
+    port = _BackupPort(ctx, plan, run)
     with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name), _count_retries(run, vault):
         previous = _previous_manifest(ctx, vault, plan)
-        return run_backup(
-            vault,
-            PointSpec(
+        request = BackupRequest(plan.vm_id, plan.vm_name, plan.disks, plan.definition, _bookkeeping(previous),
+                                budget_for(ctx, plan), str(ctx.settings.home))  # fmt: skip
+        with connector.open_point(request, port) as point:
+            spec = PointSpec(
                 vm_name=plan.vm_name,
                 vm_id=plan.vm_id,
-                rp_id=new_rp_id(),
-                time=_next_point_time(ctx, plan.vm_id),
+                rp_id=point.rp_id,
+                time=point.time,
                 retain_until=plan.retain_until,
-                consistency=CRASH_CONSISTENT,
-                vm_definition=plan.definition,
+                consistency=point.consistency,
+                vm_definition=point.definition,
                 job_id=job_id,
-            ),
-            sources,
-            previous,
-            on_progress=run.progress,
-            cancel=run.cancel,
-        )
+            )
+            manifest, stats = backup_exported(
+                vault, spec, point.disks, previous, on_progress=run.progress, cancel=point.cancel
+            )
+            for disk in stats:
+                for warning in disk.warnings:
+                    port.warn(Note("cbt_fallback", warning, point.read_hint))
+    port.report()
+    return manifest
 
 
-def disk_source(ctx: Context, vm_id: str, vm_name: str, disk: dict[str, Any]) -> Any:
-    """The disk as recorded at `vm add`: its format, and for qcow2 the backing chain checked before reading.
+def _bookkeeping(previous: Any) -> Any:
+    """The previous point as a connector reads it: id, time and its vm_definition (checkpoint names...)."""
+    from vmvault.connectors.contract import PreviousPoint
 
-    A qcow2 disk recorded before chains were (catalog migration 0007) gets its chain recorded now
-    when it has no backing file; one that has a backing file is refused until an admin confirms it.
-    """
-    from vmvault.engine.backup import DiskSource
-    from vmvault.hypervisor.diskformat import chain_from_record, read_chain
-    from vmvault.hypervisor.offline import check_registered_disk
-
-    name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
-    check_registered_disk(path)  # not a symlink swapped in since `vm add`
-    if fmt != "qcow2" or "chain" in disk:
-        return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
-    chain = read_chain(path, fmt)
-    if chain:
-        raise InvalidInput(
-            f"disk {name} ({path}) of VM '{vm_name}' is a qcow2 image with backing file {chain[0].path}, "
-            "added before vmvault recorded backing chains: confirm that chain before it is read",
-            hint=f"if {path} is a qcow2 image you made: vmvault vm set-format {vm_name} --disk {name} --format qcow2; "
-            f"if the VM uses it as a raw disk: --format raw",
-            code="disk_chain_unconfirmed",
-        )
-    _record_disk(ctx, vm_id, name, {"chain": []})
-    log.warning("disk %s of VM %s: qcow2 without backing file, recorded now (first backup since 0007)", name, vm_name)
-    return DiskSource(name, path, fmt, [])
+    if previous is None:
+        return None
+    return PreviousPoint(previous.rp_id, previous.time, dict(previous.vm_definition or {}))
 
 
-def _record_disk(ctx: Context, vm_id: str, disk_name: str, values: dict[str, Any]) -> None:
-    with ctx.catalog.write() as s:
-        row = repos.find_vm_by_id(s, vm_id)
-        if row is not None:
-            row.disks = [{**d, **values} if d.get("name") == disk_name else d for d in row.disks]
+class _BackupPort:
+    """The catalog and the job, as a connector reports to them (connectors/contract.py BackupPort)."""
+
+    def __init__(self, ctx: Context, plan: BackupPlan, run: JobRun) -> None:
+        self.ctx, self.plan, self.run = ctx, plan, run
+        self.notes: list[Any] = []
+
+    @property
+    def cancel(self) -> threading.Event:
+        return self.run.cancel
+
+    def new_point(self) -> tuple[str, str]:
+        return new_rp_id(), _next_point_time(self.ctx, self.plan.vm_id)
+
+    def warn(self, note: Any) -> None:
+        self.notes.append(note)
+
+    def quiesced(self, q: Any, snapshot_s: float | None) -> None:
+        from vmvault.service.quiesce import record
+
+        record(self.run, q, snapshot_s)
+
+    def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
+        from vmvault.service.vms import save_definition
+
+        save_definition(self.ctx, self.plan.vm_id, updates, disks)
+
+    def save_disk(self, name: str, values: dict[str, Any]) -> None:
+        with self.ctx.catalog.write() as s:
+            row = repos.find_vm_by_id(s, self.plan.vm_id)
+            if row is not None:
+                row.disks = [{**d, **values} if d.get("name") == name else d for d in row.disks]
+
+    def report(self) -> None:
+        """The warnings, once the point is published (a failed backup's reason is its error)."""
+        for note in self.notes:
+            log.warning("%s", note.message)
+            self.run.warnings.append(note.to_dict())
 
 
 @contextmanager

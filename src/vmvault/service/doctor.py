@@ -15,21 +15,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 
 from vmvault.catalog import repos
 from vmvault.catalog.models import VaultRow, VmRow
+from vmvault.connectors.registry import CONNECTORS
 from vmvault.service.context import Context
 from vmvault.service.views import JsonDict
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 TOOL_TIMEOUT_S = 20
-AGENT_TIMEOUT_S = 3
 MIN_QEMU = (7, 2)  # the release vmvault is tested on (fleecing with snapshot-access, bitmaps over NBD)
-MIN_LIBVIRT_BACKUP = (7, 2)  # pull backups with checkpoints for QEMU domains
 GiB = 1 << 30
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 _TOOLS = (
@@ -65,14 +64,13 @@ def run_doctor(ctx: Context | None, vm: str | None = None, extra: list[Check] | 
                 s.expunge(row)
     for name, group in (("qemu", _tools), ("libnbd", _libnbd), ("fuse", _fuse), ("loop", _loop)):
         checks.extend(_guard(name, group))
-    checks.extend(_guard("libvirt", lambda: _libvirt(any(v.kind == "libvirt" for v in vms))))
+    home = str(ctx.settings.home) if ctx is not None else None
+    for kind in CONNECTORS:  # libvirt reachable with its backup API; space for QEMU's fleece overlays (with a home)
+        checks.extend(_guard(kind, partial(_host, kind, home, vms)))
     for row in vms:
         checks.extend(_vm(row))
     for vault in vaults:
         checks.extend(_vault(vault))
-    if ctx is not None:
-        home = ctx.settings.home
-        checks.extend(_guard("fleece space", lambda: _fleece(home, vms)))
     checks.extend(extra or [])
     failed = [c.name for c in checks if c.status == FAIL]
     return {"ok": not failed, "failed": failed, "checks": [asdict(c) for c in checks]}
@@ -175,179 +173,28 @@ def _loop() -> Iterator[Check]:
     yield Check("loop", PASS, f"/dev/loop-control and {len(loops)} loop device(s)")
 
 
-# ---- libvirt ------------------------------------------------------------------------------------
+# ---- what each kind of VM needs (connectors/*: doctor_host, doctor_vm) ----------------------------------------
 
 
-def _libvirt(needed: bool) -> Iterator[Check]:
-    """Reachable, and what its version can do; only a failure when a libvirt VM is to be checked."""
-    from vmvault.hypervisor import libvirt_vm as lv
+def _host(kind: str, home: str | None, vms: list[VmRow]) -> Iterator[Check]:
+    """A kind's host checks; a failure only where a VM of that kind is to be checked (else a warning)."""
+    from vmvault.connectors.registry import connector_for
 
-    status_if_down = FAIL if needed else WARN
-    try:
-        conn = lv.connect(lv.DEFAULT_URI)
-    except lv.LibvirtError as exc:
-        yield Check(
-            "libvirt",
-            status_if_down,
-            exc.message,
-            "start libvirtd (systemctl start libvirtd), or ignore this if no VM is managed by libvirt",
-        )
-        return
-    try:
-        yield from _libvirt_capabilities(conn)
-    finally:
-        conn.close()
-
-
-def _libvirt_capabilities(conn: Any) -> Iterator[Check]:
-    import libvirt
-
-    raw = int(conn.getLibVersion())
-    version = (raw // 1_000_000, raw // 1000 % 1000, raw % 1000)
-    text = ".".join(map(str, version))
-    yield Check("libvirt", PASS, f"libvirt {text} at {conn.getURI()}")
-    has_api = hasattr(libvirt.virDomain, "backupBegin") and hasattr(libvirt.virDomain, "checkpointCreateXML")
-    if not has_api or version[:2] < MIN_LIBVIRT_BACKUP:
-        yield Check(
-            "libvirt backup API",
-            FAIL,
-            f"libvirt {text} (or its Python binding) lacks checkpoints and pull backups",
-            "upgrade libvirt to 7.2 or later (Debian 12: 9.0) and python3-libvirt",
-        )
-    else:
-        yield Check("libvirt backup API", PASS, "checkpoints and pull backups (backupBegin)")
-    if hasattr(libvirt, "VIR_DOMAIN_BACKUP_BEGIN_QUIESCE"):
-        yield Check("libvirt QUIESCE flag", PASS, "backupBegin freezes the guest itself (QUIESCE flag)")
-    else:
-        yield Check(
-            "libvirt QUIESCE flag",
-            PASS,
-            f"libvirt {text} rejects backupBegin's QUIESCE flag: vmvault "
-            "freezes the guest through the agent around backupBegin instead (same consistency)",
-        )
-
-
-# ---- VMs ----------------------------------------------------------------------------------------
+    mine = [v for v in vms if v.kind == kind]
+    disks = [d for v in mine for d in v.disks or []]
+    for check in connector_for(kind).doctor_host(home, disks, needed=bool(mine)):
+        yield Check(**check)
 
 
 def _vm(row: VmRow) -> list[Check]:
-    name = f"vm {row.name}"
-    if row.kind == "libvirt":
-        return _guard(name, lambda: _libvirt_vm(row))
-    if row.kind == "qmp":
-        return _guard(name, lambda: _qmp_vm(row))
-    return _guard(name, lambda: _disks(row))
+    from vmvault.connectors.registry import connector_for
 
+    def checks() -> Iterator[Check]:
+        found = connector_for(row.kind).doctor_vm(row.name, dict(row.definition or {}), list(row.disks or []))
+        for check in found:
+            yield Check(**check)
 
-def _disks(row: VmRow) -> Iterator[Check]:
-    from vmvault.errors import VmvaultError
-    from vmvault.hypervisor.diskformat import chain_from_record
-    from vmvault.hypervisor.offline import disk_info
-
-    for disk in row.disks:
-        label = f"vm {row.name} disk {disk.get('name')}"
-        path = Path(str(disk.get("path")))
-        try:
-            # Opened as recorded at `vm add` (never guessed from the content); the chain is checked too.
-            chain = chain_from_record(disk["chain"]) if "chain" in disk else None
-            info = disk_info(path, str(disk.get("format")), chain)
-        except VmvaultError as exc:
-            yield Check(label, FAIL, exc.message, exc.hint)
-            continue
-        yield Check(label, PASS, f"{path}: {info.format}, {info.virtual_size} bytes, not locked")
-
-
-def _qmp_vm(row: VmRow) -> Iterator[Check]:
-    from vmvault.errors import HypervisorError
-    from vmvault.hypervisor.guest_agent import GuestAgent
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
-
-    definition = row.definition or {}
-    try:
-        with QmpClient(str(definition.get("qmp"))).connect(greeting_timeout=AGENT_TIMEOUT_S) as client:
-            client.query_status()
-    except QemuNotRunning:
-        yield Check(
-            f"vm {row.name}",
-            WARN,
-            f"QEMU is not running (QMP socket {definition.get('qmp')})",
-            "start the VM before its backup, or back up its disks offline",
-        )
-        return
-    yield Check(f"vm {row.name}", PASS, f"QMP answers at {definition.get('qmp')}")
-    agent = definition.get("guestAgent")
-    if not agent:
-        yield Check(
-            f"vm {row.name} guest agent",
-            WARN,
-            "no guest agent channel: backups are CrashConsistent",
-            f"give QEMU a virtserialport named org.qemu.guest_agent.0 and re-add the VM with "
-            f"vmvault vm add {row.name} --qmp SOCKET --guest-agent AGENT_SOCKET",
-        )
-        return
-    try:
-        with GuestAgent(str(agent), timeout=AGENT_TIMEOUT_S).connect(timeout=AGENT_TIMEOUT_S):
-            pass
-    except (HypervisorError, OSError) as exc:
-        yield Check(
-            f"vm {row.name} guest agent",
-            FAIL,
-            f"the guest agent at {agent} does not answer: {exc}",
-            "install and start qemu-guest-agent inside the guest",
-        )
-        return
-    yield Check(f"vm {row.name} guest agent", PASS, f"the guest agent answers at {agent}")
-
-
-def _libvirt_vm(row: VmRow) -> Iterator[Check]:
-    from vmvault.hypervisor import libvirt_vm as lv
-    from vmvault.service.libvirt_vms import AGENT_FIX
-
-    definition = row.definition or {}
-    uri = str(definition.get("connect") or lv.DEFAULT_URI)
-    conn = lv.connect(uri)
-    try:
-        try:
-            dom = lv.lookup(conn, str(definition.get("domain")), definition.get("uuid"))
-            info = lv.inspect(dom)
-        except lv.LibvirtError as exc:
-            yield Check(f"vm {row.name}", FAIL, exc.message, exc.hint or "vmvault vm add again with --libvirt")
-            return
-        yield Check(f"vm {row.name}", PASS, f"libvirt domain {info.name} is {info.state}")
-        yield _agent_check(row, dom, info, AGENT_FIX.format(name=row.name))
-    finally:
-        conn.close()
-
-
-def _agent_check(row: VmRow, dom: Any, info: Any, fix: str) -> Check:
-    from vmvault.hypervisor import libvirt_vm as lv
-
-    label = f"vm {row.name} guest agent"
-    if not info.agent_channel:
-        if lv.has_agent_channel(lv.persistent_xml(dom)):
-            return Check(
-                label,
-                FAIL,
-                f"domain {info.name}: the {lv.AGENT_CHANNEL} channel is defined but takes "
-                "effect at its next boot; backups are CrashConsistent until then",
-                "shut the domain down and start it",
-            )
-        return Check(
-            label,
-            FAIL,
-            f"domain {info.name} has no {lv.AGENT_CHANNEL} channel: backups are CrashConsistent",
-            f"{fix}; install qemu-guest-agent in the guest",
-        )
-    if not info.running:
-        return Check(label, PASS, f"domain {info.name} has the {lv.AGENT_CHANNEL} channel (not running now)")
-    if lv.agent_answers(dom, AGENT_TIMEOUT_S):
-        return Check(label, PASS, f"the guest agent of domain {info.name} answers")
-    return Check(
-        label,
-        FAIL,
-        f"domain {info.name} has the channel but its guest agent does not answer",
-        "install and start qemu-guest-agent inside the guest (systemctl enable --now qemu-guest-agent)",
-    )
+    return _guard(f"vm {row.name}", checks)
 
 
 # ---- vaults and local space ---------------------------------------------------------------------
@@ -413,40 +260,6 @@ def _vault(row: VaultRow) -> Iterator[Check]:
         )
         return
     yield Check(label, PASS, f"{storage} is writable, {free / GiB:.1f} GiB free")
-
-
-def _fleece(where: Path, vms: list[VmRow]) -> Iterator[Check]:
-    """Running QEMU VMs are backed up through fleece overlays under HOME/fleece: they need real disk space."""
-    from vmvault.hypervisor.snapshot import FLEECE_MARGIN, filesystem_type
-
-    fs = filesystem_type(where)
-    st = os.statvfs(where)
-    free = st.f_bavail * st.f_frsize
-    needed = FLEECE_MARGIN + sum(_allocated(d) for v in vms if v.kind == "qmp" for d in v.disks)
-    if fs in ("tmpfs", "ramfs"):
-        yield Check(
-            "fleece space",
-            WARN,
-            f"{where} is on {fs}: fleece overlays of live backups would fill memory",
-            "put VMVAULT_HOME on a disk-backed file system",
-        )
-    elif free < needed:
-        yield Check(
-            "fleece space",
-            FAIL,
-            f"{free >> 20} MiB free in {where}; live backups of the running QEMU VMs "
-            f"need up to {needed >> 20} MiB for fleece overlays",
-            f"free space in {where} or move VMVAULT_HOME",
-        )
-    else:
-        yield Check("fleece space", PASS, f"{free / GiB:.1f} GiB free in {where} ({fs}) for fleece overlays")
-
-
-def _allocated(disk: dict[str, Any]) -> int:
-    try:
-        return os.stat(str(disk.get("path"))).st_blocks * 512
-    except OSError:
-        return 0
 
 
 # ---- clock ----------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ command returns:
 
 1. it starts the block export of the point (recovery/nbdserver.py, a child of the owner) on a unix
    socket in the new VM's run directory;
-2. it creates a qcow2 overlay per disk whose backing file is the export (hypervisor/instant.py),
-   defines and registers the VM like restore_vm does (new name, UUID, MACs, paths), with
-   `werror=stop,rerror=stop` on its disk devices, and boots it; the command returns once the
-   guest agent answers, the job still InProgress;
-3. it runs block-stream on every disk and reports bytes copied / total as the job's progress;
+2. through the VM's connector it creates a qcow2 overlay per disk whose backing file is the
+   export, defines and registers the VM like restore_vm does (new name, UUID, MACs, paths), its
+   disks stopping the VM on an I/O error, and boots it; the command returns once the guest agent
+   answers, the job still InProgress;
+3. the connector's live copy (connectors/*/live_copy.py: block-stream over QMP, libvirt's block
+   pull) copies every disk; the owner reports bytes copied / total as the job's progress;
 4. when every stream has completed (no disk has a backing file any more) it stops the export and
    ends the job Completed with the final disk paths (details `restore`, shown by `job show`).
 
@@ -41,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.catalog import repos
+from vmvault.connectors.contract import CopyDisk, LiveCopy, NewVm
+from vmvault.connectors.registry import connector_for
+from vmvault.connectors.workfiles import BOOT_TIMEOUT, copy_run_dir
 from vmvault.engine.progress import Progress
-from vmvault.errors import Busy, Cancelled, HypervisorError, IntegrityError, InvalidInput, StorageError, VmvaultError
-from vmvault.hypervisor import instant
-from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
+from vmvault.errors import Cancelled, InvalidInput, StorageError, VmvaultError
 from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import (
@@ -60,22 +62,12 @@ from vmvault.service.jobs import (
     run_job,
     show_job,
 )
-from vmvault.service.restore_vm import (
-    BOOT_TIMEOUT,
-    VmRestorePlan,
-    _launch_script,
-    _plan_vm,
-    _register,
-    _run_dir,
-    _write_new,
-    start_vm,
-)
+from vmvault.service.restore_vm import VmRestorePlan, _written, plan_new_vm, register_new_vm
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault.instant")
 
 RETRY_S = float(os.environ.get("VMVAULT_INSTANT_RETRY_S", "10"))
-STREAM_SPEED = int(os.environ.get("VMVAULT_INSTANT_STREAM_SPEED", "0"))  # bytes/s, 0 = as fast as it goes
 EXPORT_START_TIMEOUT_S = 60.0
 POLL_S = 1.0
 EXPORT_SOCKET = "vault.sock"
@@ -101,18 +93,14 @@ def restore_instant(
             "an instant restore writes qcow2 disks (an overlay on the vault's export)",
             hint="leave out --format, or drop --instant to restore raw disks",
         )
-    from vmvault.service import restore_libvirt
-
-    kind: JsonDict = {}
-    if restore_libvirt.is_libvirt_vm(ctx, vm_name):  # the seam: instant_libvirt.py drives a libvirt domain
-        from vmvault.service.instant_libvirt import plan_libvirt
-
-        plan, uri = plan_libvirt(ctx, vm_name, rp_id, new_name, target_dir)
-        kind = {"kind": "libvirt", "uri": uri}
-    else:
-        plan = _plan_vm(ctx, vm_name, rp_id, new_name, target_dir, "qcow2", True)
-    details = {"instantPlan": {**_plan_dict(plan), **kind},
-               "restore": {"vm": new_name, "instant": True, "state": "Starting"}}  # fmt: skip
+    plan = plan_new_vm(ctx, vm_name, rp_id, new_name, target_dir, "qcow2", True)
+    run_dir = copy_run_dir(plan.target_dir, new_name)  # the export's socket (and the copy's, for a plain QEMU)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InvalidInput(
+            f"files are in the way of the restored VM '{new_name}': {run_dir}",
+            hint="remove them, or choose another --target-dir",
+        )
+    details = {"instantPlan": _plan_dict(plan), "restore": {"vm": new_name, "instant": True, "state": "Starting"}}
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name, queued=True, details=details)
     proc = _spawn_owner(ctx, job.id, plan)
     return _wait_until_running(ctx, job.id, proc, cancel or threading.Event())
@@ -121,7 +109,7 @@ def restore_instant(
 def _plan_dict(plan: VmRestorePlan) -> JsonDict:
     return {"vm": plan.vm_name, "rp": plan.rp_id, "name": plan.new_name, "vault": plan.vault.name,
             "targetDir": str(plan.target_dir), "disks": [str(p) for p in plan.disk_files],
-            "extra": [str(p) for p in plan.extra_files]}  # fmt: skip
+            "kind": plan.kind}  # fmt: skip
 
 
 def owner_log(target_dir: Path, new_name: str) -> Path:
@@ -129,11 +117,9 @@ def owner_log(target_dir: Path, new_name: str) -> Path:
 
 
 def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.Popen[bytes]:
-    from vmvault.hypervisor.qemu_user import open_dir_to_qemu
-
     if not plan.target_dir.exists():
         plan.target_dir.mkdir(parents=True)
-        open_dir_to_qemu(plan.target_dir)  # a libvirt domain's QEMU (libvirt-qemu) opens the overlays in it
+        connector_for(plan.kind).share_with_vm(str(plan.target_dir), 0o710)  # the VM's QEMU opens the overlays
     env = dict(os.environ)
     if ctx.settings.passphrase:
         env["VMVAULT_PASSPHRASE"] = ctx.settings.passphrase
@@ -207,63 +193,57 @@ def owner_main(home: str, job_id: str) -> int:
             s.expunge(row)
         plan_dict = dict((row.details or {})["instantPlan"])
         plan = _plan_from(ctx, plan_dict)
-        outcome = run_job(ctx, row, lambda job: _worker(ctx, plan, job, plan_dict).run())
+        outcome = run_job(ctx, row, lambda job: InstantRestore(ctx, plan, job).run())
         log.info("job %s ended %s", job_id, outcome.job["status"])
         return 1 if outcome.failed else 0
 
 
-def _worker(ctx: Context, plan: VmRestorePlan, job: JobRun, d: JsonDict) -> InstantRestore:
-    if d.get("kind") == "libvirt":
-        from vmvault.service.instant_libvirt import LibvirtInstantRestore
-
-        return LibvirtInstantRestore(ctx, plan, job, uri=str(d["uri"]))
-    return InstantRestore(ctx, plan, job)
-
-
 def _plan_from(ctx: Context, d: JsonDict) -> VmRestorePlan:
+    """The plan as the command recorded it; the source VM's definition read again (its kind's connector)."""
     with ctx.catalog.read() as s:
         vault = repos.get_vault(s, str(d["vault"]))
-        s.expunge(vault)
+        source = repos.find_vm(s, str(d["vm"]))
+        definition = dict(source.definition or {}) if source is not None else {}
+        s.expunge_all()
     return VmRestorePlan(str(d["vm"]), str(d["rp"]), str(d["name"]), vault, Path(d["targetDir"]), "qcow2", True,
-                         [Path(p) for p in d["disks"]], [Path(p) for p in d["extra"]])  # fmt: skip
-
-
-@dataclass
-class Disk:
-    name: str
-    node: str  # the disk's format node in QEMU (block-stream's device)
-    path: Path  # the overlay, then the final disk
-    size: int
-    done: bool = False
+                         [Path(p) for p in d["disks"]], str(d.get("kind") or "qmp"), definition)  # fmt: skip
 
 
 @dataclass
 class InstantRestore:
-    """The owner's work: export, overlays, VM, streams, switch-over."""
+    """The owner's work: export, overlays, VM (the connector's), copy, switch-over."""
 
     ctx: Context
     plan: VmRestorePlan
     job: JobRun
-    disks: list[Disk] = field(default_factory=list)
-    template: JsonDict = field(default_factory=dict)
+    disks: list[CopyDisk] = field(default_factory=list)
+    vm: NewVm | None = None
+    live: LiveCopy | None = None
     export: subprocess.Popen[bytes] | None = None
     lost_since: float | None = None  # when the export was found dead (retry clock)
     created: list[Path] = field(default_factory=list)
     copied: dict[str, int] = field(default_factory=dict)  # bytes streamed so far, by disk
 
     @property
+    def connector(self) -> Any:
+        return connector_for(self.plan.kind)
+
+    @property
     def run_dir(self) -> Path:
-        return _run_dir(self.plan.target_dir, self.plan.new_name)
+        return copy_run_dir(self.plan.target_dir, self.plan.new_name)
 
     @property
     def socket(self) -> Path:
         return self.run_dir / EXPORT_SOCKET
 
-    @property
-    def qmp(self) -> str:
-        return str(self.template["sockets"]["qmp"])
-
     def run(self) -> JsonDict:
+        try:
+            return self._run()
+        finally:
+            if self.live is not None:
+                self.live.close()
+
+    def _run(self) -> JsonDict:
         try:
             view = self._start()
         except BaseException:
@@ -281,16 +261,14 @@ class InstantRestore:
         self._stop_export()
         for leftover in self.run_dir.glob("export.*"):
             leftover.unlink(missing_ok=True)
-        self._check_local()
+        assert self.live is not None
+        self.live.check_local(self.disks)
         self._note(state="Completed", exportClosed=True)
         return view
 
     def _failed_while_copying(self) -> None:
         """A VM that runs on the export keeps it (stopping it would pause the VM for good); else it stops."""
-        try:
-            with QmpClient(self.qmp).connect(greeting_timeout=5):
-                pass
-        except VmvaultError:
+        if self.live is None or not self.live.active():
             self._stop_export()
             self._note(state="Failed", vmRunning=False)
             return
@@ -300,38 +278,32 @@ class InstantRestore:
 
     # ---- start: export, overlays, VM ------------------------------------------------------------
     def _start(self) -> JsonDict:
-        from vmvault.engine.template import DiskTarget, build_template, refuse_without_definition
-
-        self.plan.target_dir.mkdir(parents=True, exist_ok=True)
+        connector, request = self.connector, self.plan.request()
+        if not self.plan.target_dir.exists():
+            self.plan.target_dir.mkdir(parents=True)
+            connector.share_with_vm(str(self.plan.target_dir), 0o710)
         self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
-        self._start_export()
+        connector.share_with_vm(str(self.run_dir), 0o710)  # the VM's QEMU connects to the export's socket in it
         manifest = self._manifest()
-        refuse_without_definition(manifest.vm_definition, self.plan.vm_name)
-        known = {str(d.get("name")): d for d in manifest.vm_definition.get("disks") or []}
+        definition = dict(manifest.vm_definition or {})
+        connector.check_point(request, definition)
+        self._start_export()
         for d in manifest.disks:
             path = self.plan.target_dir / f"{d.name}.qcow2"
-            instant.create_overlay(path, self.socket, d.name, d.size)
+            disk = connector.overlay(definition, d.name, d.size, str(path), str(self.socket))
             self.created.append(path)
-            self.disks.append(Disk(d.name, str((known.get(d.name) or {}).get("node") or d.name), path, d.size))
-        targets = [DiskTarget(d.name, d.path, "qcow2", d.size) for d in self.disks]
-        template = build_template(dict(manifest.vm_definition), source_vm=self.plan.vm_name, rp_id=self.plan.rp_id,
-                                  name=self.plan.new_name, disks=targets, excluded=[], run_dir=self.run_dir,
-                                  log_dir=self.plan.target_dir)  # fmt: skip
-        cmdline = instant.stop_on_errors(template["qemu"]["cmdline"], [d.node for d in self.disks])
-        template["qemu"] = {**template["qemu"], "cmdline": cmdline}
-        self.template = template
-        definition, script = self.plan.extra_files[0], self.plan.extra_files[1]
-        _write_new(definition, json.dumps(template, indent=2) + "\n")
-        self.created.append(definition)
-        _write_new(script, _launch_script(template, self.run_dir), mode=0o755)
-        self.created.append(script)
-        row = _register(self.ctx, self.plan, template, definition, script, manifest)
-        self._note(state="Booting", disks=[str(d.path) for d in self.disks], exportSocket=str(self.socket))
-        start_vm(template, script, self.plan.target_dir / f"{self.plan.new_name}-qemu.log")
+            self.disks.append(disk)
+        written = _written(manifest, [Path(d.path) for d in self.disks])
+        self.vm = connector.create_new_vm(request, definition, [d.name for d in manifest.disks], written,
+                                          instant=True)  # fmt: skip
+        self.created += [Path(f) for f in self.vm.files]
+        self.live = connector.live_copy(self.vm)
+        row = register_new_vm(self.ctx, self.plan.new_name, self.vm)
+        booting = {"domain": self.plan.new_name} if "domain" in self.vm.view else {}
+        self._note(state="Booting", disks=[d.path for d in self.disks], exportSocket=str(self.socket), **booting)
+        connector.start_new_vm(self.vm)
         log.info("VM %s runs on the export of point %s", self.plan.new_name, self.plan.rp_id)
-        return {"name": row.name, "id": row.id, "uuid": template["uuid"], "macs": template["macs"],
-                "disks": [str(d.path) for d in self.disks], "definitionFile": str(definition),
-                "launchScript": str(script), "started": True, "instant": True}  # fmt: skip
+        return {"name": row.name, "id": row.id, **self.vm.view, "started": True, "instant": True}
 
     def _manifest(self) -> Any:
         from vmvault.service.vaultio import opened_vault
@@ -363,6 +335,7 @@ class InstantRestore:
                                    hint="check the vault's storage (vmvault vault verify NAME) and retry")  # fmt: skip
             time.sleep(0.05)
         self._note(exportPid=self.export.pid)
+        self.connector.share_with_vm(str(self.socket), 0o660)  # the VM's QEMU connects (again after a restart)
 
     def _stop_export(self) -> None:
         proc, self.export = self.export, None
@@ -422,78 +395,23 @@ class InstantRestore:
             row.error = error
 
     # ---- the copy ----------------------------------------------------------------------------------
-    # What a cancel removed (the libvirt owner words it for a domain).
-    CANCELLED = "the VM was stopped and removed, with its disks (they still needed the vault's export)"
-
     def _copy(self) -> None:
         """Copy every disk into its overlay until none has a backing file (or finish offline)."""
+        assert self.live is not None
         while not all(d.done for d in self.disks):
             if self.job.cancel.is_set():
-                raise Cancelled(f"the instant restore of VM '{self.plan.new_name}' was cancelled: {self.CANCELLED}")
-            self._copy_tick(self._watch_export())
+                what = self.live.cancelled
+                raise Cancelled(f"the instant restore of VM '{self.plan.new_name}' was cancelled: {what}")
+            self.live.tick(self.disks, self.copied, self._watch_export())
             self._report()
             if not all(d.done for d in self.disks):
                 time.sleep(POLL_S)
-        self._copied()
-
-    def _copy_tick(self, serving: bool) -> None:
-        """One look at the streams over QMP: start, dismiss, resume."""
-        try:
-            with QmpClient(self.qmp).connect() as qmp:
-                self._tick(qmp, serving)
-        except QemuNotRunning:
-            if serving:
-                self._finish_offline()
-        except (OSError, HypervisorError, Busy):  # a QMP hiccup or a busy socket: the next tick asks again
-            log.warning("talking to VM %s failed; retrying", self.plan.new_name, exc_info=True)
-
-    def _copied(self) -> None:
-        """Every disk is local now (the libvirt owner also drops the backing from the persistent XML)."""
-
-    def _tick(self, qmp: QmpClient, serving: bool) -> None:
-        jobs = instant.stream_jobs(qmp)
-        for disk in self.disks:
-            job_id = instant.stream_job_id(disk.node)
-            state = jobs.get(job_id)
-            if disk.done:
-                continue
-            if state is None and serving:
-                instant.start_stream(qmp, disk.node, STREAM_SPEED)  # first start, or again after a failed one
-            elif state is not None and state.status == "concluded":
-                log.info("streaming %s ended: %s", disk.name, state)
-                instant.dismiss_job(qmp, job_id)
-                if state.error:
-                    log.warning("streaming %s failed: %s; starting it again", disk.name, state.error)
-                else:
-                    # the image header, not query-named-block-nodes: QEMU 7.2 crashed on that query here
-                    disk.done = instant.image_backing(disk.path) is None
-            elif state is not None:
-                self.copied[disk.name] = state.done
-        if serving:  # after a lost export: the VM first (its retried reads reconnect), then the copy
-            if instant.resume_after_io_error(qmp):
-                log.info("VM %s resumed after the export came back", self.plan.new_name)
-            for job_id in instant.paused_streams(qmp):
-                log.info("resuming %s", job_id)
-                instant.resume_job(qmp, job_id)
-
-    def _finish_offline(self) -> None:
-        """The VM stopped before the copy completed: copy the rest without it, against the export."""
-        log.info("VM %s is not running: copying the rest of its disks offline", self.plan.new_name)
-        for disk in self.disks:
-            if not disk.done and instant.image_backing(disk.path) is not None:
-                instant.drop_backing_offline(disk.path)
-            disk.done = True
+        self.live.finished(self.disks)
 
     def _report(self) -> None:
         done = sum(d.size if d.done else self.copied.get(d.name, 0) for d in self.disks)
         current = next((d.name for d in self.disks if not d.done), "")
         self.job.progress(Progress(sum(d.size for d in self.disks), done, done, current))
-
-    def _check_local(self) -> None:
-        for disk in self.disks:
-            backing = instant.image_backing(disk.path)
-            if backing is not None:
-                raise IntegrityError(f"the disk {disk.path} still has the backing file {backing} after the copy")
 
     # ---- bookkeeping ------------------------------------------------------------------------------
     def _note(self, **fields: Any) -> None:
@@ -510,18 +428,12 @@ class InstantRestore:
 
     def _teardown(self, state: str) -> None:
         """Stop the VM and the export, remove the copy: a copy that still needs the vault is no use alone."""
-        qmp = (self.template.get("sockets") or {}).get("qmp")
-        if qmp:
-            with contextlib.suppress(VmvaultError, OSError), QmpClient(str(qmp)).connect() as client:
-                client.quit()
-        pid_file = Path(str(self.template.get("pidFile") or ""))
-        deadline = time.monotonic() + 30
-        while pid_file.name and pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if self.live is not None:
+            self.live.stop()
+        elif self.vm is not None:
+            self.connector.remove_new_vm(self.vm)
         self._stop_export()
         self._remove_created()
-        for log_file in self.plan.extra_files[2:]:  # serial log, pid file, QEMU log: in the way of a new attempt
-            log_file.unlink(missing_ok=True)
         for leftover in (*self.run_dir.glob("*.sock"), *self.run_dir.glob("export.*")):
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(OSError):

@@ -99,9 +99,9 @@ def show_item(ctx: Context, vm_name: str) -> JsonDict:
             )
         view = item_view(s, item, vm, repos.vault_by_id(s, item.vault_id), now)
         s.expunge(vm)
-    if vm.kind == "libvirt":  # whether the point can be quiesced, and the fix when not (service/libvirt_vms.py)
-        from vmvault.service.libvirt_vms import agent_advice
+    from vmvault.service.agents import agent_advice
 
-        advice = agent_advice(vm)
+    advice = agent_advice(vm)  # whether the point can be quiesced, and the fix when not (a libvirt domain's)
+    if advice is not None:
         view["guestAgent"] = advice["message"] or "org.qemu.guest_agent.0 channel present"
     return view

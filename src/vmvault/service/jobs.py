@@ -146,9 +146,9 @@ def reap_dead_jobs(ctx: Context) -> int:
                 _notify_enqueue(s, row.id)
                 reaped += 1
     if reaped:
-        from vmvault.hypervisor.offline import remove_dead_work_dirs
+        from vmvault.connectors.registry import images
 
-        remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
+        images().remove_dead_work_dirs()  # the work directories (sockets) of the dead processes
     return reaped
 
 
@@ -257,7 +257,7 @@ _created_listener = threading.local()
 
 
 # ---- what a restore did (extendedInfo.restore) ---------------------------------------------------
-# The restore and file-recovery use cases create their job deep inside (restore_vm, restore_libvirt,
+# The restore and file-recovery use cases create their job deep inside (restore_vm,
 # instant restore, files.mount); the caller that knows the request says what to record around the call.
 
 _RESTORE_RECORD: contextvars.ContextVar[JsonDict | None] = contextvars.ContextVar("restore_record", default=None)

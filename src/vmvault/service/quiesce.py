@@ -1,6 +1,6 @@
 """A live backup's quiesce budget (per VM, else the service's setting) and the policy's consistency choice.
 
-The budget (engine/consistency.py Budget): how long the freeze call may take, the guest's fsfreeze
+The budget (connectors/contract.py Budget): how long the freeze call may take, the guest's fsfreeze
 hooks included (`vmvault vm update NAME --quiesce-timeout S`, else VMVAULT_QUIESCE_TIMEOUT, default
 60 s), and how long file systems stay frozen for the snapshot (VMVAULT_FROZEN_WINDOW, default 10 s).
 A policy with `snapshotConsistencyType: OnlyCrashConsistent` skips the quiesce.
@@ -25,7 +25,7 @@ MAX_TIMEOUT_S = 3600
 
 def budget_for(ctx: Context, plan: Any) -> Any:
     """The Budget of this backup: the VM's quiesce timeout, else the setting; crash_only from its policy."""
-    from vmvault.engine.consistency import Budget
+    from vmvault.connectors.contract import Budget
 
     with ctx.catalog.read() as s:
         vm = repos.find_vm_by_id(s, plan.vm_id)

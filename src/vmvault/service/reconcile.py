@@ -31,7 +31,7 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import NotFound, ObjectNotFound, VmvaultError
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, Status
-from vmvault.service.vaultio import opened_vault
+from vmvault.service.vaultio import opened_vault, read_manifest_or_none
 from vmvault.service.views import JsonDict
 from vmvault.vault.seqchain import Recorded
 
@@ -82,9 +82,9 @@ def reconcile_named(ctx: Context, row: VaultRow, when: str) -> Reconciled | None
 
 
 def reconcile_all(ctx: Context, when: str) -> None:
-    from vmvault.hypervisor.offline import remove_dead_work_dirs
+    from vmvault.connectors.registry import images
 
-    remove_dead_work_dirs()  # sockets of exports whose vmvault was killed
+    images().remove_dead_work_dirs()  # sockets of exports whose vmvault was killed
     with ctx.catalog.read() as s:
         rows = list(repos.list_vaults(s))
     for row in rows:
@@ -160,3 +160,59 @@ def _drop_deleted(ctx: Context, missing: list[Any], out: Reconciled) -> None:
             vm = repos.find_vm_by_id(s, current.vm_id)
             repos.delete_recovery_point(s, current.id)
             out.dropped.append({"recoveryPoint": current.id, "vm": vm.name if vm else current.vm_id})
+
+
+# ---- leftovers a killed vmvault left on VMs (service start) ---------------------------------------------------
+
+
+def reconcile_vms(ctx: Context) -> list[str]:
+    """Let each kind's connector undo what a killed vmvault left on its VMs (libvirt: backup jobs, scratch
+    files, failed checkpoints). A VM with a live Backup job (another process's) is that job's business.
+    Returns what was done, one line each.
+    """
+    from vmvault.connectors.contract import LeftoverVm
+    from vmvault.connectors.registry import connector_for
+
+    with ctx.catalog.read() as s:
+        rows = [r for r in repos.list_vms(s) if repos.running_job_for_vm(s, r.name, Operation.BACKUP) is None]
+        s.expunge_all()
+    done: list[str] = []
+    for kind in dict.fromkeys(r.kind for r in rows):
+        connector = connector_for(kind)
+        if connector.capabilities().changed_blocks != "checkpoints":
+            continue  # only a hypervisor that keeps vmvault's checkpoints can hold leftovers of a killed backup
+        leftovers = [LeftoverVm(r.id, r.name, dict(r.definition or {}), *_latest_point(ctx, r)) for r in rows
+                     if r.kind == kind]  # fmt: skip
+        done += connector.reconcile(str(ctx.settings.home), leftovers)
+    for line in done:
+        log.info("reconciled: %s", line)
+    return done
+
+
+def _latest_point(ctx: Context, row: Any) -> tuple[Any, bool]:
+    """The bookkeeping of the VM's latest point, and whether it could be read (its vault opened)."""
+    from vmvault.connectors.contract import PreviousPoint
+
+    with ctx.catalog.read() as s:
+        latest = repos.latest_recovery_point(s, row.id)
+        vault = repos.vault_by_id(s, latest.vault_id) if latest is not None else None
+        s.expunge_all()
+    if latest is None or vault is None:
+        return None, True
+    try:
+        with opened_vault(ctx, vault) as opened:
+            manifest = read_manifest_or_none(opened, latest.id)
+    except (VmvaultError, OSError) as exc:
+        log.warning("checkpoints of VM %s left alone: %s", row.name, exc)
+        return None, False
+    if manifest is None:
+        return None, False
+    return PreviousPoint(manifest.rp_id, manifest.time, dict(manifest.vm_definition or {})), True
+
+
+def reconcile_vms_at_start(ctx: Context) -> None:
+    """reconcile_vms for `vmvault serve` start: never keeps the service from starting."""
+    try:
+        reconcile_vms(ctx)
+    except Exception:  # logged; the next backup of each VM reconciles again
+        log.warning("reconciling leftovers of backups on VMs failed", exc_info=True)

@@ -105,6 +105,8 @@ def restore_as_new_vm(
 def plan_restore(
     ctx: Context, vm_name: str, rp_id: str, target: Path, fmt: str | None, force: bool, disks: list[str] | None
 ) -> RestorePlan:
+    from vmvault.connectors.registry import connector_for
+
     if fmt is not None and fmt not in FORMATS:
         raise InvalidInput(f"unknown disk format '{fmt}'", hint="use --format raw or --format qcow2")
     with ctx.catalog.read() as s:
@@ -112,8 +114,8 @@ def plan_restore(
         vault = repos.vault_by_id(s, point.vault_id)
         check_readable(vault)  # --from-secondary on an LRS vault: refused before any job or directory
         point_disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
-        # plain QEMU VMs get a JSON template beside their disks (service/restore_vm.py), libvirt VMs domain XML
-        template = {"qmp": f"{vm_name}-template.json", "libvirt": f"{vm_name}-domain.xml"}.get(vm.kind)
+        # the file from which the VM can be defined again, beside its disks (its kind's: restore_vm.py)
+        template = connector_for(vm.kind).template_name(vm_name)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
     files = [f"{name}.{fmt or source}" for name, source in chosen]
     _check_target(ctx, target, files + ([template] if template else []), force)
@@ -149,7 +151,7 @@ def _check_target(ctx: Context, target: Path, files: list[str], force: bool) -> 
 
 def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     from vmvault.engine.restore import run_restore
-    from vmvault.service.restore_vm import write_disks_template
+    from vmvault.service.restore_vm import convert_image, write_disks_template
     from vmvault.vault.lock import pinned, shared
 
     try:
@@ -177,6 +179,7 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
                 on_progress=run.progress,
                 cancel=run.cancel,
                 partial_tag=tag,
+                convert=convert_image,
             )
         template = write_disks_template(plan.target_dir, manifest, [Path(p) for p in paths], plan.vm_name, plan.force)
     return [Path(p) for p in paths] + ([template] if template is not None else [])

@@ -13,13 +13,15 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VmRow
 from vmvault.errors import AlreadyExists, InvalidInput, NotFound, VmvaultError
-from vmvault.hypervisor.diskformat import FORMATS
 from vmvault.service.context import Context
 from vmvault.service.paths import Rule, allowed
-from vmvault.service.validate import check_name
+from vmvault.service.validate import absolute, check_name
 from vmvault.service.views import JsonDict, vm_view
 
-KIND_DISKS = "disks"
+KIND_DISKS = "disks"  # the catalog's kinds of VM (connectors/registry.py)
+KIND_QMP = "qmp"
+KIND_LIBVIRT = "libvirt"
+FORMATS = ("raw", "qcow2")
 KIND_IMPORTED = "imported"
 
 
@@ -28,26 +30,55 @@ def add_vm(ctx: Context, name: str, disks: list[str | Path], formats: list[str] 
 
     formats: none (each guessed once, here, and shown), one for every disk, or one per disk. A
     guessed qcow2 that names a backing file or data file is refused: its header may be a guest's
-    writing inside a raw disk (hypervisor/diskformat.py).
+    writing inside a raw disk (connectors/diskimage/diskformat.py).
     """
     check_name("VM", name)
     paths = _check_disk_paths(ctx, name, disks)
     chosen = _formats(name, paths, formats or [])
     _refuse_taken(ctx, name)
-    infos = [_inspect(path, fmt) for path, fmt in zip(paths, chosen, strict=True)]
-    definitions = [_disk_definition(i, path, info) for i, (path, info) in enumerate(zip(paths, infos, strict=True))]
-    row = VmRow(
-        id=str(uuid.uuid4()),
-        name=name,
-        kind=KIND_DISKS,
-        disks=[disk_record(f"disk{i}", info) for i, info in enumerate(infos)],
-        definition={"disks": definitions},
-        created=now_iso(),
-    )
+    where = {"disks": [{"path": str(p), "format": f} for p, f in zip(paths, chosen, strict=True)]}
+    return _add(ctx, name, KIND_DISKS, where)
+
+
+def add_qmp_vm(ctx: Context, name: str, qmp_socket: str | Path, agent_socket: str | Path | None = None) -> JsonDict:
+    """Add a running QEMU VM: its disks and definition come from QMP (the VM must be running)."""
+    check_name("VM", name)
+    qmp_path = absolute(qmp_socket)
+    agent_path = absolute(agent_socket) if agent_socket else None
+    if agent_path is not None and agent_path == qmp_path:
+        raise InvalidInput("the QMP socket and the guest agent socket are the same file", hint="give each its socket")
+    _refuse_taken(ctx, name)
+    return _add(ctx, name, KIND_QMP, {"qmp": str(qmp_path), "guestAgent": str(agent_path) if agent_path else None})
+
+
+def add_libvirt_vm(ctx: Context, name: str, domain: str, uri: str | None = None) -> JsonDict:
+    """Add a libvirt domain: its disks and definition (the domain XML) come from libvirt."""
+    check_name("VM", name)
+    _refuse_taken(ctx, name)
+    return _add(ctx, name, KIND_LIBVIRT, {"domain": domain, "connect": uri})
+
+
+def _add(ctx: Context, name: str, kind: str, where: JsonDict) -> JsonDict:
+    """The VM as its connector describes it now, in the catalog."""
+    from vmvault.connectors.registry import connector_for
+
+    with ctx.catalog.read() as s:
+        known = [dict(r.definition or {}) for r in repos.list_vms(s) if r.kind == kind]
+    disks, definition = connector_for(kind).describe(where, known)
+    row = VmRow(id=str(uuid.uuid4()), name=name, kind=kind, disks=disks, definition=definition, created=now_iso())
     with ctx.catalog.write() as s:
         _refuse_taken_in(s, name)
         repos.add_vm(s, row)
         return _view(s, row)
+
+
+def discover(ctx: Context, uri: str | None = None) -> list[JsonDict]:
+    """The libvirt domains at uri that no VM of this catalog is yet."""
+    from vmvault.connectors.registry import connector_for
+
+    with ctx.catalog.read() as s:
+        known = {str((r.definition or {}).get("uuid")) for r in repos.list_vms(s) if r.kind == KIND_LIBVIRT}
+    return [d for d in connector_for(KIND_LIBVIRT).discover(uri) if d.get("uuid") not in known]
 
 
 def _check_disk_paths(ctx: Context, name: str, disks: list[str | Path]) -> list[Path]:
@@ -80,36 +111,6 @@ def _formats(name: str, paths: list[Path], formats: list[str]) -> list[str | Non
     return list(formats) or [None] * len(paths)
 
 
-def _inspect(path: Path, fmt: str | None) -> Any:
-    """The disk's info opened as `fmt`; guessed (once, here) when the user gave none."""
-    from vmvault.engine.probe import disk_info, probe_format
-    from vmvault.hypervisor.diskformat import read_qcow2_header
-
-    if fmt is None:
-        fmt = probe_format(path)
-        header = read_qcow2_header(path) if fmt == "qcow2" else None
-        if header is not None and (header.backing_name or header.data_file):
-            named = header.backing_name or "an external data file"
-            raise InvalidInput(
-                f"disk {path} looks like a qcow2 image that names {named!r}; vmvault does not trust a "
-                "guessed format with a backing file (a guest can write such a header into a raw disk)",
-                hint=f"say what it is: --format qcow2 if {path} is a qcow2 image you made, --format raw if the "
-                "VM uses it as a raw disk",
-                code="disk_format_ambiguous",
-            )
-    return disk_info(path, fmt)
-
-
-def disk_record(name: str, info: Any) -> JsonDict:
-    """A disk as the catalog keeps it (vms.disks): its format and qcow2 chain, fixed at `vm add`."""
-    from vmvault.hypervisor.diskformat import chain_to_record
-
-    record: JsonDict = {"name": name, "path": str(info.path), "format": info.format}
-    if info.format == "qcow2":
-        record["chain"] = chain_to_record(list(info.chain))
-    return record
-
-
 def set_disk_format(ctx: Context, vm_name: str, disk_name: str, fmt: str) -> JsonDict:
     """An admin's word on a disk's format: recorded with its current qcow2 chain (read under diskformat's rules)."""
     if fmt not in FORMATS:
@@ -118,11 +119,14 @@ def set_disk_format(ctx: Context, vm_name: str, disk_name: str, fmt: str) -> Jso
         row = repos.get_vm(s, vm_name)
         disk = next((d for d in row.disks or [] if d.get("name") == disk_name), None)
         kind = row.kind
-    if kind not in (KIND_DISKS, "qmp"):
+    if kind not in (KIND_DISKS, KIND_QMP):
         raise InvalidInput(f"VM '{vm_name}' is a {kind} VM: its disks' formats come from its definition")
     if disk is None or not disk.get("path"):
         raise NotFound(f"VM '{vm_name}' has no disk '{disk_name}'", hint=f"see its disks: vmvault vm show {vm_name}")
-    record = disk_record(disk_name, _inspect(Path(str(disk["path"])), fmt))
+    from vmvault.connectors.registry import connector_for
+
+    (described,), _ = connector_for(KIND_DISKS).describe({"disks": [{"path": str(disk["path"]), "format": fmt}]}, [])
+    record = {**described, "name": disk_name}
     with ctx.catalog.write() as s:
         row = repos.get_vm(s, vm_name)
         row.disks = [record if d.get("name") == disk_name else d for d in row.disks]
@@ -146,10 +150,6 @@ def recorded_format(vm: VmRow, disk_name: str) -> str:
             code="disk_format_unknown",
         )
     return str(fmt)
-
-
-def _disk_definition(index: int, path: Path, info: Any) -> JsonDict:
-    return {"name": f"disk{index}", "path": str(path), "format": info.format, "virtualSize": int(info.virtual_size)}
 
 
 def _refuse_taken(ctx: Context, name: str) -> None:
@@ -182,9 +182,6 @@ def show_vm(ctx: Context, name: str) -> JsonDict:
 
 # ---- vm list with live status ---------------------------------------------------------------------------
 
-STATUS_TIMEOUT_S = 1.0  # per socket: vm list stays fast when a QEMU or agent hangs
-
-
 def list_vms_with_status(ctx: Context) -> list[JsonDict]:
     """list_vms plus, per VM, powerState, agent reachability and protection in words (short timeouts)."""
     with ctx.catalog.read() as s:
@@ -204,12 +201,16 @@ def show_vm_with_status(ctx: Context, name: str) -> JsonDict:
 
 
 def _with_status(rows: list[VmRow], views: list[JsonDict]) -> list[JsonDict]:
-    from vmvault.service.libvirt_vms import KIND_LIBVIRT, statuses
+    """Each kind's connector reports its VMs' power state and agent (libvirt: one connection per URI)."""
+    from vmvault.connectors.registry import connector_for
 
-    libvirt_rows = [r for r in rows if r.kind == KIND_LIBVIRT]
-    live = statuses(libvirt_rows) if libvirt_rows else {}
+    live: dict[str, JsonDict] = {}
+    for kind in dict.fromkeys(r.kind for r in rows):
+        group = [r for r in rows if r.kind == kind]
+        found = connector_for(kind).status([dict(r.definition or {}) for r in group])
+        live.update({r.id: status for r, status in zip(group, found, strict=True)})
     for row, view in zip(rows, views, strict=True):
-        view.update(live.get(row.id) or _qemu_status(row))
+        view.update(live[row.id])
         view["protection"] = protection_words(view["protectionState"], view["vault"])
     return views
 
@@ -224,33 +225,16 @@ def protection_words(state: str, vault: str | None) -> str:
     return words.get(state, "not protected")
 
 
-def _qemu_status(row: VmRow) -> JsonDict:
-    """A plain QEMU VM: running when its QMP socket answers, else stopped; a disk-only VM: unknown."""
-    from vmvault.errors import HypervisorError
-    from vmvault.hypervisor.guest_agent import GuestAgent
-    from vmvault.hypervisor.qmp import QemuNotRunning, QmpClient
-
-    definition = row.definition or {}
-    qmp = definition.get("qmp")
-    if row.kind != "qmp" or not qmp:
-        return {"powerState": "unknown", "agent": "n/a (disk images)"}
-    try:
-        with QmpClient(str(qmp)).connect(greeting_timeout=STATUS_TIMEOUT_S) as client:
-            status = client.query_status()
-        state = "running" if status.get("running") else str(status.get("status") or "paused")
-    except QemuNotRunning:
-        return {"powerState": "stopped", "agent": "not running" if definition.get("guestAgent") else "no socket"}
-    except (HypervisorError, OSError):
-        state = "unknown (QMP busy)"
-    agent = definition.get("guestAgent")
-    if not agent:
-        return {"powerState": state, "agent": "no socket"}
-    try:
-        with GuestAgent(str(agent), timeout=STATUS_TIMEOUT_S).connect(timeout=STATUS_TIMEOUT_S):
-            reachable = "answers"
-    except (HypervisorError, OSError):
-        reachable = "no answer"
-    return {"powerState": state, "agent": reachable}
+def save_definition(ctx: Context, vm_id: str, updates: JsonDict, disks: list[JsonDict] | None = None) -> None:
+    """Keys merged into a VM's catalog definition and, when given, its disk records (a connector's bookkeeping)."""
+    with ctx.catalog.write() as s:
+        row = repos.find_vm_by_id(s, vm_id)
+        if row is None:
+            return
+        row.definition = {**(row.definition or {}), **updates}  # a new dict: the JSON column sees the change
+        if disks is not None:  # a disk still at the same path and format keeps the chain recorded for it
+            kept = {(d.get("name"), d.get("path"), d.get("format")): d for d in row.disks or []}
+            row.disks = [kept.get((d["name"], d["path"], d["format"]), d) for d in disks]
 
 
 # ---- the portal's Add VM page: running QEMU VMs and libvirt domains, with paths confined ----------
@@ -259,8 +243,6 @@ def _qemu_status(row: VmRow) -> JsonDict:
 def add_running_vm(ctx: Context, name: str, qmp_socket: str, agent_socket: str | None) -> JsonDict:
     """A running plain QEMU VM by its QMP (and guest agent) socket; for API/portal callers the sockets
     must lie in the allowed disk roots like the disks (a socket is a way into a process)."""
-    from vmvault.service.running_vms import add_qmp_vm
-
     if not qmp_socket:
         raise InvalidInput(f"VM '{name}' needs the path of its QMP socket", hint="give the QMP socket's path")
     qmp = allowed(ctx, Rule.DISKS, qmp_socket)
@@ -270,8 +252,6 @@ def add_running_vm(ctx: Context, name: str, qmp_socket: str, agent_socket: str |
 
 def discover_libvirt(ctx: Context, uri: str | None = None) -> tuple[list[JsonDict], str | None]:
     """libvirt domains not yet added, or the reason none can be listed (no libvirtd, no binding)."""
-    from vmvault.service.libvirt_vms import discover
-
     try:
         return discover(ctx, uri), None
     except VmvaultError as exc:
@@ -282,8 +262,6 @@ def discover_libvirt(ctx: Context, uri: str | None = None) -> tuple[list[JsonDic
 
 def add_discovered_domain(ctx: Context, name: str, domain: str) -> JsonDict:
     """A libvirt domain picked from discover_libvirt()'s list (by name or UUID), at the default URI."""
-    from vmvault.service.libvirt_vms import add_libvirt_vm
-
     if not domain:
         raise InvalidInput("pick a libvirt domain to add", hint="choose one in the list of discovered domains")
     return add_libvirt_vm(ctx, name, domain)

@@ -365,10 +365,9 @@ class Service:
             replicator = Replicator(self.ctx)
             previous = self._install_signals()
             try:
-                from vmvault.service.libvirt_vms import reconcile_at_start
+                from vmvault.service.reconcile import reconcile_all, reconcile_vms_at_start
 
-                reconcile_at_start(self.ctx)  # leftovers of a killed vmvault's libvirt backups, before any job runs
-                from vmvault.service.reconcile import reconcile_all
+                reconcile_vms_at_start(self.ctx)  # leftovers of a killed vmvault's backups on VMs, before any job runs
 
                 reconcile_all(self.ctx, "at the start of vmvault serve")  # points and jobs a crash left half-recorded
                 pool.start()

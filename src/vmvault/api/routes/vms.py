@@ -62,6 +62,6 @@ def update_vm(vm: str, body: VmUpdate, ctx: Ctx) -> dict[str, Any]:
 )
 def enable_agent(vm: str, ctx: Ctx) -> dict[str, Any]:
     """Add the guest agent channel to a libvirt domain's definition, for its next boot."""
-    from vmvault.service import libvirt_vms
+    from vmvault.service import agents
 
-    return libvirt_vms.enable_agent(ctx, vm)
+    return agents.enable_agent(ctx, vm)

@@ -1,7 +1,7 @@
 """Disk formats: every disk of a VM carries the format it is opened with (and, for qcow2, its chain)
 
 Before 0007 each backup guessed the format from the image's content, which a guest controls
-(hypervisor/diskformat.py). The format is now recorded in `vms.disks[].format`. This migration
+(connectors/diskimage/diskformat.py). The format is now recorded in `vms.disks[].format`. This migration
 guesses nothing: it copies the format `vm add` stored in the VM's definition (definition.disks,
 for disk-image and QMP VMs; the domain XML's <driver type> for libvirt domains), and marks
 'unknown' any disk with none; backups refuse an unknown disk until `vm set-format` records it.

@@ -9,7 +9,7 @@ fsFreezeEnabled). They run through the agent's guest-exec *outside* the frozen w
 refuses guest-exec while frozen and cannot kill a guest-exec), under the guest's `timeout`.
 
 Never leave a guest frozen: the agent connection is closed right after the freeze, and a detached
-thaw guard (`python -m vmvault.engine.consistency --thaw-guard ...`, its own session) holds the
+thaw guard (`python -m vmvault.connectors.consistency --thaw-guard ...`, its own session) holds the
 freeze lock and thaws the guest when vmvault dies (its pipe reaches EOF) or when the deadline
 passes, whichever comes first. vmvault thaws normally and then releases the guard. A thaw that finds
 nothing frozen means the guard got there first: the point is then only crash-consistent.
@@ -34,20 +34,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault.connectors.contract import (
+    APP_CONSISTENT,
+    CRASH_CONSISTENT,
+    DEFAULT_FROZEN_WINDOW_S,
+    FILE_SYSTEM_CONSISTENT,
+    Budget,
+    Note,
+)
+from vmvault.connectors.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.guest_agent import AgentError, ExecResult, GuestAgent, freeze_lock_path
 from vmvault.testhooks import slow_snapshot
 
 log = logging.getLogger("vmvault")
 
-APP_CONSISTENT = "AppConsistent"
-FILE_SYSTEM_CONSISTENT = "FileSystemConsistent"
-CRASH_CONSISTENT = "CrashConsistent"
 
 CONFIG_PATH = "/etc/vmvault/VMSnapshotScriptPluginConfig.json"
-DEFAULT_FREEZE_BUDGET_S = 60.0  # the freeze call with the guest's fsfreeze hooks (a database checkpoints)
-DEFAULT_FROZEN_WINDOW_S = 10.0  # frozen file systems: the snapshot only (VSS itself holds writes at most 10 s)
-RECOVER_EXTRA_S = 60.0  # after a freeze timed out: how much longer than the budget to wait for the agent
 GUARD_START_TIMEOUT_S = 15.0
 SCRIPT_GRACE_S = 15.0  # host-side wait beyond the guest's own `timeout`
 INSTALL_AGENT_HINT = (
@@ -55,18 +57,6 @@ INSTALL_AGENT_HINT = (
     "(-chardev socket,path=SOCK,server=on,wait=off,id=qga0 -device virtio-serial -device "
     "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0), then: vmvault vm add NAME --qmp ... --guest-agent SOCK"
 )
-
-
-@dataclass(frozen=True)
-class Note:
-    """Something the job reports as a warning: a stable code, a message, and the fix."""
-
-    code: str
-    message: str
-    hint: str | None = None
-
-    def to_dict(self) -> dict[str, str | None]:
-        return {"code": self.code, "message": self.message, "recommendedAction": self.hint}
 
 
 class PreScriptFailed(HypervisorError):
@@ -198,25 +188,6 @@ def classify_vss_thaw(error: AgentError | None) -> tuple[str, Note | None]:
 # ---- budgets --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Budget:
-    """How long a quiesce may take (docs/running-vms.md, "Quiesce budget").
-
-    freeze_s: the guest-fsfreeze-freeze call, the guest's fsfreeze hooks included (a database's
-    checkpoint takes tens of seconds); frozen_s: how long file systems stay frozen, which is the
-    snapshot (QMP transaction / backupBegin) only; recover_s: after a freeze call timed out, how long
-    vmvault waits for the agent to answer again to thaw the late freeze.
-    """
-
-    freeze_s: float = DEFAULT_FREEZE_BUDGET_S
-    frozen_s: float = DEFAULT_FROZEN_WINDOW_S
-    crash_only: bool = False  # the policy says OnlyCrashConsistent: no quiesce at all
-
-    @property
-    def recover_s(self) -> float:
-        return self.freeze_s + RECOVER_EXTRA_S
-
-
 # ---- the thaw guard -------------------------------------------------------------------------------
 #
 # Protocol on its pipe: b"F" = the freeze returned, the frozen window starts (deadline frozen_s);
@@ -240,7 +211,7 @@ class ThawGuard:
         ready_r, ready_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "vmvault.engine.consistency", "--thaw-guard", target,
+                [sys.executable, "-m", "vmvault.connectors.consistency", "--thaw-guard", target,
                  str(budget.freeze_s + budget.recover_s), str(budget.frozen_s), str(done_r), str(ready_w)],
                 pass_fds=(done_r, ready_w),
                 start_new_session=True,  # survives a kill of vmvault's process group
@@ -340,7 +311,7 @@ def _guard_thaw(target: str, why: str, end: float) -> int:
 def guard_agent(target: str) -> GuestAgent:
     """A connected agent session for a guard target (an agent socket, or libvirt:URI#UUID)."""
     if target.startswith("libvirt:"):
-        from vmvault.hypervisor import libvirt_vm as lv
+        from vmvault.connectors.libvirt import domain as lv
 
         uri, _, uuid = target[len("libvirt:") :].rpartition("#")
         dom = lv.connect(uri).lookupByUUIDString(uuid)
@@ -454,18 +425,36 @@ AgentFactory = Callable[[], GuestAgent]  # a new, unconnected session with the g
 AGENT_FAILURES = (HypervisorError, OSError, ValueError, TypeError, KeyError, AttributeError)
 
 
-@contextlib.contextmanager
-def quiesced(
-    agent_socket: str | None, *, running: bool = True, guest: bool = True, budget: Budget | None = None
-) -> Iterator[Quiesce]:
-    """Run pre-script and freeze, yield (the caller snapshots), thaw and run the post-script.
+@dataclass(frozen=True)
+class Guest:
+    """The guest as a connector finds it right before the instant, in its words for what is missing.
 
-    Raises PreScriptFailed before anything is frozen when a pre-script fails and the guest's
-    configuration says not to continue. guest=False (a qemu-storage-daemon): nothing to quiesce.
+    agent: a new, unconnected session with its guest agent (None: no agent configured, no channel);
+    target: the thaw guard's (an agent socket, or libvirt:URI#UUID); present False: nothing runs
+    a guest to quiesce (a qemu-storage-daemon).
     """
-    budget = budget or Budget()
+
+    agent: AgentFactory | None
+    target: str
+    present: bool = True
+    running: bool = True
+    paused: Note | None = None  # the warning when the guest is not running
+    paused_state: str = "NotConfigured"  # the agent's state reported then
+    no_agent: Note | None = None  # the warning when it has no agent
+
+
+@contextlib.contextmanager
+def quiesced(guest: Guest, budget: Budget) -> Iterator[Quiesce]:
+    """Run pre-script and freeze, yield (the caller takes the snapshot), thaw and run the post-script.
+
+    The fallback order of every kind of VM: nothing to quiesce (NotApplicable); the policy asks for
+    crash-consistent points (Skipped, no warning); the guest is not running, or has no agent
+    (crash-consistent, the connector's warning); else the agent's sequence (quiesce_agent). Raises
+    PreScriptFailed before anything is frozen when a pre-script fails and the guest's
+    configuration says not to continue.
+    """
     q = Quiesce()
-    if not guest:
+    if not guest.present:
         q.agent_state = "NotApplicable"
         yield q
         return
@@ -473,25 +462,15 @@ def quiesced(
         q.agent_state = "Skipped"  # the policy asks for crash-consistent points: not a warning
         yield q
         return
-    if not running:
-        q.agent_state = "Unknown"
-        q.notes.append(
-            Note("vm_paused", "the VM is not running (paused): no guest agent, the point is crash-consistent")
-        )
+    if not guest.running or guest.agent is None:
+        if not guest.running:
+            q.agent_state = guest.paused_state
+        note = guest.paused if not guest.running else guest.no_agent
+        if note is not None:
+            q.notes.append(note)
         yield q
         return
-    if not agent_socket:
-        q.notes.append(
-            Note(
-                "agent_not_configured",
-                "no guest agent is configured: the point is crash-consistent",
-                INSTALL_AGENT_HINT,
-            )
-        )
-        yield q
-        return
-    socket_path = agent_socket
-    with quiesce_agent(lambda: GuestAgent(socket_path), socket_path, budget, q):
+    with quiesce_agent(guest.agent, guest.target, budget, q):
         yield q
 
 

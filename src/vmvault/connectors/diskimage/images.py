@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from vmvault.connectors.diskimage.diskformat import FORMATS, BackingFile, blockdev_json, check_chain, read_chain
+from vmvault.connectors.diskimage.imagelock import ImageLock
 from vmvault.errors import HypervisorError, InvalidInput, NotFound, VmRunning
-from vmvault.hypervisor.diskformat import FORMATS, BackingFile, blockdev_json, check_chain, read_chain
-from vmvault.hypervisor.imagelock import ImageLock
 
 _RUNNING_HINT = "stop the VM first, or add it as a running VM with --libvirt or --qmp"
 
@@ -269,3 +269,40 @@ def convert_to_qcow2(src_raw: Path, dest: Path) -> None:
 
 def os_supports_sparse(path: Path) -> bool:
     return hasattr(os, "SEEK_HOLE")
+
+
+def refuse_locked(path: Path) -> None:
+    """VmRunning when a QEMU holds the image (it takes QEMU's own lock for a moment)."""
+    if existing_image(path).is_file():
+        with ImageLock(path):
+            pass
+
+
+def verify_image(path: Path, fmt: str, size: int) -> None:
+    """IntegrityError unless a restored image opens as fmt, has the point's size and (qcow2) checks clean."""
+    from vmvault.errors import IntegrityError
+
+    proc = subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise IntegrityError(f"the restored disk {path} does not open as {fmt}: {proc.stderr.strip()}")
+    info = json.loads(proc.stdout)
+    if int(info.get("virtual-size", -1)) != size:
+        raise IntegrityError(f"the restored disk {path} has size {info.get('virtual-size')}, the point {size}")
+    if fmt == "qcow2":
+        check = subprocess.run(["qemu-img", "check", "-q", "-f", fmt, str(path)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise IntegrityError(f"qemu-img check of the restored disk {path} failed: {check.stderr.strip()}")
+
+
+def drop_vmvault_bitmaps(path: Path) -> None:
+    """Remove vmvault's bitmaps (vmv-*) from a qcow2: the next backup must not trust them."""
+    proc = subprocess.run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(path)], capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        return
+    data = ((json.loads(proc.stdout).get("format-specific") or {}).get("data")) or {}
+    for bitmap in data.get("bitmaps") or []:
+        name = str(bitmap.get("name") or "")
+        if name.startswith("vmv-"):
+            subprocess.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(path), name], check=True,
+                           capture_output=True)  # fmt: skip

@@ -1,6 +1,6 @@
 """Reading raw images directly: the fastest path for stopped VMs with raw disks.
 
-The caller holds QEMU's image lock (hypervisor/imagelock.py) for the whole read, as qemu-nbd
+The caller holds QEMU's image lock (connectors/diskimage/imagelock.py) for the whole read, as qemu-nbd
 would. Holes come from SEEK_DATA/SEEK_HOLE, so never-written areas are not read. Reads go into a
 per-thread buffer that is reused: fresh multi-MiB buffers per read cost page faults on every call.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from vmvault.hypervisor.nbd import STATE_HOLE, STATE_ZERO
+from vmvault.engine.nbd import STATE_HOLE, STATE_ZERO
 
 URI_SCHEME = "file://"
 
@@ -91,7 +91,7 @@ class DiskReader(Protocol):
 
 def open_reader(uri: str, size: int) -> DiskReader:
     """A reader for a `file://` raw image or an `nbd+unix://` export."""
-    from vmvault.hypervisor.nbd import NbdReader
+    from vmvault.engine.nbd import NbdReader
 
     if uri.startswith(URI_SCHEME):
         return RawFileReader(uri, size)

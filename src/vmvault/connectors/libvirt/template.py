@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmvault.hypervisor.qemu_template import new_mac
+from vmvault.connectors.qemu.cmdline import new_mac
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 NOT_IN_POINT = "not in the recovery point (excluded from backup)"

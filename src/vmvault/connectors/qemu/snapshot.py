@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmvault.errors import HypervisorError
-from vmvault.hypervisor.nbd import NbdReader
-from vmvault.hypervisor.qemu_vm import QemuDisk, QemuIdentity, dirty_bitmaps
-from vmvault.hypervisor.qmp import (
+from vmvault.connectors.qemu.qmp import (
     QmpClient,
     QmpError,
     bitmap_add_action,
     bitmap_disable_action,
     blockdev_backup_action,
 )
+from vmvault.connectors.qemu.vm import QemuDisk, QemuIdentity, dirty_bitmaps
+from vmvault.engine.nbd import NbdReader
+from vmvault.errors import HypervisorError
 
 log = logging.getLogger("vmvault")
 

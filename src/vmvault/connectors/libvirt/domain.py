@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.guest_agent import AgentError, AgentUnavailable, GuestAgent
+from vmvault.engine.nbd import NbdReader
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.guest_agent import AgentError, AgentUnavailable, GuestAgent
-from vmvault.hypervisor.nbd import NbdReader
 
 log = logging.getLogger("vmvault")
 
@@ -366,7 +366,7 @@ class PullBackup:
         return f"<domaincheckpoint><name>{name}</name><disks>{parts}</disks></domaincheckpoint>"
 
     def begin(self, incremental: str | None, checkpoint_xml: str | None) -> None:
-        """backupBegin; a quiesce is vmvault's (engine/consistency.py: its budgets and thaw guard) around it.
+        """backupBegin; a quiesce is vmvault's (connectors/consistency.py: its budgets and thaw guard) around it.
 
         Not libvirt's QUIESCE flag: 9.0 refuses it, and its freeze call has no budget of ours.
         """
@@ -449,3 +449,19 @@ def abort_leftover_job(dom: Any, work_dir: Path) -> bool:
     except lv.libvirtError:
         return False
     return True
+
+
+KIND_LIBVIRT = "libvirt"  # the catalog's kind of a libvirt domain
+
+
+def definition_of(uri: str, info: DomainInfo) -> JsonDict:
+    """A domain's catalog definition: where libvirt is, the domain, its disks and its XML."""
+    return {
+        "kind": KIND_LIBVIRT,
+        "connect": uri,
+        "domain": info.name,
+        "uuid": info.uuid,
+        "disks": [{"name": d.name, "path": d.path, "format": d.format} for d in info.disks],
+        "agentChannel": info.agent_channel,
+        "domainXml": info.xml,
+    }

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.qemu.qmp import QmpClient, QmpError
 from vmvault.errors import HypervisorError
-from vmvault.hypervisor.qmp import QmpClient, QmpError
 
 JsonDict = dict[str, Any]
 STREAM_JOB_PREFIX = "vmv-stream-"
@@ -166,3 +166,23 @@ def resume_after_io_error(qmp: QmpClient) -> bool:
     except QmpError:
         return False
     return True
+
+
+# ---- the copy of an instant restore (connectors/contract.py LiveCopy) --------------------------------
+
+
+def finish_offline(disks: list[Any]) -> None:
+    """The VM stopped before the copy completed: copy the rest without it, against the export."""
+    for disk in disks:
+        if not disk.done and image_backing(Path(disk.path)) is not None:
+            drop_backing_offline(Path(disk.path))
+        disk.done = True
+
+
+def check_local(disks: list[Any]) -> None:
+    from vmvault.errors import IntegrityError
+
+    for disk in disks:
+        backing = image_backing(Path(disk.path))
+        if backing is not None:
+            raise IntegrityError(f"the disk {disk.path} still has the backing file {backing} after the copy")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmvault.connectors.qemu.cmdline import CopyIdentity, RestoredDisk, rewrite
 from vmvault.errors import InvalidInput
-from vmvault.hypervisor.qemu_template import CopyIdentity, RestoredDisk, rewrite
 
 TEMPLATE_VERSION = 1
 EXCLUDED_REASON = "not selected for this restore: left out of the template"

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vmvault.errors import HypervisorError
-from vmvault.hypervisor.qmp import QmpClient, QmpError
+from vmvault.connectors.qemu.qmp import QmpClient, QmpError
+from vmvault.errors import HypervisorError, VmvaultError
 from vmvault.proc import process_cmdline, process_start_ticks
 
 JsonDict = dict[str, Any]
@@ -184,3 +185,29 @@ def dirty_bitmaps(qmp: QmpClient) -> dict[str, dict[str, JsonDict]]:
             if bitmap.get("name"):
                 found.setdefault(node["node-name"], {})[bitmap["name"]] = bitmap
     return found
+
+
+# ---- the catalog's record of such a VM ------------------------------------------------------------
+
+KIND_QMP = "qmp"
+INTERNAL = ("tracking", "agent")  # kept in the catalog, never in a recovery point
+
+
+def manifest_definition(definition: JsonDict) -> JsonDict:
+    """The VM's definition as a recovery point keeps it: without the connector's internal state."""
+    return {k: v for k, v in definition.items() if k not in INTERNAL}
+
+
+def qmp_disk_record(disk: Any) -> JsonDict:
+    """A running QEMU's disk: the format its QEMU opens it with, and its qcow2 chain when readable.
+
+    Read offline when the QEMU is stopped, with exactly this format (and chain, checked).
+    """
+    from vmvault.connectors.diskimage.diskformat import FORMATS, chain_to_record, read_chain
+
+    fmt = disk.format if disk.format in FORMATS else "raw" if disk.format in ("file", "host_device") else "unknown"
+    record: JsonDict = {"name": disk.name, "path": disk.path, "format": fmt}
+    if fmt == "qcow2":
+        with contextlib.suppress(VmvaultError, OSError):  # left unrecorded: the first offline read asks to confirm
+            record["chain"] = chain_to_record(read_chain(Path(disk.path), fmt))
+    return record

@@ -1,1 +1,0 @@
-"""vmvault.hypervisor."""
