@@ -948,7 +948,6 @@ def restore_replace_disks(
     from vmvault.cli import remote
     from vmvault.cli.progress import progress_display, run_cancellable
     from vmvault.service import restore_vm as service
-    from vmvault.service.softdelete import resolve_point
 
     name = _vm_name(vm, vm_option, "restore replace-disks")
     if remote.active():
@@ -956,9 +955,7 @@ def restore_replace_disks(
         return
     with service_context() as ctx, progress_display(f"replace disks of {name}") as show:
         outcome = run_cancellable(
-            lambda cancel: service.replace_disks(
-                ctx, name, resolve_point(ctx, name, rp), on_progress=show, cancel=cancel
-            )
+            lambda cancel: service.replace_disks(ctx, name, rp, on_progress=show, cancel=cancel)
         )
     _end_job(outcome, [f"replaced {path}" for path in (outcome.result or {}).get("replaced", [])])
 

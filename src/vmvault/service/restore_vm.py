@@ -23,7 +23,7 @@ from vmvault.errors import InvalidInput, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
 from vmvault.service.paths import DEFAULT_RESTORES, Rule, allowed, recheck_dir, refuse_registered
-from vmvault.service.softdelete import usable_point
+from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.vaultio import check_readable
 from vmvault.service.views import JsonDict
@@ -285,6 +285,7 @@ def replace_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:
     """Overwrite a stopped VM's disks with the point's: all restored and verified first, then swapped."""
+    rp_id = resolve_point(ctx, vm_name, rp_id)  # "latest" from every face (CLI, API, portal)
     plan = _plan_replace(ctx, vm_name, rp_id)
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
 
