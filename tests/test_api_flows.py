@@ -194,7 +194,7 @@ def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.communicate(timeout=60)  # reads its pipes while it stops: a full stderr pipe would block its logging
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)

@@ -37,7 +37,7 @@ from helpers import Cli, HostKeyCli, head_of_image, protect, to_qcow2  # HostKey
 pytestmark = pytest.mark.slow
 
 KILLS = 20  # rounds go on until this many processes were killed (one that ended first is no kill)
-MAX_ROUNDS = 26
+MAX_ROUNDS = 30
 LATER = {"VMVAULT_TEST_CLOCK_OFFSET_S": str(3 * 24 * 3600)}
 STEPS = {  # the product's publishing steps a round may kill at instead of after a random delay
     "backup": ("pack:published", "backup:manifest-published"),
@@ -60,6 +60,7 @@ class Sweep:
     killed: int = 0
     restores: int = 0
     log: list[str] = field(default_factory=list)
+    took: dict[str, float] = field(default_factory=dict)  # op -> seconds its last run took when not killed
 
     def later(self) -> Cli:
         return HostKeyCli(home=self.cli.home, extra_env=LATER)
@@ -86,19 +87,24 @@ class Sweep:
     def round(self, n: int) -> None:
         op = self.rng.choices(list(STEPS), weights=(5, 3, 2, 2))[0]
         step = self.rng.choice(STEPS[op]) if STEPS[op] and self.rng.random() < 0.35 else None
-        delay = round(self.rng.uniform(0.8, 4.0), 2)  # vmvault needs ~0.5 s to start
+        # A random moment inside the command's run: a share of how long that command last took here
+        # (machines differ: a fixed range of delays kills few commands on a fast machine).
+        delay = round(max(0.3, self.rng.uniform(0.25, 0.95) * self.took.get(op, 2.5)), 2)
         cli, args = self.command(op, n)
         if args is None:
             op, cli, args = "gc", self.later(), ["vault", "gc", self.vault, "--grace", "0"]
         env = {**cli.extra_env, **({"VMVAULT_TEST_KILL_AT": step} if step else {})}
         proc = HostKeyCli(home=cli.home, extra_env=env).popen(*args)
         self.pids.append(proc.pid)
+        started = time.monotonic()
         try:
             proc.wait(timeout=120 if step else delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
         _out, err = proc.communicate(timeout=60)
         killed = proc.returncode == -signal.SIGKILL
+        if not killed and not step:
+            self.took[op] = time.monotonic() - started
         self.killed += killed
         self.log.append(f"round {n}: {op} {'at ' + step if step else f'after {delay}s'}: "
                         f"{'killed' if killed else f'exit {proc.returncode}'}")
