@@ -25,7 +25,6 @@ import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from azure.core import MatchConditions
@@ -41,6 +40,7 @@ from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
 from vmvault.errors import AlreadyExists, AuthenticationError, InvalidInput, ObjectNotFound, StorageError
 from vmvault.vault.backends.base import ObjectInfo, check_name
+from vmvault.vault.backends.objectstore import ObjectStoreBackend
 from vmvault.vault.backends.retry import Retrier
 
 SINGLE_PUT = 8 * 1024 * 1024
@@ -85,7 +85,7 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, HttpResponseError) and exc.status_code in _TRANSIENT_STATUS
 
 
-class AzureBackend:
+class AzureBackend(ObjectStoreBackend):
     def __init__(self, url: str, container: ContainerClient, prefix: str) -> None:
         self._url = url
         self._container = container
@@ -104,29 +104,12 @@ class AzureBackend:
             ) from exc
         return cls(url.rstrip("/"), service.get_container_client(container), prefix)
 
-    @property
-    def location(self) -> str:
-        return self._url
-
-    @property
-    def retries(self) -> int:
-        return self.retrier.retries
-
-    def describe(self) -> str:
-        return self._url
-
-    def lock_path(self, name: str) -> Path | None:
-        return None  # no POSIX locks: vault/objlock.py
-
     def ensure_container(self) -> None:
         """Create the container when it does not exist (vault create)."""
         with contextlib.suppress(ResourceExistsError):
             self._call("create container", self._container.create_container)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        return self._prefix + check_name(name)
-
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return self.retrier.call(what, fn)
@@ -207,13 +190,6 @@ class AzureBackend:
                 return b""
             raise
 
-    def exists(self, name: str) -> bool:
-        try:
-            self.stat(name)
-        except ObjectNotFound:
-            return False
-        return True
-
     def stat(self, name: str) -> ObjectInfo:
         blob = self._container.get_blob_client(self._key(name))
         try:
@@ -221,13 +197,6 @@ class AzureBackend:
         except ResourceNotFoundError as exc:
             raise self._missing(name) from exc
         return ObjectInfo(name, int(props.size), props.last_modified.timestamp())
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        start = self._prefix + (check_name(prefix) + "/" if prefix else "")
-        return self._list(start)
-
-    def inventory(self) -> Iterator[ObjectInfo]:
-        return self._list(self._prefix)
 
     def _list(self, start: str) -> Iterator[ObjectInfo]:
         def page() -> list[ObjectInfo]:

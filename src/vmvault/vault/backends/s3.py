@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
@@ -33,6 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from vmvault.errors import AlreadyExists, AuthenticationError, InvalidInput, ObjectNotFound, StorageError
 from vmvault.vault.backends.base import ObjectInfo, check_name
+from vmvault.vault.backends.objectstore import ObjectStoreBackend
 from vmvault.vault.backends.retry import Retrier
 
 SINGLE_PUT = 8 * 1024 * 1024
@@ -87,7 +87,7 @@ def _client() -> Any:
         return client
 
 
-class S3Backend:
+class S3Backend(ObjectStoreBackend):
     def __init__(self, url: str, client: Any, bucket: str, prefix: str) -> None:
         self._url = url
         self._s3 = client
@@ -100,20 +100,6 @@ class S3Backend:
         bucket, prefix = parse_url(url)
         return cls(url.rstrip("/"), _client(), bucket, prefix)
 
-    @property
-    def location(self) -> str:
-        return self._url
-
-    @property
-    def retries(self) -> int:
-        return self.retrier.retries
-
-    def describe(self) -> str:
-        return self._url
-
-    def lock_path(self, name: str) -> Path | None:
-        return None  # no POSIX locks: vault/objlock.py
-
     def ensure_container(self) -> None:
         """Create the bucket when it does not exist (vault create)."""
         try:
@@ -124,9 +110,6 @@ class S3Backend:
             self._call("create bucket", lambda: self._s3.create_bucket(Bucket=self._bucket))
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        return self._prefix + check_name(name)
-
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return self.retrier.call(what, fn)
@@ -218,13 +201,6 @@ class S3Backend:
                 return b""
             raise
 
-    def exists(self, name: str) -> bool:
-        try:
-            self.stat(name)
-        except ObjectNotFound:
-            return False
-        return True
-
     def stat(self, name: str) -> ObjectInfo:
         key = self._key(name)
         try:
@@ -234,13 +210,6 @@ class S3Backend:
                 raise self._missing(name) from exc
             raise
         return ObjectInfo(name, int(head["ContentLength"]), head["LastModified"].timestamp())
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        start = self._prefix + (check_name(prefix) + "/" if prefix else "")
-        return self._list(start)
-
-    def inventory(self) -> Iterator[ObjectInfo]:
-        return self._list(self._prefix)
 
     def _list(self, start: str) -> Iterator[ObjectInfo]:
         token: dict[str, str] = {}
