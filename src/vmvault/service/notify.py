@@ -303,11 +303,8 @@ def _lag_body(alert: JsonDict, event: str) -> str:
             f"(threshold {alert.get('thresholdSeconds')} s): a restore from the secondary would miss the newest "
             f"points. Last error: {alert.get('lastError') or 'none'}."
         )
-    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
-    if event != "resolved":
-        lines.append(f"recommended action: check the secondary is reachable, then run: "
-                     f"vmvault vault replicate {alert['vault']} --wait")  # fmt: skip
-    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
+    action = f"check the secondary is reachable, then run: vmvault vault replicate {alert['vault']} --wait"
+    return _body(alert, event, first, action)
 
 
 def _space_body(alert: JsonDict, event: str) -> str:
@@ -320,11 +317,9 @@ def _space_body(alert: JsonDict, event: str) -> str:
             f"Vault {alert['vault']} is running out of space: {free} MiB free ({percent}% of its file system), "
             f"under the {alert.get('thresholdPercent')}% threshold; backups fail when it is full."
         )
-    lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
-    if event != "resolved":
-        lines.append("recommended action: free space on that file system, or delete what is no longer needed: "
-                     f"vmvault retention run; vmvault vault gc {alert['vault']}")  # fmt: skip
-    return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
+    action = ("free space on that file system, or delete what is no longer needed: "
+              f"vmvault retention run; vmvault vault gc {alert['vault']}")  # fmt: skip
+    return _body(alert, event, first, action)
 
 
 def _alert_body(alert: JsonDict, event: str) -> str:
@@ -340,10 +335,15 @@ def _alert_body(alert: JsonDict, event: str) -> str:
             f"({alert.get('lastGoodTime') or 'none yet'}) is older than policy {alert.get('policy')} allows "
             f"(deadline {alert.get('deadline')})."
         )
+    action = f"see why with: vmvault job list --vm {alert['vm']}; then run: vmvault backup now --vm {alert['vm']}"
+    return _body(alert, event, first, action)
+
+
+def _body(alert: JsonDict, event: str, first: str, action: str) -> str:
+    """An alert's mail: what happened, when, the action to take (while it is open), the alert as JSON."""
     lines = [first, f"alert {alert['id']} raised {alert['raised']}, resolved {alert.get('resolved') or '-'}"]
     if event != "resolved":
-        lines.append(f"recommended action: see why with: vmvault job list --vm {alert['vm']}; "
-                     f"then run: vmvault backup now --vm {alert['vm']}")  # fmt: skip
+        lines.append(f"recommended action: {action}")
     return "\n".join([*lines, "", "The alert as JSON:", json.dumps(alert, indent=2)]) + "\n"
 
 
