@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from markupsafe import Markup
@@ -246,19 +248,23 @@ def policy_delete(request: Request, vault: str, policy: str) -> Response:
 @access(Permission.VAULT_VERIFY, Scope.VAULT)
 def vault_verify(request: Request, vault: str) -> Response:
     ctx = ctx_of(request)
-    vaults.show_vault(ctx, vault)  # 404 before a job starts
-    job = background(request).start(lambda cancel: vaults.verify_vault(ctx, vault, cancel=cancel))
-    session_of(request).toast(f"Verification of vault {vault} started.", job=str(job["id"]))
-    return redirect(f"/jobs/{job['id']}")
+    return _vault_job(request, vault, "Verification", lambda cancel: vaults.verify_vault(ctx, vault, cancel=cancel))
 
 
 @router.post("/vaults/{vault}/gc")
 @access(Permission.VAULT_VERIFY, Scope.VAULT)
 def vault_gc(request: Request, vault: str) -> Response:
     ctx = ctx_of(request)
-    vaults.show_vault(ctx, vault)
-    job = background(request).start(lambda cancel: gc.garbage_collect(ctx, vault, cancel=cancel))
-    session_of(request).toast(f"Garbage collection of vault {vault} started.", job=str(job["id"]))
+    return _vault_job(
+        request, vault, "Garbage collection", lambda cancel: gc.garbage_collect(ctx, vault, cancel=cancel)
+    )
+
+
+def _vault_job(request: Request, vault: str, what: str, work: Callable[[threading.Event], Any]) -> Response:
+    """Starts a vault's job in the background and shows its page (an unknown vault: 404 before any job)."""
+    vaults.show_vault(ctx_of(request), vault)
+    job = background(request).start(work)
+    session_of(request).toast(f"{what} of vault {vault} started.", job=str(job["id"]))
     return redirect(f"/jobs/{job['id']}")
 
 
