@@ -16,7 +16,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from helpers import Cli, Protected, assert_same_image, copy_image, mutate_image, rp_id, wait_for
+import pytest
+
+from helpers import Cli, Protected, assert_same_image, copy_image, head_of_image, mutate_image, rp_id, wait_for
 from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
 
 THREE_DAYS = str(3 * 24 * 3600)
@@ -40,7 +42,7 @@ def vault_bytes(storage: Path) -> int:
 
 
 def expire_short_points(prot: Protected) -> Any:
-    offset = {"VMVAULT_TEST_CLOCK_OFFSET_S": THREE_DAYS}
+    offset = {**prot.cli.extra_env, "VMVAULT_TEST_CLOCK_OFFSET_S": THREE_DAYS}
     later = Cli(home=prot.cli.home, passphrase=prot.cli.passphrase, extra_env=offset)
     return later.ok("retention", "run", "--vault", prot.vault, "--no-gc").json()
 
@@ -97,10 +99,19 @@ def test_gc_frees_the_data_of_deleted_points_and_repacks(small_image: Path, tmp_
     assert len(job) == 3 and all(j["properties"]["status"] == "Completed" for j in job), job
 
 
-def test_gc_waits_for_a_backup_that_deduplicated_against_a_deleted_point(small_image: Path, tmp_path: Path) -> None:
-    image = whole_mib_disk(small_image, tmp_path / "image.raw")
+def store_env() -> dict[str, str]:
+    """The object stores' credentials any_storage set in this process (Cli drops VMVAULT_* variables)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("VMVAULT_AZURE_", "AWS_", "AZURE_"))}
+
+
+@pytest.mark.slow
+def test_gc_waits_for_a_backup_that_deduplicated_against_a_deleted_point(
+    small_image: Path, tmp_path: Path, any_storage: str
+) -> None:
+    """On every backend: a directory (POSIX locks) and Azure Blob and S3 (lock objects with leases)."""
+    image = head_of_image(small_image, tmp_path / "image.raw", 16 * MiB)  # the race, not the disk, is tested
     disk = copy_image(image, tmp_path / "disk.raw")
-    prot = protect(Cli(home=tmp_path / "home"), disk, tmp_path / "vault")
+    prot = protect(Cli(home=tmp_path / "home", extra_env=store_env()), disk, any_storage)  # type: ignore[arg-type]
     cli = prot.cli
     # Point 1 holds the image's chunks; point 2 (all zeros) none of them.
     assert cli.backup_now(prot.vm, retain_until=tomorrow()).ok
@@ -115,7 +126,7 @@ def test_gc_waits_for_a_backup_that_deduplicated_against_a_deleted_point(small_i
     copy_image(image, disk)
     hook = tmp_path / "hook"
     hook.mkdir()
-    paused = Cli(home=cli.home, extra_env={"VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(hook)})
+    paused = Cli(home=cli.home, extra_env={**store_env(), "VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(hook)})
     backup = paused.popen(*cli.backup_args(prot.vm))
     gc: subprocess.Popen[str] | None = None
     try:

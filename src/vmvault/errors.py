@@ -63,6 +63,13 @@ class AuthenticationError(VmvaultError):
     http_status = 401
 
 
+class StorageCredentialsError(AuthenticationError):
+    """The vault's storage has no credentials here, or refused them (not the vault's passphrase)."""
+
+    code = "storage_credentials"
+    http_status = 502  # the store refused this server, not the API caller's token
+
+
 class StorageError(VmvaultError):
     code = "storage_error"
     exit_code = 74

@@ -38,7 +38,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 
-from vmvault.errors import AlreadyExists, AuthenticationError, InvalidInput, ObjectNotFound, StorageError
+from vmvault.errors import AlreadyExists, InvalidInput, ObjectNotFound, StorageCredentialsError, StorageError
 from vmvault.vault.backends.base import ObjectInfo, check_name
 from vmvault.vault.backends.objectstore import ObjectStoreBackend
 from vmvault.vault.backends.retry import Retrier
@@ -72,7 +72,7 @@ def connection_string(account: str) -> str:
     fields = dict(p.split("=", 1) for p in fallback.split(";") if "=" in p)
     if fallback and fields.get("AccountName") == account:
         return fallback
-    raise AuthenticationError(
+    raise StorageCredentialsError(
         f"no credentials for Azure storage account {account}",
         hint=f"set {var} to the account's connection string (or AZURE_STORAGE_CONNECTION_STRING "
         f"with AccountName={account})",
@@ -98,7 +98,7 @@ class AzureBackend(ObjectStoreBackend):
         try:
             service = BlobServiceClient.from_connection_string(connection_string(account), retry_total=0)
         except ValueError as exc:
-            raise AuthenticationError(
+            raise StorageCredentialsError(
                 f"the connection string for Azure storage account {account} is not valid",
                 hint=f"check VMVAULT_AZURE_{account.upper()}",
             ) from exc
@@ -119,7 +119,7 @@ class AzureBackend(ObjectStoreBackend):
             raise
         except HttpResponseError as exc:
             if exc.status_code in (401, 403):
-                raise AuthenticationError(
+                raise StorageCredentialsError(
                     f"{what}: {self._url} refused the credentials ({exc.status_code})",
                     hint="check the account's connection string in the environment",
                 ) from exc
@@ -224,4 +224,3 @@ class AzureBackend(ObjectStoreBackend):
 
     def delete_temporaries(self, older_than: float, dead_objects: frozenset[str] = frozenset()) -> int:
         return 0  # uncommitted blocks are invisible and the service discards them itself
-

@@ -29,6 +29,8 @@ def attempts() -> int:
         return min(max(int(os.environ.get("VMVAULT_STORAGE_ATTEMPTS", ATTEMPTS)), 1), 50)
     except ValueError:
         return ATTEMPTS
+
+
 BASE_S = 0.1
 CAP_S = 8.0
 

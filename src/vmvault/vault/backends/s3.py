@@ -30,7 +30,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from vmvault.errors import AlreadyExists, AuthenticationError, InvalidInput, ObjectNotFound, StorageError
+from vmvault.errors import AlreadyExists, InvalidInput, ObjectNotFound, StorageCredentialsError, StorageError
 from vmvault.vault.backends.base import ObjectInfo, check_name
 from vmvault.vault.backends.objectstore import ObjectStoreBackend
 from vmvault.vault.backends.retry import Retrier
@@ -114,13 +114,13 @@ class S3Backend(ObjectStoreBackend):
         try:
             return self.retrier.call(what, fn)
         except NoCredentialsError as exc:
-            raise AuthenticationError(
+            raise StorageCredentialsError(
                 f"{what}: no AWS credentials for {self._url}",
                 hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)",
             ) from exc
         except ClientError as exc:
             if _status(exc) in (401, 403):
-                raise AuthenticationError(
+                raise StorageCredentialsError(
                     f"{what}: {self._url} refused the credentials ({_code(exc)})",
                     hint="check the AWS credentials in the environment and the bucket's policy",
                 ) from exc
