@@ -23,8 +23,9 @@ def test_vault_create_on_azure_without_credentials_names_the_variable(tmp_path: 
 
 
 def test_vault_create_on_s3_without_credentials_names_the_variables(tmp_path: Path) -> None:
-    no_aws = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_CONFIG_FILE": str(tmp_path / "none"),
-              "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # fmt: skip
+    none = str(tmp_path / "none")
+    no_aws = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_CONFIG_FILE": none,
+              "AWS_SHARED_CREDENTIALS_FILE": none, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # fmt: skip
     cli = Cli(home=tmp_path / "home", extra_env=no_aws)
     r = cli.run("vault", "create", "v1", "--storage", "s3://fleet-backups/vault1")
     assert r.returncode == 77, str(r)
