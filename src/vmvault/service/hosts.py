@@ -100,7 +100,7 @@ def _view(s: Session, row: HostRow) -> JsonDict:
 def host_of_vms(ctx: Context) -> dict[str, str | None]:
     """Each VM's host by VM name (None: no host named, the servers' own machine runs its jobs)."""
     with ctx.catalog.read() as s:
-        return {name: host for name, host in s.execute(select(VmRow.name, VmRow.host)).tuples()}
+        return {name: host for name, host in s.execute(select(VmRow.name, VmRow.host)).all()}
 
 
 def list_hosts(ctx: Context) -> list[JsonDict]:
