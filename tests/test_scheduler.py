@@ -331,3 +331,15 @@ def test_jitter_queues_each_vm_at_its_planned_start_once_per_slot(tmp_path: Path
             assert from_iso(jobs[job_id].details["plannedStart"]) == starts[name]
         # Long after the window: nothing more for this slot (none runs twice).
         assert scheduler.tick(ctx, slot + timedelta(hours=3), jitter_s=300) == []
+        # The scheduler-delay metric counts from the planned start: the spread is no delay.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from vmvault.service import metrics, worker
+
+        claimed = worker.claim_next(ctx)
+        assert claimed is not None
+        text, _ = metrics.render(ctx)
+        (delay,) = [s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples
+                    if s.name == "vmvault_scheduler_delay_seconds"]  # fmt: skip
+        planned = from_iso(claimed.details["plannedStart"])
+        assert delay == (from_iso(claimed.details["claimedAt"]) - planned).total_seconds()
