@@ -103,6 +103,10 @@ def test_serve_with_a_mismatched_key_starts_nothing(tmp_path: Path, pki: dict[st
     assert not (tmp_path / "home" / "serve.lock").exists()  # no lock, no catalog, no socket
     r = cli.fails("serve", "--port", "0", "--tls-cert", str(pki["server.crt"]))
     assert "--tls-cert needs --tls-key too" in r.stderr
+    # (the same up-front check for the schedule's jitter: at most half the missed-backup grace)
+    r = cli.fails("serve", "--port", "0", "--schedule-jitter", "7200")
+    assert "--schedule-jitter 7200 is not between 0 and 1800 seconds" in r.stderr
+    assert not (tmp_path / "home" / "serve.lock").exists()
 
 
 def test_plain_http_only_to_loopback() -> None:

@@ -11,7 +11,7 @@ import typer
 
 from vmvault.cli.app import app
 from vmvault.cli.state import service_context
-from vmvault.settings import DEFAULT_LISTEN, DEFAULT_SCHEDULE_JITTER_S, DEFAULT_WORKERS
+from vmvault.settings import DEFAULT_LISTEN, DEFAULT_SCHEDULE_JITTER_S, DEFAULT_WORKERS, MAX_SCHEDULE_JITTER_S
 
 
 @app.command("serve")
@@ -67,7 +67,6 @@ def serve(
             "--schedule-jitter",
             help="Spread the scheduled starts of one slot over this many seconds, per VM (0: all at the slot).",
             envvar="VMVAULT_SCHEDULE_JITTER",
-            min=0,
         ),
     ] = DEFAULT_SCHEDULE_JITTER_S,
     log_format: Annotated[
@@ -84,6 +83,13 @@ def serve(
     from vmvault.service.worker import Service, parse_listen
 
     tls = server_files(tls_cert, tls_key)  # before anything starts: a bad file is one clear error
+    if not 0 <= schedule_jitter <= MAX_SCHEDULE_JITTER_S:
+        from vmvault.errors import InvalidInput
+
+        raise InvalidInput(
+            f"--schedule-jitter {schedule_jitter:g} is not between 0 and {MAX_SCHEDULE_JITTER_S:g} seconds",
+            hint="e.g. --schedule-jitter 300 (0: every VM at the slot); more would make spread backups look missed",
+        )
 
     if host is not None or port is not None:
         default_host, default_port = parse_listen(DEFAULT_LISTEN) or ("127.0.0.1", 8080)
