@@ -50,13 +50,13 @@ def policy_file(tmp_path: Path, hhmm: str, tz: str) -> Path:
 class Serve:
     """`vmvault serve` as a child process on its own home."""
 
-    def __init__(self, cli: Cli, *extra: str, scheme: str = "http") -> None:
+    def __init__(self, cli: Cli, *extra: str) -> None:
         # Jitter 0 (unless a test gives its own): these tests wait for a backup at its exact slot.
         jitter = () if "--schedule-jitter" in extra else ("--schedule-jitter", "0")
         self.proc = cli.popen("serve", "--listen", "127.0.0.1:0", "--tick", "0.5", *jitter, *extra, json_output=False)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        assert f"listening on {scheme}://127.0.0.1:" in line, f"serve did not start: {line!r} {self.stderr()}"
+        assert "listening on http://127.0.0.1:" in line, f"serve did not start: {line!r} {self.stderr()}"
         self.announce = line
 
     def stderr(self) -> str:
