@@ -359,13 +359,13 @@ def test_hosts_page_and_each_vms_host(world: World) -> None:
     from vmvault.service import hosts
 
     c = world.client
+    vms.add_vm(world.ctx, "onhv1", [make_ext4_image(world.root / "onhv1.raw", 8)])  # this test's own VM
     stale = to_iso(utc_now() - timedelta(seconds=hosts.HOST_LEASE_S + 5))
     hosts.heartbeat_server(world.ctx, "http://127.0.0.1:8080")
     with world.ctx.catalog.write() as s:
         s.add(HostRow(name="hv1", role="Agent", registered=stale, last_heartbeat=stale, version="0.0.1", boot_id="",
                       details={}))  # fmt: skip
-        vm = s.query(VmRow).filter_by(name="web1").one()
-        vm.host = "hv1"
+        s.query(VmRow).filter_by(name="onhv1").one().host = "hv1"
     try:
         page = c.get("/hosts")
         assert page.status_code == 200 and '<a href="/hosts" class="here">Hosts</a>' in page.text
@@ -378,10 +378,14 @@ def test_hosts_page_and_each_vms_host(world: World) -> None:
         assert me and "Online" in me.group(1) and "Other version" not in me.group(1)
         assert CLI_WORDS.search(_page_text(page)) is None
         listed = c.get("/vms?host=hv1").text
-        assert '<a href="/vms/web1">web1</a>' in listed and '<a href="/hosts">hv1</a>' in listed
-        assert '<a href="/vms/web1">' not in c.get("/vms?host=elsewhere").text
-        assert re.search(r'id="vm-host"><a href="/hosts">hv1</a>', c.get("/vms/web1").text)
+        assert '<a href="/vms/onhv1">onhv1</a>' in listed and '<a href="/hosts">hv1</a>' in listed
+        assert '<a href="/vms/onhv1">' not in c.get("/vms?host=elsewhere").text
+        assert re.search(r'id="vm-host"><a href="/hosts">hv1</a>', c.get("/vms/onhv1").text)
+        with world.ctx.catalog.write() as s:  # a VM without a host: the servers run its jobs
+            s.query(VmRow).filter_by(name="onhv1").one().host = None
+        assert 'id="vm-host">Server' in c.get("/vms/onhv1").text
     finally:
         with world.ctx.catalog.write() as s:
-            s.query(VmRow).filter_by(name="web1").one().host = None
-            s.delete(s.get(HostRow, "hv1"))
+            s.delete(s.query(VmRow).filter_by(name="onhv1").one())
+            for name in ("hv1", hosts.local_host_name()):
+                s.delete(s.get(HostRow, name))
