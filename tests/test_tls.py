@@ -7,6 +7,7 @@ signs for 127.0.0.1, and an unrelated CA): real TLS handshakes against a real `v
 from __future__ import annotations
 
 import ssl
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -126,6 +127,9 @@ def test_the_remote_cli_over_https_trusts_the_private_ca_and_refuses_another(
     trusting = ssl.create_default_context(cafile=str(pki["ca.pem"]))
     with served(cli, extra=tls, context=trusting) as (address, token):
         assert address.startswith("https://127.0.0.1:")
+        # The portal over the same TLS: its sign-in cookie is Secure there.
+        with urllib.request.urlopen(f"{address}/signin", timeout=30, context=trusting) as page:
+            assert page.status == 200 and "Secure" in (page.headers.get("Set-Cookie") or "")
 
         def remote(**env: str) -> Cli:
             return Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": token, **env})
