@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -156,24 +157,27 @@ def test_scoped_tokens_see_only_their_vault(tmp_path: Path, catalog_url: str | N
         assert box.call("GET", f"{API}/vaults/b", scoped).status_code == 200
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, Any]:
+def _get(url: str, token: str | None = None, context: ssl.SSLContext | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
 
 
 @contextmanager
-def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+def served(
+    cli: Cli, roots: list[Path] | None = None, extra: tuple[str, ...] = (), context: ssl.SSLContext | None = None
+) -> Iterator[tuple[str, str]]:
     """`vmvault serve --port 0` on the CLI's home: yields (its address, the first-run Owner token).
 
     API callers may use paths under roots (default: the home's parent, and the home's vaults folder).
+    extra: more serve options (--tls-cert/--tls-key: then context trusts its certificate).
     """
     allow = allow_args(*(roots if roots is not None else [cli.home.parent, cli.home / "vaults"]))
     proc = subprocess.Popen(
-        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, json_output=False),
+        cli.argv("serve", "--host", "127.0.0.1", "--port", "0", "--tick", "0.5", *allow, *extra, json_output=False),
         env=cli.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -183,13 +187,14 @@ def served(cli: Cli, roots: list[Path] | None = None) -> Iterator[tuple[str, str
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, line
+        scheme = "https" if context is not None else "http"
+        assert f"listening on {scheme}://127.0.0.1:" in line, (line, proc.poll() is not None and proc.stderr.read())
         address = line.split("listening on ")[1].split()[0]
         token_line = proc.stdout.readline()
         assert token_line.startswith("first-run Owner token"), token_line
         token = _owner_token(token_line)
-        assert _get(f"{address}/healthz")[0] == 401  # pid, home and jobs only for a token
-        assert _get(f"{address}/healthz", token)[1]["pid"] == proc.pid
+        assert _get(f"{address}/healthz", context=context)[0] == 401  # pid, home and jobs only for a token
+        assert _get(f"{address}/healthz", token, context)[1]["pid"] == proc.pid
         yield address, token
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -75,6 +75,9 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("GET", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
     ("POST", "/api/v1/tokens"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
     ("DELETE", "/api/v1/tokens/{token_id}"): (Permission.TOKENS, Scope.GLOBAL, ONLY_OWNER),
+    ("GET", "/api/v1/hosts"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("GET", "/api/v1/hosts/{name}"): (Permission.READ, Scope.GLOBAL, ALL),
+    ("DELETE", "/api/v1/hosts/{name}"): (Permission.HOSTS, Scope.GLOBAL, ONLY_OWNER),
 }
 PUBLIC = {("GET", "/health"), ("GET", "/healthz")}
 ANY_TOKEN = {("GET", "/metrics")}  # outside /api/v1; checked by test_metrics_need_any_token
@@ -104,6 +107,7 @@ def world(
             "job_id": job["id"],
             "token_id": "0" * 16,
             "target_id": "1",
+            "name": "h1",
         }
         box.app.dependency_overrides[service_ctx] = _reached
         try:

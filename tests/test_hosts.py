@@ -54,3 +54,51 @@ def test_host_cli(tmp_path: Path) -> None:
     assert cli.ok("host", "list").json() == []
     r = cli.fails("host", "remove", "nosuch")
     assert "host 'nosuch' not found" in r.stderr and "vmvault host list" in r.stderr
+
+
+def test_hosts_over_the_api_with_version_mismatch_and_vault_scoped_names(tmp_path: Path) -> None:
+    """GET/DELETE /api/v1/hosts over service/hosts.py; an old agent version is flagged; a vault-scoped
+    token sees the host but only its own vault's VM names; `host list` flags the version in its table."""
+    from api_support import make_ext4_image, sandbox
+    from vmvault.catalog.clock import to_iso, utc_now
+    from vmvault.catalog.models import HostRow, VmRow
+    from vmvault.service import hosts, protection, vaults, vms
+
+    with sandbox(tmp_path / "home") as box:
+        ctx = box.ctx
+        vaults.create_vault(ctx, "v1")
+        vaults.create_vault(ctx, "v2")
+        vms.add_vm(ctx, "a", [make_ext4_image(tmp_path / "a.raw", 8)])
+        vms.add_vm(ctx, "b", [make_ext4_image(tmp_path / "b.raw", 8)])
+        protection.enable_protection(ctx, "a", "v1")
+        protection.enable_protection(ctx, "b", "v2")
+        long_ago = to_iso(utc_now() - timedelta(seconds=hosts.HOST_LEASE_S + 5))
+        with ctx.catalog.write() as s:
+            s.add(HostRow(name="h1", role="Agent", registered=long_ago, last_heartbeat=long_ago, version="0.0.1",
+                          boot_id="", details={}))  # fmt: skip
+            for vm in s.query(VmRow).all():
+                vm.host = "h1"
+        owner, reader, scoped = box.token("Owner"), box.token("BackupReader"), box.token("BackupReader", "v1")
+
+        page = box.call("GET", "/api/v1/hosts", reader).json()
+        (h1,) = page["value"]
+        assert (h1["name"], h1["role"], h1["state"], h1["vms"]) == ("h1", "Agent", "Offline", 2)
+        assert h1["version"] == "0.0.1" and h1["versionMismatch"] is True
+        assert box.call("GET", "/api/v1/hosts/h1", owner).json()["vmNames"] == ["a", "b"]
+        assert box.call("GET", "/api/v1/hosts/h1", scoped).json()["vmNames"] == ["a"]  # not v2's VM
+        missing = box.call("GET", "/api/v1/hosts/nosuch", reader)
+        assert missing.status_code == 404 and "host 'nosuch' not found" in missing.json()["message"]
+        assert box.call("DELETE", "/api/v1/hosts/h1", reader).status_code == 403  # Owner only
+        busy = box.call("DELETE", "/api/v1/hosts/h1", owner)  # its VMs still belong to it: nothing changes
+        assert busy.status_code == 422 and "still has 2 VM(s)" in busy.json()["message"]
+        with ctx.catalog.write() as s:
+            for vm in s.query(VmRow).all():
+                vm.host = None
+        assert box.call("DELETE", "/api/v1/hosts/h1", owner).json()["removed"] is True
+        assert box.call("GET", "/api/v1/hosts", reader).json()["value"] == []
+
+        with ctx.catalog.write() as s:
+            s.add(HostRow(name="old", role="Agent", registered=long_ago, last_heartbeat=long_ago, version="0.0.1",
+                          boot_id="", details={}))  # fmt: skip
+        table = Cli(home=tmp_path / "home").ok("host", "list", json_output=False).stdout
+        assert "0.0.1 (not the server's)" in table

@@ -71,6 +71,7 @@ TABLE: dict[tuple[str, str], Access] = {
     ("GET", "/vms/{vm}/jobs"): Access(P.READ, Scope.VM),
     ("GET", "/vms/{vm}/files/sessions"): Access(P.READ, Scope.VM),
     ("GET", "/reports.csv"): Access(P.READ),
+    ("GET", "/hosts"): Access(P.READ),
     ("GET", "/tokens"): Access(P.TOKENS),
     ("POST", "/tokens"): Access(P.TOKENS),
     ("POST", "/tokens/{token_id}/revoke"): Access(P.TOKENS),

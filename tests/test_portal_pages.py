@@ -28,7 +28,7 @@ from vmvault.web.wording import label, portal_fix
 
 GOOD = "violet stapler orbit canyon"
 # a CLI command ("vmvault vm add", "vault create") or a flag (--target-dir) in a rendered page
-_COMMANDS = "vm|vault|backup|restore|files|job|policy|token|protection|item|recoverypoint|serve|report"
+_COMMANDS = "vm|vault|backup|restore|files|job|policy|token|protection|item|recoverypoint|serve|report|host|agent"
 CLI_WORDS = re.compile(rf"(?<![\w/-])--[a-z][a-z-]+|\bvmvault ({_COMMANDS})\b|VMVAULT_")
 
 
@@ -231,7 +231,7 @@ def test_no_page_names_a_cli_command_or_flag(world: World) -> None:
     c = world.client
     pages = ["/", "/vms", "/vms/add", "/vms/web1", "/vms/web1/restore", "/vms/web1/files", "/vms/web1/enable", "/jobs",
              "/vaults", "/vaults/new", "/vaults/main", "/vaults/main/policies/DefaultPolicy", "/reports", "/tokens",
-             "/no/such/page", "/vms/nothing", "/vaults/nothing"]  # fmt: skip
+             "/hosts", "/no/such/page", "/vms/nothing", "/vaults/nothing"]  # fmt: skip
     pages += [f"/jobs/{j['id']}" for j in jobs.list_jobs(world.ctx)]
     for path in pages:
         r = c.get(path)
@@ -348,3 +348,44 @@ def test_a_lagging_grs_vault_is_flagged_until_replicated(world: World, monkeypat
     assert 'id="vault-problems"' not in page and "Lagging" not in page, page
     row = re.search(r'<a href="/vaults/geo">geo</a>.*?</tr>', page, flags=re.S)
     assert row and "Healthy" in row.group(0), page
+
+
+def test_hosts_page_and_each_vms_host(world: World) -> None:
+    """/hosts (linked in the nav): state, heartbeat, version (another one flagged), jobs, VMs; each VM's host."""
+    from datetime import timedelta
+
+    from vmvault.catalog.clock import to_iso, utc_now
+    from vmvault.catalog.models import HostRow, VmRow
+    from vmvault.service import hosts
+
+    c = world.client
+    vms.add_vm(world.ctx, "onhv1", [make_ext4_image(world.root / "onhv1.raw", 8)])  # this test's own VM
+    stale = to_iso(utc_now() - timedelta(seconds=hosts.HOST_LEASE_S + 5))
+    hosts.heartbeat_server(world.ctx, "http://127.0.0.1:8080")
+    with world.ctx.catalog.write() as s:
+        s.add(HostRow(name="hv1", role="Agent", registered=stale, last_heartbeat=stale, version="0.0.1", boot_id="",
+                      details={}))  # fmt: skip
+        s.query(VmRow).filter_by(name="onhv1").one().host = "hv1"
+    try:
+        page = c.get("/hosts")
+        assert page.status_code == 200 and '<a href="/hosts" class="here">Hosts</a>' in page.text
+        row = re.search(r"<tr>\s*<td>hv1</td>(.*?)</tr>", page.text, flags=re.S)
+        assert row, page.text
+        cells = html.unescape(re.sub(r"<[^>]+>", " ", row.group(1)))
+        assert "Agent" in cells and "Offline" in cells and "0.0.1" in cells and "Other version" in cells
+        assert 'href="/vms?host=hv1">1<' in row.group(1)
+        me = re.search(rf"<tr>\s*<td>{re.escape(hosts.local_host_name())}</td>(.*?)</tr>", page.text, flags=re.S)
+        assert me and "Online" in me.group(1) and "Other version" not in me.group(1)
+        assert CLI_WORDS.search(_page_text(page)) is None
+        listed = c.get("/vms?host=hv1").text
+        assert '<a href="/vms/onhv1">onhv1</a>' in listed and '<a href="/hosts">hv1</a>' in listed
+        assert '<a href="/vms/onhv1">' not in c.get("/vms?host=elsewhere").text
+        assert re.search(r'id="vm-host"><a href="/hosts">hv1</a>', c.get("/vms/onhv1").text)
+        with world.ctx.catalog.write() as s:  # a VM without a host: the servers run its jobs
+            s.query(VmRow).filter_by(name="onhv1").one().host = None
+        assert 'id="vm-host">Server' in c.get("/vms/onhv1").text
+    finally:
+        with world.ctx.catalog.write() as s:
+            s.delete(s.query(VmRow).filter_by(name="onhv1").one())
+            for name in ("hv1", hosts.local_host_name()):
+                s.delete(s.get(HostRow, name))

@@ -12,7 +12,7 @@ runs once, at its first occurrence.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -191,3 +191,49 @@ def test_enhanced_daily_and_weekly_forms_run_like_standard_ones() -> None:
                            "timeZone": "Eastern Standard Time"})  # fmt: skip
     assert weekly.policy_type == "V2" and weekly.schedule.run_days == (6,)
     assert next_run(weekly, utc("2026-10-26T00:00:00Z")) == utc("2026-11-01T05:30:00Z")  # first 01:30 EDT
+
+
+# ---- jitter: one slot's starts spread per VM (domain.schedule.planned_start) -------------------
+
+
+def test_jitter_spreads_200_vms_over_the_window_the_same_way_every_slot() -> None:
+    from vmvault.domain.schedule import planned_start
+
+    p = policy("Europe/Berlin", "20:30")
+    slot, tomorrow = utc("2026-06-01T18:30:00Z"), utc("2026-06-02T18:30:00Z")
+    vm_ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(200)]
+    offsets = [(planned_start(p, slot, vm, 300) - slot).total_seconds() for vm in vm_ids]
+    assert all(0 <= o < 300 for o in offsets)
+    # Spread, not bunched: every minute of the 5 holds some of them, none holds half.
+    per_minute = [sum(1 for o in offsets if m * 60 <= o < (m + 1) * 60) for m in range(5)]
+    assert min(per_minute) >= 20 and max(per_minute) <= 70, per_minute
+    assert len(set(offsets)) >= 195
+    # Deterministic per VM: the next slot (and another server's scheduler) plans the same offset.
+    again = [(planned_start(p, tomorrow, vm, 300) - tomorrow).total_seconds() for vm in vm_ids]
+    assert again == offsets
+    assert [planned_start(p, slot, vm, 0) for vm in vm_ids[:5]] == [slot] * 5  # 0: jitter off
+
+
+def test_jitter_never_reaches_the_next_slot() -> None:
+    """A jitter bigger than the policy's gap is capped to a tenth of it: 4-hourly slots spread over 24 minutes."""
+    from vmvault.domain.schedule import next_run, planned_start
+
+    doc = {
+        "policyType": "V2",
+        "instantRpRetentionRangeInDays": 2,
+        "schedulePolicy": {"schedulePolicyType": "SimpleSchedulePolicyV2", "scheduleRunFrequency": "Hourly",
+                           "hourlySchedule": {"interval": 4, "scheduleWindowStartTime": "2020-01-01T08:00:00Z",
+                                              "scheduleWindowDuration": 12}},
+        "retentionPolicy": {"dailySchedule": {"retentionDuration": {"count": 7, "durationType": "Days"}}},
+        "timeZone": "UTC",
+    }  # fmt: skip
+    hourly = parse_policy(doc)
+    slot = utc("2026-06-01T08:00:00Z")
+    assert next_run(hourly, slot) == utc("2026-06-01T12:00:00Z")
+    starts = [planned_start(hourly, slot, f"vm-{i}", 86400) for i in range(100)]
+    assert all(slot <= s < slot + timedelta(minutes=24) for s in starts)
+    assert max(starts) - slot > timedelta(minutes=20)  # the cap is used, not a smaller window
+    # The evening's last slot (20:00) spreads over a tenth of the night's gap to 08:00: 72 minutes.
+    last = utc("2026-06-01T20:00:00Z")
+    night = [planned_start(hourly, last, f"vm-{i}", 86400) - last for i in range(100)]
+    assert max(night) < timedelta(minutes=72) and max(night) > timedelta(minutes=60)

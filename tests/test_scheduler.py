@@ -51,7 +51,9 @@ class Serve:
     """`vmvault serve` as a child process on its own home."""
 
     def __init__(self, cli: Cli, *extra: str) -> None:
-        self.proc = cli.popen("serve", "--listen", "127.0.0.1:0", "--tick", "0.5", *extra, json_output=False)
+        # Jitter 0 (unless a test gives its own): these tests wait for a backup at its exact slot.
+        jitter = () if "--schedule-jitter" in extra else ("--schedule-jitter", "0")
+        self.proc = cli.popen("serve", "--listen", "127.0.0.1:0", "--tick", "0.5", *jitter, *extra, json_output=False)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert "listening on http://127.0.0.1:" in line, f"serve did not start: {line!r} {self.stderr()}"
@@ -285,3 +287,59 @@ def test_an_enhanced_hourly_policy_queues_each_backup_of_its_window(tmp_path: Pa
         # The first backup of the (local) day takes the daily rule (7 days), the others instant-RP days (2).
         assert [details[j]["retainUntil"] for j in queued] == ["2026-06-08", "2026-06-03", "2026-06-03", "2026-06-03"]
         assert len(backups.list_recovery_points(ctx, "vm1")) == 4
+
+
+def test_jitter_queues_each_vm_at_its_planned_start_once_per_slot(tmp_path: Path) -> None:
+    """Three VMs of one 20:30 policy, jitter 300 s: each is queued at slot + its own offset, no
+    earlier, once; the job records the slot and the planned start; the next slot comes again."""
+    from vmvault.catalog import repos
+    from vmvault.catalog.clock import from_iso
+    from vmvault.domain.schedule import planned_start
+    from vmvault.service import policies, protection, scheduler, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.policies import policy_of
+    from vmvault.settings import Settings
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        policies.create_policy(ctx, "v1", "Evening", json.loads(policy_file(tmp_path, "20:30", "UTC").read_text()))
+        starts: dict[str, datetime] = {}
+        slot = datetime(2026, 6, 1, 20, 30, tzinfo=UTC)
+        for name in ("a", "b", "c"):
+            disk = tmp_path / f"{name}.raw"
+            disk.write_bytes(bytes(MiB))
+            vms.add_vm(ctx, name, [disk])
+            protection.enable_protection(ctx, name, "v1", policy="Evening")
+            with ctx.catalog.write() as s:
+                vm = repos.get_vm(s, name)
+                repos.update_protected_item(s, vm.id, schedule_anchor="2026-06-01T12:00:00.000000Z")
+                policy = policy_of(repos.policy_by_id(s, repos.protected_item(s, vm.id).policy_id))
+                starts[name] = planned_start(policy, slot, vm.id, 300)
+        assert all(slot <= t < slot + timedelta(seconds=300) for t in starts.values())
+        assert len(set(starts.values())) == 3
+
+        queued: dict[str, str] = {}  # VM -> job
+        for name, start in sorted(starts.items(), key=lambda kv: kv[1]):
+            assert scheduler.tick(ctx, start - timedelta(milliseconds=1), jitter_s=300) == [], name
+            (job_id,) = scheduler.tick(ctx, start, jitter_s=300)
+            assert scheduler.tick(ctx, start + timedelta(seconds=1), jitter_s=300) == []
+            queued[name] = job_id
+        jobs = {j.id: j for j in repos_jobs(ctx)}
+        for name, job_id in queued.items():
+            assert jobs[job_id].vm == name
+            assert jobs[job_id].details["scheduledFor"] == "2026-06-01T20:30:00.000000Z"
+            assert from_iso(jobs[job_id].details["plannedStart"]) == starts[name]
+        # Long after the window: nothing more for this slot (none runs twice).
+        assert scheduler.tick(ctx, slot + timedelta(hours=3), jitter_s=300) == []
+        # The scheduler-delay metric counts from the planned start: the spread is no delay.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from vmvault.service import metrics, worker
+
+        claimed = worker.claim_next(ctx)
+        assert claimed is not None
+        text, _ = metrics.render(ctx)
+        (delay,) = [s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples
+                    if s.name == "vmvault_scheduler_delay_seconds"]  # fmt: skip
+        planned = from_iso(claimed.details["plannedStart"])
+        assert delay == (from_iso(claimed.details["claimedAt"]) - planned).total_seconds()

@@ -164,3 +164,5 @@ def read_settings_file(path: Path) -> dict[str, list[str]]:
 # the service stack: `vmvault --help` stays fast.
 DEFAULT_WORKERS = 2
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_SCHEDULE_JITTER_S = 300.0  # serve --schedule-jitter (domain/schedule.planned_start caps it to the slot gap)
+MAX_SCHEDULE_JITTER_S = 1800.0  # half the missed-backup grace (domain/rpo.DEFAULT_GRACE): spread is never "late"

@@ -41,6 +41,7 @@ class Permission(StrEnum):
     FILE_RECOVERY = "files.recover"
     JOB_CANCEL = "job.cancel"
     TOKENS = "tokens.manage"
+    HOSTS = "hosts.manage"  # forget a host (host remove): Owner only
 
 
 class Scope(StrEnum):
@@ -58,7 +59,7 @@ _OPERATOR = {
     Permission.READ, Permission.PROTECTION_ENABLE, Permission.BACKUP, Permission.RESTORE,
     Permission.FILE_RECOVERY, Permission.JOB_CANCEL,
 }  # fmt: skip
-_CONTRIBUTOR = set(Permission) - {Permission.VAULT_DELETE, Permission.TOKENS}
+_CONTRIBUTOR = set(Permission) - {Permission.VAULT_DELETE, Permission.TOKENS, Permission.HOSTS}
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     OWNER: frozenset(Permission),
     CONTRIBUTOR: frozenset(_CONTRIBUTOR),

@@ -510,6 +510,32 @@ class NewToken(Token):
     token: str = Field(description="The secret, shown once: send it as Authorization: Bearer TOKEN")
 
 
+class Host(View):
+    """A machine of the deployment (service/hosts.py): a server, or an agent on a hypervisor host."""
+
+    name: str
+    role: str = Field(description="Server or Agent")
+    state: str = Field(description="Online while its heartbeat is younger than the lease (60 s), else Offline")
+    last_heartbeat: str | None
+    version: str | None = Field(description="The vmvault version it runs")
+    version_mismatch: bool = Field(description="It runs another vmvault version than this server")
+    address: str | None
+    running_jobs: int
+    vms: int = Field(description="VMs that belong to it")
+
+
+class HostDetail(Host):
+    registered: str | None
+    boot_id: str | None
+    vm_names: list[str]
+    running_job_ids: list[str]
+    details: dict[str, Any]
+
+
+class RemovedHost(Host):
+    removed: bool
+
+
 class Health(View):
     status: str
 

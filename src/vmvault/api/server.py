@@ -11,10 +11,11 @@ from typing import Any
 from vmvault.errors import Busy
 from vmvault.service.context import Context
 from vmvault.service.paths import PathPolicy
+from vmvault.service.tls import TlsFiles
 
 
 class ApiServer:
-    """The socket is bound at once (port 0: any free port; server_address tells which)."""
+    """The socket is bound at once (port 0: any free port; server_address tells which); HTTPS with tls."""
 
     def __init__(
         self,
@@ -22,6 +23,7 @@ class ApiServer:
         ctx: Context,
         status: Callable[[], dict[str, Any]],
         paths: PathPolicy | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         import uvicorn
 
@@ -39,7 +41,9 @@ class ApiServer:
         self._sock.listen(128)
         self.server_address: tuple[str, int] = self._sock.getsockname()[:2]
         app = create_app(ctx.settings, ctx=ctx, status=status, paths=paths)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        # HTTPS: the files were checked before anything started (service/tls.server_files).
+        certs: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **certs)
         self._server = uvicorn.Server(config)
         self._done = threading.Event()
 

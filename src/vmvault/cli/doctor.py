@@ -25,10 +25,12 @@ def _clock_skew(server: str) -> Any:
 
     from vmvault.cli.remote import ServerUnreachable
     from vmvault.service.doctor import clock_skew_check
+    from vmvault.service.tls import client_context
 
     before = datetime.now(UTC)
+    context = client_context() if server.startswith("https:") else None
     try:
-        with urllib.request.urlopen(server.rstrip("/") + "/health", timeout=30) as response:
+        with urllib.request.urlopen(server.rstrip("/") + "/health", timeout=30, context=context) as response:
             header = response.headers.get("Date")
     except (urllib.error.URLError, OSError) as exc:
         raise ServerUnreachable(

@@ -6,6 +6,10 @@ prints exactly what it prints locally; an API error becomes the same VmvaultErro
 Commands without a remote form refuse --server (cli/state.service_context), and so do options
 the API does not take (refuse_option). Long operations answer 202 with their job; the command
 follows it by polling (run_job) and prints it as it does locally.
+
+HTTPS: the server's certificate is checked against the system's CAs plus VMVAULT_CA_FILE (a
+private CA or a self-signed certificate; service/tls.py); plain http:// is refused to anything
+but a loopback address, since every request carries the token.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -95,7 +100,10 @@ def server_path(path: Path | None, option: str) -> str | None:
 
 
 def _request(method: str, path: str, body: Any, params: dict[str, Any] | None) -> urllib.request.Request:
+    from vmvault.service.tls import check_server_url
+
     base = (STATE.server or "").rstrip("/")
+    check_server_url(base)  # before the token is read or sent
     query = {k: ("true" if v is True else "false" if v is False else v) for k, v in (params or {}).items()}
     query = {k: v for k, v in query.items() if v is not None}
     url = f"{base}/api/v1{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -107,8 +115,14 @@ def _request(method: str, path: str, body: Any, params: dict[str, Any] | None) -
 
 
 def _unreachable(exc: BaseException) -> ServerUnreachable:
+    from vmvault.service.tls import untrusted_hint
+
     base = (STATE.server or "").rstrip("/")
     reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return ServerUnreachable(
+            f"the vmvault server at {base} is not trusted: {reason.verify_message or reason}", hint=untrusted_hint()
+        )
     return ServerUnreachable(
         f"cannot reach the vmvault server at {base}: {reason}",
         hint="check --server URL (e.g. http://127.0.0.1:8080) and that vmvault serve runs there",
@@ -118,8 +132,11 @@ def _unreachable(exc: BaseException) -> ServerUnreachable:
 @contextmanager
 def _open(request: urllib.request.Request) -> Iterator[Any]:
     """The server's response; its error document raised as the VmvaultError it names."""
+    from vmvault.service.tls import client_context
+
+    context = client_context() if request.type == "https" else None
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S, context=context)
     except urllib.error.HTTPError as exc:
         raise _api_error(exc) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from vmvault.cli.app import app
 from vmvault.cli.state import service_context
-from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS
+from vmvault.settings import DEFAULT_LISTEN, DEFAULT_SCHEDULE_JITTER_S, DEFAULT_WORKERS, MAX_SCHEDULE_JITTER_S
 
 
 @app.command("serve")
@@ -53,6 +54,21 @@ def serve(
         float,
         typer.Option("--space-alert-below", help="Alert when a vault's file system has less than this % free."),
     ] = 10.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", help="PEM certificate (chain): serve the API and portal over HTTPS.", metavar="F"),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert (unencrypted).", metavar="F")
+    ] = None,
+    schedule_jitter: Annotated[
+        float,
+        typer.Option(
+            "--schedule-jitter",
+            help="Spread the scheduled starts of one slot over this many seconds, per VM (0: all at the slot).",
+            envvar="VMVAULT_SCHEDULE_JITTER",
+        ),
+    ] = DEFAULT_SCHEDULE_JITTER_S,
     log_format: Annotated[
         str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
     ] = "text",
@@ -63,7 +79,17 @@ def serve(
     --allow-restores, or the same keys in HOME/settings.toml; see docs/security.md).
     """
     from vmvault.service.paths import build_policy
+    from vmvault.service.tls import server_files
     from vmvault.service.worker import Service, parse_listen
+
+    tls = server_files(tls_cert, tls_key)  # before anything starts: a bad file is one clear error
+    if not 0 <= schedule_jitter <= MAX_SCHEDULE_JITTER_S:
+        from vmvault.errors import InvalidInput
+
+        raise InvalidInput(
+            f"--schedule-jitter {schedule_jitter:g} is not between 0 and {MAX_SCHEDULE_JITTER_S:g} seconds",
+            hint="e.g. --schedule-jitter 300 (0: every VM at the slot); more would make spread backups look missed",
+        )
 
     if host is not None or port is not None:
         default_host, default_port = parse_listen(DEFAULT_LISTEN) or ("127.0.0.1", 8080)
@@ -88,6 +114,8 @@ def serve(
             ctx, workers=workers, listen=listen, tick_s=tick, retention_every_s=retention_every * 3600, paths=paths
         )
         service.metrics_listen = metrics_address
+        service.tls = tls
+        service.schedule_jitter_s = schedule_jitter
         service.min_free_percent = space_alert_below
         service.verify_days = max(0, verify_every)
         code = service.run(on_ready=_announce)

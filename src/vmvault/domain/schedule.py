@@ -13,6 +13,7 @@ Pure: the caller passes the instant to search after (no clock is read here).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -78,3 +79,28 @@ def slots_between(policy: Policy, start: datetime, end: datetime) -> list[dateti
         if moment > end:
             return out
         out.append(moment)
+
+
+# A slot's starts are spread over at most this share of the gap to the next slot, whatever the
+# jitter asked: the last VM still starts long before the next slot (which then is not skipped).
+MAX_JITTER_SHARE = 0.1
+
+
+def jitter_fraction(vm_id: str) -> float:
+    """A VM's place in every slot's spread, in [0, 1): a hash of its id (stable across restarts and servers)."""
+    digest = hashlib.sha256(f"vmvault-schedule-jitter:{vm_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def planned_start(policy: Policy, slot: datetime, vm_id: str, jitter_s: float) -> datetime:
+    """When the scheduler queues the backup of `slot` for this VM: slot + an offset in
+    [0, min(jitter_s, MAX_JITTER_SHARE of the gap to the next slot)), the same offset every slot.
+
+    jitter_s 0: at the slot itself. Whole milliseconds, so the instant survives the catalog's ISO form.
+    """
+    if jitter_s <= 0:
+        return slot
+    gap = (next_run(policy, slot) - slot).total_seconds()
+    window = min(jitter_s, gap * MAX_JITTER_SHARE)
+    offset_ms = int(window * 1000 * jitter_fraction(vm_id))
+    return slot + timedelta(milliseconds=offset_ms)

@@ -46,6 +46,7 @@ JOB_EXTENDED_FIELDS: Fields = (
     ("trigger", "trigger"),
     ("policy", "policy"),
     ("scheduledFor", "scheduledFor"),
+    ("plannedStart", "plannedStart"),
     ("retainUntil", "retainUntil"),
     ("recoveryPoint", "recoveryPoint"),
     ("restore", "restore"),

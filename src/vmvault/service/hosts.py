@@ -89,10 +89,18 @@ def _view(s: Session, row: HostRow) -> JsonDict:
         "state": state_of(row),
         "lastHeartbeat": row.last_heartbeat,
         "version": row.version,
+        # Another vmvault version than this server's (the agent or server there needs the same release).
+        "versionMismatch": bool(row.version) and row.version != version(),
         "address": row.address,
         "runningJobs": len(_running_jobs(s, row)),
         "vms": vms,
     }
+
+
+def host_of_vms(ctx: Context) -> dict[str, str | None]:
+    """Each VM's host by VM name (None: no host named, the servers' own machine runs its jobs)."""
+    with ctx.catalog.read() as s:
+        return {name: host for name, host in s.execute(select(VmRow.name, VmRow.host)).all()}
 
 
 def list_hosts(ctx: Context) -> list[JsonDict]:

@@ -653,6 +653,7 @@ def extended_info(row: JobRow) -> JsonDict:
         "trigger": details.get("trigger"),
         "policy": details.get("policy"),
         "scheduledFor": details.get("scheduledFor"),
+        "plannedStart": details.get("plannedStart"),  # scheduledFor + this VM's jitter (service/scheduler.py)
         "retainUntil": details.get("retainUntil"),
         "recoveryPoint": details.get("recoveryPoint"),
         "restore": details.get("restore"),  # a restore as a new VM: its disks, state (instant restore)

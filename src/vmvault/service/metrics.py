@@ -180,10 +180,15 @@ def _scheduler(rows: list[Any]) -> Iterator[Metric]:
         slot, claimed = details.get("scheduledFor"), details.get("claimedAt")
         if not (isinstance(slot, str) and isinstance(claimed, str) and r.vm):
             continue
+        # From the planned start (slot + the VM's jitter, serve --schedule-jitter): the spread is no delay.
+        planned = details.get("plannedStart")
+        start = planned if isinstance(planned, str) else slot
         if r.vm not in newest or newest[r.vm][0] < slot:
-            newest[r.vm] = (slot, max(0.0, (from_iso(claimed) - from_iso(slot)).total_seconds()))
+            newest[r.vm] = (slot, max(0.0, (from_iso(claimed) - from_iso(start)).total_seconds()))
     delay = GaugeMetricFamily(
-        "vmvault_scheduler_delay_seconds", "Seconds from the newest scheduled slot to its job's start", labels=["vm"]
+        "vmvault_scheduler_delay_seconds",
+        "Seconds from the newest scheduled backup's planned start (slot + jitter) to its job's start",
+        labels=["vm"],
     )
     for vm, (_slot, seconds) in sorted(newest.items()):
         delay.add_metric([vm], seconds)

@@ -13,6 +13,13 @@ first slot after the anchor (domain.schedule.next_run). When that slot is due, o
 - several `serve` on one PostgreSQL catalog: only the leader (service/leader.py) ticks; the
   compare-and-set of the anchor still holds if two ever do.
 
+Jitter (serve --schedule-jitter J): so that 200 VMs of one policy do not all start at 20:30:00,
+each VM's backup of a slot is queued at its *planned start*, slot + a fixed per-VM offset in
+[0, J) (domain.schedule.planned_start: a hash of the VM id; never more than a tenth of the gap
+to the next slot). Only when a slot is due changes: the anchor moves the same way (to the
+moment it is queued, after the slot, before the next slot), so no slot runs twice and none is
+lost. The job records both: details.scheduledFor (the slot) and details.plannedStart.
+
 The clock is ctx.now(), which honours the test-only VMVAULT_TEST_CLOCK_OFFSET_S.
 """
 
@@ -29,7 +36,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import from_iso, now_iso, to_iso
 from vmvault.catalog.models import JobRow, PolicyRow
 from vmvault.domain.policy import WEEKLY, Policy
-from vmvault.domain.schedule import next_run
+from vmvault.domain.schedule import next_run, planned_start
 from vmvault.service.context import Context
 from vmvault.service.hosts import HEARTBEAT_S
 from vmvault.service.jobs import Operation, Status, disk_tasks
@@ -49,6 +56,7 @@ class Due:
     vm_id: str
     anchor: str | None
     slot: datetime
+    start: datetime  # the planned start: slot + this VM's jitter offset
 
 
 def provisional_expiry(policy: Policy, slot: datetime) -> str:
@@ -69,8 +77,8 @@ def next_slot(policy: Policy, anchor: str | None, now: datetime) -> datetime:
     return next_run(policy, from_iso(anchor) if anchor else now)
 
 
-def due_items(ctx: Context, now: datetime) -> list[Due]:
-    """Active items whose next slot is at or before now."""
+def due_items(ctx: Context, now: datetime, jitter_s: float = 0.0) -> list[Due]:
+    """Active items whose next slot's planned start (the slot, plus this VM's jitter) is at or before now."""
     out: list[Due] = []
     with ctx.catalog.read() as s:
         policies: dict[int, Policy] = {}
@@ -80,19 +88,21 @@ def due_items(ctx: Context, now: datetime) -> list[Due]:
             if item.policy_id not in policies:
                 policies[item.policy_id] = policy_of(repos.policy_by_id(s, item.policy_id))
             if item.schedule_anchor is None:
-                out.append(Due(item.vm_id, None, now))  # no anchor yet: start counting from now
+                out.append(Due(item.vm_id, None, now, now))  # no anchor yet: start counting from now
                 continue
-            slot = next_slot(policies[item.policy_id], item.schedule_anchor, now)
-            if slot <= now:
-                out.append(Due(item.vm_id, item.schedule_anchor, slot))
+            policy = policies[item.policy_id]
+            slot = next_slot(policy, item.schedule_anchor, now)
+            start = planned_start(policy, slot, item.vm_id, jitter_s)
+            if start <= now:
+                out.append(Due(item.vm_id, item.schedule_anchor, slot, start))
     return out
 
 
-def tick(ctx: Context, now: datetime | None = None) -> list[str]:
+def tick(ctx: Context, now: datetime | None = None, jitter_s: float = 0.0) -> list[str]:
     """Queue the backups that are due; returns the ids of the jobs queued."""
     moment = now or ctx.now()
     queued: list[str] = []
-    for due in due_items(ctx, moment):
+    for due in due_items(ctx, moment, jitter_s):
         job_id = _queue(ctx, due, moment)
         if job_id is not None:
             queued.append(job_id)
@@ -138,6 +148,7 @@ def _queue(ctx: Context, due: Due, now: datetime) -> str | None:
                 "trigger": "Scheduled",
                 "policy": policy_row.name,
                 "scheduledFor": to_iso(due.slot),
+                "plannedStart": to_iso(due.start),
                 "retainUntil": provisional_expiry(policy, due.slot),
                 "tasks": disk_tasks(disks),
             },
@@ -160,9 +171,11 @@ class Scheduler:
         min_free_percent: float | None = None,
         leadership: Leadership | None = None,
         heartbeat: Callable[[], object] | None = None,
+        jitter_s: float = 0.0,
     ) -> None:
         self.ctx = ctx
         self.interval = interval
+        self.jitter_s = jitter_s  # spread of one slot's starts (domain.schedule.planned_start)
         self.leadership = leadership or Leadership(ctx.catalog)
         self.heartbeat = heartbeat  # this server's host heartbeat (service/hosts.py), every HEARTBEAT_S
         self.min_free_percent = min_free_percent  # vault free-space alerts below this (None: the default)
@@ -209,7 +222,7 @@ class Scheduler:
             if self.heartbeat is not None and rounds % max(1, int(HEARTBEAT_S / self.interval)) == 0:
                 steps.append(self.heartbeat)
             if leader:
-                steps.insert(0, lambda: tick(self.ctx))
+                steps.insert(0, lambda: tick(self.ctx, jitter_s=self.jitter_s))
             for step in steps:
                 try:
                     step()

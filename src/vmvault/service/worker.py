@@ -41,6 +41,7 @@ from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, owner_fields
 from vmvault.service.leader import Leadership
 from vmvault.service.paths import PathPolicy
+from vmvault.service.tls import TlsFiles
 from vmvault.service.wakeup import Wakeup
 from vmvault.settings import DEFAULT_LISTEN, DEFAULT_WORKERS, Settings
 
@@ -261,6 +262,10 @@ class _StatusServer(ThreadingHTTPServer):
         return self.service.status()
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 # ---- the service --------------------------------------------------------------------------------
 
 
@@ -281,6 +286,8 @@ class Service:
     verify_days: int = 0  # scheduled verification period in days (serve --verify-every); 0: off
     min_free_percent: float | None = None  # vault free-space alerts below this % (serve --space-alert-below)
     leadership: Leadership | None = None  # who schedules (service/leader.py); set by run()
+    tls: TlsFiles | None = None  # HTTPS for the API and portal (serve --tls-cert/--tls-key), checked before run()
+    schedule_jitter_s: float = 0.0  # one slot's scheduled starts spread over these seconds (serve --schedule-jitter)
     _stop: StopEvent = field(default_factory=StopEvent)
 
     def status(self) -> dict[str, Any]:
@@ -300,10 +307,12 @@ class Service:
     def _http_server(self, endpoint: tuple[str, int]) -> Any:
         """The REST API (vmvault.api, uvicorn) with GET /healthz; only the status endpoint with api=False."""
         if not self.api:
+            if self.tls is not None:
+                raise InvalidInput("--tls-cert needs the API endpoint", hint="leave out --tls-cert/--tls-key")
             return _StatusServer(endpoint, self)
         from vmvault.api.server import ApiServer
 
-        return ApiServer(endpoint, self.ctx, self.status, self.paths)
+        return ApiServer(endpoint, self.ctx, self.status, self.paths, self.tls)
 
     def _metrics_server(self) -> Any:
         """prometheus_client's own HTTP server on --metrics-address (no token: the admin chose who reaches it)."""
@@ -341,7 +350,8 @@ class Service:
             http = self._http_server(endpoint) if endpoint else None
             if http is not None:
                 host, port = http.server_address[:2]
-                self.address = f"http://{host!s}:{port}"
+                scheme = "https" if self.tls is not None else "http"
+                self.address = f"{scheme}://{_url_host(str(host))}:{port}"
                 threading.Thread(target=http.serve_forever, name="vmvault-http", daemon=True).start()
             metrics_http = self._metrics_server()
             info = {**info, "listen": self.address}
@@ -356,6 +366,7 @@ class Service:
                 self.min_free_percent,
                 leadership,
                 heartbeat=lambda: hosts.heartbeat_server(self.ctx, self.address),
+                jitter_s=self.schedule_jitter_s,
             )
             maintenance = Maintenance(
                 self.ctx, self.retention_every_s, verify_days=self.verify_days, leadership=leadership

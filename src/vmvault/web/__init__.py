@@ -36,6 +36,7 @@ def portal_router() -> APIRouter:
         routes_auth,
         routes_dashboard,
         routes_files,
+        routes_hosts,
         routes_jobs,
         routes_restore,
         routes_tokens,
@@ -45,7 +46,7 @@ def portal_router() -> APIRouter:
 
     router = APIRouter(route_class=PortalRoute, include_in_schema=False)
     modules = (routes_auth, routes_dashboard, routes_addvm, routes_vms, routes_files, routes_restore, routes_jobs)
-    for module in (*modules, routes_vaults, routes_tokens):
+    for module in (*modules, routes_vaults, routes_hosts, routes_tokens):
         router.include_router(module.router)
     return router
 

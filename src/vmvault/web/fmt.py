@@ -22,6 +22,8 @@ _STATUS_CLASS = {
     "NotProtected": "muted",
     "SoftDeleted": "bad",
     "mounted": "ok",
+    "Online": "ok",  # hosts (service/hosts.py)
+    "Offline": "bad",
 }
 
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from vmvault.api.auth import Permission, Scope, check_vault, vault_of_vm, visible
 from vmvault.api.deps import Background
 from vmvault.errors import Forbidden, InvalidInput
-from vmvault.service import backups, dashboard, items, jobs, policies, protection, softdelete, vaults, vms
+from vmvault.service import backups, dashboard, hosts, items, jobs, policies, protection, softdelete, vaults, vms
 from vmvault.service.context import Context
 from vmvault.service.views import NOT_PROTECTED, JsonDict
 from vmvault.web.core import PortalRoute, access, can, ctx_of, principal_of, redirect, render, session_of
@@ -30,18 +30,23 @@ def policy_summaries(ctx: Context, vault: str) -> list[JsonDict]:
 
 @router.get("/vms")
 @access(Permission.READ)
-def vm_list(request: Request, bucket: str = "") -> Response:
-    """The VMs; ?bucket=healthy|warning|failed|never: the protected ones the overview counted so."""
+def vm_list(request: Request, bucket: str = "", host: str = "") -> Response:
+    """The VMs; ?bucket=healthy|warning|failed|never: the protected ones the overview counted so;
+    ?host=NAME: the VMs of that host (the Hosts page links here)."""
     ctx, principal = ctx_of(request), principal_of(request)
     listed = vms.list_vms_with_status(ctx)
     rows = visible(principal, listed) if principal.vault else listed
     by_name = {i["name"]: i for i in items.list_items(ctx)}
+    host_of = hosts.host_of_vms(ctx)
     for row in rows:
         row["item"] = by_name.get(row["name"])
+        row["host"] = host_of.get(row["name"])
     chosen = bucket if bucket in dashboard.BUCKETS else ""
     if chosen:
         rows = [r for r in rows if r["item"] is not None and dashboard.backup_bucket(r["item"]) == chosen]
-    return render(request, "vms.html", vms=rows, bucket=chosen)
+    if host:
+        rows = [r for r in rows if r["host"] == host]
+    return render(request, "vms.html", vms=rows, bucket=chosen, host=host)
 
 
 @router.get("/vms/{vm}")
@@ -49,6 +54,7 @@ def vm_list(request: Request, bucket: str = "") -> Response:
 def vm_page(request: Request, vm: str) -> Response:
     ctx = ctx_of(request)
     view = vms.show_vm_with_status(ctx, vm)
+    view["host"] = hosts.host_of_vms(ctx).get(vm)
     item = items.show_item(ctx, vm) if view["protectionState"] != NOT_PROTECTED else None
     summary, points = _item_parts(ctx, vm, item)
     recent = jobs.list_jobs(ctx, vm=vm, limit=5)
