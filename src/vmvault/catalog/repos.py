@@ -199,7 +199,12 @@ def list_jobs(
     operation: str | None = None,
     limit: int = 0,
     since: str | None = None,
+    vault: str | None = None,
+    cancelling: bool = False,
+    offset: int = 0,
 ) -> Sequence[JobRow]:
+    """Jobs newest first; limit and offset go into the SQL (a page of a 100,000-job catalog reads one
+    page of ix_jobs_start_time, not the table: docs/performance.md, Scale-out)."""
     query = select(JobRow)
     if since is not None:
         query = query.where(JobRow.start_time >= since)
@@ -209,9 +214,16 @@ def list_jobs(
         query = query.where(JobRow.status == status)
     if operation is not None:
         query = query.where(JobRow.operation == operation)
-    query = query.order_by(JobRow.start_time.desc())
+    if vault is not None:
+        query = query.where(JobRow.vault == vault)
+    if cancelling:
+        query = query.where(JobRow.cancel_requested.is_(True))
+    # id breaks ties of equal start times, so pages neither repeat nor skip a job.
+    query = query.order_by(JobRow.start_time.desc(), JobRow.id.desc())
     if limit > 0:
         query = query.limit(limit)
+    if offset > 0:
+        query = query.offset(offset)
     return s.scalars(query).all()
 
 
