@@ -473,12 +473,11 @@ def job_list_plans(homes: Homes, vm: str, deep: int) -> dict[str, dict[str, str]
     from vmvault.service import jobs
 
     calls: dict[str, Callable[[Any], object]] = {
-        "first page": lambda ctx: jobs.list_jobs_page(ctx, offset=0, top=200),
-        f"page at {deep}": lambda ctx: jobs.list_jobs_page(ctx, offset=deep, top=200),
-        f"vm={vm}": lambda ctx: jobs.list_jobs_page(ctx, vm=vm, offset=0, top=200),
-    } if hasattr(jobs, "list_jobs_page") else {
-        "all jobs (one list)": lambda ctx: jobs.list_jobs(ctx),
-        f"vm={vm}": lambda ctx: jobs.list_jobs(ctx, vm=vm),
+        "GET /jobs, first page": lambda ctx: jobs.list_jobs_page(ctx, offset=0, top=200),
+        f"GET /jobs, page at {deep}": lambda ctx: jobs.list_jobs_page(ctx, offset=deep, top=200),
+        f"GET /jobs?vm={vm}": lambda ctx: jobs.list_jobs_page(ctx, vm=vm, offset=0, top=200),
+        # The whole list: what GET /jobs read before 0042 for any page, and `job list` without --limit still does.
+        "every job (job list without --limit)": lambda ctx: jobs.list_jobs(ctx),
     }
     plans = {}
     for name, call in calls.items():
