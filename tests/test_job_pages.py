@@ -2,7 +2,8 @@
 
 The catalog answers one page (LIMIT/OFFSET in its SQL, in the order of the 0042 index), not the
 whole table cut in Python; a vault-scoped token's pages are full pages of its vault's jobs. On
-SQLite and on a real PostgreSQL 15. bench/scale_bench.py measures the same list with 100,000 jobs.
+SQLite and on a real PostgreSQL 15. GET /items reads its items' figures in a few queries, not eight
+per item. bench/scale_bench.py measures both lists with 200 VMs and 100,000 jobs.
 """
 
 from __future__ import annotations
@@ -107,3 +108,43 @@ def test_cancelling_jobs_are_chosen_by_the_catalog_before_the_limit(tmp_path: Pa
         assert [j["properties"]["status"] for j in found] == ["Cancelling", "Cancelling"]
         newest = sorted(rows[:3], key=lambda r: (r["start_time"], r["id"]), reverse=True)[:2]
         assert [j["name"] for j in found] == [r["id"] for r in newest]  # the newest two of the three
+
+
+def test_item_list_reads_the_catalog_in_a_few_queries_with_each_items_figures(tmp_path: Path) -> None:
+    """GET /items with 200 VMs was eight queries per item; now one per item (its last ended backup) and
+    five for all; each item still shows its own points, oldest kept point and running backup."""
+    from vmvault.catalog.models import RecoveryPointRow
+    from vmvault.service import protection, vms
+
+    with sandbox(tmp_path / "home") as box:
+        vaults.create_vault(box.ctx, "a", storage_dir=tmp_path / "a")
+        names = [f"vm{i}" for i in range(4)]
+        for name in names:
+            disk = tmp_path / f"{name}.raw"
+            disk.write_bytes(bytes(1 << 20))
+            vms.add_vm(box.ctx, name, [disk])
+            protection.enable_protection(box.ctx, name, "a")
+        with box.ctx.catalog.read() as s:
+            ids = {vm.name: vm.id for vm in s.query(vms.VmRow)}
+            vault_id = vaults.repos.get_vault(s, "a").id
+        point = {"vault_id": vault_id, "consistency": "CrashConsistent", "retain_until": "2099-01-01", "disks": []}
+        running = job_rows(1)[0] | {"vault": "a", "vm": "vm1", "status": "InProgress", "end_time": None}
+        with box.ctx.catalog.write() as s:
+            s.execute(insert(RecoveryPointRow), [
+                point | {"id": "p1", "vm_id": ids["vm1"], "time": "2026-01-01T00:00:00.000000Z", "soft_deleted": True},
+                point | {"id": "p2", "vm_id": ids["vm1"], "time": "2026-01-02T00:00:00.000000Z"},
+                point | {"id": "p3", "vm_id": ids["vm1"], "time": "2026-01-03T00:00:00.000000Z"},
+            ])  # fmt: skip
+            s.execute(insert(JobRow), [running])
+        with job_selects(box.ctx.catalog.engine) as selects:
+            r = box.call("GET", "/api/v1/items", box.token("BackupReader"))
+        assert r.status_code == 200, r.text
+        found = {i["properties"]["friendlyName"]: i["properties"] for i in r.json()["value"]}
+        assert sorted(found) == names
+        vm1 = found["vm1"]
+        assert vm1["lastRecoveryPoint"] == "2026-01-03T00:00:00.000000Z"
+        assert vm1["extendedInfo"]["recoveryPointCount"] == 3
+        assert vm1["extendedInfo"]["oldestRecoveryPoint"] == "2026-01-02T00:00:00.000000Z"  # p1 is soft-deleted
+        assert vm1["backupInProgress"] == running["id"] and found["vm2"]["backupInProgress"] is None
+        assert found["vm2"]["lastRecoveryPoint"] is None
+        assert len(selects) <= len(names) + 3, [sql[:80] for sql, _ in selects]  # was 8 per item
