@@ -278,7 +278,7 @@ def slot_jobs(homes: Homes, slot_iso: str) -> list[dict[str, Any]]:
         return [
             {"vm": r.vm, "status": r.status, "start": r.start_time, "end": r.end_time, "error": r.error,
              "claimed": (r.details or {}).get("claimedAt"),
-             "runner": (r.details or {}).get("host") or f"pid {r.owner_pid}"}  # an agent's host, or a serve
+             "pid": f"pid {r.owner_pid}", "host": (r.details or {}).get("host")}
             for r in rows
             if (r.details or {}).get("scheduledFor") == slot_iso
         ]
@@ -313,7 +313,7 @@ def slot_figures(jobs: list[dict[str, Any]], real_slot: datetime, names: dict[st
     failed = [j for j in jobs if j["status"] != "Completed"]
     runners: dict[str, int] = {}
     for j in jobs:
-        runner = names.get(j["runner"], j["runner"])
+        runner = names.get(j["pid"]) or j["host"] or j["pid"]  # one of our serves, else the host that ran it
         runners[runner] = runners.get(runner, 0) + 1
     return {
         "backups": len(jobs),
