@@ -89,6 +89,8 @@ def test_job_list_pages_are_cut_by_the_catalog_in_a_stable_order(tmp_path: Path,
         # limit caps the whole list; its pages still follow $top.
         capped = all_pages(box, reader, "/api/v1/jobs?limit=250&$top=200")
         assert [j["name"] for p in capped for j in p] == newest_first[:250] and len(capped) == 2
+        past = box.call("GET", "/api/v1/jobs?$skipToken=" + "9" * 20, reader)  # beyond SQL's 64-bit OFFSET
+        assert past.status_code == 200 and past.json() == {"value": [], "nextLink": None}, past.text
         vm_jobs = all_pages(box, reader, "/api/v1/jobs?vm=vm3&$top=50")
         assert [j["name"] for p in vm_jobs for j in p] == [i for i in newest_first if i in
                                                            {r["id"] for r in rows if r["vm"] == "vm3"}]

@@ -605,6 +605,8 @@ def list_jobs_page(
     operation = _known(operation, Operation.ALL, "operation")
     start = _since(since) if since else None
     stored = Status.IN_PROGRESS if status == Status.CANCELLING else status
+    if offset >= 1 << 62:
+        return [], False  # past any catalog's end (and past SQL's 64-bit OFFSET: a $skipToken has 20 digits)
     want = top + 1 if top > 0 else 0  # one more than the page: is there a next one?
     if limit > 0:
         want = min(want, limit - offset) if want else max(limit - offset, 0)
