@@ -99,6 +99,7 @@ class JobRow(Base):
     __table_args__ = (
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_start_time", "start_time"),
+        Index("ix_jobs_start_time_id", "start_time", "id"),  # 0042: the job list's order (pages in SQL)
         Index("ix_jobs_vm_operation", "vm", "operation", "start_time"),
         # 0002: one Backup per VM at a time, whoever starts it (CLI, scheduler, worker).
         Index(

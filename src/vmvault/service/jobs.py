@@ -575,23 +575,50 @@ def list_jobs(
     operation: str | None = None,
     limit: int = 0,
     since: str | None = None,
+    vault: str | None = None,
 ) -> list[JsonDict]:
-    """Jobs, newest first; since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant.
+    """Jobs, newest first (of one vault if given); since is a date (YYYY-MM-DD, UTC) or an ISO 8601 instant.
 
     Cancelling (Azure's status of a job asked to stop and still running) is an InProgress job
     with its cancel flag set: the catalog keeps InProgress, which the one-backup-per-VM index needs.
     """
+    rows, _ = list_jobs_page(ctx, vm=vm, status=status, operation=operation, since=since, vault=vault, limit=limit)
+    return rows
+
+
+def list_jobs_page(
+    ctx: Context,
+    *,
+    vm: str | None = None,
+    status: str | None = None,
+    operation: str | None = None,
+    since: str | None = None,
+    vault: str | None = None,
+    limit: int = 0,
+    offset: int = 0,
+    top: int = 0,
+) -> tuple[list[JsonDict], bool]:
+    """One page of list_jobs: the jobs offset..offset+top (top 0: all) of the first limit (0: all), and
+    whether more follow. The catalog reads that page only (LIMIT/OFFSET in the SQL), so the API's
+    job list costs the same with 100 or 100,000 jobs in the catalog."""
     status = _known(status, (*Status.ALL, Status.CANCELLING), "status")
     operation = _known(operation, Operation.ALL, "operation")
     start = _since(since) if since else None
     stored = Status.IN_PROGRESS if status == Status.CANCELLING else status
+    if offset >= 1 << 62:
+        return [], False  # past any catalog's end (and past SQL's 64-bit OFFSET: a $skipToken has 20 digits)
+    want = top + 1 if top > 0 else 0  # one more than the page: is there a next one?
+    if limit > 0:
+        want = min(want, limit - offset) if want else max(limit - offset, 0)
+        if want <= 0:
+            return [], False
     with ctx.catalog.read() as s:
         rows: Sequence[JobRow] = repos.list_jobs(
-            s, vm=vm, status=stored, operation=operation, limit=0 if stored != status else limit, since=start
-        )
-        if stored != status:
-            rows = [r for r in rows if r.cancel_requested][: limit or None]
-        return [job_view(r) for r in rows]
+            s, vm=vm, status=stored, operation=operation, limit=want, since=start, vault=vault,
+            cancelling=stored != status, offset=offset,
+        )  # fmt: skip
+        more = top > 0 and len(rows) > top
+        return [job_view(r) for r in rows[: top or None]], more
 
 
 def _known(value: str | None, allowed: Sequence[str], what: str) -> str | None:

@@ -39,11 +39,16 @@ class Paging:
         self.start = _offset(skip_token)
 
     def page(self, rows: Sequence[Any]) -> dict[str, Any]:
+        """The page of a whole list."""
         end = self.start + self.top
+        return self.window(rows[self.start : end], end < len(rows))
+
+    def window(self, rows: Sequence[Any], more: bool) -> dict[str, Any]:
+        """A page the catalog already cut (rows start..start+top): for lists too long to load whole."""
         next_link = None
-        if end < len(rows):
-            next_link = str(self.request.url.include_query_params(**{"$skipToken": str(end)}))
-        return {"value": list(rows[self.start : end]), "nextLink": next_link}
+        if more:
+            next_link = str(self.request.url.include_query_params(**{"$skipToken": str(self.start + self.top)}))
+        return {"value": list(rows), "nextLink": next_link}
 
 
 def _offset(token: str | None) -> int:

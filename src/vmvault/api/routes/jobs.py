@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from vmvault.api.auth import Permission, Scope, require, visible
+from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Caller, Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Pages
 from vmvault.api.schemas import Job, JobDetails, Page
@@ -27,8 +27,12 @@ def list_jobs(
     *,
     pages: Pages,
 ) -> dict[str, Any]:
-    rows = jobs.list_jobs(ctx, vm=vm, status=status, operation=operation, limit=max(limit, 0), since=since)
-    return pages.page(visible(caller, rows))
+    # The catalog cuts the page (and keeps a vault-scoped token's jobs only): 100,000 jobs are not loaded.
+    rows, more = jobs.list_jobs_page(
+        ctx, vm=vm, status=status, operation=operation, since=since, vault=caller.vault, limit=max(limit, 0),
+        offset=pages.start, top=pages.top,
+    )  # fmt: skip
+    return pages.window(rows, more)
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetails, dependencies=[require(Permission.READ, Scope.JOB)])
