@@ -504,6 +504,7 @@ class Token(View):
     expires: str | None
     revoked: str | None
     last_used: str | None
+    host: str | None = None
 
 
 class NewToken(Token):
