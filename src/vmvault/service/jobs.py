@@ -84,8 +84,11 @@ class Status:
 
 
 def owner_fields() -> JsonDict:
-    """What a job's details record about the process that runs it (besides pid and boot id)."""
-    return {"ownerStart": process_start_ticks(os.getpid())}
+    """What a job's details record about the process that runs it (besides pid and boot id), and
+    its host (job show/list name the host that ran the job)."""
+    from vmvault.service.hosts import local_host_name
+
+    return {"ownerStart": process_start_ticks(os.getpid()), "host": local_host_name()}
 
 
 def owner_is_dead(row: JobRow, current_boot: str, lease_s: float | None = None) -> bool:
@@ -93,6 +96,8 @@ def owner_is_dead(row: JobRow, current_boot: str, lease_s: float | None = None) 
     machine (or this one before a reboot), judged by its heartbeat lease."""
     if row.owner_pid <= 0:
         return False  # queued: no process owns it yet (a worker of `vmvault serve` will claim it)
+    if (row.details or {}).get("agentHost"):
+        return False  # an agent's job: its host's heartbeat lease decides (service/agentwork.py, agent_lost)
     if row.owner_boot_id and current_boot and row.owner_boot_id != current_boot:
         if lease_s is not None:
             return heartbeat_age(row) > lease_s

@@ -198,6 +198,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         from vmvault.service import notify
+        from vmvault.service.agentwork import fail_lost_agents
         from vmvault.service.jobs import reap_dead_jobs
 
         rounds = 0
@@ -210,6 +211,7 @@ class Scheduler:
                 steps.append(self.heartbeat)
             if leader:
                 steps.insert(0, lambda: tick(self.ctx))
+                steps.append(lambda: fail_lost_agents(self.ctx))  # silent agents: their jobs end agent_lost
             for step in steps:
                 try:
                     step()

@@ -84,4 +84,5 @@ def job_view(row: JobRow) -> JsonDict:
         "progress": {k: progress[k] for k in ("percent", "bytesRead", "bytesWritten")},
         "error": row.error or None,
         "cancelRequested": bool(row.cancel_requested),
+        "host": (row.details or {}).get("host"),  # the host that ran it (None: queued, or before hosts)
     }
