@@ -976,3 +976,5 @@ from vmvault.cli import host as _host  # noqa: E402, F401
 from vmvault.cli import doctor as _doctor  # noqa: E402, F401
 # scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).
 from vmvault.cli import verify_schedule as _verify_schedule  # noqa: E402, F401
+# the agent of a hypervisor host: agent run (cli/agent.py).
+from vmvault.cli import agent as _agent  # noqa: E402, F401
