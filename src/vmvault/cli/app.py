@@ -435,11 +435,19 @@ def vm_add(
         ),
     ] = None,
     quiesce_timeout: QuiesceTimeoutOption = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="The VM's host: its agent runs its jobs; paths are paths on that host."),
+    ] = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.cli import remote
     from vmvault.service import vms
     from vmvault.service.quiesce import check_timeout
+
+    if host is not None:
+        _vm_add_on_host(name, host, disk, fmt, others=qmp or guest_agent or libvirt or connect or quiesce_timeout)
+        return
 
     for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect),
                         ("--quiesce-timeout", quiesce_timeout)):  # fmt: skip
@@ -477,6 +485,21 @@ def vm_add(
             output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
+
+
+def _vm_add_on_host(name: str, host: str, disk: list[Path] | None, fmt: list[str] | None, others: object) -> None:
+    """`vm add --host`: a VM of another host (service/hostvms.py); nothing on this machine is opened."""
+    from vmvault.cli import remote
+    from vmvault.service.hostvms import add_host_vm
+
+    remote.refuse_option("--host", True)
+    if others is not None:
+        raise InvalidInput(
+            "--host goes with --disk (and --format) for now",
+            hint=f"vmvault vm add {name} --host {host} --disk PATH (a path on that host)",
+        )
+    with service_context() as ctx:
+        output.print_object(add_host_vm(ctx, name, host, [str(d) for d in disk or []], fmt))
 
 
 @vm_app.command("set-format")

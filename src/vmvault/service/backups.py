@@ -80,7 +80,7 @@ def backup_now(
     if queue is None:
         from vmvault.service.worker import service_running
 
-        queue = service_running(ctx)
+        queue = on_other_host(ctx, vm_name) or service_running(ctx)
     if queue:
         job = create_job(
             ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True, queued=True, details=details
@@ -113,6 +113,8 @@ def follow_backup(
                 raise
             if service_running(ctx):
                 continue  # still queued or running under the service: go on waiting
+        if on_other_host(ctx, str(repos_job_vm(ctx, job_id))):
+            continue  # its host's agent runs it (vm add --host): only follow it
         with ctx.catalog.write() as s:
             row = repos.get_job(s, job_id)
             details = {**(row.details or {}), **owner_fields(), "claimedAt": now_iso()}
@@ -121,6 +123,20 @@ def follow_backup(
                 s.refresh(row)
         if claimed:
             return run_claimed_backup(ctx, row, cancel=cancel, on_progress=on_progress)
+
+
+def on_other_host(ctx: Context, vm_name: str) -> bool:
+    """The VM belongs to another host (`vm add --host`): its jobs are queued for that host's agent."""
+    from vmvault.service.hosts import local_host_name
+
+    with ctx.catalog.read() as s:
+        row = repos.find_vm(s, vm_name)
+        return row is not None and row.host is not None and row.host != local_host_name()
+
+
+def repos_job_vm(ctx: Context, job_id: str) -> str | None:
+    with ctx.catalog.read() as s:
+        return repos.get_job(s, job_id).vm
 
 
 def backup_details(plan: BackupPlan, trigger: str, **extra: Any) -> dict[str, Any]:

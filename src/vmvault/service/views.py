@@ -44,6 +44,7 @@ def vm_view(
         "protectionState": item.protection_state if item else NOT_PROTECTED,
         "lastRecoveryPoint": last_point.time if last_point else None,
         "quiesceTimeoutSeconds": row.quiesce_timeout_s,  # None: the service's VMVAULT_QUIESCE_TIMEOUT
+        "host": row.host,  # None: the server's own host (vm add without --host)
     }
 
 

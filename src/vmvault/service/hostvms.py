@@ -1,0 +1,66 @@
+"""VMs of another host (`vm add NAME --host HOST ...`): their jobs run on that host's agent.
+
+Accepted before the host's agent has registered. Paths are paths on that host, so nothing is
+opened here: no existence, format or backing-chain check on the server. A disk given without
+--format is guessed and its chain read on the agent at its first backup, under `vm add`'s rules
+(connectors/diskimage: checkOnHost), and recorded then.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import PurePosixPath
+
+from vmvault.catalog.clock import now_iso
+from vmvault.catalog.models import VmRow
+from vmvault.errors import InvalidInput
+from vmvault.service.context import Context
+from vmvault.service.validate import check_name
+from vmvault.service.views import JsonDict
+from vmvault.service.vms import FORMATS, KIND_DISKS, _refuse_taken_in, _view
+
+
+def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: list[str] | None = None) -> JsonDict:
+    """A VM given by disk images on another host."""
+    check_name("VM", name)
+    check_name("host", host)
+    paths = [_host_path(name, d) for d in disks]
+    if not paths:
+        raise InvalidInput(
+            f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --host {host} --disk PATH"
+        )
+    if len(set(paths)) != len(paths):
+        raise InvalidInput(f"a disk is given twice for VM '{name}'", hint="give each --disk once")
+    chosen = _formats(name, len(paths), formats or [])
+    records = [{"name": f"disk{i}", "path": p, "format": f, "checkOnHost": f is None}
+               for i, (p, f) in enumerate(zip(paths, chosen, strict=True))]  # fmt: skip
+    definition = {"disks": [{"name": r["name"], "path": r["path"], "format": r["format"]} for r in records]}
+    row = VmRow(id=str(uuid.uuid4()), name=name, kind=KIND_DISKS, disks=records, definition=definition,
+                created=now_iso(), host=host)  # fmt: skip
+    with ctx.catalog.write() as s:
+        _refuse_taken_in(s, name)
+        s.add(row)
+        s.flush()
+        return _view(s, row)
+
+
+def _host_path(vm: str, raw: str) -> str:
+    """An absolute path on the VM's host, without '..' or control characters (it is never opened here)."""
+    path = PurePosixPath(raw)
+    if not path.is_absolute() or ".." in path.parts or any(ord(c) < 32 for c in raw) or len(raw) > 4096:
+        raise InvalidInput(
+            f"disk path '{raw}' of VM '{vm}' is not an absolute path on its host",
+            hint="give it from /, as the VM's host sees it, without '..'",
+        )
+    return str(path)
+
+
+def _formats(name: str, count: int, formats: list[str]) -> list[str | None]:
+    if any(f not in FORMATS for f in formats):
+        raise InvalidInput(f"unknown disk format {sorted(set(formats) - set(FORMATS))}", hint="--format raw or qcow2")
+    if len(formats) == 1:
+        return [formats[0]] * count
+    if formats and len(formats) != count:
+        raise InvalidInput(f"VM '{name}' has {count} disks and {len(formats)} --format values",
+                           hint="give one --format for all disks, or one per --disk in the same order")  # fmt: skip
+    return list(formats) or [None] * count
