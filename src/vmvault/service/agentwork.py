@@ -92,7 +92,9 @@ def register(ctx: Context, host: str, body: JsonDict) -> JsonDict:
         lost = _end_lost(s, host, f"the agent of host '{host}' restarted while it ran this job")
         vms = [_leftover(r) for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]
     _notify_all(ctx, lost)
-    return {"host": host, "apiVersion": API_VERSION, "heartbeatSeconds": HEARTBEAT_S, "leaseSeconds": lease_s(),
+    # A few heartbeats fit in one lease: one late beat on a loaded host does not lose the agent.
+    beat = min(HEARTBEAT_S, lease_s() / 4)
+    return {"host": host, "apiVersion": API_VERSION, "heartbeatSeconds": beat, "leaseSeconds": lease_s(),
             "vms": vms}  # fmt: skip
 
 

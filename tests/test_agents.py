@@ -1,0 +1,238 @@
+"""Agents on hypervisor hosts (`vmvault agent run`, service/agentrun.py; the server's side service/agentwork.py).
+
+The scenario runs real processes on a real PostgreSQL 15 (tests/pgserver.py): one `vmvault serve`
+and two agents with their own homes and host names h1, h2 (the "hosts" are this machine). Each
+agent home unlocks the vault once with its passphrase (`vault import`) and runs without it.
+The fast tests check the contract: what a BackupAgent token may reach, the API version check,
+and the agent's refusal of plain http:// to a non-loopback server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api_support import sandbox
+from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
+from pgserver import PgServer
+from test_scheduler import Serve
+
+MiB = 1 << 20
+LEASE_S = 6.0
+
+
+# ---- fast: the contract -------------------------------------------------------------------------
+
+
+def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the_fix(tmp_path: Path) -> None:
+    from vmvault.service import tokens
+
+    with sandbox(tmp_path / "home") as box:
+        _view, token = tokens.create_token(box.ctx, "BackupAgent", host="h1")
+        body = {"version": "9.9", "apiVersion": 99, "bootId": "b", "pid": 1234}
+        r = box.call("POST", "/api/v1/agents/h1/register", token, json=body)
+        assert r.status_code == 409, r.text
+        error = r.json()
+        assert error["code"] == "agent_version_mismatch"
+        assert "agent API version 99" in error["message"] and "speaks agent API version 1" in error["message"]
+        assert "install the server's vmvault version" in error["hint"]
+        assert box.call("GET", "/api/v1/vms", token).status_code == 403  # an agent token reads nothing
+        r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
+        assert r.status_code == 200 and r.json()["apiVersion"] == 1
+
+
+def test_token_create_binds_only_a_backup_agent_to_a_host(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    made = cli.ok("token", "create", "--role", "BackupAgent", "--host", "h1").json()
+    assert made["role"] == "BackupAgent" and made["host"] == "h1" and made["token"].startswith("vmv_")
+    r = cli.fails("token", "create", "--role", "BackupAgent")
+    assert "bound to one host" in r.output and "--host NAME" in r.output
+    r = cli.fails("token", "create", "--role", "BackupOperator", "--host", "h1")
+    assert "--host binds only BackupAgent tokens" in r.output
+
+
+def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
+    """A queued backup of a VM of h2: h1's agent and the server never claim it; h2's agent does,
+    with everything but a passphrase."""
+    from vmvault.service import agentwork, backups, protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.service.worker import claim_next
+    from vmvault.settings import Settings
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "b1", "h2", ["/var/lib/h2/b1.raw"])  # not a file here: nothing is opened
+        protection.enable_protection(ctx, "b1", "v1")
+        job = backups.backup_now(ctx, "b1").job  # a VM of another host: queued, even without a serve
+        assert job["status"] == "InProgress"
+        for host in ("h1", "h2"):
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+        assert claim_next(ctx) is None
+        assert agentwork.claim(ctx, "h1", 1) is None
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == job["id"]
+        assert package["vm"]["disks"][0]["path"] == "/var/lib/h2/b1.raw"
+        assert package["vault"]["storage"] == str(tmp_path / "v1") and package["previousPoint"] is None
+        assert PASSPHRASE not in json.dumps(package)
+        with pytest.raises(Exception, match="not run by the agent of host 'h1'"):
+            agentwork.progress(ctx, "h1", job["id"], {}, None)
+
+
+def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
+    r = cli.fails("--server", "http://192.0.2.10:8080", "agent", "run", "--host", "h1")
+    assert "not a loopback address" in r.output and "https://192.0.2.10:8080" in r.output
+    r = Cli(home=tmp_path / "home", passphrase=None).fails("--server", "http://127.0.0.1:9", "agent", "run",
+                                                             "--host", "h1")  # fmt: skip
+    assert "VMVAULT_TOKEN or --token-file" in r.output
+    r = cli.fails("agent", "run", "--host", "h1", "--token", "vmv_x")
+    assert "--token" in r.output  # no such option: a token is never an argument
+
+
+# ---- the scenario -------------------------------------------------------------------------------
+
+
+class Agent:
+    """`vmvault agent run` as a child process on its own home."""
+
+    def __init__(self, cli: Cli, server: str, host: str) -> None:
+        self.cli, self.host = cli, host
+        self.proc = cli.popen("--server", server, "agent", "run", "--host", host, json_output=False)
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        log = self.proc.stderr.read() if self.proc.stderr and not self.proc.stderr.closed else ""
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return log
+
+
+def _set_up(tmp_path: Path, url: str, image: Path) -> dict[str, Path]:
+    """One vault; VMs a1 (the small image), a2 on h1 and b1 on h2 (in process: fast)."""
+    from vmvault.service import protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    disks = {"a1": image, "a2": tmp_path / "a2.raw", "b1": tmp_path / "b1.raw"}
+    disks["a2"].write_bytes(os.urandom(3 * MiB) + bytes(MiB))
+    disks["b1"].write_bytes(os.urandom(6 * MiB))
+    with context(Settings(home=tmp_path / "setup", passphrase=PASSPHRASE, catalog_url=url)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        for name, disk in disks.items():
+            add_host_vm(ctx, name, "h2" if name == "b1" else "h1", [str(disk)])
+            protection.enable_protection(ctx, name, "v1")
+    return disks
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_server: PgServer) -> Iterator[dict[str, Any]]:
+    procs: list[Any] = []
+    yield {"procs": procs}
+    for proc in procs:
+        proc.stop(signal.SIGKILL) if isinstance(proc, Agent) else proc.stop()
+
+
+def _backup(cli: Cli, vm: str) -> subprocess.Popen[str]:
+    return cli.popen("backup", "now", vm, "--wait")
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
+    out, err = proc.communicate(timeout=300)
+    try:
+        return proc.returncode, json.loads(out)
+    except ValueError:
+        raise AssertionError(f"backup printed no job: {out!r} {err!r}") from None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
+    tmp_path: Path, pg_server: PgServer, small_image: Path, stack: dict[str, Any]
+) -> None:
+    url = pg_server.new_database()
+    disks = _set_up(tmp_path, url, small_image)
+    catalog = {"VMVAULT_CATALOG": url}
+    admin = Cli(home=tmp_path / "setup", extra_env=catalog)
+    serve = Serve(Cli(home=tmp_path / "srv", extra_env={**catalog, "VMVAULT_AGENT_LEASE_S": str(LEASE_S)}))
+    stack["procs"].append(serve)
+    first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
+    server = serve.announce.split("listening on ")[1].split()[0]
+
+    agent_clis = {}
+    for host in ("h1", "h2"):
+        token = admin.ok("token", "create", "--role", "BackupAgent", "--host", host).json()["token"]
+        home = tmp_path / f"agent-{host}"
+        assert Cli(home=home).vault_import(tmp_path / "v1").ok  # unlocks the vault once: this host's key
+        agent_clis[host] = Cli(home=home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+    agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
+    stack["procs"].extend(agents.values())
+    for host in agents:
+        wait_for(lambda h=host: admin.run("host", "show", h).ok, 60, f"agent {host} to register", interval=0.5)
+        shown = admin.ok("host", "show", host).json()
+        assert shown["role"] == "Agent" and shown["state"] == "Online"
+
+    # On-demand backups of the VMs of both hosts, at once; each job ran on its VM's host.
+    started = time.monotonic()
+    running = {vm: _backup(admin, vm) for vm in disks}
+    points = {}
+    for vm, proc in running.items():
+        code, job = _ended(proc)
+        props = job["properties"]
+        assert code == 0 and props["status"] == "Completed", job
+        assert props["host"] == ("h2" if vm == "b1" else "h1")
+        points[vm] = admin.point_ids(vm)[-1]
+    print(f"three agent backups: {time.monotonic() - started:.1f} s")
+    for vm, rp in points.items():
+        target = tmp_path / f"restored-{vm}"
+        assert admin.restore_disks(vm, rp, target).ok
+        assert_same_image(target / "disk0.raw", disks[vm])
+
+    # h2's agent dies (SIGKILL) in the middle of a backup: right after its first pack is published.
+    agents["h2"].stop()  # SIGTERM with nothing running: a clean exit
+    assert agents["h2"].proc.returncode == 0
+    killed = Agent(Cli(home=agent_clis["h2"].home, passphrase=None,
+                       extra_env={**agent_clis["h2"].extra_env, "VMVAULT_TEST_KILL_AT": "pack:published"}),
+                   server, "h2")  # fmt: skip
+    stack["procs"].append(killed)
+    disks["b1"].write_bytes(os.urandom(6 * MiB))  # new data: the backup publishes packs
+    before = admin.point_ids("b1")
+    proc = _backup(admin, "b1")
+    assert killed.proc.wait(120) == -signal.SIGKILL
+    died = time.monotonic()
+    code, job = _ended(proc)
+    lost_after = time.monotonic() - died
+    props = job["properties"]
+    assert code != 0 and props["status"] == "Failed", job
+    error = props["errorDetails"][0]
+    assert error["errorCode"] == "agent_lost" and "host 'h2'" in error["errorString"]
+    assert "vmvault backup now b1" in error["recommendations"][0]
+    assert lost_after < LEASE_S + 15, f"agent_lost after {lost_after:.1f} s"
+    assert admin.point_ids("b1") == before, "a partial point became a recovery point"
+
+    # The restarted agent reconciles, then its next backup works (the VM is not held by the dead job).
+    agents["h2"] = Agent(agent_clis["h2"], server, "h2")
+    stack["procs"].append(agents["h2"])
+    code, job = _ended(_backup(admin, "b1"))
+    assert code == 0 and job["properties"]["status"] == "Completed" and job["properties"]["host"] == "h2", job
+    rp = admin.point_ids("b1")[-1]
+    assert rp not in before
+    target = tmp_path / "restored-b1-again"
+    assert admin.restore_disks("b1", rp, target).ok
+    assert_same_image(target / "disk0.raw", disks["b1"])
