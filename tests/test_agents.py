@@ -236,3 +236,26 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     target = tmp_path / "restored-b1-again"
     assert admin.restore_disks("b1", rp, target).ok
     assert_same_image(target / "disk0.raw", disks["b1"])
+
+    # SIGTERM to h1's agent while it runs a backup (held 2 s after each pack): the job ends
+    # Cancelled, no point, and the agent exits 0.
+    agents["h1"].stop()
+    slow_env = {**agent_clis["h1"].extra_env, "VMVAULT_TEST_PAUSE_AFTER_PACK": "2"}
+    agents["h1"] = Agent(Cli(home=agent_clis["h1"].home, passphrase=None, extra_env=slow_env), server, "h1")
+    stack["procs"].append(agents["h1"])
+    disks["a2"].write_bytes(os.urandom(4 * MiB))
+    before = admin.point_ids("a2")
+    proc = _backup(admin, "a2")
+
+    def claimed() -> bool:
+        return any(j["properties"]["entityFriendlyName"] == "a2" and j["properties"]["status"] == "InProgress"
+                   and j["properties"].get("host") == "h1" for j in admin.jobs())  # fmt: skip
+
+    wait_for(claimed, 60, "h1's agent to claim the backup of a2", interval=0.3)
+    time.sleep(1.0)
+    agents["h1"].stop()
+    assert agents["h1"].proc.returncode == 0
+    code, job = _ended(proc)
+    assert code != 0 and job["properties"]["status"] == "Cancelled", job
+    assert "the agent was stopped (SIGTERM)" in job["properties"]["errorDetails"][0]["errorString"]
+    assert admin.point_ids("a2") == before

@@ -719,8 +719,9 @@ def backup_now(
         outcome = run_cancellable(
             lambda cancel: backups.backup_now(ctx, name, retain_until=retain_until, on_progress=show, cancel=cancel)
         )
-        if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve
-            output.info(f"queued to vmvault serve as job {outcome.job['id']}")
+        if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve (or a host's agent)
+            where = "its host's agent" if backups.on_other_host(ctx, name) else "vmvault serve"
+            output.info(f"queued to {where} as job {outcome.job['id']}")
             if no_wait:
                 output.print_object(shape.job(outcome.job))
                 return
