@@ -146,7 +146,12 @@ def stack(tmp_path: Path, pg_server: PgServer) -> Iterator[dict[str, Any]]:
     procs: list[Any] = []
     yield {"procs": procs}
     for proc in procs:
-        proc.stop(signal.SIGKILL) if isinstance(proc, Agent) else proc.stop()
+        if isinstance(proc, Agent):
+            proc.stop(signal.SIGKILL)
+        elif isinstance(proc, Serve):
+            proc.stop()
+        else:
+            proc.close()
 
 
 def _backup(cli: Cli, vm: str) -> subprocess.Popen[str]:
@@ -181,6 +186,16 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
         home = tmp_path / f"agent-{host}"
         assert Cli(home=home).vault_import(tmp_path / "v1").ok  # unlocks the vault once: this host's key
         agent_clis[host] = Cli(home=home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+    # A live VM on h1: qemu-storage-daemon stands in for a running QEMU (QMP, its disk held open);
+    # added by its QMP socket on h1, described by h1's agent at its first backup.
+    from vm.machine import StorageDaemon, blank_disk, read_live
+
+    qsd = StorageDaemon(tmp_path, [blank_disk(tmp_path, "q0", 8 * MiB, "raw")]).start()
+    stack["procs"].append(qsd)
+    qsd.write(qsd.disks[0], [(0, os.urandom(2 * MiB)), (5 * MiB, os.urandom(MiB))])
+    added = admin.ok("vm", "add", "q1", "--host", "h1", "--qmp", str(qsd.vmvault_qmp)).json()
+    assert added["host"] == "h1" and added["disks"] == []
+    admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
     agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
     stack["procs"].extend(agents.values())
     for host in agents:
@@ -190,7 +205,7 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
 
     # On-demand backups of the VMs of both hosts, at once; each job ran on its VM's host.
     started = time.monotonic()
-    running = {vm: _backup(admin, vm) for vm in disks}
+    running = {vm: _backup(admin, vm) for vm in [*disks, "q1"]}
     points = {}
     for vm, proc in running.items():
         code, job = _ended(proc)
@@ -198,7 +213,12 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
         assert code == 0 and props["status"] == "Completed", job
         assert props["host"] == ("h2" if vm == "b1" else "h1")
         points[vm] = admin.point_ids(vm)[-1]
-    print(f"three agent backups: {time.monotonic() - started:.1f} s")
+    print(f"four agent backups: {time.monotonic() - started:.1f} s")
+    shown = admin.ok("vm", "show", "q1").json()  # described on h1: its disk and QEMU's format
+    assert [(d["name"], d["format"]) for d in shown["disks"]] == [("q0", "raw")], shown
+    restored = tmp_path / "restored-q1"
+    assert admin.restore_disks("q1", points.pop("q1"), restored).ok
+    assert_same_image(restored / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
     for vm, rp in points.items():
         target = tmp_path / f"restored-{vm}"
         assert admin.restore_disks(vm, rp, target).ok

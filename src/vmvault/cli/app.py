@@ -446,7 +446,7 @@ def vm_add(
     from vmvault.service.quiesce import check_timeout
 
     if host is not None:
-        _vm_add_on_host(name, host, disk, fmt, others=qmp or guest_agent or libvirt or connect or quiesce_timeout)
+        _vm_add_on_host(name, host, disk, fmt, qmp, guest_agent, libvirt, connect, quiesce_timeout)
         return
 
     for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect),
@@ -487,19 +487,43 @@ def vm_add(
         output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
 
 
-def _vm_add_on_host(name: str, host: str, disk: list[Path] | None, fmt: list[str] | None, others: object) -> None:
+def _vm_add_on_host(
+    name: str,
+    host: str,
+    disk: list[Path] | None,
+    fmt: list[str] | None,
+    qmp: Path | None,
+    guest_agent: Path | None,
+    libvirt: str | None,
+    connect: str | None,
+    quiesce_timeout: int | None,
+) -> None:
     """`vm add --host`: a VM of another host (service/hostvms.py); nothing on this machine is opened."""
     from vmvault.cli import remote
-    from vmvault.service.hostvms import add_host_vm
+    from vmvault.service import hostvms
 
     remote.refuse_option("--host", True)
-    if others is not None:
+    forms = [f for f, given in (("--disk", bool(disk)), ("--qmp", qmp is not None), ("--libvirt", libvirt is not None))
+             if given]  # fmt: skip
+    if len(forms) != 1:
         raise InvalidInput(
-            "--host goes with --disk (and --format) for now",
+            f"vm add --host takes one of --disk, --qmp or --libvirt (got {', '.join(forms) or 'none'})",
             hint=f"vmvault vm add {name} --host {host} --disk PATH (a path on that host)",
         )
+    if quiesce_timeout is not None or (fmt and not disk) or (guest_agent and qmp is None) or (connect and not libvirt):
+        raise InvalidInput(
+            "with --host: --format goes with --disk, --guest-agent with --qmp, --connect with --libvirt, and "
+            "--quiesce-timeout is set later (vm update)",
+            hint=f"vmvault vm add {name} --host {host} --qmp SOCKET [--guest-agent SOCKET]",
+        )
     with service_context() as ctx:
-        output.print_object(add_host_vm(ctx, name, host, [str(d) for d in disk or []], fmt))
+        if qmp is not None:
+            added = hostvms.add_host_qmp_vm(ctx, name, host, str(qmp), str(guest_agent) if guest_agent else None)
+        elif libvirt is not None:
+            added = hostvms.add_host_libvirt_vm(ctx, name, host, libvirt, connect)
+        else:
+            added = hostvms.add_host_vm(ctx, name, host, [str(d) for d in disk or []], fmt)
+        output.print_object(added)
 
 
 @vm_app.command("set-format")

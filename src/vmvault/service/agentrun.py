@@ -329,6 +329,7 @@ def run_package(settings: Settings, client: AgentClient, package: JsonDict, canc
     run = AgentRun(client, job_id, cancel, package.get("details"))
     books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
     try:
+        plan = _described(plan, str(vm.get("kind") or ""), books)
         with opened_vault_at(settings, vault_row) as vault:
             manifest = run_backup_into(vault, plan, job_id, run, books, _budget(package), str(settings.home))
     except Cancelled as exc:
@@ -344,6 +345,21 @@ def run_package(settings: Settings, client: AgentClient, package: JsonDict, canc
                                            "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
+
+
+def _described(plan: Any, kind: str, books: RemoteBooks) -> Any:
+    """A VM added with `vm add --host --qmp|--libvirt`: described here, on its host, before its first backup."""
+    from dataclasses import replace
+
+    from vmvault.service.backups import _check_disks
+    from vmvault.service.hostvms import DESCRIBE_ON_HOST, described_on_host
+
+    if not plan.definition.get(DESCRIBE_ON_HOST):
+        return plan
+    disks, definition = described_on_host(plan.definition, kind, books.save_vm)
+    disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in disks]
+    _check_disks(plan.vm_name, disks)
+    return replace(plan, disks=disks, definition=definition)
 
 
 def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:

@@ -37,7 +37,7 @@ API_VERSION = 1  # what agents and this server speak over /api/v1/agents
 SPOKEN_API_VERSIONS = (1,)
 HEARTBEAT_S = 3.0  # an agent's heartbeat period (told at registration)
 AGENT_KEY = "agentHost"  # job details: the host whose agent runs the job
-MAX_BOOKKEEPING = 64 * 1024  # bytes of JSON in one save_vm/save_disk: a definition, not a disk
+MAX_BOOKKEEPING = 256 * 1024  # bytes of JSON in one save_vm/save_disk: a definition (a domain XML), not a disk
 
 
 class AgentVersionMismatch(InvalidInput):
@@ -244,13 +244,20 @@ def _work_package(ctx: Context, job: JobRow, plan: Any) -> JsonDict:
     return {
         "jobId": job.id,
         "details": details,
-        "vm": {"id": plan.vm_id, "name": plan.vm_name, "disks": plan.disks, "definition": plan.definition},
+        "vm": _vm_package(ctx, plan),
         "retainUntil": plan.retain_until,
         "vault": {"name": plan.vault.name, "uuid": plan.vault.uuid, "storage": plan.vault.storage_dir},
         "previousPoint": previous.id if previous else None,
         "pointTimeFloor": latest.time if latest else None,
         "budget": {"freezeS": budget.freeze_s, "frozenS": budget.frozen_s, "crashOnly": budget.crash_only},
     }
+
+
+def _vm_package(ctx: Context, plan: Any) -> JsonDict:
+    with ctx.catalog.read() as s:
+        row = repos.find_vm_by_id(s, plan.vm_id)
+        kind = row.kind if row is not None else ""
+    return {"id": plan.vm_id, "name": plan.vm_name, "kind": kind, "disks": plan.disks, "definition": plan.definition}
 
 
 # ---- reports while the job runs -----------------------------------------------------------------

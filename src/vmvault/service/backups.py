@@ -237,7 +237,8 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
         excluded = set(item.excluded_disks or [])
         disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in vm.disks]
         disks = [d for d in disks if d["name"] not in excluded]
-    _check_disks(vm_name, disks)
+    if not (vm.definition or {}).get("describeOnHost"):  # else its host's agent describes it first
+        _check_disks(vm_name, disks)
     if not retain_until:
         raise InvalidInput(f"no retain-until date for the backup of VM '{vm_name}'", hint="give --retain-until")
     return BackupPlan(vm.id, vm.name, vault, disks, dict(vm.definition), retain_until, item.policy_id)

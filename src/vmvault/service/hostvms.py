@@ -9,6 +9,7 @@ opened here: no existence, format or backing-chain check on the server. A disk g
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from vmvault.catalog.clock import now_iso
@@ -17,7 +18,9 @@ from vmvault.errors import InvalidInput
 from vmvault.service.context import Context
 from vmvault.service.validate import check_name
 from vmvault.service.views import JsonDict
-from vmvault.service.vms import FORMATS, KIND_DISKS, _refuse_taken_in, _view
+from vmvault.service.vms import FORMATS, KIND_DISKS, KIND_LIBVIRT, KIND_QMP, _refuse_taken_in, _view
+
+DESCRIBE_ON_HOST = "describeOnHost"  # definition key: the agent describes the VM at its first backup
 
 
 def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: list[str] | None = None) -> JsonDict:
@@ -35,13 +38,56 @@ def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: l
     records = [{"name": f"disk{i}", "path": p, "format": f, "checkOnHost": f is None}
                for i, (p, f) in enumerate(zip(paths, chosen, strict=True))]  # fmt: skip
     definition = {"disks": [{"name": r["name"], "path": r["path"], "format": r["format"]} for r in records]}
-    row = VmRow(id=str(uuid.uuid4()), name=name, kind=KIND_DISKS, disks=records, definition=definition,
-                created=now_iso(), host=host)  # fmt: skip
+    return _add_row(ctx, VmRow(id=str(uuid.uuid4()), name=name, kind=KIND_DISKS, disks=records,
+                               definition=definition, created=now_iso(), host=host))  # fmt: skip
+
+
+def add_host_qmp_vm(ctx: Context, name: str, host: str, qmp: str, guest_agent: str | None = None) -> JsonDict:
+    """A running QEMU VM of another host by its QMP socket (a path on that host): its disks and
+    definition come from QMP on the agent, at its first backup (then recorded)."""
+    check_name("VM", name)
+    check_name("host", host)
+    where = {"kind": KIND_QMP, "qmp": _host_path(name, qmp),
+             "guestAgent": _host_path(name, guest_agent) if guest_agent else None}  # fmt: skip
+    return _add_described_later(ctx, name, host, KIND_QMP, where)
+
+
+def add_host_libvirt_vm(ctx: Context, name: str, host: str, domain: str, uri: str | None = None) -> JsonDict:
+    """A libvirt domain of another host: its disks and XML come from that host's libvirt, on its agent."""
+    check_name("VM", name)
+    check_name("host", host)
+    if not domain or len(domain) > 256 or any(ord(c) < 32 for c in domain):
+        raise InvalidInput(f"invalid libvirt domain name '{domain}'", hint="give the domain's name (virsh list --all)")
+    where = {"kind": KIND_LIBVIRT, "domain": domain, "connect": uri}
+    return _add_described_later(ctx, name, host, KIND_LIBVIRT, where)
+
+
+def _add_described_later(ctx: Context, name: str, host: str, kind: str, where: JsonDict) -> JsonDict:
+    definition = {**where, DESCRIBE_ON_HOST: True}
+    return _add_row(ctx, VmRow(id=str(uuid.uuid4()), name=name, kind=kind, disks=[], definition=definition,
+                               created=now_iso(), host=host))  # fmt: skip
+
+
+def _add_row(ctx: Context, row: VmRow) -> JsonDict:
     with ctx.catalog.write() as s:
-        _refuse_taken_in(s, name)
+        _refuse_taken_in(s, row.name)
         s.add(row)
         s.flush()
         return _view(s, row)
+
+
+def described_on_host(
+    definition: JsonDict, kind: str, save: Callable[[JsonDict, list[JsonDict]], None]
+) -> tuple[list[JsonDict], JsonDict]:
+    """On the agent, before a VM's first backup: describe it as `vm add` would, from this host's
+    QMP or libvirt; save(updates, disks) records it (the server's catalog, through the API)."""
+    from vmvault.connectors.registry import connector_for
+
+    where = {k: v for k, v in definition.items() if k != DESCRIBE_ON_HOST}
+    disks, described = connector_for(kind).describe(where, [])
+    described = {**described, DESCRIBE_ON_HOST: False}
+    save(described, disks)
+    return disks, described
 
 
 def _host_path(vm: str, raw: str) -> str:
