@@ -257,25 +257,24 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     assert admin.restore_disks("b1", rp, target).ok
     assert_same_image(target / "disk0.raw", disks["b1"])
 
-    # SIGTERM to h1's agent while it runs a backup (held 2 s after each pack): the job ends
-    # Cancelled, no point, and the agent exits 0.
+    # SIGTERM to h1's agent in the middle of a backup (held at its first dedup hit: a2 now starts
+    # with b1's data, already in the vault): the job ends Cancelled, no point, the agent exits 0.
     agents["h1"].stop()
-    slow_env = {**agent_clis["h1"].extra_env, "VMVAULT_TEST_PAUSE_AFTER_PACK": "2"}
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    slow_env = {**agent_clis["h1"].extra_env, "VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(pause)}
     agents["h1"] = Agent(Cli(home=agent_clis["h1"].home, passphrase=None, extra_env=slow_env), server, "h1")
     stack["procs"].append(agents["h1"])
-    disks["a2"].write_bytes(os.urandom(4 * MiB))
+    disks["a2"].write_bytes(disks["b1"].read_bytes() + os.urandom(2 * MiB))
     before = admin.point_ids("a2")
     proc = _backup(admin, "a2")
-
-    def claimed() -> bool:
-        return any(j["properties"]["entityFriendlyName"] == "a2" and j["properties"]["status"] == "InProgress"
-                   and j["properties"].get("host") == "h1" for j in admin.jobs())  # fmt: skip
-
-    wait_for(claimed, 60, "h1's agent to claim the backup of a2", interval=0.3)
-    time.sleep(1.0)
-    agents["h1"].stop()
-    assert agents["h1"].proc.returncode == 0
+    wait_for(lambda: (pause / "paused").exists(), 120, "h1's agent to be mid-backup", interval=0.2)
+    agents["h1"].proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    (pause / "resume").touch()
+    assert agents["h1"].proc.wait(60) == 0
     code, job = _ended(proc)
     assert code != 0 and job["properties"]["status"] == "Cancelled", job
+    assert job["properties"]["host"] == "h1"
     assert "the agent was stopped (SIGTERM)" in job["properties"]["errorDetails"][0]["errorString"]
     assert admin.point_ids("a2") == before
