@@ -62,7 +62,8 @@ def test_token_create_binds_only_a_backup_agent_to_a_host(tmp_path: Path) -> Non
 def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
     """A queued backup of a VM of h2: h1's agent and the server never claim it; h2's agent does,
     with everything but a passphrase."""
-    from vmvault.service import agentwork, backups, protection, vaults
+    from vmvault.errors import Busy, NotFound
+    from vmvault.service import agentwork, backups, jobs, protection, vaults
     from vmvault.service.context import context
     from vmvault.service.hostvms import add_host_vm
     from vmvault.service.worker import claim_next
@@ -85,6 +86,53 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         assert PASSPHRASE not in json.dumps(package)
         with pytest.raises(Exception, match="not run by the agent of host 'h1'"):
             agentwork.progress(ctx, "h1", job["id"], {}, None)
+        assert agentwork.heartbeat(ctx, "h2", [job["id"]]) == {"cancel": []}
+
+        # The manifest is the truth: a point the vault does not hold is never recorded.
+        with pytest.raises(NotFound, match="has no recovery point 'feedfacefeedface'"):
+            agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "recoveryPoint": "feedfacefeedface"})
+        assert jobs.show_job(ctx, job["id"])["status"] == "InProgress"
+        assert backups.list_recovery_points(ctx, "b1") == []
+
+        # `job cancel` reaches the agent through its heartbeat.
+        jobs.cancel_job(ctx, job["id"])
+        assert agentwork.heartbeat(ctx, "h2", [job["id"]]) == {"cancel": [job["id"]]}
+        ended = agentwork.finish(ctx, "h2", job["id"], {"status": "Cancelled", "error": {"code": "cancelled",
+                                                         "message": "stopped", "recommendedAction": None}})
+        assert ended["status"] == "Cancelled" and ended["host"] == "h2"
+        with pytest.raises(Busy):  # ended: the agent is told to stop, nothing changes
+            agentwork.progress(ctx, "h2", job["id"], {}, None)
+
+
+def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmvault.catalog.models import HostRow
+    from vmvault.service import agentwork, backups, jobs, protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    monkeypatch.setenv("VMVAULT_AGENT_LEASE_S", "3")
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "b1", "h2", ["/var/lib/h2/b1.raw"])
+        protection.enable_protection(ctx, "b1", "v1")
+        job_id = backups.backup_now(ctx, "b1").job["id"]
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        assert agentwork.claim(ctx, "h2", 2**22 + 7) is not None  # a pid that does not run here
+        assert jobs.reap_dead_jobs(ctx) == 0  # the pid/boot rules do not judge an agent's job
+        assert agentwork.fail_lost_agents(ctx) == []  # its heartbeat is fresh
+        with ctx.catalog.write() as s:
+            row = s.get(HostRow, "h2")
+            assert row is not None
+            row.last_heartbeat = "2000-01-01T00:00:00.000000Z"
+        assert agentwork.fail_lost_agents(ctx) == [job_id]
+        job = jobs.show_job(ctx, job_id)
+        assert job["status"] == "Failed" and job["error"]["code"] == "agent_lost"
+        assert "host 'h2' stopped heartbeating" in job["error"]["message"]
+        assert "vmvault backup now b1" in job["error"]["recommendedAction"]
+        assert backups.backup_now(ctx, "b1").job["status"] == "InProgress"  # the VM is free again
 
 
 def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:
