@@ -63,7 +63,7 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
     """A queued backup of a VM of h2: h1's agent and the server never claim it; h2's agent does,
     with everything but a passphrase."""
     from vmvault.errors import Busy, NotFound
-    from vmvault.service import agentwork, backups, jobs, protection, vaults
+    from vmvault.service import agentwork, backups, hostvms, jobs, protection, vaults, vms
     from vmvault.service.context import context
     from vmvault.service.hostvms import add_host_vm
     from vmvault.service.worker import claim_next
@@ -102,6 +102,16 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         assert ended["status"] == "Cancelled" and ended["host"] == "h2"
         with pytest.raises(Busy):  # ended: the agent is told to stop, nothing changes
             agentwork.progress(ctx, "h2", job["id"], {}, None)
+
+        # A running VM of h2 by its QMP socket there: never probed from here, described by the agent.
+        hostvms.add_host_qmp_vm(ctx, "q1", "h2", "/run/h2/q1.qmp")
+        listed = {v["name"]: v for v in vms.list_vms_with_status(ctx)}
+        assert listed["q1"]["powerState"] == "unknown" and listed["q1"]["agent"] == "on host h2"
+        protection.enable_protection(ctx, "q1", "v1")
+        queued = backups.backup_now(ctx, "q1").job
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == queued["id"] and package["vm"]["kind"] == "qmp"
+        assert package["vm"]["disks"] == [] and package["vm"]["definition"]["describeOnHost"] is True
 
 
 def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
