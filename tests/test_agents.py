@@ -75,8 +75,13 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         protection.enable_protection(ctx, "b1", "v1")
         job = backups.backup_now(ctx, "b1").job  # a VM of another host: queued, even without a serve
         assert job["status"] == "InProgress"
+        found = {"libvirtUri": "qemu:///system", "libvirtDomains": [
+            {"name": "web", "uuid": "u-web", "state": "running"}, "not a domain"]}  # fmt: skip
         for host in ("h1", "h2"):
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+                                           "hypervisors": found})  # fmt: skip
+        assert hostvms.discover_on_host(ctx, "h2") == [
+            {"name": "web", "uuid": "u-web", "state": "running", "connect": "qemu:///system", "host": "h2"}]
         assert claim_next(ctx) is None
         assert agentwork.claim(ctx, "h1", 1) is None
         package = agentwork.claim(ctx, "h2", 4242)

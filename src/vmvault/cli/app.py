@@ -568,11 +568,19 @@ def vm_update(
 @vm_app.command("discover")
 def vm_discover(
     connect: Annotated[str | None, typer.Option("--connect", help="libvirt's URI (default qemu:///system).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Another host: the domains its agent found when it registered.")
+    ] = None,
 ) -> None:
     """List the libvirt domains not yet added."""
     from vmvault.service import vms
 
     with service_context() as ctx:
+        if host is not None:
+            from vmvault.service.hostvms import discover_on_host
+
+            output.print_list(discover_on_host(ctx, host), ["name", "state", "uuid", "connect", "host"])
+            return
         output.print_list(vms.discover(ctx, connect), ["name", "state", "uuid", "connect"])
 
 

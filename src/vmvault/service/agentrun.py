@@ -384,13 +384,37 @@ def _budget(package: JsonDict) -> Any:
 # ---- start-up: what this host has -------------------------------------------------------------
 
 
+LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+LIBVIRT_URI = "qemu:///system"  # connectors/libvirt/domain.py DEFAULT_URI (not imported: no libvirt binding needed)
+DISCOVER_TIMEOUT_S = 10.0
+
+
 def hypervisors_found() -> JsonDict:
-    """What the agent finds on its host, for `host show`: libvirt's socket, QMP sockets under /run."""
-    found: JsonDict = {}
-    for uri, sock in (("qemu:///system", "/run/libvirt/libvirt-sock"),):
-        if os.path.exists(sock):
-            found["libvirtUri"] = uri
-    return found
+    """What the agent finds on its host, for `host show` and `vm discover --host`: libvirt (when its
+    socket is there) and its domains."""
+    if not os.path.exists(LIBVIRT_SOCKET):
+        return {}
+    return {"libvirtUri": LIBVIRT_URI, "libvirtDomains": _libvirt_domains(LIBVIRT_URI)}
+
+
+def _libvirt_domains(uri: str) -> list[JsonDict]:
+    """The domains at uri (name, uuid, state); bounded in time: a stuck libvirtd never holds the start."""
+    from vmvault.connectors.registry import connector_for
+    from vmvault.service.vms import KIND_LIBVIRT
+
+    found: list[JsonDict] = []
+
+    def probe() -> None:
+        try:
+            domains = connector_for(KIND_LIBVIRT).discover(uri)
+            found.extend({k: d.get(k) for k in ("name", "uuid", "state")} for d in domains)
+        except Exception as exc:  # no libvirt python binding, libvirtd refusing: nothing found
+            log.info("libvirt domains at %s not listed: %s", uri, exc)
+
+    thread = threading.Thread(target=probe, name="vmvault-agent-discover", daemon=True)
+    thread.start()
+    thread.join(DISCOVER_TIMEOUT_S)
+    return list(found) if not thread.is_alive() else []
 
 
 def reconcile_leftovers(settings: Settings, vms: list[JsonDict]) -> list[str]:

@@ -107,12 +107,13 @@ def _hypervisors(value: object) -> JsonDict:
     if not isinstance(value, dict):
         return {}
     kept: JsonDict = {}
-    for key in ("libvirtUri", "qmpSockets", "libvirtDomains"):
-        item = value.get(key)
-        if isinstance(item, str):
-            kept[key] = item[:512]
-        elif isinstance(item, list):
-            kept[key] = [str(x)[:512] for x in item[:1000]]
+    if isinstance(value.get("libvirtUri"), str):
+        kept["libvirtUri"] = value["libvirtUri"][:512]
+    if isinstance(value.get("qmpSockets"), list):
+        kept["qmpSockets"] = [str(x)[:512] for x in value["qmpSockets"][:1000]]
+    if isinstance(value.get("libvirtDomains"), list):
+        kept["libvirtDomains"] = [{k: str(d.get(k) or "")[:256] for k in ("name", "uuid", "state")}
+                                  for d in value["libvirtDomains"][:1000] if isinstance(d, dict)]  # fmt: skip
     return kept
 
 

@@ -110,3 +110,20 @@ def _formats(name: str, count: int, formats: list[str]) -> list[str | None]:
         raise InvalidInput(f"VM '{name}' has {count} disks and {len(formats)} --format values",
                            hint="give one --format for all disks, or one per --disk in the same order")  # fmt: skip
     return list(formats) or [None] * count
+
+
+def discover_on_host(ctx: Context, host: str) -> list[JsonDict]:
+    """The libvirt domains the agent of host found at its registration that no VM of this catalog is yet."""
+    from vmvault.catalog import repos
+    from vmvault.catalog.models import HostRow
+    from vmvault.errors import NotFound
+
+    with ctx.catalog.read() as s:
+        row = s.get(HostRow, host)
+        if row is None:
+            raise NotFound(f"host '{host}' not found", hint=f"start its agent: vmvault agent run --host {host}")
+        found = dict((row.details or {}).get("hypervisors") or {})
+        known = {str((r.definition or {}).get("uuid")) for r in repos.list_vms(s) if r.kind == KIND_LIBVIRT}
+    uri = found.get("libvirtUri")
+    return [{**d, "connect": uri, "host": host} for d in found.get("libvirtDomains") or []
+            if d.get("uuid") not in known]  # fmt: skip
