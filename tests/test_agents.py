@@ -122,6 +122,7 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
 def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from vmvault.catalog import repos
     from vmvault.catalog.models import HostRow
     from vmvault.service import agentwork, backups, jobs, protection, vaults
     from vmvault.service.context import context
@@ -148,6 +149,19 @@ def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
         assert "host 'h2' stopped heartbeating" in job["error"]["message"]
         assert "vmvault backup now b1" in job["error"]["recommendedAction"]
         assert backups.backup_now(ctx, "b1").job["status"] == "InProgress"  # the VM is free again
+
+        # An agent that is alive but no longer runs a job it claimed (its report of the end was lost).
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        package = agentwork.claim(ctx, "h2", 2**22 + 7)
+        assert package is not None
+        assert agentwork.heartbeat(ctx, "h2", []) == {"cancel": []}  # just claimed: not an orphan yet
+        assert jobs.show_job(ctx, package["jobId"])["status"] == "InProgress"
+        with ctx.catalog.write() as s:
+            repos.update_job_details(s, package["jobId"], {**package["details"], "agentHost": "h2",
+                                                           "claimedAt": "2000-01-01T00:00:00.000000Z"})
+        agentwork.heartbeat(ctx, "h2", [])
+        orphan = jobs.show_job(ctx, package["jobId"])
+        assert orphan["status"] == "Failed" and "no longer runs this job" in orphan["error"]["message"]
 
 
 def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:

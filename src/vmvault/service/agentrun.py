@@ -340,9 +340,8 @@ def run_package(settings: Settings, client: AgentClient, package: JsonDict, canc
         log.debug("job %s failed unexpectedly", job_id, exc_info=True)
         return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
     end_tasks(run.details, Status.COMPLETED)
-    client.call(f"/jobs/{job_id}/finish", {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id,
-                                           "warnings": run.warnings, "progress": run.last,
-                                           "details": _sendable(run.details)})  # fmt: skip
+    _finish(client, job_id, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
+                             "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
 
@@ -365,12 +364,28 @@ def _described(plan: Any, kind: str, books: RemoteBooks) -> Any:
 def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:
     end_tasks(run.details, status)
     log.warning("job %s ended %s: %s", run.job_id, status, exc)
-    try:
-        client.call(f"/jobs/{run.job_id}/finish", {"status": status, "error": exc.to_dict(), "progress": run.last,
-                                                   "details": _sendable(run.details)})  # fmt: skip
-    except VmvaultError as report_exc:  # the server ended it already (agent_lost) or is away: its lease decides
-        log.warning("job %s: its end was not recorded: %s", run.job_id, report_exc)
+    _finish(client, run.job_id, {"status": status, "error": exc.to_dict(), "progress": run.last,
+                                 "details": _sendable(run.details)})  # fmt: skip
     return status
+
+
+FINISH_TRIES, FINISH_RETRY_S = 12, 5.0
+
+
+def _finish(client: AgentClient, job_id: str, body: JsonDict) -> None:
+    """Report the job's end; an unreachable server is asked again for about a minute (a point already
+    published is then recorded, not lost); any other refusal (the job ended there) is logged."""
+    for attempt in range(FINISH_TRIES):
+        try:
+            client.call(f"/jobs/{job_id}/finish", body)
+            return
+        except ServerUnreachable as exc:
+            log.warning("job %s: reporting its end failed (%s); try %d of %d", job_id, exc, attempt + 1, FINISH_TRIES)
+            time.sleep(FINISH_RETRY_S)
+        except VmvaultError as exc:  # ended there already (agent_lost, cancelled) or refused: nothing to redo
+            log.warning("job %s: its end was not recorded: %s", job_id, exc)
+            return
+    log.warning("job %s: its end was never recorded; the server ends it when it finds it orphaned", job_id)
 
 
 def _budget(package: JsonDict) -> Any:

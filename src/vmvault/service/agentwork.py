@@ -133,7 +133,30 @@ def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
         repos.touch_jobs(s, [j.id for j in mine])
         cancel = [j.id for j in mine if j.cancel_requested]
         gone = [j for j in running if j not in {m.id for m in mine}]
+        orphans = [j.id for j in _agent_jobs(s, host) if j.id not in running and _claimed_long_ago(j)]
+    if orphans:
+        _end_orphans(ctx, host, orphans)
     return {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
+
+
+def _claimed_long_ago(job: JobRow) -> bool:
+    """Claimed longer than a lease ago: a claim in flight is not yet in the agent's running list."""
+    claimed = str((job.details or {}).get("claimedAt") or job.start_time)
+    return seconds_between(claimed, now_iso()) > lease_s()
+
+
+def _end_orphans(ctx: Context, host: str, job_ids: list[str]) -> None:
+    """Jobs the agent no longer runs though it is alive (its report of their end was lost): they end
+    agent_lost, so the VM is free; a point it published is adopted by reconcile (the manifest is the truth)."""
+    ended = []
+    with ctx.catalog.write() as s:
+        for job in _agent_jobs(s, host):
+            if job.id in job_ids:
+                why = f"the agent of host '{host}' no longer runs this job (the report of its end was lost)"
+                repos.finish_job(s, job.id, Status.FAILED, error=lost_error(job, why))
+                _notify_enqueue(s, job.id)
+                ended.append(job.id)
+    _notify_all(ctx, ended)
 
 
 def _agent_jobs(s: Session, host: str) -> list[JobRow]:
@@ -327,7 +350,14 @@ def save_disk(ctx: Context, host: str, job_id: str, name: str, values: JsonDict)
 
 
 def _bounded(values: JsonDict, disks: list[JsonDict] | None) -> None:
+    """An agent's bookkeeping: bounded, and disk records that name a disk (name, path, format as strings)."""
     import json
+
+    for disk in disks or []:
+        if not all(isinstance(disk.get(k), str) for k in ("name", "path")) or not isinstance(
+            disk.get("format"), (str, type(None))
+        ):
+            raise InvalidInput("a disk record from the agent lacks its name, path or format", hint="upgrade the agent")
 
     if len(json.dumps([values, disks], default=str)) > MAX_BOOKKEEPING:
         raise InvalidInput("the agent's VM bookkeeping is too large", hint=f"at most {MAX_BOOKKEEPING} bytes of JSON")
