@@ -230,6 +230,11 @@ def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
 
             end_job(ctx, job.id, Status.FAILED, exc)
             continue
+        from vmvault.service.reconcile import reconcile_named
+
+        # As before a server's own backup: a point an agent published but could not report (a lost
+        # finish, agent_lost) is adopted now, and the new backup's base is the catalog's latest.
+        reconcile_named(ctx, plan.vault, f"before backup job {job.id} of VM {plan.vm_name} (agent of host {host})")
         return _work_package(ctx, job, plan)
 
 
