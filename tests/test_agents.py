@@ -181,9 +181,12 @@ def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(t
 class Agent:
     """`vmvault agent run` as a child process on its own home."""
 
+    allowed: list[Path] = []  # --allow-disks of every agent (set by the scenario)
+
     def __init__(self, cli: Cli, server: str, host: str) -> None:
         self.cli, self.host = cli, host
-        self.proc = cli.popen("--server", server, "agent", "run", "--host", host, json_output=False)
+        allow = [a for d in self.allowed for a in ("--allow-disks", str(d))]
+        self.proc = cli.popen("--server", server, "agent", "run", "--host", host, *allow, json_output=False)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
@@ -273,6 +276,7 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     added = admin.ok("vm", "add", "q1", "--host", "h1", "--qmp", str(qsd.vmvault_qmp)).json()
     assert added["host"] == "h1" and added["disks"] == []
     admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
+    Agent.allowed = [tmp_path, small_image.parent, qsd.sockets]
     agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
     stack["procs"].extend(agents.values())
     for host in agents:
@@ -296,6 +300,14 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     restored = tmp_path / "restored-q1"
     assert admin.restore_disks("q1", points.pop("q1"), restored).ok
     assert_same_image(restored / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
+    # The server does not choose which files of a host are read: a disk outside the agent's
+    # --allow-disks folders fails its backup, naming the path and the fix.
+    admin.ok("vm", "add", "x1", "--host", "h1", "--disk", "/etc/hostname", "--format", "raw")
+    admin.ok("protection", "enable", "--vm", "x1", "--vault", "v1")
+    code, job = _ended(_backup(admin, "x1"))
+    error = job["properties"]["errorDetails"][0]
+    assert code != 0 and error["errorCode"] == "path_not_allowed" and "/etc/hostname" in error["errorString"], job
+    assert "agent run --allow-disks DIR" in error["recommendations"][0]
     for vm, rp in points.items():
         target = tmp_path / f"restored-{vm}"
         assert admin.restore_disks(vm, rp, target).ok

@@ -23,6 +23,11 @@ def agent_run(
     token_file: Annotated[
         str | None, typer.Option("--token-file", help="File holding the BackupAgent token (else VMVAULT_TOKEN).")
     ] = None,
+    allow_disks: Annotated[
+        list[str] | None,
+        typer.Option("--allow-disks", help="Folder the server may name disks and QMP sockets in (repeatable).",
+                     metavar="DIR"),
+    ] = None,
     log_format: Annotated[
         str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
     ] = "text",
@@ -32,6 +37,7 @@ def agent_run(
     The token (a BackupAgent token bound to --host) comes from --token-file or VMVAULT_TOKEN, never
     from the command line. The server is https://, or http:// to a loopback address only. The vaults
     open with this host's key: unlock each once on this host with its passphrase (vmvault vault import).
+    Disk images and QMP sockets must lie in --allow-disks folders (default as serve's, docs/security.md).
     """
     from vmvault import logs
     from vmvault.errors import InvalidInput
@@ -49,7 +55,10 @@ def agent_run(
     if log_format not in logs.FORMATS:
         raise InvalidInput(f"unknown --log-format '{log_format}'", hint="use --log-format text or --log-format json")
     logs.configure(log_format)
+    from vmvault.service.paths import build_policy
+
     settings = replace(load_settings(STATE.home), catalog_url=None, strict_passphrase=False)
-    agent = Agent(settings, AgentClient(server, host, token), max_jobs=max_jobs)
+    paths = build_policy(settings, disks=allow_disks)  # the server does not choose which files are read here
+    agent = Agent(settings, AgentClient(server, host, token), max_jobs=max_jobs, paths=paths)
     code = agent.run(on_ready=lambda a: output.info(f"vmvault agent of host {host} runs jobs for {server}"))
     raise typer.Exit(code)

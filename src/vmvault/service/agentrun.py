@@ -30,6 +30,7 @@ from vmvault.errors import Cancelled, InvalidInput, VmvaultError
 from vmvault.proc import boot_id
 from vmvault.service.agentwork import API_VERSION
 from vmvault.service.jobs import PROGRESS_INTERVAL_S, Status, as_vmvault_error, end_tasks, track_tasks
+from vmvault.service.paths import PathPolicy
 from vmvault.service.views import JsonDict, empty_progress
 from vmvault.service.worker import StopEvent
 from vmvault.settings import Settings
@@ -209,6 +210,7 @@ class Agent:
     settings: Settings
     client: AgentClient
     max_jobs: int = DEFAULT_MAX_JOBS
+    paths: PathPolicy | None = None  # where the server may point this agent (agent run --allow-disks)
     running: dict[str, StopEvent] = field(default_factory=dict)
     heartbeat_s: float = 3.0
     _stop: StopEvent = field(default_factory=StopEvent)
@@ -279,7 +281,7 @@ class Agent:
         job_id = str(package["jobId"])
         try:
             with job_context(job_id, str(package["vm"]["name"])):
-                run_package(self.settings, self.client, package, cancel)
+                run_package(self.settings, self.client, package, cancel, self.paths)
         except Exception:
             log.exception("job %s crashed the agent's worker", job_id)
         finally:
@@ -315,8 +317,13 @@ class Agent:
             signal.signal(sig, handler)
 
 
-def run_package(settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent) -> str:
-    """Run one claimed Backup job with the server's engine and connector code; report how it ended."""
+def run_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None
+) -> str:
+    """Run one claimed Backup job with the server's engine and connector code; report how it ended.
+
+    paths: the host's allowed disk roots; a work package naming a disk image or a QMP socket outside
+    them fails (the server is not trusted to read any file of this host into a vault)."""
     from vmvault.service.backups import BackupPlan, run_backup_into
     from vmvault.service.vaultio import opened_vault_at
 
@@ -329,6 +336,8 @@ def run_package(settings: Settings, client: AgentClient, package: JsonDict, canc
     run = AgentRun(client, job_id, cancel, package.get("details"))
     books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
     try:
+        if paths is not None:
+            _check_paths(paths, plan)
         plan = _described(plan, str(vm.get("kind") or ""), books)
         with opened_vault_at(settings, vault_row) as vault:
             manifest = run_backup_into(vault, plan, job_id, run, books, _budget(package), str(settings.home))
@@ -344,6 +353,24 @@ def run_package(settings: Settings, client: AgentClient, package: JsonDict, canc
                              "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
+
+
+def _check_paths(paths: PathPolicy, plan: Any) -> None:
+    """Disk images and QMP sockets named by the server lie in this host's allowed disk roots."""
+    from vmvault.errors import PathNotAllowed
+    from vmvault.service.paths import Rule
+
+    named = [str(d.get("path") or "") for d in plan.disks if d.get("path")]
+    named += [str(plan.definition[k]) for k in ("qmp", "guestAgent") if plan.definition.get(k)]
+    for path in named:
+        try:
+            paths.check(Rule.DISKS, path)
+        except PathNotAllowed as exc:
+            raise PathNotAllowed(
+                f"{exc.message} on host of VM '{plan.vm_name}'",
+                hint="allow its folder on this host: vmvault agent run --allow-disks DIR (or allow-disks in the "
+                "agent's HOME/settings.toml)",
+            ) from None
 
 
 def _described(plan: Any, kind: str, books: RemoteBooks) -> Any:
