@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.catalog.models import VaultRow
-from vmvault.errors import Cancelled, InvalidInput, VmvaultError
+from vmvault.errors import Cancelled, InvalidInput, NotFound, VmvaultError
 from vmvault.proc import boot_id
 from vmvault.service.agentwork import API_VERSION
 from vmvault.service.jobs import PROGRESS_INTERVAL_S, Status, as_vmvault_error, end_tasks, track_tasks
@@ -294,6 +294,9 @@ class Agent:
                 running = list(self.running)
             try:
                 answer = self.client.call("/heartbeat", {"running": running})
+            except NotFound:  # the host was removed while this agent was away: register it again
+                self._register_again()
+                continue
             except VmvaultError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
@@ -301,6 +304,13 @@ class Agent:
                 for job_id in answer.get("cancel") or []:
                     if job_id in self.running:
                         self.running[job_id].stop("the job was cancelled or ended by the server")
+
+    def _register_again(self) -> None:
+        try:
+            self.client.call("/register", self._registration())
+            log.info("agent of host %s registered again", self.client.host)
+        except VmvaultError as exc:
+            log.warning("registering again failed: %s", exc)
 
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
