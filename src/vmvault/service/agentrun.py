@@ -257,7 +257,7 @@ class Agent:
             package = None
             if free > 0:
                 try:
-                    package = self.client.call("/claim", {"pid": os.getpid()})
+                    package = self.client.call("/claim", {"pid": os.getpid()}).get("package")
                 except VmvaultError as exc:
                     log.warning("claiming a job failed: %s", exc)
             if package is None:
