@@ -78,6 +78,14 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("GET", "/api/v1/hosts"): (Permission.READ, Scope.GLOBAL, ALL),
     ("GET", "/api/v1/hosts/{name}"): (Permission.READ, Scope.GLOBAL, ALL),
     ("DELETE", "/api/v1/hosts/{name}"): (Permission.HOSTS, Scope.GLOBAL, ONLY_OWNER),
+    # Agents: a BackupAgent token bound to {host} only (test_agent_token_only_reaches_its_own_host).
+    ("POST", "/api/v1/agents/{host}/register"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/heartbeat"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/claim"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/jobs/{job_id}/progress"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/jobs/{job_id}/vm"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/jobs/{job_id}/disk"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/jobs/{job_id}/finish"): (Permission.AGENT_WORK, Scope.HOST, set()),
 }
 PUBLIC = {("GET", "/health"), ("GET", "/healthz")}
 ANY_TOKEN = {("GET", "/metrics")}  # outside /api/v1; checked by test_metrics_need_any_token
@@ -108,6 +116,7 @@ def world(
             "token_id": "0" * 16,
             "target_id": "1",
             "name": "h1",
+            "host": "h1",
         }
         box.app.dependency_overrides[service_ctx] = _reached
         try:
@@ -168,6 +177,23 @@ def test_role_on_every_route(world: tuple[Sandbox, dict[str, str]], role: str, v
             failures.append(f"{method} {path}: {r.status_code} (want {want}) {r.text[:200]}")
         if want == 403:
             assert r.json()["code"] == "forbidden"
+    assert not failures, "\n".join(failures)
+
+
+def test_agent_token_only_reaches_its_own_host(world: tuple[Sandbox, dict[str, str]]) -> None:
+    """A BackupAgent token bound to h1: the agent calls of h1, nothing else (not even a read), not h2's."""
+    box, values = world
+    _view, token = tokens.create_token(box.ctx, "BackupAgent", host="h1")
+    failures = []
+    for (method, template), (permission, _scope, _roles) in sorted(TABLE.items()):
+        for host in ("h1", "h2"):
+            path = template.format(**{**values, "host": host})
+            r = box.call(method, path, token, **({"json": {}} if method in ("POST", "PUT") else {}))
+            want = 418 if permission is Permission.AGENT_WORK and host == "h1" else 403
+            if r.status_code != want:
+                failures.append(f"{method} {path}: {r.status_code} (want {want}) {r.text[:200]}")
+            if want == 403 and "{host}" in template:
+                assert "h2" in r.json()["message"] and "BackupAgent --host h2" in r.json()["hint"]
     assert not failures, "\n".join(failures)
 
 

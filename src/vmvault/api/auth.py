@@ -23,7 +23,7 @@ from vmvault.api import signin
 from vmvault.catalog import repos
 from vmvault.errors import Forbidden, InvalidInput, Unauthorized
 from vmvault.service.context import Context
-from vmvault.service.tokens import CONTRIBUTOR, OPERATOR, OWNER, READER, Principal, authenticate
+from vmvault.service.tokens import AGENT, CONTRIBUTOR, OPERATOR, OWNER, READER, Principal, authenticate
 
 
 class Permission(StrEnum):
@@ -42,6 +42,7 @@ class Permission(StrEnum):
     JOB_CANCEL = "job.cancel"
     TOKENS = "tokens.manage"
     HOSTS = "hosts.manage"  # forget a host (host remove): Owner only
+    AGENT_WORK = "agent.work"  # register, heartbeat, claim and report jobs: BackupAgent only
 
 
 class Scope(StrEnum):
@@ -53,18 +54,21 @@ class Scope(StrEnum):
     JOB = "job"  # the vault of the {job_id} path parameter
     BODY = "body"  # the vault named in the body: the handler checks it (check_vault); with a {vm}
     # path parameter, a scoped token also needs that VM protected in its vault
+    HOST = "host"  # the {host} path parameter: a BackupAgent token acts for its own host only
 
 
 _OPERATOR = {
     Permission.READ, Permission.PROTECTION_ENABLE, Permission.BACKUP, Permission.RESTORE,
     Permission.FILE_RECOVERY, Permission.JOB_CANCEL,
 }  # fmt: skip
-_CONTRIBUTOR = set(Permission) - {Permission.VAULT_DELETE, Permission.TOKENS, Permission.HOSTS}
+_HUMAN = set(Permission) - {Permission.AGENT_WORK}  # an agent's calls are made by agents only
+_CONTRIBUTOR = _HUMAN - {Permission.VAULT_DELETE, Permission.TOKENS, Permission.HOSTS}
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
-    OWNER: frozenset(Permission),
+    OWNER: frozenset(_HUMAN),
     CONTRIBUTOR: frozenset(_CONTRIBUTOR),
     OPERATOR: frozenset(_OPERATOR),
     READER: frozenset({Permission.READ}),
+    AGENT: frozenset({Permission.AGENT_WORK}),  # not even READ: a stolen agent token reads nothing
 }
 
 
@@ -115,6 +119,8 @@ class Authorize:
                 f"role {principal.role} may not do this ({self.permission.value})",
                 hint="use a token with a role that allows it",
             )
+        if self.scope is Scope.HOST:
+            check_host(principal, str(request.path_params.get("host", "")))
         if principal.vault is not None:
             self._check_scope(request, principal)
         request.state.principal = principal
@@ -142,6 +148,17 @@ def _outside(principal: Principal) -> Forbidden:
         f"this token is limited to vault '{principal.vault}'",
         hint="use a token without a vault scope, or one scoped to the vault concerned",
     )
+
+
+def check_host(principal: Principal, host: str) -> None:
+    """Forbidden unless the principal is the agent of this host (its token is bound to it)."""
+    if principal.host is None or principal.host != host:
+        raise Forbidden(
+            f"this token may not act for host '{host}'"
+            + (f" (it is bound to host '{principal.host}')" if principal.host else ""),
+            hint=f"run the agent of host '{host}' with its own token: vmvault token create --role BackupAgent "
+            f"--host {host}",
+        )
 
 
 def check_vault(principal: Principal, vault: str | None) -> None:

@@ -417,6 +417,7 @@ class JobProperties(View):
     end_time: str | None
     vault_name: str | None
     duration: str | None = Field(description="ISO 8601, e.g. PT1M2.5S")
+    host: str | None = Field(default=None, description="The host that ran it (a VM's agent host, or a server)")
     error_details: list[JobErrorDetail]
     extended_info: JobExtendedInfo
 
@@ -504,6 +505,7 @@ class Token(View):
     expires: str | None
     revoked: str | None
     last_used: str | None
+    host: str | None = None
 
 
 class NewToken(Token):

@@ -240,6 +240,7 @@ class ApiTokenRow(Base):
     revoked: Mapped[str | None] = mapped_column(String(32), default=None)
     last_used: Mapped[str | None] = mapped_column(String(32), default=None)
     vault_uuid: Mapped[str | None] = mapped_column(String(64), default=None)
+    host: Mapped[str | None] = mapped_column(String(128), default=None)  # 0040: a BackupAgent token's host
 
 
 class AlertRow(Base):

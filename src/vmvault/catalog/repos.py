@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, text, update
+from sqlalchemy import case, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from vmvault.catalog.clock import now_iso
@@ -330,15 +330,32 @@ def running_jobs_by_vm(s: Session, operation: str, vm: str | None = None) -> dic
 # ---- job queue (0002): owner_pid 0 = queued, claimed by a conditional update --------------------
 
 
-def queued_jobs(s: Session, operations: Sequence[str]) -> Sequence[JobRow]:
-    """Unclaimed InProgress jobs of these operations, oldest first."""
+def _on_host(host: str | None, server: str | None) -> list[Any]:
+    """host: only jobs of VMs of that host (its agent claims them). server: not the jobs of VMs of
+    another host (a server runs the VMs without a host and those of its own host)."""
+    where: list[Any] = []
+    if host is not None:
+        where.append(JobRow.vm.in_(select(VmRow.name).where(VmRow.host == host)))
+    if server is not None:
+        elsewhere = select(VmRow.name).where(VmRow.host.is_not(None), VmRow.host != server)
+        where.append(or_(JobRow.vm.is_(None), JobRow.vm.not_in(elsewhere)))
+    return where
+
+
+def queued_jobs(
+    s: Session, operations: Sequence[str], *, host: str | None = None, server: str | None = None
+) -> Sequence[JobRow]:
+    """Unclaimed InProgress jobs of these operations, oldest first (host/server: see _on_host)."""
     query = select(JobRow).where(
-        JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations))
-    )
+        JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations)),
+        *_on_host(host, server),
+    )  # fmt: skip
     return s.scalars(query.order_by(JobRow.start_time)).all()
 
 
-def lock_next_queued(s: Session, operations: Sequence[str]) -> JobRow | None:
+def lock_next_queued(
+    s: Session, operations: Sequence[str], *, host: str | None = None, server: str | None = None
+) -> JobRow | None:
     """The oldest queued job of these operations, row-locked for this transaction.
 
     PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED, so workers of several servers each lock a
@@ -348,6 +365,7 @@ def lock_next_queued(s: Session, operations: Sequence[str]) -> JobRow | None:
     query = (
         select(JobRow)
         .where(JobRow.status == IN_PROGRESS, JobRow.owner_pid == 0, JobRow.operation.in_(list(operations)))
+        .where(*_on_host(host, server))
         .order_by(JobRow.start_time)
         .limit(1)
         .with_for_update(skip_locked=True)

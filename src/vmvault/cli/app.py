@@ -435,11 +435,19 @@ def vm_add(
         ),
     ] = None,
     quiesce_timeout: QuiesceTimeoutOption = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="The VM's host: its agent runs its jobs; paths are paths on that host."),
+    ] = None,
 ) -> None:
     """Add a VM given by its disk images (raw or qcow2), a running QEMU VM with --qmp, or a libvirt domain."""
     from vmvault.cli import remote
     from vmvault.service import vms
     from vmvault.service.quiesce import check_timeout
+
+    if host is not None:
+        _vm_add_on_host(name, host, disk, fmt, qmp, guest_agent, libvirt, connect, quiesce_timeout)
+        return
 
     for flag, value in (("--qmp", qmp), ("--guest-agent", guest_agent), ("--libvirt", libvirt), ("--connect", connect),
                         ("--quiesce-timeout", quiesce_timeout)):  # fmt: skip
@@ -477,6 +485,45 @@ def vm_add(
             output.print_object(_with_quiesce_timeout(ctx, added, name, quiesce_timeout))
             return
         output.print_object(vms.add_vm(ctx, name, list(disk or []), fmt))
+
+
+def _vm_add_on_host(
+    name: str,
+    host: str,
+    disk: list[Path] | None,
+    fmt: list[str] | None,
+    qmp: Path | None,
+    guest_agent: Path | None,
+    libvirt: str | None,
+    connect: str | None,
+    quiesce_timeout: int | None,
+) -> None:
+    """`vm add --host`: a VM of another host (service/hostvms.py); nothing on this machine is opened."""
+    from vmvault.cli import remote
+    from vmvault.service import hostvms
+
+    remote.refuse_option("--host", True)
+    forms = [f for f, given in (("--disk", bool(disk)), ("--qmp", qmp is not None), ("--libvirt", libvirt is not None))
+             if given]  # fmt: skip
+    if len(forms) != 1:
+        raise InvalidInput(
+            f"vm add --host takes one of --disk, --qmp or --libvirt (got {', '.join(forms) or 'none'})",
+            hint=f"vmvault vm add {name} --host {host} --disk PATH (a path on that host)",
+        )
+    if quiesce_timeout is not None or (fmt and not disk) or (guest_agent and qmp is None) or (connect and not libvirt):
+        raise InvalidInput(
+            "with --host: --format goes with --disk, --guest-agent with --qmp, --connect with --libvirt, and "
+            "--quiesce-timeout is set later (vm update)",
+            hint=f"vmvault vm add {name} --host {host} --qmp SOCKET [--guest-agent SOCKET]",
+        )
+    with service_context() as ctx:
+        if qmp is not None:
+            added = hostvms.add_host_qmp_vm(ctx, name, host, str(qmp), str(guest_agent) if guest_agent else None)
+        elif libvirt is not None:
+            added = hostvms.add_host_libvirt_vm(ctx, name, host, libvirt, connect)
+        else:
+            added = hostvms.add_host_vm(ctx, name, host, [str(d) for d in disk or []], fmt)
+        output.print_object(added)
 
 
 @vm_app.command("set-format")
@@ -521,11 +568,19 @@ def vm_update(
 @vm_app.command("discover")
 def vm_discover(
     connect: Annotated[str | None, typer.Option("--connect", help="libvirt's URI (default qemu:///system).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Another host: the domains its agent found when it registered.")
+    ] = None,
 ) -> None:
     """List the libvirt domains not yet added."""
     from vmvault.service import vms
 
     with service_context() as ctx:
+        if host is not None:
+            from vmvault.service.hostvms import discover_on_host
+
+            output.print_list(discover_on_host(ctx, host), ["name", "state", "uuid", "connect", "host"])
+            return
         output.print_list(vms.discover(ctx, connect), ["name", "state", "uuid", "connect"])
 
 
@@ -696,8 +751,9 @@ def backup_now(
         outcome = run_cancellable(
             lambda cancel: backups.backup_now(ctx, name, retain_until=retain_until, on_progress=show, cancel=cancel)
         )
-        if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve
-            output.info(f"queued to vmvault serve as job {outcome.job['id']}")
+        if outcome.job["status"] == jobs.Status.IN_PROGRESS:  # queued to vmvault serve (or a host's agent)
+            where = "its host's agent" if backups.on_other_host(ctx, name) else "vmvault serve"
+            output.info(f"queued to {where} as job {outcome.job['id']}")
             if no_wait:
                 output.print_object(shape.job(outcome.job))
                 return
@@ -976,3 +1032,5 @@ from vmvault.cli import host as _host  # noqa: E402, F401
 from vmvault.cli import doctor as _doctor  # noqa: E402, F401
 # scheduled verification period of a vault: vault verify-schedule (cli/verify_schedule.py).
 from vmvault.cli import verify_schedule as _verify_schedule  # noqa: E402, F401
+# the agent of a hypervisor host: agent run (cli/agent.py).
+from vmvault.cli import agent as _agent  # noqa: E402, F401

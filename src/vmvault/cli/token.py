@@ -13,29 +13,34 @@ from vmvault.cli.state import STATE, service_context
 token_app = typer.Typer(help="Bearer tokens of the REST API (vmvault serve).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
-TOKEN_COLUMNS = ("id", "name", "role", "vault", "created", "expires", "revoked")
+TOKEN_COLUMNS = ("id", "name", "role", "vault", "host", "created", "expires", "revoked")
 
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[str, typer.Option("--role", help="Owner, BackupContributor, BackupOperator or BackupReader.")],
+    role: Annotated[
+        str, typer.Option("--role", help="Owner, BackupContributor, BackupOperator, BackupReader or BackupAgent.")
+    ],
     vault: Annotated[str | None, typer.Option("--vault", "--vault-name", help="Limit it to this vault.")] = None,
     expires: Annotated[
         str | None, typer.Option("--expires", help="30d, 12h, 2w or a UTC date (YYYY-MM-DD[THH:MM]); default never.")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="A label (default: the role).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="BackupAgent only: the one host whose agent uses it.")
+    ] = None,
 ) -> None:
     """Make a token and print it once (only its hash is kept)."""
     from vmvault.cli import remote
     from vmvault.service import tokens
 
     if remote.active():
-        made = remote.post("/tokens", {"role": role, "vault": vault, "expires": expires, "name": name})
+        made = remote.post("/tokens", {"role": role, "vault": vault, "expires": expires, "name": name, "host": host})
         token = made.pop("token")
         view = made
     else:
         with service_context() as ctx:
-            view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name)
+            view, token = tokens.create_token(ctx, role, vault=vault, expires=expires, name=name, host=host)
     if STATE.structured:
         output.print_object({**view, "token": token})
         return

@@ -37,6 +37,7 @@ JOB_FIELDS: Fields = (
     ("vault", "properties.vaultName"),
     ("progress", ""),
     ("cancelRequested", ""),
+    ("host", "properties.host"),  # the host that ran it (vm add --host: its agent)
     ("deferredDeleteTimeInUTC", "properties.deferredDeleteTimeInUTC"),  # DeleteBackupData: when it is purged
     ("extendedInfo", ""),
 )

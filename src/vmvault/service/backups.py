@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -80,7 +80,7 @@ def backup_now(
     if queue is None:
         from vmvault.service.worker import service_running
 
-        queue = service_running(ctx)
+        queue = on_other_host(ctx, vm_name) or service_running(ctx)
     if queue:
         job = create_job(
             ctx, Operation.BACKUP, vm=vm_name, vault=plan.vault.name, exclusive=True, queued=True, details=details
@@ -113,6 +113,8 @@ def follow_backup(
                 raise
             if service_running(ctx):
                 continue  # still queued or running under the service: go on waiting
+        if on_other_host(ctx, str(repos_job_vm(ctx, job_id))):
+            continue  # its host's agent runs it (vm add --host): only follow it
         with ctx.catalog.write() as s:
             row = repos.get_job(s, job_id)
             details = {**(row.details or {}), **owner_fields(), "claimedAt": now_iso()}
@@ -121,6 +123,20 @@ def follow_backup(
                 s.refresh(row)
         if claimed:
             return run_claimed_backup(ctx, row, cancel=cancel, on_progress=on_progress)
+
+
+def on_other_host(ctx: Context, vm_name: str) -> bool:
+    """The VM belongs to another host (`vm add --host`): its jobs are queued for that host's agent."""
+    from vmvault.service.hosts import local_host_name
+
+    with ctx.catalog.read() as s:
+        row = repos.find_vm(s, vm_name)
+        return row is not None and row.host is not None and row.host != local_host_name()
+
+
+def repos_job_vm(ctx: Context, job_id: str) -> str | None:
+    with ctx.catalog.read() as s:
+        return repos.get_job(s, job_id).vm
 
 
 def backup_details(plan: BackupPlan, trigger: str, **extra: Any) -> dict[str, Any]:
@@ -148,11 +164,7 @@ def execute_backup(
     scheduled = (job.details or {}).get("trigger") == SCHEDULED
 
     def record(s: Session, manifest: Any) -> None:
-        repos.add_recovery_point(s, recovery_point_row(manifest, plan.vault.id))
-        repos.mark_protected_after_backup(s, plan.vm_id)
-        current = repos.get_job(s, job.id)
-        repos.update_job_details(s, job.id, {**(current.details or {}), "recoveryPoint": manifest.rp_id})
-        record_retention(ctx, s, manifest.rp_id, scheduled)
+        record_point(ctx, s, job.id, plan.vm_id, plan.vault.id, manifest, scheduled)
 
     outcome = run_job(ctx, job, work, record=record, on_progress=on_progress, cancel=cancel)
     if not outcome.failed:
@@ -160,6 +172,17 @@ def execute_backup(
 
         save(ctx, plan.vault)  # the VM's definition and retain-until as of this backup
     return outcome
+
+
+def record_point(
+    ctx: Context, s: Session, job_id: str, vm_id: str, vault_id: int, manifest: Any, scheduled: bool
+) -> None:
+    """A Backup job's published point in the catalog, in the transaction that ends the job."""
+    repos.add_recovery_point(s, recovery_point_row(manifest, vault_id))
+    repos.mark_protected_after_backup(s, vm_id)
+    current = repos.get_job(s, job_id)
+    repos.update_job_details(s, job_id, {**(current.details or {}), "recoveryPoint": manifest.rp_id})
+    record_retention(ctx, s, manifest.rp_id, scheduled)
 
 
 def record_retention(ctx: Context, s: Session, rp_id: str, scheduled: bool) -> None:
@@ -214,7 +237,8 @@ def plan_backup(ctx: Context, vm_name: str, retain_until: str) -> BackupPlan:
         excluded = set(item.excluded_disks or [])
         disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in vm.disks]
         disks = [d for d in disks if d["name"] not in excluded]
-    _check_disks(vm_name, disks)
+    if not (vm.definition or {}).get("describeOnHost"):  # else its host's agent describes it first
+        _check_disks(vm_name, disks)
     if not retain_until:
         raise InvalidInput(f"no retain-until date for the backup of VM '{vm_name}'", hint="give --retain-until")
     return BackupPlan(vm.id, vm.name, vault, disks, dict(vm.definition), retain_until, item.policy_id)
@@ -230,18 +254,52 @@ def _check_disks(vm_name: str, disks: list[dict[str, Any]]) -> None:
 
 
 def _run_backup(ctx: Context, plan: BackupPlan, job_id: str, run: JobRun) -> Any:
+    """A backup run by this process: the catalog is the local one, the vault opened with this host's key."""
+    from vmvault.service.quiesce import budget_for
+
+    with opened_vault(ctx, plan.vault) as vault:
+        return run_backup_into(vault, plan, job_id, run, LocalBooks(ctx, plan), budget_for(ctx, plan),
+                               str(ctx.settings.home))  # fmt: skip
+
+
+class BackupRun(Protocol):
+    """The running job as a backup reports to it: service/jobs.py JobRun here, an agent's run on an agent."""
+
+    cancel: threading.Event
+    details: JsonDict | None
+    warnings: list[JsonDict]
+
+    def progress(self, progress: Any) -> None: ...
+
+
+class BackupBooks(Protocol):
+    """What a running backup reads from and writes to the catalog: the catalog itself in this process
+    (LocalBooks), the server's REST API on an agent (service/agentrun.py)."""
+
+    def previous_point_id(self) -> str | None: ...
+
+    def next_point_time(self) -> str: ...
+
+    def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None: ...
+
+    def save_disk(self, name: str, values: dict[str, Any]) -> None: ...
+
+
+def run_backup_into(
+    vault: Any, plan: BackupPlan, job_id: str, run: BackupRun, books: BackupBooks, budget: Any, home: str
+) -> Any:
     """One backup over the VM's connector: it opens the point in time, the engine reads it into the vault."""
     from vmvault.connectors.contract import BackupRequest, Note
     from vmvault.connectors.registry import connector_for
     from vmvault.engine.backup import PointSpec, backup_exported
-    from vmvault.service.quiesce import budget_for
 
     connector = connector_for(plan.definition.get("kind"))
-    port = _BackupPort(ctx, plan, run)
-    with opened_vault(ctx, plan.vault) as vault, _cancel_reason(run, plan.vm_name), _count_retries(run, vault):
-        previous = _previous_manifest(ctx, vault, plan)
+    port = _BackupPort(books, run)
+    with _cancel_reason(run, plan.vm_name), _count_retries(run, vault):
+        previous_id = books.previous_point_id()
+        previous = read_manifest_or_none(vault, previous_id) if previous_id else None
         request = BackupRequest(plan.vm_id, plan.vm_name, plan.disks, plan.definition, _bookkeeping(previous),
-                                budget_for(ctx, plan), str(ctx.settings.home))  # fmt: skip
+                                budget, home)  # fmt: skip
         with connector.open_point(request, port) as point:
             spec = PointSpec(
                 vm_name=plan.vm_name,
@@ -272,11 +330,42 @@ def _bookkeeping(previous: Any) -> Any:
     return PreviousPoint(previous.rp_id, previous.time, dict(previous.vm_definition or {}))
 
 
+class LocalBooks:
+    """BackupBooks on this process's catalog."""
+
+    def __init__(self, ctx: Context, plan: BackupPlan) -> None:
+        self.ctx, self.plan = ctx, plan
+
+    def previous_point_id(self) -> str | None:
+        with self.ctx.catalog.read() as s:
+            latest = repos.latest_recovery_point(s, self.plan.vm_id, self.plan.vault.id)
+        return latest.id if latest else None
+
+    def next_point_time(self) -> str:
+        return _next_point_time(self.ctx, self.plan.vm_id)
+
+    def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
+        from vmvault.service.vms import save_definition
+
+        save_definition(self.ctx, self.plan.vm_id, updates, disks)
+
+    def save_disk(self, name: str, values: dict[str, Any]) -> None:
+        save_disk(self.ctx, self.plan.vm_id, name, values)
+
+
+def save_disk(ctx: Context, vm_id: str, name: str, values: dict[str, Any]) -> None:
+    """Merge values into the record of one disk of the VM (a connector's bookkeeping: bitmaps, formats)."""
+    with ctx.catalog.write() as s:
+        row = repos.find_vm_by_id(s, vm_id)
+        if row is not None:
+            row.disks = [{**d, **values} if d.get("name") == name else d for d in row.disks]
+
+
 class _BackupPort:
     """The catalog and the job, as a connector reports to them (connectors/contract.py BackupPort)."""
 
-    def __init__(self, ctx: Context, plan: BackupPlan, run: JobRun) -> None:
-        self.ctx, self.plan, self.run = ctx, plan, run
+    def __init__(self, books: BackupBooks, run: BackupRun) -> None:
+        self.books, self.run = books, run
         self.notes: list[Any] = []
 
     @property
@@ -284,7 +373,7 @@ class _BackupPort:
         return self.run.cancel
 
     def new_point(self) -> tuple[str, str]:
-        return new_rp_id(), _next_point_time(self.ctx, self.plan.vm_id)
+        return new_rp_id(), self.books.next_point_time()
 
     def warn(self, note: Any) -> None:
         self.notes.append(note)
@@ -295,15 +384,10 @@ class _BackupPort:
         record(self.run, q, snapshot_s)
 
     def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
-        from vmvault.service.vms import save_definition
-
-        save_definition(self.ctx, self.plan.vm_id, updates, disks)
+        self.books.save_vm(updates, disks)
 
     def save_disk(self, name: str, values: dict[str, Any]) -> None:
-        with self.ctx.catalog.write() as s:
-            row = repos.find_vm_by_id(s, self.plan.vm_id)
-            if row is not None:
-                row.disks = [{**d, **values} if d.get("name") == name else d for d in row.disks]
+        self.books.save_disk(name, values)
 
     def report(self) -> None:
         """The warnings, once the point is published (a failed backup's reason is its error)."""
@@ -313,7 +397,7 @@ class _BackupPort:
 
 
 @contextmanager
-def _count_retries(run: JobRun, vault: Any) -> Iterator[None]:
+def _count_retries(run: BackupRun, vault: Any) -> Iterator[None]:
     """The job's details record how many storage requests were retried (throttling), even when it fails."""
     before = int(vault.backend.retries)
     try:
@@ -324,7 +408,7 @@ def _count_retries(run: JobRun, vault: Any) -> Iterator[None]:
 
 
 @contextmanager
-def _cancel_reason(run: JobRun, vm_name: str) -> Iterator[None]:
+def _cancel_reason(run: BackupRun, vm_name: str) -> Iterator[None]:
     """A cancel that says why (the service stopping) names it in the Cancelled job's error."""
     try:
         yield
@@ -336,12 +420,6 @@ def _cancel_reason(run: JobRun, vm_name: str) -> Iterator[None]:
             f"{reason} while the backup ran; no recovery point was created",
             hint=f"it runs at the next scheduled time, or now with: vmvault backup now {vm_name}",
         ) from exc
-
-
-def _previous_manifest(ctx: Context, vault: Any, plan: BackupPlan) -> Any:
-    with ctx.catalog.read() as s:
-        latest = repos.latest_recovery_point(s, plan.vm_id, plan.vault.id)
-    return read_manifest_or_none(vault, latest.id) if latest else None
 
 
 def _next_point_time(ctx: Context, vm_id: str) -> str:

@@ -84,8 +84,11 @@ class Status:
 
 
 def owner_fields() -> JsonDict:
-    """What a job's details record about the process that runs it (besides pid and boot id)."""
-    return {"ownerStart": process_start_ticks(os.getpid())}
+    """What a job's details record about the process that runs it (besides pid and boot id), and
+    its host (job show/list name the host that ran the job)."""
+    from vmvault.service.hosts import local_host_name
+
+    return {"ownerStart": process_start_ticks(os.getpid()), "host": local_host_name()}
 
 
 def owner_is_dead(row: JobRow, current_boot: str, lease_s: float | None = None) -> bool:
@@ -93,6 +96,8 @@ def owner_is_dead(row: JobRow, current_boot: str, lease_s: float | None = None) 
     machine (or this one before a reboot), judged by its heartbeat lease."""
     if row.owner_pid <= 0:
         return False  # queued: no process owns it yet (a worker of `vmvault serve` will claim it)
+    if (row.details or {}).get("agentHost"):
+        return False  # an agent's job: its host's heartbeat lease decides (service/agentwork.py, agent_lost)
     if row.owner_boot_id and current_boot and row.owner_boot_id != current_boot:
         if lease_s is not None:
             return heartbeat_age(row) > lease_s
@@ -369,28 +374,37 @@ class JobRun:
             log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
 
     def _track_tasks(self, previous: JsonDict, progress: Any) -> None:
-        """Credit the bytes read since the last report to the disk being read (details["tasks"])."""
-        tasks = (self.details or {}).get("tasks")
-        disk = str(getattr(progress, "current_disk", "") or "")
-        if not tasks or not disk:
-            return
-        now = now_iso()
-        for task in tasks:
-            if task["disk"] == disk:
-                task["status"] = Status.IN_PROGRESS
-                task["startTime"] = task.get("startTime") or now
-                task["bytesRead"] += max(0, self.last["bytesRead"] - previous["bytesRead"])
-                task["bytesWritten"] += max(0, self.last["bytesWritten"] - previous["bytesWritten"])
-            elif task["status"] == Status.IN_PROGRESS:
-                task["status"], task["endTime"] = Status.COMPLETED, now
+        track_tasks(self.details, previous, self.last, progress)
 
     def end_tasks(self, status: str) -> None:
-        now = now_iso()
-        for task in (self.details or {}).get("tasks") or []:
-            if task["status"] == Status.IN_PROGRESS or (status == Status.COMPLETED and task["status"] != status):
-                task["status"], task["endTime"] = status, now
-            elif task["status"] == "NotStarted" and status != Status.COMPLETED:
-                task["status"] = Status.CANCELLED if status == Status.CANCELLED else "NotStarted"
+        end_tasks(self.details, status)
+
+
+def track_tasks(details: JsonDict | None, previous: JsonDict, last: JsonDict, progress: Any) -> None:
+    """Credit the bytes read since the last report to the disk being read (details["tasks"])."""
+    tasks = (details or {}).get("tasks")
+    disk = str(getattr(progress, "current_disk", "") or "")
+    if not tasks or not disk:
+        return
+    now = now_iso()
+    for task in tasks:
+        if task["disk"] == disk:
+            task["status"] = Status.IN_PROGRESS
+            task["startTime"] = task.get("startTime") or now
+            task["bytesRead"] += max(0, last["bytesRead"] - previous["bytesRead"])
+            task["bytesWritten"] += max(0, last["bytesWritten"] - previous["bytesWritten"])
+        elif task["status"] == Status.IN_PROGRESS:
+            task["status"], task["endTime"] = Status.COMPLETED, now
+
+
+def end_tasks(details: JsonDict | None, status: str) -> None:
+    """The tasks of a job that ended with this status."""
+    now = now_iso()
+    for task in (details or {}).get("tasks") or []:
+        if task["status"] == Status.IN_PROGRESS or (status == Status.COMPLETED and task["status"] != status):
+            task["status"], task["endTime"] = status, now
+        elif task["status"] == "NotStarted" and status != Status.COMPLETED:
+            task["status"] = Status.CANCELLED if status == Status.CANCELLED else "NotStarted"
 
 
 def _copy_details(details: JsonDict | None) -> JsonDict | None:

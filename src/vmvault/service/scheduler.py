@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,9 +212,10 @@ class Scheduler:
 
     def _loop(self) -> None:
         from vmvault.service import notify
+        from vmvault.service.agentwork import fail_lost_agents, lease_s
         from vmvault.service.jobs import reap_dead_jobs
 
-        rounds = 0
+        rounds, started = 0, time.monotonic()
         while not self._stop.is_set():
             # Only the leader queues slots and raises alerts; notifications (leased) and dead jobs
             # are safe to handle from every server.
@@ -223,6 +225,8 @@ class Scheduler:
                 steps.append(self.heartbeat)
             if leader:
                 steps.insert(0, lambda: tick(self.ctx, jitter_s=self.jitter_s))
+                if time.monotonic() - started > lease_s():  # agents had a lease to beat since this server started
+                    steps.append(lambda: fail_lost_agents(self.ctx))  # silent agents: their jobs end agent_lost
             for step in steps:
                 try:
                     step()

@@ -25,7 +25,8 @@ from vmvault.service.validate import check_name
 from vmvault.service.views import JsonDict
 
 OWNER, CONTRIBUTOR, OPERATOR, READER = "Owner", "BackupContributor", "BackupOperator", "BackupReader"
-ROLES = (OWNER, CONTRIBUTOR, OPERATOR, READER)
+AGENT = "BackupAgent"  # `vmvault agent run` on a hypervisor host: only the agent calls, only for its host
+ROLES = (OWNER, CONTRIBUTOR, OPERATOR, READER, AGENT)
 PREFIX = "vmv_"
 FIRST_RUN_NAME = "first-run"
 _TOKEN_RE = re.compile(r"^vmv_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
@@ -36,12 +37,13 @@ _RELATIVE_RE = re.compile(r"^(\d+)([hdw])$")
 
 @dataclass(frozen=True)
 class Principal:
-    """Who calls: the token's id, role and vault scope (None: every vault)."""
+    """Who calls: the token's id, role and vault scope (None: every vault); a BackupAgent's host."""
 
     token_id: str
     name: str
     role: str
     vault: str | None
+    host: str | None = None
 
 
 def hash_secret(secret: str) -> str:
@@ -102,16 +104,38 @@ def token_view(row: ApiTokenRow) -> JsonDict:
         "expires": row.expires,
         "revoked": row.revoked,
         "lastUsed": row.last_used,
+        "host": row.host,
     }
 
 
+def check_host_binding(role: str, host: str | None) -> None:
+    """A BackupAgent token names its host (it acts for that host only); no other role takes one."""
+    if role == AGENT and not host:
+        raise InvalidInput(
+            "a BackupAgent token is bound to one host", hint="give the host: --role BackupAgent --host NAME"
+        )
+    if role != AGENT and host:
+        raise InvalidInput(
+            f"--host binds only BackupAgent tokens (not {role})", hint="leave --host out, or use --role BackupAgent"
+        )
+    if host:
+        check_name("host", host)
+
+
 def create_token(
-    ctx: Context, role: str, *, vault: str | None = None, expires: str | None = None, name: str | None = None
+    ctx: Context,
+    role: str,
+    *,
+    vault: str | None = None,
+    expires: str | None = None,
+    name: str | None = None,
+    host: str | None = None,
 ) -> tuple[JsonDict, str]:
     """Mint a token; returns (its view, the token itself — shown once, never stored)."""
     known = check_role(role)
+    check_host_binding(known, host)
     until = parse_expires(expires)
-    label = name or known
+    label = name or (f"{known}-{host}" if host else known)
     if len(label) > 128 or not label.strip():
         raise InvalidInput("a token name has 1-128 characters", hint="e.g. --name ci")
     token_id = secrets.token_hex(8)
@@ -130,6 +154,7 @@ def create_token(
             vault_uuid=vault_uuid,
             created=now_iso(),
             expires=until,
+            host=host,
         )
         repos.add_api_token(s, row)
         view = token_view(row)
@@ -170,7 +195,7 @@ def authenticate(ctx: Context, token: str) -> Principal | None:
         scope = _scope_of(s, row)
         if scope is False:
             return None
-        principal = Principal(token_id=row.id, name=row.name, role=row.role, vault=scope)
+        principal = Principal(token_id=row.id, name=row.name, role=row.role, vault=scope, host=row.host)
         stale = row.last_used is None or from_iso(row.last_used) < utc_now() - LAST_USED_EVERY
     if stale:  # at most one write a minute per token
         with ctx.catalog.write() as s:

@@ -9,6 +9,7 @@ from typing import Any
 from vmvault.catalog.models import VaultRow
 from vmvault.errors import IntegrityError, InvalidInput, NotFound, ObjectNotFound
 from vmvault.service.context import Context
+from vmvault.settings import Settings
 
 # Cross-region restore (`--from-secondary`): every vault this CLI process opens is read from its
 # GRS secondary, never from the primary (which may be unreachable). Process-wide on purpose: the
@@ -54,14 +55,23 @@ def opened_vault(
     even when the host key opens the vault (wrong_passphrase otherwise); under `serve` a
     mismatch of the service-wide passphrase is logged (Vault.open, strict_passphrase).
     """
+    with opened_vault_at(ctx.settings, row, passphrase, host_key_only=host_key_only) as vault:
+        yield vault
+
+
+@contextmanager
+def opened_vault_at(
+    settings: Settings, row: VaultRow, passphrase: str | None = None, *, host_key_only: bool = False
+) -> Iterator[Any]:
+    """opened_vault for a process without a catalog (an agent: the row comes from the server's work package)."""
     from vmvault.vault.store import Vault
 
     location, cache = location_of(row)
     vault = Vault.open(
         location,
-        ctx.settings.home,
-        None if host_key_only else passphrase or ctx.settings.passphrase,
-        strict_passphrase=passphrase is not None or ctx.settings.strict_passphrase,
+        settings.home,
+        None if host_key_only else passphrase or settings.passphrase,
+        strict_passphrase=passphrase is not None or settings.strict_passphrase,
         cache_name=cache,
     )
     try:

@@ -44,6 +44,7 @@ def vm_view(
         "protectionState": item.protection_state if item else NOT_PROTECTED,
         "lastRecoveryPoint": last_point.time if last_point else None,
         "quiesceTimeoutSeconds": row.quiesce_timeout_s,  # None: the service's VMVAULT_QUIESCE_TIMEOUT
+        "host": row.host,  # None: the server's own host (vm add without --host)
     }
 
 
@@ -84,4 +85,5 @@ def job_view(row: JobRow) -> JsonDict:
         "progress": {k: progress[k] for k in ("percent", "bytesRead", "bytesWritten")},
         "error": row.error or None,
         "cancelRequested": bool(row.cancel_requested),
+        "host": (row.details or {}).get("host"),  # the host that ran it (None: queued, or before hosts)
     }

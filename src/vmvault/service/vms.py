@@ -203,10 +203,14 @@ def show_vm_with_status(ctx: Context, name: str) -> JsonDict:
 def _with_status(rows: list[VmRow], views: list[JsonDict]) -> list[JsonDict]:
     """Each kind's connector reports its VMs' power state and agent (libvirt: one connection per URI)."""
     from vmvault.connectors.registry import connector_for
+    from vmvault.service.hosts import local_host_name
 
-    live: dict[str, JsonDict] = {}
+    here = local_host_name()
+    # A VM of another host (vm add --host) is not probed from here: its sockets are on that host.
+    live: dict[str, JsonDict] = {r.id: {"powerState": "unknown", "agent": f"on host {r.host}"}
+                                 for r in rows if r.host is not None and r.host != here}  # fmt: skip
     for kind in dict.fromkeys(r.kind for r in rows):
-        group = [r for r in rows if r.kind == kind]
+        group = [r for r in rows if r.kind == kind and r.id not in live]
         found = connector_for(kind).status([dict(r.definition or {}) for r in group])
         live.update({r.id: status for r, status in zip(group, found, strict=True)})
     for row, view in zip(rows, views, strict=True):

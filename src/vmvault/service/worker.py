@@ -206,11 +206,12 @@ def claim_next(ctx: Context) -> JobRow | None:
     for or take the same job; SQLite: BEGIN IMMEDIATE), then record this process as its owner.
     catalog.update() does not take the catalog-wide write lock.
     """
+    here = hosts.local_host_name()  # never the jobs of VMs of another host: that host's agent runs them
     with ctx.catalog.read() as s:  # idle workers look without taking SQLite's write lock
-        if not repos.queued_jobs(s, QUEUED_OPERATIONS):
+        if not repos.queued_jobs(s, QUEUED_OPERATIONS, server=here):
             return None
     with ctx.catalog.update() as s:
-        job = repos.lock_next_queued(s, QUEUED_OPERATIONS)
+        job = repos.lock_next_queued(s, QUEUED_OPERATIONS, server=here)
         if job is None:
             return None
         details = {**(job.details or {}), **owner_fields(), "claimedAt": now_iso()}

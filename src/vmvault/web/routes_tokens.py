@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from vmvault.api.auth import Permission
 from vmvault.service import tokens, vaults
-from vmvault.service.tokens import ROLES
+from vmvault.service.tokens import AGENT, ROLES
 from vmvault.web.core import PortalRoute, access, ctx_of, principal_of, redirect, render, session_of
 
 router = APIRouter(route_class=PortalRoute, include_in_schema=False)
@@ -18,7 +18,8 @@ router = APIRouter(route_class=PortalRoute, include_in_schema=False)
 def _page(request: Request, minted: str | None = None, minted_view: dict[str, object] | None = None) -> Response:
     ctx = ctx_of(request)
     return render(
-        request, "tokens.html", tokens=tokens.list_tokens(ctx, include_revoked=True), roles=ROLES,
+        request, "tokens.html", tokens=tokens.list_tokens(ctx, include_revoked=True),
+        roles=[r for r in ROLES if r != AGENT],  # an agent's token names its host: vmvault token create --host
         vaults=vaults.list_vaults(ctx), minted=minted, minted_view=minted_view, me=principal_of(request).token_id,
     )  # fmt: skip
 

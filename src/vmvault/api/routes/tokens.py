@@ -17,10 +17,13 @@ router = APIRouter(tags=["tokens"], route_class=ROUTE_CLASS)
 
 
 class TokenCreate(Body):
-    role: str = Field(max_length=32, description="Owner, BackupContributor, BackupOperator or BackupReader")
+    role: str = Field(
+        max_length=32, description="Owner, BackupContributor, BackupOperator, BackupReader or BackupAgent"
+    )
     vault: str | None = Field(default=None, max_length=64, description="Scope it to this vault")
     expires: str | None = Field(default=None, max_length=32, description="30d, 12h, 2w or a UTC date; default never")
     name: str | None = Field(default=None, max_length=128)
+    host: str | None = Field(default=None, max_length=128, description="BackupAgent: the host it is bound to")
 
 
 @router.get("/tokens", response_model=Page[Token], dependencies=[require(Permission.TOKENS, Scope.GLOBAL)])
@@ -34,7 +37,9 @@ def list_tokens(
     "/tokens", response_model=NewToken, status_code=201, dependencies=[require(Permission.TOKENS, Scope.GLOBAL)]
 )
 def create_token(body: TokenCreate, ctx: Ctx) -> dict[str, Any]:
-    view, token = tokens.create_token(ctx, body.role, vault=body.vault, expires=body.expires, name=body.name)
+    view, token = tokens.create_token(
+        ctx, body.role, vault=body.vault, expires=body.expires, name=body.name, host=body.host
+    )
     return {**view, "token": token}
 
 

@@ -178,6 +178,16 @@ class DiskImageConnector:
         return remove_dead_work_dirs()
 
 
+def _checked_on_host(name: str, path: Path, port: BackupPort) -> DiskSource:
+    """A disk added for another host (`vm add --host`): its format is guessed and its chain read here,
+    on its host, at its first backup, under `vm add`'s rules, and recorded for good."""
+    from vmvault.connectors.diskimage import inventory
+
+    record = inventory.disk_record(name, inventory.inspect(path, None))
+    port.save_disk(name, {"format": record["format"], "chain": record.get("chain", []), "checkOnHost": False})
+    return DiskSource(name, path, str(record["format"]), chain_from_record(record.get("chain")) or [])
+
+
 def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:
     """The disk as recorded at `vm add`: its format, and for qcow2 the backing chain checked before reading.
 
@@ -186,6 +196,8 @@ def disk_source(vm_name: str, disk: JsonDict, port: BackupPort) -> DiskSource:
     """
     name, path, fmt = str(disk["name"]), Path(str(disk["path"])), str(disk.get("format") or "unknown")
     check_registered_disk(path)  # not a symlink swapped in since `vm add`
+    if disk.get("format") is None and disk.get("checkOnHost"):
+        return _checked_on_host(name, path, port)
     if fmt != "qcow2" or "chain" in disk:
         return DiskSource(name, path, fmt, chain_from_record(disk.get("chain")) or [])
     chain = read_chain(path, fmt)

@@ -1,0 +1,134 @@
+"""Agents (`vmvault agent run`): register, heartbeat, claim and report the jobs of their host.
+
+Only a BackupAgent token bound to {host} reaches these routes (Scope.HOST); the logic is in
+service/agentwork.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from vmvault.api.auth import Permission, Scope, require
+from vmvault.api.deps import Ctx
+from vmvault.api.routes.common import ROUTE_CLASS, Body
+from vmvault.api.schemas import View
+from vmvault.service import agentwork
+
+router = APIRouter(prefix="/agents/{host}", tags=["agents"], route_class=ROUTE_CLASS)
+AGENT = [require(Permission.AGENT_WORK, Scope.HOST)]
+
+
+class Register(Body):
+    version: str = Field(max_length=32, description="The agent's vmvault version")
+    api_version: int = Field(description="The agent API version the agent speaks")
+    boot_id: str = Field(default="", max_length=64)
+    pid: int = Field(default=0, ge=0)
+    hypervisors: dict[str, Any] = Field(default_factory=dict, description="libvirtUri, qmpSockets, libvirtDomains")
+
+
+class Heartbeat(Body):
+    running: list[str] = Field(default_factory=list, max_length=1000, description="Ids of the jobs it runs")
+
+
+class Claim(Body):
+    pid: int = Field(default=0, ge=0)
+
+
+class Progress(Body):
+    progress: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] | None = None
+
+
+class SaveVm(Body):
+    updates: dict[str, Any] = Field(default_factory=dict)
+    disks: list[dict[str, Any]] | None = None
+
+
+class SaveDisk(Body):
+    name: str = Field(max_length=64)
+    values: dict[str, Any] = Field(default_factory=dict)
+
+
+class Finish(Body):
+    status: str = Field(max_length=32, description="Completed, Failed or Cancelled")
+    recovery_point: str | None = Field(default=None, max_length=64)
+    error: dict[str, Any] | None = None
+    warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
+    progress: dict[str, Any] | None = None
+    details: dict[str, Any] | None = None
+
+
+class AgentRegistered(View):
+    host: str
+    api_version: int
+    heartbeat_seconds: float = Field(description="How often the agent beats")
+    lease_seconds: float = Field(description="Silent longer than this: its jobs end agent_lost")
+    vms: list[dict[str, Any]] = Field(description="The host's VMs (id, name, kind, definition): start-up reconcile")
+
+
+class AgentCancels(View):
+    cancel: list[str] = Field(description="Ids of running jobs to stop (cancelled, or ended by the server)")
+
+
+class AgentClaimed(View):
+    package: dict[str, Any] | None = Field(
+        description="The work package (jobId, details, vm, retainUntil, vault, previousPoint, pointTimeFloor, "
+        "budget), or null when no job of this host is queued"
+    )
+
+
+class AgentProgressed(View):
+    cancel: bool = Field(description="Stop the job: it was cancelled")
+
+
+class AgentSaved(View):
+    saved: bool
+
+
+class AgentJobEnded(View):
+    """The job as the service shows it (job show's fields)."""
+
+    id: str
+    status: str
+    host: str | None = None
+    error: dict[str, Any] | None = None
+
+
+@router.post("/register", response_model=AgentRegistered, dependencies=AGENT)
+def register(host: str, body: Register, ctx: Ctx) -> dict[str, Any]:
+    return agentwork.register(ctx, host, body.model_dump(by_alias=True))
+
+
+@router.post("/heartbeat", response_model=AgentCancels, dependencies=AGENT)
+def heartbeat(host: str, body: Heartbeat, ctx: Ctx) -> dict[str, Any]:
+    return agentwork.heartbeat(ctx, host, body.running)
+
+
+@router.post("/claim", response_model=AgentClaimed, dependencies=AGENT)
+def claim(host: str, body: Claim, ctx: Ctx) -> dict[str, Any]:
+    return {"package": agentwork.claim(ctx, host, body.pid)}
+
+
+@router.post("/jobs/{job_id}/progress", response_model=AgentProgressed, dependencies=AGENT)
+def progress(host: str, job_id: str, body: Progress, ctx: Ctx) -> dict[str, Any]:
+    return agentwork.progress(ctx, host, job_id, body.progress, body.details)
+
+
+@router.post("/jobs/{job_id}/vm", response_model=AgentSaved, dependencies=AGENT)
+def save_vm(host: str, job_id: str, body: SaveVm, ctx: Ctx) -> dict[str, Any]:
+    agentwork.save_vm(ctx, host, job_id, body.updates, body.disks)
+    return {"saved": True}
+
+
+@router.post("/jobs/{job_id}/disk", response_model=AgentSaved, dependencies=AGENT)
+def save_disk(host: str, job_id: str, body: SaveDisk, ctx: Ctx) -> dict[str, Any]:
+    agentwork.save_disk(ctx, host, job_id, body.name, body.values)
+    return {"saved": True}
+
+
+@router.post("/jobs/{job_id}/finish", response_model=AgentJobEnded, dependencies=AGENT)
+def finish(host: str, job_id: str, body: Finish, ctx: Ctx) -> dict[str, Any]:
+    return agentwork.finish(ctx, host, job_id, body.model_dump(by_alias=True))

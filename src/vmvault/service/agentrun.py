@@ -1,0 +1,496 @@
+"""`vmvault agent run`: the agent on a hypervisor host (the server's side: service/agentwork.py).
+
+The agent talks only to the server's REST API with a BackupAgent token bound to its host (never to
+the catalog). It registers, reconciles what a killed agent left on its VMs (connectors' reconcile,
+qemu-nbd work directories) before claiming anything, beats a heartbeat in a thread, claims up to
+max_jobs Backup jobs of its host's VMs and runs each with the same code a server runs
+(backups.run_backup_into): the catalog's part goes through RemoteBooks (REST), the vault is opened
+from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
+and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs
+(they end Cancelled, no point), exit 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmvault.catalog.models import VaultRow
+from vmvault.errors import Cancelled, InvalidInput, NotFound, VmvaultError
+from vmvault.proc import boot_id
+from vmvault.service.agentwork import API_VERSION
+from vmvault.service.jobs import PROGRESS_INTERVAL_S, Status, as_vmvault_error, end_tasks, track_tasks
+from vmvault.service.paths import PathPolicy
+from vmvault.service.views import JsonDict, empty_progress
+from vmvault.service.worker import StopEvent
+from vmvault.settings import Settings
+
+log = logging.getLogger("vmvault")
+
+TIMEOUT_S = 60.0
+CLAIM_POLL_S = 1.0
+DEFAULT_MAX_JOBS = 2
+
+
+class ServerUnreachable(VmvaultError):
+    code = "server_unreachable"
+    exit_code = 69
+    http_status = 502
+
+
+def check_server_url(url: str) -> str:
+    """https://, or plain http:// to a loopback address only (a token must not cross a network in clear)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url.rstrip("/")
+    if parts.scheme != "http" or not parts.hostname:
+        raise InvalidInput(f"--server '{url}' is not an http(s) URL", hint="e.g. --server https://backup.example:8443")
+    if not _loopback(parts.hostname):
+        raise InvalidInput(
+            f"--server '{url}' is plain http:// to {parts.hostname}, not a loopback address: the agent's token "
+            "would cross the network in clear",
+            hint=f"use https://{parts.netloc} (serve --tls-cert F --tls-key F on the server)",
+        )
+    return url.rstrip("/")
+
+
+def _loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | None) -> str:
+    """The agent's token: the file's first line, else VMVAULT_TOKEN (never an argument: argv is public)."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            raise InvalidInput(
+                f"cannot read --token-file {token_file}: {exc.strerror}", hint="give a readable file"
+            ) from None
+    else:
+        token = os.environ.get("VMVAULT_TOKEN", "").strip()
+    if not token:
+        raise InvalidInput(
+            "vmvault agent run needs its token in VMVAULT_TOKEN or --token-file",
+            hint="make one on the server: vmvault token create --role BackupAgent --host NAME",
+        )
+    return token
+
+
+# ---- the REST client ----------------------------------------------------------------------------
+
+
+@dataclass
+class AgentClient:
+    server: str
+    host: str
+    token: str = field(repr=False)
+
+    def call(self, path: str, body: JsonDict) -> Any:
+        """POST /api/v1/agents/{host}{path}; the decoded answer (None for 204); the server's error raised."""
+        url = f"{self.server}/api/v1/agents/{urllib.parse.quote(self.host, safe='')}{path}"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+            "Accept": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise _api_error(exc) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ServerUnreachable(
+                f"cannot reach the vmvault server at {self.server}: {getattr(exc, 'reason', exc)}",
+                hint="check --server URL and that vmvault serve runs there",
+            ) from None
+        return json.loads(raw) if raw else None
+
+
+def _api_error(exc: urllib.error.HTTPError) -> VmvaultError:
+    try:
+        body = json.loads(exc.read() or b"{}")
+    except ValueError:
+        body = {}
+    code = str(body.get("code") or "internal_error")
+    message = str(body.get("message") or f"the server answered {exc.code}")
+    for cls in _subclasses(VmvaultError):
+        if cls.code == code:
+            return cls(message, hint=body.get("hint"), code=code)
+    return VmvaultError(message, hint=body.get("hint"), code=code)
+
+
+def _subclasses(cls: type[VmvaultError]) -> list[type[VmvaultError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+# ---- a job's catalog side and run side, over REST ----------------------------------------------
+
+
+class RemoteBooks:
+    """backups.BackupBooks over the agent API: the server's catalog, through its REST API."""
+
+    def __init__(self, client: AgentClient, job_id: str, previous: str | None, floor: str | None) -> None:
+        self.client, self.job_id, self.previous, self.floor = client, job_id, previous, floor
+
+    def previous_point_id(self) -> str | None:
+        return self.previous
+
+    def next_point_time(self) -> str:
+        from vmvault.catalog.clock import later_than
+
+        return later_than(self.floor)
+
+    def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
+        self.client.call(f"/jobs/{self.job_id}/vm", {"updates": updates, "disks": disks})
+
+    def save_disk(self, name: str, values: dict[str, Any]) -> None:
+        self.client.call(f"/jobs/{self.job_id}/disk", {"name": name, "values": values})
+
+
+class AgentRun:
+    """backups.BackupRun on the agent: progress (tasks per disk) sent to the server at most once a second."""
+
+    def __init__(self, client: AgentClient, job_id: str, cancel: StopEvent, details: JsonDict | None) -> None:
+        self.client, self.job_id, self.stopper = client, job_id, cancel
+        self.cancel: threading.Event = cancel  # with the reason of a stop (backups._cancel_reason reads it)
+        self.details: JsonDict | None = json.loads(json.dumps(details)) if details else {}
+        self.warnings: list[JsonDict] = []
+        self.last: JsonDict = empty_progress()
+        self._sent = time.monotonic()
+        self._lock = threading.Lock()
+
+    def progress(self, progress: Any) -> None:
+        from vmvault.service.jobs import progress_dict
+
+        with self._lock:
+            previous, self.last = self.last, progress_dict(progress)
+            track_tasks(self.details, previous, self.last, progress)
+            if time.monotonic() - self._sent < PROGRESS_INTERVAL_S:
+                return
+            self._sent = time.monotonic()
+            body = {"progress": dict(self.last), "details": _sendable(self.details)}
+        try:
+            answer = self.client.call(f"/jobs/{self.job_id}/progress", body)
+        except VmvaultError as exc:  # the server decides: a job it ended (agent_lost) is stopped here
+            if exc.code == "busy" or exc.code == "not_found":
+                self.stopper.stop(f"the server ended job {self.job_id}")
+            log.warning("job %s: progress not recorded: %s", self.job_id, exc)
+            return
+        if answer and answer.get("cancel"):
+            self.stopper.stop("the job was cancelled")
+
+
+def _sendable(details: JsonDict | None) -> JsonDict:
+    return {k: v for k, v in (details or {}).items() if k in ("tasks", "quiesce", "storageRetries")}
+
+
+# ---- the agent ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    settings: Settings
+    client: AgentClient
+    max_jobs: int = DEFAULT_MAX_JOBS
+    paths: PathPolicy | None = None  # where the server may point this agent (agent run --allow-disks)
+    running: dict[str, StopEvent] = field(default_factory=dict)
+    heartbeat_s: float = 3.0
+    _stop: StopEvent = field(default_factory=StopEvent)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, on_ready: Any = None) -> int:
+        if self.max_jobs < 1:
+            raise InvalidInput(f"--max-jobs must be at least 1 (got {self.max_jobs})", hint="e.g. --max-jobs 2")
+        answer = self.client.call("/register", self._registration())
+        self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
+        log.info("agent of host %s registered with %s", self.client.host, self.client.server)
+        reconcile_leftovers(self.settings, list(answer.get("vms") or []))
+        previous = self._install_signals()
+        beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
+        beat.start()
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            self._claim_loop()
+            log.info("stopping: %s", self._stop.reason)
+            with self._lock:
+                for event in self.running.values():
+                    event.stop(self._stop.reason)
+            for thread in list(self._threads):
+                thread.join(120.0)
+        finally:
+            self._restore_signals(previous)
+        return 0
+
+    def request_stop(self, reason: str) -> None:
+        self._stop.stop(reason)
+
+    def _registration(self) -> JsonDict:
+        from vmvault.service.hosts import version
+
+        return {"version": version(), "apiVersion": API_VERSION, "bootId": boot_id(), "pid": os.getpid(),
+                "hypervisors": hypervisors_found()}  # fmt: skip
+
+    def _claim_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                free = self.max_jobs - len(self.running)
+            package = None
+            if free > 0:
+                try:
+                    package = self.client.call("/claim", {"pid": os.getpid()}).get("package")
+                except VmvaultError as exc:
+                    log.warning("claiming a job failed: %s", exc)
+            if package is None:
+                self._stop.wait(CLAIM_POLL_S)
+                continue
+            self._start(package)
+
+    def _start(self, package: JsonDict) -> None:
+        job_id = str(package["jobId"])
+        cancel = StopEvent()
+        with self._lock:
+            self.running[job_id] = cancel
+        thread = threading.Thread(target=self._run_job, args=(package, cancel), name=f"vmvault-agent-{job_id[:8]}",
+                                  daemon=True)  # fmt: skip
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _run_job(self, package: JsonDict, cancel: StopEvent) -> None:
+        from vmvault.logs import job_context
+
+        job_id = str(package["jobId"])
+        try:
+            with job_context(job_id, str(package["vm"]["name"])):
+                run_package(self.settings, self.client, package, cancel, self.paths)
+        except Exception:
+            log.exception("job %s crashed the agent's worker", job_id)
+        finally:
+            with self._lock:
+                self.running.pop(job_id, None)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with self._lock:
+                running = list(self.running)
+            try:
+                answer = self.client.call("/heartbeat", {"running": running})
+            except NotFound:  # the host was removed while this agent was away: register it again
+                self._register_again()
+                continue
+            except VmvaultError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            with self._lock:
+                for job_id in answer.get("cancel") or []:
+                    if job_id in self.running:
+                        self.running[job_id].stop("the job was cancelled or ended by the server")
+
+    def _register_again(self) -> None:
+        try:
+            self.client.call("/register", self._registration())
+            log.info("agent of host %s registered again", self.client.host)
+        except VmvaultError as exc:
+            log.warning("registering again failed: %s", exc)
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            name = signal.Signals(sig).name
+            previous[sig] = signal.signal(sig, lambda *_a, n=name: self.request_stop(f"the agent was stopped ({n})"))
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None
+) -> str:
+    """Run one claimed Backup job with the server's engine and connector code; report how it ended.
+
+    paths: the host's allowed disk roots; a work package naming a disk image or a QMP socket outside
+    them fails (the server is not trusted to read any file of this host into a vault)."""
+    from vmvault.service.backups import BackupPlan, run_backup_into
+    from vmvault.service.vaultio import opened_vault_at
+
+    job_id, vm = str(package["jobId"]), package["vm"]
+    vault_info = package["vault"]
+    vault_row = VaultRow(name=str(vault_info["name"]), uuid=str(vault_info["uuid"]),
+                         storage_dir=str(vault_info["storage"]))  # fmt: skip
+    plan = BackupPlan(str(vm["id"]), str(vm["name"]), vault_row, list(vm["disks"]), dict(vm["definition"]),
+                      str(package["retainUntil"]))  # fmt: skip
+    run = AgentRun(client, job_id, cancel, package.get("details"))
+    books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
+    try:
+        if paths is not None:
+            _check_paths(paths, plan)
+        plan = _described(plan, str(vm.get("kind") or ""), books)
+        with opened_vault_at(settings, vault_row) as vault:
+            manifest = run_backup_into(vault, plan, job_id, run, books, _budget(package), str(settings.home))
+    except Cancelled as exc:
+        return _report_end(client, run, Status.CANCELLED, exc)
+    except VmvaultError as exc:
+        return _report_end(client, run, Status.FAILED, exc)
+    except Exception as exc:
+        log.debug("job %s failed unexpectedly", job_id, exc_info=True)
+        return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
+    end_tasks(run.details, Status.COMPLETED)
+    _finish(client, job_id, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
+                             "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
+    log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
+    return Status.COMPLETED
+
+
+def _check_paths(paths: PathPolicy, plan: Any) -> None:
+    """Disk images and QMP sockets named by the server lie in this host's allowed disk roots."""
+    from vmvault.errors import PathNotAllowed
+    from vmvault.service.paths import Rule
+
+    named = [str(d.get("path") or "") for d in plan.disks if d.get("path")]
+    named += [str(plan.definition[k]) for k in ("qmp", "guestAgent") if plan.definition.get(k)]
+    for path in named:
+        try:
+            paths.check(Rule.DISKS, path)
+        except PathNotAllowed as exc:
+            raise PathNotAllowed(
+                f"{exc.message} on host of VM '{plan.vm_name}'",
+                hint="allow its folder on this host: vmvault agent run --allow-disks DIR (or allow-disks in the "
+                "agent's HOME/settings.toml)",
+            ) from None
+
+
+def _described(plan: Any, kind: str, books: RemoteBooks) -> Any:
+    """A VM added with `vm add --host --qmp|--libvirt`: described here, on its host, before its first backup."""
+    from dataclasses import replace
+
+    from vmvault.service.backups import _check_disks
+    from vmvault.service.hostvms import DESCRIBE_ON_HOST, described_on_host
+
+    if not plan.definition.get(DESCRIBE_ON_HOST):
+        return plan
+    disks, definition = described_on_host(plan.definition, kind, books.save_vm)
+    disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in disks]
+    _check_disks(plan.vm_name, disks)
+    return replace(plan, disks=disks, definition=definition)
+
+
+def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:
+    end_tasks(run.details, status)
+    log.warning("job %s ended %s: %s", run.job_id, status, exc)
+    _finish(client, run.job_id, {"status": status, "error": exc.to_dict(), "progress": run.last,
+                                 "details": _sendable(run.details)})  # fmt: skip
+    return status
+
+
+FINISH_TRIES, FINISH_RETRY_S = 12, 5.0
+
+
+def _finish(client: AgentClient, job_id: str, body: JsonDict) -> None:
+    """Report the job's end; an unreachable server is asked again for about a minute (a point already
+    published is then recorded, not lost); any other refusal (the job ended there) is logged."""
+    for attempt in range(FINISH_TRIES):
+        try:
+            client.call(f"/jobs/{job_id}/finish", body)
+            return
+        except ServerUnreachable as exc:
+            log.warning("job %s: reporting its end failed (%s); try %d of %d", job_id, exc, attempt + 1, FINISH_TRIES)
+            time.sleep(FINISH_RETRY_S)
+        except VmvaultError as exc:  # ended there already (agent_lost, cancelled) or refused: nothing to redo
+            log.warning("job %s: its end was not recorded: %s", job_id, exc)
+            return
+    log.warning("job %s: its end was never recorded; the server ends it when it finds it orphaned", job_id)
+
+
+def _budget(package: JsonDict) -> Any:
+    from vmvault.connectors.contract import Budget
+
+    raw = package.get("budget") or {}
+    return Budget(freeze_s=float(raw.get("freezeS") or 10.0), frozen_s=float(raw.get("frozenS") or 10.0),
+                  crash_only=bool(raw.get("crashOnly")))  # fmt: skip
+
+
+# ---- start-up: what this host has -------------------------------------------------------------
+
+
+LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+LIBVIRT_URI = "qemu:///system"  # connectors/libvirt/domain.py DEFAULT_URI (not imported: no libvirt binding needed)
+DISCOVER_TIMEOUT_S = 10.0
+
+
+def hypervisors_found() -> JsonDict:
+    """What the agent finds on its host, for `host show` and `vm discover --host`: libvirt (when its
+    socket is there) and its domains."""
+    if not os.path.exists(LIBVIRT_SOCKET):
+        return {}
+    return {"libvirtUri": LIBVIRT_URI, "libvirtDomains": _libvirt_domains(LIBVIRT_URI)}
+
+
+def _libvirt_domains(uri: str) -> list[JsonDict]:
+    """The domains at uri (name, uuid, state); bounded in time: a stuck libvirtd never holds the start."""
+    from vmvault.connectors.registry import connector_for
+    from vmvault.service.vms import KIND_LIBVIRT
+
+    found: list[JsonDict] = []
+
+    def probe() -> None:
+        try:
+            domains = connector_for(KIND_LIBVIRT).discover(uri)
+            found.extend({k: d.get(k) for k in ("name", "uuid", "state")} for d in domains)
+        except Exception as exc:  # no libvirt python binding, libvirtd refusing: nothing found
+            log.info("libvirt domains at %s not listed: %s", uri, exc)
+
+    thread = threading.Thread(target=probe, name="vmvault-agent-discover", daemon=True)
+    thread.start()
+    thread.join(DISCOVER_TIMEOUT_S)
+    return list(found) if not thread.is_alive() else []
+
+
+def reconcile_leftovers(settings: Settings, vms: list[JsonDict]) -> list[str]:
+    """Before claiming: undo what a killed agent left on this host's VMs (as `serve` does at its start).
+
+    Checkpoints are left alone (latest_known False: the agent does not read the server's points at
+    start); fleece overlays, libvirt backup jobs and scratch files are the connectors' to remove, and
+    the qemu-nbd work directories of dead processes are removed.
+    """
+    from vmvault.connectors.contract import LeftoverVm
+    from vmvault.connectors.registry import connector_for, images
+
+    done: list[str] = []
+    try:
+        images().remove_dead_work_dirs()
+        for kind in dict.fromkeys(str(v.get("kind")) for v in vms):
+            connector = connector_for(kind)
+            if connector.capabilities().changed_blocks != "checkpoints":
+                continue
+            leftovers = [LeftoverVm(str(v["id"]), str(v["name"]), dict(v.get("definition") or {}), None, False)
+                         for v in vms if v.get("kind") == kind]  # fmt: skip
+            done += connector.reconcile(str(settings.home), leftovers)
+    except Exception:  # logged; never keeps the agent from starting (the next backup reconciles again)
+        log.warning("reconciling leftovers of backups on this host's VMs failed", exc_info=True)
+    for line in done:
+        log.info("reconciled: %s", line)
+    return done

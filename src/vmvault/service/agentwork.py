@@ -1,0 +1,468 @@
+"""The server's side of the agents (`vmvault agent run` on hypervisor hosts), behind /api/v1/agents.
+
+An agent talks only to the REST API (no database credentials on hypervisor hosts): it registers its
+host, beats a heartbeat, claims the queued Backup jobs of the VMs whose `vms.host` names its host
+(FOR UPDATE SKIP LOCKED, as the servers' workers), reports progress and the connector's bookkeeping
+(BackupPort.save_vm / save_disk), and ends the job. It writes the vault's data straight to the
+vault's storage; on success the server records the point by reading its manifest from the vault
+(the manifest is the truth, as when reconcile adopts a published point), never from the agent's word.
+
+A job an agent runs carries details["agentHost"]; the server's pid/boot rules (jobs.reap_dead_jobs)
+leave it alone. The leader ends it Failed `agent_lost` once the host's heartbeat is older than the
+lease (VMVAULT_AGENT_LEASE_S, default hosts.HOST_LEASE_S), and a re-registering agent (a restart)
+ends the jobs of its previous run the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmvault.catalog import repos
+from vmvault.catalog.clock import now_iso, seconds_between
+from vmvault.catalog.models import HostRow, JobRow, VmRow
+from vmvault.errors import Busy, IntegrityError, InvalidInput, NotFound, VmvaultError
+from vmvault.service import hosts
+from vmvault.service.context import Context
+from vmvault.service.jobs import Operation, Status, _notify_deliver, _notify_enqueue, show_job
+from vmvault.service.views import JsonDict
+
+log = logging.getLogger("vmvault")
+
+API_VERSION = 1  # what agents and this server speak over /api/v1/agents
+SPOKEN_API_VERSIONS = (1,)
+HEARTBEAT_S = 3.0  # an agent's heartbeat period (told at registration)
+AGENT_KEY = "agentHost"  # job details: the host whose agent runs the job
+MAX_BOOKKEEPING = 256 * 1024  # bytes of JSON in one save_vm/save_disk: a definition (a domain XML), not a disk
+
+
+class AgentVersionMismatch(InvalidInput):
+    code = "agent_version_mismatch"
+    http_status = 409
+
+
+def lease_s() -> float:
+    """How long an agent may stay silent before its host is Offline and its jobs `agent_lost`."""
+    raw = os.environ.get("VMVAULT_AGENT_LEASE_S", "")
+    try:
+        value = float(raw) if raw else hosts.HOST_LEASE_S
+    except ValueError:
+        value = hosts.HOST_LEASE_S
+    return max(2.0, value)
+
+
+# ---- register and heartbeat ---------------------------------------------------------------------
+
+
+def check_api_version(agent_version: object, vmvault_version: str) -> None:
+    """Refuse an agent whose API version this server does not speak, naming both and the fix."""
+    if agent_version in SPOKEN_API_VERSIONS:
+        return
+    spoken = ", ".join(str(v) for v in SPOKEN_API_VERSIONS)
+    raise AgentVersionMismatch(
+        f"this agent speaks agent API version {agent_version!s} (vmvault {vmvault_version}); this server "
+        f"(vmvault {hosts.version()}) speaks agent API version {spoken}",
+        hint=f"install the server's vmvault version ({hosts.version()}) on the agent's host and restart "
+        "vmvault agent run",
+    )
+
+
+def register(ctx: Context, host: str, body: JsonDict) -> JsonDict:
+    """Record (or refresh) the agent's host; its previous run's jobs end `agent_lost`."""
+    version = str(body.get("version") or "unknown")[:32]
+    check_api_version(body.get("apiVersion"), version)
+    now = now_iso()
+    with ctx.catalog.write() as s:
+        row = s.get(HostRow, host)
+        if row is not None and row.role == hosts.SERVER:
+            raise InvalidInput(
+                f"host '{host}' is registered as a server of this deployment, not as an agent",
+                hint="give the agent its own host name: vmvault agent run --host NAME",
+            )
+        if row is None:
+            row = HostRow(name=host, role=hosts.AGENT, registered=now, details={})
+            s.add(row)
+        row.version, row.boot_id, row.last_heartbeat = version, str(body.get("bootId") or "")[:64], now
+        row.details = {"apiVersion": API_VERSION, "pid": _int(body.get("pid")),
+                       "hypervisors": _hypervisors(body.get("hypervisors"))}  # fmt: skip
+        lost = _end_lost(s, host, f"the agent of host '{host}' restarted while it ran this job")
+        vms = [_leftover(r) for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]
+    _notify_all(ctx, lost)
+    # A few heartbeats fit in one lease: one late beat on a loaded host does not lose the agent.
+    beat = min(HEARTBEAT_S, lease_s() / 4)
+    return {"host": host, "apiVersion": API_VERSION, "heartbeatSeconds": beat, "leaseSeconds": lease_s(),
+            "vms": vms}  # fmt: skip
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else 0
+
+
+def _hypervisors(value: object) -> JsonDict:
+    """What the agent found (libvirt URI, QMP sockets, libvirt domains): kept for `host show`, bounded."""
+    if not isinstance(value, dict):
+        return {}
+    kept: JsonDict = {}
+    if isinstance(value.get("libvirtUri"), str):
+        kept["libvirtUri"] = value["libvirtUri"][:512]
+    if isinstance(value.get("qmpSockets"), list):
+        kept["qmpSockets"] = [str(x)[:512] for x in value["qmpSockets"][:1000]]
+    if isinstance(value.get("libvirtDomains"), list):
+        kept["libvirtDomains"] = [{k: str(d.get(k) or "")[:256] for k in ("name", "uuid", "state")}
+                                  for d in value["libvirtDomains"][:1000] if isinstance(d, dict)]  # fmt: skip
+    return kept
+
+
+def _leftover(row: VmRow) -> JsonDict:
+    """A VM of the host as the agent's start-up reconcile needs it."""
+    return {"id": row.id, "name": row.name, "kind": row.kind, "definition": dict(row.definition or {})}
+
+
+def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
+    """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel."""
+    with ctx.catalog.update() as s:
+        row = s.get(HostRow, host)
+        if row is None or row.role != hosts.AGENT:
+            raise NotFound(f"agent host '{host}' is not registered", hint="restart vmvault agent run (it registers)")
+        row.last_heartbeat = now_iso()
+        mine = [j for j in _agent_jobs(s, host) if j.id in running]
+        repos.touch_jobs(s, [j.id for j in mine])
+        cancel = [j.id for j in mine if j.cancel_requested]
+        gone = [j for j in running if j not in {m.id for m in mine}]
+        orphans = [j.id for j in _agent_jobs(s, host) if j.id not in running and _claimed_long_ago(j)]
+    if orphans:
+        _end_orphans(ctx, host, orphans)
+    return {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
+
+
+def _claimed_long_ago(job: JobRow) -> bool:
+    """Claimed longer than a lease ago: a claim in flight is not yet in the agent's running list."""
+    claimed = str((job.details or {}).get("claimedAt") or job.start_time)
+    return seconds_between(claimed, now_iso()) > lease_s()
+
+
+def _end_orphans(ctx: Context, host: str, job_ids: list[str]) -> None:
+    """Jobs the agent no longer runs though it is alive (its report of their end was lost): they end
+    agent_lost, so the VM is free; a point it published is adopted by reconcile (the manifest is the truth)."""
+    ended = []
+    with ctx.catalog.write() as s:
+        for job in _agent_jobs(s, host):
+            if job.id in job_ids:
+                why = f"the agent of host '{host}' no longer runs this job (the report of its end was lost)"
+                repos.finish_job(s, job.id, Status.FAILED, error=lost_error(job, why))
+                _notify_enqueue(s, job.id)
+                ended.append(job.id)
+    _notify_all(ctx, ended)
+
+
+def _agent_jobs(s: Session, host: str) -> list[JobRow]:
+    return [j for j in repos.running_jobs(s) if (j.details or {}).get(AGENT_KEY) == host and j.owner_pid > 0]
+
+
+# ---- agent_lost ---------------------------------------------------------------------------------
+
+
+def lost_error(row: JobRow, why: str) -> JsonDict:
+    host = (row.details or {}).get(AGENT_KEY)
+    return {
+        "code": "agent_lost",
+        "message": f"{why}; no recovery point was created",
+        "recommendedAction": f"check vmvault agent run on host {host} (vmvault host show {host}), then run the "
+        f"backup again: vmvault backup now {row.vm} (the next scheduled backup also runs normally)",
+    }
+
+
+def _end_lost(s: Session, host: str, why: str) -> list[str]:
+    ended = []
+    for job in _agent_jobs(s, host):
+        repos.finish_job(s, job.id, Status.FAILED, error=lost_error(job, why))
+        _notify_enqueue(s, job.id)
+        ended.append(job.id)
+    return ended
+
+
+def _notify_all(ctx: Context, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        log.warning("job %s: agent_lost", job_id)
+        _notify_deliver(ctx, job_id)
+
+
+def fail_lost_agents(ctx: Context) -> list[str]:
+    """End Failed `agent_lost` the running jobs of agents silent for longer than the lease (the leader runs it)."""
+    lease, now = lease_s(), now_iso()
+    with ctx.catalog.read() as s:
+        silent = [r.name for r in s.scalars(select(HostRow).where(HostRow.role == hosts.AGENT)).all()
+                  if seconds_between(r.last_heartbeat, now) > lease]  # fmt: skip
+        if not silent or not any(_agent_jobs(s, h) for h in silent):
+            return []
+    ended: list[str] = []
+    with ctx.catalog.write() as s:
+        for host in silent:
+            row = s.get(HostRow, host)
+            if row is None or seconds_between(row.last_heartbeat, now_iso()) <= lease:
+                continue  # it came back meanwhile
+            why = f"the agent of host '{host}' stopped heartbeating at {row.last_heartbeat} (lease {lease:.0f} s)"
+            ended += _end_lost(s, host, why)
+    _notify_all(ctx, ended)
+    return ended
+
+
+# ---- claim --------------------------------------------------------------------------------------
+
+
+def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
+    """Claim the oldest queued Backup job of a VM of this host for its agent: its work package, or None."""
+    from vmvault.service.backups import plan_backup
+
+    while True:
+        job = _claim_row(ctx, host, pid)
+        if job is None:
+            return None
+        details = job.details or {}
+        try:
+            plan = plan_backup(ctx, job.vm or "", str(details.get("retainUntil") or ""))
+        except VmvaultError as exc:  # the VM or its protection changed since the job was queued
+            from vmvault.service.jobs import end_job
+
+            end_job(ctx, job.id, Status.FAILED, exc)
+            continue
+        from vmvault.service.reconcile import reconcile_named
+
+        # As before a server's own backup: a point an agent published but could not report (a lost
+        # finish, agent_lost) is adopted now, and the new backup's base is the catalog's latest.
+        reconcile_named(ctx, plan.vault, f"before backup job {job.id} of VM {plan.vm_name} (agent of host {host})")
+        return _work_package(ctx, job, plan)
+
+
+def _claim_row(ctx: Context, host: str, pid: int) -> JobRow | None:
+    with ctx.catalog.read() as s:  # idle agents look without taking SQLite's write lock
+        if not repos.queued_jobs(s, (Operation.BACKUP,), host=host):
+            return None
+    with ctx.catalog.update() as s:
+        job = repos.lock_next_queued(s, (Operation.BACKUP,), host=host)
+        if job is None:
+            return None
+        row = s.get(HostRow, host)
+        boot = row.boot_id if row is not None else ""
+        details = {**(job.details or {}), AGENT_KEY: host, "host": host, "claimedAt": now_iso()}
+        if not repos.claim_job(s, job.id, _int(pid) or 1, boot, details):
+            return None
+        s.refresh(job)
+        s.expunge(job)
+        return job
+
+
+def _work_package(ctx: Context, job: JobRow, plan: Any) -> JsonDict:
+    """What the agent needs to run the backup; nothing secret (no passphrase: its host key opens the vault)."""
+    from vmvault.service.backups import ON_DEMAND, backup_details
+    from vmvault.service.quiesce import budget_for
+
+    details = job.details or {}
+    if not details.get("tasks"):
+        details = {**details, **backup_details(plan, str(details.get("trigger") or ON_DEMAND))}
+        with ctx.catalog.update() as s:
+            repos.update_job_details(s, job.id, details)
+    with ctx.catalog.read() as s:
+        previous = repos.latest_recovery_point(s, plan.vm_id, plan.vault.id)
+        latest = repos.latest_recovery_point(s, plan.vm_id)
+    budget = budget_for(ctx, plan)
+    return {
+        "jobId": job.id,
+        "details": details,
+        "vm": _vm_package(ctx, plan),
+        "retainUntil": plan.retain_until,
+        "vault": {"name": plan.vault.name, "uuid": plan.vault.uuid, "storage": plan.vault.storage_dir},
+        "previousPoint": previous.id if previous else None,
+        "pointTimeFloor": latest.time if latest else None,
+        "budget": {"freezeS": budget.freeze_s, "frozenS": budget.frozen_s, "crashOnly": budget.crash_only},
+    }
+
+
+def _vm_package(ctx: Context, plan: Any) -> JsonDict:
+    with ctx.catalog.read() as s:
+        row = repos.find_vm_by_id(s, plan.vm_id)
+        kind = row.kind if row is not None else ""
+    return {"id": plan.vm_id, "name": plan.vm_name, "kind": kind, "disks": plan.disks, "definition": plan.definition}
+
+
+# ---- reports while the job runs -----------------------------------------------------------------
+
+
+def _own_job(s: Session, host: str, job_id: str) -> JobRow:
+    """The job, if this host's agent runs it; Busy when it ended meanwhile (the agent then stops it)."""
+    row = repos.find_job(s, job_id)
+    if row is None or (row.details or {}).get(AGENT_KEY) != host:
+        raise NotFound(f"job '{job_id}' is not run by the agent of host '{host}'", hint="claim jobs with /claim")
+    if row.status != Status.IN_PROGRESS:
+        raise Busy(
+            f"job '{job_id}' already ended {row.status} ({(row.error or {}).get('code', '')})",
+            hint="stop running it; its VM's next backup runs normally",
+        )
+    return row
+
+
+def progress(ctx: Context, host: str, job_id: str, values: JsonDict, details: JsonDict | None) -> JsonDict:
+    """The job's progress (and its details: tasks per disk, quiesce figures); answers whether to cancel."""
+    from vmvault.service.jobs import _merge_details
+
+    with ctx.catalog.update() as s:
+        row = _own_job(s, host, job_id)
+        repos.update_job_progress(s, job_id, _progress_values(values))
+        if details:
+            _merge_details(s, job_id, _agent_details(details))
+        return {"cancel": bool(row.cancel_requested)}
+
+
+def _progress_values(values: JsonDict) -> JsonDict:
+    from vmvault.service.views import empty_progress
+
+    clean = empty_progress()
+    for key, default in clean.items():
+        value = values.get(key, default)
+        if isinstance(default, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            clean[key] = value
+        elif isinstance(default, str) and isinstance(value, str):
+            clean[key] = value[:256]
+    return clean
+
+
+def _agent_details(details: JsonDict) -> JsonDict:
+    """Only the keys an agent reports; never the ones the server owns (agentHost, recoveryPoint, trigger...)."""
+    return {k: v for k, v in details.items() if k in ("tasks", "quiesce", "storageRetries")}
+
+
+def save_vm(ctx: Context, host: str, job_id: str, updates: JsonDict, disks: list[JsonDict] | None) -> None:
+    """The connector's bookkeeping of the VM (its definition; its disk records), as BackupPort.save_vm."""
+    from vmvault.service.vms import save_definition
+
+    _bounded(updates, disks)
+    with ctx.catalog.read() as s:
+        vm_id = _vm_of(s, _own_job(s, host, job_id), host)
+    save_definition(ctx, vm_id, updates, disks)
+
+
+def save_disk(ctx: Context, host: str, job_id: str, name: str, values: JsonDict) -> None:
+    from vmvault.service.backups import save_disk as save
+
+    _bounded(values, None)
+    with ctx.catalog.read() as s:
+        vm_id = _vm_of(s, _own_job(s, host, job_id), host)
+    save(ctx, vm_id, name, values)
+
+
+def _bounded(values: JsonDict, disks: list[JsonDict] | None) -> None:
+    """An agent's bookkeeping: bounded, and disk records that name a disk (name, path, format as strings)."""
+    import json
+
+    for disk in disks or []:
+        if not all(isinstance(disk.get(k), str) for k in ("name", "path")) or not isinstance(
+            disk.get("format"), (str, type(None))
+        ):
+            raise InvalidInput("a disk record from the agent lacks its name, path or format", hint="upgrade the agent")
+
+    if len(json.dumps([values, disks], default=str)) > MAX_BOOKKEEPING:
+        raise InvalidInput("the agent's VM bookkeeping is too large", hint=f"at most {MAX_BOOKKEEPING} bytes of JSON")
+
+
+def _vm_of(s: Session, job: JobRow, host: str) -> str:
+    vm = repos.get_vm(s, job.vm or "")
+    if vm.host != host:
+        raise InvalidInput(f"VM '{vm.name}' no longer belongs to host '{host}'", hint="stop running its job")
+    return vm.id
+
+
+# ---- the end of a job ---------------------------------------------------------------------------
+
+
+def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
+    """End the agent's job: Completed with the point it published (read back from the vault), or
+    Failed/Cancelled with its error. A point that does not check out fails the job (nothing recorded)."""
+    status = str(body.get("status") or "")
+    details = body.get("details") if isinstance(body.get("details"), dict) else None
+    progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
+    if status == Status.COMPLETED:
+        return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
+    if status not in (Status.FAILED, Status.CANCELLED):
+        raise InvalidInput(f"unknown job status '{status}'", hint="Completed, Failed or Cancelled")
+    error = _error_of(body.get("error"), status)
+    with ctx.catalog.write() as s:
+        _own_job(s, host, job_id)
+        repos.finish_job(s, job_id, status, error=error, progress=progress_values)
+        _merge_agent_details(s, job_id, details)
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    return show_job(ctx, job_id)
+
+
+def _error_of(value: object, status: str) -> JsonDict:
+    raw = value if isinstance(value, dict) else {}
+    code = str(raw.get("code") or ("cancelled" if status == Status.CANCELLED else "agent_error"))[:64]
+    message = str(raw.get("message") or "the agent reported no reason")[:2000]
+    hint = raw.get("recommendedAction")
+    return {"code": code, "message": message, "recommendedAction": str(hint)[:1000] if hint else None}
+
+
+def _merge_agent_details(s: Session, job_id: str, details: JsonDict | None) -> None:
+    from vmvault.service.jobs import _merge_details
+
+    if details:
+        _merge_details(s, job_id, _agent_details(details))
+
+
+def _finish_completed(
+    ctx: Context, host: str, job_id: str, rp_id: str, body: JsonDict, details: JsonDict | None
+) -> JsonDict:
+    from vmvault.service.backups import SCHEDULED, record_point
+    from vmvault.service.jobs import warnings_error
+
+    with ctx.catalog.read() as s:
+        job = _own_job(s, host, job_id)
+        vm_id = _vm_of(s, job, host)
+        vault = repos.get_vault(s, job.vault or "")
+        scheduled = (job.details or {}).get("trigger") == SCHEDULED
+        s.expunge_all()
+    manifest = _published_manifest(ctx, vault, rp_id, vm_id, job_id)
+    warnings = [_warning(w) for w in body.get("warnings") or [] if isinstance(w, dict)][:100]
+    final = {**(_progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else {}),
+             "percent": 100.0}  # fmt: skip
+    with ctx.catalog.write() as s:
+        _own_job(s, host, job_id)
+        record_point(ctx, s, job_id, vm_id, vault.id, manifest, scheduled)
+        status = Status.COMPLETED_WITH_WARNINGS if warnings else Status.COMPLETED
+        repos.finish_job(s, job_id, status, progress=final, error=warnings_error(warnings))
+        _merge_agent_details(s, job_id, details)
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    from vmvault.service.vaultsettings import save
+
+    save(ctx, vault)  # the VM's definition and retain-until as of this backup, as a local backup does
+    return show_job(ctx, job_id)
+
+
+def _warning(raw: JsonDict) -> JsonDict:
+    hint = raw.get("recommendedAction")
+    return {"code": str(raw.get("code") or "warning")[:64], "message": str(raw.get("message") or "")[:2000],
+            "recommendedAction": str(hint)[:1000] if hint else None}  # fmt: skip
+
+
+def _published_manifest(ctx: Context, vault: Any, rp_id: str, vm_id: str, job_id: str) -> Any:
+    """The point's manifest as the vault holds it, checked to be this job's point of this VM."""
+    from vmvault.service.vaultio import opened_vault, read_manifest_or_none
+
+    if not rp_id or len(rp_id) > 64:
+        raise InvalidInput("a Completed backup names its recovery point", hint="send recoveryPoint")
+    with opened_vault(ctx, vault) as opened:
+        manifest = read_manifest_or_none(opened, rp_id)
+    if manifest is None:
+        raise NotFound(f"vault '{vault.name}' has no recovery point '{rp_id}'",
+                       hint="the agent's backup did not publish it; run the backup again")  # fmt: skip
+    if manifest.vm_id != vm_id or manifest.job_id != job_id:
+        raise IntegrityError(
+            f"recovery point '{rp_id}' in vault '{vault.name}' is not the point of job '{job_id}'",
+            hint="the agent reported another job's point; run the backup again",
+        )
+    return manifest

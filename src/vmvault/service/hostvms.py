@@ -1,0 +1,129 @@
+"""VMs of another host (`vm add NAME --host HOST ...`): their jobs run on that host's agent.
+
+Accepted before the host's agent has registered. Paths are paths on that host, so nothing is
+opened here: no existence, format or backing-chain check on the server. A disk given without
+--format is guessed and its chain read on the agent at its first backup, under `vm add`'s rules
+(connectors/diskimage: checkOnHost), and recorded then.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import PurePosixPath
+
+from vmvault.catalog.clock import now_iso
+from vmvault.catalog.models import VmRow
+from vmvault.errors import InvalidInput
+from vmvault.service.context import Context
+from vmvault.service.validate import check_name
+from vmvault.service.views import JsonDict
+from vmvault.service.vms import FORMATS, KIND_DISKS, KIND_LIBVIRT, KIND_QMP, _refuse_taken_in, _view
+
+DESCRIBE_ON_HOST = "describeOnHost"  # definition key: the agent describes the VM at its first backup
+
+
+def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: list[str] | None = None) -> JsonDict:
+    """A VM given by disk images on another host."""
+    check_name("VM", name)
+    check_name("host", host)
+    paths = [_host_path(name, d) for d in disks]
+    if not paths:
+        raise InvalidInput(
+            f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --host {host} --disk PATH"
+        )
+    if len(set(paths)) != len(paths):
+        raise InvalidInput(f"a disk is given twice for VM '{name}'", hint="give each --disk once")
+    chosen = _formats(name, len(paths), formats or [])
+    records = [{"name": f"disk{i}", "path": p, "format": f, "checkOnHost": f is None}
+               for i, (p, f) in enumerate(zip(paths, chosen, strict=True))]  # fmt: skip
+    definition = {"disks": [{"name": r["name"], "path": r["path"], "format": r["format"]} for r in records]}
+    return _add_row(ctx, VmRow(id=str(uuid.uuid4()), name=name, kind=KIND_DISKS, disks=records,
+                               definition=definition, created=now_iso(), host=host))  # fmt: skip
+
+
+def add_host_qmp_vm(ctx: Context, name: str, host: str, qmp: str, guest_agent: str | None = None) -> JsonDict:
+    """A running QEMU VM of another host by its QMP socket (a path on that host): its disks and
+    definition come from QMP on the agent, at its first backup (then recorded)."""
+    check_name("VM", name)
+    check_name("host", host)
+    where = {"kind": KIND_QMP, "qmp": _host_path(name, qmp),
+             "guestAgent": _host_path(name, guest_agent) if guest_agent else None}  # fmt: skip
+    return _add_described_later(ctx, name, host, KIND_QMP, where)
+
+
+def add_host_libvirt_vm(ctx: Context, name: str, host: str, domain: str, uri: str | None = None) -> JsonDict:
+    """A libvirt domain of another host: its disks and XML come from that host's libvirt, on its agent."""
+    check_name("VM", name)
+    check_name("host", host)
+    if not domain or len(domain) > 256 or any(ord(c) < 32 for c in domain):
+        raise InvalidInput(f"invalid libvirt domain name '{domain}'", hint="give the domain's name (virsh list --all)")
+    where = {"kind": KIND_LIBVIRT, "domain": domain, "connect": uri}
+    return _add_described_later(ctx, name, host, KIND_LIBVIRT, where)
+
+
+def _add_described_later(ctx: Context, name: str, host: str, kind: str, where: JsonDict) -> JsonDict:
+    definition = {**where, DESCRIBE_ON_HOST: True}
+    return _add_row(ctx, VmRow(id=str(uuid.uuid4()), name=name, kind=kind, disks=[], definition=definition,
+                               created=now_iso(), host=host))  # fmt: skip
+
+
+def _add_row(ctx: Context, row: VmRow) -> JsonDict:
+    with ctx.catalog.write() as s:
+        _refuse_taken_in(s, row.name)
+        s.add(row)
+        s.flush()
+        return _view(s, row)
+
+
+def described_on_host(
+    definition: JsonDict, kind: str, save: Callable[[JsonDict, list[JsonDict]], None]
+) -> tuple[list[JsonDict], JsonDict]:
+    """On the agent, before a VM's first backup: describe it as `vm add` would, from this host's
+    QMP or libvirt; save(updates, disks) records it (the server's catalog, through the API)."""
+    from vmvault.connectors.registry import connector_for
+
+    where = {k: v for k, v in definition.items() if k != DESCRIBE_ON_HOST}
+    disks, described = connector_for(kind).describe(where, [])
+    described = {**described, DESCRIBE_ON_HOST: False}
+    save(described, disks)
+    return disks, described
+
+
+def _host_path(vm: str, raw: str) -> str:
+    """An absolute path on the VM's host, without '..' or control characters (it is never opened here)."""
+    path = PurePosixPath(raw)
+    if not path.is_absolute() or ".." in path.parts or any(ord(c) < 32 for c in raw) or len(raw) > 4096:
+        raise InvalidInput(
+            f"disk path '{raw}' of VM '{vm}' is not an absolute path on its host",
+            hint="give it from /, as the VM's host sees it, without '..'",
+        )
+    return str(path)
+
+
+def _formats(name: str, count: int, formats: list[str]) -> list[str | None]:
+    if any(f not in FORMATS for f in formats):
+        raise InvalidInput(f"unknown disk format {sorted(set(formats) - set(FORMATS))}", hint="--format raw or qcow2")
+    if len(formats) == 1:
+        return [formats[0]] * count
+    if formats and len(formats) != count:
+        raise InvalidInput(f"VM '{name}' has {count} disks and {len(formats)} --format values",
+                           hint="give one --format for all disks, or one per --disk in the same order")  # fmt: skip
+    return list(formats) or [None] * count
+
+
+def discover_on_host(ctx: Context, host: str) -> list[JsonDict]:
+    """The libvirt domains the agent of host found at its registration that no VM of this catalog is yet."""
+    from vmvault.catalog import repos
+    from vmvault.catalog.models import HostRow
+    from vmvault.errors import NotFound
+
+    with ctx.catalog.read() as s:
+        row = s.get(HostRow, host)
+        if row is None:
+            raise NotFound(f"host '{host}' not found", hint=f"start its agent: vmvault agent run --host {host}")
+        found = dict((row.details or {}).get("hypervisors") or {})
+        known = {str((r.definition or {}).get("uuid")) for r in repos.list_vms(s) if r.kind == KIND_LIBVIRT}
+    uri = found.get("libvirtUri")
+    return [{**d, "connect": uri, "host": host} for d in found.get("libvirtDomains") or []
+            if d.get("uuid") not in known]  # fmt: skip

@@ -1,0 +1,369 @@
+"""Agents on hypervisor hosts (`vmvault agent run`, service/agentrun.py; the server's side service/agentwork.py).
+
+The scenario runs real processes on a real PostgreSQL 15 (tests/pgserver.py): one `vmvault serve`
+and two agents with their own homes and host names h1, h2 (the "hosts" are this machine). Each
+agent home unlocks the vault once with its passphrase (`vault import`) and runs without it.
+The fast tests check the contract: what a BackupAgent token may reach, the API version check,
+and the agent's refusal of plain http:// to a non-loopback server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api_support import sandbox
+from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
+from pgserver import PgServer
+from test_scheduler import Serve
+
+MiB = 1 << 20
+LEASE_S = 6.0
+
+
+# ---- fast: the contract -------------------------------------------------------------------------
+
+
+def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the_fix(tmp_path: Path) -> None:
+    from vmvault.service import tokens
+
+    with sandbox(tmp_path / "home") as box:
+        _view, token = tokens.create_token(box.ctx, "BackupAgent", host="h1")
+        body = {"version": "9.9", "apiVersion": 99, "bootId": "b", "pid": 1234}
+        r = box.call("POST", "/api/v1/agents/h1/register", token, json=body)
+        assert r.status_code == 409, r.text
+        error = r.json()
+        assert error["code"] == "agent_version_mismatch"
+        assert "agent API version 99" in error["message"] and "speaks agent API version 1" in error["message"]
+        assert "install the server's vmvault version" in error["hint"]
+        assert box.call("GET", "/api/v1/vms", token).status_code == 403  # an agent token reads nothing
+        r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
+        assert r.status_code == 200 and r.json()["apiVersion"] == 1
+
+
+def test_token_create_binds_only_a_backup_agent_to_a_host(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home")
+    made = cli.ok("token", "create", "--role", "BackupAgent", "--host", "h1").json()
+    assert made["role"] == "BackupAgent" and made["host"] == "h1" and made["token"].startswith("vmv_")
+    r = cli.fails("token", "create", "--role", "BackupAgent")
+    assert "bound to one host" in r.output and "--host NAME" in r.output
+    r = cli.fails("token", "create", "--role", "BackupOperator", "--host", "h1")
+    assert "--host binds only BackupAgent tokens" in r.output
+
+
+def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
+    """A queued backup of a VM of h2: h1's agent and the server never claim it; h2's agent does,
+    with everything but a passphrase."""
+    from vmvault.errors import Busy, NotFound
+    from vmvault.service import agentwork, backups, hostvms, jobs, protection, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.service.worker import claim_next
+    from vmvault.settings import Settings
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "b1", "h2", ["/var/lib/h2/b1.raw"])  # not a file here: nothing is opened
+        protection.enable_protection(ctx, "b1", "v1")
+        job = backups.backup_now(ctx, "b1").job  # a VM of another host: queued, even without a serve
+        assert job["status"] == "InProgress"
+        found = {"libvirtUri": "qemu:///system", "libvirtDomains": [
+            {"name": "web", "uuid": "u-web", "state": "running"}, "not a domain"]}  # fmt: skip
+        for host in ("h1", "h2"):
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+                                           "hypervisors": found})  # fmt: skip
+        assert hostvms.discover_on_host(ctx, "h2") == [
+            {"name": "web", "uuid": "u-web", "state": "running", "connect": "qemu:///system", "host": "h2"}]
+        assert claim_next(ctx) is None
+        assert agentwork.claim(ctx, "h1", 1) is None
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == job["id"]
+        assert package["vm"]["disks"][0]["path"] == "/var/lib/h2/b1.raw"
+        assert package["vault"]["storage"] == str(tmp_path / "v1") and package["previousPoint"] is None
+        assert PASSPHRASE not in json.dumps(package)
+        with pytest.raises(Exception, match="not run by the agent of host 'h1'"):
+            agentwork.progress(ctx, "h1", job["id"], {}, None)
+        assert agentwork.heartbeat(ctx, "h2", [job["id"]]) == {"cancel": []}
+
+        # The manifest is the truth: a point the vault does not hold is never recorded.
+        with pytest.raises(NotFound, match="has no recovery point 'feedfacefeedface'"):
+            agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "recoveryPoint": "feedfacefeedface"})
+        assert jobs.show_job(ctx, job["id"])["status"] == "InProgress"
+        assert backups.list_recovery_points(ctx, "b1") == []
+
+        # `job cancel` reaches the agent through its heartbeat.
+        jobs.cancel_job(ctx, job["id"])
+        assert agentwork.heartbeat(ctx, "h2", [job["id"]]) == {"cancel": [job["id"]]}
+        ended = agentwork.finish(ctx, "h2", job["id"], {"status": "Cancelled", "error": {"code": "cancelled",
+                                                         "message": "stopped", "recommendedAction": None}})
+        assert ended["status"] == "Cancelled" and ended["host"] == "h2"
+        with pytest.raises(Busy):  # ended: the agent is told to stop, nothing changes
+            agentwork.progress(ctx, "h2", job["id"], {}, None)
+
+        # A running VM of h2 by its QMP socket there: never probed from here, described by the agent.
+        hostvms.add_host_qmp_vm(ctx, "q1", "h2", "/run/h2/q1.qmp")
+        listed = {v["name"]: v for v in vms.list_vms_with_status(ctx)}
+        assert listed["q1"]["powerState"] == "unknown" and listed["q1"]["agent"] == "on host h2"
+        protection.enable_protection(ctx, "q1", "v1")
+        queued = backups.backup_now(ctx, "q1").job
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == queued["id"] and package["vm"]["kind"] == "qmp"
+        assert package["vm"]["disks"] == [] and package["vm"]["definition"]["describeOnHost"] is True
+
+
+def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmvault.catalog import repos
+    from vmvault.catalog.models import HostRow
+    from vmvault.service import agentwork, backups, jobs, protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    monkeypatch.setenv("VMVAULT_AGENT_LEASE_S", "3")
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "b1", "h2", ["/var/lib/h2/b1.raw"])
+        protection.enable_protection(ctx, "b1", "v1")
+        job_id = backups.backup_now(ctx, "b1").job["id"]
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        assert agentwork.claim(ctx, "h2", 2**22 + 7) is not None  # a pid that does not run here
+        assert jobs.reap_dead_jobs(ctx) == 0  # the pid/boot rules do not judge an agent's job
+        assert agentwork.fail_lost_agents(ctx) == []  # its heartbeat is fresh
+        with ctx.catalog.write() as s:
+            row = s.get(HostRow, "h2")
+            assert row is not None
+            row.last_heartbeat = "2000-01-01T00:00:00.000000Z"
+        assert agentwork.fail_lost_agents(ctx) == [job_id]
+        job = jobs.show_job(ctx, job_id)
+        assert job["status"] == "Failed" and job["error"]["code"] == "agent_lost"
+        assert "host 'h2' stopped heartbeating" in job["error"]["message"]
+        assert "vmvault backup now b1" in job["error"]["recommendedAction"]
+        assert backups.backup_now(ctx, "b1").job["status"] == "InProgress"  # the VM is free again
+
+        # An agent that is alive but no longer runs a job it claimed (its report of the end was lost).
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        package = agentwork.claim(ctx, "h2", 2**22 + 7)
+        assert package is not None
+        assert agentwork.heartbeat(ctx, "h2", []) == {"cancel": []}  # just claimed: not an orphan yet
+        assert jobs.show_job(ctx, package["jobId"])["status"] == "InProgress"
+        with ctx.catalog.write() as s:
+            repos.update_job_details(s, package["jobId"], {**package["details"], "agentHost": "h2",
+                                                           "claimedAt": "2000-01-01T00:00:00.000000Z"})
+        agentwork.heartbeat(ctx, "h2", [])
+        orphan = jobs.show_job(ctx, package["jobId"])
+        assert orphan["status"] == "Failed" and "no longer runs this job" in orphan["error"]["message"]
+
+
+def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:
+    cli = Cli(home=tmp_path / "home", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
+    r = cli.fails("--server", "http://192.0.2.10:8080", "agent", "run", "--host", "h1")
+    assert "not a loopback address" in r.output and "https://192.0.2.10:8080" in r.output
+    r = Cli(home=tmp_path / "home", passphrase=None).fails("--server", "http://127.0.0.1:9", "agent", "run",
+                                                             "--host", "h1")  # fmt: skip
+    assert "VMVAULT_TOKEN or --token-file" in r.output
+    r = cli.fails("agent", "run", "--host", "h1", "--token", "vmv_x")
+    assert "--token" in r.output  # no such option: a token is never an argument
+
+
+# ---- the scenario -------------------------------------------------------------------------------
+
+
+class Agent:
+    """`vmvault agent run` as a child process on its own home."""
+
+    allowed: list[Path] = []  # --allow-disks of every agent (set by the scenario)
+
+    def __init__(self, cli: Cli, server: str, host: str) -> None:
+        self.cli, self.host = cli, host
+        allow = [a for d in self.allowed for a in ("--allow-disks", str(d))]
+        self.proc = cli.popen("--server", server, "agent", "run", "--host", host, *allow, json_output=False)
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        log = self.proc.stderr.read() if self.proc.stderr and not self.proc.stderr.closed else ""
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return log
+
+
+def _set_up(tmp_path: Path, url: str, image: Path) -> dict[str, Path]:
+    """One vault; VMs a1 (the small image), a2 on h1 and b1 on h2 (in process: fast)."""
+    from vmvault.service import protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    disks = {"a1": image, "a2": tmp_path / "a2.raw", "b1": tmp_path / "b1.raw"}
+    disks["a2"].write_bytes(os.urandom(3 * MiB) + bytes(MiB))
+    disks["b1"].write_bytes(os.urandom(6 * MiB))
+    with context(Settings(home=tmp_path / "setup", passphrase=PASSPHRASE, catalog_url=url)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        for name, disk in disks.items():
+            add_host_vm(ctx, name, "h2" if name == "b1" else "h1", [str(disk)])
+            protection.enable_protection(ctx, name, "v1")
+    return disks
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_server: PgServer) -> Iterator[dict[str, Any]]:
+    procs: list[Any] = []
+    yield {"procs": procs}
+    for proc in procs:
+        if isinstance(proc, Agent):
+            proc.stop(signal.SIGKILL)
+        elif isinstance(proc, Serve):
+            proc.stop()
+        else:
+            proc.close()
+
+
+def _backup(cli: Cli, vm: str) -> subprocess.Popen[str]:
+    return cli.popen("backup", "now", vm, "--wait")
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
+    out, err = proc.communicate(timeout=300)
+    try:
+        return proc.returncode, json.loads(out)
+    except ValueError:
+        raise AssertionError(f"backup printed no job: {out!r} {err!r}") from None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
+    tmp_path: Path, pg_server: PgServer, small_image: Path, stack: dict[str, Any]
+) -> None:
+    url = pg_server.new_database()
+    disks = _set_up(tmp_path, url, small_image)
+    catalog = {"VMVAULT_CATALOG": url}
+    admin = Cli(home=tmp_path / "setup", extra_env=catalog)
+    serve = Serve(Cli(home=tmp_path / "srv", extra_env={**catalog, "VMVAULT_AGENT_LEASE_S": str(LEASE_S)}))
+    stack["procs"].append(serve)
+    first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
+    server = serve.announce.split("listening on ")[1].split()[0]
+
+    agent_clis = {}
+    for host in ("h1", "h2"):
+        token = admin.ok("token", "create", "--role", "BackupAgent", "--host", host).json()["token"]
+        home = tmp_path / f"agent-{host}"
+        assert Cli(home=home).vault_import(tmp_path / "v1").ok  # unlocks the vault once: this host's key
+        agent_clis[host] = Cli(home=home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+    # A live VM on h1: qemu-storage-daemon stands in for a running QEMU (QMP, its disk held open);
+    # added by its QMP socket on h1, described by h1's agent at its first backup.
+    from vm.machine import StorageDaemon, blank_disk, read_live
+
+    qsd = StorageDaemon(tmp_path, [blank_disk(tmp_path, "q0", 8 * MiB, "raw")]).start()
+    stack["procs"].append(qsd)
+    qsd.write(qsd.disks[0], [(0, os.urandom(2 * MiB)), (5 * MiB, os.urandom(MiB))])
+    added = admin.ok("vm", "add", "q1", "--host", "h1", "--qmp", str(qsd.vmvault_qmp)).json()
+    assert added["host"] == "h1" and added["disks"] == []
+    admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
+    Agent.allowed = [tmp_path, small_image.parent, qsd.sockets]
+    agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
+    stack["procs"].extend(agents.values())
+    for host in agents:
+        wait_for(lambda h=host: admin.run("host", "show", h).ok, 60, f"agent {host} to register", interval=0.5)
+        shown = admin.ok("host", "show", host).json()
+        assert shown["role"] == "Agent" and shown["state"] == "Online"
+
+    # On-demand backups of the VMs of both hosts, at once; each job ran on its VM's host.
+    started = time.monotonic()
+    running = {vm: _backup(admin, vm) for vm in [*disks, "q1"]}
+    points = {}
+    for vm, proc in running.items():
+        code, job = _ended(proc)
+        props = job["properties"]
+        assert code == 0 and props["status"] == "Completed", job
+        assert props["host"] == ("h2" if vm == "b1" else "h1")
+        points[vm] = admin.point_ids(vm)[-1]
+    print(f"four agent backups: {time.monotonic() - started:.1f} s")
+    shown = admin.ok("vm", "show", "q1").json()  # described on h1: its disk and QEMU's format
+    assert [(d["name"], d["format"]) for d in shown["disks"]] == [("q0", "raw")], shown
+    restored = tmp_path / "restored-q1"
+    assert admin.restore_disks("q1", points.pop("q1"), restored).ok
+    assert_same_image(restored / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
+    # The server does not choose which files of a host are read: a disk outside the agent's
+    # --allow-disks folders fails its backup, naming the path and the fix.
+    admin.ok("vm", "add", "x1", "--host", "h1", "--disk", "/etc/hostname", "--format", "raw")
+    admin.ok("protection", "enable", "--vm", "x1", "--vault", "v1")
+    code, job = _ended(_backup(admin, "x1"))
+    error = job["properties"]["errorDetails"][0]
+    assert code != 0 and error["errorCode"] == "path_not_allowed" and "/etc/hostname" in error["errorString"], job
+    assert "agent run --allow-disks DIR" in error["recommendations"][0]
+    for vm, rp in points.items():
+        target = tmp_path / f"restored-{vm}"
+        assert admin.restore_disks(vm, rp, target).ok
+        assert_same_image(target / "disk0.raw", disks[vm])
+
+    # h2's agent dies (SIGKILL) in the middle of a backup: right after its first pack is published.
+    agents["h2"].stop()  # SIGTERM with nothing running: a clean exit
+    assert agents["h2"].proc.returncode == 0
+    killed = Agent(Cli(home=agent_clis["h2"].home, passphrase=None,
+                       extra_env={**agent_clis["h2"].extra_env, "VMVAULT_TEST_KILL_AT": "pack:published"}),
+                   server, "h2")  # fmt: skip
+    stack["procs"].append(killed)
+    disks["b1"].write_bytes(os.urandom(6 * MiB))  # new data: the backup publishes packs
+    before = admin.point_ids("b1")
+    proc = _backup(admin, "b1")
+    assert killed.proc.wait(120) == -signal.SIGKILL
+    died = time.monotonic()
+    code, job = _ended(proc)
+    lost_after = time.monotonic() - died
+    props = job["properties"]
+    assert code != 0 and props["status"] == "Failed", job
+    error = props["errorDetails"][0]
+    assert error["errorCode"] == "agent_lost" and "host 'h2'" in error["errorString"]
+    assert "vmvault backup now b1" in error["recommendations"][0]
+    assert lost_after < LEASE_S + 15, f"agent_lost after {lost_after:.1f} s"
+    assert admin.point_ids("b1") == before, "a partial point became a recovery point"
+
+    # The restarted agent reconciles, then its next backup works (the VM is not held by the dead job).
+    agents["h2"] = Agent(agent_clis["h2"], server, "h2")
+    stack["procs"].append(agents["h2"])
+    code, job = _ended(_backup(admin, "b1"))
+    assert code == 0 and job["properties"]["status"] == "Completed" and job["properties"]["host"] == "h2", job
+    rp = admin.point_ids("b1")[-1]
+    assert rp not in before
+    target = tmp_path / "restored-b1-again"
+    assert admin.restore_disks("b1", rp, target).ok
+    assert_same_image(target / "disk0.raw", disks["b1"])
+
+    # SIGTERM to h1's agent in the middle of a backup (held at its first dedup hit: a2 now starts
+    # with b1's data, already in the vault): the job ends Cancelled, no point, the agent exits 0.
+    agents["h1"].stop()
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    slow_env = {**agent_clis["h1"].extra_env, "VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(pause)}
+    agents["h1"] = Agent(Cli(home=agent_clis["h1"].home, passphrase=None, extra_env=slow_env), server, "h1")
+    stack["procs"].append(agents["h1"])
+    disks["a2"].write_bytes(disks["b1"].read_bytes() + os.urandom(2 * MiB))
+    before = admin.point_ids("a2")
+    proc = _backup(admin, "a2")
+    wait_for(lambda: (pause / "paused").exists(), 120, "h1's agent to be mid-backup", interval=0.2)
+    agents["h1"].proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    (pause / "resume").touch()
+    assert agents["h1"].proc.wait(60) == 0
+    code, job = _ended(proc)
+    assert code != 0 and job["properties"]["status"] == "Cancelled", job
+    assert job["properties"]["host"] == "h1"
+    assert "the agent was stopped (SIGTERM)" in job["properties"]["errorDetails"][0]["errorString"]
+    assert admin.point_ids("a2") == before
