@@ -1,7 +1,7 @@
 """Agent tokens: an API token of role BackupAgent is bound to one host name
 
 Revision ID: 0040
-Revises: 0032
+Revises: 0042
 Create Date: 2026-12-06
 """
 
