@@ -28,7 +28,8 @@ from vmvault.vault.store import Vault
 WORKERS = 6
 # Reads (engine/readplan.py, at most MAX_READ each) submitted and not yet written: the stored
 # bytes a restore holds are at most min(WORKERS * MAX_READ, IN_FLIGHT_BYTES) plus one decoded
-# chunk per worker, 48 MiB with the defaults.
+# chunk per worker, 48 MiB with the defaults (twice that for a moment while the Azure SDK hands
+# over a download it assembled).
 IN_FLIGHT_BYTES = 64 << 20
 BATCH_LEAVES = 4  # leaves planned together: 64 MiB of disk with 64 KiB chunks
 LEAF_PREFETCH = 64  # leaves fetched together (about 8 KiB each)
@@ -309,6 +310,8 @@ def _write_leaves(writer: _DiskWriter, leaves: _Leaves, cancel: threading.Event)
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-restore") as pool:
         try:
             for batch in _batches(writer.root, leaves):
+                if cancel.is_set():  # also between batches that need no read (sparse parts)
+                    raise Cancelled("the restore was cancelled")
                 reads, positions = writer.plan(batch)
                 for read in reads:
                     while window and in_flight + read.length > IN_FLIGHT_BYTES:
