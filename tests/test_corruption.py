@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import random
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +172,30 @@ def test_flipped_byte_inside_a_coalesced_read_fails_the_restore(one_point: OnePo
     finally:
         data[offset] ^= 0x01
         path.write_bytes(bytes(data))
+
+
+def test_a_pack_is_checked_once_by_concurrent_restore_workers(one_point: OnePoint, tmp_path: Path) -> None:
+    """Eight workers reaching an unchecked pack together: one reads its header, table of contents
+    and index file; the others wait for that check instead of repeating it (three GETs each on
+    object storage). The backend is the real local one, its reads counted and slowed."""
+    vault = Vault.open(one_point.prot.storage, tmp_path / "home", PASSPHRASE)
+    try:
+        pack = vault_files(one_point.prot.storage, "data")[0].relative_to(one_point.prot.storage).as_posix()
+        real_get, reads, lock = vault.backend.get, [], threading.Lock()
+
+        def slow_get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+            with lock:
+                reads.append(name)
+            time.sleep(0.05)  # long enough for every worker to arrive while the check runs
+            return real_get(name, offset, length)
+
+        vault.backend.get = slow_get  # type: ignore[method-assign]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _n: vault.authenticate_pack(pack), range(8)))
+    finally:
+        vault.close()
+    assert reads.count(pack) == 2, f"the pack's header and table of contents were read {reads.count(pack)} times"
+    assert len(reads) == 3, reads
 
 
 def test_vault_verifies_again_after_repair(one_point: OnePoint) -> None:
