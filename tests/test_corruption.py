@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import random
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from helpers import Cli, Protected, copy_image, files_equal, qemu_raw_view, rp_id, tree_digest, vault_files
+from helpers import PASSPHRASE, Cli, Protected, copy_image, files_equal, qemu_raw_view, rp_id, tree_digest, vault_files
 from helpers import protect_host_key_only as protect  # not about passphrases: skip their check (scrypt)
+from vmvault.engine.readplan import plan_reads
+from vmvault.vault.chunkindex import Location
+from vmvault.vault.store import Vault
 
 KINDS = ["data", "index", "tree", "points", "keys", "config"]
 # Three seeded offsets per kind of file: headers, bodies and trailers all get hit over the runs.
@@ -132,6 +138,64 @@ def test_flipped_key_file_copy_still_unlocks_with_passphrase(
     r = fresh.vault_import(storage)
     assert r.ok, f"the key file's other copy did not open the vault ({flipped.rel} damaged):\n{r}"
     assert tree_digest(storage) == before, "an import must not change the vault"
+
+
+def test_flipped_byte_inside_a_coalesced_read_fails_the_restore(one_point: OnePoint, tmp_path: Path) -> None:
+    """A restore fetches neighbouring blobs of a pack in one ranged read (engine/readplan.py): a
+    byte flipped in a blob in the middle of such a read, not at either end of it, still fails the
+    restore, naming the chunk and its pack, and leaves no file under the final name."""
+    storage = one_point.prot.storage
+    vault = Vault.open(storage, tmp_path / "home", PASSPHRASE)
+    try:
+        reads = []
+        for path in vault_files(storage, "data"):
+            name = path.relative_to(storage).as_posix()
+            known = vault.index.pack_entries(name)
+            assert known is not None, f"{name} is not in the index"
+            reads += plan_reads(Location(name, known[0], ref) for ref in known[1])
+    finally:
+        vault.close()
+    read = max(reads, key=lambda r: len(r.blobs))
+    assert len(read.blobs) >= 3, "no read coalesces three blobs: the test would not test coalescing"
+    middle = read.blobs[len(read.blobs) // 2]
+    path = storage / middle.pack
+    data = bytearray(path.read_bytes())
+    offset = middle.ref.offset + middle.ref.length // 2
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    try:
+        target = tmp_path / "restore"
+        r = one_point.prot.cli.restore_disks(one_point.prot.vm, one_point.rp, target)
+        assert not r.ok, f"restore succeeded with byte {offset} of {middle.pack} flipped:\n{r}"
+        assert f"chunk {middle.ref.blob_id.hex()}" in r.stderr and middle.pack in r.stderr, str(r)
+        assert _final_files(target) == [], str(r)
+    finally:
+        data[offset] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+def test_a_pack_is_checked_once_by_concurrent_restore_workers(one_point: OnePoint, tmp_path: Path) -> None:
+    """Eight workers reaching an unchecked pack together: one reads its header, table of contents
+    and index file; the others wait for that check instead of repeating it (three GETs each on
+    object storage). The backend is the real local one, its reads counted and slowed."""
+    vault = Vault.open(one_point.prot.storage, tmp_path / "home", PASSPHRASE)
+    try:
+        pack = vault_files(one_point.prot.storage, "data")[0].relative_to(one_point.prot.storage).as_posix()
+        real_get, reads, lock = vault.backend.get, [], threading.Lock()
+
+        def slow_get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+            with lock:
+                reads.append(name)
+            time.sleep(0.05)  # long enough for every worker to arrive while the check runs
+            return real_get(name, offset, length)
+
+        vault.backend.get = slow_get  # type: ignore[method-assign]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _n: vault.authenticate_pack(pack), range(8)))
+    finally:
+        vault.close()
+    assert reads.count(pack) == 2, f"the pack's header and table of contents were read {reads.count(pack)} times"
+    assert len(reads) == 3, reads
 
 
 def test_vault_verifies_again_after_repair(one_point: OnePoint) -> None:

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
+from vmvault.engine.readplan import Read, plan_reads
 from vmvault.errors import Cancelled, IntegrityError, InvalidInput
 from vmvault.testhooks import crash_point
 from vmvault.vault.chunkindex import Location
@@ -25,8 +26,13 @@ from vmvault.vault.manifest import DiskEntry, RecoveryPointManifest
 from vmvault.vault.store import Vault
 
 WORKERS = 6
-IN_FLIGHT = 16
-MAX_GAP = 256 * 1024  # fetch neighbouring blobs of one pack in one read when the gap is small
+# Reads (engine/readplan.py, at most MAX_READ each) submitted and not yet written: the stored
+# bytes a restore holds are at most min(WORKERS * MAX_READ, IN_FLIGHT_BYTES) plus one decoded
+# chunk per worker, 48 MiB with the defaults (twice that for a moment while the Azure SDK hands
+# over a download it assembled).
+IN_FLIGHT_BYTES = 64 << 20
+BATCH_LEAVES = 4  # leaves planned together: 64 MiB of disk with 64 KiB chunks
+LEAF_PREFETCH = 64  # leaves fetched together (about 8 KiB each)
 FORMATS = ("raw", "qcow2")
 Converter = Callable[[Path, Path], None]  # raw image -> qcow2 image
 
@@ -168,6 +174,9 @@ class _WriteBehind:
 
 
 class _DiskWriter:
+    """Writes one disk's chunks: plans the reads of a batch of leaves, then fetches, authenticates
+    and writes each read (on a worker)."""
+
     def __init__(
         self,
         vault: Vault,
@@ -182,44 +191,34 @@ class _DiskWriter:
         self.vault, self.manifest, self.disk, self.fd, self.root = vault, manifest, disk, fd, root
         self.tracker, self.cancel, self.flusher = tracker, cancel, flusher
 
-    def write_leaf(self, first_chunk: int, ids: list[bytes]) -> None:
-        if self.cancel.is_set():
-            raise Cancelled("the restore was cancelled")
-        wanted = [c for c in ids if c != ZERO_ID]
-        if not wanted:
-            return
-        locations = self.vault.index.lookup_many(wanted)
+    def plan(self, batch: list[tuple[int, list[bytes]]]) -> tuple[list[Read], dict[bytes, list[int]]]:
+        """The reads of a batch of leaves (first chunk, chunk ids), and where each chunk goes."""
         positions: dict[bytes, list[int]] = {}
-        for i, cid in enumerate(ids):
-            if cid == ZERO_ID:
-                continue
+        for first_chunk, ids in batch:
+            for i, cid in enumerate(ids):
+                if cid != ZERO_ID:
+                    positions.setdefault(cid, []).append(first_chunk + i)
+        locations = self.vault.index.lookup_many(list(positions))
+        for cid, chunks in positions.items():
             if cid not in locations:
                 raise IntegrityError(
                     f"chunk {cid.hex()} is missing from the vault (disk {self.disk.name}, offset "
-                    f"{(first_chunk + i) * self.root.chunk_size}, recovery point {self.manifest.rp_id})",
+                    f"{chunks[0] * self.root.chunk_size}, recovery point {self.manifest.rp_id})",
                     hint="run 'vmvault vault verify' to list every affected point",
                 )
-            positions.setdefault(cid, []).append(first_chunk + i)
-        for pack, group in _group_by_pack(locations.values()):
-            self._write_group(pack, group, positions)
+        return plan_reads(locations.values()), positions
 
-    def _write_group(self, pack: str, group: list[Location], positions: dict[bytes, list[int]]) -> None:
-        self.vault.authenticate_pack(pack)
-        start = group[0].ref.offset
-        blob = self.vault.backend.get(pack, start, group[-1].ref.offset + group[-1].ref.length - start)
-        view = memoryview(blob)  # slices without copying: each blob goes straight to AES-GCM
+    def write_read(self, read: Read, positions: dict[bytes, list[int]]) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the restore was cancelled")
+        self.vault.authenticate_pack(read.pack)
+        view = memoryview(self.vault.backend.get(read.pack, read.offset, read.length))
         written = 0
-        for loc in group:
-            stored = view[loc.ref.offset - start : loc.ref.offset - start + loc.ref.length]
-            try:
-                plain = self.vault.read_blob_from(loc, stored)
-            except IntegrityError as exc:
-                # Marked: the next backup stores this data again rather than trusting this copy.
-                self.vault.index.add_bad_copy(loc.ref.blob_id, loc.pack, exc.message)
-                raise IntegrityError(
-                    f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
-                    hint="run 'vmvault vault verify' to list every affected point",
-                ) from exc
+        for loc in read.blobs:
+            # A slice without copying: each blob goes straight to AES-GCM, which authenticates it
+            # (a short read from a damaged store gives a short slice, refused the same way).
+            stored = view[loc.ref.offset - read.offset : loc.ref.offset - read.offset + loc.ref.length]
+            plain = self._decode(loc, stored)
             for chunk in positions[loc.ref.blob_id]:
                 os.pwrite(self.fd, plain, chunk * self.root.chunk_size)
                 written += len(plain)
@@ -227,20 +226,55 @@ class _DiskWriter:
         self.tracker.add(read=written, written=written)
         self.tracker.report()
 
+    def _decode(self, loc: Location, stored: memoryview) -> bytes:
+        try:
+            return self.vault.read_blob_from(loc, stored)
+        except IntegrityError as exc:
+            # Marked: the next backup stores this data again rather than trusting this copy.
+            self.vault.index.add_bad_copy(loc.ref.blob_id, loc.pack, exc.message)
+            raise IntegrityError(
+                f"{exc.message} (disk {self.disk.name}, recovery point {self.manifest.rp_id})",
+                hint="run 'vmvault vault verify' to list every affected point",
+            ) from exc
 
-def _group_by_pack(locations: object) -> Iterator[tuple[str, list[Location]]]:
-    by_pack: dict[str, list[Location]] = {}
-    for loc in locations:  # type: ignore[attr-defined]
-        by_pack.setdefault(loc.pack, []).append(loc)
-    for pack, locs in by_pack.items():
-        locs.sort(key=lambda item: item.ref.offset)
-        group = [locs[0]]
-        for loc in locs[1:]:
-            if loc.ref.offset - (group[-1].ref.offset + group[-1].ref.length) > MAX_GAP:
-                yield pack, group
-                group = []
-            group.append(loc)
-        yield pack, group
+
+class _Leaves:
+    """The disk index's leaves, fetched LEAF_PREFETCH at a time with planned reads (a point's
+    leaves sit side by side in its tree pack, so that is one GET instead of one each); each leaf
+    is authenticated on decode like any blob. Delta bases come one by one, as before."""
+
+    def __init__(self, vault: Vault) -> None:
+        self._vault = vault
+        self._fetched: dict[bytes, bytes] = {}
+        self.reader = LeafReader(self._fetch)
+
+    def _fetch(self, leaf_id: bytes) -> bytes:
+        data = self._fetched.pop(leaf_id, None)
+        return data if data is not None else self._vault.get_blob(leaf_id)
+
+    def prefetch(self, leaf_ids: list[bytes]) -> None:
+        self._fetched.clear()
+        locations = self._vault.index.lookup_many(list(set(leaf_ids)))
+        for read in plan_reads(locations.values()):
+            self._vault.authenticate_pack(read.pack)
+            view = memoryview(self._vault.backend.get(read.pack, read.offset, read.length))
+            for loc in read.blobs:
+                start = loc.ref.offset - read.offset
+                self._fetched[loc.ref.blob_id] = self._vault.read_blob_from(loc, view[start : start + loc.ref.length])
+
+
+def _batches(root: Root, leaves: _Leaves) -> Iterator[list[tuple[int, list[bytes]]]]:
+    """The leaves in disk order, BATCH_LEAVES at a time, as (first chunk, chunk ids)."""
+    batch: list[tuple[int, list[bytes]]] = []
+    for n, leaf_id in enumerate(root.leaves):
+        if n % LEAF_PREFETCH == 0:
+            leaves.prefetch(root.leaves[n : n + LEAF_PREFETCH])
+        batch.append((n * root.leaf_span, leaves.reader.read(leaf_id).ids))
+        if len(batch) == BATCH_LEAVES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _restore_raw(
@@ -254,7 +288,7 @@ def _restore_raw(
     root = Root.decode(vault.get_blob(bytes.fromhex(disk.index_root)), f"disk {disk.name} of point {manifest.rp_id}")
     if root.disk_size != disk.size:
         raise IntegrityError(f"disk index of {disk.name} in point {manifest.rp_id} does not match the manifest size")
-    leaves = LeafReader(vault.get_blob)
+    leaves = _Leaves(vault)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, root.disk_size)  # sparse: zero chunks are never written
@@ -268,21 +302,29 @@ def _restore_raw(
         os.close(fd)
 
 
-def _write_leaves(writer: _DiskWriter, leaves: LeafReader, cancel: threading.Event) -> None:
-    root = writer.root
-    window: deque[Future[None]] = deque()
+def _write_leaves(writer: _DiskWriter, leaves: _Leaves, cancel: threading.Event) -> None:
+    """Plan each batch on this thread; the workers fetch and write its reads, in disk order, with
+    at most IN_FLIGHT_BYTES of reads submitted and not yet done."""
+    window: deque[tuple[Future[None], int]] = deque()
+    in_flight = 0
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmv-restore") as pool:
         try:
-            for n, leaf_id in enumerate(root.leaves):
-                ids = leaves.read(leaf_id).ids
-                window.append(pool.submit(writer.write_leaf, n * root.leaf_span, ids))
-                while len(window) >= IN_FLIGHT:
-                    window.popleft().result()
+            for batch in _batches(writer.root, leaves):
+                if cancel.is_set():  # also between batches that need no read (sparse parts)
+                    raise Cancelled("the restore was cancelled")
+                reads, positions = writer.plan(batch)
+                for read in reads:
+                    while window and in_flight + read.length > IN_FLIGHT_BYTES:
+                        done, size = window.popleft()
+                        done.result()
+                        in_flight -= size
+                    window.append((pool.submit(writer.write_read, read, positions), read.length))
+                    in_flight += read.length
             while window:
-                window.popleft().result()
+                window.popleft()[0].result()
         except BaseException:
             cancel.set()
-            for fut in window:
+            for fut, _size in window:
                 fut.cancel()
             raise
 

@@ -216,6 +216,7 @@ class Vault:
         self.created: str = config["created"]
         self._checked_packs: set[str] = set()
         self._checked_lock = threading.Lock()
+        self._checking: dict[str, threading.Lock] = {}
         self.damaged_index_files: dict[str, str] = {}  # index file -> problem (see sync_index)
         self._write_lock = threading.Lock()
         self._write_ready = False
@@ -461,6 +462,19 @@ class Vault:
         with self._checked_lock:
             if pack in self._checked_packs:
                 return
+            # One check per pack: the restore's workers that need it meanwhile wait for it
+            # instead of each making the same three requests.
+            pack_lock = self._checking.setdefault(pack, threading.Lock())
+        with pack_lock:
+            with self._checked_lock:
+                if pack in self._checked_packs:
+                    return
+            self._authenticate_pack(pack)
+            with self._checked_lock:
+                self._checked_packs.add(pack)
+                self._checking.pop(pack, None)
+
+    def _authenticate_pack(self, pack: str) -> None:
         known = self.index.pack_entries(pack)
         index_name = self.index.index_file_of(pack)
         if known is None or index_name is None:
@@ -475,8 +489,6 @@ class Vault:
         indexed = parse_index_payload(unseal(self.keys, index_name, self.backend.get(index_name)))
         if set(listed) != set(entries) or set(indexed[2]) != set(entries) or indexed[1] != salt:
             raise IntegrityError(f"pack {pack} does not match its index file {index_name}")
-        with self._checked_lock:
-            self._checked_packs.add(pack)
 
     # ---- blobs --------------------------------------------------------------------------------
     def read_blob(self, loc: Location) -> bytes:
