@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from api_support import make_ext4_image
-from helpers import Cli, Result, files_equal
+from helpers import Cli, HostKeyCli, Result, files_equal
 from test_api_flows import served
 
 
@@ -28,7 +28,7 @@ def far_time_zone() -> str:
 
 
 def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     disk = make_ext4_image(tmp_path / "web1.raw", 16, {"a.txt": b"remote\n"})
     cli.ok("vault", "create", "main", "--timezone", far_time_zone())
     with served(cli) as (address, token):

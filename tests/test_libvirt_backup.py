@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, files_equal, rp_id
+from helpers import Cli, HostKeyCli, files_equal, rp_id
 from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import backup, ext4_file, fell_back, latest_point, restore_raw, wait_for_line, warning_codes
 from vm.machine import Disk, ext4_disk
@@ -81,7 +81,7 @@ def lab(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
     domain.define()
     try:
         domain.start()
-        yield Lab(workdir, domain, Cli(home=workdir / "home"), data)
+        yield Lab(workdir, domain, HostKeyCli(home=workdir / "home"), data)
     finally:
         domain.close()
 
@@ -99,7 +99,7 @@ def test_discover_then_add(lab: Lab) -> None:
 
 def test_a_quiesced_live_backup_holds_what_was_written_before_and_not_after(lab: Lab, tmp_path: Path) -> None:
     lab.domain.sh("echo before > /mnt/data0/before && sync")
-    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "6"})
+    held = HostKeyCli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "6"})
     proc = held.popen(*held.backup_args(VM))
     try:
         wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)  # backupBegin done, guest thawed
@@ -149,7 +149,7 @@ def test_a_backup_begin_past_the_frozen_window_is_undone_and_retried_once(lab: L
     # testhooks.py: the first attempt holds the guest frozen 6 s past backupBegin, twice the 3 s window.
     lab.domain.sh("echo between > /mnt/data0/between && sync")
     env = {"VMVAULT_FROZEN_WINDOW": "3", "VMVAULT_TEST_SLOW_SNAPSHOT": "6:1"}
-    job = backup(Cli(home=lab.cli.home, extra_env=env), VM)
+    job = backup(HostKeyCli(home=lab.cli.home, extra_env=env), VM)
     assert job["properties"]["status"] == "Completed" and not fell_back(job), job
     point = latest_point(lab.cli, VM)
     assert point["properties"]["recoveryPointType"] == "FileSystemConsistent", point
@@ -163,7 +163,7 @@ def test_a_backup_begin_past_the_frozen_window_is_undone_and_retried_once(lab: L
 
 
 def test_a_killed_backup_leaves_a_job_that_the_next_backup_reconciles(lab: Lab) -> None:
-    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
+    held = HostKeyCli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
     proc = held.popen(*held.backup_args(VM))
     try:
         wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)
@@ -179,7 +179,7 @@ def test_a_killed_backup_leaves_a_job_that_the_next_backup_reconciles(lab: Lab) 
 
 def test_serve_start_reconciles_what_a_killed_backup_left(lab: Lab) -> None:
     kept = lab.definition(latest_point(lab.cli, VM))["checkpoint"]
-    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
+    held = HostKeyCli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "60"})
     proc = held.popen(*held.backup_args(VM))
     try:
         wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)
@@ -244,7 +244,7 @@ def test_without_an_agent_channel_item_show_gives_the_fix_and_enable_agent_adds_
 
 def test_a_cancelled_backup_deletes_its_checkpoint(lab: Lab) -> None:
     before, points = lab.domain.checkpoints(), len(lab.cli.points(VM))
-    held = Cli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "4"})
+    held = HostKeyCli(home=lab.cli.home, extra_env={"VMVAULT_TEST_HOLD_SNAPSHOT": "4"})
     proc = held.popen(*held.backup_args(VM))
     try:
         wait_for_line(proc, "VMVAULT_TEST_HOLD_SNAPSHOT", timeout=120)

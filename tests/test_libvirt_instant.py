@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id
 from vm.libvirtd import Domain, leftovers, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import backup, ext4_file, latest_point
 from vm.machine import ext4_disk
@@ -56,7 +56,7 @@ def lab(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
     try:
         domain.start()
         domain.sh("mount -t tmpfs -o mode=755 tmpfs /run")  # qemu-ga's frozen marker off the OS disk
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         cli.extra_env.update({"VMVAULT_INSTANT_RETRY_S": str(RETRY_S), "VMVAULT_INSTANT_STREAM_SPEED": str(2 * MiB)})
         cli.ok("vm", "add", VM, "--libvirt", domain.name)
         cli.vault_create("v1", workdir / "vault")
@@ -224,7 +224,7 @@ def test_a_lost_export_pauses_the_domain_and_its_restart_resumes_it_cancel_remov
     name, target = f"vmvlost-{secrets.token_hex(3)}", lab.workdir / "lost"
     # slower than the other test: the pull must still be running when the test cancels it (a pull that completes
     # after a lost export can crash QEMU 7.2, docs/restore.md), and the guest's read must need the export
-    cli = Cli(home=lab.cli.home)
+    cli = HostKeyCli(home=lab.cli.home)
     cli.extra_env.update({**lab.cli.extra_env, "VMVAULT_INSTANT_STREAM_SPEED": str(MiB)})
     with defined(lab, name) as copy:
         r = cli.run("restore", "vm", VM, "--rp", lab.rp, "--name", name, "--target-dir", str(target), "--instant",

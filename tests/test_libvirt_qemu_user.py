@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id
 from vm.libvirtd import debian_default_libvirtd, domain_xml, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import latest_point
 from vm.machine import ext4_disk
@@ -72,7 +72,7 @@ def _agent_and_disk(uri: str, name: str) -> str:
 
 
 def test_restored_domains_start_with_qemu_as_libvirt_qemu(uri: str, tmp_path: Path) -> None:
-    cli = Cli(home=tmp_path / "home")
+    cli = HostKeyCli(home=tmp_path / "home")
     original = f"vmvq-{secrets.token_hex(3)}"
     disk = ext4_disk(tmp_path, "data0", 32 * MiB)
     (tmp_path / "orig.xml").write_text(domain_xml(original, tmp_path, [disk]))

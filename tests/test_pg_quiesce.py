@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli
+from helpers import Cli, HostKeyCli
 from vm.guest import GuestImage
 from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import backup, latest_point, restore_raw, warning_codes, warnings
@@ -91,7 +91,7 @@ def lab(libvirtd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab
     try:
         _boot(domain)
         print(f"PostgreSQL guest up after {time.monotonic() - started:.0f} s", file=sys.stderr)
-        lab = Lab(workdir, image, domain, Cli(home=workdir / "home"))
+        lab = Lab(workdir, image, domain, HostKeyCli(home=workdir / "home"))
         lab.psql("create database app", db="postgres")
         lab.psql("create table t(id bigserial primary key, v text not null, at timestamptz default now())")
         lab.psql("create index t_v on t(v)")

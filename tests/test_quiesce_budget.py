@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Cli
+from helpers import Cli, HostKeyCli
 from test_policy import weekly_props
 from vm.live import backup, ext4_file, fell_back, latest_point, protect_running, restore_raw, warning_codes, warnings
 from vm.machine import Disk, Guest, ext4_disk
@@ -57,7 +57,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         hook = (f'#!/bin/sh\necho "$1 $(date +%s)" >> {HOOK_LOG}\necho "vmv-hook: $1" > /dev/console\n'
                 f'[ "$1" = freeze ] && sleep "$(cat {SLEEP_FILE} 2>/dev/null || echo 0)"\nexit 0\n')  # fmt: skip
         guest.write_file(HOOK, hook.encode(), "755")
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         protect_running(cli, workdir / "vault", VM, guest.vmvault_qmp, guest.agent_socket)
         yield Lab(guest, cli, data)
     finally:
@@ -105,7 +105,7 @@ def test_a_freeze_past_the_budget_is_thawed_retried_once_and_gives_a_crash_consi
 def _slow_snapshots(lab: Lab, hold: str) -> Cli:
     """A 3 s frozen window, and snapshots held frozen longer (testhooks.py: "6" every attempt, "6:1" the first)."""
     env = {"VMVAULT_FROZEN_WINDOW": "3", "VMVAULT_TEST_SLOW_SNAPSHOT": hold}
-    return Cli(home=lab.cli.home, extra_env=env)
+    return HostKeyCli(home=lab.cli.home, extra_env=env)
 
 
 def _assert_nothing_left_behind(lab: Lab) -> None:

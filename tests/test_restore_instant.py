@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id
 from vm.live import backup, ext4_file, latest_point, protect_running
 from vm.machine import Guest, ext4_disk
 from vm.osdisk import boot_args, os_disk, os_image
@@ -48,7 +48,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     disks = [os_disk(workdir, image), ext4_disk(workdir, "data0", 16 * MiB)]
     guest = Guest(workdir, disks, image=image.image, extra=boot_args()).start()
     try:
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         cli.extra_env.update({"VMVAULT_INSTANT_RETRY_S": str(RETRY_S), "VMVAULT_INSTANT_STREAM_SPEED": str(2 * MiB)})
         protect_running(cli, workdir / "vault", VM, guest.vmvault_qmp, guest.agent_socket)
         guest.sh("echo before > /only-on-os-disk && sync")

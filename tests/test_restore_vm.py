@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, rp_id
+from helpers import Cli, HostKeyCli, rp_id
 from vm.live import backup, latest_point, protect_running
 from vm.machine import Guest, ext4_disk
 from vm.osdisk import SWITCH_ROOT_INIT as SWITCH_ROOT_INIT  # the OS-disk guest, importable from here too
@@ -55,7 +55,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     nic = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:01"]
     guest = Guest(workdir, disks, image=image.image, extra=boot_args() + nic).start()
     try:
-        cli = Cli(home=workdir / "home")
+        cli = HostKeyCli(home=workdir / "home")
         protect_running(cli, workdir / "vault", VM, guest.vmvault_qmp, guest.agent_socket)
         root = guest.sh("grep ' / ' /proc/mounts").stdout
         assert root.startswith("/dev/vda / ext4"), f"the guest did not boot from its OS disk: {root!r}"

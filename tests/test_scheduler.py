@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from helpers import PASSPHRASE, Cli, wait_for
+from helpers import PASSPHRASE, Cli, HostKeyCli, wait_for
 
 MiB = 1 << 20
 
@@ -165,7 +165,7 @@ def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
     # reads a clock set LEAD_S before that slot.
     slot = next_half_hour(datetime.now(UTC) + timedelta(hours=3))
     kolkata = slot.astimezone(ZoneInfo("Asia/Kolkata"))
-    setup = Cli(home=tmp_path / "home")
+    setup = HostKeyCli(home=tmp_path / "home")
     disk = ext4_image(tmp_path / "disk.raw", 8)
     setup.vault_create("v1", tmp_path / "v1")
     assert setup.vm_add("vm1", disk).ok
@@ -175,7 +175,7 @@ def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
 
     offset = (slot - timedelta(seconds=LEAD_S) - datetime.now(UTC)).total_seconds()
     due_real = time.time() + LEAD_S
-    cli = Cli(home=setup.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": f"{offset:.3f}"})
+    cli = HostKeyCli(home=setup.home, extra_env={"VMVAULT_TEST_CLOCK_OFFSET_S": f"{offset:.3f}"})
     shown = cli.ok("item", "show", "vm1").json()["properties"]
     assert shown["nextScheduledBackup"] == kolkata.isoformat(timespec="seconds")
     assert due_real - time.time() <= 90
