@@ -182,10 +182,12 @@ class Agent:
     """`vmvault agent run` as a child process on its own home."""
 
     allowed: list[Path] = []  # --allow-disks of every agent (set by the scenario)
+    restores: list[Path] = []  # --allow-restores of every agent
 
     def __init__(self, cli: Cli, server: str, host: str) -> None:
         self.cli, self.host = cli, host
         allow = [a for d in self.allowed for a in ("--allow-disks", str(d))]
+        allow += [a for d in self.restores for a in ("--allow-restores", str(d))]
         self.proc = cli.popen("--server", server, "agent", "run", "--host", host, *allow, json_output=False)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
@@ -277,6 +279,7 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     assert added["host"] == "h1" and added["disks"] == []
     admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
     Agent.allowed = [tmp_path, small_image.parent, qsd.sockets]
+    Agent.restores = [tmp_path]
     agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
     stack["procs"].extend(agents.values())
     for host in agents:
@@ -308,10 +311,23 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     error = job["properties"]["errorDetails"][0]
     assert code != 0 and error["errorCode"] == "path_not_allowed" and "/etc/hostname" in error["errorString"], job
     assert "agent run --allow-disks DIR" in error["recommendations"][0]
+    # Restores of a host's VMs run on that host, by its agent, into its allowed restore roots.
     for vm, rp in points.items():
         target = tmp_path / f"restored-{vm}"
-        assert admin.restore_disks(vm, rp, target).ok
+        r = admin.restore_disks(vm, rp, target)
+        assert r.ok, r
+        props = r.json()["properties"]
+        assert props["operation"] == "Restore" and props["host"] == ("h2" if vm == "b1" else "h1"), props
+        assert f"restored {target / 'disk0.raw'}" in r.stderr
         assert_same_image(target / "disk0.raw", disks[vm])
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    r = admin.restore_disks("b1", points["b1"], outside)
+    assert not r.ok
+    props = r.json()["properties"]
+    error = props["errorDetails"][0]
+    assert props["host"] == "h2" and error["errorCode"] == "path_not_allowed", props
+    assert str(outside) in error["errorString"] and "agent run --allow-restores DIR" in error["recommendations"][0]
+    assert not outside.exists()
 
     # h2's agent dies (SIGKILL) in the middle of a backup: right after its first pack is published.
     agents["h2"].stop()  # SIGTERM with nothing running: a clean exit
