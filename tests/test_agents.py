@@ -155,6 +155,14 @@ def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: P
         assert package["restore"] == {"recoveryPoint": rp, "targetDir": str(target), "format": None, "force": False,
                                       "disks": None, "files": ["disk0.raw"]}  # fmt: skip
         assert package["hostDisks"] == [{"vm": "r1", "paths": [str(disk)]}]
+        # On the agent: a file name from the server that is a path, or a disk of the host's VM, is refused.
+        from vmvault.errors import PathNotAllowed
+        from vmvault.service.paths import disk_owners
+
+        with pytest.raises(InvalidInput, match="named a restored file"):
+            restores.check_target_on_host(target, ["../../etc/passwd"], True, {})
+        with pytest.raises(PathNotAllowed, match="is a disk of VM 'r1'"):
+            restores.check_target_on_host(tmp_path, ["r1.raw"], True, disk_owners([("r1", [str(disk)])]))
         assert PASSPHRASE not in json.dumps(package)
         with pytest.raises(InvalidInput, match="files outside"):  # an agent's report is checked
             agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "files": ["/etc/passwd"]})
