@@ -119,6 +119,70 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         assert package["vm"]["disks"] == [] and package["vm"]["definition"]["describeOnHost"] is True
 
 
+def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: Path) -> None:
+    """restore disks of a VM of h2: queued (nothing written here), claimed by h2's agent only, with
+    the point, the target on h2 and the disks of h2's VMs; the agent's word on its files is checked."""
+    from vmvault.catalog.models import VmRow
+    from vmvault.errors import InvalidInput
+    from vmvault.service import agentwork, backups, jobs, protection, restores, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.worker import claim_next
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "r1.raw"
+    disk.write_bytes(os.urandom(MiB))
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "r1", [disk])
+        protection.enable_protection(ctx, "r1", "v1")
+        rp = backups.backup_now(ctx, "r1").result.rp_id  # backed up here, then the VM moves to h2
+        with ctx.catalog.write() as s:
+            row = s.get(VmRow, vms.show_vm(ctx, "r1")["id"])
+            assert row is not None
+            row.host = "h2"
+        with pytest.raises(InvalidInput, match="not an absolute path on its host"):
+            restores.restore_disks(ctx, "r1", rp, "relative/dir")
+        target = tmp_path / "on-h2"
+        outcome = restores.restore_disks(ctx, "r1", rp, target)
+        job = outcome.job
+        assert job["status"] == "InProgress" and job["operation"] == "Restore" and not target.exists()
+        for host in ("h1", "h2"):
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+        assert claim_next(ctx) is None  # the server's workers never run it
+        assert agentwork.claim(ctx, "h1", 1) is None
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == job["id"] and package["operation"] == "Restore"
+        assert package["restore"] == {"recoveryPoint": rp, "targetDir": str(target), "format": None, "force": False,
+                                      "disks": None, "files": ["disk0.raw"]}  # fmt: skip
+        assert package["hostDisks"] == [{"vm": "r1", "paths": [str(disk)]}]
+        # On the agent: a file name from the server that is a path, or a disk of the host's VM, is refused.
+        from vmvault.errors import PathNotAllowed
+        from vmvault.service.paths import disk_owners
+
+        with pytest.raises(InvalidInput, match="named a restored file"):
+            restores.check_target_on_host(target, ["../../etc/passwd"], True, {})
+        with pytest.raises(PathNotAllowed, match="is a disk of VM 'r1'"):
+            restores.check_target_on_host(tmp_path, ["r1.raw"], True, disk_owners([("r1", [str(disk)])]))
+        assert PASSPHRASE not in json.dumps(package)
+        with pytest.raises(InvalidInput, match="files outside"):  # an agent's report is checked
+            agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "files": ["/etc/passwd"]})
+        ended = agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "files": [str(target / "disk0.raw")]})
+        assert ended["status"] == "Completed" and ended["host"] == "h2"
+        assert restores.follow_restore(ctx, job["id"]).result == [target / "disk0.raw"]
+        lost = agentwork.lost_error(_job_row(ctx, job["id"]), "gone")
+        assert f"vmvault restore disks r1 --rp {rp} --target-dir {target}" in lost["recommendedAction"]
+        assert jobs.show_job(ctx, job["id"])["status"] == "Completed"
+
+
+def _job_row(ctx: Any, job_id: str) -> Any:
+    from vmvault.catalog import repos
+
+    with ctx.catalog.read() as s:
+        row = repos.get_job(s, job_id)
+        s.expunge(row)
+        return row
+
+
 def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,10 +246,12 @@ class Agent:
     """`vmvault agent run` as a child process on its own home."""
 
     allowed: list[Path] = []  # --allow-disks of every agent (set by the scenario)
+    restores: list[Path] = []  # --allow-restores of every agent
 
     def __init__(self, cli: Cli, server: str, host: str) -> None:
         self.cli, self.host = cli, host
         allow = [a for d in self.allowed for a in ("--allow-disks", str(d))]
+        allow += [a for d in self.restores for a in ("--allow-restores", str(d))]
         self.proc = cli.popen("--server", server, "agent", "run", "--host", host, *allow, json_output=False)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
@@ -277,6 +343,7 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     assert added["host"] == "h1" and added["disks"] == []
     admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
     Agent.allowed = [tmp_path, small_image.parent, qsd.sockets]
+    Agent.restores = [tmp_path]
     agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
     stack["procs"].extend(agents.values())
     for host in agents:
@@ -308,10 +375,23 @@ def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
     error = job["properties"]["errorDetails"][0]
     assert code != 0 and error["errorCode"] == "path_not_allowed" and "/etc/hostname" in error["errorString"], job
     assert "agent run --allow-disks DIR" in error["recommendations"][0]
+    # Restores of a host's VMs run on that host, by its agent, into its allowed restore roots.
     for vm, rp in points.items():
         target = tmp_path / f"restored-{vm}"
-        assert admin.restore_disks(vm, rp, target).ok
+        r = admin.restore_disks(vm, rp, target)
+        assert r.ok, r
+        props = r.json()["properties"]
+        assert props["operation"] == "Restore" and props["host"] == ("h2" if vm == "b1" else "h1"), props
+        assert f"restored {target / 'disk0.raw'}" in r.stderr
         assert_same_image(target / "disk0.raw", disks[vm])
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    r = admin.restore_disks("b1", points["b1"], outside)
+    assert not r.ok
+    props = r.json()["properties"]
+    error = props["errorDetails"][0]
+    assert props["host"] == "h2" and error["errorCode"] == "path_not_allowed", props
+    assert str(outside) in error["errorString"] and "agent run --allow-restores DIR" in error["recommendations"][0]
+    assert not outside.exists()
 
     # h2's agent dies (SIGKILL) in the middle of a backup: right after its first pack is published.
     agents["h2"].stop()  # SIGTERM with nothing running: a clean exit

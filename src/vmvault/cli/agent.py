@@ -28,6 +28,11 @@ def agent_run(
         typer.Option("--allow-disks", help="Folder the server may name disks and QMP sockets in (repeatable).",
                      metavar="DIR"),
     ] = None,
+    allow_restores: Annotated[
+        list[str] | None,
+        typer.Option("--allow-restores", help="Folder the server may restore disks into (repeatable).",
+                     metavar="DIR"),
+    ] = None,
     log_format: Annotated[
         str, typer.Option("--log-format", help="Logs on stderr: text, or json (one object per line).")
     ] = "text",
@@ -37,7 +42,8 @@ def agent_run(
     The token (a BackupAgent token bound to --host) comes from --token-file or VMVAULT_TOKEN, never
     from the command line. The server is https://, or http:// to a loopback address only. The vaults
     open with this host's key: unlock each once on this host with its passphrase (vmvault vault import).
-    Disk images and QMP sockets must lie in --allow-disks folders (default as serve's, docs/security.md).
+    Disk images and QMP sockets must lie in --allow-disks folders, restores' target directories in
+    --allow-restores folders (defaults as serve's, docs/security.md).
     """
     from vmvault import logs
     from vmvault.errors import InvalidInput
@@ -58,7 +64,8 @@ def agent_run(
     from vmvault.service.paths import build_policy
 
     settings = replace(load_settings(STATE.home), catalog_url=None, strict_passphrase=False)
-    paths = build_policy(settings, disks=allow_disks)  # the server does not choose which files are read here
+    # The server does not choose which files of this host are read or written.
+    paths = build_policy(settings, disks=allow_disks, restores=allow_restores)
     agent = Agent(settings, AgentClient(server, host, token), max_jobs=max_jobs, paths=paths)
     code = agent.run(on_ready=lambda a: output.info(f"vmvault agent of host {host} runs jobs for {server}"))
     raise typer.Exit(code)

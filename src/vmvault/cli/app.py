@@ -939,6 +939,12 @@ def restore_disks(
                 ctx, name, rp, target_dir, fmt=fmt, force=force, disks=disk or None, on_progress=show, cancel=cancel
             )
         )
+        if outcome.job["status"] == "InProgress":  # a VM of another host: queued to its agent, followed here
+            output.info(f"queued to its host's agent as job {outcome.job['id']}")
+            queued = str(outcome.job["id"])
+            outcome = run_cancellable(
+                lambda cancel: restores.follow_restore(ctx, queued, on_progress=show, cancel=cancel)
+            )
     _end_job(outcome, [f"restored {path}" for path in outcome.result or []])
 
 

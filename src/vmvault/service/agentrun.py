@@ -3,8 +3,9 @@
 The agent talks only to the server's REST API with a BackupAgent token bound to its host (never to
 the catalog). It registers, reconciles what a killed agent left on its VMs (connectors' reconcile,
 qemu-nbd work directories) before claiming anything, beats a heartbeat in a thread, claims up to
-max_jobs Backup jobs of its host's VMs and runs each with the same code a server runs
-(backups.run_backup_into): the catalog's part goes through RemoteBooks (REST), the vault is opened
+max_jobs Backup and Restore jobs of its host's VMs and runs each with the same code a server runs
+(backups.run_backup_into, restores.restore_into): the catalog's part goes through RemoteBooks
+(REST), the vault is opened
 from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
 and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs
 (they end Cancelled, no point), exit 0.
@@ -23,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmvault.catalog.models import VaultRow
@@ -31,6 +33,8 @@ from vmvault.proc import boot_id
 from vmvault.service.agentwork import API_VERSION
 from vmvault.service.jobs import PROGRESS_INTERVAL_S, Status, as_vmvault_error, end_tasks, track_tasks
 from vmvault.service.paths import PathPolicy
+from vmvault.service.restores import partial_tag
+from vmvault.service.vaultio import opened_vault_at
 from vmvault.service.views import JsonDict, empty_progress
 from vmvault.service.worker import StopEvent
 from vmvault.settings import Settings
@@ -330,11 +334,14 @@ class Agent:
 def run_package(
     settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None
 ) -> str:
-    """Run one claimed Backup job with the server's engine and connector code; report how it ended.
+    """Run one claimed Backup (or Restore) job with the server's engine and connector code; report how it ended.
 
     paths: the host's allowed disk roots; a work package naming a disk image or a QMP socket outside
     them fails (the server is not trusted to read any file of this host into a vault)."""
     from vmvault.service.backups import BackupPlan, run_backup_into
+
+    if package.get("operation") == "Restore":
+        return run_restore_package(settings, client, package, cancel, paths)
     from vmvault.service.vaultio import opened_vault_at
 
     job_id, vm = str(package["jobId"]), package["vm"]
@@ -363,6 +370,64 @@ def run_package(
                              "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
+
+
+def run_restore_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None
+) -> str:
+    """Run one claimed Restore job (restore disks of a VM of this host) with the same code as a local
+    restore (restores.restore_into); the files are written here, in this host's allowed restore roots."""
+    from vmvault.service.restores import restore_into
+
+    job_id = str(package["jobId"])
+    run = AgentRun(client, job_id, cancel, package.get("details"))
+    try:
+        plan, recheck = _restore_plan(package, paths)
+        # Partial files are not recorded on the server (its reaper would look for them on its own host).
+        with opened_vault_at(settings, plan.vault) as vault:
+            written = restore_into(vault, plan, run, recheck, lambda _d: partial_tag(job_id))
+    except Cancelled as exc:
+        return _report_end(client, run, Status.CANCELLED, exc)
+    except VmvaultError as exc:
+        return _report_end(client, run, Status.FAILED, exc)
+    except Exception as exc:
+        log.debug("job %s failed unexpectedly", job_id, exc_info=True)
+        return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
+    _finish(client, job_id, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
+                             "details": _sendable(run.details)})  # fmt: skip
+    log.info("job %s: restored %s into %s", job_id, package["vm"]["name"], plan.target_dir)
+    return Status.COMPLETED
+
+
+def _restore_plan(package: JsonDict, paths: PathPolicy | None) -> tuple[Any, Any]:
+    """The restore's plan on this host, its target checked against this host's restore roots (before
+    anything is written), and the recheck just before writing."""
+    from vmvault.errors import PathNotAllowed
+    from vmvault.service.paths import Rule, disk_owners, recheck_dir_in
+    from vmvault.service.restores import RestorePlan, check_target_on_host
+
+    asked, vm_name = package["restore"], str(package["vm"]["name"])
+    target = Path(str(asked["targetDir"]))
+    if paths is not None:
+        try:
+            target = paths.check(Rule.RESTORES, target)
+        except PathNotAllowed as exc:
+            raise PathNotAllowed(
+                f"{exc.message} on host of VM '{vm_name}'",
+                hint="restore under one of this host's restore roots, or allow its folder on this host: vmvault "
+                "agent run --allow-restores DIR (or allow-restores in the agent's HOME/settings.toml)",
+            ) from None
+    owners = disk_owners((str(d.get("vm")), [str(p) for p in d.get("paths") or []])
+                         for d in package.get("hostDisks") or [])  # fmt: skip
+    force = bool(asked.get("force"))
+    check_target_on_host(target, [str(f) for f in asked.get("files") or []], force, owners)
+    disks = asked.get("disks")
+    fmt = asked.get("format")
+    info = package["vault"]
+    row = VaultRow(name=str(info["name"]), uuid=str(info["uuid"]), storage_dir=str(info["storage"]))
+    plan = RestorePlan(vm_name, str(asked["recoveryPoint"]), row, target, str(fmt) if fmt else None, force,
+                       [str(d) for d in disks] if disks else None)  # fmt: skip
+    return plan, lambda d: recheck_dir_in(paths, Rule.RESTORES, d)
 
 
 def _check_paths(paths: PathPolicy, plan: Any) -> None:

@@ -1,11 +1,12 @@
 """The server's side of the agents (`vmvault agent run` on hypervisor hosts), behind /api/v1/agents.
 
-An agent talks only to the REST API (no database credentials on hypervisor hosts): it registers its
-host, beats a heartbeat, claims the queued Backup jobs of the VMs whose `vms.host` names its host
-(FOR UPDATE SKIP LOCKED, as the servers' workers), reports progress and the connector's bookkeeping
-(BackupPort.save_vm / save_disk), and ends the job. It writes the vault's data straight to the
-vault's storage; on success the server records the point by reading its manifest from the vault
-(the manifest is the truth, as when reconcile adopts a published point), never from the agent's word.
+An agent talks only to the REST API (no database credentials on hypervisor hosts): it registers
+its host, beats a heartbeat, claims the queued Backup and Restore (restore disks) jobs of the VMs
+whose `vms.host` names its host (FOR UPDATE SKIP LOCKED, as the servers' workers), reports
+progress and the connector's bookkeeping (BackupPort.save_vm / save_disk), and ends the job. It
+writes the vault's data straight to the vault's storage; on success the server records the point
+by reading its manifest from the vault (the manifest is the truth, as when reconcile adopts a
+published point), never from the agent's word.
 
 A job an agent runs carries details["agentHost"]; the server's pid/boot rules (jobs.reap_dead_jobs)
 leave it alone. The leader ends it Failed `agent_lost` once the host's heartbeat is older than the
@@ -168,11 +169,21 @@ def _agent_jobs(s: Session, host: str) -> list[JobRow]:
 
 def lost_error(row: JobRow, why: str) -> JsonDict:
     host = (row.details or {}).get(AGENT_KEY)
+    check = f"check vmvault agent run on host {host} (vmvault host show {host})"
+    if row.operation == Operation.RESTORE:
+        record = (row.details or {}).get("restore") or {}
+        return {
+            "code": "agent_lost",
+            "message": f"{why}; the restore did not finish (its partial files in {record.get('targetDir')} on "
+            f"host {host} are not usable)",
+            "recommendedAction": f"{check}, then run the restore again: vmvault restore disks {row.vm} --rp "
+            f"{record.get('recoveryPoint')} --target-dir {record.get('targetDir')} --force",
+        }
     return {
         "code": "agent_lost",
         "message": f"{why}; no recovery point was created",
-        "recommendedAction": f"check vmvault agent run on host {host} (vmvault host show {host}), then run the "
-        f"backup again: vmvault backup now {row.vm} (the next scheduled backup also runs normally)",
+        "recommendedAction": f"{check}, then run the backup again: vmvault backup now {row.vm} (the next scheduled "
+        "backup also runs normally)",
     }
 
 
@@ -214,14 +225,23 @@ def fail_lost_agents(ctx: Context) -> list[str]:
 # ---- claim --------------------------------------------------------------------------------------
 
 
+AGENT_OPERATIONS = (Operation.BACKUP, Operation.RESTORE)  # the jobs agents run (restore disks: a Restore job)
+
+
 def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
-    """Claim the oldest queued Backup job of a VM of this host for its agent: its work package, or None."""
+    """Claim the oldest queued Backup or Restore job of a VM of this host for its agent: its work
+    package, or None."""
     from vmvault.service.backups import plan_backup
 
     while True:
         job = _claim_row(ctx, host, pid)
         if job is None:
             return None
+        if job.operation == Operation.RESTORE:
+            package = _restore_package_or_end(ctx, job, host)
+            if package is None:
+                continue
+            return package
         details = job.details or {}
         try:
             plan = plan_backup(ctx, job.vm or "", str(details.get("retainUntil") or ""))
@@ -240,10 +260,10 @@ def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
 
 def _claim_row(ctx: Context, host: str, pid: int) -> JobRow | None:
     with ctx.catalog.read() as s:  # idle agents look without taking SQLite's write lock
-        if not repos.queued_jobs(s, (Operation.BACKUP,), host=host):
+        if not repos.queued_jobs(s, AGENT_OPERATIONS, host=host):
             return None
     with ctx.catalog.update() as s:
-        job = repos.lock_next_queued(s, (Operation.BACKUP,), host=host)
+        job = repos.lock_next_queued(s, AGENT_OPERATIONS, host=host)
         if job is None:
             return None
         row = s.get(HostRow, host)
@@ -280,6 +300,43 @@ def _work_package(ctx: Context, job: JobRow, plan: Any) -> JsonDict:
         "pointTimeFloor": latest.time if latest else None,
         "budget": {"freezeS": budget.freeze_s, "frozenS": budget.frozen_s, "crashOnly": budget.crash_only},
     }
+
+
+def _restore_package_or_end(ctx: Context, job: JobRow, host: str) -> JsonDict | None:
+    """A claimed Restore job's work package; None when its point or VM went meanwhile (the job ends Failed)."""
+    from vmvault.service.jobs import end_job
+
+    try:
+        return _restore_package(ctx, job, host)
+    except VmvaultError as exc:
+        end_job(ctx, job.id, Status.FAILED, exc)
+        return None
+
+
+def _restore_package(ctx: Context, job: JobRow, host: str) -> JsonDict:
+    """What the agent needs to restore the point's disks on its host: the point, the target, the file
+    names to write, and the disks of its host's VMs (a restore never overwrites one). No secret."""
+    from vmvault.service.restores import _point_files
+
+    record = dict((job.details or {}).get("restore") or {})
+    vm_name, fmt = job.vm or "", record.get("format")
+    disks = record.get("disks")
+    vault, files = _point_files(ctx, vm_name, str(record.get("recoveryPoint") or ""), fmt, disks)
+    with ctx.catalog.read() as s:
+        vm = repos.get_vm(s, vm_name)
+        owned = [{"vm": r.name, "paths": [str(d.get("path") or "") for d in r.disks or []]}
+                 for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]  # fmt: skip
+        vm_package = {"id": vm.id, "name": vm.name, "kind": vm.kind}
+    return {
+        "jobId": job.id,
+        "operation": Operation.RESTORE,
+        "details": job.details or {},
+        "vm": vm_package,
+        "vault": {"name": vault.name, "uuid": vault.uuid, "storage": vault.storage_dir},
+        "restore": {"recoveryPoint": record.get("recoveryPoint"), "targetDir": record.get("targetDir"),
+                    "format": fmt, "force": bool(record.get("overwrite")), "disks": disks, "files": files},
+        "hostDisks": owned,
+    }  # fmt: skip
 
 
 def _vm_package(ctx: Context, plan: Any) -> JsonDict:
@@ -384,6 +441,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     status = str(body.get("status") or "")
     details = body.get("details") if isinstance(body.get("details"), dict) else None
     progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
+    if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
+        return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
     if status == Status.COMPLETED:
         return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
     if status not in (Status.FAILED, Status.CANCELLED):
@@ -393,6 +452,38 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
         _own_job(s, host, job_id)
         repos.finish_job(s, job_id, status, error=error, progress=progress_values)
         _merge_agent_details(s, job_id, details)
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    return show_job(ctx, job_id)
+
+
+def _operation(ctx: Context, job_id: str) -> str:
+    with ctx.catalog.read() as s:
+        row = repos.find_job(s, job_id)
+        return row.operation if row is not None else ""
+
+
+MAX_FILES = 1024
+
+
+def _finish_restore(ctx: Context, host: str, job_id: str, files: object, progress_values: JsonDict | None) -> JsonDict:
+    """A restore the agent completed: the files it wrote (each in the job's target directory) recorded
+    in extendedInfo.restore, as a local restore records them."""
+    from pathlib import PurePosixPath
+
+    with ctx.catalog.write() as s:
+        job = _own_job(s, host, job_id)
+        record = dict((job.details or {}).get("restore") or {})
+        target = PurePosixPath(str(record.get("targetDir") or "/nonexistent"))
+        written = files if isinstance(files, list) else []
+        if len(written) > MAX_FILES or not all(
+            isinstance(f, str) and len(f) < 4096 and PurePosixPath(f).parent == target for f in written
+        ):
+            raise InvalidInput(f"the agent reported files outside {target} for restore job {job_id}",
+                               hint="upgrade the agent")  # fmt: skip
+        details = {**(job.details or {}), "restore": {**record, "files": list(written)}}
+        repos.update_job_details(s, job_id, details)
+        repos.finish_job(s, job_id, Status.COMPLETED, progress={**(progress_values or {}), "percent": 100.0})
         _notify_enqueue(s, job_id)
     _notify_deliver(ctx, job_id)
     return show_job(ctx, job_id)

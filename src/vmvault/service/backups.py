@@ -127,11 +127,9 @@ def follow_backup(
 
 def on_other_host(ctx: Context, vm_name: str) -> bool:
     """The VM belongs to another host (`vm add --host`): its jobs are queued for that host's agent."""
-    from vmvault.service.hosts import local_host_name
+    from vmvault.service.hostvms import host_elsewhere
 
-    with ctx.catalog.read() as s:
-        row = repos.find_vm(s, vm_name)
-        return row is not None and row.host is not None and row.host != local_host_name()
+    return host_elsewhere(ctx, vm_name) is not None
 
 
 def repos_job_vm(ctx: Context, job_id: str) -> str | None:

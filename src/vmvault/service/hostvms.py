@@ -27,7 +27,7 @@ def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: l
     """A VM given by disk images on another host."""
     check_name("VM", name)
     check_name("host", host)
-    paths = [_host_path(name, d) for d in disks]
+    paths = [host_path(name, d) for d in disks]
     if not paths:
         raise InvalidInput(
             f"VM '{name}' needs at least one disk", hint=f"vmvault vm add {name} --host {host} --disk PATH"
@@ -47,8 +47,8 @@ def add_host_qmp_vm(ctx: Context, name: str, host: str, qmp: str, guest_agent: s
     definition come from QMP on the agent, at its first backup (then recorded)."""
     check_name("VM", name)
     check_name("host", host)
-    where = {"kind": KIND_QMP, "qmp": _host_path(name, qmp),
-             "guestAgent": _host_path(name, guest_agent) if guest_agent else None}  # fmt: skip
+    where = {"kind": KIND_QMP, "qmp": host_path(name, qmp),
+             "guestAgent": host_path(name, guest_agent) if guest_agent else None}  # fmt: skip
     return _add_described_later(ctx, name, host, KIND_QMP, where)
 
 
@@ -90,12 +90,23 @@ def described_on_host(
     return disks, described
 
 
-def _host_path(vm: str, raw: str) -> str:
+def host_elsewhere(ctx: Context, vm_name: str) -> str | None:
+    """The VM's host when it is another host than this one (`vm add --host`): its agent runs its jobs."""
+    from vmvault.catalog import repos
+    from vmvault.service.hosts import local_host_name
+
+    with ctx.catalog.read() as s:
+        row = repos.find_vm(s, vm_name)
+        host = row.host if row is not None else None
+    return host if host is not None and host != local_host_name() else None
+
+
+def host_path(vm: str, raw: str, what: str = "disk path") -> str:
     """An absolute path on the VM's host, without '..' or control characters (it is never opened here)."""
     path = PurePosixPath(raw)
     if not path.is_absolute() or ".." in path.parts or any(ord(c) < 32 for c in raw) or len(raw) > 4096:
         raise InvalidInput(
-            f"disk path '{raw}' of VM '{vm}' is not an absolute path on its host",
+            f"{what} '{raw}' of VM '{vm}' is not an absolute path on its host",
             hint="give it from /, as the VM's host sees it, without '..'",
         )
     return str(path)

@@ -181,8 +181,13 @@ def allowed(ctx: Context, rule: Rule, raw: str | Path) -> Path:
 
 def recheck_dir(ctx: Context, rule: Rule, path: Path) -> None:
     """Just before writing into a checked directory: refuse it if a symlink was swapped in since the check."""
-    if ctx.paths is not None and Path(os.path.realpath(path)) != path:
-        raise ctx.paths.outside_error(rule, str(path), Path(os.path.realpath(path)))
+    recheck_dir_in(ctx.paths, rule, path)
+
+
+def recheck_dir_in(policy: PathPolicy | None, rule: Rule, path: Path) -> None:
+    """recheck_dir with the policy itself (an agent has no context: agent run --allow-restores)."""
+    if policy is not None and Path(os.path.realpath(path)) != path:
+        raise policy.outside_error(rule, str(path), Path(os.path.realpath(path)))
 
 
 def registered_disks(ctx: Context) -> dict[Path, list[str]]:
@@ -191,6 +196,11 @@ def registered_disks(ctx: Context) -> dict[Path, list[str]]:
 
     with ctx.catalog.read() as s:
         rows = [(vm.name, [str(d.get("path") or "") for d in vm.disks or []]) for vm in repos.list_vms(s)]
+    return disk_owners(rows)
+
+
+def disk_owners(rows: Iterable[tuple[str, list[str]]]) -> dict[Path, list[str]]:
+    """(VM name, its disk paths) -> each disk (resolved here) -> the names of the VMs that have it."""
     owners: dict[Path, list[str]] = {}
     for name, paths in rows:
         for p in filter(None, paths):
@@ -200,7 +210,11 @@ def registered_disks(ctx: Context) -> dict[Path, list[str]]:
 
 def refuse_registered(ctx: Context, files: Iterable[Path], *, allow_vm: str | None = None) -> None:
     """A restore never overwrites a disk of a registered VM (CLI included), whatever --force says."""
-    disks = registered_disks(ctx)
+    refuse_owned(registered_disks(ctx), files, allow_vm=allow_vm)
+
+
+def refuse_owned(disks: dict[Path, list[str]], files: Iterable[Path], *, allow_vm: str | None = None) -> None:
+    """refuse_registered with the disks given (an agent: those of its host's VMs, from the server)."""
     for path in files:
         if not os.path.lexists(path):
             continue

@@ -4,9 +4,10 @@ with the job recording what was asked and what was written (extendedInfo.restore
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmvault.catalog import repos
 from vmvault.catalog.models import VaultRow
@@ -22,7 +23,7 @@ from vmvault.service.jobs import (
     recording_restore,
     run_job,
 )
-from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_registered
+from vmvault.service.paths import Rule, allowed, recheck_dir, refuse_owned, refuse_registered
 from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.vaultio import check_readable, opened_vault
 from vmvault.service.views import JsonDict
@@ -55,7 +56,12 @@ def restore_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[list[Path]]:
     """Restore the disks of a recovery point into target_dir as <disk>.raw|.qcow2; result: the files written."""
+    from vmvault.service.hostvms import host_elsewhere
+
     rp_id = resolve_point(ctx, vm_name, rp_id)
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:  # a VM of another host (vm add --host): its agent writes the files there
+        return queue_on_host(ctx, vm_name, rp_id, host, str(target_dir), fmt, force, disks)
     plan = plan_restore(ctx, vm_name, rp_id, allowed(ctx, Rule.RESTORES, target_dir), fmt, force, disks)
     record = {"mode": "disks", "recoveryPoint": rp_id, "targetDir": str(plan.target_dir), "disks": disks,
               "format": fmt, "overwrite": force}  # fmt: skip
@@ -105,6 +111,15 @@ def restore_as_new_vm(
 def plan_restore(
     ctx: Context, vm_name: str, rp_id: str, target: Path, fmt: str | None, force: bool, disks: list[str] | None
 ) -> RestorePlan:
+    vault, files = _point_files(ctx, vm_name, rp_id, fmt, disks)
+    _check_target(ctx, target, files, force)
+    return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
+
+
+def _point_files(
+    ctx: Context, vm_name: str, rp_id: str, fmt: str | None, disks: list[str] | None
+) -> tuple[VaultRow, list[str]]:
+    """The point's vault and the names of the files a restore of it writes (the disks, the template)."""
     from vmvault.connectors.registry import connector_for
 
     if fmt is not None and fmt not in FORMATS:
@@ -118,8 +133,53 @@ def plan_restore(
         template = connector_for(vm.kind).template_name(vm_name)
     chosen = _choose_disks(vm_name, rp_id, point_disks, disks)
     files = [f"{name}.{fmt or source}" for name, source in chosen]
-    _check_target(ctx, target, files + ([template] if template else []), force)
-    return RestorePlan(vm_name, rp_id, vault, target, fmt, force, disks)
+    return vault, files + ([template] if template else [])
+
+
+# ---- a VM of another host: its agent restores (service/agentrun.py, service/agentwork.py) ---------
+
+
+def queue_on_host(
+    ctx: Context, vm_name: str, rp_id: str, host: str, target_dir: str, fmt: str | None, force: bool,
+    disks: list[str] | None,
+) -> JobOutcome[list[Path]]:  # fmt: skip
+    """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_restore).
+
+    target_dir is a path on that host: checked there, against its agent's --allow-restores roots."""
+    from vmvault.service.hostvms import host_path
+    from vmvault.service.jobs import show_job
+    from vmvault.service.vaultio import reading_from_secondary
+
+    if reading_from_secondary():
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
+            hint="restore it without --from-secondary",
+        )
+    target = host_path(vm_name, target_dir, what="target directory")
+    vault, _files = _point_files(ctx, vm_name, rp_id, fmt, disks)  # checked now: bad input queues nothing
+    record = {"mode": "disks", "recoveryPoint": rp_id, "targetDir": target, "disks": disks, "format": fmt,
+              "overwrite": force, "host": host}  # fmt: skip
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=vault.name, queued=True, details={"restore": record})
+    return JobOutcome(job=show_job(ctx, job.id))
+
+
+def follow_restore(
+    ctx: Context, job_id: str, *, on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+) -> JobOutcome[list[Path]]:
+    """Wait for a restore its VM's host's agent runs, to its end; result: the files written there."""
+    from vmvault.service.jobs import describe_job, wait_for_job
+
+    job = wait_for_job(ctx, job_id, on_progress=on_progress, cancel=cancel)
+    record = describe_job(ctx, job_id)["extendedInfo"].get("restore") or {}
+    return JobOutcome(job=job, result=[Path(str(f)) for f in record.get("files") or []])
+
+
+def check_target_on_host(target: Path, files: list[str], force: bool, owners: dict[Path, list[str]]) -> None:
+    """On the agent, before writing: as _check_target, with the disks of its host's VMs (from the server)."""
+    for name in files:
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise InvalidInput(f"the server named a restored file {name!r}", hint="upgrade the server and the agent")
+    _check_target_files(target, files, force, lambda paths: refuse_owned(owners, paths))
 
 
 def _choose_disks(
@@ -138,9 +198,13 @@ def _choose_disks(
 
 
 def _check_target(ctx: Context, target: Path, files: list[str], force: bool) -> None:
+    _check_target_files(target, files, force, lambda paths: refuse_registered(ctx, paths))
+
+
+def _check_target_files(target: Path, files: list[str], force: bool, refuse: Callable[[list[Path]], None]) -> None:
     if target.exists() and not target.is_dir():
         raise InvalidInput(f"target {target} is not a directory", hint="pass a directory to --target-dir")
-    refuse_registered(ctx, [target / name for name in files])
+    refuse([target / name for name in files])
     existing = [name for name in files if (target / name).exists()]
     if existing and not force:
         raise InvalidInput(
@@ -150,6 +214,26 @@ def _check_target(ctx: Context, target: Path, files: list[str], force: bool) -> 
 
 
 def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
+    with opened_vault(ctx, plan.vault) as vault:
+        return restore_into(vault, plan, run, lambda d: recheck_dir(ctx, Rule.RESTORES, d),
+                            lambda d: record_partial_files(ctx, run, d))  # fmt: skip
+
+
+class RestoreRun(Protocol):
+    """What restore_into needs of its job: a JobRun here, an agentrun.AgentRun on an agent."""
+
+    job_id: str
+    cancel: threading.Event
+
+    def progress(self, progress: Any) -> None: ...
+
+
+def restore_into(
+    vault: Any, plan: RestorePlan, run: RestoreRun, recheck: Callable[[Path], None], mark_partial: Callable[[Path], str]
+) -> list[Path]:
+    """Write the point's disks (and the template) into plan.target_dir: the one restore code of a
+    server, a CLI and an agent. recheck refuses a target swapped for a symlink since its check;
+    mark_partial records where partial files go (their tag)."""
     from vmvault.engine.restore import run_restore
     from vmvault.service.restore_vm import convert_image, write_disks_template
     from vmvault.vault.lock import pinned, shared
@@ -161,13 +245,13 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
             f"cannot create target directory {plan.target_dir}: {exc.strerror}",
             hint="pass a --target-dir you can write to",
         ) from exc
-    recheck_dir(ctx, Rule.RESTORES, plan.target_dir)
+    recheck(plan.target_dir)
     # The vault lock, shared, while we read: no garbage collection sweeps meanwhile; and a pin, so
     # retention leaves the point alone until we are done (vault/lock.py, docs/design.md).
-    with opened_vault(ctx, plan.vault) as vault, shared(vault, cancel=run.cancel):
+    with shared(vault, cancel=run.cancel):
         vault.sync_index()  # packs a sweep deleted before we had the lock
         manifest: Any = vault.read_manifest(plan.rp_id)
-        tag = record_partial_files(ctx, run, plan.target_dir)
+        tag = mark_partial(plan.target_dir)
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths: list[Path] = run_restore(
                 vault,
@@ -185,12 +269,17 @@ def _run_restore(ctx: Context, plan: RestorePlan, run: JobRun) -> list[Path]:
     return [Path(p) for p in paths] + ([template] if template is not None else [])
 
 
+def partial_tag(job_id: str) -> str:
+    """The tag in the names of a restore job's partial files."""
+    return "j" + job_id.replace("-", "")[:16]
+
+
 def record_partial_files(ctx: Context, run: JobRun, target_dir: Path) -> str:
     """Record, before writing, where this restore's partial files go: if its process dies, the
     next command that reaps the job deletes them (jobs.remove_partial_files). Also in the run's
     own copy of the details, which its progress reports write back: else the first report erased
     the record and a restore killed after it left its partial files (issue 18 kill sweep)."""
-    tag = "j" + run.job_id.replace("-", "")[:16]
+    tag = partial_tag(run.job_id)
     where = {"dir": str(target_dir), "pattern": f".*.vmvault-partial-{tag}*"}
     with ctx.catalog.write() as s:
         current = repos.get_job(s, run.job_id)

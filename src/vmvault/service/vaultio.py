@@ -22,6 +22,10 @@ def read_from_secondary() -> None:
     _FROM_SECONDARY = True
 
 
+def reading_from_secondary() -> bool:
+    return _FROM_SECONDARY
+
+
 def secondary_location(row: VaultRow) -> str:
     if not row.secondary_storage:
         raise InvalidInput(

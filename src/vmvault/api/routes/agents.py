@@ -55,6 +55,7 @@ class SaveDisk(Body):
 class Finish(Body):
     status: str = Field(max_length=32, description="Completed, Failed or Cancelled")
     recovery_point: str | None = Field(default=None, max_length=64)
+    files: list[str] | None = Field(default=None, max_length=1024, description="A Restore: the files written")
     error: dict[str, Any] | None = None
     warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
     progress: dict[str, Any] | None = None
@@ -75,8 +76,9 @@ class AgentCancels(View):
 
 class AgentClaimed(View):
     package: dict[str, Any] | None = Field(
-        description="The work package (jobId, details, vm, retainUntil, vault, previousPoint, pointTimeFloor, "
-        "budget), or null when no job of this host is queued"
+        description="The work package (a Backup: jobId, details, vm, retainUntil, vault, previousPoint, "
+        "pointTimeFloor, budget; a Restore: jobId, operation, details, vm, vault, restore, hostDisks), or null "
+        "when no job of this host is queued"
     )
 
 
