@@ -17,7 +17,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import threading
 import time
 import urllib.error
@@ -36,7 +35,7 @@ from vmvault.service.paths import PathPolicy
 from vmvault.service.restores import partial_tag
 from vmvault.service.vaultio import opened_vault_at
 from vmvault.service.views import JsonDict, empty_progress
-from vmvault.service.worker import StopEvent
+from vmvault.service.worker import StopEvent, install_stop_signals, restore_signals
 from vmvault.settings import Settings
 
 log = logging.getLogger("vmvault")
@@ -228,7 +227,7 @@ class Agent:
         self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
         log.info("agent of host %s registered with %s", self.client.host, self.client.server)
         reconcile_leftovers(self.settings, list(answer.get("vms") or []))
-        previous = self._install_signals()
+        previous = install_stop_signals(self.request_stop, "the agent")
         beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
         beat.start()
         try:
@@ -242,7 +241,7 @@ class Agent:
             for thread in list(self._threads):
                 thread.join(120.0)
         finally:
-            self._restore_signals(previous)
+            restore_signals(previous)
         return 0
 
     def request_stop(self, reason: str) -> None:
@@ -316,19 +315,6 @@ class Agent:
         except VmvaultError as exc:
             log.warning("registering again failed: %s", exc)
 
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            name = signal.Signals(sig).name
-            previous[sig] = signal.signal(sig, lambda *_a, n=name: self.request_stop(f"the agent was stopped ({n})"))
-        return previous
-
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def run_package(

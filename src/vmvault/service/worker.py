@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
@@ -375,7 +375,7 @@ class Service:
             # GRS vaults, every VMVAULT_GRS_INTERVAL seconds; each vault under its own lease, so
             # several servers on one catalog never replicate a vault twice at once.
             replicator = Replicator(self.ctx)
-            previous = self._install_signals()
+            previous = install_stop_signals(self.request_stop, "the service")
             try:
                 from vmvault.service.reconcile import reconcile_all, reconcile_vms_at_start
 
@@ -395,7 +395,7 @@ class Service:
                 replicator.stop()
                 pool.stop(self._stop.reason)
             finally:
-                self._restore_signals(previous)
+                restore_signals(previous)
                 if http is not None:
                     http.shutdown()
                     http.server_close()
@@ -404,16 +404,21 @@ class Service:
                     metrics_http.server_close()
         return 0
 
-    def _install_signals(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            name = signal.Signals(sig).name
-            previous[sig] = signal.signal(sig, lambda *_a, n=name: self.request_stop(f"the service was stopped ({n})"))
-        return previous
 
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def install_stop_signals(request_stop: Callable[[str], None], who: str) -> dict[int, Any]:
+    """SIGTERM and SIGINT ask `who` (the service, the agent) to stop, saying which signal; the old handlers.
+
+    Only the main thread may set handlers (a test running a Service in a thread gets none).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        name = signal.Signals(sig).name
+        previous[sig] = signal.signal(sig, lambda *_a, n=name: request_stop(f"{who} was stopped ({n})"))
+    return previous
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
