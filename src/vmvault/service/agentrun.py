@@ -344,13 +344,8 @@ def run_package(
         plan = _described(plan, str(vm.get("kind") or ""), books)
         with opened_vault_at(settings, vault_row) as vault:
             manifest = run_backup_into(vault, plan, job_id, run, books, _budget(package), str(settings.home))
-    except Cancelled as exc:
-        return _report_end(client, run, Status.CANCELLED, exc)
-    except VmvaultError as exc:
-        return _report_end(client, run, Status.FAILED, exc)
     except Exception as exc:
-        log.debug("job %s failed unexpectedly", job_id, exc_info=True)
-        return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
+        return _report_failure(client, run, exc)
     end_tasks(run.details, Status.COMPLETED)
     _finish(client, job_id, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
                              "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
@@ -372,13 +367,8 @@ def run_restore_package(
         # Partial files are not recorded on the server (its reaper would look for them on its own host).
         with opened_vault_at(settings, plan.vault) as vault:
             written = restore_into(vault, plan, run, recheck, lambda _d: partial_tag(job_id))
-    except Cancelled as exc:
-        return _report_end(client, run, Status.CANCELLED, exc)
-    except VmvaultError as exc:
-        return _report_end(client, run, Status.FAILED, exc)
     except Exception as exc:
-        log.debug("job %s failed unexpectedly", job_id, exc_info=True)
-        return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
+        return _report_failure(client, run, exc)
     _finish(client, job_id, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
                              "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s into %s", job_id, package["vm"]["name"], plan.target_dir)
@@ -447,6 +437,15 @@ def _described(plan: Any, kind: str, books: RemoteBooks) -> Any:
     disks = [{**d, "name": str(d["name"]), "path": str(d.get("path") or "")} for d in disks]
     _check_disks(plan.vm_name, disks)
     return replace(plan, disks=disks, definition=definition)
+
+
+def _report_failure(client: AgentClient, run: AgentRun, exc: Exception) -> str:
+    """How a job's work ended without success, reported once: Cancelled, or Failed with its error."""
+    if isinstance(exc, Cancelled):
+        return _report_end(client, run, Status.CANCELLED, exc)
+    if not isinstance(exc, VmvaultError):
+        log.debug("job %s failed unexpectedly", run.job_id, exc_info=True)
+    return _report_end(client, run, Status.FAILED, as_vmvault_error(exc))
 
 
 def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:
