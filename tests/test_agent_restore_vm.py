@@ -79,6 +79,8 @@ def test_restore_vm_of_a_hosts_vm_runs_on_its_agent_and_registers_the_copy_there
     assert "belongs to host 'h1'" in r.output and "without --instant" in r.output
     r = admin.fails("restore", "vm", "q1", "--rp", rp, "--name", "q1")
     assert "q1" in r.output and "already" in r.output
+    r = admin.fails("restore", "replace-disks", "q1", "--rp", rp)  # its disks are files of h1, not of here
+    assert "belongs to host 'h1'" in r.output and f"restore disks q1 --rp {rp}" in r.output
     jobs_before = len(admin.ok("job", "list").json())
 
     # Outside the agent's restore roots: the job fails on h1, naming the path and the fix; nothing written.

@@ -411,11 +411,27 @@ def replace_disks(
     return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
 
 
+def _refuse_elsewhere(ctx: Context, vm_name: str, rp_id: str) -> None:
+    """Its disks are files of another host: never written from here (they may name files of this machine)."""
+    from vmvault.service.hostvms import host_elsewhere
+
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}': replacing its disks rewrites files of that host, which "
+            "agents do not do",
+            hint=f"restore its disks there (vmvault restore disks {vm_name} --rp {rp_id} --target-dir DIR, run by "
+            f"the agent of host '{host}') and swap them while the VM is stopped, or restore it as a new VM "
+            "(vmvault restore vm)",
+        )
+
+
 def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
     from vmvault.connectors.registry import images
     from vmvault.service.vms import recorded_format
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
+    _refuse_elsewhere(ctx, vm.name, rp_id)
     _refuse_running(vm)
     current = {str(d["name"]): _replaceable(ctx, vm.name, Path(str(d["path"]))) for d in vm.disks or []}
     chosen: list[tuple[str, Path, str]] = []
