@@ -992,6 +992,12 @@ def restore_vm(
                 on_progress=show, cancel=cancel,
             )
         )
+        if not instant and outcome.job["status"] == "InProgress":  # a VM of another host: its agent restores
+            from vmvault.service.restore_vm import follow_new_vm
+
+            output.info(f"queued to its host's agent as job {outcome.job['id']}")
+            queued = str(outcome.job["id"])
+            outcome = run_cancellable(lambda cancel: follow_new_vm(ctx, queued, on_progress=show, cancel=cancel))
     result = outcome.result or {}
     defined = result.get("launchScript") or result.get("definitionFile")  # plain QEMU: its script; libvirt: its XML
     notes = [f"restored VM {result.get('name')}: {defined}"] if result.get("name") else []

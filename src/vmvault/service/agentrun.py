@@ -360,6 +360,8 @@ def run_restore_package(
     restore (restores.restore_into); the files are written here, in this host's allowed restore roots."""
     from vmvault.service.restores import restore_into
 
+    if package["restore"].get("mode") == "vm":
+        return run_new_vm_package(settings, client, package, cancel, paths)
     job_id = str(package["jobId"])
     run = AgentRun(client, job_id, cancel, package.get("details"))
     try:
@@ -375,12 +377,40 @@ def run_restore_package(
     return Status.COMPLETED
 
 
-def _restore_plan(package: JsonDict, paths: PathPolicy | None) -> tuple[Any, Any]:
-    """The restore's plan on this host, its target checked against this host's restore roots (before
-    anything is written), and the recheck just before writing."""
+def run_new_vm_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None
+) -> str:
+    """Run one claimed restore as a new VM of this host with the same code as a server's
+    (restore_vm.build_new_vm): disks in this host's allowed restore roots, the copy defined on this
+    host's hypervisor; the server registers it (as a VM of this host) when it reads the report."""
+    from vmvault.service.restore_vm import build_new_vm, plan_on_host, start_if_asked
+
+    job_id = str(package["jobId"])
+    run = AgentRun(client, job_id, cancel, package.get("details"))
+    try:
+        target, recheck = _restore_target(package, paths)
+        plan = plan_on_host(package, target)
+        with opened_vault_at(settings, plan.vault) as vault:
+            view, new_vm = build_new_vm(vault, plan, run, recheck, lambda _d: partial_tag(job_id),
+                                        lambda vm: {**vm.view, "started": False})  # fmt: skip
+        view = start_if_asked(plan, new_vm, view)
+    except Exception as exc:
+        return _report_failure(client, run, exc)
+    report = {"kind": new_vm.kind, "disks": new_vm.disks, "definition": new_vm.definition, "files": new_vm.files,
+              "view": new_vm.view, "started": bool(view.get("started"))}  # fmt: skip
+    written = [str(p) for p in plan.disk_files] + list(new_vm.files)
+    _finish(client, job_id, {"status": Status.COMPLETED, "newVm": report, "files": written, "progress": run.last,
+                             "details": _sendable(run.details)})  # fmt: skip
+    log.info("job %s: restored %s as new VM %s in %s", job_id, plan.vm_name, plan.new_name, plan.target_dir)
+    return Status.COMPLETED
+
+
+def _restore_target(package: JsonDict, paths: PathPolicy | None) -> tuple[Path, Any]:
+    """The restore's target on this host, checked against this host's restore roots and the disks of
+    its VMs (before anything is written), and the recheck just before writing."""
     from vmvault.errors import PathNotAllowed
     from vmvault.service.paths import Rule, disk_owners, recheck_dir_in
-    from vmvault.service.restores import RestorePlan, check_target_on_host
+    from vmvault.service.restores import check_target_on_host
 
     asked, vm_name = package["restore"], str(package["vm"]["name"])
     target = Path(str(asked["targetDir"]))
@@ -395,15 +425,22 @@ def _restore_plan(package: JsonDict, paths: PathPolicy | None) -> tuple[Any, Any
             ) from None
     owners = disk_owners((str(d.get("vm")), [str(p) for p in d.get("paths") or []])
                          for d in package.get("hostDisks") or [])  # fmt: skip
-    force = bool(asked.get("force"))
-    check_target_on_host(target, [str(f) for f in asked.get("files") or []], force, owners)
-    disks = asked.get("disks")
-    fmt = asked.get("format")
+    check_target_on_host(target, [str(f) for f in asked.get("files") or []], bool(asked.get("force")), owners)
+    return target, lambda d: recheck_dir_in(paths, Rule.RESTORES, d)
+
+
+def _restore_plan(package: JsonDict, paths: PathPolicy | None) -> tuple[Any, Any]:
+    """The restore's plan on this host, its target checked (_restore_target), and the recheck."""
+    from vmvault.service.restores import RestorePlan
+
+    target, recheck = _restore_target(package, paths)
+    asked, vm_name = package["restore"], str(package["vm"]["name"])
+    disks, fmt = asked.get("disks"), asked.get("format")
     info = package["vault"]
     row = VaultRow(name=str(info["name"]), uuid=str(info["uuid"]), storage_dir=str(info["storage"]))
-    plan = RestorePlan(vm_name, str(asked["recoveryPoint"]), row, target, str(fmt) if fmt else None, force,
-                       [str(d) for d in disks] if disks else None)  # fmt: skip
-    return plan, lambda d: recheck_dir_in(paths, Rule.RESTORES, d)
+    plan = RestorePlan(vm_name, str(asked["recoveryPoint"]), row, target, str(fmt) if fmt else None,
+                       bool(asked.get("force")), [str(d) for d in disks] if disks else None)  # fmt: skip
+    return plan, recheck
 
 
 def _check_paths(paths: PathPolicy, plan: Any) -> None:

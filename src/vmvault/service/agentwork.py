@@ -16,6 +16,7 @@ ends the jobs of its previous run the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -172,12 +173,15 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
     check = f"check vmvault agent run on host {host} (vmvault host show {host})"
     if row.operation == Operation.RESTORE:
         record = (row.details or {}).get("restore") or {}
+        again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
+                 f"--target-dir {record.get('targetDir')}" if record.get("mode") == "vm" else
+                 f"vmvault restore disks {row.vm} --rp {record.get('recoveryPoint')} --target-dir "
+                 f"{record.get('targetDir')} --force")  # fmt: skip
         return {
             "code": "agent_lost",
             "message": f"{why}; the restore did not finish (its partial files in {record.get('targetDir')} on "
             f"host {host} are not usable)",
-            "recommendedAction": f"{check}, then run the restore again: vmvault restore disks {row.vm} --rp "
-            f"{record.get('recoveryPoint')} --target-dir {record.get('targetDir')} --force",
+            "recommendedAction": f"{check}, then run the restore again: {again}",
         }
     return {
         "code": "agent_lost",
@@ -319,14 +323,15 @@ def _restore_package(ctx: Context, job: JobRow, host: str) -> JsonDict:
     from vmvault.service.restores import _point_files
 
     record = dict((job.details or {}).get("restore") or {})
+    if record.get("mode") == "vm":
+        return _new_vm_package(ctx, job, host, record)
     vm_name, fmt = job.vm or "", record.get("format")
     disks = record.get("disks")
     vault, files = _point_files(ctx, vm_name, str(record.get("recoveryPoint") or ""), fmt, disks)
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
-        owned = [{"vm": r.name, "paths": [str(d.get("path") or "") for d in r.disks or []]}
-                 for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]  # fmt: skip
         vm_package = {"id": vm.id, "name": vm.name, "kind": vm.kind}
+    owned = _host_disks(ctx, host)
     return {
         "jobId": job.id,
         "operation": Operation.RESTORE,
@@ -337,6 +342,35 @@ def _restore_package(ctx: Context, job: JobRow, host: str) -> JsonDict:
                     "format": fmt, "force": bool(record.get("overwrite")), "disks": disks, "files": files},
         "hostDisks": owned,
     }  # fmt: skip
+
+
+def _new_vm_package(ctx: Context, job: JobRow, host: str, record: JsonDict) -> JsonDict:
+    """What the agent needs to restore the point as a new VM of its host: the source VM's kind and
+    definition, the point, the new name, the target and the disk files to write. No secret."""
+    from vmvault.service.restore_vm import checked_request
+
+    vm_name, fmt = job.vm or "", record.get("format")
+    vm, point, vault = checked_request(ctx, vm_name, str(record.get("recoveryPoint") or ""),
+                                       str(record.get("newVm") or ""), fmt)  # fmt: skip
+    files = [f"{d['name']}.{fmt or d.get('sourceFormat') or 'raw'}" for d in point.disks]
+    needed = sum(int(d.get("storedBytes") or d.get("size") or 0) for d in point.disks)
+    return {
+        "jobId": job.id,
+        "operation": Operation.RESTORE,
+        "details": job.details or {},
+        "vm": {"id": vm.id, "name": vm.name, "kind": vm.kind, "definition": dict(vm.definition or {})},
+        "vault": {"name": vault.name, "uuid": vault.uuid, "storage": vault.storage_dir},
+        "restore": {"mode": "vm", "recoveryPoint": point.id, "newVm": record.get("newVm"),
+                    "targetDir": record.get("targetDir"), "format": fmt, "start": bool(record.get("start")),
+                    "files": files, "bytes": needed},
+        "hostDisks": _host_disks(ctx, host),
+    }  # fmt: skip
+
+
+def _host_disks(ctx: Context, host: str) -> list[JsonDict]:
+    with ctx.catalog.read() as s:
+        return [{"vm": r.name, "paths": [str(d.get("path") or "") for d in r.disks or []]}
+                for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]  # fmt: skip
 
 
 def _vm_package(ctx: Context, plan: Any) -> JsonDict:
@@ -442,6 +476,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     details = body.get("details") if isinstance(body.get("details"), dict) else None
     progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
     if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
+        if body.get("newVm") is not None:
+            return _finish_new_vm(ctx, host, job_id, body, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
     if status == Status.COMPLETED:
         return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
@@ -487,6 +523,65 @@ def _finish_restore(ctx: Context, host: str, job_id: str, files: object, progres
         _notify_enqueue(s, job_id)
     _notify_deliver(ctx, job_id)
     return show_job(ctx, job_id)
+
+
+MAX_DEFINITION_BYTES = 256 << 10
+
+
+def _finish_new_vm(ctx: Context, host: str, job_id: str, body: JsonDict, progress_values: JsonDict | None) -> JsonDict:
+    """A restore as a new VM the agent completed: the copy it defined on its host, checked and
+    registered here as a VM of that host; a copy this catalog cannot take (its name taken
+    meanwhile) fails the job naming the files left on the host."""
+    from vmvault.service.jobs import add_restore_record, end_job
+    from vmvault.service.restore_vm import NEW_VM_RESULT, register_new_vm
+
+    with ctx.catalog.read() as s:
+        job = _own_job(s, host, job_id)
+        record = dict((job.details or {}).get("restore") or {})
+        source = repos.get_vm(s, job.vm or "")
+        kind = source.kind
+    report = body.get("newVm")
+    new_vm = _checked_new_vm(report, record, kind, job_id)
+    try:
+        row = register_new_vm(ctx, str(record.get("newVm")), new_vm, host=host)
+    except VmvaultError as exc:
+        left = ", ".join(new_vm.files + [str(d.get("path")) for d in new_vm.disks])
+        end_job(ctx, job_id, Status.FAILED, InvalidInput(
+            f"{exc.message}; the copy the agent made stays on host '{host}': {left}",
+            hint=f"remove those files (and the domain, for libvirt) on host '{host}', then restore again"))  # fmt: skip
+        return show_job(ctx, job_id)
+    view = {**new_vm.view, "name": row.name, "id": row.id, "started": bool((report or {}).get("started"))}
+    add_restore_record(ctx, job_id, {k: view[k] for k in NEW_VM_RESULT if k in view})
+    return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
+
+
+def _checked_new_vm(report: object, record: JsonDict, kind: str, job_id: str) -> Any:
+    """The agent's account of the copy it made: its kind is the source's, every file in the target."""
+    from pathlib import PurePosixPath
+
+    from vmvault.connectors.contract import NewVm
+
+    target = PurePosixPath(str(record.get("targetDir") or "/nonexistent"))
+    raw = report if isinstance(report, dict) else {}
+    disks = raw.get("disks") if isinstance(raw.get("disks"), list) else None
+    files = raw.get("files") if isinstance(raw.get("files"), list) else None
+    definition, view = raw.get("definition"), raw.get("view")
+
+    def inside(p: object) -> bool:
+        return isinstance(p, str) and len(p) < 4096 and PurePosixPath(p).parent == target and ".." not in p
+
+    fine = (
+        raw.get("kind") == kind and disks is not None and files is not None
+        and isinstance(definition, dict) and isinstance(view, dict)
+        and len(disks) <= MAX_FILES and len(files) <= MAX_FILES
+        and all(isinstance(d, dict) and inside(d.get("path")) for d in disks) and all(inside(f) for f in files)
+        and len(json.dumps(definition)) + len(json.dumps(view)) < MAX_DEFINITION_BYTES
+    )  # fmt: skip
+    if not fine:
+        raise InvalidInput(f"the agent reported a new VM that is not a {kind} VM in {target} for restore job {job_id}",
+                           hint="upgrade the agent")  # fmt: skip
+    assert disks is not None and files is not None and isinstance(definition, dict) and isinstance(view, dict)
+    return NewVm(kind, disks, definition, [str(f) for f in files], view, {})
 
 
 def _error_of(value: object, status: str) -> JsonDict:

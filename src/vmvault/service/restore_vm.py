@@ -110,6 +110,11 @@ def restore_vm(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:
     """Restore a point as a new VM of the source VM's kind (defined, registered; started with start)."""
+    from vmvault.service.hostvms import host_elsewhere
+
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:  # a VM of another host (vm add --host): its agent makes the copy there
+        return queue_new_vm_on_host(ctx, vm_name, rp_id, new_name, host, target_dir, fmt, start, instant)
     if target_dir is not None:  # API/portal callers: inside the allowed restore roots, resolved (service/paths.py)
         target_dir = allowed(ctx, Rule.RESTORES, target_dir)
     if instant:  # runs at once on the vault's export, copied in the background (service/instant_restore.py)
@@ -123,6 +128,82 @@ def restore_vm(
         return _run_vm_restore(ctx, plan, run)
 
     return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
+
+
+# ---- a VM of another host: its agent restores it as a new VM there (service/agentrun.py) -----------
+
+
+def queue_new_vm_on_host(
+    ctx: Context, vm_name: str, rp_id: str, new_name: str, host: str, target_dir: str | Path | None,
+    fmt: str | None, start: bool, instant: bool,
+) -> JobOutcome[JsonDict]:  # fmt: skip
+    """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_new_vm).
+
+    target_dir is a path on that host (default /var/lib/vmvault/restores/vms/NEW), checked there
+    against its agent's --allow-restores roots; the copy is a VM of that host."""
+    from vmvault.service.hostvms import host_path
+    from vmvault.service.jobs import show_job
+    from vmvault.service.vaultio import reading_from_secondary
+
+    if instant:
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}': an instant restore runs a VM on the vault's export, "
+            "which only a server serves today",
+            hint=f"restore it without --instant: the agent of host '{host}' restores it as a new VM there",
+        )
+    if reading_from_secondary():
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
+            hint="restore it without --from-secondary",
+        )
+    _vm, _point_row, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
+    raw = str(target_dir) if target_dir is not None else f"{DEFAULT_RESTORES[0]}/vms/{new_name}"
+    target = host_path(vm_name, raw, what="target directory")
+    record = {"mode": "vm", "recoveryPoint": rp_id, "newVm": new_name, "targetDir": target, "format": fmt,
+              "start": start, "instant": False, "host": host}  # fmt: skip
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=vault.name, queued=True, details={"restore": record})
+    return JobOutcome(job=show_job(ctx, job.id))
+
+
+NEW_VM_RESULT = ("name", "id", "disks", "definitionFile", "launchScript", "started", "uuid")
+
+
+def follow_new_vm(
+    ctx: Context, job_id: str, *, on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+) -> JobOutcome[JsonDict]:
+    """Wait for a restore as a new VM its VM's host's agent runs, to its end; result: the new VM."""
+    from vmvault.service.jobs import describe_job, wait_for_job
+
+    job = wait_for_job(ctx, job_id, on_progress=on_progress, cancel=cancel)
+    record = describe_job(ctx, job_id)["extendedInfo"].get("restore") or {}
+    return JobOutcome(job=job, result={k: record[k] for k in NEW_VM_RESULT if k in record} or None)
+
+
+def plan_on_host(package: JsonDict, target: Path) -> VmRestorePlan:
+    """On the agent: the plan of a claimed restore as a new VM, refused as plan_new_vm refuses
+    (the connector's own refusals, files in the way, space), before anything is written."""
+    from vmvault.connectors.registry import connector_for
+
+    asked, vm = package["restore"], package["vm"]
+    fmt = str(asked["format"]) if asked.get("format") else None
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidInput(f"the server asked for disk format {fmt!r}", hint="upgrade the server and the agent")
+    new_name = str(asked["newVm"])
+    check_name("VM", new_name)
+    info = package["vault"]
+    vault = VaultRow(name=str(info["name"]), uuid=str(info["uuid"]), storage_dir=str(info["storage"]))
+    disk_files = [target / str(f) for f in asked.get("files") or []]
+    plan = VmRestorePlan(str(vm["name"]), str(asked["recoveryPoint"]), new_name, vault, target, fmt,
+                         bool(asked.get("start")), disk_files, str(vm["kind"]),
+                         dict(vm.get("definition") or {}))  # fmt: skip
+    connector = connector_for(plan.kind)
+    connector.refuse_new_vm(plan.request())
+    in_the_way = connector.in_the_way(plan.request())
+    if in_the_way:
+        raise InvalidInput(f"files are in the way of the restored VM '{new_name}': {', '.join(in_the_way)}",
+                           hint="remove them, or choose another --target-dir")  # fmt: skip
+    _check_space(target, int(asked.get("bytes") or 0))
+    return plan
 
 
 def _point(ctx: Context, vm_name: str, rp_id: str) -> tuple[VmRow, Any, VaultRow]:
@@ -190,7 +271,26 @@ def _check_space(target_dir: Path, needed: int) -> None:
 
 
 def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
-    """The point's disks, then the copy defined by the connector and registered; a failure undoes it all."""
+    """The point's disks, then the copy defined by the connector and registered in this catalog."""
+    from vmvault.service.restores import record_partial_files
+    from vmvault.service.vaultio import opened_vault
+
+    def register(new_vm: Any) -> JsonDict:
+        row = register_new_vm(ctx, plan.new_name, new_vm)
+        return {"name": row.name, "id": row.id, **new_vm.view, "started": False}
+
+    with opened_vault(ctx, plan.vault) as vault:
+        view, new_vm = build_new_vm(vault, plan, run, lambda d: recheck_dir(ctx, Rule.RESTORES, d),
+                                    lambda d: record_partial_files(ctx, run, d), register)  # fmt: skip
+    return start_if_asked(plan, new_vm, view)
+
+
+def build_new_vm(
+    vault: Any, plan: VmRestorePlan, run: Any, recheck: Any, mark_partial: Any, register: Any
+) -> tuple[JsonDict, Any]:
+    """The point's disks, then the copy the connector defines, then register(new_vm) (this catalog;
+    on an agent, the server records it at the job's end); a failure undoes it all. The one code of a
+    server, a CLI and an agent (service/agentrun.py)."""
     from vmvault.connectors.registry import connector_for
 
     connector = connector_for(plan.kind)
@@ -202,20 +302,18 @@ def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
         plan.target_dir.mkdir(parents=True, exist_ok=True)
         if made_dir:  # the VM's hypervisor must reach the disks it is handed (libvirt's QEMU user)
             connector.share_with_vm(str(plan.target_dir), 0o710)
-        recheck_dir(ctx, Rule.RESTORES, plan.target_dir)
+        recheck(plan.target_dir)
 
         def check(m: Any) -> None:  # before any disk is written
             connector.check_point(request, dict(m.vm_definition or {}))
 
-        manifest, paths = _restore_point_disks(
-            ctx, plan.vault, plan.rp_id, plan.target_dir, plan.fmt, None, run, check=check
-        )
+        manifest, paths = point_disks_into(vault, plan.rp_id, plan.target_dir, plan.fmt, None, run, check,
+                                           mark_partial)  # fmt: skip
         created += paths
         in_point = [d.name for d in manifest.disks]
         new_vm = connector.create_new_vm(request, dict(manifest.vm_definition), in_point, _written(manifest, paths))
         created += [Path(f) for f in new_vm.files]
-        row = register_new_vm(ctx, plan.new_name, new_vm)
-        view: JsonDict = {"name": row.name, "id": row.id, **new_vm.view, "started": False}
+        view: JsonDict = register(new_vm)
     except BaseException:
         if new_vm is not None:
             connector.remove_new_vm(new_vm)
@@ -225,8 +323,14 @@ def _run_vm_restore(ctx: Context, plan: VmRestorePlan, run: JobRun) -> JsonDict:
             with contextlib.suppress(OSError):
                 plan.target_dir.rmdir()
         raise
+    return view, new_vm
+
+
+def start_if_asked(plan: VmRestorePlan, new_vm: Any, view: JsonDict) -> JsonDict:
+    from vmvault.connectors.registry import connector_for
+
     if plan.start:
-        connector.start_new_vm(new_vm)
+        connector_for(plan.kind).start_new_vm(new_vm)
         view["started"] = True
     return view
 
@@ -235,29 +339,41 @@ def _restore_point_disks(
     ctx: Context, vault_row: VaultRow, rp_id: str, target: Path, fmt: str | None, disks: list[str] | None,
     run: JobRun, check: Any = None,
 ) -> tuple[Any, list[Path]]:  # fmt: skip
-    from vmvault.engine.restore import run_restore
     from vmvault.service.restores import record_partial_files
     from vmvault.service.vaultio import opened_vault
+
+    with opened_vault(ctx, vault_row) as vault:
+        return point_disks_into(vault, rp_id, target, fmt, disks, run, check,
+                                lambda d: record_partial_files(ctx, run, d))  # fmt: skip
+
+
+def point_disks_into(
+    vault: Any, rp_id: str, target: Path, fmt: str | None, disks: list[str] | None, run: Any, check: Any,
+    mark_partial: Any,
+) -> tuple[Any, list[Path]]:  # fmt: skip
+    """The point's disks (or some) written into target, under the vault's shared lock and a pin."""
+    from vmvault.engine.restore import run_restore
     from vmvault.vault.lock import pinned, shared
 
-    with opened_vault(ctx, vault_row) as vault, shared(vault, cancel=run.cancel):
+    with shared(vault, cancel=run.cancel):
         vault.sync_index()
         manifest: Any = vault.read_manifest(rp_id)
         if check is not None:
             check(manifest)
-        tag = record_partial_files(ctx, run, target)  # a killed restore's partial files are found again
+        tag = mark_partial(target)  # a killed restore's partial files are found again
         with pinned(vault, manifest, f"restore job {run.job_id}", RESTORE_PIN_TTL_S, required=False):
             paths = run_restore(vault, manifest, target, fmt=fmt, disks=disks, on_progress=run.progress,
                                 cancel=run.cancel, partial_tag=tag, convert=convert_image)  # fmt: skip
     return manifest, [Path(p) for p in paths]
 
 
-def register_new_vm(ctx: Context, name: str, vm: Any) -> VmRow:
-    """The copy a connector defined, in the catalog (its kind, disk records and definition)."""
+def register_new_vm(ctx: Context, name: str, vm: Any, host: str | None = None) -> VmRow:
+    """The copy a connector defined, in the catalog (its kind, disk records and definition; host: a
+    copy an agent made on its host)."""
     from vmvault.service.vms import _refuse_taken_in
 
     row = VmRow(id=str(uuid.uuid4()), name=name, kind=vm.kind, disks=vm.disks, definition=vm.definition,
-                created=now_iso())  # fmt: skip
+                created=now_iso(), host=host)  # fmt: skip
     with ctx.catalog.write() as s:
         _refuse_taken_in(s, name)
         repos.add_vm(s, row)
@@ -295,11 +411,27 @@ def replace_disks(
     return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
 
 
+def _refuse_elsewhere(ctx: Context, vm_name: str, rp_id: str) -> None:
+    """Its disks are files of another host: never written from here (they may name files of this machine)."""
+    from vmvault.service.hostvms import host_elsewhere
+
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}': replacing its disks rewrites files of that host, which "
+            "agents do not do",
+            hint=f"restore its disks there (vmvault restore disks {vm_name} --rp {rp_id} --target-dir DIR, run by "
+            f"the agent of host '{host}') and swap them while the VM is stopped, or restore it as a new VM "
+            "(vmvault restore vm)",
+        )
+
+
 def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
     from vmvault.connectors.registry import images
     from vmvault.service.vms import recorded_format
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
+    _refuse_elsewhere(ctx, vm.name, rp_id)
     _refuse_running(vm)
     current = {str(d["name"]): _replaceable(ctx, vm.name, Path(str(d["path"]))) for d in vm.disks or []}
     chosen: list[tuple[str, Path, str]] = []

@@ -56,6 +56,10 @@ class Finish(Body):
     status: str = Field(max_length=32, description="Completed, Failed or Cancelled")
     recovery_point: str | None = Field(default=None, max_length=64)
     files: list[str] | None = Field(default=None, max_length=1024, description="A Restore: the files written")
+    new_vm: dict[str, Any] | None = Field(
+        default=None, description="A restore as a new VM: the copy defined on the host (kind, disks, definition, "
+        "files, view, started)"
+    )
     error: dict[str, Any] | None = None
     warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
     progress: dict[str, Any] | None = None
