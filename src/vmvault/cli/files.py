@@ -18,7 +18,7 @@ files_app = typer.Typer(
 )
 app.add_typer(files_app, name="files")
 
-SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "mountpoint", "expires", "paths")
+SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "host", "mountpoint", "expires", "paths")
 RpOption = Annotated[
     str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")
 ]
@@ -54,7 +54,7 @@ def files_mount(
         outcome, session = _remote_mount(name, rp, duration)
     else:
         with service_context() as ctx:
-            outcome = files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration)
+            outcome = _followed(ctx, files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration))
         session = outcome.result
     if session is None:
         _end_job(outcome)
@@ -63,6 +63,18 @@ def files_mount(
         output.print_json(session)
     else:
         _print_session(session)
+
+
+def _followed(ctx: Any, outcome: Any) -> Any:
+    """A VM of another host: the job was queued for its agent; follow it to its end here."""
+    from vmvault.cli.progress import run_cancellable
+    from vmvault.service import hostfiles
+
+    if outcome.job["status"] != "InProgress" or outcome.result is not None:
+        return outcome
+    queued = str(outcome.job["id"])
+    output.info(f"queued to the agent of host {hostfiles.job_host(ctx, queued)} as job {queued}")
+    return run_cancellable(lambda cancel: hostfiles.follow(ctx, queued, cancel))
 
 
 def _remote_mount(name: str, rp: str, duration: str | None) -> tuple[Any, dict[str, Any] | None]:
@@ -151,7 +163,7 @@ def files_unmount(
         outcome, ended = _remote_unmount(name, session)
     else:
         with service_context() as ctx:
-            outcome = files.unmount(ctx, name, session_id=session)
+            outcome = _followed(ctx, files.unmount(ctx, name, session_id=session))
         ended = outcome.result
     if outcome.failed or ended is None:
         _end_job(outcome)

@@ -109,6 +109,12 @@ def queue_unmount(ctx: Context, vm_name: str, host: str, session_id: str | None)
     return JobOutcome(job=show_job(ctx, job.id))
 
 
+def job_host(ctx: Context, job_id: str) -> str:
+    with ctx.catalog.read() as s:
+        details = repos.get_job(s, job_id).details or {}
+    return str(details.get("host") or (details.get("restore") or {}).get("host") or "?")
+
+
 def follow(ctx: Context, job_id: str, cancel: Any = None) -> JobOutcome[Any]:
     """Wait for a queued mount/unmount to end; result: the session (mount) or the ended sessions (unmount)."""
     from vmvault.service.files import session_view
