@@ -60,7 +60,7 @@ def checked_mountpoint(raw: object, paths: PathPolicy | None, vm_name: str) -> P
         return paths.check(Rule.RESTORES, text)  # resolved: a symlink out of the folder is refused
     except PathNotAllowed as exc:
         raise PathNotAllowed(
-            f"mount point {exc.message} on host of VM '{vm_name}'",
+            f"mount point {text}: {exc.message} on host of VM '{vm_name}'",
             hint="mount under one of this host's allowed folders, or allow its folder on this host: vmvault agent "
             "run --allow-restores DIR (or allow-restores in the agent's HOME/settings.toml)",
         ) from None
