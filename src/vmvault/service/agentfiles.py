@@ -134,11 +134,6 @@ def reports(ctx: Context) -> list[JsonDict]:
             if r.ended is None or (now - from_iso(r.ended)).total_seconds() < REPORT_ENDED_S]  # fmt: skip
 
 
-def live_reports(ctx: Context) -> list[JsonDict]:
-    with ctx.catalog.read() as s:
-        return [report(r) for r in repos.live_file_sessions(s)]
-
-
 def reconcile(ctx: Context) -> list[str]:
     """At the agent's start, before claiming: end the sessions whose owner died (umount, loop
     detach, FUSE unmount, as `files` does on a server) and clear orphaned run directories."""

@@ -261,12 +261,13 @@ class Agent:
         self._stop.stop(reason)
 
     def _registration(self) -> JsonDict:
-        from vmvault.service.agentfiles import live_reports
+        from vmvault.service.agentfiles import reports
         from vmvault.service.hosts import version
 
+        # Its file-recovery sessions after reconciling (live, and those just ended): the complete list.
         return {"version": version(), "apiVersion": API_VERSION, "bootId": boot_id(), "pid": os.getpid(),
                 "hypervisors": hypervisors_found(),
-                "fileSessions": live_reports(self.local) if self.local else None}  # fmt: skip
+                "fileSessions": reports(self.local) if self.local else None}  # fmt: skip
 
     def _claim_loop(self) -> None:
         while not self._stop.is_set():

@@ -207,7 +207,8 @@ def _record_unmount(s: Session, host: str, job: JobRow, sessions: list[JsonDict]
 
 
 def sync(ctx: Context, host: str, reports: object, *, complete: bool = False) -> list[str]:
-    """The agent's word on its sessions (heartbeat; complete=True at registration: every live one).
+    """The agent's word on its sessions (heartbeat; complete=True at registration: every live one,
+    and those its start-up reconcile just ended).
 
     Updates the rows of this host it names; with complete, a live row it does not name ended
     (AgentRestarted). Returns the sessions the agent still serves that ended here (it stops them)."""

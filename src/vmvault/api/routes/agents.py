@@ -28,7 +28,7 @@ class Register(Body):
     pid: int = Field(default=0, ge=0)
     hypervisors: dict[str, Any] = Field(default_factory=dict, description="libvirtUri, qmpSockets, libvirtDomains")
     file_sessions: list[dict[str, Any]] | None = Field(
-        default=None, max_length=1000, description="Its live file-recovery sessions after its start-up reconcile"
+        default=None, max_length=1000, description="Its file-recovery sessions after its start-up reconcile"
     )
 
 
