@@ -138,9 +138,9 @@ def _agent(cli: Cli, server: str, allowed: Path) -> subprocess.Popen[str]:
                      json_output=False)  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -151,6 +151,24 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
+def _owner_pid(agent_home: Path, session_id: str) -> int:
+    """The session owner's pid, from the agent's own home catalog (the server never sees it)."""
+    from vmvault.recovery.session import get_row
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    with context(Settings(home=agent_home)) as ctx:
+        row = get_row(ctx, session_id)
+        assert row is not None and row.owner_pid > 0
+        return row.owner_pid
+
+
+def _state(admin: Cli, session_id: str) -> tuple[str, str | None]:
+    found = [s for s in admin.ok("files", "list", "f1", "--all").json() if s["id"] == session_id]
+    return (found[0]["state"], found[0]["endReason"]) if found else ("", None)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp_path: Path) -> None:
     from vmvault.catalog.models import VmRow
@@ -179,7 +197,8 @@ def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp
         agent_home = tmp_path / "agent-h1"
         assert Cli(home=agent_home).vault_import(tmp_path / "v1").ok  # this host's key opens the vault
         allowed = tmp_path / "mnt-ok"
-        agent = _agent(Cli(home=agent_home, passphrase=None, extra_env={"VMVAULT_TOKEN": token}), server, allowed)
+        agent_cli = Cli(home=agent_home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+        agent = _agent(agent_cli, server, allowed)
         wait_for(lambda: admin.run("host", "show", "h1").ok, 60, "agent h1 to register", interval=0.3)
 
         # A mount point outside the agent's allowed folders: refused on h1, nothing mounted there.
@@ -213,6 +232,18 @@ def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp
         ended = admin.ok("files", "unmount", "f1").json()
         assert [(s["id"], s["state"], s["endReason"]) for s in ended] == [(session["id"], "Ended", "Unmounted")]
         assert mounts_under(where) == [] and not ext4.exists()
+        wait_until_clean(agent_home, {**session, "export": {"unixSocket": None, "tlsAddress": None}})
+
+        # A crash on h1: the agent and the session's owner are killed, the mounts stay behind. The
+        # restarted agent reconciles them before claiming anything, and the server learns it.
+        session = admin.ok("files", "mount", "f1", "--rp", rp, "--mountpoint", str(where)).json()
+        _stop(agent, signal.SIGKILL)
+        os.kill(_owner_pid(agent_home, session["id"]), signal.SIGKILL)
+        assert mounts_under(where), "the crash left no mounts: nothing to reconcile"
+        agent = _agent(agent_cli, server, allowed)
+        wait_for(lambda: _state(admin, session["id"]) == ("Ended", "OwnerDied"), 60, "the leftovers reconciled",
+                 interval=0.3)  # fmt: skip
+        assert mounts_under(where) == []
         wait_until_clean(agent_home, {**session, "export": {"unixSocket": None, "tlsAddress": None}})
     finally:
         if agent is not None:
