@@ -97,6 +97,17 @@ def test_a_mount_of_another_hosts_vm_is_its_agents_and_its_reports_are_checked(t
         [shown] = files.list_sessions(ctx, "m1", include_ended=True)
         assert shown["state"] == "Ended" and shown["endReason"] == "Unmounted"
 
+        # The agent's heartbeat reports a session its owner ended at expiry (on h2, on its own).
+        job = files.mount_point(ctx, "m1", rp).job
+        assert agentwork.claim(ctx, "h2", 4242) is not None
+        agentwork.finish(ctx, "h2", job["id"], {"status": "Completed",
+                                                "sessions": [_session_report("fedcba987654", rp, "/h2home/m")]})
+        expired = _session_report("fedcba987654", rp, "/h2home/m", state="Ended", endReason="Expired",
+                                  ended="2026-01-01T00:00:00.000000Z")  # fmt: skip
+        assert agentwork.heartbeat(ctx, "h2", [], [expired]) == {"cancel": [], "endSessions": []}
+        shown = files.list_sessions(ctx, "m1", include_ended=True)[0]
+        assert (shown["id"], shown["state"], shown["endReason"]) == ("fedcba987654", "Ended", "Expired")
+
         # A lost agent's sessions end agent_lost; a live one it still reports is then ended by it.
         job = files.mount_point(ctx, "m1", rp).job
         assert agentwork.claim(ctx, "h2", 4242)["files"]["mountpoint"] is None  # type: ignore[index]
