@@ -142,7 +142,10 @@ def heartbeat(ctx: Context, host: str, running: list[str], sessions: object = No
         _end_orphans(ctx, host, orphans)
     answer: JsonDict = {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
     if sessions is not None:
-        answer["endSessions"] = hostfiles.sync(ctx, host, sessions)
+        try:
+            answer["endSessions"] = hostfiles.sync(ctx, host, sessions)
+        except VmvaultError as exc:  # a bad report never keeps cancels from reaching the agent
+            log.warning("agent of host %s: its file-recovery sessions not recorded: %s", host, exc)
     return answer
 
 
