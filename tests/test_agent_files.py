@@ -113,6 +113,9 @@ def test_a_mount_of_another_hosts_vm_is_its_agents_and_its_reports_are_checked(t
         assert agentwork.claim(ctx, "h2", 4242)["files"]["mountpoint"] is None  # type: ignore[index]
         agentwork.finish(ctx, "h2", job["id"], {"status": "Completed",
                                                 "sessions": [_session_report("0123456789ab", rp, "/h2home/m")]})
+        live = _session_report("0123456789ab", rp, "/h2home/m")
+        assert agentwork.heartbeat(ctx, "h2", [], [live]) == {"cancel": [], "endSessions": []}  # unchanged
+        assert files.list_sessions(ctx, "m1")[0]["state"] == "Active"
         with ctx.catalog.write() as s:
             host_row = s.get(HostRow, "h2")
             assert host_row is not None

@@ -213,23 +213,39 @@ def sync(ctx: Context, host: str, reports: object, *, complete: bool = False) ->
     Updates the rows of this host it names; with complete, a live row it does not name ended
     (AgentRestarted). Returns the sessions the agent still serves that ended here (it stops them)."""
     sessions = {r["id"]: r for r in _reports(reports)}
-    stop: list[str] = []
+    if not sessions and not complete:
+        return []
+    with ctx.catalog.read() as s:  # most heartbeats change nothing: no write transaction for them
+        stop, changed = _compare(s, host, sessions)
+        if not changed and not (complete and any(r.id not in sessions for r in _live_of(s, host))):
+            return stop
     with ctx.catalog.write() as s:
         for sid, report in sessions.items():
             row = repos.find_file_session(s, sid)
-            if row is None or host_of(row) != host:
-                continue  # a mount whose job end is not recorded yet: its finish records it
-            if row.state == "Ended":
-                if report["state"] != "Ended":
-                    stop.append(sid)
-                continue
-            _apply(s, row, report)
+            if row is not None and host_of(row) == host and row.state != "Ended":
+                _apply(s, row, report)
         if complete:
             why = f"the agent of host '{host}' restarted and no longer serves this session"
             for row in _live_of(s, host):
                 if row.id not in sessions:
                     _end(s, row, AGENT_RESTARTED, why)
     return stop
+
+
+def _compare(s: Session, host: str, sessions: dict[str, JsonDict]) -> tuple[list[str], bool]:
+    """(the reported sessions that ended here but not there, whether any row of this host changes)."""
+    stop, changed = [], False
+    for sid, report in sessions.items():
+        row = repos.find_file_session(s, sid)
+        if row is None or host_of(row) != host:
+            continue  # a mount whose job end is not recorded yet: its finish records it
+        if row.state == "Ended":
+            if report["state"] != "Ended":
+                stop.append(sid)
+            continue
+        values = _values(row, report)
+        changed = changed or any(getattr(row, k) != v for k, v in values.items() if k not in ("ended",))
+    return stop, changed
 
 
 def end_lost(s: Session, host: str, why: str) -> list[str]:
@@ -257,13 +273,18 @@ def _end(s: Session, row: FileRecoverySessionRow, reason: str, message: str) -> 
 
 
 def _apply(s: Session, row: FileRecoverySessionRow, report: JsonDict) -> None:
+    repos.update_file_session(s, row.id, **_values(row, report))
+
+
+def _values(row: FileRecoverySessionRow, report: JsonDict) -> dict[str, Any]:
+    """The row's columns as the report has them."""
     values: dict[str, Any] = {"state": report["state"], "expires": report["expires"] or row.expires,
                               "volumes": report["volumes"], "mountpoint": report["mountpoint"] or row.mountpoint}
     if report["state"] == "Ended":
         values.update(ended=report.get("ended") or now_iso(), end_reason=report.get("endReason") or "Unmounted")
     if report.get("volumes") is None:
         values.pop("volumes")
-    repos.update_file_session(s, row.id, **values)
+    return values
 
 
 def _reports(raw: object) -> list[JsonDict]:
