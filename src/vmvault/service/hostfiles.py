@@ -282,6 +282,8 @@ def _values(row: FileRecoverySessionRow, report: JsonDict) -> dict[str, Any]:
                               "volumes": report["volumes"], "mountpoint": report["mountpoint"] or row.mountpoint}
     if report["state"] == "Ended":
         values.update(ended=report.get("ended") or now_iso(), end_reason=report.get("endReason") or "Unmounted")
+    else:  # live (again: a point mounted anew after its agent was lost extends the session it still had)
+        values.update(ended=None, end_reason=None)
     if report.get("volumes") is None:
         values.pop("volumes")
     return values
