@@ -50,6 +50,9 @@ def test_a_mount_of_another_hosts_vm_is_its_agents_and_its_reports_are_checked(t
         vms.add_vm(ctx, "m1", [disk])
         protection.enable_protection(ctx, "m1", "v1")
         rp = backups.backup_now(ctx, "m1").result.rp_id  # backed up here, then the VM moves to h2
+        api = ctx.remote(build_policy(settings, restores=[str(tmp_path / "restores")]))
+        with pytest.raises(PathNotAllowed, match="/etc/m1"):  # an API caller's mount point: in the server's roots
+            files.mount_point(api, "m1", rp, mountpoint="/etc/m1")
         with ctx.catalog.write() as s:
             row = s.get(VmRow, vms.show_vm(ctx, "m1")["id"])
             assert row is not None
@@ -205,7 +208,7 @@ def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp
     serve = Serve(Cli(home=srv))
     agent: subprocess.Popen[str] | None = None
     try:
-        first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
+        owner = first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
         server = serve.announce.split("listening on ")[1].split()[0]
         token = admin.ok("token", "create", "--role", "BackupAgent", "--host", "h1").json()["token"]
         agent_home = tmp_path / "agent-h1"
@@ -239,8 +242,10 @@ def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp
         r = admin.fails("files", "browse", "f1")
         assert "mounted on host h1" in r.output
 
-        # Mounting again extends the session (on the agent too: its owner reads the new expiry).
-        again = admin.ok("files", "mount", "f1", "--rp", rp, "--duration", "2d").json()
+        # Mounting again (through the API this time) extends the session (on the agent too: its
+        # owner reads the new expiry there).
+        api = Cli(home=tmp_path / "operator", passphrase=None, extra_env={"VMVAULT_TOKEN": owner})
+        again = api.ok("--server", server, "files", "mount", "f1", "--rp", rp, "--duration", "2d").json()
         assert again["id"] == session["id"] and again["expires"] > session["expires"]
 
         ended = admin.ok("files", "unmount", "f1").json()

@@ -33,7 +33,9 @@ def files_mount(
     vm: VmArgument = None,
     vm_option: VmOption = None,
     mountpoint: Annotated[
-        Path | None, typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>).")
+        Path | None,
+        typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>); for a VM of "
+                     "another host, a directory there (inside its agent's --allow-restores folders)."),
     ] = None,
     duration: DurationOption = None,
     from_secondary: FromSecondaryOption = False,
@@ -50,8 +52,7 @@ def files_mount(
     remote.refuse_option("--from-secondary", from_secondary)
     _from_secondary(from_secondary)
     if remote.active():
-        remote.refuse_option("--mountpoint", mountpoint is not None)
-        outcome, session = _remote_mount(name, rp, duration)
+        outcome, session = _remote_mount(name, rp, duration, remote.server_path(mountpoint, "--mountpoint"))
     else:
         with service_context() as ctx:
             outcome = _followed(ctx, files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration))
@@ -77,11 +78,14 @@ def _followed(ctx: Any, outcome: Any) -> Any:
     return run_cancellable(lambda cancel: hostfiles.follow(ctx, queued, cancel))
 
 
-def _remote_mount(name: str, rp: str, duration: str | None) -> tuple[Any, dict[str, Any] | None]:
+def _remote_mount(
+    name: str, rp: str, duration: str | None, mountpoint: str | None
+) -> tuple[Any, dict[str, Any] | None]:
     """files mount --server: the FileRecoveryMount job, then the point's live session."""
     from vmvault.cli import remote
 
-    outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", {"rp": rp, "duration": duration})
+    body = {"rp": rp, "duration": duration, "mountpoint": mountpoint}
+    outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", body)
     if outcome.failed:
         return outcome, None
     sessions = remote.get_list(f"/items/{remote.q(name)}/files/sessions")

@@ -143,6 +143,7 @@ def mount_point(
     """Mount a recovery point's file systems read-only (a FileRecoveryMount job); result: the session."""
     from vmvault.recovery.session import parse_duration
     from vmvault.service.hostvms import host_elsewhere
+    from vmvault.service.paths import Rule, allowed
 
     reap(ctx)
     host = host_elsewhere(ctx, vm_name)
@@ -153,8 +154,9 @@ def mount_point(
                            str(mountpoint) if mountpoint else None, duration)  # fmt: skip
     target = _target(ctx, vm_name, resolve_point(ctx, vm_name, rp_id))
     span = parse_duration(duration)
-    current = _live_for_point(ctx, rp_id)
-    wanted = absolute(mountpoint) if mountpoint else None
+    current = _live_for_point(ctx, target.rp_id)
+    # API and portal callers: a mount point only inside the server's allowed restore folders.
+    wanted = allowed(ctx, Rule.RESTORES, mountpoint) if mountpoint else None
     if wanted is None:
         wanted = Path(current.mountpoint) if current and current.mountpoint else default_mountpoint(ctx, target)
     _check_mountpoint(ctx, target, wanted)
