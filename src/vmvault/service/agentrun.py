@@ -2,9 +2,10 @@
 
 The agent talks only to the server's REST API with a BackupAgent token bound to its host (never to
 the catalog). It registers, reconciles what a killed agent left on its VMs (connectors' reconcile,
-qemu-nbd work directories) before claiming anything, beats a heartbeat in a thread, claims up to
-max_jobs Backup and Restore jobs of its host's VMs and runs each with the same code a server runs
-(backups.run_backup_into, restores.restore_into): the catalog's part goes through RemoteBooks
+qemu-nbd work directories, file-recovery sessions whose owner died) before claiming anything, beats
+a heartbeat in a thread, claims up to max_jobs Backup, Restore and FileRecoveryMount/Unmount jobs
+of its host's VMs and runs each with the same code a server runs (backups.run_backup_into,
+restores.restore_into, files._mount: service/agentfiles.py): the catalog's part goes through RemoteBooks
 (REST), the vault is opened
 from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
 and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs

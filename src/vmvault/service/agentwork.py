@@ -1,8 +1,9 @@
 """The server's side of the agents (`vmvault agent run` on hypervisor hosts), behind /api/v1/agents.
 
 An agent talks only to the REST API (no database credentials on hypervisor hosts): it registers
-its host, beats a heartbeat, claims the queued Backup and Restore (restore disks) jobs of the VMs
-whose `vms.host` names its host (FOR UPDATE SKIP LOCKED, as the servers' workers), reports
+its host, beats a heartbeat, claims the queued Backup, Restore (restore disks) and
+FileRecoveryMount/Unmount (files mount/unmount: service/hostfiles.py) jobs of the VMs whose
+`vms.host` names its host (FOR UPDATE SKIP LOCKED, as the servers' workers), reports
 progress and the connector's bookkeeping (BackupPort.save_vm / save_disk), and ends the job. It
 writes the vault's data straight to the vault's storage; on success the server records the point
 by reading its manifest from the vault (the manifest is the truth, as when reconcile adopts a
