@@ -196,10 +196,14 @@ def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:
     local_only: list[tuple[str, ...]] = [
         ("vault", "gc", "main"), ("vm", "add", "x", "--qmp", "/tmp/qmp.sock"), ("vm", "discover"),
         ("vault", "usage", "main", "--price-lrs", "1"),
-        ("files", "mount", "web1", "--rp", rp, "--mountpoint", str(tmp_path)), ("retention", "run"),
+        ("retention", "run"),
     ]  # fmt: skip
     for args in local_only:
         refused = remote.fails("--server", address, *args)
         assert refused.returncode == 64 and "does not run against a server" in refused.stderr, args
+    # A mount point through the API is a server path inside its allowed restore folders.
+    outside = remote.fails("--server", address, "files", "mount", "web1", "--rp", rp, "--mountpoint", "/etc/vmv-mnt")
+    assert "path_not_allowed" in outside.output and "/etc/vmv-mnt" in outside.output, outside.output
+    assert not Path("/etc/vmv-mnt").exists()
     relative = remote.fails("--server", address, "vm", "add", "x", "--disk", "x.raw")  # read from the server's cwd?
     assert relative.returncode == 64 and "--disk is a path on the server and must be absolute: x.raw" in relative.stderr

@@ -472,6 +472,7 @@ class FileSession(View):
     volumes: list[SessionVolume]
     paths: list[str]
     export: SessionExport
+    host: str | None = Field(default=None, description="The host it is mounted on (an agent's host, or a server)")
 
 
 class BrowseEntry(View):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Annotated
 
@@ -64,6 +65,9 @@ def agent_run(
     from vmvault.service.paths import build_policy
 
     settings = replace(load_settings(STATE.home), catalog_url=None, strict_passphrase=False)
+    # No database credentials on a hypervisor host: this home's own catalog (its file-recovery
+    # sessions) is SQLite, for this process and the session owners it starts alike.
+    os.environ.pop("VMVAULT_CATALOG", None)
     # The server does not choose which files of this host are read or written.
     paths = build_policy(settings, disks=allow_disks, restores=allow_restores)
     agent = Agent(settings, AgentClient(server, host, token), max_jobs=max_jobs, paths=paths)

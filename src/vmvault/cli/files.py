@@ -18,7 +18,7 @@ files_app = typer.Typer(
 )
 app.add_typer(files_app, name="files")
 
-SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "mountpoint", "expires", "paths")
+SESSION_COLUMNS = ("id", "vm", "recoveryPoint", "state", "host", "mountpoint", "expires", "paths")
 RpOption = Annotated[
     str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")
 ]
@@ -33,7 +33,9 @@ def files_mount(
     vm: VmArgument = None,
     vm_option: VmOption = None,
     mountpoint: Annotated[
-        Path | None, typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>).")
+        Path | None,
+        typer.Option("--mountpoint", help="Directory (default $VMVAULT_HOME/mounts/<vm>-<rp>); for a VM of "
+                     "another host, a directory there (inside its agent's --allow-restores folders)."),
     ] = None,
     duration: DurationOption = None,
     from_secondary: FromSecondaryOption = False,
@@ -50,11 +52,10 @@ def files_mount(
     remote.refuse_option("--from-secondary", from_secondary)
     _from_secondary(from_secondary)
     if remote.active():
-        remote.refuse_option("--mountpoint", mountpoint is not None)
-        outcome, session = _remote_mount(name, rp, duration)
+        outcome, session = _remote_mount(name, rp, duration, remote.server_path(mountpoint, "--mountpoint"))
     else:
         with service_context() as ctx:
-            outcome = files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration)
+            outcome = _followed(ctx, files.mount_point(ctx, name, rp, mountpoint=mountpoint, duration=duration))
         session = outcome.result
     if session is None:
         _end_job(outcome)
@@ -65,11 +66,26 @@ def files_mount(
         _print_session(session)
 
 
-def _remote_mount(name: str, rp: str, duration: str | None) -> tuple[Any, dict[str, Any] | None]:
+def _followed(ctx: Any, outcome: Any) -> Any:
+    """A VM of another host: the job was queued for its agent; follow it to its end here."""
+    from vmvault.cli.progress import run_cancellable
+    from vmvault.service import hostfiles
+
+    if outcome.job["status"] != "InProgress" or outcome.result is not None:
+        return outcome
+    queued = str(outcome.job["id"])
+    output.info(f"queued to the agent of host {hostfiles.job_host(ctx, queued)} as job {queued}")
+    return run_cancellable(lambda cancel: hostfiles.follow(ctx, queued, cancel))
+
+
+def _remote_mount(
+    name: str, rp: str, duration: str | None, mountpoint: str | None
+) -> tuple[Any, dict[str, Any] | None]:
     """files mount --server: the FileRecoveryMount job, then the point's live session."""
     from vmvault.cli import remote
 
-    outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", {"rp": rp, "duration": duration})
+    body = {"rp": rp, "duration": duration, "mountpoint": mountpoint}
+    outcome = remote.run_job(f"/items/{remote.q(name)}/files/mount", body)
     if outcome.failed:
         return outcome, None
     sessions = remote.get_list(f"/items/{remote.q(name)}/files/sessions")
@@ -151,7 +167,7 @@ def files_unmount(
         outcome, ended = _remote_unmount(name, session)
     else:
         with service_context() as ctx:
-            outcome = files.unmount(ctx, name, session_id=session)
+            outcome = _followed(ctx, files.unmount(ctx, name, session_id=session))
         ended = outcome.result
     if outcome.failed or ended is None:
         _end_job(outcome)

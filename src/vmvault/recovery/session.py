@@ -305,6 +305,8 @@ def reap_sessions(ctx: Any) -> list[str]:
     """
     ended = []
     for row in live_rows(ctx):
+        if (row.details or {}).get("agentHost"):
+            continue  # mounted on an agent's host: its agent ends it (service/hostfiles.py), never here
         if not _of_this_home(ctx, row) and not _stuck(row):
             continue  # a shared catalog: another server's session (its files_lock, its mounts): it reaps it
         if owner_alive(row) and not _stuck(row):

@@ -2,9 +2,10 @@
 
 The agent talks only to the server's REST API with a BackupAgent token bound to its host (never to
 the catalog). It registers, reconciles what a killed agent left on its VMs (connectors' reconcile,
-qemu-nbd work directories) before claiming anything, beats a heartbeat in a thread, claims up to
-max_jobs Backup and Restore jobs of its host's VMs and runs each with the same code a server runs
-(backups.run_backup_into, restores.restore_into): the catalog's part goes through RemoteBooks
+qemu-nbd work directories, file-recovery sessions whose owner died) before claiming anything, beats
+a heartbeat in a thread, claims up to max_jobs Backup, Restore and FileRecoveryMount/Unmount jobs
+of its host's VMs and runs each with the same code a server runs (backups.run_backup_into,
+restores.restore_into, files._mount: service/agentfiles.py): the catalog's part goes through RemoteBooks
 (REST), the vault is opened
 from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
 and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs
@@ -30,6 +31,7 @@ from vmvault.catalog.models import VaultRow
 from vmvault.errors import Cancelled, InvalidInput, NotFound, VmvaultError
 from vmvault.proc import boot_id
 from vmvault.service.agentwork import API_VERSION
+from vmvault.service.context import Context
 from vmvault.service.jobs import PROGRESS_INTERVAL_S, Status, as_vmvault_error, end_tasks, track_tasks
 from vmvault.service.paths import PathPolicy
 from vmvault.service.restores import partial_tag
@@ -216,6 +218,7 @@ class Agent:
     paths: PathPolicy | None = None  # where the server may point this agent (agent run --allow-disks)
     running: dict[str, StopEvent] = field(default_factory=dict)
     heartbeat_s: float = 3.0
+    local: Context | None = None  # this home's own catalog: the file-recovery sessions of this host
     _stop: StopEvent = field(default_factory=StopEvent)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -223,10 +226,21 @@ class Agent:
     def run(self, on_ready: Any = None) -> int:
         if self.max_jobs < 1:
             raise InvalidInput(f"--max-jobs must be at least 1 (got {self.max_jobs})", hint="e.g. --max-jobs 2")
-        answer = self.client.call("/register", self._registration())
-        self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
-        log.info("agent of host %s registered with %s", self.client.host, self.client.server)
-        reconcile_leftovers(self.settings, list(answer.get("vms") or []))
+        from vmvault.service import agentfiles
+        from vmvault.service.context import open_context
+
+        self.local = open_context(self.settings)
+        try:
+            agentfiles.reconcile(self.local)  # before registering: the server learns the live ones
+            answer = self.client.call("/register", self._registration())
+            self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
+            log.info("agent of host %s registered with %s", self.client.host, self.client.server)
+            reconcile_leftovers(self.settings, list(answer.get("vms") or []))
+            return self._serve(on_ready)
+        finally:
+            self.local.close()
+
+    def _serve(self, on_ready: Any) -> int:
         previous = install_stop_signals(self.request_stop, "the agent")
         beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
         beat.start()
@@ -248,10 +262,13 @@ class Agent:
         self._stop.stop(reason)
 
     def _registration(self) -> JsonDict:
+        from vmvault.service.agentfiles import reports
         from vmvault.service.hosts import version
 
+        # Its file-recovery sessions after reconciling (live, and those just ended): the complete list.
         return {"version": version(), "apiVersion": API_VERSION, "bootId": boot_id(), "pid": os.getpid(),
-                "hypervisors": hypervisors_found()}  # fmt: skip
+                "hypervisors": hypervisors_found(),
+                "fileSessions": reports(self.local) if self.local else None}  # fmt: skip
 
     def _claim_loop(self) -> None:
         while not self._stop.is_set():
@@ -284,7 +301,7 @@ class Agent:
         job_id = str(package["jobId"])
         try:
             with job_context(job_id, str(package["vm"]["name"])):
-                run_package(self.settings, self.client, package, cancel, self.paths)
+                run_package(self.settings, self.client, package, cancel, self.paths, self.local)
         except Exception:
             log.exception("job %s crashed the agent's worker", job_id)
         finally:
@@ -296,7 +313,7 @@ class Agent:
             with self._lock:
                 running = list(self.running)
             try:
-                answer = self.client.call("/heartbeat", {"running": running})
+                answer = self.client.call("/heartbeat", {"running": running, "fileSessions": self._sessions()})
             except NotFound:  # the host was removed while this agent was away: register it again
                 self._register_again()
                 continue
@@ -307,6 +324,23 @@ class Agent:
                 for job_id in answer.get("cancel") or []:
                     if job_id in self.running:
                         self.running[job_id].stop("the job was cancelled or ended by the server")
+            if answer.get("endSessions") and self.local is not None:
+                from vmvault.service.agentfiles import end_sessions
+
+                # Unmounting may take a while: never in the way of the next heartbeat.
+                threading.Thread(target=end_sessions, args=(self.local, list(answer["endSessions"])),
+                                 name="vmvault-agent-unmount", daemon=True).start()  # fmt: skip
+
+    def _sessions(self) -> list[JsonDict] | None:
+        from vmvault.service.agentfiles import reports
+
+        if self.local is None:
+            return None
+        try:
+            return reports(self.local)
+        except Exception:  # the local catalog busy: the next heartbeat reports them
+            log.warning("listing this host's file-recovery sessions failed", exc_info=True)
+            return None
 
     def _register_again(self) -> None:
         try:
@@ -318,7 +352,8 @@ class Agent:
 
 
 def run_package(
-    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None,
+    local: Context | None = None,
 ) -> str:
     """Run one claimed Backup (or Restore) job with the server's engine and connector code; report how it ended.
 
@@ -328,6 +363,8 @@ def run_package(
 
     if package.get("operation") == "Restore":
         return run_restore_package(settings, client, package, cancel, paths)
+    if package.get("operation") in ("FileRecoveryMount", "FileRecoveryUnmount"):
+        return run_files_package(settings, client, package, cancel, paths, local)
     from vmvault.service.vaultio import opened_vault_at
 
     job_id, vm = str(package["jobId"]), package["vm"]
@@ -402,6 +439,33 @@ def run_new_vm_package(
     _finish(client, job_id, {"status": Status.COMPLETED, "newVm": report, "files": written, "progress": run.last,
                              "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s as new VM %s in %s", job_id, plan.vm_name, plan.new_name, plan.target_dir)
+    return Status.COMPLETED
+
+
+def run_files_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
+    local: Context | None,
+) -> str:
+    """Run one claimed FileRecoveryMount/Unmount job here (service/agentfiles.py), in this home's own
+    catalog; the sessions are reported to the server with the job's end."""
+    from vmvault.service import agentfiles
+    from vmvault.service.context import open_context
+
+    job_id = str(package["jobId"])
+    run = AgentRun(client, job_id, cancel, package.get("details"))
+    ctx = local or open_context(settings)
+    try:
+        if package["operation"] == "FileRecoveryMount":
+            sessions = [agentfiles.mount(ctx, package, paths)]
+        else:
+            sessions = agentfiles.unmount(ctx, package)
+    except Exception as exc:
+        return _report_failure(client, run, exc)
+    finally:
+        if local is None:
+            ctx.close()
+    _finish(client, job_id, {"status": Status.COMPLETED, "sessions": sessions})
+    log.info("job %s: %s of %s done", job_id, package["operation"], package["vm"]["name"])
     return Status.COMPLETED
 
 

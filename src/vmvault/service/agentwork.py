@@ -1,8 +1,9 @@
 """The server's side of the agents (`vmvault agent run` on hypervisor hosts), behind /api/v1/agents.
 
 An agent talks only to the REST API (no database credentials on hypervisor hosts): it registers
-its host, beats a heartbeat, claims the queued Backup and Restore (restore disks) jobs of the VMs
-whose `vms.host` names its host (FOR UPDATE SKIP LOCKED, as the servers' workers), reports
+its host, beats a heartbeat, claims the queued Backup, Restore (restore disks) and
+FileRecoveryMount/Unmount (files mount/unmount: service/hostfiles.py) jobs of the VMs whose
+`vms.host` names its host (FOR UPDATE SKIP LOCKED, as the servers' workers), reports
 progress and the connector's bookkeeping (BackupPort.save_vm / save_disk), and ends the job. It
 writes the vault's data straight to the vault's storage; on success the server records the point
 by reading its manifest from the vault (the manifest is the truth, as when reconcile adopts a
@@ -28,7 +29,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso, seconds_between
 from vmvault.catalog.models import HostRow, JobRow, VmRow
 from vmvault.errors import Busy, IntegrityError, InvalidInput, NotFound, VmvaultError
-from vmvault.service import hosts
+from vmvault.service import hostfiles, hosts
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, Status, _notify_deliver, _notify_enqueue, show_job
 from vmvault.service.views import JsonDict
@@ -94,6 +95,8 @@ def register(ctx: Context, host: str, body: JsonDict) -> JsonDict:
         lost = _end_lost(s, host, f"the agent of host '{host}' restarted while it ran this job")
         vms = [_leftover(r) for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]
     _notify_all(ctx, lost)
+    if body.get("fileSessions") is not None:  # its live file-recovery sessions after its start-up reconcile
+        hostfiles.sync(ctx, host, body.get("fileSessions"), complete=True)
     # A few heartbeats fit in one lease: one late beat on a loaded host does not lose the agent.
     beat = min(HEARTBEAT_S, lease_s() / 4)
     return {"host": host, "apiVersion": API_VERSION, "heartbeatSeconds": beat, "leaseSeconds": lease_s(),
@@ -124,8 +127,9 @@ def _leftover(row: VmRow) -> JsonDict:
     return {"id": row.id, "name": row.name, "kind": row.kind, "definition": dict(row.definition or {})}
 
 
-def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
-    """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel."""
+def heartbeat(ctx: Context, host: str, running: list[str], sessions: object = None) -> JsonDict:
+    """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel, and
+    which of the file-recovery sessions it reported (sessions) ended here (it ends them)."""
     with ctx.catalog.update() as s:
         row = s.get(HostRow, host)
         if row is None or row.role != hosts.AGENT:
@@ -138,7 +142,13 @@ def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
         orphans = [j.id for j in _agent_jobs(s, host) if j.id not in running and _claimed_long_ago(j)]
     if orphans:
         _end_orphans(ctx, host, orphans)
-    return {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
+    answer: JsonDict = {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
+    if sessions is not None:
+        try:
+            answer["endSessions"] = hostfiles.sync(ctx, host, sessions)
+        except VmvaultError as exc:  # a bad report never keeps cancels from reaching the agent
+            log.warning("agent of host %s: its file-recovery sessions not recorded: %s", host, exc)
+    return answer
 
 
 def _claimed_long_ago(job: JobRow) -> bool:
@@ -171,6 +181,12 @@ def _agent_jobs(s: Session, host: str) -> list[JobRow]:
 def lost_error(row: JobRow, why: str) -> JsonDict:
     host = (row.details or {}).get(AGENT_KEY)
     check = f"check vmvault agent run on host {host} (vmvault host show {host})"
+    if row.operation in hostfiles.FILE_OPERATIONS:
+        return {
+            "code": "agent_lost",
+            "message": f"{why}; the {row.operation} did not finish on host {host}",
+            "recommendedAction": f"{check}, then see vmvault files list {row.vm} and mount or unmount again",
+        }
     if row.operation == Operation.RESTORE:
         record = (row.details or {}).get("restore") or {}
         again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
@@ -212,7 +228,8 @@ def fail_lost_agents(ctx: Context) -> list[str]:
     with ctx.catalog.read() as s:
         silent = [r.name for r in s.scalars(select(HostRow).where(HostRow.role == hosts.AGENT)).all()
                   if seconds_between(r.last_heartbeat, now) > lease]  # fmt: skip
-        if not silent or not any(_agent_jobs(s, h) for h in silent):
+        mounted = hostfiles.live_hosts(s)
+        if not silent or not any(_agent_jobs(s, h) or h in mounted for h in silent):
             return []
     ended: list[str] = []
     with ctx.catalog.write() as s:
@@ -222,6 +239,7 @@ def fail_lost_agents(ctx: Context) -> list[str]:
                 continue  # it came back meanwhile
             why = f"the agent of host '{host}' stopped heartbeating at {row.last_heartbeat} (lease {lease:.0f} s)"
             ended += _end_lost(s, host, why)
+            hostfiles.end_lost(s, host, why)
     _notify_all(ctx, ended)
     return ended
 
@@ -229,7 +247,8 @@ def fail_lost_agents(ctx: Context) -> list[str]:
 # ---- claim --------------------------------------------------------------------------------------
 
 
-AGENT_OPERATIONS = (Operation.BACKUP, Operation.RESTORE)  # the jobs agents run (restore disks: a Restore job)
+# The jobs agents run (restore disks: a Restore job; files mount/unmount: service/hostfiles.py).
+AGENT_OPERATIONS = (Operation.BACKUP, Operation.RESTORE, Operation.FILE_RECOVERY_MOUNT, Operation.FILE_RECOVERY_UNMOUNT)
 
 
 def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
@@ -241,6 +260,11 @@ def claim(ctx: Context, host: str, pid: int) -> JsonDict | None:
         job = _claim_row(ctx, host, pid)
         if job is None:
             return None
+        if job.operation in hostfiles.FILE_OPERATIONS:
+            package = _files_package_or_end(ctx, job)
+            if package is None:
+                continue
+            return package
         if job.operation == Operation.RESTORE:
             package = _restore_package_or_end(ctx, job, host)
             if package is None:
@@ -312,6 +336,17 @@ def _restore_package_or_end(ctx: Context, job: JobRow, host: str) -> JsonDict | 
 
     try:
         return _restore_package(ctx, job, host)
+    except VmvaultError as exc:
+        end_job(ctx, job.id, Status.FAILED, exc)
+        return None
+
+
+def _files_package_or_end(ctx: Context, job: JobRow) -> JsonDict | None:
+    """A claimed file-recovery job's work package; None when its point or VM went meanwhile (Failed)."""
+    from vmvault.service.jobs import end_job
+
+    try:
+        return hostfiles.package(ctx, job)
     except VmvaultError as exc:
         end_job(ctx, job.id, Status.FAILED, exc)
         return None
@@ -479,6 +514,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
         if body.get("newVm") is not None:
             return _finish_new_vm(ctx, host, job_id, body, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
+    if status == Status.COMPLETED and _operation(ctx, job_id) in hostfiles.FILE_OPERATIONS:
+        return _finish_files(ctx, host, job_id, body.get("sessions"))
     if status == Status.COMPLETED:
         return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
     if status not in (Status.FAILED, Status.CANCELLED):
@@ -582,6 +619,20 @@ def _checked_new_vm(report: object, record: JsonDict, kind: str, job_id: str) ->
                            hint="upgrade the agent")  # fmt: skip
     assert disks is not None and files is not None and isinstance(definition, dict) and isinstance(view, dict)
     return NewVm(kind, disks, definition, [str(f) for f in files], view, {})
+
+
+def _finish_files(ctx: Context, host: str, job_id: str, sessions: object) -> JsonDict:
+    """A mount or unmount the agent completed: its sessions recorded, then the job Completed."""
+    with ctx.catalog.read() as s:
+        job = _own_job(s, host, job_id)
+        s.expunge(job)
+    hostfiles.finish(ctx, host, job, sessions)
+    with ctx.catalog.write() as s:
+        _own_job(s, host, job_id)
+        repos.finish_job(s, job_id, Status.COMPLETED, progress={**_progress_values({}), "percent": 100.0})
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    return show_job(ctx, job_id)
 
 
 def _error_of(value: object, status: str) -> JsonDict:

@@ -79,6 +79,7 @@ def session_view(row: FileRecoverySessionRow) -> JsonDict:
         "volumes": [_volume_view(v) for v in row.volumes or []],
         "paths": [v["path"] for v in row.volumes or [] if v.get("status") == "mounted"],
         "export": {"unixSocket": (row.details or {}).get("socket"), "tlsAddress": row.tcp_address},
+        "host": (row.details or {}).get("host"),
     }
 
 
@@ -141,12 +142,21 @@ def mount_point(
 ) -> JobOutcome[JsonDict]:
     """Mount a recovery point's file systems read-only (a FileRecoveryMount job); result: the session."""
     from vmvault.recovery.session import parse_duration
+    from vmvault.service.hostvms import host_elsewhere
+    from vmvault.service.paths import Rule, allowed
 
     reap(ctx)
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:  # a VM of another host (vm add --host): its agent mounts it there
+        from vmvault.service.hostfiles import queue_mount
+
+        return queue_mount(ctx, vm_name, resolve_point(ctx, vm_name, rp_id), host,
+                           str(mountpoint) if mountpoint else None, duration)  # fmt: skip
     target = _target(ctx, vm_name, resolve_point(ctx, vm_name, rp_id))
     span = parse_duration(duration)
-    current = _live_for_point(ctx, rp_id)
-    wanted = absolute(mountpoint) if mountpoint else None
+    current = _live_for_point(ctx, target.rp_id)
+    # API and portal callers: a mount point only inside the server's allowed restore folders.
+    wanted = allowed(ctx, Rule.RESTORES, mountpoint) if mountpoint else None
     if wanted is None:
         wanted = Path(current.mountpoint) if current and current.mountpoint else default_mountpoint(ctx, target)
     _check_mountpoint(ctx, target, wanted)
@@ -207,7 +217,10 @@ def _start(ctx: Context, target: Target, span: timedelta) -> FileRecoverySession
     run_dir = session.run_root(ctx.settings.home) / sid
     run_dir.mkdir(mode=0o700, parents=True)
     host, port = _listen(ctx)
+    from vmvault.service.hosts import local_host_name
+
     details = {
+        "host": local_host_name(),  # where it is mounted (files list; an agent's sessions name their host)
         "socket": str(session.socket_path(run_dir, sid)),
         "listenHost": host,
         "vaultName": target.vault.name,
@@ -292,11 +305,17 @@ def _mount_volumes(ctx: Context, row: FileRecoverySessionRow, mountpoint: Path) 
 def unmount(ctx: Context, vm_name: str, *, session_id: str | None = None) -> JobOutcome[list[JsonDict]]:
     """End a VM's live sessions, or one (a FileRecoveryUnmount job); result: the ended sessions."""
     from vmvault.recovery import session
+    from vmvault.service.hostvms import host_elsewhere
 
     reap(ctx)
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:  # its sessions are on its host: its agent unmounts them
+        from vmvault.service.hostfiles import queue_unmount
+
+        return queue_unmount(ctx, vm_name, host, session_id)
     with ctx.catalog.read() as s:
         vm = repos.get_vm(s, vm_name)
-        rows = list(repos.live_file_sessions(s, vm_id=vm.id))
+        rows = [r for r in repos.live_file_sessions(s, vm_id=vm.id) if not (r.details or {}).get("agentHost")]
         if session_id is not None:
             rows = [r for r in rows if r.id == session_id]
             if not rows:
@@ -338,8 +357,15 @@ def make_script(
     the password's lifetime; the password is stored only as a hash.
     """
     from vmvault.recovery import script, secrets, session
+    from vmvault.service.hostvms import host_elsewhere
 
     reap(ctx)
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}': its recovery script is not made through this server",
+            hint=f"mount the point on its host instead: vmvault files mount {vm_name} --rp {rp_id}",
+        )
     target = _target(ctx, vm_name, rp_id)
     span = session.parse_duration(duration)
     path = absolute(out) if out else Path.cwd() / f"{target.vm_name}-{target.rp_id}-recover.sh"
@@ -430,6 +456,10 @@ def _volume_root(
             f"VM '{vm_name}' has {len(rows)} mounted recovery points", hint="choose one with --rp ID or --session ID"
         )
     row = rows[0]
+    if (row.details or {}).get("agentHost"):
+        from vmvault.service.hostfiles import remote_session_error
+
+        raise remote_session_error(row, vm_name)
     if not parts:
         return row, None
     for volume in row.volumes or []:

@@ -27,10 +27,16 @@ class Register(Body):
     boot_id: str = Field(default="", max_length=64)
     pid: int = Field(default=0, ge=0)
     hypervisors: dict[str, Any] = Field(default_factory=dict, description="libvirtUri, qmpSockets, libvirtDomains")
+    file_sessions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=1000, description="Its file-recovery sessions after its start-up reconcile"
+    )
 
 
 class Heartbeat(Body):
     running: list[str] = Field(default_factory=list, max_length=1000, description="Ids of the jobs it runs")
+    file_sessions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=1000, description="Its file-recovery sessions (live, and lately ended)"
+    )
 
 
 class Claim(Body):
@@ -60,6 +66,9 @@ class Finish(Body):
         default=None, description="A restore as a new VM: the copy defined on the host (kind, disks, definition, "
         "files, view, started)"
     )
+    sessions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=1000, description="A file-recovery mount or unmount: its sessions"
+    )
     error: dict[str, Any] | None = None
     warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
     progress: dict[str, Any] | None = None
@@ -76,12 +85,16 @@ class AgentRegistered(View):
 
 class AgentCancels(View):
     cancel: list[str] = Field(description="Ids of running jobs to stop (cancelled, or ended by the server)")
+    end_sessions: list[str] = Field(
+        default_factory=list, description="File-recovery sessions it reported that ended on the server: end them"
+    )
 
 
 class AgentClaimed(View):
     package: dict[str, Any] | None = Field(
         description="The work package (a Backup: jobId, details, vm, retainUntil, vault, previousPoint, "
-        "pointTimeFloor, budget; a Restore: jobId, operation, details, vm, vault, restore, hostDisks), or null "
+        "pointTimeFloor, budget; a Restore: jobId, operation, details, vm, vault, restore, hostDisks; a "
+        "FileRecoveryMount/Unmount: jobId, operation, details, vm, vault, files), or null "
         "when no job of this host is queued"
     )
 
@@ -110,7 +123,7 @@ def register(host: str, body: Register, ctx: Ctx) -> dict[str, Any]:
 
 @router.post("/heartbeat", response_model=AgentCancels, dependencies=AGENT)
 def heartbeat(host: str, body: Heartbeat, ctx: Ctx) -> dict[str, Any]:
-    return agentwork.heartbeat(ctx, host, body.running)
+    return agentwork.heartbeat(ctx, host, body.running, body.file_sessions)
 
 
 @router.post("/claim", response_model=AgentClaimed, dependencies=AGENT)

@@ -22,6 +22,11 @@ router = APIRouter(tags=["files"], route_class=ROUTE_CLASS)
 
 class Mount(Body):
     rp: str = Field(max_length=64, description="Recovery point id")
+    mountpoint: str | None = Field(
+        default=None, max_length=4096,
+        description="Directory to mount on (default: under the home): inside the server's allowed restore folders, "
+        "or for a VM of another host a path there, inside its agent's",
+    )  # fmt: skip
     duration: str | None = Field(default=None, max_length=16, description="How long it stays mounted (default 12h)")
 
 
@@ -54,7 +59,9 @@ def list_sessions(
     dependencies=[require(Permission.FILE_RECOVERY, Scope.VM)],
 )
 def mount(vm: str, body: Mount, ctx: Ctx, jobs: Jobs) -> dict[str, Any]:
-    return jobs.start(lambda _cancel: files.mount_point(ctx, vm, body.rp, duration=body.duration))
+    return jobs.start(
+        lambda _cancel: files.mount_point(ctx, vm, body.rp, mountpoint=body.mountpoint, duration=body.duration)
+    )
 
 
 @router.post(
