@@ -88,11 +88,17 @@ class Api:
         return found
 
     def jobs(self) -> list[dict[str, Any]]:
-        return self.pages("/jobs")
+        """Every job: its properties (operation, status, startTime, endTime, host), its id and VM."""
+        return [flat(job) for job in self.pages("/jobs")]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self.get(f"/api/v1/jobs/{job_id}")
-        return job
+        """One job as `job show` gives it (with extendedInfo: trigger, scheduledFor, owner)."""
+        return flat(self.get(f"/api/v1/jobs/{job_id}"))
+
+
+def flat(job: dict[str, Any]) -> dict[str, Any]:
+    """A job resource's properties, with its id and VM's name."""
+    return {**job["properties"], "id": job["name"], "vm": job["properties"]["entityFriendlyName"]}
 
     def points(self, vm: str) -> list[str]:
         return [str(p["name"]) for p in self.pages(f"/items/{vm}/recoverypoints")]
