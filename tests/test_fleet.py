@@ -95,13 +95,14 @@ class Api:
         """One job as `job show` gives it (with extendedInfo: trigger, scheduledFor, owner)."""
         return flat(self.get(f"/api/v1/jobs/{job_id}"))
 
+    def points(self, vm: str) -> list[str]:
+        """The VM's recovery points, newest first."""
+        return [str(p["name"]) for p in self.pages(f"/items/{vm}/recoverypoints")]
+
 
 def flat(job: dict[str, Any]) -> dict[str, Any]:
     """A job resource's properties, with its id and VM's name."""
     return {**job["properties"], "id": job["name"], "vm": job["properties"]["entityFriendlyName"]}
-
-    def points(self, vm: str) -> list[str]:
-        return [str(p["name"]) for p in self.pages(f"/items/{vm}/recoverypoints")]
 
 
 def lock_info(home: Path) -> dict[str, Any]:
