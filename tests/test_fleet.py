@@ -251,6 +251,7 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     out, err = adding.communicate(timeout=120)
     added = json.loads(out)
     assert adding.returncode == 0 and added["host"] == "h1" and added["disks"] == [], err
+    mark("catalog, vault and disks set up")
     agent_clis = {h: Cli(home=homes[h], passphrase=None, extra_env={"VMVAULT_TOKEN": agent_tokens[h]}) for h in HOSTS}
 
     # Both servers read a clock that has just passed the slot; the VMs are protected once both run,
@@ -264,6 +265,7 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     procs.append(a)
     check_serve(a, pg_server.password, owner)
     wait_for(lambda: lock_info(cli_a.home).get("leader") is True, 30, "server A to schedule", interval=0.2)
+    mark("server A up and scheduling")
     b = Serve(cli_b)
     procs.append(b)
     b_started = time.monotonic()
@@ -287,7 +289,7 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     assert lock_info(cli_b.home).get("leader") is False, "two servers schedule at once"
     assert api.get("/healthz")["leader"] is False
     assert a.proc.poll() is None and lock_info(cli_a.home).get("leader") is True
-    mark("set-up, both servers and the agents started")
+    mark("server B up, agents started")
     deaths: list[float] = []  # when A died, seen at once (protect() may still run then)
 
     def watch_a() -> None:
