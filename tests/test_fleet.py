@@ -171,14 +171,15 @@ def ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
         raise AssertionError(f"no job printed: {out!r} {err!r}") from None
 
 
-def check_serve(serve: Serve, password: str, owner: str) -> None:
+def check_serve(serve: Serve, password: str, owner: str) -> Api:
     """A serve answers the API on the shared catalog; the catalog's password is not in its process
-    arguments nor in what it prints."""
+    arguments nor in what it prints. Its API."""
     assert password not in Path(f"/proc/{serve.proc.pid}/cmdline").read_text()
     assert "catalog postgresql://vmvault:***@127.0.0.1" in serve.announce and password not in serve.announce
     api = Api(serve.announce.split("listening on ")[1].split()[0], owner)
     assert api.get("/healthz")["pid"] == serve.proc.pid
     assert sorted(i["properties"]["friendlyName"] for i in api.pages("/items")) == ["x1"]  # the others: not yet
+    return api
 
 
 def finish_serve(serve: Serve) -> str:
@@ -263,15 +264,15 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     cli_b = Cli(home=tmp_path / "b", extra_env=env)
     a = Serve(cli_a)
     procs.append(a)
-    check_serve(a, pg_server.password, owner)
+    api_a = check_serve(a, pg_server.password, owner)
     wait_for(lambda: lock_info(cli_a.home).get("leader") is True, 30, "server A to schedule", interval=0.2)
+    assert api_a.get("/healthz")["leader"] is True
     mark("server A up and scheduling")
     b = Serve(cli_b)
     procs.append(b)
     b_started = time.monotonic()
-    check_serve(b, pg_server.password, owner)
-    server = b.announce.split("listening on ")[1].split()[0]
-    api = Api(server, owner)
+    api = check_serve(b, pg_server.password, owner)  # the agents' server, and the test's reads
+    server = api.address
     agent_pids: dict[str, set[int]] = {h: set() for h in HOSTS}  # every run of each host's agent
 
     def start_agent(host: str, **hooks: str) -> HostAgent:
