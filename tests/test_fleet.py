@@ -171,6 +171,10 @@ def ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
         raise AssertionError(f"no job printed: {out!r} {err!r}") from None
 
 
+def restore(cli: Cli, vm: str, rp: str, target: Path) -> subprocess.Popen[str]:
+    return cli.popen("restore", "disks", "--vm", vm, "--rp", rp, "--target-dir", str(target))
+
+
 def check_serve(serve: Serve, password: str, owner: str) -> Api:
     """A serve answers the API on the shared catalog; the catalog's password is not in its process
     arguments nor in what it prints. Its API."""
@@ -325,10 +329,15 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
 
     mark("the slot")
 
-    # ---- on demand, through the surviving server; a disk outside its agent's folders ------------
+    # ---- on demand, through the surviving server; restores of the slot's points, on their hosts;
+    # a disk outside its agent's folders, a restore outside them: refused ---------------------------
     remote = Cli(home=tmp_path / "remote", passphrase=None, extra_env={"VMVAULT_TOKEN": owner})
     on_demand = {vm: remote.popen("--server", server, "backup", "now", vm, "--wait") for vm in ("a1", "b1", "c1")}
     outside_disk = admin.popen("backup", "now", "x1", "--wait")
+    targets = {vm: restored / vm for vm in ("q1", "b2", "c2")}
+    restores = {vm: restore(admin, vm, api.points(vm)[0], targets[vm]) for vm in ("q1", "b2")}  # the slot's
+    outside = tmp_path / "outside"
+    refused = restore(admin, "b3", api.points("b3")[0], outside)
     for vm, proc in on_demand.items():
         code, job = ended(proc)
         assert code == 0 and job["status"] == "Completed" and job["host"] == HOST_OF[vm], job
@@ -336,8 +345,19 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     error = job["errorDetails"][0]
     assert code != 0 and job["host"] == "h2" and error["errorCode"] == "path_not_allowed", job
     assert "/etc/hostname" in error["errorString"] and "agent run --allow-disks DIR" in error["recommendations"][0]
+    code, job = ended(refused)
+    error = job["errorDetails"][0]
+    assert code != 0 and job["host"] == "h2" and error["errorCode"] == "path_not_allowed", job
+    assert str(outside) in error["errorString"] and "agent run --allow-restores DIR" in error["recommendations"][0]
+    assert not outside.exists()
+    for vm, proc in restores.items():
+        code, job = ended(proc)
+        assert code == 0 and job["operation"] == "Restore" and job["host"] == HOST_OF[vm], job
+        assert f"restored {targets[vm]}/" in job["stderr"], job
+    assert_same_image(targets["q1"] / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
+    assert_same_image(targets["b2"] / "disk0.raw", disks["b2"])
 
-    mark("on-demand backups")
+    mark("on-demand backups, restores")
 
     # ---- agents stopped mid-backup: h3's SIGKILLed after its first pack, h1's SIGTERMed ---------
     for host in ("h1", "h3"):
@@ -379,37 +399,20 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
 
     mark("agents stopped mid-backup")
 
-    # ---- restarted agents: h3's next backup works; restores of one VM per host, on its host -----
-    agents = {**agents, "h1": start_agent("h1"), "h3": start_agent("h3")}
-    again = admin.popen("backup", "now", "c2", "--wait")  # h3 reconciles, then runs it
-    points = {vm: api.points(vm)[0] for vm in ("q1", "b2")}  # newest first: the slot's points
-    targets = {vm: restored / vm for vm in ("q1", "b2", "c2")}
-    restores = {vm: admin.popen("restore", "disks", "--vm", vm, "--rp", rp, "--target-dir", str(targets[vm]))
-                for vm, rp in points.items()}  # fmt: skip
-    outside = tmp_path / "outside"
-    refused = admin.popen("restore", "disks", "--vm", "b1", "--rp", api.points("b1")[0], "--target-dir", str(outside))
-    code, job = ended(again)
+    # ---- h3's agent restarted: it reconciles, its next backup works and restores, on h3 -----------
+    agents = {**agents, "h1": stopped, "h3": start_agent("h3")}  # h1's stays stopped
+    code, job = ended(admin.popen("backup", "now", "c2", "--wait"))
     assert code == 0 and job["status"] == "Completed" and job["host"] == "h3", job
-    (points["c2"], *older) = api.points("c2")
+    (point, *older) = api.points("c2")
     assert older == before["c2"]
-    restores["c2"] = admin.popen("restore", "disks", "--vm", "c2", "--rp", points["c2"], "--target-dir",
-                                 str(targets["c2"]))  # fmt: skip
-    code, job = ended(refused)
-    error = job["errorDetails"][0]
-    assert code != 0 and job["host"] == "h2" and error["errorCode"] == "path_not_allowed", job
-    assert str(outside) in error["errorString"] and "agent run --allow-restores DIR" in error["recommendations"][0]
-    assert not outside.exists()
-    for vm, proc in restores.items():
-        code, job = ended(proc)
-        assert code == 0 and job["operation"] == "Restore" and job["host"] == HOST_OF[vm], job
-        assert f"restored {targets[vm]}/" in job["stderr"], job
-    assert_same_image(targets["q1"] / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
-    for vm in ("b2", "c2"):
-        assert_same_image(targets[vm] / "disk0.raw", disks[vm])
-    # FILE-RECOVERY MOUNT (added by the coordinator): `files mount` of a point of a VM of an agent's
-    # host runs on that host (job JSON host), its files readable there, then unmounted.
+    code, job = ended(restore(admin, "c2", point, targets["c2"]))
+    assert code == 0 and job["operation"] == "Restore" and job["host"] == "h3", job
+    assert_same_image(targets["c2"] / "disk0.raw", disks["c2"])
+    # FILE-RECOVERY MOUNT (to be added here by the coordinator): `files mount` of a point of a VM of
+    # an agent's host (h2's or h3's agent runs here; h1's is stopped) runs on that host (the job
+    # JSON's host), its files readable there, then unmounted.
 
-    mark("restarted agents, restores")
+    mark("h3's agent restarted, backup and restore")
 
     # ---- the whole history: each slot once, each job on its VM's host, never two at once --------
     expected_slot = slot.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
@@ -427,7 +430,7 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
         for (_start, end), (start, _end) in itertools.pairwise(spans):
             assert end <= start, f"two jobs of VM {vm} at once: {spans}"
 
-    stopping = [b.proc, *(agent.proc for agent in agents.values())]
+    stopping = [b.proc, agents["h2"].proc, agents["h3"].proc]
     for proc in stopping:
         proc.send_signal(signal.SIGTERM)  # all at once; nothing runs: clean exits
     for proc in stopping:
