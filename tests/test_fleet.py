@@ -4,7 +4,7 @@ Real processes on a real PostgreSQL 15 (tests/pgserver.py): two `vmvault serve` 
 homes and three `vmvault agent run` with their own homes, hosts h1, h2 and h3 (the "hosts" are this
 machine), each agent with a BackupAgent token bound to its host and its own --allow-disks and
 --allow-restores folders; each agent home unlocked the vault once with its passphrase (`vault
-import`) and runs without it. Nine VMs, three a host: eight small raw disk images of random data,
+import`, done in process: fast) and runs without it. Nine VMs, three a host: eight small raw disk images of random data,
 and on h1 a live QEMU VM added by its QMP socket (qemu-storage-daemon stands in for a running QEMU:
 QMP, its disk held open; no guest boot needed). All nine are protected by one policy once both
 servers run; the servers' clock (the test-only VMVAULT_TEST_CLOCK_OFFSET_S) has just passed its
@@ -17,7 +17,7 @@ What a user relies on, checked here:
 - on-demand backups through the surviving server; a second backup of a VM whose backup runs is
   refused, naming the running job;
 - an agent SIGKILLed mid-backup (after its first pack): the job ends Failed `agent_lost` within the
-  lease, no point; restarted, its next backup completes; an agent stopped (SIGTERM) mid-backup:
+  lease, no point; restarted, its next backup completes and restores; an agent stopped (SIGTERM) mid-backup:
   the job ends Cancelled, no point, the agent exits 0;
 - the server does not choose which files of a host are read or written: a disk outside the agent's
   --allow-disks fails its backup, a restore outside its --allow-restores fails, naming the path
