@@ -1,10 +1,10 @@
 """Agents on hypervisor hosts (`vmvault agent run`, service/agentrun.py; the server's side service/agentwork.py).
 
-The scenario runs real processes on a real PostgreSQL 15 (tests/pgserver.py): one `vmvault serve`
-and two agents with their own homes and host names h1, h2 (the "hosts" are this machine). Each
-agent home unlocks the vault once with its passphrase (`vault import`) and runs without it.
 The fast tests check the contract: what a BackupAgent token may reach, the API version check,
-and the agent's refusal of plain http:// to a non-loopback server.
+claims by host, agent_lost and orphans in process, and the agent's refusal of plain http:// to a
+non-loopback server. Real agents (processes with their own homes and host names, on a real
+PostgreSQL 15) run in the fleet scenario, tests/test_fleet.py: two servers, three agents, nine VMs,
+a killed agent's job ending agent_lost, a stopped agent's Cancelled.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from api_support import sandbox
-from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
+from helpers import PASSPHRASE, Cli
 from pgserver import PgServer
 from test_scheduler import Serve
 
@@ -239,7 +238,10 @@ def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(t
     assert "--token" in r.output  # no such option: a token is never an argument
 
 
-# ---- the scenario -------------------------------------------------------------------------------
+# ---- real agents ----------------------------------------------------------------------------------
+# Agent is what tests/test_fleet.py runs; _set_up, stack, _backup and _ended are the pieces of this
+# file's former agents scenario (now in test_fleet.py), kept for agent tests that start a serve and
+# agents of their own.
 
 
 class Agent:
@@ -310,140 +312,3 @@ def _ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
         return proc.returncode, json.loads(out)
     except ValueError:
         raise AssertionError(f"backup printed no job: {out!r} {err!r}") from None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_agents_run_their_hosts_backups_and_a_killed_agents_job_ends_agent_lost(
-    tmp_path: Path, pg_server: PgServer, small_image: Path, stack: dict[str, Any]
-) -> None:
-    url = pg_server.new_database()
-    disks = _set_up(tmp_path, url, small_image)
-    catalog = {"VMVAULT_CATALOG": url}
-    admin = Cli(home=tmp_path / "setup", extra_env=catalog)
-    serve = Serve(Cli(home=tmp_path / "srv", extra_env={**catalog, "VMVAULT_AGENT_LEASE_S": str(LEASE_S)}))
-    stack["procs"].append(serve)
-    first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
-    server = serve.announce.split("listening on ")[1].split()[0]
-
-    agent_clis = {}
-    for host in ("h1", "h2"):
-        token = admin.ok("token", "create", "--role", "BackupAgent", "--host", host).json()["token"]
-        home = tmp_path / f"agent-{host}"
-        assert Cli(home=home).vault_import(tmp_path / "v1").ok  # unlocks the vault once: this host's key
-        agent_clis[host] = Cli(home=home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
-    # A live VM on h1: qemu-storage-daemon stands in for a running QEMU (QMP, its disk held open);
-    # added by its QMP socket on h1, described by h1's agent at its first backup.
-    from vm.machine import StorageDaemon, blank_disk, read_live
-
-    qsd = StorageDaemon(tmp_path, [blank_disk(tmp_path, "q0", 8 * MiB, "raw")]).start()
-    stack["procs"].append(qsd)
-    qsd.write(qsd.disks[0], [(0, os.urandom(2 * MiB)), (5 * MiB, os.urandom(MiB))])
-    added = admin.ok("vm", "add", "q1", "--host", "h1", "--qmp", str(qsd.vmvault_qmp)).json()
-    assert added["host"] == "h1" and added["disks"] == []
-    admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
-    Agent.allowed = [tmp_path, small_image.parent, qsd.sockets]
-    Agent.restores = [tmp_path]
-    agents = {h: Agent(c, server, h) for h, c in agent_clis.items()}
-    stack["procs"].extend(agents.values())
-    for host in agents:
-        wait_for(lambda h=host: admin.run("host", "show", h).ok, 60, f"agent {host} to register", interval=0.5)
-        shown = admin.ok("host", "show", host).json()
-        assert shown["role"] == "Agent" and shown["state"] == "Online"
-
-    # On-demand backups of the VMs of both hosts, at once; each job ran on its VM's host.
-    started = time.monotonic()
-    running = {vm: _backup(admin, vm) for vm in [*disks, "q1"]}
-    points = {}
-    for vm, proc in running.items():
-        code, job = _ended(proc)
-        props = job["properties"]
-        assert code == 0 and props["status"] == "Completed", job
-        assert props["host"] == ("h2" if vm == "b1" else "h1")
-        points[vm] = admin.point_ids(vm)[-1]
-    print(f"four agent backups: {time.monotonic() - started:.1f} s")
-    shown = admin.ok("vm", "show", "q1").json()  # described on h1: its disk and QEMU's format
-    assert [(d["name"], d["format"]) for d in shown["disks"]] == [("q0", "raw")], shown
-    restored = tmp_path / "restored-q1"
-    assert admin.restore_disks("q1", points.pop("q1"), restored).ok
-    assert_same_image(restored / "q0.raw", read_live(qsd.disks[0], tmp_path / "q0-now.raw"))
-    # The server does not choose which files of a host are read: a disk outside the agent's
-    # --allow-disks folders fails its backup, naming the path and the fix.
-    admin.ok("vm", "add", "x1", "--host", "h1", "--disk", "/etc/hostname", "--format", "raw")
-    admin.ok("protection", "enable", "--vm", "x1", "--vault", "v1")
-    code, job = _ended(_backup(admin, "x1"))
-    error = job["properties"]["errorDetails"][0]
-    assert code != 0 and error["errorCode"] == "path_not_allowed" and "/etc/hostname" in error["errorString"], job
-    assert "agent run --allow-disks DIR" in error["recommendations"][0]
-    # Restores of a host's VMs run on that host, by its agent, into its allowed restore roots.
-    for vm, rp in points.items():
-        target = tmp_path / f"restored-{vm}"
-        r = admin.restore_disks(vm, rp, target)
-        assert r.ok, r
-        props = r.json()["properties"]
-        assert props["operation"] == "Restore" and props["host"] == ("h2" if vm == "b1" else "h1"), props
-        assert f"restored {target / 'disk0.raw'}" in r.stderr
-        assert_same_image(target / "disk0.raw", disks[vm])
-    outside = tmp_path.parent / f"{tmp_path.name}-outside"
-    r = admin.restore_disks("b1", points["b1"], outside)
-    assert not r.ok
-    props = r.json()["properties"]
-    error = props["errorDetails"][0]
-    assert props["host"] == "h2" and error["errorCode"] == "path_not_allowed", props
-    assert str(outside) in error["errorString"] and "agent run --allow-restores DIR" in error["recommendations"][0]
-    assert not outside.exists()
-
-    # h2's agent dies (SIGKILL) in the middle of a backup: right after its first pack is published.
-    agents["h2"].stop()  # SIGTERM with nothing running: a clean exit
-    assert agents["h2"].proc.returncode == 0
-    killed = Agent(Cli(home=agent_clis["h2"].home, passphrase=None,
-                       extra_env={**agent_clis["h2"].extra_env, "VMVAULT_TEST_KILL_AT": "pack:published"}),
-                   server, "h2")  # fmt: skip
-    stack["procs"].append(killed)
-    disks["b1"].write_bytes(os.urandom(6 * MiB))  # new data: the backup publishes packs
-    before = admin.point_ids("b1")
-    proc = _backup(admin, "b1")
-    assert killed.proc.wait(120) == -signal.SIGKILL
-    died = time.monotonic()
-    code, job = _ended(proc)
-    lost_after = time.monotonic() - died
-    props = job["properties"]
-    assert code != 0 and props["status"] == "Failed", job
-    error = props["errorDetails"][0]
-    assert error["errorCode"] == "agent_lost" and "host 'h2'" in error["errorString"]
-    assert "vmvault backup now b1" in error["recommendations"][0]
-    assert lost_after < LEASE_S + 15, f"agent_lost after {lost_after:.1f} s"
-    assert admin.point_ids("b1") == before, "a partial point became a recovery point"
-
-    # The restarted agent reconciles, then its next backup works (the VM is not held by the dead job).
-    agents["h2"] = Agent(agent_clis["h2"], server, "h2")
-    stack["procs"].append(agents["h2"])
-    code, job = _ended(_backup(admin, "b1"))
-    assert code == 0 and job["properties"]["status"] == "Completed" and job["properties"]["host"] == "h2", job
-    rp = admin.point_ids("b1")[-1]
-    assert rp not in before
-    target = tmp_path / "restored-b1-again"
-    assert admin.restore_disks("b1", rp, target).ok
-    assert_same_image(target / "disk0.raw", disks["b1"])
-
-    # SIGTERM to h1's agent in the middle of a backup (held at its first dedup hit: a2 now starts
-    # with b1's data, already in the vault): the job ends Cancelled, no point, the agent exits 0.
-    agents["h1"].stop()
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    slow_env = {**agent_clis["h1"].extra_env, "VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(pause)}
-    agents["h1"] = Agent(Cli(home=agent_clis["h1"].home, passphrase=None, extra_env=slow_env), server, "h1")
-    stack["procs"].append(agents["h1"])
-    disks["a2"].write_bytes(disks["b1"].read_bytes() + os.urandom(2 * MiB))
-    before = admin.point_ids("a2")
-    proc = _backup(admin, "a2")
-    wait_for(lambda: (pause / "paused").exists(), 120, "h1's agent to be mid-backup", interval=0.2)
-    agents["h1"].proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    (pause / "resume").touch()
-    assert agents["h1"].proc.wait(60) == 0
-    code, job = _ended(proc)
-    assert code != 0 and job["properties"]["status"] == "Cancelled", job
-    assert job["properties"]["host"] == "h1"
-    assert "the agent was stopped (SIGTERM)" in job["properties"]["errorDetails"][0]["errorString"]
-    assert admin.point_ids("a2") == before
