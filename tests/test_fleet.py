@@ -22,7 +22,9 @@ What a user relies on, checked here:
 - the server does not choose which files of a host are read or written: a disk outside the agent's
   --allow-disks fails its backup, a restore outside its --allow-restores fails, naming the path
   and the fix, nothing written;
-- restores of one VM per host (the live VM's among them) are byte-identical and run on its host.
+- restores of one VM per host (the live VM's among them) are byte-identical and run on its host;
+- a file-recovery mount of a point of a VM of h2 runs on h2 (by its agent, under its allowed
+  folder), a file read there is byte-identical, and its unmount runs there too.
 
 The agents talk to server B (an agent follows one --server URL: in a deployment, a name in front of
 the servers), and A is the one that schedules first and dies.
@@ -46,7 +48,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from helpers import PASSPHRASE, Cli, assert_same_image, wait_for
+from files_support import build_disks, file_set, mounts_under
+from helpers import PASSPHRASE, Cli, assert_same_image, copy_image, wait_for
 from pgserver import PgServer
 from test_agents import Agent
 from test_scheduler import Serve, next_half_hour, policy_file
@@ -408,9 +411,23 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     code, job = ended(restore(admin, "c2", point, targets["c2"]))
     assert code == 0 and job["operation"] == "Restore" and job["host"] == "h3", job
     assert_same_image(targets["c2"] / "disk0.raw", disks["c2"])
-    # FILE-RECOVERY MOUNT (to be added here by the coordinator): `files mount` of a point of a VM of
-    # an agent's host (h2's or h3's agent runs here; h1's is stopped) runs on that host (the job
-    # JSON's host), its files readable there, then unmounted.
+    # A file-recovery mount of a VM of h2 (a disk with file systems and known files) runs on h2,
+    # by its agent, under its allowed folder; its files are readable there; the unmount runs there too.
+    image = copy_image(build_disks()["disk1"], folder / "f2.raw")
+    admin.ok("vm", "add", "f2", "--host", "h2", "--disk", str(image), "--format", "raw")
+    admin.ok("protection", "enable", "--vm", "f2", "--vault", "v1")
+    code, job = ended(admin.popen("backup", "now", "f2", "--wait"))
+    assert code == 0 and job["status"] == "Completed" and job["host"] == "h2", job
+    where = restored / "f2-files"
+    r = admin.ok("files", "mount", "f2", "--rp", api.points("f2")[0], "--mountpoint", str(where))
+    session = r.json()
+    assert session["host"] == "h2" and session["state"] == "Active" and session["mountpoint"] == str(where)
+    assert api.job(r.stderr.split("as job ")[1].split()[0])["host"] == "h2"
+    ext4 = where / "disk0-part5"
+    assert (ext4 / "big.bin").read_bytes() == file_set("ext4", 1)["big.bin"]  # byte-identical, read on h2
+    ended_sessions = admin.ok("files", "unmount", "f2").json()
+    assert [(e["id"], e["state"]) for e in ended_sessions] == [(session["id"], "Ended")]
+    assert mounts_under(where) == []
 
     mark("h3's agent restarted, backup and restore")
 
