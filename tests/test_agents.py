@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ import pytest
 
 from api_support import sandbox
 from helpers import PASSPHRASE, Cli
-from pgserver import PgServer
-from test_scheduler import Serve
 
 MiB = 1 << 20
 LEASE_S = 6.0
@@ -239,9 +236,7 @@ def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(t
 
 
 # ---- real agents ----------------------------------------------------------------------------------
-# Agent is what tests/test_fleet.py runs; _set_up, stack, _backup and _ended are the pieces of this
-# file's former agents scenario (now in test_fleet.py), kept for agent tests that start a serve and
-# agents of their own.
+# Agent is what tests/test_fleet.py and tests/test_agent_restore_vm.py run.
 
 
 class Agent:
@@ -269,46 +264,3 @@ class Agent:
             if pipe is not None:
                 pipe.close()
         return log
-
-
-def _set_up(tmp_path: Path, url: str, image: Path) -> dict[str, Path]:
-    """One vault; VMs a1 (the small image), a2 on h1 and b1 on h2 (in process: fast)."""
-    from vmvault.service import protection, vaults
-    from vmvault.service.context import context
-    from vmvault.service.hostvms import add_host_vm
-    from vmvault.settings import Settings
-
-    disks = {"a1": image, "a2": tmp_path / "a2.raw", "b1": tmp_path / "b1.raw"}
-    disks["a2"].write_bytes(os.urandom(3 * MiB) + bytes(MiB))
-    disks["b1"].write_bytes(os.urandom(6 * MiB))
-    with context(Settings(home=tmp_path / "setup", passphrase=PASSPHRASE, catalog_url=url)) as ctx:
-        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
-        for name, disk in disks.items():
-            add_host_vm(ctx, name, "h2" if name == "b1" else "h1", [str(disk)])
-            protection.enable_protection(ctx, name, "v1")
-    return disks
-
-
-@pytest.fixture
-def stack(tmp_path: Path, pg_server: PgServer) -> Iterator[dict[str, Any]]:
-    procs: list[Any] = []
-    yield {"procs": procs}
-    for proc in procs:
-        if isinstance(proc, Agent):
-            proc.stop(signal.SIGKILL)
-        elif isinstance(proc, Serve):
-            proc.stop()
-        else:
-            proc.close()
-
-
-def _backup(cli: Cli, vm: str) -> subprocess.Popen[str]:
-    return cli.popen("backup", "now", vm, "--wait")
-
-
-def _ended(proc: subprocess.Popen[str]) -> tuple[int, dict[str, Any]]:
-    out, err = proc.communicate(timeout=300)
-    try:
-        return proc.returncode, json.loads(out)
-    except ValueError:
-        raise AssertionError(f"backup printed no job: {out!r} {err!r}") from None
