@@ -102,3 +102,30 @@ def test_hosts_over_the_api_with_version_mismatch_and_vault_scoped_names(tmp_pat
                           boot_id="", details={}))  # fmt: skip
         table = Cli(home=tmp_path / "home").ok("host", "list", json_output=False).stdout
         assert "0.0.1 (not the server's)" in table
+
+
+def test_running_jobs_are_counted_on_the_host_that_runs_them(tmp_path: Path, catalog_url: str | None) -> None:
+    """An agent's running jobs are its VMs' (agents sharing a machine's boot id are told apart); the
+    server's do not include them."""
+    from vmvault.proc import boot_id
+    from vmvault.service import agentwork, backups, hosts, protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(bytes(1 << 20))
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE, catalog_url=catalog_url)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        hosts.heartbeat_server(ctx, "http://127.0.0.1:8080")
+        for host in ("h1", "h2"):  # both "hosts" are this machine: the same boot id as the server
+            agentwork.register(ctx, host, {"version": hosts.version(), "apiVersion": agentwork.API_VERSION,
+                                           "bootId": boot_id(), "pid": 1})  # fmt: skip
+        add_host_vm(ctx, "a1", "h1", [str(disk)])
+        protection.enable_protection(ctx, "a1", "v1")
+        queued = backups.backup_now(ctx, "a1").job
+        package = agentwork.claim(ctx, "h1", 4242)
+        assert package is not None and package["jobId"] == queued["id"]
+        counts = {h["name"]: h["runningJobs"] for h in hosts.list_hosts(ctx)}
+        assert counts == {"h1": 1, "h2": 0, hosts.local_host_name(): 0}, counts
+        assert hosts.show_host(ctx, "h1")["runningJobIds"] == [queued["id"]]

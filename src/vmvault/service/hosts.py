@@ -3,7 +3,8 @@
 Every `vmvault serve` registers the machine it runs on (role Server, named by its host name) and
 beats its heartbeat every HEARTBEAT_S; a host is Online while its last heartbeat is younger than
 HOST_LEASE_S, else Offline. Agents on hypervisor hosts (role Agent) will register the same way.
-A host's running jobs are the InProgress jobs owned by a process of its boot (jobs.owner_boot_id);
+A host's running jobs: a server's are the InProgress jobs owned by a process of its boot
+(jobs.owner_boot_id), less other hosts' VMs'; an agent's are those of its VMs;
 its VMs are those whose `host` names it (VMs added without a host have none: any server runs them).
 """
 
@@ -70,10 +71,17 @@ def state_of(row: HostRow) -> str:
 
 
 def _running_jobs(s: Session, row: HostRow) -> list[str]:
-    if not row.boot_id:
+    """The claimed jobs a host runs: an agent's are its VMs' (several agents may share a machine's boot
+    id, so never by boot id); a server's are those its machine claimed, less other hosts' VMs'."""
+    running = select(JobRow.id).where(JobRow.status == "InProgress", JobRow.owner_pid > 0)
+    if row.role == AGENT:
+        query = running.join(VmRow, VmRow.name == JobRow.vm).where(VmRow.host == row.name)
+    elif row.boot_id:
+        elsewhere = select(VmRow.name).where(VmRow.host.is_not(None), VmRow.host != row.name)
+        query = running.where(JobRow.owner_boot_id == row.boot_id,
+                              JobRow.vm.is_(None) | JobRow.vm.not_in(elsewhere))  # fmt: skip
+    else:
         return []
-    query = select(JobRow.id).where(JobRow.status == "InProgress", JobRow.owner_pid > 0,
-                                    JobRow.owner_boot_id == row.boot_id)  # fmt: skip
     return list(s.scalars(query.order_by(JobRow.start_time)).all())
 
 
