@@ -9,6 +9,14 @@ max_jobs Backup and Restore jobs of its host's VMs and runs each with the same c
 from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
 and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs
 (they end Cancelled, no point), exit 0.
+
+Cut off from the server (ServerUnreachable: no connection, a timeout, a 502/503/504 from a proxy):
+at start the agent registers again with bounded exponential backoff and jitter (Backoff) until the
+server answers or SIGTERM; a refused token or API version exits at once (a human must act). While
+it runs, heartbeats, claims and progress reports that fail are retried on the same backoff and the
+running jobs go on (they write straight to the vault's storage); the report of a job's end is
+retried until the server answers or the agent stops. A server that failed the job `agent_lost`
+meanwhile adopts the point the vault holds (agentwork.finish: the manifest is the truth).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import threading
 import time
 import urllib.error
@@ -45,10 +54,37 @@ CLAIM_POLL_S = 1.0
 DEFAULT_MAX_JOBS = 2
 
 
+PROGRESS_TIMEOUT_S = 10.0  # a progress report never holds a backup for long (it is only a report)
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+PROXY_STATUSES = (502, 503, 504)  # a proxy or load balancer in front of a server that does not answer
+
+
 class ServerUnreachable(VmvaultError):
     code = "server_unreachable"
     exit_code = 69
     http_status = 502
+
+
+@dataclass
+class Backoff:
+    """Bounded exponential backoff with jitter: about 1 s, 2 s, 4 s ... up to 30 s between tries.
+
+    Each delay is drawn from [base/2, base] so that many agents cut off by one outage do not all
+    come back in the same second."""
+
+    first_s: float = BACKOFF_FIRST_S
+    max_s: float = BACKOFF_MAX_S
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        base = min(self.max_s, self.first_s * 2 ** min(self.failures, 16))
+        self.failures += 1
+        return random.uniform(base / 2, base)
+
+    def reset(self) -> bool:
+        """Forget the failures; True when there were some (the caller logs that the server is back)."""
+        had, self.failures = self.failures > 0, 0
+        return had
 
 
 def check_server_url(url: str) -> str:
@@ -96,6 +132,33 @@ def read_token(token_file: str | None) -> str:
     return token
 
 
+class Waker:
+    """What the agent's retries wait on: they wake early when the agent stops or the server answers again
+    (its heartbeat got through), so a report held back by an outage goes out within a heartbeat."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._answers = 0  # how many times the server came back
+        self.stopped = False
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds; True when the agent is stopping."""
+        with self._cond:
+            seen = self._answers
+            self._cond.wait_for(lambda: self.stopped or self._answers != seen, timeout)
+            return self.stopped
+
+    def server_back(self) -> None:
+        with self._cond:
+            self._answers += 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
 # ---- the REST client ----------------------------------------------------------------------------
 
 
@@ -105,17 +168,18 @@ class AgentClient:
     host: str
     token: str = field(repr=False)
 
-    def call(self, path: str, body: JsonDict) -> Any:
-        """POST /api/v1/agents/{host}{path}; the decoded answer (None for 204); the server's error raised."""
+    def call(self, path: str, body: JsonDict, timeout: float = TIMEOUT_S) -> Any:
+        """POST /api/v1/agents/{host}{path}; the decoded answer (None for 204); the server's error raised
+        (ServerUnreachable when no vmvault server answered)."""
         url = f"{self.server}/api/v1/agents/{urllib.parse.quote(self.host, safe='')}{path}"
         request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
             "Accept": "application/json"})  # fmt: skip
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            raise _api_error(exc) from None
+            raise _api_error(exc, self.server) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise ServerUnreachable(
                 f"cannot reach the vmvault server at {self.server}: {getattr(exc, 'reason', exc)}",
@@ -124,11 +188,16 @@ class AgentClient:
         return json.loads(raw) if raw else None
 
 
-def _api_error(exc: urllib.error.HTTPError) -> VmvaultError:
+def _api_error(exc: urllib.error.HTTPError, server: str) -> VmvaultError:
     try:
         body = json.loads(exc.read() or b"{}")
     except ValueError:
         body = {}
+    if not isinstance(body, dict):
+        body = {}
+    if exc.code in PROXY_STATUSES and not body.get("code"):  # a proxy's page, not vmvault's answer
+        return ServerUnreachable(f"the vmvault server at {server} does not answer (HTTP {exc.code} from a proxy)",
+                                 hint="check that vmvault serve runs behind the proxy")  # fmt: skip
     code = str(body.get("code") or "internal_error")
     message = str(body.get("message") or f"the server answered {exc.code}")
     for cls in _subclasses(VmvaultError):
@@ -171,8 +240,14 @@ class RemoteBooks:
 class AgentRun:
     """backups.BackupRun on the agent: progress (tasks per disk) sent to the server at most once a second."""
 
-    def __init__(self, client: AgentClient, job_id: str, cancel: StopEvent, details: JsonDict | None) -> None:
+    def __init__(
+        self, client: AgentClient, job_id: str, cancel: StopEvent, details: JsonDict | None,
+        life: Waker | None = None,
+    ) -> None:  # fmt: skip
         self.client, self.job_id, self.stopper = client, job_id, cancel
+        self.life = life or Waker()  # stopped with the agent: no more retries of the end report
+        self.backoff = Backoff()
+        self._quiet_until = 0.0  # the server was unreachable: no progress report before then
         self.cancel: threading.Event = cancel  # with the reason of a stop (backups._cancel_reason reads it)
         self.details: JsonDict | None = json.loads(json.dumps(details)) if details else {}
         self.warnings: list[JsonDict] = []
@@ -186,17 +261,26 @@ class AgentRun:
         with self._lock:
             previous, self.last = self.last, progress_dict(progress)
             track_tasks(self.details, previous, self.last, progress)
-            if time.monotonic() - self._sent < PROGRESS_INTERVAL_S:
+            now = time.monotonic()
+            if now - self._sent < PROGRESS_INTERVAL_S or now < self._quiet_until:
                 return
-            self._sent = time.monotonic()
+            self._sent = now
             body = {"progress": dict(self.last), "details": _sendable(self.details)}
         try:
-            answer = self.client.call(f"/jobs/{self.job_id}/progress", body)
+            answer = self.client.call(f"/jobs/{self.job_id}/progress", body, timeout=PROGRESS_TIMEOUT_S)
+        except ServerUnreachable as exc:  # the job goes on: it writes straight to the vault's storage
+            delay = self.backoff.next_delay()
+            self._quiet_until = time.monotonic() + delay
+            log.warning("job %s: progress not reported (%s); the job goes on, next report in %.0f s",
+                        self.job_id, exc.message, delay)  # fmt: skip
+            return
         except VmvaultError as exc:  # the server decides: a job it ended (agent_lost) is stopped here
             if exc.code == "busy" or exc.code == "not_found":
                 self.stopper.stop(f"the server ended job {self.job_id}")
             log.warning("job %s: progress not recorded: %s", self.job_id, exc)
             return
+        if self.backoff.reset():
+            log.info("job %s: the server answers again", self.job_id)
         if answer and answer.get("cancel"):
             self.stopper.stop("the job was cancelled")
 
@@ -217,20 +301,24 @@ class Agent:
     running: dict[str, StopEvent] = field(default_factory=dict)
     heartbeat_s: float = 3.0
     _stop: StopEvent = field(default_factory=StopEvent)
+    waker: Waker = field(default_factory=Waker)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, on_ready: Any = None) -> int:
         if self.max_jobs < 1:
             raise InvalidInput(f"--max-jobs must be at least 1 (got {self.max_jobs})", hint="e.g. --max-jobs 2")
-        answer = self.client.call("/register", self._registration())
-        self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
-        log.info("agent of host %s registered with %s", self.client.host, self.client.server)
-        reconcile_leftovers(self.settings, list(answer.get("vms") or []))
-        previous = install_stop_signals(self.request_stop, "the agent")
-        beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
-        beat.start()
+        previous = install_stop_signals(self.request_stop, "the agent")  # also while it waits for the server
         try:
+            answer = self._register_until_answered()
+            if answer is None:
+                log.info("stopping before the server answered: %s", self._stop.reason)
+                return 0
+            self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
+            log.info("agent of host %s registered with %s", self.client.host, self.client.server)
+            reconcile_leftovers(self.settings, list(answer.get("vms") or []))
+            beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
+            beat.start()
             if on_ready is not None:
                 on_ready(self)
             self._claim_loop()
@@ -246,6 +334,22 @@ class Agent:
 
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
+        self.waker.stop()
+
+    def _register_until_answered(self) -> JsonDict | None:
+        """Register; a server that does not answer is asked again with backoff until it does or the agent
+        is stopped (None). A refusal (token, API version, host name) is raised: it needs a human."""
+        backoff = Backoff()
+        while True:
+            try:
+                answer: JsonDict = self.client.call("/register", self._registration())
+                return answer
+            except ServerUnreachable as exc:
+                delay = backoff.next_delay()
+                log.warning("registering with the server failed (%s); try %d, next in %.1f s",
+                            exc.message, backoff.failures, delay)  # fmt: skip
+            if self._stop.wait(delay):
+                return None
 
     def _registration(self) -> JsonDict:
         from vmvault.service.hosts import version
@@ -254,17 +358,26 @@ class Agent:
                 "hypervisors": hypervisors_found()}  # fmt: skip
 
     def _claim_loop(self) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
             with self._lock:
                 free = self.max_jobs - len(self.running)
-            package = None
+            package, wait = None, CLAIM_POLL_S
             if free > 0:
                 try:
                     package = self.client.call("/claim", {"pid": os.getpid()}).get("package")
+                    if backoff.reset():
+                        log.info("the server at %s answers again", self.client.server)
+                except ServerUnreachable as exc:  # running jobs go on; claims wait for the server
+                    wait = backoff.next_delay()
+                    log.warning("claiming a job failed (%s); next try in %.1f s", exc.message, wait)
                 except VmvaultError as exc:
                     log.warning("claiming a job failed: %s", exc)
             if package is None:
-                self._stop.wait(CLAIM_POLL_S)
+                if wait > CLAIM_POLL_S:  # the server did not answer: wait for the next try, or for it to answer
+                    self.waker.wait(wait)
+                else:
+                    self._stop.wait(wait)
                 continue
             self._start(package)
 
@@ -284,7 +397,7 @@ class Agent:
         job_id = str(package["jobId"])
         try:
             with job_context(job_id, str(package["vm"]["name"])):
-                run_package(self.settings, self.client, package, cancel, self.paths)
+                run_package(self.settings, self.client, package, cancel, self.paths, life=self.waker)
         except Exception:
             log.exception("job %s crashed the agent's worker", job_id)
         finally:
@@ -292,6 +405,7 @@ class Agent:
                 self.running.pop(job_id, None)
 
     def _heartbeat_loop(self) -> None:
+        quiet, next_log = Backoff(), 0.0  # an outage is logged once per backoff step, not every beat
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
                 running = list(self.running)
@@ -300,9 +414,18 @@ class Agent:
             except NotFound:  # the host was removed while this agent was away: register it again
                 self._register_again()
                 continue
+            except ServerUnreachable as exc:  # the running jobs go on; beats go on at their period
+                if time.monotonic() >= next_log:
+                    next_log = time.monotonic() + quiet.next_delay()
+                    log.warning("heartbeat failed (%s); running jobs go on", exc.message)
+                continue
             except VmvaultError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            if quiet.reset():
+                next_log = 0.0
+                log.info("heartbeat: the server at %s answers again", self.client.server)
+                self.waker.server_back()  # held-back reports and claims go out now
             with self._lock:
                 for job_id in answer.get("cancel") or []:
                     if job_id in self.running:
@@ -318,16 +441,18 @@ class Agent:
 
 
 def run_package(
-    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None
-) -> str:
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None,
+    life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed Backup (or Restore) job with the server's engine and connector code; report how it ended.
 
     paths: the host's allowed disk roots; a work package naming a disk image or a QMP socket outside
-    them fails (the server is not trusted to read any file of this host into a vault)."""
+    them fails (the server is not trusted to read any file of this host into a vault). life: set when
+    the agent stops (the report of the job's end is retried until the server answers or then)."""
     from vmvault.service.backups import BackupPlan, run_backup_into
 
     if package.get("operation") == "Restore":
-        return run_restore_package(settings, client, package, cancel, paths)
+        return run_restore_package(settings, client, package, cancel, paths, life)
     from vmvault.service.vaultio import opened_vault_at
 
     job_id, vm = str(package["jobId"]), package["vm"]
@@ -336,7 +461,7 @@ def run_package(
                          storage_dir=str(vault_info["storage"]))  # fmt: skip
     plan = BackupPlan(str(vm["id"]), str(vm["name"]), vault_row, list(vm["disks"]), dict(vm["definition"]),
                       str(package["retainUntil"]))  # fmt: skip
-    run = AgentRun(client, job_id, cancel, package.get("details"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
     books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
     try:
         if paths is not None:
@@ -347,21 +472,22 @@ def run_package(
     except Exception as exc:
         return _report_failure(client, run, exc)
     end_tasks(run.details, Status.COMPLETED)
-    _finish(client, job_id, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
+    _finish(run, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
                              "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
 
 
 def run_restore_package(
-    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None
-) -> str:
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
+    life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed Restore job (restore disks of a VM of this host) with the same code as a local
     restore (restores.restore_into); the files are written here, in this host's allowed restore roots."""
     from vmvault.service.restores import restore_into
 
     job_id = str(package["jobId"])
-    run = AgentRun(client, job_id, cancel, package.get("details"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
     try:
         plan, recheck = _restore_plan(package, paths)
         # Partial files are not recorded on the server (its reaper would look for them on its own host).
@@ -369,7 +495,7 @@ def run_restore_package(
             written = restore_into(vault, plan, run, recheck, lambda _d: partial_tag(job_id))
     except Exception as exc:
         return _report_failure(client, run, exc)
-    _finish(client, job_id, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
+    _finish(run, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
                              "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s into %s", job_id, package["vm"]["name"], plan.target_dir)
     return Status.COMPLETED
@@ -451,28 +577,31 @@ def _report_failure(client: AgentClient, run: AgentRun, exc: Exception) -> str:
 def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:
     end_tasks(run.details, status)
     log.warning("job %s ended %s: %s", run.job_id, status, exc)
-    _finish(client, run.job_id, {"status": status, "error": exc.to_dict(), "progress": run.last,
+    _finish(run, {"status": status, "error": exc.to_dict(), "progress": run.last,
                                  "details": _sendable(run.details)})  # fmt: skip
     return status
 
 
-FINISH_TRIES, FINISH_RETRY_S = 12, 5.0
-
-
-def _finish(client: AgentClient, job_id: str, body: JsonDict) -> None:
-    """Report the job's end; an unreachable server is asked again for about a minute (a point already
-    published is then recorded, not lost); any other refusal (the job ended there) is logged."""
-    for attempt in range(FINISH_TRIES):
+def _finish(run: AgentRun, body: JsonDict) -> None:
+    """Report the job's end. A server that does not answer is asked again with backoff until it does or
+    the agent stops (a point already published is then recorded, or adopted by a server that failed
+    the job `agent_lost` meanwhile); any other refusal (the job ended there) is logged."""
+    backoff = Backoff()
+    while True:
         try:
-            client.call(f"/jobs/{job_id}/finish", body)
+            run.client.call(f"/jobs/{run.job_id}/finish", body)
             return
         except ServerUnreachable as exc:
-            log.warning("job %s: reporting its end failed (%s); try %d of %d", job_id, exc, attempt + 1, FINISH_TRIES)
-            time.sleep(FINISH_RETRY_S)
-        except VmvaultError as exc:  # ended there already (agent_lost, cancelled) or refused: nothing to redo
-            log.warning("job %s: its end was not recorded: %s", job_id, exc)
+            delay = backoff.next_delay()
+            log.warning("job %s: reporting its end (%s) failed (%s); try %d, next in %.1f s", run.job_id,
+                        body.get("status"), exc.message, backoff.failures, delay)  # fmt: skip
+        except VmvaultError as exc:  # ended there already (cancelled, refused): nothing to redo
+            log.warning("job %s: its end was not recorded: %s", run.job_id, exc)
             return
-    log.warning("job %s: its end was never recorded; the server ends it when it finds it orphaned", job_id)
+        if run.life.wait(delay):
+            log.warning("job %s: the agent stopped before the server heard of the job's end; a point it "
+                        "published is adopted by the server at the next contact", run.job_id)  # fmt: skip
+            return
 
 
 def _budget(package: JsonDict) -> Any:

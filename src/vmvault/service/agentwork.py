@@ -443,6 +443,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
     if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
+    if status == Status.COMPLETED and _lost_backup(ctx, host, job_id):
+        return _adopt_late_point(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body)
     if status == Status.COMPLETED:
         return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
     if status not in (Status.FAILED, Status.CANCELLED):
@@ -532,6 +534,69 @@ def _finish_completed(
 
     save(ctx, vault)  # the VM's definition and retain-until as of this backup, as a local backup does
     return show_job(ctx, job_id)
+
+
+# ---- the late end of a job the server had failed agent_lost ----------------------------------
+
+
+def _lost_backup(ctx: Context, host: str, job_id: str) -> bool:
+    """This host's Backup job that ended agent_lost (or whose lost point was adopted already)."""
+    with ctx.catalog.read() as s:
+        row = repos.find_job(s, job_id)
+        if row is None or row.operation != Operation.BACKUP or (row.details or {}).get(AGENT_KEY) != host:
+            return False
+        ended_ok = row.status in (Status.COMPLETED, Status.COMPLETED_WITH_WARNINGS)
+        adopted = ended_ok and bool((row.details or {}).get("reconciled"))
+        return adopted or (row.status == Status.FAILED and (row.error or {}).get("code") == "agent_lost")
+
+
+def _adopt_late_point(ctx: Context, host: str, job_id: str, rp_id: str, body: JsonDict) -> JsonDict:
+    """An agent cut off from the server reports a backup it completed after the server failed the job
+    `agent_lost`: the point it published is adopted by the crash rule (service/reconcile.py): its
+    manifest, read back from the vault, names this job and VM and the vault's record chain records
+    it. A point the vault does not hold is never recorded (NotFound); one that does not check out is
+    not adopted (IntegrityError naming why); the job stays as it ended."""
+    from vmvault.service.reconcile import adopt_reported_point
+    from vmvault.service.vaultsettings import save
+
+    with ctx.catalog.read() as s:
+        job = repos.get_job(s, job_id)
+        vault = repos.get_vault(s, job.vault or "")
+        vm = repos.get_vm(s, job.vm or "")
+        done = (job.details or {}).get("recoveryPoint")
+        s.expunge_all()
+    if done and done == rp_id:  # adopted already (reconcile before another backup, a server's start)
+        return show_job(ctx, job_id)
+    manifest = _published_manifest(ctx, vault, rp_id, vm.id, job_id)
+    note = (f"the agent of host '{host}' reported this job's end at {now_iso()}, after the server had failed it "
+            "agent_lost; the recovery point it published was adopted (read back from the vault)")  # fmt: skip
+    why = adopt_reported_point(ctx, vault, manifest.rp_id, note)
+    if why is not None:
+        raise IntegrityError(
+            f"recovery point '{rp_id}' of job '{job_id}' in vault '{vault.name}' was not adopted: {why}",
+            hint=f"run vmvault vault verify {vault.name}, then the backup again: vmvault backup now {vm.name}",
+        )
+    _late_warnings(ctx, job_id, body)
+    log.info("job %s: point %s of host %s adopted after agent_lost", job_id, rp_id, host)
+    with ctx.catalog.write() as s:
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    save(ctx, vault)
+    return show_job(ctx, job_id)
+
+
+def _late_warnings(ctx: Context, job_id: str, body: JsonDict) -> None:
+    """The warnings and details the agent reports with a late end, as a timely end records them."""
+    from vmvault.service.jobs import warnings_error
+
+    warnings = [_warning(w) for w in body.get("warnings") or [] if isinstance(w, dict)][:100]
+    details = body.get("details") if isinstance(body.get("details"), dict) else None
+    raw = body.get("progress") if isinstance(body.get("progress"), dict) else {}
+    with ctx.catalog.write() as s:
+        status = Status.COMPLETED_WITH_WARNINGS if warnings else Status.COMPLETED
+        final = {**_progress_values(raw or {}), "percent": 100.0}
+        repos.finish_job(s, job_id, status, error=warnings_error(warnings), progress=final)
+        _merge_agent_details(s, job_id, details)
 
 
 def _warning(raw: JsonDict) -> JsonDict:
