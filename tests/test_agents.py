@@ -320,6 +320,18 @@ def test_a_late_finish_after_agent_lost_adopts_the_published_point_and_invents_n
             assert sorted(vault.list_recovery_points()) == sorted(listed) == sorted([first_rp, rp])
 
 
+def test_backoff_doubles_to_its_bound_with_jitter() -> None:
+    from vmvault.service.agentrun import Backoff
+
+    backoff = Backoff()
+    delays = [backoff.next_delay() for _ in range(40)]
+    for step, delay in enumerate(delays):
+        base = min(30.0, 2.0**step)
+        assert base / 2 <= delay <= base, (step, delay)
+    assert len({round(d, 6) for d in delays[6:]}) > 1  # jittered: a fleet cut off together spreads out
+    assert backoff.reset() and not backoff.reset() and backoff.next_delay() <= 1.0
+
+
 def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:
     cli = Cli(home=tmp_path / "home", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
     r = cli.fails("--server", "http://192.0.2.10:8080", "agent", "run", "--host", "h1")
