@@ -47,6 +47,11 @@ def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the
         assert box.call("GET", "/api/v1/vms", token).status_code == 403  # an agent token reads nothing
         r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
         assert r.status_code == 200 and r.json()["apiVersion"] == 1
+        r = box.call("POST", "/api/v1/agents/h1/heartbeat", token, json={"running": [], "hypervisors": _domains("x")})
+        assert r.status_code == 200 and r.json() == {"cancel": []}, r.text
+        from vmvault.service import hosts
+
+        assert hosts.show_host(box.ctx, "h1")["details"]["hypervisors"]["libvirtDomains"][0]["state"] == "x"
 
 
 def test_token_create_binds_only_a_backup_agent_to_a_host(tmp_path: Path) -> None:
@@ -318,6 +323,59 @@ def test_a_late_finish_after_agent_lost_adopts_the_published_point_and_invents_n
             s.expunge(vault_row)
         with opened_vault(ctx, vault_row) as vault:
             assert sorted(vault.list_recovery_points()) == sorted(listed) == sorted([first_rp, rp])
+
+
+def _domains(state: str, uuid: str = "u-web") -> dict[str, Any]:
+    return {"libvirtUri": "qemu:///system", "libvirtDomains": [{"name": "web", "uuid": uuid, "state": state}]}
+
+
+def test_a_libvirt_vm_follows_its_running_domain_to_the_host_it_was_migrated_to(tmp_path: Path) -> None:
+    """A libvirt domain is backed up by the host where it runs: after a live migration (every host of a
+    cluster may define it) its VM's jobs go to the host whose agent reports it running."""
+    from vmvault.catalog import repos
+    from vmvault.service import agentwork, backups, protection, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_libvirt_vm
+    from vmvault.settings import Settings
+
+    def beat(host: str, state: str, uuid: str = "u-web") -> None:
+        agentwork.heartbeat(ctx, host, [], _domains(state, uuid))
+
+    def host_of(vm: str) -> str:
+        return str(vms.show_vm(ctx, vm)["host"])
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_libvirt_vm(ctx, "web", "h1", "web")  # its UUID is not known yet: matched by name
+        protection.enable_protection(ctx, "web", "v1")
+        for host in ("h1", "h2", "h3"):
+            state = "running" if host != "h3" else "shut off"
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+                                           "hypervisors": _domains(state)})  # fmt: skip
+        assert host_of("web") == "h1"  # h2 says running too, but so does its own host: it stays
+        beat("h1", "shut off")  # migrated to h2: h1 defines it, shut off
+        assert host_of("web") == "h1"  # nobody reported it running since
+        beat("h2", "running")
+        assert host_of("web") == "h2"
+        job = backups.backup_now(ctx, "web").job
+        assert agentwork.claim(ctx, "h1", 7) is None
+        package = agentwork.claim(ctx, "h2", 7)
+        assert package is not None and package["jobId"] == job["id"]
+        beat("h2", "shut off")
+        beat("h1", "running")  # migrated back while h2's job runs: the VM stays until it ends
+        assert host_of("web") == "h2"
+        agentwork.finish(ctx, "h2", job["id"], {"status": "Failed", "error": {"code": "x", "message": "stop"}})
+        beat("h1", "running")
+        assert host_of("web") == "h1"
+        # Once its UUID is known, a domain of the same name elsewhere (another domain) does not take it.
+        with ctx.catalog.write() as s:
+            row = repos.get_vm(s, "web")
+            row.definition = {**row.definition, "uuid": "u-web"}
+        beat("h1", "shut off")
+        beat("h3", "running", uuid="u-other")
+        assert host_of("web") == "h1"
+        beat("h3", "running")
+        assert host_of("web") == "h3"
 
 
 def test_backoff_doubles_to_its_bound_with_jitter() -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger("vmvault")
 
 TIMEOUT_S = 60.0
 CLAIM_POLL_S = 1.0
+DOMAINS_REFRESH_S = 30.0  # how often heartbeats carry the libvirt domains found (their states)
 DEFAULT_MAX_JOBS = 2
 
 
@@ -406,11 +407,16 @@ class Agent:
 
     def _heartbeat_loop(self) -> None:
         quiet, next_log = Backoff(), 0.0  # an outage is logged once per backoff step, not every beat
+        looked = time.monotonic()
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
                 running = list(self.running)
+            body: JsonDict = {"running": running}
+            if time.monotonic() - looked >= DOMAINS_REFRESH_S:  # a live migration moves a domain between hosts
+                looked = time.monotonic()
+                body["hypervisors"] = hypervisors_found() or None
             try:
-                answer = self.client.call("/heartbeat", {"running": running})
+                answer = self.client.call("/heartbeat", body)
             except NotFound:  # the host was removed while this agent was away: register it again
                 self._register_again()
                 continue

@@ -91,6 +91,7 @@ def register(ctx: Context, host: str, body: JsonDict) -> JsonDict:
         row.details = {"apiVersion": API_VERSION, "pid": _int(body.get("pid")),
                        "hypervisors": _hypervisors(body.get("hypervisors"))}  # fmt: skip
         lost = _end_lost(s, host, f"the agent of host '{host}' restarted while it ran this job")
+        follow_running_domains(s, host, row.details["hypervisors"])
         vms = [_leftover(r) for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]
     _notify_all(ctx, lost)
     # A few heartbeats fit in one lease: one late beat on a loaded host does not lose the agent.
@@ -123,8 +124,12 @@ def _leftover(row: VmRow) -> JsonDict:
     return {"id": row.id, "name": row.name, "kind": row.kind, "definition": dict(row.definition or {})}
 
 
-def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
-    """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel."""
+def heartbeat(ctx: Context, host: str, running: list[str], hypervisors: object = None) -> JsonDict:
+    """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel.
+
+    hypervisors (sent now and then): what the agent finds now; libvirt VMs follow their running domain."""
+    if hypervisors is not None:
+        _refresh_hypervisors(ctx, host, _hypervisors(hypervisors))
     with ctx.catalog.update() as s:
         row = s.get(HostRow, host)
         if row is None or row.role != hosts.AGENT:
@@ -138,6 +143,61 @@ def heartbeat(ctx: Context, host: str, running: list[str]) -> JsonDict:
     if orphans:
         _end_orphans(ctx, host, orphans)
     return {"cancel": cancel + gone}  # a job no longer its own (ended agent_lost, cancelled): stop it
+
+
+# ---- a libvirt VM is backed up by the host where its domain runs ------------------------------
+
+
+def _refresh_hypervisors(ctx: Context, host: str, found: JsonDict) -> None:
+    with ctx.catalog.write() as s:
+        row = s.get(HostRow, host)
+        if row is None or row.role != hosts.AGENT:
+            return  # the heartbeat below says so
+        row.details = {**(row.details or {}), "hypervisors": found}
+        follow_running_domains(s, host, found)
+
+
+def follow_running_domains(s: Session, host: str, found: JsonDict) -> list[str]:
+    """The libvirt VMs of other agent hosts whose domain runs on `host` (a live migration; on a cluster
+    every host may define it) move to `host`: its agent runs their next jobs. A VM stays where its own
+    host's agent, Online, reports the domain running too (the one where it runs wins; when two claim
+    it, it does not move), and while a job of it runs. Matched by the domain's UUID once known, else
+    by its name."""
+    from vmvault.service.vms import KIND_LIBVIRT
+
+    running = [d for d in found.get("libvirtDomains") or [] if d.get("state") == "running"]
+    if not running:
+        return []
+    moved = []
+    for vm in s.scalars(select(VmRow).where(VmRow.kind == KIND_LIBVIRT, VmRow.host.is_not(None),
+                                            VmRow.host != host)).all():  # fmt: skip
+        if any(_same_domain(vm, d) for d in running) and _may_follow(s, vm):
+            log.info("VM %s: its libvirt domain runs on host %s now (was %s): its jobs go there", vm.name, host,
+                     vm.host)  # fmt: skip
+            vm.host = host
+            moved.append(vm.name)
+    return moved
+
+
+def _same_domain(vm: VmRow, domain: JsonDict) -> bool:
+    uuid = str((vm.definition or {}).get("uuid") or "")
+    if uuid:
+        return domain.get("uuid") == uuid
+    return bool(domain.get("name")) and domain.get("name") == (vm.definition or {}).get("domain")
+
+
+def _may_follow(s: Session, vm: VmRow) -> bool:
+    """Its own host is an agent that does not report the domain running now, and no job of it runs."""
+    own = s.get(HostRow, vm.host or "")
+    if own is None or own.role != hosts.AGENT:
+        return False  # a server's VM, or a host not registered yet: it stays
+    if hosts.state_of(own) == hosts.ONLINE:
+        found = (own.details or {}).get("hypervisors") or {}
+        if any(d.get("state") == "running" and _same_domain(vm, d) for d in found.get("libvirtDomains") or []):
+            return False
+    busy = s.scalars(select(JobRow.id).where(JobRow.vm == vm.name, JobRow.status == Status.IN_PROGRESS,
+                                             JobRow.owner_pid > 0)).first()  # fmt: skip
+    return busy is None
 
 
 def _claimed_long_ago(job: JobRow) -> bool:

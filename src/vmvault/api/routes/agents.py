@@ -31,6 +31,10 @@ class Register(Body):
 
 class Heartbeat(Body):
     running: list[str] = Field(default_factory=list, max_length=1000, description="Ids of the jobs it runs")
+    hypervisors: dict[str, Any] | None = Field(
+        default=None, description="Now and then (every 30 s): what the agent finds, as at registration (libvirt "
+        "domains and their states: a libvirt VM is backed up by the host where its domain runs)"
+    )
 
 
 class Claim(Body):
@@ -106,7 +110,7 @@ def register(host: str, body: Register, ctx: Ctx) -> dict[str, Any]:
 
 @router.post("/heartbeat", response_model=AgentCancels, dependencies=AGENT)
 def heartbeat(host: str, body: Heartbeat, ctx: Ctx) -> dict[str, Any]:
-    return agentwork.heartbeat(ctx, host, body.running)
+    return agentwork.heartbeat(ctx, host, body.running, body.hypervisors)
 
 
 @router.post("/claim", response_model=AgentClaimed, dependencies=AGENT)
