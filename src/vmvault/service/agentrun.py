@@ -13,10 +13,12 @@ and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel 
 Cut off from the server (ServerUnreachable: no connection, a timeout, a 502/503/504 from a proxy):
 at start the agent registers again with bounded exponential backoff and jitter (Backoff) until the
 server answers or SIGTERM; a refused token or API version exits at once (a human must act). While
-it runs, heartbeats, claims and progress reports that fail are retried on the same backoff and the
-running jobs go on (they write straight to the vault's storage); the report of a job's end is
-retried until the server answers or the agent stops. A server that failed the job `agent_lost`
-meanwhile adopts the point the vault holds (agentwork.finish: the manifest is the truth).
+it runs, the running jobs go on (they write straight to the vault's storage): progress reports and
+claims wait on the backoff, heartbeats go on at their period (an outage logged once per backoff
+step), and the VM's bookkeeping and the report of a job's end are asked again until the server
+answers or the agent stops; a heartbeat that gets through wakes them (Waker). A server that failed
+the job `agent_lost` meanwhile adopts the point the vault holds (agentwork.finish: the manifest is
+the truth).
 """
 
 from __future__ import annotations
@@ -220,8 +222,11 @@ def _subclasses(cls: type[VmvaultError]) -> list[type[VmvaultError]]:
 class RemoteBooks:
     """backups.BackupBooks over the agent API: the server's catalog, through its REST API."""
 
-    def __init__(self, client: AgentClient, job_id: str, previous: str | None, floor: str | None) -> None:
+    def __init__(
+        self, client: AgentClient, job_id: str, previous: str | None, floor: str | None, life: Waker | None = None
+    ) -> None:
         self.client, self.job_id, self.previous, self.floor = client, job_id, previous, floor
+        self.life = life or Waker()
 
     def previous_point_id(self) -> str | None:
         return self.previous
@@ -232,10 +237,25 @@ class RemoteBooks:
         return later_than(self.floor)
 
     def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
-        self.client.call(f"/jobs/{self.job_id}/vm", {"updates": updates, "disks": disks})
+        self._call(f"/jobs/{self.job_id}/vm", {"updates": updates, "disks": disks})
 
     def save_disk(self, name: str, values: dict[str, Any]) -> None:
-        self.client.call(f"/jobs/{self.job_id}/disk", {"name": name, "values": values})
+        self._call(f"/jobs/{self.job_id}/disk", {"name": name, "values": values})
+
+    def _call(self, path: str, body: JsonDict) -> None:
+        """The connector's bookkeeping (a checkpoint or bitmap of the new chain) must not be lost to an
+        outage: asked again with backoff until the server answers; raised only if the agent stops."""
+        backoff = Backoff()
+        while True:
+            try:
+                self.client.call(path, body)
+                return
+            except ServerUnreachable as exc:
+                delay = backoff.next_delay()
+                log.warning("job %s: the VM's bookkeeping was not recorded (%s); next try in %.1f s", self.job_id,
+                            exc.message, delay)  # fmt: skip
+                if self.life.wait(delay):
+                    raise
 
 
 class AgentRun:
@@ -468,7 +488,7 @@ def run_package(
     plan = BackupPlan(str(vm["id"]), str(vm["name"]), vault_row, list(vm["disks"]), dict(vm["definition"]),
                       str(package["retainUntil"]))  # fmt: skip
     run = AgentRun(client, job_id, cancel, package.get("details"), life)
-    books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
+    books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"), life)
     try:
         if paths is not None:
             _check_paths(paths, plan)
