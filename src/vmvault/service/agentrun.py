@@ -365,8 +365,10 @@ class Agent:
             try:
                 answer: JsonDict = self.client.call("/register", self._registration())
                 return answer
-            except ServerUnreachable as exc:
-                delay = backoff.next_delay()
+            except VmvaultError as exc:
+                if not isinstance(exc, ServerUnreachable) and exc.http_status < 500:
+                    raise  # refused (token, API version, host name): a human must act
+                delay = backoff.next_delay()  # unreachable, or in trouble (its catalog down): it may answer later
                 log.warning("registering with the server failed (%s); try %d, next in %.1f s",
                             exc.message, backoff.failures, delay)  # fmt: skip
             if self._stop.wait(delay):
