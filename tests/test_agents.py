@@ -715,7 +715,7 @@ def test_an_agent_cut_off_from_its_server_waits_goes_on_and_its_point_is_adopted
             detail = _job_row(ctx, job_id).details
         # Adopted by the restarted server's reconcile (its start) or by the agent's late finish, whichever
         # came first; the other finds it done (the agent's report is not refused).
-        assert detail["recoveryPoint"] == points[-1] and detail.get("reconciled"), detail
+        assert detail["recoveryPoint"] == points[-1] and "the agent of host 'h1'" in detail["reconciled"], detail
         wait_for(lambda: f"job {job_id}: backup of c1 published point {points[-1]}" in log.read_text(), 30,
                  "the agent to hear that its end is recorded", interval=0.2)  # fmt: skip
         assert "its end was not recorded" not in log.read_text()

@@ -154,10 +154,10 @@ def _record(ctx: Context, s: Session, row: VaultRow, manifest: Any, when: str, n
     repos.add_recovery_point(s, recovery_point_row(manifest, row.id))
     repos.mark_protected_after_backup(s, manifest.vm_id)
     record_retention(ctx, s, manifest.rp_id, (job.details or {}).get("trigger") == "Scheduled")
-    note = note or (
-        f"the process running this job died after the recovery point was written; "
-        f"reconciled after the crash ({when}, {now_iso()})"
-    )
+    agent = (job.details or {}).get("agentHost")  # an agent's job: it died or lost the server, not a process here
+    runner = f"the agent of host '{agent}' running this job died or lost the server" if agent else (
+        "the process running this job died")  # fmt: skip
+    note = note or f"{runner} after the recovery point was written; reconciled after the crash ({when}, {now_iso()})"
     repos.finish_job(s, job.id, Status.COMPLETED)
     repos.update_job_details(s, job.id, {**(job.details or {}), "recoveryPoint": manifest.rp_id, "reconciled": note})
 
