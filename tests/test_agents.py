@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from api_support import sandbox
-from helpers import PASSPHRASE, Cli
+from helpers import PASSPHRASE, Cli, assert_same_image, wait_for
+from test_scheduler import Serve
 
 MiB = 1 << 20
 LEASE_S = 6.0
@@ -43,6 +44,11 @@ def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the
         assert box.call("GET", "/api/v1/vms", token).status_code == 403  # an agent token reads nothing
         r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
         assert r.status_code == 200 and r.json()["apiVersion"] == 1
+        r = box.call("POST", "/api/v1/agents/h1/heartbeat", token, json={"running": [], "hypervisors": _domains("x")})
+        assert r.status_code == 200 and r.json() == {"cancel": []}, r.text
+        from vmvault.service import hosts
+
+        assert hosts.show_host(box.ctx, "h1")["details"]["hypervisors"]["libvirtDomains"][0]["state"] == "x"
 
 
 def test_token_create_binds_only_a_backup_agent_to_a_host(tmp_path: Path) -> None:
@@ -224,6 +230,163 @@ def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
         assert orphan["status"] == "Failed" and "no longer runs this job" in orphan["error"]["message"]
 
 
+class _Run:
+    """backups.BackupRun of a backup run here in the test (what the agent's AgentRun is on a host)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cancel = threading.Event()
+        self.details: dict[str, Any] | None = {}
+        self.warnings: list[dict[str, Any]] = []
+
+    def progress(self, progress: Any) -> None:
+        pass
+
+
+def _backup_as_agent(ctx: Any, host: str, vm: str) -> tuple[str, str]:
+    """Claim vm's queued job for host's agent and publish its point with the engine (the agent's part):
+    (job id, point id); nothing is reported to the catalog."""
+    from vmvault.service import agentwork, backups
+    from vmvault.service.backups import LocalBooks, plan_backup
+    from vmvault.service.quiesce import budget_for
+    from vmvault.service.vaultio import opened_vault
+
+    job_id = backups.backup_now(ctx, vm).job["id"]
+    package = agentwork.claim(ctx, host, 2**22 + 7)
+    assert package is not None and package["jobId"] == job_id
+    plan = plan_backup(ctx, vm, package["retainUntil"])
+    with opened_vault(ctx, plan.vault) as vault:
+        manifest = backups.run_backup_into(vault, plan, job_id, _Run(), LocalBooks(ctx, plan), budget_for(ctx, plan),
+                                           str(ctx.settings.home))  # fmt: skip
+    return job_id, manifest.rp_id
+
+
+def test_a_late_finish_after_agent_lost_adopts_the_published_point_and_invents_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent cut off from the server completed its backup; meanwhile the server failed the job
+    agent_lost. Its late finish adopts the point the vault holds (the manifest is the truth), never
+    a point that is not there or that is another job's."""
+    from vmvault.catalog import repos
+    from vmvault.catalog.models import HostRow
+    from vmvault.errors import IntegrityError, NotFound
+    from vmvault.service import agentwork, backups, jobs, protection, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.service.vaultio import opened_vault
+    from vmvault.settings import Settings
+
+    monkeypatch.setenv("VMVAULT_AGENT_LEASE_S", "3")
+    disk = tmp_path / "c1.raw"
+    disk.write_bytes(os.urandom(2 * MiB))
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "c1", "h1", [str(disk)])
+        protection.enable_protection(ctx, "c1", "v1")
+        agentwork.register(ctx, "h1", {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+        first_job, first_rp = _backup_as_agent(ctx, "h1", "c1")
+        agentwork.finish(ctx, "h1", first_job, {"status": "Completed", "recoveryPoint": first_rp})
+        disk.write_bytes(os.urandom(MiB) + disk.read_bytes()[MiB:])
+        job_id, rp = _backup_as_agent(ctx, "h1", "c1")  # published; then the agent is cut off
+        with ctx.catalog.write() as s:
+            row = s.get(HostRow, "h1")
+            assert row is not None
+            row.last_heartbeat = "2000-01-01T00:00:00.000000Z"
+        assert agentwork.fail_lost_agents(ctx) == [job_id]
+        assert jobs.show_job(ctx, job_id)["error"]["code"] == "agent_lost"
+
+        # The attacker's (or a confused agent's) versions: nothing is recorded, the job stays Failed.
+        with pytest.raises(NotFound, match="has no recovery point 'feedfacefeedface'"):
+            agentwork.finish(ctx, "h1", job_id, {"status": "Completed", "recoveryPoint": "feedfacefeedface"})
+        with pytest.raises(IntegrityError, match=f"'{first_rp}' in vault 'v1' is not the point of job"):
+            agentwork.finish(ctx, "h1", job_id, {"status": "Completed", "recoveryPoint": first_rp})
+        with pytest.raises(NotFound, match="not run by the agent of host 'h2'"):
+            agentwork.finish(ctx, "h2", job_id, {"status": "Completed", "recoveryPoint": rp})
+        assert jobs.show_job(ctx, job_id)["status"] == "Failed"
+        assert [p["id"] for p in backups.list_recovery_points(ctx, "c1")] == [first_rp]
+
+        late = {"status": "Completed", "recoveryPoint": rp, "progress": {"bytesRead": 2 * MiB},
+                "warnings": [{"code": "quiesce_failed", "message": "crash-consistent"}]}  # fmt: skip
+        ended = agentwork.finish(ctx, "h1", job_id, late)
+        assert ended["status"] == "CompletedWithWarnings" and ended["progress"]["percent"] == 100.0, ended
+        details = _job_row(ctx, job_id).details
+        assert details["recoveryPoint"] == rp, details
+        assert "after the server had failed it agent_lost" in details["reconciled"], details
+        assert agentwork.finish(ctx, "h1", job_id, late)["status"] == "CompletedWithWarnings"  # said twice: same
+        listed = [p["id"] for p in backups.list_recovery_points(ctx, "c1")]
+        with ctx.catalog.read() as s:
+            vault_row = repos.get_vault(s, "v1")
+            s.expunge(vault_row)
+        with opened_vault(ctx, vault_row) as vault:
+            assert sorted(vault.list_recovery_points()) == sorted(listed) == sorted([first_rp, rp])
+
+
+def _domains(state: str, uuid: str = "u-web") -> dict[str, Any]:
+    return {"libvirtUri": "qemu:///system", "libvirtDomains": [{"name": "web", "uuid": uuid, "state": state}]}
+
+
+def test_a_libvirt_vm_follows_its_running_domain_to_the_host_it_was_migrated_to(tmp_path: Path) -> None:
+    """A libvirt domain is backed up by the host where it runs: after a live migration (every host of a
+    cluster may define it) its VM's jobs go to the host whose agent reports it running."""
+    from vmvault.catalog import repos
+    from vmvault.service import agentwork, backups, protection, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_libvirt_vm
+    from vmvault.settings import Settings
+
+    def beat(host: str, state: str, uuid: str = "u-web") -> None:
+        agentwork.heartbeat(ctx, host, [], _domains(state, uuid))
+
+    def host_of(vm: str) -> str:
+        return str(vms.show_vm(ctx, vm)["host"])
+
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_libvirt_vm(ctx, "web", "h1", "web")  # its UUID is not known yet: matched by name
+        protection.enable_protection(ctx, "web", "v1")
+        for host in ("h1", "h2", "h3"):
+            state = "running" if host != "h3" else "shut off"
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+                                           "hypervisors": _domains(state)})  # fmt: skip
+        assert host_of("web") == "h1"  # h2 says running too, but so does its own host: it stays
+        beat("h1", "shut off")  # migrated to h2: h1 defines it, shut off
+        assert host_of("web") == "h1"  # nobody reported it running since
+        beat("h2", "running")
+        assert host_of("web") == "h2"
+        job = backups.backup_now(ctx, "web").job
+        assert agentwork.claim(ctx, "h1", 7) is None
+        package = agentwork.claim(ctx, "h2", 7)
+        assert package is not None and package["jobId"] == job["id"]
+        beat("h2", "shut off")
+        beat("h1", "running")  # migrated back while h2's job runs: the VM stays until it ends
+        assert host_of("web") == "h2"
+        agentwork.finish(ctx, "h2", job["id"], {"status": "Failed", "error": {"code": "x", "message": "stop"}})
+        beat("h1", "running")
+        assert host_of("web") == "h1"
+        # Once its UUID is known, a domain of the same name elsewhere (another domain) does not take it.
+        with ctx.catalog.write() as s:
+            row = repos.get_vm(s, "web")
+            row.definition = {**row.definition, "uuid": "u-web"}
+        beat("h1", "shut off")
+        beat("h3", "running", uuid="u-other")
+        assert host_of("web") == "h1"
+        beat("h3", "running")
+        assert host_of("web") == "h3"
+
+
+def test_backoff_doubles_to_its_bound_with_jitter() -> None:
+    from vmvault.service.agentrun import Backoff
+
+    backoff = Backoff()
+    delays = [backoff.next_delay() for _ in range(40)]
+    for step, delay in enumerate(delays):
+        base = min(30.0, 2.0**step)
+        assert base / 2 <= delay <= base, (step, delay)
+    assert len({round(d, 6) for d in delays[6:]}) > 1  # jittered: a fleet cut off together spreads out
+    assert backoff.reset() and not backoff.reset() and backoff.next_delay() <= 1.0
+
+
 def test_agent_refuses_plain_http_to_a_non_loopback_server_and_a_token_in_argv(tmp_path: Path) -> None:
     cli = Cli(home=tmp_path / "home", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
     r = cli.fails("--server", "http://192.0.2.10:8080", "agent", "run", "--host", "h1")
@@ -264,3 +427,132 @@ class Agent:
             if pipe is not None:
                 pipe.close()
         return log
+
+
+# ---- an agent cut off from its server (real processes, SQLite: no PostgreSQL needed) -------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _agent_proc(cli: Cli, server: str, host: str, log: Path, *allow: Path) -> subprocess.Popen[str]:
+    """`vmvault agent run` with its log in a file (read while it runs)."""
+    args = [a for d in allow for a in ("--allow-disks", str(d), "--allow-restores", str(d))]
+    argv = cli.argv("--server", server, "agent", "run", "--host", host, *args, json_output=False)
+    with open(log, "w", encoding="utf-8") as f:
+        return subprocess.Popen(argv, env=cli.env(), stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL,
+                                text=True)  # fmt: skip
+
+
+def _fail_agent_lost(home: Path, host: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the leader does to an agent silent for a lease (here while the one server is down)."""
+    from vmvault.catalog.models import HostRow
+    from vmvault.service import agentwork
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    monkeypatch.setenv("VMVAULT_AGENT_LEASE_S", "2")
+    with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx:
+        with ctx.catalog.write() as s:
+            row = s.get(HostRow, host)
+            assert row is not None
+            row.last_heartbeat = "2000-01-01T00:00:00.000000Z"
+        return agentwork.fail_lost_agents(ctx)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_agent_cut_off_from_its_server_waits_goes_on_and_its_point_is_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent starts before its server and waits for it (backoff), registers when it comes and runs
+    a backup; the server dies mid-backup: the job goes on to publish its point, the agent keeps
+    reporting its end, and the server, back after another server failed the job agent_lost,
+    adopts the point (the catalog agrees with the vault; the point restores byte-identical). A
+    refused token exits at once."""
+    from vmvault.service import protection, tokens, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    home, disk = tmp_path / "srv", tmp_path / "c1.raw"
+    halves = [os.urandom(MiB), os.urandom(MiB)]
+    disk.write_bytes(halves[0] + halves[1] + bytes(2 * MiB))
+    with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "c1", "h1", [str(disk)])
+        protection.enable_protection(ctx, "c1", "v1")
+        _view, token = tokens.create_token(ctx, "BackupAgent", host="h1")
+    agent_home = tmp_path / "agent-h1"
+    assert Cli(home=agent_home).vault_import(tmp_path / "v1").ok
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    agent_cli = Cli(home=agent_home, passphrase=None,
+                    extra_env={"VMVAULT_TOKEN": token, "VMVAULT_TEST_PAUSE_AFTER_DEDUP": str(pause)})  # fmt: skip
+    port = _free_port()
+    server, log = f"http://127.0.0.1:{port}", tmp_path / "agent.log"
+    admin, serves = Cli(home=home), []
+    agent = _agent_proc(agent_cli, server, "h1", log, tmp_path)
+    try:
+        # No server yet: the agent waits (it used to exit 69), saying so once per backoff step.
+        wait_for(lambda: "try 2, next in" in log.read_text(), 30, "the agent to retry", interval=0.2)
+        assert agent.poll() is None, log.read_text()
+        serves.append(Serve(admin, "--listen", f"127.0.0.1:{port}"))
+        wait_for(lambda: admin.run("host", "show", "h1").ok, 60, "the agent to register", interval=0.5)
+        refused = _agent_proc(Cli(home=tmp_path / "agent-bad", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"}),
+                              server, "h1", tmp_path / "bad.log")  # fmt: skip
+        assert refused.wait(30) != 0, "a refused token must stop the agent at once"
+        said = (tmp_path / "bad.log").read_text()
+        assert "token" in said.lower() and "try 2" not in said and "vmv_x" not in said, said
+
+        proc = admin.popen("backup", "now", "c1", "--wait")
+        out, _err = proc.communicate(timeout=300)
+        code, job = proc.returncode, json.loads(out)
+        assert code == 0 and job["properties"]["status"] == "Completed" and job["properties"]["host"] == "h1", job
+
+        # The second backup (the halves swapped: every chunk is a dedup hit) pauses at its first hit;
+        # the server dies there; the job goes on and publishes its point while the server is down.
+        disk.write_bytes(halves[1] + halves[0] + bytes(2 * MiB))
+        job_id = admin.ok("backup", "now", "c1", "--no-wait").json()["name"]
+        wait_for(lambda: (pause / "paused").exists(), 60, "the agent to be mid-backup", interval=0.2)
+        assert serves.pop().stop() == 0
+        (pause / "resume").touch()
+        wait_for(lambda: f"job {job_id}: reporting its end (Completed) failed" in log.read_text(), 60,
+                 "the agent to report the end to a server that is down", interval=0.2)  # fmt: skip
+        assert _fail_agent_lost(home, "h1", monkeypatch) == [job_id]  # as the leader would, a lease later
+        serves.append(Serve(admin, "--listen", f"127.0.0.1:{port}"))
+        wait_for(lambda: admin.ok("job", "show", job_id).json()["properties"]["status"] == "Completed", 60,
+                 "the late finish to be adopted", interval=0.5)  # fmt: skip
+        points = admin.point_ids("c1")
+        assert len(points) == 2
+        with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx:
+            detail = _job_row(ctx, job_id).details
+        # Adopted by the restarted server's reconcile (its start) or by the agent's late finish, whichever
+        # came first; the other finds it done (the agent's report is not refused).
+        assert detail["recoveryPoint"] == points[-1] and "the agent of host 'h1'" in detail["reconciled"], detail
+        wait_for(lambda: f"job {job_id}: backup of c1 published point {points[-1]}" in log.read_text(), 30,
+                 "the agent to hear that its end is recorded", interval=0.2)  # fmt: skip
+        assert "its end was not recorded" not in log.read_text()
+        stored = sorted(p.name for p in (tmp_path / "v1" / "points").iterdir())
+        assert stored == sorted(points), (stored, points)
+        restored = tmp_path / "restored"
+        assert admin.restore_disks("c1", points[-1], restored).ok
+        assert_same_image(restored / "disk0.raw", disk)
+    finally:
+        for serve in serves:
+            serve.stop()
+        for proc in (agent,):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    assert agent.returncode == 0, log.read_text()

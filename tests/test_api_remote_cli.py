@@ -99,6 +99,7 @@ def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> 
         _tokens(cli, there)
         _notifications(cli, there, remote, address)
         _refusals(remote, address, rp, tmp_path)
+        _host_vms(cli, there, remote, address)
         forged = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": "vmv_x"})
         assert forged.fails("--server", address, "vault", "list").returncode == 77
     gone = remote.fails("--server", address, "vault", "list")  # the server has stopped
@@ -190,6 +191,22 @@ def _notifications(cli: Cli, there: Callable[..., Result], remote: Cli, address:
     assert (far.returncode, far.stderr) == (here.returncode, here.stderr)
     assert "removed" in there("vault", "notify", "remove", "main", str(target["id"])).stderr
     assert cli.ok("vault", "notify", "list", "main").json() == []
+
+
+def _host_vms(cli: Cli, there: Callable[..., Result], remote: Cli, address: str) -> None:
+    """vm add --host through the server: the service function `vm add --host` runs on the server itself
+    (paths are paths on that host, sent as given; nothing is opened here or there)."""
+    added = there("vm", "add", "far1", "--host", "h2", "--qmp", "/run/h2/far1.qmp", "--guest-agent", "/run/h2/ga")
+    assert added.json() == cli.ok("vm", "show", "far1").json() and added.json()["host"] == "h2", added
+    disks = there("vm", "add", "far2", "--host", "h2", "--disk", "/var/lib/h2/a.qcow2", "--format", "qcow2").json()
+    assert [(d["path"], d["format"]) for d in disks["disks"]] == [("/var/lib/h2/a.qcow2", "qcow2")], disks
+    assert there("vm", "add", "far3", "--host", "h2", "--libvirt", "web").json()["kind"] == "libvirt"
+    for bad in (("vm", "add", "x", "--host", "h2", "--disk", "rel.raw"),
+                ("vm", "add", "x", "--host", "h2", "--disk", "/a.raw", "--qmp", "/q.sock"),
+                ("vm", "add", "x", "--host", "h2", "--libvirt", "web", "--guest-agent", "/ga")):  # fmt: skip
+        here, far = cli.fails(*bad), remote.fails("--server", address, *bad)
+        assert (far.returncode, far.stderr) == (here.returncode, here.stderr), bad
+    assert cli.fails("vm", "show", "x").returncode == 66
 
 
 def _refusals(remote: Cli, address: str, rp: str, tmp_path: Path) -> None:

@@ -21,7 +21,16 @@ import pytest
 
 from helpers import Cli, HostKeyCli, files_equal, rp_id
 from vm.libvirtd import Domain, libvirtd  # noqa: F401  (the session fixture)
-from vm.live import backup, ext4_file, fell_back, latest_point, restore_raw, wait_for_line, warning_codes
+from vm.live import (
+    backup,
+    ext4_file,
+    fell_back,
+    latest_point,
+    restore_raw,
+    wait_for_line,
+    warning_codes,
+    warnings,
+)
 from vm.machine import Disk, ext4_disk
 
 MiB = 1 << 20
@@ -258,6 +267,36 @@ def test_a_cancelled_backup_deletes_its_checkpoint(lab: Lab) -> None:
     assert statuses.count("Cancelled") == 1, (statuses, out, err)
     assert len(lab.cli.points(VM)) == points, "a cancelled backup left a point"
     assert lab.domain.checkpoints() == before
+    lab.assert_clean()
+
+
+def test_a_checkpoint_left_behind_by_a_migration_gives_a_hash_compared_point_and_a_new_chain(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """What a live migration leaves on the new host: the domain runs, the latest point's checkpoint is
+    not there (deleted here, on the same host). The backup says why and that a new chain starts,
+    stores only the changes, restores byte-identical; the next one is incremental again."""
+    (old,) = lab.domain.checkpoints()
+    lab.domain.virsh("checkpoint-delete", lab.domain.name, old)
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/moved bs=64k count=16 conv=fsync 2>/dev/null")
+    lab.domain.sh("sync; mount -o remount,ro /mnt/data0")  # nothing writes after the instant
+    try:
+        job = backup(lab.cli, VM)
+        (why,) = [w["message"] for w in warnings(job) if w["code"] == "cbt_fallback"]
+        assert f"checkpoint {old} of the latest point is not on this host" in why and "live-migrated" in why, why
+        assert "a new chain starts" in why, why
+        info = job["properties"]["extendedInfo"]
+        assert info["bytesWritten"] <= 4 * MiB, info  # read in full, but only the changed chunks stored
+        point = latest_point(lab.cli, VM)
+        (new,) = lab.domain.checkpoints()
+        assert new != old and lab.definition(point)["checkpoint"] == new
+        restored = restore_raw(lab.cli, VM, point, tmp_path / "out")
+        assert files_equal(restored["vda"], lab.live_image(tmp_path / "live.raw")), "the point differs"
+    finally:
+        lab.domain.sh("mount -o remount,rw /mnt/data0")
+    lab.domain.sh("dd if=/dev/urandom of=/mnt/data0/after bs=64k count=16 conv=fsync 2>/dev/null")
+    job = backup(lab.cli, VM)
+    assert not fell_back(job) and job["properties"]["extendedInfo"]["bytesRead"] <= 12 * MiB, job
     lab.assert_clean()
 
 

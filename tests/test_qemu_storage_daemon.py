@@ -91,6 +91,35 @@ def test_incremental_backups_read_only_changes_and_survive_a_clean_restart(
     assert not fell_back(backup(cli, VM))
 
 
+def test_a_vm_migrated_away_from_its_bitmap_is_compared_by_hash_and_starts_a_new_chain(
+    daemon: StorageDaemon, cli: Cli, tmp_path: Path
+) -> None:
+    """What a live migration leaves on the new host: the same QEMU-served disk, no bitmap of the old
+    chain (here the bitmap is deleted between two backups). The next backup reads everything but stores
+    only what changed (hash comparison with the latest point), says why and that a new chain starts;
+    the one after is incremental again."""
+    first = backup(cli, VM)
+    nodes = daemon.qmp("query-named-block-nodes", {"flat": True})
+    ours = [(n["node-name"], str(b["name"])) for n in nodes for b in n.get("dirty-bitmaps", [])
+            if str(b.get("name") or "").startswith("vmv-")]  # fmt: skip
+    assert len(ours) == 1, ours
+    _scribble(daemon, seed=1, blocks=20)
+    for node, name in ours:
+        daemon.qmp("block-dirty-bitmap-remove", {"node": node, "name": name})
+    job = backup(cli, VM)
+    why = _reason(job)
+    assert f"bitmap {ours[0][1]} is missing" in why and "live-migrated" in why and "a new chain starts" in why, why
+    info, full = job["properties"]["extendedInfo"], first["properties"]["extendedInfo"]
+    assert info["bytesRead"] >= full["bytesRead"], (info, full)  # everything read again...
+    assert info["bytesWritten"] <= full["bytesWritten"] // 10, (info, full)  # ...only the changes stored
+    _assert_point_is_the_disk(cli, daemon, tmp_path)
+    _scribble(daemon, seed=2, blocks=5)
+    job = backup(cli, VM)  # the new chain's bitmap: incremental again
+    assert not fell_back(job), job
+    assert job["properties"]["extendedInfo"]["bytesRead"] <= 5 * 64 * 1024, job["properties"]["extendedInfo"]
+    _assert_point_is_the_disk(cli, daemon, tmp_path)
+
+
 @pytest.mark.parametrize("daemon", ["raw"], indirect=True)
 def test_a_raw_disk_is_tracked_only_while_its_qemu_runs(daemon: StorageDaemon, cli: Cli, tmp_path: Path) -> None:
     backup(cli, VM)

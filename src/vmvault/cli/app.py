@@ -498,31 +498,26 @@ def _vm_add_on_host(
     connect: str | None,
     quiesce_timeout: int | None,
 ) -> None:
-    """`vm add --host`: a VM of another host (service/hostvms.py); nothing on this machine is opened."""
+    """`vm add --host`: a VM of another host (service/hostvms.py); nothing on this machine is opened.
+    With --server, through the API (POST /vms with host): the same service function on the server."""
     from vmvault.cli import remote
     from vmvault.service import hostvms
 
-    remote.refuse_option("--host", True)
-    forms = [f for f, given in (("--disk", bool(disk)), ("--qmp", qmp is not None), ("--libvirt", libvirt is not None))
-             if given]  # fmt: skip
-    if len(forms) != 1:
+    if quiesce_timeout is not None:
         raise InvalidInput(
-            f"vm add --host takes one of --disk, --qmp or --libvirt (got {', '.join(forms) or 'none'})",
-            hint=f"vmvault vm add {name} --host {host} --disk PATH (a path on that host)",
+            "with --host, --quiesce-timeout is set later (vm update)",
+            hint=f"vmvault vm add {name} --host {host} ..., then vmvault vm update {name} --quiesce-timeout S",
         )
-    if quiesce_timeout is not None or (fmt and not disk) or (guest_agent and qmp is None) or (connect and not libvirt):
-        raise InvalidInput(
-            "with --host: --format goes with --disk, --guest-agent with --qmp, --connect with --libvirt, and "
-            "--quiesce-timeout is set later (vm update)",
-            hint=f"vmvault vm add {name} --host {host} --qmp SOCKET [--guest-agent SOCKET]",
-        )
+    disks = [str(d) for d in disk or []]
+    sockets = (str(qmp) if qmp else None, str(guest_agent) if guest_agent else None)
+    if remote.active():  # paths are paths on the VM's host: sent as given
+        given = {"disks": disks, "formats": fmt, "qmp": sockets[0], "guestAgent": sockets[1], "libvirt": libvirt,
+                 "connect": connect}  # fmt: skip
+        output.print_object(remote.post("/vms", {"name": name, "host": host, **{k: v for k, v in given.items() if v}}))
+        return
     with service_context() as ctx:
-        if qmp is not None:
-            added = hostvms.add_host_qmp_vm(ctx, name, host, str(qmp), str(guest_agent) if guest_agent else None)
-        elif libvirt is not None:
-            added = hostvms.add_host_libvirt_vm(ctx, name, host, libvirt, connect)
-        else:
-            added = hostvms.add_host_vm(ctx, name, host, [str(d) for d in disk or []], fmt)
+        added = hostvms.add_vm_on_host(ctx, name, host, disks=disks, formats=fmt, qmp=sockets[0],
+                                       guest_agent=sockets[1], libvirt=libvirt, connect=connect)  # fmt: skip
         output.print_object(added)
 
 

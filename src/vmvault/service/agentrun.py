@@ -10,6 +10,16 @@ restores.restore_into, files._mount: service/agentfiles.py): the catalog's part 
 from its storage URL with this host's key (the host unlocked the vault once with its passphrase)
 and written straight to its storage. SIGTERM/SIGINT: claim nothing more, cancel the running jobs
 (they end Cancelled, no point), exit 0.
+
+Cut off from the server (ServerUnreachable: no connection, a timeout, a 502/503/504 from a proxy):
+at start the agent registers again with bounded exponential backoff and jitter (Backoff) until the
+server answers or SIGTERM; a refused token or API version exits at once (a human must act). While
+it runs, the running jobs go on (they write straight to the vault's storage): progress reports and
+claims wait on the backoff, heartbeats go on at their period (an outage logged once per backoff
+step), and the VM's bookkeeping and the report of a job's end are asked again until the server
+answers or the agent stops; a heartbeat that gets through wakes them (Waker). A server that failed
+the job `agent_lost` meanwhile adopts the point the vault holds (agentwork.finish: the manifest is
+the truth).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import threading
 import time
 import urllib.error
@@ -44,13 +55,41 @@ log = logging.getLogger("vmvault")
 
 TIMEOUT_S = 60.0
 CLAIM_POLL_S = 1.0
+DOMAINS_REFRESH_S = 30.0  # how often heartbeats carry the libvirt domains found (their states)
 DEFAULT_MAX_JOBS = 2
+
+
+PROGRESS_TIMEOUT_S = 10.0  # a progress report never holds a backup for long (it is only a report)
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+PROXY_STATUSES = (502, 503, 504)  # a proxy or load balancer in front of a server that does not answer
 
 
 class ServerUnreachable(VmvaultError):
     code = "server_unreachable"
     exit_code = 69
     http_status = 502
+
+
+@dataclass
+class Backoff:
+    """Bounded exponential backoff with jitter: about 1 s, 2 s, 4 s ... up to 30 s between tries.
+
+    Each delay is drawn from [base/2, base] so that many agents cut off by one outage do not all
+    come back in the same second."""
+
+    first_s: float = BACKOFF_FIRST_S
+    max_s: float = BACKOFF_MAX_S
+    failures: int = 0
+
+    def next_delay(self) -> float:
+        base = min(self.max_s, self.first_s * 2 ** min(self.failures, 16))
+        self.failures += 1
+        return random.uniform(base / 2, base)
+
+    def reset(self) -> bool:
+        """Forget the failures; True when there were some (the caller logs that the server is back)."""
+        had, self.failures = self.failures > 0, 0
+        return had
 
 
 def check_server_url(url: str) -> str:
@@ -98,6 +137,33 @@ def read_token(token_file: str | None) -> str:
     return token
 
 
+class Waker:
+    """What the agent's retries wait on: they wake early when the agent stops or the server answers again
+    (its heartbeat got through), so a report held back by an outage goes out within a heartbeat."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._answers = 0  # how many times the server came back
+        self.stopped = False
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds; True when the agent is stopping."""
+        with self._cond:
+            seen = self._answers
+            self._cond.wait_for(lambda: self.stopped or self._answers != seen, timeout)
+            return self.stopped
+
+    def server_back(self) -> None:
+        with self._cond:
+            self._answers += 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopped = True
+            self._cond.notify_all()
+
+
 # ---- the REST client ----------------------------------------------------------------------------
 
 
@@ -107,17 +173,18 @@ class AgentClient:
     host: str
     token: str = field(repr=False)
 
-    def call(self, path: str, body: JsonDict) -> Any:
-        """POST /api/v1/agents/{host}{path}; the decoded answer (None for 204); the server's error raised."""
+    def call(self, path: str, body: JsonDict, timeout: float = TIMEOUT_S) -> Any:
+        """POST /api/v1/agents/{host}{path}; the decoded answer (None for 204); the server's error raised
+        (ServerUnreachable when no vmvault server answered)."""
         url = f"{self.server}/api/v1/agents/{urllib.parse.quote(self.host, safe='')}{path}"
         request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
             "Accept": "application/json"})  # fmt: skip
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            raise _api_error(exc) from None
+            raise _api_error(exc, self.server) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise ServerUnreachable(
                 f"cannot reach the vmvault server at {self.server}: {getattr(exc, 'reason', exc)}",
@@ -126,11 +193,16 @@ class AgentClient:
         return json.loads(raw) if raw else None
 
 
-def _api_error(exc: urllib.error.HTTPError) -> VmvaultError:
+def _api_error(exc: urllib.error.HTTPError, server: str) -> VmvaultError:
     try:
         body = json.loads(exc.read() or b"{}")
     except ValueError:
         body = {}
+    if not isinstance(body, dict):
+        body = {}
+    if exc.code in PROXY_STATUSES and not body.get("code"):  # a proxy's page, not vmvault's answer
+        return ServerUnreachable(f"the vmvault server at {server} does not answer (HTTP {exc.code} from a proxy)",
+                                 hint="check that vmvault serve runs behind the proxy")  # fmt: skip
     code = str(body.get("code") or "internal_error")
     message = str(body.get("message") or f"the server answered {exc.code}")
     for cls in _subclasses(VmvaultError):
@@ -152,8 +224,11 @@ def _subclasses(cls: type[VmvaultError]) -> list[type[VmvaultError]]:
 class RemoteBooks:
     """backups.BackupBooks over the agent API: the server's catalog, through its REST API."""
 
-    def __init__(self, client: AgentClient, job_id: str, previous: str | None, floor: str | None) -> None:
+    def __init__(
+        self, client: AgentClient, job_id: str, previous: str | None, floor: str | None, life: Waker | None = None
+    ) -> None:
         self.client, self.job_id, self.previous, self.floor = client, job_id, previous, floor
+        self.life = life or Waker()
 
     def previous_point_id(self) -> str | None:
         return self.previous
@@ -164,17 +239,38 @@ class RemoteBooks:
         return later_than(self.floor)
 
     def save_vm(self, updates: dict[str, Any], disks: list[dict[str, Any]] | None = None) -> None:
-        self.client.call(f"/jobs/{self.job_id}/vm", {"updates": updates, "disks": disks})
+        self._call(f"/jobs/{self.job_id}/vm", {"updates": updates, "disks": disks})
 
     def save_disk(self, name: str, values: dict[str, Any]) -> None:
-        self.client.call(f"/jobs/{self.job_id}/disk", {"name": name, "values": values})
+        self._call(f"/jobs/{self.job_id}/disk", {"name": name, "values": values})
+
+    def _call(self, path: str, body: JsonDict) -> None:
+        """The connector's bookkeeping (a checkpoint or bitmap of the new chain) must not be lost to an
+        outage: asked again with backoff until the server answers; raised only if the agent stops."""
+        backoff = Backoff()
+        while True:
+            try:
+                self.client.call(path, body)
+                return
+            except ServerUnreachable as exc:
+                delay = backoff.next_delay()
+                log.warning("job %s: the VM's bookkeeping was not recorded (%s); next try in %.1f s", self.job_id,
+                            exc.message, delay)  # fmt: skip
+                if self.life.wait(delay):
+                    raise
 
 
 class AgentRun:
     """backups.BackupRun on the agent: progress (tasks per disk) sent to the server at most once a second."""
 
-    def __init__(self, client: AgentClient, job_id: str, cancel: StopEvent, details: JsonDict | None) -> None:
+    def __init__(
+        self, client: AgentClient, job_id: str, cancel: StopEvent, details: JsonDict | None,
+        life: Waker | None = None,
+    ) -> None:  # fmt: skip
         self.client, self.job_id, self.stopper = client, job_id, cancel
+        self.life = life or Waker()  # stopped with the agent: no more retries of the end report
+        self.backoff = Backoff()
+        self._quiet_until = 0.0  # the server was unreachable: no progress report before then
         self.cancel: threading.Event = cancel  # with the reason of a stop (backups._cancel_reason reads it)
         self.details: JsonDict | None = json.loads(json.dumps(details)) if details else {}
         self.warnings: list[JsonDict] = []
@@ -188,17 +284,26 @@ class AgentRun:
         with self._lock:
             previous, self.last = self.last, progress_dict(progress)
             track_tasks(self.details, previous, self.last, progress)
-            if time.monotonic() - self._sent < PROGRESS_INTERVAL_S:
+            now = time.monotonic()
+            if now - self._sent < PROGRESS_INTERVAL_S or now < self._quiet_until:
                 return
-            self._sent = time.monotonic()
+            self._sent = now
             body = {"progress": dict(self.last), "details": _sendable(self.details)}
         try:
-            answer = self.client.call(f"/jobs/{self.job_id}/progress", body)
+            answer = self.client.call(f"/jobs/{self.job_id}/progress", body, timeout=PROGRESS_TIMEOUT_S)
+        except ServerUnreachable as exc:  # the job goes on: it writes straight to the vault's storage
+            delay = self.backoff.next_delay()
+            self._quiet_until = time.monotonic() + delay
+            log.warning("job %s: progress not reported (%s); the job goes on, next report in %.0f s",
+                        self.job_id, exc.message, delay)  # fmt: skip
+            return
         except VmvaultError as exc:  # the server decides: a job it ended (agent_lost) is stopped here
             if exc.code == "busy" or exc.code == "not_found":
                 self.stopper.stop(f"the server ended job {self.job_id}")
             log.warning("job %s: progress not recorded: %s", self.job_id, exc)
             return
+        if self.backoff.reset():
+            log.info("job %s: the server answers again", self.job_id)
         if answer and answer.get("cancel"):
             self.stopper.stop("the job was cancelled")
 
@@ -220,6 +325,7 @@ class Agent:
     heartbeat_s: float = 3.0
     local: Context | None = None  # this home's own catalog: the file-recovery sessions of this host
     _stop: StopEvent = field(default_factory=StopEvent)
+    waker: Waker = field(default_factory=Waker)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -230,36 +336,55 @@ class Agent:
         from vmvault.service.context import open_context
 
         self.local = open_context(self.settings)
+        previous = install_stop_signals(self.request_stop, "the agent")  # also while it waits for the server
         try:
             agentfiles.reconcile(self.local)  # before registering: the server learns the live ones
-            answer = self.client.call("/register", self._registration())
+            answer = self._register_until_answered()
+            if answer is None:
+                log.info("stopping before the server answered: %s", self._stop.reason)
+                return 0
             self.heartbeat_s = float(answer.get("heartbeatSeconds") or self.heartbeat_s)
             log.info("agent of host %s registered with %s", self.client.host, self.client.server)
             reconcile_leftovers(self.settings, list(answer.get("vms") or []))
             return self._serve(on_ready)
         finally:
+            restore_signals(previous)
             self.local.close()
 
     def _serve(self, on_ready: Any) -> int:
-        previous = install_stop_signals(self.request_stop, "the agent")
         beat = threading.Thread(target=self._heartbeat_loop, name="vmvault-agent-heartbeat", daemon=True)
         beat.start()
-        try:
-            if on_ready is not None:
-                on_ready(self)
-            self._claim_loop()
-            log.info("stopping: %s", self._stop.reason)
-            with self._lock:
-                for event in self.running.values():
-                    event.stop(self._stop.reason)
-            for thread in list(self._threads):
-                thread.join(120.0)
-        finally:
-            restore_signals(previous)
+        if on_ready is not None:
+            on_ready(self)
+        self._claim_loop()
+        log.info("stopping: %s", self._stop.reason)
+        with self._lock:
+            for event in self.running.values():
+                event.stop(self._stop.reason)
+        for thread in list(self._threads):
+            thread.join(120.0)
         return 0
 
     def request_stop(self, reason: str) -> None:
         self._stop.stop(reason)
+        self.waker.stop()
+
+    def _register_until_answered(self) -> JsonDict | None:
+        """Register; a server that does not answer is asked again with backoff until it does or the agent
+        is stopped (None). A refusal (token, API version, host name) is raised: it needs a human."""
+        backoff = Backoff()
+        while True:
+            try:
+                answer: JsonDict = self.client.call("/register", self._registration())
+                return answer
+            except VmvaultError as exc:
+                if not isinstance(exc, ServerUnreachable) and exc.http_status < 500:
+                    raise  # refused (token, API version, host name): a human must act
+                delay = backoff.next_delay()  # unreachable, or in trouble (its catalog down): it may answer later
+                log.warning("registering with the server failed (%s); try %d, next in %.1f s",
+                            exc.message, backoff.failures, delay)  # fmt: skip
+            if self._stop.wait(delay):
+                return None
 
     def _registration(self) -> JsonDict:
         from vmvault.service.agentfiles import reports
@@ -271,17 +396,26 @@ class Agent:
                 "fileSessions": reports(self.local) if self.local else None}  # fmt: skip
 
     def _claim_loop(self) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
             with self._lock:
                 free = self.max_jobs - len(self.running)
-            package = None
+            package, wait = None, CLAIM_POLL_S
             if free > 0:
                 try:
                     package = self.client.call("/claim", {"pid": os.getpid()}).get("package")
+                    if backoff.reset():
+                        log.info("the server at %s answers again", self.client.server)
+                except ServerUnreachable as exc:  # running jobs go on; claims wait for the server
+                    wait = backoff.next_delay()
+                    log.warning("claiming a job failed (%s); next try in %.1f s", exc.message, wait)
                 except VmvaultError as exc:
                     log.warning("claiming a job failed: %s", exc)
             if package is None:
-                self._stop.wait(CLAIM_POLL_S)
+                if wait > CLAIM_POLL_S:  # the server did not answer: wait for the next try, or for it to answer
+                    self.waker.wait(wait)
+                else:
+                    self._stop.wait(wait)
                 continue
             self._start(package)
 
@@ -301,7 +435,7 @@ class Agent:
         job_id = str(package["jobId"])
         try:
             with job_context(job_id, str(package["vm"]["name"])):
-                run_package(self.settings, self.client, package, cancel, self.paths, self.local)
+                run_package(self.settings, self.client, package, cancel, self.paths, self.local, life=self.waker)
         except Exception:
             log.exception("job %s crashed the agent's worker", job_id)
         finally:
@@ -309,17 +443,33 @@ class Agent:
                 self.running.pop(job_id, None)
 
     def _heartbeat_loop(self) -> None:
+        quiet, next_log = Backoff(), 0.0  # an outage is logged once per backoff step, not every beat
+        looked = time.monotonic()
         while not self._stop.wait(self.heartbeat_s):
             with self._lock:
                 running = list(self.running)
+            body: JsonDict = {"running": running}
+            if time.monotonic() - looked >= DOMAINS_REFRESH_S:  # a live migration moves a domain between hosts
+                looked = time.monotonic()
+                body["hypervisors"] = hypervisors_found() or None
             try:
-                answer = self.client.call("/heartbeat", {"running": running, "fileSessions": self._sessions()})
+                body["fileSessions"] = self._sessions()
+                answer = self.client.call("/heartbeat", body)
             except NotFound:  # the host was removed while this agent was away: register it again
                 self._register_again()
+                continue
+            except ServerUnreachable as exc:  # the running jobs go on; beats go on at their period
+                if time.monotonic() >= next_log:
+                    next_log = time.monotonic() + quiet.next_delay()
+                    log.warning("heartbeat failed (%s); running jobs go on", exc.message)
                 continue
             except VmvaultError as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            if quiet.reset():
+                next_log = 0.0
+                log.info("heartbeat: the server at %s answers again", self.client.server)
+                self.waker.server_back()  # held-back reports and claims go out now
             with self._lock:
                 for job_id in answer.get("cancel") or []:
                     if job_id in self.running:
@@ -353,18 +503,19 @@ class Agent:
 
 def run_package(
     settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None = None,
-    local: Context | None = None,
-) -> str:
+    local: Context | None = None, life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed Backup (or Restore) job with the server's engine and connector code; report how it ended.
 
     paths: the host's allowed disk roots; a work package naming a disk image or a QMP socket outside
-    them fails (the server is not trusted to read any file of this host into a vault)."""
+    them fails (the server is not trusted to read any file of this host into a vault). life: set when
+    the agent stops (the report of the job's end is retried until the server answers or then)."""
     from vmvault.service.backups import BackupPlan, run_backup_into
 
     if package.get("operation") == "Restore":
-        return run_restore_package(settings, client, package, cancel, paths)
+        return run_restore_package(settings, client, package, cancel, paths, life)
     if package.get("operation") in ("FileRecoveryMount", "FileRecoveryUnmount"):
-        return run_files_package(settings, client, package, cancel, paths, local)
+        return run_files_package(settings, client, package, cancel, paths, local, life)
     from vmvault.service.vaultio import opened_vault_at
 
     job_id, vm = str(package["jobId"]), package["vm"]
@@ -373,8 +524,8 @@ def run_package(
                          storage_dir=str(vault_info["storage"]))  # fmt: skip
     plan = BackupPlan(str(vm["id"]), str(vm["name"]), vault_row, list(vm["disks"]), dict(vm["definition"]),
                       str(package["retainUntil"]))  # fmt: skip
-    run = AgentRun(client, job_id, cancel, package.get("details"))
-    books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
+    books = RemoteBooks(client, job_id, package.get("previousPoint"), package.get("pointTimeFloor"), life)
     try:
         if paths is not None:
             _check_paths(paths, plan)
@@ -384,23 +535,24 @@ def run_package(
     except Exception as exc:
         return _report_failure(client, run, exc)
     end_tasks(run.details, Status.COMPLETED)
-    _finish(client, job_id, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
+    _finish(run, {"status": Status.COMPLETED, "recoveryPoint": manifest.rp_id, "warnings": run.warnings,
                              "progress": run.last, "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: backup of %s published point %s", job_id, plan.vm_name, manifest.rp_id)
     return Status.COMPLETED
 
 
 def run_restore_package(
-    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None
-) -> str:
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
+    life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed Restore job (restore disks of a VM of this host) with the same code as a local
     restore (restores.restore_into); the files are written here, in this host's allowed restore roots."""
     from vmvault.service.restores import restore_into
 
     if package["restore"].get("mode") == "vm":
-        return run_new_vm_package(settings, client, package, cancel, paths)
+        return run_new_vm_package(settings, client, package, cancel, paths, life)
     job_id = str(package["jobId"])
-    run = AgentRun(client, job_id, cancel, package.get("details"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
     try:
         plan, recheck = _restore_plan(package, paths)
         # Partial files are not recorded on the server (its reaper would look for them on its own host).
@@ -408,22 +560,23 @@ def run_restore_package(
             written = restore_into(vault, plan, run, recheck, lambda _d: partial_tag(job_id))
     except Exception as exc:
         return _report_failure(client, run, exc)
-    _finish(client, job_id, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
-                             "details": _sendable(run.details)})  # fmt: skip
+    _finish(run, {"status": Status.COMPLETED, "files": [str(p) for p in written], "progress": run.last,
+                  "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s into %s", job_id, package["vm"]["name"], plan.target_dir)
     return Status.COMPLETED
 
 
 def run_new_vm_package(
-    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None
-) -> str:
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
+    life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed restore as a new VM of this host with the same code as a server's
     (restore_vm.build_new_vm): disks in this host's allowed restore roots, the copy defined on this
     host's hypervisor; the server registers it (as a VM of this host) when it reads the report."""
     from vmvault.service.restore_vm import build_new_vm, plan_on_host, start_if_asked
 
     job_id = str(package["jobId"])
-    run = AgentRun(client, job_id, cancel, package.get("details"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
     try:
         target, recheck = _restore_target(package, paths)
         plan = plan_on_host(package, target)
@@ -436,23 +589,23 @@ def run_new_vm_package(
     report = {"kind": new_vm.kind, "disks": new_vm.disks, "definition": new_vm.definition, "files": new_vm.files,
               "view": new_vm.view, "started": bool(view.get("started"))}  # fmt: skip
     written = [str(p) for p in plan.disk_files] + list(new_vm.files)
-    _finish(client, job_id, {"status": Status.COMPLETED, "newVm": report, "files": written, "progress": run.last,
-                             "details": _sendable(run.details)})  # fmt: skip
+    _finish(run, {"status": Status.COMPLETED, "newVm": report, "files": written, "progress": run.last,
+                  "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s as new VM %s in %s", job_id, plan.vm_name, plan.new_name, plan.target_dir)
     return Status.COMPLETED
 
 
 def run_files_package(
     settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
-    local: Context | None,
-) -> str:
+    local: Context | None, life: Waker | None = None,
+) -> str:  # fmt: skip
     """Run one claimed FileRecoveryMount/Unmount job here (service/agentfiles.py), in this home's own
     catalog; the sessions are reported to the server with the job's end."""
     from vmvault.service import agentfiles
     from vmvault.service.context import open_context
 
     job_id = str(package["jobId"])
-    run = AgentRun(client, job_id, cancel, package.get("details"))
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
     ctx = local or open_context(settings)
     try:
         if package["operation"] == "FileRecoveryMount":
@@ -464,7 +617,7 @@ def run_files_package(
     finally:
         if local is None:
             ctx.close()
-    _finish(client, job_id, {"status": Status.COMPLETED, "sessions": sessions})
+    _finish(run, {"status": Status.COMPLETED, "sessions": sessions})
     log.info("job %s: %s of %s done", job_id, package["operation"], package["vm"]["name"])
     return Status.COMPLETED
 
@@ -552,28 +705,31 @@ def _report_failure(client: AgentClient, run: AgentRun, exc: Exception) -> str:
 def _report_end(client: AgentClient, run: AgentRun, status: str, exc: VmvaultError) -> str:
     end_tasks(run.details, status)
     log.warning("job %s ended %s: %s", run.job_id, status, exc)
-    _finish(client, run.job_id, {"status": status, "error": exc.to_dict(), "progress": run.last,
+    _finish(run, {"status": status, "error": exc.to_dict(), "progress": run.last,
                                  "details": _sendable(run.details)})  # fmt: skip
     return status
 
 
-FINISH_TRIES, FINISH_RETRY_S = 12, 5.0
-
-
-def _finish(client: AgentClient, job_id: str, body: JsonDict) -> None:
-    """Report the job's end; an unreachable server is asked again for about a minute (a point already
-    published is then recorded, not lost); any other refusal (the job ended there) is logged."""
-    for attempt in range(FINISH_TRIES):
+def _finish(run: AgentRun, body: JsonDict) -> None:
+    """Report the job's end. A server that does not answer is asked again with backoff until it does or
+    the agent stops (a point already published is then recorded, or adopted by a server that failed
+    the job `agent_lost` meanwhile); any other refusal (the job ended there) is logged."""
+    backoff = Backoff()
+    while True:
         try:
-            client.call(f"/jobs/{job_id}/finish", body)
+            run.client.call(f"/jobs/{run.job_id}/finish", body)
             return
         except ServerUnreachable as exc:
-            log.warning("job %s: reporting its end failed (%s); try %d of %d", job_id, exc, attempt + 1, FINISH_TRIES)
-            time.sleep(FINISH_RETRY_S)
-        except VmvaultError as exc:  # ended there already (agent_lost, cancelled) or refused: nothing to redo
-            log.warning("job %s: its end was not recorded: %s", job_id, exc)
+            delay = backoff.next_delay()
+            log.warning("job %s: reporting its end (%s) failed (%s); try %d, next in %.1f s", run.job_id,
+                        body.get("status"), exc.message, backoff.failures, delay)  # fmt: skip
+        except VmvaultError as exc:  # ended there already (cancelled, refused): nothing to redo
+            log.warning("job %s: its end was not recorded: %s", run.job_id, exc)
             return
-    log.warning("job %s: its end was never recorded; the server ends it when it finds it orphaned", job_id)
+        if run.life.wait(delay):
+            log.warning("job %s: the agent stopped before the server heard of the job's end; a point it "
+                        "published is adopted by the server at the next contact", run.job_id)  # fmt: skip
+            return
 
 
 def _budget(package: JsonDict) -> Any:

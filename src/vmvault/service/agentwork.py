@@ -93,6 +93,7 @@ def register(ctx: Context, host: str, body: JsonDict) -> JsonDict:
         row.details = {"apiVersion": API_VERSION, "pid": _int(body.get("pid")),
                        "hypervisors": _hypervisors(body.get("hypervisors"))}  # fmt: skip
         lost = _end_lost(s, host, f"the agent of host '{host}' restarted while it ran this job")
+        follow_running_domains(s, host, row.details["hypervisors"])
         vms = [_leftover(r) for r in s.scalars(select(VmRow).where(VmRow.host == host)).all()]
     _notify_all(ctx, lost)
     if body.get("fileSessions") is not None:  # its live file-recovery sessions after its start-up reconcile
@@ -127,9 +128,15 @@ def _leftover(row: VmRow) -> JsonDict:
     return {"id": row.id, "name": row.name, "kind": row.kind, "definition": dict(row.definition or {})}
 
 
-def heartbeat(ctx: Context, host: str, running: list[str], sessions: object = None) -> JsonDict:
+def heartbeat(
+    ctx: Context, host: str, running: list[str], sessions: object = None, hypervisors: object = None
+) -> JsonDict:
     """The agent is alive; its running jobs' heartbeats too. Answers which of them to cancel, and
-    which of the file-recovery sessions it reported (sessions) ended here (it ends them)."""
+    which of the file-recovery sessions it reported (sessions) ended here (it ends them).
+
+    hypervisors (sent now and then): what the agent finds now; libvirt VMs follow their running domain."""
+    if hypervisors is not None:
+        _refresh_hypervisors(ctx, host, _hypervisors(hypervisors))
     with ctx.catalog.update() as s:
         row = s.get(HostRow, host)
         if row is None or row.role != hosts.AGENT:
@@ -149,6 +156,61 @@ def heartbeat(ctx: Context, host: str, running: list[str], sessions: object = No
         except VmvaultError as exc:  # a bad report never keeps cancels from reaching the agent
             log.warning("agent of host %s: its file-recovery sessions not recorded: %s", host, exc)
     return answer
+
+
+# ---- a libvirt VM is backed up by the host where its domain runs ------------------------------
+
+
+def _refresh_hypervisors(ctx: Context, host: str, found: JsonDict) -> None:
+    with ctx.catalog.write() as s:
+        row = s.get(HostRow, host)
+        if row is None or row.role != hosts.AGENT:
+            return  # the heartbeat below says so
+        row.details = {**(row.details or {}), "hypervisors": found}
+        follow_running_domains(s, host, found)
+
+
+def follow_running_domains(s: Session, host: str, found: JsonDict) -> list[str]:
+    """The libvirt VMs of other agent hosts whose domain runs on `host` (a live migration; on a cluster
+    every host may define it) move to `host`: its agent runs their next jobs. A VM stays where its own
+    host's agent, Online, reports the domain running too (the one where it runs wins; when two claim
+    it, it does not move), and while a job of it runs. Matched by the domain's UUID once known, else
+    by its name."""
+    from vmvault.service.vms import KIND_LIBVIRT
+
+    running = [d for d in found.get("libvirtDomains") or [] if d.get("state") == "running"]
+    if not running:
+        return []
+    moved = []
+    for vm in s.scalars(select(VmRow).where(VmRow.kind == KIND_LIBVIRT, VmRow.host.is_not(None),
+                                            VmRow.host != host)).all():  # fmt: skip
+        if any(_same_domain(vm, d) for d in running) and _may_follow(s, vm):
+            log.info("VM %s: its libvirt domain runs on host %s now (was %s): its jobs go there", vm.name, host,
+                     vm.host)  # fmt: skip
+            vm.host = host
+            moved.append(vm.name)
+    return moved
+
+
+def _same_domain(vm: VmRow, domain: JsonDict) -> bool:
+    uuid = str((vm.definition or {}).get("uuid") or "")
+    if uuid:
+        return domain.get("uuid") == uuid
+    return bool(domain.get("name")) and domain.get("name") == (vm.definition or {}).get("domain")
+
+
+def _may_follow(s: Session, vm: VmRow) -> bool:
+    """Its own host is an agent that does not report the domain running now, and no job of it runs."""
+    own = s.get(HostRow, vm.host or "")
+    if own is None or own.role != hosts.AGENT:
+        return False  # a server's VM, or a host not registered yet: it stays
+    if hosts.state_of(own) == hosts.ONLINE:
+        found = (own.details or {}).get("hypervisors") or {}
+        if any(d.get("state") == "running" and _same_domain(vm, d) for d in found.get("libvirtDomains") or []):
+            return False
+    busy = s.scalars(select(JobRow.id).where(JobRow.vm == vm.name, JobRow.status == Status.IN_PROGRESS,
+                                             JobRow.owner_pid > 0)).first()  # fmt: skip
+    return busy is None
 
 
 def _claimed_long_ago(job: JobRow) -> bool:
@@ -514,6 +576,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
         if body.get("newVm") is not None:
             return _finish_new_vm(ctx, host, job_id, body, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
+    if status == Status.COMPLETED and _lost_backup(ctx, host, job_id):
+        return _adopt_late_point(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body)
     if status == Status.COMPLETED and _operation(ctx, job_id) in hostfiles.FILE_OPERATIONS:
         return _finish_files(ctx, host, job_id, body.get("sessions"))
     if status == Status.COMPLETED:
@@ -678,6 +742,69 @@ def _finish_completed(
 
     save(ctx, vault)  # the VM's definition and retain-until as of this backup, as a local backup does
     return show_job(ctx, job_id)
+
+
+# ---- the late end of a job the server had failed agent_lost ----------------------------------
+
+
+def _lost_backup(ctx: Context, host: str, job_id: str) -> bool:
+    """This host's Backup job that ended agent_lost (or whose lost point was adopted already)."""
+    with ctx.catalog.read() as s:
+        row = repos.find_job(s, job_id)
+        if row is None or row.operation != Operation.BACKUP or (row.details or {}).get(AGENT_KEY) != host:
+            return False
+        ended_ok = row.status in (Status.COMPLETED, Status.COMPLETED_WITH_WARNINGS)
+        adopted = ended_ok and bool((row.details or {}).get("reconciled"))
+        return adopted or (row.status == Status.FAILED and (row.error or {}).get("code") == "agent_lost")
+
+
+def _adopt_late_point(ctx: Context, host: str, job_id: str, rp_id: str, body: JsonDict) -> JsonDict:
+    """An agent cut off from the server reports a backup it completed after the server failed the job
+    `agent_lost`: the point it published is adopted by the crash rule (service/reconcile.py): its
+    manifest, read back from the vault, names this job and VM and the vault's record chain records
+    it. A point the vault does not hold is never recorded (NotFound); one that does not check out is
+    not adopted (IntegrityError naming why); the job stays as it ended."""
+    from vmvault.service.reconcile import adopt_reported_point
+    from vmvault.service.vaultsettings import save
+
+    with ctx.catalog.read() as s:
+        job = repos.get_job(s, job_id)
+        vault = repos.get_vault(s, job.vault or "")
+        vm = repos.get_vm(s, job.vm or "")
+        done = (job.details or {}).get("recoveryPoint")
+        s.expunge_all()
+    if done and done == rp_id:  # adopted already (reconcile before another backup, a server's start)
+        return show_job(ctx, job_id)
+    manifest = _published_manifest(ctx, vault, rp_id, vm.id, job_id)
+    note = (f"the agent of host '{host}' reported this job's end at {now_iso()}, after the server had failed it "
+            "agent_lost; the recovery point it published was adopted (read back from the vault)")  # fmt: skip
+    why = adopt_reported_point(ctx, vault, manifest.rp_id, note)
+    if why is not None:
+        raise IntegrityError(
+            f"recovery point '{rp_id}' of job '{job_id}' in vault '{vault.name}' was not adopted: {why}",
+            hint=f"run vmvault vault verify {vault.name}, then the backup again: vmvault backup now {vm.name}",
+        )
+    _late_warnings(ctx, job_id, body)
+    log.info("job %s: point %s of host %s adopted after agent_lost", job_id, rp_id, host)
+    with ctx.catalog.write() as s:
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    save(ctx, vault)
+    return show_job(ctx, job_id)
+
+
+def _late_warnings(ctx: Context, job_id: str, body: JsonDict) -> None:
+    """The warnings and details the agent reports with a late end, as a timely end records them."""
+    from vmvault.service.jobs import warnings_error
+
+    warnings = [_warning(w) for w in body.get("warnings") or [] if isinstance(w, dict)][:100]
+    details = body.get("details") if isinstance(body.get("details"), dict) else None
+    raw = body.get("progress") if isinstance(body.get("progress"), dict) else {}
+    with ctx.catalog.write() as s:
+        status = Status.COMPLETED_WITH_WARNINGS if warnings else Status.COMPLETED
+        final = {**_progress_values(raw or {}), "percent": 100.0}
+        repos.finish_job(s, job_id, status, error=warnings_error(warnings), progress=final)
+        _merge_agent_details(s, job_id, details)
 
 
 def _warning(raw: JsonDict) -> JsonDict:

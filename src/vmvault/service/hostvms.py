@@ -23,6 +23,37 @@ from vmvault.service.vms import FORMATS, KIND_DISKS, KIND_LIBVIRT, KIND_QMP, _re
 DESCRIBE_ON_HOST = "describeOnHost"  # definition key: the agent describes the VM at its first backup
 
 
+def add_vm_on_host(
+    ctx: Context, name: str, host: str | None, *, disks: list[str] | None = None, formats: list[str] | None = None,
+    qmp: str | None = None, guest_agent: str | None = None, libvirt: str | None = None, connect: str | None = None,
+) -> JsonDict:  # fmt: skip
+    """`vm add NAME --host HOST` (CLI, locally or through the API): one of disks, qmp or libvirt, paths on
+    that host; nothing on this machine is opened. host None: only the API's plain disk form may skip it."""
+    forms = [f for f, given in (("--disk", bool(disks)), ("--qmp", qmp is not None), ("--libvirt", libvirt is not None))
+             if given]  # fmt: skip
+    if host is None:
+        raise InvalidInput(
+            f"VM '{name}' by {' and '.join(forms) or '--guest-agent/--connect'} is added on a server only with --host "
+            "(its agent describes it); the server's own running VMs are added on the server itself",
+            hint=f"vmvault vm add {name} --host HOST {forms[0] if forms else '--qmp'} ...",
+        )
+    if len(forms) != 1:
+        raise InvalidInput(
+            f"vm add --host takes one of --disk, --qmp or --libvirt (got {', '.join(forms) or 'none'})",
+            hint=f"vmvault vm add {name} --host {host} --disk PATH (a path on that host)",
+        )
+    if (formats and not disks) or (guest_agent and qmp is None) or (connect and libvirt is None):
+        raise InvalidInput(
+            "with --host: --format goes with --disk, --guest-agent with --qmp, --connect with --libvirt",
+            hint=f"vmvault vm add {name} --host {host} --qmp SOCKET [--guest-agent SOCKET]",
+        )
+    if qmp is not None:
+        return add_host_qmp_vm(ctx, name, host, qmp, guest_agent)
+    if libvirt is not None:
+        return add_host_libvirt_vm(ctx, name, host, libvirt, connect)
+    return add_host_vm(ctx, name, host, list(disks or []), formats)
+
+
 def add_host_vm(ctx: Context, name: str, host: str, disks: list[str], formats: list[str] | None = None) -> JsonDict:
     """A VM given by disk images on another host."""
     check_name("VM", name)

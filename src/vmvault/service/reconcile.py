@@ -93,9 +93,22 @@ def reconcile_all(ctx: Context, when: str) -> None:
             log.info("vault %s reconciled after a crash: %s", row.name, result.view())
 
 
+def adopt_reported_point(ctx: Context, row: VaultRow, rp_id: str, note: str) -> str | None:
+    """Adopt one point by the crash rule above (an agent reported it after its job was failed
+    `agent_lost`): None when it is now recorded, else why it was not (the point is left alone)."""
+    out = Reconciled()
+    with opened_vault(ctx, row) as vault:
+        _adopt(ctx, row, vault, rp_id, note, out, vault.recorded_points(), note=note)
+    if out.unlisted:
+        return str(out.unlisted[0]["reason"])
+    with ctx.catalog.read() as s:
+        return None if repos.find_recovery_point(s, rp_id) is not None else f"points/{rp_id} is not in the vault"
+
+
 def _adopt(
-    ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: Reconciled, recorded: Recorded | None
-) -> None:
+    ctx: Context, row: VaultRow, vault: Any, rp_id: str, when: str, out: Reconciled, recorded: Recorded | None,
+    note: str | None = None,
+) -> None:  # fmt: skip
     try:
         manifest = vault.read_manifest(rp_id)  # authenticated, or it raises
         unrecorded = recorded.unrecorded(rp_id, vault.manifest_digest(rp_id)) if recorded is not None else None
@@ -115,7 +128,7 @@ def _adopt(
         if reason is not None:
             out.unlisted.append({**entry, "reason": reason})
             return
-        _record(ctx, s, row, manifest, when)
+        _record(ctx, s, row, manifest, when, note)
     out.adopted.append(entry)
 
 
@@ -133,7 +146,7 @@ def _why_not_adopted(s: Session, manifest: Any) -> str | None:
     return None
 
 
-def _record(ctx: Context, s: Session, row: VaultRow, manifest: Any, when: str) -> None:
+def _record(ctx: Context, s: Session, row: VaultRow, manifest: Any, when: str, note: str | None = None) -> None:
     from vmvault.service.backups import record_retention
     from vmvault.service.vaults import recovery_point_row
 
@@ -141,10 +154,10 @@ def _record(ctx: Context, s: Session, row: VaultRow, manifest: Any, when: str) -
     repos.add_recovery_point(s, recovery_point_row(manifest, row.id))
     repos.mark_protected_after_backup(s, manifest.vm_id)
     record_retention(ctx, s, manifest.rp_id, (job.details or {}).get("trigger") == "Scheduled")
-    note = (
-        f"the process running this job died after the recovery point was written; "
-        f"reconciled after the crash ({when}, {now_iso()})"
-    )
+    agent = (job.details or {}).get("agentHost")  # an agent's job: it died or lost the server, not a process here
+    runner = f"the agent of host '{agent}' running this job died or lost the server" if agent else (
+        "the process running this job died")  # fmt: skip
+    note = note or f"{runner} after the recovery point was written; reconciled after the crash ({when}, {now_iso()})"
     repos.finish_job(s, job.id, Status.COMPLETED)
     repos.update_job_details(s, job.id, {**(job.details or {}), "recoveryPoint": manifest.rp_id, "reconciled": note})
 

@@ -37,6 +37,10 @@ class Heartbeat(Body):
     file_sessions: list[dict[str, Any]] | None = Field(
         default=None, max_length=1000, description="Its file-recovery sessions (live, and lately ended)"
     )
+    hypervisors: dict[str, Any] | None = Field(
+        default=None, description="Now and then (every 30 s): what the agent finds, as at registration (libvirt "
+        "domains and their states: a libvirt VM is backed up by the host where its domain runs)"
+    )
 
 
 class Claim(Body):
@@ -123,7 +127,7 @@ def register(host: str, body: Register, ctx: Ctx) -> dict[str, Any]:
 
 @router.post("/heartbeat", response_model=AgentCancels, dependencies=AGENT)
 def heartbeat(host: str, body: Heartbeat, ctx: Ctx) -> dict[str, Any]:
-    return agentwork.heartbeat(ctx, host, body.running, body.file_sessions)
+    return agentwork.heartbeat(ctx, host, body.running, body.file_sessions, body.hypervisors)
 
 
 @router.post("/claim", response_model=AgentClaimed, dependencies=AGENT)

@@ -19,10 +19,17 @@ router = APIRouter(tags=["vms"], route_class=ROUTE_CLASS)
 
 class VmAdd(Body):
     name: str = Field(max_length=128)
-    disks: list[str] = Field(description="Disk image paths on the server, in order: disk0, disk1, ...")
+    disks: list[str] = Field(default_factory=list, max_length=64,
+                             description="Disk image paths, in order: disk0, disk1, ... (on the server; with "
+                             "host, on that host)")  # fmt: skip
     formats: list[str] | None = Field(
         None, description="raw or qcow2, one for all disks or one per disk; without it, guessed once and recorded"
     )
+    host: str | None = Field(None, max_length=128, description="The VM's host: its agent runs its jobs (vm add --host)")
+    qmp: str | None = Field(None, max_length=4096, description="With host: a running QEMU's QMP socket on that host")
+    guest_agent: str | None = Field(None, max_length=4096, description="With qmp: its guest agent socket")
+    libvirt: str | None = Field(None, max_length=256, description="With host: a libvirt domain of that host")
+    connect: str | None = Field(None, max_length=512, description="With libvirt: its URI (default qemu:///system)")
 
 
 class VmUpdate(Body):
@@ -42,7 +49,13 @@ def list_vms(ctx: Ctx, caller: Caller, pages: Pages) -> dict[str, Any]:
 
 @router.post("/vms", response_model=Vm, status_code=201, dependencies=[require(Permission.VM_WRITE, Scope.GLOBAL)])
 def add_vm(body: VmAdd, ctx: Ctx) -> dict[str, Any]:
-    return vms.add_vm(ctx, body.name, list(body.disks), body.formats)
+    from vmvault.service import hostvms
+
+    if body.host is None and not (body.qmp or body.guest_agent or body.libvirt or body.connect):
+        return vms.add_vm(ctx, body.name, list(body.disks), body.formats)
+    return hostvms.add_vm_on_host(ctx, body.name, body.host, disks=list(body.disks), formats=body.formats,
+                                  qmp=body.qmp, guest_agent=body.guest_agent, libvirt=body.libvirt,
+                                  connect=body.connect)  # fmt: skip
 
 
 @router.get("/vms/{vm}", response_model=Vm, dependencies=[require(Permission.READ, Scope.VM)])

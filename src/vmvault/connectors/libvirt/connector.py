@@ -247,12 +247,14 @@ class _Point:
             return None
         if lv.has_checkpoint(self.dom, str(name)):
             return str(name)
-        self._fall_back(f"checkpoint {name} of the latest point is gone", stale=False)
+        self._fall_back(f"checkpoint {name} of the latest point is not on this host: deleted, or the domain was "
+                        "live-migrated from another host, where it stays", stale=False)  # fmt: skip
         return None
 
     def _fall_back(self, why: str, *, stale: bool = True) -> None:
         dropped = lv.drop_checkpoints(self.dom, f"{lv.CHECKPOINT_PREFIX}{self.tag}-", metadata_only=stale)
-        message = f"changed-block tracking not used ({why}); reading all data and comparing hashes, a new chain starts"
+        message = (f"changed-block tracking not used ({why}); reading all data and comparing hashes with the latest "
+                   "point (only changed chunks are stored); a new chain starts")  # fmt: skip
         if dropped:
             what = "stale checkpoint metadata" if stale else "checkpoints"
             message += f" (dropped {what}: {', '.join(dropped)})"
@@ -323,7 +325,8 @@ class _Point:
                       "reading all data and comparing hashes", "convert the disks to qcow2")  # fmt: skip
         elif name:
             if not lv.has_checkpoint(self.dom, str(name)):
-                self._fall_back(f"checkpoint {name} of the latest point is gone")
+                self._fall_back(f"checkpoint {name} of the latest point is not on this host: deleted, or the domain "
+                                "was live-migrated from another host, where it stays")  # fmt: skip
             elif (why := lv.stale_reason(self.dom, self.disks, str(name))) is not None:
                 self._fall_back(why)
             else:

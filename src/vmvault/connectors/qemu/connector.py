@@ -193,7 +193,8 @@ class _LivePoint:
             for p in session.prepare(tracking, base, self.vm.identity):
                 if p.reason:
                     message = f"disk {p.disk.name}: changed-block tracking not used ({p.reason}); reading all "
-                    message += "data and comparing hashes"
+                    message += "data and comparing hashes with the latest point (only changed chunks are stored); "
+                    message += "a new chain starts"
                     self.port.warn(Note("cbt_fallback", message, "none: the next backup uses the new bitmap"))
             quiesce = self._snapshot()
             rp_id, point_time = self.port.new_point()  # the instant just taken

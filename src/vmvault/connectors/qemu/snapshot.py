@@ -437,8 +437,10 @@ def _distrust(
             why = f"QEMU was restarted since the last backup (pid {tracking.qemu.pid} -> {identity.pid})"
             if not tracked.persistent:
                 return f"{why} and a {disk.format} disk's bitmap lives only in QEMU's memory"
-            return f"{why} and bitmap {tracked.bitmap} did not survive (QEMU was killed or crashed)"
-        return f"bitmap {tracked.bitmap} is missing"
+            return (f"{why} and bitmap {tracked.bitmap} did not survive (QEMU was killed or crashed, or the VM "
+                    "was live-migrated from another host: its bitmaps stay there)")  # fmt: skip
+        return (f"bitmap {tracked.bitmap} is missing (deleted, or the VM was live-migrated from another host: "
+                "its bitmaps stay there)")  # fmt: skip
     if state.get("inconsistent"):
         return f"bitmap {tracked.bitmap} is inconsistent: QEMU stopped without saving it (killed or crashed)"
     if not state.get("recording"):
