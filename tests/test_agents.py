@@ -45,7 +45,7 @@ def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the
         r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
         assert r.status_code == 200 and r.json()["apiVersion"] == 1
         r = box.call("POST", "/api/v1/agents/h1/heartbeat", token, json={"running": [], "hypervisors": _domains("x")})
-        assert r.status_code == 200 and r.json() == {"cancel": []}, r.text
+        assert r.status_code == 200 and r.json() == {"cancel": [], "endSessions": []}, r.text
         from vmvault.service import hosts
 
         assert hosts.show_host(box.ctx, "h1")["details"]["hypervisors"]["libvirtDomains"][0]["state"] == "x"
@@ -336,7 +336,7 @@ def test_a_libvirt_vm_follows_its_running_domain_to_the_host_it_was_migrated_to(
     from vmvault.settings import Settings
 
     def beat(host: str, state: str, uuid: str = "u-web") -> None:
-        agentwork.heartbeat(ctx, host, [], _domains(state, uuid))
+        agentwork.heartbeat(ctx, host, [], hypervisors=_domains(state, uuid))
 
     def host_of(vm: str) -> str:
         return str(vms.show_vm(ctx, vm)["host"])
