@@ -31,6 +31,7 @@ from vmvault.engine.readplan import plan_reads
 from vmvault.errors import IntegrityError
 from vmvault.vault.backends import open_backend
 from vmvault.vault.chunkindex import Location
+from vmvault.vault.packs import HEADER_LEN
 from vmvault.vault.store import Vault
 
 SMALL_READ = 128 << 10
@@ -159,6 +160,36 @@ def test_a_damaged_chunk_mid_restore_fails_with_the_integrity_error(
     victim = damaged["victim"]
     assert f"chunk {victim.ref.blob_id.hex()}" in caught.value.message
     assert victim.pack in caught.value.message
+    assert list(out.iterdir()) == [], "a restore that failed left files behind"
+
+
+def test_a_damaged_pack_header_fails_the_restore_though_its_blobs_decode(
+    s3_point: S3Point, many_reads: None, tmp_path: Path
+) -> None:
+    """Blobs are decoded without waiting for their pack's check (header, table of contents, index
+    file); a pack whose header is damaged, its blobs intact, still fails the restore, naming it,
+    and leaves no file."""
+    pack = _data_packs(s3_point)[-1]
+    backend = open_backend(s3_point.url)
+    original = backend.get(pack)
+    backend.put(pack, bytes([original[0] ^ 0xFF]) + original[1:])
+    vault = Vault.open(s3_point.url, s3_point.home)
+    real_get = vault.backend.get
+
+    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if (name, offset) == (pack, 0) and length == HEADER_LEN:
+            time.sleep(1.0)  # the check ends after every read was written
+        return real_get(name, offset, length)
+
+    vault.backend.get = get  # type: ignore[method-assign]
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(IntegrityError) as caught:
+            engine.run_restore(vault, vault.read_manifest(s3_point.rp), out)
+    finally:
+        vault.close()
+        backend.put(pack, original)
+    assert f"pack {pack} is damaged: bad header" in caught.value.message
     assert list(out.iterdir()) == [], "a restore that failed left files behind"
 
 

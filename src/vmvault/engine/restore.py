@@ -233,7 +233,7 @@ class _DiskWriter:
 
     def _decode(self, loc: Location, stored: memoryview) -> bytes:
         try:
-            return self.vault.read_blob_from(loc, stored)
+            return self.vault.decode_fetched(loc, stored)  # the pack's check: _Pipeline.finish
         except IntegrityError as exc:
             # Marked: the next backup stores this data again rather than trusting this copy.
             self.vault.index.add_bad_copy(loc.ref.blob_id, loc.pack, exc.message)
@@ -277,8 +277,10 @@ class _Pipeline:
     CHECKERS threads check each pack (header, table of contents, index file) beside the data reads.
 
     Memory: the reads submitted and not yet written are at most IN_FLIGHT_BYTES of stored bytes,
-    retired in submission order; plus one decoded chunk per decoder. A blob is decoded only once
-    its pack's check passed, and written only once AES-GCM and its ID authenticated it.
+    retired in submission order; plus one decoded chunk per decoder. A blob is written only once
+    AES-GCM and its ID authenticated it. A pack's check is not waited for before its blobs are
+    decoded (it is a small request queued behind the large ones, and the blobs authenticate
+    themselves): the restore succeeds only once every check passed, else the partial file goes.
 
     The first failure stops every stage and is the one raised, even when an earlier read, retired
     first, was stopped because of it; a cancel raises Cancelled.
@@ -300,18 +302,20 @@ class _Pipeline:
             raise self._failure
         while self._window and self._in_flight + read.length > IN_FLIGHT_BYTES:
             self._retire_oldest()
-        check = self._checks.get(read.pack)
-        if check is None:
-            check = self._checks[read.pack] = self._check_pool.submit(
+        if read.pack not in self._checks:
+            self._checks[read.pack] = self._check_pool.submit(
                 self._guarded, self.writer.vault.authenticate_pack, read.pack
             )
-        fetched = self._fetch_pool.submit(self._guarded, self._fetch, read, positions, check)
+        fetched = self._fetch_pool.submit(self._guarded, self._fetch, read, positions)
         self._window.append((fetched, read.length))
         self._in_flight += read.length
 
     def finish(self) -> None:
+        """Every read written and every pack checked (or the first failure raised)."""
         while self._window:
             self._retire_oldest()
+        for check in self._checks.values():
+            self._result(check)
 
     def close(self, failed: bool) -> None:
         """Stop (when failed) and wait for every thread; queued work is dropped."""
@@ -334,10 +338,9 @@ class _Pipeline:
                 self._failed.set()
             raise
 
-    def _fetch(self, read: Read, positions: dict[bytes, list[int]], check: Future[None]) -> list[Future[None]]:
+    def _fetch(self, read: Read, positions: dict[bytes, list[int]]) -> list[Future[None]]:
         self.stop()
         view = memoryview(self.writer.vault.backend.get(read.pack, read.offset, read.length))
-        check.result()  # no blob of a pack is decoded before the pack passed its check
         self.stop()
         return [
             self._decode_pool.submit(self._guarded, self.writer.write_blobs, piece, self.stop)
@@ -346,14 +349,17 @@ class _Pipeline:
 
     def _retire_oldest(self) -> None:
         fetched, size = self._window.popleft()
+        for decoded in self._result(fetched):
+            self._result(decoded)
+        self._in_flight -= size
+
+    def _result(self, future: Future[_T]) -> _T:
         try:
-            for decoded in fetched.result():
-                decoded.result()
+            return future.result()
         except BaseException:
-            if self._failure is not None:  # stopped because a later read failed: report that one
+            if self._failure is not None:  # stopped because another task failed: report that one
                 raise self._failure from None
             raise
-        self._in_flight -= size
 
 
 class _Leaves:
