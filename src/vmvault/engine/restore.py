@@ -275,8 +275,8 @@ def _pieces(read: Read, view: memoryview, positions: dict[bytes, list[int]]) -> 
 class _Pipeline:
     """Fetches and decodes as two stages, so the wall time approaches the longer of the two rather
     than their sum: FETCHERS threads make the ranged GETs (waiting on the store), DECODERS threads
-    decrypt, decompress, re-hash and pwrite (CPU; AES-GCM, zstd and BLAKE3 release the GIL), and
-    CHECKERS threads check each pack (header, table of contents, index file) beside the data reads.
+    decrypt, decompress, re-hash and pwrite (CPU, most of it in C libraries), and CHECKERS
+    threads check each pack (header, table of contents, index file) beside the data reads.
 
     Memory: the reads submitted and not yet written are at most IN_FLIGHT_BYTES of stored bytes,
     retired in submission order; plus one decoded chunk per decoder. A blob is written only once
@@ -291,6 +291,7 @@ class _Pipeline:
     def __init__(self, writer: _DiskWriter, cancel: threading.Event) -> None:
         self.writer, self.cancel = writer, cancel
         self._failure: BaseException | None = None
+        self._failure_lock = threading.Lock()
         self._failed = threading.Event()
         self._checks: dict[str, Future[None]] = {}
         self._window: deque[tuple[Future[list[Future[None]]], int]] = deque()
@@ -335,8 +336,10 @@ class _Pipeline:
         try:
             return work(*args)
         except BaseException as exc:
-            if not isinstance(exc, Cancelled) and not self._failed.is_set():
-                self._failure = exc
+            if not isinstance(exc, Cancelled):
+                with self._failure_lock:  # two tasks may fail at once: the first one is reported
+                    if self._failure is None:
+                        self._failure = exc
                 self._failed.set()
             raise
 
