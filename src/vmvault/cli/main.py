@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vmvault.errors import InternalError, InvalidInput, VmvaultError
 from vmvault.settings import debug_enabled
@@ -17,7 +23,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vmvault.memory import bound_native_heap
 
     bound_native_heap()
-    sys.exit(run(list(sys.argv[1:] if argv is None else argv)))
+    _exit(run(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _exit(code: int) -> NoReturn:
+    """End a finished command without tearing the interpreter down object by object.
+
+    A one-shot command has loaded SQLAlchemy, the CLI framework and often an object-store SDK;
+    the interpreter's own teardown frees all of it one object at a time, about 0.3 s of a 1.5 s
+    `restore disks` (docs/performance.md). Everything a normal exit does that matters still
+    happens: the atexit handlers run (logging's flush, temporary directories, weakref
+    finalizers), garbage cycles are collected (closing any file only they hold) and the standard
+    streams are flushed. SQLite needs no close for what was committed (its journal is crash-safe).
+    While another non-daemon thread runs, the ordinary exit waits for it as it always did.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others or os.environ.get("VMVAULT_FULL_EXIT"):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            stream.flush()
+    os._exit(code)
 
 
 def run(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -27,6 +28,7 @@ SALT_LEN = 32
 NONCE_LEN = 12
 TAG_LEN = 16
 ZERO_ID = bytes(32)  # the ID of an all-zero chunk: never stored, restored as a hole
+PACK_CIPHERS_KEPT = 256  # pack keys kept derived (per MasterKeys); the map is emptied when full
 
 # New key files: scrypt at N=2^17, r=8 (128 MiB, ~0.35 s on one core of the test machine). Key
 # files written before 2026-12 use N=2^15 and keep working; `vault change-passphrase` re-wraps.
@@ -86,6 +88,9 @@ class MasterKeys:
         self._pack_root = hkdf(master, b"vmvault/v1/pack")
         self._seal_root = hkdf(master, b"vmvault/v1/sealed-file")
         self._mac_key = hkdf(master, b"vmvault/v1/mac")
+        # A restore decodes thousands of blobs of a few packs: one HKDF per pack, not per blob.
+        self._pack_ciphers: dict[bytes, AESGCM] = {}
+        self._pack_ciphers_lock = threading.Lock()
 
     @property
     def master(self) -> bytes:
@@ -96,7 +101,13 @@ class MasterKeys:
         return blake3.blake3(data, key=self.id_key).digest()
 
     def pack_cipher(self, salt: bytes) -> AESGCM:
-        return AESGCM(hkdf(self._pack_root, b"pack", salt))
+        with self._pack_ciphers_lock:
+            cipher = self._pack_ciphers.get(salt)
+            if cipher is None:
+                if len(self._pack_ciphers) >= PACK_CIPHERS_KEPT:
+                    self._pack_ciphers.clear()
+                cipher = self._pack_ciphers[salt] = AESGCM(hkdf(self._pack_root, b"pack", salt))
+            return cipher
 
     def seal_cipher(self, salt: bytes) -> AESGCM:
         return AESGCM(hkdf(self._seal_root, b"file", salt))

@@ -499,6 +499,12 @@ class Vault:
     def read_blob_from(self, loc: Location, stored: bytes | memoryview) -> bytes:
         """Decode a blob whose stored bytes were already fetched (batched reads on restore)."""
         self.authenticate_pack(loc.pack)
+        return self.decode_fetched(loc, stored)
+
+    def decode_fetched(self, loc: Location, stored: bytes | memoryview) -> bytes:
+        """Decode (authenticate: AES-GCM, then its ID re-hashed) a fetched blob without waiting for
+        its pack's check: for a caller that runs authenticate_pack itself and fails unless it
+        passed (the restore's pipeline, engine/restore.py)."""
         return decode_blob(self.keys, loc.salt, loc.ref, stored, f"pack {loc.pack}")
 
     def get_blob(self, blob_id: bytes) -> bytes:
