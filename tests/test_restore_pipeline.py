@@ -139,28 +139,39 @@ def test_a_damaged_chunk_mid_restore_fails_with_the_integrity_error(
         return reads, positions
 
     monkeypatch.setattr(engine._DiskWriter, "plan", plan)
-    vault = Vault.open(s3_point.url, s3_point.home)
-    real_get = vault.backend.get
 
-    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def hold(name: str, offset: int, length: int | None) -> float:
         held = damaged.get("held")
-        if held is not None and (name, offset, length) == (held.pack, held.offset, held.length):
-            time.sleep(0.5)  # still in flight when the damaged read fails
-        return real_get(name, offset, length)
+        return 0.5 if held is not None and (name, offset, length) == (held.pack, held.offset, held.length) else 0.0
 
-    vault.backend.get = get  # type: ignore[method-assign]
-    out = tmp_path / "out"
     try:
-        with pytest.raises(IntegrityError) as caught:
-            engine.run_restore(vault, vault.read_manifest(s3_point.rp), out)
+        error = _failed_restore(s3_point, tmp_path / "out", hold)  # held: in flight when the damaged read fails
     finally:
-        vault.close()
         if damaged:
             backend.put(damaged["victim"].pack, damaged["original"])
     victim = damaged["victim"]
-    assert f"chunk {victim.ref.blob_id.hex()}" in caught.value.message
-    assert victim.pack in caught.value.message
+    assert f"chunk {victim.ref.blob_id.hex()}" in error.message
+    assert victim.pack in error.message
+
+
+def _failed_restore(point: S3Point, out: Path, hold: Any) -> IntegrityError:
+    """Restore the point into out with each read delayed by hold(name, offset, length) seconds; it must
+    fail with an integrity error and leave no file."""
+    vault = Vault.open(point.url, point.home)
+    real_get = vault.backend.get
+
+    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        time.sleep(hold(name, offset, length))
+        return real_get(name, offset, length)
+
+    vault.backend.get = get  # type: ignore[method-assign]
+    try:
+        with pytest.raises(IntegrityError) as caught:
+            engine.run_restore(vault, vault.read_manifest(point.rp), out)
+    finally:
+        vault.close()
     assert list(out.iterdir()) == [], "a restore that failed left files behind"
+    return caught.value
 
 
 def test_a_damaged_pack_header_fails_the_restore_though_its_blobs_decode(
@@ -173,24 +184,14 @@ def test_a_damaged_pack_header_fails_the_restore_though_its_blobs_decode(
     backend = open_backend(s3_point.url)
     original = backend.get(pack)
     backend.put(pack, bytes([original[0] ^ 0xFF]) + original[1:])
-    vault = Vault.open(s3_point.url, s3_point.home)
-    real_get = vault.backend.get
+    def hold(name: str, offset: int, length: int | None) -> float:
+        return 1.0 if (name, offset, length) == (pack, 0, HEADER_LEN) else 0.0  # checked after every write
 
-    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
-        if (name, offset) == (pack, 0) and length == HEADER_LEN:
-            time.sleep(1.0)  # the check ends after every read was written
-        return real_get(name, offset, length)
-
-    vault.backend.get = get  # type: ignore[method-assign]
-    out = tmp_path / "out"
     try:
-        with pytest.raises(IntegrityError) as caught:
-            engine.run_restore(vault, vault.read_manifest(s3_point.rp), out)
+        error = _failed_restore(s3_point, tmp_path / "out", hold)
     finally:
-        vault.close()
         backend.put(pack, original)
-    assert f"pack {pack} is damaged: bad header" in caught.value.message
-    assert list(out.iterdir()) == [], "a restore that failed left files behind"
+    assert f"pack {pack} is damaged: bad header" in error.message
 
 
 def test_the_cli_reports_a_damaged_chunk_and_no_restored_disk(s3_point: S3Point, tmp_path: Path) -> None:
