@@ -24,6 +24,8 @@ from helpers import PASSPHRASE, Cli, first_run_owner_token, wait_for
 from pgserver import PgServer
 from test_scheduler import Serve, next_half_hour, policy_file
 
+pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
+
 MiB = 1 << 20
 VMS = ("vm1", "vm2", "vm3", "vm4")
 
