@@ -115,10 +115,10 @@ _SHARED_SCOPES = ("module", "class", "package")
 # other's last long scenario. Measured on this 2-core machine; a file not listed comes after, in its order.
 SLOW_FILES: dict[str, float] = {
     "test_pg_quiesce.py": 160,
+    "test_hostile_disk.py": 160,
     "test_kill_sweep.py": 150,
     "test_agents.py": 140,
     "test_api_remote_cli.py": 100,
-    "test_hostile_disk.py": 90,
     "test_objstore_vaults.py": 77,
     "test_grs.py": 74,
     "test_vault_keys.py": 70,
@@ -139,13 +139,33 @@ def _shares_a_fixture(item: pytest.Item) -> bool:
     return any(d.scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values() for d in defs)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    # before every other hook (xdist's turns the groups into node ids): the groups and the order
     for item in items:
         if item.get_closest_marker("xdist_group") is None and _shares_a_fixture(item):
             item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
     if hasattr(config, "workerinput"):  # only under xdist: a single-process run keeps the files' order
         items.sort(key=lambda item: -SLOW_FILES.get(Path(str(item.path)).name, 0.0))
+    yield
+    # after them: xdist 3.8 sends a test of group NAME to its scheduler as "<node id>@NAME" by setting
+    # `item._nodeid`, which pytest 9 no longer reads (the id is `item._id`): without this every group
+    # silently falls apart into single tests. Give the node id its suffix where xdist could not.
+    if getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
+        for item in items:
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})  # fmt: skip
+            if names and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+                _set_node_id(item, f"{item.nodeid}@{'_'.join(names)}")
+
+
+def _set_node_id(item: pytest.Item, node_id: str) -> None:
+    if hasattr(item, "_id"):  # pytest >= 9
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(node_id)
+    else:
+        item._nodeid = node_id
 
 
 def pytest_configure(config: pytest.Config) -> None:
