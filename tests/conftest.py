@@ -11,6 +11,10 @@ import objstores
 import pgserver
 from helpers import BIG_IMAGE_SIZE, SMALL_IMAGE_SIZE, Cli, build_image
 from pgserver import PgServer
+from xdist_groups import (  # noqa: F401  (hooks: two tests at a time, docs/testing.md)
+    pytest_collection_modifyitems,
+    pytest_configure,
+)
 
 
 @pytest.fixture(scope="session")
@@ -97,79 +101,3 @@ def any_storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
     for var, value in server.env.items():
         monkeypatch.setenv(var, value)
     return objstores.fresh_azure_url() if kind == "azure" else objstores.fresh_s3_url()
-
-
-# ---- two tests at a time: pytest-xdist, `-n 2 --dist loadgroup` (Makefile; docs/testing.md) ------------------
-#
-# With --dist loadgroup every test is its own unit of work unless it carries @pytest.mark.xdist_group(NAME):
-# the tests of one group run on one worker, one after another. Two kinds of groups:
-# - a module whose tests share a module- or class-scoped fixture (a booted guest, a backed-up vault, a
-#   server's world) is one group named after the module, added here, so that fixture is built once, not
-#   once per worker (a module that names a group of its own keeps it);
-# - groups named in the test files for tests that must not overlap (see docs/testing.md, "Two at a time").
-
-_SHARED_SCOPES = ("module", "class", "package")
-
-# Seconds a file's tests took in a whole run (the largest first): under xdist the queue is handed out in
-# this order (longest first), so the two workers end near the same time instead of one waiting for the
-# other's last long scenario. Measured on this 2-core machine; a file not listed comes after, in its order.
-SLOW_FILES: dict[str, float] = {
-    "test_pg_quiesce.py": 160,
-    "test_hostile_disk.py": 160,
-    "test_kill_sweep.py": 150,
-    "test_agents.py": 140,
-    "test_api_remote_cli.py": 100,
-    "test_objstore_vaults.py": 77,
-    "test_grs.py": 74,
-    "test_vault_keys.py": 70,
-    "test_scheduler_crash.py": 60,
-    "test_scale_out.py": 55,
-    "test_standalone.py": 51,
-    "test_scheduler.py": 50,
-    "test_quiesce_budget.py": 50,
-    "test_dr_drill.py": 46,
-    "test_libvirt_qemu_user.py": 44,
-}
-
-
-def _shares_a_fixture(item: pytest.Item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return False
-    return any(d.scope in _SHARED_SCOPES for defs in info.name2fixturedefs.values() for d in defs)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
-    # before every other hook (xdist's turns the groups into node ids): the groups and the order
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None and _shares_a_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).stem))
-    if hasattr(config, "workerinput"):  # only under xdist: a single-process run keeps the files' order
-        items.sort(key=lambda item: -SLOW_FILES.get(Path(str(item.path)).name, 0.0))
-    yield
-    # after them: xdist 3.8 sends a test of group NAME to its scheduler as "<node id>@NAME" by setting
-    # `item._nodeid`, which pytest 9 no longer reads (the id is `item._id`): without this every group
-    # silently falls apart into single tests. Give the node id its suffix where xdist could not.
-    if getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
-        for item in items:
-            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                            for m in item.iter_markers("xdist_group")})  # fmt: skip
-            if names and "@" not in item.nodeid.rsplit("]", 1)[-1]:
-                _set_node_id(item, f"{item.nodeid}@{'_'.join(names)}")
-
-
-def _set_node_id(item: pytest.Item, node_id: str) -> None:
-    if hasattr(item, "_id"):  # pytest >= 9
-        from _pytest.nodeid import NodeId
-
-        item._id = NodeId.parse(node_id)
-    else:
-        item._nodeid = node_id
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # xdist hands out groups by their number of tests unless told not to; the order above (longest first)
-    # balances the two workers better than a count of tests, which says nothing of their time.
-    if config.getoption("dist", "no") == "loadgroup":
-        config.option.loadscopereorder = False
