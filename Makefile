@@ -32,6 +32,12 @@ TEST_APT_PACKAGES := gdisk xfsprogs dosfstools mtools zstd libvirt-daemon libvir
 NODE_APT_PACKAGES := nodejs npm
 AZURITE_VERSION := 3.37.0
 
+# The suite runs two tests at a time (pytest-xdist; docs/testing.md, "Two at a time"): most scenario tests
+# wait on one process (a TCG guest, a server), so one test at a time leaves a core idle. Override with
+# `make test PYTEST_WORKERS=1` (or 0: one process, no workers) or `PYTEST_WORKERS=4`.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadgroup
+
 .PHONY: deps test-deps bench-deps apt run quickstart test lint typecheck pytest clean
 
 DEV_STAMP := $(VENV)/.vmvault-dev-deps.stamp
@@ -86,12 +92,12 @@ typecheck: test-deps
 	$(VENV)/bin/mypy
 
 pytest: test-deps
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL)
 
 test: test-deps
 	$(VENV)/bin/ruff check $(wildcard src tests bench tools)
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q --durations=25
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,10 @@ import objstores
 import pgserver
 from helpers import BIG_IMAGE_SIZE, SMALL_IMAGE_SIZE, Cli, build_image
 from pgserver import PgServer
+from xdist_groups import (  # noqa: F401  (hooks: two tests at a time, docs/testing.md)
+    pytest_collection_modifyitems,
+    pytest_configure,
+)
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,8 @@ from pgserver import PgServer
 from test_agents import Agent
 from test_scheduler import Serve, next_half_hour, policy_file
 
+pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
+
 MiB = 1 << 20
 LEASE_S = 8.0  # the servers' VMVAULT_AGENT_LEASE_S: a silent agent's jobs end agent_lost after it
 HOSTS = ("h1", "h2", "h3")

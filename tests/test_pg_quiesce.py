@@ -32,7 +32,8 @@ from vm.live import backup, latest_point, restore_raw, warning_codes, warnings
 from vm.machine import Disk
 from vm.pgguest import PgImage, build_pg_guest, pg_disk
 
-pytestmark = pytest.mark.slow
+# real-time budgets: never beside another of them (docs/testing.md)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("realtime")]
 
 VM = "pg1"
 PG_BIN = "/usr/lib/postgresql/15/bin"  # pg_amcheck has no /usr/bin wrapper

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -50,7 +51,8 @@ def test_a_live_owner_is_alive_and_named_by_its_start_time() -> None:
     assert proc.pid_alive(os.getpid())
     assert _pin(os.getpid()).is_valid()
     assert proc.process_start_ticks(os.getpid()) == proc.process_start_ticks(os.getpid()) is not None
-    assert any("pytest" in a for a in proc.process_cmdline(os.getpid()))
+    # this interpreter's own arguments (not "pytest": a pytest-xdist worker runs as `python -c ...`)
+    assert proc.process_cmdline(os.getpid()) == [a for a in sys.orig_argv if a]
     assert proc.boot_id()
 
 

@@ -28,6 +28,8 @@ from vm.live import (
 )
 from vm.machine import Disk, Guest, blank_disk, ext4_disk, read_live
 
+pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
+
 MiB = 1 << 20
 VM = "live"
 COUNTER = "printf '%016d' $k | dd of=$D bs=16 count=1 conv=notrunc,fsync 2>/dev/null"

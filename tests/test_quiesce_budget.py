@@ -21,7 +21,8 @@ from test_policy import weekly_props
 from vm.live import backup, ext4_file, fell_back, latest_point, protect_running, restore_raw, warning_codes, warnings
 from vm.machine import Disk, Guest, ext4_disk
 
-pytestmark = pytest.mark.slow
+# real-time budgets: never beside another of them (docs/testing.md)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("realtime")]
 
 MiB = 1 << 20
 VM = "slowhook"

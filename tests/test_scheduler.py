@@ -160,6 +160,7 @@ def next_half_hour(moment: datetime) -> datetime:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
 def test_serve_runs_the_scheduled_backup_on_time(tmp_path: Path) -> None:
     # The policy runs at a half-hour slot a few hours ahead (in Kolkata time); the service then
     # reads a clock set LEAD_S before that slot.

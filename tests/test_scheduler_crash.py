@@ -16,6 +16,8 @@ import pytest
 from helpers import Cli, HostKeyCli, vault_files, wait_for
 from test_scheduler import Serve, ext4_image
 
+pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
+
 
 @pytest.mark.timeout(300)
 def test_kill_9_of_serve_mid_backup_then_sigterm(tmp_path: Path) -> None:

@@ -82,6 +82,6 @@ def test_make_run_installs_only_what_the_service_needs() -> None:
     assert not service & test_only, f"make run would install test tools: {service & test_only}"
     assert test_only <= tests, f"make test does not install {test_only - tests}"
     runtime_lock = (REPO_ROOT / "requirements.lock").read_text().lower()
-    for tool in ("playwright", "pytest", "mypy", "ruff", "schemathesis", "moto"):
+    for tool in ("playwright", "pytest", "pytest-xdist", "mypy", "ruff", "schemathesis", "moto"):
         assert f"\n{tool}==" not in runtime_lock, f"{tool} is in the service's requirements.lock"
     assert "playwright==" in (REPO_ROOT / "requirements-dev.lock").read_text().lower()
