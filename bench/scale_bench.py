@@ -190,7 +190,8 @@ def start_serve(homes: Homes, name: str, workers: int) -> Child:
 def start_agent(homes: Homes, host: str, server: str, token: str, max_jobs: int) -> Child:
     """`vmvault agent run` (issue 20's contract): the token in VMVAULT_TOKEN, never in the arguments."""
     argv = [vmvault_exe(), "--home", str(homes.root / f"agent-{host}"), "--server", server, "agent", "run",
-            "--host", host, "--max-jobs", str(max_jobs)]
+            "--host", host, "--max-jobs", str(max_jobs),
+            "--allow-disks", str(homes.root / "disks")]  # the agent reads only disks in its allowed folders
     # The agent's host unlocks the vault once with its passphrase (its host key), then runs without it.
     homes.cli(f"agent-{host}", "vault", "import", str(homes.root / "vault"), catalog=False)
     env = homes.env(VMVAULT_TOKEN=token)
