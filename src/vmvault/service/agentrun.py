@@ -247,17 +247,7 @@ class RemoteBooks:
     def _call(self, path: str, body: JsonDict) -> None:
         """The connector's bookkeeping (a checkpoint or bitmap of the new chain) must not be lost to an
         outage: asked again with backoff until the server answers; raised only if the agent stops."""
-        backoff = Backoff()
-        while True:
-            try:
-                self.client.call(path, body)
-                return
-            except ServerUnreachable as exc:
-                delay = backoff.next_delay()
-                log.warning("job %s: the VM's bookkeeping was not recorded (%s); next try in %.1f s", self.job_id,
-                            exc.message, delay)  # fmt: skip
-                if self.life.wait(delay):
-                    raise
+        call_until_answered(self.client, path, body, self.life, self.job_id, "recording the VM's bookkeeping")
 
 
 class AgentRun:
@@ -714,22 +704,29 @@ def _finish(run: AgentRun, body: JsonDict) -> None:
     """Report the job's end. A server that does not answer is asked again with backoff until it does or
     the agent stops (a point already published is then recorded, or adopted by a server that failed
     the job `agent_lost` meanwhile); any other refusal (the job ended there) is logged."""
+    try:
+        call_until_answered(run.client, f"/jobs/{run.job_id}/finish", body, run.life, run.job_id,
+                            f"reporting its end ({body.get('status')})")  # fmt: skip
+    except ServerUnreachable:
+        log.warning("job %s: the agent stopped before the server heard of the job's end; a point it "
+                    "published is adopted by the server at the next contact", run.job_id)  # fmt: skip
+    except VmvaultError as exc:  # ended there already (cancelled, refused): nothing to redo
+        log.warning("job %s: its end was not recorded: %s", run.job_id, exc)
+
+
+def call_until_answered(client: AgentClient, path: str, body: JsonDict, life: Waker, job_id: str, what: str) -> Any:
+    """POST path until the server answers, with backoff; its answer. ServerUnreachable is raised only
+    when the agent stops meanwhile; any other refusal at once."""
     backoff = Backoff()
     while True:
         try:
-            run.client.call(f"/jobs/{run.job_id}/finish", body)
-            return
+            return client.call(path, body)
         except ServerUnreachable as exc:
             delay = backoff.next_delay()
-            log.warning("job %s: reporting its end (%s) failed (%s); try %d, next in %.1f s", run.job_id,
-                        body.get("status"), exc.message, backoff.failures, delay)  # fmt: skip
-        except VmvaultError as exc:  # ended there already (cancelled, refused): nothing to redo
-            log.warning("job %s: its end was not recorded: %s", run.job_id, exc)
-            return
-        if run.life.wait(delay):
-            log.warning("job %s: the agent stopped before the server heard of the job's end; a point it "
-                        "published is adopted by the server at the next contact", run.job_id)  # fmt: skip
-            return
+            log.warning("job %s: %s failed (%s); try %d, next in %.1f s", job_id, what, exc.message,
+                        backoff.failures, delay)  # fmt: skip
+            if life.wait(delay):
+                raise
 
 
 def _budget(package: JsonDict) -> Any:
