@@ -614,7 +614,7 @@ def _finish_restore(ctx: Context, host: str, job_id: str, files: object, progres
         target = PurePosixPath(str(record.get("targetDir") or "/nonexistent"))
         written = files if isinstance(files, list) else []
         if len(written) > MAX_FILES or not all(
-            isinstance(f, str) and len(f) < 4096 and PurePosixPath(f).parent == target for f in written
+            _in_target(f, target) for f in written
         ):
             raise InvalidInput(f"the agent reported files outside {target} for restore job {job_id}",
                                hint="upgrade the agent")  # fmt: skip
@@ -656,6 +656,15 @@ def _finish_new_vm(ctx: Context, host: str, job_id: str, body: JsonDict, progres
     return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
 
 
+def _in_target(path: object, target: Any, *, no_dots: bool = False) -> bool:
+    """An agent's word on a file it wrote: a path string directly in the job's target directory
+    (no_dots: without '..' anywhere, for the files of a new VM)."""
+    from pathlib import PurePosixPath
+
+    return (isinstance(path, str) and len(path) < 4096 and PurePosixPath(path).parent == target
+            and not (no_dots and ".." in path))  # fmt: skip
+
+
 def _checked_new_vm(report: object, record: JsonDict, kind: str, job_id: str) -> Any:
     """The agent's account of the copy it made: its kind is the source's, every file in the target."""
     from pathlib import PurePosixPath
@@ -668,14 +677,12 @@ def _checked_new_vm(report: object, record: JsonDict, kind: str, job_id: str) ->
     files = raw.get("files") if isinstance(raw.get("files"), list) else None
     definition, view = raw.get("definition"), raw.get("view")
 
-    def inside(p: object) -> bool:
-        return isinstance(p, str) and len(p) < 4096 and PurePosixPath(p).parent == target and ".." not in p
-
     fine = (
         raw.get("kind") == kind and disks is not None and files is not None
         and isinstance(definition, dict) and isinstance(view, dict)
         and len(disks) <= MAX_FILES and len(files) <= MAX_FILES
-        and all(isinstance(d, dict) and inside(d.get("path")) for d in disks) and all(inside(f) for f in files)
+        and all(isinstance(d, dict) and _in_target(d.get("path"), target, no_dots=True) for d in disks)
+        and all(_in_target(f, target, no_dots=True) for f in files)
         and len(json.dumps(definition)) + len(json.dumps(view)) < MAX_DEFINITION_BYTES
     )  # fmt: skip
     if not fine:

@@ -53,14 +53,9 @@ def queue_mount(
     The mount point is a path on that host, checked there against its agent's allowed folders."""
     from vmvault.recovery.session import parse_duration
     from vmvault.service.files import _target
-    from vmvault.service.hostvms import host_path
-    from vmvault.service.vaultio import reading_from_secondary
+    from vmvault.service.hostvms import host_path, refuse_secondary
 
-    if reading_from_secondary():
-        raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
-            hint="mount it without --from-secondary",
-        )
+    refuse_secondary(vm_name, host, "mount")
     target = _target(ctx, vm_name, rp_id)  # checked now: bad input queues nothing
     span = parse_duration(duration)
     wanted = host_path(vm_name, str(mountpoint), what="mount point") if mountpoint else None

@@ -132,6 +132,17 @@ def host_elsewhere(ctx: Context, vm_name: str) -> str | None:
     return host if host is not None and host != local_host_name() else None
 
 
+def refuse_secondary(vm_name: str, host: str, verb: str) -> None:
+    """--from-secondary for a VM of another host: its agent reads the vault's primary copy only."""
+    from vmvault.service.vaultio import reading_from_secondary
+
+    if reading_from_secondary():
+        raise InvalidInput(
+            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
+            hint=f"{verb} it without --from-secondary",
+        )
+
+
 def host_path(vm: str, raw: str, what: str = "disk path") -> str:
     """An absolute path on the VM's host, without '..' or control characters (it is never opened here)."""
     path = PurePosixPath(raw)

@@ -141,9 +141,8 @@ def queue_new_vm_on_host(
 
     target_dir is a path on that host (default /var/lib/vmvault/restores/vms/NEW), checked there
     against its agent's --allow-restores roots; the copy is a VM of that host."""
-    from vmvault.service.hostvms import host_path
+    from vmvault.service.hostvms import host_path, refuse_secondary
     from vmvault.service.jobs import show_job
-    from vmvault.service.vaultio import reading_from_secondary
 
     if instant:
         raise InvalidInput(
@@ -151,11 +150,7 @@ def queue_new_vm_on_host(
             "which only a server serves today",
             hint=f"restore it without --instant: the agent of host '{host}' restores it as a new VM there",
         )
-    if reading_from_secondary():
-        raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
-            hint="restore it without --from-secondary",
-        )
+    refuse_secondary(vm_name, host, "restore")
     _vm, _point_row, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
     raw = str(target_dir) if target_dir is not None else f"{DEFAULT_RESTORES[0]}/vms/{new_name}"
     target = host_path(vm_name, raw, what="target directory")
@@ -172,10 +167,9 @@ def follow_new_vm(
     ctx: Context, job_id: str, *, on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
 ) -> JobOutcome[JsonDict]:
     """Wait for a restore as a new VM its VM's host's agent runs, to its end; result: the new VM."""
-    from vmvault.service.jobs import describe_job, wait_for_job
+    from vmvault.service.restores import followed
 
-    job = wait_for_job(ctx, job_id, on_progress=on_progress, cancel=cancel)
-    record = describe_job(ctx, job_id)["extendedInfo"].get("restore") or {}
+    job, record = followed(ctx, job_id, on_progress, cancel)
     return JobOutcome(job=job, result={k: record[k] for k in NEW_VM_RESULT if k in record} or None)
 
 

@@ -146,15 +146,10 @@ def queue_on_host(
     """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_restore).
 
     target_dir is a path on that host: checked there, against its agent's --allow-restores roots."""
-    from vmvault.service.hostvms import host_path
+    from vmvault.service.hostvms import host_path, refuse_secondary
     from vmvault.service.jobs import show_job
-    from vmvault.service.vaultio import reading_from_secondary
 
-    if reading_from_secondary():
-        raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}', whose agent reads the vault's primary copy",
-            hint="restore it without --from-secondary",
-        )
+    refuse_secondary(vm_name, host, "restore")
     target = host_path(vm_name, target_dir, what="target directory")
     vault, _files = _point_files(ctx, vm_name, rp_id, fmt, disks)  # checked now: bad input queues nothing
     record = {"mode": "disks", "recoveryPoint": rp_id, "targetDir": target, "disks": disks, "format": fmt,
@@ -167,11 +162,18 @@ def follow_restore(
     ctx: Context, job_id: str, *, on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
 ) -> JobOutcome[list[Path]]:
     """Wait for a restore its VM's host's agent runs, to its end; result: the files written there."""
+    job, record = followed(ctx, job_id, on_progress, cancel)
+    return JobOutcome(job=job, result=[Path(str(f)) for f in record.get("files") or []])
+
+
+def followed(
+    ctx: Context, job_id: str, on_progress: ProgressCallback | None, cancel: threading.Event | None
+) -> tuple[JsonDict, JsonDict]:
+    """A queued restore's job, waited for to its end, and what it recorded (extendedInfo.restore)."""
     from vmvault.service.jobs import describe_job, wait_for_job
 
     job = wait_for_job(ctx, job_id, on_progress=on_progress, cancel=cancel)
-    record = describe_job(ctx, job_id)["extendedInfo"].get("restore") or {}
-    return JobOutcome(job=job, result=[Path(str(f)) for f in record.get("files") or []])
+    return job, describe_job(ctx, job_id)["extendedInfo"].get("restore") or {}
 
 
 def check_target_on_host(target: Path, files: list[str], force: bool, owners: dict[Path, list[str]]) -> None:
