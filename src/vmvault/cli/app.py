@@ -1020,6 +1020,11 @@ def restore_replace_disks(
         outcome = run_cancellable(
             lambda cancel: service.replace_disks(ctx, name, rp, on_progress=show, cancel=cancel)
         )
+        if outcome.job["status"] == "InProgress":  # a VM of another host: its agent swaps its disks there
+            output.info(f"queued to its host's agent as job {outcome.job['id']}")
+            queued = str(outcome.job["id"])
+            outcome = run_cancellable(lambda cancel: service.follow_replace(ctx, queued, on_progress=show,
+                                                                            cancel=cancel))  # fmt: skip
     _end_job(outcome, [f"replaced {path}" for path in (outcome.result or {}).get("replaced", [])])
 
 

@@ -541,6 +541,8 @@ def run_restore_package(
 
     if package["restore"].get("mode") == "vm":
         return run_new_vm_package(settings, client, package, cancel, paths, life)
+    if package["restore"].get("mode") == "replace":
+        return run_replace_package(settings, client, package, cancel, paths, life)
     job_id = str(package["jobId"])
     run = AgentRun(client, job_id, cancel, package.get("details"), life)
     try:
@@ -582,6 +584,36 @@ def run_new_vm_package(
     _finish(run, {"status": Status.COMPLETED, "newVm": report, "files": written, "progress": run.last,
                   "details": _sendable(run.details)})  # fmt: skip
     log.info("job %s: restored %s as new VM %s in %s", job_id, plan.vm_name, plan.new_name, plan.target_dir)
+    return Status.COMPLETED
+
+
+def run_replace_package(
+    settings: Settings, client: AgentClient, package: JsonDict, cancel: StopEvent, paths: PathPolicy | None,
+    life: Waker | None = None,
+) -> str:  # fmt: skip
+    """Run one claimed replace-disks of a VM of this host with the same code as a server's
+    (restore_vm.swap_point_disks): only disks in this host's allowed disk roots (plan_replace_on_host),
+    the new images staged beside them; then the connector forgets its tracking here (checkpoints)."""
+    from vmvault.connectors.registry import connector_for
+    from vmvault.service.restore_vm import plan_replace_on_host, point_disks_into, swap_point_disks
+
+    job_id, vm = str(package["jobId"]), package["vm"]
+    run = AgentRun(client, job_id, cancel, package.get("details"), life)
+    try:
+        plan, recheck = plan_replace_on_host(package, paths)
+        with opened_vault_at(settings, plan.vault) as vault:
+
+            def restore_one(stage: Path, fmt: str, name: str) -> tuple[Any, list[Path]]:
+                return point_disks_into(vault, plan.rp_id, stage, fmt, [name], run, None,
+                                        lambda _d: partial_tag(job_id))  # fmt: skip
+
+            replaced = swap_point_disks(plan, restore_one, recheck)
+        connector_for(str(vm["kind"])).disks_replaced(plan.vm_id, dict(vm.get("definition") or {}))
+    except Exception as exc:
+        return _report_failure(client, run, exc)
+    _finish(run, {"status": Status.COMPLETED, "progress": run.last, "details": _sendable(run.details)})
+    log.info("job %s: replaced the disks of %s with point %s: %s", job_id, plan.vm_name, plan.rp_id,
+             ", ".join(replaced))  # fmt: skip
     return Status.COMPLETED
 
 

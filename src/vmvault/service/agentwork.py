@@ -249,6 +249,8 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
             "message": f"{why}; the {row.operation} did not finish on host {host}",
             "recommendedAction": f"{check}, then see vmvault files list {row.vm} and mount or unmount again",
         }
+    if row.operation == Operation.RESTORE and ((row.details or {}).get("restore") or {}).get("mode") == "replace":
+        return _lost_replace(row, why, check)
     if row.operation == Operation.RESTORE:
         record = (row.details or {}).get("restore") or {}
         again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
@@ -266,6 +268,20 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
         "message": f"{why}; no recovery point was created",
         "recommendedAction": f"{check}, then run the backup again: vmvault backup now {row.vm} (the next scheduled "
         "backup also runs normally)",
+    }
+
+
+def _lost_replace(row: JobRow, why: str, check: str) -> JsonDict:
+    """A replace-disks whose agent was lost: which disks to look at, and how to run it again."""
+    record = (row.details or {}).get("restore") or {}
+    host = (row.details or {}).get(AGENT_KEY)
+    disks = ", ".join(str(p) for p in record.get("paths") or [])
+    return {
+        "code": "agent_lost",
+        "message": f"{why}; the disks of VM '{row.vm}' on host {host} ({disks}) may not have been replaced: an "
+        "original moved aside is beside its disk as .NAME.vmvault-original-*, the new images in .vmvault-replace-*",
+        "recommendedAction": f"{check}; put back any original left aside, remove the .vmvault-replace-* folders, "
+        f"then run it again: vmvault restore replace-disks {row.vm} --rp {record.get('recoveryPoint')}",
     }
 
 
@@ -422,6 +438,8 @@ def _restore_package(ctx: Context, job: JobRow, host: str) -> JsonDict:
     record = dict((job.details or {}).get("restore") or {})
     if record.get("mode") == "vm":
         return _new_vm_package(ctx, job, host, record)
+    if record.get("mode") == "replace":
+        return _replace_package(ctx, job, host, record)
     vm_name, fmt = job.vm or "", record.get("format")
     disks = record.get("disks")
     vault, files = _point_files(ctx, vm_name, str(record.get("recoveryPoint") or ""), fmt, disks)
@@ -462,6 +480,18 @@ def _new_vm_package(ctx: Context, job: JobRow, host: str, record: JsonDict) -> J
                     "files": files, "bytes": needed},
         "hostDisks": _host_disks(ctx, host),
     }  # fmt: skip
+
+
+def _replace_package(ctx: Context, job: JobRow, host: str, record: JsonDict) -> JsonDict:
+    """What the agent needs to replace the disks of a VM of its host with the point's: the point, the
+    VM (kind, definition: the connector checks it is stopped) and its disks as the catalog has them
+    now, and the disks of its host's VMs. No secret. The agent checks every path against its own
+    allowed disk roots (restore_vm.plan_replace_on_host)."""
+    from vmvault.service.restore_vm import replace_package
+
+    package = replace_package(ctx, job.vm or "", str(record.get("recoveryPoint") or ""))
+    return {"jobId": job.id, "operation": Operation.RESTORE, "details": job.details or {}, **package,
+            "hostDisks": _host_disks(ctx, host)}  # fmt: skip
 
 
 def _host_disks(ctx: Context, host: str) -> list[JsonDict]:
@@ -575,6 +605,8 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
         if body.get("newVm") is not None:
             return _finish_new_vm(ctx, host, job_id, body, progress_values)
+        if _restore_mode(ctx, job_id) == "replace":
+            return _finish_replace(ctx, host, job_id, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
     if status == Status.COMPLETED and _lost_backup(ctx, host, job_id):
         return _adopt_late_point(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body)
@@ -598,6 +630,34 @@ def _operation(ctx: Context, job_id: str) -> str:
     with ctx.catalog.read() as s:
         row = repos.find_job(s, job_id)
         return row.operation if row is not None else ""
+
+
+def _restore_mode(ctx: Context, job_id: str) -> str:
+    """The kind of Restore job the server queued (disks, vm, replace): its record says, not the agent."""
+    with ctx.catalog.read() as s:
+        row = repos.find_job(s, job_id)
+        return str(((row.details or {}).get("restore") or {}).get("mode") or "") if row is not None else ""
+
+
+def _finish_replace(ctx: Context, host: str, job_id: str, progress_values: JsonDict | None) -> JsonDict:
+    """A replace-disks the agent completed (every disk swapped, or none: its swap is all or nothing):
+    the disks the server named recorded as replaced, and the VM's changed-block tracking forgotten
+    (the new images carry none; the agent dropped the connector's own: checkpoints, bitmaps)."""
+    from vmvault.service.restore_vm import forget_tracking
+
+    with ctx.catalog.write() as s:
+        job = _own_job(s, host, job_id)
+        record = dict((job.details or {}).get("restore") or {})
+        vm_id = _vm_of(s, job, host)
+        details = {**(job.details or {}), "restore": {**record, "replaced": list(record.get("paths") or [])}}
+        repos.update_job_details(s, job_id, details)
+    forget_tracking(ctx, vm_id)
+    with ctx.catalog.write() as s:
+        _own_job(s, host, job_id)
+        repos.finish_job(s, job_id, Status.COMPLETED, progress={**(progress_values or {}), "percent": 100.0})
+        _notify_enqueue(s, job_id)
+    _notify_deliver(ctx, job_id)
+    return show_job(ctx, job_id)
 
 
 MAX_FILES = 1024

@@ -19,10 +19,10 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VaultRow, VmRow
-from vmvault.errors import InvalidInput, StorageError
+from vmvault.errors import InvalidInput, PathNotAllowed, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
-from vmvault.service.paths import DEFAULT_RESTORES, Rule, allowed, recheck_dir, refuse_registered
+from vmvault.service.paths import DEFAULT_RESTORES, PathPolicy, Rule, allowed, recheck_dir, refuse_registered
 from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.vaultio import check_readable
@@ -395,7 +395,12 @@ def replace_disks(
     cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:
     """Overwrite a stopped VM's disks with the point's: all restored and verified first, then swapped."""
+    from vmvault.service.hostvms import host_elsewhere
+
     rp_id = resolve_point(ctx, vm_name, rp_id)  # "latest" from every face (CLI, API, portal)
+    host = host_elsewhere(ctx, vm_name)
+    if host is not None:  # a VM of another host (vm add --host): its agent swaps its disks there
+        return queue_replace_on_host(ctx, vm_name, rp_id, host)
     plan = _plan_replace(ctx, vm_name, rp_id)
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=plan.vault.name)
 
@@ -405,49 +410,38 @@ def replace_disks(
     return run_job(ctx, job, work, on_progress=on_progress, cancel=cancel)
 
 
-def _refuse_elsewhere(ctx: Context, vm_name: str, rp_id: str) -> None:
-    """Its disks are files of another host: never written from here (they may name files of this machine)."""
-    from vmvault.service.hostvms import host_elsewhere
-
-    host = host_elsewhere(ctx, vm_name)
-    if host is not None:
-        raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}': replacing its disks rewrites files of that host, which "
-            "agents do not do",
-            hint=f"restore its disks there (vmvault restore disks {vm_name} --rp {rp_id} --target-dir DIR, run by "
-            f"the agent of host '{host}') and swap them while the VM is stopped, or restore it as a new VM "
-            "(vmvault restore vm)",
-        )
-
-
 def _plan_replace(ctx: Context, vm_name: str, rp_id: str) -> ReplacePlan:
     from vmvault.connectors.registry import images
-    from vmvault.service.vms import recorded_format
 
     vm, point, vault = _point(ctx, vm_name, rp_id)
-    _refuse_elsewhere(ctx, vm.name, rp_id)
     _refuse_running(vm)
-    current = {str(d["name"]): _replaceable(ctx, vm.name, Path(str(d["path"]))) for d in vm.disks or []}
     chosen: list[tuple[str, Path, str]] = []
-    missing = []
-    for d in point.disks:
-        name = str(d["name"])
-        if name not in current:
-            missing.append(name)
-            continue
-        path = current[name]
-        fmt = recorded_format(vm, name)  # never guessed from the image, whose header the guest wrote
+    sizes = []
+    for name, raw, fmt, needed in replaced_disks(vm, point, rp_id):
+        path = _replaceable(ctx, vm.name, Path(raw))
         images().refuse_locked(str(path))
         chosen.append((name, path, fmt))
-    if missing or not chosen:
+        sizes.append((path, needed))
+    for path, needed in sizes:
+        _check_space(path.parent, needed)
+    return ReplacePlan(vm_name, vm.id, rp_id, vault, chosen)
+
+
+def replaced_disks(vm: VmRow, point: Any, rp_id: str) -> list[tuple[str, str, str, int]]:
+    """The point's disks the VM has: (name, the VM's path, its recorded format, bytes to restore);
+    refused when the VM lacks one of them."""
+    from vmvault.service.vms import recorded_format
+
+    current = {str(d["name"]): str(d["path"]) for d in vm.disks or []}
+    missing = [str(d["name"]) for d in point.disks if str(d["name"]) not in current]
+    if missing or not point.disks:
         raise InvalidInput(
-            f"VM '{vm_name}' has no disk {', '.join(missing) or 'in common with'} of recovery point '{rp_id}'",
+            f"VM '{vm.name}' has no disk {', '.join(missing) or 'in common with'} of recovery point '{rp_id}'",
             hint="restore the point's disks with: vmvault restore disks",
         )
-    for name, path, _fmt in chosen:
-        _check_space(path.parent, int(next(int(d.get("storedBytes") or d.get("size") or 0)
-                                            for d in point.disks if d["name"] == name)))  # fmt: skip
-    return ReplacePlan(vm_name, vm.id, rp_id, vault, chosen)
+    # The format is never guessed from the image, whose header the guest wrote.
+    return [(str(d["name"]), current[str(d["name"])], recorded_format(vm, str(d["name"])),
+             int(d.get("storedBytes") or d.get("size") or 0)) for d in point.disks]  # fmt: skip
 
 
 def _replaceable(ctx: Context, vm_name: str, path: Path) -> Path:
@@ -465,6 +459,20 @@ def _refuse_running(vm: VmRow) -> None:
 
 
 def _run_replace(ctx: Context, plan: ReplacePlan, run: JobRun) -> JsonDict:
+    def restore_one(stage: Path, fmt: str, name: str) -> tuple[Any, list[Path]]:
+        return _restore_point_disks(ctx, plan.vault, plan.rp_id, stage, fmt, [name], run)
+
+    replaced = swap_point_disks(plan, restore_one, lambda _path: None)
+    _reset_tracking(ctx, plan.vm_id)
+    return {"vm": plan.vm_name, "point": plan.rp_id, "replaced": replaced}
+
+
+def swap_point_disks(plan: ReplacePlan, restore_one: Any, recheck: Any) -> list[str]:
+    """The point's disks restored and verified in a hidden stage directory beside each disk, then
+    swapped in, each original kept beside it until every swap is done; any failure puts every
+    original back. The one code of a server and an agent (service/agentrun.py); restore_one(stage,
+    fmt, name) writes one disk of the point into stage; recheck(path) is called on every path just
+    before it is created or renamed (an agent: still where its allowed roots said)."""
     from vmvault.connectors.registry import images
 
     tag = secrets.token_hex(4)
@@ -475,15 +483,18 @@ def _run_replace(ctx: Context, plan: ReplacePlan, run: JobRun) -> JsonDict:
         for name, path, fmt in plan.disks:
             stage = path.parent / f".vmvault-replace-{tag}"
             if stage not in stages:
+                recheck(stage)
                 stage.mkdir(mode=0o700)
                 stages.append(stage)
-            manifest, (new,) = _restore_point_disks(ctx, plan.vault, plan.rp_id, stage, fmt, [name], run)
+            manifest, (new,) = restore_one(stage, fmt, name)
             size = next(d.size for d in manifest.disks if d.name == name)
             images().check_restored(str(new), fmt, size)
             images().drop_tracking(str(new))
             staged.append((name, path, new))
         for i, (_name, path, new) in enumerate(staged):
             kept = path.parent / f".{path.name}.vmvault-original-{tag}"
+            recheck(path)
+            recheck(kept)
             os.rename(path, kept)
             swapped.append((path, kept))
             os.rename(new, path)
@@ -499,18 +510,144 @@ def _run_replace(ctx: Context, plan: ReplacePlan, run: JobRun) -> JsonDict:
         kept.unlink()
     for stage in stages:
         shutil.rmtree(stage, ignore_errors=True)
-    _reset_tracking(ctx, plan.vm_id)
-    return {"vm": plan.vm_name, "point": plan.rp_id, "replaced": [str(p) for _n, p, _new in staged]}
+    return [str(p) for _n, p, _new in staged]
 
 
 def _reset_tracking(ctx: Context, vm_id: str) -> None:
     """The new images carry no changed-block tracking: the catalog forgets it, the connector its own (checkpoints)."""
     from vmvault.connectors.registry import connector_for
 
+    kind, definition = forget_tracking(ctx, vm_id)
+    if definition is not None:
+        connector_for(kind).disks_replaced(vm_id, definition)
+
+
+def forget_tracking(ctx: Context, vm_id: str) -> tuple[str | None, JsonDict | None]:
+    """The catalog's part of _reset_tracking (on a VM of another host, its agent does the connector's):
+    the VM's kind and definition, None when it went."""
     with ctx.catalog.write() as s:
         row = repos.find_vm_by_id(s, vm_id)
         if row is not None and row.definition:
             row.definition = {**row.definition, "tracking": None}
-        kind, definition = (row.kind, dict(row.definition or {})) if row is not None else (None, None)
-    if definition is not None:
-        connector_for(kind).disks_replaced(vm_id, definition)
+        return (row.kind, dict(row.definition or {})) if row is not None else (None, None)
+
+
+# ---- replace disks of a VM of another host: its agent swaps them there (service/agentrun.py) -----
+
+
+def queue_replace_on_host(ctx: Context, vm_name: str, rp_id: str, host: str) -> JobOutcome[JsonDict]:
+    """Queue the replace-disks job for the agent of the VM's host; returned InProgress (follow_replace).
+
+    What the catalog can refuse is refused now (the point unusable, a disk of the point the VM lacks);
+    the VM stopped, its images not held open, in the agent's allowed disk roots and the space beside
+    them are checked there, before anything is written."""
+    from vmvault.service.hostvms import host_path, refuse_secondary
+    from vmvault.service.jobs import show_job
+
+    refuse_secondary(vm_name, host, "replace its disks")
+    vm, point, vault = _point(ctx, vm_name, rp_id)
+    chosen = replaced_disks(vm, point, rp_id)
+    paths = [host_path(vm_name, raw) for _name, raw, _fmt, _needed in chosen]
+    record = {"mode": "replace", "recoveryPoint": rp_id, "disks": [name for name, *_ in chosen], "paths": paths,
+              "host": host}  # fmt: skip
+    job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=vault.name, queued=True, details={"restore": record})
+    return JobOutcome(job=show_job(ctx, job.id))
+
+
+def follow_replace(
+    ctx: Context, job_id: str, *, on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None
+) -> JobOutcome[JsonDict]:
+    """Wait for a replace-disks its VM's host's agent runs, to its end; result as replace_disks's."""
+    from vmvault.service.restores import followed
+
+    job, record = followed(ctx, job_id, on_progress, cancel)
+    done = job["status"] == "Completed"
+    result = {"vm": job.get("vm"), "point": record.get("recoveryPoint"), "replaced": record.get("replaced") or []}
+    return JobOutcome(job=job, result=result if done else None)
+
+
+def replace_package(ctx: Context, vm_name: str, rp_id: str) -> JsonDict:
+    """On the server, when the agent claims the job: the point (still usable) and the VM's disks it
+    replaces, as the catalog has them now. No secret."""
+    vm, point, vault = _point(ctx, vm_name, rp_id)
+    disks = [{"name": name, "path": path, "format": fmt, "bytes": needed}
+             for name, path, fmt, needed in replaced_disks(vm, point, rp_id)]  # fmt: skip
+    return {
+        "vm": {"id": vm.id, "name": vm.name, "kind": vm.kind, "definition": dict(vm.definition or {})},
+        "vault": {"name": vault.name, "uuid": vault.uuid, "storage": vault.storage_dir},
+        "restore": {"mode": "replace", "recoveryPoint": point.id, "disks": disks},
+    }
+
+
+def plan_replace_on_host(package: JsonDict, paths: PathPolicy | None) -> tuple[ReplacePlan, Any]:
+    """On the agent: the plan of a claimed replace-disks, refused before anything is written, and the
+    recheck of each path just before it is written. The server (or whoever holds its token) does
+    not choose which files of this host are overwritten: every disk (resolved, symlinks followed)
+    and the folder of its stage and kept original lie in this host's allowed disk roots, and is an
+    image file, not a disk of another VM of this host; then as on a server: the VM stopped, its images
+    not held open, the space for the new image beside it."""
+    from vmvault.connectors.registry import connector_for, images
+    from vmvault.service.paths import disk_owners, refuse_owned
+
+    asked, vm = package["restore"], package["vm"]
+    vm_name, definition = str(vm["name"]), dict(vm.get("definition") or {})
+    owners = disk_owners((str(d.get("vm")), [str(p) for p in d.get("paths") or []])
+                         for d in package.get("hostDisks") or [])  # fmt: skip
+    chosen: list[tuple[str, Path, str]] = []
+    sizes: list[tuple[Path, int]] = []
+    for disk in asked.get("disks") or []:
+        path = _disk_on_host(paths, vm_name, str(disk.get("path") or ""))
+        refuse_owned(owners, [path], allow_vm=vm_name)
+        fmt = str(disk.get("format") or "")
+        if fmt not in FORMATS:
+            raise InvalidInput(f"the server asked for disk format {fmt!r}", hint="upgrade the server and the agent")
+        chosen.append((str(disk["name"]), path, fmt))
+        sizes.append((path, int(disk.get("bytes") or 0)))
+    if not chosen:
+        raise InvalidInput(f"the server named no disk of VM '{vm_name}' to replace", hint="upgrade the server")
+    for key in ("qmp", "guestAgent"):  # refuse_running talks to the VM's sockets: this host's allowed ones only
+        if definition.get(key):
+            _in_disk_roots(paths, vm_name, str(definition[key]))
+    connector_for(str(vm["kind"])).refuse_running(vm_name, definition)
+    for _name, path, _fmt in chosen:
+        images().refuse_locked(str(path))
+    for path, needed in sizes:
+        _check_space(path.parent, needed)
+    info = package["vault"]
+    vault = VaultRow(name=str(info["name"]), uuid=str(info["uuid"]), storage_dir=str(info["storage"]))
+    plan = ReplacePlan(vm_name, str(vm["id"]), str(asked["recoveryPoint"]), vault, chosen)
+    return plan, lambda path: _still_in_disk_roots(paths, vm_name, path)
+
+
+def _in_disk_roots(paths: PathPolicy | None, vm_name: str, raw: str) -> Path:
+    """raw resolved, in this agent's allowed disk roots (--allow-disks), or PathNotAllowed naming the fix."""
+    hint = ("allow its folder on this host: vmvault agent run --allow-disks DIR (or allow-disks in the agent's "
+            "HOME/settings.toml)")  # fmt: skip
+    if paths is None:
+        raise PathNotAllowed(f"disk path {raw} of VM '{vm_name}': this agent has no allowed disk roots", hint=hint)
+    try:
+        return paths.check(Rule.DISKS, raw)
+    except PathNotAllowed as exc:
+        raise PathNotAllowed(f"{exc.message} on host of VM '{vm_name}'", hint=hint) from None
+
+
+def _disk_on_host(paths: PathPolicy | None, vm_name: str, raw: str) -> Path:
+    """A disk replace-disks may swap on this host: an image file, resolved, whose folder (where its new
+    image is staged and its original kept) is in the allowed disk roots too."""
+    path = _in_disk_roots(paths, vm_name, raw)
+    if path.is_symlink() or not path.is_file():  # a block device (an LVM link), a folder, nothing
+        raise InvalidInput(
+            f"disk {raw} of VM '{vm_name}' is not an image file on this host ({path})",
+            hint="replace-disks swaps image files; restore the point's disks with vmvault restore disks and copy "
+            "them onto the device while the VM is stopped",
+        )
+    _in_disk_roots(paths, vm_name, str(path.parent))
+    return path
+
+
+def _still_in_disk_roots(paths: PathPolicy | None, vm_name: str, path: Path) -> None:
+    """Just before a path is created or renamed: it still resolves to itself in the allowed roots (no
+    symlink swapped in on the way)."""
+    if _in_disk_roots(paths, vm_name, str(path)) != path:
+        assert paths is not None
+        raise paths.outside_error(Rule.DISKS, str(path), Path(os.path.realpath(path)))
