@@ -21,7 +21,7 @@ import pytest
 
 from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
 from pgserver import PgServer
-from test_agents import Agent
+from test_agents import Agent, _agent_proc
 from test_scheduler import Serve
 
 MiB = 1 << 20
@@ -79,8 +79,9 @@ def test_restore_vm_of_a_hosts_vm_runs_on_its_agent_and_registers_the_copy_there
     assert "belongs to host 'h1'" in r.output and "without --instant" in r.output
     r = admin.fails("restore", "vm", "q1", "--rp", rp, "--name", "q1")
     assert "q1" in r.output and "already" in r.output
-    r = admin.fails("restore", "replace-disks", "q1", "--rp", rp)  # its disks are files of h1, not of here
-    assert "belongs to host 'h1'" in r.output and f"restore disks q1 --rp {rp}" in r.output
+    r = admin.fails("restore", "replace-disks", "q1", "--rp", rp)  # run on h1, refused there: its QEMU runs
+    props = r.json()["properties"]
+    assert props["host"] == "h1" and props["errorDetails"][0]["errorCode"] == "vm_running", props
     jobs_before = len(admin.ok("job", "list").json())
 
     # Outside the agent's restore roots: the job fails on h1, naming the path and the fix; nothing written.
@@ -133,3 +134,89 @@ def test_the_server_checks_an_agents_account_of_the_copy(tmp_path: Path) -> None
     for report in bad:
         with pytest.raises(InvalidInput, match="the agent reported a new VM"):
             _checked_new_vm(report, record, "qmp", "j")
+
+
+# ---- restore replace-disks of a VM of another host (real serve and agent on SQLite) -------------------
+
+
+def _set_disk_path(home: Path, vm: str, path: Path) -> None:
+    """What a stolen server token (or a compromised server) could do: point a VM's disk elsewhere."""
+    from vmvault.catalog import repos
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx, ctx.catalog.write() as s:
+        row = repos.get_vm(s, vm)
+        row.disks = [{**d, "path": str(path)} for d in row.disks or []]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replace_disks_of_a_hosts_vm_runs_on_its_agent_inside_its_allowed_disk_roots_only(tmp_path: Path) -> None:
+    """replace-disks of a disk-image VM of h1: queued for h1's agent, which swaps the point's image in
+    with the server's own code (byte-identical, nothing left beside it). The attacker's version: the
+    VM's disk path in the catalog changed to a file outside the agent's --allow-disks, or to a
+    symlink in it that leads out: path_not_allowed on h1, that file untouched, nothing written."""
+    from vmvault.service import protection, tokens, vaults
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.settings import Settings
+
+    home, disks, outside = tmp_path / "srv", tmp_path / "disks", tmp_path / "outside"
+    disks.mkdir()
+    outside.mkdir()
+    disk = disks / "c1.raw"
+    disk.write_bytes(os.urandom(2 * MiB) + bytes(2 * MiB))
+    with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        add_host_vm(ctx, "c1", "h1", [str(disk)])
+        protection.enable_protection(ctx, "c1", "v1")
+        _view, token = tokens.create_token(ctx, "BackupAgent", host="h1")
+    agent_home = tmp_path / "agent-h1"
+    assert Cli(home=agent_home).vault_import(tmp_path / "v1").ok
+    admin = Cli(home=home)
+    serve = Serve(admin)
+    server = serve.announce.split("listening on ")[1].split()[0]
+    log = tmp_path / "agent.log"
+    agent = _agent_proc(Cli(home=agent_home, passphrase=None, extra_env={"VMVAULT_TOKEN": token}), server, "h1",
+                        log, disks)  # fmt: skip
+    try:
+        wait_for(lambda: admin.run("host", "show", "h1").ok, 60, "agent h1 to register", interval=0.5)
+        job = admin.ok("backup", "now", "c1", "--wait").json()["properties"]
+        assert job["status"] == "Completed" and job["host"] == "h1", job
+        rp = admin.point_ids("c1")[-1]
+        at_backup = disk.read_bytes()
+        with open(disk, "r+b") as f:  # the guest went on writing
+            f.write(os.urandom(MiB))
+
+        r = admin.run("restore", "replace-disks", "c1", "--rp", rp)
+        assert r.ok, (r.output, log.read_text())
+        props = r.json()["properties"]
+        assert props["operation"] == "Restore" and props["host"] == "h1" and props["status"] == "Completed", props
+        assert "queued to its host's agent" in r.stderr and f"replaced {disk}" in r.stderr, r.stderr
+        assert disk.read_bytes() == at_backup
+        assert sorted(p.name for p in disks.iterdir()) == ["c1.raw"]  # no stage, no original left
+        restore = admin.ok("job", "show", r.json()["name"]).json()["properties"]["extendedInfo"]["restore"]
+        assert restore["mode"] == "replace" and restore["replaced"] == [str(disk)], restore
+
+        # The attacker's version: a disk outside --allow-disks, and a symlink in it leading out.
+        victim = outside / "passwd"
+        victim.write_text("root:x:0:0:root:/root:/bin/sh\n")
+        link = disks / "link.raw"
+        link.symlink_to(victim)
+        for path in (victim, link):
+            _set_disk_path(home, "c1", path)
+            r = admin.fails("restore", "replace-disks", "c1", "--rp", rp)
+            props = r.json()["properties"]
+            error = props["errorDetails"][0]
+            assert props["host"] == "h1" and error["errorCode"] == "path_not_allowed", props
+            assert str(path) in error["errorString"] and "--allow-disks DIR" in error["recommendations"][0], error
+            assert victim.read_text() == "root:x:0:0:root:/root:/bin/sh\n" and link.readlink() == victim
+            assert sorted(p.name for p in outside.iterdir()) == ["passwd"]
+            assert sorted(p.name for p in disks.iterdir()) == ["c1.raw", "link.raw"]
+        assert disk.read_bytes() == at_backup
+    finally:
+        serve.stop()
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(60)
