@@ -176,6 +176,79 @@ def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: P
         assert jobs.show_job(ctx, job["id"])["status"] == "Completed"
 
 
+def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked_there(tmp_path: Path) -> None:
+    """replace-disks of a VM of h2: queued (nothing written here), claimed by h2's agent only, with the
+    point and the VM's disks as the catalog has them. The agent's plan refuses a disk outside its
+    allowed disk roots, a disk of another VM of its host, a QMP socket outside them, and a symlink
+    swapped in after the plan; a completed replace records the disks the server named (not the
+    agent's word) and forgets the VM's changed-block tracking."""
+    from vmvault.catalog.models import VmRow
+    from vmvault.errors import PathNotAllowed
+    from vmvault.service import agentwork, backups, protection, restore_vm, vaults, vms
+    from vmvault.service.context import context
+    from vmvault.service.paths import build_policy
+    from vmvault.service.worker import claim_next
+    from vmvault.settings import Settings
+
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    disk = disks / "r1.raw"
+    disk.write_bytes(os.urandom(MiB))
+    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        vms.add_vm(ctx, "r1", [disk])
+        protection.enable_protection(ctx, "r1", "v1")
+        rp = backups.backup_now(ctx, "r1").result.rp_id  # backed up here, then the VM moves to h2
+        with ctx.catalog.write() as s:
+            row = s.get(VmRow, vms.show_vm(ctx, "r1")["id"])
+            assert row is not None
+            row.host, row.definition = "h2", {**(row.definition or {}), "tracking": {"chain": "c"}}
+        before = disk.read_bytes()
+        job = restore_vm.replace_disks(ctx, "r1", "latest").job
+        assert job["status"] == "InProgress" and job["operation"] == "Restore" and disk.read_bytes() == before
+        for host in ("h1", "h2"):
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+        assert claim_next(ctx) is None and agentwork.claim(ctx, "h1", 1) is None
+        package = agentwork.claim(ctx, "h2", 4242)
+        assert package is not None and package["jobId"] == job["id"] and package["operation"] == "Restore"
+        assert package["restore"] == {"mode": "replace", "recoveryPoint": rp, "disks": [
+            {"name": "disk0", "path": str(disk), "format": "raw", "bytes": package["restore"]["disks"][0]["bytes"]}]}
+        assert PASSPHRASE not in json.dumps(package)
+
+        # On the agent: only paths in its allowed disk roots, resolved.
+        agent = Settings(home=tmp_path / "agent")
+        elsewhere = build_policy(agent, disks=[str(tmp_path / "other")])
+        with pytest.raises(PathNotAllowed, match=f"disk path {disk} is outside .* on host of VM 'r1'"):
+            restore_vm.plan_replace_on_host(package, elsewhere)
+        policy = build_policy(agent, disks=[str(disks)])
+        shared = {**package, "hostDisks": [{"vm": "r2", "paths": [str(disk)]}]}
+        with pytest.raises(PathNotAllowed, match="is a disk of VM 'r2'"):
+            restore_vm.plan_replace_on_host(shared, policy)
+        qmp = {**package, "vm": {**package["vm"], "definition": {"qmp": str(tmp_path / "qmp.sock")}}}
+        with pytest.raises(PathNotAllowed, match=r"qmp\.sock is outside"):
+            restore_vm.plan_replace_on_host(qmp, policy)
+        plan, recheck = restore_vm.plan_replace_on_host(package, policy)
+        assert plan.disks == [("disk0", disk, "raw")] and plan.vm_id == package["vm"]["id"]
+        recheck(disk)
+        disk.rename(tmp_path / "moved.raw")
+        disk.symlink_to(tmp_path / "moved.raw")  # swapped for a symlink leading out after the plan
+        with pytest.raises(PathNotAllowed, match="outside"):
+            recheck(disk)
+        disk.unlink()
+        (tmp_path / "moved.raw").rename(disk)
+
+        lost = agentwork.lost_error(_job_row(ctx, job["id"]), "gone")
+        assert f"vmvault restore replace-disks r1 --rp {rp}" in lost["recommendedAction"], lost
+        assert str(disk) in lost["message"] and "vmvault-original" in lost["message"], lost
+        ended = agentwork.finish(ctx, "h2", job["id"], {"status": "Completed", "files": ["/etc/passwd"]})
+        assert ended["status"] == "Completed" and ended["host"] == "h2"
+        followed = restore_vm.follow_replace(ctx, job["id"]).result
+        assert followed == {"vm": "r1", "point": rp, "replaced": [str(disk)]}, followed
+        with ctx.catalog.read() as s:
+            row = s.get(VmRow, package["vm"]["id"])
+            assert row is not None and row.definition.get("tracking") is None, row.definition
+
+
 def _job_row(ctx: Any, job_id: str) -> Any:
     from vmvault.catalog import repos
 
