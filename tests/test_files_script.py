@@ -171,6 +171,44 @@ def test_the_script_unmounts_by_itself_at_expiry(vm: TwoPoints) -> None:
     assert not target.exists() and not run_dir.exists()
 
 
+def _move_vm(vm: TwoPoints, host: str | None) -> None:
+    from vmvault.catalog import repos
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    with context(Settings(home=vm.home)) as ctx, ctx.catalog.write() as s:
+        repos.get_vm(s, "vm1").host = host
+
+
+def test_the_script_of_a_vm_of_another_host_is_served_by_this_server_from_the_vault(vm: TwoPoints) -> None:
+    """A VM of another host (vm add --host): the script is made and served here, from the vault (its
+    host takes no part); a files mount queued for that host is not in its way; files unmount ends it
+    here."""
+    from vmvault.service import files, jobs
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    _move_vm(vm, "h2")
+    queued = None
+    try:
+        made = _script(vm, "other-host.sh")
+        _connect_with(_embedded_config(made["script"]), made["password"])  # served here, from the vault
+        sessions = vm.cli.ok("files", "list", "vm1").json()
+        assert any(x["id"] == made["session"] and x["state"] == "Active" for x in sessions), sessions
+        with context(Settings(home=vm.home)) as ctx:
+            queued = files.mount_point(ctx, "vm1", vm.points[0]).job
+        assert queued["status"] == "InProgress", queued  # queued for h2's agent, not refused
+        ended = vm.cli.ok("files", "unmount", "vm1").json()
+        assert [x["id"] for x in ended] == [made["session"]], ended  # ended here, not queued for h2
+        live = [x["id"] for x in vm.cli.ok("files", "list", "vm1").json() if x["state"] != "Ended"]
+        assert made["session"] not in live, live
+    finally:
+        if queued is not None:
+            with context(Settings(home=vm.home)) as ctx:
+                jobs.cancel_job(ctx, queued["id"])
+        _move_vm(vm, None)
+
+
 def test_kernel_nbd_path_of_the_script() -> None:
     pytest.skip(
         "the script's kernel-nbd path (nbd-client + /dev/nbdX, used when nbdfuse is missing) cannot be "

@@ -120,6 +120,15 @@ def _live_for_point(ctx: Context, rp_id: str) -> FileRecoverySessionRow | None:
     return rows[0] if rows else None
 
 
+def _live_here_for_point(ctx: Context, rp_id: str) -> FileRecoverySessionRow | None:
+    """The point's live session this server serves (never one an agent serves on its host)."""
+    from vmvault.service.hostfiles import host_of
+
+    with ctx.catalog.read() as s:
+        rows = [r for r in repos.live_file_sessions(s, rp_id=rp_id) if host_of(r) is None]
+    return rows[0] if rows else None
+
+
 def _check_mountpoint(ctx: Context, target: Target, wanted: Path | None) -> None:
     """Refuse a second mount point for a point; refuse a non-empty or non-directory path."""
     current = _live_for_point(ctx, target.rp_id)
@@ -309,7 +318,7 @@ def unmount(ctx: Context, vm_name: str, *, session_id: str | None = None) -> Job
 
     reap(ctx)
     host = host_elsewhere(ctx, vm_name)
-    if host is not None:  # its sessions are on its host: its agent unmounts them
+    if host is not None and not _served_here(ctx, vm_name, session_id):  # on its host: its agent unmounts them
         from vmvault.service.hostfiles import queue_unmount
 
         return queue_unmount(ctx, vm_name, host, session_id)
@@ -339,6 +348,17 @@ def unmount(ctx: Context, vm_name: str, *, session_id: str | None = None) -> Job
     return run_job(ctx, job, work)
 
 
+def _served_here(ctx: Context, vm_name: str, session_id: str | None) -> bool:
+    """A VM of another host has sessions this server serves (its recovery scripts'): the session
+    named, or without one any such session; those end here, the rest on its host."""
+    from vmvault.service.hostfiles import host_of
+
+    with ctx.catalog.read() as s:
+        vm = repos.get_vm(s, vm_name)
+        here = [r.id for r in repos.live_file_sessions(s, vm_id=vm.id) if host_of(r) is None]
+    return session_id in here if session_id is not None else bool(here)
+
+
 # ---- recovery script ----------------------------------------------------------------------------
 
 
@@ -354,18 +374,13 @@ def make_script(
     """Write the recovery script for another machine; returns its path and a password shown once.
 
     The point is served (a session is started if none runs: a FileRecoveryMount job) for at least
-    the password's lifetime; the password is stored only as a hash.
+    the password's lifetime; the password is stored only as a hash. This server serves it from the
+    vault, also for a VM of another host (vm add --host): the script reads the point, never the
+    VM's host, so that host's agent takes no part.
     """
     from vmvault.recovery import script, secrets, session
-    from vmvault.service.hostvms import host_elsewhere
 
     reap(ctx)
-    host = host_elsewhere(ctx, vm_name)
-    if host is not None:
-        raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}': its recovery script is not made through this server",
-            hint=f"mount the point on its host instead: vmvault files mount {vm_name} --rp {rp_id}",
-        )
     target = _target(ctx, vm_name, rp_id)
     span = session.parse_duration(duration)
     path = absolute(out) if out else Path.cwd() / f"{target.vm_name}-{target.rp_id}-recover.sh"
@@ -406,7 +421,7 @@ def _serving(ctx: Context, target: Target, span: timedelta) -> FileRecoverySessi
     from vmvault.recovery import session
 
     with session.files_lock(ctx.settings.home):
-        row = _live_for_point(ctx, target.rp_id)
+        row = _live_here_for_point(ctx, target.rp_id)
         if row is not None:
             session.ensure_not_busy(row)
             _extend(ctx, row, span)

@@ -68,9 +68,10 @@ def queue_mount(
 
 
 def _check_existing(ctx: Context, rp_id: str, vm_name: str, host: str, wanted: str | None) -> str | None:
-    """One mount point per point: mounting it again (same place, or none given) extends its session."""
+    """One mount point per point: mounting it again (same place, or none given) extends its session.
+    A session this server serves with nothing mounted (a recovery script's) is not in the way."""
     with ctx.catalog.read() as s:
-        live = list(repos.live_file_sessions(s, rp_id=rp_id))
+        live = [r for r in repos.live_file_sessions(s, rp_id=rp_id) if host_of(r) is not None or r.mountpoint]
     if not live:
         return wanted
     current = live[0]
