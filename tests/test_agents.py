@@ -177,15 +177,14 @@ def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: P
 
 
 def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked_there(tmp_path: Path) -> None:
-    """replace-disks of a VM of h2: queued (nothing written here), claimed by h2's agent only, with the
-    point and the VM's disks as the catalog has them. The agent's plan refuses a disk outside its
+    """replace-disks of a VM of h2 (through the API): queued (nothing written here), claimed by h2's
+    agent only, with the point and the VM's disks as the catalog has them. The agent's plan refuses a disk outside its
     allowed disk roots, a disk of another VM of its host, a QMP socket outside them, and a symlink
     swapped in after the plan; a completed replace records the disks the server named (not the
     agent's word) and forgets the VM's changed-block tracking."""
     from vmvault.catalog.models import VmRow
     from vmvault.errors import PathNotAllowed
-    from vmvault.service import agentwork, backups, protection, restore_vm, vaults, vms
-    from vmvault.service.context import context
+    from vmvault.service import agentwork, backups, jobs, protection, restore_vm, vaults, vms
     from vmvault.service.paths import build_policy
     from vmvault.service.worker import claim_next
     from vmvault.settings import Settings
@@ -194,7 +193,8 @@ def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked
     disks.mkdir()
     disk = disks / "r1.raw"
     disk.write_bytes(os.urandom(MiB))
-    with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
+    with sandbox(tmp_path / "home") as box:
+        ctx = box.ctx
         vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
         vms.add_vm(ctx, "r1", [disk])
         protection.enable_protection(ctx, "r1", "v1")
@@ -204,7 +204,10 @@ def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked
             assert row is not None
             row.host, row.definition = "h2", {**(row.definition or {}), "tracking": {"chain": "c"}}
         before = disk.read_bytes()
-        job = restore_vm.replace_disks(ctx, "r1", "latest").job
+        r = box.call("POST", "/api/v1/items/r1/restore/replace-disks", box.token("BackupOperator", "v1"),
+                     json={"rp": "latest"})  # fmt: skip
+        assert r.status_code == 202, r.text
+        job = jobs.show_job(ctx, r.json()["name"])
         assert job["status"] == "InProgress" and job["operation"] == "Restore" and disk.read_bytes() == before
         for host in ("h1", "h2"):
             agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})

@@ -603,10 +603,10 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     details = body.get("details") if isinstance(body.get("details"), dict) else None
     progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
     if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
-        if body.get("newVm") is not None:
-            return _finish_new_vm(ctx, host, job_id, body, progress_values)
         if _restore_mode(ctx, job_id) == "replace":
             return _finish_replace(ctx, host, job_id, progress_values)
+        if body.get("newVm") is not None:
+            return _finish_new_vm(ctx, host, job_id, body, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
     if status == Status.COMPLETED and _lost_backup(ctx, host, job_id):
         return _adopt_late_point(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body)
