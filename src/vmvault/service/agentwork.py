@@ -490,7 +490,12 @@ def _replace_package(ctx: Context, job: JobRow, host: str, record: JsonDict) -> 
     from vmvault.service.restore_vm import replace_package
 
     package = replace_package(ctx, job.vm or "", str(record.get("recoveryPoint") or ""))
-    return {"jobId": job.id, "operation": Operation.RESTORE, "details": job.details or {}, **package,
+    # The disks as sent now (the VM's disks may have changed since it was queued): what a Completed end records.
+    paths = [str(d["path"]) for d in package["restore"]["disks"]]
+    details = {**(job.details or {}), "restore": {**record, "paths": paths}}
+    with ctx.catalog.update() as s:
+        repos.update_job_details(s, job.id, details)
+    return {"jobId": job.id, "operation": Operation.RESTORE, "details": details, **package,
             "hostDisks": _host_disks(ctx, host)}  # fmt: skip
 
 
