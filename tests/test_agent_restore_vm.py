@@ -6,6 +6,10 @@ Real processes on a real PostgreSQL 15 (tests/pgserver.py): one `vmvault serve`,
 (host h1, its own home). The running VM is qemu-storage-daemon standing in for a QEMU (QMP, its
 disk held open; no guest boot under TCG): the copy is defined (its template and launch script), not
 started.
+
+`restore replace-disks` of a VM of another host (the last test): a real serve and agent on SQLite,
+a disk-image VM; the agent swaps the point's image in, and refuses any disk path outside its
+--allow-disks folders (the fast contract test is in tests/test_agents.py).
 """
 
 from __future__ import annotations
