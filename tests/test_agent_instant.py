@@ -83,7 +83,9 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     admin.ok("protection", "enable", "--vm", "q1", "--vault", "v1")
     restores = tmp_path / "restores"
     log = tmp_path / "agent.log"
-    agent_cli = Cli(home=agent_home, passphrase=None, extra_env={"VMVAULT_TOKEN": token})
+    # The copy throttled (1 MiB/s: 8 s for the disk), so that a cancel arrives while it runs.
+    agent_cli = Cli(home=agent_home, passphrase=None,
+                    extra_env={"VMVAULT_TOKEN": token, "VMVAULT_INSTANT_STREAM_SPEED": str(MiB)})  # fmt: skip
     agent = _agent(agent_cli, server, log, [tmp_path, guest.sockets], restores)
     running.append(lambda: _stop(agent))
     wait_for(lambda: admin.run("host", "show", "h1").ok, 60, "agent h1 to register", interval=0.5)
@@ -91,6 +93,23 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     assert job["status"] == "Completed" and job["host"] == "h1", job
     rp = admin.point_ids("q1")[-1]
     guest.close()  # the copy runs alone: 2 shared cores
+
+    # job cancel reaches the agent: the VM and the export stop, the copy and its VM record go.
+    r = admin.run("restore", "vm", "q1", "--rp", rp, "--name", "c2", "--target-dir", str(restores / "c2"),
+                  "--instant", timeout=300)  # fmt: skip
+    assert r.ok and r.json()["properties"]["status"] == "InProgress", f"{r}\n{log.read_text()}"
+    cancelled = r.json()["name"]
+    qemu_pid = int(Path(json.loads((restores / "c2" / "c2.json").read_text())["pidFile"]).read_text())
+    export_pid = int(admin.ok("job", "show", cancelled).json()["properties"]["extendedInfo"]["restore"]["exportPid"])
+    admin.ok("job", "cancel", cancelled)
+    done = admin.run("job", "wait", cancelled, "--timeout", "120", timeout=200)
+    props = done.json()["properties"]
+    assert props["status"] == "Cancelled", f"{done}\n{log.read_text()}"
+    assert "stopped and removed" in props["errorDetails"][0]["errorString"], props
+    assert not pid_alive(qemu_pid) and not pid_alive(export_pid)
+    assert not admin.run("vm", "show", "c2").ok
+    left = sorted(p.name for p in (restores / "c2").iterdir())
+    assert left == ["c2-instant.log"], left  # only the export's log (as on a server): what happened
 
     # The attacker's target, outside the agent's --allow-restores: refused on h1, nothing made.
     outside = tmp_path / "outside"
@@ -143,3 +162,67 @@ def _answers(qmp: Path) -> bool:
             return True
     except Exception:
         return False
+
+
+def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path) -> None:
+    """What an agent reports of its instant restore (service/hostinstant.py), the attacker's version:
+    disks outside the job's target, keys the server owns, a new VM of another kind or with files
+    elsewhere, another host's job. Only the VM this job registered is ever removed."""
+    from helpers import PASSPHRASE
+    from vmvault.catalog import repos
+    from vmvault.errors import InvalidInput, NotFound
+    from vmvault.service import agentwork, hostinstant
+    from vmvault.service.context import context
+    from vmvault.service.hostvms import add_host_vm
+    from vmvault.service.jobs import Operation, create_job
+    from vmvault.settings import Settings
+
+    target = "/var/lib/vmvault/restores/vms/c1"
+    record = {"mode": "vm", "instant": True, "newVm": "c1", "targetDir": target, "recoveryPoint": "rp"}
+    with context(Settings(home=tmp_path / "srv", passphrase=PASSPHRASE)) as ctx:
+        add_host_vm(ctx, "q1", "h1", ["/vms/q1.raw"])
+        with ctx.catalog.read() as s:
+            kind = repos.get_vm(s, "q1").kind
+        job_id = create_job(ctx, Operation.RESTORE, vm="q1", vault=None, queued=True,
+                            details={"restore": record}).id  # fmt: skip
+        claimed = agentwork._claim_row(ctx, "h1", 4242)
+        assert claimed is not None and claimed.id == job_id
+
+        def restore() -> dict[str, Any]:
+            with ctx.catalog.read() as s:
+                return dict(repos.get_job(s, job_id).details["restore"])
+
+        with pytest.raises(InvalidInput, match="disks outside"):
+            hostinstant.report(ctx, "h1", job_id, {"restore": {"disks": ["/etc/shadow"]}})
+        with pytest.raises(InvalidInput, match="disks outside"):
+            hostinstant.report(ctx, "h1", job_id, {"restore": {"disks": [f"{target}/../../../etc/x"]}})
+        with pytest.raises(NotFound):
+            hostinstant.report(ctx, "h2", job_id, {"restore": {"state": "Copying"}})
+        hostinstant.report(ctx, "h1", job_id, {"restore": {"state": "Copying", "vmRunning": True,
+                                                           "targetDir": "/etc", "newVm": "q1", "id": "x"}})  # fmt: skip
+        assert restore() == {**record, "state": "Copying", "vmRunning": True}
+
+        good = {"kind": kind, "disks": [{"name": "d0", "path": f"{target}/d0.qcow2"}], "definition": {},
+                "files": [f"{target}/c1.sh"], "view": {}}  # fmt: skip
+        for bad in ({**good, "kind": "libvirt" if kind != "libvirt" else "qmp"},
+                    {**good, "files": ["/etc/cron.d/x"]}):  # fmt: skip
+            with pytest.raises(InvalidInput, match="the agent reported a new VM"):
+                hostinstant.report(ctx, "h1", job_id, {"newVm": bad})
+        answer = hostinstant.report(ctx, "h1", job_id, {"newVm": good, "error": {"code": "export_lost"}})
+        assert answer["name"] == "c1" and answer["cancel"] is False
+        with ctx.catalog.read() as s:
+            assert repos.get_vm(s, "c1").host == "h1" and repos.get_job(s, job_id).error["code"] == "export_lost"
+        assert restore()["id"] == answer["id"]
+        hostinstant.report(ctx, "h1", job_id, {"error": None, "unregister": True})
+        with ctx.catalog.read() as s:
+            assert repos.find_vm(s, "c1") is None and repos.find_vm(s, "q1") is not None
+            assert repos.get_job(s, job_id).error is None
+
+        # The agent lost mid-copy: the job ends agent_lost and the VM it registered is forgotten.
+        hostinstant.report(ctx, "h1", job_id, {"newVm": good})
+        with ctx.catalog.write() as s:
+            assert agentwork._end_lost(s, "h1", "the agent of host 'h1' restarted") == [job_id]
+        with ctx.catalog.read() as s:
+            assert repos.find_vm(s, "c1") is None and repos.find_vm(s, "q1") is not None
+            error = repos.get_job(s, job_id).error
+        assert error["code"] == "agent_lost" and "--instant" in error["recommendedAction"], error
