@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,66 @@ def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path) -> 
             assert repos.find_vm(s, "c1") is None and repos.find_vm(s, "q1") is not None
             error = repos.get_job(s, job_id).error
         assert error["code"] == "agent_lost" and "--instant" in error["recommendedAction"], error
+
+
+def test_an_agent_restarting_stops_and_removes_what_a_killed_instant_restore_left(tmp_path: Path) -> None:
+    """The journal a killed agent left (HOME/instant/JOB.json) at its next start: the VM quit (here
+    qemu-storage-daemon standing in, over the same QMP), the export process of the point stopped,
+    the copy's files and run directory removed. A pid that is no longer the export is left alone."""
+    from dataclasses import asdict
+
+    from helpers import PASSPHRASE
+    from vm.machine import StorageDaemon, blank_disk
+    from vmvault.connectors.contract import NewVm
+    from vmvault.connectors.workfiles import copy_run_dir
+    from vmvault.service import backups, protection, vaults, vms
+    from vmvault.service.agentinstant import journals, reconcile
+    from vmvault.service.context import context
+    from vmvault.settings import Settings
+
+    image = tmp_path / "d1.raw"
+    image.write_bytes(os.urandom(MiB))
+    with context(Settings(home=tmp_path / "srv", passphrase=PASSPHRASE)) as ctx:
+        uuid = vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")["uuid"]
+        vms.add_vm(ctx, "d1", [image])
+        protection.enable_protection(ctx, "d1", "v1")
+        rp = backups.backup_now(ctx, "d1", queue=False).result.rp_id
+    home = tmp_path / "agent-h1"
+    assert Cli(home=home).vault_import(tmp_path / "v1").ok  # the host's key: the export opens the vault with it
+
+    target = tmp_path / "restores" / "c9"
+    target.mkdir(parents=True)
+    run_dir = copy_run_dir(target, "c9")
+    run_dir.mkdir(parents=True, mode=0o700)
+    config = {"home": str(home), "storage_dir": str(tmp_path / "v1"), "vault_uuid": uuid, "rp_id": rp,
+              "unix": str(run_dir / "vault.sock"), "ready": str(run_dir / "export.ready")}  # fmt: skip
+    (run_dir / "export.json").write_text(json.dumps(config))
+    export = subprocess.Popen([sys.executable, "-m", "vmvault.recovery.nbdserver", str(run_dir / "export.json")],
+                              start_new_session=True, stderr=subprocess.DEVNULL)  # fmt: skip
+    vm = StorageDaemon(tmp_path, [blank_disk(tmp_path, "o0", MiB, "raw")]).start()
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_for(lambda: (run_dir / "export.ready").exists(), 60, "the export to serve", interval=0.1)
+        created = [target / "disk0.qcow2", target / "c9.json", target / "c9.sh"]
+        for path in created:
+            path.touch()
+        handle = {"template": {"name": "c9", "sockets": {"qmp": str(vm.vmvault_qmp)}, "pidFile": ""}}
+        folder = journals(Settings(home=home))
+        folder.mkdir(parents=True)
+        (folder / "j1.json").write_text(json.dumps({
+            "jobId": "j1", "vm": asdict(NewVm("qmp", [], {}, [], {}, handle)), "exportPid": export.pid,
+            "created": [str(p) for p in created], "runDir": str(run_dir)}))  # fmt: skip
+        (folder / "j2.json").write_text(json.dumps({"jobId": "j2", "vm": None, "exportPid": stranger.pid,
+                                                    "created": [], "runDir": str(tmp_path / "gone")}))  # fmt: skip
+
+        done = reconcile(Settings(home=home))
+        assert len(done) == 2 and "j1" in done[0], done
+        assert export.wait(10) == 0 and vm.proc is not None and vm.proc.wait(30) is not None
+        assert stranger.poll() is None, "a pid that is not the export was signalled"
+        assert not any(p.exists() for p in created) and not run_dir.exists()
+        assert not list(folder.iterdir())
+    finally:
+        for proc in (export, stranger):
+            proc.kill()
+            proc.wait()
+        vm.close()
