@@ -95,14 +95,18 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     rp = admin.point_ids("q1")[-1]
     guest.close()  # the copy runs alone: 2 shared cores
 
-    # job cancel reaches the agent: the VM and the export stop, the copy and its VM record go.
-    r = admin.run("restore", "vm", "q1", "--rp", rp, "--name", "c2", "--target-dir", str(restores / "c2"),
-                  "--instant", timeout=300)  # fmt: skip
+    # Through a server (--server, an operator's token): back once the VM runs on h1; job cancel
+    # reaches the agent: the VM and the export stop, the copy and its VM record go.
+    operator = admin.ok("token", "create", "--role", "BackupOperator").json()["token"]
+    remote = Cli(home=tmp_path / "elsewhere", passphrase=None, extra_env={"VMVAULT_TOKEN": operator})
+    r = remote.run("--server", server, "restore", "vm", "q1", "--rp", rp, "--name", "c2", "--target-dir",
+                   str(restores / "c2"), "--instant", timeout=300)  # fmt: skip
     assert r.ok and r.json()["properties"]["status"] == "InProgress", f"{r}\n{log.read_text()}"
+    assert r.json()["properties"]["extendedInfo"]["restore"]["vmRunning"], r.json()
     cancelled = r.json()["name"]
     qemu_pid = int(Path(json.loads((restores / "c2" / "c2.json").read_text())["pidFile"]).read_text())
     export_pid = int(admin.ok("job", "show", cancelled).json()["properties"]["extendedInfo"]["restore"]["exportPid"])
-    admin.ok("job", "cancel", cancelled)
+    remote.ok("--server", server, "job", "cancel", cancelled)
     done = admin.run("job", "wait", cancelled, "--timeout", "120", timeout=200)
     props = done.json()["properties"]
     assert props["status"] == "Cancelled", f"{done}\n{log.read_text()}"
@@ -135,6 +139,7 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     job_id = r.json()["name"]
     done = admin.run("job", "wait", job_id, "--timeout", "240", timeout=300)
     assert done.ok and done.json()["properties"]["status"] == "Completed", f"{done}\n{log.read_text()}"
+    assert done.json()["properties"]["host"] == "h1"
     state = admin.ok("job", "show", job_id).json()["properties"]["extendedInfo"]["restore"]
     copy = target / "d0.qcow2"
     assert state["disks"] == [str(copy)] and state["exportClosed"] and state["files"] == [str(copy)], state
