@@ -24,6 +24,11 @@ continues and the streams resume. A VM that stops before the copy is complete is
 (`qemu-img rebase -b ""` against the export). `vmvault job cancel`, and a start that fails, stop
 the VM and the export and remove the copy (its writes are lost: a copy still needing the vault is
 useless without it), so the restore can simply be run again.
+
+A VM of another host (`vm add --host`): the job is queued for that host's agent instead, which
+runs InstantRestore there in a worker thread (service/agentinstant.py); what it writes to the
+catalog goes through InstantBooks (CatalogBooks here, the agent API there), and the command waits
+for the VM the same way (wait_until_running).
 """
 
 from __future__ import annotations
@@ -244,6 +249,7 @@ class CatalogBooks:
 
     def __init__(self, ctx: Context, job_id: str, new_name: str) -> None:
         self.ctx, self.job_id, self.new_name = ctx, job_id, new_name
+        self.registered: str | None = None  # the id of the VM this job registered (never another of its name)
 
     def note(self, restore: JsonDict) -> None:
         with self.ctx.catalog.write() as s:
@@ -258,11 +264,14 @@ class CatalogBooks:
 
     def register(self, vm: NewVm) -> JsonDict:
         row = register_new_vm(self.ctx, self.new_name, vm)
+        self.registered = row.id
         return {"name": row.name, "id": row.id}
 
     def unregister(self) -> None:
+        if self.registered is None:
+            return  # its registration was refused (the name taken meanwhile): that VM is another's
         with self.ctx.catalog.write() as s:
-            row = repos.find_vm(s, self.new_name)
+            row = repos.find_vm_by_id(s, self.registered)
             if row is not None:
                 s.delete(row)
 
