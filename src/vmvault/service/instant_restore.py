@@ -368,6 +368,7 @@ class InstantRestore:
             disk = connector.overlay(definition, d.name, d.size, str(path), str(self.socket))
             self.created.append(path)
             self.disks.append(disk)
+        self._journal()
         written = _written(manifest, [Path(d.path) for d in self.disks])
         self.vm = connector.create_new_vm(request, definition, [d.name for d in manifest.disks], written,
                                           instant=True)  # fmt: skip
