@@ -122,6 +122,9 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     props = r.json()["properties"]
     assert props["host"] == "h1" and props["errorDetails"][0]["errorCode"] == "path_not_allowed", props
     assert not outside.exists() and not admin.run("vm", "show", "c0").ok
+    jobs_before = len(admin.ok("job", "list").json())
+    r = admin.fails("restore", "vm", "q1", "--rp", rp, "--name", "c0", "--instant", "--format", "raw")
+    assert "qcow2" in r.output and len(admin.ok("job", "list").json()) == jobs_before, r.output
 
     # Into its roots: back once the VM runs on h1, the job InProgress; Completed when the copy is done.
     target = restores / "c1"
