@@ -173,7 +173,7 @@ def _answers(qmp: Path) -> bool:
         return False
 
 
-def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path) -> None:
+def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path, catalog_url: str | None) -> None:
     """What an agent reports of its instant restore (service/hostinstant.py), the attacker's version:
     disks outside the job's target, keys the server owns, a new VM of another kind or with files
     elsewhere, another host's job. Only the VM this job registered is ever removed."""
@@ -188,7 +188,7 @@ def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path) -> 
 
     target = "/var/lib/vmvault/restores/vms/c1"
     record = {"mode": "vm", "instant": True, "newVm": "c1", "targetDir": target, "recoveryPoint": "rp"}
-    with context(Settings(home=tmp_path / "srv", passphrase=PASSPHRASE)) as ctx:
+    with context(Settings(home=tmp_path / "srv", passphrase=PASSPHRASE, catalog_url=catalog_url)) as ctx:
         add_host_vm(ctx, "q1", "h1", ["/vms/q1.raw"])
         with ctx.catalog.read() as s:
             kind = repos.get_vm(s, "q1").kind
