@@ -161,6 +161,10 @@ def _quit(qmp: Path) -> None:
     with contextlib.suppress(Exception), QmpClient(qmp).connect() as client:
         client.quit()
     wait_for(lambda: not qmp.exists() or not _answers(qmp), 30, "QEMU to exit", interval=0.2)
+    for leftover in qmp.parent.glob("*.sock"):  # QEMU leaves its sockets behind
+        leftover.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        qmp.parent.rmdir()
 
 
 def _answers(qmp: Path) -> bool:
