@@ -85,6 +85,7 @@ TABLE: dict[tuple[str, str], tuple[Permission, Scope, set[str]]] = {
     ("POST", "/api/v1/agents/{host}/jobs/{job_id}/progress"): (Permission.AGENT_WORK, Scope.HOST, set()),
     ("POST", "/api/v1/agents/{host}/jobs/{job_id}/vm"): (Permission.AGENT_WORK, Scope.HOST, set()),
     ("POST", "/api/v1/agents/{host}/jobs/{job_id}/disk"): (Permission.AGENT_WORK, Scope.HOST, set()),
+    ("POST", "/api/v1/agents/{host}/jobs/{job_id}/instant"): (Permission.AGENT_WORK, Scope.HOST, set()),
     ("POST", "/api/v1/agents/{host}/jobs/{job_id}/finish"): (Permission.AGENT_WORK, Scope.HOST, set()),
 }
 PUBLIC = {("GET", "/health"), ("GET", "/healthz")}

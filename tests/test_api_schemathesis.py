@@ -24,7 +24,7 @@ from schemathesis.generation import GenerationMode
 from api_support import make_ext4_image, sandbox
 from vmvault.service import backups, protection, vaults, vms
 
-OPERATIONS = 55  # every /api/v1 route (tests/test_api_roles.py TABLE)
+OPERATIONS = 56  # every /api/v1 route (tests/test_api_roles.py TABLE)
 EXAMPLES = 10
 # Schema-valid requests may still be refused by the service's own checks, with the documented
 # 422 (a policy document Azure would refuse, a name with characters vmvault does not allow) or

@@ -44,6 +44,7 @@ SLOW_FILES: dict[str, float] = {
     "test_api_schemathesis.py": 64,
     "test_libvirt_instant.py": 59,
     "test_standalone.py": 58,
+    "test_agent_instant.py": 57,
     "test_hostile_disk.py": 55,
     "test_dr_drill.py": 54,
     "test_files_script.py": 53,

@@ -996,8 +996,10 @@ def restore_vm(
     result = outcome.result or {}
     defined = result.get("launchScript") or result.get("definitionFile")  # plain QEMU: its script; libvirt: its XML
     notes = [f"restored VM {result.get('name')}: {defined}"] if result.get("name") else []
-    if instant and outcome.job["status"] == "InProgress":
+    if instant and outcome.job["status"] == "InProgress" and result.get("vmRunning"):
         notes.append(f"it runs on the vault's export while its disks are copied: vmvault job wait {outcome.job['id']}")
+    elif instant and outcome.job["status"] == "InProgress":  # a VM of another host whose agent has not run it yet
+        notes.append(f"queued to its host's agent, the VM not running yet: vmvault job wait {outcome.job['id']}")
     _end_job(outcome, notes)
 
 

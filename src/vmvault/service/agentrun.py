@@ -322,13 +322,14 @@ class Agent:
     def run(self, on_ready: Any = None) -> int:
         if self.max_jobs < 1:
             raise InvalidInput(f"--max-jobs must be at least 1 (got {self.max_jobs})", hint="e.g. --max-jobs 2")
-        from vmvault.service import agentfiles
+        from vmvault.service import agentfiles, agentinstant
         from vmvault.service.context import open_context
 
         self.local = open_context(self.settings)
         previous = install_stop_signals(self.request_stop, "the agent")  # also while it waits for the server
         try:
             agentfiles.reconcile(self.local)  # before registering: the server learns the live ones
+            agentinstant.reconcile(self.settings)  # a killed agent's instant restores: stopped, removed
             answer = self._register_until_answered()
             if answer is None:
                 log.info("stopping before the server answered: %s", self._stop.reason)
@@ -539,6 +540,10 @@ def run_restore_package(
     restore (restores.restore_into); the files are written here, in this host's allowed restore roots."""
     from vmvault.service.restores import restore_into
 
+    if package["restore"].get("mode") == "vm" and package["restore"].get("instant"):
+        from vmvault.service.agentinstant import run_instant_package
+
+        return run_instant_package(settings, client, package, cancel, paths, life)
     if package["restore"].get("mode") == "vm":
         return run_new_vm_package(settings, client, package, cancel, paths, life)
     if package["restore"].get("mode") == "replace":

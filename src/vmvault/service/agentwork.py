@@ -29,7 +29,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso, seconds_between
 from vmvault.catalog.models import HostRow, JobRow, VmRow
 from vmvault.errors import Busy, IntegrityError, InvalidInput, NotFound, VmvaultError
-from vmvault.service import hostfiles, hosts
+from vmvault.service import hostfiles, hostinstant, hosts
 from vmvault.service.context import Context
 from vmvault.service.jobs import Operation, Status, _notify_deliver, _notify_enqueue, show_job
 from vmvault.service.views import JsonDict
@@ -228,6 +228,7 @@ def _end_orphans(ctx: Context, host: str, job_ids: list[str]) -> None:
             if job.id in job_ids:
                 why = f"the agent of host '{host}' no longer runs this job (the report of its end was lost)"
                 repos.finish_job(s, job.id, Status.FAILED, error=lost_error(job, why))
+                hostinstant.drop_copy(s, job, host)  # its agent stops and removes the copy
                 _notify_enqueue(s, job.id)
                 ended.append(job.id)
     _notify_all(ctx, ended)
@@ -251,6 +252,8 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
         }
     if row.operation == Operation.RESTORE and ((row.details or {}).get("restore") or {}).get("mode") == "replace":
         return _lost_replace(row, why, check)
+    if row.operation == Operation.RESTORE and hostinstant.is_instant(row):
+        return hostinstant.lost_error(row, why, host)
     if row.operation == Operation.RESTORE:
         record = (row.details or {}).get("restore") or {}
         again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
@@ -289,6 +292,7 @@ def _end_lost(s: Session, host: str, why: str) -> list[str]:
     ended = []
     for job in _agent_jobs(s, host):
         repos.finish_job(s, job.id, Status.FAILED, error=lost_error(job, why))
+        hostinstant.drop_copy(s, job, host)  # its agent stops and removes the copy (at once, or at its restart)
         _notify_enqueue(s, job.id)
         ended.append(job.id)
     return ended
@@ -477,7 +481,7 @@ def _new_vm_package(ctx: Context, job: JobRow, host: str, record: JsonDict) -> J
         "vault": {"name": vault.name, "uuid": vault.uuid, "storage": vault.storage_dir},
         "restore": {"mode": "vm", "recoveryPoint": point.id, "newVm": record.get("newVm"),
                     "targetDir": record.get("targetDir"), "format": fmt, "start": bool(record.get("start")),
-                    "files": files, "bytes": needed},
+                    "files": files, "bytes": needed, "instant": bool(record.get("instant"))},
         "hostDisks": _host_disks(ctx, host),
     }  # fmt: skip
 

@@ -24,6 +24,11 @@ continues and the streams resume. A VM that stops before the copy is complete is
 (`qemu-img rebase -b ""` against the export). `vmvault job cancel`, and a start that fails, stop
 the VM and the export and remove the copy (its writes are lost: a copy still needing the vault is
 useless without it), so the restore can simply be run again.
+
+A VM of another host (`vm add --host`): the job is queued for that host's agent instead, which
+runs InstantRestore there in a worker thread (service/agentinstant.py); what it writes to the
+catalog goes through InstantBooks (CatalogBooks here, the agent API there), and the command waits
+for the VM the same way (wait_until_running).
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmvault.catalog import repos
 from vmvault.connectors.contract import CopyDisk, LiveCopy, NewVm
@@ -51,7 +56,6 @@ from vmvault.proc import boot_id
 from vmvault.service.context import Context
 from vmvault.service.jobs import (
     JobOutcome,
-    JobRun,
     Operation,
     ProgressCallback,
     Status,
@@ -64,6 +68,7 @@ from vmvault.service.jobs import (
 )
 from vmvault.service.restore_vm import VmRestorePlan, _written, plan_new_vm, register_new_vm
 from vmvault.service.views import JsonDict
+from vmvault.settings import Settings
 
 log = logging.getLogger("vmvault.instant")
 
@@ -132,9 +137,11 @@ def _spawn_owner(ctx: Context, job_id: str, plan: VmRestorePlan) -> subprocess.P
 
 
 def _wait_until_running(
-    ctx: Context, job_id: str, proc: subprocess.Popen[bytes], cancel: threading.Event
+    ctx: Context, job_id: str, proc: subprocess.Popen[bytes] | None, cancel: threading.Event
 ) -> JobOutcome[JsonDict]:
-    """Wait until the owner reports the VM running (or the job ended); the job goes on afterwards."""
+    """Wait until the owner reports the VM running (or the job ended); the job goes on afterwards.
+
+    proc: the owner process this command started (None: the agent of the VM's host runs the job)."""
     deadline = time.monotonic() + BOOT_TIMEOUT + 2 * EXPORT_START_TIMEOUT_S
     asked = False
     while time.monotonic() < deadline:
@@ -144,7 +151,7 @@ def _wait_until_running(
         if status != Status.IN_PROGRESS or state.get("vmRunning"):
             job = show_job(ctx, job_id)
             return JobOutcome(job=job, result=state, error=_job_error(job))
-        if owner <= 0 and proc.poll() is not None:  # died before it claimed the job
+        if proc is not None and owner <= 0 and proc.poll() is not None:  # died before it claimed the job
             where = owner_log(Path(_plan_of(ctx, job_id)["targetDir"]), str(state.get("vm")))
             error = StorageError(f"the instant restore's owner process exited ({proc.returncode}) before it started",
                                  hint=f"see {where}")  # fmt: skip
@@ -157,6 +164,11 @@ def _wait_until_running(
         time.sleep(0.3)
     job = show_job(ctx, job_id)
     return JobOutcome(job=job, result=None, error=_job_error(job))
+
+
+def wait_until_running(ctx: Context, job_id: str, cancel: threading.Event | None) -> JobOutcome[JsonDict]:
+    """An instant restore queued for the agent of the VM's host: back once the new VM runs there."""
+    return _wait_until_running(ctx, job_id, None, cancel or threading.Event())
 
 
 def _job_error(job: JsonDict) -> VmvaultError | None:
@@ -193,7 +205,8 @@ def owner_main(home: str, job_id: str) -> int:
             s.expunge(row)
         plan_dict = dict((row.details or {})["instantPlan"])
         plan = _plan_from(ctx, plan_dict)
-        outcome = run_job(ctx, row, lambda job: InstantRestore(ctx, plan, job).run())
+        books = CatalogBooks(ctx, job_id, plan.new_name)
+        outcome = run_job(ctx, row, lambda job: InstantRestore(ctx.settings, books, plan, job).run())
         log.info("job %s ended %s", job_id, outcome.job["status"])
         return 1 if outcome.failed else 0
 
@@ -209,13 +222,74 @@ def _plan_from(ctx: Context, d: JsonDict) -> VmRestorePlan:
                          [Path(p) for p in d["disks"]], str(d.get("kind") or "qmp"), definition)  # fmt: skip
 
 
+class InstantBooks(Protocol):
+    """What an instant restore writes to the catalog while it runs: this process's catalog
+    (CatalogBooks, a server's or a CLI's owner process), or the server's REST API on the agent of
+    the VM's host (service/agentinstant.py), which has no catalog access."""
+
+    def note(self, restore: JsonDict) -> None:
+        """The job's details.restore now (state, vmRunning, disks ...): the command waits for vmRunning."""
+        ...
+
+    def set_error(self, error: JsonDict | None) -> None:
+        """The job's error while it is still InProgress (a lost export), or None once it is over."""
+        ...
+
+    def register(self, vm: NewVm) -> JsonDict:
+        """The new VM recorded in the catalog before it boots; its catalog name and id."""
+        ...
+
+    def unregister(self) -> None:
+        """The new VM removed from the catalog again (the copy was stopped and removed)."""
+        ...
+
+
+class CatalogBooks:
+    """InstantBooks on this process's catalog."""
+
+    def __init__(self, ctx: Context, job_id: str, new_name: str) -> None:
+        self.ctx, self.job_id, self.new_name = ctx, job_id, new_name
+        self.registered: str | None = None  # the id of the VM this job registered (never another of its name)
+
+    def note(self, restore: JsonDict) -> None:
+        with self.ctx.catalog.write() as s:
+            row = repos.get_job(s, self.job_id)
+            details = {**(row.details or {}), "restore": json.loads(json.dumps(restore))}
+            repos.update_job_details(s, self.job_id, details)
+
+    def set_error(self, error: JsonDict | None) -> None:
+        with self.ctx.catalog.write() as s:
+            row = repos.get_job(s, self.job_id)
+            row.error = error
+
+    def register(self, vm: NewVm) -> JsonDict:
+        row = register_new_vm(self.ctx, self.new_name, vm)
+        self.registered = row.id
+        return {"name": row.name, "id": row.id}
+
+    def unregister(self) -> None:
+        if self.registered is None:
+            return  # its registration was refused (the name taken meanwhile): that VM is another's
+        with self.ctx.catalog.write() as s:
+            row = repos.find_vm_by_id(s, self.registered)
+            if row is not None:
+                s.delete(row)
+
+
 @dataclass
 class InstantRestore:
-    """The owner's work: export, overlays, VM (the connector's), copy, switch-over."""
+    """The owner's work: export, overlays, VM (the connector's), copy, switch-over.
 
-    ctx: Context
+    The same code runs in a server's (or CLI's) owner process and on the agent of the VM's host;
+    books is where it records the job's state and the new VM. journal (an agent's): a file that
+    names what runs (the VM's handle, the export's pid, the files made), so that an agent killed
+    mid-copy stops and removes them at its next start (reconcile_journals)."""
+
+    settings: Settings
+    books: InstantBooks
     plan: VmRestorePlan
-    job: JobRun
+    job: Any  # jobs.JobRun, or agentrun.AgentRun on an agent: cancel, details, progress(), job_id
+    journal: Path | None = None
     disks: list[CopyDisk] = field(default_factory=list)
     vm: NewVm | None = None
     live: LiveCopy | None = None
@@ -264,6 +338,7 @@ class InstantRestore:
         assert self.live is not None
         self.live.check_local(self.disks)
         self._note(state="Completed", exportClosed=True)
+        self._forget()
         return view
 
     def _failed_while_copying(self) -> None:
@@ -293,22 +368,24 @@ class InstantRestore:
             disk = connector.overlay(definition, d.name, d.size, str(path), str(self.socket))
             self.created.append(path)
             self.disks.append(disk)
+        self._journal()
         written = _written(manifest, [Path(d.path) for d in self.disks])
         self.vm = connector.create_new_vm(request, definition, [d.name for d in manifest.disks], written,
                                           instant=True)  # fmt: skip
         self.created += [Path(f) for f in self.vm.files]
         self.live = connector.live_copy(self.vm)
-        row = register_new_vm(self.ctx, self.plan.new_name, self.vm)
+        self._journal()
+        row = self.books.register(self.vm)
         booting = {"domain": self.plan.new_name} if "domain" in self.vm.view else {}
         self._note(state="Booting", disks=[d.path for d in self.disks], exportSocket=str(self.socket), **booting)
         connector.start_new_vm(self.vm)
         log.info("VM %s runs on the export of point %s", self.plan.new_name, self.plan.rp_id)
-        return {"name": row.name, "id": row.id, **self.vm.view, "started": True, "instant": True}
+        return {"name": row["name"], "id": row["id"], **self.vm.view, "started": True, "instant": True}
 
     def _manifest(self) -> Any:
-        from vmvault.service.vaultio import opened_vault
+        from vmvault.service.vaultio import opened_vault_at
 
-        with opened_vault(self.ctx, self.plan.vault) as vault:
+        with opened_vault_at(self.settings, self.plan.vault) as vault:
             vault.sync_index()
             return vault.read_manifest(self.plan.rp_id)
 
@@ -317,7 +394,7 @@ class InstantRestore:
         config_file, ready = self.run_dir / "export.json", self.run_dir / "export.ready"
         ready.unlink(missing_ok=True)
         ready.with_suffix(".error").unlink(missing_ok=True)
-        config = {"home": str(self.ctx.settings.home), "storage_dir": self.plan.vault.storage_dir,
+        config = {"home": str(self.settings.home), "storage_dir": self.plan.vault.storage_dir,
                   "vault_uuid": self.plan.vault.uuid, "rp_id": self.plan.rp_id, "unix": str(self.socket),
                   "ready": str(ready), "pin_seconds": 7 * 24 * 3600}  # fmt: skip
         config_file.write_text(json.dumps(config, indent=1))
@@ -335,6 +412,7 @@ class InstantRestore:
                                    hint="check the vault's storage (vmvault vault verify NAME) and retry")  # fmt: skip
             time.sleep(0.05)
         self._note(exportPid=self.export.pid)
+        self._journal()
         self.connector.share_with_vm(str(self.socket), 0o660)  # the VM's QEMU connects (again after a restart)
 
     def _stop_export(self) -> None:
@@ -390,9 +468,7 @@ class InstantRestore:
         self._note(state="Copying")
 
     def _set_error(self, error: JsonDict | None) -> None:
-        with self.ctx.catalog.write() as s:
-            row = repos.get_job(s, self.job.job_id)
-            row.error = error
+        self.books.set_error(error)
 
     # ---- the copy ----------------------------------------------------------------------------------
     def _copy(self) -> None:
@@ -419,8 +495,23 @@ class InstantRestore:
         details = self.job.details if self.job.details is not None else {}
         details["restore"] = {**(details.get("restore") or {}), **fields}
         self.job.details = details
-        with self.ctx.catalog.write() as s:
-            repos.update_job_details(s, self.job.job_id, json.loads(json.dumps(details)))
+        self.books.note(details["restore"])
+
+    def _journal(self) -> None:
+        """What runs now, for an agent's start-up reconcile (reconcile_journals)."""
+        if self.journal is None:
+            return
+        state = {"jobId": self.job.job_id, "vm": asdict(self.vm) if self.vm is not None else None,
+                 "exportPid": self.export.pid if self.export is not None else 0,
+                 "created": [str(p) for p in self.created], "runDir": str(self.run_dir)}  # fmt: skip
+        self.journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.journal)
+
+    def _forget(self) -> None:
+        if self.journal is not None:
+            self.journal.unlink(missing_ok=True)
 
     def _remove_created(self) -> None:
         for path in self.created:
@@ -439,10 +530,67 @@ class InstantRestore:
         with contextlib.suppress(OSError):
             self.run_dir.rmdir()
         self._note(state=state, vmRunning=False)
-        with self.ctx.catalog.write() as s:
-            row = repos.find_vm(s, self.plan.new_name)
-            if row is not None:
-                s.delete(row)
+        self.books.unregister()
+        self._forget()
+
+
+# ---- what a killed agent left running (service/agentinstant.py) ---------------------------------
+
+
+def reconcile_journals(folder: Path) -> list[str]:
+    """Stop and remove what the instant restores of a killed process left (their journals in folder):
+    the VM, the export, the copy. A copy that still needs the export is no use alone, and its job
+    ended agent_lost on the server, so it is not adopted."""
+    done = []
+    for journal in sorted(folder.glob("*.json")):
+        try:
+            state = json.loads(journal.read_text())
+            _undo(state)
+            done.append(f"instant restore job {state.get('jobId')}: its VM, export and copy stopped and removed")
+        except Exception:  # logged; never keeps the agent from starting
+            log.warning("reconciling the instant restore of %s failed", journal, exc_info=True)
+        journal.unlink(missing_ok=True)
+    return done
+
+
+def _undo(state: JsonDict) -> None:
+    raw = state.get("vm")
+    if isinstance(raw, dict):
+        vm = NewVm(**raw)
+        connector = connector_for(vm.kind)
+        try:
+            live = connector.live_copy(vm)
+            try:
+                live.stop()
+            finally:
+                live.close()
+        except VmvaultError:  # not running any more (a libvirt domain gone): its definition, if any
+            with contextlib.suppress(VmvaultError):
+                connector.remove_new_vm(vm)
+    run_dir = Path(str(state.get("runDir") or "/nonexistent"))
+    _stop_export_pid(int(state.get("exportPid") or 0), run_dir)
+    for path in state.get("created") or []:
+        Path(str(path)).unlink(missing_ok=True)
+    for leftover in (*run_dir.glob("*.sock"), *run_dir.glob("export.*")):
+        leftover.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+
+
+def _stop_export_pid(pid: int, run_dir: Path) -> None:
+    """SIGTERM the export process of this run directory (only if that pid is still it)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if pid > 0 else []
+    except OSError:
+        return
+    if b"vmvault.recovery.nbdserver" not in cmdline or str(run_dir / "export.json").encode() not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

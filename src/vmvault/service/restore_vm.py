@@ -114,7 +114,7 @@ def restore_vm(
 
     host = host_elsewhere(ctx, vm_name)
     if host is not None:  # a VM of another host (vm add --host): its agent makes the copy there
-        return queue_new_vm_on_host(ctx, vm_name, rp_id, new_name, host, target_dir, fmt, start, instant)
+        return queue_new_vm_on_host(ctx, vm_name, rp_id, new_name, host, target_dir, fmt, start, instant, cancel)
     if target_dir is not None:  # API/portal callers: inside the allowed restore roots, resolved (service/paths.py)
         target_dir = allowed(ctx, Rule.RESTORES, target_dir)
     if instant:  # runs at once on the vault's export, copied in the background (service/instant_restore.py)
@@ -135,28 +135,33 @@ def restore_vm(
 
 def queue_new_vm_on_host(
     ctx: Context, vm_name: str, rp_id: str, new_name: str, host: str, target_dir: str | Path | None,
-    fmt: str | None, start: bool, instant: bool,
+    fmt: str | None, start: bool, instant: bool, cancel: threading.Event | None = None,
 ) -> JobOutcome[JsonDict]:  # fmt: skip
-    """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_new_vm).
+    """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_new_vm; an
+    instant restore once its VM runs there, the job going on with the copy).
 
     target_dir is a path on that host (default /var/lib/vmvault/restores/vms/NEW), checked there
     against its agent's --allow-restores roots; the copy is a VM of that host."""
     from vmvault.service.hostvms import host_path, refuse_secondary
     from vmvault.service.jobs import show_job
 
-    if instant:
+    if instant and fmt not in (None, "qcow2"):
         raise InvalidInput(
-            f"VM '{vm_name}' belongs to host '{host}': an instant restore runs a VM on the vault's export, "
-            "which only a server serves today",
-            hint=f"restore it without --instant: the agent of host '{host}' restores it as a new VM there",
+            "an instant restore writes qcow2 disks (an overlay on the vault's export)",
+            hint="leave out --format, or drop --instant to restore raw disks",
         )
+    fmt = "qcow2" if instant else fmt
     refuse_secondary(vm_name, host, "restore")
     _vm, _point_row, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
     raw = str(target_dir) if target_dir is not None else f"{DEFAULT_RESTORES[0]}/vms/{new_name}"
     target = host_path(vm_name, raw, what="target directory")
     record = {"mode": "vm", "recoveryPoint": rp_id, "newVm": new_name, "targetDir": target, "format": fmt,
-              "start": start, "instant": False, "host": host}  # fmt: skip
+              "start": start or instant, "instant": instant, "host": host}  # fmt: skip
     job = create_job(ctx, Operation.RESTORE, vm=vm_name, vault=vault.name, queued=True, details={"restore": record})
+    if instant:  # its agent runs it there (service/agentinstant.py): back once the new VM runs, as locally
+        from vmvault.service.instant_restore import wait_until_running
+
+        return wait_until_running(ctx, job.id, cancel)
     return JobOutcome(job=show_job(ctx, job.id))
 
 

@@ -15,7 +15,7 @@ from vmvault.api.auth import Permission, Scope, require
 from vmvault.api.deps import Ctx
 from vmvault.api.routes.common import ROUTE_CLASS, Body
 from vmvault.api.schemas import View
-from vmvault.service import agentwork
+from vmvault.service import agentwork, hostinstant
 
 router = APIRouter(prefix="/agents/{host}", tags=["agents"], route_class=ROUTE_CLASS)
 AGENT = [require(Permission.AGENT_WORK, Scope.HOST)]
@@ -77,6 +77,24 @@ class Finish(Body):
     warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
     progress: dict[str, Any] | None = None
     details: dict[str, Any] | None = None
+
+
+class InstantReport(Body):
+    restore: dict[str, Any] | None = Field(
+        default=None, description="The job's state (state, vmRunning, disks, exportPid ...): details.restore"
+    )
+    error: dict[str, Any] | None = Field(default=None, description="The job's error while InProgress (null: none)")
+    new_vm: dict[str, Any] | None = Field(
+        default=None, description="The copy defined on the host, before it boots (kind, disks, definition, files, "
+        "view): registered as a VM of the host"
+    )
+    unregister: bool = Field(default=False, description="The copy was stopped and removed: forget its VM")
+
+
+class AgentInstant(View):
+    cancel: bool = Field(description="Stop the job: it was cancelled")
+    name: str | None = Field(default=None, description="The registered VM's name (with newVm)")
+    id: str | None = Field(default=None, description="The registered VM's id (with newVm)")
 
 
 class AgentRegistered(View):
@@ -150,6 +168,12 @@ def save_vm(host: str, job_id: str, body: SaveVm, ctx: Ctx) -> dict[str, Any]:
 def save_disk(host: str, job_id: str, body: SaveDisk, ctx: Ctx) -> dict[str, Any]:
     agentwork.save_disk(ctx, host, job_id, body.name, body.values)
     return {"saved": True}
+
+
+@router.post("/jobs/{job_id}/instant", response_model=AgentInstant, dependencies=AGENT)
+def instant(host: str, job_id: str, body: InstantReport, ctx: Ctx) -> dict[str, Any]:
+    """An instant restore's bookkeeping while it runs (service/hostinstant.py)."""
+    return hostinstant.report(ctx, host, job_id, body.model_dump(by_alias=True, exclude_unset=True))
 
 
 @router.post("/jobs/{job_id}/finish", response_model=AgentJobEnded, dependencies=AGENT)
