@@ -77,8 +77,8 @@ def test_restore_vm_of_a_hosts_vm_runs_on_its_agent_and_registers_the_copy_there
     rp = admin.point_ids("q1")[-1]
     source = read_live(qsd.disks[0], tmp_path / "q0-at-backup.raw")
 
-    # Refused before any job, changing nothing: a name taken, replace-disks. (An instant restore
-    # runs on the agent too: tests/test_agent_instant.py.)
+    # Refused, changing nothing: a name taken (before any job), replace-disks of the running VM (on
+    # h1). (An instant restore runs on the agent too: tests/test_agent_instant.py.)
     r = admin.fails("restore", "vm", "q1", "--rp", rp, "--name", "q1")
     assert "q1" in r.output and "already" in r.output
     r = admin.fails("restore", "replace-disks", "q1", "--rp", rp)  # run on h1, refused there: its QEMU runs
