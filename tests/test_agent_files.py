@@ -20,6 +20,7 @@ import pytest
 from files_support import build_disks, check_volume_files, file_set, mounts_under, wait_until_clean
 from helpers import PASSPHRASE, Cli, copy_image, first_run_owner_token, wait_for
 from test_scheduler import Serve
+from vmvault.service.agentwork import API_VERSION as API  # what agents of this version speak
 
 MiB = 1 << 20
 
@@ -64,7 +65,7 @@ def test_a_mount_of_another_hosts_vm_is_its_agents_and_its_reports_are_checked(t
         assert job["status"] == "InProgress" and job["operation"] == "FileRecoveryMount"
         assert not Path(where).exists() and files.list_sessions(ctx, "m1") == []
         for host in ("h1", "h2"):
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1})
         assert agentwork.claim(ctx, "h1", 1) is None
         package = agentwork.claim(ctx, "h2", 4242)
         assert package is not None and package["jobId"] == job["id"] and package["operation"] == "FileRecoveryMount"

@@ -21,6 +21,7 @@ import pytest
 from api_support import sandbox
 from helpers import PASSPHRASE, Cli, assert_same_image, wait_for
 from test_scheduler import Serve
+from vmvault.service.agentwork import API_VERSION as API  # what agents of this version speak
 
 MiB = 1 << 20
 LEASE_S = 6.0
@@ -39,11 +40,11 @@ def test_an_agent_of_another_api_version_is_refused_naming_both_versions_and_the
         assert r.status_code == 409, r.text
         error = r.json()
         assert error["code"] == "agent_version_mismatch"
-        assert "agent API version 99" in error["message"] and "speaks agent API version 1" in error["message"]
+        assert "agent API version 99" in error["message"] and f"speaks agent API version {API}" in error["message"]
         assert "install the server's vmvault version" in error["hint"]
         assert box.call("GET", "/api/v1/vms", token).status_code == 403  # an agent token reads nothing
-        r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": 1})
-        assert r.status_code == 200 and r.json()["apiVersion"] == 1
+        r = box.call("POST", "/api/v1/agents/h1/register", token, json={**body, "apiVersion": API})
+        assert r.status_code == 200 and r.json()["apiVersion"] == API
         r = box.call("POST", "/api/v1/agents/h1/heartbeat", token, json={"running": [], "hypervisors": _domains("x")})
         assert r.status_code == 200 and r.json() == {"cancel": [], "endSessions": []}, r.text
         from vmvault.service import hosts
@@ -80,7 +81,7 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         found = {"libvirtUri": "qemu:///system", "libvirtDomains": [
             {"name": "web", "uuid": "u-web", "state": "running"}, "not a domain"]}  # fmt: skip
         for host in ("h1", "h2"):
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1,
                                            "hypervisors": found})  # fmt: skip
         assert hostvms.discover_on_host(ctx, "h2") == [
             {"name": "web", "uuid": "u-web", "state": "running", "connect": "qemu:///system", "host": "h2"}]
@@ -149,7 +150,7 @@ def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: P
         job = outcome.job
         assert job["status"] == "InProgress" and job["operation"] == "Restore" and not target.exists()
         for host in ("h1", "h2"):
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1})
         assert claim_next(ctx) is None  # the server's workers never run it
         assert agentwork.claim(ctx, "h1", 1) is None
         package = agentwork.claim(ctx, "h2", 4242)
@@ -210,7 +211,7 @@ def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked
         job = jobs.show_job(ctx, r.json()["name"])
         assert job["status"] == "InProgress" and job["operation"] == "Restore" and disk.read_bytes() == before
         for host in ("h1", "h2"):
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1})
         assert claim_next(ctx) is None and agentwork.claim(ctx, "h1", 1) is None
         package = agentwork.claim(ctx, "h2", 4242)
         assert package is not None and package["jobId"] == job["id"] and package["operation"] == "Restore"
@@ -277,7 +278,7 @@ def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
         add_host_vm(ctx, "b1", "h2", ["/var/lib/h2/b1.raw"])
         protection.enable_protection(ctx, "b1", "v1")
         job_id = backups.backup_now(ctx, "b1").job["id"]
-        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": API, "bootId": "other-boot", "pid": 1})
         assert agentwork.claim(ctx, "h2", 2**22 + 7) is not None  # a pid that does not run here
         assert jobs.reap_dead_jobs(ctx) == 0  # the pid/boot rules do not judge an agent's job
         assert agentwork.fail_lost_agents(ctx) == []  # its heartbeat is fresh
@@ -293,7 +294,7 @@ def test_a_silent_agents_jobs_end_agent_lost_and_the_pid_reaper_leaves_them(
         assert backups.backup_now(ctx, "b1").job["status"] == "InProgress"  # the VM is free again
 
         # An agent that is alive but no longer runs a job it claimed (its report of the end was lost).
-        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": 1, "bootId": "other-boot", "pid": 1})
+        agentwork.register(ctx, "h2", {"version": "x", "apiVersion": API, "bootId": "other-boot", "pid": 1})
         package = agentwork.claim(ctx, "h2", 2**22 + 7)
         assert package is not None
         assert agentwork.heartbeat(ctx, "h2", []) == {"cancel": []}  # just claimed: not an orphan yet
@@ -360,7 +361,7 @@ def test_a_late_finish_after_agent_lost_adopts_the_published_point_and_invents_n
         vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
         add_host_vm(ctx, "c1", "h1", [str(disk)])
         protection.enable_protection(ctx, "c1", "v1")
-        agentwork.register(ctx, "h1", {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1})
+        agentwork.register(ctx, "h1", {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1})
         first_job, first_rp = _backup_as_agent(ctx, "h1", "c1")
         agentwork.finish(ctx, "h1", first_job, {"status": "Completed", "recoveryPoint": first_rp})
         disk.write_bytes(os.urandom(MiB) + disk.read_bytes()[MiB:])
@@ -423,7 +424,7 @@ def test_a_libvirt_vm_follows_its_running_domain_to_the_host_it_was_migrated_to(
         protection.enable_protection(ctx, "web", "v1")
         for host in ("h1", "h2", "h3"):
             state = "running" if host != "h3" else "shut off"
-            agentwork.register(ctx, host, {"version": "x", "apiVersion": 1, "bootId": "b", "pid": 1,
+            agentwork.register(ctx, host, {"version": "x", "apiVersion": API, "bootId": "b", "pid": 1,
                                            "hypervisors": _domains(state)})  # fmt: skip
         assert host_of("web") == "h1"  # h2 says running too, but so does its own host: it stays
         beat("h1", "shut off")  # migrated to h2: h1 defines it, shut off

@@ -36,8 +36,11 @@ from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault")
 
-API_VERSION = 1  # what agents and this server speak over /api/v1/agents
-SPOKEN_API_VERSIONS = (1,)
+# What agents and this server speak over /api/v1/agents. 2: an agent runs file-recovery mounts,
+# restores as a new VM, replace-disks and instant restores (an agent of 1 would mistake their jobs
+# for a plain restore of disks, so it is refused at registration, with the fix).
+API_VERSION = 2
+SPOKEN_API_VERSIONS = (2,)
 HEARTBEAT_S = 3.0  # an agent's heartbeat period (told at registration)
 AGENT_KEY = "agentHost"  # job details: the host whose agent runs the job
 MAX_BOOKKEEPING = 256 * 1024  # bytes of JSON in one save_vm/save_disk: a definition (a domain XML), not a disk
