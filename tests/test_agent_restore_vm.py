@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
+from helpers import PASSPHRASE, Cli, assert_same_image, far_time_zone, first_run_owner_token, wait_for
 from pgserver import PgServer
 from test_agents import Agent
 from test_scheduler import Serve
@@ -50,7 +50,8 @@ def test_restore_vm_of_a_hosts_vm_runs_on_its_agent_and_registers_the_copy_there
     url = pg_server.new_database()
     catalog = {"VMVAULT_CATALOG": url}
     admin = Cli(home=tmp_path / "setup", extra_env=catalog)
-    admin.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"))
+    # DefaultPolicy's slot hours away: no scheduled backup beside the test's (CI runs at any hour)
+    admin.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"), "--timezone", far_time_zone())
     serve = Serve(Cli(home=tmp_path / "srv", extra_env=catalog))
     procs.append(serve)
     first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
