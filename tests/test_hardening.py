@@ -176,6 +176,8 @@ def test_restored_libvirt_vms_default_outside_the_private_home(crossable_base: P
     target = default_target(settings, True, "new1")
     assert target == crossable_base / "vmvault-restores" / "vms" / "new1"
     assert build_policy(settings).roots[Rule.RESTORES] == (crossable_base / "vmvault-restores",)
+    agent = build_policy(settings, default_restores=DEFAULT_RESTORES)  # `agent run`: the server's default target
+    assert agent.roots[Rule.RESTORES] == (Path("/var/lib/vmvault-restores"),)
     assert default_target(settings, False, "new1") == home / "vms" / "new1"  # vmvault's own QEMU: root
 
     old = os.umask(0o077)
