@@ -119,14 +119,14 @@ def test_the_server_checks_an_agents_account_of_the_copy(tmp_path: Path) -> None
     from vmvault.errors import InvalidInput
     from vmvault.service.agentwork import _checked_new_vm
 
-    record = {"targetDir": "/var/lib/vmvault/restores/vms/c1"}
-    good = {"kind": "qmp", "disks": [{"name": "d0", "path": "/var/lib/vmvault/restores/vms/c1/d0.raw"}],
-            "definition": {"kind": "qmp"}, "files": ["/var/lib/vmvault/restores/vms/c1/c1.sh"], "view": {}}  # fmt: skip
+    record = {"targetDir": "/var/lib/vmvault-restores/vms/c1"}
+    good = {"kind": "qmp", "disks": [{"name": "d0", "path": "/var/lib/vmvault-restores/vms/c1/d0.raw"}],
+            "definition": {"kind": "qmp"}, "files": ["/var/lib/vmvault-restores/vms/c1/c1.sh"], "view": {}}  # fmt: skip
     assert _checked_new_vm(good, record, "qmp", "j").kind == "qmp"
     bad = [
         {**good, "kind": "libvirt"},
         {**good, "disks": [{"name": "d0", "path": "/etc/shadow"}]},
-        {**good, "files": ["/var/lib/vmvault/restores/vms/c1/../../../../etc/cron.d/x"]},
+        {**good, "files": ["/var/lib/vmvault-restores/vms/c1/../../../../etc/cron.d/x"]},
         {**good, "files": "/etc/passwd"},
         {**good, "definition": {"x": "y" * (300 << 10)}},
         "not a dict",
