@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +264,9 @@ class Cli:
 
     # ---- the commands the tests use (one place to follow CLI changes) ---------------------------
 
-    def vault_create(self, name: str, storage: Path) -> Any:
-        return self.ok("vault", "create", name, "--storage", str(storage)).json()
+    def vault_create(self, name: str, storage: Path, *, time_zone: str | None = None) -> Any:
+        zone = ["--timezone", time_zone] if time_zone else []
+        return self.ok("vault", "create", name, "--storage", str(storage), *zone).json()
 
     def vault_import(self, storage: Path, name: str | None = None) -> Result:
         args = ["vault", "import", str(storage)]
@@ -383,6 +385,27 @@ def protect_host_key_only(cli: Cli, disk: Path, storage: Path, vm: str = "vm1", 
     r = quick.protection_enable(vm, vault)
     assert r.ok, str(r)
     return Protected(quick, vm, vault, storage, disk)
+
+
+# DefaultPolicy runs daily at 20:30 in its vault's time zone: 20:30 UTC, or 11:30 UTC in Tokyo.
+FAR_ZONES = {"UTC": (20, 30), "Asia/Tokyo": (11, 30)}
+
+
+def far_time_zone(now: datetime | None = None) -> str:
+    """The vault time zone ("UTC" or "Asia/Tokyo") whose DefaultPolicy slot is at least 9 hours away.
+
+    For a test that runs `vmvault serve` (its scheduler) with VMs under DefaultPolicy: in UTC, a
+    run across 20:30 UTC would get a scheduled backup mid-test (a `backup now` refused as busy,
+    one job more than counted). CI runs at any hour, so the zone is chosen when the vault is made.
+    """
+    moment = now or datetime.now(UTC)
+
+    def ahead(zone: str) -> timedelta:
+        hour, minute = FAR_ZONES[zone]
+        slot = moment.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return (slot - moment) % timedelta(days=1)
+
+    return max(FAR_ZONES, key=ahead)
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from files_support import build_disks, check_volume_files, file_set, mounts_under, wait_until_clean
-from helpers import PASSPHRASE, Cli, copy_image, first_run_owner_token, wait_for
+from helpers import PASSPHRASE, Cli, copy_image, far_time_zone, first_run_owner_token, wait_for
 from test_scheduler import Serve
 from vmvault.service.agentwork import API_VERSION as API  # what agents of this version speak
 
@@ -197,7 +197,8 @@ def test_files_mount_of_a_vm_of_host_h1_runs_on_its_agent_and_unmounts_there(tmp
     disk = copy_image(build_disks()["disk1"], tmp_path / "f1-disk1.raw")  # MBR: FAT16 and ext4, known files
     srv = tmp_path / "srv"
     with context(Settings(home=srv, passphrase=PASSPHRASE)) as ctx:
-        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        # DefaultPolicy's slot hours away: no scheduled backup beside the test's (CI runs at any hour)
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1", time_zone=far_time_zone())
         vms.add_vm(ctx, "f1", [disk])
         protection.enable_protection(ctx, "f1", "v1")
         rp = backups.backup_now(ctx, "f1").result.rp_id  # then f1 moves to host h1

@@ -190,7 +190,7 @@ def test_the_server_checks_an_agents_instant_restore_reports(tmp_path: Path, cat
     from vmvault.service.jobs import Operation, create_job
     from vmvault.settings import Settings
 
-    target = "/var/lib/vmvault/restores/vms/c1"
+    target = "/var/lib/vmvault-restores/vms/c1"
     record = {"mode": "vm", "instant": True, "newVm": "c1", "targetDir": target, "recoveryPoint": "rp"}
     with context(Settings(home=tmp_path / "srv", passphrase=PASSPHRASE, catalog_url=catalog_url)) as ctx:
         add_host_vm(ctx, "q1", "h1", ["/vms/q1.raw"])

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PASSPHRASE, Cli, assert_same_image, first_run_owner_token, wait_for
+from helpers import PASSPHRASE, Cli, assert_same_image, far_time_zone, first_run_owner_token, wait_for
 from pgserver import PgServer
 from test_agents import Agent, _agent_proc
 from test_scheduler import Serve
@@ -54,7 +54,8 @@ def test_restore_vm_of_a_hosts_vm_runs_on_its_agent_and_registers_the_copy_there
     url = pg_server.new_database()
     catalog = {"VMVAULT_CATALOG": url}
     admin = Cli(home=tmp_path / "setup", extra_env=catalog)
-    admin.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"))
+    # DefaultPolicy's slot hours away: no scheduled backup beside the test's (CI runs at any hour)
+    admin.ok("vault", "create", "v1", "--storage", str(tmp_path / "v1"), "--timezone", far_time_zone())
     serve = Serve(Cli(home=tmp_path / "srv", extra_env=catalog))
     procs.append(serve)
     first_run_owner_token(serve.proc.stdout.readline() if serve.proc.stdout else "")
@@ -121,14 +122,14 @@ def test_the_server_checks_an_agents_account_of_the_copy(tmp_path: Path) -> None
     from vmvault.errors import InvalidInput
     from vmvault.service.agentwork import _checked_new_vm
 
-    record = {"targetDir": "/var/lib/vmvault/restores/vms/c1"}
-    good = {"kind": "qmp", "disks": [{"name": "d0", "path": "/var/lib/vmvault/restores/vms/c1/d0.raw"}],
-            "definition": {"kind": "qmp"}, "files": ["/var/lib/vmvault/restores/vms/c1/c1.sh"], "view": {}}  # fmt: skip
+    record = {"targetDir": "/var/lib/vmvault-restores/vms/c1"}
+    good = {"kind": "qmp", "disks": [{"name": "d0", "path": "/var/lib/vmvault-restores/vms/c1/d0.raw"}],
+            "definition": {"kind": "qmp"}, "files": ["/var/lib/vmvault-restores/vms/c1/c1.sh"], "view": {}}  # fmt: skip
     assert _checked_new_vm(good, record, "qmp", "j").kind == "qmp"
     bad = [
         {**good, "kind": "libvirt"},
         {**good, "disks": [{"name": "d0", "path": "/etc/shadow"}]},
-        {**good, "files": ["/var/lib/vmvault/restores/vms/c1/../../../../etc/cron.d/x"]},
+        {**good, "files": ["/var/lib/vmvault-restores/vms/c1/../../../../etc/cron.d/x"]},
         {**good, "files": "/etc/passwd"},
         {**good, "definition": {"x": "y" * (300 << 10)}},
         "not a dict",

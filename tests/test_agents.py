@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from api_support import sandbox
-from helpers import PASSPHRASE, Cli, assert_same_image, wait_for
+from helpers import PASSPHRASE, Cli, assert_same_image, far_time_zone, wait_for
 from test_scheduler import Serve
 from vmvault.service.agentwork import API_VERSION as API  # what agents of this version speak
 
@@ -562,7 +562,8 @@ def test_an_agent_cut_off_from_its_server_waits_goes_on_and_its_point_is_adopted
     halves = [os.urandom(MiB), os.urandom(MiB)]
     disk.write_bytes(halves[0] + halves[1] + bytes(2 * MiB))
     with context(Settings(home=home, passphrase=PASSPHRASE)) as ctx:
-        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
+        # DefaultPolicy's slot hours away: no scheduled backup beside the test's (CI runs at any hour)
+        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1", time_zone=far_time_zone())
         add_host_vm(ctx, "c1", "h1", [str(disk)])
         protection.enable_protection(ctx, "c1", "v1")
         _view, token = tokens.create_token(ctx, "BackupAgent", host="h1")

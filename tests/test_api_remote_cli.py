@@ -12,19 +12,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from api_support import make_ext4_image
-from helpers import Cli, HostKeyCli, Result, files_equal
+from helpers import Cli, HostKeyCli, Result, far_time_zone, files_equal
 from test_api_flows import served
-
-
-def far_time_zone() -> str:
-    """A time zone where DefaultPolicy's 20:30 is about 12 hours away: no scheduled backup mid-test."""
-    offset = (20 - 12 - datetime.now(UTC).hour) % 24
-    offset = offset - 24 if offset > 12 else offset
-    return f"Etc/GMT{-offset:+d}" if offset else "UTC"
 
 
 def test_the_cli_drives_a_remote_server_with_the_same_output(tmp_path: Path) -> None:

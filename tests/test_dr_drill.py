@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, assert_same_image, head_of_image
+from helpers import Cli, assert_same_image, far_time_zone, head_of_image
 
 
 def _items(cli: Cli) -> list[dict[str, Any]]:
@@ -40,8 +40,11 @@ def test_a_lost_server_is_rebuilt_from_its_vaults(small_image: Path, tmp_path: P
     for n, path in enumerate(disks["vm2"] + disks["vm3"]):
         path.write_bytes(random.Random(n).randbytes(2 << 20))
     stores = {"v1": tmp_path / "store1", "v2": tmp_path / "store2"}
+    # DefaultPolicy's slot (and nightly's, its copy) hours away: across 20:30 UTC the next scheduled
+    # backup compared below moved between the two homes (today's slot, overdue, shows as "now").
+    zone = far_time_zone()
     for vault, storage in stores.items():
-        cli.vault_create(vault, storage)
+        cli.vault_create(vault, storage, time_zone=zone)
     policy = cli.ok("policy", "show", "DefaultPolicy", "--vault", "v1").json()
     policy["properties"]["retentionPolicy"]["dailySchedule"]["retentionDuration"]["count"] = 30
     (tmp_path / "nightly.json").write_text(json.dumps(policy))

@@ -417,11 +417,11 @@ def test_two_servers_three_agents_nine_vms_a_killed_leader_and_a_killed_agent(
     # by its agent, under its allowed folder; its files are readable there; the unmount runs there too.
     image = copy_image(build_disks()["disk1"], folder / "f2.raw")
     admin.ok("vm", "add", "f2", "--host", "h2", "--disk", str(image), "--format", "raw")
-    # Protected on the servers' clock: its DefaultPolicy slot (20:30 UTC) is then still ahead for them;
-    # on this machine's clock a slot between now and theirs (3 h on) would be due at once.
-    their_clock = {"VMVAULT_TEST_CLOCK_OFFSET_S": env["VMVAULT_TEST_CLOCK_OFFSET_S"]}
-    on_their_clock = Cli(home=admin.home, passphrase=None, extra_env={**admin.extra_env, **their_clock})
-    on_their_clock.ok("protection", "enable", "--vm", "f2", "--vault", "v1")
+    # Under "Later", whose slot is 12 hours after the servers' clock: no scheduled backup beside this
+    # one. (DefaultPolicy's 20:30 UTC fell between this machine's clock and theirs, 3 h on, when run at
+    # 17:30-20:30 UTC; protected on their clock, it still fell in this part of the test when their
+    # clock crossed 20:30.)
+    admin.ok("protection", "enable", "--vm", "f2", "--vault", "v1", "--policy", "Later")
     code, job = ended(admin.popen("backup", "now", "f2", "--wait"))
     assert code == 0 and job["status"] == "Completed" and job["host"] == "h2", job
     where = restored / "f2-files"

@@ -9,10 +9,16 @@
 
 from __future__ import annotations
 
+import grp
 import logging
+import os
+import shutil
 import stat
+import subprocess
+import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,3 +142,60 @@ def test_download_names_are_rfc6266_encoded(tmp_path: Path) -> None:
 def _latest(box: object, token: str) -> str:
     points = box.call("GET", f"{API}/items/vm1/recoverypoints", token).json()  # type: ignore[attr-defined]
     return str(points["value"][0]["name"])  # newest first; its name is what --rp takes
+
+
+@pytest.fixture
+def crossable_base() -> Iterator[Path]:
+    """A folder every user can cross (pytest's tmp_path lies in a 0700 folder: libvirt-qemu could not)."""
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vmv-home-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_restored_libvirt_vms_default_outside_the_private_home(crossable_base: Path) -> None:
+    """The home stays 0700 (catalog, host keys) and libvirt's QEMU user still reaches a restored VM's
+    disks in the default target, even under `serve`'s systemd UMask=0077. The old default,
+    /var/lib/vmvault/restores, lay inside the root home: once `serve` had made it 0700, QEMU as
+    libvirt-qemu could not open the disks of a VM restored there."""
+    from vmvault.connectors.registry import connector_for
+    from vmvault.service.paths import DEFAULT_RESTORES, Rule, build_policy
+    from vmvault.service.restore_vm import default_target, make_target_dir
+    from vmvault.settings import ROOT_HOME, Settings
+
+    root = Settings(home=ROOT_HOME)
+    assert str(root.restores_dir) == DEFAULT_RESTORES[0] == "/var/lib/vmvault-restores"
+    assert not default_target(root, True, "new1").is_relative_to(ROOT_HOME)
+
+    home = crossable_base / "vmvault"
+    Cli(home=home).ok("vm", "list")  # opens the catalog: the home is made 0700
+    assert _mode(home) == 0o700
+    settings = Settings(home=home)
+    target = default_target(settings, True, "new1")
+    assert target == crossable_base / "vmvault-restores" / "vms" / "new1"
+    assert build_policy(settings).roots[Rule.RESTORES] == (crossable_base / "vmvault-restores",)
+    agent = build_policy(settings, default_restores=DEFAULT_RESTORES)  # `agent run`: the server's default target
+    assert agent.roots[Rule.RESTORES] == (Path("/var/lib/vmvault-restores"),)
+    assert default_target(settings, False, "new1") == home / "vms" / "new1"  # vmvault's own QEMU: root
+
+    old = os.umask(0o077)
+    try:
+        assert make_target_dir(connector_for("libvirt"), target)
+    finally:
+        os.umask(old)
+    disk = target / "vda.qcow2"
+    disk.write_bytes(b"guest data")
+    disk.chmod(0o600)
+    qemu = subprocess.run(["id", "-u", "libvirt-qemu"], capture_output=True, text=True)
+    if qemu.returncode != 0 or os.geteuid() != 0:
+        pytest.skip("no libvirt-qemu user, or not root: nothing is shared")
+    os.chown(disk, int(qemu.stdout), -1)  # what libvirt's dynamic_ownership does when the domain starts
+    read = subprocess.run(["runuser", "-u", "libvirt-qemu", "--", "cat", str(disk)], capture_output=True, timeout=30)
+    assert read.returncode == 0 and read.stdout == b"guest data", read.stderr
+    for made in (target.parent.parent, target.parent, target):  # 0710, QEMU's group: others cannot list
+        assert _mode(made) == 0o710 and made.stat().st_gid == grp.getgrnam("libvirt-qemu").gr_gid, made
+    nobody = subprocess.run(["runuser", "-u", "nobody", "--", "ls", str(target)], capture_output=True, timeout=30)
+    assert nobody.returncode != 0
+    assert _mode(home) == 0o700

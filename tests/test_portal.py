@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import expect
 
 from api_support import make_ext4_image
-from helpers import Cli, files_equal
+from helpers import Cli, far_time_zone, files_equal
 from portal_support import (
     VIEWPORT,
     Server,
@@ -36,10 +36,6 @@ from portal_support import (
 )
 
 REPORT = random.Random(9).randbytes(300_000)
-# DefaultPolicy runs daily at 20:30 in the vault's time zone: keep the scheduler's own backup away
-# from the test's backups (a run near 20:30 UTC uses Tokyo, whose 20:30 is 11:30 UTC).
-TZ = "Asia/Tokyo" if (datetime.now(UTC).hour, datetime.now(UTC).minute // 30) in ((19, 1), (20, 0), (20, 1)) else "UTC"
-SUMMARY = f"Daily at 20:30 {TZ}, retain 180 days"
 JOB_TIMEOUT_MS = 180_000
 
 
@@ -51,6 +47,11 @@ class World:
     disk: Path
     browser: Any
     downloads: Path
+    summary: str  # DefaultPolicy's, in the vault's time zone
+
+
+def _today() -> date:
+    return datetime.now(UTC).date()  # retain-until dates are UTC days (the machine's zone may differ)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +61,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     disk = make_ext4_image(root / "web1.raw", 24, {"report.bin": REPORT, "notes.txt": b"portal test\n"})
     # each backup pauses 3 s after publishing a data pack, so its job is seen running in the page
     cli = Cli(home=root / "home", extra_env={"VMVAULT_TEST_PAUSE_AFTER_PACK": "3"})
-    cli.ok("vault", "create", "main", "--timezone", TZ)
+    # DefaultPolicy runs daily at 20:30 in the vault's time zone: keep the scheduler's own backup away
+    # from the test's backups, whenever the module runs (chosen now, not when the file was imported:
+    # under xdist that is up to the whole suite's length earlier).
+    zone = far_time_zone()
+    cli.ok("vault", "create", "main", "--timezone", zone)
     cli.ok("vm", "add", "web1", "--disk", str(disk))
     with served(cli) as server, chromium() as browser:
         reader = cli.ok("token", "create", "--role", "BackupReader", "--name", "auditor").json()["token"]
         try:
-            yield World(server, cli, reader, disk, browser, root / "downloads")
+            yield World(server, cli, reader, disk, browser, root / "downloads",
+                        f"Daily at 20:30 {zone}, retain 180 days")
         finally:
             cli.run("files", "unmount", "web1")  # a failed test may leave a mount or a script's export
 
@@ -110,7 +116,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     page.click("text=web1")
     page.click("text=Enable backup")
     option = page.locator("#policy-select option").first
-    assert option.inner_text() == f"DefaultPolicy — {SUMMARY}"
+    assert option.inner_text() == f"DefaultPolicy — {world.summary}"
     screenshot(page, "enable-backup")
     page.select_option("#vault-select", "__new__")  # the new-vault name field shows, its pattern is valid
     page.fill("input[name=new_vault]", "x")
@@ -124,7 +130,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     assert "No recovery points yet" in page.inner_text("main")
 
     # Backup now with a retain-until date from the calendar input
-    retain = (date.today() + timedelta(days=45)).isoformat()
+    retain = (_today() + timedelta(days=45)).isoformat()
     page.fill("input[name=retain_until]", retain)
     page.click("#backup-now button[type=submit]")
     page.wait_for_url(f"{url}/vms/web1")
@@ -145,7 +151,7 @@ def test_backup_mount_and_download_in_the_browser(world: World) -> None:
     # kept through the day picked: it expires when that day ends
     expires = (date.fromisoformat(retain) + timedelta(days=1)).isoformat()
     assert f"{expires} 00:00 UTC" in points.first.inner_text()
-    assert SUMMARY in page.inner_text("main")
+    assert world.summary in page.inner_text("main")
     screenshot(page, "backup-item")
 
     # File recovery: mount the point (12 hours), browse, download, unmount
@@ -233,7 +239,7 @@ def test_backup_page_and_jobs_list_update_live(world: World) -> None:
     sign_in(page, url, world.server.owner_token)
     page.goto(f"{url}/vms/web1")
     points = page.locator("#points tbody tr").count()
-    retain = (date.today() + timedelta(days=20)).isoformat()
+    retain = (_today() + timedelta(days=20)).isoformat()
     started = page.request.post(f"{url}/vms/web1/backup", form={"csrf": csrf_of(page), "retain_until": retain})
     assert started.ok, started.text()
     page.goto(f"{url}/vms/web1")  # a backup runs: the item's facts and points refresh by themselves
@@ -247,7 +253,7 @@ def test_backup_page_and_jobs_list_update_live(world: World) -> None:
     before = page.locator("#jobs tbody tr[data-job]").count()
     page.evaluate("window.__stillSamePage = true")
     csrf = csrf_of(page)
-    retain = (date.today() + timedelta(days=10)).isoformat()
+    retain = (_today() + timedelta(days=10)).isoformat()
     started = page.request.post(f"{url}/vms/web1/backup", form={"csrf": csrf, "retain_until": retain})
     assert started.ok, started.text()
     expect(page.locator("#jobs tbody tr[data-job]")).to_have_count(before + 1, timeout=JOB_TIMEOUT_MS)
@@ -293,7 +299,7 @@ def test_csrf_is_required_and_the_cookie_is_guarded(world: World) -> None:
     assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
 
     before = job_ids(world.cli)
-    retain = (date.today() + timedelta(days=5)).isoformat()
+    retain = (_today() + timedelta(days=5)).isoformat()
     for form in ({"retain_until": retain}, {"retain_until": retain, "csrf": "forged"}):
         r = page.request.post(f"{url}/vms/web1/backup", form=form)
         assert r.status == 403, r.status

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, HostKeyCli, vault_files, wait_for
+from helpers import Cli, HostKeyCli, far_time_zone, vault_files, wait_for
 from test_scheduler import Serve, ext4_image
 
 pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never beside another of them (docs/testing.md)
@@ -23,7 +23,9 @@ pytestmark = pytest.mark.xdist_group("realtime")  # real-time budgets: never bes
 def test_kill_9_of_serve_mid_backup_then_sigterm(tmp_path: Path) -> None:
     cli = HostKeyCli(home=tmp_path / "home")
     disk = ext4_image(tmp_path / "disk.raw", 40)  # incompressible: three 16 MiB data packs
-    cli.vault_create("v1", tmp_path / "v1")
+    # DefaultPolicy's slot hours away: a run across 20:30 UTC would queue a scheduled backup between
+    # the two `backup now`s below (the second then refused as busy).
+    cli.vault_create("v1", tmp_path / "v1", time_zone=far_time_zone())
     assert cli.vm_add("vm1", disk).ok
     assert cli.protection_enable("vm1", "v1").ok
     paused = Cli(home=cli.home, extra_env={"VMVAULT_TEST_PAUSE_AFTER_PACK": "4"})

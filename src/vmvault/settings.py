@@ -64,6 +64,13 @@ class Settings:
         return self.home / "vaults"
 
     @property
+    def restores_dir(self) -> Path:
+        """The default folder of restored VMs a hypervisor's own user opens (libvirt's QEMU runs as
+        libvirt-qemu): beside the home, never in it. The home stays 0700 (catalog, host keys,
+        tokens), which QEMU could not cross. /var/lib/vmvault-restores for the root home."""
+        return self.home.parent / f"{self.home.name}-restores"
+
+    @property
     def serve_lock_path(self) -> Path:
         """Held (flock) by a running `vmvault serve`; it holds the service's pid and address."""
         return self.home / "serve.lock"

@@ -44,7 +44,7 @@ def agent_run(
     from the command line. The server is https://, or http:// to a loopback address only. The vaults
     open with this host's key: unlock each once on this host with its passphrase (vmvault vault import).
     Disk images and QMP sockets must lie in --allow-disks folders, restores' target directories in
-    --allow-restores folders (defaults as serve's, docs/security.md).
+    --allow-restores folders (default /var/lib/vmvault-restores, docs/security.md).
     """
     from vmvault import logs
     from vmvault.errors import InvalidInput
@@ -62,14 +62,14 @@ def agent_run(
     if log_format not in logs.FORMATS:
         raise InvalidInput(f"unknown --log-format '{log_format}'", hint="use --log-format text or --log-format json")
     logs.configure(log_format)
-    from vmvault.service.paths import build_policy
+    from vmvault.service.paths import DEFAULT_RESTORES, build_policy
 
     settings = replace(load_settings(STATE.home), catalog_url=None, strict_passphrase=False)
     # No database credentials on a hypervisor host: this home's own catalog (its file-recovery
     # sessions) is SQLite, for this process and the session owners it starts alike.
     os.environ.pop("VMVAULT_CATALOG", None)
     # The server does not choose which files of this host are read or written.
-    paths = build_policy(settings, disks=allow_disks, restores=allow_restores)
+    paths = build_policy(settings, disks=allow_disks, restores=allow_restores, default_restores=DEFAULT_RESTORES)
     agent = Agent(settings, AgentClient(server, host, token), max_jobs=max_jobs, paths=paths)
     code = agent.run(on_ready=lambda a: output.info(f"vmvault agent of host {host} runs jobs for {server}"))
     raise typer.Exit(code)

@@ -948,7 +948,9 @@ def restore_vm(
     rp: Annotated[str, typer.Option("--rp", help="Recovery point id (see: vmvault recoverypoint list VM), or latest.")],
     new_name: Annotated[str, typer.Option("--name", help="Name of the new VM.")],
     target_dir: Annotated[
-        Path | None, typer.Option(help="Directory for the new VM's disks and files (default: $VMVAULT_HOME/vms/NAME).")
+        Path | None,
+        typer.Option(help="Directory for the new VM's disks and files (default: $VMVAULT_HOME/vms/NAME; "
+                     "a libvirt VM: $VMVAULT_HOME-restores/vms/NAME, outside the 0700 home)."),
     ] = None,
     disk_format: Annotated[
         DiskFormat | None, typer.Option("--format", case_sensitive=False, help="raw or qcow2 (default: as backed up).")

@@ -66,7 +66,7 @@ from vmvault.service.jobs import (
     run_job,
     show_job,
 )
-from vmvault.service.restore_vm import VmRestorePlan, _written, plan_new_vm, register_new_vm
+from vmvault.service.restore_vm import VmRestorePlan, _written, make_target_dir, plan_new_vm, register_new_vm
 from vmvault.service.views import JsonDict
 from vmvault.settings import Settings
 
@@ -354,9 +354,7 @@ class InstantRestore:
     # ---- start: export, overlays, VM ------------------------------------------------------------
     def _start(self) -> JsonDict:
         connector, request = self.connector, self.plan.request()
-        if not self.plan.target_dir.exists():
-            self.plan.target_dir.mkdir(parents=True)
-            connector.share_with_vm(str(self.plan.target_dir), 0o710)
+        make_target_dir(connector, self.plan.target_dir)
         self.run_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
         connector.share_with_vm(str(self.run_dir), 0o710)  # the VM's QEMU connects to the export's socket in it
         manifest = self._manifest()

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 DEFAULT_DISKS = ("/var/lib/libvirt/images", "/var/lib/vmvault/images")
 DEFAULT_VAULTS = ("/var/lib/vmvault/vaults",)
-DEFAULT_RESTORES = ("/var/lib/vmvault/restores",)
+# The restore folder of the root home (Settings.restores_dir, outside the 0700 home): on a hypervisor
+# host, the folder of the server's default target for that host's VMs and its agent's default root.
+DEFAULT_RESTORES = ("/var/lib/vmvault-restores",)
 CATALOG_FILES = ("catalog.db", "catalog.db-wal", "catalog.db-shm", "catalog.db-journal")
 DEVICES = Path("/dev")
 
@@ -135,8 +137,12 @@ def build_policy(
     disks: Iterable[str] | None = None,
     vaults: Iterable[str] | None = None,
     restores: Iterable[str] | None = None,
+    default_restores: Iterable[str] | None = None,
 ) -> PathPolicy:
     """The policy of `vmvault serve`: flags beat HOME/settings.toml beat the defaults (per kind).
+
+    The default restore root is the home's restores_dir (outside the home), or default_restores
+    (an agent: DEFAULT_RESTORES, where the server's default target for its host's VMs lies).
 
     Raises InvalidInput (serve refuses to start) for a relative root, the home itself, or a root
     inside the host keys.
@@ -147,7 +153,8 @@ def build_policy(
         raise InvalidInput(str(exc), hint=f"fix {settings.settings_file} (see docs/security.md)") from None
     home = Path(os.path.realpath(settings.home))
     given = {Rule.DISKS: disks, Rule.VAULTS: vaults, Rule.RESTORES: restores}
-    defaults = {Rule.DISKS: DEFAULT_DISKS, Rule.VAULTS: DEFAULT_VAULTS, Rule.RESTORES: DEFAULT_RESTORES}
+    restore_roots = tuple(default_restores) if default_restores is not None else (str(settings.restores_dir),)
+    defaults = {Rule.DISKS: DEFAULT_DISKS, Rule.VAULTS: DEFAULT_VAULTS, Rule.RESTORES: restore_roots}
     roots: dict[Rule, tuple[Path, ...]] = {}
     for rule in Rule:
         flagged = list(given[rule] or [])

@@ -19,6 +19,7 @@ from typing import Any
 from vmvault.catalog import repos
 from vmvault.catalog.clock import now_iso
 from vmvault.catalog.models import VaultRow, VmRow
+from vmvault.connectors.contract import Connector
 from vmvault.errors import InvalidInput, PathNotAllowed, StorageError
 from vmvault.service.context import Context
 from vmvault.service.jobs import JobOutcome, JobRun, Operation, ProgressCallback, create_job, run_job
@@ -27,6 +28,7 @@ from vmvault.service.softdelete import resolve_point, usable_point
 from vmvault.service.validate import absolute, check_name
 from vmvault.service.vaultio import check_readable
 from vmvault.service.views import JsonDict
+from vmvault.settings import Settings
 
 FORMATS = ("raw", "qcow2")
 SPACE_MARGIN = 64 << 20
@@ -140,7 +142,7 @@ def queue_new_vm_on_host(
     """Queue the Restore job for the agent of the VM's host; returned InProgress (follow_new_vm; an
     instant restore once its VM runs there, the job going on with the copy).
 
-    target_dir is a path on that host (default /var/lib/vmvault/restores/vms/NEW), checked there
+    target_dir is a path on that host (default /var/lib/vmvault-restores/vms/NEW), checked there
     against its agent's --allow-restores roots; the copy is a VM of that host."""
     from vmvault.service.hostvms import host_path, refuse_secondary
     from vmvault.service.jobs import show_job
@@ -228,6 +230,28 @@ def checked_request(
     return _point(ctx, vm_name, rp_id)
 
 
+def default_target(settings: Settings, shared: bool, new_name: str) -> Path:
+    """A new VM's directory without --target-dir. A kind whose VMs' files another user opens (shared:
+    libvirt's QEMU as libvirt-qemu) restores beside the home, never in it: the home is 0700."""
+    return (settings.restores_dir if shared else settings.home) / "vms" / new_name
+
+
+def make_target_dir(connector: Connector, target_dir: Path) -> bool:
+    """Create a new VM's directory and its missing parents, each opened to the VM's hypervisor user
+    (share_with_vm 0710): under `serve`'s systemd UMask=0077 a parent made 0700 would stop
+    libvirt's QEMU. Directories that exist keep their mode (vmvault never loosens one).
+    True: target_dir itself was made here (a failed restore removes it again)."""
+    missing: list[Path] = []
+    probe = target_dir
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        connector.share_with_vm(str(directory), 0o710)
+    return bool(missing)
+
+
 def plan_new_vm(
     ctx: Context, vm_name: str, rp_id: str, new_name: str, target: str | Path | None, fmt: str | None, start: bool
 ) -> VmRestorePlan:
@@ -236,9 +260,8 @@ def plan_new_vm(
 
     vm, point, vault = checked_request(ctx, vm_name, rp_id, new_name, fmt)
     connector = connector_for(vm.kind)
-    # A kind whose VMs' files another user opens (libvirt's QEMU) restores outside the home (0700).
-    default = Path(DEFAULT_RESTORES[0]) if connector.capabilities().shared_target else ctx.settings.home
-    target_dir = absolute(target) if target is not None else default / "vms" / new_name
+    shared = connector.capabilities().shared_target
+    target_dir = absolute(target) if target is not None else default_target(ctx.settings, shared, new_name)
     disks = [(str(d["name"]), str(d.get("sourceFormat") or "raw")) for d in point.disks]
     disk_files = [target_dir / f"{name}.{fmt or source}" for name, source in disks]
     plan = VmRestorePlan(vm_name, rp_id, new_name, vault, target_dir, fmt, start, disk_files, vm.kind,
@@ -295,12 +318,10 @@ def build_new_vm(
     connector = connector_for(plan.kind)
     request = plan.request()
     created: list[Path] = []
-    made_dir = not plan.target_dir.exists()
     new_vm = None
+    made_dir = False
     try:
-        plan.target_dir.mkdir(parents=True, exist_ok=True)
-        if made_dir:  # the VM's hypervisor must reach the disks it is handed (libvirt's QEMU user)
-            connector.share_with_vm(str(plan.target_dir), 0o710)
+        made_dir = make_target_dir(connector, plan.target_dir)  # its hypervisor must reach the disks it is handed
         recheck(plan.target_dir)
 
         def check(m: Any) -> None:  # before any disk is written
