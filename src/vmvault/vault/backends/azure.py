@@ -85,6 +85,49 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, HttpResponseError) and exc.status_code in _TRANSIENT_STATUS
 
 
+class _Gather:
+    """A seekable sink for the SDK's readinto that keeps the bytes it is handed instead of copying
+    them: readall writes the download into a BytesIO, one more copy of every byte read (a restore
+    reads its whole point this way). Writes of the SDK's parallel chunks come under its lock."""
+
+    def __init__(self) -> None:
+        self._pos = 0
+        self._parts: list[tuple[int, bytes]] = []
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size()}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._parts.append((self._pos, bytes(data)))  # bytes of bytes is the same object: no copy
+        self._pos += len(data)
+        return len(data)
+
+    def size(self) -> int:
+        return max((pos + len(part) for pos, part in self._parts), default=0)
+
+    def value(self) -> bytes:
+        if len(self._parts) == 1 and self._parts[0][0] == 0:
+            return self._parts[0][1]
+        whole = bytearray(self.size())
+        for pos, part in self._parts:
+            whole[pos : pos + len(part)] = part
+        return bytes(whole)
+
+
+def _download(blob: Any, offset: int, length: int | None) -> bytes:
+    sink = _Gather()
+    blob.download_blob(offset=offset, length=length, max_concurrency=PARALLEL).readinto(sink)
+    return sink.value()
+
+
 class AzureBackend(ObjectStoreBackend):
     def __init__(self, url: str, container: ContainerClient, prefix: str) -> None:
         self._url = url
@@ -181,7 +224,7 @@ class AzureBackend(ObjectStoreBackend):
         try:
             return self._call(
                 f"read {name}",
-                lambda: bytes(blob.download_blob(offset=offset, length=length, max_concurrency=PARALLEL).readall()),
+                lambda: _download(blob, offset, length),
             )
         except ResourceNotFoundError as exc:
             raise self._missing(name) from exc
