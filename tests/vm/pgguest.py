@@ -54,6 +54,13 @@ for p in /sys/class/virtio-ports/vport*; do
 done
 /usr/sbin/qemu-ga -d -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \\
   -F/etc/qemu/fsfreeze-hook -l /var/log/qemu-ga.log
+# A restored disk carries the running server's postmaster.pid; its PID may belong to another process
+# in this boot, and PostgreSQL then refuses to start ("Is another postmaster running?"). Nothing runs
+# PostgreSQL yet: drop a lock whose PID is not a postgres process (Debian's pg_ctlcluster does the same).
+pid=$(head -n 1 @PGDATA@/postmaster.pid 2>/dev/null)
+if [ -n "$pid" ] && [ "$(cat /proc/$pid/comm 2>/dev/null)" != postgres ]; then
+  rm -f @PGDATA@/postmaster.pid && echo "vmv: removed stale postmaster.pid (PID $pid)" > /dev/console
+fi
 su postgres -c "/usr/lib/postgresql/15/bin/pg_ctl -D @PGDATA@ -o '-c config_file=@PGCONF@' \\
   -l /var/log/postgresql/pg.log -w -t 600 start" \\
   && echo "vmv: postgres up $(cut -d' ' -f1 /proc/uptime)" > /dev/console \\
