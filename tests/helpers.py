@@ -12,8 +12,10 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -440,3 +442,26 @@ def opened_vault(prot: Protected) -> Iterator[Any]:
         yield vault
     finally:
         vault.close()
+
+
+@contextmanager
+def crossable_dir(prefix: str) -> Iterator[Path]:
+    """A fresh folder under /var/tmp that every user may cross (pytest's tmp_path lies in a 0700
+    one, which QEMU as libvirt-qemu could not cross); removed at the end."""
+    path = Path(tempfile.mkdtemp(dir="/var/tmp", prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    """SIGTERM a process that still runs and wait for it; SIGKILL it if it does not end in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Cli, assert_same_image, wait_for
+from helpers import Cli, assert_same_image, stop_process, wait_for
 from test_scheduler import Serve
 from vmvault.proc import pid_alive
 
@@ -34,16 +33,6 @@ def _agent(cli: Cli, server: str, log: Path, disks: list[Path], restores: Path) 
     with open(log, "w", encoding="utf-8") as f:
         return subprocess.Popen(argv, env=cli.env(), stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL,
                                 text=True)  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -88,7 +77,7 @@ def test_an_instant_restore_of_a_hosts_vm_boots_on_its_agent_and_moves_to_local_
     agent_cli = Cli(home=agent_home, passphrase=None,
                     extra_env={"VMVAULT_TOKEN": token, "VMVAULT_INSTANT_STREAM_SPEED": str(MiB)})  # fmt: skip
     agent = _agent(agent_cli, server, log, [tmp_path, guest.sockets], restores)
-    running.append(lambda: _stop(agent))
+    running.append(lambda: stop_process(agent))
     wait_for(lambda: admin.run("host", "show", "h1").ok, 60, "agent h1 to register", interval=0.5)
     job = admin.ok("backup", "now", "q1", "--wait").json()["properties"]
     assert job["status"] == "Completed" and job["host"] == "h1", job

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from api_support import sandbox
-from helpers import PASSPHRASE, Cli, assert_same_image, far_time_zone, wait_for
+from helpers import PASSPHRASE, Cli, assert_same_image, far_time_zone, stop_process, wait_for
 from test_scheduler import Serve
 from vmvault.service.agentwork import API_VERSION as API  # what agents of this version speak
 
@@ -121,13 +121,31 @@ def test_claims_follow_the_vms_host(tmp_path: Path) -> None:
         assert package is not None and package["jobId"] == queued["id"] and package["vm"]["kind"] == "qmp"
         assert package["vm"]["disks"] == [] and package["vm"]["definition"]["describeOnHost"] is True
 
+def _backed_up_here_then_moved(ctx: Any, storage: Path, disk: Path, tracking: dict[str, str] | None = None) -> str:
+    """VM r1 of disk, protected in a new vault v1 and backed up on this host, then moved to host h2
+    (with its change tracking, if given); the point's id."""
+    from vmvault.catalog.models import VmRow
+    from vmvault.service import backups, protection, vaults, vms
+
+    vaults.create_vault(ctx, "v1", storage_dir=storage)
+    vms.add_vm(ctx, "r1", [disk])
+    protection.enable_protection(ctx, "r1", "v1")
+    rp = str(backups.backup_now(ctx, "r1").result.rp_id)
+    with ctx.catalog.write() as s:
+        row = s.get(VmRow, vms.show_vm(ctx, "r1")["id"])
+        assert row is not None
+        row.host = "h2"
+        if tracking is not None:
+            row.definition = {**(row.definition or {}), "tracking": tracking}
+    return rp
+
+
 
 def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: Path) -> None:
     """restore disks of a VM of h2: queued (nothing written here), claimed by h2's agent only, with
     the point, the target on h2 and the disks of h2's VMs; the agent's word on its files is checked."""
-    from vmvault.catalog.models import VmRow
     from vmvault.errors import InvalidInput
-    from vmvault.service import agentwork, backups, jobs, protection, restores, vaults, vms
+    from vmvault.service import agentwork, jobs, restores
     from vmvault.service.context import context
     from vmvault.service.worker import claim_next
     from vmvault.settings import Settings
@@ -135,14 +153,7 @@ def test_a_restore_of_another_hosts_vm_is_queued_for_its_agent_alone(tmp_path: P
     disk = tmp_path / "r1.raw"
     disk.write_bytes(os.urandom(MiB))
     with context(Settings(home=tmp_path / "home", passphrase=PASSPHRASE)) as ctx:
-        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
-        vms.add_vm(ctx, "r1", [disk])
-        protection.enable_protection(ctx, "r1", "v1")
-        rp = backups.backup_now(ctx, "r1").result.rp_id  # backed up here, then the VM moves to h2
-        with ctx.catalog.write() as s:
-            row = s.get(VmRow, vms.show_vm(ctx, "r1")["id"])
-            assert row is not None
-            row.host = "h2"
+        rp = _backed_up_here_then_moved(ctx, tmp_path / "v1", disk)
         with pytest.raises(InvalidInput, match="not an absolute path on its host"):
             restores.restore_disks(ctx, "r1", rp, "relative/dir")
         target = tmp_path / "on-h2"
@@ -185,7 +196,7 @@ def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked
     agent's word) and forgets the VM's changed-block tracking."""
     from vmvault.catalog.models import VmRow
     from vmvault.errors import PathNotAllowed
-    from vmvault.service import agentwork, backups, jobs, protection, restore_vm, vaults, vms
+    from vmvault.service import agentwork, jobs, restore_vm
     from vmvault.service.paths import build_policy
     from vmvault.service.worker import claim_next
     from vmvault.settings import Settings
@@ -196,14 +207,7 @@ def test_a_replace_disks_of_another_hosts_vm_is_queued_for_its_agent_and_checked
     disk.write_bytes(os.urandom(MiB))
     with sandbox(tmp_path / "home") as box:
         ctx = box.ctx
-        vaults.create_vault(ctx, "v1", storage_dir=tmp_path / "v1")
-        vms.add_vm(ctx, "r1", [disk])
-        protection.enable_protection(ctx, "r1", "v1")
-        rp = backups.backup_now(ctx, "r1").result.rp_id  # backed up here, then the VM moves to h2
-        with ctx.catalog.write() as s:
-            row = s.get(VmRow, vms.show_vm(ctx, "r1")["id"])
-            assert row is not None
-            row.host, row.definition = "h2", {**(row.definition or {}), "tracking": {"chain": "c"}}
+        rp = _backed_up_here_then_moved(ctx, tmp_path / "v1", disk, tracking={"chain": "c"})
         before = disk.read_bytes()
         r = box.call("POST", "/api/v1/items/r1/restore/replace-disks", box.token("BackupOperator", "v1"),
                      json={"rp": "latest"})  # fmt: skip
@@ -625,12 +629,5 @@ def test_an_agent_cut_off_from_its_server_waits_goes_on_and_its_point_is_adopted
     finally:
         for serve in serves:
             serve.stop()
-        for proc in (agent,):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_process(agent)
     assert agent.returncode == 0, log.read_text()

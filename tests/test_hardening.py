@@ -12,10 +12,8 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from api_support import PASSPHRASE, make_ext4_image, sandbox
-from helpers import Cli, rp_id
+from helpers import Cli, crossable_dir, rp_id
 from vmvault.service import backups, files, protection, vaults, vms
 
 API = "/api/v1"
@@ -147,12 +145,8 @@ def _latest(box: object, token: str) -> str:
 @pytest.fixture
 def crossable_base() -> Iterator[Path]:
     """A folder every user can cross (pytest's tmp_path lies in a 0700 folder: libvirt-qemu could not)."""
-    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vmv-home-"))
-    base.chmod(0o755)
-    try:
+    with crossable_dir("vmv-home-") as base:
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_restored_libvirt_vms_default_outside_the_private_home(crossable_base: Path) -> None:

@@ -19,17 +19,15 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import Cli, HostKeyCli, rp_id
+from helpers import Cli, HostKeyCli, crossable_dir, rp_id
 from vm.libvirtd import debian_default_libvirtd, domain_xml, libvirtd  # noqa: F401  (the session fixture)
 from vm.live import latest_point
 from vm.machine import ext4_disk
@@ -53,12 +51,8 @@ def _virsh(uri: str, *args: str, check: bool = True) -> subprocess.CompletedProc
 @pytest.fixture
 def base() -> Iterator[Path]:
     """The home's parent: a folder libvirt-qemu may cross (pytest's tmp_path lies in a 0700 one)."""
-    path = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vmvq-"))
-    path.chmod(0o755)
-    try:
+    with crossable_dir("vmvq-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
