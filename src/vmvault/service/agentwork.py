@@ -31,7 +31,7 @@ from vmvault.catalog.models import HostRow, JobRow, VmRow
 from vmvault.errors import Busy, IntegrityError, InvalidInput, NotFound, VmvaultError
 from vmvault.service import hostfiles, hostinstant, hosts
 from vmvault.service.context import Context
-from vmvault.service.jobs import Operation, Status, _notify_deliver, _notify_enqueue, show_job
+from vmvault.service.jobs import Operation, Status, _notify_deliver, _notify_enqueue, restore_record, show_job
 from vmvault.service.views import JsonDict
 
 log = logging.getLogger("vmvault")
@@ -253,12 +253,12 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
             "message": f"{why}; the {row.operation} did not finish on host {host}",
             "recommendedAction": f"{check}, then see vmvault files list {row.vm} and mount or unmount again",
         }
-    if row.operation == Operation.RESTORE and ((row.details or {}).get("restore") or {}).get("mode") == "replace":
+    if row.operation == Operation.RESTORE and restore_record(row).get("mode") == "replace":
         return _lost_replace(row, why, check)
     if row.operation == Operation.RESTORE and hostinstant.is_instant(row):
         return hostinstant.lost_error(row, why, host)
     if row.operation == Operation.RESTORE:
-        record = (row.details or {}).get("restore") or {}
+        record = restore_record(row)
         again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
                  f"--target-dir {record.get('targetDir')}" if record.get("mode") == "vm" else
                  f"vmvault restore disks {row.vm} --rp {record.get('recoveryPoint')} --target-dir "
@@ -279,7 +279,7 @@ def lost_error(row: JobRow, why: str) -> JsonDict:
 
 def _lost_replace(row: JobRow, why: str, check: str) -> JsonDict:
     """A replace-disks whose agent was lost: which disks to look at, and how to run it again."""
-    record = (row.details or {}).get("restore") or {}
+    record = restore_record(row)
     host = (row.details or {}).get(AGENT_KEY)
     disks = ", ".join(str(p) for p in record.get("paths") or [])
     return {
@@ -442,7 +442,7 @@ def _restore_package(ctx: Context, job: JobRow, host: str) -> JsonDict:
     names to write, and the disks of its host's VMs (a restore never overwrites one). No secret."""
     from vmvault.service.restores import _point_files
 
-    record = dict((job.details or {}).get("restore") or {})
+    record = restore_record(job)
     if record.get("mode") == "vm":
         return _new_vm_package(ctx, job, host, record)
     if record.get("mode") == "replace":
@@ -614,15 +614,16 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     status = str(body.get("status") or "")
     details = body.get("details") if isinstance(body.get("details"), dict) else None
     progress_values = _progress_values(body.get("progress") or {}) if isinstance(body.get("progress"), dict) else None
-    if status == Status.COMPLETED and _operation(ctx, job_id) == Operation.RESTORE:
-        if _restore_mode(ctx, job_id) == "replace":
+    operation, mode = _queued_as(ctx, job_id) if status == Status.COMPLETED else ("", "")
+    if status == Status.COMPLETED and operation == Operation.RESTORE:
+        if mode == "replace":
             return _finish_replace(ctx, host, job_id, progress_values)
         if body.get("newVm") is not None:
             return _finish_new_vm(ctx, host, job_id, body, progress_values)
         return _finish_restore(ctx, host, job_id, body.get("files"), progress_values)
     if status == Status.COMPLETED and _lost_backup(ctx, host, job_id):
         return _adopt_late_point(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body)
-    if status == Status.COMPLETED and _operation(ctx, job_id) in hostfiles.FILE_OPERATIONS:
+    if status == Status.COMPLETED and operation in hostfiles.FILE_OPERATIONS:
         return _finish_files(ctx, host, job_id, body.get("sessions"))
     if status == Status.COMPLETED:
         return _finish_completed(ctx, host, job_id, str(body.get("recoveryPoint") or ""), body, details)
@@ -638,17 +639,12 @@ def finish(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
     return show_job(ctx, job_id)
 
 
-def _operation(ctx: Context, job_id: str) -> str:
+def _queued_as(ctx: Context, job_id: str) -> tuple[str, str]:
+    """The job's operation and, for a Restore, the kind the server queued (disks, vm, replace): its
+    record says, not the agent. ("", "") for an unknown job."""
     with ctx.catalog.read() as s:
         row = repos.find_job(s, job_id)
-        return row.operation if row is not None else ""
-
-
-def _restore_mode(ctx: Context, job_id: str) -> str:
-    """The kind of Restore job the server queued (disks, vm, replace): its record says, not the agent."""
-    with ctx.catalog.read() as s:
-        row = repos.find_job(s, job_id)
-        return str(((row.details or {}).get("restore") or {}).get("mode") or "") if row is not None else ""
+        return (row.operation, str(restore_record(row).get("mode") or "")) if row is not None else ("", "")
 
 
 def _finish_replace(ctx: Context, host: str, job_id: str, progress_values: JsonDict | None) -> JsonDict:
@@ -659,7 +655,7 @@ def _finish_replace(ctx: Context, host: str, job_id: str, progress_values: JsonD
 
     with ctx.catalog.write() as s:
         job = _own_job(s, host, job_id)
-        record = dict((job.details or {}).get("restore") or {})
+        record = restore_record(job)
         vm_id = _vm_of(s, job, host)
         details = {**(job.details or {}), "restore": {**record, "replaced": list(record.get("paths") or [])}}
         repos.update_job_details(s, job_id, details)
@@ -682,7 +678,7 @@ def _finish_restore(ctx: Context, host: str, job_id: str, files: object, progres
 
     with ctx.catalog.write() as s:
         job = _own_job(s, host, job_id)
-        record = dict((job.details or {}).get("restore") or {})
+        record = restore_record(job)
         target = PurePosixPath(str(record.get("targetDir") or "/nonexistent"))
         written = files if isinstance(files, list) else []
         if len(written) > MAX_FILES or not all(
@@ -710,7 +706,7 @@ def _finish_new_vm(ctx: Context, host: str, job_id: str, body: JsonDict, progres
 
     with ctx.catalog.read() as s:
         job = _own_job(s, host, job_id)
-        record = dict((job.details or {}).get("restore") or {})
+        record = restore_record(job)
         source = repos.get_vm(s, job.vm or "")
         kind = source.kind
     report = body.get("newVm")

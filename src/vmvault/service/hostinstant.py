@@ -22,6 +22,7 @@ from vmvault.catalog import repos
 from vmvault.catalog.models import JobRow
 from vmvault.errors import InvalidInput
 from vmvault.service.context import Context
+from vmvault.service.jobs import restore_record
 from vmvault.service.views import JsonDict
 
 # What an agent may write into details.restore (the others are the server's: mode, recoveryPoint,
@@ -32,7 +33,7 @@ MAX_STATE_BYTES = 64 << 10
 
 
 def is_instant(row: JobRow) -> bool:
-    return bool(((row.details or {}).get("restore") or {}).get("instant"))
+    return bool(restore_record(row).get("instant"))
 
 
 def report(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
@@ -45,7 +46,7 @@ def report(ctx: Context, host: str, job_id: str, body: JsonDict) -> JsonDict:
         job = _own_job(s, host, job_id)
         if not is_instant(job):
             raise InvalidInput(f"job '{job_id}' is not an instant restore", hint="upgrade the agent")
-        record = dict((job.details or {}).get("restore") or {})
+        record = restore_record(job)
         kind = repos.get_vm(s, job.vm or "").kind
     answer: JsonDict = {}
     if body.get("newVm") is not None:
@@ -73,7 +74,7 @@ def _note(s: Session, row: JobRow, record: JsonDict, state: JsonDict) -> None:
                            hint="upgrade the agent")  # fmt: skip
     if len(json.dumps(kept, default=str)) > MAX_STATE_BYTES:
         raise InvalidInput("the agent's instant-restore state is too large", hint="upgrade the agent")
-    current = dict((row.details or {}).get("restore") or {})
+    current = restore_record(row)
     repos.update_job_details(s, row.id, {**(row.details or {}), "restore": {**current, **kept}})
 
 
@@ -100,7 +101,7 @@ def _register(ctx: Context, host: str, job_id: str, record: JsonDict, kind: str,
     row = register_new_vm(ctx, str(record.get("newVm")), new_vm, host=host)
     with ctx.catalog.write() as s:
         job = repos.get_job(s, job_id)
-        current = dict((job.details or {}).get("restore") or {})
+        current = restore_record(job)
         repos.update_job_details(s, job_id, {**(job.details or {}),
                                              "restore": {**current, "name": row.name, "id": row.id}})  # fmt: skip
     return {"name": row.name, "id": row.id}
@@ -115,7 +116,7 @@ def _unregister(ctx: Context, host: str, job_id: str) -> None:
 def drop_copy(s: Session, job: JobRow, host: str) -> None:
     """Remove the VM this instant-restore job registered (its copy is gone: stopped and removed on
     the host, by the agent's teardown or its start-up reconcile after a kill)."""
-    record = (job.details or {}).get("restore") or {}
+    record = restore_record(job)
     vm_id = str(record.get("id") or "")
     if not is_instant(job) or not vm_id or record.get("state") == "Completed":
         return  # a completed copy is whole: it stays (only the report of its end was lost)
@@ -126,7 +127,7 @@ def drop_copy(s: Session, job: JobRow, host: str) -> None:
 
 def lost_error(row: JobRow, why: str, host: Any) -> JsonDict:
     """agent_lost for an instant restore: the agent stops and removes the copy (at once, or at its restart)."""
-    record = (row.details or {}).get("restore") or {}
+    record = restore_record(row)
     again = (f"vmvault restore vm {row.vm} --rp {record.get('recoveryPoint')} --name {record.get('newVm')} "
              f"--target-dir {record.get('targetDir')} --instant")  # fmt: skip
     return {

@@ -287,6 +287,11 @@ def _with_restore_record(operation: str, details: JsonDict | None) -> JsonDict |
     return {**(details or {}), "restore": {**record, **own}}
 
 
+def restore_record(row: JobRow) -> JsonDict:
+    """A job's details["restore"] (a copy; empty when it has none)."""
+    return dict((row.details or {}).get("restore") or {})
+
+
 def add_restore_record(ctx: Context, job_id: str, fields: JsonDict) -> None:
     """Add what the restore produced (files, the new VM) to its job's details["restore"]."""
     with ctx.catalog.write() as s:
