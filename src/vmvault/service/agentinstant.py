@@ -129,12 +129,13 @@ def _prepare_target(plan: Any, recheck: Any) -> None:
     """The target made (shared with the VM's hypervisor) and checked again; its run directory empty."""
     from vmvault.connectors.registry import connector_for
     from vmvault.connectors.workfiles import copy_run_dir
+    from vmvault.service.restore_vm import make_target_dir
 
     run_dir = copy_run_dir(plan.target_dir, plan.new_name)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InvalidInput(f"files are in the way of the restored VM '{plan.new_name}': {run_dir}",
                            hint="remove them, or choose another --target-dir")  # fmt: skip
-    if not plan.target_dir.exists():
-        plan.target_dir.mkdir(parents=True)
-        connector_for(plan.kind).share_with_vm(str(plan.target_dir), 0o710)  # the VM's QEMU opens the overlays
+    # Every folder made on the way opened to the VM's QEMU, which opens the overlays (the same
+    # making as InstantRestore's own, which then finds it made).
+    make_target_dir(connector_for(plan.kind), plan.target_dir)
     recheck(plan.target_dir)
