@@ -66,3 +66,27 @@ def test_every_blob_is_in_exactly_one_read_that_covers_it() -> None:
         assert all(b.pack == r.pack and r.offset <= b.ref.offset <= b.ref.offset + b.ref.length <= r.end
                    for b in r.blobs)  # fmt: skip
         assert r.length <= 4 << 20 or len(r.blobs) == 1
+
+
+def test_a_pack_mostly_asked_for_is_one_read_of_the_whole_object() -> None:
+    """Half of a pack's blob bytes or more: one read of the whole object (its header and table of
+    contents come with it, for the pack's check); less: ranged reads as before. A pack whose end
+    is not given is never read whole."""
+    blobs = [loc("p", 40 + i * 1000, 1000) for i in range(10)]  # 10,040 bytes of blobs
+    (whole,) = plan_reads(blobs[:6], pack_ends={"p": 10_040})
+    assert (whole.pack, whole.offset, whole.length, whole.whole) == ("p", 0, 10_040, True)
+    assert [b.ref.offset for b in whole.blobs] == [40 + i * 1000 for i in range(6)]
+    assert [r.whole for r in plan_reads(blobs[:4], pack_ends={"p": 10_040})] == [False]
+    assert [r.whole for r in plan_reads(blobs[:6], pack_ends={"q": 10_040})] == [False]
+    assert [r.whole for r in plan_reads(blobs[:6])] == [False]
+
+
+def test_the_share_counts_each_byte_once_and_packs_are_judged_apart() -> None:
+    """A blob asked for twice (and overlapping ranges) counts once toward the share; each pack
+    gets its own decision."""
+    repeated = [loc("p", 0, 3000, n) for n in range(4)]  # 3,000 distinct bytes, asked for 4 times
+    assert [r.whole for r in plan_reads(repeated, pack_ends={"p": 10_000})] == [False]
+    assert [r.whole for r in plan_reads(repeated, pack_ends={"p": 6_000})] == [True]
+    mixed = [loc("a", 0, 900), loc("b", 0, 100), loc("a", 900, 100)]
+    reads = plan_reads(mixed, pack_ends={"a": 1000, "b": 1000})
+    assert [(r.pack, r.whole, len(r.blobs)) for r in reads] == [("a", True, 2), ("b", False, 1)]

@@ -6,8 +6,9 @@ and a damaged chunk met in the middle of a restore must fail it with the integri
 "cancelled" of the reads stopped because of it), leaving nothing under the final name.
 
 The point is made once per module by the CLI (vault create, vm add, protection enable, backup).
-To get many reads in flight from a 16 MiB disk, reads are planned at most 128 KiB each and
-decoded in 64 KiB pieces, with a 1 MiB window: the real planner and pipeline, smaller numbers.
+To get many reads in flight from a 16 MiB disk, reads are planned at most 128 KiB each (never
+a whole pack) and decoded in 64 KiB pieces, with a 1 MiB window: the real planner and pipeline,
+smaller numbers. tests/test_corruption.py covers the whole-pack reads a full point gets.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def s3_point(
 @pytest.fixture
 def many_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small reads, pieces and window, and several threads in each stage."""
-    monkeypatch.setattr(engine, "plan_reads", functools.partial(plan_reads, max_read=SMALL_READ))
+    # No whole-pack reads (this one-pack point would be one read): ranged ones, checked apart.
+    monkeypatch.setattr(engine, "plan_reads", functools.partial(plan_reads, max_read=SMALL_READ, whole_share=2.0))
     monkeypatch.setattr(engine, "FETCHERS", 4)
     monkeypatch.setattr(engine, "DECODERS", 3)
     monkeypatch.setattr(engine, "DECODE_PIECE", 64 << 10)
@@ -192,6 +194,25 @@ def test_a_damaged_pack_header_fails_the_restore_though_its_blobs_decode(
     finally:
         backend.put(pack, original)
     assert f"pack {pack} is damaged: bad header" in error.message
+
+
+def test_a_whole_pack_read_with_a_damaged_table_of_contents_fails_the_restore(
+    s3_point: S3Point, tmp_path: Path
+) -> None:
+    """The default plan reads this point's pack whole and checks it from those bytes: a byte of
+    its table of contents flipped (its blobs intact, so every chunk decodes) fails the restore,
+    naming the pack, and leaves no file."""
+    pack = _data_packs(s3_point)[-1]
+    backend = open_backend(s3_point.url)
+    original = backend.get(pack)
+    damaged = bytearray(original)
+    damaged[-20] ^= 0x01  # inside the sealed table, before its length and end marker
+    backend.put(pack, bytes(damaged))
+    try:
+        error = _failed_restore(s3_point, tmp_path / "out", lambda *_: 0.0)
+    finally:
+        backend.put(pack, original)
+    assert f"pack {pack} is damaged: its table of contents fails authentication" in error.message
 
 
 def test_the_cli_reports_a_damaged_chunk_and_no_restored_disk(s3_point: S3Point, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vmvault.engine.outfile import RestoredFile
 from vmvault.engine.progress import ProgressCallback, ProgressTracker
 from vmvault.engine.readplan import Read, plan_reads
 from vmvault.errors import Cancelled, IntegrityError, InvalidInput
@@ -37,7 +38,7 @@ DECODE_PIECE = 1 << 20  # stored bytes per decode task
 # bytes a restore holds are at most IN_FLIGHT_BYTES plus one decoded chunk per decoder (twice
 # that for a moment while the Azure SDK hands over a download it assembled).
 IN_FLIGHT_BYTES = 48 << 20
-BATCH_LEAVES = 4  # leaves planned together: 64 MiB of disk with 64 KiB chunks
+BATCH_LEAVES = 64  # leaves planned together: 1 GiB of disk with 64 KiB chunks (a pack mostly in one plan)
 LEAF_PREFETCH = 64  # leaves fetched together (about 8 KiB each)
 FORMATS = ("raw", "qcow2")
 Converter = Callable[[Path, Path], None]  # raw image -> qcow2 image
@@ -121,7 +122,8 @@ def _restore_one(
     tag = partial_tag or secrets.token_hex(4)
     raw_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}.raw"
     try:
-        _restore_raw(vault, manifest, disk, raw_tmp, tracker, cancel)
+        # A raw image read back by qemu-img convert is better left in the page cache.
+        _restore_raw(vault, manifest, disk, raw_tmp, tracker, cancel, direct=final.suffix != ".qcow2")
         crash_point("restore:partial-written")
         if final.suffix == ".qcow2":
             qcow_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}"
@@ -189,12 +191,12 @@ class _DiskWriter:
         vault: Vault,
         manifest: RecoveryPointManifest,
         disk: DiskEntry,
-        fd: int,
+        out: RestoredFile,
         root: Root,
         tracker: ProgressTracker,
         flusher: _WriteBehind,
     ) -> None:
-        self.vault, self.manifest, self.disk, self.fd, self.root = vault, manifest, disk, fd, root
+        self.vault, self.manifest, self.disk, self.out, self.root = vault, manifest, disk, out, root
         self.tracker, self.flusher = tracker, flusher
 
     def plan(self, batch: list[tuple[int, list[bytes]]]) -> tuple[list[Read], dict[bytes, list[int]]]:
@@ -205,6 +207,7 @@ class _DiskWriter:
                 if cid != ZERO_ID:
                     positions.setdefault(cid, []).append(first_chunk + i)
         locations = self.vault.index.lookup_many(list(positions))
+        pack_ends = self.vault.index.pack_ends(list({loc.pack for loc in locations.values()}))
         for cid, chunks in positions.items():
             if cid not in locations:
                 raise IntegrityError(
@@ -212,7 +215,7 @@ class _DiskWriter:
                     f"{chunks[0] * self.root.chunk_size}, recovery point {self.manifest.rp_id})",
                     hint="run 'vmvault vault verify' to list every affected point",
                 )
-        return plan_reads(locations.values()), positions
+        return plan_reads(locations.values(), pack_ends=pack_ends), positions
 
     def write_blobs(self, piece: _Piece, stop: Callable[[], None]) -> None:
         """Decode each blob of a piece of a fetched read and write it wherever the disk has it.
@@ -222,13 +225,16 @@ class _DiskWriter:
         refused the same way); then its ID is re-hashed from the plaintext."""
         read, view, positions = piece.read, piece.view, piece.positions
         written = 0
+        writes: list[tuple[int, bytes | memoryview]] = []
         for loc in piece.blobs:
             stop()
             stored = view[loc.ref.offset - read.offset : loc.ref.offset - read.offset + loc.ref.length]
             plain = self._decode(loc, stored)
             for chunk in positions[loc.ref.blob_id]:
-                os.pwrite(self.fd, plain, chunk * self.root.chunk_size)
+                writes.append((chunk * self.root.chunk_size, plain))
                 written += len(plain)
+        stop()
+        self.out.write_many(writes)  # neighbouring chunks in one write
         self.flusher.wrote(written)
         self.tracker.add(read=written, written=written)
         self.tracker.report()
@@ -278,11 +284,13 @@ class _Pipeline:
     decrypt, decompress, re-hash and pwrite (CPU, most of it in C libraries), and CHECKERS
     threads check each pack (header, table of contents, index file) beside the data reads.
 
-    Memory: the reads submitted and not yet written are at most IN_FLIGHT_BYTES of stored bytes,
-    retired in submission order; plus one decoded chunk per decoder. A blob is written only once
-    AES-GCM and its ID authenticated it. A pack's check is not waited for before its blobs are
-    decoded (it is a small request queued behind the large ones, and the blobs authenticate
-    themselves): the restore succeeds only once every check passed, else the partial file goes.
+    Memory: the reads submitted and not yet written are at most IN_FLIGHT_BYTES of stored bytes
+    (a whole-pack read counts its blob bytes), retired in submission order; plus one decoded
+    piece per decoder. A blob is written only once AES-GCM and its ID authenticated it. A pack's
+    check is not waited for before its blobs are decoded (it is a small request queued behind
+    the large ones, and the blobs authenticate themselves): the restore succeeds only once every
+    check passed, else the partial file goes. A pack read whole is checked by its fetcher from
+    the bytes it read (header and table of contents), once its decodes are queued.
 
     The first failure stops every stage and is the one raised, even when an earlier read, retired
     first, was stopped because of it; a cancel raises Cancelled.
@@ -293,7 +301,7 @@ class _Pipeline:
         self._failure: BaseException | None = None
         self._failure_lock = threading.Lock()
         self._failed = threading.Event()
-        self._checks: dict[str, Future[None]] = {}
+        self._checks: dict[str, Future[None] | None] = {}  # None: checked by a whole-pack read
         self._window: deque[tuple[Future[list[Future[None]]], int]] = deque()
         self._in_flight = 0
         self._check_pool = ThreadPoolExecutor(CHECKERS, thread_name_prefix="vmv-restore-check")
@@ -305,7 +313,9 @@ class _Pipeline:
             raise self._failure
         while self._window and self._in_flight + read.length > IN_FLIGHT_BYTES:
             self._retire_oldest()
-        if read.pack not in self._checks:
+        if read.whole:  # checked from the bytes it fetches (_fetch), unless checked already
+            self._checks.setdefault(read.pack, None)
+        elif self._checks.get(read.pack) is None:
             self._checks[read.pack] = self._check_pool.submit(
                 self._guarded, self.writer.vault.authenticate_pack, read.pack
             )
@@ -318,7 +328,8 @@ class _Pipeline:
         while self._window:
             self._retire_oldest()
         for check in self._checks.values():
-            self._result(check)
+            if check is not None:
+                self._result(check)
 
     def close(self, failed: bool) -> None:
         """Stop (when failed) and wait for every thread; queued work is dropped."""
@@ -345,12 +356,19 @@ class _Pipeline:
 
     def _fetch(self, read: Read, positions: dict[bytes, list[int]]) -> list[Future[None]]:
         self.stop()
-        view = memoryview(self.writer.vault.backend.get(read.pack, read.offset, read.length))
+        vault = self.writer.vault
+        if read.whole:
+            view = memoryview(vault.backend.get(read.pack))
+        else:
+            view = memoryview(vault.backend.get(read.pack, read.offset, read.length))
         self.stop()
-        return [
+        decodes = [
             self._decode_pool.submit(self._guarded, self.writer.write_blobs, piece, self.stop)
             for piece in _pieces(read, view, positions)
         ]
+        if read.whole:  # while the decoders start: header and table of contents from these bytes
+            vault.authenticate_pack(read.pack, whole=view)
+        return decodes
 
     def _retire_oldest(self) -> None:
         fetched, size = self._window.popleft()
@@ -413,22 +431,23 @@ def _restore_raw(
     path: Path,
     tracker: ProgressTracker,
     cancel: threading.Event,
+    *,
+    direct: bool = True,
 ) -> None:
     root = Root.decode(vault.get_blob(bytes.fromhex(disk.index_root)), f"disk {disk.name} of point {manifest.rp_id}")
     if root.disk_size != disk.size:
         raise IntegrityError(f"disk index of {disk.name} in point {manifest.rp_id} does not match the manifest size")
     leaves = _Leaves(vault)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = RestoredFile(path, root.disk_size, direct=direct)  # sparse: zero chunks are never written
     try:
-        os.ftruncate(fd, root.disk_size)  # sparse: zero chunks are never written
-        flusher = _WriteBehind(fd)
+        flusher = _WriteBehind(out.fd)
         try:
-            _write_leaves(_DiskWriter(vault, manifest, disk, fd, root, tracker, flusher), leaves, cancel)
+            _write_leaves(_DiskWriter(vault, manifest, disk, out, root, tracker, flusher), leaves, cancel)
         finally:
             flusher.close()
-        os.fsync(fd)
+        out.sync()
     finally:
-        os.close(fd)
+        out.close()
 
 
 def _write_leaves(writer: _DiskWriter, leaves: _Leaves, cancel: threading.Event) -> None:

@@ -175,6 +175,20 @@ class ChunkIndex:
         )
         return row[1], [BlobRef(*r) for r in rows]
 
+    def pack_ends(self, packs: list[str]) -> dict[str, int]:
+        """Where each indexed pack's last blob ends (its table of contents follows)."""
+        ends: dict[str, int] = {}
+        for i in range(0, len(packs), 500):
+            batch = list(set(packs[i : i + 500]))
+            marks = ",".join("?" * len(batch))
+            rows = self._conn().execute(
+                "SELECT p.name, MAX(b.offset + b.length) FROM packs p JOIN blobs b ON b.pid = p.pid "
+                f"WHERE p.name IN ({marks}) GROUP BY p.pid",
+                batch,
+            )
+            ends.update((str(name), int(end)) for name, end in rows)
+        return ends
+
     def index_file_of(self, pack: str) -> str | None:
         row = self._conn().execute("SELECT index_name FROM packs WHERE name = ?", (pack,)).fetchone()
         return None if row is None else str(row[0])

@@ -453,11 +453,13 @@ class Vault:
         self.index.add_pack(pack, index_name, salt, entries)
         return salt, entries
 
-    def authenticate_pack(self, pack: str) -> None:
+    def authenticate_pack(self, pack: str, whole: bytes | memoryview | None = None) -> None:
         """Check a pack's header, table of contents and index file (once per pack per process).
 
         Blobs are authenticated on every read anyway; this makes a restore also refuse a pack
         whose other parts are damaged, so damage anywhere in what a point uses is reported.
+        `whole`: the whole pack object, already fetched (a restore's whole-pack read): its header
+        and table of contents are taken from it instead of two more reads.
         """
         with self._checked_lock:
             if pack in self._checked_packs:
@@ -469,22 +471,29 @@ class Vault:
             with self._checked_lock:
                 if pack in self._checked_packs:
                     return
-            self._authenticate_pack(pack)
+            self._authenticate_pack(pack, whole)
             with self._checked_lock:
                 self._checked_packs.add(pack)
                 self._checking.pop(pack, None)
 
-    def _authenticate_pack(self, pack: str) -> None:
+    def _authenticate_pack(self, pack: str, whole: bytes | memoryview | None) -> None:
         known = self.index.pack_entries(pack)
         index_name = self.index.index_file_of(pack)
         if known is None or index_name is None:
             raise IntegrityError(f"pack {pack} is not in the vault's index", hint="run 'vmvault vault verify'")
         salt, entries = known
-        header = self.backend.get(pack, 0, HEADER_LEN)
+        trailer_at = max((e.offset + e.length for e in entries), default=HEADER_LEN)
+        tail_len = ENTRY.size * len(entries) + TAG_LEN + 12
+        if whole is None:
+            header = self.backend.get(pack, 0, HEADER_LEN)
+            tail = self.backend.get(pack, trailer_at, tail_len)
+        else:  # the same two ranges, cut from the object as it was read (and no longer than it)
+            header, tail = bytes(whole[:HEADER_LEN]), bytes(whole[trailer_at:])
+            if len(tail) != tail_len:
+                raise IntegrityError(f"pack {pack} is damaged: it is not the length its index gives",
+                                     hint="run 'vmvault vault verify'")  # fmt: skip
         if header != PACK_MAGIC + salt:
             raise IntegrityError(f"pack {pack} is damaged: bad header", hint="run 'vmvault vault verify'")
-        trailer_at = max((e.offset + e.length for e in entries), default=HEADER_LEN)
-        tail = self.backend.get(pack, trailer_at, ENTRY.size * len(entries) + TAG_LEN + 12)
         _salt, listed = read_trailer(self.keys, pack, header + tail)
         indexed = parse_index_payload(unseal(self.keys, index_name, self.backend.get(index_name)))
         if set(listed) != set(entries) or set(indexed[2]) != set(entries) or indexed[1] != salt:
