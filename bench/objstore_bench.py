@@ -8,7 +8,10 @@ For each store (Azurite for Azure Blob, moto in server mode for S3; both started
 and a temporary location, as the tests do), in the same run and with the same client library:
 
   floor    the image's bytes cut into 16 MiB objects, uploaded 4 at a time through vmvault's own
-           backend class (the same SDK, retries and parallel uploads), then downloaded the same way;
+           backend class (the same SDK, retries and parallel uploads), then downloaded the same way
+           (into memory, thrown away), and downloaded again into a file (each object written at
+           its offset, then fsync: what a plain download tool does to land the image on disk, made
+           durable as a restore makes its disks);
   vmvault  `vault create --storage URL`, `backup now` (a full backup) and `restore disks`, each timed
            by the CLI's wall clock. Only `vault create` gets the passphrase: later commands open
            the vault with the host key it left, as on a set-up host (a passphrase given to every
@@ -81,7 +84,32 @@ def _floor(url: str, image: Path) -> dict[str, float]:
     with ThreadPoolExecutor(4) as pool:
         got = sum(pool.map(down, offsets))
     assert got == size
-    return {"upload_s": upload, "download_s": time.monotonic() - started}
+    download = time.monotonic() - started
+    return {"upload_s": upload, "download_s": download, "download_to_file_s": _floor_to_file(backend, image)}
+
+
+def _floor_to_file(backend: Any, image: Path) -> float:
+    out = image.with_name("floor-download.raw")
+    started = time.monotonic()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+
+        def down(offset: int) -> None:
+            data, at = memoryview(backend.get(f"floor/{offset:016x}")), offset
+            while data:
+                written = os.pwrite(fd, data, at)
+                data, at = data[written:], at + written
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(down, range(0, image.stat().st_size, PIECE)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    took = time.monotonic() - started
+    same = subprocess.run(["cmp", "-s", str(image), str(out)]).returncode == 0
+    out.unlink()
+    assert same, "the floor's download into a file is not the image"
+    return took
 
 
 def _engine_restore(url: str, home: Path, image: Path, out: Path) -> tuple[float, bool]:
@@ -129,6 +157,8 @@ def _one(kind: str, server: objstores.Server, image: Path, work: Path, repeat: i
         "restore_vs_floor": round(median["restore_s"] / median["floor_download_s"], 2),
         "engine_restore_vs_floor": round(median["engine_restore_s"] / median["floor_download_s"], 2),
         "engine_restore_vs_decode": round(median["engine_restore_s"] / median["decode_s"], 2),
+        "restore_vs_file_floor": round(median["restore_s"] / median["floor_download_to_file_s"], 2),
+        "engine_restore_vs_file_floor": round(median["engine_restore_s"] / median["floor_download_to_file_s"], 2),
         "ranges": {k: [round(min(r[k] for r in runs), 2), round(max(r[k] for r in runs), 2)] for k in _TIMES},
         "floor_bytes": image.stat().st_size,
         "vault_bytes": runs[0]["vault_bytes"],
@@ -138,7 +168,8 @@ def _one(kind: str, server: objstores.Server, image: Path, work: Path, repeat: i
     }
 
 
-_TIMES = ("floor_upload_s", "floor_download_s", "backup_s", "restore_s", "engine_restore_s", "decode_s")
+_TIMES = ("floor_upload_s", "floor_download_s", "floor_download_to_file_s", "backup_s", "restore_s",
+          "engine_restore_s", "decode_s")  # fmt: skip
 
 
 def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> dict[str, Any]:
@@ -168,6 +199,7 @@ def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> di
     return {
         "floor_upload_s": floor["upload_s"],
         "floor_download_s": floor["download_s"],
+        "floor_download_to_file_s": floor["download_to_file_s"],
         "backup_s": backup_s,
         "restore_s": restore_s,
         "engine_restore_s": engine_s,
