@@ -34,9 +34,10 @@ FETCHERS = 6  # ranged GETs at once: a request to an object store is mostly wait
 DECODERS = min(8, max(4, os.cpu_count() or 2))
 CHECKERS = 2  # pack checks (three small GETs each) beside the data reads
 DECODE_PIECE = 1 << 20  # stored bytes per decode task
-# Reads (engine/readplan.py, at most MAX_READ each) submitted and not yet written: the stored
-# bytes a restore holds are at most IN_FLIGHT_BYTES plus one decoded chunk per decoder (twice
-# that for a moment while the Azure SDK hands over a download it assembled).
+# Reads (engine/readplan.py: at most MAX_READ each, or a whole pack) submitted and not yet
+# written: the stored bytes a restore holds are at most IN_FLIGHT_BYTES (or one read, if that is
+# larger), plus each decoder's decoded piece and its direct-write buffer (engine/outfile.py, up
+# to 4 MiB), and twice a read for a moment while the Azure SDK hands over a download it assembled.
 IN_FLIGHT_BYTES = 48 << 20
 BATCH_LEAVES = 64  # leaves planned together: 1 GiB of disk with 64 KiB chunks (a pack mostly in one plan)
 LEAF_PREFETCH = 64  # leaves fetched together (about 8 KiB each)
