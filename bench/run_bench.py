@@ -545,10 +545,11 @@ class Vmvault(Tool):
         points = json.loads(self._cli("recoverypoint", "list", "vm", "-o", "json"))
         if isinstance(points, dict):  # tolerate {"items": [...]} / {"value": [...]} shapes
             points = next((v for v in points.values() if isinstance(v, list)), [])
-        new = [p for p in points if p["id"] not in self.rp_ids]
+        # Azure's recovery point shape: the point's ID is its "name", its time a property.
+        new = [p for p in points if p["name"] not in self.rp_ids]
         if not new:
             raise RuntimeError("vmvault backup now did not add a recovery point")
-        return str(max(new, key=lambda p: str(p.get("time", "")))["id"])
+        return str(max(new, key=lambda p: str(p["properties"]["recoveryPointTime"]))["name"])
 
     def restore(self, target: Path) -> tuple[Measured, Path]:
         rp = self.rp_ids[-1]
