@@ -198,53 +198,6 @@ def test_a_pack_is_checked_once_by_concurrent_restore_workers(one_point: OnePoin
     assert len(reads) == 3, reads
 
 
-def test_a_full_points_packs_are_each_read_once_whole(one_point: OnePoint, tmp_path: Path) -> None:
-    """A full point needs all of each of its data packs: the restore reads each in one GET of the
-    whole object and checks its header and table of contents from those bytes, instead of two
-    ranged data reads plus the two the check makes (engine/readplan.py). The backend is the real
-    local one, its reads counted; the restored disk is byte-identical."""
-    from vmvault.engine.restore import run_restore
-
-    storage = one_point.prot.storage
-    vault = Vault.open(storage, tmp_path / "home", PASSPHRASE)
-    try:
-        real_get, reads, lock = vault.backend.get, list[tuple[str, int, int | None]](), threading.Lock()
-
-        def counted_get(name: str, offset: int = 0, length: int | None = None) -> bytes:
-            with lock:
-                reads.append((name, offset, length))
-            return real_get(name, offset, length)
-
-        vault.backend.get = counted_get  # type: ignore[method-assign]
-        (restored,) = run_restore(vault, vault.read_manifest(one_point.rp), tmp_path / "out")
-    finally:
-        vault.close()
-    assert files_equal(restored, qemu_raw_view(one_point.expected, tmp_path / "expected.raw"))
-    packs = [p.relative_to(storage).as_posix() for p in vault_files(storage, "data")]
-    assert packs
-    for pack in packs:
-        assert [r for r in reads if r[0] == pack] == [(pack, 0, None)], f"{pack} was not read once whole: {reads}"
-
-
-@pytest.mark.parametrize("change", ["truncated", "extended"])
-def test_a_pack_of_another_length_fails_the_restore_naming_it(one_point: OnePoint, tmp_path: Path, change: str) -> None:
-    """A pack object one byte shorter (a torn upload) or longer than its index says: the restore's
-    whole-pack read fails on the pack's own check, names the pack, and leaves no final file."""
-    storage = one_point.prot.storage
-    path = vault_files(storage, "data")[0]
-    original = path.read_bytes()
-    path.write_bytes(original[:-1] if change == "truncated" else original + b"\0")
-    try:
-        target = tmp_path / "restore"
-        r = one_point.prot.cli.restore_disks(one_point.prot.vm, one_point.rp, target)
-        assert not r.ok, f"restore succeeded from a {change} pack:\n{r}"
-        assert path.relative_to(storage).as_posix() in r.stderr, str(r)
-        assert "vault verify" in r.stderr, str(r)
-        assert _final_files(target) == [], str(r)
-    finally:
-        path.write_bytes(original)
-
-
 def test_vault_verifies_again_after_repair(one_point: OnePoint) -> None:
     # Every flip above was put back: the vault (and this home's caches) must be healthy again.
     r = one_point.prot.cli.vault_verify(one_point.prot.vault)

@@ -215,6 +215,47 @@ def test_a_whole_pack_read_with_a_damaged_table_of_contents_fails_the_restore(
     assert f"pack {pack} is damaged: its table of contents fails authentication" in error.message
 
 
+def test_a_full_points_packs_are_each_read_once_whole(s3_point: S3Point, tmp_path: Path) -> None:
+    """A full point needs all of each of its data packs: from an object store the restore reads
+    each in one GET of the whole object and checks its header and table of contents from those
+    bytes, instead of ranged data reads plus the two the check makes (engine/readplan.py). The
+    store's reads are counted; the restored disk is byte-identical."""
+    vault = Vault.open(s3_point.url, s3_point.home)
+    real_get, reads, lock = vault.backend.get, list[tuple[str, int, int | None]](), threading.Lock()
+
+    def counted_get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        with lock:
+            reads.append((name, offset, length))
+        return real_get(name, offset, length)
+
+    vault.backend.get = counted_get  # type: ignore[method-assign]
+    try:
+        (restored,) = engine.run_restore(vault, vault.read_manifest(s3_point.rp), tmp_path / "out")
+    finally:
+        vault.close()
+    assert_same_image(restored, s3_point.disk)
+    packs = _data_packs(s3_point)
+    assert packs
+    for pack in packs:
+        assert [r for r in reads if r[0] == pack] == [(pack, 0, None)], f"{pack} was not read once whole: {reads}"
+
+
+@pytest.mark.parametrize("change", ["truncated", "extended"])
+def test_a_pack_of_another_length_fails_the_restore_naming_it(s3_point: S3Point, tmp_path: Path, change: str) -> None:
+    """A pack object one byte shorter (a torn upload) or longer than its index says: the whole-pack
+    read's check fails the restore, names the pack and the fix, and leaves no file."""
+    pack = _data_packs(s3_point)[-1]
+    backend = open_backend(s3_point.url)
+    original = backend.get(pack)
+    backend.put(pack, original[:-1] if change == "truncated" else original + b"\0")
+    try:
+        error = _failed_restore(s3_point, tmp_path / "out", lambda *_: 0.0)
+    finally:
+        backend.put(pack, original)
+    assert f"pack {pack} is damaged" in error.message
+    assert error.hint is not None and "vault verify" in error.hint
+
+
 def test_the_cli_reports_a_damaged_chunk_and_no_restored_disk(s3_point: S3Point, tmp_path: Path) -> None:
     """The same through `restore disks` with the default pipeline: exit non-zero, the chunk named,
     the job Failed, nothing reported restored and no disk file."""

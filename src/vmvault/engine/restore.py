@@ -26,6 +26,7 @@ from vmvault.vault.chunkindex import Location
 from vmvault.vault.crypto import ZERO_ID
 from vmvault.vault.diskindex import LeafReader, Root
 from vmvault.vault.manifest import DiskEntry, RecoveryPointManifest
+from vmvault.vault.packs import FetchedEnds
 from vmvault.vault.store import Vault
 
 FETCHERS = 6  # ranged GETs at once: a request to an object store is mostly waiting (about 10 ms here)
@@ -39,7 +40,10 @@ DECODE_PIECE = 1 << 20  # stored bytes per decode task
 # larger), plus each decoder's decoded piece and its direct-write buffer (engine/outfile.py, up
 # to 4 MiB), and twice a read for a moment while the Azure SDK hands over a download it assembled.
 IN_FLIGHT_BYTES = 48 << 20
-BATCH_LEAVES = 64  # leaves planned together: 1 GiB of disk with 64 KiB chunks (a pack mostly in one plan)
+# Leaves planned together: 64 MiB of disk with 64 KiB chunks; 1 GiB from a remote store, where a
+# pack is then rarely cut between two plans and is read whole once (engine/readplan.py).
+BATCH_LEAVES = 4
+REMOTE_BATCH_LEAVES = 64
 LEAF_PREFETCH = 64  # leaves fetched together (about 8 KiB each)
 FORMATS = ("raw", "qcow2")
 Converter = Callable[[Path, Path], None]  # raw image -> qcow2 image
@@ -123,8 +127,10 @@ def _restore_one(
     tag = partial_tag or secrets.token_hex(4)
     raw_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}.raw"
     try:
-        # A raw image read back by qemu-img convert is better left in the page cache.
-        _restore_raw(vault, manifest, disk, raw_tmp, tracker, cancel, direct=final.suffix != ".qcow2")
+        # Direct writes only while nothing else uses the disks (a remote vault), and not for a raw
+        # image qemu-img convert reads back at once (the page cache helps there).
+        direct = vault.backend.remote and final.suffix != ".qcow2"
+        _restore_raw(vault, manifest, disk, raw_tmp, tracker, cancel, direct=direct)
         crash_point("restore:partial-written")
         if final.suffix == ".qcow2":
             qcow_tmp = final.parent / f".{final.name}.vmvault-partial-{tag}"
@@ -208,7 +214,9 @@ class _DiskWriter:
                 if cid != ZERO_ID:
                     positions.setdefault(cid, []).append(first_chunk + i)
         locations = self.vault.index.lookup_many(list(positions))
-        pack_ends = self.vault.index.pack_ends(list({loc.pack for loc in locations.values()}))
+        pack_ends = None  # whole-pack reads save requests to a store; from a local disk, bytes
+        if self.vault.backend.remote:
+            pack_ends = self.vault.index.pack_ends(list({loc.pack for loc in locations.values()}))
         for cid, chunks in positions.items():
             if cid not in locations:
                 raise IntegrityError(
@@ -234,8 +242,11 @@ class _DiskWriter:
             for chunk in positions[loc.ref.blob_id]:
                 writes.append((chunk * self.root.chunk_size, plain))
                 written += len(plain)
+            if not self.out.direct:  # buffered: one chunk at a time, nothing held for a longer write
+                self.out.write_many(writes)
+                writes.clear()
         stop()
-        self.out.write_many(writes)  # neighbouring chunks in one write
+        self.out.write_many(writes)  # direct: neighbouring chunks in one write
         self.flusher.wrote(written)
         self.tracker.add(read=written, written=written)
         self.tracker.report()
@@ -290,8 +301,8 @@ class _Pipeline:
     piece per decoder. A blob is written only once AES-GCM and its ID authenticated it. A pack's
     check is not waited for before its blobs are decoded (it is a small request queued behind
     the large ones, and the blobs authenticate themselves): the restore succeeds only once every
-    check passed, else the partial file goes. A pack read whole is checked by its fetcher from
-    the bytes it read (header and table of contents), once its decodes are queued.
+    check passed, else the partial file goes. A pack read whole is checked from its header and
+    trailer as that read found them, queued by its fetcher beside its decodes.
 
     The first failure stops every stage and is the one raised, even when an earlier read, retired
     first, was stopped because of it; a cancel raises Cancelled.
@@ -302,7 +313,9 @@ class _Pipeline:
         self._failure: BaseException | None = None
         self._failure_lock = threading.Lock()
         self._failed = threading.Event()
-        self._checks: dict[str, Future[None] | None] = {}  # None: checked by a whole-pack read
+        self._checks: dict[str, Future[None]] = {}  # submitted with a pack's first ranged read
+        self._whole_checks: list[Future[None]] = []  # submitted by the fetchers of whole-pack reads
+        self._whole_checks_lock = threading.Lock()
         self._window: deque[tuple[Future[list[Future[None]]], int]] = deque()
         self._in_flight = 0
         self._check_pool = ThreadPoolExecutor(CHECKERS, thread_name_prefix="vmv-restore-check")
@@ -314,9 +327,7 @@ class _Pipeline:
             raise self._failure
         while self._window and self._in_flight + read.length > IN_FLIGHT_BYTES:
             self._retire_oldest()
-        if read.whole:  # checked from the bytes it fetches (_fetch), unless checked already
-            self._checks.setdefault(read.pack, None)
-        elif self._checks.get(read.pack) is None:
+        if not read.whole and read.pack not in self._checks:  # a whole read's fetcher submits its own
             self._checks[read.pack] = self._check_pool.submit(
                 self._guarded, self.writer.vault.authenticate_pack, read.pack
             )
@@ -328,9 +339,10 @@ class _Pipeline:
         """Every read written and every pack checked (or the first failure raised)."""
         while self._window:
             self._retire_oldest()
-        for check in self._checks.values():
-            if check is not None:
-                self._result(check)
+        with self._whole_checks_lock:  # every fetch is done: no more are added
+            checks = [*self._checks.values(), *self._whole_checks]
+        for check in checks:
+            self._result(check)
 
     def close(self, failed: bool) -> None:
         """Stop (when failed) and wait for every thread; queued work is dropped."""
@@ -367,8 +379,11 @@ class _Pipeline:
             self._decode_pool.submit(self._guarded, self.writer.write_blobs, piece, self.stop)
             for piece in _pieces(read, view, positions)
         ]
-        if read.whole:  # while the decoders start: header and table of contents from these bytes
-            vault.authenticate_pack(read.pack, whole=view)
+        if read.whole:  # checked beside the decoders, from this read's header and trailer
+            ends = FetchedEnds.of(view)
+            check = self._check_pool.submit(self._guarded, vault.authenticate_pack, read.pack, ends)
+            with self._whole_checks_lock:
+                self._whole_checks.append(check)
         return decodes
 
     def _retire_oldest(self) -> None:
@@ -411,14 +426,14 @@ class _Leaves:
                 self._fetched[loc.ref.blob_id] = self._vault.read_blob_from(loc, view[start : start + loc.ref.length])
 
 
-def _batches(root: Root, leaves: _Leaves) -> Iterator[list[tuple[int, list[bytes]]]]:
-    """The leaves in disk order, BATCH_LEAVES at a time, as (first chunk, chunk ids)."""
+def _batches(root: Root, leaves: _Leaves, size: int) -> Iterator[list[tuple[int, list[bytes]]]]:
+    """The leaves in disk order, `size` at a time, as (first chunk, chunk ids)."""
     batch: list[tuple[int, list[bytes]]] = []
     for n, leaf_id in enumerate(root.leaves):
         if n % LEAF_PREFETCH == 0:
             leaves.prefetch(root.leaves[n : n + LEAF_PREFETCH])
         batch.append((n * root.leaf_span, leaves.reader.read(leaf_id).ids))
-        if len(batch) == BATCH_LEAVES:
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:
@@ -456,7 +471,8 @@ def _write_leaves(writer: _DiskWriter, leaves: _Leaves, cancel: threading.Event)
     pipeline = _Pipeline(writer, cancel)
     failed = True
     try:
-        for batch in _batches(writer.root, leaves):
+        size = REMOTE_BATCH_LEAVES if writer.vault.backend.remote else BATCH_LEAVES
+        for batch in _batches(writer.root, leaves, size):
             if cancel.is_set():  # also between batches that need no read (sparse parts)
                 raise Cancelled("the restore was cancelled")
             reads, positions = writer.plan(batch)

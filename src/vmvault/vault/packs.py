@@ -157,4 +157,23 @@ def read_trailer(keys: MasterKeys, name: str, data: bytes) -> tuple[bytes, list[
     return salt, unpack_entries(table)
 
 
+@dataclass(frozen=True)
+class FetchedEnds:
+    """A pack's header and trailer as a read of the whole object found them, and its length: what
+    the pack's check needs, cut out so the object's bytes need not be kept for it."""
+
+    header: bytes
+    tail: bytes
+    size: int
+
+    @classmethod
+    def of(cls, whole: bytes | memoryview) -> FetchedEnds:
+        """Cut from a whole object; the trailer's length is the object's own word for it (the
+        check compares it with the index, and authenticates it)."""
+        view = memoryview(whole)
+        (tlen,) = struct.unpack("<I", view[-12:-8]) if len(view) >= HEADER_LEN + 12 else (0,)
+        tail_start = max(HEADER_LEN, len(view) - 12 - tlen)
+        return cls(bytes(view[:HEADER_LEN]), bytes(view[tail_start:]), len(view))
+
+
 PublishFn = Callable[[bytes, list[BlobRef], bytes], None]

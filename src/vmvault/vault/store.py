@@ -47,6 +47,7 @@ from vmvault.vault.packs import (
     TYPE_DATA,
     TYPE_TREE,
     BlobRef,
+    FetchedEnds,
     PackBuilder,
     decode_blob,
     read_trailer,
@@ -453,13 +454,13 @@ class Vault:
         self.index.add_pack(pack, index_name, salt, entries)
         return salt, entries
 
-    def authenticate_pack(self, pack: str, whole: bytes | memoryview | None = None) -> None:
+    def authenticate_pack(self, pack: str, fetched: FetchedEnds | None = None) -> None:
         """Check a pack's header, table of contents and index file (once per pack per process).
 
         Blobs are authenticated on every read anyway; this makes a restore also refuse a pack
         whose other parts are damaged, so damage anywhere in what a point uses is reported.
-        `whole`: the whole pack object, already fetched (a restore's whole-pack read): its header
-        and table of contents are taken from it instead of two more reads.
+        `fetched`: the header and trailer of the whole object, as a restore's whole-pack read
+        found them, used instead of two more reads.
         """
         with self._checked_lock:
             if pack in self._checked_packs:
@@ -471,12 +472,12 @@ class Vault:
             with self._checked_lock:
                 if pack in self._checked_packs:
                     return
-            self._authenticate_pack(pack, whole)
+            self._authenticate_pack(pack, fetched)
             with self._checked_lock:
                 self._checked_packs.add(pack)
                 self._checking.pop(pack, None)
 
-    def _authenticate_pack(self, pack: str, whole: bytes | memoryview | None) -> None:
+    def _authenticate_pack(self, pack: str, fetched: FetchedEnds | None) -> None:
         known = self.index.pack_entries(pack)
         index_name = self.index.index_file_of(pack)
         if known is None or index_name is None:
@@ -484,12 +485,12 @@ class Vault:
         salt, entries = known
         trailer_at = max((e.offset + e.length for e in entries), default=HEADER_LEN)
         tail_len = ENTRY.size * len(entries) + TAG_LEN + 12
-        if whole is None:
+        if fetched is None:
             header = self.backend.get(pack, 0, HEADER_LEN)
             tail = self.backend.get(pack, trailer_at, tail_len)
-        else:  # the same two ranges, cut from the object as it was read (and no longer than it)
-            header, tail = bytes(whole[:HEADER_LEN]), bytes(whole[trailer_at:])
-            if len(tail) != tail_len:
+        else:  # the same two ranges, as a read of the whole object found them
+            header, tail = fetched.header, fetched.tail
+            if fetched.size != trailer_at + tail_len or len(tail) != tail_len:
                 raise IntegrityError(f"pack {pack} is damaged: it is not the length its index gives",
                                      hint="run 'vmvault vault verify'")  # fmt: skip
         if header != PACK_MAGIC + salt:

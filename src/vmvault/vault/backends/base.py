@@ -68,6 +68,13 @@ class Backend(Protocol):
     @property
     def retries(self) -> int: ...
 
+    @property
+    def remote(self) -> bool:
+        """Whether reads cross a network (an object store) rather than come from this machine's
+        disks: a restore then reads whole packs and writes around the page cache
+        (engine/restore.py), which would compete with a local vault's reads for the device."""
+        ...
+
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
 
     def put_if_absent(self, name: str, data: bytes | bytearray | memoryview) -> None: ...

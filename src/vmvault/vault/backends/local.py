@@ -51,6 +51,10 @@ class LocalBackend:
         return str(self.root)
 
     @property
+    def remote(self) -> bool:
+        return False  # a directory here (a network file system is the kernel's, not ours)
+
+    @property
     def retries(self) -> int:
         return 0  # a local file system is not retried: its errors are final
 

@@ -24,6 +24,10 @@ class ObjectStoreBackend:
         return self._url
 
     @property
+    def remote(self) -> bool:
+        return True
+
+    @property
     def retries(self) -> int:
         return self.retrier.retries
 
