@@ -19,9 +19,10 @@ and a temporary location, as the tests do), in the same run and with the same cl
   engine   the same restore through the engine in this process (engine/restore.py run_restore on
            the vault opened with the host key): the restore without the CLI's start-up (Python,
            imports, catalog, the SDK's client), which a one-shot command pays and the floor does not;
-  decode   the same engine restore from a copy of the vault on local disk (page cache): what
-           decrypting, decompressing, re-hashing and writing the point costs on this machine with
-           no store at all, a second reference where the store serves faster than that.
+  decode   the same engine restore, same strategy (as from a remote store), from a copy of the
+           vault on local disk: what decrypting, decompressing, re-hashing and writing the point
+           costs on this machine with no store at all, a second reference where the store serves
+           faster than that.
 
 On 2 cores the emulator is the bottleneck, so the floor is what any client could do against it.
 Target: backup and restore within 1.3x of their floor. vmvault compresses and deduplicates, so it
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,7 +62,29 @@ def _vmvault(home: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     return time.monotonic() - started, p.stdout
 
 
-def _floor(url: str, image: Path) -> dict[str, float]:
+class _Cpu:
+    """CPU seconds used by this process (every thread) and by the store's server process while
+    the block runs: on 2 cores both share the same CPUs, so their sum over 2 bounds the wall time."""
+
+    def __init__(self, server_pid: int) -> None:
+        self._pid = server_pid
+        self.client = self.server = 0.0
+
+    def _now(self) -> tuple[float, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        fields = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return own.ru_utime + own.ru_stime, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> _Cpu:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        end = self._now()
+        self.client, self.server = end[0] - self._start[0], end[1] - self._start[1]
+
+
+def _floor(url: str, image: Path, server_pid: int) -> dict[str, float]:
     from vmvault.vault.backends import open_backend
 
     backend = open_backend(url)
@@ -81,11 +105,12 @@ def _floor(url: str, image: Path) -> dict[str, float]:
         list(pool.map(up, offsets))
     upload = time.monotonic() - started
     started = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
+    with _Cpu(server_pid) as cpu, ThreadPoolExecutor(4) as pool:
         got = sum(pool.map(down, offsets))
     assert got == size
     download = time.monotonic() - started
-    return {"upload_s": upload, "download_s": download, "download_to_file_s": _floor_to_file(backend, image)}
+    return {"upload_s": upload, "download_s": download, "download_to_file_s": _floor_to_file(backend, image),
+            "download_cpu_s": cpu.client + cpu.server}  # fmt: skip
 
 
 def _floor_to_file(backend: Any, image: Path) -> float:
@@ -112,13 +137,13 @@ def _floor_to_file(backend: Any, image: Path) -> float:
     return took
 
 
-def _engine_restore(url: str, home: Path, image: Path, out: Path) -> tuple[float, bool]:
+def _engine_restore(url: str, home: Path, image: Path, out: Path, backend: Any = None) -> tuple[float, bool]:
     """The restore of the vault's one point through the engine in this process, and whether it is
     byte-identical."""
     from vmvault.engine.restore import run_restore
     from vmvault.vault.store import Vault
 
-    vault = Vault.open(url, home)
+    vault = Vault.open(url, home, backend=backend)
     try:
         (point,) = [o.name.rsplit("/", 1)[-1] for o in vault.backend.list("points")]
         manifest = vault.read_manifest(point)
@@ -133,13 +158,21 @@ def _engine_restore(url: str, home: Path, image: Path, out: Path) -> tuple[float
 
 
 def _decode_floor(url: str, home: Path, image: Path, work: Path) -> float:
-    """The engine restore from a local copy of the vault's objects (same home, same host key)."""
+    """The engine restore from a local copy of the vault's objects (same home, same host key), with
+    the strategy of a restore from the store it was copied from (whole-pack reads, direct writes:
+    Backend.remote), so only the store's part differs."""
     from vmvault.vault.backends import open_backend
+    from vmvault.vault.backends.local import LocalBackend
 
-    source, copy = open_backend(url), open_backend(work / "local-copy")
+    class CopyOfRemote(LocalBackend):
+        @property
+        def remote(self) -> bool:
+            return True
+
+    source, copy = open_backend(url), CopyOfRemote(work / "local-copy")
     for info in source.list():
         copy.put(info.name, source.get(info.name))
-    took, same = _engine_restore(str(work / "local-copy"), home, image, work / "decode")
+    took, same = _engine_restore(str(work / "local-copy"), home, image, work / "decode", backend=copy)
     assert same, "the restore from the local copy is not byte-identical"
     shutil.rmtree(work / "local-copy")
     return took
@@ -169,7 +202,7 @@ def _one(kind: str, server: objstores.Server, image: Path, work: Path, repeat: i
 
 
 _TIMES = ("floor_upload_s", "floor_download_s", "floor_download_to_file_s", "backup_s", "restore_s",
-          "engine_restore_s", "decode_s")  # fmt: skip
+          "engine_restore_s", "decode_s", "floor_download_cpu_s", "engine_restore_cpu_s")  # fmt: skip
 
 
 def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> dict[str, Any]:
@@ -177,7 +210,7 @@ def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> di
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMVAULT_")}
     env.update(server.env)
     new_url = objstores.fresh_azure_url if kind == "azure" else objstores.fresh_s3_url
-    floor = _floor(new_url(), image)
+    floor = _floor(new_url(), image, server.proc.pid)
     home = work / "home"
     url = new_url()
     _vmvault(home, {**env, "VMVAULT_PASSPHRASE": "correct horse battery staple"}, "vault", "create", "v1",
@@ -192,7 +225,8 @@ def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> di
     restored = next(p for p in out.iterdir() if p.suffix == ".raw")
     same = subprocess.run(["cmp", "-s", str(image), str(restored)]).returncode == 0
     shutil.rmtree(out)
-    engine_s, engine_same = _engine_restore(url, home, image, work / "engine")
+    with _Cpu(server.proc.pid) as engine_cpu:
+        engine_s, engine_same = _engine_restore(url, home, image, work / "engine")
     decode_s = _decode_floor(url, home, image, work)
     from vmvault.vault.backends import open_backend
 
@@ -200,6 +234,8 @@ def _one_run(kind: str, server: objstores.Server, image: Path, work: Path) -> di
         "floor_upload_s": floor["upload_s"],
         "floor_download_s": floor["download_s"],
         "floor_download_to_file_s": floor["download_to_file_s"],
+        "floor_download_cpu_s": floor["download_cpu_s"],
+        "engine_restore_cpu_s": engine_cpu.client + engine_cpu.server,
         "backup_s": backup_s,
         "restore_s": restore_s,
         "engine_restore_s": engine_s,
