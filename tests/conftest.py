@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from xdist_groups import (  # noqa: F401  (hooks: two tests at a time, docs/test
     pytest_collection_modifyitems,
     pytest_configure,
 )
+
+# A suite started in the background by a non-interactive shell (`make test &`, a detached CI
+# step) inherits SIGINT *ignored*, and so would every vmvault the tests start: the tests of Ctrl-C
+# (a cancelled backup) would send a signal no one hears (seen: `(bash .ci/run > log &)` failed
+# test_an_interrupted_backup_loses_no_change). An ignored signal stays ignored in a new program, a
+# handled one is reset to its default: handle it here, in the runner and in each xdist worker.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
