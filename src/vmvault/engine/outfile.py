@@ -68,13 +68,10 @@ class RestoredFile:
     def direct(self) -> bool:
         return self._use_direct
 
-    def write(self, data: bytes | memoryview, offset: int) -> None:
-        """Write all of data at offset (a short write is continued; a full disk raises)."""
-        self.write_many([(offset, data)])
-
     def write_many(self, pieces: Sequence[Piece]) -> None:
-        """Write each (offset, data); pieces that follow each other on the disk are one direct
-        write. Returns once the bytes are queued (direct) or written (buffered)."""
+        """Write all of each (offset, data) (a short write is continued; a full disk raises);
+        pieces that follow each other on the disk are one direct write. Returns once the bytes
+        are queued (direct) or written (buffered)."""
         self._raise_failure()
         run: list[Piece] = []
         for offset, data in sorted(_split(pieces), key=lambda piece: piece[0]):
